@@ -408,3 +408,291 @@ def test_command_line_table_runs(capsys):
     out = capsys.readouterr().out
     for name in ("ASPP", "ASPP+", "A(5)", "A(9)", "A(13)", "Vortex", "none"):
         assert f"\n{name} " in out
+
+
+# ============================================================================= data.py
+import json  # noqa: E402
+import shutil  # noqa: E402
+
+from PIL import Image  # noqa: E402
+
+import data  # noqa: E402
+
+SHARED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "voc_samples")
+needs_shared = pytest.mark.skipif(
+    not os.path.isdir(SHARED),
+    reason="../shared/voc_samples (real VOC/SBD/COCO sample files) is not beside this clone")
+
+
+@needs_shared
+def test_voc_samples_load_with_valid_labels():
+    root = os.path.join(SHARED, "VOC2012")
+    for split, n in (("train", 6), ("val", 6), ("trainval", 12)):
+        ds = data.VOCSegmentation(root, split)
+        assert len(ds) == n
+    for i in range(len(ds)):
+        image, label = ds[i]
+        assert image.dtype == torch.float32 and label.dtype == torch.int64
+        assert image.shape[1:] == label.shape and image.shape[0] == 3
+        assert set(label.unique().tolist()) <= set(range(21)) | {255}
+    # 2007_000032: the per-class pixel counts recorded in SOURCES.md
+    label = ds[ds.ids.index("2007_000032")][1]
+    assert (label == 1).sum() == 4734 and (label == 15).sum() == 866
+
+
+def make_voc_tree(tmp_path, ids=("a", "b"), size=(40, 30), mask_mode="P"):
+    root = tmp_path / "VOC2012"
+    for d in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
+        (root / d).mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in ids:
+        Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(
+            root / "JPEGImages" / f"{i}.jpg")
+        m = rng.integers(0, 21, (size[1], size[0]), dtype=np.uint8)
+        if mask_mode == "P":
+            data.save_mask(str(root / "SegmentationClass" / f"{i}.png"), m)
+        else:
+            Image.fromarray(m, mode="L").save(root / "SegmentationClass" / f"{i}.png")
+    (root / "ImageSets/Segmentation/train.txt").write_text("\n".join(ids) + "\n")
+    return root
+
+
+def test_grayscale_index_masks_are_valid(tmp_path):
+    root = make_voc_tree(tmp_path, mask_mode="L")  # SegmentationClassAug style
+    assert len(data.VOCSegmentation(str(root), "train")) == 2
+
+
+def test_bad_voc_inputs_give_clear_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="(?s)VOC root not found.*expected layout"):
+        data.VOCSegmentation(str(tmp_path / "nope"), "train")
+    root = make_voc_tree(tmp_path)
+    with pytest.raises(FileNotFoundError, match="(?s)split list not found.*val.txt.*JPEGImages"):
+        data.VOCSegmentation(str(root), "val")
+    with pytest.raises(FileNotFoundError, match="prepare-sbd"):
+        data.VOCSegmentation(str(root), "train_aug")
+    (root / "ImageSets/Segmentation/val.txt").write_text("a\nghost\n")
+    with pytest.raises(FileNotFoundError, match=r"1 image\(s\) listed in .*val.txt do not exist.*"
+                                                r"ghost.jpg"):
+        data.VOCSegmentation(str(root), "val")
+    ds = data.VOCSegmentation(str(root), "train")
+    # a mask rendered to RGB colours
+    rgb = data.colorize(data.read_mask(ds.masks[0]), data.VOC_PALETTE)
+    Image.fromarray(rgb).save(ds.masks[0])
+    with pytest.raises(ValueError, match="a.png has mode 'RGB'.*rendered to colours"):
+        ds[0]
+    # values outside 0..20, 255
+    m = np.zeros((30, 40), np.uint8)
+    m[0, :3] = [21, 22, 254]
+    data.save_mask(ds.masks[0], m)
+    with pytest.raises(ValueError, match=r"a.png holds values \[21, 22, 254\] outside 0..20"):
+        ds[0]
+    # size mismatch
+    data.save_mask(ds.masks[0], np.zeros((31, 40), np.uint8))
+    with pytest.raises(ValueError, match="size mismatch: image .*a.jpg is 40x30 but mask "
+                                         ".*a.png is 40x31"):
+        ds[0]
+    # truncated JPEG
+    jpg = open(ds.images[1], "rb").read()
+    open(ds.images[1], "wb").write(jpg[: len(jpg) // 2])
+    with pytest.raises(ValueError, match="cannot read image .*b.jpg"):
+        ds[1]
+
+
+@settings(max_examples=15)
+@given(h=st.integers(5, 60), w=st.integers(5, 60), crop=st.integers(8, 48),
+       lo=st.floats(0.5, 1.0), seed=st.integers(0, 10 ** 6))
+def test_train_transform_keeps_labels_and_alignment(h, w, crop, lo, seed):
+    rng = np.random.default_rng(seed)
+    label = rng.choice(np.array([0, 3, 7, 255], np.uint8), size=(h, w))
+    label = np.kron(label[: (h + 3) // 4, : (w + 3) // 4], np.ones((4, 4), np.uint8))[:h, :w]
+    image = np.stack([label, label, label], -1)  # the image encodes its own label
+    img, lab = data.train_transform(crop, (lo, 2.0))(image, label, np.random.default_rng(seed))
+    assert img.shape == (3, crop, crop) and lab.shape == (crop, crop)
+    assert set(lab.unique().tolist()) <= set(label.ravel().tolist()) | {255}
+    pixel = (img[0] * data.STD[0] + data.MEAN[0]) * 255  # back to the raw value
+    padded = (img == 0).all(0)
+    assert (lab[padded] == 255).all()  # padding: image mean (0 after normalising), label 255
+    # away from region borders, bilinear image and nearest label agree
+    # (the crop's edge counts as a border: what lies beyond it was blended in too)
+    lab_edge = F.pad(lab[None, None].float(), [2] * 4, value=-1.0)
+    inner = ~padded & (F.max_pool2d(lab_edge, 5, 1)[0, 0] == -F.max_pool2d(-lab_edge, 5, 1)[0, 0])
+    assert torch.allclose(pixel[inner], lab[inner].float(), atol=1.0)
+
+
+@given(h=st.integers(2, 30), w=st.integers(2, 30), seed=st.integers(0, 1000))
+def test_unscaled_transform_is_a_crop_of_the_original_with_coordinates_intact(h, w, seed):
+    yy, xx = np.mgrid[0:h, 0:w]
+    image = np.stack([yy * 8, xx * 8, np.full_like(yy, 100)], -1).astype(np.uint8)
+    label = ((yy + xx) % 21).astype(np.uint8)
+    img, lab = data.train_transform(16, (1.0, 1.0))(image, label, np.random.default_rng(seed))
+    raw = ((img.permute(1, 2, 0).numpy() * data.STD + data.MEAN) * 255).round().astype(int)
+    valid = lab.numpy() != 255
+    ys, xs = raw[..., 0][valid] // 8, raw[..., 1][valid] // 8
+    assert (lab.numpy()[valid] == (ys + xs) % 21).all()  # label matches the pixel's position
+    # flipping is a mirror: x coordinates in each row are monotone (one way or the other)
+    rows = raw[..., 1] // 8
+    for r in range(16):
+        v = rows[r][valid[r]]
+        assert (np.diff(v) == 1).all() or (np.diff(v) == -1).all()
+
+
+def test_flip_happens_about_half_the_time_and_twice_is_identity():
+    image = np.tile(np.arange(16, dtype=np.uint8)[None, :, None] * 10, (16, 1, 3))
+    label = np.zeros((16, 16), np.uint8)
+    t = data.train_transform(16, (1.0, 1.0))
+    flips = sum(t(image, label, np.random.default_rng(s))[0][0, 0, 0] >
+                t(image, label, np.random.default_rng(s))[0][0, 0, -1] for s in range(200))
+    assert 70 < flips < 130
+    x = torch.randn(3, 5, 7)
+    assert torch.equal(x.flip(-1).flip(-1), x)
+
+
+def test_eval_transform_keeps_the_full_image():
+    image = np.random.default_rng(0).integers(0, 255, (37, 53, 3), dtype=np.uint8)
+    img, lab = data.eval_transform()(image, np.zeros((37, 53), np.uint8))
+    assert img.shape == (3, 37, 53) and lab.shape == (37, 53)
+    back = (img.permute(1, 2, 0).numpy() * data.STD + data.MEAN) * 255
+    assert np.abs(back - image).max() < 1e-3
+
+
+def test_synthetic_dataset_is_deterministic_varied_and_balanced():
+    a, b = data.SyntheticContext(24, 96, seed=3), data.SyntheticContext(24, 96, seed=3)
+    for i in (0, 5):
+        assert all(torch.equal(u, v) for u, v in zip(a[i], b[i]))
+    assert not torch.equal(a[0][0], a[1][0])
+    assert not torch.equal(a[0][0], data.SyntheticContext(24, 96, seed=4)[0][0])
+    counts = np.zeros(5)
+    for i in range(len(a)):
+        lab = a[i][1]
+        assert {3, 4} <= set(lab.unique().tolist()) <= set(range(5))  # one bike, one fish
+        counts += np.bincount(lab.ravel().numpy(), minlength=5)
+    frac = counts / counts.sum()
+    assert 0.4 < frac[0] < 0.9 and all(frac[1:] > 0.01)
+    assert 0.6 < frac[3] / frac[4] < 1.6  # bikes and fish in balance
+    assert a.classes[3:] == ("bike", "fish") and a.palette.shape == (256, 3)
+
+
+def test_synthetic_bike_and_fish_bodies_come_from_one_distribution():
+    """The defining property: up close (inside a body) the two classes are indistinguishable,
+    so per-class body colour statistics agree."""
+    ds = data.SyntheticContext(60, 128, seed=0)
+    means = {3: [], 4: []}
+    for i in range(len(ds)):
+        image, label = ds.load(i)
+        for c in (3, 4):
+            means[c].append(image[label == c].mean(0))
+    m3, m4 = np.mean(means[3], 0), np.mean(means[4], 0)
+    assert np.abs(m3 - m4).max() < 12  # colour ranges 120..230: same distribution
+
+
+# ----------------------------------------------------------------------------- SBD
+
+def test_train_aug_list_arithmetic():
+    sbd_train = [f"s{i}" for i in range(10)] + ["v0", "t0"]
+    sbd_val = [f"s{i}" for i in range(8, 14)] + ["v1"]
+    voc_train, voc_val = ["t0", "t1"], ["v0", "v1", "v2"]
+    ids = data.train_aug_ids(sbd_train, sbd_val, voc_train, voc_val)
+    assert len(ids) == 14 + 2 and not set(ids) & set(voc_val) and ids == sorted(ids)
+
+
+@needs_shared
+def test_prepare_sbd_converts_real_mat_files(tmp_path):
+    pytest.importorskip("scipy", reason="scipy reads SBD .mat files")
+    import scipy.io
+    voc = tmp_path / "VOC2012"
+    shutil.copytree(os.path.join(SHARED, "VOC2012"), voc)
+    sbd = tmp_path / "dataset"
+    shutil.copytree(os.path.join(SHARED, "SBD", "cls"), sbd / "cls")
+    for jpg in os.listdir(os.path.join(SHARED, "SBD", "img")):
+        shutil.copy(os.path.join(SHARED, "SBD", "img", jpg), voc / "JPEGImages" / jpg)
+    (sbd / "train.txt").write_text("2008_000051\n2007_000033\n")  # the second is VOC val
+    (sbd / "val.txt").write_text("2008_000195\n")
+    logs = []
+    counts = data.prepare_sbd(str(sbd), str(voc), log=logs.append)
+    assert counts["train_aug"] == 2 + 6  # two SBD ids + VOC train, minus VOC val
+    assert any("WARNING: expected train_aug 10582" in line for line in logs)
+    for i in ("2008_000051", "2008_000195"):
+        png = voc / "SegmentationClassAug" / f"{i}.png"
+        gt = scipy.io.loadmat(os.path.join(SHARED, "SBD", "cls", f"{i}.mat"))["GTcls"]
+        assert np.array_equal(data.read_mask(str(png)), gt["Segmentation"][0, 0])
+    ds = data.VOCSegmentation(str(voc), "train_aug")
+    assert len(ds) == 8 and "2007_000033" not in ds.ids
+    # a second run keeps what is there; a different list is not overwritten silently
+    assert data.prepare_sbd(str(sbd), str(voc), log=logs.append)["train_aug"] == 8
+    (sbd / "val.txt").write_text("")
+    with pytest.raises(FileExistsError, match="train_aug.txt exists .* --overwrite"):
+        data.prepare_sbd(str(sbd), str(voc), log=logs.append)
+
+
+# ----------------------------------------------------------------------------- COCO
+
+@needs_shared
+def test_prepare_coco_on_real_annotations(tmp_path):
+    logs = []
+    ann = os.path.join(SHARED, "coco", "annotations", "instances_val2017.json")
+    res = data.prepare_coco(ann, os.path.join(SHARED, "coco", "val2017"), str(tmp_path),
+                            log=logs.append)
+    assert res["written"] == ["000000000139"] and res["missing"] == ["000000255917.jpg"]
+    assert any("missing image, left out" in line and "000000255917.jpg" in line for line in logs)
+    assert (tmp_path / "ImageSets/Segmentation/val2017.txt").read_text() == "000000000139\n"
+    ds = data.VOCSegmentation(str(tmp_path), "val2017")
+    classes = {data.VOC_CLASSES[i] for i in ds[0][1].unique().tolist()}
+    assert classes == {"background", "person", "chair", "diningtable", "tvmonitor"}
+    coco = json.load(open(ann))
+    crowd = next(a for a in coco["annotations"] if a["iscrowd"])
+    assert isinstance(crowd["segmentation"]["counts"], list)
+    assert data.rle_decode(crowd["segmentation"]).sum() == 3386  # its `area` says 4015
+
+
+@given(h=st.integers(1, 30), w=st.integers(1, 30), p=st.floats(0, 1), seed=st.integers(0, 99),
+       compressed=st.booleans())
+def test_rle_round_trip(h, w, p, seed, compressed):
+    mask = (np.random.default_rng(seed).random((h, w)) < p).astype(np.uint8)
+    rle = data.rle_encode(mask, compressed)
+    assert np.array_equal(data.rle_decode(rle), mask)
+    if compressed:  # the string form is the list form, re-encoded
+        assert data.rle_counts_from_string(rle["counts"]) == data.rle_encode(mask, False)["counts"]
+
+
+def test_rle_string_matches_pycocotools():
+    # mask and string produced with pycocotools 2.0.11 (mask.encode), kept here as a fixture
+    mask = (np.random.default_rng(5).random((7, 9)) < 0.4).astype(np.uint8)
+    known = "6120O020N20N00120N10N01030M1O10N011O"
+    assert data.rle_encode(mask)["counts"] == known
+    assert np.array_equal(data.rle_decode({"size": [7, 9], "counts": known}), mask)
+    assert data.rle_counts_from_string(data.rle_counts_to_string([100, 5000, 3])) == [100, 5000, 3]
+
+
+@given(cx=st.floats(15, 45), cy=st.floats(15, 45), r=st.floats(4, 14), n=st.integers(3, 12),
+       rot=st.floats(0, 6.3))
+def test_polygon_area_within_a_pixel_boundary(cx, cy, r, n, rot):
+    t = rot + np.arange(n) * 2 * np.pi / n
+    xs, ys = cx + r * np.cos(t), cy + r * np.sin(t)
+    area = 0.5 * abs(np.dot(xs, np.roll(ys, 1)) - np.dot(ys, np.roll(xs, 1)))
+    perimeter = np.hypot(np.diff(np.r_[xs, xs[0]]), np.diff(np.r_[ys, ys[0]])).sum()
+    mask = data.polygons_to_mask([np.c_[xs, ys].ravel().tolist()], 60, 60)
+    assert abs(int(mask.sum()) - area) <= perimeter + 4
+
+
+def test_coco_category_mapping_and_size_rule():
+    assert len(data.COCO_TO_VOC) == 20
+    assert sorted(data.COCO_TO_VOC.values()) == sorted(data.VOC_CLASSES[1:])
+    big = np.zeros((50, 50), np.uint8)
+    big[:40, :25] = 1  # 1000 px: kept
+    small = np.zeros((50, 50), np.uint8)
+    small[45:, 45:] = 1  # 25 px: discarded
+    anns = [{"category_id": 1, "segmentation": data.rle_encode(big)},
+            {"category_id": 2, "segmentation": data.rle_encode(small)},
+            {"category_id": 3, "segmentation": data.rle_encode(small)}]
+    mask = data.coco_voc_mask(anns, 50, 50, {1: 15, 2: 9})  # 3: not a VOC class
+    assert set(np.unique(mask)) == {0, 15} and (mask == 15).sum() == 1000
+    assert data.coco_voc_mask(anns[1:], 50, 50, {1: 15, 2: 9}) is None
+
+
+def test_show_and_bench_commands(tmp_path, capsys):
+    out = tmp_path / "s.png"
+    data.main(["show", "--out", str(out)])
+    assert Image.open(out).size[0] > 500
+    with pytest.raises(SystemExit):
+        data.main(["show", "--out", str(out)])  # never overwrites without --force
+    assert data.bench_loader(None, n=5, crop=65) > 0

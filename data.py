@@ -1,0 +1,785 @@
+"""Data for Vortex Pooling: PASCAL VOC 2012 (+ SBD train_aug), MS-COCO -> VOC classes, the
+paper's augmentation, and a built-in synthetic dataset where context decides the class.
+
+Paper 4.1: train on train_aug (10,582 images = VOC 2012 train + SBD, minus VOC val), evaluate on
+VOC 2012 val (1,449); random scale 0.5-2.0, left-right flips, 513 x 513 crops.
+Paper 4.2: pre-train on MS-COCO with the 20 VOC categories (others are background, objects under
+1000 pixels discarded).
+
+Every item is (image, label): a float (3, H, W) tensor normalised with the ImageNet mean/std and
+an int64 (H, W) tensor of class indices, 255 = ignore. Nothing is downloaded; bad files raise an
+error that names the file. Commands (see `python data.py --help`):
+
+  python data.py prepare-sbd --sbd benchmark_RELEASE/dataset --voc VOCdevkit/VOC2012
+  python data.py prepare-coco --annotations instances_train2017.json --images train2017 --out DIR
+  python data.py bench [--voc VOCdevkit/VOC2012]       # loader throughput, samples/s
+  python data.py show [--out synthetic.png]            # a picture of synthetic samples
+"""
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+import zlib
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+IGNORE = 255
+MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)  # ImageNet statistics (RGB, 0..1)
+STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
+VOC_CLASSES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car",
+               "cat", "chair", "cow", "diningtable", "dog", "horse", "motorbike", "person",
+               "pottedplant", "sheep", "sofa", "train", "tvmonitor")
+
+
+def voc_palette():
+    """The PASCAL VOC colour map (256 RGB triples): bit i of the class index goes to bit
+    7 - i // 3 of channel i % 3. Index 255 ('void') comes out cream-white."""
+    pal = np.zeros((256, 3), dtype=np.uint8)
+    for idx in range(256):
+        c, r, g, b = idx, 0, 0, 0
+        for j in range(8):
+            r |= ((c >> 0) & 1) << (7 - j)
+            g |= ((c >> 1) & 1) << (7 - j)
+            b |= ((c >> 2) & 1) << (7 - j)
+            c >>= 3
+        pal[idx] = (r, g, b)
+    return pal
+
+
+VOC_PALETTE = voc_palette()
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading files, with errors that say which file and what was expected.
+# ---------------------------------------------------------------------------------------------
+
+def read_image(path):
+    """RGB uint8 array (H, W, 3). Unreadable or truncated files raise ValueError naming them."""
+    try:
+        with Image.open(path) as im:
+            im.load()  # decode now, so that a truncated file fails here
+            return np.asarray(im.convert("RGB"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"image not found: {path}") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise ValueError(f"cannot read image {path}: {e}") from None
+
+
+def read_mask(path, num_classes=21):
+    """Class-index mask (H, W) uint8 from a palette ('P') or grayscale ('L') PNG.
+
+    VOC's SegmentationClass PNGs are palette images: the pixel values are the class indices
+    (0..20, 255 = void) and the palette only says how to draw them; SegmentationClassAug PNGs
+    hold the same indices in grayscale. A mask saved as RGB colours is refused: mapping colours
+    back to classes silently is how label errors creep in.
+    """
+    try:
+        with Image.open(path) as im:
+            im.load()
+            mode = im.mode
+            arr = np.asarray(im)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"mask not found: {path}") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise ValueError(f"cannot read mask {path}: {e}") from None
+    if mode not in ("P", "L"):
+        raise ValueError(f"mask {path} has mode {mode!r}: expected class indices in a palette "
+                         f"('P') or grayscale ('L') PNG; it looks rendered to colours (RGB), "
+                         f"which cannot be trusted as labels")
+    bad = np.setdiff1d(np.unique(arr), np.r_[np.arange(num_classes), IGNORE])
+    if bad.size:
+        raise ValueError(f"mask {path} holds values {bad.tolist()} outside 0..{num_classes - 1} "
+                         f"and {IGNORE} (ignore)")
+    return arr
+
+
+def save_mask(path, mask, palette=VOC_PALETTE):
+    """Write an index mask as a palette PNG, atomically (temp file + rename)."""
+    im = Image.fromarray(np.asarray(mask, dtype=np.uint8), mode="P")
+    im.putpalette(np.asarray(palette, dtype=np.uint8).reshape(-1).tolist())
+    atomic_save(path, lambda f: im.save(f, format="PNG"))
+
+
+def atomic_save(path, write):
+    """Call write(file) on a temp file beside `path`, then rename it over `path`."""
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=os.path.basename(path))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+# ---------------------------------------------------------------------------------------------
+# Transforms (paper 4.1). Each takes (image uint8 HxWx3, label uint8 HxW, rng) and returns the
+# (float image, int64 label) tensors. Randomness comes only from `rng`, which the datasets derive
+# from (seed, epoch, index): the same sample gets the same augmentation whatever the number of
+# loader workers, and a resumed run sees exactly the data it would have seen.
+# ---------------------------------------------------------------------------------------------
+
+_SCALE = torch.from_numpy(1.0 / (255.0 * STD))[:, None, None]
+_SHIFT = torch.from_numpy(-MEAN / STD)[:, None, None]
+
+
+def normalize(image):
+    """uint8 (H, W, 3) -> float (3, H, W): (image / 255 - mean) / std, in two in-place ops."""
+    t = torch.from_numpy(np.require(image, requirements=["C", "W"])).permute(2, 0, 1).float()
+    return t.mul_(_SCALE).add_(_SHIFT)
+
+
+class TrainTransform:
+    """Random scale in [scale], pad to crop (image with the mean, i.e. 0 after normalisation;
+    label with 255), random crop x crop, random left-right flip, normalise (paper 4.1)."""
+
+    def __init__(self, crop=513, scale=(0.5, 2.0), flip=True):
+        self.crop, self.scale, self.flip = crop, tuple(scale), flip
+
+    def __call__(self, image, label, rng):
+        h, w = label.shape
+        s = rng.uniform(*self.scale)
+        sh, sw = max(1, round(h * s)), max(1, round(w * s))
+        if (sh, sw) != (h, w):  # bilinear image, nearest label: labels stay class indices
+            image = np.asarray(Image.fromarray(image).resize((sw, sh), Image.BILINEAR))
+            label = np.asarray(Image.fromarray(label).resize((sw, sh), Image.NEAREST))
+        c = self.crop
+        # The crop window on the padded canvas (image at its top-left, padded right/bottom).
+        y0 = int(rng.integers(0, max(sh, c) - c + 1))
+        x0 = int(rng.integers(0, max(sw, c) - c + 1))
+        img = image[y0:y0 + c, x0:x0 + c]
+        lab = label[y0:y0 + c, x0:x0 + c]
+        if self.flip and rng.random() < 0.5:
+            img, lab = img[:, ::-1], lab[:, ::-1]
+        lab = torch.from_numpy(lab.astype(np.int64))
+        if img.shape[:2] == (c, c):  # no padding needed
+            return normalize(img), lab
+        out_img = torch.zeros(3, c, c)  # zero = the mean colour after normalisation
+        out_lab = torch.full((c, c), IGNORE, dtype=torch.int64)
+        out_img[:, :img.shape[0], :img.shape[1]] = normalize(img)
+        out_lab[:lab.shape[0], :lab.shape[1]] = lab
+        return out_img, out_lab
+
+
+class EvalTransform:
+    """The full image, normalised: no resize, no crop (a centre crop inflates mIoU)."""
+
+    def __call__(self, image, label, rng=None):
+        return normalize(image), torch.from_numpy(np.asarray(label, dtype=np.int64))
+
+
+def train_transform(crop=513, scale=(0.5, 2.0), flip=True):
+    return TrainTransform(crop, scale, flip)
+
+
+def eval_transform():
+    return EvalTransform()
+
+
+def sample_rng(seed, epoch, index):
+    """The augmentation randomness of one sample in one epoch."""
+    return np.random.default_rng([seed, epoch, index])
+
+
+# ---------------------------------------------------------------------------------------------
+# PASCAL VOC 2012 (and any tree laid out like it: train_aug, the COCO conversion).
+# ---------------------------------------------------------------------------------------------
+
+VOC_TREE = """expected layout (root = the VOC2012 folder):
+  VOC2012/
+    JPEGImages/<id>.jpg
+    SegmentationClass/<id>.png          palette PNGs, values 0..20 and 255
+    SegmentationClassAug/<id>.png       only for split train_aug (python data.py prepare-sbd)
+    ImageSets/Segmentation/<split>.txt  one id per line (train, val, trainval, train_aug)"""
+
+
+class VOCSegmentation(torch.utils.data.Dataset):
+    """PASCAL VOC 2012 segmentation. `root` is the VOC2012 folder, `split` a list name under
+    ImageSets/Segmentation. Split 'train_aug' (paper 4.1) reads its masks from
+    SegmentationClassAug (made by `python data.py prepare-sbd`). Every listed file is checked
+    to exist when the dataset is built, so a broken tree fails at once, not hours into training.
+    """
+
+    def __init__(self, root, split, transform=None, seed=0, mask_dir=None, num_classes=21):
+        self.root, self.split = root, split
+        self.transform = transform if transform is not None else eval_transform()
+        self.seed, self.epoch, self.num_classes = seed, 0, num_classes
+        self.classes, self.palette = VOC_CLASSES[:num_classes], VOC_PALETTE
+        if not os.path.isdir(root):
+            raise FileNotFoundError(f"VOC root not found: {root}\n{VOC_TREE}")
+        list_file = os.path.join(root, "ImageSets", "Segmentation", split + ".txt")
+        if not os.path.isfile(list_file):
+            hint = ("\nrun `python data.py prepare-sbd ...` to make train_aug"
+                    if split == "train_aug" else "")
+            raise FileNotFoundError(f"split list not found: {list_file}\n{VOC_TREE}{hint}")
+        with open(list_file) as f:
+            self.ids = [line.split()[0] for line in f if line.strip()]
+        if not self.ids:
+            raise ValueError(f"split list {list_file} is empty")
+        mask_dir = mask_dir or ("SegmentationClassAug" if split == "train_aug"
+                                else "SegmentationClass")
+        self.images = [os.path.join(root, "JPEGImages", i + ".jpg") for i in self.ids]
+        self.masks = [os.path.join(root, mask_dir, i + ".png") for i in self.ids]
+        for kind, paths in (("image", self.images), ("mask", self.masks)):
+            missing = [p for p in paths if not os.path.isfile(p)]
+            if missing:
+                raise FileNotFoundError(
+                    f"{len(missing)} {kind}(s) listed in {list_file} do not exist, e.g. "
+                    + ", ".join(missing[:3]))
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __len__(self):
+        return len(self.ids)
+
+    def load(self, index):
+        """The raw (image uint8 HxWx3, mask uint8 HxW) pair, checked."""
+        image = read_image(self.images[index])
+        mask = read_mask(self.masks[index], self.num_classes)
+        if image.shape[:2] != mask.shape:
+            raise ValueError(f"size mismatch: image {self.images[index]} is "
+                             f"{image.shape[1]}x{image.shape[0]} but mask {self.masks[index]} is "
+                             f"{mask.shape[1]}x{mask.shape[0]} (width x height)")
+        return image, mask
+
+    def __getitem__(self, index):
+        image, mask = self.load(index)
+        return self.transform(image, mask, sample_rng(self.seed, self.epoch, index))
+
+
+# ---------------------------------------------------------------------------------------------
+# The built-in synthetic dataset: the paper's Figure 1 (a bike seen up close looks like a fish)
+# made into data. Two classes, "bike" and "fish", share one body: same shapes, same textures,
+# same colours. Only what lies at a distance tells them apart: a bike's body has two wheels
+# below it, a fish's body swims in a pool of water, and both cues are kept `gap` pixels away
+# from the body by a margin of plain background. Every image holds one bike AND one fish (plus
+# loose wheels and water patches far from any body), so "is there water somewhere in the image"
+# (which the image-level branch alone could answer) does not decide a body's class: a model must
+# look around each body, at a distance. The centre of a body is 20-40 pixels (3-5 feature pixels
+# at output stride 8) from the nearest cue.
+# ---------------------------------------------------------------------------------------------
+
+SYNTHETIC_CLASSES = ("background", "water", "wheel", "bike", "fish")
+SYNTHETIC_CONTEXT_CLASSES = (3, 4)  # told apart only by context
+SYNTHETIC_PALETTE = np.zeros((256, 3), dtype=np.uint8)
+SYNTHETIC_PALETTE[:5] = [(0, 0, 0), (40, 110, 220), (150, 150, 150), (220, 40, 40), (250, 170, 30)]
+SYNTHETIC_PALETTE[IGNORE] = (255, 255, 255)
+
+
+def _smooth_noise(rng, h, w, cells, amp):
+    """Low-frequency noise: a small random grid upsampled bilinearly."""
+    g = rng.normal(0, amp, (cells, cells)).astype(np.float32)
+    return np.asarray(Image.fromarray(g, mode="F").resize((w, h), Image.BILINEAR))
+
+
+def render_synthetic(seed, index, size=128):
+    """One synthetic (image uint8 HxWx3, label uint8 HxW) pair, a pure function of its inputs."""
+    rng = np.random.default_rng([seed, index, 17])
+    side = size if np.isscalar(size) else int(rng.integers(size[0], size[1] + 1))
+    h = w = side
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    # background: earthy colour with smooth variations
+    base = rng.uniform(70, 150, 3)
+    img = base + _smooth_noise(rng, h, w, 6, 18)[..., None] + rng.normal(0, 6, (h, w, 3))
+    lab = np.zeros((h, w), np.uint8)
+
+    def water(mask):
+        waves = 12 * np.sin(xx / rng.uniform(3, 6) + rng.uniform(0, 6)) * np.sin(yy / 4.0)
+        colour = np.array([30, 90, 190]) + rng.uniform(-15, 15, 3)
+        img[mask] = (colour + waves[..., None] + rng.normal(0, 6, (h, w, 3)))[mask]
+        lab[mask] = 1
+
+    def wheel(cy, cx, r):
+        d = np.hypot(yy - cy, xx - cx)
+        ring = (d <= r) & (d >= r * 0.55)
+        hub = d <= r * 0.2
+        img[ring | hub] = rng.uniform(20, 50)
+        lab[ring | hub] = 2
+
+    def body(cy, cx, ry, rx, cls):
+        # identical recipe for both classes: striped ellipse, colour from one distribution
+        m = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1
+        theta = rng.uniform(0, np.pi)
+        stripes = np.sin((xx * np.cos(theta) + yy * np.sin(theta)) / 2.5)
+        colour = rng.uniform(120, 230, 3)
+        img[m] = (colour + 35 * stripes[..., None] + rng.normal(0, 6, (h, w, 3)))[m]
+        lab[m] = cls
+        return m
+
+    # loose distractors first (they may be partly covered later)
+    for _ in range(int(rng.integers(0, 2))):
+        wheel(rng.uniform(0, h), rng.uniform(0, w), rng.uniform(5, 8))
+    if rng.random() < 0.5:
+        cy, cx = rng.uniform(0, h), rng.uniform(0, w)
+        water(((yy - cy) / rng.uniform(8, 16)) ** 2 + ((xx - cx) / rng.uniform(8, 16)) ** 2 <= 1)
+    # one bike and one fish, in the two halves (left/right at random)
+    halves = [(0, w / 2), (w / 2, w)]
+    if rng.random() < 0.5:
+        halves.reverse()
+    for cls, (x0, x1) in zip((3, 4), halves):
+        ry, rx = rng.uniform(0.09, 0.14) * h, rng.uniform(0.12, 0.18) * w
+        gap = rng.uniform(0.05, 0.09) * h
+        cx = rng.uniform(x0 + rx * 0.9, x1 - rx * 0.9)
+        cy = rng.uniform(0.25 * h, 0.55 * h)
+        if cls == 4:  # the pool of water around the fish, a gap of background in between
+            py, px = ry + gap + rng.uniform(0.06, 0.1) * h, rx + gap + rng.uniform(0.04, 0.08) * w
+            pool = ((yy - cy) / py) ** 2 + ((xx - cx) / px) ** 2 <= 1
+            ring = ((yy - cy) / (ry + gap)) ** 2 + ((xx - cx) / (rx + gap)) ** 2 <= 1
+            water(pool & ~ring)
+            body(cy, cx, ry, rx, 4)
+        else:  # two wheels below the bike's body, a gap below it
+            r = rng.uniform(0.05, 0.07) * h
+            for side in (-1, 1):
+                wheel(cy + ry + gap + r, cx + side * rx * 0.6, r)
+            body(cy, cx, ry, rx, 3)
+    return np.clip(img, 0, 255).astype(np.uint8), lab
+
+
+class SyntheticContext(torch.utils.data.Dataset):
+    """The built-in dataset (no files): `num_images` images of side `size` (an int, or a
+    (min, max) range drawn per image), generated from (seed, index). Classes: background, water,
+    wheel, bike, fish; bike and fish look identical up close (see render_synthetic)."""
+
+    classes = SYNTHETIC_CLASSES
+    palette = SYNTHETIC_PALETTE
+    context_classes = SYNTHETIC_CONTEXT_CLASSES
+    num_classes = len(SYNTHETIC_CLASSES)
+
+    def __init__(self, num_images=512, size=128, seed=0, transform=None):
+        self.num_images, self.size, self.seed = num_images, size, seed
+        self.transform = transform if transform is not None else eval_transform()
+        self.epoch = 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __len__(self):
+        return self.num_images
+
+    def load(self, index):
+        if not 0 <= index < self.num_images:
+            raise IndexError(f"index {index} out of range for {self.num_images} images")
+        return render_synthetic(self.seed, index, self.size)
+
+    def __getitem__(self, index):
+        image, label = self.load(index)
+        return self.transform(image, label, sample_rng(self.seed, self.epoch, index))
+
+
+# ---------------------------------------------------------------------------------------------
+# SBD -> train_aug (paper 4.1: "Hariharan et al. augmented this dataset ... 10,582 images").
+# ---------------------------------------------------------------------------------------------
+
+def read_list(path):
+    with open(path) as f:
+        return [line.split()[0] for line in f if line.strip()]
+
+
+def sbd_mat_to_mask(path):
+    """Class-index mask (H, W) uint8 from an SBD cls/<id>.mat file (GTcls.Segmentation)."""
+    try:
+        import scipy.io
+    except ImportError:
+        raise ImportError("reading SBD .mat files needs scipy: pip install scipy "
+                          "(only `python data.py prepare-sbd` uses it)") from None
+    try:
+        gt = scipy.io.loadmat(path, squeeze_me=True, struct_as_record=False)["GTcls"]
+        seg = np.asarray(gt.Segmentation)
+    except Exception as e:
+        raise ValueError(f"cannot read SBD mask {path}: expected a MATLAB file with a GTcls "
+                         f"struct holding Segmentation ({type(e).__name__}: {e})") from None
+    bad = np.setdiff1d(np.unique(seg), np.arange(21))
+    if seg.ndim != 2 or bad.size:
+        raise ValueError(f"SBD mask {path}: expected a 2-D map of classes 0..20, got shape "
+                         f"{seg.shape} with values {bad.tolist()}")
+    return seg.astype(np.uint8)
+
+
+def train_aug_ids(sbd_train, sbd_val, voc_train, voc_val):
+    """train_aug = (SBD train + SBD val + VOC train) - VOC val, sorted (paper 4.1)."""
+    return sorted((set(sbd_train) | set(sbd_val) | set(voc_train)) - set(voc_val))
+
+
+def prepare_sbd(sbd, voc, overwrite=False, log=print):
+    """Write VOC2012/SegmentationClassAug/<id>.png for every train_aug id, and
+    VOC2012/ImageSets/Segmentation/train_aug.txt. VOC's own mask is used where VOC train has one
+    (it is finer and marks object borders 255); SBD's otherwise. Existing PNGs are kept, so an
+    interrupted run resumes. Returns the counts."""
+    for path, what in ((os.path.join(sbd, "cls"), "SBD cls/ folder"),
+                       (os.path.join(sbd, "train.txt"), "SBD train.txt"),
+                       (os.path.join(sbd, "val.txt"), "SBD val.txt")):
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{what} not found: {path}\nexpected --sbd to be "
+                                    f"benchmark_RELEASE/dataset with cls/*.mat, train.txt, val.txt")
+    seg_dir = os.path.join(voc, "ImageSets", "Segmentation")
+    lists = {}
+    for name in ("train", "val"):
+        p = os.path.join(seg_dir, name + ".txt")
+        if not os.path.isfile(p):
+            raise FileNotFoundError(f"VOC list not found: {p}\n{VOC_TREE}")
+        lists[name] = read_list(p)
+    sbd_train, sbd_val = read_list(os.path.join(sbd, "train.txt")), read_list(
+        os.path.join(sbd, "val.txt"))
+    ids = train_aug_ids(sbd_train, sbd_val, lists["train"], lists["val"])
+    counts = {"sbd_train": len(set(sbd_train)), "sbd_val": len(set(sbd_val)),
+              "voc_train": len(set(lists["train"])), "voc_val": len(set(lists["val"])),
+              "train_aug": len(ids)}
+    out_list = os.path.join(seg_dir, "train_aug.txt")
+    text = "".join(i + "\n" for i in ids)
+    if os.path.exists(out_list) and not overwrite:
+        with open(out_list) as f:
+            if f.read() != text:
+                raise FileExistsError(f"{out_list} exists with other contents; "
+                                      f"pass --overwrite to replace it")
+    voc_train = set(lists["train"])
+    out_dir = os.path.join(voc, "SegmentationClassAug")
+    written = kept = 0
+    t0 = time.time()
+    for n, i in enumerate(ids, 1):
+        dst = os.path.join(out_dir, i + ".png")
+        if os.path.exists(dst) and not overwrite:
+            kept += 1
+        else:
+            src = os.path.join(voc, "SegmentationClass", i + ".png")
+            if i in voc_train and os.path.isfile(src):
+                mask = read_mask(src)
+            else:
+                mat = os.path.join(sbd, "cls", i + ".mat")
+                if not os.path.isfile(mat):
+                    raise FileNotFoundError(f"{i} is in the SBD lists but {mat} does not exist")
+                mask = sbd_mat_to_mask(mat)
+            save_mask(dst, mask)
+            written += 1
+        progress("prepare-sbd", n, len(ids), t0, log)
+    atomic_save(out_list, lambda f: f.write(text.encode()))
+    missing = [i for i in ids if not os.path.isfile(os.path.join(voc, "JPEGImages", i + ".jpg"))]
+    log(f"SBD train {counts['sbd_train']}, SBD val {counts['sbd_val']}, VOC train "
+        f"{counts['voc_train']}, VOC val {counts['voc_val']} -> train_aug {counts['train_aug']} "
+        f"({written} masks written, {kept} kept) -> {out_list}")
+    if counts["train_aug"] != 10582 or counts["voc_val"] != 1449:
+        log(f"WARNING: expected train_aug 10582 and VOC val 1449 (the paper's sets), got "
+            f"{counts['train_aug']} and {counts['voc_val']}: check that --sbd is the full SBD "
+            f"release and --voc the full VOC 2012")
+    if missing:
+        log(f"WARNING: {len(missing)} train_aug ids have no JPEG in {voc}/JPEGImages, e.g. "
+            f"{', '.join(missing[:3])}")
+    counts["missing_images"] = len(missing)
+    return counts
+
+
+def progress(what, done, total, t0, log=print, every=None):
+    """Print 'what: done/total, rate, ETA' about every 10% (or `every` items) and at the end."""
+    every = every or max(1, total // 10)
+    if done % every and done != total:
+        return
+    dt = time.time() - t0
+    rate = done / dt if dt > 0 else float("inf")
+    eta = (total - done) / rate if rate > 0 else 0
+    log(f"{what}: {done}/{total}  {rate:.1f}/s  ETA {eta / 60:.1f} min")
+
+
+# ---------------------------------------------------------------------------------------------
+# MS-COCO -> VOC classes (paper 4.2: COCO categories that are not VOC classes are background;
+# objects under 1000 pixels are discarded). Masks are decoded here with numpy/Pillow.
+# Our choices where the paper is silent:
+#   - a discarded small object becomes background (the paper's "discard"; ignore would also be
+#     defensible, but would keep unlabelled small objects out of the loss entirely);
+#   - crowd (iscrowd=1) regions of a VOC category are painted as that class;
+#   - overlapping objects: painted largest first, so a smaller object lies on top (in COCO it is
+#     usually the one in front, e.g. a person on a sofa).
+# ---------------------------------------------------------------------------------------------
+
+COCO_TO_VOC = {"airplane": "aeroplane", "bicycle": "bicycle", "bird": "bird", "boat": "boat",
+               "bottle": "bottle", "bus": "bus", "car": "car", "cat": "cat", "chair": "chair",
+               "cow": "cow", "dining table": "diningtable", "dog": "dog", "horse": "horse",
+               "motorcycle": "motorbike", "person": "person", "potted plant": "pottedplant",
+               "sheep": "sheep", "couch": "sofa", "train": "train", "tv": "tvmonitor"}
+
+
+def rle_decode(rle):
+    """COCO RLE (counts as a list, or the compressed string) -> (h, w) uint8 mask.
+    Runs alternate 0s and 1s, starting with 0s, over the pixels in column-major order."""
+    h, w = rle["size"]
+    counts = rle["counts"]
+    if isinstance(counts, (str, bytes)):
+        counts = rle_counts_from_string(counts)
+    counts = np.asarray(counts, dtype=np.int64)
+    if counts.sum() != h * w:
+        raise ValueError(f"RLE counts sum to {counts.sum()}, not h*w = {h * w}")
+    values = np.zeros(len(counts), np.uint8)
+    values[1::2] = 1
+    return np.repeat(values, counts).reshape(w, h).T.copy()
+
+
+def rle_encode(mask, compressed=True):
+    """(h, w) mask -> COCO RLE dict; the inverse of rle_decode."""
+    flat = np.asarray(mask, dtype=np.uint8).T.reshape(-1)
+    change = np.flatnonzero(np.diff(flat)) + 1
+    bounds = np.r_[0, change, flat.size]
+    counts = np.diff(bounds).tolist()
+    if flat.size and flat[0] == 1:
+        counts = [0] + counts
+    counts = counts or [0]
+    h, w = mask.shape
+    return {"size": [h, w], "counts": rle_counts_to_string(counts) if compressed else counts}
+
+
+def rle_counts_from_string(s):
+    """COCO's compressed counts: 5-bit groups (+48 to printable), continuation bit 0x20, sign
+    bit 0x10 on the last group; from the 3rd count on, each is stored minus the count 2 before."""
+    s = s.decode() if isinstance(s, bytes) else s
+    counts, p = [], 0
+    while p < len(s):
+        x, k, more = 0, 0, True
+        while more:
+            c = ord(s[p]) - 48
+            x |= (c & 0x1F) << (5 * k)
+            more = bool(c & 0x20)
+            p, k = p + 1, k + 1
+            if not more and (c & 0x10):
+                x |= -1 << (5 * k)
+        if len(counts) > 2:
+            x += counts[-2]
+        counts.append(x)
+    return counts
+
+
+def rle_counts_to_string(counts):
+    out = []
+    for i, x in enumerate(counts):
+        if i > 2:
+            x -= counts[i - 2]
+        more = True
+        while more:
+            c = x & 0x1F
+            x >>= 5
+            more = x != -1 if c & 0x10 else x != 0
+            out.append(chr((c | 0x20 if more else c) + 48))
+    return "".join(out)
+
+
+def polygons_to_mask(polygons, h, w, supersample=5):
+    """Rasterise COCO polygons ([x1, y1, x2, y2, ...] in continuous pixel coordinates, pixel
+    (i, j) spanning [j, j+1) x [i, i+1)) to a (h, w) uint8 mask: a pixel is in when at least half
+    of it is, estimated on a 5x finer grid. (Pillow alone marks every pixel an edge touches,
+    which grows small objects by ~20%; this stays within ~2% of pycocotools' masks.)"""
+    mask = np.zeros((h, w), np.uint8)
+    pts = [np.asarray(p, dtype=np.float64).reshape(-1, 2) for p in polygons if len(p) >= 6]
+    if not pts:
+        return mask
+    allp = np.concatenate(pts)
+    x0, y0 = max(0, int(np.floor(allp[:, 0].min()))), max(0, int(np.floor(allp[:, 1].min())))
+    x1, y1 = min(w, int(np.ceil(allp[:, 0].max())) + 1), min(h, int(np.ceil(allp[:, 1].max())) + 1)
+    if x1 <= x0 or y1 <= y0:
+        return mask
+    s = supersample
+    im = Image.new("L", ((x1 - x0) * s, (y1 - y0) * s), 0)
+    draw = ImageDraw.Draw(im)
+    for p in pts:  # Pillow samples at integer positions: shift by half a fine pixel
+        draw.polygon([tuple(q) for q in (p - (x0, y0)) * s - 0.5], fill=1)
+    fine = np.asarray(im, dtype=np.float32).reshape(y1 - y0, s, x1 - x0, s)
+    mask[y0:y1, x0:x1] = fine.mean(axis=(1, 3)) >= 0.5
+    return mask
+
+
+def annotation_mask(ann, h, w):
+    seg = ann["segmentation"]
+    if isinstance(seg, list):
+        return polygons_to_mask(seg, h, w)
+    if isinstance(seg, dict):
+        m = rle_decode(seg)
+        if m.shape != (h, w):
+            raise ValueError(f"annotation {ann.get('id')}: RLE size {m.shape} is not the "
+                             f"image's {(h, w)}")
+        return m
+    raise ValueError(f"annotation {ann.get('id')}: unknown segmentation format {type(seg)}")
+
+
+def coco_voc_mask(anns, h, w, cat_to_voc, min_pixels=1000):
+    """Index mask of one image's annotations (see the choices above); None if no VOC object
+    of at least min_pixels remains."""
+    objs = []
+    for ann in anns:
+        cls = cat_to_voc.get(ann["category_id"])
+        if cls is None:
+            continue
+        m = annotation_mask(ann, h, w).astype(bool)
+        area = int(m.sum())  # the decoded area: COCO's stored `area` can disagree with its RLE
+        if area >= min_pixels:
+            objs.append((area, cls, m))
+    if not objs:
+        return None
+    mask = np.zeros((h, w), np.uint8)
+    for _, cls, m in sorted(objs, key=lambda o: -o[0]):
+        mask[m] = cls
+    return mask
+
+
+def prepare_coco(annotations, images, out, split=None, min_pixels=1000, log=print):
+    """Write out/SegmentationClass/<name>.png (VOC palette), out/JPEGImages/<name>.jpg (links to
+    the COCO images) and out/ImageSets/Segmentation/<split>.txt, so that
+    VOCSegmentation(out, split) reads the result. Returns the counts."""
+    try:
+        with open(annotations) as f:
+            coco = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot read COCO annotations {annotations}: {e}") from None
+    for key in ("images", "annotations", "categories"):
+        if key not in coco:
+            raise ValueError(f"{annotations} has no '{key}': not a COCO instances file")
+    if not os.path.isdir(images):
+        raise FileNotFoundError(f"COCO image folder not found: {images}")
+    split = split or os.path.splitext(os.path.basename(annotations))[0].replace("instances_", "")
+    names = {c["id"]: c["name"] for c in coco["categories"]}
+    cat_to_voc = {cid: VOC_CLASSES.index(COCO_TO_VOC[n]) for cid, n in names.items()
+                  if n in COCO_TO_VOC}
+    by_image = {}
+    for ann in coco["annotations"]:
+        by_image.setdefault(ann["image_id"], []).append(ann)
+    written, no_voc, missing = [], 0, []
+    t0 = time.time()
+    for n, img in enumerate(coco["images"], 1):
+        stem = os.path.splitext(img["file_name"])[0]
+        src = os.path.join(images, img["file_name"])
+        mask_path = os.path.join(out, "SegmentationClass", stem + ".png")
+        if not os.path.isfile(src):
+            missing.append(img["file_name"])
+        elif os.path.isfile(mask_path):  # done by an earlier, interrupted run
+            written.append(stem)
+        else:
+            mask = coco_voc_mask(by_image.get(img["id"], []), img["height"], img["width"],
+                                 cat_to_voc, min_pixels)
+            if mask is None:
+                no_voc += 1
+            else:
+                link = os.path.join(out, "JPEGImages", stem + ".jpg")
+                os.makedirs(os.path.dirname(link), exist_ok=True)
+                if not os.path.lexists(link):
+                    os.symlink(os.path.abspath(src), link)
+                save_mask(mask_path, mask)
+                written.append(stem)
+        progress("prepare-coco", n, len(coco["images"]), t0, log)
+    list_path = os.path.join(out, "ImageSets", "Segmentation", split + ".txt")
+    atomic_save(list_path, lambda f: f.write("".join(s + "\n" for s in written).encode()))
+    for name in missing:
+        log(f"missing image, left out: {os.path.join(images, name)}")
+    log(f"{len(coco['images'])} images: {len(written)} written, {no_voc} without a VOC object "
+        f">= {min_pixels} px, {len(missing)} missing -> {list_path}")
+    return {"written": written, "no_voc": no_voc, "missing": missing, "list": list_path}
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line.
+# ---------------------------------------------------------------------------------------------
+
+def colorize(label, palette):
+    return np.asarray(palette, dtype=np.uint8)[np.asarray(label, dtype=np.int64) & 255]
+
+
+def show_synthetic(out, n=6, size=128, seed=0):
+    """A picture of n synthetic samples: images on top, labels below (with a legend)."""
+    ds = SyntheticContext(n, size, seed)
+    cols = [np.concatenate(ds.load(i)[:1] + (colorize(ds.load(i)[1], ds.palette),), 0)
+            for i in range(n)]
+    grid = np.concatenate([np.pad(c, ((0, 0), (2, 2), (0, 0)), constant_values=255)
+                           for c in cols], 1)
+    legend = Image.new("RGB", (grid.shape[1], 18), (255, 255, 255))
+    draw = ImageDraw.Draw(legend)
+    x = 4
+    for i, name in enumerate(ds.classes):
+        draw.rectangle([x, 4, x + 10, 14], fill=tuple(int(v) for v in ds.palette[i]))
+        draw.text((x + 14, 3), name, fill=(0, 0, 0))
+        x += 14 + 7 * len(name) + 12
+    pic = np.concatenate([grid, np.asarray(legend)], 0)
+    atomic_save(out, lambda f: Image.fromarray(pic).save(f, format="PNG"))
+    return out
+
+
+def bench_loader(voc=None, n=300, crop=513):
+    """Samples per second of one process making augmented crop x crop training samples."""
+    tmp = None
+    if voc is None:  # VOC-sized JPEGs (500x375) made from the synthetic renderer
+        tmp = tempfile.TemporaryDirectory()
+        voc = tmp.name
+        for sub in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
+            os.makedirs(os.path.join(voc, sub))
+        ids = []
+        for i in range(12):
+            img, lab = render_synthetic(0, i, 500)
+            name = f"synthetic_{i:02d}"
+            Image.fromarray(img[:375]).save(os.path.join(voc, "JPEGImages", name + ".jpg"),
+                                            quality=90)
+            save_mask(os.path.join(voc, "SegmentationClass", name + ".png"), lab[:375])
+            ids.append(name)
+        with open(os.path.join(voc, "ImageSets/Segmentation/train.txt"), "w") as f:
+            f.write("\n".join(ids))
+        split = "train"
+    else:
+        split = "trainval" if os.path.isfile(
+            os.path.join(voc, "ImageSets/Segmentation/trainval.txt")) else "train"
+    ds = VOCSegmentation(voc, split, train_transform(crop), num_classes=21)
+    torch.set_num_threads(1)  # one loader worker = one core
+    ds[0]
+    t0 = time.perf_counter()
+    for i in range(n):
+        ds.set_epoch(i // len(ds))
+        img, lab = ds[i % len(ds)]
+        assert img.shape == (3, crop, crop) and lab.shape == (crop, crop)
+    dt = time.perf_counter() - t0
+    print(f"{n} augmented {crop}x{crop} samples from {len(ds)} JPEGs in {voc} ({split}): "
+          f"{n / dt:.0f} samples/s in one process (target >= 100)")
+    if tmp is not None:
+        tmp.cleanup()
+    return n / dt
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Dataset preparation and checks for Vortex Pooling "
+                                            "(paper 4.1, 4.2). Nothing is downloaded.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("prepare-sbd", help="make VOC train_aug (10,582 images) from the SBD "
+                                           "release: SegmentationClassAug PNGs + train_aug.txt")
+    s.add_argument("--sbd", required=True,
+                   help="SBD's benchmark_RELEASE/dataset folder (cls/*.mat, train.txt, val.txt)")
+    s.add_argument("--voc", required=True, help="the VOCdevkit/VOC2012 folder (written into)")
+    s.add_argument("--overwrite", action="store_true",
+                   help="replace existing SegmentationClassAug PNGs and train_aug.txt")
+    s = sub.add_parser("prepare-coco", help="COCO instances JSON -> VOC-class index masks "
+                                            "(paper 4.2), laid out like VOC2012")
+    s.add_argument("--annotations", required=True, help="e.g. annotations/instances_train2017.json")
+    s.add_argument("--images", required=True, help="the matching image folder, e.g. train2017/")
+    s.add_argument("--out", required=True, help="output folder (VOC-like tree)")
+    s.add_argument("--split", default=None,
+                   help="list name to write (default: from the JSON name, e.g. train2017)")
+    s.add_argument("--min-pixels", type=int, default=1000,
+                   help="objects smaller than this are discarded (background), paper 4.2")
+    s = sub.add_parser("bench", help="loader throughput: augmented 513x513 samples/s, 1 process")
+    s.add_argument("--voc", default=None, help="a VOC2012 folder (default: VOC-sized synthetic "
+                                               "JPEGs written to a temporary folder)")
+    s.add_argument("-n", type=int, default=300, help="samples to time")
+    s = sub.add_parser("show", help="save a picture of synthetic samples")
+    s.add_argument("--out", default="synthetic_samples.png", help="PNG file to write")
+    s.add_argument("--force", action="store_true", help="overwrite --out if it exists")
+    args = p.parse_args(argv)
+    if args.cmd == "prepare-sbd":
+        prepare_sbd(args.sbd, args.voc, args.overwrite)
+    elif args.cmd == "prepare-coco":
+        prepare_coco(args.annotations, args.images, args.out, args.split, args.min_pixels)
+    elif args.cmd == "bench":
+        bench_loader(args.voc, args.n)
+    elif args.cmd == "show":
+        if os.path.exists(args.out) and not args.force:
+            sys.exit(f"{args.out} exists; pass --force to overwrite it")
+        print("wrote", show_synthetic(args.out))
+
+
+if __name__ == "__main__":
+    main()
