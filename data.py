@@ -374,6 +374,27 @@ class SyntheticContext(torch.utils.data.Dataset):
         return self.transform(image, label, sample_rng(self.seed, self.epoch, index))
 
 
+DATASETS = ("synthetic", "voc", "voc_aug", "coco")
+
+
+def get_dataset(name, split, root=None, train=False, crop=513, scale=(0.5, 2.0), seed=0,
+                num_images=512, image_size=128):
+    """A dataset by name, as train.py and eval.py use them. `train` picks the augmentation.
+    Synthetic: split 'train' and 'val' are different images (different seeds)."""
+    transform = train_transform(crop, scale) if train else eval_transform()
+    if name == "synthetic":
+        offset = {"train": 0, "val": 1}.get(split)
+        if offset is None:
+            raise ValueError(f"synthetic splits are 'train' and 'val', got {split!r}")
+        return SyntheticContext(num_images, image_size, seed * 2 + offset, transform)
+    if name not in DATASETS:
+        raise ValueError(f"dataset must be one of {DATASETS}, got {name!r}")
+    if not root:
+        raise ValueError(f"dataset {name!r} reads local files: pass --data-root (the VOC2012 "
+                         f"folder, or the output folder of `python data.py prepare-coco`)")
+    return VOCSegmentation(root, split, transform, seed)
+
+
 # ---------------------------------------------------------------------------------------------
 # SBD -> train_aug (paper 4.1: "Hariharan et al. augmented this dataset ... 10,582 images").
 # ---------------------------------------------------------------------------------------------

@@ -696,3 +696,350 @@ def test_show_and_bench_commands(tmp_path, capsys):
     with pytest.raises(SystemExit):
         data.main(["show", "--out", str(out)])  # never overwrites without --force
     assert data.bench_loader(None, n=5, crop=65) > 0
+
+
+# ============================================================================= train.py
+import signal  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+import torch.distributed as dist  # noqa: E402
+import torch.multiprocessing as mp  # noqa: E402
+
+import eval as evaluation  # noqa: E402
+import train  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _spawn(fn, world, *args):
+    """Run fn(rank, world, init_file, *args) in `world` gloo processes."""
+    init = tempfile_path()
+    mp.spawn(fn, args=(world, init) + args, nprocs=world, join=True)
+
+
+def tempfile_path():
+    import tempfile
+    fd, path = tempfile.mkstemp(prefix="gloo-")
+    os.close(fd)
+    os.unlink(path)
+    return path
+
+
+def _init(rank, world, init_file):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=world)
+
+
+def _syncbn_worker(rank, world, init_file, sizes, out_dir):
+    _init(rank, world, init_file)
+    torch.manual_seed(0)
+    results = {}
+    for name, offset, dtype in (("normal", 0.0, torch.float64), ("large_mean", 1e4, torch.float32),
+                                ("float32", 0.0, torch.float32)):
+        x = (torch.randn(sum(sizes), 5, 6, 7, dtype=torch.float64) * 3 + offset).to(dtype)
+        w = torch.randn_like(x)
+        bn = torch.nn.BatchNorm2d(5).to(dtype)
+        bn.weight.data.uniform_(0.5, 1.5)
+        bn.bias.data.uniform_(-1, 1)
+        sync = train.convert_sync_batchnorm(torch.nn.Sequential(bn))
+        lo = sum(sizes[:rank])
+        xr = x[lo:lo + sizes[rank]].clone().requires_grad_()
+        y = sync(xr)
+        (y * w[lo:lo + sizes[rank]]).sum().backward()
+        results[name] = {"y": y.detach(), "xgrad": xr.grad, "wgrad": sync[0].weight.grad,
+                         "bgrad": sync[0].bias.grad, "rm": sync[0].running_mean,
+                         "rv": sync[0].running_var}
+    # DDP: one SGD step of a tiny model on this rank's half of the batch
+    torch.manual_seed(1)
+    model = DeepLabV3(3, depth=18, base_channels=4, context_channels=8, dropout=0.0)
+    train.convert_sync_batchnorm(model)
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    g = torch.Generator().manual_seed(2)
+    x, t = torch.randn(4, 3, 33, 33, generator=g), torch.randint(0, 3, (4, 33, 33), generator=g)
+    half = slice(2 * rank, 2 * rank + 2)
+    train.loss_fn(ddp(x[half]), t[half]).backward()
+    opt.step()
+    results["ddp"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("sizes", [(4, 4), (3, 5)])
+def test_syncbn_and_ddp_equal_one_process_on_the_whole_batch(sizes, tmp_path):
+    _spawn(_syncbn_worker, 2, sizes, str(tmp_path))
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    torch.manual_seed(0)
+    for name, offset, dtype in (("normal", 0.0, torch.float64), ("large_mean", 1e4, torch.float32),
+                                ("float32", 0.0, torch.float32)):
+        x = (torch.randn(sum(sizes), 5, 6, 7, dtype=torch.float64) * 3 + offset).to(dtype)
+        w = torch.randn_like(x)
+        bn = torch.nn.BatchNorm2d(5).to(dtype)
+        bn.weight.data.uniform_(0.5, 1.5)
+        bn.bias.data.uniform_(-1, 1)
+        if name == "large_mean":  # reference in float64: the float32 one-pass BN is the victim
+            bn, x, w = bn.double(), x.double(), w.double()
+        xr = x.clone().requires_grad_()
+        y = bn(xr)
+        (y * w).sum().backward()
+        got = {k: [r[name][k].double() for r in ranks] for k in ranks[0][name]}
+        tol = dict(rtol=1e-5, atol=1e-5 if dtype == torch.float32 else 1e-10)
+        # at mean 1e4 a float32 holds the mean to ~5e-4, i.e. 2e-4 of a std of 3
+        ytol = dict(rtol=1e-5, atol=1e-3) if name == "large_mean" else tol
+        torch.testing.assert_close(torch.cat(got["y"]), y.double(), **ytol)
+        torch.testing.assert_close(torch.cat(got["xgrad"]), xr.grad.double(), **ytol)
+        wtol = dict(rtol=1e-3, atol=1e-2) if name == "large_mean" else dict(rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(sum(got["wgrad"]), bn.weight.grad.double(), **wtol)
+        torch.testing.assert_close(sum(got["bgrad"]), bn.bias.grad.double(), **wtol)
+        for r in range(2):  # every rank holds the same, whole-batch running statistics
+            torch.testing.assert_close(got["rm"][r], bn.running_mean.double(), **tol)
+            torch.testing.assert_close(got["rv"][r], bn.running_var.double(), rtol=1e-5,
+                                       atol=1e-5)
+        if name == "large_mean":  # the one-pass float32 formula this guards against is far off
+            x32 = x.float()
+            naive = (x32.square().mean((0, 2, 3)) - x32.mean((0, 2, 3)).square()).double()
+            assert ((naive - x.var((0, 2, 3), unbiased=False)).abs() > 0.05).any()
+    # DDP + SyncBN on 2 ranks x 2 images == one process x 4 images with plain BN
+    torch.manual_seed(1)
+    model = DeepLabV3(3, depth=18, base_channels=4, context_channels=8, dropout=0.0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    g = torch.Generator().manual_seed(2)
+    x, t = torch.randn(4, 3, 33, 33, generator=g), torch.randint(0, 3, (4, 33, 33), generator=g)
+    # DDP averages the two ranks' mean losses: the same as the mean over all pixels here,
+    # since every image has the same number of labelled pixels
+    train.loss_fn(model(x), t).backward()
+    opt.step()
+    for k, v in model.state_dict().items():
+        for r in range(2):
+            torch.testing.assert_close(ranks[r]["ddp"][k].double(), v.double(), rtol=1e-4,
+                                       atol=1e-5, msg=k)
+
+
+def test_poly_lr():
+    base, n = 0.007, 300
+    lrs = [train.poly_lr(base, i, n, 0.9) for i in range(n + 1)]
+    assert lrs[0] == base and lrs[-1] == 0.0
+    assert all(a > b for a, b in zip(lrs, lrs[1:]))
+    assert all(math.isclose(lr, base * (1 - i / n) ** 0.9) for i, lr in enumerate(lrs))
+
+
+TINY = ["--num-images", "16", "--val-images", "3", "--image-size", "48", "--crop", "40",
+        "--batch-size", "4", "--workers", "0", "--depth", "18", "--base-channels", "4",
+        "--context-channels", "8", "--log-every", "1"]
+
+
+def test_resume_is_exact(tmp_path):
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    train.main(TINY + ["--iters", "7", "--out-dir", a, "--no-eval"])
+    stopped = train.main(TINY + ["--iters", "7", "--out-dir", b, "--no-eval", "--stop-after", "3"])
+    assert stopped["stopped_at"] == 3
+    stopped = train.main(TINY + ["--iters", "7", "--out-dir", b, "--no-eval", "--resume",
+                                 "--stop-after", "1"])  # stops exactly at the epoch's end
+    assert stopped["stopped_at"] == 4
+    train.main(TINY + ["--iters", "7", "--out-dir", b, "--no-eval", "--resume"])
+    ca = torch.load(os.path.join(a, "checkpoint.pt"), weights_only=True)
+    cb = torch.load(os.path.join(b, "checkpoint.pt"), weights_only=True)
+    assert ca["iteration"] == cb["iteration"] == 7
+    for k, v in ca["model"].items():
+        assert torch.equal(v, cb["model"][k]), k  # bitwise
+    losses_a = [json.loads(line)["loss"] for line in open(os.path.join(a, "log.jsonl"))]
+    losses_b = [json.loads(line)["loss"] for line in open(os.path.join(b, "log.jsonl"))]
+    assert losses_a == losses_b
+    with pytest.raises(SystemExit, match="exists: pass --resume"):
+        train.main(TINY + ["--iters", "7", "--out-dir", a])
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    out = str(tmp_path / "run")
+    calls = {"n": 0}
+    real = train.loss_fn
+
+    def sometimes_nan(logits, target):
+        calls["n"] += 1
+        loss = real(logits, target)
+        return loss * float("nan") if calls["n"] == 3 else loss
+    monkeypatch.setattr(train, "loss_fn", sometimes_nan)
+    with pytest.raises(SystemExit, match="loss is nan at iteration 2: training stopped"):
+        train.main(TINY + ["--iters", "5", "--out-dir", out, "--save-every", "2"])
+    ck = evaluation.load_checkpoint(os.path.join(out, "checkpoint.pt"))
+    assert ck["iteration"] == 2
+
+
+def test_truncated_checkpoint_gives_a_clear_error(tmp_path):
+    out = tmp_path / "run"
+    train.main(TINY + ["--iters", "1", "--out-dir", str(out), "--no-eval"])
+    ck = out / "checkpoint.pt"
+    ck.write_bytes(ck.read_bytes()[:5000])
+    with pytest.raises(ValueError, match="cannot read checkpoint .*checkpoint.pt: it is truncated"):
+        train.main(TINY + ["--iters", "2", "--out-dir", str(out), "--resume"])
+
+
+def test_sigterm_saves_and_exits_cleanly(tmp_path):
+    out = str(tmp_path / "run")
+    proc = subprocess.Popen([sys.executable, "-u", os.path.join(HERE, "train.py")] + TINY +
+                            ["--iters", "100000", "--out-dir", out, "--no-eval"], cwd=HERE,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith("it 2/"):
+            proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 0, "".join(lines)
+    assert any("SIGTERM: checkpoint saved at iteration" in line for line in lines), lines
+    ck = evaluation.load_checkpoint(os.path.join(out, "checkpoint.pt"))
+    assert 2 <= ck["iteration"] < 100000
+
+
+def test_default_command_end_to_end_on_a_small_budget(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    res = train.main(TINY + ["--iters", "3", "--out-dir", out])
+    assert 0 <= res["miou"] <= 1 and "context_miou" in res
+    for f in ("checkpoint.pt", "log.jsonl", "eval.json", "predictions.png"):
+        assert os.path.isfile(os.path.join(out, f)), f
+    text = capsys.readouterr().out
+    assert "mIoU" in text and "bike" in text and "predictions.png" in text
+    # eval.py reads the checkpoint back, and single-image prediction writes class indices
+    evaluation.main(["--checkpoint", os.path.join(out, "checkpoint.pt")])
+    img = tmp_path / "photo.jpg"
+    Image.fromarray(data.render_synthetic(0, 0, 50)[0]).save(img)
+    evaluation.main(["--checkpoint", os.path.join(out, "checkpoint.pt"), "--image", str(img),
+                     "--out", str(tmp_path / "pred.png")])
+    pred = Image.open(tmp_path / "pred.png")
+    assert pred.mode == "P" and pred.size == (50, 50)
+    assert set(np.unique(np.asarray(pred))) <= set(range(5))
+    assert (tmp_path / "pred_panel.png").exists()
+    with pytest.raises(ValueError, match="context: checkpoint has 'vortex', flags say 'aspp'"):
+        evaluation.main(["--checkpoint", os.path.join(out, "checkpoint.pt"), "--context", "aspp"])
+
+
+def test_presets_and_flags():
+    cfg = train.parse_args(["--dataset", "voc_aug", "--data-root", "x"])
+    assert (cfg["depth"], cfg["output_stride"], cfg["multi_grid"], cfg["context"]) == \
+        (101, 8, (1, 2, 4), "vortex")
+    assert (cfg["crop"], cfg["batch_size"], cfg["lr"], cfg["iters"], cfg["momentum"],
+            cfg["weight_decay"], cfg["power"], cfg["scale"]) == \
+        (513, 16, 0.007, 30000, 0.9, 1e-4, 0.9, (0.5, 2.0))
+    assert train.parse_args(["--dataset", "coco"])["iters"] == 200000
+    cfg = train.parse_args(["--dataset", "voc_aug", "--lr", "0.01", "--context", "module_a",
+                            "--pool-k", "9"])
+    assert (cfg["lr"], cfg["context"], cfg["pool_k"]) == (0.01, "module_a", 9)
+
+
+def test_compiled_model_matches_eager():
+    torch.manual_seed(0)
+    model = DeepLabV3(3, depth=18, base_channels=4, context_channels=8).eval()
+    x = torch.randn(1, 3, 37, 29)
+    compiled = torch.compile(model, backend="aot_eager")
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x))
+
+
+# ============================================================================= eval.py
+
+maps = st.integers(2, 6).flatmap(lambda c: st.tuples(
+    st.just(c), st.lists(st.integers(0, c - 1), min_size=30, max_size=30),
+    st.lists(st.sampled_from(list(range(c)) + [255]), min_size=30, max_size=30)))
+
+
+@given(maps)
+def test_confusion_metrics_agree_with_a_brute_force_loop(m):
+    c, pred, gt = m
+    pred, gt = torch.tensor(pred), torch.tensor(gt)
+    res = evaluation.miou_from_confusion(
+        evaluation.confusion_update(torch.zeros(c, c, dtype=torch.int64), pred, gt))
+    ious = []
+    for k in range(c):
+        valid = gt != 255
+        tp = ((pred == k) & (gt == k) & valid).sum().item()
+        fp = ((pred == k) & (gt != k) & valid).sum().item()
+        fn = ((pred != k) & (gt == k)).sum().item()
+        if tp + fp + fn == 0:
+            assert math.isnan(res["iou"][k])  # absent from both: no IoU
+        else:
+            ious.append(tp / (tp + fp + fn))
+            assert res["iou"][k] == pytest.approx(ious[-1])
+    if ious:
+        assert res["miou"] == pytest.approx(np.mean(ious)) and not math.isnan(res["miou"])
+
+
+@given(maps, st.randoms(use_true_random=False))
+def test_confusion_invariances(m, rnd):
+    c, pred, gt = m
+    pred, gt = torch.tensor(pred), torch.tensor(gt)
+    conf = evaluation.confusion_update(torch.zeros(c, c, dtype=torch.int64), pred, gt)
+    res = evaluation.miou_from_confusion(conf)
+    # perfect prediction
+    valid = gt != 255
+    if valid.any():
+        perfect = evaluation.miou_from_confusion(evaluation.confusion_update(
+            torch.zeros(c, c, dtype=torch.int64), gt.clamp(max=c - 1), gt))
+        assert perfect["miou"] == 1.0 and perfect["pixel_acc"] == 1.0
+    # pixels labelled 255 never matter, whatever is predicted there
+    other = pred.clone()
+    other[~valid] = (other[~valid] + 1) % c
+    assert torch.equal(evaluation.confusion_update(torch.zeros(c, c, dtype=torch.int64),
+                                                   other, gt), conf)
+    # image by image == one matrix over the concatenation
+    k = rnd.randint(0, 30)
+    acc = torch.zeros(c, c, dtype=torch.int64)
+    evaluation.confusion_update(acc, pred[:k], gt[:k])
+    evaluation.confusion_update(acc, pred[k:], gt[k:])
+    assert torch.equal(acc, conf)
+    # a permutation of class names changes nothing
+    perm = list(range(c))
+    rnd.shuffle(perm)
+    perm_t = torch.tensor(perm + [0] * (256 - c))
+    perm_t[255] = 255
+    res2 = evaluation.miou_from_confusion(evaluation.confusion_update(
+        torch.zeros(c, c, dtype=torch.int64), perm_t[pred], perm_t[gt]))
+    assert (math.isnan(res["miou"]) and math.isnan(res2["miou"])) or \
+        res2["miou"] == pytest.approx(res["miou"])
+
+
+def test_absent_class_is_left_out_of_the_mean():
+    conf = torch.tensor([[5, 0, 0], [0, 0, 0], [1, 0, 3]])
+    res = evaluation.miou_from_confusion(conf)
+    assert math.isnan(res["iou"][1]) and res["miou"] == pytest.approx((5 / 6 + 3 / 4) / 2)
+    assert "—" in evaluation.format_table(res, ("a", "b", "c"))
+
+
+@given(h=st.integers(9, 41), w=st.integers(9, 41))
+def test_predict_sizes_and_single_scale_equals_plain_inference(h, w):
+    torch.manual_seed(0)
+    model = DeepLabV3(4, depth=18, base_channels=4, context_channels=8).eval()
+    x = torch.randn(3, h, w)
+    pred = evaluation.predict(model, x)
+    assert pred.shape == (h, w)
+    with torch.no_grad():
+        assert torch.equal(pred, model(x[None]).argmax(1)[0])
+    assert evaluation.predict(model, x, scales=(0.5, 1.25), flip=True).shape == (h, w)
+
+
+def test_flip_averaging_of_a_flip_equivariant_model_changes_nothing():
+    model = torch.nn.Conv2d(3, 4, 1)  # per-pixel: flipping the input flips the output
+    x = torch.randn(3, 17, 23)
+    torch.testing.assert_close(evaluation.predict_probs(model, x, (1.0, 0.5), flip=True),
+                               evaluation.predict_probs(model, x, (1.0, 0.5), flip=False))
+
+
+def _eval_worker(rank, world, init_file, out_dir):
+    _init(rank, world, init_file)
+    ds = data.SyntheticContext(5, 40, seed=1)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 5, 3, padding=1))
+    res = evaluation.evaluate(model, ds, log=lambda *a: None)
+    torch.save(torch.tensor(res["confusion"]), os.path.join(out_dir, f"conf{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_distributed_evaluation_counts_every_image_once(tmp_path):
+    _spawn(_eval_worker, 2, str(tmp_path))  # 5 images on 2 ranks: 3 + 2
+    ds = data.SyntheticContext(5, 40, seed=1)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 5, 3, padding=1))
+    res = evaluation.evaluate(model, ds, log=lambda *a: None)
+    for r in range(2):
+        assert torch.equal(torch.load(tmp_path / f"conf{r}.pt"), torch.tensor(res["confusion"]))
+    assert np.sum(res["confusion"]) == 5 * 40 * 40

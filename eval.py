@@ -1,0 +1,262 @@
+"""Evaluation: full-image mean IoU from a confusion matrix, multi-scale + flip inference,
+per-class tables, pictures, single-image prediction.
+
+Paper 4.1: ablations are evaluated single-scale, no flipping. Paper 4.2: scales 0.5, 0.75, 1.0,
+1.25, 1.5, 1.75 with left-right flipping (DeepLab v3's protocol), 21 classes, VOC 2012 val.
+
+  python eval.py --checkpoint runs/synthetic-vortex/checkpoint.pt            # its own val set
+  python eval.py --checkpoint ck.pt --dataset voc --data-root VOC2012 --ms --flip --save-dir out
+  python eval.py --checkpoint ck.pt --image photo.jpg --out pred.png
+"""
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from PIL import Image
+
+import data
+from vortex import DeepLabV3
+
+PAPER_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
+
+
+# ---------------------------------------------------------------------------------------------
+# The metric. confusion[t, p] counts pixels of true class t predicted as p, over all pixels of
+# all images (not a mean of per-image scores). IoU_c = TP / (TP + FP + FN).
+# ---------------------------------------------------------------------------------------------
+
+def confusion_update(confusion, pred, target, ignore=data.IGNORE):
+    """Add one prediction/target pair (any shape, same shape) to a (C, C) int64 matrix."""
+    c = confusion.shape[0]
+    pred, target = pred.reshape(-1).to(torch.int64), target.reshape(-1).to(torch.int64)
+    keep = target != ignore
+    if ((target[keep] < 0) | (target[keep] >= c)).any():
+        bad = target[keep][(target[keep] < 0) | (target[keep] >= c)].unique().tolist()
+        raise ValueError(f"target holds classes {bad} outside 0..{c - 1} and {ignore}")
+    idx = target[keep] * c + pred[keep].to(target.device)
+    confusion += torch.bincount(idx, minlength=c * c).reshape(c, c).to(confusion.device)
+    return confusion
+
+
+def miou_from_confusion(confusion):
+    """Per-class IoU (NaN for a class absent from both prediction and ground truth: it has no
+    IoU, and is left out of the mean, never counted as 0 or 1), mIoU, pixel accuracy and mean
+    class accuracy (over classes present in the ground truth)."""
+    conf = confusion.double()
+    tp = conf.diag()
+    gt, pr = conf.sum(1), conf.sum(0)
+    union = gt + pr - tp
+    iou = torch.where(union > 0, tp / union.clamp(min=1), torch.full_like(tp, math.nan))
+    acc = torch.where(gt > 0, tp / gt.clamp(min=1), torch.full_like(tp, math.nan))
+    present = ~iou.isnan()
+    total = conf.sum()
+    return {"miou": iou[present].mean().item() if present.any() else math.nan,
+            "iou": iou.tolist(),
+            "pixel_acc": (tp.sum() / total).item() if total > 0 else math.nan,
+            "mean_acc": acc[~acc.isnan()].mean().item() if (~acc.isnan()).any() else math.nan,
+            "confusion": confusion.tolist()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Inference at the image's own size, any size; optionally multi-scale and flipped.
+# ---------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def predict_probs(model, image, scales=(1.0,), flip=False):
+    """Class probabilities (C, H, W) of a normalised image (3, H, W): softmax of every scale
+    (and of its mirror image, run in the same batch) resized to H x W and averaged."""
+    x = image.unsqueeze(0) if image.dim() == 3 else image
+    h, w = x.shape[-2:]
+    total = None
+    for s in scales:
+        xs = x if s == 1.0 else F.interpolate(x, size=(max(1, round(h * s)), max(1, round(w * s))),
+                                              mode="bilinear", align_corners=False)
+        batch = torch.cat([xs, xs.flip(-1)]) if flip else xs
+        probs = model(batch).float().softmax(1)
+        if flip:
+            probs = probs[:1] + probs[1:].flip(-1)
+        if probs.shape[-2:] != (h, w):
+            probs = F.interpolate(probs, size=(h, w), mode="bilinear", align_corners=False)
+        total = probs if total is None else total + probs
+    return (total / (len(scales) * (2 if flip else 1)))[0]
+
+
+def predict(model, image, scales=(1.0,), flip=False):
+    """Per-pixel class indices (H, W) of a normalised image (3, H, W)."""
+    return predict_probs(model, image, scales, flip).argmax(0)
+
+
+def _shard(n):
+    """This rank's image indices: rank, rank + world, ... Every image is seen exactly once
+    (a DistributedSampler would pad with repeats, which would be counted twice)."""
+    if dist.is_available() and dist.is_initialized():
+        return range(dist.get_rank(), n, dist.get_world_size())
+    return range(n)
+
+
+def evaluate(model, dataset, scales=(1.0,), flip=False, device=None, num_classes=None,
+             save_dir=None, log=print, palette=None):
+    """Full-image evaluation; returns miou_from_confusion's dict. In a distributed run each
+    rank takes every world_size-th image and the matrices are summed with all_reduce."""
+    device = device or next(model.parameters()).device
+    num_classes = num_classes or len(dataset.classes)
+    palette = palette if palette is not None else dataset.palette
+    was_training = model.training
+    model.eval()
+    confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
+    indices = _shard(len(dataset))
+    t0 = time.time()
+    for n, i in enumerate(indices, 1):
+        image, label = dataset[i]
+        pred = predict(model, image.to(device), scales, flip)
+        confusion_update(confusion, pred, label.to(device))
+        if save_dir:
+            name = getattr(dataset, "ids", None)
+            name = name[i] if name else f"{i:05d}"
+            save_prediction(os.path.join(save_dir, name), image, pred.cpu(), palette, label)
+        data.progress("eval", n, len(indices), t0, log)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(confusion)
+    model.train(was_training)
+    return miou_from_confusion(confusion.cpu())
+
+
+# ---------------------------------------------------------------------------------------------
+# Output for people: table, pictures.
+# ---------------------------------------------------------------------------------------------
+
+def format_table(result, classes, highlight=()):
+    lines = [f"{'class':14} {'IoU':>7}"]
+    for c, (name, v) in enumerate(zip(classes, result["iou"])):
+        mark = "  (context-dependent)" if c in highlight else ""
+        lines.append(f"{name:14} {'—' if math.isnan(v) else f'{100 * v:6.2f}':>7}{mark}")
+    lines.append(f"{'mIoU':14} {100 * result['miou']:7.2f}")
+    lines.append(f"pixel accuracy {100 * result['pixel_acc']:.2f}   "
+                 f"mean class accuracy {100 * result['mean_acc']:.2f}")
+    return "\n".join(lines)
+
+
+def denormalize(image):
+    """Normalised (3, H, W) tensor -> uint8 (H, W, 3)."""
+    img = image.permute(1, 2, 0).numpy() * data.STD + data.MEAN
+    return (np.clip(img, 0, 1) * 255).round().astype(np.uint8)
+
+
+def panel(image, pred, palette, label=None):
+    """image | ground truth | prediction, side by side, 4 px white gaps."""
+    parts = [denormalize(image)]
+    if label is not None:
+        parts.append(data.colorize(label.numpy(), palette))
+    parts.append(data.colorize(pred.numpy(), palette))
+    gap = np.full((parts[0].shape[0], 4, 3), 255, np.uint8)
+    out = [parts[0]]
+    for p in parts[1:]:
+        out += [gap, p]
+    return np.concatenate(out, 1)
+
+
+def save_prediction(stem, image, pred, palette, label=None):
+    """stem.png: the prediction as a palette PNG (values = class indices); stem_panel.png."""
+    data.save_mask(stem + ".png", pred.numpy().astype(np.uint8), palette)
+    pic = panel(image, pred, palette, label)
+    data.atomic_save(stem + "_panel.png", lambda f: Image.fromarray(pic).save(f, format="PNG"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints (written by train.py).
+# ---------------------------------------------------------------------------------------------
+
+def load_checkpoint(path):
+    """A train.py checkpoint (dict of tensors and plain values), read with weights_only=True."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"cannot read checkpoint {path}: it is truncated, corrupt or not a "
+                         f"weights-only torch file ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    if not isinstance(ck, dict) or "model" not in ck or "config" not in ck:
+        raise ValueError(f"{path} is not a train.py checkpoint (no 'model' and 'config' entries)")
+    return ck
+
+
+def model_from_checkpoint(ck, path="checkpoint", **expected):
+    """Build the checkpoint's model; a flag that contradicts its architecture is an error."""
+    cfg = dict(ck["config"])
+    wrong = [f"{k}: checkpoint has {cfg.get(k)!r}, flags say {v!r}" for k, v in expected.items()
+             if v is not None and k in cfg and cfg[k] != v]
+    if wrong:
+        raise ValueError(f"{path} does not match the requested architecture: " + "; ".join(wrong))
+    cfg["multi_grid"] = tuple(cfg["multi_grid"])
+    model = DeepLabV3(**cfg)
+    model.load_state_dict(ck["model"])
+    return model
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Evaluate a train.py checkpoint: full-image mIoU "
+                                            "(paper 4.1/4.2), or predict one image.")
+    p.add_argument("--checkpoint", required=True, help="a checkpoint written by train.py")
+    p.add_argument("--dataset", choices=["synthetic", "voc", "voc_aug", "coco"], default=None,
+                   help="dataset to evaluate on (default: the one the checkpoint was trained on)")
+    p.add_argument("--data-root", default=None, help="VOC2012 folder (voc, voc_aug) or the "
+                                                     "prepare-coco output folder (coco)")
+    p.add_argument("--split", default=None, help="list to evaluate (default: val)")
+    p.add_argument("--scales", type=float, nargs="+", default=[1.0],
+                   help="inference scales (paper 4.1 ablations: 1.0)")
+    p.add_argument("--ms", action="store_true",
+                   help=f"the paper's 4.2 scales {PAPER_SCALES} (overrides --scales)")
+    p.add_argument("--flip", action="store_true", help="also average the mirrored image")
+    p.add_argument("--context", default=None, help="expected context module (checked)")
+    p.add_argument("--depth", type=int, default=None, help="expected ResNet depth (checked)")
+    p.add_argument("--save-dir", default=None,
+                   help="write palette prediction PNGs and image|truth|prediction panels here")
+    p.add_argument("--json", default=None, help="write all numbers here (default: beside the "
+                                                "checkpoint, eval_<dataset>_<split>.json)")
+    p.add_argument("--image", default=None, help="predict this one image instead")
+    p.add_argument("--out", default=None, help="with --image: the prediction PNG to write")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args(argv)
+    scales = PAPER_SCALES if args.ms else tuple(args.scales)
+    ck = load_checkpoint(args.checkpoint)
+    model = model_from_checkpoint(ck, args.checkpoint, context=args.context,
+                                  depth=args.depth).to(args.device).eval()
+    classes, palette = ck.get("classes") or data.VOC_CLASSES, np.asarray(ck.get("palette",
+                                                                              data.VOC_PALETTE))
+    if args.image:
+        out = args.out or os.path.splitext(args.image)[0] + "_pred.png"
+        if os.path.exists(out):
+            sys.exit(f"{out} exists; choose another --out")
+        image = data.normalize(data.read_image(args.image)).to(args.device)
+        pred = predict(model, image, scales, args.flip).cpu()
+        save_prediction(os.path.splitext(out)[0], image.cpu(), pred, palette)
+        found = [classes[c] for c in pred.unique().tolist()]
+        print(f"wrote {out} (class indices, palette PNG) and {os.path.splitext(out)[0]}"
+              f"_panel.png; classes found: {', '.join(found)}")
+        return
+    name = args.dataset or ck.get("dataset", "synthetic")
+    ds = data.get_dataset(name, args.split or "val", args.data_root, train=False,
+                          **ck.get("data_args", {}))
+    result = evaluate(model, ds, scales, args.flip, args.device, len(classes),
+                      save_dir=args.save_dir, palette=palette)
+    print(f"{name} {args.split or 'val'} ({len(ds)} images), scales {scales}, "
+          f"flip {args.flip}:")
+    print(format_table(result, classes, getattr(ds, "context_classes", ())))
+    out = args.json or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)),
+                                    f"eval_{name}_{args.split or 'val'}.json")
+    result.update(dataset=name, split=args.split or "val", scales=list(scales), flip=args.flip,
+                  classes=list(classes), checkpoint=args.checkpoint)
+    data.atomic_save(out, lambda f: f.write(json.dumps(result, indent=1).encode()))
+    print("numbers written to", out)
+
+
+if __name__ == "__main__":
+    main()
