@@ -21,7 +21,6 @@ import os
 import sys
 import tempfile
 import time
-import zlib
 
 import numpy as np
 import torch
@@ -257,14 +256,12 @@ class VOCSegmentation(torch.utils.data.Dataset):
 
 # ---------------------------------------------------------------------------------------------
 # The built-in synthetic dataset: the paper's Figure 1 (a bike seen up close looks like a fish)
-# made into data. Two classes, "bike" and "fish", share one body: same shapes, same textures,
-# same colours. Only what lies at a distance tells them apart: a bike's body has two wheels
-# below it, a fish's body swims in a pool of water, and both cues are kept `gap` pixels away
-# from the body by a margin of plain background. Every image holds one bike AND one fish (plus
-# loose wheels and water patches far from any body), so "is there water somewhere in the image"
-# (which the image-level branch alone could answer) does not decide a body's class: a model must
-# look around each body, at a distance. The centre of a body is 20-40 pixels (3-5 feature pixels
-# at output stride 8) from the nearest cue.
+# made into data. Two classes, "bike" and "fish", share one body: same shape distribution, same
+# striped texture, same colours. Only what lies at a distance tells them apart: a bike's body has
+# two wheels below it, a fish's body swims in a ring of water, and both cues are kept a margin of
+# plain background away from the body. Each image holds one large body (its centre 30-50 px from
+# the nearest cue) plus a loose wheel and a water patch in the bottom corners, so "is there water
+# somewhere in the image" does not decide the class: the model must look around the body.
 # ---------------------------------------------------------------------------------------------
 
 SYNTHETIC_CLASSES = ("background", "water", "wheel", "bike", "fish")
@@ -314,32 +311,30 @@ def render_synthetic(seed, index, size=128):
         lab[m] = cls
         return m
 
-    # loose distractors first (they may be partly covered later)
-    for _ in range(int(rng.integers(0, 2))):
-        wheel(rng.uniform(0, h), rng.uniform(0, w), rng.uniform(5, 8))
-    if rng.random() < 0.5:
-        cy, cx = rng.uniform(0, h), rng.uniform(0, w)
-        water(((yy - cy) / rng.uniform(8, 16)) ** 2 + ((xx - cx) / rng.uniform(8, 16)) ** 2 <= 1)
-    # one bike and one fish, in the two halves (left/right at random)
-    halves = [(0, w / 2), (w / 2, w)]
-    if rng.random() < 0.5:
-        halves.reverse()
-    for cls, (x0, x1) in zip((3, 4), halves):
-        ry, rx = rng.uniform(0.09, 0.14) * h, rng.uniform(0.12, 0.18) * w
-        gap = rng.uniform(0.05, 0.09) * h
-        cx = rng.uniform(x0 + rx * 0.9, x1 - rx * 0.9)
-        cy = rng.uniform(0.25 * h, 0.55 * h)
-        if cls == 4:  # the pool of water around the fish, a gap of background in between
-            py, px = ry + gap + rng.uniform(0.06, 0.1) * h, rx + gap + rng.uniform(0.04, 0.08) * w
-            pool = ((yy - cy) / py) ** 2 + ((xx - cx) / px) ** 2 <= 1
-            ring = ((yy - cy) / (ry + gap)) ** 2 + ((xx - cx) / (rx + gap)) ** 2 <= 1
-            water(pool & ~ring)
-            body(cy, cx, ry, rx, 4)
-        else:  # two wheels below the bike's body, a gap below it
-            r = rng.uniform(0.05, 0.07) * h
-            for side in (-1, 1):
-                wheel(cy + ry + gap + r, cx + side * rx * 0.6, r)
-            body(cy, cx, ry, rx, 3)
+    # One body, large, so that its centre is far (30-50 px) from any cue; its class (bike or
+    # fish, 50/50) is told only by what lies around it, beyond a margin of plain background.
+    cls = 3 if rng.random() < 0.5 else 4
+    ry, rx = rng.uniform(0.2, 0.26) * h, rng.uniform(0.24, 0.32) * w
+    gap = rng.uniform(0.08, 0.11) * h
+    cy, cx = rng.uniform(0.34, 0.4) * h, rng.uniform(0.45, 0.55) * w
+    # distractors of BOTH kinds, away from the body, so "is there water in the image" does not
+    # decide the class: one small water patch and one loose wheel in the bottom corners
+    left = rng.random() < 0.5
+    wx, px = (0.12 * w, 0.88 * w) if left else (0.88 * w, 0.12 * w)
+    wheel(0.88 * h, wx, rng.uniform(0.05, 0.06) * h)
+    py0 = 0.88 * h
+    water(((yy - py0) / rng.uniform(0.06, 0.09) / h) ** 2 +
+          ((xx - px) / rng.uniform(0.06, 0.09) / w) ** 2 <= 1)
+    if cls == 4:  # the pool of water around the fish, a gap of background in between
+        py, ppx = ry + gap + rng.uniform(0.05, 0.08) * h, rx + gap + rng.uniform(0.05, 0.08) * w
+        pool = ((yy - cy) / py) ** 2 + ((xx - cx) / ppx) ** 2 <= 1
+        ring = ((yy - cy) / (ry + gap)) ** 2 + ((xx - cx) / (rx + gap)) ** 2 <= 1
+        water(pool & ~ring)
+    else:  # two wheels below the bike's body, a gap below it
+        r = rng.uniform(0.06, 0.08) * h
+        for side in (-1, 1):
+            wheel(cy + ry + gap + r, cx + side * rx * 0.6, r)
+    body(cy, cx, ry, rx, cls)
     return np.clip(img, 0, 255).astype(np.uint8), lab
 
 

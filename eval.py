@@ -201,10 +201,35 @@ def model_from_checkpoint(ck, path="checkpoint", **expected):
     return model
 
 
+def bench(reps=2):
+    """Seconds per 500x375 image, ResNet-101 OS 8 (untrained weights: the cost does not depend on
+    them), single scale vs the paper's 6 scales + flip, against the theoretical cost ratio
+    2 * sum(s^2) = 17.4 (pixels processed; the model's cost is nearly linear in pixels)."""
+    torch.manual_seed(0)
+    model = DeepLabV3(21, 101, "vortex").eval()
+    image = torch.randn(3, 375, 500)
+    single = min(_timed(lambda: predict(model, image)) for _ in range(reps))
+    multi = min(_timed(lambda: predict(model, image, PAPER_SCALES, True)) for _ in range(reps))
+    theory = 2 * sum(s * s for s in PAPER_SCALES)
+    print(f"ResNet-101 OS 8 + Vortex, 500x375 image, CPU {torch.get_num_threads()} threads, "
+          f"best of {reps}:")
+    print(f"  single scale {single:.2f} s/image; 6 scales + flip {multi:.2f} s/image; "
+          f"ratio {multi / single:.1f} (theory {theory:.1f})")
+
+
+def _timed(fn):
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="Evaluate a train.py checkpoint: full-image mIoU "
                                             "(paper 4.1/4.2), or predict one image.")
-    p.add_argument("--checkpoint", required=True, help="a checkpoint written by train.py")
+    p.add_argument("--checkpoint", help="a checkpoint written by train.py")
+    p.add_argument("--bench", action="store_true",
+                   help="time single-scale vs 6-scale + flip inference of ResNet-101 on a "
+                        "500x375 image (needs no checkpoint)")
     p.add_argument("--dataset", choices=["synthetic", "voc", "voc_aug", "coco"], default=None,
                    help="dataset to evaluate on (default: the one the checkpoint was trained on)")
     p.add_argument("--data-root", default=None, help="VOC2012 folder (voc, voc_aug) or the "
@@ -225,6 +250,10 @@ def main(argv=None):
     p.add_argument("--out", default=None, help="with --image: the prediction PNG to write")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
+    if args.bench:
+        return bench()
+    if not args.checkpoint:
+        p.error("--checkpoint is required (unless --bench)")
     scales = PAPER_SCALES if args.ms else tuple(args.scales)
     ck = load_checkpoint(args.checkpoint)
     model = model_from_checkpoint(ck, args.checkpoint, context=args.context,

@@ -12,7 +12,6 @@ atomic checkpoints that resume exactly, SIGINT/SIGTERM save and stop.
 """
 import argparse
 import json
-import math
 import os
 import signal
 import sys
@@ -263,6 +262,8 @@ def parse_args(argv=None):
     a("--compile", action="store_true", help="torch.compile the model (off by default)")
     a("--no-eval", action="store_true", help="skip the evaluation at the end")
     a("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    a("--bench", action="store_true", help="instead of training: time training steps of "
+      "ResNet-101 OS 8 at crop 321, batch 2, NCHW vs channels-last (CPU)")
     a("--stop-after", type=int, default=None,
       help="testing aid: behave as if SIGTERM arrived after N iterations of this run")
     args = p.parse_args(argv)
@@ -366,7 +367,7 @@ def train(cfg):
                 f"OS {cfg['output_stride']}, context {cfg['context']}, {world} rank(s) x "
                 f"{per_rank} images, {cfg['iters']} iterations, device {device}; "
                 f"out: {out}")
-    t0, seen0, it0 = time.time(), 0, it
+    t0, it0 = time.time(), it
     window = []
     run_steps = 0
     try:
@@ -495,8 +496,39 @@ def prediction_picture(model, dataset, device, path, n=4):
     return path
 
 
+def bench(steps=3, crop=321, batch=2):
+    """Training images/s of one process on this machine: ResNet-101 OS 8 + Vortex, crop 321,
+    batch 2, SGD steps, NCHW vs channels-last measured side by side (alternating)."""
+    torch.manual_seed(0)
+    model = DeepLabV3(21, 101, "vortex")
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    x = torch.randn(batch, 3, crop, crop)
+    t = torch.randint(0, 21, (batch, crop, crop))
+
+    def step(cl):
+        model.to(memory_format=torch.channels_last if cl else torch.contiguous_format)
+        xi = x.contiguous(memory_format=torch.channels_last) if cl else x
+        start = time.perf_counter()
+        loss_fn(model(xi), t).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return time.perf_counter() - start
+    step(False), step(True)  # warm-up
+    best = {False: float("inf"), True: float("inf")}
+    for _ in range(steps):
+        for cl in (False, True):
+            best[cl] = min(best[cl], step(cl))
+    print(f"training step, ResNet-101 OS 8 + Vortex, crop {crop}, batch {batch}, CPU "
+          f"{torch.get_num_threads()} threads, best of {steps}:")
+    for cl, name in ((False, "NCHW"), (True, "channels-last")):
+        print(f"  {name:14} {best[cl]:.2f} s/step  {batch / best[cl]:.2f} img/s")
+    print(f"  channels-last speed-up {best[False] / best[True]:.2f}x")
+
+
 def main(argv=None):
     cfg = parse_args(argv)
+    if cfg["bench"]:
+        return bench()
     try:
         return train(cfg)
     except FloatingPointError as e:

@@ -5,7 +5,7 @@ This file holds the whole model, top to bottom:
 
   1. ResNet backbone with output stride 8/16/32 and multi-grid      (paper 3.1 and 4.1 "Multi-grid")
   2. box_average: exact k x k average pooling, fast                  (the pooling of 3.3 and 3.4)
-  3. ContextModule: ASPP, ASPP+, Module A, Module B (Vortex), none    (3.1, Table 1, 3.3, 3.4, Fig. 2-4)
+  3. ContextModule: ASPP, ASPP+, Module A, Module B (Vortex), none    (3.1-3.4, Table 1, Fig. 2-4)
   4. DeepLabV3: backbone + context module + 1x1 classifier           (3.1, Fig. 4)
   5. Utilization ratio, analytic (Eq. 1) and measured with autograd  (3.2)
   6. Loading ImageNet / torchvision DeepLabV3 checkpoints from local files
@@ -63,7 +63,7 @@ class BasicBlock(nn.Module):
 
 
 class Bottleneck(nn.Module):
-    """1x1 reduce, 3x3 (stride and dilation here, as torchvision), 1x1 expand (ResNet-50/101/152)."""
+    """1x1 reduce, 3x3 (stride and dilation here, as torchvision), 1x1 expand (ResNet-50+)."""
     expansion = 4
 
     def __init__(self, cin, planes, stride=1, dilation=1, downsample=None):
@@ -107,7 +107,8 @@ class ResNet(nn.Module):
     `rate * multi_grid[i]`, so the default (1, 2, 4) gives layer4 dilations (4, 8, 16) at OS 8 and
     (2, 4, 8) at OS 16 (ResNet-18 has two layer4 blocks and uses the first two). Every block
     of a dilated stage uses its rate, the first one included (DeepLab v3's choice;
-    torchvision's `replace_stride_with_dilation` gives the first block the previous rate). `block_dilations` records each block's rate.
+    torchvision's `replace_stride_with_dilation` gives the first block the previous rate).
+    `block_dilations` records each block's rate.
 
     `base_channels` (64 in every standard ResNet) scales all widths; tests use small values.
     """
@@ -363,7 +364,7 @@ def box_average(x, k, count_include_pad=False):
 
 # ---------------------------------------------------------------------------------------------
 # 3. The context modules of Table 1: one class. Each branch i is
-#        k_i x k_i average pooling  ->  kernel_i x kernel_i conv (dilation d_i, 256 ch) -> BN -> ReLU
+#        k_i x k_i average pooling -> kernel_i x kernel_i conv (dilation d_i, 256 ch) -> BN -> ReLU
 #    and the modules differ only in (k_i, kernel_i, d_i):
 #
 #        module             pooling k_i       conv kernels     dilations d_i (OS 8)     paper
@@ -638,7 +639,8 @@ def _check_and_load(target, tensors, path, what):
               for k in sorted(set(own) & set(tensors)) if tensors[k].shape != own[k].shape]
     if missing or unexpected or shapes:
         def show(items):
-            return ", ".join(items[:8]) + (f" ... (+{len(items) - 8} more)" if len(items) > 8 else "")
+            more = f" ... (+{len(items) - 8} more)" if len(items) > 8 else ""
+            return ", ".join(items[:8]) + more
         lines = [f"{path} does not fit the {what}:"]
         if missing:
             lines.append(f"  missing from the file ({len(missing)}): {show(missing)}")
@@ -646,8 +648,9 @@ def _check_and_load(target, tensors, path, what):
             lines.append(f"  not in the model ({len(unexpected)}): {show(unexpected)}")
         if shapes:
             lines.append(f"  shape mismatches ({len(shapes)}): {show(shapes)}")
-        lines.append("  (expected a torchvision ResNet of the same depth, e.g. resnet101-63fe2227.pth"
-                     " for depth 101, or a torchvision deeplabv3_resnet*_coco checkpoint)")
+        lines.append("  (expected a torchvision ResNet of the same depth, e.g. "
+                     "resnet101-63fe2227.pth for depth 101, or a torchvision "
+                     "deeplabv3_resnet*_coco checkpoint)")
         raise ValueError("\n".join(lines))
     target.load_state_dict(tensors, strict=True)
 
