@@ -740,17 +740,26 @@ def _init(rank, world, init_file):
                             world_size=world)
 
 
-def _syncbn_worker(rank, world, init_file, sizes, out_dir):
-    _init(rank, world, init_file)
+SYNCBN_CASES = (("normal", 0.0, torch.float64), ("large_mean", 1e4, torch.float32),
+                ("float32", 0.0, torch.float32))
+
+
+def _syncbn_cases(n):
+    """(name, input, loss weights, BatchNorm2d) for each case, the same in every process."""
     torch.manual_seed(0)
-    results = {}
-    for name, offset, dtype in (("normal", 0.0, torch.float64), ("large_mean", 1e4, torch.float32),
-                                ("float32", 0.0, torch.float32)):
-        x = (torch.randn(sum(sizes), 5, 6, 7, dtype=torch.float64) * 3 + offset).to(dtype)
+    for name, offset, dtype in SYNCBN_CASES:
+        x = (torch.randn(n, 5, 6, 7, dtype=torch.float64) * 3 + offset).to(dtype)
         w = torch.randn_like(x)
         bn = torch.nn.BatchNorm2d(5).to(dtype)
         bn.weight.data.uniform_(0.5, 1.5)
         bn.bias.data.uniform_(-1, 1)
+        yield name, x, w, bn
+
+
+def _syncbn_worker(rank, world, init_file, sizes, out_dir):
+    _init(rank, world, init_file)
+    results = {}
+    for name, x, w, bn in _syncbn_cases(sum(sizes)):
         sync = train.convert_sync_batchnorm(torch.nn.Sequential(bn))
         lo = sum(sizes[:rank])
         xr = x[lo:lo + sizes[rank]].clone().requires_grad_()
@@ -779,14 +788,8 @@ def _syncbn_worker(rank, world, init_file, sizes, out_dir):
 def test_syncbn_and_ddp_equal_one_process_on_the_whole_batch(sizes, tmp_path):
     _spawn(_syncbn_worker, 2, sizes, str(tmp_path))
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
-    torch.manual_seed(0)
-    for name, offset, dtype in (("normal", 0.0, torch.float64), ("large_mean", 1e4, torch.float32),
-                                ("float32", 0.0, torch.float32)):
-        x = (torch.randn(sum(sizes), 5, 6, 7, dtype=torch.float64) * 3 + offset).to(dtype)
-        w = torch.randn_like(x)
-        bn = torch.nn.BatchNorm2d(5).to(dtype)
-        bn.weight.data.uniform_(0.5, 1.5)
-        bn.bias.data.uniform_(-1, 1)
+    for name, x, w, bn in _syncbn_cases(sum(sizes)):
+        dtype = x.dtype
         if name == "large_mean":  # reference in float64: the float32 one-pass BN is the victim
             bn, x, w = bn.double(), x.double(), w.double()
         xr = x.clone().requires_grad_()
