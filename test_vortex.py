@@ -887,18 +887,24 @@ def test_truncated_checkpoint_gives_a_clear_error(tmp_path):
         train.main(TINY + ["--iters", "2", "--out-dir", str(out), "--resume"])
 
 
-def test_sigterm_saves_and_exits_cleanly(tmp_path):
+@pytest.mark.parametrize("sig,workers", [(signal.SIGTERM, "0"), (signal.SIGINT, "2")])
+def test_signal_saves_and_exits_cleanly(tmp_path, sig, workers):
+    """SIGTERM to the trainer; SIGINT to its whole process group (Ctrl-C in a terminal, which
+    reaches the loader workers too)."""
     out = str(tmp_path / "run")
-    proc = subprocess.Popen([sys.executable, "-u", os.path.join(HERE, "train.py")] + TINY +
+    args = list(TINY)
+    args[args.index("--workers") + 1] = workers
+    proc = subprocess.Popen([sys.executable, "-u", os.path.join(HERE, "train.py")] + args +
                             ["--iters", "100000", "--out-dir", out, "--no-eval"], cwd=HERE,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
     lines = []
     for line in proc.stdout:
         lines.append(line)
         if line.startswith("it 2/"):
-            proc.send_signal(signal.SIGTERM)
+            os.killpg(proc.pid, sig) if sig == signal.SIGINT else proc.send_signal(sig)
     assert proc.wait(timeout=60) == 0, "".join(lines)
-    assert any("SIGTERM: checkpoint saved at iteration" in line for line in lines), lines
+    assert any(f"{sig.name}: checkpoint saved at iteration" in line for line in lines), lines
     ck = evaluation.load_checkpoint(os.path.join(out, "checkpoint.pt"))
     assert 2 <= ck["iteration"] < 100000
 
