@@ -257,11 +257,12 @@ class VOCSegmentation(torch.utils.data.Dataset):
 # ---------------------------------------------------------------------------------------------
 # The built-in synthetic dataset: the paper's Figure 1 (a bike seen up close looks like a fish)
 # made into data. Two classes, "bike" and "fish", share one body: same shape distribution, same
-# striped texture, same colours. Only what lies at a distance tells them apart: a bike's body has
-# two wheels below it, a fish's body swims in a ring of water, and both cues are kept a margin of
-# plain background away from the body. Each image holds one large body (its centre 30-50 px from
-# the nearest cue) plus a loose wheel and a water patch in the bottom corners, so "is there water
-# somewhere in the image" does not decide the class: the model must look around the body.
+# striped texture, same colours. Only the surroundings tell them apart: a bike stands among
+# wheels, a fish among drops of water; the cues are small, scattered, mixed (75% / 25%) and kept
+# a margin away from the body, so no single nearby pixel decides: the evidence has to be
+# gathered over a large area, which is what context modules do (paper 3.2: use many descriptors).
+# (An earlier design, wheels below the body or a ring of water around it, 30-50 px away, was
+# solved as well without a context module: ResNet-18 at OS 8 sees that far by itself.)
 # ---------------------------------------------------------------------------------------------
 
 SYNTHETIC_CLASSES = ("background", "water", "wheel", "bike", "fish")
@@ -288,18 +289,25 @@ def render_synthetic(seed, index, size=128):
     img = base + _smooth_noise(rng, h, w, 6, 18)[..., None] + rng.normal(0, 6, (h, w, 3))
     lab = np.zeros((h, w), np.uint8)
 
-    def water(mask):
-        waves = 12 * np.sin(xx / rng.uniform(3, 6) + rng.uniform(0, 6)) * np.sin(yy / 4.0)
-        colour = np.array([30, 90, 190]) + rng.uniform(-15, 15, 3)
-        img[mask] = (colour + waves[..., None] + rng.normal(0, 6, (h, w, 3)))[mask]
-        lab[mask] = 1
+    def disc(cy, cx, r):
+        """Window around a disc, and each window pixel's distance to its centre."""
+        sy = slice(max(0, int(cy - r)), max(0, min(h, int(cy + r) + 2)))
+        sx = slice(max(0, int(cx - r)), max(0, min(w, int(cx + r) + 2)))
+        return sy, sx, np.hypot(yy[sy, sx] - cy, xx[sy, sx] - cx)
 
-    def wheel(cy, cx, r):
-        d = np.hypot(yy - cy, xx - cx)
-        ring = (d <= r) & (d >= r * 0.55)
-        hub = d <= r * 0.2
-        img[ring | hub] = rng.uniform(20, 50)
-        lab[ring | hub] = 2
+    def drop(cy, cx, r):  # a drop of water: blue, rippled
+        sy, sx, d = disc(cy, cx, r)
+        m = d <= r
+        waves = 12 * np.sin(xx[sy, sx] / rng.uniform(1.5, 3)) * np.sin(yy[sy, sx] / 2.0)
+        colour = np.array([30, 90, 190]) + rng.uniform(-15, 15, 3)
+        img[sy, sx][m] = (colour + waves[..., None] + rng.normal(0, 6, d.shape + (3,)))[m]
+        lab[sy, sx][m] = 1
+
+    def wheel(cy, cx, r):  # a dark ring with a hub
+        sy, sx, d = disc(cy, cx, r)
+        m = ((d <= r) & (d >= r * 0.55)) | (d <= r * 0.2)
+        img[sy, sx][m] = rng.uniform(20, 50)
+        lab[sy, sx][m] = 2
 
     def body(cy, cx, ry, rx, cls):
         # identical recipe for both classes: striped ellipse, colour from one distribution
@@ -311,29 +319,22 @@ def render_synthetic(seed, index, size=128):
         lab[m] = cls
         return m
 
-    # One body, large, so that its centre is far (30-50 px) from any cue; its class (bike or
-    # fish, 50/50) is told only by what lies around it, beyond a margin of plain background.
+    # One body (bike or fish, 50/50) in the middle, and around it, beyond a margin of plain
+    # background, 40 scattered cues: small wheels and drops of water, 75% of them of the body's
+    # kind (wheels: a bike park; water: a pond). A single cue is weak evidence, and none touches
+    # the body: the class is read from the proportion over a large area.
     cls = 3 if rng.random() < 0.5 else 4
-    ry, rx = rng.uniform(0.2, 0.26) * h, rng.uniform(0.24, 0.32) * w
-    gap = rng.uniform(0.08, 0.11) * h
-    cy, cx = rng.uniform(0.34, 0.4) * h, rng.uniform(0.45, 0.55) * w
-    # distractors of BOTH kinds, away from the body, so "is there water in the image" does not
-    # decide the class: one small water patch and one loose wheel in the bottom corners
-    left = rng.random() < 0.5
-    wx, px = (0.12 * w, 0.88 * w) if left else (0.88 * w, 0.12 * w)
-    wheel(0.88 * h, wx, rng.uniform(0.05, 0.06) * h)
-    py0 = 0.88 * h
-    water(((yy - py0) / rng.uniform(0.06, 0.09) / h) ** 2 +
-          ((xx - px) / rng.uniform(0.06, 0.09) / w) ** 2 <= 1)
-    if cls == 4:  # the pool of water around the fish, a gap of background in between
-        py, ppx = ry + gap + rng.uniform(0.05, 0.08) * h, rx + gap + rng.uniform(0.05, 0.08) * w
-        pool = ((yy - cy) / py) ** 2 + ((xx - cx) / ppx) ** 2 <= 1
-        ring = ((yy - cy) / (ry + gap)) ** 2 + ((xx - cx) / (rx + gap)) ** 2 <= 1
-        water(pool & ~ring)
-    else:  # two wheels below the bike's body, a gap below it
-        r = rng.uniform(0.06, 0.08) * h
-        for side in (-1, 1):
-            wheel(cy + ry + gap + r, cx + side * rx * 0.6, r)
+    ry, rx = rng.uniform(0.16, 0.22) * h, rng.uniform(0.18, 0.26) * w
+    gap = rng.uniform(0.06, 0.09) * h
+    cy, cx = rng.uniform(0.4, 0.6) * h, rng.uniform(0.4, 0.6) * w
+    inner = ((yy - cy) / (ry + gap)) ** 2 + ((xx - cx) / (rx + gap)) ** 2 <= 1
+    p_wheel = 0.75 if cls == 3 else 0.25
+    for _ in range(40):
+        y, x = rng.uniform(0, h), rng.uniform(0, w)
+        if inner[int(min(y, h - 1)), int(min(x, w - 1))]:
+            continue
+        r = rng.uniform(3, 4.5)
+        (wheel if rng.random() < p_wheel else drop)(y, x, r)
     body(cy, cx, ry, rx, cls)
     return np.clip(img, 0, 255).astype(np.uint8), lab
 
