@@ -327,10 +327,10 @@ def train(cfg):
     model.to(device)
     if cfg["channels_last"]:
         model.to(memory_format=torch.channels_last)
-    # No weight decay on BN parameters and biases? DeepLab v3 decays all weights but BN's;
-    # we follow it: weight decay on conv weights only.
-    decay = [p for n, p in model.named_parameters() if p.dim() > 1]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() <= 1]
+    # DeepLab v3's code decays the convolution weights but not the batch-norm parameters; we
+    # follow it (and leave the classifier's bias undecayed too): decay on weights with dim > 1.
+    decay = [p for p in model.parameters() if p.dim() > 1]
+    no_decay = [p for p in model.parameters() if p.dim() <= 1]
     optimizer = torch.optim.SGD([{"params": decay, "weight_decay": cfg["weight_decay"]},
                                  {"params": no_decay, "weight_decay": 0.0}],
                                 lr=cfg["lr"], momentum=cfg["momentum"])
