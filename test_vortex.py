@@ -1061,3 +1061,13 @@ def test_distributed_evaluation_counts_every_image_once(tmp_path):
         conf = torch.load(tmp_path / f"conf{r}.pt", weights_only=True)
         assert torch.equal(conf, torch.tensor(res["confusion"]))
     assert np.sum(res["confusion"]) == 5 * 40 * 40
+
+
+def test_fig3_footprint_picture(tmp_path):
+    path = vortex.draw_footprints(str(tmp_path / "fig3.png"), size=65, cell=1)
+    pic = np.asarray(Image.open(path))
+    assert pic.shape == (14 + 65, 3 * 65 + 2 * 8)
+    assert (pic[14:, :65] < 245).sum() == 17 - 1  # ASPP: 17 positions fit, centre drawn white
+    assert (pic[14:, 2 * 73:] < 245).sum() == 65 * 65 - 1  # Vortex: every position
+    # on a 41x41 map Vortex's rate-27 taps fall off the map from the centre: r drops to 0.43
+    assert measured_utilization(small(ContextModule.vortex), 41, 41) < 0.5

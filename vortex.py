@@ -772,6 +772,42 @@ def bench(reps=5, model_reps=2):
           f"paper: 10.37 vs 10.13 FPS on a GPU = 1.024)")
 
 
+def draw_footprints(path, size=65, cell=4):
+    """The paper's Fig. 3 drawn from the real modules: for ASPP, Module A(5) and Module B, the
+    input positions of a size x size map that feed the centre output (autograd, see
+    measured_utilization), shaded by the finest branch that reads them (darker = smaller pooling
+    window; the centre pixel is white), side by side with 8 px gaps. Written atomically."""
+    import os
+    import tempfile
+    from PIL import Image, ImageDraw
+    mods = [ContextModule.aspp(8), ContextModule.module_a(8, 5), ContextModule.vortex(8)]
+    panels = []
+    for m in mods:
+        ratio, used = measured_utilization(m, size, size, return_map=True)
+        # shade each used position by the finest branch that reads it: dark = fine (small k)
+        pic = np.full((size, size), 245, np.uint8)
+        order = sorted(range(len(m.pools)), key=lambda i: -m.pools[i] * m.dilations[i])
+        for level, i in enumerate(order):
+            fp = footprint(m.pools[i:i + 1], m.kernels[i:i + 1], m.dilations[i:i + 1])
+            r, c = fp.shape[0] // 2, size // 2  # footprint centred on the centre pixel
+            a, b = max(0, c - r), min(size, c + r + 1)
+            region = np.zeros((size, size), bool)
+            region[a:b, a:b] = fp[a - (c - r):b - (c - r), a - (c - r):b - (c - r)]
+            pic[region & used] = 190 - 150 * level // max(1, len(order) - 1)
+        pic[size // 2, size // 2] = 255
+        pic = np.kron(pic, np.ones((cell, cell), np.uint8))
+        title = Image.new("L", (pic.shape[1], 14), 255)
+        ImageDraw.Draw(title).text((2, 1), f"{m.name}: r = {ratio:.4f}", fill=0)
+        panels.append(np.concatenate([np.asarray(title), pic], 0))
+    gap = np.full((panels[0].shape[0], 8), 255, np.uint8)
+    out = np.concatenate([x for p in panels for x in (p, gap)][:-1], 1)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".png")
+    os.close(fd)
+    Image.fromarray(out).save(tmp)
+    os.replace(tmp, path)
+    return path
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(
         description="Vortex Pooling (Xie et al. 2018): the context modules of Table 1 in numbers. "
@@ -784,11 +820,16 @@ def main(argv=None):
                    help="feature-map side h = w for the table (65: a 513x513 image at OS 8)")
     p.add_argument("--reps", type=int, default=3, help="timing repetitions (best one is kept)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--figure", metavar="PNG", default=None,
+                   help="instead: draw the paper's Fig. 3 from the real modules (which positions "
+                        "of a 65x65 map feed the centre pixel, for ASPP, A(5), Vortex) to PNG")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    if args.bench:
+    if args.figure:
+        print("wrote", draw_footprints(args.figure, args.size))
+    elif args.bench:
         bench(reps=max(args.reps, 3))
     else:
         print_table(args.size, reps=args.reps)
