@@ -1071,3 +1071,14 @@ def test_fig3_footprint_picture(tmp_path):
     assert (pic[14:, 2 * 73:] < 245).sum() == 65 * 65 - 1  # Vortex: every position
     # on a 41x41 map Vortex's rate-27 taps fall off the map from the centre: r drops to 0.43
     assert measured_utilization(small(ContextModule.vortex), 41, 41) < 0.5
+
+
+def test_ablation_table_runs_every_module(tmp_path, capsys):
+    out = str(tmp_path / "abl")
+    rows = train.main(TINY + ["--iters", "1", "--ablation", "1", "--out-dir", out])
+    assert list(rows) == ["none", "ASPP", "ASPP+", "A(5)", "A(9)", "A(13)", "Vortex"]
+    table = open(os.path.join(out, "table1.txt")).read()
+    assert "Table 1 in miniature" in table and "76.6" in table  # the paper's Vortex figure
+    assert os.path.isfile(os.path.join(out, "A(9)-seed0", "checkpoint.pt"))
+    ck = torch.load(os.path.join(out, "A(9)-seed0", "checkpoint.pt"), weights_only=True)
+    assert ck["config"]["context"] == "module_a" and ck["config"]["pool_k"] == 9

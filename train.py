@@ -261,6 +261,10 @@ def parse_args(argv=None):
     a("--channels-last", action="store_true", help="NHWC memory format (faster convolutions)")
     a("--compile", action="store_true", help="torch.compile the model (off by default)")
     a("--no-eval", action="store_true", help="skip the evaluation at the end")
+    a("--ablation", type=int, metavar="SEEDS", default=None,
+      help="Table 1 in miniature: train and evaluate every module of Table 1 plus 'none' "
+           "(same backbone, iterations and seeds 0..SEEDS-1; other flags apply to all runs) and "
+           "print mIoU mean +- std per module; runs go to --out-dir/<module>-seed<k>")
     a("--device", default=None, help="cpu or cuda (default: cuda when available)")
     a("--bench", action="store_true", help="instead of training: time training steps of "
       "ResNet-101 OS 8 at crop 321, batch 2, NCHW vs channels-last (CPU)")
@@ -273,7 +277,8 @@ def parse_args(argv=None):
         if v is not None or k not in cfg:
             cfg[k] = v
     cfg["scale"], cfg["multi_grid"] = tuple(cfg["scale"]), tuple(cfg["multi_grid"])
-    cfg["out_dir"] = cfg["out_dir"] or os.path.join("runs", f"{args.dataset}-{cfg['context']}")
+    cfg["out_dir"] = cfg["out_dir"] or os.path.join(
+        "runs", "ablation" if args.ablation else f"{args.dataset}-{cfg['context']}")
     cfg["val_data_args"] = ({"num_images": cfg["val_images"], "image_size": cfg["image_size"]}
                             if args.dataset == "synthetic" else {})
     return cfg
@@ -525,10 +530,45 @@ def bench(steps=3, crop=321, batch=2):
     print(f"  channels-last speed-up {best[False] / best[True]:.2f}x")
 
 
+ABLATION = (("none", "none", 5), ("ASPP", "aspp", 5), ("ASPP+", "aspp+", 5),
+            ("A(5)", "module_a", 5), ("A(9)", "module_a", 9), ("A(13)", "module_a", 13),
+            ("Vortex", "vortex", 5))
+PAPER_TABLE1 = {"ASPP": 75.4, "ASPP+": 75.6, "A(5)": 76.1, "A(9)": 75.6, "A(13)": 75.8,
+                "Vortex": 76.6}
+
+
+def ablation(cfg, seeds):
+    """Paper Table 1 in miniature: every context module, the same budget and seeds."""
+    root = cfg["out_dir"]
+    rows = []
+    for name, context, k in ABLATION:
+        runs = []
+        for seed in range(seeds):
+            run = dict(cfg, context=context, pool_k=k, seed=seed, no_eval=False,
+                       out_dir=os.path.join(root, f"{name}-seed{seed}"))
+            t = time.time()
+            res = train(run)
+            runs.append((res["miou"], res.get("context_miou", float("nan")), time.time() - t))
+        rows.append((name, np.array(runs)))
+    lines = [f"Table 1 in miniature: {cfg['dataset']}, ResNet-{cfg['depth']}, {cfg['iters']} "
+             f"iterations, seeds 0..{seeds - 1}, single-scale evaluation",
+             f"{'module':8} {'mIoU':>14} {'context classes':>16} {'s/run':>7} {'paper (VOC)':>12}"]
+    for name, r in rows:
+        lines.append(f"{name:8} {100 * r[:, 0].mean():7.2f} ± {100 * r[:, 0].std():4.2f} "
+                     f"{100 * np.nanmean(r[:, 1]):9.2f} ± {100 * np.nanstd(r[:, 1]):4.2f} "
+                     f"{r[:, 2].mean():7.0f} {PAPER_TABLE1.get(name, '-'):>12}")
+    table = "\n".join(lines)
+    print(table)
+    data.atomic_save(os.path.join(root, "table1.txt"), lambda f: f.write(table.encode() + b"\n"))
+    return {name: r for name, r in rows}
+
+
 def main(argv=None):
     cfg = parse_args(argv)
     if cfg["bench"]:
         return bench()
+    if cfg["ablation"]:
+        return ablation(cfg, cfg["ablation"])
     try:
         return train(cfg)
     except FloatingPointError as e:
