@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from PIL import Image
 
 import data
 import eval as evaluation
@@ -315,10 +316,7 @@ def train(cfg):
         os.makedirs(out, exist_ok=True)
     model, train_set = build(cfg)
     if cfg["pretrained"] and not cfg["resume"]:
-        if rank == 0:
-            load_backbone_weights(model, cfg["pretrained"])
-        else:
-            load_backbone_weights(model, cfg["pretrained"], verbose=False)
+        load_backbone_weights(model, cfg["pretrained"], verbose=rank == 0)
     if cfg["init_from"] and not cfg["resume"]:
         src = evaluation.load_checkpoint(cfg["init_from"])
         missing, unexpected = model.load_state_dict(src["model"], strict=False)
@@ -496,7 +494,6 @@ def prediction_picture(model, dataset, device, path, n=4):
     width = max(r.shape[1] for r in rows)
     rows = [np.pad(r, ((0, 4), (0, width - r.shape[1]), (0, 0)), constant_values=255)
             for r in rows]
-    from PIL import Image
     data.atomic_save(path, lambda f: Image.fromarray(np.concatenate(rows, 0)).save(f, "PNG"))
     return path
 
