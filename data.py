@@ -320,20 +320,21 @@ def render_synthetic(seed, index, size=128):
         return m
 
     # One body (bike or fish, 50/50) in the middle, and around it, beyond a margin of plain
-    # background, 40 scattered cues: small wheels and drops of water, 75% of them of the body's
-    # kind (wheels: a bike park; water: a pond). A single cue is weak evidence, and none touches
-    # the body: the class is read from the proportion over a large area.
+    # background, 100 small scattered cues: wheels and drops of water, 65% of them of the body's
+    # kind (wheels: a bike park; water: a pond). A single cue, or a few nearby, is weak evidence
+    # (a 65/35 mix often shows a local majority of the wrong kind) and none touches the body:
+    # the class is read from the proportion over a large area, which is what pooling does.
     cls = 3 if rng.random() < 0.5 else 4
     ry, rx = rng.uniform(0.16, 0.22) * h, rng.uniform(0.18, 0.26) * w
-    gap = rng.uniform(0.06, 0.09) * h
+    gap = rng.uniform(0.10, 0.13) * h
     cy, cx = rng.uniform(0.4, 0.6) * h, rng.uniform(0.4, 0.6) * w
     inner = ((yy - cy) / (ry + gap)) ** 2 + ((xx - cx) / (rx + gap)) ** 2 <= 1
-    p_wheel = 0.75 if cls == 3 else 0.25
-    for _ in range(40):
+    p_wheel = 0.65 if cls == 3 else 0.35
+    for _ in range(100):
         y, x = rng.uniform(0, h), rng.uniform(0, w)
         if inner[int(min(y, h - 1)), int(min(x, w - 1))]:
             continue
-        r = rng.uniform(3, 4.5)
+        r = rng.uniform(2.5, 4)
         (wheel if rng.random() < p_wheel else drop)(y, x, r)
     body(cy, cx, ry, rx, cls)
     return np.clip(img, 0, 255).astype(np.uint8), lab
