@@ -7,6 +7,7 @@ Paper 4.1: ablations are evaluated single-scale, no flipping. Paper 4.2: scales 
   python eval.py --checkpoint runs/synthetic-vortex/checkpoint.pt            # its own val set
   python eval.py --checkpoint ck.pt --dataset voc --data-root VOC2012 --ms --flip --save-dir out
   python eval.py --checkpoint ck.pt --image photo.jpg --out pred.png
+  python eval.py --erf runs/ablation/{ASPP,Vortex}-seed0/checkpoint.pt --out erf.png
 """
 import argparse
 import json
@@ -19,7 +20,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageDraw
 
 import data
 from vortex import DeepLabV3
@@ -129,6 +130,103 @@ def evaluate(model, dataset, scales=(1.0,), flip=False, device=None, num_classes
 
 
 # ---------------------------------------------------------------------------------------------
+# Effective receptive field (paper section 1: "the empirical receptive field is much smaller
+# than the theoretical one", after Zhou et al. 2014; measured as in Luo et al. 2016).
+# For each image, g = |d logit_c(centre) / d image| summed over RGB, with c the class the model
+# predicts at the centre pixel, normalised so that sum(g) = 1: where the decision at the centre
+# comes from. Maps of images of different sizes are added on one canvas, centres aligned.
+# ---------------------------------------------------------------------------------------------
+
+def effective_receptive_field(model, dataset, num_images=32, device=None):
+    """Mean normalised input-gradient map (H, W) of the centre pixel's predicted-class logit
+    over the first `num_images` images of `dataset` (eval mode: images are independent)."""
+    device = device or next(model.parameters()).device
+    model.eval()
+    maps = []
+    for i in range(min(num_images, len(dataset))):
+        x = dataset[i][0].unsqueeze(0).to(device).requires_grad_(True)
+        out = model(x)
+        cy, cx = out.shape[-2] // 2, out.shape[-1] // 2
+        centre = out[0, :, cy, cx]
+        centre[centre.argmax()].backward()
+        g = x.grad[0].abs().sum(0).double().cpu()
+        maps.append(g / g.sum().clamp_min(1e-300))
+    h, w = max(m.shape[0] for m in maps), max(m.shape[1] for m in maps)
+    canvas = torch.zeros(h, w, dtype=torch.float64)
+    for m in maps:  # centre (mh // 2, mw // 2) lands on (h // 2, w // 2)
+        top, left = h // 2 - m.shape[0] // 2, w // 2 - m.shape[1] // 2
+        canvas[top:top + m.shape[0], left:left + m.shape[1]] += m
+    return canvas / len(maps)
+
+
+def mass_radius(erf, fraction=0.9):
+    """Smallest r such that the pixels within distance r of the centre (h // 2, w // 2) hold
+    `fraction` of the map's total mass."""
+    h, w = erf.shape
+    yy, xx = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    d = torch.hypot((yy - h // 2).double(), (xx - w // 2).double()).flatten()
+    order = d.argsort(stable=True)
+    cum = erf.flatten()[order].double().cumsum(0)
+    # against cum[-1], not erf.sum(): fraction 1 then finds the last pixel with any mass exactly
+    k = int(torch.searchsorted(cum, (fraction * cum[-1]).reshape(1)).clamp(max=len(d) - 1))
+    return d[order][k].item()
+
+
+def erf_figure(checkpoints, out, num_images=32, device="cpu", data_root=None, cell=2,
+               log=print):
+    """Effective receptive fields of trained models side by side, written to PNG `out`.
+    Checkpoints of the same module (e.g. several seeds) are averaged into one panel. Colours on
+    a square-root scale (so that the tails show); the white and blue circles hold 50% and 90%
+    of the mass.
+    Returns {module name: (r50, r90)} in pixels."""
+    groups = {}
+    for path in checkpoints:
+        ck = load_checkpoint(path)
+        model = model_from_checkpoint(ck, path).to(device)
+        ta = ck.get("train_args", {})  # the checkpoint's own validation images
+        ds = data.get_dataset(ck.get("dataset", "synthetic"), ta.get("val_split", "val"),
+                              data_root or ta.get("data_root"), train=False,
+                              seed=ta.get("seed", 0), **ck.get("data_args", {}))
+        erf = effective_receptive_field(model, ds, num_images, device)
+        groups.setdefault(model.context.name, []).append(erf)
+    panels, radii = [], {}
+    flat = None
+    for name, maps in groups.items():
+        h, w = max(m.shape[0] for m in maps), max(m.shape[1] for m in maps)
+        erf = sum(F.pad(m, (0, w - m.shape[1], 0, h - m.shape[0])) for m in maps) / len(maps)
+        r50, r90 = mass_radius(erf, 0.5), mass_radius(erf, 0.9)
+        radii[name] = (r50, r90)
+        if flat is None:  # reference: a map spread evenly over the whole image
+            flat = (mass_radius(torch.ones(h, w), 0.5), mass_radius(torch.ones(h, w), 0.9))
+            log(f"{'flat':8} (the same mass spread evenly over a {h}x{w} image): 50% within "
+                f"{flat[0]:5.1f} px, 90% within {flat[1]:5.1f} px")
+        log(f"{name:8} ({len(maps)} model(s)): 50% of the gradient within {r50:5.1f} px, 90% "
+            f"within {r90:5.1f} px of the centre")
+        v = (erf / erf.max()).sqrt().numpy()
+        rgb = np.stack([np.clip(3 * v, 0, 1), np.clip(3 * v - 1, 0, 1), np.clip(3 * v - 2, 0, 1)],
+                       -1)  # black-red-yellow-white
+        pic = Image.fromarray((rgb * 255).astype(np.uint8)).resize((w * cell, h * cell),
+                                                                   Image.NEAREST)
+        draw = ImageDraw.Draw(pic)
+        c = ((w // 2 + 0.5) * cell, (h // 2 + 0.5) * cell)
+        for radius, colour in ((r50, (255, 255, 255)), (r90, (80, 200, 255))):
+            r = radius * cell
+            draw.ellipse([c[0] - r, c[1] - r, c[0] + r, c[1] + r], outline=colour)
+        title = Image.new("RGB", (pic.width, 14), (255, 255, 255))
+        ImageDraw.Draw(title).text((2, 1), f"{name}: 50% / 90% within {r50:.0f} / {r90:.0f} px",
+                                   fill=(0, 0, 0))
+        panels.append(np.concatenate([np.asarray(title), np.asarray(pic)], 0))
+    height = max(p.shape[0] for p in panels)
+    panels = [np.pad(p, ((0, height - p.shape[0]), (0, 0), (0, 0)), constant_values=255)
+              for p in panels]
+    gap = np.full((height, 8, 3), 255, np.uint8)
+    figure = np.concatenate([x for p in panels for x in (p, gap)][:-1], 1)
+    data.atomic_save(out, lambda f: Image.fromarray(figure).save(f, format="PNG"))
+    log(f"wrote {out}")
+    return radii
+
+
+# ---------------------------------------------------------------------------------------------
 # Output for people: table, pictures.
 # ---------------------------------------------------------------------------------------------
 
@@ -227,6 +325,12 @@ def main(argv=None):
     p = argparse.ArgumentParser(description="Evaluate a train.py checkpoint: full-image mIoU "
                                             "(paper 4.1/4.2), or predict one image.")
     p.add_argument("--checkpoint", help="a checkpoint written by train.py")
+    p.add_argument("--erf", nargs="+", metavar="CHECKPOINT", default=None,
+                   help="instead: draw the effective receptive fields of these checkpoints "
+                        "(gradient of the centre pixel's logit w.r.t. the image, mean over "
+                        "validation images; checkpoints of one module are averaged) to --out")
+    p.add_argument("--erf-images", type=int, default=32,
+                   help="with --erf: validation images per checkpoint (default 32)")
     p.add_argument("--bench", action="store_true",
                    help="time single-scale vs 6-scale + flip inference of ResNet-101 on a "
                         "500x375 image (needs no checkpoint)")
@@ -247,11 +351,17 @@ def main(argv=None):
     p.add_argument("--json", default=None, help="write all numbers here (default: beside the "
                                                 "checkpoint, eval_<dataset>_<split>.json)")
     p.add_argument("--image", default=None, help="predict this one image instead")
-    p.add_argument("--out", default=None, help="with --image: the prediction PNG to write")
+    p.add_argument("--out", default=None, help="with --image: the prediction PNG to write; "
+                                                "with --erf: the figure (default erf.png)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
     if args.bench:
         return bench()
+    if args.erf:
+        out = args.out or "erf.png"
+        if os.path.exists(out):
+            sys.exit(f"{out} exists; choose another --out (or remove it)")
+        return erf_figure(args.erf, out, args.erf_images, args.device, args.data_root)
     if not args.checkpoint:
         p.error("--checkpoint is required (unless --bench)")
     scales = PAPER_SCALES if args.ms else tuple(args.scales)

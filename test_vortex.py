@@ -1106,3 +1106,63 @@ def test_ablation_table_runs_every_module(tmp_path, capsys):
     assert os.path.isfile(os.path.join(out, "A(9)-seed0", "checkpoint.pt"))
     ck = torch.load(os.path.join(out, "A(9)-seed0", "checkpoint.pt"), weights_only=True)
     assert ck["config"]["context"] == "module_a" and ck["config"]["pool_k"] == 9
+    assert "Effective receptive field" in table and "Vortex   (1 model(s))" in table
+    assert Image.open(os.path.join(out, "erf.png")).size[0] > 3 * 48  # three panels
+    # the same command again continues the table: finished runs are read back, an
+    # interrupted one (checkpoint but no ablation.json) resumes, numbers unchanged
+    os.remove(os.path.join(out, "ASPP-seed0", "ablation.json"))
+    capsys.readouterr()
+    again = train.main(TINY + ["--iters", "1", "--ablation", "1", "--out-dir", out])
+    log = capsys.readouterr().out
+    assert log.count("finished earlier, read back") == 6 and "resumed" in log
+    assert all(np.allclose(again[k][:, :2], rows[k][:, :2], equal_nan=True) for k in rows)
+    with pytest.raises(SystemExit, match="another configuration"):
+        train.main(TINY + ["--iters", "2", "--ablation", "1", "--out-dir", out])
+    cks = [os.path.join(out, f"{m}-seed0", "checkpoint.pt") for m in ("ASPP", "Vortex")]
+    erf = str(tmp_path / "erf.png")
+    radii = evaluation.main(["--erf", *cks, "--erf-images", "2", "--out", erf])
+    assert set(radii) == {"ASPP", "Vortex"} and os.path.isfile(erf)
+    assert all(0 <= r50 <= r90 <= math.hypot(24, 24) for r50, r90 in radii.values())
+    with pytest.raises(SystemExit, match="exists"):  # never overwrites a file
+        evaluation.main(["--erf", *cks, "--out", erf])
+
+
+# ------------------------------------------------------------------ effective receptive field
+
+@settings(max_examples=15)
+@given(sizes=st.lists(st.tuples(st.integers(5, 14), st.integers(5, 14)), min_size=1, max_size=3),
+       seed=st.integers(0, 2 ** 16))
+def test_effective_receptive_field_is_the_normalised_input_gradient(sizes, seed):
+    # A single 3x3 convolution: the gradient of the centre logit of class c is |w_c| laid on
+    # the 3x3 window around the centre (summed over RGB), whatever the image; maps of images of
+    # different sizes land on one canvas with their centres aligned.
+    torch.manual_seed(seed)
+    conv = torch.nn.Conv2d(3, 2, 3, padding=1, bias=False)
+    conv.weight.data[1] = -conv.weight.data[0]  # the argmax class depends on the image
+    images = [(torch.randn(3, h, w), None) for h, w in sizes]
+    erf = evaluation.effective_receptive_field(conv, images, len(images))
+    h, w = max(s[0] for s in sizes), max(s[1] for s in sizes)
+    assert erf.shape == (h, w)
+    window = conv.weight.data[0].abs().sum(0).double()  # |w_0| = |w_1|
+    expected = torch.zeros(h, w, dtype=torch.float64)
+    expected[h // 2 - 1:h // 2 + 2, w // 2 - 1:w // 2 + 2] = window / window.sum()
+    assert torch.allclose(erf, expected, atol=1e-6)
+    assert evaluation.mass_radius(erf, 1.0) == pytest.approx(math.sqrt(2))  # window corners
+
+
+@given(h=st.integers(3, 40), w=st.integers(3, 40), dy=st.integers(-20, 20),
+       dx=st.integers(-20, 20), f=st.floats(0.05, 1.0))
+def test_mass_radius(h, w, dy, dx, f):
+    erf = torch.zeros(h, w, dtype=torch.float64)
+    y, x = min(max(h // 2 + dy, 0), h - 1), min(max(w // 2 + dx, 0), w - 1)
+    erf[y, x] = 1.0  # all mass in one pixel: the radius is its distance, for any fraction
+    assert evaluation.mass_radius(erf, f) == pytest.approx(math.hypot(y - h // 2, x - w // 2))
+    flat = torch.ones(h, w)
+    r = [evaluation.mass_radius(flat, q) for q in (0.25, 0.5, 0.9, 1.0)]
+    assert r == sorted(r)
+    assert r[-1] == pytest.approx(math.hypot(h // 2, w // 2))  # the farthest corner
+    # a flat map: the fraction inside radius r is the fraction of pixels within r
+    d = torch.hypot(*(t - c for t, c in zip(torch.meshgrid(torch.arange(h).double(),
+                                                           torch.arange(w).double(),
+                                                           indexing="ij"), (h // 2, w // 2))))
+    assert (d <= r[1]).double().mean() >= 0.5 > (d < r[1]).double().mean()

@@ -265,7 +265,12 @@ def parse_args(argv=None):
     a("--ablation", type=int, metavar="SEEDS", default=None,
       help="Table 1 in miniature: train and evaluate every module of Table 1 plus 'none' "
            "(same backbone, iterations and seeds 0..SEEDS-1; other flags apply to all runs) and "
-           "print mIoU mean +- std per module; runs go to --out-dir/<module>-seed<k>")
+           "print mIoU mean +- std per module, then draw the effective receptive fields of "
+           "none, ASPP and Vortex (--out-dir/erf.png); runs go to --out-dir/<module>-seed<k>, "
+           "and the same command again continues an interrupted table")
+    a("--erf-images", type=int, default=32,
+      help="with --ablation: validation images averaged in the effective-receptive-field "
+           "figure (--out-dir/erf.png) of the trained none, ASPP and Vortex models")
     a("--device", default=None, help="cpu or cuda (default: cuda when available)")
     a("--bench", action="store_true", help="instead of training: time training steps of "
       "ResNet-101 OS 8 at crop 321, batch 2, NCHW vs channels-last (CPU)")
@@ -534,18 +539,44 @@ PAPER_TABLE1 = {"ASPP": 75.4, "ASPP+": 75.6, "A(5)": 76.1, "A(9)": 75.6, "A(13)"
                 "Vortex": 76.6}
 
 
+ABLATION_KEYS = ("dataset", "depth", "base_channels", "context_channels", "output_stride",
+                 "crop", "batch_size", "iters", "lr", "num_images", "val_images", "image_size",
+                 "context", "pool_k", "seed")
+
+
+def ablation_run(run):
+    """One cell of the table: (mIoU, context-class mIoU, seconds). A finished run is read back
+    from its ablation.json and an interrupted one is resumed, so re-running the same command
+    continues the table instead of starting over."""
+    done = os.path.join(run["out_dir"], "ablation.json")
+    key = json.loads(json.dumps({k: run[k] for k in ABLATION_KEYS}))
+    if os.path.exists(done):
+        with open(done) as f:
+            rec = json.load(f)
+        if rec.get("config") != key:
+            raise SystemExit(f"{done} holds a run of another configuration ({rec.get('config')}); "
+                             f"choose another --out-dir")
+        print(f"{run['out_dir']}: finished earlier, read back")
+        return rec["miou"], rec["context_miou"], rec["seconds"]
+    resume = os.path.exists(os.path.join(run["out_dir"], "checkpoint.pt"))
+    t = time.time()
+    res = train(dict(run, resume=resume, no_eval=False))
+    rec = dict(config=key, miou=res["miou"], context_miou=res.get("context_miou", float("nan")),
+               seconds=time.time() - t, resumed=resume)
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        data.atomic_save(done, lambda f: f.write(json.dumps(rec, indent=1).encode()))
+    return rec["miou"], rec["context_miou"], rec["seconds"]
+
+
 def ablation(cfg, seeds):
-    """Paper Table 1 in miniature: every context module, the same budget and seeds."""
+    """Paper Table 1 in miniature: every context module, the same budget and seeds; then the
+    effective receptive fields of the trained none / ASPP / Vortex models (eval.erf_figure)."""
     root = cfg["out_dir"]
     rows = []
     for name, context, k in ABLATION:
-        runs = []
-        for seed in range(seeds):
-            run = dict(cfg, context=context, pool_k=k, seed=seed, no_eval=False,
-                       out_dir=os.path.join(root, f"{name}-seed{seed}"))
-            t = time.time()
-            res = train(run)
-            runs.append((res["miou"], res.get("context_miou", float("nan")), time.time() - t))
+        runs = [ablation_run(dict(cfg, context=context, pool_k=k, seed=seed,
+                                  out_dir=os.path.join(root, f"{name}-seed{seed}")))
+                for seed in range(seeds)]
         rows.append((name, np.array(runs)))
     lines = [f"Table 1 in miniature: {cfg['dataset']}, ResNet-{cfg['depth']}, {cfg['iters']} "
              f"iterations, seeds 0..{seeds - 1}, single-scale evaluation",
@@ -554,6 +585,16 @@ def ablation(cfg, seeds):
         lines.append(f"{name:8} {100 * r[:, 0].mean():7.2f} ± {100 * r[:, 0].std():4.2f} "
                      f"{100 * np.nanmean(r[:, 1]):9.2f} ± {100 * np.nanstd(r[:, 1]):4.2f} "
                      f"{r[:, 2].mean():7.0f} {PAPER_TABLE1.get(name, '-'):>12}")
+    rank, _, device = setup_distributed(cfg["device"])
+    if rank != 0:
+        return {name: r for name, r in rows}
+    lines.append("")
+    lines.append("Effective receptive field (gradient of the centre pixel's logit, mean over "
+                 f"{cfg['erf_images']} validation images and {seeds} seed(s)):")
+    checkpoints = [os.path.join(root, f"{name}-seed{seed}", "checkpoint.pt")
+                   for name in ("none", "ASPP", "Vortex") for seed in range(seeds)]
+    evaluation.erf_figure(checkpoints, os.path.join(root, "erf.png"), cfg["erf_images"], device,
+                          log=lines.append)
     table = "\n".join(lines)
     print(table)
     data.atomic_save(os.path.join(root, "table1.txt"), lambda f: f.write(table.encode() + b"\n"))
