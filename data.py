@@ -319,21 +319,29 @@ def render_synthetic(seed, index, size=128):
         lab[m] = cls
         return m
 
-    # One body (bike or fish, 50/50) in the middle, and around it, beyond a margin of plain
-    # background, 100 small scattered cues: wheels and drops of water, 65% of them of the body's
-    # kind (wheels: a bike park; water: a pond). A single cue, or a few nearby, is weak evidence
-    # (a 65/35 mix often shows a local majority of the wrong kind) and none touches the body:
-    # the class is read from the proportion over a large area, which is what pooling does.
+    # One body (bike or fish, 50/50) in the middle and, beyond a margin of plain background,
+    # 100 small scattered cues: wheels (a bike park) and drops of water (a pond). Near the body,
+    # in a ring 0.08 h wide, the cues mislead: only 30% are of the body's kind (a puddle beside
+    # the bike, a few wheels dumped in the pond). Farther out 75% are of its kind, and the far
+    # field holds most of the cues. So the body itself says nothing, the near surroundings say
+    # the wrong thing, and only the proportion over a large area is right: the model must
+    # gather evidence far from the pixel (paper 3.2), and tell near from far (3.4).
     cls = 3 if rng.random() < 0.5 else 4
     ry, rx = rng.uniform(0.16, 0.22) * h, rng.uniform(0.18, 0.26) * w
     gap = rng.uniform(0.10, 0.13) * h
     cy, cx = rng.uniform(0.4, 0.6) * h, rng.uniform(0.4, 0.6) * w
-    inner = ((yy - cy) / (ry + gap)) ** 2 + ((xx - cx) / (rx + gap)) ** 2 <= 1
-    p_wheel = 0.65 if cls == 3 else 0.35
+
+    def inside(margin):
+        return ((yy - cy) / (ry + margin)) ** 2 + ((xx - cx) / (rx + margin)) ** 2 <= 1
+
+    inner, near = inside(gap), inside(gap + 0.08 * h)
     for _ in range(100):
         y, x = rng.uniform(0, h), rng.uniform(0, w)
-        if inner[int(min(y, h - 1)), int(min(x, w - 1))]:
+        iy, ix = int(min(y, h - 1)), int(min(x, w - 1))
+        if inner[iy, ix]:
             continue
+        own_kind = 0.3 if near[iy, ix] else 0.75
+        p_wheel = own_kind if cls == 3 else 1 - own_kind
         r = rng.uniform(2.5, 4)
         (wheel if rng.random() < p_wheel else drop)(y, x, r)
     body(cy, cx, ry, rx, cls)

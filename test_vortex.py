@@ -593,28 +593,32 @@ def test_synthetic_bike_and_fish_bodies_come_from_one_distribution():
     assert (np.abs(a3.mean(0) - a4.mean(0)) < 4 * se).all()
 
 
-def test_synthetic_context_is_far_from_the_body_and_read_from_proportions():
+def test_synthetic_context_is_far_from_the_body_and_misleading_near_it():
     """What makes context matter: no cue within a margin of the body (up close there is only
-    the body), and the body's class shows only in the proportion of wheels to water."""
+    the body); near it the cues point to the wrong class; over the whole image the proportion
+    of wheels to water decides."""
     ds = data.SyntheticContext(60, 128, seed=5)
-    share, local = {3: [], 4: []}, [0, 0]
+    share, near_share = {3: [], 4: []}, {3: [], 4: []}
+
+    def wheel_share(w):
+        return (w == 2).sum().item() / max(1, ((w == 1) | (w == 2)).sum().item())
+
     for i in range(len(ds)):
         _, label = ds.load(i)
         lab = torch.from_numpy(label.astype(np.int64))
         body = (lab >= 3).float()[None, None]
-        near = F.max_pool2d(body, 7, 1, 3)[0, 0] > 0  # within 3 px of the body
-        assert not ((lab == 1) | (lab == 2))[near].any()
+        touching = F.max_pool2d(body, 7, 1, 3)[0, 0] > 0  # within 3 px of the body
+        assert not ((lab == 1) | (lab == 2))[touching].any()
+        near = F.max_pool2d(body, 41, 1, 20)[0, 0] > 0  # within 20 px
         cls = int(lab[lab >= 3][0])
-        wheel_share = lambda w: (w == 2).sum().item() / max(1, ((w == 1) | (w == 2)).sum().item())
         share[cls].append(wheel_share(lab))
-        for y in range(0, 128, 32):  # 32 x 32 windows: a local look
-            for x in range(0, 128, 32):
-                local[0] += (wheel_share(lab[y:y + 32, x:x + 32]) > 0.43) != (cls == 3)
-                local[1] += 1
-    # over the whole image the wheel share decides the class (the threshold 0.43 separates
-    # them); a 32 x 32 window often has no cue or a share on the wrong side of it
+        if ((lab[near] == 1) | (lab[near] == 2)).any():
+            near_share[cls].append(wheel_share(lab[near]))
+    # the whole image decides: the wheel share separates bikes from fish (threshold 0.43)...
     assert max(share[4]) < 0.43 < min(share[3])
-    assert local[0] / local[1] > 0.2
+    # ...while near the body, bikes have fewer wheels around them than fish do
+    assert min(len(near_share[3]), len(near_share[4])) > 20
+    assert np.mean(near_share[3]) + 0.1 < np.mean(near_share[4])
 
 
 # ----------------------------------------------------------------------------- SBD
