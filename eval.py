@@ -130,33 +130,41 @@ def evaluate(model, dataset, scales=(1.0,), flip=False, device=None, num_classes
 
 
 # ---------------------------------------------------------------------------------------------
-# Effective receptive field (paper section 1: "the empirical receptive field is much smaller
-# than the theoretical one", after Zhou et al. 2014; measured as in Luo et al. 2016).
-# For each image, g = |d logit_c(centre) / d image| summed over RGB, with c the class the model
-# predicts at the centre pixel, normalised so that sum(g) = 1: where the decision at the centre
-# comes from. Maps of images of different sizes are added on one canvas, centres aligned.
+# Effective receptive field (paper section 1: "Zhou et al. [2014] showed that the effective
+# receptive field is much smaller than the theoretical threshold"; measured as in Luo et al.
+# 2016). For each image, g = |d logit_c(centre) / d image| summed over RGB, with c the class the
+# model predicts at the centre pixel, normalised so that sum(g) = 1: where the decision at the
+# centre comes from. Maps of different sizes are added on one canvas with their centres aligned.
 # ---------------------------------------------------------------------------------------------
 
-def effective_receptive_field(model, dataset, num_images=32, device=None):
-    """Mean normalised input-gradient map (H, W) of the centre pixel's predicted-class logit
-    over the first `num_images` images of `dataset` (eval mode: images are independent)."""
-    device = device or next(model.parameters()).device
-    model.eval()
-    maps = []
-    for i in range(min(num_images, len(dataset))):
-        x = dataset[i][0].unsqueeze(0).to(device).requires_grad_(True)
-        out = model(x)
-        cy, cx = out.shape[-2] // 2, out.shape[-1] // 2
-        centre = out[0, :, cy, cx]
-        centre[centre.argmax()].backward()
-        g = x.grad[0].abs().sum(0).double().cpu()
-        maps.append(g / g.sum().clamp_min(1e-300))
+def centred_mean(maps):
+    """Mean of 2-D maps of any sizes, each placed so that its centre (h // 2, w // 2) lands on
+    the centre of a canvas as large as the largest."""
     h, w = max(m.shape[0] for m in maps), max(m.shape[1] for m in maps)
     canvas = torch.zeros(h, w, dtype=torch.float64)
-    for m in maps:  # centre (mh // 2, mw // 2) lands on (h // 2, w // 2)
+    for m in maps:
         top, left = h // 2 - m.shape[0] // 2, w // 2 - m.shape[1] // 2
         canvas[top:top + m.shape[0], left:left + m.shape[1]] += m
     return canvas / len(maps)
+
+
+def effective_receptive_field(model, dataset, num_images=32, device=None, log=None):
+    """Mean normalised input-gradient map (H, W) of the centre pixel's predicted-class logit
+    over the first `num_images` images of `dataset` (eval mode: images are independent).
+    Progress goes to `log` (None: nowhere)."""
+    device = device or next(model.parameters()).device
+    model.eval()
+    maps, n, t0 = [], min(num_images, len(dataset)), time.time()
+    for i in range(n):
+        x = dataset[i][0].unsqueeze(0).to(device).requires_grad_(True)
+        out = model(x)
+        centre = out[0, :, out.shape[-2] // 2, out.shape[-1] // 2]
+        centre[centre.argmax()].backward()
+        g = x.grad[0].abs().sum(0).double().cpu()
+        maps.append(g / g.sum().clamp_min(1e-300))
+        if log:
+            data.progress("erf", i + 1, n, t0, log)
+    return centred_mean(maps)
 
 
 def mass_radius(erf, fraction=0.9):
@@ -173,12 +181,11 @@ def mass_radius(erf, fraction=0.9):
 
 
 def erf_figure(checkpoints, out, num_images=32, device="cpu", data_root=None, cell=2,
-               log=print):
+               log=print, progress=print):
     """Effective receptive fields of trained models side by side, written to PNG `out`.
     Checkpoints of the same module (e.g. several seeds) are averaged into one panel. Colours on
     a square-root scale (so that the tails show); the white and blue circles hold 50% and 90%
-    of the mass.
-    Returns {module name: (r50, r90)} in pixels."""
+    of the mass. Results go to `log`, progress to `progress`. Returns {module name: (r50, r90)} in pixels."""
     groups = {}
     for path in checkpoints:
         ck = load_checkpoint(path)
@@ -187,13 +194,13 @@ def erf_figure(checkpoints, out, num_images=32, device="cpu", data_root=None, ce
         ds = data.get_dataset(ck.get("dataset", "synthetic"), ta.get("val_split", "val"),
                               data_root or ta.get("data_root"), train=False,
                               seed=ta.get("seed", 0), **ck.get("data_args", {}))
-        erf = effective_receptive_field(model, ds, num_images, device)
+        erf = effective_receptive_field(model, ds, num_images, device, progress)
         groups.setdefault(model.context.name, []).append(erf)
     panels, radii = [], {}
     flat = None
     for name, maps in groups.items():
-        h, w = max(m.shape[0] for m in maps), max(m.shape[1] for m in maps)
-        erf = sum(F.pad(m, (0, w - m.shape[1], 0, h - m.shape[0])) for m in maps) / len(maps)
+        erf = centred_mean(maps)
+        h, w = erf.shape
         r50, r90 = mass_radius(erf, 0.5), mass_radius(erf, 0.9)
         radii[name] = (r50, r90)
         if flat is None:  # reference: a map spread evenly over the whole image
