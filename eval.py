@@ -167,12 +167,22 @@ def effective_receptive_field(model, dataset, num_images=32, device=None, log=No
     return centred_mean(maps)
 
 
+def _distances(h, w):
+    """Distance of every pixel of an h x w map to its centre (h // 2, w // 2), flattened."""
+    yy, xx = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    return torch.hypot((yy - h // 2).double(), (xx - w // 2).double()).flatten()
+
+
+def mass_within(erf, radii):
+    """Fraction of the map's mass within distance r of the centre, for each r in `radii`."""
+    d, m = _distances(*erf.shape), erf.flatten().double()
+    return [(m[d <= r].sum() / m.sum()).item() for r in radii]
+
+
 def mass_radius(erf, fraction=0.9):
     """Smallest r such that the pixels within distance r of the centre (h // 2, w // 2) hold
     `fraction` of the map's total mass."""
-    h, w = erf.shape
-    yy, xx = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
-    d = torch.hypot((yy - h // 2).double(), (xx - w // 2).double()).flatten()
+    d = _distances(*erf.shape)
     order = d.argsort(stable=True)
     cum = erf.flatten()[order].double().cumsum(0)
     # against cum[-1], not erf.sum(): fraction 1 then finds the last pixel with any mass exactly
@@ -185,7 +195,8 @@ def erf_figure(checkpoints, out, num_images=32, device="cpu", data_root=None, ce
     """Effective receptive fields of trained models side by side, written to PNG `out`.
     Checkpoints of the same module (e.g. several seeds) are averaged into one panel. Colours on
     a square-root scale (so that the tails show); the white and blue circles hold 50% and 90%
-    of the mass. Results go to `log`, progress to `progress`. Returns {module name: (r50, r90)} in pixels."""
+    of the mass; a last panel plots the mass within radius r for every module and for a flat
+    map. Results go to `log`, progress to `progress`. Returns {module name: (r50, r90)} in pixels."""
     groups = {}
     for path in checkpoints:
         ck = load_checkpoint(path)
@@ -196,11 +207,15 @@ def erf_figure(checkpoints, out, num_images=32, device="cpu", data_root=None, ce
                               seed=ta.get("seed", 0), **ck.get("data_args", {}))
         erf = effective_receptive_field(model, ds, num_images, device, progress)
         groups.setdefault(model.context.name, []).append(erf)
-    panels, radii = [], {}
+    panels, radii, curves = [], {}, []
     flat = None
     for name, maps in groups.items():
         erf = centred_mean(maps)
         h, w = erf.shape
+        steps = np.linspace(0, math.hypot(h // 2, w // 2), 64)
+        if not curves:
+            curves.append(("flat", mass_within(torch.ones(h, w), steps), steps[-1]))
+        curves.append((name, mass_within(erf, steps), steps[-1]))
         r50, r90 = mass_radius(erf, 0.5), mass_radius(erf, 0.9)
         radii[name] = (r50, r90)
         if flat is None:  # reference: a map spread evenly over the whole image
@@ -223,6 +238,7 @@ def erf_figure(checkpoints, out, num_images=32, device="cpu", data_root=None, ce
         ImageDraw.Draw(title).text((2, 1), f"{name}: 50% / 90% within {r50:.0f} / {r90:.0f} px",
                                    fill=(0, 0, 0))
         panels.append(np.concatenate([np.asarray(title), np.asarray(pic)], 0))
+    panels.append(_curves_panel(curves, panels[-1].shape[1], panels[-1].shape[0]))
     height = max(p.shape[0] for p in panels)
     panels = [np.pad(p, ((0, height - p.shape[0]), (0, 0), (0, 0)), constant_values=255)
               for p in panels]
@@ -231,6 +247,27 @@ def erf_figure(checkpoints, out, num_images=32, device="cpu", data_root=None, ce
     data.atomic_save(out, lambda f: Image.fromarray(figure).save(f, format="PNG"))
     log(f"wrote {out}")
     return radii
+
+
+def _curves_panel(curves, width, height, margin=26):
+    """Plot of mass-within-radius curves [(name, fractions at evenly spaced radii, max radius)]:
+    a model whose curve rises early looks near; the flat map's curve is the reference."""
+    pic = Image.new("RGB", (width, height), (255, 255, 255))
+    draw = ImageDraw.Draw(pic)
+    x0, y0, x1, y1 = margin, 18, width - 8, height - margin
+    draw.rectangle([x0, y0, x1, y1], outline=(0, 0, 0))
+    colours = [(150, 150, 150), (40, 40, 40), (31, 119, 180), (214, 39, 40), (44, 160, 44),
+               (148, 103, 189)]
+    for i, (name, ys, rmax) in enumerate(curves):
+        pts = [(x0 + (x1 - x0) * j / (len(ys) - 1), y1 - (y1 - y0) * y) for j, y in enumerate(ys)]
+        draw.line(pts, fill=colours[i % len(colours)], width=2)
+        draw.text((x0 + 6, y0 + 4 + 12 * i), name, fill=colours[i % len(colours)])
+    draw.text((2, 1), "fraction of the mass within r", fill=(0, 0, 0))
+    draw.text((x0 - 8, y1 + 4), "r = 0", fill=(0, 0, 0))
+    draw.text((x1 - 40, y1 + 4), f"{curves[0][2]:.0f} px", fill=(0, 0, 0))
+    draw.text((4, y0), "1", fill=(0, 0, 0))
+    draw.text((4, y1 - 10), "0", fill=(0, 0, 0))
+    return np.asarray(pic)
 
 
 # ---------------------------------------------------------------------------------------------
