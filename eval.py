@@ -196,7 +196,7 @@ def erf_figure(checkpoints, out, num_images=32, device="cpu", data_root=None, ce
     Checkpoints of the same module (e.g. several seeds) are averaged into one panel. Colours on
     a square-root scale (so that the tails show); the white and blue circles hold 50% and 90%
     of the mass; a last panel plots the mass within radius r for every module and for a flat
-    map. Results go to `log`, progress to `progress`. Returns {module name: (r50, r90)} in pixels."""
+    map. Results go to `log`, progress to `progress`. Returns {module: (r50, r90)} in pixels."""
     groups = {}
     for path in checkpoints:
         ck = load_checkpoint(path)
@@ -208,20 +208,18 @@ def erf_figure(checkpoints, out, num_images=32, device="cpu", data_root=None, ce
         erf = effective_receptive_field(model, ds, num_images, device, progress)
         groups.setdefault(model.context.name, []).append(erf)
     panels, radii, curves = [], {}, []
-    flat = None
     for name, maps in groups.items():
         erf = centred_mean(maps)
         h, w = erf.shape
         steps = np.linspace(0, math.hypot(h // 2, w // 2), 64)
-        if not curves:
-            curves.append(("flat", mass_within(torch.ones(h, w), steps), steps[-1]))
+        if not curves:  # the reference: the same mass spread evenly over the whole image
+            flat = torch.ones(h, w)
+            curves.append(("flat", mass_within(flat, steps), steps[-1]))
+            log(f"{'flat':8} (the same mass spread evenly over a {h}x{w} image): 50% within "
+                f"{mass_radius(flat, 0.5):5.1f} px, 90% within {mass_radius(flat, 0.9):5.1f} px")
         curves.append((name, mass_within(erf, steps), steps[-1]))
         r50, r90 = mass_radius(erf, 0.5), mass_radius(erf, 0.9)
         radii[name] = (r50, r90)
-        if flat is None:  # reference: a map spread evenly over the whole image
-            flat = (mass_radius(torch.ones(h, w), 0.5), mass_radius(torch.ones(h, w), 0.9))
-            log(f"{'flat':8} (the same mass spread evenly over a {h}x{w} image): 50% within "
-                f"{flat[0]:5.1f} px, 90% within {flat[1]:5.1f} px")
         log(f"{name:8} ({len(maps)} model(s)): 50% of the gradient within {r50:5.1f} px, 90% "
             f"within {r90:5.1f} px of the centre")
         v = (erf / erf.max()).sqrt().numpy()

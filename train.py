@@ -540,8 +540,8 @@ PAPER_TABLE1 = {"ASPP": 75.4, "ASPP+": 75.6, "A(5)": 76.1, "A(9)": 75.6, "A(13)"
 
 
 ABLATION_KEYS = ("dataset", "depth", "base_channels", "context_channels", "output_stride",
-                 "crop", "batch_size", "iters", "lr", "num_images", "val_images", "image_size",
-                 "context", "pool_k", "seed")
+                 "multi_grid", "crop", "scale", "batch_size", "iters", "lr", "num_images",
+                 "val_images", "image_size", "context", "pool_k", "seed")
 
 
 def ablation_run(run):
