@@ -258,11 +258,12 @@ class VOCSegmentation(torch.utils.data.Dataset):
 # The built-in synthetic dataset: the paper's Figure 1 (a bike seen up close looks like a fish)
 # made into data. Two classes, "bike" and "fish", share one body: same shape distribution, same
 # striped texture, same colours. Only the surroundings tell them apart: a bike stands among
-# wheels, a fish among drops of water; the cues are small, scattered, mixed (75% / 25%) and kept
-# a margin away from the body, so no single nearby pixel decides: the evidence has to be
-# gathered over a large area, which is what context modules do (paper 3.2: use many descriptors).
-# (An earlier design, wheels below the body or a ring of water around it, 30-50 px away, was
-# solved as well without a context module: ResNet-18 at OS 8 sees that far by itself.)
+# wheels, a fish among drops of water. The cues are small and scattered, kept a margin away from
+# the body, misleading just beyond it and right only far away (see render_synthetic), so the
+# evidence has to be gathered over a large area, which is what context modules do (paper 3.2:
+# use many descriptors). Earlier designs (wheels below the body or water around it, 30-50 px
+# away; cues mixed 75/25 or 65/35 everywhere) were solved without a context module too, given
+# the default 1,500 iterations: ResNet-18 at OS 8 sees the whole image by itself.
 # ---------------------------------------------------------------------------------------------
 
 SYNTHETIC_CLASSES = ("background", "water", "wheel", "bike", "fish")
