@@ -237,11 +237,7 @@ def erf_figure(checkpoints, out, num_images=32, device="cpu", data_root=None, ce
                                    fill=(0, 0, 0))
         panels.append(np.concatenate([np.asarray(title), np.asarray(pic)], 0))
     panels.append(_curves_panel(curves, panels[-1].shape[1], panels[-1].shape[0]))
-    height = max(p.shape[0] for p in panels)
-    panels = [np.pad(p, ((0, height - p.shape[0]), (0, 0), (0, 0)), constant_values=255)
-              for p in panels]
-    gap = np.full((height, 8, 3), 255, np.uint8)
-    figure = np.concatenate([x for p in panels for x in (p, gap)][:-1], 1)
+    figure = hstack(panels, 8)
     data.atomic_save(out, lambda f: Image.fromarray(figure).save(f, format="PNG"))
     log(f"wrote {out}")
     return radii
@@ -295,11 +291,17 @@ def panel(image, pred, palette, label=None):
     if label is not None:
         parts.append(data.colorize(label.numpy(), palette))
     parts.append(data.colorize(pred.numpy(), palette))
-    gap = np.full((parts[0].shape[0], 4, 3), 255, np.uint8)
-    out = [parts[0]]
-    for p in parts[1:]:
-        out += [gap, p]
-    return np.concatenate(out, 1)
+    return hstack(parts, 4)
+
+
+def hstack(parts, gap):
+    """RGB uint8 pictures side by side, `gap` px of white between them, shorter ones padded
+    with white at the bottom."""
+    height = max(p.shape[0] for p in parts)
+    parts = [np.pad(p, ((0, height - p.shape[0]), (0, 0), (0, 0)), constant_values=255)
+             for p in parts]
+    white = np.full((height, gap, 3), 255, np.uint8)
+    return np.concatenate([x for p in parts for x in (p, white)][:-1], 1)
 
 
 def save_prediction(stem, image, pred, palette, label=None):
