@@ -71,20 +71,23 @@ def miou_from_confusion(confusion):
 
 @torch.no_grad()
 def predict_probs(model, image, scales=(1.0,), flip=False):
-    """Class probabilities (C, H, W) of a normalised image (3, H, W): softmax of every scale
-    (and of its mirror image, run in the same batch) resized to H x W and averaged."""
+    """Class probabilities (C, H, W) of a normalised image (3, H, W), DeepLab v3's way (paper
+    4.2): for every scale s (and the mirror image, in the same batch) the image is resized to
+    s H x s W, its logits at feature resolution are resized ONCE, straight to H x W, then the
+    softmax is taken, and the probabilities of all scales and flips are averaged. With one scale
+    1.0 and no flip this is exactly softmax(model(image))."""
     x = image.unsqueeze(0) if image.dim() == 3 else image
     h, w = x.shape[-2:]
+    scores = getattr(model, "low_res_logits", model)  # any per-pixel model works too
     total = None
     for s in scales:
         xs = x if s == 1.0 else F.interpolate(x, size=(max(1, round(h * s)), max(1, round(w * s))),
                                               mode="bilinear", align_corners=False)
         batch = torch.cat([xs, xs.flip(-1)]) if flip else xs
-        probs = model(batch).float().softmax(1)
+        logits = F.interpolate(scores(batch), size=(h, w), mode="bilinear", align_corners=False)
+        probs = logits.float().softmax(1)
         if flip:
             probs = probs[:1] + probs[1:].flip(-1)
-        if probs.shape[-2:] != (h, w):
-            probs = F.interpolate(probs, size=(h, w), mode="bilinear", align_corners=False)
         total = probs if total is None else total + probs
     return (total / (len(scales) * (2 if flip else 1)))[0]
 
@@ -337,7 +340,7 @@ def model_from_checkpoint(ck, path="checkpoint", **expected):
              if v is not None and k in cfg and cfg[k] != v]
     if wrong:
         raise ValueError(f"{path} does not match the requested architecture: " + "; ".join(wrong))
-    cfg["multi_grid"] = tuple(cfg["multi_grid"])
+    cfg["multi_grid"] = None if cfg.get("multi_grid") is None else tuple(cfg["multi_grid"])
     model = DeepLabV3(**cfg)
     model.load_state_dict(ck["model"])
     return model

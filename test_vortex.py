@@ -45,14 +45,37 @@ def test_backbone_stride_and_model_output_size(depth, os_, h, w):
         assert model(torch.randn(2, 3, h, w)).shape == (2, 5, h, w)
 
 
-@pytest.mark.parametrize("os_,layer3,layer4", [(8, 2, (4, 8, 16)), (16, 1, (2, 4, 8)),
-                                               (32, 1, (1, 2, 4))])
-def test_multigrid_dilations_are_those_of_paper_4_1(os_, layer3, layer4):
-    net = resnet(101, output_stride=os_, base_channels=4)
-    assert net.block_dilations["layer4"] == layer4
-    assert net.block_dilations["layer3"] == (layer3,) * 23
-    assert tuple(b.conv2.dilation[0] for b in net.layer4) == layer4
-    assert all(b.conv2.dilation[0] == b.conv2.padding[0] == layer3 for b in net.layer3)
+def expected_dilations(n3, n4, os_, multi_grid):
+    """Per-block 3x3 rates of layer3 and layer4, written out from the rule: a stage whose stride
+    is traded keeps the old rate in its first (formerly strided) block, the rest double it;
+    multi-grid sets layer4 to (its rate) x multi_grid."""
+    r3 = 1 if os_ >= 16 else 2  # layer3's rate after the trade (OS 8 trades it)
+    layer3 = (1,) + (r3,) * (n3 - 1)
+    r4 = {32: 1, 16: 2, 8: 4}[os_]
+    layer4 = (r3 if os_ == 8 else 1,) + (r4,) * (n4 - 1)
+    if os_ == 32:
+        layer4 = (1,) * n4
+    if multi_grid is not None:
+        layer4 = tuple(r4 * g for g in multi_grid[:n4])
+    return layer3, layer4
+
+
+@pytest.mark.parametrize("os_", [8, 16, 32])
+@pytest.mark.parametrize("depth", [18, 50, 101])
+@pytest.mark.parametrize("multi_grid", [None, (1, 2, 4), (1, 1, 1), (2, 3, 5)])
+def test_per_block_dilations_for_every_output_stride_and_multigrid(os_, depth, multi_grid):
+    net = resnet(depth, output_stride=os_, multi_grid=multi_grid, base_channels=2)
+    n3, n4 = len(net.layer3), len(net.layer4)
+    layer3, layer4 = expected_dilations(n3, n4, os_, multi_grid)
+    assert net.block_dilations["layer3"] == layer3 and net.block_dilations["layer4"] == layer4
+    convs = "conv2" if depth >= 50 else "conv1"  # the conv that holds the stride
+    for layer, rates in ((net.layer3, layer3), (net.layer4, layer4)):
+        assert [getattr(b, convs).dilation[0] for b in layer] == list(rates)
+        assert [getattr(b, convs).padding[0] for b in layer] == list(rates)
+    assert net.layer3[0].downsample[0].stride[0] == (2 if os_ >= 16 else 1)
+    assert net.layer4[0].downsample[0].stride[0] == (2 if os_ == 32 else 1)
+    if multi_grid == (1, 2, 4) and depth == 101:  # the paper's rates (4.1)
+        assert layer4 == {8: (4, 8, 16), 16: (2, 4, 8), 32: (1, 2, 4)}[os_]
 
 
 def torchvision_resnet_shapes(depth):
@@ -92,25 +115,31 @@ def test_state_dict_is_torchvision_minus_fc(depth, entries):
     assert own == {k: v for k, v in expected.items() if not k.startswith("fc.")}
 
 
-def reference_resnet_forward(sd, x, counts):
+def reference_resnet_forward(sd, x, counts, replace=(False, False, False)):
     """torchvision's ResNet (v1.5: stride on the 3x3 conv) written out functionally from a state
-    dict: an independent definition to compare our module against."""
+    dict, with its replace_stride_with_dilation rule for layer2..4 (a replaced stage: the first
+    block at the previous dilation, the others at dilation x 2): an independent definition to
+    compare our module against."""
     def bn(t, p):
         return F.batch_norm(t, sd[p + ".running_mean"], sd[p + ".running_var"],
                             sd[p + ".weight"], sd[p + ".bias"], False, 0.0, 1e-5)
     x = F.relu(bn(F.conv2d(x, sd["conv1.weight"], stride=2, padding=3), "bn1"))
     x = F.max_pool2d(x, 3, 2, 1)
+    dilation = 1
     for li, n in enumerate(counts, start=1):
+        stride, previous = (2 if li > 1 else 1), dilation
+        if li > 1 and replace[li - 2]:
+            dilation, stride = dilation * stride, 1
         for b in range(n):
             p = f"layer{li}.{b}"
-            stride = 2 if (b == 0 and li > 1) else 1
+            s, d = (stride, previous) if b == 0 else (1, dilation)
             out = F.relu(bn(F.conv2d(x, sd[p + ".conv1.weight"]), p + ".bn1"))
-            out = F.relu(bn(F.conv2d(out, sd[p + ".conv2.weight"], stride=stride, padding=1),
-                            p + ".bn2"))
+            out = F.relu(bn(F.conv2d(out, sd[p + ".conv2.weight"], stride=s, padding=d,
+                                     dilation=d), p + ".bn2"))
             out = bn(F.conv2d(out, sd[p + ".conv3.weight"]), p + ".bn3")
             idt = x
             if p + ".downsample.0.weight" in sd:
-                idt = bn(F.conv2d(x, sd[p + ".downsample.0.weight"], stride=stride),
+                idt = bn(F.conv2d(x, sd[p + ".downsample.0.weight"], stride=s),
                          p + ".downsample.1")
             x = F.relu(out + idt)
     return x
@@ -126,27 +155,90 @@ def randomize_bn_stats(module, seed=0):
             m.bias.data.copy_(torch.randn(m.num_features, generator=g) * 0.1)
 
 
-def test_output_stride_32_without_multigrid_is_torchvision_resnet():
+@settings(max_examples=6)
+@given(os_=st.sampled_from([8, 16, 32]), h=st.integers(33, 80), w=st.integers(33, 80))
+def test_without_multigrid_the_backbone_is_torchvision_dilated_resnet(os_, h, w):
     torch.manual_seed(0)
-    net = resnet(50, output_stride=32, multi_grid=(1, 1, 1), base_channels=8).eval()
+    net = resnet(50, output_stride=os_, multi_grid=None, base_channels=4).eval()
     randomize_bn_stats(net)
-    x = torch.randn(2, 3, 75, 64)
+    x = torch.randn(1, 3, h, w)
+    replace = {32: (False, False, False), 16: (False, False, True), 8: (False, True, True)}[os_]
     with torch.no_grad():
         ours = net(x)
-        ref = reference_resnet_forward(net.state_dict(), x, (3, 4, 6, 3))
-    assert ours.shape == ref.shape == (2, 256, 3, 2)
+        ref = reference_resnet_forward(net.state_dict(), x, (3, 4, 6, 3), replace)
+    assert ours.shape == ref.shape == (1, 128, math.ceil(h / os_), math.ceil(w / os_))
     torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-5)
 
 
-def test_bad_arguments_give_clear_errors():
-    with pytest.raises(ValueError, match="depth must be one of"):
-        resnet(42)
-    with pytest.raises(ValueError, match="output_stride must be 8, 16 or 32"):
-        resnet(50, output_stride=4)
-    with pytest.raises(ValueError, match="one entry per layer4 block"):
-        resnet(50, multi_grid=(1, 2))
-    with pytest.raises(ValueError, match="context must be one of"):
-        DeepLabV3(21, depth=18, context="psp", base_channels=4)
+# ----------------------------------------------------------------------------- golden fixtures
+# Outputs of the references themselves (torchvision, pycocotools), made once in a scratch
+# environment and committed under fixtures/ (see make_fixtures at the end of this file for the
+# command). The weights are not stored: both sides derive them from the tensor names.
+
+FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
+
+
+def seeded_weights(template, seed=0):
+    """Deterministic stand-in weights for a state_dict template (name -> tensor): numpy's PCG64
+    keyed by (seed, name), so that this project and the environment that made a fixture get the
+    same numbers without sharing a 170 MB file. BN scales are kept small so that 33 residual
+    blocks stay in range."""
+    import zlib
+    out = {}
+    for name, t in template.items():
+        if not t.is_floating_point():
+            out[name] = t.clone()
+            continue
+        rng, shape = np.random.default_rng([seed, zlib.crc32(name.encode())]), tuple(t.shape)
+        if name.endswith("running_var"):
+            v = rng.uniform(0.5, 1.5, shape)
+        elif name.endswith("running_mean"):
+            v = rng.normal(0, 0.1, shape)
+        elif t.dim() == 1 and name.endswith("weight"):
+            v = rng.uniform(0.2, 0.6, shape)
+        elif t.dim() == 1:
+            v = rng.normal(0, 0.1, shape)
+        else:
+            v = rng.normal(0, math.sqrt(2 / max(1, int(np.prod(shape[1:])))), shape)
+        out[name] = torch.from_numpy(v.astype(np.float32))
+    return out
+
+
+def seeded_input(h, w, seed=1):
+    return torch.from_numpy(np.random.default_rng(seed).normal(size=(1, 3, h, w)).astype(
+        np.float32))
+
+
+def relative_error(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+BACKBONE_INPUT, ASPP_INPUT = (97, 113), (161, 185)
+
+
+@pytest.mark.parametrize("depth,os_", [(50, 8), (50, 16), (101, 8), (101, 16)])
+def test_backbone_equals_torchvision_on_the_same_weights(depth, os_):
+    ref = np.load(os.path.join(FIXTURES, "torchvision_outputs.npz"))[f"resnet{depth}_os{os_}"]
+    net = resnet(depth, output_stride=os_, multi_grid=None).eval()
+    net.load_state_dict(seeded_weights(net.state_dict()))
+    with torch.no_grad():
+        ours = net(seeded_input(*BACKBONE_INPUT))[:, ::16]
+    assert ours.shape == ref.shape
+    assert relative_error(ours, torch.from_numpy(ref)) < 1e-5
+
+
+def test_aspp_equals_torchvision_deeplabv3_coco_checkpoint(tmp_path):
+    """A torchvision deeplabv3_resnet101 state_dict, loaded by load_backbone_weights, gives
+    torchvision's ASPP output (model.classifier[0](model.backbone(x)["out"]))."""
+    ref = np.load(os.path.join(FIXTURES, "torchvision_outputs.npz"))["deeplabv3_resnet101_aspp"]
+    model = DeepLabV3(21, 101, "aspp", multi_grid=None).eval()
+    path = tmp_path / "deeplabv3_resnet101_coco.pth"
+    torch.save(seeded_weights(torchvision_deeplab_format(model)), path)
+    load_backbone_weights(model, str(path), verbose=False)
+    with torch.no_grad():
+        ours = model.context(model.backbone(seeded_input(*ASPP_INPUT)))[:, ::4]
+    assert ours.shape == ref.shape == (1, 64, 21, 24)
+    assert relative_error(ours, torch.from_numpy(ref)) < 1e-5
 
 
 # ----------------------------------------------------------------------------- box average
@@ -672,9 +764,17 @@ def test_prepare_coco_on_real_annotations(tmp_path):
     assert any("missing image, left out" in line and "000000255917.jpg" in line for line in logs)
     assert (tmp_path / "ImageSets/Segmentation/val2017.txt").read_text() == "000000000139\n"
     ds = data.VOCSegmentation(str(tmp_path), "val2017")
-    classes = {data.VOC_CLASSES[i] for i in ds[0][1].unique().tolist()}
+    label = ds[0][1]
+    classes = {data.VOC_CLASSES[i] for i in label.unique().tolist() if i != data.IGNORE}
     assert classes == {"background", "person", "chair", "diningtable", "tvmonitor"}
     coco = json.load(open(ann))
+    # every VOC-class object under 1000 px is ignored where nothing larger lies over it
+    voc = {c["id"] for c in coco["categories"] if c["name"] in data.COCO_TO_VOC}
+    small = [a for a in coco["annotations"] if a["image_id"] == 139 and a["category_id"] in voc
+             and data.annotation_mask(a, 426, 640).sum() < 1000]
+    assert len(small) == 4  # of its 11 VOC-class objects
+    for a in small:
+        assert (label.numpy()[data.annotation_mask(a, 426, 640).astype(bool)] == 255).mean() > 0.5
     crowd = next(a for a in coco["annotations"] if a["iscrowd"])
     assert isinstance(crowd["segmentation"]["counts"], list)
     assert data.rle_decode(crowd["segmentation"]).sum() == 3386  # its `area` says 4015
@@ -699,6 +799,31 @@ def test_rle_string_matches_pycocotools():
     assert data.rle_counts_from_string(data.rle_counts_to_string([100, 5000, 3])) == [100, 5000, 3]
 
 
+def test_polygon_masks_equal_pycocotools():
+    """Every object of the fixture (real COCO val2017 polygons and random ones: self-intersecting,
+    several parts, vertices outside the image, fractional and repeated vertices) rasterises to
+    exactly pycocotools' decode(merge(frPyObjects(polygons, h, w)))."""
+    with open(os.path.join(FIXTURES, "pycocotools_polygons.json")) as f:
+        objects = json.load(f)["objects"]
+    assert len(objects) >= 300 and sum(o["source"] == "coco" for o in objects) >= 30
+    differ = [i for i, o in enumerate(objects)
+              if not np.array_equal(data.polygons_to_mask(o["polygons"], o["h"], o["w"]),
+                                    data.rle_decode({"size": [o["h"], o["w"]],
+                                                     "counts": o["rle"]}))]
+    assert differ == []
+
+
+@given(seed=st.integers(0, 10 ** 6), dx=st.integers(-3, 3), dy=st.integers(-3, 3))
+def test_polygon_mask_moves_with_the_polygon_and_ignores_vertex_order(seed, dx, dy):
+    rng = np.random.default_rng(seed)
+    pts = rng.uniform(8, 32, (int(rng.integers(3, 9)), 2))
+    mask = data.polygons_to_mask([pts.ravel().tolist()], 40, 40)
+    moved = data.polygons_to_mask([(pts + (dx, dy)).ravel().tolist()], 40, 40)
+    assert np.array_equal(np.roll(mask, (dy, dx), axis=(0, 1)), moved)
+    for other in (pts[::-1], np.roll(pts, 2, axis=0)):  # same edges: same mask
+        assert np.array_equal(data.polygons_to_mask([other.ravel().tolist()], 40, 40), mask)
+
+
 @given(cx=st.floats(15, 45), cy=st.floats(15, 45), r=st.floats(4, 14), n=st.integers(3, 12),
        rot=st.floats(0, 6.3))
 def test_polygon_area_within_a_pixel_boundary(cx, cy, r, n, rot):
@@ -721,8 +846,11 @@ def test_coco_category_mapping_and_size_rule():
             {"category_id": 2, "segmentation": data.rle_encode(small)},
             {"category_id": 3, "segmentation": data.rle_encode(small)}]
     mask = data.coco_voc_mask(anns, 50, 50, {1: 15, 2: 9})  # 3: not a VOC class
-    assert set(np.unique(mask)) == {0, 15} and (mask == 15).sum() == 1000
-    assert data.coco_voc_mask(anns[1:], 50, 50, {1: 15, 2: 9}) is None
+    # the small chair is discarded: ignored (255), neither chair nor background (paper 4.2)
+    assert set(np.unique(mask)) == {0, 15, 255} and (mask == 15).sum() == 1000
+    assert np.array_equal(mask == 255, small.astype(bool))
+    assert data.coco_voc_mask(anns[2:], 50, 50, {1: 15, 2: 9}) is None  # non-VOC only
+    assert data.coco_voc_mask(anns[1:], 50, 50, {1: 15, 2: 9}) is None  # small VOC only
 
 
 def test_show_and_bench_commands(tmp_path, capsys):
@@ -1059,7 +1187,20 @@ def test_predict_sizes_and_single_scale_equals_plain_inference(h, w):
     assert pred.shape == (h, w)
     with torch.no_grad():
         assert torch.equal(pred, model(x[None]).argmax(1)[0])
-    assert evaluation.predict(model, x, scales=(0.5, 1.25), flip=True).shape == (h, w)
+        assert torch.equal(evaluation.predict_probs(model, x), model(x[None]).softmax(1)[0])
+        # DeepLab's protocol written out: every scale and mirror on its own, its logits resized
+        # once from feature resolution to h x w, softmax, mean
+        ref = 0
+        for s in (0.5, 1.25):
+            xs = F.interpolate(x[None], size=(max(1, round(h * s)), max(1, round(w * s))),
+                               mode="bilinear", align_corners=False)
+            for flip in (False, True):
+                lo = model.low_res_logits(xs.flip(-1) if flip else xs)
+                p = F.interpolate(lo, size=(h, w), mode="bilinear", align_corners=False).softmax(1)
+                ref = ref + (p.flip(-1) if flip else p)
+    multi = evaluation.predict_probs(model, x, scales=(0.5, 1.25), flip=True)
+    assert multi.shape == (4, h, w)
+    torch.testing.assert_close(multi, ref[0] / 4)
 
 
 def test_flip_averaging_of_a_flip_equivariant_model_changes_nothing():
@@ -1172,3 +1313,76 @@ def test_mass_radius(h, w, dy, dx, f):
                                                            torch.arange(w).double(),
                                                            indexing="ij"), (h // 2, w // 2))))
     assert (d <= r[1]).double().mean() >= 0.5 > (d < r[1]).double().mean()
+
+
+# ============================================================================= making the fixtures
+# Run once, in a scratch environment that has the references (they are never dependencies of
+# this project), from the project root:
+#   python -m venv /tmp/ref && /tmp/ref/bin/pip install torch==2.13.0 torchvision==0.28.0 \
+#       pycocotools==2.0.11 numpy Pillow pytest hypothesis
+#   /tmp/ref/bin/python test_vortex.py make-fixtures --coco ../shared/voc_samples/coco/annotations/instances_val2017.json
+# It writes fixtures/torchvision_outputs.npz and fixtures/pycocotools_polygons.json.
+
+def make_fixtures(coco_json):
+    from importlib.metadata import version
+    import torchvision
+    import pycocotools.mask as mask_api
+    from torchvision.models import resnet50, resnet101
+    from torchvision.models.segmentation import deeplabv3_resnet101
+    torch.set_num_threads(2)
+    outputs = {}
+    for depth, make in ((50, resnet50), (101, resnet101)):
+        for os_, replace in ((8, [False, True, True]), (16, [False, False, True])):
+            net = make(weights=None, replace_stride_with_dilation=replace).eval()
+            net.load_state_dict(seeded_weights(net.state_dict()))
+            body = torch.nn.Sequential(*list(net.children())[:-2])  # without avgpool and fc
+            with torch.no_grad():
+                outputs[f"resnet{depth}_os{os_}"] = body(seeded_input(*BACKBONE_INPUT))[:, ::16]
+    seg = deeplabv3_resnet101(weights=None, weights_backbone=None, num_classes=21,
+                              aux_loss=True).eval()
+    seg.load_state_dict(seeded_weights(seg.state_dict()))
+    with torch.no_grad():
+        outputs["deeplabv3_resnet101_aspp"] = seg.classifier[0](
+            seg.backbone(seeded_input(*ASPP_INPUT))["out"])[:, ::4]
+    os.makedirs(FIXTURES, exist_ok=True)
+    np.savez_compressed(os.path.join(FIXTURES, "torchvision_outputs.npz"),
+                        **{k: v.numpy().astype(np.float32) for k, v in outputs.items()})
+    objects = []
+    with open(coco_json) as f:
+        coco = json.load(f)
+    sizes = {im["id"]: (im["height"], im["width"]) for im in coco["images"]}
+    for a in coco["annotations"]:
+        if isinstance(a["segmentation"], list):
+            objects.append(dict(source="coco", id=a["id"], h=sizes[a["image_id"]][0],
+                                w=sizes[a["image_id"]][1], polygons=a["segmentation"]))
+    rng = np.random.default_rng(2026)
+    for i in range(400):  # random objects: 1-3 parts, 3-14 vertices, some outside the image
+        h, w = int(rng.integers(1, 70)), int(rng.integers(1, 70))
+        parts = []
+        for _ in range(int(rng.integers(1, 4))):
+            pts = rng.uniform(-10, max(h, w) + 10, (int(rng.integers(3, 15)), 2))
+            kind = rng.random()
+            if kind < 0.2:
+                pts = np.round(pts)  # integer vertices
+            elif kind < 0.35:
+                pts = np.round(pts * 2) / 2  # half-pixel vertices
+            if rng.random() < 0.1:
+                pts[1] = pts[0]  # a repeated vertex
+            parts.append([round(float(v), 3) for v in pts.ravel()])
+        objects.append(dict(source="random", id=i, h=h, w=w, polygons=parts))
+    for o in objects:
+        rle = mask_api.merge(mask_api.frPyObjects(o["polygons"], o["h"], o["w"]))
+        o["rle"] = rle["counts"].decode()
+    with open(os.path.join(FIXTURES, "pycocotools_polygons.json"), "w") as f:
+        json.dump({"made_with": f"pycocotools {version('pycocotools')}, torchvision "
+                                f"{torchvision.__version__}, torch {torch.__version__}",
+                   "objects": objects}, f, separators=(",", ":"))
+    print(f"wrote {FIXTURES}: {len(outputs)} torchvision outputs, {len(objects)} polygon objects")
+
+
+if __name__ == "__main__":
+    import argparse
+    parser = argparse.ArgumentParser(description="Make the golden fixtures (scratch env only).")
+    parser.add_argument("command", choices=["make-fixtures"])
+    parser.add_argument("--coco", required=True, help="a COCO instances JSON with polygons")
+    make_fixtures(parser.parse_args().coco)

@@ -28,12 +28,13 @@ import torch.nn.functional as F
 #    checkpoints (e.g. resnet101-63fe2227.pth) load with no key surgery: conv1, bn1, layer1..4,
 #    blocks with conv1/bn1/conv2/bn2(/conv3/bn3) and downsample.0 (conv) / downsample.1 (BN).
 #
-#    Stride placement: torchvision (ResNet "v1.5") puts the stride of a down-sampling bottleneck
-#    on its 3x3 conv; the original Caffe ResNet used by DeepLab puts it on the first 1x1 conv,
-#    which skips 3 of every 4 input pixels before any 3x3 filter sees them. We follow
-#    torchvision because (a) the checkpoints people can actually get are torchvision's and a
-#    weight trained with the stride in one place is wrong with it in the other, and (b) v1.5 is
-#    slightly more accurate on ImageNet. At output stride 8 the question only concerns layer2.
+#    Stride placement. torchvision (ResNet "v1.5") puts a stage's stride on the 3x3 conv of its
+#    FIRST bottleneck. DeepLab v3's TF-slim ResNet also strides on a unit's 3x3 conv, but in the
+#    LAST unit of a block (the same arithmetic, grouped differently); the Caffe ResNet of DeepLab
+#    v1/v2 is the one that strides on the first 1x1 conv, skipping 3 of every 4 input pixels
+#    before any 3x3 filter sees them. We follow torchvision, because the checkpoints people can
+#    get are torchvision's, and a weight trained with the stride in one place is wrong with it in
+#    another.
 # ---------------------------------------------------------------------------------------------
 
 
@@ -63,7 +64,7 @@ class BasicBlock(nn.Module):
 
 
 class Bottleneck(nn.Module):
-    """1x1 reduce, 3x3 (stride and dilation here, as torchvision), 1x1 expand (ResNet-50+)."""
+    """1x1 reduce, 3x3 (stride and dilation here, as torchvision's), 1x1 expand (ResNet-50+)."""
     expansion = 4
 
     def __init__(self, cin, planes, stride=1, dilation=1, downsample=None):
@@ -94,21 +95,30 @@ class ResNet(nn.Module):
     """ResNet feature extractor; forward returns the last feature map X of paper 3.1.
 
     Output stride (paper 4.1, "Inference strategy"): the stem and layer1/layer2 always reduce
-    the image 8x. Each further stride-2 stage (layer3, layer4) that would push the stride past
-    `output_stride` runs at stride 1 and dilates its 3x3 convs instead, by `rate` = the stride it
-    gave up (DeepLab's atrous convolution), so the receptive field is unchanged:
+    the image 8x. A further stride-2 stage (layer3, layer4) that would push the stride past
+    `output_stride` runs at stride 1 and dilates its 3x3 convs instead (DeepLab's atrous
+    convolution), so that every filter sees the same pixels it was trained on:
+      - the first block's 3x3 conv held the stride; a stride-2 conv at rate r is a stride-1 conv
+        at rate r followed by subsampling, so without the subsampling it keeps rate r;
+      - every conv after it worked on the subsampled grid, so it now needs rate 2r.
+    This is TF-slim's `stack_blocks_dense` (DeepLab v3), torchvision's
+    `replace_stride_with_dilation` and mmsegmentation's `contract_dilation`. Per-block rates of
+    the 3x3 convs (`block_dilations`), for ResNet-50/101/152:
 
-        output_stride   layer3: stride, rate     layer4: stride, rate
-        32              2, 1                     2, 1
-        16              2, 1                     1, 2
-         8              1, 2                     1, 4
+        output     layer3                 layer4, multi_grid=None   layer4, multi_grid=(1, 2, 4)
+        stride     (first, rest)          (torchvision's geometry)  (paper 4.1, the default)
+        32         stride 2: 1, 1         stride 2: 1, 1, 1         1, 2, 4
+        16         stride 2: 1, 1         stride 1: 1, 2, 2         2, 4, 8
+         8         stride 1: 1, 2         stride 1: 2, 4, 4         4, 8, 16
 
-    Multi-grid (paper 4.1, "Multi-grid", after DeepLab v3): the i-th block of layer4 uses rate
-    `rate * multi_grid[i]`, so the default (1, 2, 4) gives layer4 dilations (4, 8, 16) at OS 8 and
-    (2, 4, 8) at OS 16 (ResNet-18 has two layer4 blocks and uses the first two). Every block
-    of a dilated stage uses its rate, the first one included (DeepLab v3's choice;
-    torchvision's `replace_stride_with_dilation` gives the first block the previous rate).
-    `block_dilations` records each block's rate.
+    Multi-grid (paper 4.1, "Multi-grid", after DeepLab v3): the i-th block of layer4 uses
+    `rate * multi_grid[i]`, where rate is the stage's rate after the stride is traded (4 at
+    OS 8), the first block included. That is DeepLab v3's block4 (4, 8, 16 at OS 8; slim's
+    block4 has no stride of its own) and mmsegmentation's result too. It changes the geometry
+    of layer4's first block from the one its ImageNet weights were trained at (rate 2 at OS 8
+    would be exact, multi-grid gives it 4) and of the other two (4 -> 8, 16): fine-tuning
+    adapts them. `multi_grid=None` reproduces torchvision's dilated ResNet exactly (tested
+    against it). ResNet-18 has two layer4 blocks and uses the first two entries.
 
     `base_channels` (64 in every standard ResNet) scales all widths; tests use small values.
     """
@@ -120,24 +130,31 @@ class ResNet(nn.Module):
         if output_stride not in (8, 16, 32):
             raise ValueError(f"output_stride must be 8, 16 or 32, got {output_stride}")
         block, counts = DEPTHS[depth]
-        if len(multi_grid) < counts[3]:
-            raise ValueError(f"multi_grid needs one entry per layer4 block ({counts[3]}), "
-                             f"got {tuple(multi_grid)}")
-        multi_grid = tuple(multi_grid)[: counts[3]]  # ResNet-18: 2 blocks, rates (1, 2)
-        self.depth, self.output_stride, self.multi_grid = depth, output_stride, tuple(multi_grid)
+        if multi_grid is not None:
+            if len(multi_grid) < counts[3] or min(multi_grid) < 1:
+                raise ValueError(f"multi_grid needs one positive entry per layer4 block "
+                                 f"({counts[3]}), got {tuple(multi_grid)}")
+            multi_grid = tuple(int(g) for g in multi_grid)[: counts[3]]  # ResNet-18: (1, 2)
+        self.depth, self.output_stride, self.multi_grid = depth, output_stride, multi_grid
         c = base_channels
         self.conv1 = nn.Conv2d(3, c, 7, stride=2, padding=3, bias=False)
         self.bn1 = nn.BatchNorm2d(c)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
         self.inplanes = c
-        s3, r3 = (1, 2) if output_stride == 8 else (2, 1)
-        s4, r4 = {8: (1, 4), 16: (1, 2), 32: (2, 1)}[output_stride]
         self.block_dilations = {}
         self.layer1 = self._make_layer("layer1", block, c, [1] * counts[0], 1)
         self.layer2 = self._make_layer("layer2", block, 2 * c, [1] * counts[1], 2)
-        self.layer3 = self._make_layer("layer3", block, 4 * c, [r3] * counts[2], s3)
-        self.layer4 = self._make_layer("layer4", block, 8 * c, [r4 * g for g in multi_grid], s4)
+        stride, rate = 8, 1  # after layer2
+        for i, name in ((2, "layer3"), (3, "layer4")):
+            if stride < output_stride:  # keep the stride
+                s, first, rate, stride = 2, rate, rate, stride * 2
+            else:  # trade it for dilation: the strided conv keeps its rate, the rest double it
+                s, first, rate = 1, rate, rate * 2
+            dilations = [first] + [rate] * (counts[i] - 1)
+            if name == "layer4" and multi_grid is not None:
+                dilations = [rate * g for g in multi_grid]
+            setattr(self, name, self._make_layer(name, block, 2 ** i * c, dilations, s))
         self.out_channels = 8 * c * block.expansion
         del self.inplanes
         for m in self.modules():  # torchvision's initialisation
@@ -167,8 +184,9 @@ class ResNet(nn.Module):
 def resnet(depth, output_stride=8, multi_grid=(1, 2, 4), base_channels=64):
     """The backbone of paper 3.1/4.1: `resnet(101)` is DeepLab v3's ResNet-101, OS 8, multi-grid.
 
-    `resnet(101, output_stride=32, multi_grid=(1, 1, 1))` is exactly torchvision's resnet101
-    without its pooling and `fc` layers.
+    `resnet(101, output_stride=os, multi_grid=None)` is exactly torchvision's
+    `resnet101(replace_stride_with_dilation=...)` for that output stride (and, at OS 32, plain
+    `resnet101`) without its pooling and `fc` layers.
     """
     return ResNet(depth, output_stride, multi_grid, base_channels)
 
@@ -513,6 +531,9 @@ class DeepLabV3(nn.Module):
 
     `context` in CONTEXTS; `pool_k` is Module A's k. Forward returns logits (N, classes, H, W)
     at the input's size, for any H, W (also sizes not divisible by the output stride).
+    `DeepLabV3(21, 101, "aspp", multi_grid=None)` has the geometry of torchvision's
+    `deeplabv3_resnet101` (its ASPP output is the same on the same weights); the paper's model
+    (the default) adds multi-grid (1, 2, 4) in layer4 (see ResNet).
     """
 
     def __init__(self, num_classes, depth=101, context="vortex", output_stride=8, pool_k=5,
@@ -521,7 +542,8 @@ class DeepLabV3(nn.Module):
         super().__init__()
         self.config = dict(num_classes=num_classes, depth=depth, context=context,
                            output_stride=output_stride, pool_k=pool_k,
-                           multi_grid=tuple(multi_grid), base_channels=base_channels,
+                           multi_grid=None if multi_grid is None else tuple(multi_grid),
+                           base_channels=base_channels,
                            context_channels=context_channels, dropout=dropout,
                            count_include_pad=count_include_pad)
         self.backbone = resnet(depth, output_stride, multi_grid, base_channels)
@@ -530,11 +552,16 @@ class DeepLabV3(nn.Module):
                                     count_include_pad=count_include_pad)
         self.classifier = nn.Conv2d(context_channels, num_classes, 1)
 
+    def low_res_logits(self, x):
+        """Class scores at feature resolution (the input's size / output stride), before the
+        bilinear upsampling of Fig. 4 (multi-scale inference resizes these once, eval.py)."""
+        return self.classifier(self.context(self.backbone(x)))
+
     def forward(self, x):
-        logits = self.classifier(self.context(self.backbone(x)))
         # align_corners=False (PyTorch's and torchvision's convention). DeepLab's TF code uses
         # align_corners=True with input sizes 8k+1 (513); the difference is a sub-pixel shift.
-        return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        return F.interpolate(self.low_res_logits(x), size=x.shape[-2:], mode="bilinear",
+                             align_corners=False)
 
 
 # ---------------------------------------------------------------------------------------------
