@@ -18,6 +18,7 @@ error that names the file. Commands (see `python data.py --help`):
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -103,15 +104,55 @@ def save_mask(path, mask, palette=VOC_PALETTE):
     atomic_save(path, lambda f: im.save(f, format="PNG"))
 
 
-def atomic_save(path, write):
-    """Call write(file) on a temp file beside `path`, then rename it over `path`."""
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=os.path.basename(path))
+class BadInput(ValueError):
+    """Known-bad input that the user can fix (a flag, a file): the commands print its one-line
+    message and exit with code 2, without a traceback. Anything else keeps its traceback."""
+
+
+class MissingInput(BadInput, FileNotFoundError):
+    """A file or folder that should exist does not."""
+
+
+def cli(main):
+    """Run a command's main(): BadInput becomes 'error: ...' on stderr and exit code 2."""
     try:
+        return main()
+    except BadInput as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_save(path, write):
+    """Call write(file) on a temp file beside `path`, then rename it over `path`: a crash
+    mid-write never leaves a half-written `path`. The file gets the permissions the umask allows
+    (as open() would give it), leftovers of earlier interrupted saves of the same file are
+    removed first, and a failed write (disk full, read-only folder) raises BadInput naming the
+    file and the cause, with nothing left behind."""
+    d, base = os.path.split(os.path.abspath(path))
+    try:
+        os.makedirs(d, exist_ok=True)
+        for old in os.listdir(d):  # a kill mid-save leaves .tmp-XXXX<name> behind
+            if old.startswith(".tmp-") and old.endswith(base) and len(old) > len(base) + 5:
+                os.unlink(os.path.join(d, old))
+        fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=base)
+    except OSError as e:
+        raise BadInput(f"cannot write {path}: {e.strerror or e}") from None
+    try:
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             write(f)
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+        os.unlink(tmp)
+        free = shutil.disk_usage(d).free / 2 ** 20
+        raise BadInput(f"cannot write {path}: {getattr(e, 'strerror', None) or e} "
+                       f"({free:.0f} MB free there)") from None
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -183,7 +224,9 @@ def eval_transform():
 
 
 def sample_rng(seed, epoch, index):
-    """The augmentation randomness of one sample in one epoch."""
+    """The augmentation randomness of one sample in one epoch. Datasets take an index (in their
+    current `epoch`) or an (epoch, index) key: train.py's sampler sends keys, so that loader
+    workers that live for the whole run need not be told when an epoch starts."""
     return np.random.default_rng([seed, epoch, index])
 
 
@@ -249,9 +292,10 @@ class VOCSegmentation(torch.utils.data.Dataset):
                              f"{mask.shape[1]}x{mask.shape[0]} (width x height)")
         return image, mask
 
-    def __getitem__(self, index):
+    def __getitem__(self, key):
+        epoch, index = key if isinstance(key, tuple) else (self.epoch, key)  # see sample_rng
         image, mask = self.load(index)
-        return self.transform(image, mask, sample_rng(self.seed, self.epoch, index))
+        return self.transform(image, mask, sample_rng(self.seed, epoch, index))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -375,9 +419,10 @@ class SyntheticContext(torch.utils.data.Dataset):
             raise IndexError(f"index {index} out of range for {self.num_images} images")
         return render_synthetic(self.seed, index, self.size)
 
-    def __getitem__(self, index):
+    def __getitem__(self, key):
+        epoch, index = key if isinstance(key, tuple) else (self.epoch, key)  # see sample_rng
         image, label = self.load(index)
-        return self.transform(image, label, sample_rng(self.seed, self.epoch, index))
+        return self.transform(image, label, sample_rng(self.seed, epoch, index))
 
 
 DATASETS = ("synthetic", "voc", "voc_aug", "coco")
@@ -841,4 +886,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

@@ -106,21 +106,27 @@ def _shard(n):
 
 
 def evaluate(model, dataset, scales=(1.0,), flip=False, device=None, num_classes=None,
-             save_dir=None, log=print, palette=None):
-    """Full-image evaluation; returns miou_from_confusion's dict. In a distributed run each
-    rank takes every world_size-th image and the matrices are summed with all_reduce."""
-    device = device or next(model.parameters()).device
+             save_dir=None, log=print, palette=None, workers=0, amp=None):
+    """Full-image evaluation; returns miou_from_confusion's dict. Images are decoded by
+    `workers` loader processes while the model runs; `amp` ('bf16'/'fp16') runs the model under
+    autocast (the probabilities are averaged in fp32). In a distributed run each rank takes
+    every world_size-th image and the matrices are summed with all_reduce."""
+    device = torch.device(device) if device is not None else next(model.parameters()).device
     num_classes = num_classes or len(dataset.classes)
     palette = palette if palette is not None else dataset.palette
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, None: None}[amp]
     was_training = model.training
     model.eval()
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
-    indices = _shard(len(dataset))
+    indices = list(_shard(len(dataset)))
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, indices),
+                                         batch_size=None, num_workers=workers,
+                                         pin_memory=device.type == "cuda")
     t0 = time.time()
-    for n, i in enumerate(indices, 1):
-        image, label = dataset[i]
-        pred = predict(model, image.to(device), scales, flip)
-        confusion_update(confusion, pred, label.to(device))
+    for n, (i, (image, label)) in enumerate(zip(indices, loader), 1):
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            pred = predict(model, image.to(device, non_blocking=True), scales, flip)
+        confusion_update(confusion, pred, label.to(device, non_blocking=True))
         if save_dir:
             name = getattr(dataset, "ids", None)
             name = name[i] if name else f"{i:05d}"

@@ -863,6 +863,7 @@ def test_show_and_bench_commands(tmp_path, capsys):
 
 
 # ============================================================================= train.py
+import re  # noqa: E402
 import signal  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -1014,8 +1015,154 @@ def test_resume_is_exact(tmp_path):
     losses_a = [json.loads(line)["loss"] for line in open(os.path.join(a, "log.jsonl"))]
     losses_b = [json.loads(line)["loss"] for line in open(os.path.join(b, "log.jsonl"))]
     assert losses_a == losses_b
-    with pytest.raises(SystemExit, match="exists: pass --resume"):
+    with pytest.raises(data.BadInput, match="exists: pass --resume"):
         train.main(TINY + ["--iters", "7", "--out-dir", a])
+
+
+def test_resume_with_accumulation_is_exact_across_epoch_ends(tmp_path):
+    """--accum-steps 3 with batch 6: micro-batches of 2, 8 per epoch of 16 images, so optimizer
+    steps straddle epoch ends; a run stopped and resumed twice equals a straight one bitwise."""
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    acc = TINY + ["--batch-size", "6", "--accum-steps", "3", "--iters", "6", "--no-eval",
+                  "--log-every", "2"]
+    train.main(acc + ["--out-dir", a])
+    assert train.main(acc + ["--out-dir", b, "--stop-after", "3"])["stopped_at"] == 3
+    assert train.main(acc + ["--out-dir", b, "--resume", "--stop-after", "2"])["stopped_at"] == 5
+    train.main(acc + ["--out-dir", b, "--resume"])
+    ca, cb = (torch.load(os.path.join(d, "checkpoint.pt"), weights_only=True) for d in (a, b))
+    assert (ca["epoch"], ca["batch_in_epoch"]) == (cb["epoch"], cb["batch_in_epoch"]) == (2, 2)
+    for k, v in ca["model"].items():
+        assert torch.equal(v, cb["model"][k]), k
+    for k, v in ca["optimizer"]["state"].items():
+        assert torch.equal(v["momentum_buffer"], cb["optimizer"]["state"][k]["momentum_buffer"])
+    # the log has no iteration twice (a stop logs its own line: 3 and 5)
+    iters_b = [json.loads(line)["iter"] for line in open(os.path.join(b, "log.jsonl"))]
+    assert iters_b == [2, 3, 4, 5, 6]
+
+
+def test_micro_batch_stream_is_the_epoch_shuffle_cut_into_micro_batches():
+    ds = data.SyntheticContext(10, 32)
+    stream = iter(train.MicroBatchStream(ds, rank=0, world=1, seed=3, micro=3, start=(1, 2)))
+    keys = [next(stream) for _ in range(9)]
+    s = torch.utils.data.DistributedSampler(ds, 1, 0, True, 3, True)
+    s.set_epoch(1)
+    e1 = list(s)
+    s.set_epoch(2)
+    e2 = list(s)
+    assert keys == [(1, i) for i in e1[6:9]] + [(2, i) for i in e2[:6]]  # 3 per epoch, 1 left
+    assert train.advance((1, 2), 4, 3) == (3, 0) and train.advance((0, 0), 2, 3) == (0, 2)
+
+
+def test_resume_refuses_another_experiment_and_auto_starts_or_resumes(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    with pytest.raises(data.MissingInput, match="no checkpoint at"):
+        train.main(TINY + ["--iters", "2", "--out-dir", out, "--resume"])
+    assert not os.path.exists(out)  # a refused start leaves no folder behind
+    assert train.main(TINY + ["--iters", "4", "--out-dir", out, "--no-eval", "--resume", "auto",
+                              "--stop-after", "2"])["stopped_at"] == 2
+    with pytest.raises(data.BadInput, match=r"another experiment; these differ: --context aspp "
+                                            r"\(checkpoint: vortex\); --lr 0.5 \(checkpoint: 0.02"):
+        train.main(TINY + ["--iters", "4", "--out-dir", out, "--resume", "--context", "aspp",
+                           "--lr", "0.5"])
+    with open(os.path.join(out, "log.jsonl"), "a") as f:  # a killed run logged beyond it
+        f.write(json.dumps({"iter": 3, "loss": 9.0, "lr": 0.0, "img_per_s": 0, "time": 0}) + "\n")
+    # safe changes are allowed (more iterations, another logging rate)
+    res = train.main(TINY + ["--iters", "5", "--out-dir", out, "--no-eval", "--resume", "auto",
+                             "--log-every", "1"])
+    assert res["iteration"] == 5
+    iters = [json.loads(line)["iter"] for line in open(os.path.join(out, "log.jsonl"))]
+    assert iters == [1, 2, 3, 4, 5]  # the stale line for 3 is gone, nothing twice
+    assert "resumed" in capsys.readouterr().out
+    assert os.path.isfile(os.path.join(out, "curves.png"))
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--batch-size", "0"], "--batch-size 0: must be a whole number >= 1"),
+    (["--batch-size", "1"], "batch norm cannot normalise a single value"),
+    (["--batch-size", "4", "--accum-steps", "3"], "must be divisible by ranks x --accum-steps"),
+    (["--save-every", "0"], "--save-every 0: must be"), (["--log-every", "0"], "--log-every 0"),
+    (["--iters", "0"], "--iters 0: must be"), (["--iters", "-3"], "--iters -3"),
+    (["--val-images", "0"], "--val-images 0"), (["--erf-images", "0"], "--erf-images 0"),
+    (["--pool-k", "4"], "must be odd"), (["--pool-k", "0"], "--pool-k 0"),
+    (["--scale", "2", "0.5"], "0 < MIN <= MAX"), (["--scale", "0", "0"], "--scale 0.0 0.0"),
+    (["--crop", "3"], "--crop 3: must be at least 4 x the output stride"),
+    (["--crop", "-5"], "--crop -5"), (["--power", "0"], "--power 0.0: must be a finite"),
+    (["--momentum", "1"], "--momentum 1.0: must be in"), (["--lr", "nan"], "--lr nan"),
+    (["--lr", "-1"], "--lr -1.0"), (["--workers", "-1"], "--workers -1"),
+    (["--base-channels", "0"], "--base-channels 0"),
+    (["--multi-grid", "1", "2"], "ResNet-50 has 3 layer4 blocks"),
+    (["--multi-grid", "1", "x", "4"], "give 3 whole numbers"),
+    (["--device", "banana"], "--device banana: use cpu, cuda or cuda:N"),
+    (["--amp", "fp16", "--device", "cpu"], "fp16 needs CUDA"),
+    (["--sync-bn", "torch", "--device", "cpu"], None),  # one rank: nothing to synchronise
+])
+def test_bad_flags_are_refused_up_front_in_one_line(tmp_path, flags, message):
+    args = TINY + ["--depth", "50", "--iters", "1", "--out-dir", str(tmp_path / "r"),
+                   "--no-eval"] + flags
+    if message is None:
+        assert train.main(args)["iteration"] == 1
+        return
+    with pytest.raises(data.BadInput, match=re.escape(message)) as e:
+        train.main(args)
+    assert "\n" not in str(e.value) and not os.path.exists(tmp_path / "r")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message without a GPU")
+def test_device_cuda_without_a_gpu_is_refused(tmp_path):
+    with pytest.raises(data.BadInput, match="no CUDA device is visible"):
+        train.main(TINY + ["--device", "cuda", "--out-dir", str(tmp_path / "r")])
+
+
+def test_command_line_refusal_is_one_line_and_exit_code_2(tmp_path):
+    proc = subprocess.run([sys.executable, os.path.join(HERE, "train.py"), "--batch-size", "0"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "error: --batch-size 0: must be a whole number >= 1"]
+
+
+def test_atomic_save_respects_umask_cleans_leftovers_and_names_failures(tmp_path):
+    path = tmp_path / "checkpoint.pt"
+    (tmp_path / ".tmp-abc123checkpoint.pt").write_bytes(b"x" * 100)  # a killed save's leftover
+    (tmp_path / ".tmp-keepother.png").write_bytes(b"x")  # another file's: not ours to remove
+    old = os.umask(0o022)
+    try:
+        data.atomic_save(str(path), lambda f: f.write(b"ok"))
+    finally:
+        os.umask(old)
+    assert path.read_bytes() == b"ok" and (path.stat().st_mode & 0o777) == 0o644
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".tmp-keepother.png", "checkpoint.pt"]
+
+    def fails(f):
+        f.write(b"partial")
+        raise OSError(28, "No space left on device")
+    with pytest.raises(data.BadInput, match=r"cannot write .*checkpoint.pt: No space left on "
+                                            r"device \(\d+ MB free there\)"):
+        data.atomic_save(str(path), fails)
+    assert path.read_bytes() == b"ok"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".tmp-keepother.png", "checkpoint.pt"]
+
+
+def test_freeze_bn_keeps_statistics_and_parameters(tmp_path):
+    out = str(tmp_path / "run")
+    train.main(TINY + ["--iters", "2", "--out-dir", str(tmp_path / "first"), "--no-eval"])
+    src = os.path.join(tmp_path, "first", "checkpoint.pt")
+    train.main(TINY + ["--iters", "2", "--out-dir", out, "--no-eval", "--freeze-bn",
+                       "--init-from", src, "--batch-size", "1"])
+    before = torch.load(src, weights_only=True)["model"]
+    after = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)["model"]
+    bn = [k for k in before if "bn" in k or k.endswith(("running_mean", "running_var"))]
+    assert bn and all(torch.equal(before[k], after[k]) for k in bn)
+    assert not torch.equal(before["classifier.weight"], after["classifier.weight"])
+
+
+def test_init_from_another_context_takes_the_backbone_only(tmp_path, capsys):
+    train.main(TINY + ["--iters", "1", "--out-dir", str(tmp_path / "aspp"), "--no-eval",
+                       "--context", "aspp"])
+    train.main(TINY + ["--iters", "1", "--out-dir", str(tmp_path / "vx"), "--no-eval",
+                       "--init-from", str(tmp_path / "aspp" / "checkpoint.pt")])
+    assert "holds a aspp model, this run is vortex: only its backbone is taken" in \
+        capsys.readouterr().out
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
@@ -1028,8 +1175,11 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monk
         loss = real(logits, target)
         return loss * float("nan") if calls["n"] == 3 else loss
     monkeypatch.setattr(train, "loss_fn", sometimes_nan)
-    with pytest.raises(SystemExit, match="loss is nan at iteration 2: training stopped"):
-        train.main(TINY + ["--iters", "5", "--out-dir", out, "--save-every", "2"])
+    # the NaN comes at iteration 3, between sync points (log every 5, save every 2): it is
+    # found at the next one (4), before that checkpoint would be written
+    with pytest.raises(SystemExit, match="loss is nan in the iterations up to 4: training"):
+        train.main(TINY + ["--iters", "5", "--out-dir", out, "--save-every", "2",
+                           "--log-every", "5"])
     ck = evaluation.load_checkpoint(os.path.join(out, "checkpoint.pt"))
     assert ck["iteration"] == 2
 
@@ -1059,7 +1209,7 @@ def test_signal_saves_and_exits_cleanly(tmp_path, sig, workers):
         lines.append(line)
         if line.startswith("it 2/"):
             os.killpg(proc.pid, sig) if sig == signal.SIGINT else proc.send_signal(sig)
-    assert proc.wait(timeout=60) == 0, "".join(lines)
+    assert proc.wait(timeout=60) == train.EXIT_STOPPED, "".join(lines)  # stopped, not finished
     assert any(f"{sig.name}: checkpoint saved at iteration" in line for line in lines), lines
     ck = evaluation.load_checkpoint(os.path.join(out, "checkpoint.pt"))
     assert 2 <= ck["iteration"] < 100000
@@ -1261,7 +1411,7 @@ def test_ablation_table_runs_every_module(tmp_path, capsys):
     log = capsys.readouterr().out
     assert log.count("finished earlier, read back") == 6 and "resumed" in log
     assert all(np.allclose(again[k][:, :2], rows[k][:, :2], equal_nan=True) for k in rows)
-    with pytest.raises(SystemExit, match="another configuration"):
+    with pytest.raises(data.BadInput, match=r"made with other settings \(iters 1 -> 2\)"):
         train.main(TINY + ["--iters", "2", "--ablation", "1", "--out-dir", out])
     cks = [os.path.join(out, f"{m}-seed0", "checkpoint.pt") for m in ("ASPP", "Vortex")]
     erf = str(tmp_path / "erf.png")

@@ -6,13 +6,18 @@
 
 Paper 4.1: poly learning rate (base 0.007, power 0.9, every iteration), 30k iterations, batch 16,
 random scale 0.5-2.0 and flips, 513 crops, multi-grid (1, 2, 4), batch norm updated and
-synchronised across GPUs. Paper 4.2: COCO (200k iterations) -> train_aug -> trainval.
-The loop is plain PyTorch: DistributedDataParallel started by torchrun, our own SyncBatchNorm,
-atomic checkpoints that resume exactly, SIGINT/SIGTERM save and stop.
+synchronised across GPUs. Paper 4.2: COCO (200k iterations) -> train_aug -> trainval (BN frozen).
+The loop (`train`) is plain PyTorch and reads like 4.1; each concern around it is one short
+function: DistributedDataParallel started by torchrun, synchronised BN (torch's fused kernels on
+CUDA, our derivation on CPU), gradient accumulation, atomic checkpoints that resume exactly and
+that only rank 0 touches, SIGINT/SIGTERM save and stop (exit code 3).
 """
 import argparse
+import contextlib
 import json
+import math
 import os
+import shutil
 import signal
 import sys
 import time
@@ -22,11 +27,12 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageDraw
 
 import data
 import eval as evaluation
-from vortex import CONTEXTS, DeepLabV3, load_backbone_weights
+from data import BadInput, MissingInput
+from vortex import CONTEXTS, DEPTHS, DeepLabV3, load_backbone_weights
 
 # Each dataset carries its preset; explicit flags override it (see --help).
 PRESETS = {
@@ -45,12 +51,24 @@ PRESETS = {
                  val_split="val2017", log_every=20, save_every=5000),
 }
 COMMON = dict(context="vortex", pool_k=5, multi_grid=(1, 2, 4), momentum=0.9, weight_decay=1e-4,
-              power=0.9, seed=0, workers=4, num_images=None, val_images=None, image_size=None)
+              power=0.9, seed=0, workers=4, num_images=None, val_images=None, image_size=None,
+              accum_steps=1, sync_bn="auto")
+# A resumed run must be the same experiment: these must equal the checkpoint's. Everything else
+# (--iters to extend, --workers, --log-every, --save-every, --amp, --device, --sync-bn, ...)
+# may change on resume.
+RESUME_MUST_MATCH = ("dataset", "split", "context", "pool_k", "depth", "base_channels",
+                     "context_channels", "output_stride", "multi_grid", "crop", "scale",
+                     "batch_size", "accum_steps", "lr", "power", "momentum", "weight_decay", "seed",
+                     "num_images", "image_size", "freeze_bn")
+EXIT_STOPPED = 3  # a graceful stop (signal): a checkpoint was saved, the run is not finished
 
 
 # ---------------------------------------------------------------------------------------------
 # Synchronised batch norm from primitives (paper 4.1, "Batch Normalization": with 2-4 images per
 # GPU, per-GPU statistics are too noisy; the statistics must be those of the whole batch).
+# On CUDA, --sync-bn auto uses torch.nn.SyncBatchNorm instead: the same mathematics in fused
+# kernels (~8 passes over the activation and 2 collectives per layer instead of our ~22 and 3).
+# This one is the readable derivation, and the one that runs on CPU (gloo).
 #
 # For channel c over the N = sum of all ranks' n_r values x (all images, all pixels):
 #   mean  mu = (sum_r S_r) / N,             S_r = sum of rank r's x          (all_reduce 1)
@@ -111,9 +129,10 @@ class SyncBatchNorm2d(nn.BatchNorm2d):
                     1.0 / self.num_batches_tracked.item()
                 self.running_mean.mul_(1 - m).add_(mean, alpha=m)
                 self.running_var.mul_(1 - m).add_(var * n / (n - 1).clamp(min=1), alpha=m)
-        y = xhat * self.weight[None, :, None, None] + self.bias[None, :, None, None] \
-            if self.affine else xhat
-        return y.to(x.dtype)
+        if not self.affine:  # xhat is saved for backward: never hand it to an in-place ReLU
+            return xhat.to(x.dtype, copy=True)
+        return (xhat * self.weight[None, :, None, None] + self.bias[None, :, None, None]).to(
+            x.dtype)
 
 
 def convert_sync_batchnorm(module):
@@ -123,15 +142,43 @@ def convert_sync_batchnorm(module):
         if isinstance(child, nn.BatchNorm2d) and not isinstance(child, SyncBatchNorm2d):
             sync = SyncBatchNorm2d(child.num_features, child.eps, child.momentum, child.affine,
                                    child.track_running_stats)
-            like = next(t for t in list(child.parameters()) + list(child.buffers())
-                        if t.is_floating_point())
-            sync.to(device=like.device, dtype=like.dtype)
+            like = next((t for t in list(child.parameters()) + list(child.buffers())
+                         if t.is_floating_point()), None)  # none: affine=False, no statistics
+            if like is not None:
+                sync.to(device=like.device, dtype=like.dtype)
             sync.load_state_dict(child.state_dict())
             sync.train(child.training)
             setattr(module, name, sync)
         else:
             convert_sync_batchnorm(child)
     return module
+
+
+def synchronise_batchnorm(model, choice, device, world):
+    """--sync-bn: 'auto' = torch's fused SyncBatchNorm on CUDA, ours on CPU; 'off' = per-rank
+    statistics. Returns what was done."""
+    if world == 1 or choice == "off":
+        return "off (one rank)" if world == 1 else "off"
+    if choice == "auto":
+        choice = "torch" if device.type == "cuda" else "ours"
+    if choice == "torch":
+        if device.type != "cuda":
+            raise BadInput("--sync-bn torch: torch.nn.SyncBatchNorm needs CUDA (NCCL); on CPU "
+                           "use --sync-bn ours (or auto)")
+        nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    else:
+        convert_sync_batchnorm(model)
+    return choice
+
+
+def freeze_batchnorm(model):
+    """Paper 4.2's last stage (after DeepLab v3): batch-norm statistics and affine parameters
+    stay as they are. Call after every model.train()."""
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
+            for p in m.parameters():
+                p.requires_grad_(False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -147,15 +194,31 @@ def poly_lr(base, it, max_it, power=0.9):
 # Multi-node works through torchrun's own rendezvous; nothing here is home-made.
 # ---------------------------------------------------------------------------------------------
 
+def pick_device(device_arg, local_rank=0):
+    """--device: None (CUDA when visible, else CPU), 'cpu', 'cuda' or 'cuda:N'."""
+    if device_arg is None:
+        device_arg = "cuda" if torch.cuda.is_available() else "cpu"
+    if device_arg != "cpu" and not (device_arg == "cuda" or device_arg.startswith("cuda:")):
+        raise BadInput(f"--device {device_arg}: use cpu, cuda or cuda:N")
+    if device_arg == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise BadInput(f"--device {device_arg}: no CUDA device is visible "
+                       f"(torch.cuda.is_available() is False); use --device cpu")
+    index = int(device_arg.split(":")[1]) if ":" in device_arg else local_rank
+    if index >= torch.cuda.device_count():
+        raise BadInput(f"--device {device_arg}: only {torch.cuda.device_count()} CUDA device(s)")
+    return torch.device("cuda", index)
+
+
 def setup_distributed(device_arg):
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    cuda = torch.cuda.is_available() and device_arg != "cpu"
-    device = torch.device(f"cuda:{local}" if cuda else "cpu")
-    if cuda:
+    device = pick_device(device_arg, int(os.environ.get("LOCAL_RANK", "0")))
+    if device.type == "cuda":
         torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = True  # fixed 513 crops: pick the fastest kernels once
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     rank = dist.get_rank() if dist.is_initialized() else 0
     return rank, (dist.get_world_size() if dist.is_initialized() else 1), device
 
@@ -165,40 +228,165 @@ def rank0_print(*a, **k):
         print(*a, **k, flush=True)
 
 
+def from_rank0(obj):
+    """rank 0's (small, picklable) object on every rank."""
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def broadcast_tensors(tree, device):
+    """rank 0's nested dict/list of tensors on every rank (others pass None): the structure
+    travels as an object, the tensors one by one over the process group. Only rank 0 reads the
+    checkpoint file, so a multi-node run needs no shared filesystem."""
+    if not dist.is_initialized():
+        return tree
+    flat = []
+
+    def strip(t):
+        if isinstance(t, torch.Tensor):
+            flat.append(t)
+            return ("__tensor__", len(flat) - 1, tuple(t.shape), str(t.dtype).split(".")[1])
+        if isinstance(t, dict):
+            return {k: strip(v) for k, v in t.items()}
+        if isinstance(t, (list, tuple)):
+            return type(t)(strip(v) for v in t)
+        return t
+    spec = from_rank0(strip(tree) if dist.get_rank() == 0 else None)
+    comm = device if dist.get_backend() == "nccl" else torch.device("cpu")
+
+    def fill(t):
+        if isinstance(t, tuple) and len(t) == 4 and t[0] == "__tensor__":
+            out = flat[t[1]].to(comm) if flat else torch.empty(t[2], dtype=getattr(torch, t[3]),
+                                                               device=comm)
+            dist.broadcast(out, src=0)
+            return out.cpu()
+        if isinstance(t, dict):
+            return {k: fill(v) for k, v in t.items()}
+        if isinstance(t, (list, tuple)):
+            return type(t)(fill(v) for v in t)
+        return t
+    return fill(spec)
+
+
 # ---------------------------------------------------------------------------------------------
 # Checkpoints: plain dicts of tensors and numbers (torch.load(weights_only=True) reads them),
-# written to a temp file and renamed, so a crash mid-write never destroys the last good one.
+# written by rank 0 to a temp file and renamed, so a crash mid-write never destroys the last
+# good one (data.atomic_save).
 # ---------------------------------------------------------------------------------------------
 
-def save_checkpoint(path, model, optimizer, scaler, it, epoch, batch_in_epoch, cfg, dataset):
-    ck = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-          "scaler": scaler.state_dict() if scaler is not None else {},
-          "iteration": it, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
+def save_checkpoint(run, it, position):
+    ck = {"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
+          "scaler": run.scaler.state_dict() if run.scaler is not None else {},
+          "iteration": it, "epoch": position[0], "batch_in_epoch": position[1],
           "rng_cpu": torch.get_rng_state(),
-          "rng_cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else torch.empty(0),
-          "config": model.config, "train_args": cfg, "dataset": cfg["dataset"],
-          "classes": list(dataset.classes), "palette": np.asarray(dataset.palette).tolist(),
-          "data_args": cfg["val_data_args"]}
-    data.atomic_save(path, lambda f: torch.save(ck, f))
+          "rng_cuda": torch.cuda.get_rng_state() if run.device.type == "cuda" else torch.empty(0),
+          "config": run.model.config, "train_args": run.cfg, "dataset": run.cfg["dataset"],
+          "classes": list(run.train_set.classes),
+          "palette": np.asarray(run.train_set.palette).tolist(),
+          "data_args": run.cfg["val_data_args"]}
+    data.atomic_save(run.ck_path, lambda f: torch.save(ck, f))
+    write_curves(run.log_path, os.path.join(run.cfg["out_dir"], "curves.png"))
 
 
-class EpochSampler(torch.utils.data.Sampler):
-    """This rank's indices for one epoch (DistributedSampler's shuffle, seeded by epoch),
-    starting after the batches already consumed, so a resumed run sees the same data order."""
+def resume_differences(saved, cfg):
+    """The flags in RESUME_MUST_MATCH whose value differs from the checkpoint's."""
+    now, then = (json.loads(json.dumps({k: c.get(k) for k in RESUME_MUST_MATCH}))
+                 for c in (cfg, saved))
+    return [f"--{k.replace('_', '-')} {now[k]} (checkpoint: {then[k]})"
+            for k in RESUME_MUST_MATCH if k in saved and then[k] != now[k]]
 
-    def __init__(self, dataset, rank, world, seed, epoch, start_batch, batch):
-        s = torch.utils.data.DistributedSampler(dataset, world, rank, shuffle=True, seed=seed,
-                                                drop_last=True)
-        s.set_epoch(epoch)
-        idx = list(s)
-        self.batches = len(idx) // batch
-        self.indices = idx[start_batch * batch: self.batches * batch]
+
+def read_checkpoint_for_resume(cfg, path):
+    """Rank 0 reads the checkpoint and refuses a resume that would be another experiment."""
+    ck = evaluation.load_checkpoint(path)
+    wrong = resume_differences(ck.get("train_args", {}), cfg)
+    if wrong:
+        raise BadInput(f"--resume: {path} is another experiment; these differ: "
+                       f"{'; '.join(wrong)}. Use the checkpoint's values, or another --out-dir. "
+                       f"Safe to change on resume: --iters, --workers, --log-every, --save-every, "
+                       f"--amp, --device, --sync-bn, --channels-last, --compile, --no-eval")
+    return ck
+
+
+def truncate_log(path, iteration):
+    """Drop the log lines written after the checkpoint's iteration (a killed run's tail), so
+    that a resumed run does not log the same iterations twice."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        keep = [line for line in f if line.strip() and json.loads(line)["iter"] <= iteration]
+    data.atomic_save(path, lambda f: f.write("".join(keep).encode()))
+
+
+def write_curves(log_path, out, size=(520, 300)):
+    """Loss and learning rate against iterations, from log.jsonl, as a PNG (Pillow only)."""
+    if not os.path.exists(log_path):
+        return
+    with open(log_path) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    if len(rows) < 2:
+        return
+    it = np.array([r["iter"] for r in rows], float)
+    pic = Image.new("RGB", size, (255, 255, 255))
+    draw = ImageDraw.Draw(pic)
+    x0, y0, x1, y1 = 50, 24, size[0] - 50, size[1] - 30
+    draw.rectangle([x0, y0, x1, y1], outline=(0, 0, 0))
+    for key, colour, side in (("loss", (31, 119, 180), "left"), ("lr", (214, 39, 40), "right")):
+        v = np.array([r[key] for r in rows], float)
+        lo, hi = float(np.nanmin(v)), float(np.nanmax(v))
+        span = hi - lo or 1.0
+        pts = [(x0 + (x1 - x0) * (a - it[0]) / max(1, it[-1] - it[0]),
+                y1 - (y1 - y0) * (b - lo) / span) for a, b in zip(it, v)]
+        draw.line(pts, fill=colour, width=2)
+        tx = 4 if side == "left" else x1 + 4
+        draw.text((tx, y0 - 2), f"{hi:.3g}", fill=colour)
+        draw.text((tx, y1 - 10), f"{lo:.3g}", fill=colour)
+    draw.text((x0, 4), "training loss (blue, left scale) and learning rate (red, right scale)",
+              fill=(0, 0, 0))
+    draw.text((x0, y1 + 6), f"iteration {int(it[0])}", fill=(0, 0, 0))
+    draw.text((x1 - 90, y1 + 6), f"iteration {int(it[-1])}", fill=(0, 0, 0))
+    data.atomic_save(out, lambda f: pic.save(f, "PNG"))
+
+
+# ---------------------------------------------------------------------------------------------
+# The data: one stream of micro-batches for the whole run. Epoch e is a shuffle of the dataset
+# (DistributedSampler's, seeded by e), cut into this rank's micro-batches; the stream starts at
+# any (epoch, micro-batch) and runs on into the next epochs, so one loader serves the whole run
+# (its workers live as long as it does), an optimizer step may take its micro-batches across an
+# epoch's end, and a resumed run sees exactly the data it would have seen.
+# ---------------------------------------------------------------------------------------------
+
+class MicroBatchStream(torch.utils.data.Sampler):
+    """(epoch, index) keys of this rank's samples, micro-batch after micro-batch, from `start`."""
+
+    def __init__(self, dataset, rank, world, seed, micro, start=(0, 0)):
+        self.args, self.micro, self.start = (dataset, world, rank, True, seed, True), micro, start
+        self.per_epoch = len(dataset) // world // micro  # micro-batches per epoch and rank
 
     def __iter__(self):
-        return iter(self.indices)
+        epoch, b = self.start
+        while True:
+            s = torch.utils.data.DistributedSampler(*self.args)
+            s.set_epoch(epoch)
+            idx = list(s)
+            for i in idx[b * self.micro: self.per_epoch * self.micro]:
+                yield epoch, i
+            epoch, b = epoch + 1, 0
 
-    def __len__(self):
-        return len(self.indices)
+
+def quiet_worker(_):
+    """Loader workers leave Ctrl-C (SIGINT to the whole process group) to the trainer, which
+    saves and stops at its next sync point and then shuts them down."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def advance(position, micro_batches, per_epoch):
+    """(epoch, micro-batch in epoch) after `micro_batches` more."""
+    n = position[0] * per_epoch + position[1] + micro_batches
+    return n // per_epoch, n % per_epoch
 
 
 def loss_fn(logits, target):
@@ -206,7 +394,7 @@ def loss_fn(logits, target):
 
 
 # ---------------------------------------------------------------------------------------------
-# The command line.
+# The command line, and the checks that refuse nonsense before any work starts.
 # ---------------------------------------------------------------------------------------------
 
 def parse_args(argv=None):
@@ -218,32 +406,40 @@ def parse_args(argv=None):
                     "explicit flag overrides it.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=f"dataset presets:\n{preset_text}\ncommon defaults: " +
-               ", ".join(f"{k}={v}" for k, v in COMMON.items() if v is not None))
+               ", ".join(f"{k}={v}" for k, v in COMMON.items() if v is not None) +
+               f"\n\nexit codes: 0 finished, 1 failed (e.g. non-finite loss), 2 refused input, "
+               f"{EXIT_STOPPED} stopped by a signal after saving a checkpoint (resume it)")
     a = p.add_argument
     a("--dataset", choices=list(PRESETS), default="synthetic",
       help="synthetic (built in, default), voc (train), voc_aug (train_aug, paper 4.1), coco")
-    a("--data-root", default=None, help="VOC2012 folder, or the prepare-coco output folder")
+    a("--data-root", default=None, help="the VOC2012 folder, or the prepare-coco output folder")
     a("--split", default=None, help="training list under ImageSets/Segmentation (preset)")
     a("--val-split", default=None, help="list evaluated at the end (preset: val)")
     a("--context", choices=CONTEXTS, default=None, help="context module (default: vortex)")
-    a("--pool-k", type=int, default=None, help="Module A's pooling size k (default 5)")
-    a("--depth", type=int, choices=[18, 34, 50, 101, 152], default=None, help="ResNet depth")
+    a("--pool-k", type=int, default=None, help="Module A's pooling size k, odd (default 5)")
+    a("--depth", type=int, choices=sorted(DEPTHS), default=None, help="ResNet depth")
     a("--base-channels", type=int, default=None,
       help="ResNet width (64 = standard; the synthetic preset uses a slim 16)")
     a("--context-channels", type=int, default=None, help="context module width (paper: 256)")
     a("--output-stride", type=int, choices=[8, 16, 32], default=None, help="paper: 8")
-    a("--multi-grid", type=int, nargs="+", default=None, help="layer4 rate multipliers (1 2 4)")
+    a("--multi-grid", nargs="+", default=None, metavar="RATE",
+      help="layer4 rate multipliers, one per block (paper: 1 2 4), or 'none' for torchvision's "
+           "dilated geometry (what its pretrained weights were trained at)")
     a("--crop", type=int, default=None, help="training crop side (paper: 513)")
     a("--scale", type=float, nargs=2, default=None, metavar=("MIN", "MAX"),
       help="random scale range (paper: 0.5 2.0)")
-    a("--batch-size", type=int, default=None, help="GLOBAL batch, split over ranks (paper: 16)")
-    a("--iters", type=int, default=None, help="training iterations (paper: 30000)")
+    a("--batch-size", type=int, default=None,
+      help="GLOBAL batch per optimizer step, split over ranks and --accum-steps (paper: 16)")
+    a("--accum-steps", type=int, default=None,
+      help="micro-steps per optimizer step (gradient accumulation; default 1). Batch norm sees "
+           "one micro-batch: --batch-size / (ranks x accum-steps) images per rank")
+    a("--iters", type=int, default=None, help="optimizer steps (paper: 30000)")
     a("--lr", type=float, default=None, help="base learning rate of the poly policy (0.007)")
     a("--power", type=float, default=None, help="poly power (0.9)")
-    a("--momentum", type=float, default=None, help="SGD momentum (0.9)")
+    a("--momentum", type=float, default=None, help="SGD momentum, in [0, 1) (0.9)")
     a("--weight-decay", type=float, default=None, help="SGD weight decay (1e-4)")
     a("--seed", type=int, default=None, help="seed of weights, data order and augmentation")
-    a("--workers", type=int, default=None, help="data-loader processes per rank")
+    a("--workers", type=int, default=None, help="data-loader processes per rank (0: none)")
     a("--num-images", type=int, default=None, help="synthetic: training images")
     a("--val-images", type=int, default=None, help="synthetic: validation images")
     a("--image-size", type=int, default=None, help="synthetic: image side")
@@ -251,14 +447,24 @@ def parse_args(argv=None):
                                          "deeplabv3_resnet*_coco checkpoint to start from")
     a("--init-from", default=None, help="our own checkpoint to take the weights from (the "
                                         "next stage of the three-stage recipe, paper 4.2)")
-    a("--resume", action="store_true", help="continue --out-dir's checkpoint exactly")
+    a("--freeze-bn", action="store_true",
+      help="keep batch-norm statistics and parameters fixed (paper 4.2's last stage on "
+           "trainval, after DeepLab v3: with a smaller --lr, e.g. 0.001)")
+    a("--sync-bn", choices=["auto", "torch", "ours", "off"], default=None,
+      help="batch-norm statistics over all ranks: auto (default) = torch.nn.SyncBatchNorm's "
+           "fused kernels on CUDA, ours (readable, runs on CPU/gloo) elsewhere; off = per rank")
+    a("--resume", nargs="?", const="yes", choices=["yes", "auto"], default=None,
+      help="continue --out-dir's checkpoint exactly (refused if it is another experiment); "
+           "'--resume auto' resumes when a checkpoint exists and starts otherwise: use it with "
+           "torchrun --max-restarts")
     a("--out-dir", default=None, help="where checkpoint, log and pictures go "
                                       "(default runs/<dataset>-<context>)")
     a("--save-every", type=int, default=None, help="checkpoint every N iterations")
-    a("--log-every", type=int, default=None, help="progress line every N iterations")
+    a("--log-every", type=int, default=None,
+      help="progress line every N iterations (the loop synchronises with the GPU only then)")
     a("--amp", nargs="?", const="bf16", choices=["bf16", "fp16"], default=None,
       help="mixed precision: bf16 autocast (default with --amp), or fp16 with a gradient scaler "
-           "(CUDA only)")
+           "(CUDA only); also used by the final evaluation")
     a("--channels-last", action="store_true", help="NHWC memory format (faster convolutions)")
     a("--compile", action="store_true", help="torch.compile the model (off by default)")
     a("--no-eval", action="store_true", help="skip the evaluation at the end")
@@ -271,9 +477,10 @@ def parse_args(argv=None):
     a("--erf-images", type=int, default=32,
       help="with --ablation: validation images averaged in the effective-receptive-field "
            "figure (--out-dir/erf.png) of the trained none, ASPP and Vortex models")
-    a("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    a("--bench", action="store_true", help="instead of training: time training steps of "
-      "ResNet-101 OS 8 at crop 321, batch 2, NCHW vs channels-last (CPU)")
+    a("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
+    a("--bench", action="store_true", help="instead of training: time training steps (CPU: "
+      "ResNet-101 OS 8 + Vortex at crop 321, NCHW vs channels-last; CUDA: + ASPP at crop 513, "
+      "batch 2/4/8 x fp32/bf16 x NCHW/channels-last, images/s and peak memory)")
     a("--stop-after", type=int, default=None,
       help="testing aid: behave as if SIGTERM arrived after N iterations of this run")
     args = p.parse_args(argv)
@@ -282,13 +489,85 @@ def parse_args(argv=None):
     for k, v in vars(args).items():
         if v is not None or k not in cfg:
             cfg[k] = v
-    cfg["scale"], cfg["multi_grid"] = tuple(cfg["scale"]), tuple(cfg["multi_grid"])
+    cfg["scale"] = tuple(cfg["scale"])
+    cfg["multi_grid"] = parse_multi_grid(cfg["multi_grid"], cfg["depth"],
+                                         explicit=args.multi_grid is not None)
     cfg["out_dir"] = cfg["out_dir"] or os.path.join(
         "runs", "ablation" if args.ablation else f"{args.dataset}-{cfg['context']}")
     cfg["val_data_args"] = ({"num_images": cfg["val_images"], "image_size": cfg["image_size"]}
                             if args.dataset == "synthetic" else {})
+    check_config(cfg)
     return cfg
 
+
+def parse_multi_grid(values, depth, explicit):
+    """'none' -> None; numbers -> a tuple with one rate per layer4 block (the preset's 1 2 4 is
+    cut to ResNet-18/34's two blocks; an explicit value must fit exactly)."""
+    if values is None or [str(v).lower() for v in values] == ["none"]:
+        return None
+    blocks = DEPTHS[depth][1][3]
+    try:
+        rates = tuple(int(v) for v in values)
+    except ValueError:
+        rates = ()
+    if explicit and (len(rates) != blocks or min(rates, default=0) < 1):
+        raise BadInput(f"--multi-grid {' '.join(map(str, values))}: ResNet-{depth} has {blocks} "
+                       f"layer4 blocks: give {blocks} whole numbers >= 1 (paper: 1 2 4), or none")
+    return rates[:blocks]
+
+
+def check_config(cfg):
+    """One line naming the flag and what is allowed, for every value that cannot work."""
+    def need(ok, flag, allowed):
+        if not ok:
+            value = cfg[flag.replace("-", "_")]
+            shown = " ".join(map(str, value)) if isinstance(value, tuple) else value
+            raise BadInput(f"--{flag} {shown}: {allowed}")
+    for k in ("batch-size", "iters", "save-every", "log-every", "erf-images", "accum-steps",
+              "base-channels", "context-channels"):
+        need(cfg[k.replace("-", "_")] >= 1, k, "must be a whole number >= 1")
+    for k in ("val-images", "num-images", "ablation"):
+        need(cfg[k.replace("-", "_")] is None or cfg[k.replace("-", "_")] >= 1, k,
+             "must be a whole number >= 1")
+    need(cfg["image_size"] is None or cfg["image_size"] >= 32, "image-size", "must be >= 32")
+    need(cfg["workers"] >= 0, "workers", "must be >= 0 (0: load in the training process)")
+    need(cfg["pool_k"] >= 1 and cfg["pool_k"] % 2 == 1, "pool-k",
+         "Module A's pooling window must be odd and >= 1 (a centred window: 1, 3, 5, ...)")
+    need(cfg["crop"] >= 4 * cfg["output_stride"], "crop",
+         f"must be at least 4 x the output stride ({4 * cfg['output_stride']}), so that the "
+         f"context module sees a feature map of 4 x 4 or more (paper: 513)")
+    lo, hi = cfg["scale"]
+    need(math.isfinite(lo) and math.isfinite(hi) and 0 < lo <= hi, "scale",
+         "needs 0 < MIN <= MAX (paper: 0.5 2.0)")
+    for k in ("lr", "power"):
+        need(math.isfinite(cfg[k]) and cfg[k] > 0, k, "must be a finite number > 0")
+    need(0 <= cfg["momentum"] < 1, "momentum", "must be in [0, 1) (paper: 0.9)")
+    need(math.isfinite(cfg["weight_decay"]) and cfg["weight_decay"] >= 0, "weight-decay",
+         "must be a finite number >= 0")
+    need(cfg["amp"] != "fp16" or cfg["device"] != "cpu", "amp",
+         "fp16 needs CUDA (a gradient scaler); use --amp bf16 on CPU")
+
+
+def micro_batch(cfg, world):
+    """Images per rank and micro-step; refuses a batch that cannot train batch norm."""
+    per, accum = cfg["batch_size"] / (world * cfg["accum_steps"]), cfg["accum_steps"]
+    if not per.is_integer():
+        raise BadInput(f"--batch-size {cfg['batch_size']} (global) must be divisible by "
+                       f"ranks x --accum-steps = {world} x {accum}")
+    synced = world > 1 and cfg["sync_bn"] != "off"
+    seen = int(per) * (world if synced else 1)
+    if seen < 2 and not cfg["freeze_bn"]:
+        raise BadInput(f"--batch-size {cfg['batch_size']}: batch norm would see {seen} image per "
+                       f"step ({world} rank(s), {accum} micro-step(s)); the image-level branch "
+                       f"pools an image to one value per channel, and batch norm cannot "
+                       f"normalise a single value: use at least 2 images per micro-step (per "
+                       f"rank, or over all ranks with --sync-bn), or --freeze-bn")
+    return int(per)
+
+
+# ---------------------------------------------------------------------------------------------
+# Set-up: everything before the first step.
+# ---------------------------------------------------------------------------------------------
 
 def build(cfg):
     train_set = data.get_dataset(cfg["dataset"], cfg["split"], cfg["data_root"], train=True,
@@ -304,187 +583,321 @@ def build(cfg):
     return model, train_set
 
 
-def train(cfg):
-    rank, world, device = setup_distributed(cfg["device"])
-    if cfg["batch_size"] % world:
-        raise SystemExit(f"--batch-size {cfg['batch_size']} (global) is not divisible by the "
-                         f"world size {world}")
-    per_rank = cfg["batch_size"] // world
+def on_rank0(fn, *args):
+    """fn(*args) on rank 0 alone; its (small) result, or its BadInput, on every rank."""
+    result = None
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        try:
+            result = (None, fn(*args))
+        except BadInput as e:
+            result = (type(e), str(e))
+    error, value = from_rank0(result)
+    if error is not None:
+        raise error(value)
+    return value
+
+
+def start_or_resume(cfg, ck_path, checkpoint_bytes):
+    """Rank 0: decide between a new run and a resume, refuse a resume of another experiment,
+    and check that --out-dir can take the checkpoints. Returns the checkpoint or None."""
+    exists = os.path.exists(ck_path)
+    if cfg["resume"] == "yes" and not exists:
+        raise MissingInput(f"--resume: no checkpoint at {ck_path} (--resume auto starts a new "
+                           f"run when there is none)")
+    if exists and cfg["resume"] is None:
+        raise BadInput(f"{ck_path} exists: pass --resume to continue it, or choose another "
+                       f"--out-dir (nothing is overwritten without asking)")
+    ck = read_checkpoint_for_resume(cfg, ck_path) if exists else None
     out = cfg["out_dir"]
-    ck_path = os.path.join(out, "checkpoint.pt")
-    if os.path.exists(ck_path) and not cfg["resume"]:
-        raise SystemExit(f"{ck_path} exists: pass --resume to continue it, or choose another "
-                         f"--out-dir (nothing is overwritten without asking)")
-    if cfg["resume"] and not os.path.exists(ck_path):
-        raise SystemExit(f"--resume: no checkpoint at {ck_path}")
-    if rank == 0:
-        os.makedirs(out, exist_ok=True)
-    model, train_set = build(cfg)
-    if cfg["pretrained"] and not cfg["resume"]:
-        load_backbone_weights(model, cfg["pretrained"], verbose=rank == 0)
-    if cfg["init_from"] and not cfg["resume"]:
+    made = not os.path.isdir(out)
+    try:  # the folder is made only now, when the run starts
+        data.atomic_save(os.path.join(out, ".write-test"), lambda f: f.write(b"ok"))
+        os.unlink(os.path.join(out, ".write-test"))
+        free = shutil.disk_usage(out).free
+        if free < 1.2 * checkpoint_bytes:
+            raise BadInput(f"--out-dir {out}: {free / 2 ** 30:.2f} GiB free, but a checkpoint "
+                           f"of this model takes about {checkpoint_bytes / 2 ** 30:.2f} GiB")
+    except BadInput:
+        if made and os.path.isdir(out) and not os.listdir(out):
+            os.rmdir(out)
+        raise
+    if ck is not None:
+        truncate_log(os.path.join(out, "log.jsonl"), ck["iteration"])
+    return ck
+
+
+def take_weights(model, cfg, verbose):
+    """--pretrained (torchvision files) or --init-from (our checkpoint of an earlier stage)."""
+    if cfg["pretrained"]:
+        try:
+            load_backbone_weights(model, cfg["pretrained"], verbose=verbose)
+        except (ValueError, FileNotFoundError) as e:
+            raise BadInput(f"--pretrained {e}") from None
+        if cfg["multi_grid"] is not None and verbose:
+            print(f"note: multi-grid {cfg['multi_grid']} gives layer4 other dilations than "
+                  f"torchvision's weights were trained at (fine-tuning adapts them; "
+                  f"--multi-grid none keeps torchvision's geometry)")
+    if cfg["init_from"]:
         src = evaluation.load_checkpoint(cfg["init_from"])
-        missing, unexpected = model.load_state_dict(src["model"], strict=False)
-        rank0_print(f"initialised from {cfg['init_from']} (iteration {src['iteration']}); "
-                    f"missing {len(missing)}, unexpected {len(unexpected)}")
-        if missing or unexpected:
-            raise SystemExit(f"--init-from {cfg['init_from']} does not fit this model: missing "
-                             f"{missing[:5]}, unexpected {unexpected[:5]}")
-    if world > 1:
-        convert_sync_batchnorm(model)
+        sd, theirs = src["model"], src["config"].get("context")
+        if theirs != model.config["context"]:  # its context module cannot serve this one
+            sd = {k: v for k, v in sd.items() if k.startswith("backbone.")}
+            if verbose:
+                print(f"--init-from {cfg['init_from']} holds a {theirs} model, this run is "
+                      f"{model.config['context']}: only its backbone is taken")
+        target = model if theirs == model.config["context"] else model.backbone
+        sd = sd if target is model else {k[len("backbone."):]: v for k, v in sd.items()}
+        try:
+            target.load_state_dict(sd)
+        except RuntimeError as e:
+            raise BadInput(f"--init-from {cfg['init_from']} does not fit this model: "
+                           f"{str(e).splitlines()[1].strip()}") from None
+        if verbose:
+            print(f"initialised from {cfg['init_from']} (iteration {src['iteration']})")
+
+
+def prepare_run(cfg):
+    """Devices, data, model, weights, start or resume, optimizer, the micro-batch stream."""
+    rank, world, device = setup_distributed(cfg["device"])
+    micro = micro_batch(cfg, world)
+    model, train_set = build(cfg)
+    run = argparse.Namespace(cfg=cfg, rank=rank, world=world, device=device, model=model,
+                             train_set=train_set, micro=micro,
+                             ck_path=os.path.join(cfg["out_dir"], "checkpoint.pt"),
+                             log_path=os.path.join(cfg["out_dir"], "log.jsonl"))
+    size = 2.2 * sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    ck = None
+
+    def decide():  # only rank 0 looks at --out-dir: no shared filesystem needed
+        nonlocal ck
+        ck = start_or_resume(cfg, run.ck_path, size)
+        return ck is not None
+    resumed = on_rank0(decide)
+    if not resumed:
+        take_weights(model, cfg, verbose=rank == 0)
+    model.train()
+    if cfg["freeze_bn"]:  # fixed statistics need no synchronisation
+        freeze_batchnorm(model)
+        run.sync_bn = "off (frozen)"
+    else:
+        run.sync_bn = synchronise_batchnorm(model, cfg["sync_bn"], device, world)
     model.to(device)
     if cfg["channels_last"]:
         model.to(memory_format=torch.channels_last)
     # DeepLab v3's code decays the convolution weights but not the batch-norm parameters; we
     # follow it (and leave the classifier's bias undecayed too): decay on weights with dim > 1.
-    decay = [p for p in model.parameters() if p.dim() > 1]
-    no_decay = [p for p in model.parameters() if p.dim() <= 1]
-    optimizer = torch.optim.SGD([{"params": decay, "weight_decay": cfg["weight_decay"]},
-                                 {"params": no_decay, "weight_decay": 0.0}],
-                                lr=cfg["lr"], momentum=cfg["momentum"])
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, None: None}[cfg["amp"]]
+    run.optimizer = torch.optim.SGD(
+        [{"params": [p for p in model.parameters() if p.dim() > 1],
+          "weight_decay": cfg["weight_decay"]},
+         {"params": [p for p in model.parameters() if p.dim() <= 1], "weight_decay": 0.0}],
+        lr=cfg["lr"], momentum=cfg["momentum"])
+    run.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, None: None}[cfg["amp"]]
     if cfg["amp"] == "fp16" and device.type != "cuda":
-        raise SystemExit("--amp fp16 needs CUDA; use --amp bf16 on CPU")
-    scaler = torch.amp.GradScaler("cuda") if cfg["amp"] == "fp16" else None
-    it, epoch, batch_in_epoch = 0, 0, 0
-    if cfg["resume"]:
-        ck = evaluation.load_checkpoint(ck_path)
-        model.load_state_dict(ck["model"])
-        optimizer.load_state_dict(ck["optimizer"])
-        if scaler is not None and ck["scaler"]:
-            scaler.load_state_dict(ck["scaler"])
-        it, epoch, batch_in_epoch = ck["iteration"], ck["epoch"], ck["batch_in_epoch"]
-        torch.set_rng_state(ck["rng_cpu"])
-        if device.type == "cuda" and ck["rng_cuda"].numel():
-            torch.cuda.set_rng_state(ck["rng_cuda"])
-        rank0_print(f"resumed {ck_path} at iteration {it}")
-    net = model
-    if world > 1:
-        net = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
+        raise BadInput("--amp fp16 needs CUDA; use --amp bf16 on CPU")
+    run.scaler = torch.amp.GradScaler("cuda") if cfg["amp"] == "fp16" else None
+    run.iteration, run.position = restore(run, ck if rank == 0 else None, resumed)
+    run.ddp = (nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None)
+        if world > 1 else None)
+    run.net = run.ddp or model
     if cfg["compile"]:
-        net = torch.compile(net)
+        run.net = torch.compile(run.net)
+    stream = MicroBatchStream(train_set, rank, world, cfg["seed"], micro, run.position)
+    if stream.per_epoch == 0:
+        raise BadInput(f"{len(train_set)} images cannot make one micro-batch of {micro} images "
+                       f"per rank on {world} rank(s)")
+    run.per_epoch = stream.per_epoch
+    run.batches = iter(torch.utils.data.DataLoader(
+        train_set, micro, sampler=stream, num_workers=cfg["workers"],
+        pin_memory=device.type == "cuda", persistent_workers=cfg["workers"] > 0,
+        prefetch_factor=4 if cfg["workers"] > 0 else None, worker_init_fn=quiet_worker,
+        # its own generator: an iterator would otherwise draw a seed from the global RNG
+        generator=torch.Generator().manual_seed(cfg["seed"])))
+    return run
 
-    stop = {"signal": None}
 
-    def on_signal(signum, frame):
-        stop["signal"] = signal.Signals(signum).name
-    old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    log_path = os.path.join(out, "log.jsonl")
-    rank0_print(f"training {cfg['dataset']} ({len(train_set)} images), ResNet-{cfg['depth']} "
-                f"OS {cfg['output_stride']}, context {cfg['context']}, {world} rank(s) x "
-                f"{per_rank} images, {cfg['iters']} iterations, device {device}; "
-                f"out: {out}")
-    t0, it0 = time.time(), it
-    window = []
-    run_steps = 0
+def restore(run, ck, resumed):
+    """Model, optimizer, scaler, RNG and data position from rank 0's checkpoint, on every rank.
+    Returns (iteration, (epoch, micro-batch in epoch))."""
+    if not resumed:
+        return 0, (0, 0)
+    state = broadcast_tensors(
+        {k: ck[k] for k in ("model", "optimizer", "scaler", "rng_cpu", "rng_cuda", "iteration",
+                            "epoch", "batch_in_epoch")} if ck is not None else None, run.device)
+    run.model.load_state_dict(state["model"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    if run.scaler is not None and state["scaler"]:
+        run.scaler.load_state_dict(state["scaler"])
+    torch.set_rng_state(state["rng_cpu"].to(torch.uint8))
+    if run.device.type == "cuda" and state["rng_cuda"].numel():
+        torch.cuda.set_rng_state(state["rng_cuda"].to(torch.uint8))
+    rank0_print(f"resumed {run.ck_path} at iteration {state['iteration']}")
+    return state["iteration"], (state["epoch"], state["batch_in_epoch"])
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop (paper 4.1): poly learning rate set every iteration; a batch of --batch-size images,
+# split over the ranks and --accum-steps micro-steps; pixel-wise cross-entropy (255 ignored);
+# SGD with momentum. The losses stay on the device: the host waits for the GPU only at a
+# sync point (a progress line, a checkpoint, the end, a stop), where a non-finite loss stops
+# training before any checkpoint is written.
+# ---------------------------------------------------------------------------------------------
+
+def train(cfg):
+    run = prepare_run(cfg)
+    it, position, accum = run.iteration, run.position, cfg["accum_steps"]
+    window, steps, t0, it0 = torch.zeros((), device=run.device), 0, time.time(), it
+    announce(run)
     try:
-        while it < cfg["iters"]:
-            train_set.set_epoch(epoch)
-            sampler = EpochSampler(train_set, rank, world, cfg["seed"], epoch, batch_in_epoch,
-                                   per_rank)
-            if sampler.batches == 0:
-                raise SystemExit(f"{len(train_set)} images cannot make one batch of {per_rank} "
-                                 f"per rank")
-            # The loader gets its own generator: creating an iterator would otherwise draw from
-            # the global RNG (dropout's), and a resumed run creates one more than a straight run.
-            loader = torch.utils.data.DataLoader(
-                train_set, per_rank, sampler=sampler, num_workers=cfg["workers"], drop_last=True,
-                pin_memory=device.type == "cuda",
-                generator=torch.Generator().manual_seed(cfg["seed"] + epoch))
-            for images, labels in loader:
-                lr = poly_lr(cfg["lr"], it, cfg["iters"], cfg["power"])
-                for g in optimizer.param_groups:
-                    g["lr"] = lr
-                images = images.to(device, non_blocking=True)
-                labels = labels.to(device, non_blocking=True)
-                if cfg["channels_last"]:
-                    images = images.contiguous(memory_format=torch.channels_last)
-                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                    loss = loss_fn(net(images), labels)
-                if not torch.isfinite(loss.detach()).all():
-                    raise FloatingPointError(
-                        f"loss is {loss.item()} at iteration {it}: training stopped. The last "
-                        f"good checkpoint ({ck_path}, if any) is left as it was; try a lower "
-                        f"--lr or no --amp fp16")
-                optimizer.zero_grad(set_to_none=True)
-                if scaler is not None:
-                    scaler.scale(loss).backward()
-                    scaler.step(optimizer)
-                    scaler.update()
-                else:
-                    loss.backward()
-                    optimizer.step()
-                it += 1
-                run_steps += 1
-                batch_in_epoch += 1
-                window.append(loss.item())
-                if it % cfg["log_every"] == 0 or it == cfg["iters"]:
-                    dt = time.time() - t0
-                    ips = (it - it0) * cfg["batch_size"] / dt
-                    eta = (cfg["iters"] - it) * dt / max(1, it - it0)
-                    mem = (f"  mem {torch.cuda.max_memory_allocated(device) / 2 ** 30:.1f} GiB"
-                           if device.type == "cuda" else "")
-                    rank0_print(f"it {it}/{cfg['iters']}  loss {np.mean(window):.4f}  lr {lr:.2e}"
-                                f"  {ips:.1f} img/s  ETA {eta / 60:.1f} min{mem}")
-                    if rank == 0:
-                        with open(log_path, "a") as f:
-                            f.write(json.dumps({"iter": it, "loss": float(np.mean(window)),
-                                                "lr": lr, "img_per_s": ips,
-                                                "time": time.time()}) + "\n")
-                    window = []
-                if cfg["stop_after"] is not None and run_steps >= cfg["stop_after"]:
-                    stop["signal"] = stop["signal"] or "SIGTERM (--stop-after)"
-                flag = torch.tensor([1.0 if stop["signal"] else 0.0], device=device)
-                if world > 1:  # every rank stops at the same iteration
-                    dist.all_reduce(flag)
-                if flag.item() > 0:
-                    if rank == 0:
-                        save_checkpoint(ck_path, model, optimizer, scaler, it, epoch,
-                                        batch_in_epoch, cfg, train_set)
-                    rank0_print(f"{stop['signal'] or 'signal on another rank'}: checkpoint "
-                                f"saved at iteration {it} to {ck_path}; continue with the same "
-                                f"command plus --resume")
-                    return {"stopped_at": it, "checkpoint": ck_path}
-                if rank == 0 and (it % cfg["save_every"] == 0 or it == cfg["iters"]):
-                    save_checkpoint(ck_path, model, optimizer, scaler, it, epoch,
-                                    batch_in_epoch, cfg, train_set)
-                if it >= cfg["iters"]:
-                    break
-            if batch_in_epoch >= sampler.batches:
-                epoch, batch_in_epoch = epoch + 1, 0
+        with stop_signals(cfg["stop_after"]) as stop:
+            while it < cfg["iters"]:
+                set_lr(run.optimizer, poly_lr(cfg["lr"], it, cfg["iters"], cfg["power"]))
+                for k in range(accum):  # all-reduce the gradients on the last micro-step only
+                    with (run.ddp.no_sync() if run.ddp and k < accum - 1
+                          else contextlib.nullcontext()):
+                        window += micro_step(run, *next(run.batches))
+                optimizer_step(run)
+                it, steps, position = it + 1, steps + 1, advance(position, accum, run.per_epoch)
+                stop.count(it - it0)
+                if sync_due(cfg, it, stop):
+                    loss, stopping = sync_point(run, window, steps, stop, it)
+                    report(run, it, it0, t0, loss)
+                    window.zero_()
+                    steps = 0
+                    if run.rank == 0 and (stopping or it % cfg["save_every"] == 0
+                                          or it == cfg["iters"]):
+                        save_checkpoint(run, it, position)
+                    if stopping:
+                        rank0_print(f"{stop.name}: checkpoint saved at iteration {it} to "
+                                    f"{run.ck_path}; continue with the same command plus --resume")
+                        return {"stopped_at": it, "checkpoint": run.ck_path}
     finally:
-        for s, h in old_handlers.items():
-            signal.signal(s, h)
-    train_time = time.time() - t0
-    rank0_print(f"trained {it - it0} iterations in {train_time / 60:.1f} min; checkpoint: "
-                f"{ck_path}")
-    result = {"train_seconds": train_time, "checkpoint": ck_path, "iteration": it}
+        run.batches = None  # shuts the loader workers down before the process group goes
+    rank0_print(f"trained {it - it0} iterations in {(time.time() - t0) / 60:.1f} min; "
+                f"checkpoint: {run.ck_path}")
+    result = {"train_seconds": time.time() - t0, "checkpoint": run.ck_path, "iteration": it}
     if not cfg["no_eval"]:
-        result.update(final_evaluation(model, cfg, train_set, device, out))
+        result.update(final_evaluation(run))
     return result
 
 
-def final_evaluation(model, cfg, train_set, device, out):
+def micro_step(run, images, labels):
+    """Forward and backward of one micro-batch; returns its loss (on the device)."""
+    images = images.to(run.device, non_blocking=True)
+    labels = labels.to(run.device, non_blocking=True)
+    if run.cfg["channels_last"]:
+        images = images.contiguous(memory_format=torch.channels_last)
+    with torch.autocast(run.device.type, dtype=run.amp_dtype, enabled=run.amp_dtype is not None):
+        loss = loss_fn(run.net(images), labels) / run.cfg["accum_steps"]
+    (run.scaler.scale(loss) if run.scaler is not None else loss).backward()
+    return loss.detach().float()
+
+
+def optimizer_step(run):
+    if run.scaler is not None:
+        run.scaler.step(run.optimizer)
+        run.scaler.update()
+    else:
+        run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+
+
+def set_lr(optimizer, lr):
+    for g in optimizer.param_groups:
+        g["lr"] = lr
+
+
+class stop_signals(contextlib.AbstractContextManager):
+    """SIGINT/SIGTERM (and the testing aid --stop-after) ask the loop to save and stop at its
+    next sync point."""
+
+    def __init__(self, stop_after=None):
+        self.name, self.stop_after, self.now = None, stop_after, False
+
+    def __enter__(self):
+        def on_signal(signum, frame):
+            self.name = signal.Signals(signum).name
+        self.old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def count(self, steps_this_run):
+        self.now = self.stop_after is not None and steps_this_run == self.stop_after
+        if self.now:
+            self.name = self.name or "SIGTERM (--stop-after)"
+
+    def __exit__(self, *exc):
+        for s, h in self.old.items():
+            signal.signal(s, h)
+
+
+def sync_due(cfg, it, stop):
+    return (it % cfg["log_every"] == 0 or it % cfg["save_every"] == 0 or it == cfg["iters"]
+            or stop.now)
+
+
+def sync_point(run, window, steps, stop, it):
+    """The loop's one host synchronisation: the mean loss of the iterations since the last one,
+    over all ranks, and whether any rank was asked to stop (one all_reduce, one copy)."""
+    flags = torch.stack([window, torch.tensor(float(stop.name is not None), device=run.device)])
+    if run.world > 1:
+        dist.all_reduce(flags)
+    total, stops = flags.tolist()
+    loss = total / (steps * run.world)  # each step added its mean loss
+    if not math.isfinite(loss):
+        raise FloatingPointError(
+            f"loss is {loss} in the iterations up to {it}: training stopped. The last good "
+            f"checkpoint ({run.ck_path}, if any) is left as it was; try a lower --lr or no "
+            f"--amp fp16")
+    stop.name = stop.name or ("signal on another rank" if stops > 0 else None)
+    return loss, stops > 0
+
+
+def announce(run):
+    cfg = run.cfg
+    rank0_print(f"training {cfg['dataset']} ({len(run.train_set)} images), ResNet-{cfg['depth']} "
+                f"OS {cfg['output_stride']}, context {cfg['context']}, {run.world} rank(s) x "
+                f"{run.micro} images x {cfg['accum_steps']} micro-step(s), sync BN "
+                f"{run.sync_bn}{', BN frozen' if cfg['freeze_bn'] else ''}, {cfg['iters']} "
+                f"iterations, device {run.device}; out: {cfg['out_dir']}")
+
+
+def report(run, it, it0, t0, loss):
+    """A progress line with speed and ETA, and a line of log.jsonl (rank 0)."""
+    cfg, dt = run.cfg, time.time() - t0
+    ips = (it - it0) * cfg["batch_size"] / dt
+    eta = (cfg["iters"] - it) * dt / max(1, it - it0)
+    lr = run.optimizer.param_groups[0]["lr"]
+    mem = (f"  mem {torch.cuda.max_memory_allocated(run.device) / 2 ** 30:.1f} GiB"
+           if run.device.type == "cuda" else "")
+    rank0_print(f"it {it}/{cfg['iters']}  loss {loss:.4f}  lr {lr:.2e}  {ips:.1f} img/s  "
+                f"ETA {eta / 60:.1f} min{mem}")
+    if run.rank == 0:
+        with open(run.log_path, "a") as f:
+            f.write(json.dumps({"iter": it, "loss": loss, "lr": lr, "img_per_s": ips,
+                                "time": time.time()}) + "\n")
+
+
+def final_evaluation(run):
     """Single-scale, no flip (paper 4.1 for ablations), via eval.py's one implementation."""
+    cfg, model, out = run.cfg, run.model, run.cfg["out_dir"]
     val = data.get_dataset(cfg["dataset"], cfg["val_split"], cfg["data_root"], train=False,
                            seed=cfg["seed"], **cfg["val_data_args"])
     t = time.time()
-    res = evaluation.evaluate(model, val, device=device, log=rank0_print)
+    res = evaluation.evaluate(model, val, device=run.device, log=rank0_print,
+                              workers=cfg["workers"], amp=cfg["amp"])
     rank0_print(f"{cfg['dataset']} {cfg['val_split']} ({len(val)} images, single scale):")
-    rank0_print(evaluation.format_table(res, train_set.classes,
-                                        getattr(train_set, "context_classes", ())))
+    ctx = getattr(run.train_set, "context_classes", ())
+    rank0_print(evaluation.format_table(res, run.train_set.classes, ctx))
     summary = {"miou": res["miou"], "iou": res["iou"], "pixel_acc": res["pixel_acc"],
                "eval_seconds": time.time() - t}
-    ctx = getattr(train_set, "context_classes", ())
     if ctx:
         summary["context_miou"] = float(np.nanmean([res["iou"][c] for c in ctx]))
-    if not dist.is_initialized() or dist.get_rank() == 0:
+    if run.rank == 0:
         data.atomic_save(os.path.join(out, "eval.json"),
                          lambda f: f.write(json.dumps(dict(res, **summary), indent=1).encode()))
-        pic = prediction_picture(model, val, device, os.path.join(out, "predictions.png"))
+        pic = prediction_picture(model, val, run.device, os.path.join(out, "predictions.png"))
         rank0_print(f"evaluation numbers: {os.path.join(out, 'eval.json')}; pictures: {pic}; "
-                    f"training log: {os.path.join(out, 'log.jsonl')}")
+                    f"training log: {run.log_path} and {os.path.join(out, 'curves.png')}")
     return summary
 
 
@@ -503,7 +916,12 @@ def prediction_picture(model, dataset, device, path, n=4):
     return path
 
 
-def bench(steps=3, crop=321, batch=2):
+def bench(device_arg=None):
+    device = pick_device(device_arg)
+    return bench_cuda(device) if device.type == "cuda" else bench_cpu()
+
+
+def bench_cpu(steps=3, crop=321, batch=2):
     """Training images/s of one process on this machine: ResNet-101 OS 8 + Vortex, crop 321,
     batch 2, SGD steps, NCHW vs channels-last measured side by side (alternating)."""
     torch.manual_seed(0)
@@ -532,6 +950,65 @@ def bench(steps=3, crop=321, batch=2):
     print(f"  channels-last speed-up {best[False] / best[True]:.2f}x")
 
 
+def _cuda_steps(model, opt, batch, dtype, channels_last, device, crop=513, warmup=3, steps=6):
+    """(images/s, peak GiB) of SGD training steps at this configuration, or None if it does
+    not fit in the GPU's memory."""
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    model.to(memory_format=fmt)
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    try:
+        x = torch.randn(batch, 3, crop, crop, device=device).contiguous(memory_format=fmt)
+        t = torch.randint(0, 21, (batch, crop, crop), device=device)
+        for i in range(warmup + steps):
+            if i == warmup:
+                torch.cuda.synchronize(device)
+                start = time.perf_counter()
+            with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
+                loss = loss_fn(model(x), t)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        torch.cuda.synchronize(device)
+        return batch * steps / (time.perf_counter() - start), \
+            torch.cuda.max_memory_allocated(device) / 2 ** 30
+    except torch.OutOfMemoryError:
+        return None
+    finally:
+        opt.zero_grad(set_to_none=True)
+        x = t = loss = None
+        torch.cuda.empty_cache()
+
+
+def bench_cuda(device):
+    """Issue 11's table: ResNet-101 OS 8 + Vortex and + ASPP, crop 513, per-GPU batch 2/4/8 x
+    {fp32, bf16} x {NCHW, channels-last}: training images/s, peak memory, and the time ratio
+    Vortex/ASPP, both modules measured one after the other at every configuration."""
+    torch.backends.cudnn.benchmark = True
+    torch.manual_seed(0)
+    models = {c: DeepLabV3(21, 101, c).to(device) for c in ("vortex", "aspp")}
+    opts = {c: torch.optim.SGD(m.parameters(), lr=1e-4, momentum=0.9) for c, m in models.items()}
+    name = torch.cuda.get_device_name(device)
+    total = torch.cuda.get_device_properties(device).total_memory / 2 ** 30
+    print(f"training steps, DeepLab v3 ResNet-101 OS 8, crop 513, one {name} ({total:.0f} GiB), "
+          f"SGD, mean of 6 steps after 3 warm-up, cudnn.benchmark on, torch {torch.__version__}")
+    print(f"{'batch':>5} {'precision':9} {'layout':13} {'Vortex img/s':>12} {'peak GiB':>8} "
+          f"{'ASPP img/s':>10} {'peak GiB':>8} {'Vortex/ASPP time':>16}")
+    rows = []
+    for batch in (2, 4, 8):
+        for dtype, dname in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
+            for cl, lname in ((False, "NCHW"), (True, "channels-last")):
+                r = {c: _cuda_steps(models[c], opts[c], batch, dtype, cl, device) for c in models}
+                cells = [f"{r[c][0]:12.2f} {r[c][1]:8.1f}" if r[c] else f"{'out of memory':>21}"
+                         for c in ("vortex", "aspp")]
+                ratio = (f"{r['aspp'][0] / r['vortex'][0]:16.3f}" if r["vortex"] and r["aspp"]
+                         else f"{'-':>16}")
+                print(f"{batch:5d} {dname:9} {lname:13} {cells[0]} {cells[1]:>19} {ratio}",
+                      flush=True)
+                rows.append((batch, dname, lname, r))
+    return rows
+
+
 ABLATION = (("none", "none", 5), ("ASPP", "aspp", 5), ("ASPP+", "aspp+", 5),
             ("A(5)", "module_a", 5), ("A(9)", "module_a", 9), ("A(13)", "module_a", 13),
             ("Vortex", "vortex", 5))
@@ -554,13 +1031,15 @@ def ablation_run(run):
         with open(done) as f:
             rec = json.load(f)
         if rec.get("config") != key:
-            raise SystemExit(f"{done} holds a run of another configuration ({rec.get('config')}); "
-                             f"choose another --out-dir")
+            old = rec.get("config") or {}
+            diff = [f"{k} {old.get(k)} -> {key[k]}" for k in key if old.get(k) != key[k]]
+            raise BadInput(f"{done} holds a run made with other settings ({'; '.join(diff)}); "
+                           f"use the same flags, or another --out-dir")
         print(f"{run['out_dir']}: finished earlier, read back")
         return rec["miou"], rec["context_miou"], rec["seconds"]
     resume = os.path.exists(os.path.join(run["out_dir"], "checkpoint.pt"))
     t = time.time()
-    res = train(dict(run, resume=resume, no_eval=False))
+    res = train(dict(run, resume="auto", no_eval=False))
     rec = dict(config=key, miou=res["miou"], context_miou=res.get("context_miou", float("nan")),
                seconds=time.time() - t, resumed=resume)
     if not dist.is_initialized() or dist.get_rank() == 0:
@@ -604,11 +1083,9 @@ def ablation(cfg, seeds):
 def main(argv=None):
     cfg = parse_args(argv)
     if cfg["bench"]:
-        return bench()
-    if cfg["ablation"]:
-        return ablation(cfg, cfg["ablation"])
+        return bench(cfg["device"])
     try:
-        return train(cfg)
+        return ablation(cfg, cfg["ablation"]) if cfg["ablation"] else train(cfg)
     except FloatingPointError as e:
         sys.exit(str(e))
     finally:
@@ -617,4 +1094,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    result = data.cli(main)
+    sys.exit(EXIT_STOPPED if isinstance(result, dict) and "stopped_at" in result else 0)
