@@ -284,6 +284,16 @@ def test_shared_cascade_forward_and_backward_equal_the_definition(c, h, w, cip, 
     torch.testing.assert_close(xa.grad, xr.grad, rtol=1e-12, atol=1e-12)
 
 
+@settings(max_examples=15)
+@given(h=st.integers(1, 40), w=st.integers(1, 40), k=st.sampled_from([3, 5, 9, 27]),
+       cip=st.booleans())
+def test_separable_gpu_pooling_is_the_same_average(h, w, k, cip):
+    """The GPU path (k x 1 then 1 x k, each divided by its own count) equals AvgPool2d."""
+    x = torch.randn(2, 3, h, w, dtype=torch.float64)
+    torch.testing.assert_close(vortex._separable_box_average(x, k, cip),
+                               F.avg_pool2d(x, k, 1, k // 2, count_include_pad=cip))
+
+
 def test_box_average_gradcheck_and_low_precision():
     x = torch.randn(1, 2, 7, 6, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda t: box_averages(t, (3, 9), False)[9], (x,))
@@ -1463,6 +1473,162 @@ def test_mass_radius(h, w, dy, dx, f):
                                                            torch.arange(w).double(),
                                                            indexing="ij"), (h // 2, w // 2))))
     assert (d <= r[1]).double().mean() >= 0.5 > (d < r[1]).double().mean()
+
+
+# ============================================================================= GPU (issue 11)
+# `python -m pytest -m gpu` on a machine with CUDA; skipped with a reason elsewhere (CI has none).
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(),
+                                reason="needs a CUDA GPU (run `python -m pytest -m gpu` on one)")
+
+
+@contextlib.contextmanager
+def exact_cuda_math():
+    """fp32 convolutions and matrix products without TF32, deterministic cuDNN, for comparisons."""
+    old = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32,
+           torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic)
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = False, True
+    try:
+        yield
+    finally:
+        (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32,
+         torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic) = old
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2),
+                                       (torch.float16, 2e-3)])
+def test_cuda_box_averages_equal_avgpool_forward_and_backward(dtype, tol):
+    torch.manual_seed(0)
+    x = torch.randn(2, 48, 65, 71, device="cuda").to(dtype).requires_grad_(True)
+    ref_x = x.detach().float().requires_grad_(True)
+    ks = (3, 9, 27)
+    ours = box_averages(x, ks)
+    old = vortex.GPU_POOLING
+    try:  # the cascade on CUDA agrees with the separable path too
+        vortex.GPU_POOLING = "cascade"
+        cascade = box_averages(x.detach(), ks)
+    finally:
+        vortex.GPU_POOLING = old
+    for k in ks:
+        torch.testing.assert_close(cascade[k].float(), ours[k].detach().float(), rtol=tol,
+                                   atol=tol)
+    weights = [torch.randn(2, 48, 65, 71, device="cuda") for _ in ks]
+    loss = sum((ours[k].float() * w).sum() for k, w in zip(ks, weights))
+    (g,) = torch.autograd.grad(loss, x)
+    ref = [F.avg_pool2d(ref_x, k, 1, k // 2, count_include_pad=False) for k in ks]
+    (g_ref,) = torch.autograd.grad(sum((r * w).sum() for r, w in zip(ref, weights)), ref_x)
+    for k, r in zip(ks, ref):
+        assert ours[k].dtype == dtype
+        torch.testing.assert_close(ours[k].float(), r, rtol=tol, atol=tol)
+    torch.testing.assert_close(g.float(), g_ref, rtol=tol, atol=tol * 10)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("context", ["vortex", "aspp"])
+def test_cuda_model_equals_cpu_and_channels_last_equals_contiguous(context):
+    assert vortex.GPU_POOLING in ("separable", "cascade")
+    torch.manual_seed(0)
+    model = DeepLabV3(21, depth=50, context=context, base_channels=16, context_channels=32).eval()
+    randomize_bn_stats(model)
+    x = torch.randn(2, 3, 97, 113)
+    with torch.no_grad(), exact_cuda_math():
+        cpu = model(x)
+        gpu = model.cuda()(x.cuda())
+        model.to(memory_format=torch.channels_last)
+        cl = model(x.cuda().contiguous(memory_format=torch.channels_last))
+    torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(cl, gpu, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_cuda_amp_training_steps_stay_finite_and_learn_a_repeated_batch(amp):
+    torch.manual_seed(0)
+    model = DeepLabV3(5, depth=18, base_channels=8, context_channels=16).cuda()
+    opt = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9)
+    scaler = torch.amp.GradScaler("cuda") if amp == "fp16" else None
+    ds = data.SyntheticContext(4, 64)
+    x = torch.stack([ds[i][0] for i in range(4)]).cuda()
+    t = torch.stack([ds[i][1] for i in range(4)]).cuda()
+    losses = []
+    for _ in range(40):
+        with torch.autocast("cuda", dtype=torch.bfloat16 if amp == "bf16" else torch.float16):
+            loss = train.loss_fn(model(x), t)
+        (scaler.scale(loss) if scaler else loss).backward()
+        if scaler:
+            scaler.step(opt)
+            scaler.update()
+        else:
+            opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    assert all(math.isfinite(v) for v in losses)
+    assert losses[-1] < 0.6 * losses[0], losses
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("amp", [None, "bf16"])
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_cuda_resume_continues_the_run(tmp_path, amp, deterministic):
+    """Stopped at 3 and resumed on CUDA. With --deterministic the resumed run equals a straight
+    one as closely as two straight runs equal each other (the resume loses nothing); without
+    it, cuDNN's autotuned kernels differ between processes and allocations, and the difference
+    is printed (README reports it)."""
+    args = TINY + ["--device", "cuda", "--iters", "6", "--no-eval"] + \
+        (["--amp", amp] if amp else []) + (["--deterministic"] if deterministic else [])
+    a, a2, b = (str(tmp_path / n) for n in ("a", "a2", "b"))
+    train.main(args + ["--out-dir", a])
+    train.main(args + ["--out-dir", a2])
+    assert train.main(args + ["--out-dir", b, "--stop-after", "3"])["stopped_at"] == 3
+    train.main(args + ["--out-dir", b, "--resume"])
+    ck = {d: torch.load(os.path.join(d, "checkpoint.pt"), weights_only=True)["model"]
+          for d in (a, a2, b)}
+
+    def largest(x, y):
+        return max((ck[x][k].double() - ck[y][k].double()).abs().max().item()
+                   for k in ck[x] if ck[x][k].is_floating_point())
+    spread, resumed = largest(a, a2), largest(a, b)
+    print(f"CUDA, amp {amp}, deterministic {deterministic}: two straight runs differ by "
+          f"{spread:.2e}, resumed vs straight {resumed:.2e}")
+    torch.backends.cudnn.deterministic = False
+    torch.use_deterministic_algorithms(False)
+    if deterministic:
+        assert resumed <= spread
+    else:
+        assert resumed < 1e-2
+
+
+def _torch_vs_ours_worker(rank, world, init_file, out_dir):
+    dist.init_process_group("nccl", init_method=f"file://{init_file}", rank=rank,
+                            world_size=world)
+    torch.cuda.set_device(rank)
+    torch.manual_seed(0)
+    x = (torch.randn(8, 6, 9, 9) * 3 + 1)[rank * 4:(rank + 1) * 4].cuda().requires_grad_(True)
+    outs = {}
+    for name, bn in (("torch", torch.nn.SyncBatchNorm(6)), ("ours", train.SyncBatchNorm2d(6))):
+        bn = bn.cuda()
+        y = bn(x)
+        (g,) = torch.autograd.grad((y * torch.arange(6, device="cuda")[:, None, None]).sum(), x)
+        outs[name] = (y.detach().cpu(), g.cpu(), bn.running_mean.cpu(), bn.running_var.cpu())
+    torch.save(outs, os.path.join(out_dir, f"{rank}.pt"))
+    dist.destroy_process_group()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 or more CUDA GPUs")
+def test_ours_equals_torch_syncbatchnorm_on_two_gpus(tmp_path):
+    with tempfile_path() as init_file:
+        mp.spawn(_torch_vs_ours_worker, args=(2, init_file, str(tmp_path)), nprocs=2)
+    for rank in range(2):
+        outs = torch.load(tmp_path / f"{rank}.pt", weights_only=True)
+        for a, b in zip(outs["torch"], outs["ours"]):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
 # ============================================================================= making the fixtures

@@ -32,6 +32,7 @@ from PIL import Image, ImageDraw
 import data
 import eval as evaluation
 from data import BadInput, MissingInput
+import vortex
 from vortex import CONTEXTS, DEPTHS, DeepLabV3, load_backbone_weights
 
 # Each dataset carries its preset; explicit flags override it (see --help).
@@ -211,12 +212,18 @@ def pick_device(device_arg, local_rank=0):
     return torch.device("cuda", index)
 
 
-def setup_distributed(device_arg):
+def setup_distributed(device_arg, deterministic=False):
     world = int(os.environ.get("WORLD_SIZE", "1"))
     device = pick_device(device_arg, int(os.environ.get("LOCAL_RANK", "0")))
     if device.type == "cuda":
         torch.cuda.set_device(device)
-        torch.backends.cudnn.benchmark = True  # fixed 513 crops: pick the fastest kernels once
+        # fixed 513 crops: let cuDNN time its kernels once and keep the fastest. They are not
+        # bitwise reproducible from run to run; --deterministic trades speed for that.
+        torch.backends.cudnn.benchmark = not deterministic
+        torch.backends.cudnn.deterministic = deterministic
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     rank = dist.get_rank() if dist.is_initialized() else 0
@@ -307,7 +314,8 @@ def read_checkpoint_for_resume(cfg, path):
         raise BadInput(f"--resume: {path} is another experiment; these differ: "
                        f"{'; '.join(wrong)}. Use the checkpoint's values, or another --out-dir. "
                        f"Safe to change on resume: --iters, --workers, --log-every, --save-every, "
-                       f"--amp, --device, --sync-bn, --channels-last, --compile, --no-eval")
+                       f"--amp, --device, --sync-bn, --channels-last, --compile, "
+                       f"--deterministic, --no-eval")
     return ck
 
 
@@ -467,6 +475,9 @@ def parse_args(argv=None):
            "(CUDA only); also used by the final evaluation")
     a("--channels-last", action="store_true", help="NHWC memory format (faster convolutions)")
     a("--compile", action="store_true", help="torch.compile the model (off by default)")
+    a("--deterministic", action="store_true",
+      help="reproducible CUDA kernels (no cuDNN autotuning, deterministic algorithms where "
+           "they exist): slower; without it two CUDA runs differ in the last digits")
     a("--no-eval", action="store_true", help="skip the evaluation at the end")
     a("--ablation", type=int, metavar="SEEDS", default=None,
       help="Table 1 in miniature: train and evaluate every module of Table 1 plus 'none' "
@@ -658,7 +669,7 @@ def take_weights(model, cfg, verbose):
 
 def prepare_run(cfg):
     """Devices, data, model, weights, start or resume, optimizer, the micro-batch stream."""
-    rank, world, device = setup_distributed(cfg["device"])
+    rank, world, device = setup_distributed(cfg["device"], cfg["deterministic"])
     micro = micro_batch(cfg, world)
     model, train_set = build(cfg)
     run = argparse.Namespace(cfg=cfg, rank=rank, world=world, device=device, model=model,
@@ -862,10 +873,13 @@ def announce(run):
 
 
 def report(run, it, it0, t0, loss):
-    """A progress line with speed and ETA, and a line of log.jsonl (rank 0)."""
-    cfg, dt = run.cfg, time.time() - t0
-    ips = (it - it0) * cfg["batch_size"] / dt
-    eta = (cfg["iters"] - it) * dt / max(1, it - it0)
+    """A progress line with the speed since the last line and the ETA, and a line of
+    log.jsonl (rank 0)."""
+    cfg, now = run.cfg, time.time()
+    last_it, last_t = getattr(run, "last_report", (it0, t0))
+    run.last_report = (it, now)
+    ips = (it - last_it) * cfg["batch_size"] / max(now - last_t, 1e-9)
+    eta = (cfg["iters"] - it) * (now - t0) / max(1, it - it0)
     lr = run.optimizer.param_groups[0]["lr"]
     mem = (f"  mem {torch.cuda.max_memory_allocated(run.device) / 2 ** 30:.1f} GiB"
            if run.device.type == "cuda" else "")
@@ -950,9 +964,10 @@ def bench_cpu(steps=3, crop=321, batch=2):
     print(f"  channels-last speed-up {best[False] / best[True]:.2f}x")
 
 
-def _cuda_steps(model, opt, batch, dtype, channels_last, device, crop=513, warmup=3, steps=6):
-    """(images/s, peak GiB) of SGD training steps at this configuration, or None if it does
-    not fit in the GPU's memory."""
+def _cuda_steps(model, opt, batch, dtype, channels_last, device, crop=513, warmup=3, steps=10):
+    """(images/s, peak GiB after the warm-up) of SGD training steps at this configuration, or
+    None if it does not fit in the GPU's memory. The peak is taken after the warm-up because
+    cuDNN's autotuning tries kernels with workspaces as large as the free memory once."""
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     model.to(memory_format=fmt)
     torch.cuda.empty_cache()
@@ -963,6 +978,7 @@ def _cuda_steps(model, opt, batch, dtype, channels_last, device, crop=513, warmu
         for i in range(warmup + steps):
             if i == warmup:
                 torch.cuda.synchronize(device)
+                torch.cuda.reset_peak_memory_stats(device)
                 start = time.perf_counter()
             with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
                 loss = loss_fn(model(x), t)
@@ -991,7 +1007,8 @@ def bench_cuda(device):
     name = torch.cuda.get_device_name(device)
     total = torch.cuda.get_device_properties(device).total_memory / 2 ** 30
     print(f"training steps, DeepLab v3 ResNet-101 OS 8, crop 513, one {name} ({total:.0f} GiB), "
-          f"SGD, mean of 6 steps after 3 warm-up, cudnn.benchmark on, torch {torch.__version__}")
+          f"SGD, mean of 10 steps after 3 warm-up, cudnn.benchmark on, torch {torch.__version__}, "
+          f"pooling on the GPU: {vortex.GPU_POOLING}")
     print(f"{'batch':>5} {'precision':9} {'layout':13} {'Vortex img/s':>12} {'peak GiB':>8} "
           f"{'ASPP img/s':>10} {'peak GiB':>8} {'Vortex/ASPP time':>16}")
     rows = []

@@ -358,12 +358,28 @@ class _BoxAverages(torch.autograd.Function):
         return _box_averages_backward(grads, ctx.ks, ctx.cip), None, None
 
 
+# The alternative on a GPU: PyTorch's native pooling kernels run separably, a k x 1 average then
+# a 1 x k one. Each pass divides by its own count; with count_include_pad=False the 2-D count is
+# the product of the row and column counts, so it is the same mean (with True, k * k = k x k).
+# Measured on an H100 (`python vortex.py --bench`, README), the cascade is faster there too
+# (13.7 vs 25.7 ms forward + backward at 8 x 2048 x 65 x 65, fp32; avg_pool2d: 76.7 ms), so it
+# stays the default everywhere; "separable" switches the GPU path.
+GPU_POOLING = "cascade"
+
+
+def _separable_box_average(x, k, count_include_pad):
+    r = k // 2
+    rows = F.avg_pool2d(x, (k, 1), 1, (r, 0), count_include_pad=count_include_pad)
+    return F.avg_pool2d(rows, (1, k), 1, (0, r), count_include_pad=count_include_pad)
+
+
 def box_averages(x, ks, count_include_pad=False):
     """k x k stride-1 average pooling of `x` (N, C, H, W) for every k in `ks`, sharing one cascade.
 
     Returns a dict {k: pooled}. k = 1 is the identity. Sizes > 1 must divide one another
     (e.g. Vortex's 3, 9, 27). Exact: equals nn.AvgPool2d(k, 1, k // 2, count_include_pad) at every
-    pixel, borders included. Differentiable (the backward is the reversed cascade).
+    pixel, borders included. Differentiable (the backward is the reversed cascade). On CUDA,
+    separable native pooling instead (see GPU_POOLING).
     """
     ks = sorted(set(int(k) for k in ks))
     out = {1: x} if 1 in ks else {}
@@ -371,7 +387,11 @@ def box_averages(x, ks, count_include_pad=False):
     if big:
         if x.dim() != 4:
             raise ValueError(f"box_average expects (N, C, H, W), got shape {tuple(x.shape)}")
-        out.update(zip(big, _BoxAverages.apply(x, big, count_include_pad)))
+        if x.is_cuda and GPU_POOLING == "separable":
+            _cascade_steps(big)  # the same checks of the sizes as everywhere
+            out.update((k, _separable_box_average(x, k, count_include_pad)) for k in big)
+        else:
+            out.update(zip(big, _BoxAverages.apply(x, big, count_include_pad)))
     return out
 
 
@@ -799,6 +819,61 @@ def bench(reps=5, model_reps=2):
           f"paper: 10.37 vs 10.13 FPS on a GPU = 1.024)")
 
 
+def bench_cuda(batch=8, reps=20):
+    """On a GPU: the pooling of Vortex (k = 3, 9, 27) forward + backward, cascade vs separable
+    native pooling vs avg_pool2d, and the context modules forward + backward, Vortex/ASPP, for
+    ResNet-101's X at 513 x 513 (batch x 2048 x 65 x 65), fp32 and bf16."""
+    global GPU_POOLING
+    dev = torch.device("cuda")
+
+    def timed(fn):
+        for _ in range(3):
+            fn()
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+        return (time.perf_counter() - start) / reps * 1000
+    print(f"{torch.cuda.get_device_name(dev)}, X = {batch}x2048x65x65, forward + backward, "
+          f"mean of {reps} after 3 warm-up, ms:")
+    saved = GPU_POOLING
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(batch, 2048, 65, 65, device=dev, dtype=dtype, requires_grad=True)
+
+        def pool(method):
+            def run():
+                global GPU_POOLING
+                GPU_POOLING = method
+                if method == "avg_pool2d":
+                    outs = [F.avg_pool2d(x, k, 1, k // 2, count_include_pad=False)
+                            for k in (3, 9, 27)]
+                else:
+                    outs = list(box_averages(x, (3, 9, 27)).values())
+                sum(o.float().sum() for o in outs).backward()
+            return run
+        t = {m: timed(pool(m)) for m in ("cascade", "separable", "avg_pool2d")}
+        mods = {c: ContextModule.vortex(2048) if c == "vortex" else ContextModule.aspp(2048)
+                for c in ("vortex", "aspp")}
+        ctx = {}
+        for method in ("cascade", "separable"):
+            for c, m in mods.items():
+                m.to(dev)
+
+                def run(m=m):
+                    with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
+                        m(x.detach().float()).float().sum().backward()
+                GPU_POOLING = method
+                ctx[method, c] = timed(run)
+        print(f"  {str(dtype).split('.')[1]:9} pooling: cascade {t['cascade']:.2f}, separable "
+              f"{t['separable']:.2f}, avg_pool2d {t['avg_pool2d']:.2f};  context module: ASPP "
+              f"{ctx['cascade', 'aspp']:.2f}, Vortex with cascade {ctx['cascade', 'vortex']:.2f} "
+              f"({ctx['cascade', 'vortex'] / ctx['cascade', 'aspp']:.3f}x), with separable "
+              f"{ctx['separable', 'vortex']:.2f} "
+              f"({ctx['separable', 'vortex'] / ctx['separable', 'aspp']:.3f}x)")
+    GPU_POOLING = saved
+
+
 def draw_footprints(path, size=65, cell=4):
     """The paper's Fig. 3 drawn from the real modules: for ASPP, Module A(5) and Module B, the
     input positions of a size x size map that feed the centre output (autograd, see
@@ -842,7 +917,9 @@ def main(argv=None):
                     "and forward times of ASPP, ASPP+, Module A(5/9/13), Module B (Vortex), none.")
     p.add_argument("--bench", action="store_true",
                    help="measure instead the speed ratios Vortex/ASPP for the context module "
-                        "(1x2048x65x65) and the whole ResNet-101 model (1x3x513x513), side by side")
+                        "(1x2048x65x65) and the whole ResNet-101 model (1x3x513x513), side by "
+                        "side, on the CPU; with a GPU also the pooling methods and the context "
+                        "modules there (forward + backward)")
     p.add_argument("--size", type=int, default=65,
                    help="feature-map side h = w for the table (65: a 513x513 image at OS 8)")
     p.add_argument("--reps", type=int, default=3, help="timing repetitions (best one is kept)")
@@ -857,6 +934,8 @@ def main(argv=None):
     if args.figure:
         print("wrote", draw_footprints(args.figure, args.size))
     elif args.bench:
+        if torch.cuda.is_available():
+            bench_cuda()
         bench(reps=max(args.reps, 3))
     else:
         print_table(args.size, reps=args.reps)
