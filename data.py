@@ -17,6 +17,7 @@ error that names the file. Commands (see `python data.py --help`):
 """
 import argparse
 import json
+import math
 import os
 import shutil
 import sys
@@ -25,7 +26,7 @@ import time
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageOps
 
 IGNORE = 255
 MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)  # ImageNet statistics (RGB, 0..1)
@@ -57,16 +58,25 @@ VOC_PALETTE = voc_palette()
 # Reading files, with errors that say which file and what was expected.
 # ---------------------------------------------------------------------------------------------
 
-def read_image(path):
-    """RGB uint8 array (H, W, 3). Unreadable or truncated files raise ValueError naming them."""
+def read_image(path, orientation=False):
+    """RGB uint8 array (H, W, 3). Unreadable or truncated files raise BadInput naming them.
+    16-bit images are scaled to 8 bits (Pillow's convert would clip them to white). With
+    `orientation`, the EXIF orientation is applied, as every viewer shows a phone photo (for
+    single images; dataset images are used as stored, like their masks)."""
     try:
         with Image.open(path) as im:
             im.load()  # decode now, so that a truncated file fails here
+            if orientation:
+                im = ImageOps.exif_transpose(im)
+            if im.mode.startswith("I"):  # 16-bit (or 32-bit integer) grayscale
+                a = np.asarray(im).astype(np.float64)
+                a = a / (65535.0 if im.mode.startswith("I;16") or a.max() > 255 else 255.0)
+                return np.repeat(np.round(a * 255).astype(np.uint8)[..., None], 3, axis=2)
             return np.asarray(im.convert("RGB"))
     except FileNotFoundError:
-        raise FileNotFoundError(f"image not found: {path}") from None
+        raise MissingInput(f"image not found: {path}") from None
     except (OSError, SyntaxError, ValueError) as e:
-        raise ValueError(f"cannot read image {path}: {e}") from None
+        raise BadInput(f"cannot read image {path}: {e}") from None
 
 
 def read_mask(path, num_classes=21):
@@ -83,16 +93,16 @@ def read_mask(path, num_classes=21):
             mode = im.mode
             arr = np.asarray(im)
     except FileNotFoundError:
-        raise FileNotFoundError(f"mask not found: {path}") from None
+        raise MissingInput(f"mask not found: {path}") from None
     except (OSError, SyntaxError, ValueError) as e:
-        raise ValueError(f"cannot read mask {path}: {e}") from None
+        raise BadInput(f"cannot read mask {path}: {e}") from None
     if mode not in ("P", "L"):
-        raise ValueError(f"mask {path} has mode {mode!r}: expected class indices in a palette "
+        raise BadInput(f"mask {path} has mode {mode!r}: expected class indices in a palette "
                          f"('P') or grayscale ('L') PNG; it looks rendered to colours (RGB), "
                          f"which cannot be trusted as labels")
     bad = np.setdiff1d(np.unique(arr), np.r_[np.arange(num_classes), IGNORE])
     if bad.size:
-        raise ValueError(f"mask {path} holds values {bad.tolist()} outside 0..{num_classes - 1} "
+        raise BadInput(f"mask {path} holds values {bad.tolist()} outside 0..{num_classes - 1} "
                          f"and {IGNORE} (ignore)")
     return arr
 
@@ -111,6 +121,10 @@ class BadInput(ValueError):
 
 class MissingInput(BadInput, FileNotFoundError):
     """A file or folder that should exist does not."""
+
+
+class ExistingOutput(BadInput, FileExistsError):
+    """An output exists and is not overwritten without being asked (--force / --overwrite)."""
 
 
 def cli(main):
@@ -255,16 +269,24 @@ class VOCSegmentation(torch.utils.data.Dataset):
         self.seed, self.epoch, self.num_classes = seed, 0, num_classes
         self.classes, self.palette = VOC_CLASSES[:num_classes], VOC_PALETTE
         if not os.path.isdir(root):
-            raise FileNotFoundError(f"VOC root not found: {root}\n{VOC_TREE}")
-        list_file = os.path.join(root, "ImageSets", "Segmentation", split + ".txt")
+            raise MissingInput(f"VOC root not found: {root}\n{VOC_TREE}")
+        if os.path.isdir(os.path.join(root, "VOC2012")) and not os.path.isdir(
+                os.path.join(root, "ImageSets")):
+            raise MissingInput(f"{root} looks like VOCdevkit: use its VOC2012 folder, "
+                               f"{os.path.join(root, 'VOC2012')}")
+        list_dir = os.path.join(root, "ImageSets", "Segmentation")
+        list_file = os.path.join(list_dir, split + ".txt")
         if not os.path.isfile(list_file):
+            have = sorted(f[:-4] for f in os.listdir(list_dir) if f.endswith(".txt")) \
+                if os.path.isdir(list_dir) else []
             hint = ("\nrun `python data.py prepare-sbd ...` to make train_aug"
                     if split == "train_aug" else "")
-            raise FileNotFoundError(f"split list not found: {list_file}\n{VOC_TREE}{hint}")
+            raise MissingInput(f"split list not found: {list_file} (splits there: "
+                               f"{', '.join(have) or 'none'})\n{VOC_TREE}{hint}")
         with open(list_file) as f:
             self.ids = [line.split()[0] for line in f if line.strip()]
         if not self.ids:
-            raise ValueError(f"split list {list_file} is empty")
+            raise BadInput(f"split list {list_file} is empty")
         mask_dir = mask_dir or ("SegmentationClassAug" if split == "train_aug"
                                 else "SegmentationClass")
         self.images = [os.path.join(root, "JPEGImages", i + ".jpg") for i in self.ids]
@@ -272,7 +294,7 @@ class VOCSegmentation(torch.utils.data.Dataset):
         for kind, paths in (("image", self.images), ("mask", self.masks)):
             missing = [p for p in paths if not os.path.isfile(p)]
             if missing:
-                raise FileNotFoundError(
+                raise MissingInput(
                     f"{len(missing)} {kind}(s) listed in {list_file} do not exist, e.g. "
                     + ", ".join(missing[:3]))
 
@@ -287,7 +309,7 @@ class VOCSegmentation(torch.utils.data.Dataset):
         image = read_image(self.images[index])
         mask = read_mask(self.masks[index], self.num_classes)
         if image.shape[:2] != mask.shape:
-            raise ValueError(f"size mismatch: image {self.images[index]} is "
+            raise BadInput(f"size mismatch: image {self.images[index]} is "
                              f"{image.shape[1]}x{image.shape[0]} but mask {self.masks[index]} is "
                              f"{mask.shape[1]}x{mask.shape[0]} (width x height)")
         return image, mask
@@ -436,12 +458,12 @@ def get_dataset(name, split, root=None, train=False, crop=513, scale=(0.5, 2.0),
     if name == "synthetic":
         offset = {"train": 0, "val": 1}.get(split)
         if offset is None:
-            raise ValueError(f"synthetic splits are 'train' and 'val', got {split!r}")
+            raise BadInput(f"synthetic splits are 'train' and 'val', got {split!r}")
         return SyntheticContext(num_images, image_size, seed * 2 + offset, transform)
     if name not in DATASETS:
-        raise ValueError(f"dataset must be one of {DATASETS}, got {name!r}")
+        raise BadInput(f"dataset must be one of {DATASETS}, got {name!r}")
     if not root:
-        raise ValueError(f"dataset {name!r} reads local files: pass --data-root (the VOC2012 "
+        raise BadInput(f"dataset {name!r} reads local files: pass --data-root (the VOC2012 "
                          f"folder, or the output folder of `python data.py prepare-coco`)")
     return VOCSegmentation(root, split, transform, seed)
 
@@ -466,11 +488,11 @@ def sbd_mat_to_mask(path):
         gt = scipy.io.loadmat(path, squeeze_me=True, struct_as_record=False)["GTcls"]
         seg = np.asarray(gt.Segmentation)
     except Exception as e:
-        raise ValueError(f"cannot read SBD mask {path}: expected a MATLAB file with a GTcls "
+        raise BadInput(f"cannot read SBD mask {path}: expected a MATLAB file with a GTcls "
                          f"struct holding Segmentation ({type(e).__name__}: {e})") from None
     bad = np.setdiff1d(np.unique(seg), np.arange(21))
     if seg.ndim != 2 or bad.size:
-        raise ValueError(f"SBD mask {path}: expected a 2-D map of classes 0..20, got shape "
+        raise BadInput(f"SBD mask {path}: expected a 2-D map of classes 0..20, got shape "
                          f"{seg.shape} with values {bad.tolist()}")
     return seg.astype(np.uint8)
 
@@ -489,14 +511,14 @@ def prepare_sbd(sbd, voc, overwrite=False, log=print):
                        (os.path.join(sbd, "train.txt"), "SBD train.txt"),
                        (os.path.join(sbd, "val.txt"), "SBD val.txt")):
         if not os.path.exists(path):
-            raise FileNotFoundError(f"{what} not found: {path}\nexpected --sbd to be "
+            raise MissingInput(f"{what} not found: {path}\nexpected --sbd to be "
                                     f"benchmark_RELEASE/dataset with cls/*.mat, train.txt, val.txt")
     seg_dir = os.path.join(voc, "ImageSets", "Segmentation")
     lists = {}
     for name in ("train", "val"):
         p = os.path.join(seg_dir, name + ".txt")
         if not os.path.isfile(p):
-            raise FileNotFoundError(f"VOC list not found: {p}\n{VOC_TREE}")
+            raise MissingInput(f"VOC list not found: {p}\n{VOC_TREE}")
         lists[name] = read_list(p)
     sbd_train, sbd_val = read_list(os.path.join(sbd, "train.txt")), read_list(
         os.path.join(sbd, "val.txt"))
@@ -509,7 +531,7 @@ def prepare_sbd(sbd, voc, overwrite=False, log=print):
     if os.path.exists(out_list) and not overwrite:
         with open(out_list) as f:
             if f.read() != text:
-                raise FileExistsError(f"{out_list} exists with other contents; "
+                raise ExistingOutput(f"{out_list} exists with other contents; "
                                       f"pass --overwrite to replace it")
     voc_train = set(lists["train"])
     out_dir = os.path.join(voc, "SegmentationClassAug")
@@ -526,7 +548,7 @@ def prepare_sbd(sbd, voc, overwrite=False, log=print):
             else:
                 mat = os.path.join(sbd, "cls", i + ".mat")
                 if not os.path.isfile(mat):
-                    raise FileNotFoundError(f"{i} is in the SBD lists but {mat} does not exist")
+                    raise MissingInput(f"{i} is in the SBD lists but {mat} does not exist")
                 mask = sbd_mat_to_mask(mat)
             save_mask(dst, mask)
             written += 1
@@ -588,7 +610,7 @@ def rle_decode(rle):
         counts = rle_counts_from_string(counts)
     counts = np.asarray(counts, dtype=np.int64)
     if counts.sum() != h * w:
-        raise ValueError(f"RLE counts sum to {counts.sum()}, not h*w = {h * w}")
+        raise BadInput(f"RLE counts sum to {counts.sum()}, not h*w = {h * w}")
     values = np.zeros(len(counts), np.uint8)
     values[1::2] = 1
     return np.repeat(values, counts).reshape(w, h).T.copy()
@@ -693,25 +715,58 @@ def polygons_to_mask(polygons, h, w):
     return mask.reshape(w, h).T.copy()
 
 
-def annotation_mask(ann, h, w):
+def annotation_problem(ann, h, w):
+    """What is wrong with one COCO annotation for an h x w image (a short phrase), or None.
+    Checked before anything is decoded: a wrong RLE size is refused before it allocates."""
+    for key in ("category_id", "segmentation"):
+        if key not in ann:
+            return f"no '{key}'"
     seg = ann["segmentation"]
     if isinstance(seg, list):
-        return polygons_to_mask(seg, h, w)
-    if isinstance(seg, dict):
-        m = rle_decode(seg)
-        if m.shape != (h, w):
-            raise ValueError(f"annotation {ann.get('id')}: RLE size {m.shape} is not the "
-                             f"image's {(h, w)}")
-        return m
-    raise ValueError(f"annotation {ann.get('id')}: unknown segmentation format {type(seg)}")
+        if not seg:
+            return "no polygon"
+        for p in seg:
+            if not isinstance(p, list) or len(p) < 6 or len(p) % 2:
+                return (f"a polygon of {len(p) if isinstance(p, list) else type(p).__name__} "
+                        f"coordinates (needs x, y pairs, at least 3)")
+            if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in p):
+                return "a polygon with a coordinate that is not a finite number"
+        return None
+    if not isinstance(seg, dict):
+        return f"segmentation of unknown type {type(seg).__name__}"
+    if list(seg.get("size", [])) != [h, w]:
+        return f"RLE size {seg.get('size')} is not the image's [{h}, {w}]"
+    counts = seg.get("counts")
+    try:
+        counts = rle_counts_from_string(counts) if isinstance(counts, (str, bytes)) else counts
+        if (not isinstance(counts, list) or any(not isinstance(c, int) or c < 0 for c in counts)
+                or sum(counts) != h * w):
+            return f"RLE counts that do not cover the {h} x {w} image"
+    except (IndexError, UnicodeDecodeError, TypeError):
+        return "RLE counts that cannot be read"
+    return None
 
 
-def coco_voc_mask(anns, h, w, cat_to_voc, min_pixels=1000):
+def annotation_mask(ann, h, w):
+    """(h, w) uint8 mask of a checked annotation (annotation_problem is None)."""
+    seg = ann["segmentation"]
+    return polygons_to_mask(seg, h, w) if isinstance(seg, list) else rle_decode(seg)
+
+
+def coco_voc_mask(anns, h, w, cat_to_voc, min_pixels=1000, skipped=None):
     """Index mask of one image's annotations (see the choices above): VOC objects of at least
     min_pixels as their class, smaller ones 255 (ignored). None if no VOC object of at least
-    min_pixels is present (the image teaches nothing about the 20 classes)."""
+    min_pixels is present (the image teaches nothing about the 20 classes). A broken annotation
+    raises BadInput, or, when a `skipped` list is given, is left out and added to it as
+    (annotation id, problem)."""
     objs = []
     for ann in anns:
+        problem = annotation_problem(ann, h, w)
+        if problem is not None:
+            if skipped is None:
+                raise BadInput(f"annotation {ann.get('id')}: {problem}")
+            skipped.append((ann.get("id"), problem))
+            continue
         cls = cat_to_voc.get(ann["category_id"])
         if cls is None:
             continue
@@ -726,42 +781,89 @@ def coco_voc_mask(anns, h, w, cat_to_voc, min_pixels=1000):
     return mask
 
 
-def prepare_coco(annotations, images, out, split=None, min_pixels=1000, log=print):
-    """Write out/SegmentationClass/<name>.png (VOC palette), out/JPEGImages/<name>.jpg (links to
-    the COCO images) and out/ImageSets/Segmentation/<split>.txt, so that
-    VOCSegmentation(out, split) reads the result. Returns the counts."""
+def _read_coco(annotations, images):
     try:
         with open(annotations) as f:
             coco = json.load(f)
+    except FileNotFoundError:
+        raise MissingInput(f"COCO annotations not found: {annotations}") from None
     except (OSError, ValueError) as e:
-        raise ValueError(f"cannot read COCO annotations {annotations}: {e}") from None
+        raise BadInput(f"cannot read COCO annotations {annotations}: {e}") from None
     for key in ("images", "annotations", "categories"):
         if key not in coco:
-            raise ValueError(f"{annotations} has no '{key}': not a COCO instances file")
+            raise BadInput(f"{annotations} has no '{key}': not a COCO instances file")
     if not os.path.isdir(images):
-        raise FileNotFoundError(f"COCO image folder not found: {images}")
+        raise MissingInput(f"COCO image folder not found: {images}")
+    return coco
+
+
+def _plain_name(img, annotations):
+    """The image's file_name, refused unless it is a plain name inside the image folder: a name
+    with a folder part, '..' or an absolute path would make us write outside --out."""
+    name = img.get("file_name")
+    if (not isinstance(name, str) or name in ("", ".", "..") or os.path.isabs(name)
+            or os.path.basename(name) != name or "\\" in name):
+        raise BadInput(f"{annotations}: image id {img.get('id')} has file_name {name!r}, which "
+                       f"is not a plain file name inside the image folder; refused (it would "
+                       f"write outside --out)")
+    return name
+
+
+def prepare_coco(annotations, images, out, split=None, min_pixels=1000, log=print,
+                 strict=False, overwrite=False):
+    """Write out/SegmentationClass/<name>.png (VOC palette), out/JPEGImages/<name>.jpg (links to
+    the COCO images) and out/ImageSets/Segmentation/<split>.txt, so that
+    VOCSegmentation(out, split) reads the result. A broken annotation or image record is named
+    and skipped (counted at the end), or stops everything with `strict`. Masks of an earlier,
+    interrupted run with the same settings are kept; other settings need `overwrite`. Returns
+    the counts."""
+    coco = _read_coco(annotations, images)
     split = split or os.path.splitext(os.path.basename(annotations))[0].replace("instances_", "")
+    settings = {"annotations": os.path.abspath(annotations), "min_pixels": min_pixels}
+    record = os.path.join(out, "ImageSets", "Segmentation", split + ".settings.json")
+    if os.path.exists(record):
+        with open(record) as f:
+            before = json.load(f)
+        if before != settings and not overwrite:
+            raise ExistingOutput(f"{out} holds split {split} made with other settings ({before}); "
+                                 f"pass --overwrite to rebuild it, or choose another --out")
+        overwrite = overwrite or before != settings
+    atomic_save(record, lambda f: f.write(json.dumps(settings).encode()))
     names = {c["id"]: c["name"] for c in coco["categories"]}
     cat_to_voc = {cid: VOC_CLASSES.index(COCO_TO_VOC[n]) for cid, n in names.items()
                   if n in COCO_TO_VOC}
     by_image = {}
     for ann in coco["annotations"]:
-        by_image.setdefault(ann["image_id"], []).append(ann)
-    written, no_voc, missing = [], 0, []
+        by_image.setdefault(ann.get("image_id"), []).append(ann)
+    written, no_voc, missing, skipped = [], 0, [], []
     t0 = time.time()
     for n, img in enumerate(coco["images"], 1):
-        stem = os.path.splitext(img["file_name"])[0]
-        src = os.path.join(images, img["file_name"])
+        problems = [f"no '{k}'" for k in ("id", "file_name", "height", "width") if k not in img]
+        if problems:
+            if strict:
+                raise BadInput(f"{annotations}: image record {img.get('id')}: {problems[0]}")
+            skipped.append((f"image {img.get('id')}", problems[0]))
+            continue
+        name = _plain_name(img, annotations)
+        stem = os.path.splitext(name)[0]
+        src = os.path.join(images, name)
         mask_path = os.path.join(out, "SegmentationClass", stem + ".png")
         if not os.path.isfile(src):
-            missing.append(img["file_name"])
-        elif os.path.isfile(mask_path):  # done by an earlier, interrupted run
+            missing.append(name)
+        elif os.path.isfile(mask_path) and not overwrite:  # an earlier, interrupted run
             written.append(stem)
         else:
-            mask = coco_voc_mask(by_image.get(img["id"], []), img["height"], img["width"],
-                                 cat_to_voc, min_pixels)
+            bad = None if strict else []
+            try:
+                mask = coco_voc_mask(by_image.get(img["id"], []), img["height"], img["width"],
+                                     cat_to_voc, min_pixels, bad)
+            except BadInput as e:
+                raise BadInput(f"{annotations}: image {img['id']}: {e}") from None
+            skipped += [(f"annotation {i} (image {img['id']})", p) for i, p in bad or []]
             if mask is None:
                 no_voc += 1
+                if os.path.isfile(mask_path):  # left from other settings
+                    os.unlink(mask_path)
             else:
                 link = os.path.join(out, "JPEGImages", stem + ".jpg")
                 os.makedirs(os.path.dirname(link), exist_ok=True)
@@ -774,9 +876,13 @@ def prepare_coco(annotations, images, out, split=None, min_pixels=1000, log=prin
     atomic_save(list_path, lambda f: f.write("".join(s + "\n" for s in written).encode()))
     for name in missing:
         log(f"missing image, left out: {os.path.join(images, name)}")
+    for what, problem in skipped[:20]:
+        log(f"WARNING: {annotations}: skipped {what}: {problem}")
     log(f"{len(coco['images'])} images: {len(written)} written, {no_voc} without a VOC object "
-        f">= {min_pixels} px, {len(missing)} missing -> {list_path}")
-    return {"written": written, "no_voc": no_voc, "missing": missing, "list": list_path}
+        f">= {min_pixels} px, {len(missing)} missing, {len(skipped)} broken record(s) skipped "
+        f"(--strict stops at the first) -> {list_path}")
+    return {"written": written, "no_voc": no_voc, "missing": missing, "list": list_path,
+            "skipped": skipped}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -787,21 +893,39 @@ def colorize(label, palette):
     return np.asarray(palette, dtype=np.uint8)[np.asarray(label, dtype=np.int64) & 255]
 
 
+def legend(width, names, palette, indices):
+    """A white strip `width` px wide: a colour swatch and the name of each class in `indices`,
+    wrapped onto as many lines as needed."""
+    entries = [(int(i), names[i] if i < len(names) else ("ignored" if i == IGNORE else str(i)))
+               for i in indices]
+    lines, x = [[]], 4
+    for i, name in entries:
+        w = 14 + 6 * len(name) + 14
+        if x + w > width and lines[-1]:
+            lines.append([])
+            x = 4
+        lines[-1].append((x, i, name))
+        x += w
+    strip = Image.new("RGB", (width, 16 * len(lines) + 4), (255, 255, 255))
+    draw = ImageDraw.Draw(strip)
+    for row, line in enumerate(lines):
+        for x, i, name in line:
+            y = 4 + 16 * row
+            draw.rectangle([x, y, x + 10, y + 10], fill=tuple(int(v) for v in palette[i]),
+                           outline=(0, 0, 0))
+            draw.text((x + 14, y), name, fill=(0, 0, 0))
+    return np.asarray(strip)
+
+
 def show_synthetic(out, n=6, size=128, seed=0):
-    """A picture of n synthetic samples: images on top, labels below (with a legend)."""
+    """A picture of n synthetic samples: images on top, labels below, and a legend."""
     ds = SyntheticContext(n, size, seed)
     cols = [np.concatenate(ds.load(i)[:1] + (colorize(ds.load(i)[1], ds.palette),), 0)
             for i in range(n)]
     grid = np.concatenate([np.pad(c, ((0, 0), (2, 2), (0, 0)), constant_values=255)
                            for c in cols], 1)
-    legend = Image.new("RGB", (grid.shape[1], 18), (255, 255, 255))
-    draw = ImageDraw.Draw(legend)
-    x = 4
-    for i, name in enumerate(ds.classes):
-        draw.rectangle([x, 4, x + 10, 14], fill=tuple(int(v) for v in ds.palette[i]))
-        draw.text((x + 14, 3), name, fill=(0, 0, 0))
-        x += 14 + 7 * len(name) + 12
-    pic = np.concatenate([grid, np.asarray(legend)], 0)
+    pic = np.concatenate([grid, legend(grid.shape[1], ds.classes, ds.palette,
+                                       range(len(ds.classes)))], 0)
     atomic_save(out, lambda f: Image.fromarray(pic).save(f, format="PNG"))
     return out
 
@@ -862,6 +986,12 @@ def main(argv=None):
     s.add_argument("--out", required=True, help="output folder (VOC-like tree)")
     s.add_argument("--split", default=None,
                    help="list name to write (default: from the JSON name, e.g. train2017)")
+    s.add_argument("--strict", action="store_true",
+                   help="stop at the first broken annotation or image record (default: name "
+                        "it, skip it, and count the skipped ones at the end)")
+    s.add_argument("--overwrite", action="store_true",
+                   help="rebuild a split that --out holds from other settings (--min-pixels, "
+                        "another annotation file)")
     s.add_argument("--min-pixels", type=int, default=1000,
                    help="VOC objects smaller than this are discarded, i.e. marked 255 and "
                         "ignored by the loss (paper 4.2: 1000)")
@@ -876,7 +1006,10 @@ def main(argv=None):
     if args.cmd == "prepare-sbd":
         prepare_sbd(args.sbd, args.voc, args.overwrite)
     elif args.cmd == "prepare-coco":
-        prepare_coco(args.annotations, args.images, args.out, args.split, args.min_pixels)
+        if args.min_pixels < 0:
+            raise BadInput(f"--min-pixels {args.min_pixels}: must be >= 0")
+        prepare_coco(args.annotations, args.images, args.out, args.split, args.min_pixels,
+                     strict=args.strict, overwrite=args.overwrite)
     elif args.cmd == "bench":
         bench_loader(args.voc, args.n)
     elif args.cmd == "show":

@@ -40,7 +40,7 @@ def confusion_update(confusion, pred, target, ignore=data.IGNORE):
     keep = target != ignore
     if ((target[keep] < 0) | (target[keep] >= c)).any():
         bad = target[keep][(target[keep] < 0) | (target[keep] >= c)].unique().tolist()
-        raise ValueError(f"target holds classes {bad} outside 0..{c - 1} and {ignore}")
+        raise data.BadInput(f"target holds classes {bad} outside 0..{c - 1} and {ignore}")
     idx = target[keep] * c + pred[keep].to(target.device)
     confusion += torch.bincount(idx, minlength=c * c).reshape(c, c).to(confusion.device)
     return confusion
@@ -130,7 +130,8 @@ def evaluate(model, dataset, scales=(1.0,), flip=False, device=None, num_classes
         if save_dir:
             name = getattr(dataset, "ids", None)
             name = name[i] if name else f"{i:05d}"
-            save_prediction(os.path.join(save_dir, name), image, pred.cpu(), palette, label)
+            save_prediction(os.path.join(save_dir, name), image, pred.cpu(), palette, label,
+                            list(dataset.classes))
         data.progress("eval", n, len(indices), t0, log)
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(confusion)
@@ -259,7 +260,7 @@ def _curves_panel(curves, width, height, margin=26):
     draw = ImageDraw.Draw(pic)
     x0, y0, x1, y1 = margin, 18, width - 8, height - margin
     draw.rectangle([x0, y0, x1, y1], outline=(0, 0, 0))
-    colours = [(150, 150, 150), (40, 40, 40), (31, 119, 180), (214, 39, 40), (44, 160, 44),
+    colours = [(110, 110, 110), (40, 40, 40), (31, 119, 180), (214, 39, 40), (44, 160, 44),
                (148, 103, 189)]
     for i, (name, ys, rmax) in enumerate(curves):
         pts = [(x0 + (x1 - x0) * j / (len(ys) - 1), y1 - (y1 - y0) * y) for j, y in enumerate(ys)]
@@ -303,6 +304,23 @@ def panel(image, pred, palette, label=None):
     return hstack(parts, 4)
 
 
+def titled(rows, widths, classes, palette, present):
+    """Panels stacked (4 px apart) under column titles, above a legend of the classes present.
+    `widths`: the width of each column of the first row, for placing the titles."""
+    width = max(r.shape[1] for r in rows)
+    rows = [np.pad(r, ((0, 4), (0, width - r.shape[1]), (0, 0)), constant_values=255)
+            for r in rows]
+    names = ["image", "ground truth", "prediction"] if len(widths) == 3 else ["image",
+                                                                             "prediction"]
+    head = Image.new("RGB", (width, 16), (255, 255, 255))
+    x = 0
+    for name, w in zip(names, widths):
+        ImageDraw.Draw(head).text((x + 2, 2), name, fill=(0, 0, 0))
+        x += w + 4
+    return np.concatenate([np.asarray(head)] + rows +
+                          [data.legend(width, classes, palette, sorted(present))], 0)
+
+
 def hstack(parts, gap):
     """RGB uint8 pictures side by side, `gap` px of white between them, shorter ones padded
     with white at the bottom."""
@@ -313,11 +331,18 @@ def hstack(parts, gap):
     return np.concatenate([x for p in parts for x in (p, white)][:-1], 1)
 
 
-def save_prediction(stem, image, pred, palette, label=None):
-    """stem.png: the prediction as a palette PNG (values = class indices); stem_panel.png."""
+def save_prediction(stem, image, pred, palette, label=None, classes=None):
+    """stem.png: the prediction as a palette PNG (values = class indices); stem_panel.png:
+    image | (ground truth |) prediction with titles and a legend. Returns both paths."""
     data.save_mask(stem + ".png", pred.numpy().astype(np.uint8), palette)
-    pic = panel(image, pred, palette, label)
+    present = set(pred.unique().tolist()) | (set(label.unique().tolist())
+                                             if label is not None else set())
+    names = classes or [str(i) for i in range(256)]
+    pic = titled([panel(image, pred, palette, label)], [image.shape[-1]] * (3 if label is not None
+                                                                          else 2),
+                 names, palette, present)
     data.atomic_save(stem + "_panel.png", lambda f: Image.fromarray(pic).save(f, format="PNG"))
+    return stem + ".png", stem + "_panel.png"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -327,15 +352,15 @@ def save_prediction(stem, image, pred, palette, label=None):
 def load_checkpoint(path):
     """A train.py checkpoint (dict of tensors and plain values), read with weights_only=True."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+        raise data.MissingInput(f"checkpoint not found: {path}")
     try:
         ck = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ValueError(f"cannot read checkpoint {path}: it is truncated, corrupt or not a "
+        raise data.BadInput(f"cannot read checkpoint {path}: it is truncated, corrupt or not a "
                          f"weights-only torch file ({type(e).__name__}: "
                          f"{str(e).splitlines()[0] if str(e) else ''})") from None
     if not isinstance(ck, dict) or "model" not in ck or "config" not in ck:
-        raise ValueError(f"{path} is not a train.py checkpoint (no 'model' and 'config' entries)")
+        raise data.BadInput(f"{path} is not a train.py checkpoint (no 'model' and 'config' entries)")
     return ck
 
 
@@ -345,10 +370,15 @@ def model_from_checkpoint(ck, path="checkpoint", **expected):
     wrong = [f"{k}: checkpoint has {cfg.get(k)!r}, flags say {v!r}" for k, v in expected.items()
              if v is not None and k in cfg and cfg[k] != v]
     if wrong:
-        raise ValueError(f"{path} does not match the requested architecture: " + "; ".join(wrong))
+        raise data.BadInput(f"{path} does not match the requested architecture: " + "; ".join(wrong))
     cfg["multi_grid"] = None if cfg.get("multi_grid") is None else tuple(cfg["multi_grid"])
     model = DeepLabV3(**cfg)
-    model.load_state_dict(ck["model"])
+    try:
+        model.load_state_dict(ck["model"])
+    except RuntimeError as err:
+        lines = [ln.strip() for ln in str(err).splitlines()[1:] if ln.strip()]
+        raise data.BadInput(f"{path}: its weights do not fit the model its config describes "
+                            f"({'; '.join(lines)[:300]})") from None
     return model
 
 
@@ -374,14 +404,89 @@ def _timed(fn):
     return time.perf_counter() - t
 
 
+IMAGE_TYPES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+DEFAULT_SPLIT = {"coco": "val2017"}  # prepare-coco names splits after the COCO files
+
+
+def pick_device(device_arg, local_rank=0):
+    """--device: None (CUDA when visible, else CPU), 'cpu', 'cuda' or 'cuda:N'."""
+    if device_arg is None:
+        device_arg = "cuda" if torch.cuda.is_available() else "cpu"
+    if device_arg != "cpu" and not (device_arg == "cuda" or device_arg.startswith("cuda:")):
+        raise data.BadInput(f"--device {device_arg}: use cpu, cuda or cuda:N")
+    if device_arg == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise data.BadInput(f"--device {device_arg}: no CUDA device is visible "
+                            f"(torch.cuda.is_available() is False); use --device cpu")
+    index = int(device_arg.split(":")[1]) if device_arg[5:].isdigit() else local_rank
+    if index >= torch.cuda.device_count():
+        raise data.BadInput(f"--device {device_arg}: only {torch.cuda.device_count()} CUDA "
+                            f"device(s)")
+    return torch.device("cuda", index)
+
+
+def refuse_existing(paths, force):
+    """Nothing is overwritten without --force: refuse before any work if a target exists."""
+    there = [p for p in paths if os.path.exists(p)]
+    if there and not force:
+        raise data.ExistingOutput(f"{there[0]} exists{f' (and {len(there) - 1} more)' if len(there) > 1 else ''}; "
+                                  f"pass --force to overwrite, or choose another --out")
+
+
+def result_name(dataset, split, scales, flip):
+    """eval_<dataset>_<split>_s<scales>[_flip].json: a file per protocol, so that the
+    single-scale and the multi-scale + flip numbers of one checkpoint live side by side."""
+    s = "-".join(f"{v:g}" for v in scales)
+    return f"eval_{dataset}_{split}_s{s}{'_flip' if flip else ''}.json"
+
+
+def predict_images(model, ck, source, out, scales, flip, device, force, log=print):
+    """Predict one image or every image of a folder: <out>/<stem>.png (class indices, palette)
+    and <out>/<stem>_panel.png each. Returns the paths written."""
+    classes = ck.get("classes") or list(data.VOC_CLASSES)
+    palette = np.asarray(ck.get("palette", data.VOC_PALETTE))
+    if os.path.isdir(source):
+        files = sorted(os.path.join(source, f) for f in os.listdir(source)
+                       if f.lower().endswith(IMAGE_TYPES))
+        if not files:
+            raise data.MissingInput(f"--image {source}: no image files ({', '.join(IMAGE_TYPES)})")
+        folder = out or os.path.join("runs", "predictions", os.path.basename(
+            os.path.normpath(source)))
+        stems = [os.path.join(folder, os.path.splitext(os.path.basename(f))[0]) for f in files]
+    else:
+        if not os.path.isfile(source):
+            raise data.MissingInput(f"--image {source}: no such file or folder")
+        if out and not out.lower().endswith(".png"):
+            raise data.BadInput(f"--out {out}: the prediction is a PNG; give a name ending in .png")
+        files = [source]
+        stems = [os.path.splitext(out)[0] if out else os.path.join(
+            "runs", "predictions", os.path.splitext(os.path.basename(source))[0])]
+    refuse_existing([s + t for s in stems for t in (".png", "_panel.png")], force)
+    written, t0 = [], time.time()
+    for n, (f, stem) in enumerate(zip(files, stems), 1):
+        image = data.normalize(data.read_image(f, orientation=True)).to(device)
+        pred = predict(model, image, scales, flip).cpu()
+        written += save_prediction(stem, image.cpu(), pred, palette, classes=classes)
+        if len(files) == 1:
+            log(f"{f}: classes found: {', '.join(classes[c] for c in pred.unique().tolist())}")
+        else:
+            data.progress("predict", n, len(files), t0, log)
+    log("wrote " + ", ".join(written) if len(written) <= 4 else
+        f"wrote {len(written)} files in {os.path.dirname(stems[0])} "
+        f"(<name>.png: class indices; <name>_panel.png: image | prediction)")
+    return written
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="Evaluate a train.py checkpoint: full-image mIoU "
-                                            "(paper 4.1/4.2), or predict one image.")
+                                            "(paper 4.1/4.2), or predict images.")
     p.add_argument("--checkpoint", help="a checkpoint written by train.py")
     p.add_argument("--erf", nargs="+", metavar="CHECKPOINT", default=None,
                    help="instead: draw the effective receptive fields of these checkpoints "
                         "(gradient of the centre pixel's logit w.r.t. the image, mean over "
-                        "validation images; checkpoints of one module are averaged) to --out")
+                        "validation images; checkpoints of one module are averaged) to --out "
+                        "(default runs/erf.png)")
     p.add_argument("--erf-images", type=int, default=32,
                    help="with --erf: validation images per checkpoint (default 32)")
     p.add_argument("--bench", action="store_true",
@@ -389,9 +494,12 @@ def main(argv=None):
                         "500x375 image (needs no checkpoint)")
     p.add_argument("--dataset", choices=["synthetic", "voc", "voc_aug", "coco"], default=None,
                    help="dataset to evaluate on (default: the one the checkpoint was trained on)")
-    p.add_argument("--data-root", default=None, help="VOC2012 folder (voc, voc_aug) or the "
-                                                     "prepare-coco output folder (coco)")
-    p.add_argument("--split", default=None, help="list to evaluate (default: val)")
+    p.add_argument("--data-root", default=None,
+                   help="VOC2012 folder (voc, voc_aug) or the prepare-coco output folder (coco); "
+                        "default: the one the checkpoint was trained with")
+    p.add_argument("--split", default=None,
+                   help="list to evaluate (default: the checkpoint's validation split, else val; "
+                        "val2017 for coco)")
     p.add_argument("--scales", type=float, nargs="+", default=[1.0],
                    help="inference scales (paper 4.1 ablations: 1.0)")
     p.add_argument("--ms", action="store_true",
@@ -401,54 +509,78 @@ def main(argv=None):
     p.add_argument("--depth", type=int, default=None, help="expected ResNet depth (checked)")
     p.add_argument("--save-dir", default=None,
                    help="write palette prediction PNGs and image|truth|prediction panels here")
-    p.add_argument("--json", default=None, help="write all numbers here (default: beside the "
-                                                "checkpoint, eval_<dataset>_<split>.json)")
-    p.add_argument("--image", default=None, help="predict this one image instead")
-    p.add_argument("--out", default=None, help="with --image: the prediction PNG to write; "
-                                                "with --erf: the figure (default erf.png)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--json", default=None,
+                   help="write all numbers here (default: beside the checkpoint, "
+                        "eval_<dataset>_<split>_s<scales>[_flip].json)")
+    p.add_argument("--image", default=None,
+                   help="predict this image, or every image in this folder, instead")
+    p.add_argument("--out", default=None,
+                   help="with --image: the prediction PNG (one image; default "
+                        "runs/predictions/<name>.png) or folder (a folder of images; default "
+                        "runs/predictions/<folder>/); with --erf: the figure")
+    p.add_argument("--force", action="store_true", help="overwrite files that exist")
+    p.add_argument("--workers", type=int, default=2, help="image-decoding processes (0: none)")
+    p.add_argument("--amp", nargs="?", const="bf16", choices=["bf16", "fp16"], default=None,
+                   help="run the model under autocast (probabilities averaged in fp32)")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when "
+                                                  "available)")
     args = p.parse_args(argv)
     if args.bench:
         return bench()
-    if args.erf:
-        out = args.out or "erf.png"
-        if os.path.exists(out):
-            sys.exit(f"{out} exists; choose another --out (or remove it)")
-        return erf_figure(args.erf, out, args.erf_images, args.device, args.data_root)
-    if not args.checkpoint:
-        p.error("--checkpoint is required (unless --bench)")
+    device = pick_device(args.device)
     scales = PAPER_SCALES if args.ms else tuple(args.scales)
+    if not all(math.isfinite(s) and 0 < s <= 8 for s in scales):
+        raise data.BadInput(f"--scales {' '.join(map(str, scales))}: each must be a number in "
+                            f"(0, 8] (paper: 0.5 ... 1.75)")
+    if args.workers < 0 or args.erf_images < 1:
+        raise data.BadInput("--workers must be >= 0 and --erf-images >= 1")
+    if args.erf:
+        out = args.out or os.path.join("runs", "erf.png")
+        refuse_existing([out], args.force)
+        return erf_figure(args.erf, out, args.erf_images, device, args.data_root)
+    if not args.checkpoint:
+        p.error("--checkpoint is required (unless --bench or --erf)")
     ck = load_checkpoint(args.checkpoint)
     model = model_from_checkpoint(ck, args.checkpoint, context=args.context,
-                                  depth=args.depth).to(args.device).eval()
-    classes, palette = ck.get("classes") or data.VOC_CLASSES, np.asarray(ck.get("palette",
-                                                                              data.VOC_PALETTE))
+                                  depth=args.depth).to(device).eval()
     if args.image:
-        out = args.out or os.path.splitext(args.image)[0] + "_pred.png"
-        if os.path.exists(out):
-            sys.exit(f"{out} exists; choose another --out")
-        image = data.normalize(data.read_image(args.image)).to(args.device)
-        pred = predict(model, image, scales, args.flip).cpu()
-        save_prediction(os.path.splitext(out)[0], image.cpu(), pred, palette)
-        found = [classes[c] for c in pred.unique().tolist()]
-        print(f"wrote {out} (class indices, palette PNG) and {os.path.splitext(out)[0]}"
-              f"_panel.png; classes found: {', '.join(found)}")
-        return
+        return predict_images(model, ck, args.image, args.out, scales, args.flip, device,
+                              args.force)
+    return evaluate_checkpoint(model, ck, args, scales, device)
+
+
+def evaluate_checkpoint(model, ck, args, scales, device):
+    """mIoU of the checkpoint on a dataset split; table on screen, numbers in a JSON file."""
+    classes = ck.get("classes") or list(data.VOC_CLASSES)
+    palette = np.asarray(ck.get("palette", data.VOC_PALETTE))
+    ta = ck.get("train_args", {})
     name = args.dataset or ck.get("dataset", "synthetic")
-    ds = data.get_dataset(name, args.split or "val", args.data_root, train=False,
-                          **ck.get("data_args", {}))
-    result = evaluate(model, ds, scales, args.flip, args.device, len(classes),
-                      save_dir=args.save_dir, palette=palette)
-    print(f"{name} {args.split or 'val'} ({len(ds)} images), scales {scales}, "
-          f"flip {args.flip}:")
-    print(format_table(result, classes, getattr(ds, "context_classes", ())))
+    same = name == ck.get("dataset")
+    split = args.split or (ta.get("val_split") if same else None) or DEFAULT_SPLIT.get(name, "val")
+    root = args.data_root or (ta.get("data_root") if same else None)
+    ds = data.get_dataset(name, split, root, train=False, **ck.get("data_args", {}))
+    if len(ds.classes) != len(classes):
+        raise data.BadInput(f"{args.checkpoint} predicts {len(classes)} classes "
+                            f"({', '.join(classes[:6])}{', ...' if len(classes) > 6 else ''}), "
+                            f"but {name} has {len(ds.classes)}: evaluate it on the dataset it "
+                            f"was trained for")
     out = args.json or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)),
-                                    f"eval_{name}_{args.split or 'val'}.json")
-    result.update(dataset=name, split=args.split or "val", scales=list(scales), flip=args.flip,
+                                    result_name(name, split, scales, args.flip))
+    refuse_existing([out], args.force)
+    if args.save_dir and os.path.isdir(args.save_dir) and os.listdir(args.save_dir):
+        refuse_existing([args.save_dir], args.force)
+    result = evaluate(model, ds, scales, args.flip, device, len(classes),
+                      save_dir=args.save_dir, palette=palette, workers=args.workers,
+                      amp=args.amp)
+    print(f"{name} {split} ({len(ds)} images), scales {scales}, flip {args.flip}:")
+    print(format_table(result, classes, getattr(ds, "context_classes", ())))
+    result.update(dataset=name, split=split, scales=list(scales), flip=args.flip,
                   classes=list(classes), checkpoint=args.checkpoint)
     data.atomic_save(out, lambda f: f.write(json.dumps(result, indent=1).encode()))
-    print("numbers written to", out)
+    print("numbers written to", out + (f"; pictures in {args.save_dir}" if args.save_dir
+                                       else ""))
+    return result
 
 
 if __name__ == "__main__":
-    main()
+    data.cli(main)

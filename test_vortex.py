@@ -863,6 +863,98 @@ def test_coco_category_mapping_and_size_rule():
     assert data.coco_voc_mask(anns[1:], 50, 50, {1: 15, 2: 9}) is None  # small VOC only
 
 
+def coco_file(tmp_path, images, annotations):
+    cats = [{"id": 1, "name": "person"}, {"id": 62, "name": "chair"}, {"id": 5, "name": "kite"}]
+    path = tmp_path / "instances_x.json"
+    path.write_text(json.dumps({"images": images, "annotations": annotations,
+                                "categories": cats}))
+    (tmp_path / "imgs").mkdir(exist_ok=True)
+    for im in images:
+        name = im.get("file_name")
+        if isinstance(name, str) and os.path.basename(name) == name and os.path.splitext(name)[1]:
+            Image.new("RGB", (im.get("width", 8), im.get("height", 8))).save(
+                tmp_path / "imgs" / name)
+    return str(path), str(tmp_path / "imgs")
+
+
+SQUARE = [[2, 2, 38, 2, 38, 38, 2, 38]]  # 36 x 36 = 1296 px
+
+
+@pytest.mark.parametrize("name", ["../../escaped.jpg", "/tmp/abs.jpg", "sub/x.jpg", ".."])
+def test_prepare_coco_refuses_file_names_outside_its_folders(tmp_path, name):
+    ann, imgs = coco_file(tmp_path, [{"id": 7, "file_name": name, "height": 40, "width": 40}],
+                          [{"id": 1, "image_id": 7, "category_id": 1, "segmentation": SQUARE}])
+    out = tmp_path / "deep" / "er" / "out"
+    with pytest.raises(data.BadInput, match=r"instances_x.json: image id 7 has file_name .* not "
+                                            r"a plain file name"):
+        data.prepare_coco(ann, imgs, str(out), log=lambda m: None)
+    assert not list(tmp_path.rglob("escaped*")) and not os.path.exists("/tmp/abs.png")
+
+
+def test_prepare_coco_names_and_skips_broken_records_or_stops_with_strict(tmp_path):
+    good = {"id": 1, "image_id": 7, "category_id": 1, "segmentation": SQUARE}
+    broken = [
+        {"id": 2, "image_id": 7, "category_id": 1},  # no segmentation
+        {"id": 3, "image_id": 7, "segmentation": SQUARE},  # no category
+        {"id": 4, "image_id": 7, "category_id": 1, "segmentation": [[1, 2, 3, 4, 5, 6, 7]]},
+        {"id": 5, "image_id": 7, "category_id": 1,
+         "segmentation": [[1, 2, float("nan"), 4, 5, 6]]},
+        {"id": 6, "image_id": 7, "category_id": 1, "segmentation": {"size": [40, 40],
+                                                                     "counts": [5, 3]}},
+        {"id": 8, "image_id": 7, "category_id": 1,  # a huge wrong size: refused, not decoded
+         "segmentation": {"size": [100000, 100000], "counts": [10 ** 10]}},
+        {"id": 9, "image_id": 7, "category_id": 1, "segmentation": 5},
+    ]
+    images = [{"id": 7, "file_name": "a.jpg", "height": 40, "width": 40},
+              {"id": 8, "file_name": "b.jpg", "width": 40}]  # no height
+    ann, imgs = coco_file(tmp_path, images, [good] + broken)
+    logs = []
+    res = data.prepare_coco(ann, imgs, str(tmp_path / "out"), log=logs.append)
+    assert res["written"] == ["a"] and len(res["skipped"]) == 8
+    text = "\n".join(logs)
+    for phrase in ("annotation 2 (image 7): no 'segmentation'", "annotation 3 (image 7): no "
+                   "'category_id'", "a polygon of 7 coordinates", "not a finite number",
+                   "RLE counts that do not cover", "RLE size [100000, 100000] is not the "
+                   "image's [40, 40]", "unknown type int", "image 8: no 'height'",
+                   "8 broken record(s) skipped"):
+        assert phrase in text, phrase
+    assert "instances_x.json" in text
+    mask = data.read_mask(str(tmp_path / "out" / "SegmentationClass" / "a.png"))
+    assert (mask == 15).sum() == 1296
+    with pytest.raises(data.BadInput, match=r"instances_x.json: image 7: annotation 2: no "
+                                            r"'segmentation'"):
+        data.prepare_coco(ann, imgs, str(tmp_path / "strict"), strict=True, log=lambda m: None)
+
+
+def test_prepare_coco_again_with_other_settings_refuses_or_rebuilds(tmp_path):
+    ann, imgs = coco_file(tmp_path, [{"id": 7, "file_name": "a.jpg", "height": 40, "width": 40}],
+                          [{"id": 1, "image_id": 7, "category_id": 1, "segmentation": SQUARE},
+                           {"id": 2, "image_id": 7, "category_id": 62,
+                            "segmentation": [[2, 2, 20, 2, 20, 20, 2, 20]]}])  # 324 px chair
+    out = str(tmp_path / "out")
+    data.prepare_coco(ann, imgs, out, log=lambda m: None)
+    path = os.path.join(out, "SegmentationClass", "a.png")
+    assert 255 in data.read_mask(path)  # the small chair is ignored
+    with pytest.raises(data.ExistingOutput, match="made with other settings.*--overwrite"):
+        data.prepare_coco(ann, imgs, out, min_pixels=100, log=lambda m: None)
+    data.prepare_coco(ann, imgs, out, min_pixels=100, overwrite=True, log=lambda m: None)
+    assert 9 in data.read_mask(path) and 255 not in data.read_mask(path)  # rebuilt: a chair
+    data.prepare_coco(ann, imgs, out, min_pixels=100, log=lambda m: None)  # same: fine
+
+
+def test_read_image_scales_16_bit_and_applies_exif_orientation(tmp_path):
+    ramp = np.linspace(0, 65535, 60 * 40).reshape(40, 60).astype(np.uint16)
+    Image.fromarray(ramp).save(tmp_path / "g16.png")
+    img = data.read_image(str(tmp_path / "g16.png"))
+    assert img.shape == (40, 60, 3) and abs(img.mean() - 127.5) < 1 and img.max() == 255
+    photo = Image.new("RGB", (50, 30), (200, 10, 10))
+    exif = photo.getexif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
+    photo.save(tmp_path / "phone.jpg", exif=exif)
+    assert data.read_image(str(tmp_path / "phone.jpg")).shape == (30, 50, 3)  # as stored
+    assert data.read_image(str(tmp_path / "phone.jpg"), orientation=True).shape == (50, 30, 3)
+
+
 def test_show_and_bench_commands(tmp_path, capsys):
     out = tmp_path / "s.png"
     data.main(["show", "--out", str(out)])
@@ -1247,6 +1339,95 @@ def test_default_command_end_to_end_on_a_small_budget(tmp_path, capsys):
         evaluation.main(["--checkpoint", os.path.join(out, "checkpoint.pt"), "--context", "aspp"])
 
 
+def test_eval_command_line_never_overwrites_and_names_every_file(tmp_path, capsys, monkeypatch):
+    run = tmp_path / "run"
+    train.main(TINY + ["--iters", "2", "--out-dir", str(run), "--no-eval"])
+    ck = str(run / "checkpoint.pt")
+    # results are named by what they measured; the same protocol again needs --force
+    evaluation.main(["--checkpoint", ck, "--workers", "0"])
+    evaluation.main(["--checkpoint", ck, "--workers", "0", "--scales", "0.5", "1", "--flip"])
+    assert sorted(f for f in os.listdir(run) if f.startswith("eval_")) == [
+        "eval_synthetic_val_s0.5-1_flip.json", "eval_synthetic_val_s1.json"]
+    with pytest.raises(data.ExistingOutput, match=r"eval_synthetic_val_s1.json exists; pass "
+                                                  r"--force"):
+        evaluation.main(["--checkpoint", ck, "--workers", "0"])
+    evaluation.main(["--checkpoint", ck, "--workers", "0", "--force"])
+    # one image: --out must be a PNG; exactly the files printed are written
+    img = tmp_path / "photo.jpg"
+    Image.fromarray(data.render_synthetic(0, 0, 50)[0]).save(img)
+    with pytest.raises(data.BadInput, match=r"--out keep.jpg: the prediction is a PNG"):
+        evaluation.main(["--checkpoint", ck, "--image", str(img), "--out", "keep.jpg"])
+    monkeypatch.chdir(tmp_path)  # the default goes under runs/, never beside the image
+    capsys.readouterr()
+    evaluation.main(["--checkpoint", ck, "--image", str(img)])
+    out = capsys.readouterr().out
+    assert "wrote runs/predictions/photo.png, runs/predictions/photo_panel.png" in out
+    assert sorted(os.listdir(tmp_path / "runs" / "predictions")) == ["photo.png",
+                                                                     "photo_panel.png"]
+    with pytest.raises(data.ExistingOutput, match="photo.png exists"):
+        evaluation.main(["--checkpoint", ck, "--image", str(img)])
+    # a folder: every image, one output folder
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i in range(3):
+        Image.fromarray(data.render_synthetic(0, i, 40)[0]).save(folder / f"p{i}.png")
+    (folder / "notes.txt").write_text("not an image")
+    evaluation.main(["--checkpoint", ck, "--image", str(folder)])
+    assert sorted(os.listdir(tmp_path / "runs" / "predictions" / "photos")) == sorted(
+        f"p{i}{t}" for i in range(3) for t in (".png", "_panel.png"))
+    assert "predict: 3/3" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--scales", "0"], "--scales 0.0: each must be a number in (0, 8]"),
+    (["--scales", "1", "nan"], "--scales 1.0 nan"), (["--scales", "-1"], "--scales -1.0"),
+    (["--device", "banana"], "--device banana: use cpu, cuda or cuda:N"),
+    (["--workers", "-1"], "--workers must be >= 0"),
+])
+def test_eval_refuses_bad_flags(flags, message):
+    with pytest.raises(data.BadInput, match=re.escape(message)):
+        evaluation.main(["--checkpoint", "unused.pt"] + flags)
+
+
+def test_eval_refuses_a_checkpoint_of_other_classes_and_broken_weights(tmp_path):
+    run = tmp_path / "run"
+    train.main(TINY + ["--iters", "1", "--out-dir", str(run), "--no-eval"])
+    ck = str(run / "checkpoint.pt")
+    voc = str(make_voc_tree(tmp_path))
+    with pytest.raises(data.BadInput, match=r"predicts 5 classes \(background, water, wheel, "
+                                            r"bike, fish\), but voc has 21"):
+        evaluation.main(["--checkpoint", ck, "--dataset", "voc", "--data-root", voc,
+                         "--split", "train"])
+    with pytest.raises(data.MissingInput, match=r"split list not found: .*val2012.txt \(splits "
+                                                r"there: train\)"):
+        evaluation.main(["--checkpoint", ck, "--dataset", "voc", "--data-root", voc,
+                         "--split", "val2012"])
+    state = torch.load(ck, weights_only=True)
+    state["model"]["classifier.weight"] = torch.zeros(3, 2, 1, 1)
+    bad = tmp_path / "bad.pt"
+    torch.save(state, bad)
+    with pytest.raises(data.BadInput, match=r"bad.pt: its weights do not fit .*classifier.weight"):
+        evaluation.main(["--checkpoint", str(bad)])
+    (tmp_path / "empty.pth").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"cannot read .*empty.pth as a weights-only torch "
+                                         r"checkpoint"):
+        load_backbone_weights(resnet(18, base_channels=2), str(tmp_path / "empty.pth"))
+
+
+def test_voc_root_pointing_at_vocdevkit_suggests_its_voc2012_folder(tmp_path):
+    make_voc_tree(tmp_path / "VOCdevkit")  # VOCdevkit/VOC2012/...
+    with pytest.raises(data.MissingInput, match=r"looks like VOCdevkit: use its VOC2012 folder"):
+        data.VOCSegmentation(str(tmp_path / "VOCdevkit"), "train")
+
+
+def test_figure_commands_never_overwrite(tmp_path):
+    out = tmp_path / "fig.png"
+    out.write_bytes(b"keep")
+    with pytest.raises(SystemExit):
+        vortex.main(["--figure", str(out)])
+    assert out.read_bytes() == b"keep"
+
+
 def test_presets_and_flags():
     cfg = train.parse_args(["--dataset", "voc_aug", "--data-root", "x"])
     assert (cfg["depth"], cfg["output_stride"], cfg["multi_grid"], cfg["context"]) == \
@@ -1428,7 +1609,7 @@ def test_ablation_table_runs_every_module(tmp_path, capsys):
     radii = evaluation.main(["--erf", *cks, "--erf-images", "2", "--out", erf])
     assert set(radii) == {"ASPP", "Vortex"} and os.path.isfile(erf)
     assert all(0 <= r50 <= r90 <= math.hypot(24, 24) for r50, r90 in radii.values())
-    with pytest.raises(SystemExit, match="exists"):  # never overwrites a file
+    with pytest.raises(data.ExistingOutput, match="exists"):  # never overwrites a file
         evaluation.main(["--erf", *cks, "--out", erf])
 
 

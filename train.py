@@ -195,26 +195,9 @@ def poly_lr(base, it, max_it, power=0.9):
 # Multi-node works through torchrun's own rendezvous; nothing here is home-made.
 # ---------------------------------------------------------------------------------------------
 
-def pick_device(device_arg, local_rank=0):
-    """--device: None (CUDA when visible, else CPU), 'cpu', 'cuda' or 'cuda:N'."""
-    if device_arg is None:
-        device_arg = "cuda" if torch.cuda.is_available() else "cpu"
-    if device_arg != "cpu" and not (device_arg == "cuda" or device_arg.startswith("cuda:")):
-        raise BadInput(f"--device {device_arg}: use cpu, cuda or cuda:N")
-    if device_arg == "cpu":
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        raise BadInput(f"--device {device_arg}: no CUDA device is visible "
-                       f"(torch.cuda.is_available() is False); use --device cpu")
-    index = int(device_arg.split(":")[1]) if ":" in device_arg else local_rank
-    if index >= torch.cuda.device_count():
-        raise BadInput(f"--device {device_arg}: only {torch.cuda.device_count()} CUDA device(s)")
-    return torch.device("cuda", index)
-
-
 def setup_distributed(device_arg, deterministic=False):
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    device = pick_device(device_arg, int(os.environ.get("LOCAL_RANK", "0")))
+    device = evaluation.pick_device(device_arg, int(os.environ.get("LOCAL_RANK", "0")))
     if device.type == "cuda":
         torch.cuda.set_device(device)
         # fixed 513 crops: let cuDNN time its kernels once and keep the fastest. They are not
@@ -915,23 +898,38 @@ def final_evaluation(run):
     return summary
 
 
+def pick_examples(dataset, n=4, look=64):
+    """n image indices for a picture: where the dataset names classes told apart only by context
+    (synthetic bike and fish), taken in turn from each, so that the picture shows all of them."""
+    ctx = getattr(dataset, "context_classes", ())
+    if not ctx:
+        return list(range(min(n, len(dataset))))
+    buckets = {c: [] for c in ctx}
+    for i in range(min(look, len(dataset))):
+        counts = np.bincount(dataset.load(i)[1].ravel(), minlength=256)
+        buckets[max(ctx, key=lambda c: counts[c])].append(i)
+    order = [i for group in zip(*buckets.values()) for i in group]
+    return (order + [i for i in range(len(dataset)) if i not in order])[:n]
+
+
 def prediction_picture(model, dataset, device, path, n=4):
-    """image | ground truth | prediction for the first n images, stacked."""
+    """image | ground truth | prediction for n validation images, with column titles and a
+    legend of the classes shown."""
     model.eval()
-    rows = []
-    for i in range(min(n, len(dataset))):
+    rows, present = [], set()
+    for i in pick_examples(dataset, n):
         image, label = dataset[i]
         pred = evaluation.predict(model, image.to(device)).cpu()
         rows.append(evaluation.panel(image, pred, dataset.palette, label))
-    width = max(r.shape[1] for r in rows)
-    rows = [np.pad(r, ((0, 4), (0, width - r.shape[1]), (0, 0)), constant_values=255)
-            for r in rows]
-    data.atomic_save(path, lambda f: Image.fromarray(np.concatenate(rows, 0)).save(f, "PNG"))
+        present |= set(label.unique().tolist()) | set(pred.unique().tolist())
+    pic = evaluation.titled(rows, [dataset[0][0].shape[-1]] * 3, list(dataset.classes),
+                            dataset.palette, present)
+    data.atomic_save(path, lambda f: Image.fromarray(pic).save(f, "PNG"))
     return path
 
 
 def bench(device_arg=None):
-    device = pick_device(device_arg)
+    device = evaluation.pick_device(device_arg)
     return bench_cuda(device) if device.type == "cuda" else bench_cpu()
 
 

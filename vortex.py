@@ -16,6 +16,7 @@ Run `python vortex.py --help` for the command line.
 import argparse
 import copy
 import math
+import os
 import time
 
 import numpy as np
@@ -668,8 +669,9 @@ def _load_checkpoint_dict(path):
     except FileNotFoundError:
         raise FileNotFoundError(f"checkpoint not found: {path}") from None
     except Exception as e:  # truncated file, not a torch file, pickled code objects...
+        first = (str(e).strip().splitlines() or ["empty or unreadable file"])[0]
         raise ValueError(f"cannot read {path} as a weights-only torch checkpoint "
-                         f"({type(e).__name__}: {str(e).splitlines()[0]})") from None
+                         f"({type(e).__name__}: {first})") from None
     if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
         sd = sd["state_dict"]
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
@@ -924,6 +926,7 @@ def main(argv=None):
                    help="feature-map side h = w for the table (65: a 513x513 image at OS 8)")
     p.add_argument("--reps", type=int, default=3, help="timing repetitions (best one is kept)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--force", action="store_true", help="with --figure: overwrite the PNG")
     p.add_argument("--figure", metavar="PNG", default=None,
                    help="instead: draw the paper's Fig. 3 from the real modules (which positions "
                         "of a 65x65 map feed the centre pixel, for ASPP, A(5), Vortex) to PNG")
@@ -932,6 +935,8 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     if args.figure:
+        if os.path.exists(args.figure) and not args.force:
+            p.error(f"{args.figure} exists; pass --force to overwrite it")
         print("wrote", draw_footprints(args.figure, args.size))
     elif args.bench:
         if torch.cuda.is_available():
