@@ -477,15 +477,20 @@ def read_list(path):
         return [line.split()[0] for line in f if line.strip()]
 
 
-def sbd_mat_to_mask(path):
-    """Class-index mask (H, W) uint8 from an SBD cls/<id>.mat file (GTcls.Segmentation)."""
+def _scipy_io():
     try:
         import scipy.io
     except ImportError:
-        raise ImportError("reading SBD .mat files needs scipy: pip install scipy "
-                          "(only `python data.py prepare-sbd` uses it)") from None
+        raise BadInput("reading SBD .mat files needs scipy: pip install scipy "
+                       "(only `python data.py prepare-sbd` uses it)") from None
+    return scipy.io
+
+
+def sbd_mat_to_mask(path):
+    """Class-index mask (H, W) uint8 from an SBD cls/<id>.mat file (GTcls.Segmentation)."""
+    scipy_io = _scipy_io()
     try:
-        gt = scipy.io.loadmat(path, squeeze_me=True, struct_as_record=False)["GTcls"]
+        gt = scipy_io.loadmat(path, squeeze_me=True, struct_as_record=False)["GTcls"]
         seg = np.asarray(gt.Segmentation)
     except Exception as e:
         raise BadInput(f"cannot read SBD mask {path}: expected a MATLAB file with a GTcls "
@@ -507,6 +512,7 @@ def prepare_sbd(sbd, voc, overwrite=False, log=print):
     VOC2012/ImageSets/Segmentation/train_aug.txt. VOC's own mask is used where VOC train has one
     (it is finer and marks object borders 255); SBD's otherwise. Existing PNGs are kept, so an
     interrupted run resumes. Returns the counts."""
+    _scipy_io()  # before anything is written
     for path, what in ((os.path.join(sbd, "cls"), "SBD cls/ folder"),
                        (os.path.join(sbd, "train.txt"), "SBD train.txt"),
                        (os.path.join(sbd, "val.txt"), "SBD val.txt")):

@@ -521,10 +521,14 @@ from PIL import Image  # noqa: E402
 
 import data  # noqa: E402
 
-SHARED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "voc_samples")
+# Real sample files (12 VOC 2012 pairs, 2 SBD .mat files, a COCO subset): the folder named by
+# the environment variable VORTEX_SAMPLES, else ../shared/voc_samples beside this project.
+SHARED = os.environ.get("VORTEX_SAMPLES") or os.path.join(
+    os.path.dirname(os.path.abspath(__file__)), "..", "shared", "voc_samples")
 needs_shared = pytest.mark.skipif(
     not os.path.isdir(SHARED),
-    reason="../shared/voc_samples (real VOC/SBD/COCO sample files) is not beside this clone")
+    reason="no real VOC/SBD/COCO sample files: set VORTEX_SAMPLES to a folder laid out like "
+           "voc_samples (VOC2012/, SBD/, coco/), or put ../shared/voc_samples beside this clone")
 
 
 @needs_shared
@@ -953,6 +957,15 @@ def test_read_image_scales_16_bit_and_applies_exif_orientation(tmp_path):
     photo.save(tmp_path / "phone.jpg", exif=exif)
     assert data.read_image(str(tmp_path / "phone.jpg")).shape == (30, 50, 3)  # as stored
     assert data.read_image(str(tmp_path / "phone.jpg"), orientation=True).shape == (50, 30, 3)
+
+
+def test_prepare_sbd_checks_for_scipy_before_writing_anything(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "scipy.io", None)  # as if scipy were not installed
+    voc = make_voc_tree(tmp_path)
+    before = sorted(p for p in tmp_path.rglob("*"))
+    with pytest.raises(data.BadInput, match="needs scipy: pip install scipy"):
+        data.prepare_sbd(str(tmp_path / "sbd"), str(voc), log=lambda m: None)
+    assert sorted(p for p in tmp_path.rglob("*")) == before
 
 
 def test_show_and_bench_commands(tmp_path, capsys):
@@ -1576,9 +1589,13 @@ def test_distributed_evaluation_counts_every_image_once(tmp_path):
 def test_fig3_footprint_picture(tmp_path):
     path = vortex.draw_footprints(str(tmp_path / "fig3.png"), size=65, cell=1)
     pic = np.asarray(Image.open(path))
-    assert pic.shape == (14 + 65, 3 * 65 + 2 * 8)
-    assert (pic[14:, :65] < 245).sum() == 17 - 1  # ASPP: 17 positions fit, centre drawn white
-    assert (pic[14:, 2 * 73:] < 245).sum() == 65 * 65 - 1  # Vortex: every position
+    assert pic.shape == (65 + 14 + 4 * 14, 3 * 65 + 2 * 8, 3)
+    read = (pic[:65] != 255).any(-1)  # not white: some branch reads it (or the centre, black)
+    assert read[:, :65].sum() == 17  # ASPP: 17 positions fit on the map
+    assert read[:, 2 * 73:].sum() == 65 * 65  # Vortex: every position
+    vx = pic[:65, 2 * 73:]
+    assert tuple(vx[32, 33]) == vortex.BRANCH_COLOURS[1]  # next to the centre: the 3x3 pool
+    assert tuple(vx[0, 0]) == vortex.BRANCH_COLOURS[3]  # the corner: the 27x27 pool
     # on a 41x41 map Vortex's rate-27 taps fall off the map from the centre: r drops to 0.43
     assert measured_utilization(small(ContextModule.vortex), 41, 41) < 0.5
 

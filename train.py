@@ -400,7 +400,27 @@ def parse_args(argv=None):
                ", ".join(f"{k}={v}" for k, v in COMMON.items() if v is not None) +
                f"\n\nexit codes: 0 finished, 1 failed (e.g. non-finite loss), 2 refused input, "
                f"{EXIT_STOPPED} stopped by a signal after saving a checkpoint (resume it)")
-    a = p.add_argument
+    experiment_flags(p.add_argument)
+    run_flags(p.add_argument)
+    args = p.parse_args(argv)
+    cfg = dict(COMMON)
+    cfg.update(PRESETS[args.dataset])
+    for k, v in vars(args).items():
+        if v is not None or k not in cfg:
+            cfg[k] = v
+    cfg["scale"] = tuple(cfg["scale"])
+    cfg["multi_grid"] = parse_multi_grid(cfg["multi_grid"], cfg["depth"],
+                                         explicit=args.multi_grid is not None)
+    cfg["out_dir"] = cfg["out_dir"] or os.path.join(
+        "runs", "ablation" if args.ablation else f"{args.dataset}-{cfg['context']}")
+    cfg["val_data_args"] = ({"num_images": cfg["val_images"], "image_size": cfg["image_size"]}
+                            if args.dataset == "synthetic" else {})
+    check_config(cfg)
+    return cfg
+
+
+def experiment_flags(a):
+    """The flags that define the experiment: data, model, optimisation (see --help)."""
     a("--dataset", choices=list(PRESETS), default="synthetic",
       help="synthetic (built in, default), voc (train), voc_aug (train_aug, paper 4.1), coco")
     a("--data-root", default=None, help="the VOC2012 folder, or the prepare-coco output folder")
@@ -434,6 +454,10 @@ def parse_args(argv=None):
     a("--num-images", type=int, default=None, help="synthetic: training images")
     a("--val-images", type=int, default=None, help="synthetic: validation images")
     a("--image-size", type=int, default=None, help="synthetic: image side")
+
+
+def run_flags(a):
+    """The flags of how a run goes: weights, resume, output, speed, devices."""
     a("--pretrained", default=None, help="local torchvision ImageNet ResNet or "
                                          "deeplabv3_resnet*_coco checkpoint to start from")
     a("--init-from", default=None, help="our own checkpoint to take the weights from (the "
@@ -477,21 +501,6 @@ def parse_args(argv=None):
       "batch 2/4/8 x fp32/bf16 x NCHW/channels-last, images/s and peak memory)")
     a("--stop-after", type=int, default=None,
       help="testing aid: behave as if SIGTERM arrived after N iterations of this run")
-    args = p.parse_args(argv)
-    cfg = dict(COMMON)
-    cfg.update(PRESETS[args.dataset])
-    for k, v in vars(args).items():
-        if v is not None or k not in cfg:
-            cfg[k] = v
-    cfg["scale"] = tuple(cfg["scale"])
-    cfg["multi_grid"] = parse_multi_grid(cfg["multi_grid"], cfg["depth"],
-                                         explicit=args.multi_grid is not None)
-    cfg["out_dir"] = cfg["out_dir"] or os.path.join(
-        "runs", "ablation" if args.ablation else f"{args.dataset}-{cfg['context']}")
-    cfg["val_data_args"] = ({"num_images": cfg["val_images"], "image_size": cfg["image_size"]}
-                            if args.dataset == "synthetic" else {})
-    check_config(cfg)
-    return cfg
 
 
 def parse_multi_grid(values, depth, explicit):

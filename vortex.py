@@ -876,38 +876,50 @@ def bench_cuda(batch=8, reps=20):
     GPU_POOLING = saved
 
 
+BRANCH_COLOURS = ((200, 30, 30), (240, 150, 20), (40, 110, 200), (60, 160, 60))
+
+
 def draw_footprints(path, size=65, cell=4):
     """The paper's Fig. 3 drawn from the real modules: for ASPP, Module A(5) and Module B, the
     input positions of a size x size map that feed the centre output (autograd, see
-    measured_utilization), shaded by the finest branch that reads them (darker = smaller pooling
-    window; the centre pixel is white), side by side with 8 px gaps. Written atomically."""
-    import os
+    measured_utilization), coloured by the branch that reads them (the finest drawn on top),
+    white where nothing reads, the output pixel black; a legend under each panel. Written
+    atomically."""
     import tempfile
     from PIL import Image, ImageDraw
     mods = [ContextModule.aspp(8), ContextModule.module_a(8, 5), ContextModule.vortex(8)]
     panels = []
     for m in mods:
         ratio, used = measured_utilization(m, size, size, return_map=True)
-        # shade each used position by the finest branch that reads it: dark = fine (small k)
-        pic = np.full((size, size), 245, np.uint8)
-        order = sorted(range(len(m.pools)), key=lambda i: -m.pools[i] * m.dilations[i])
-        for level, i in enumerate(order):
+        pic = np.full((size, size, 3), 255, np.uint8)
+        widest_first = sorted(range(len(m.pools)), key=lambda i: -m.pools[i] - m.dilations[i])
+        for i in widest_first:
             fp = footprint(m.pools[i:i + 1], m.kernels[i:i + 1], m.dilations[i:i + 1])
             r, c = fp.shape[0] // 2, size // 2  # footprint centred on the centre pixel
             a, b = max(0, c - r), min(size, c + r + 1)
             region = np.zeros((size, size), bool)
             region[a:b, a:b] = fp[a - (c - r):b - (c - r), a - (c - r):b - (c - r)]
-            pic[region & used] = 190 - 150 * level // max(1, len(order) - 1)
-        pic[size // 2, size // 2] = 255
-        pic = np.kron(pic, np.ones((cell, cell), np.uint8))
-        title = Image.new("L", (pic.shape[1], 14), 255)
-        ImageDraw.Draw(title).text((2, 1), f"{m.name}: r = {ratio:.4f}", fill=0)
-        panels.append(np.concatenate([np.asarray(title), pic], 0))
-    gap = np.full((panels[0].shape[0], 8), 255, np.uint8)
+            pic[region & used] = BRANCH_COLOURS[i]
+        pic[size // 2, size // 2] = 0
+        pic = np.kron(pic, np.ones((cell, cell, 1), np.uint8))
+        text = Image.new("RGB", (pic.shape[1], 14 + 14 * len(m.pools)), (255, 255, 255))
+        draw = ImageDraw.Draw(text)
+        draw.text((2, 1), f"{m.name}: r = {ratio:.4f} of the {size}x{size} map", fill=(0, 0, 0))
+        for i, (k, n, d) in enumerate(zip(m.pools, m.kernels, m.dilations)):
+            y = 15 + 14 * i
+            draw.rectangle([4, y + 1, 14, y + 11], fill=BRANCH_COLOURS[i], outline=(0, 0, 0))
+            draw.text((20, y), f"{k}x{k} pool, {n}x{n} conv" + (f", rate {d}" if n > 1 else ""),
+                      fill=(0, 0, 0))
+        panels.append(np.concatenate([pic, np.asarray(text)], 0))
+    height = max(p.shape[0] for p in panels)
+    panels = [np.pad(p, ((0, height - p.shape[0]), (0, 0), (0, 0)), constant_values=255)
+              for p in panels]
+    gap = np.full((height, 8, 3), 255, np.uint8)
     out = np.concatenate([x for p in panels for x in (p, gap)][:-1], 1)
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".png")
     os.close(fd)
     Image.fromarray(out).save(tmp)
+    os.chmod(tmp, 0o644)
     os.replace(tmp, path)
     return path
 
