@@ -1210,6 +1210,8 @@ def test_resume_refuses_another_experiment_and_auto_starts_or_resumes(tmp_path, 
     (["--device", "banana"], "--device banana: use cpu, cuda or cuda:N"),
     (["--amp", "fp16", "--device", "cpu"], "fp16 needs CUDA"),
     (["--sync-bn", "torch", "--device", "cpu"], None),  # one rank: nothing to synchronise
+    (["--num-images", "3"], "3 images cannot make one micro-batch of 4 images"),
+    (["--pretrained", "/nonexistent/resnet50.pth"], "--pretrained checkpoint not found"),
 ])
 def test_bad_flags_are_refused_up_front_in_one_line(tmp_path, flags, message):
     args = TINY + ["--depth", "50", "--iters", "1", "--out-dir", str(tmp_path / "r"),

@@ -668,6 +668,12 @@ def prepare_run(cfg):
                              train_set=train_set, micro=micro,
                              ck_path=os.path.join(cfg["out_dir"], "checkpoint.pt"),
                              log_path=os.path.join(cfg["out_dir"], "log.jsonl"))
+    run.per_epoch = len(train_set) // world // micro  # micro-batches per epoch and rank
+    if run.per_epoch == 0:
+        raise BadInput(f"{len(train_set)} images cannot make one micro-batch of {micro} images "
+                       f"per rank on {world} rank(s)")
+    if cfg["amp"] == "fp16" and device.type != "cuda":
+        raise BadInput("--amp fp16 needs CUDA; use --amp bf16 on CPU")
     size = 2.2 * sum(t.numel() * t.element_size() for t in model.state_dict().values())
     ck = None
 
@@ -676,8 +682,13 @@ def prepare_run(cfg):
         ck = start_or_resume(cfg, run.ck_path, size)
         return ck is not None
     resumed = on_rank0(decide)
-    if not resumed:
-        take_weights(model, cfg, verbose=rank == 0)
+    try:
+        if not resumed:
+            take_weights(model, cfg, verbose=rank == 0)
+    except BadInput:
+        if rank == 0 and not os.listdir(cfg["out_dir"]):  # a refused start leaves nothing
+            os.rmdir(cfg["out_dir"])
+        raise
     model.train()
     if cfg["freeze_bn"]:  # fixed statistics need no synchronisation
         freeze_batchnorm(model)
@@ -695,8 +706,6 @@ def prepare_run(cfg):
          {"params": [p for p in model.parameters() if p.dim() <= 1], "weight_decay": 0.0}],
         lr=cfg["lr"], momentum=cfg["momentum"])
     run.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, None: None}[cfg["amp"]]
-    if cfg["amp"] == "fp16" and device.type != "cuda":
-        raise BadInput("--amp fp16 needs CUDA; use --amp bf16 on CPU")
     run.scaler = torch.amp.GradScaler("cuda") if cfg["amp"] == "fp16" else None
     run.iteration, run.position = restore(run, ck if rank == 0 else None, resumed)
     run.ddp = (nn.parallel.DistributedDataParallel(
@@ -705,13 +714,10 @@ def prepare_run(cfg):
     run.net = run.ddp or model
     if cfg["compile"]:
         run.net = torch.compile(run.net)
-    stream = MicroBatchStream(train_set, rank, world, cfg["seed"], micro, run.position)
-    if stream.per_epoch == 0:
-        raise BadInput(f"{len(train_set)} images cannot make one micro-batch of {micro} images "
-                       f"per rank on {world} rank(s)")
-    run.per_epoch = stream.per_epoch
     run.batches = iter(torch.utils.data.DataLoader(
-        train_set, micro, sampler=stream, num_workers=cfg["workers"],
+        train_set, micro, sampler=MicroBatchStream(train_set, rank, world, cfg["seed"], micro,
+                                                   run.position),
+        num_workers=cfg["workers"],
         pin_memory=device.type == "cuda", persistent_workers=cfg["workers"] > 0,
         prefetch_factor=4 if cfg["workers"] > 0 else None, worker_init_fn=quiet_worker,
         # its own generator: an iterator would otherwise draw a seed from the global RNG
