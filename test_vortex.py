@@ -1214,7 +1214,7 @@ def test_resume_refuses_another_experiment_and_auto_starts_or_resumes(tmp_path, 
     (["--pretrained", "/nonexistent/resnet50.pth"], "--pretrained checkpoint not found"),
 ])
 def test_bad_flags_are_refused_up_front_in_one_line(tmp_path, flags, message):
-    args = TINY + ["--depth", "50", "--iters", "1", "--out-dir", str(tmp_path / "r"),
+    args = TINY + ["--depth", "50", "--iters", "1", "--out-dir", str(tmp_path / "r" / "deep"),
                    "--no-eval"] + flags
     if message is None:
         assert train.main(args)["iteration"] == 1

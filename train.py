@@ -611,22 +611,34 @@ def start_or_resume(cfg, ck_path, checkpoint_bytes):
         raise BadInput(f"{ck_path} exists: pass --resume to continue it, or choose another "
                        f"--out-dir (nothing is overwritten without asking)")
     ck = read_checkpoint_for_resume(cfg, ck_path) if exists else None
-    out = cfg["out_dir"]
-    made = not os.path.isdir(out)
-    try:  # the folder is made only now, when the run starts
-        data.atomic_save(os.path.join(out, ".write-test"), lambda f: f.write(b"ok"))
-        os.unlink(os.path.join(out, ".write-test"))
-        free = shutil.disk_usage(out).free
-        if free < 1.2 * checkpoint_bytes:
-            raise BadInput(f"--out-dir {out}: {free / 2 ** 30:.2f} GiB free, but a checkpoint "
-                           f"of this model takes about {checkpoint_bytes / 2 ** 30:.2f} GiB")
-    except BadInput:
-        if made and os.path.isdir(out) and not os.listdir(out):
-            os.rmdir(out)
-        raise
+    out = cfg["out_dir"]  # made only now, when the run starts
+    data.atomic_save(os.path.join(out, ".write-test"), lambda f: f.write(b"ok"))
+    os.unlink(os.path.join(out, ".write-test"))
+    free = shutil.disk_usage(out).free
+    if free < 1.2 * checkpoint_bytes:
+        raise BadInput(f"--out-dir {out}: {free / 2 ** 30:.2f} GiB free, but a checkpoint "
+                       f"of this model takes about {checkpoint_bytes / 2 ** 30:.2f} GiB")
     if ck is not None:
         truncate_log(os.path.join(out, "log.jsonl"), ck["iteration"])
     return ck
+
+
+def first_missing(path):
+    """The outermost folder of `path` that does not exist yet (None if it all exists)."""
+    p, top = os.path.abspath(path), None
+    while not os.path.exists(p):
+        p, top = os.path.dirname(p), p
+    return top
+
+
+def remove_empty(path, top):
+    """Remove `path` and its parents up to `top` while they are empty folders."""
+    p = os.path.abspath(path)
+    while top and os.path.isdir(p) and not os.listdir(p):
+        os.rmdir(p)
+        if p == top:
+            break
+        p = os.path.dirname(p)
 
 
 def take_weights(model, cfg, verbose):
@@ -677,17 +689,19 @@ def prepare_run(cfg):
     size = 2.2 * sum(t.numel() * t.element_size() for t in model.state_dict().values())
     ck = None
 
+    made = first_missing(cfg["out_dir"])  # the folders this run will have made
+
     def decide():  # only rank 0 looks at --out-dir: no shared filesystem needed
         nonlocal ck
         ck = start_or_resume(cfg, run.ck_path, size)
         return ck is not None
-    resumed = on_rank0(decide)
     try:
+        resumed = on_rank0(decide)
         if not resumed:
             take_weights(model, cfg, verbose=rank == 0)
     except BadInput:
-        if rank == 0 and not os.listdir(cfg["out_dir"]):  # a refused start leaves nothing
-            os.rmdir(cfg["out_dir"])
+        if rank == 0:  # a refused start leaves nothing behind
+            remove_empty(cfg["out_dir"], made)
         raise
     model.train()
     if cfg["freeze_bn"]:  # fixed statistics need no synchronisation
