@@ -1804,6 +1804,25 @@ def test_cuda_resume_continues_the_run(tmp_path, amp, deterministic):
         assert resumed < 1e-2
 
 
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_bench_reports_out_of_memory_and_recovers():
+    """A configuration that does not fit is reported (None), and the next one still runs."""
+    torch.manual_seed(0)
+    model = DeepLabV3(21, 50, "vortex").cuda()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
+    total = torch.cuda.get_device_properties(0).total_memory
+    torch.cuda.set_per_process_memory_fraction(3 * 2 ** 30 / total)  # 3 GiB for this test
+    try:
+        assert train._cuda_steps(model, opt, 16, torch.float32, False, torch.device("cuda"),
+                                 warmup=1, steps=1) is None
+        ok = train._cuda_steps(model, opt, 2, torch.bfloat16, False, torch.device("cuda"),
+                               crop=129, warmup=1, steps=1)
+        assert ok is not None and ok[0] > 0
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+
+
 def _torch_vs_ours_worker(rank, world, init_file, out_dir):
     dist.init_process_group("nccl", init_method=f"file://{init_file}", rank=rank,
                             world_size=world)
