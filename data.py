@@ -4,7 +4,7 @@ paper's augmentation, and a built-in synthetic dataset where context decides the
 Paper 4.1: train on train_aug (10,582 images = VOC 2012 train + SBD, minus VOC val), evaluate on
 VOC 2012 val (1,449); random scale 0.5-2.0, left-right flips, 513 x 513 crops.
 Paper 4.2: pre-train on MS-COCO with the 20 VOC categories (others are background, objects under
-1000 pixels discarded).
+1000 pixels discarded: marked 255 here), masks rasterised exactly as pycocotools does.
 
 Every item is (image, label): a float (3, H, W) tensor normalised with the ImageNet mean/std and
 an int64 (H, W) tensor of class indices, 255 = ignore. Nothing is downloaded; bad files raise an

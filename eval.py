@@ -6,8 +6,11 @@ Paper 4.1: ablations are evaluated single-scale, no flipping. Paper 4.2: scales 
 
   python eval.py --checkpoint runs/synthetic-vortex/checkpoint.pt            # its own val set
   python eval.py --checkpoint ck.pt --dataset voc --data-root VOC2012 --ms --flip --save-dir out
-  python eval.py --checkpoint ck.pt --image photo.jpg --out pred.png
+  python eval.py --checkpoint ck.pt --image photo.jpg          # -> runs/predictions/photo.png
+  python eval.py --checkpoint ck.pt --image photos/            # every image of a folder
   python eval.py --erf runs/ablation/{ASPP,Vortex}-seed0/checkpoint.pt --out runs/erf.png
+
+Nothing is overwritten without --force; known-bad input is one line and exit code 2.
 """
 import argparse
 import json

@@ -294,6 +294,24 @@ def test_separable_gpu_pooling_is_the_same_average(h, w, k, cip):
                                F.avg_pool2d(x, k, 1, k // 2, count_include_pad=cip))
 
 
+def test_box_averages_of_channels_last_input_equal_the_definition():
+    """--channels-last feeds NHWC maps: same values and gradients, layout kept (300 channels:
+    two CPU channel blocks)."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 300, 23, 31).contiguous(memory_format=torch.channels_last)
+    x.requires_grad_(True)
+    out = box_averages(x, (3, 9, 27))
+    ws = {k: torch.randn_like(out[k]) for k in (3, 9, 27)}
+    (g,) = torch.autograd.grad(sum((out[k] * w).sum() for k, w in ws.items()), x)
+    ref_x = x.detach().contiguous().requires_grad_(True)
+    ref = {k: F.avg_pool2d(ref_x, k, 1, k // 2, count_include_pad=False) for k in ws}
+    (g_ref,) = torch.autograd.grad(sum((ref[k] * w).sum() for k, w in ws.items()), ref_x)
+    for k in ws:
+        torch.testing.assert_close(out[k], ref[k])
+        assert out[k].is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(g, g_ref)
+
+
 def test_box_average_gradcheck_and_low_precision():
     x = torch.randn(1, 2, 7, 6, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda t: box_averages(t, (3, 9), False)[9], (x,))
