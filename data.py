@@ -136,6 +136,15 @@ def cli(main):
         sys.exit(2)
 
 
+def refuse_existing(paths, force):
+    """Nothing is overwritten without --force: refuse before any work if a target exists."""
+    there = [p for p in paths if os.path.exists(p)]
+    if there and not force:
+        more = f" (and {len(there) - 1} more)" if len(there) > 1 else ""
+        raise ExistingOutput(f"{there[0]} exists{more}; pass --force to overwrite, or choose "
+                             f"another --out")
+
+
 def _umask():
     mask = os.umask(0)
     os.umask(mask)
@@ -1019,8 +1028,7 @@ def main(argv=None):
     elif args.cmd == "bench":
         bench_loader(args.voc, args.n)
     elif args.cmd == "show":
-        if os.path.exists(args.out) and not args.force:
-            sys.exit(f"{args.out} exists; pass --force to overwrite it")
+        refuse_existing([args.out], args.force)
         print("wrote", show_synthetic(args.out))
 
 

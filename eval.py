@@ -429,14 +429,6 @@ def pick_device(device_arg, local_rank=0):
     return torch.device("cuda", index)
 
 
-def refuse_existing(paths, force):
-    """Nothing is overwritten without --force: refuse before any work if a target exists."""
-    there = [p for p in paths if os.path.exists(p)]
-    if there and not force:
-        raise data.ExistingOutput(f"{there[0]} exists{f' (and {len(there) - 1} more)' if len(there) > 1 else ''}; "
-                                  f"pass --force to overwrite, or choose another --out")
-
-
 def result_name(dataset, split, scales, flip):
     """eval_<dataset>_<split>_s<scales>[_flip].json: a file per protocol, so that the
     single-scale and the multi-scale + flip numbers of one checkpoint live side by side."""
@@ -465,7 +457,7 @@ def predict_images(model, ck, source, out, scales, flip, device, force, log=prin
         files = [source]
         stems = [os.path.splitext(out)[0] if out else os.path.join(
             "runs", "predictions", os.path.splitext(os.path.basename(source))[0])]
-    refuse_existing([s + t for s in stems for t in (".png", "_panel.png")], force)
+    data.refuse_existing([s + t for s in stems for t in (".png", "_panel.png")], force)
     written, t0 = [], time.time()
     for n, (f, stem) in enumerate(zip(files, stems), 1):
         image = data.normalize(data.read_image(f, orientation=True)).to(device)
@@ -539,7 +531,7 @@ def main(argv=None):
         raise data.BadInput("--workers must be >= 0 and --erf-images >= 1")
     if args.erf:
         out = args.out or os.path.join("runs", "erf.png")
-        refuse_existing([out], args.force)
+        data.refuse_existing([out], args.force)
         return erf_figure(args.erf, out, args.erf_images, device, args.data_root)
     if not args.checkpoint:
         p.error("--checkpoint is required (unless --bench or --erf)")
@@ -569,9 +561,9 @@ def evaluate_checkpoint(model, ck, args, scales, device):
                             f"was trained for")
     out = args.json or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)),
                                     result_name(name, split, scales, args.flip))
-    refuse_existing([out], args.force)
+    data.refuse_existing([out], args.force)
     if args.save_dir and os.path.isdir(args.save_dir) and os.listdir(args.save_dir):
-        refuse_existing([args.save_dir], args.force)
+        data.refuse_existing([args.save_dir], args.force)
     result = evaluate(model, ds, scales, args.flip, device, len(classes),
                       save_dir=args.save_dir, palette=palette, workers=args.workers,
                       amp=args.amp)

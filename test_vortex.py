@@ -990,7 +990,7 @@ def test_show_and_bench_commands(tmp_path, capsys):
     out = tmp_path / "s.png"
     data.main(["show", "--out", str(out)])
     assert Image.open(out).size[0] > 500
-    with pytest.raises(SystemExit):
+    with pytest.raises(data.ExistingOutput, match="s.png exists; pass --force"):
         data.main(["show", "--out", str(out)])  # never overwrites without --force
     assert data.bench_loader(None, n=5, crop=65) > 0
 
