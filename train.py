@@ -547,8 +547,6 @@ def check_config(cfg):
     need(0 <= cfg["momentum"] < 1, "momentum", "must be in [0, 1) (paper: 0.9)")
     need(math.isfinite(cfg["weight_decay"]) and cfg["weight_decay"] >= 0, "weight-decay",
          "must be a finite number >= 0")
-    need(cfg["amp"] != "fp16" or cfg["device"] != "cpu", "amp",
-         "fp16 needs CUDA (a gradient scaler); use --amp bf16 on CPU")
 
 
 def micro_batch(cfg, world):
