@@ -488,6 +488,12 @@ class ContextModule(nn.Module):
         """No context (ablation): one 1x1 conv branch, no image-level branch."""
         return cls(in_channels, (1,), (1,), (1,), image_pool=False, name="none", **kw)
 
+    @classmethod
+    def image_level(cls, in_channels, output_stride=8, **kw):
+        """A control: the 1x1 branch and the image-level branch (3.1) alone, no spatial
+        context; what every other module has besides its dilated or pooled branches."""
+        return cls(in_channels, (1,), (1,), (1,), name="image-level", **kw)
+
     # -------------------------------------------------------------------------------------------
     def pooled_inputs(self, x):
         """The k x k average-pooled copies of X that the branches read (one shared cascade)."""
@@ -611,6 +617,17 @@ def footprint(pools, kernels, dilations):
         idx = np.array(sorted(a)) + r
         grid[np.ix_(idx, idx)] = True
     return grid
+
+
+def ring_coverage(module, max_distance=40):
+    """For d = 0..max_distance: the fraction of the 8d offsets at Chebyshev distance d (the one
+    offset 0 for d = 0) that the module's footprint reads on an unbounded map (Fig. 3 as a
+    curve: where the footprint lands, the module can see)."""
+    grid = footprint(module.pools, module.kernels, module.dilations)
+    r = grid.shape[0] // 2
+    yy, xx = np.mgrid[-r:r + 1, -r:r + 1]
+    ring = np.maximum(abs(yy), abs(xx))
+    return np.array([grid[ring == d].sum() / max(1, 8 * d) for d in range(max_distance + 1)])
 
 
 def utilization_ratio(module, h=65, w=65):
