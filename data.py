@@ -14,6 +14,7 @@ error that names the file. Commands (see `python data.py --help`):
   python data.py prepare-coco --annotations instances_train2017.json --images train2017 --out DIR
   python data.py bench [--voc VOCdevkit/VOC2012]       # loader throughput, samples/s
   python data.py show [--out synthetic.png]            # a picture of synthetic samples
+  python data.py show --descriptors                    # descriptor maps (train.py --context-experiment)
 """
 import argparse
 import json
@@ -454,6 +455,148 @@ class SyntheticContext(torch.utils.data.Dataset):
         epoch, index = key if isinstance(key, tuple) else (self.epoch, key)  # see sample_rng
         image, label = self.load(index)
         return self.transform(image, label, sample_rng(self.seed, epoch, index))
+
+
+# ---------------------------------------------------------------------------------------------
+# Descriptor maps: the input of the context module alone (paper 3.1-3.4; train.py
+# --context-experiment). Paper 3.1 splits segmentation into descriptor extraction (the backbone)
+# and feature aggregation (the context module); 3.2-3.4 are about the second. So these maps are
+# X itself, h x w x c1 with h = w = 65 (ResNet-101 at output stride 8 on a 513 image), generated
+# directly: no image, no backbone. The rule (README states it before the results):
+#   - every descriptor is a noisy code of what lies at its position: code[kind] + N(0, 1) per
+#     channel; four kinds (background, body, cue P, cue Q) with orthogonal +-1 codes (rows of a
+#     Hadamard matrix), so no kind is nearer to another;
+#   - an object is a 15 x 15 body (120 px at output stride 8); bodies of class P and class Q
+#     have the same code. Each object is given a class and one 3 x 3 cue of that class, at a
+#     gap drawn uniformly from 1..40 (Chebyshev distance, the metric of the modules' square
+#     footprints), placed uniformly on the ring at that gap: the evidence is sparse;
+#   - objects come in pairs, one P and one Q, so every map holds both classes and equal
+#     counts of every kind: the global average (the image-level branch) cannot tell which
+#     object is which; a second pair is added when it fits (nothing overlaps);
+#   - a body descriptor is scored (labelled) when its nearest cue is within 40 (as far as
+#     Vortex Pooling's 81 x 81 footprint reaches) and the nearest cue of the other class is at
+#     least 1.5 times as far, or beyond 42 (what any module reads): the nearest evidence decides
+#     by a clear margin (usually the object's own cue; where another object's is nearer, that
+#     one). Its distance is that of its nearest cue; it is labelled with that cue's class
+#     (0 = P, 1 = Q); every other descriptor is 255 (ignored).
+# ---------------------------------------------------------------------------------------------
+
+DESCRIPTOR_KINDS = ("background", "body", "cue P", "cue Q")
+DESCRIPTOR_SIZE = 65  # h = w of X for a 513 x 513 image at output stride 8 (paper 3.2)
+BODY, CUE = 15, 3  # sides of an object's body and of a cue, in descriptors (odd)
+RB, RC = BODY // 2, CUE // 2
+MAX_DISTANCE = 40  # evidence as far as Vortex Pooling's 81 x 81 footprint reaches
+CLEAR = MAX_DISTANCE + 3  # beyond what any module reads (A(13): 42)
+RATIO = 1.5  # the other class's nearest cue is at least this many times as far
+TEST_SEED = 10 ** 6  # the held-out maps: one set for every module and seed
+
+
+def descriptor_codes(c1):
+    """(4, c1) float32: the code of each kind, rows 1..4 of the c1 x c1 Sylvester Hadamard
+    matrix (orthogonal, entries +-1, zero mean). c1 must be a power of two >= 8."""
+    if c1 < 8 or c1 & (c1 - 1):
+        raise BadInput(f"descriptor channels must be a power of two >= 8, got {c1}")
+    h = np.ones((1, 1), np.float32)
+    while h.shape[0] < c1:
+        h = np.block([[h, h], [h, -h]])
+    return h[1:5].copy()
+
+
+def square_gap(a, ra, b, rb):
+    """Chebyshev distance between the nearest descriptors of two squares with centres a, b
+    (arrays (..., 2) or pairs) and half-sides ra, rb; 0 where they overlap."""
+    d = np.maximum(0, np.abs(np.asarray(a) - np.asarray(b)) - (ra + rb))
+    return d.max(axis=-1)
+
+
+def _candidates(rng, gap, n, size):
+    """n (body, cue) centre pairs: bodies uniform on the map, each cue uniform among the
+    8 * radius points at Chebyshev distance radius = gap + RB + RC from its body's centre."""
+    body = rng.integers(RB, size - RB, (n, 2))
+    radius = gap + RB + RC
+    side, s = np.divmod(rng.integers(8 * radius, size=n), 2 * radius)
+    s = s - radius  # walk the ring: top row, right column, bottom row, left column
+    dy = np.choose(side, [np.full(n, -radius), s, np.full(n, radius), -s])
+    dx = np.choose(side, [s, np.full(n, radius), -s, np.full(n, -radius)])
+    return body, body + np.stack([dy, dx], 1)
+
+
+def _fitting(body, cue, gap, placed, size):
+    """Which candidates (body, cue) can join `placed`: inside the map, overlapping nothing."""
+    ok = ((cue >= RC) & (cue <= size - 1 - RC)).all(1)
+    for b, c, g, _ in placed:
+        ok &= (square_gap(body, RB, b, RB) >= 1) & (square_gap(cue, RC, c, RC) >= 1)
+        ok &= (square_gap(cue, RC, b, RB) >= 1) & (square_gap(body, RB, c, RC) >= 1)
+    return ok
+
+
+def _place_pair(rng, placed, size, classes, tries):
+    """Two objects of the given classes, each with its own uniformly drawn gap, each placed
+    uniformly among the positions that fit (the first fitting one of many independent draws);
+    None if no fit is found in `tries` rounds."""
+    gaps = rng.integers(1, MAX_DISTANCE + 1, size=2)
+    for _ in range(tries):
+        pair = []
+        for gap, cls in zip(gaps, classes):
+            body, cue = _candidates(rng, int(gap), 256, size)
+            hit = np.flatnonzero(_fitting(body, cue, int(gap), placed + pair, size))
+            if len(hit) == 0:
+                break
+            pair.append((tuple(int(v) for v in body[hit[0]]), tuple(int(v) for v in cue[hit[0]]),
+                         int(gap), cls))
+        if len(pair) == 2:
+            return pair
+    return None
+
+
+def descriptor_layout(seed, index, size=DESCRIPTOR_SIZE, pairs=2, one_class=False):
+    """The objects of one map, [(body centre, cue centre, gap, class)], a pure function of its
+    inputs. The first pair always fits (drawn until it does, its gaps kept); later pairs are
+    added when they fit. one_class: every object of the map gets one class (a control)."""
+    rng = np.random.default_rng([seed, index, 65])
+    cls = int(rng.integers(2))  # the class of a one_class map
+    placed = []
+    for i in range(pairs):
+        classes = (cls, cls) if one_class else tuple(int(c) for c in rng.permutation(2))
+        pair = _place_pair(rng, placed, size, classes, 1000 if i == 0 else 4)
+        if pair is None:
+            if i == 0:
+                raise RuntimeError(f"no room for one pair on a {size} x {size} map")
+            break
+        placed += pair
+    return placed
+
+
+def descriptor_map(seed, index, c1=16, noise=1.0, size=DESCRIPTOR_SIZE, pairs=2,
+                   one_class=False):
+    """One map: X (c1, size, size) float32; label (size, size) int64: the class of the nearest
+    cue on scored body descriptors, 255 elsewhere; distance (size, size) int64: a scored
+    descriptor's Chebyshev distance to the nearest descriptor of its nearest cue, -1
+    elsewhere; kinds (size, size) int64, indices into DESCRIPTOR_KINDS."""
+    objects = descriptor_layout(seed, index, size, pairs, one_class)
+    kinds = np.zeros((size, size), np.int64)
+    label = np.full((size, size), IGNORE, np.int64)
+    distance = np.full((size, size), -1, np.int64)
+    grid = np.stack(np.mgrid[0:size, 0:size], -1)
+    nearest = np.full((2, size, size), 10 ** 6)  # distance to the nearest cue of each class
+    for body, cue, _, cls in objects:
+        kinds[body[0] - RB:body[0] + RB + 1, body[1] - RB:body[1] + RB + 1] = 1
+        kinds[cue[0] - RC:cue[0] + RC + 1, cue[1] - RC:cue[1] + RC + 1] = 2 + cls
+        nearest[cls] = np.minimum(nearest[cls], square_gap(grid, 0, cue, RC))
+    for cls in (0, 1):
+        scored = ((kinds == 1) & (nearest[cls] <= MAX_DISTANCE)
+                  & (nearest[1 - cls] >= np.minimum(CLEAR, RATIO * nearest[cls])))
+        label[scored], distance[scored] = cls, nearest[cls][scored]
+    rng = np.random.default_rng([seed, index, 66])
+    x = descriptor_codes(c1)[kinds].transpose(2, 0, 1)
+    x = x + noise * rng.standard_normal(x.shape, dtype=np.float32)
+    return x, label, distance, kinds
+
+
+def descriptor_batch(seed, start, n, **kw):
+    """Maps start .. start + n - 1 of stream `seed`, stacked as tensors (X, label, distance)."""
+    maps = [descriptor_map(seed, i, **kw) for i in range(start, start + n)]
+    return tuple(torch.from_numpy(np.stack([m[j] for m in maps])) for j in range(3))
 
 
 DATASETS = ("synthetic", "voc", "voc_aug", "coco")
@@ -945,6 +1088,30 @@ def show_synthetic(out, n=6, size=128, seed=0):
     return out
 
 
+DESCRIPTOR_VIEW = ("background", "body, not scored", "cue P", "cue Q", "body scored P",
+                   "body scored Q")
+DESCRIPTOR_PALETTE = np.zeros((256, 3), dtype=np.uint8)
+DESCRIPTOR_PALETTE[:6] = [(245, 245, 245), (150, 150, 150), (200, 0, 0), (0, 60, 200),
+                          (250, 160, 160), (150, 180, 250)]
+
+
+def show_descriptor_maps(out, n=4, cell=3, seed=0):
+    """A picture of n descriptor maps of the context experiment (what lies where, and which
+    body descriptors are scored as P or Q), with a legend."""
+    maps = []
+    for i in range(n):
+        _, label, _, kinds = descriptor_map(seed, i, c1=8)
+        view = np.where(label == IGNORE, kinds, 4 + label)
+        pic = colorize(view.astype(np.uint8), DESCRIPTOR_PALETTE)
+        maps.append(np.kron(pic, np.ones((cell, cell, 1), np.uint8)))
+    grid = np.concatenate([np.pad(m, ((0, 0), (3, 3), (0, 0)), constant_values=255)
+                           for m in maps], 1)
+    pic = np.concatenate([grid, legend(grid.shape[1], DESCRIPTOR_VIEW, DESCRIPTOR_PALETTE,
+                                       range(len(DESCRIPTOR_VIEW)))], 0)
+    atomic_save(out, lambda f: Image.fromarray(pic).save(f, format="PNG"))
+    return out
+
+
 def bench_loader(voc=None, n=300, crop=513):
     """Samples per second of one process making augmented crop x crop training samples."""
     tmp = None
@@ -1015,7 +1182,11 @@ def main(argv=None):
                                                "JPEGs written to a temporary folder)")
     s.add_argument("-n", type=int, default=300, help="samples to time")
     s = sub.add_parser("show", help="save a picture of synthetic samples")
-    s.add_argument("--out", default="synthetic_samples.png", help="PNG file to write")
+    s.add_argument("--out", default=None, help="PNG file to write (default "
+                                               "synthetic_samples.png or descriptor_maps.png)")
+    s.add_argument("--descriptors", action="store_true",
+                   help="show descriptor maps of the context experiment (train.py "
+                        "--context-experiment) instead of images")
     s.add_argument("--force", action="store_true", help="overwrite --out if it exists")
     args = p.parse_args(argv)
     if args.cmd == "prepare-sbd":
@@ -1028,8 +1199,9 @@ def main(argv=None):
     elif args.cmd == "bench":
         bench_loader(args.voc, args.n)
     elif args.cmd == "show":
-        refuse_existing([args.out], args.force)
-        print("wrote", show_synthetic(args.out))
+        out = args.out or ("descriptor_maps.png" if args.descriptors else "synthetic_samples.png")
+        refuse_existing([out], args.force)
+        print("wrote", (show_descriptor_maps if args.descriptors else show_synthetic)(out))
 
 
 if __name__ == "__main__":
