@@ -141,6 +141,27 @@ def evaluate(model, dataset, scales=(1.0,), flip=False, device=None, num_classes
     return miou_from_confusion(confusion.cpu())
 
 
+@torch.no_grad()
+def distance_accuracy(model, x, label, distance, max_distance=40, batch=16):
+    """Accuracy by distance on descriptor maps (train.py --context-experiment): (correct,
+    total), int64 arrays indexed by distance 0..max_distance, over the labelled descriptors of
+    the maps x (N, c1, h, w) whose `distance` to their deciding cue is d."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    correct = torch.zeros(max_distance + 1, dtype=torch.int64)
+    total = torch.zeros(max_distance + 1, dtype=torch.int64)
+    for i in range(0, len(x), batch):
+        pred = model(x[i:i + batch].to(device)).argmax(1).cpu()
+        y, d = label[i:i + batch], distance[i:i + batch]
+        keep = (y != data.IGNORE) & (d <= max_distance)
+        d = d[keep]
+        total += torch.bincount(d, minlength=max_distance + 1)
+        correct += torch.bincount(d[pred[keep] == y[keep]], minlength=max_distance + 1)
+    model.train(was_training)
+    return correct.numpy(), total.numpy()
+
+
 # ---------------------------------------------------------------------------------------------
 # Effective receptive field (paper section 1: "Zhou et al. [2014] showed that the effective
 # receptive field is much smaller than the theoretical threshold"; measured as in Luo et al.
@@ -274,6 +295,79 @@ def _curves_panel(curves, width, height, margin=26):
     draw.text((4, y0), "1", fill=(0, 0, 0))
     draw.text((4, y1 - 10), "0", fill=(0, 0, 0))
     return np.asarray(pic)
+
+
+DISTANCE_COLOURS = ((120, 120, 120), (40, 40, 40), (31, 119, 180), (23, 190, 207),
+                    (255, 127, 14), (188, 140, 60), (140, 86, 75), (214, 39, 40))
+
+
+def _distance_panel(title, curves, coverage, size=(300, 190), lo=30):
+    """One panel: accuracy (%) against distance 1..D for [(mean, std, colour)], over grey bars
+    showing the footprint coverage of each distance (bar height 1 = the panel's height)."""
+    w, h = size
+    pic = Image.new("RGB", size, (255, 255, 255))
+    draw = ImageDraw.Draw(pic)
+    x0, y0, x1, y1 = 30, 18, w - 8, h - 18
+    n = len(curves[0][0]) - 1
+    xs = [x0 + (x1 - x0) * (d - 0.5) / n for d in range(n + 2)]  # bar edges for d = 1..n
+
+    def y(v):  # accuracy in % -> pixel row
+        return y1 - (y1 - y0) * (min(max(v, lo), 100) - lo) / (100 - lo)
+    if coverage is not None:
+        for d in range(1, n + 1):
+            if coverage[d] > 0:
+                draw.rectangle([xs[d], y1 - (y1 - y0) * coverage[d], xs[d + 1] - 1, y1],
+                               fill=(222, 222, 222))
+    for v in (50, 75, 100):
+        draw.text((2, y(v) - 6), f"{v}", fill=(0, 0, 0))
+        draw.line([x0, y(v), x1, y(v)], fill=(235, 235, 235) if v != 50 else (0, 0, 0),
+                  width=1)
+    for x in range(x0, x1, 6):  # the chance line, dashed
+        draw.line([x, y(50), x + 2, y(50)], fill=(255, 255, 255))
+    centres = [(xs[d] + xs[d + 1]) / 2 for d in range(1, n + 1)]
+    for mean, std, colour in curves:
+        if std is not None:
+            band = ([(c, y(100 * (m + s))) for c, m, s in zip(centres, mean[1:], std[1:])] +
+                    [(c, y(100 * (m - s))) for c, m, s in
+                     reversed(list(zip(centres, mean[1:], std[1:])))])
+            draw.polygon(band, fill=tuple(255 - (255 - c) // 3 for c in colour))
+        draw.line([(c, y(100 * m)) for c, m in zip(centres, mean[1:])], fill=colour, width=2)
+    draw.rectangle([x0, y0, x1, y1], outline=(0, 0, 0))
+    for d in (1, 10, 20, 30, 40):
+        if d <= n:
+            draw.text((centres[d - 1] - 4, y1 + 3), str(d), fill=(0, 0, 0))
+    draw.text((x0, 3), title, fill=(0, 0, 0))
+    return np.asarray(pic)
+
+
+def distance_figure(acc, coverage, out):
+    """The context experiment's figure (train.py --context-experiment): a panel per module,
+    accuracy against the distance of the deciding cue (mean over seeds, +- std shaded) over
+    grey bars for the share of each distance that the module's footprint reads (Fig. 3 as a
+    curve), then all means together. acc: {module: (seeds, D + 1) accuracies}."""
+    panels = []
+    for (name, a), colour in zip(acc.items(), DISTANCE_COLOURS):
+        overall = 100 * a[:, 1:].mean(1)
+        panels.append(_distance_panel(f"{name}: {overall.mean():.1f} +- {overall.std():.1f}%",
+                                      [(a.mean(0), a.std(0), colour)], coverage[name]))
+    panels.append(_distance_panel("all modules (means)", [(a.mean(0), None, c) for a, c in
+                                                          zip(acc.values(), DISTANCE_COLOURS)],
+                                  None))
+    rows = [hstack(panels[i:i + 3], 6) for i in range(0, len(panels), 3)]
+    width = max(r.shape[1] for r in rows)
+    rows = [np.pad(r, ((0, 6), (0, width - r.shape[1]), (0, 0)), constant_values=255)
+            for r in rows]
+    head = Image.new("RGB", (width, 44), (255, 255, 255))
+    draw = ImageDraw.Draw(head)
+    draw.text((4, 2), "Accuracy (%) on object descriptors against the distance (in descriptors) "
+                      "of the cue that decides their class; 65x65 maps.", fill=(0, 0, 0))
+    draw.text((4, 16), "Curve: mean over seeds, shaded +- std. Grey bars: share of the "
+                       "positions at that distance that the module reads (its Fig. 3 "
+                       "footprint;", fill=(0, 0, 0))
+    draw.text((4, 30), "full height = all of them). Black line: chance (50%). Last panel: "
+                       "every module's mean, colours as in its panel.", fill=(0, 0, 0))
+    figure = np.concatenate([np.asarray(head)] + rows, 0)
+    data.atomic_save(out, lambda f: Image.fromarray(figure).save(f, format="PNG"))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -405,6 +405,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     cfg = dict(COMMON)
     cfg.update(PRESETS[args.dataset])
+    if args.context_experiment:
+        cfg.update(DISTANCE_PRESET)
     for k, v in vars(args).items():
         if v is not None or k not in cfg:
             cfg[k] = v
@@ -412,7 +414,8 @@ def parse_args(argv=None):
     cfg["multi_grid"] = parse_multi_grid(cfg["multi_grid"], cfg["depth"],
                                          explicit=args.multi_grid is not None)
     cfg["out_dir"] = cfg["out_dir"] or os.path.join(
-        "runs", "ablation" if args.ablation else f"{args.dataset}-{cfg['context']}")
+        "runs", "ablation" if args.ablation else "context-distance" if args.context_experiment
+        else f"{args.dataset}-{cfg['context']}")
     cfg["val_data_args"] = ({"num_images": cfg["val_images"], "image_size": cfg["image_size"]}
                             if args.dataset == "synthetic" else {})
     check_config(cfg)
@@ -492,6 +495,14 @@ def run_flags(a):
            "print mIoU mean +- std per module, then draw the effective receptive fields of "
            "none, ASPP and Vortex (--out-dir/erf.png); runs go to --out-dir/<module>-seed<k>, "
            "and the same command again continues an interrupted table")
+    a("--context-experiment", type=int, metavar="SEEDS", default=None,
+      help="Table 1's question at the paper's geometry: train the context modules alone "
+           "(none, image-level, ASPP, ASPP+, A(5), A(9), A(13), Vortex) on 65x65 descriptor "
+           "maps where the deciding evidence lies 1..40 descriptors away, seeds 0..SEEDS-1, "
+           "and print accuracy by distance (--out-dir/table.txt, accuracy_vs_distance.png); "
+           f"defaults {', '.join(f'{k}={v}' for k, v in DISTANCE_PRESET.items())}; --iters, "
+           "--batch-size, --lr, --context-channels override them; the same command again "
+           "continues an interrupted experiment")
     a("--erf-images", type=int, default=32,
       help="with --ablation: validation images averaged in the effective-receptive-field "
            "figure (--out-dir/erf.png) of the trained none, ASPP and Vortex models")
@@ -529,7 +540,7 @@ def check_config(cfg):
     for k in ("batch-size", "iters", "save-every", "log-every", "erf-images", "accum-steps",
               "base-channels", "context-channels"):
         need(cfg[k.replace("-", "_")] >= 1, k, "must be a whole number >= 1")
-    for k in ("val-images", "num-images", "ablation"):
+    for k in ("val-images", "num-images", "ablation", "context-experiment"):
         need(cfg[k.replace("-", "_")] is None or cfg[k.replace("-", "_")] >= 1, k,
              "must be a whole number >= 1")
     need(cfg["image_size"] is None or cfg["image_size"] >= 32, "image-size", "must be >= 32")
@@ -710,13 +721,7 @@ def prepare_run(cfg):
     model.to(device)
     if cfg["channels_last"]:
         model.to(memory_format=torch.channels_last)
-    # DeepLab v3's code decays the convolution weights but not the batch-norm parameters; we
-    # follow it (and leave the classifier's bias undecayed too): decay on weights with dim > 1.
-    run.optimizer = torch.optim.SGD(
-        [{"params": [p for p in model.parameters() if p.dim() > 1],
-          "weight_decay": cfg["weight_decay"]},
-         {"params": [p for p in model.parameters() if p.dim() <= 1], "weight_decay": 0.0}],
-        lr=cfg["lr"], momentum=cfg["momentum"])
+    run.optimizer = make_optimizer(model, cfg)
     run.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, None: None}[cfg["amp"]]
     run.scaler = torch.amp.GradScaler("cuda") if cfg["amp"] == "fp16" else None
     run.iteration, run.position = restore(run, ck if rank == 0 else None, resumed)
@@ -735,6 +740,17 @@ def prepare_run(cfg):
         # its own generator: an iterator would otherwise draw a seed from the global RNG
         generator=torch.Generator().manual_seed(cfg["seed"])))
     return run
+
+
+def make_optimizer(model, cfg):
+    """SGD with momentum (paper 4.1). DeepLab v3's code decays the convolution weights but not
+    the batch-norm parameters; we follow it (and leave biases undecayed too): decay on weights
+    with dim > 1."""
+    return torch.optim.SGD(
+        [{"params": [p for p in model.parameters() if p.dim() > 1],
+          "weight_decay": cfg["weight_decay"]},
+         {"params": [p for p in model.parameters() if p.dim() <= 1], "weight_decay": 0.0}],
+        lr=cfg["lr"], momentum=cfg["momentum"])
 
 
 def restore(run, ck, resumed):
@@ -1063,20 +1079,29 @@ ABLATION_KEYS = ("dataset", "depth", "base_channels", "context_channels", "outpu
                  "val_images", "image_size", "context", "pool_k", "seed")
 
 
+def read_back(path, key):
+    """A finished run's record from `path` if there is one made with the same settings (else
+    None); a record made with other settings is refused with the differences."""
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        rec = json.load(f)
+    if rec.get("config") != key:
+        old = rec.get("config") or {}
+        diff = [f"{k} {old.get(k)} -> {key[k]}" for k in key if old.get(k) != key[k]]
+        raise BadInput(f"{path} holds a run made with other settings ({'; '.join(diff)}); "
+                       f"use the same flags, or another --out-dir")
+    return rec
+
+
 def ablation_run(run):
     """One cell of the table: (mIoU, context-class mIoU, seconds). A finished run is read back
     from its ablation.json and an interrupted one is resumed, so re-running the same command
     continues the table instead of starting over."""
     done = os.path.join(run["out_dir"], "ablation.json")
     key = json.loads(json.dumps({k: run[k] for k in ABLATION_KEYS}))
-    if os.path.exists(done):
-        with open(done) as f:
-            rec = json.load(f)
-        if rec.get("config") != key:
-            old = rec.get("config") or {}
-            diff = [f"{k} {old.get(k)} -> {key[k]}" for k in key if old.get(k) != key[k]]
-            raise BadInput(f"{done} holds a run made with other settings ({'; '.join(diff)}); "
-                           f"use the same flags, or another --out-dir")
+    rec = read_back(done, key)
+    if rec is not None:
         print(f"{run['out_dir']}: finished earlier, read back")
         return rec["miou"], rec["context_miou"], rec["seconds"]
     resume = os.path.exists(os.path.join(run["out_dir"], "checkpoint.pt"))
@@ -1122,11 +1147,144 @@ def ablation(cfg, seeds):
     return {name: r for name, r in rows}
 
 
+# ---------------------------------------------------------------------------------------------
+# Table 1's question at the paper's geometry (paper 3.2-3.4, Fig. 3): at which distance does
+# each context module still read the evidence that decides a descriptor? Descriptor maps X of
+# 65 x 65 x 16 (data.descriptor_map, where the generative rule is written) go straight into the
+# real ContextModule (Table 1's pooling sizes and rates at output stride 8) and a 1x1
+# classifier: feature aggregation alone, no backbone (paper 3.1). Trained by the pieces of the
+# loop above (poly_lr, set_lr, micro_step, optimizer_step) on the same maps for every module
+# of a seed; tested on one held-out set of maps; accuracy binned by the distance of the cue.
+# One departure: Adam instead of SGD. In pilot runs (seed 100, not a reported seed) SGD with
+# momentum at lr 0.02-0.2 left no module above chance in 600 steps: the cue's share of a
+# pooled, batch-normalised feature is tiny, and Adam's per-parameter steps scale it up.
+# ---------------------------------------------------------------------------------------------
+
+DISTANCE_ROWS = ("none", "image-level", "ASPP", "ASPP+", "A(5)", "A(9)", "A(13)", "Vortex")
+DISTANCE_PRESET = dict(iters=500, batch_size=8, lr=0.003, context_channels=16)
+DESCRIPTOR_CHANNELS = 16  # c1 (paper: 2048); the four kinds' codes need few channels
+TEST_MAPS = 512
+BANDS = ((1, 10), (11, 20), (21, 30), (31, 40))
+PAIRS = (("Vortex", "ASPP"), ("Vortex", "A(5)"), ("A(5)", "ASPP"))
+DISTANCE_KEYS = ("iters", "batch_size", "lr", "context_channels", "power")
+
+
+def distance_module(name, c1, c2):
+    """A row of DISTANCE_ROWS as a ContextModule with c1 input and c2 output channels."""
+    cm = vortex.ContextModule
+    if name.startswith("A("):
+        return cm.module_a(c1, int(name[2:-1]), out_channels=c2)
+    return {"none": cm.none, "image-level": cm.image_level, "ASPP": cm.aspp,
+            "ASPP+": cm.aspp_plus, "Vortex": cm.vortex}[name](c1, out_channels=c2)
+
+
+def training_maps(cfg, seed):
+    """The maps every module of this seed trains on, one (X, label) batch per iteration (X in
+    half precision: 16 bytes per descriptor would make 1 GB)."""
+    b = cfg["batch_size"]
+    batches = []
+    for it in range(cfg["iters"]):
+        x, label, _ = data.descriptor_batch(seed, it * b, b, c1=DESCRIPTOR_CHANNELS)
+        batches.append((x.half(), label))
+    return batches
+
+
+def distance_run(cfg, name, seed, batches, test, device):
+    """Train one (module, seed) on `batches`; (correct, total) by distance on `test`."""
+    torch.manual_seed(seed)
+    c2 = cfg["context_channels"]
+    net = nn.Sequential(distance_module(name, DESCRIPTOR_CHANNELS, c2), nn.Conv2d(c2, 2, 1))
+    net.to(device).train()
+    run = argparse.Namespace(cfg=dict(cfg, channels_last=False, accum_steps=1), device=device,
+                             net=net, amp_dtype=None, scaler=None,
+                             optimizer=torch.optim.Adam(net.parameters(), cfg["lr"]))
+    loss = torch.zeros((), device=device)
+    for it, (x, label) in enumerate(batches):
+        set_lr(run.optimizer, poly_lr(cfg["lr"], it, cfg["iters"], cfg["power"]))
+        loss += micro_step(run, x.float(), label)
+        optimizer_step(run)
+    if not math.isfinite(loss.item()):
+        raise FloatingPointError(f"{name} seed {seed}: non-finite loss; try a lower --lr")
+    return evaluation.distance_accuracy(net, *test)
+
+
+def distance_experiment(cfg, seeds):
+    """Every row x seeds 0..seeds-1 (finished runs are read back, so the same command again
+    continues an interrupted experiment); prints and writes the table and the figure."""
+    out, device = cfg["out_dir"], evaluation.pick_device(cfg["device"])
+    key = json.loads(json.dumps({k: cfg[k] for k in DISTANCE_KEYS}))
+    os.makedirs(out, exist_ok=True)
+    test = data.descriptor_batch(data.TEST_SEED, 0, TEST_MAPS, c1=DESCRIPTOR_CHANNELS)
+    acc, seconds = {name: [] for name in DISTANCE_ROWS}, {name: [] for name in DISTANCE_ROWS}
+    fresh, n = [], 0
+    for seed in range(seeds):
+        batches = None
+        for name in DISTANCE_ROWS:
+            path, n = os.path.join(out, f"{name}-seed{seed}.json"), n + 1
+            rec = read_back(path, key)
+            read = rec is not None
+            if not read:
+                t = time.time()
+                batches = batches or training_maps(cfg, seed)
+                correct, total = distance_run(cfg, name, seed, batches, test, device)
+                rec = dict(config=key, correct=correct.tolist(), total=total.tolist(),
+                           seconds=time.time() - t)
+                data.atomic_save(path, lambda f: f.write(json.dumps(rec).encode()))
+                fresh.append(time.time() - t)
+            acc[name].append(np.array(rec["correct"]) / np.maximum(1, rec["total"]))
+            seconds[name].append(rec["seconds"])
+            left = (len(DISTANCE_ROWS) * seeds - n) * (np.mean(fresh) if fresh else 0)
+            print(f"[{n}/{len(DISTANCE_ROWS) * seeds}] {name} seed {seed}: "
+                  f"{100 * acc[name][-1][1:].mean():.1f}% ({rec['seconds']:.0f} s"
+                  f"{', read back' if read else ''})  ETA {left / 60:.1f} min", flush=True)
+    acc = {k: np.array(v) for k, v in acc.items()}
+    table = distance_table(cfg, acc, seconds, seeds)
+    print(table)
+    data.atomic_save(os.path.join(out, "table.txt"), lambda f: f.write(table.encode() + b"\n"))
+    coverage = {name: vortex.ring_coverage(distance_module(name, 8, 8)) for name in acc}
+    figure = os.path.join(out, "accuracy_vs_distance.png")
+    evaluation.distance_figure(acc, coverage, figure)
+    print(f"wrote {os.path.join(out, 'table.txt')} and {figure}")
+    return acc
+
+
+def distance_table(cfg, acc, seconds, seeds):
+    """Table 1's shape: accuracy (%) by distance band and overall, mean +- std over seeds, the
+    paper's VOC mIoU beside it; then the paired per-seed comparisons."""
+    def band(a, lo, hi):  # every distance weighs the same: the mean of per-distance accuracies
+        return 100 * a[:, lo:hi + 1].mean(1)
+    head = "".join(f"{f'{lo}-{hi}':>13}" for lo, hi in BANDS)
+    lines = [f"Table 1's question at the paper's geometry: 65x65x{DESCRIPTOR_CHANNELS} descriptor "
+             f"maps, {TEST_MAPS} test maps, seeds 0..{seeds - 1}, {cfg['iters']} iterations of "
+             f"{cfg['batch_size']} maps, Adam lr {cfg['lr']}; runs took "
+             f"{sum(map(sum, seconds.values())) / 60:.1f} min in all",
+             "accuracy (%) on object descriptors by distance of the deciding cue, mean ± std "
+             "over seeds (chance: 50)",
+             f"{'module':12}{head}{'overall':>13}{'s/run':>7}  paper (VOC mIoU)"]
+    for name, a in acc.items():
+        cols = [band(a, lo, hi) for lo, hi in BANDS] + [band(a, 1, BANDS[-1][1])]
+        lines.append(f"{name:12}" + "".join(f"{c.mean():7.1f} ± {c.std():3.1f}" for c in cols)
+                     + f"{np.mean(seconds[name]):7.0f}  {PAPER_TABLE1.get(name, '-')}")
+    lines += ["", "paired by seed (the same training and test maps): difference in points, "
+              "and how many seeds agree on its sign"]
+    for a, b in PAIRS:
+        parts = []
+        for lo, hi in BANDS + ((1, BANDS[-1][1]),):
+            d = band(acc[a], lo, hi) - band(acc[b], lo, hi)
+            parts.append(f"{lo}-{hi} {d.mean():+5.1f} ({(d > 0).sum()}+/{(d < 0).sum()}-)")
+        per_seed = band(acc[a], 1, BANDS[-1][1]) - band(acc[b], 1, BANDS[-1][1])
+        lines.append(f"{a + ' - ' + b:14} " + "  ".join(parts))
+        lines.append(f"{'':14} overall per seed: " + " ".join(f"{v:+.1f}" for v in per_seed))
+    return "\n".join(lines)
+
+
 def main(argv=None):
     cfg = parse_args(argv)
     if cfg["bench"]:
         return bench(cfg["device"])
     try:
+        if cfg["context_experiment"]:
+            return distance_experiment(cfg, cfg["context_experiment"])
         return ablation(cfg, cfg["ablation"]) if cfg["ablation"] else train(cfg)
     except FloatingPointError as e:
         sys.exit(str(e))
