@@ -1650,6 +1650,137 @@ def test_ablation_table_runs_every_module(tmp_path, capsys):
         evaluation.main(["--erf", *cks, "--out", erf])
 
 
+# ------------------------------------------------------- descriptor maps, context experiment
+
+def chebyshev_to(cells, h, w):
+    """(h, w) Chebyshev distance of every position to the nearest of `cells` (N, 2)."""
+    yy, xx = np.mgrid[0:h, 0:w]
+    if len(cells) == 0:
+        return np.full((h, w), 10 ** 6)
+    return np.min([np.maximum(abs(yy - y), abs(xx - x)) for y, x in cells], axis=0)
+
+
+@settings(max_examples=15)
+@given(seed=st.integers(0, 10 ** 6), index=st.integers(0, 10 ** 6))
+def test_descriptor_map_evidence_is_at_the_stated_distance(seed, index):
+    x, label, dist, kinds = data.descriptor_map(seed, index, c1=8)
+    n = x.shape[1]
+    objects = data.descriptor_layout(seed, index)
+    # both classes on every map, in pairs: equal numbers of objects and of cue descriptors
+    classes = [o[3] for o in objects]
+    assert classes.count(0) == classes.count(1) >= 1 and len(objects) in (2, 4)
+    assert (kinds == 2).sum() == (kinds == 3).sum() == 9 * classes.count(0)
+    for body, cue, gap, _ in objects:  # each cue at its drawn gap from its body
+        assert 1 <= gap <= data.MAX_DISTANCE
+        assert data.square_gap(body, data.RB, cue, data.RC) == gap
+    assert (kinds == 1).sum() == len(objects) * data.BODY ** 2  # nothing overlaps
+    near = [chebyshev_to(np.argwhere(kinds == 2 + c), n, n) for c in (0, 1)]
+    scored = label != data.IGNORE
+    assert scored.any() and (kinds[scored] == 1).all()  # only body descriptors are scored
+    for c in (0, 1):
+        own, other = near[c], near[1 - c]
+        rule = ((kinds == 1) & (own <= 40) & (other >= np.minimum(43, 1.5 * own)))
+        assert np.array_equal(rule, scored & (label == c))  # the scoring rule, brute force
+        assert np.array_equal(dist[label == c], own[label == c])  # the stated distance
+    assert (dist[~scored] == -1).all() and dist[scored].min() >= 1
+
+
+@settings(max_examples=8)
+@given(seed=st.integers(0, 10 ** 6), index=st.integers(0, 10 ** 6))
+def test_descriptor_bodies_are_identical_and_noise_is_the_only_variation(seed, index):
+    x, label, _, kinds = data.descriptor_map(seed, index, c1=16, noise=0.0)
+    codes = data.descriptor_codes(16)
+    assert np.array_equal(x, codes[kinds].transpose(2, 0, 1))
+    assert np.allclose(codes @ codes.T, 16 * np.eye(4))  # orthogonal: no kind nearer another
+    body = x[:, kinds == 1]
+    assert (body == codes[1][:, None]).all()  # P and Q bodies: one and the same descriptor
+    assert {0, 1} >= set(np.unique(label[label != data.IGNORE]))
+    noisy = data.descriptor_map(seed, index, c1=16)[0]
+    assert abs(float((noisy - x).std()) - 1.0) < 0.05  # N(0, 1) on top of the codes
+    assert np.array_equal(noisy, data.descriptor_map(seed, index, c1=16)[0])  # deterministic
+
+
+def test_descriptor_codes_refuse_widths_without_a_hadamard_matrix():
+    with pytest.raises(data.BadInput, match="power of two"):
+        data.descriptor_codes(12)
+
+
+def test_descriptor_maps_picture(tmp_path):
+    out = str(tmp_path / "maps.png")
+    data.main(["show", "--descriptors", "--out", out])
+    pic = np.asarray(Image.open(out))
+    assert pic.shape[1] == 4 * (3 * 65 + 6) and pic.shape[0] > 3 * 65
+    colours = {tuple(c) for c in pic[:3 * 65].reshape(-1, 3)}
+    assert {tuple(data.DESCRIPTOR_PALETTE[k]) for k in (2, 3)} <= colours  # both cue kinds
+    with pytest.raises(data.ExistingOutput):
+        data.main(["show", "--descriptors", "--out", out])
+
+
+def test_ring_coverage_is_the_footprint_by_distance():
+    aspp, vx = ContextModule.aspp(4), ContextModule.vortex(4)
+    cov = vortex.ring_coverage(aspp, 40)
+    assert cov[0] == 1 and cov[12] == 8 / 96 and cov[24] == 8 / 192 and cov[36] == 8 / 288
+    assert cov[[d for d in range(1, 41) if d not in (12, 24, 36)]].sum() == 0
+    assert (vortex.ring_coverage(vx, 41)[:41] == 1).all() and vortex.ring_coverage(vx, 41)[41] == 0
+    assert (vortex.ring_coverage(ContextModule.none(4), 5)[1:] == 0).all()
+    for k in (5, 9, 13):  # each ring's share is what the footprint holds at that distance
+        grid = footprint((k,) * 4, (1, 3, 3, 3), (1, 12, 24, 36))
+        r = grid.shape[0] // 2
+        assert vortex.ring_coverage(ContextModule.module_a(4, k), r)[r] == (
+            grid[0].sum() + grid[-1].sum() + grid[1:-1, 0].sum() + grid[1:-1, -1].sum()) / (8 * r)
+
+
+def test_distance_accuracy_counts_every_scored_descriptor_once():
+    x, label, dist = data.descriptor_batch(3, 0, 3, c1=8)
+    torch.manual_seed(0)
+    model = torch.nn.Conv2d(8, 2, 3, padding=1)
+    correct, total = evaluation.distance_accuracy(model, x, label, dist, batch=2)
+    with torch.no_grad():
+        pred = model(x).argmax(1)
+    for d in range(41):
+        m = (dist == d) & (label != data.IGNORE)
+        assert total[d] == m.sum() and correct[d] == (pred[m] == label[m]).sum()
+    assert total.sum() == (label != data.IGNORE).sum()
+
+
+def test_image_level_control_reads_the_global_average_but_not_which_object_is_which():
+    """The control can discriminate: on maps whose objects all have one class the image-level
+    branch learns the class from the global average; when both classes share a map (the
+    experiment's rule) the same training leaves it at chance."""
+    def maps(seed, n, one_class):
+        ms = [data.descriptor_map(seed, i, one_class=one_class) for i in range(n)]
+        return [torch.from_numpy(np.stack([m[j] for m in ms])) for j in range(3)]
+    cfg = dict(train.COMMON, **dict(train.DISTANCE_PRESET, iters=200))
+    for one_class, lo, hi in ((True, 0.7, 1.0), (False, 0.4, 0.6)):
+        x, label, _ = maps(7, 8 * cfg["iters"], one_class)
+        batches = [(x[i:i + 8].half(), label[i:i + 8]) for i in range(0, len(x), 8)]
+        correct, total = train.distance_run(cfg, "image-level", 0, batches,
+                                            maps(8, 64, one_class), torch.device("cpu"))
+        assert lo < correct.sum() / total.sum() < hi
+
+
+def test_context_experiment_smoke_run(tmp_path, capsys):
+    """The experiment's command end to end on a tiny budget (README: a smoke setting)."""
+    out = str(tmp_path / "ctx")
+    acc = train.main(["--context-experiment", "2", "--iters", "4", "--out-dir", out])
+    assert list(acc) == list(train.DISTANCE_ROWS)
+    for a in acc.values():
+        assert a.shape == (2, 41) and ((0 <= a) & (a <= 1)).all()
+    # "none" reads one descriptor and every body descriptor is the same: it cannot beat chance
+    assert abs(acc["none"][:, 1:].mean() - 0.5) < 0.05
+    table = open(os.path.join(out, "table.txt")).read()
+    assert "paper (VOC mIoU)" in table and "76.6" in table and "Vortex - ASPP" in table
+    assert "(2+/0-)" in table or "(1+/1-)" in table or "(0+/2-)" in table  # sign counts
+    pic = Image.open(os.path.join(out, "accuracy_vs_distance.png"))
+    assert pic.size[0] > 3 * 280 and pic.size[1] > 3 * 180  # 9 panels in a 3 x 3 grid
+    capsys.readouterr()
+    again = train.main(["--context-experiment", "2", "--iters", "4", "--out-dir", out])
+    assert capsys.readouterr().out.count("read back") == 16
+    assert all(np.array_equal(again[k], acc[k]) for k in acc)
+    with pytest.raises(data.BadInput, match=r"other settings \(iters 4 -> 5\)"):
+        train.main(["--context-experiment", "2", "--iters", "5", "--out-dir", out])
+
+
 # ------------------------------------------------------------------ effective receptive field
 
 @settings(max_examples=15)
