@@ -1212,7 +1212,9 @@ def distance_experiment(cfg, seeds):
     """Every row x seeds 0..seeds-1 (finished runs are read back, so the same command again
     continues an interrupted experiment); prints and writes the table and the figure."""
     out, device = cfg["out_dir"], evaluation.pick_device(cfg["device"])
-    key = json.loads(json.dumps({k: cfg[k] for k in DISTANCE_KEYS}))
+    key = json.loads(json.dumps(dict(  # the settings, and the rule that made the maps
+        {k: cfg[k] for k in DISTANCE_KEYS}, maps=(data.BODY, data.CUE, data.MAX_DISTANCE,
+                                                  data.CLEAR, data.RATIO, TEST_MAPS))))
     os.makedirs(out, exist_ok=True)
     test = data.descriptor_batch(data.TEST_SEED, 0, TEST_MAPS, c1=DESCRIPTOR_CHANNELS)
     acc, seconds = {name: [] for name in DISTANCE_ROWS}, {name: [] for name in DISTANCE_ROWS}
