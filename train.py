@@ -543,6 +543,8 @@ def check_config(cfg):
     for k in ("val-images", "num-images", "ablation", "context-experiment"):
         need(cfg[k.replace("-", "_")] is None or cfg[k.replace("-", "_")] >= 1, k,
              "must be a whole number >= 1")
+    need(not (cfg["ablation"] and cfg["context_experiment"]), "context-experiment",
+         "runs on its own: give it or --ablation, not both")
     need(cfg["image_size"] is None or cfg["image_size"] >= 32, "image-size", "must be >= 32")
     need(cfg["workers"] >= 0, "workers", "must be >= 0 (0: load in the training process)")
     need(cfg["pool_k"] >= 1 and cfg["pool_k"] % 2 == 1, "pool-k",
