@@ -521,10 +521,10 @@ def _candidates(rng, gap, n, size):
     return body, body + np.stack([dy, dx], 1)
 
 
-def _fitting(body, cue, gap, placed, size):
+def _fitting(body, cue, placed, size):
     """Which candidates (body, cue) can join `placed`: inside the map, overlapping nothing."""
     ok = ((cue >= RC) & (cue <= size - 1 - RC)).all(1)
-    for b, c, g, _ in placed:
+    for b, c, _, _ in placed:
         ok &= (square_gap(body, RB, b, RB) >= 1) & (square_gap(cue, RC, c, RC) >= 1)
         ok &= (square_gap(cue, RC, b, RB) >= 1) & (square_gap(body, RB, c, RC) >= 1)
     return ok
@@ -539,7 +539,7 @@ def _place_pair(rng, placed, size, classes, tries):
         pair = []
         for gap, cls in zip(gaps, classes):
             body, cue = _candidates(rng, int(gap), 256, size)
-            hit = np.flatnonzero(_fitting(body, cue, int(gap), placed + pair, size))
+            hit = np.flatnonzero(_fitting(body, cue, placed + pair, size))
             if len(hit) == 0:
                 break
             pair.append((tuple(int(v) for v in body[hit[0]]), tuple(int(v) for v in cue[hit[0]]),
