@@ -1,10 +1,13 @@
 """Data for Vortex Pooling: PASCAL VOC 2012 (+ SBD train_aug), MS-COCO -> VOC classes, the
 paper's augmentation, and a built-in synthetic dataset where context decides the class.
 
-Paper 4.1: train on train_aug (10,582 images = VOC 2012 train + SBD, minus VOC val), evaluate on
-VOC 2012 val (1,449); random scale 0.5-2.0, left-right flips, 513 x 513 crops.
-Paper 4.2: pre-train on MS-COCO with the 20 VOC categories (others are background, objects under
-1000 pixels discarded: marked 255 here), masks rasterised exactly as pycocotools does.
+Part I, the paper: 4.1 trains on train_aug (10,582 images = VOC 2012 train + SBD, minus VOC val)
+and evaluates on VOC 2012 val (1,449), with random scale 0.5-2.0, left-right flips and 513 x 513
+crops; 4.2 pre-trains on MS-COCO with the 20 VOC categories (others are background, objects
+under 1000 pixels discarded: marked 255 here).
+Part II: reading and writing files safely, the synthetic data (Fig. 1 made into data, and the
+descriptor maps of the context experiment), the SBD and COCO converters (masks rasterised
+exactly as pycocotools does), the loader benchmark and the command line.
 
 Every item is (image, label): a float (3, H, W) tensor normalised with the ImageNet mean/std and
 an int64 (H, W) tensor of class indices, 255 = ignore. Nothing is downloaded; bad files raise an
@@ -27,7 +30,11 @@ import time
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageOps
+from PIL import Image, ImageOps
+
+# =============================================================================================
+# PART I: THE PAPER
+# =============================================================================================
 
 IGNORE = 255
 MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)  # ImageNet statistics (RGB, 0..1)
@@ -54,6 +61,229 @@ def voc_palette():
 
 VOC_PALETTE = voc_palette()
 
+
+# ---------------------------------------------------------------------------------------------
+# Transforms (paper 4.1). Each takes (image uint8 HxWx3, label uint8 HxW, rng) and returns the
+# (float image, int64 label) tensors. Randomness comes only from `rng`, which the datasets derive
+# from (seed, epoch, index): the same sample gets the same augmentation whatever the number of
+# loader workers, and a resumed run sees exactly the data it would have seen.
+# ---------------------------------------------------------------------------------------------
+
+_SCALE = torch.from_numpy(1.0 / (255.0 * STD))[:, None, None]
+_SHIFT = torch.from_numpy(-MEAN / STD)[:, None, None]
+
+
+def normalize(image):
+    """uint8 (H, W, 3) -> float (3, H, W): (image / 255 - mean) / std, in two in-place ops."""
+    t = torch.from_numpy(np.require(image, requirements=["C", "W"])).permute(2, 0, 1).float()
+    return t.mul_(_SCALE).add_(_SHIFT)
+
+
+class TrainTransform:
+    """Random scale in [scale], pad to crop (image with the mean, i.e. 0 after normalisation;
+    label with 255), random crop x crop, random left-right flip, normalise (paper 4.1)."""
+
+    def __init__(self, crop=513, scale=(0.5, 2.0), flip=True):
+        self.crop, self.scale, self.flip = crop, tuple(scale), flip
+
+    def __call__(self, image, label, rng):
+        h, w = label.shape
+        s = rng.uniform(*self.scale)
+        sh, sw = max(1, round(h * s)), max(1, round(w * s))
+        if (sh, sw) != (h, w):  # bilinear image, nearest label: labels stay class indices
+            image = np.asarray(Image.fromarray(image).resize((sw, sh), Image.BILINEAR))
+            label = np.asarray(Image.fromarray(label).resize((sw, sh), Image.NEAREST))
+        c = self.crop
+        # The crop window on the padded canvas (image at its top-left, padded right/bottom).
+        y0 = int(rng.integers(0, max(sh, c) - c + 1))
+        x0 = int(rng.integers(0, max(sw, c) - c + 1))
+        img = image[y0:y0 + c, x0:x0 + c]
+        lab = label[y0:y0 + c, x0:x0 + c]
+        if self.flip and rng.random() < 0.5:
+            img, lab = img[:, ::-1], lab[:, ::-1]
+        lab = torch.from_numpy(lab.astype(np.int64))
+        if img.shape[:2] == (c, c):  # no padding needed
+            return normalize(img), lab
+        out_img = torch.zeros(3, c, c)  # zero = the mean colour after normalisation
+        out_lab = torch.full((c, c), IGNORE, dtype=torch.int64)
+        out_img[:, :img.shape[0], :img.shape[1]] = normalize(img)
+        out_lab[:lab.shape[0], :lab.shape[1]] = lab
+        return out_img, out_lab
+
+
+class EvalTransform:
+    """The full image, normalised: no resize, no crop (a centre crop inflates mIoU)."""
+
+    def __call__(self, image, label, rng=None):
+        return normalize(image), torch.from_numpy(np.asarray(label, dtype=np.int64))
+
+
+def sample_rng(seed, epoch, index):
+    """The augmentation randomness of one sample in one epoch. Datasets take an index (in their
+    current `epoch`) or an (epoch, index) key: train.py's sampler sends keys, so that loader
+    workers that live for the whole run need not be told when an epoch starts."""
+    return np.random.default_rng([seed, epoch, index])
+
+
+# ---------------------------------------------------------------------------------------------
+# PASCAL VOC 2012 (and any tree laid out like it: train_aug, the COCO conversion).
+# ---------------------------------------------------------------------------------------------
+
+VOC_TREE = """expected layout (root = the VOC2012 folder):
+  VOC2012/
+    JPEGImages/<id>.jpg
+    SegmentationClass/<id>.png          palette PNGs, values 0..20 and 255
+    SegmentationClassAug/<id>.png       only for split train_aug (python data.py prepare-sbd)
+    ImageSets/Segmentation/<split>.txt  one id per line (train, val, trainval, train_aug)"""
+
+
+class VOCSegmentation(torch.utils.data.Dataset):
+    """PASCAL VOC 2012 segmentation. `root` is the VOC2012 folder, `split` a list name under
+    ImageSets/Segmentation. Split 'train_aug' (paper 4.1) reads its masks from
+    SegmentationClassAug (made by `python data.py prepare-sbd`). Every listed file is checked
+    to exist when the dataset is built, so a broken tree fails at once, not hours into training.
+    """
+
+    def __init__(self, root, split, transform=None, seed=0, mask_dir=None, num_classes=21):
+        self.root, self.split = root, split
+        self.transform = transform if transform is not None else EvalTransform()
+        self.seed, self.epoch, self.num_classes = seed, 0, num_classes
+        self.classes, self.palette = VOC_CLASSES[:num_classes], VOC_PALETTE
+        if not os.path.isdir(root):
+            raise MissingInput(f"VOC root not found: {root}\n{VOC_TREE}")
+        if os.path.isdir(os.path.join(root, "VOC2012")) and not os.path.isdir(
+                os.path.join(root, "ImageSets")):
+            raise MissingInput(f"{root} looks like VOCdevkit: use its VOC2012 folder, "
+                               f"{os.path.join(root, 'VOC2012')}")
+        list_dir = os.path.join(root, "ImageSets", "Segmentation")
+        list_file = os.path.join(list_dir, split + ".txt")
+        if not os.path.isfile(list_file):
+            have = sorted(f[:-4] for f in os.listdir(list_dir) if f.endswith(".txt")) \
+                if os.path.isdir(list_dir) else []
+            hint = ("\nrun `python data.py prepare-sbd ...` to make train_aug"
+                    if split == "train_aug" else "")
+            raise MissingInput(f"split list not found: {list_file} (splits there: "
+                               f"{', '.join(have) or 'none'})\n{VOC_TREE}{hint}")
+        with open(list_file) as f:
+            self.ids = [line.split()[0] for line in f if line.strip()]
+        if not self.ids:
+            raise BadInput(f"split list {list_file} is empty")
+        mask_dir = mask_dir or ("SegmentationClassAug" if split == "train_aug"
+                                else "SegmentationClass")
+        self.images = [os.path.join(root, "JPEGImages", i + ".jpg") for i in self.ids]
+        self.masks = [os.path.join(root, mask_dir, i + ".png") for i in self.ids]
+        for kind, paths in (("image", self.images), ("mask", self.masks)):
+            missing = [p for p in paths if not os.path.isfile(p)]
+            if missing:
+                raise MissingInput(
+                    f"{len(missing)} {kind}(s) listed in {list_file} do not exist, e.g. "
+                    + ", ".join(missing[:3]))
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __len__(self):
+        return len(self.ids)
+
+    def load(self, index):
+        """The raw (image uint8 HxWx3, mask uint8 HxW) pair, checked."""
+        image = read_image(self.images[index])
+        mask = read_mask(self.masks[index], self.num_classes)
+        if image.shape[:2] != mask.shape:
+            raise BadInput(f"size mismatch: image {self.images[index]} is "
+                             f"{image.shape[1]}x{image.shape[0]} but mask {self.masks[index]} is "
+                             f"{mask.shape[1]}x{mask.shape[0]} (width x height)")
+        return image, mask
+
+    def __getitem__(self, key):
+        epoch, index = key if isinstance(key, tuple) else (self.epoch, key)  # see sample_rng
+        image, mask = self.load(index)
+        return self.transform(image, mask, sample_rng(self.seed, epoch, index))
+
+
+# ---------------------------------------------------------------------------------------------
+# train_aug (paper 4.1: "Hariharan et al. augmented this dataset ... 10,582 images"); made from
+# the SBD release by `python data.py prepare-sbd` (Part II).
+# ---------------------------------------------------------------------------------------------
+
+def train_aug_ids(sbd_train, sbd_val, voc_train, voc_val):
+    """train_aug = (SBD train + SBD val + VOC train) - VOC val, sorted (paper 4.1)."""
+    return sorted((set(sbd_train) | set(sbd_val) | set(voc_train)) - set(voc_val))
+
+
+# ---------------------------------------------------------------------------------------------
+# MS-COCO -> VOC classes (paper 4.2: "we treat the categories which are not defined in PASCAL
+# VOC 2012 as background and discard the objects which are smaller than 1000 pixels").
+# Our reading where the paper is silent:
+#   - a discarded small object (of a VOC class) is marked 255, ignored by the loss: painting it
+#     as background would teach the model that small cars and people are background, and a
+#     "discarded" object should teach nothing. Objects of non-VOC categories are background;
+#   - crowd (iscrowd=1) regions of a VOC category are painted as that class;
+#   - overlapping objects: painted largest first, so a smaller object lies on top (in COCO it is
+#     usually the one in front, e.g. a person on a sofa); an ignored small object on top too.
+#   - polygons are rasterised exactly as pycocotools does (polygons_to_mask), so the masks are
+#     the ones every COCO-trained model saw.
+# ---------------------------------------------------------------------------------------------
+
+COCO_TO_VOC = {"airplane": "aeroplane", "bicycle": "bicycle", "bird": "bird", "boat": "boat",
+               "bottle": "bottle", "bus": "bus", "car": "car", "cat": "cat", "chair": "chair",
+               "cow": "cow", "dining table": "diningtable", "dog": "dog", "horse": "horse",
+               "motorcycle": "motorbike", "person": "person", "potted plant": "pottedplant",
+               "sheep": "sheep", "couch": "sofa", "train": "train", "tv": "tvmonitor"}
+
+
+def coco_voc_mask(anns, h, w, cat_to_voc, min_pixels=1000, skipped=None):
+    """Index mask of one image's annotations (see the choices above): VOC objects of at least
+    min_pixels as their class, smaller ones 255 (ignored). None if no VOC object of at least
+    min_pixels is present (the image teaches nothing about the 20 classes). A broken annotation
+    raises BadInput, or, when a `skipped` list is given, is left out and added to it as
+    (annotation id, problem)."""
+    objs = []
+    for ann in anns:
+        problem = annotation_problem(ann, h, w)
+        if problem is not None:
+            if skipped is None:
+                raise BadInput(f"annotation {ann.get('id')}: {problem}")
+            skipped.append((ann.get("id"), problem))
+            continue
+        cls = cat_to_voc.get(ann["category_id"])
+        if cls is None:
+            continue
+        m = annotation_mask(ann, h, w).astype(bool)
+        area = int(m.sum())  # the decoded area: COCO's stored `area` can disagree with its RLE
+        objs.append((area, cls if area >= min_pixels else IGNORE, m))
+    if not any(cls != IGNORE for _, cls, _ in objs):
+        return None
+    mask = np.zeros((h, w), np.uint8)
+    for _, cls, m in sorted(objs, key=lambda o: -o[0]):
+        mask[m] = cls
+    return mask
+
+
+DATASETS = ("synthetic", "voc", "voc_aug", "coco")
+
+
+def get_dataset(name, split, root=None, train=False, crop=513, scale=(0.5, 2.0), seed=0,
+                num_images=512, image_size=128):
+    """A dataset by name, as train.py and eval.py use them. `train` picks the augmentation.
+    Synthetic: split 'train' and 'val' are different images (different seeds)."""
+    transform = TrainTransform(crop, scale) if train else EvalTransform()
+    if name == "synthetic":
+        offset = {"train": 0, "val": 1}.get(split)
+        if offset is None:
+            raise BadInput(f"synthetic splits are 'train' and 'val', got {split!r}")
+        return SyntheticContext(num_images, image_size, seed * 2 + offset, transform)
+    if name not in DATASETS:
+        raise BadInput(f"dataset must be one of {DATASETS}, got {name!r}")
+    if not root:
+        raise BadInput(f"dataset {name!r} reads local files: pass --data-root (the VOC2012 "
+                         f"folder, or the output folder of `python data.py prepare-coco`)")
+    return VOCSegmentation(root, split, transform, seed)
+
+
+# =============================================================================================
+# PART II: ENGINEERING THE PAPER DOES NOT DESCRIBE
+# =============================================================================================
 
 # ---------------------------------------------------------------------------------------------
 # Reading files, with errors that say which file and what was expected.
@@ -183,151 +413,15 @@ def atomic_save(path, write):
         raise
 
 
-# ---------------------------------------------------------------------------------------------
-# Transforms (paper 4.1). Each takes (image uint8 HxWx3, label uint8 HxW, rng) and returns the
-# (float image, int64 label) tensors. Randomness comes only from `rng`, which the datasets derive
-# from (seed, epoch, index): the same sample gets the same augmentation whatever the number of
-# loader workers, and a resumed run sees exactly the data it would have seen.
-# ---------------------------------------------------------------------------------------------
-
-_SCALE = torch.from_numpy(1.0 / (255.0 * STD))[:, None, None]
-_SHIFT = torch.from_numpy(-MEAN / STD)[:, None, None]
-
-
-def normalize(image):
-    """uint8 (H, W, 3) -> float (3, H, W): (image / 255 - mean) / std, in two in-place ops."""
-    t = torch.from_numpy(np.require(image, requirements=["C", "W"])).permute(2, 0, 1).float()
-    return t.mul_(_SCALE).add_(_SHIFT)
-
-
-class TrainTransform:
-    """Random scale in [scale], pad to crop (image with the mean, i.e. 0 after normalisation;
-    label with 255), random crop x crop, random left-right flip, normalise (paper 4.1)."""
-
-    def __init__(self, crop=513, scale=(0.5, 2.0), flip=True):
-        self.crop, self.scale, self.flip = crop, tuple(scale), flip
-
-    def __call__(self, image, label, rng):
-        h, w = label.shape
-        s = rng.uniform(*self.scale)
-        sh, sw = max(1, round(h * s)), max(1, round(w * s))
-        if (sh, sw) != (h, w):  # bilinear image, nearest label: labels stay class indices
-            image = np.asarray(Image.fromarray(image).resize((sw, sh), Image.BILINEAR))
-            label = np.asarray(Image.fromarray(label).resize((sw, sh), Image.NEAREST))
-        c = self.crop
-        # The crop window on the padded canvas (image at its top-left, padded right/bottom).
-        y0 = int(rng.integers(0, max(sh, c) - c + 1))
-        x0 = int(rng.integers(0, max(sw, c) - c + 1))
-        img = image[y0:y0 + c, x0:x0 + c]
-        lab = label[y0:y0 + c, x0:x0 + c]
-        if self.flip and rng.random() < 0.5:
-            img, lab = img[:, ::-1], lab[:, ::-1]
-        lab = torch.from_numpy(lab.astype(np.int64))
-        if img.shape[:2] == (c, c):  # no padding needed
-            return normalize(img), lab
-        out_img = torch.zeros(3, c, c)  # zero = the mean colour after normalisation
-        out_lab = torch.full((c, c), IGNORE, dtype=torch.int64)
-        out_img[:, :img.shape[0], :img.shape[1]] = normalize(img)
-        out_lab[:lab.shape[0], :lab.shape[1]] = lab
-        return out_img, out_lab
-
-
-class EvalTransform:
-    """The full image, normalised: no resize, no crop (a centre crop inflates mIoU)."""
-
-    def __call__(self, image, label, rng=None):
-        return normalize(image), torch.from_numpy(np.asarray(label, dtype=np.int64))
-
-
-def train_transform(crop=513, scale=(0.5, 2.0), flip=True):
-    return TrainTransform(crop, scale, flip)
-
-
-def eval_transform():
-    return EvalTransform()
-
-
-def sample_rng(seed, epoch, index):
-    """The augmentation randomness of one sample in one epoch. Datasets take an index (in their
-    current `epoch`) or an (epoch, index) key: train.py's sampler sends keys, so that loader
-    workers that live for the whole run need not be told when an epoch starts."""
-    return np.random.default_rng([seed, epoch, index])
-
-
-# ---------------------------------------------------------------------------------------------
-# PASCAL VOC 2012 (and any tree laid out like it: train_aug, the COCO conversion).
-# ---------------------------------------------------------------------------------------------
-
-VOC_TREE = """expected layout (root = the VOC2012 folder):
-  VOC2012/
-    JPEGImages/<id>.jpg
-    SegmentationClass/<id>.png          palette PNGs, values 0..20 and 255
-    SegmentationClassAug/<id>.png       only for split train_aug (python data.py prepare-sbd)
-    ImageSets/Segmentation/<split>.txt  one id per line (train, val, trainval, train_aug)"""
-
-
-class VOCSegmentation(torch.utils.data.Dataset):
-    """PASCAL VOC 2012 segmentation. `root` is the VOC2012 folder, `split` a list name under
-    ImageSets/Segmentation. Split 'train_aug' (paper 4.1) reads its masks from
-    SegmentationClassAug (made by `python data.py prepare-sbd`). Every listed file is checked
-    to exist when the dataset is built, so a broken tree fails at once, not hours into training.
-    """
-
-    def __init__(self, root, split, transform=None, seed=0, mask_dir=None, num_classes=21):
-        self.root, self.split = root, split
-        self.transform = transform if transform is not None else eval_transform()
-        self.seed, self.epoch, self.num_classes = seed, 0, num_classes
-        self.classes, self.palette = VOC_CLASSES[:num_classes], VOC_PALETTE
-        if not os.path.isdir(root):
-            raise MissingInput(f"VOC root not found: {root}\n{VOC_TREE}")
-        if os.path.isdir(os.path.join(root, "VOC2012")) and not os.path.isdir(
-                os.path.join(root, "ImageSets")):
-            raise MissingInput(f"{root} looks like VOCdevkit: use its VOC2012 folder, "
-                               f"{os.path.join(root, 'VOC2012')}")
-        list_dir = os.path.join(root, "ImageSets", "Segmentation")
-        list_file = os.path.join(list_dir, split + ".txt")
-        if not os.path.isfile(list_file):
-            have = sorted(f[:-4] for f in os.listdir(list_dir) if f.endswith(".txt")) \
-                if os.path.isdir(list_dir) else []
-            hint = ("\nrun `python data.py prepare-sbd ...` to make train_aug"
-                    if split == "train_aug" else "")
-            raise MissingInput(f"split list not found: {list_file} (splits there: "
-                               f"{', '.join(have) or 'none'})\n{VOC_TREE}{hint}")
-        with open(list_file) as f:
-            self.ids = [line.split()[0] for line in f if line.strip()]
-        if not self.ids:
-            raise BadInput(f"split list {list_file} is empty")
-        mask_dir = mask_dir or ("SegmentationClassAug" if split == "train_aug"
-                                else "SegmentationClass")
-        self.images = [os.path.join(root, "JPEGImages", i + ".jpg") for i in self.ids]
-        self.masks = [os.path.join(root, mask_dir, i + ".png") for i in self.ids]
-        for kind, paths in (("image", self.images), ("mask", self.masks)):
-            missing = [p for p in paths if not os.path.isfile(p)]
-            if missing:
-                raise MissingInput(
-                    f"{len(missing)} {kind}(s) listed in {list_file} do not exist, e.g. "
-                    + ", ".join(missing[:3]))
-
-    def set_epoch(self, epoch):
-        self.epoch = epoch
-
-    def __len__(self):
-        return len(self.ids)
-
-    def load(self, index):
-        """The raw (image uint8 HxWx3, mask uint8 HxW) pair, checked."""
-        image = read_image(self.images[index])
-        mask = read_mask(self.masks[index], self.num_classes)
-        if image.shape[:2] != mask.shape:
-            raise BadInput(f"size mismatch: image {self.images[index]} is "
-                             f"{image.shape[1]}x{image.shape[0]} but mask {self.masks[index]} is "
-                             f"{mask.shape[1]}x{mask.shape[0]} (width x height)")
-        return image, mask
-
-    def __getitem__(self, key):
-        epoch, index = key if isinstance(key, tuple) else (self.epoch, key)  # see sample_rng
-        image, mask = self.load(index)
-        return self.transform(image, mask, sample_rng(self.seed, epoch, index))
+def progress(what, done, total, t0, log=print, every=None):
+    """Print 'what: done/total, rate, ETA' about every 10% (or `every` items) and at the end."""
+    every = every or max(1, total // 10)
+    if done % every and done != total:
+        return
+    dt = time.time() - t0
+    rate = done / dt if dt > 0 else float("inf")
+    eta = (total - done) / rate if rate > 0 else 0
+    log(f"{what}: {done}/{total}  {rate:.1f}/s  ETA {eta / 60:.1f} min")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -437,7 +531,7 @@ class SyntheticContext(torch.utils.data.Dataset):
 
     def __init__(self, num_images=512, size=128, seed=0, transform=None):
         self.num_images, self.size, self.seed = num_images, size, seed
-        self.transform = transform if transform is not None else eval_transform()
+        self.transform = transform if transform is not None else EvalTransform()
         self.epoch = 0
 
     def set_epoch(self, epoch):
@@ -599,29 +693,8 @@ def descriptor_batch(seed, start, n, **kw):
     return tuple(torch.from_numpy(np.stack([m[j] for m in maps])) for j in range(3))
 
 
-DATASETS = ("synthetic", "voc", "voc_aug", "coco")
-
-
-def get_dataset(name, split, root=None, train=False, crop=513, scale=(0.5, 2.0), seed=0,
-                num_images=512, image_size=128):
-    """A dataset by name, as train.py and eval.py use them. `train` picks the augmentation.
-    Synthetic: split 'train' and 'val' are different images (different seeds)."""
-    transform = train_transform(crop, scale) if train else eval_transform()
-    if name == "synthetic":
-        offset = {"train": 0, "val": 1}.get(split)
-        if offset is None:
-            raise BadInput(f"synthetic splits are 'train' and 'val', got {split!r}")
-        return SyntheticContext(num_images, image_size, seed * 2 + offset, transform)
-    if name not in DATASETS:
-        raise BadInput(f"dataset must be one of {DATASETS}, got {name!r}")
-    if not root:
-        raise BadInput(f"dataset {name!r} reads local files: pass --data-root (the VOC2012 "
-                         f"folder, or the output folder of `python data.py prepare-coco`)")
-    return VOCSegmentation(root, split, transform, seed)
-
-
 # ---------------------------------------------------------------------------------------------
-# SBD -> train_aug (paper 4.1: "Hariharan et al. augmented this dataset ... 10,582 images").
+# SBD -> train_aug: the converter (train_aug_ids in Part I says which images).
 # ---------------------------------------------------------------------------------------------
 
 def read_list(path):
@@ -652,11 +725,6 @@ def sbd_mat_to_mask(path):
         raise BadInput(f"SBD mask {path}: expected a 2-D map of classes 0..20, got shape "
                          f"{seg.shape} with values {bad.tolist()}")
     return seg.astype(np.uint8)
-
-
-def train_aug_ids(sbd_train, sbd_val, voc_train, voc_val):
-    """train_aug = (SBD train + SBD val + VOC train) - VOC val, sorted (paper 4.1)."""
-    return sorted((set(sbd_train) | set(sbd_val) | set(voc_train)) - set(voc_val))
 
 
 def prepare_sbd(sbd, voc, overwrite=False, log=print):
@@ -727,37 +795,10 @@ def prepare_sbd(sbd, voc, overwrite=False, log=print):
     return counts
 
 
-def progress(what, done, total, t0, log=print, every=None):
-    """Print 'what: done/total, rate, ETA' about every 10% (or `every` items) and at the end."""
-    every = every or max(1, total // 10)
-    if done % every and done != total:
-        return
-    dt = time.time() - t0
-    rate = done / dt if dt > 0 else float("inf")
-    eta = (total - done) / rate if rate > 0 else 0
-    log(f"{what}: {done}/{total}  {rate:.1f}/s  ETA {eta / 60:.1f} min")
-
-
 # ---------------------------------------------------------------------------------------------
-# MS-COCO -> VOC classes (paper 4.2: "we treat the categories which are not defined in PASCAL
-# VOC 2012 as background and discard the objects which are smaller than 1000 pixels").
-# Our reading where the paper is silent:
-#   - a discarded small object (of a VOC class) is marked 255, ignored by the loss: painting it
-#     as background would teach the model that small cars and people are background, and a
-#     "discarded" object should teach nothing. Objects of non-VOC categories are background;
-#   - crowd (iscrowd=1) regions of a VOC category are painted as that class;
-#   - overlapping objects: painted largest first, so a smaller object lies on top (in COCO it is
-#     usually the one in front, e.g. a person on a sofa); an ignored small object on top too.
-#   - polygons are rasterised exactly as pycocotools does (polygons_to_mask), so the masks are
-#     the ones every COCO-trained model saw.
+# COCO files: RLE, polygons rasterised exactly as pycocotools does, checks of every record, and
+# the converter (coco_voc_mask in Part I is the paper's rule).
 # ---------------------------------------------------------------------------------------------
-
-COCO_TO_VOC = {"airplane": "aeroplane", "bicycle": "bicycle", "bird": "bird", "boat": "boat",
-               "bottle": "bottle", "bus": "bus", "car": "car", "cat": "cat", "chair": "chair",
-               "cow": "cow", "dining table": "diningtable", "dog": "dog", "horse": "horse",
-               "motorcycle": "motorbike", "person": "person", "potted plant": "pottedplant",
-               "sheep": "sheep", "couch": "sofa", "train": "train", "tv": "tvmonitor"}
-
 
 def rle_decode(rle):
     """COCO RLE (counts as a list, or the compressed string) -> (h, w) uint8 mask.
@@ -772,19 +813,6 @@ def rle_decode(rle):
     values = np.zeros(len(counts), np.uint8)
     values[1::2] = 1
     return np.repeat(values, counts).reshape(w, h).T.copy()
-
-
-def rle_encode(mask, compressed=True):
-    """(h, w) mask -> COCO RLE dict; the inverse of rle_decode."""
-    flat = np.asarray(mask, dtype=np.uint8).T.reshape(-1)
-    change = np.flatnonzero(np.diff(flat)) + 1
-    bounds = np.r_[0, change, flat.size]
-    counts = np.diff(bounds).tolist()
-    if flat.size and flat[0] == 1:
-        counts = [0] + counts
-    counts = counts or [0]
-    h, w = mask.shape
-    return {"size": [h, w], "counts": rle_counts_to_string(counts) if compressed else counts}
 
 
 def rle_counts_from_string(s):
@@ -805,20 +833,6 @@ def rle_counts_from_string(s):
             x += counts[-2]
         counts.append(x)
     return counts
-
-
-def rle_counts_to_string(counts):
-    out = []
-    for i, x in enumerate(counts):
-        if i > 2:
-            x -= counts[i - 2]
-        more = True
-        while more:
-            c = x & 0x1F
-            x >>= 5
-            more = x != -1 if c & 0x10 else x != 0
-            out.append(chr((c | 0x20 if more else c) + 48))
-    return "".join(out)
 
 
 def _polygon_crossings(xy, h, w):
@@ -909,34 +923,6 @@ def annotation_mask(ann, h, w):
     """(h, w) uint8 mask of a checked annotation (annotation_problem is None)."""
     seg = ann["segmentation"]
     return polygons_to_mask(seg, h, w) if isinstance(seg, list) else rle_decode(seg)
-
-
-def coco_voc_mask(anns, h, w, cat_to_voc, min_pixels=1000, skipped=None):
-    """Index mask of one image's annotations (see the choices above): VOC objects of at least
-    min_pixels as their class, smaller ones 255 (ignored). None if no VOC object of at least
-    min_pixels is present (the image teaches nothing about the 20 classes). A broken annotation
-    raises BadInput, or, when a `skipped` list is given, is left out and added to it as
-    (annotation id, problem)."""
-    objs = []
-    for ann in anns:
-        problem = annotation_problem(ann, h, w)
-        if problem is not None:
-            if skipped is None:
-                raise BadInput(f"annotation {ann.get('id')}: {problem}")
-            skipped.append((ann.get("id"), problem))
-            continue
-        cls = cat_to_voc.get(ann["category_id"])
-        if cls is None:
-            continue
-        m = annotation_mask(ann, h, w).astype(bool)
-        area = int(m.sum())  # the decoded area: COCO's stored `area` can disagree with its RLE
-        objs.append((area, cls if area >= min_pixels else IGNORE, m))
-    if not any(cls != IGNORE for _, cls, _ in objs):
-        return None
-    mask = np.zeros((h, w), np.uint8)
-    for _, cls, m in sorted(objs, key=lambda o: -o[0]):
-        mask[m] = cls
-    return mask
 
 
 def _read_coco(annotations, images):
@@ -1047,71 +1033,6 @@ def prepare_coco(annotations, images, out, split=None, min_pixels=1000, log=prin
 # Command line.
 # ---------------------------------------------------------------------------------------------
 
-def colorize(label, palette):
-    return np.asarray(palette, dtype=np.uint8)[np.asarray(label, dtype=np.int64) & 255]
-
-
-def legend(width, names, palette, indices):
-    """A white strip `width` px wide: a colour swatch and the name of each class in `indices`,
-    wrapped onto as many lines as needed."""
-    entries = [(int(i), names[i] if i < len(names) else ("ignored" if i == IGNORE else str(i)))
-               for i in indices]
-    lines, x = [[]], 4
-    for i, name in entries:
-        w = 14 + 6 * len(name) + 14
-        if x + w > width and lines[-1]:
-            lines.append([])
-            x = 4
-        lines[-1].append((x, i, name))
-        x += w
-    strip = Image.new("RGB", (width, 16 * len(lines) + 4), (255, 255, 255))
-    draw = ImageDraw.Draw(strip)
-    for row, line in enumerate(lines):
-        for x, i, name in line:
-            y = 4 + 16 * row
-            draw.rectangle([x, y, x + 10, y + 10], fill=tuple(int(v) for v in palette[i]),
-                           outline=(0, 0, 0))
-            draw.text((x + 14, y), name, fill=(0, 0, 0))
-    return np.asarray(strip)
-
-
-def show_synthetic(out, n=6, size=128, seed=0):
-    """A picture of n synthetic samples: images on top, labels below, and a legend."""
-    ds = SyntheticContext(n, size, seed)
-    cols = [np.concatenate(ds.load(i)[:1] + (colorize(ds.load(i)[1], ds.palette),), 0)
-            for i in range(n)]
-    grid = np.concatenate([np.pad(c, ((0, 0), (2, 2), (0, 0)), constant_values=255)
-                           for c in cols], 1)
-    pic = np.concatenate([grid, legend(grid.shape[1], ds.classes, ds.palette,
-                                       range(len(ds.classes)))], 0)
-    atomic_save(out, lambda f: Image.fromarray(pic).save(f, format="PNG"))
-    return out
-
-
-DESCRIPTOR_VIEW = ("background", "body, not scored", "cue P", "cue Q", "body scored P",
-                   "body scored Q")
-DESCRIPTOR_PALETTE = np.zeros((256, 3), dtype=np.uint8)
-DESCRIPTOR_PALETTE[:6] = [(245, 245, 245), (150, 150, 150), (200, 0, 0), (0, 60, 200),
-                          (250, 160, 160), (150, 180, 250)]
-
-
-def show_descriptor_maps(out, n=4, cell=3, seed=0):
-    """A picture of n descriptor maps of the context experiment (what lies where, and which
-    body descriptors are scored as P or Q), with a legend."""
-    maps = []
-    for i in range(n):
-        _, label, _, kinds = descriptor_map(seed, i, c1=8)
-        view = np.where(label == IGNORE, kinds, 4 + label)
-        pic = colorize(view.astype(np.uint8), DESCRIPTOR_PALETTE)
-        maps.append(np.kron(pic, np.ones((cell, cell, 1), np.uint8)))
-    grid = np.concatenate([np.pad(m, ((0, 0), (3, 3), (0, 0)), constant_values=255)
-                           for m in maps], 1)
-    pic = np.concatenate([grid, legend(grid.shape[1], DESCRIPTOR_VIEW, DESCRIPTOR_PALETTE,
-                                       range(len(DESCRIPTOR_VIEW)))], 0)
-    atomic_save(out, lambda f: Image.fromarray(pic).save(f, format="PNG"))
-    return out
-
-
 def bench_loader(voc=None, n=300, crop=513):
     """Samples per second of one process making augmented crop x crop training samples."""
     tmp = None
@@ -1134,7 +1055,7 @@ def bench_loader(voc=None, n=300, crop=513):
     else:
         split = "trainval" if os.path.isfile(
             os.path.join(voc, "ImageSets/Segmentation/trainval.txt")) else "train"
-    ds = VOCSegmentation(voc, split, train_transform(crop), num_classes=21)
+    ds = VOCSegmentation(voc, split, TrainTransform(crop), num_classes=21)
     torch.set_num_threads(1)  # one loader worker = one core
     ds[0]
     t0 = time.perf_counter()
@@ -1201,7 +1122,10 @@ def main(argv=None):
     elif args.cmd == "show":
         out = args.out or ("descriptor_maps.png" if args.descriptors else "synthetic_samples.png")
         refuse_existing([out], args.force)
-        print("wrote", (show_descriptor_maps if args.descriptors else show_synthetic)(out))
+        import eval as pictures  # all drawing lives in eval.py
+        draw = pictures.descriptor_maps_figure if args.descriptors else \
+            pictures.synthetic_samples_figure
+        print("wrote", draw(out))
 
 
 if __name__ == "__main__":

@@ -1,8 +1,10 @@
-"""Evaluation: full-image mean IoU from a confusion matrix, multi-scale + flip inference,
-per-class tables, pictures, single-image prediction.
+"""Evaluation: full-image mean IoU from a confusion matrix, multi-scale + flip inference.
 
-Paper 4.1: ablations are evaluated single-scale, no flipping. Paper 4.2: scales 0.5, 0.75, 1.0,
-1.25, 1.5, 1.75 with left-right flipping (DeepLab v3's protocol), 21 classes, VOC 2012 val.
+Part I, the paper: the metric (mean IoU over the whole dataset), and inference at the image's
+own size, single scale (4.1, ablations) or scales 0.5, 0.75, 1.0, 1.25, 1.5, 1.75 with
+left-right flipping (4.2, DeepLab v3's protocol), 21 classes, VOC 2012 val.
+Part II: checkpoints, the command line, the measurements of the experiments (accuracy by
+distance, effective receptive fields), and every picture the project draws.
 
   python eval.py --checkpoint runs/synthetic-vortex/checkpoint.pt            # its own val set
   python eval.py --checkpoint ck.pt --dataset voc --data-root VOC2012 --ms --flip --save-dir out
@@ -25,10 +27,14 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 import data
+import vortex
 from vortex import DeepLabV3
 
 PAPER_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
 
+# =============================================================================================
+# PART I: THE PAPER
+# =============================================================================================
 
 # ---------------------------------------------------------------------------------------------
 # The metric. confusion[t, p] counts pixels of true class t predicted as p, over all pixels of
@@ -140,6 +146,232 @@ def evaluate(model, dataset, scales=(1.0,), flip=False, device=None, num_classes
     model.train(was_training)
     return miou_from_confusion(confusion.cpu())
 
+# =============================================================================================
+# PART II: ENGINEERING THE PAPER DOES NOT DESCRIBE
+# =============================================================================================
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints (written by train.py).
+# ---------------------------------------------------------------------------------------------
+
+def load_checkpoint(path):
+    """A train.py checkpoint (dict of tensors and plain values), read by vortex's one reader of
+    weight files (weights_only=True; non-finite weights refused, naming the tensor)."""
+    ck = vortex.read_weights_file(path)
+    if not isinstance(ck, dict) or "model" not in ck or "config" not in ck:
+        raise data.BadInput(f"{path} is not a train.py checkpoint (no 'model' and 'config' entries)")
+    return ck
+
+
+def model_from_checkpoint(ck, path="checkpoint", **expected):
+    """Build the checkpoint's model; a flag that contradicts its architecture is an error."""
+    cfg = dict(ck["config"])
+    wrong = [f"{k}: checkpoint has {cfg.get(k)!r}, flags say {v!r}" for k, v in expected.items()
+             if v is not None and k in cfg and cfg[k] != v]
+    if wrong:
+        raise data.BadInput(f"{path} does not match the requested architecture: " + "; ".join(wrong))
+    cfg["multi_grid"] = None if cfg.get("multi_grid") is None else tuple(cfg["multi_grid"])
+    model = DeepLabV3(**cfg)
+    try:
+        model.load_state_dict(ck["model"])
+    except RuntimeError as err:
+        lines = [ln.strip() for ln in str(err).splitlines()[1:] if ln.strip()]
+        raise data.BadInput(f"{path}: its weights do not fit the model its config describes "
+                            f"({'; '.join(lines)[:300]})") from None
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line.
+# ---------------------------------------------------------------------------------------------
+
+def bench(reps=2):
+    """Seconds per 500x375 image, ResNet-101 OS 8 (untrained weights: the cost does not depend on
+    them), single scale vs the paper's 6 scales + flip, against the theoretical cost ratio
+    2 * sum(s^2) = 17.4 (pixels processed; the model's cost is nearly linear in pixels)."""
+    torch.manual_seed(0)
+    model = DeepLabV3(21, 101, "vortex").eval()
+    image = torch.randn(3, 375, 500)
+    t = vortex.best_times({"single": lambda: predict(model, image),
+                           "multi": lambda: predict(model, image, PAPER_SCALES, True)}, reps, 0)
+    theory = 2 * sum(s * s for s in PAPER_SCALES)
+    print(f"ResNet-101 OS 8 + Vortex, 500x375 image, CPU {torch.get_num_threads()} threads, "
+          f"best of {reps}:")
+    print(f"  single scale {t['single']:.2f} s/image; 6 scales + flip {t['multi']:.2f} s/image; "
+          f"ratio {t['multi'] / t['single']:.1f} (theory {theory:.1f})")
+
+
+IMAGE_TYPES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+DEFAULT_SPLIT = {"coco": "val2017"}  # prepare-coco names splits after the COCO files
+
+
+def pick_device(device_arg, local_rank=0):
+    """--device: None (CUDA when visible, else CPU), 'cpu', 'cuda' or 'cuda:N'."""
+    if device_arg is None:
+        device_arg = "cuda" if torch.cuda.is_available() else "cpu"
+    if device_arg != "cpu" and not (device_arg == "cuda" or device_arg.startswith("cuda:")):
+        raise data.BadInput(f"--device {device_arg}: use cpu, cuda or cuda:N")
+    if device_arg == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise data.BadInput(f"--device {device_arg}: no CUDA device is visible "
+                            f"(torch.cuda.is_available() is False); use --device cpu")
+    index = int(device_arg.split(":")[1]) if device_arg[5:].isdigit() else local_rank
+    if index >= torch.cuda.device_count():
+        raise data.BadInput(f"--device {device_arg}: only {torch.cuda.device_count()} CUDA "
+                            f"device(s)")
+    return torch.device("cuda", index)
+
+
+def result_name(dataset, split, scales, flip):
+    """eval_<dataset>_<split>_s<scales>[_flip].json: a file per protocol, so that the
+    single-scale and the multi-scale + flip numbers of one checkpoint live side by side."""
+    s = "-".join(f"{v:g}" for v in scales)
+    return f"eval_{dataset}_{split}_s{s}{'_flip' if flip else ''}.json"
+
+
+def predict_images(model, ck, source, out, scales, flip, device, force, log=print):
+    """Predict one image or every image of a folder: <out>/<stem>.png (class indices, palette)
+    and <out>/<stem>_panel.png each. Returns the paths written."""
+    classes = ck.get("classes") or list(data.VOC_CLASSES)
+    palette = np.asarray(ck.get("palette", data.VOC_PALETTE))
+    if os.path.isdir(source):
+        files = sorted(os.path.join(source, f) for f in os.listdir(source)
+                       if f.lower().endswith(IMAGE_TYPES))
+        if not files:
+            raise data.MissingInput(f"--image {source}: no image files ({', '.join(IMAGE_TYPES)})")
+        folder = out or os.path.join("runs", "predictions", os.path.basename(
+            os.path.normpath(source)))
+        stems = [os.path.join(folder, os.path.splitext(os.path.basename(f))[0]) for f in files]
+    else:
+        if not os.path.isfile(source):
+            raise data.MissingInput(f"--image {source}: no such file or folder")
+        if out and not out.lower().endswith(".png"):
+            raise data.BadInput(f"--out {out}: the prediction is a PNG; give a name ending in .png")
+        files = [source]
+        stems = [os.path.splitext(out)[0] if out else os.path.join(
+            "runs", "predictions", os.path.splitext(os.path.basename(source))[0])]
+    data.refuse_existing([s + t for s in stems for t in (".png", "_panel.png")], force)
+    written, t0 = [], time.time()
+    for n, (f, stem) in enumerate(zip(files, stems), 1):
+        image = data.normalize(data.read_image(f, orientation=True)).to(device)
+        pred = predict(model, image, scales, flip).cpu()
+        written += save_prediction(stem, image.cpu(), pred, palette, classes=classes)
+        if len(files) == 1:
+            log(f"{f}: classes found: {', '.join(classes[c] for c in pred.unique().tolist())}")
+        else:
+            data.progress("predict", n, len(files), t0, log)
+    log("wrote " + ", ".join(written) if len(written) <= 4 else
+        f"wrote {len(written)} files in {os.path.dirname(stems[0])} "
+        f"(<name>.png: class indices; <name>_panel.png: image | prediction)")
+    return written
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Evaluate a train.py checkpoint: full-image mIoU "
+                                            "(paper 4.1/4.2), or predict images.")
+    p.add_argument("--checkpoint", help="a checkpoint written by train.py")
+    p.add_argument("--erf", nargs="+", metavar="CHECKPOINT", default=None,
+                   help="instead: draw the effective receptive fields of these checkpoints "
+                        "(gradient of the centre pixel's logit w.r.t. the image, mean over "
+                        "validation images; checkpoints of one module are averaged) to --out "
+                        "(default runs/erf.png)")
+    p.add_argument("--erf-images", type=int, default=32,
+                   help="with --erf: validation images per checkpoint (default 32)")
+    p.add_argument("--bench", action="store_true",
+                   help="time single-scale vs 6-scale + flip inference of ResNet-101 on a "
+                        "500x375 image (needs no checkpoint)")
+    p.add_argument("--dataset", choices=["synthetic", "voc", "voc_aug", "coco"], default=None,
+                   help="dataset to evaluate on (default: the one the checkpoint was trained on)")
+    p.add_argument("--data-root", default=None,
+                   help="VOC2012 folder (voc, voc_aug) or the prepare-coco output folder (coco); "
+                        "default: the one the checkpoint was trained with")
+    p.add_argument("--split", default=None,
+                   help="list to evaluate (default: the checkpoint's validation split, else val; "
+                        "val2017 for coco)")
+    p.add_argument("--scales", type=float, nargs="+", default=[1.0],
+                   help="inference scales (paper 4.1 ablations: 1.0)")
+    p.add_argument("--ms", action="store_true",
+                   help=f"the paper's 4.2 scales {PAPER_SCALES} (overrides --scales)")
+    p.add_argument("--flip", action="store_true", help="also average the mirrored image")
+    p.add_argument("--context", default=None, help="expected context module (checked)")
+    p.add_argument("--depth", type=int, default=None, help="expected ResNet depth (checked)")
+    p.add_argument("--save-dir", default=None,
+                   help="write palette prediction PNGs and image|truth|prediction panels here")
+    p.add_argument("--json", default=None,
+                   help="write all numbers here (default: beside the checkpoint, "
+                        "eval_<dataset>_<split>_s<scales>[_flip].json)")
+    p.add_argument("--image", default=None,
+                   help="predict this image, or every image in this folder, instead")
+    p.add_argument("--out", default=None,
+                   help="with --image: the prediction PNG (one image; default "
+                        "runs/predictions/<name>.png) or folder (a folder of images; default "
+                        "runs/predictions/<folder>/); with --erf: the figure")
+    p.add_argument("--force", action="store_true", help="overwrite files that exist")
+    p.add_argument("--workers", type=int, default=2, help="image-decoding processes (0: none)")
+    p.add_argument("--amp", nargs="?", const="bf16", choices=["bf16", "fp16"], default=None,
+                   help="run the model under autocast (probabilities averaged in fp32)")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when "
+                                                  "available)")
+    args = p.parse_args(argv)
+    if args.bench:
+        return bench()
+    device = pick_device(args.device)
+    scales = PAPER_SCALES if args.ms else tuple(args.scales)
+    if not all(math.isfinite(s) and 0 < s <= 8 for s in scales):
+        raise data.BadInput(f"--scales {' '.join(map(str, scales))}: each must be a number in "
+                            f"(0, 8] (paper: 0.5 ... 1.75)")
+    if args.workers < 0 or args.erf_images < 1:
+        raise data.BadInput("--workers must be >= 0 and --erf-images >= 1")
+    if args.erf:
+        out = args.out or os.path.join("runs", "erf.png")
+        data.refuse_existing([out], args.force)
+        return erf_figure(args.erf, out, args.erf_images, device, args.data_root)
+    if not args.checkpoint:
+        p.error("--checkpoint is required (unless --bench or --erf)")
+    ck = load_checkpoint(args.checkpoint)
+    model = model_from_checkpoint(ck, args.checkpoint, context=args.context,
+                                  depth=args.depth).to(device).eval()
+    if args.image:
+        return predict_images(model, ck, args.image, args.out, scales, args.flip, device,
+                              args.force)
+    return evaluate_checkpoint(model, ck, args, scales, device)
+def evaluate_checkpoint(model, ck, args, scales, device):
+    """mIoU of the checkpoint on a dataset split; table on screen, numbers in a JSON file."""
+    classes = ck.get("classes") or list(data.VOC_CLASSES)
+    palette = np.asarray(ck.get("palette", data.VOC_PALETTE))
+    ta = ck.get("train_args", {})
+    name = args.dataset or ck.get("dataset", "synthetic")
+    same = name == ck.get("dataset")
+    split = args.split or (ta.get("val_split") if same else None) or DEFAULT_SPLIT.get(name, "val")
+    root = args.data_root or (ta.get("data_root") if same else None)
+    ds = data.get_dataset(name, split, root, train=False, **ck.get("data_args", {}))
+    if len(ds.classes) != len(classes):
+        raise data.BadInput(f"{args.checkpoint} predicts {len(classes)} classes "
+                            f"({', '.join(classes[:6])}{', ...' if len(classes) > 6 else ''}), "
+                            f"but {name} has {len(ds.classes)}: evaluate it on the dataset it "
+                            f"was trained for")
+    out = args.json or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)),
+                                    result_name(name, split, scales, args.flip))
+    data.refuse_existing([out], args.force)
+    if args.save_dir and os.path.isdir(args.save_dir) and os.listdir(args.save_dir):
+        data.refuse_existing([args.save_dir], args.force)
+    result = evaluate(model, ds, scales, args.flip, device, len(classes),
+                      save_dir=args.save_dir, palette=palette, workers=args.workers,
+                      amp=args.amp)
+    print(f"{name} {split} ({len(ds)} images), scales {scales}, flip {args.flip}:")
+    print(format_table(result, classes, getattr(ds, "context_classes", ())))
+    result.update(dataset=name, split=split, scales=list(scales), flip=args.flip,
+                  classes=list(classes), checkpoint=args.checkpoint)
+    data.atomic_save(out, lambda f: f.write(json.dumps(result, indent=1).encode()))
+    print("numbers written to", out + (f"; pictures in {args.save_dir}" if args.save_dir
+                                       else ""))
+    return result
+
+
+
+
+# ---------------------------------------------------------------------------------------------
+# Measurements of the experiments (train.py --context-experiment and --ablation).
+# ---------------------------------------------------------------------------------------------
 
 @torch.no_grad()
 def distance_accuracy(model, x, label, distance, max_distance=40, batch=16):
@@ -221,6 +453,77 @@ def mass_radius(erf, fraction=0.9):
     # against cum[-1], not erf.sum(): fraction 1 then finds the last pixel with any mass exactly
     k = int(torch.searchsorted(cum, (fraction * cum[-1]).reshape(1)).clamp(max=len(d) - 1))
     return d[order][k].item()
+
+
+# ---------------------------------------------------------------------------------------------
+# Pictures: everything the project draws (Pillow only), written atomically.
+# ---------------------------------------------------------------------------------------------
+
+def format_table(result, classes, highlight=()):
+    lines = [f"{'class':14} {'IoU':>7}"]
+    for c, (name, v) in enumerate(zip(classes, result["iou"])):
+        mark = "  (context-dependent)" if c in highlight else ""
+        lines.append(f"{name:14} {'—' if math.isnan(v) else f'{100 * v:6.2f}':>7}{mark}")
+    lines.append(f"{'mIoU':14} {100 * result['miou']:7.2f}")
+    lines.append(f"pixel accuracy {100 * result['pixel_acc']:.2f}   "
+                 f"mean class accuracy {100 * result['mean_acc']:.2f}")
+    return "\n".join(lines)
+
+
+def denormalize(image):
+    """Normalised (3, H, W) tensor -> uint8 (H, W, 3)."""
+    img = image.permute(1, 2, 0).numpy() * data.STD + data.MEAN
+    return (np.clip(img, 0, 1) * 255).round().astype(np.uint8)
+
+
+def panel(image, pred, palette, label=None):
+    """image | ground truth | prediction, side by side, 4 px white gaps."""
+    parts = [denormalize(image)]
+    if label is not None:
+        parts.append(colorize(label.numpy(), palette))
+    parts.append(colorize(pred.numpy(), palette))
+    return hstack(parts, 4)
+
+
+def titled(rows, widths, classes, palette, present):
+    """Panels stacked (4 px apart) under column titles, above a legend of the classes present.
+    `widths`: the width of each column of the first row, for placing the titles."""
+    width = max(r.shape[1] for r in rows)
+    rows = [np.pad(r, ((0, 4), (0, width - r.shape[1]), (0, 0)), constant_values=255)
+            for r in rows]
+    names = ["image", "ground truth", "prediction"] if len(widths) == 3 else ["image",
+                                                                             "prediction"]
+    head = Image.new("RGB", (width, 16), (255, 255, 255))
+    x = 0
+    for name, w in zip(names, widths):
+        ImageDraw.Draw(head).text((x + 2, 2), name, fill=(0, 0, 0))
+        x += w + 4
+    return np.concatenate([np.asarray(head)] + rows +
+                          [legend(width, classes, palette, sorted(present))], 0)
+
+
+def hstack(parts, gap):
+    """RGB uint8 pictures side by side, `gap` px of white between them, shorter ones padded
+    with white at the bottom."""
+    height = max(p.shape[0] for p in parts)
+    parts = [np.pad(p, ((0, height - p.shape[0]), (0, 0), (0, 0)), constant_values=255)
+             for p in parts]
+    white = np.full((height, gap, 3), 255, np.uint8)
+    return np.concatenate([x for p in parts for x in (p, white)][:-1], 1)
+
+
+def save_prediction(stem, image, pred, palette, label=None, classes=None):
+    """stem.png: the prediction as a palette PNG (values = class indices); stem_panel.png:
+    image | (ground truth |) prediction with titles and a legend. Returns both paths."""
+    data.save_mask(stem + ".png", pred.numpy().astype(np.uint8), palette)
+    present = set(pred.unique().tolist()) | (set(label.unique().tolist())
+                                             if label is not None else set())
+    names = classes or [str(i) for i in range(256)]
+    pic = titled([panel(image, pred, palette, label)], [image.shape[-1]] * (3 if label is not None
+                                                                          else 2),
+                 names, palette, present)
+    data.atomic_save(stem + "_panel.png", lambda f: Image.fromarray(pic).save(f, format="PNG"))
+    return stem + ".png", stem + "_panel.png"
 
 
 def erf_figure(checkpoints, out, num_images=32, device="cpu", data_root=None, cell=2,
@@ -370,304 +673,167 @@ def distance_figure(acc, coverage, out):
     data.atomic_save(out, lambda f: Image.fromarray(figure).save(f, format="PNG"))
 
 
-# ---------------------------------------------------------------------------------------------
-# Output for people: table, pictures.
-# ---------------------------------------------------------------------------------------------
-
-def format_table(result, classes, highlight=()):
-    lines = [f"{'class':14} {'IoU':>7}"]
-    for c, (name, v) in enumerate(zip(classes, result["iou"])):
-        mark = "  (context-dependent)" if c in highlight else ""
-        lines.append(f"{name:14} {'—' if math.isnan(v) else f'{100 * v:6.2f}':>7}{mark}")
-    lines.append(f"{'mIoU':14} {100 * result['miou']:7.2f}")
-    lines.append(f"pixel accuracy {100 * result['pixel_acc']:.2f}   "
-                 f"mean class accuracy {100 * result['mean_acc']:.2f}")
-    return "\n".join(lines)
+def colorize(label, palette):
+    return np.asarray(palette, dtype=np.uint8)[np.asarray(label, dtype=np.int64) & 255]
 
 
-def denormalize(image):
-    """Normalised (3, H, W) tensor -> uint8 (H, W, 3)."""
-    img = image.permute(1, 2, 0).numpy() * data.STD + data.MEAN
-    return (np.clip(img, 0, 1) * 255).round().astype(np.uint8)
+def legend(width, names, palette, indices):
+    """A white strip `width` px wide: a colour swatch and the name of each class in `indices`,
+    wrapped onto as many lines as needed."""
+    entries = [(int(i), names[i] if i < len(names) else ("ignored" if i == data.IGNORE else str(i)))
+               for i in indices]
+    lines, x = [[]], 4
+    for i, name in entries:
+        w = 14 + 6 * len(name) + 14
+        if x + w > width and lines[-1]:
+            lines.append([])
+            x = 4
+        lines[-1].append((x, i, name))
+        x += w
+    strip = Image.new("RGB", (width, 16 * len(lines) + 4), (255, 255, 255))
+    draw = ImageDraw.Draw(strip)
+    for row, line in enumerate(lines):
+        for x, i, name in line:
+            y = 4 + 16 * row
+            draw.rectangle([x, y, x + 10, y + 10], fill=tuple(int(v) for v in palette[i]),
+                           outline=(0, 0, 0))
+            draw.text((x + 14, y), name, fill=(0, 0, 0))
+    return np.asarray(strip)
 
 
-def panel(image, pred, palette, label=None):
-    """image | ground truth | prediction, side by side, 4 px white gaps."""
-    parts = [denormalize(image)]
-    if label is not None:
-        parts.append(data.colorize(label.numpy(), palette))
-    parts.append(data.colorize(pred.numpy(), palette))
-    return hstack(parts, 4)
+def curves_figure(log_path, out, size=(520, 300)):
+    """Loss and learning rate against iterations, from log.jsonl, as a PNG (Pillow only)."""
+    if not os.path.exists(log_path):
+        return
+    with open(log_path) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    if len(rows) < 2:
+        return
+    it = np.array([r["iter"] for r in rows], float)
+    pic = Image.new("RGB", size, (255, 255, 255))
+    draw = ImageDraw.Draw(pic)
+    x0, y0, x1, y1 = 50, 24, size[0] - 50, size[1] - 30
+    draw.rectangle([x0, y0, x1, y1], outline=(0, 0, 0))
+    for key, colour, side in (("loss", (31, 119, 180), "left"), ("lr", (214, 39, 40), "right")):
+        v = np.array([r[key] for r in rows], float)
+        lo, hi = float(np.nanmin(v)), float(np.nanmax(v))
+        span = hi - lo or 1.0
+        pts = [(x0 + (x1 - x0) * (a - it[0]) / max(1, it[-1] - it[0]),
+                y1 - (y1 - y0) * (b - lo) / span) for a, b in zip(it, v)]
+        draw.line(pts, fill=colour, width=2)
+        tx = 4 if side == "left" else x1 + 4
+        draw.text((tx, y0 - 2), f"{hi:.3g}", fill=colour)
+        draw.text((tx, y1 - 10), f"{lo:.3g}", fill=colour)
+    draw.text((x0, 4), "training loss (blue, left scale) and learning rate (red, right scale)",
+              fill=(0, 0, 0))
+    draw.text((x0, y1 + 6), f"iteration {int(it[0])}", fill=(0, 0, 0))
+    draw.text((x1 - 90, y1 + 6), f"iteration {int(it[-1])}", fill=(0, 0, 0))
+    data.atomic_save(out, lambda f: pic.save(f, "PNG"))
 
 
-def titled(rows, widths, classes, palette, present):
-    """Panels stacked (4 px apart) under column titles, above a legend of the classes present.
-    `widths`: the width of each column of the first row, for placing the titles."""
-    width = max(r.shape[1] for r in rows)
-    rows = [np.pad(r, ((0, 4), (0, width - r.shape[1]), (0, 0)), constant_values=255)
-            for r in rows]
-    names = ["image", "ground truth", "prediction"] if len(widths) == 3 else ["image",
-                                                                             "prediction"]
-    head = Image.new("RGB", (width, 16), (255, 255, 255))
-    x = 0
-    for name, w in zip(names, widths):
-        ImageDraw.Draw(head).text((x + 2, 2), name, fill=(0, 0, 0))
-        x += w + 4
-    return np.concatenate([np.asarray(head)] + rows +
-                          [data.legend(width, classes, palette, sorted(present))], 0)
+def pick_examples(dataset, n=4, look=64):
+    """n image indices for a picture: where the dataset names classes told apart only by context
+    (synthetic bike and fish), taken in turn from each, so that the picture shows all of them."""
+    ctx = getattr(dataset, "context_classes", ())
+    if not ctx:
+        return list(range(min(n, len(dataset))))
+    buckets = {c: [] for c in ctx}
+    for i in range(min(look, len(dataset))):
+        counts = np.bincount(dataset.load(i)[1].ravel(), minlength=256)
+        buckets[max(ctx, key=lambda c: counts[c])].append(i)
+    order = [i for group in zip(*buckets.values()) for i in group]
+    return (order + [i for i in range(len(dataset)) if i not in order])[:n]
 
 
-def hstack(parts, gap):
-    """RGB uint8 pictures side by side, `gap` px of white between them, shorter ones padded
-    with white at the bottom."""
-    height = max(p.shape[0] for p in parts)
-    parts = [np.pad(p, ((0, height - p.shape[0]), (0, 0), (0, 0)), constant_values=255)
-             for p in parts]
-    white = np.full((height, gap, 3), 255, np.uint8)
-    return np.concatenate([x for p in parts for x in (p, white)][:-1], 1)
+def prediction_picture(model, dataset, device, path, n=4):
+    """image | ground truth | prediction for n validation images, with column titles and a
+    legend of the classes shown."""
+    model.eval()
+    rows, present = [], set()
+    for i in pick_examples(dataset, n):
+        image, label = dataset[i]
+        pred = predict(model, image.to(device)).cpu()
+        rows.append(panel(image, pred, dataset.palette, label))
+        present |= set(label.unique().tolist()) | set(pred.unique().tolist())
+    pic = titled(rows, [dataset[0][0].shape[-1]] * 3, list(dataset.classes),
+                            dataset.palette, present)
+    data.atomic_save(path, lambda f: Image.fromarray(pic).save(f, "PNG"))
+    return path
 
 
-def save_prediction(stem, image, pred, palette, label=None, classes=None):
-    """stem.png: the prediction as a palette PNG (values = class indices); stem_panel.png:
-    image | (ground truth |) prediction with titles and a legend. Returns both paths."""
-    data.save_mask(stem + ".png", pred.numpy().astype(np.uint8), palette)
-    present = set(pred.unique().tolist()) | (set(label.unique().tolist())
-                                             if label is not None else set())
-    names = classes or [str(i) for i in range(256)]
-    pic = titled([panel(image, pred, palette, label)], [image.shape[-1]] * (3 if label is not None
-                                                                          else 2),
-                 names, palette, present)
-    data.atomic_save(stem + "_panel.png", lambda f: Image.fromarray(pic).save(f, format="PNG"))
-    return stem + ".png", stem + "_panel.png"
+BRANCH_COLOURS = ((200, 30, 30), (240, 150, 20), (40, 110, 200), (60, 160, 60))
 
 
-# ---------------------------------------------------------------------------------------------
-# Checkpoints (written by train.py).
-# ---------------------------------------------------------------------------------------------
-
-def load_checkpoint(path):
-    """A train.py checkpoint (dict of tensors and plain values), read with weights_only=True."""
-    if not os.path.isfile(path):
-        raise data.MissingInput(f"checkpoint not found: {path}")
-    try:
-        ck = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise data.BadInput(f"cannot read checkpoint {path}: it is truncated, corrupt or not a "
-                         f"weights-only torch file ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0] if str(e) else ''})") from None
-    if not isinstance(ck, dict) or "model" not in ck or "config" not in ck:
-        raise data.BadInput(f"{path} is not a train.py checkpoint (no 'model' and 'config' entries)")
-    return ck
-
-
-def model_from_checkpoint(ck, path="checkpoint", **expected):
-    """Build the checkpoint's model; a flag that contradicts its architecture is an error."""
-    cfg = dict(ck["config"])
-    wrong = [f"{k}: checkpoint has {cfg.get(k)!r}, flags say {v!r}" for k, v in expected.items()
-             if v is not None and k in cfg and cfg[k] != v]
-    if wrong:
-        raise data.BadInput(f"{path} does not match the requested architecture: " + "; ".join(wrong))
-    cfg["multi_grid"] = None if cfg.get("multi_grid") is None else tuple(cfg["multi_grid"])
-    model = DeepLabV3(**cfg)
-    try:
-        model.load_state_dict(ck["model"])
-    except RuntimeError as err:
-        lines = [ln.strip() for ln in str(err).splitlines()[1:] if ln.strip()]
-        raise data.BadInput(f"{path}: its weights do not fit the model its config describes "
-                            f"({'; '.join(lines)[:300]})") from None
-    return model
+def footprints_figure(path, size=65, cell=4):
+    """The paper's Fig. 3 drawn from the real modules: for ASPP, Module A(5) and Module B, the
+    input positions of a size x size map that feed the centre output (autograd, see
+    measured_utilization), coloured by the branch that reads them (the finest drawn on top),
+    white where nothing reads, the output pixel black; a legend under each panel. Written
+    atomically."""
+    mods = [vortex.table1_module(row, 8) for row in ("ASPP", "A(5)", "Vortex")]
+    panels = []
+    for m in mods:
+        ratio, used = vortex.measured_utilization(m, size, size, return_map=True)
+        pic = np.full((size, size, 3), 255, np.uint8)
+        widest_first = sorted(range(len(m.pools)), key=lambda i: -m.pools[i] - m.dilations[i])
+        for i in widest_first:
+            fp = vortex.footprint(m.pools[i:i + 1], m.kernels[i:i + 1], m.dilations[i:i + 1])
+            r, c = fp.shape[0] // 2, size // 2  # footprint centred on the centre pixel
+            a, b = max(0, c - r), min(size, c + r + 1)
+            region = np.zeros((size, size), bool)
+            region[a:b, a:b] = fp[a - (c - r):b - (c - r), a - (c - r):b - (c - r)]
+            pic[region & used] = BRANCH_COLOURS[i]
+        pic[size // 2, size // 2] = 0
+        pic = np.kron(pic, np.ones((cell, cell, 1), np.uint8))
+        text = Image.new("RGB", (pic.shape[1], 14 + 14 * len(m.pools)), (255, 255, 255))
+        draw = ImageDraw.Draw(text)
+        draw.text((2, 1), f"{m.name}: r = {ratio:.4f} of the {size}x{size} map", fill=(0, 0, 0))
+        for i, (k, n, d) in enumerate(zip(m.pools, m.kernels, m.dilations)):
+            y = 15 + 14 * i
+            draw.rectangle([4, y + 1, 14, y + 11], fill=BRANCH_COLOURS[i], outline=(0, 0, 0))
+            draw.text((20, y), f"{k}x{k} pool, {n}x{n} conv" + (f", rate {d}" if n > 1 else ""),
+                      fill=(0, 0, 0))
+        panels.append(np.concatenate([pic, np.asarray(text)], 0))
+    out = hstack(panels, 8)
+    data.atomic_save(path, lambda f: Image.fromarray(out).save(f, "PNG"))
+    return path
 
 
-def bench(reps=2):
-    """Seconds per 500x375 image, ResNet-101 OS 8 (untrained weights: the cost does not depend on
-    them), single scale vs the paper's 6 scales + flip, against the theoretical cost ratio
-    2 * sum(s^2) = 17.4 (pixels processed; the model's cost is nearly linear in pixels)."""
-    torch.manual_seed(0)
-    model = DeepLabV3(21, 101, "vortex").eval()
-    image = torch.randn(3, 375, 500)
-    single = min(_timed(lambda: predict(model, image)) for _ in range(reps))
-    multi = min(_timed(lambda: predict(model, image, PAPER_SCALES, True)) for _ in range(reps))
-    theory = 2 * sum(s * s for s in PAPER_SCALES)
-    print(f"ResNet-101 OS 8 + Vortex, 500x375 image, CPU {torch.get_num_threads()} threads, "
-          f"best of {reps}:")
-    print(f"  single scale {single:.2f} s/image; 6 scales + flip {multi:.2f} s/image; "
-          f"ratio {multi / single:.1f} (theory {theory:.1f})")
+def synthetic_samples_figure(out, n=6, size=128, seed=0):
+    """A picture of n synthetic samples: images on top, labels below, and a legend."""
+    ds = data.SyntheticContext(n, size, seed)
+    cols = [np.concatenate(ds.load(i)[:1] + (colorize(ds.load(i)[1], ds.palette),), 0)
+            for i in range(n)]
+    grid = np.concatenate([np.pad(c, ((0, 0), (2, 2), (0, 0)), constant_values=255)
+                           for c in cols], 1)
+    pic = np.concatenate([grid, legend(grid.shape[1], ds.classes, ds.palette,
+                                       range(len(ds.classes)))], 0)
+    data.atomic_save(out, lambda f: Image.fromarray(pic).save(f, format="PNG"))
+    return out
 
 
-def _timed(fn):
-    t = time.perf_counter()
-    fn()
-    return time.perf_counter() - t
+DESCRIPTOR_VIEW = ("background", "body, not scored", "cue P", "cue Q", "body scored P",
+                   "body scored Q")
+DESCRIPTOR_PALETTE = np.zeros((256, 3), dtype=np.uint8)
+DESCRIPTOR_PALETTE[:6] = [(245, 245, 245), (150, 150, 150), (200, 0, 0), (0, 60, 200),
+                          (250, 160, 160), (150, 180, 250)]
 
 
-IMAGE_TYPES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
-DEFAULT_SPLIT = {"coco": "val2017"}  # prepare-coco names splits after the COCO files
-
-
-def pick_device(device_arg, local_rank=0):
-    """--device: None (CUDA when visible, else CPU), 'cpu', 'cuda' or 'cuda:N'."""
-    if device_arg is None:
-        device_arg = "cuda" if torch.cuda.is_available() else "cpu"
-    if device_arg != "cpu" and not (device_arg == "cuda" or device_arg.startswith("cuda:")):
-        raise data.BadInput(f"--device {device_arg}: use cpu, cuda or cuda:N")
-    if device_arg == "cpu":
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        raise data.BadInput(f"--device {device_arg}: no CUDA device is visible "
-                            f"(torch.cuda.is_available() is False); use --device cpu")
-    index = int(device_arg.split(":")[1]) if device_arg[5:].isdigit() else local_rank
-    if index >= torch.cuda.device_count():
-        raise data.BadInput(f"--device {device_arg}: only {torch.cuda.device_count()} CUDA "
-                            f"device(s)")
-    return torch.device("cuda", index)
-
-
-def result_name(dataset, split, scales, flip):
-    """eval_<dataset>_<split>_s<scales>[_flip].json: a file per protocol, so that the
-    single-scale and the multi-scale + flip numbers of one checkpoint live side by side."""
-    s = "-".join(f"{v:g}" for v in scales)
-    return f"eval_{dataset}_{split}_s{s}{'_flip' if flip else ''}.json"
-
-
-def predict_images(model, ck, source, out, scales, flip, device, force, log=print):
-    """Predict one image or every image of a folder: <out>/<stem>.png (class indices, palette)
-    and <out>/<stem>_panel.png each. Returns the paths written."""
-    classes = ck.get("classes") or list(data.VOC_CLASSES)
-    palette = np.asarray(ck.get("palette", data.VOC_PALETTE))
-    if os.path.isdir(source):
-        files = sorted(os.path.join(source, f) for f in os.listdir(source)
-                       if f.lower().endswith(IMAGE_TYPES))
-        if not files:
-            raise data.MissingInput(f"--image {source}: no image files ({', '.join(IMAGE_TYPES)})")
-        folder = out or os.path.join("runs", "predictions", os.path.basename(
-            os.path.normpath(source)))
-        stems = [os.path.join(folder, os.path.splitext(os.path.basename(f))[0]) for f in files]
-    else:
-        if not os.path.isfile(source):
-            raise data.MissingInput(f"--image {source}: no such file or folder")
-        if out and not out.lower().endswith(".png"):
-            raise data.BadInput(f"--out {out}: the prediction is a PNG; give a name ending in .png")
-        files = [source]
-        stems = [os.path.splitext(out)[0] if out else os.path.join(
-            "runs", "predictions", os.path.splitext(os.path.basename(source))[0])]
-    data.refuse_existing([s + t for s in stems for t in (".png", "_panel.png")], force)
-    written, t0 = [], time.time()
-    for n, (f, stem) in enumerate(zip(files, stems), 1):
-        image = data.normalize(data.read_image(f, orientation=True)).to(device)
-        pred = predict(model, image, scales, flip).cpu()
-        written += save_prediction(stem, image.cpu(), pred, palette, classes=classes)
-        if len(files) == 1:
-            log(f"{f}: classes found: {', '.join(classes[c] for c in pred.unique().tolist())}")
-        else:
-            data.progress("predict", n, len(files), t0, log)
-    log("wrote " + ", ".join(written) if len(written) <= 4 else
-        f"wrote {len(written)} files in {os.path.dirname(stems[0])} "
-        f"(<name>.png: class indices; <name>_panel.png: image | prediction)")
-    return written
-
-
-def main(argv=None):
-    p = argparse.ArgumentParser(description="Evaluate a train.py checkpoint: full-image mIoU "
-                                            "(paper 4.1/4.2), or predict images.")
-    p.add_argument("--checkpoint", help="a checkpoint written by train.py")
-    p.add_argument("--erf", nargs="+", metavar="CHECKPOINT", default=None,
-                   help="instead: draw the effective receptive fields of these checkpoints "
-                        "(gradient of the centre pixel's logit w.r.t. the image, mean over "
-                        "validation images; checkpoints of one module are averaged) to --out "
-                        "(default runs/erf.png)")
-    p.add_argument("--erf-images", type=int, default=32,
-                   help="with --erf: validation images per checkpoint (default 32)")
-    p.add_argument("--bench", action="store_true",
-                   help="time single-scale vs 6-scale + flip inference of ResNet-101 on a "
-                        "500x375 image (needs no checkpoint)")
-    p.add_argument("--dataset", choices=["synthetic", "voc", "voc_aug", "coco"], default=None,
-                   help="dataset to evaluate on (default: the one the checkpoint was trained on)")
-    p.add_argument("--data-root", default=None,
-                   help="VOC2012 folder (voc, voc_aug) or the prepare-coco output folder (coco); "
-                        "default: the one the checkpoint was trained with")
-    p.add_argument("--split", default=None,
-                   help="list to evaluate (default: the checkpoint's validation split, else val; "
-                        "val2017 for coco)")
-    p.add_argument("--scales", type=float, nargs="+", default=[1.0],
-                   help="inference scales (paper 4.1 ablations: 1.0)")
-    p.add_argument("--ms", action="store_true",
-                   help=f"the paper's 4.2 scales {PAPER_SCALES} (overrides --scales)")
-    p.add_argument("--flip", action="store_true", help="also average the mirrored image")
-    p.add_argument("--context", default=None, help="expected context module (checked)")
-    p.add_argument("--depth", type=int, default=None, help="expected ResNet depth (checked)")
-    p.add_argument("--save-dir", default=None,
-                   help="write palette prediction PNGs and image|truth|prediction panels here")
-    p.add_argument("--json", default=None,
-                   help="write all numbers here (default: beside the checkpoint, "
-                        "eval_<dataset>_<split>_s<scales>[_flip].json)")
-    p.add_argument("--image", default=None,
-                   help="predict this image, or every image in this folder, instead")
-    p.add_argument("--out", default=None,
-                   help="with --image: the prediction PNG (one image; default "
-                        "runs/predictions/<name>.png) or folder (a folder of images; default "
-                        "runs/predictions/<folder>/); with --erf: the figure")
-    p.add_argument("--force", action="store_true", help="overwrite files that exist")
-    p.add_argument("--workers", type=int, default=2, help="image-decoding processes (0: none)")
-    p.add_argument("--amp", nargs="?", const="bf16", choices=["bf16", "fp16"], default=None,
-                   help="run the model under autocast (probabilities averaged in fp32)")
-    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when "
-                                                  "available)")
-    args = p.parse_args(argv)
-    if args.bench:
-        return bench()
-    device = pick_device(args.device)
-    scales = PAPER_SCALES if args.ms else tuple(args.scales)
-    if not all(math.isfinite(s) and 0 < s <= 8 for s in scales):
-        raise data.BadInput(f"--scales {' '.join(map(str, scales))}: each must be a number in "
-                            f"(0, 8] (paper: 0.5 ... 1.75)")
-    if args.workers < 0 or args.erf_images < 1:
-        raise data.BadInput("--workers must be >= 0 and --erf-images >= 1")
-    if args.erf:
-        out = args.out or os.path.join("runs", "erf.png")
-        data.refuse_existing([out], args.force)
-        return erf_figure(args.erf, out, args.erf_images, device, args.data_root)
-    if not args.checkpoint:
-        p.error("--checkpoint is required (unless --bench or --erf)")
-    ck = load_checkpoint(args.checkpoint)
-    model = model_from_checkpoint(ck, args.checkpoint, context=args.context,
-                                  depth=args.depth).to(device).eval()
-    if args.image:
-        return predict_images(model, ck, args.image, args.out, scales, args.flip, device,
-                              args.force)
-    return evaluate_checkpoint(model, ck, args, scales, device)
-
-
-def evaluate_checkpoint(model, ck, args, scales, device):
-    """mIoU of the checkpoint on a dataset split; table on screen, numbers in a JSON file."""
-    classes = ck.get("classes") or list(data.VOC_CLASSES)
-    palette = np.asarray(ck.get("palette", data.VOC_PALETTE))
-    ta = ck.get("train_args", {})
-    name = args.dataset or ck.get("dataset", "synthetic")
-    same = name == ck.get("dataset")
-    split = args.split or (ta.get("val_split") if same else None) or DEFAULT_SPLIT.get(name, "val")
-    root = args.data_root or (ta.get("data_root") if same else None)
-    ds = data.get_dataset(name, split, root, train=False, **ck.get("data_args", {}))
-    if len(ds.classes) != len(classes):
-        raise data.BadInput(f"{args.checkpoint} predicts {len(classes)} classes "
-                            f"({', '.join(classes[:6])}{', ...' if len(classes) > 6 else ''}), "
-                            f"but {name} has {len(ds.classes)}: evaluate it on the dataset it "
-                            f"was trained for")
-    out = args.json or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)),
-                                    result_name(name, split, scales, args.flip))
-    data.refuse_existing([out], args.force)
-    if args.save_dir and os.path.isdir(args.save_dir) and os.listdir(args.save_dir):
-        data.refuse_existing([args.save_dir], args.force)
-    result = evaluate(model, ds, scales, args.flip, device, len(classes),
-                      save_dir=args.save_dir, palette=palette, workers=args.workers,
-                      amp=args.amp)
-    print(f"{name} {split} ({len(ds)} images), scales {scales}, flip {args.flip}:")
-    print(format_table(result, classes, getattr(ds, "context_classes", ())))
-    result.update(dataset=name, split=split, scales=list(scales), flip=args.flip,
-                  classes=list(classes), checkpoint=args.checkpoint)
-    data.atomic_save(out, lambda f: f.write(json.dumps(result, indent=1).encode()))
-    print("numbers written to", out + (f"; pictures in {args.save_dir}" if args.save_dir
-                                       else ""))
-    return result
+def descriptor_maps_figure(out, n=4, cell=3, seed=0):
+    """A picture of n descriptor maps of the context experiment (what lies where, and which
+    body descriptors are scored as P or Q), with a legend."""
+    maps = []
+    for i in range(n):
+        _, label, _, kinds = data.descriptor_map(seed, i, c1=8)
+        view = np.where(label == data.IGNORE, kinds, 4 + label)
+        pic = colorize(view.astype(np.uint8), DESCRIPTOR_PALETTE)
+        maps.append(np.kron(pic, np.ones((cell, cell, 1), np.uint8)))
+    grid = np.concatenate([np.pad(m, ((0, 0), (3, 3), (0, 0)), constant_values=255)
+                           for m in maps], 1)
+    pic = np.concatenate([grid, legend(grid.shape[1], DESCRIPTOR_VIEW, DESCRIPTOR_PALETTE,
+                                       range(len(DESCRIPTOR_VIEW)))], 0)
+    data.atomic_save(out, lambda f: Image.fromarray(pic).save(f, format="PNG"))
+    return out
 
 
 if __name__ == "__main__":

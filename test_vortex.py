@@ -15,8 +15,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import vortex
-from vortex import (ContextModule, DeepLabV3, box_average, box_averages, footprint,
-                    load_backbone_weights, measured_utilization, resnet, utilization_ratio)
+from vortex import (ContextModule, DeepLabV3, box_averages, footprint,
+                    load_backbone_weights, measured_utilization, ResNet, utilization_ratio)
 
 settings.register_profile("ci", derandomize=True, deadline=None, max_examples=25,
                           suppress_health_check=[HealthCheck.too_slow])
@@ -34,7 +34,7 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
        h=st.integers(17, 70), w=st.integers(17, 70))
 def test_backbone_stride_and_model_output_size(depth, os_, h, w):
     torch.manual_seed(0)
-    net = resnet(depth, output_stride=os_, base_channels=4).eval()
+    net = ResNet(depth, output_stride=os_, base_channels=4).eval()
     with torch.no_grad():
         feat = net(torch.randn(1, 3, h, w))
     # every stride-2 stage maps n -> ceil(n / 2), so the features are ceil(n / os) in size
@@ -64,7 +64,7 @@ def expected_dilations(n3, n4, os_, multi_grid):
 @pytest.mark.parametrize("depth", [18, 50, 101])
 @pytest.mark.parametrize("multi_grid", [None, (1, 2, 4), (1, 1, 1), (2, 3, 5)])
 def test_per_block_dilations_for_every_output_stride_and_multigrid(os_, depth, multi_grid):
-    net = resnet(depth, output_stride=os_, multi_grid=multi_grid, base_channels=2)
+    net = ResNet(depth, output_stride=os_, multi_grid=multi_grid, base_channels=2)
     n3, n4 = len(net.layer3), len(net.layer4)
     layer3, layer4 = expected_dilations(n3, n4, os_, multi_grid)
     assert net.block_dilations["layer3"] == layer3 and net.block_dilations["layer4"] == layer4
@@ -111,7 +111,7 @@ def torchvision_resnet_shapes(depth):
 def test_state_dict_is_torchvision_minus_fc(depth, entries):
     expected = torchvision_resnet_shapes(depth)
     assert len(expected) == entries  # 626 for ResNet-101, fc included (torchvision's count)
-    own = {k: tuple(v.shape) for k, v in resnet(depth).state_dict().items()}
+    own = {k: tuple(v.shape) for k, v in ResNet(depth).state_dict().items()}
     assert own == {k: v for k, v in expected.items() if not k.startswith("fc.")}
 
 
@@ -159,7 +159,7 @@ def randomize_bn_stats(module, seed=0):
 @given(os_=st.sampled_from([8, 16, 32]), h=st.integers(33, 80), w=st.integers(33, 80))
 def test_without_multigrid_the_backbone_is_torchvision_dilated_resnet(os_, h, w):
     torch.manual_seed(0)
-    net = resnet(50, output_stride=os_, multi_grid=None, base_channels=4).eval()
+    net = ResNet(50, output_stride=os_, multi_grid=None, base_channels=4).eval()
     randomize_bn_stats(net)
     x = torch.randn(1, 3, h, w)
     replace = {32: (False, False, False), 16: (False, False, True), 8: (False, True, True)}[os_]
@@ -219,7 +219,7 @@ BACKBONE_INPUT, ASPP_INPUT = (97, 113), (161, 185)
 @pytest.mark.parametrize("depth,os_", [(50, 8), (50, 16), (101, 8), (101, 16)])
 def test_backbone_equals_torchvision_on_the_same_weights(depth, os_):
     ref = np.load(os.path.join(FIXTURES, "torchvision_outputs.npz"))[f"resnet{depth}_os{os_}"]
-    net = resnet(depth, output_stride=os_, multi_grid=None).eval()
+    net = ResNet(depth, output_stride=os_, multi_grid=None).eval()
     net.load_state_dict(seeded_weights(net.state_dict()))
     with torch.no_grad():
         ours = net(seeded_input(*BACKBONE_INPUT))[:, ::16]
@@ -246,12 +246,12 @@ def test_aspp_equals_torchvision_deeplabv3_coco_checkpoint(tmp_path):
 @contextlib.contextmanager
 def channel_blocks(b):
     """Run box_average with blocks of b channels, so that the per-block code path is exercised."""
-    old = vortex.CPU_BLOCK_CHANNELS, vortex.CONTEXT_BLOCK_CHANNELS
-    vortex.CPU_BLOCK_CHANNELS = vortex.CONTEXT_BLOCK_CHANNELS = b
+    old = vortex.CPU_BLOCK_CHANNELS
+    vortex.CPU_BLOCK_CHANNELS = b
     try:
         yield
     finally:
-        vortex.CPU_BLOCK_CHANNELS, vortex.CONTEXT_BLOCK_CHANNELS = old
+        vortex.CPU_BLOCK_CHANNELS = old
 
 
 @given(n=st.integers(1, 2), c=st.integers(1, 6), h=st.integers(1, 40), w=st.integers(1, 40),
@@ -261,7 +261,7 @@ def test_box_average_equals_avgpool2d_everywhere(n, c, h, w, k, cip, block):
     x = torch.randn(n, c, h, w, dtype=torch.float64)
     ref = torch.nn.AvgPool2d(k, 1, k // 2, count_include_pad=cip)(x)
     with channel_blocks(block):
-        torch.testing.assert_close(box_average(x, k, cip), ref, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(box_averages(x, (k,), cip)[k], ref, rtol=1e-12, atol=1e-12)
 
 
 
@@ -316,7 +316,7 @@ def test_box_average_gradcheck_and_low_precision():
     x = torch.randn(1, 2, 7, 6, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda t: box_averages(t, (3, 9), False)[9], (x,))
     xb = torch.randn(1, 3, 30, 30).bfloat16()
-    out = box_average(xb, 27)  # sums in float32: a bf16 accumulator would lose ~1e-2
+    out = box_averages(xb, (27,))[27]  # sums in float32: a bf16 accumulator would lose ~1e-2
     assert out.dtype == torch.bfloat16
     ref = F.avg_pool2d(xb.float(), 27, 1, 13, count_include_pad=False)
     torch.testing.assert_close(out.float(), ref, rtol=1e-2, atol=1e-2)
@@ -325,7 +325,7 @@ def test_box_average_gradcheck_and_low_precision():
 def test_box_average_rejects_even_and_non_chained_sizes():
     x = torch.randn(1, 1, 8, 8)
     with pytest.raises(ValueError, match="odd k"):
-        box_average(x, 4)
+        box_averages(x, (4,))[4]
     with pytest.raises(ValueError, match="must divide one another"):
         box_averages(x, (3, 5))
 
@@ -374,7 +374,7 @@ def test_vortex_first_branch_is_plain_1x1_and_others_see_pooled_maps(h, w):
     m = small(ContextModule.vortex)
     x = torch.randn(1, 6, h, w)
     with torch.no_grad():
-        pooled = m.pooled_inputs(x)
+        pooled = m.pool(x)
         assert pooled[1] is x  # k = 1: no pooling at all
         for k, branch in zip(m.pools, m.branches):
             expected = F.avg_pool2d(x, k, 1, k // 2, count_include_pad=False) if k > 1 else x
@@ -456,7 +456,7 @@ def torchvision_format(backbone):
 
 def test_imagenet_checkpoint_round_trip(tmp_path):
     torch.manual_seed(0)
-    src = resnet(50, base_channels=8)
+    src = ResNet(50, base_channels=8)
     randomize_bn_stats(src)
     path = tmp_path / "resnet50.pth"
     torch.save(torchvision_format(src), path)
@@ -469,22 +469,22 @@ def test_imagenet_checkpoint_round_trip(tmp_path):
 
 def test_wrong_checkpoint_gives_a_clear_error(tmp_path):
     path = tmp_path / "resnet50.pth"
-    torch.save(torchvision_format(resnet(50, base_channels=8)), path)
+    torch.save(torchvision_format(ResNet(50, base_channels=8)), path)
     with pytest.raises(ValueError, match=r"(?s)does not fit the ResNet-101 backbone.*"
                                          r"missing from the file \(306\): layer3\."):
-        load_backbone_weights(resnet(101, base_channels=8), str(path), verbose=False)
+        load_backbone_weights(ResNet(101, base_channels=8), str(path), verbose=False)
     with pytest.raises(ValueError,
                        match=r"shape mismatches \(265\): bn1.bias: file \(8,\) vs model \(16,\)"):
-        load_backbone_weights(resnet(50, base_channels=16), str(path), verbose=False)
+        load_backbone_weights(ResNet(50, base_channels=16), str(path), verbose=False)
     truncated = tmp_path / "truncated.pth"
     truncated.write_bytes(path.read_bytes()[:1000])
     with pytest.raises(ValueError, match="cannot read .*truncated.pth as a weights-only"):
-        load_backbone_weights(resnet(50, base_channels=8), str(truncated))
+        load_backbone_weights(ResNet(50, base_channels=8), str(truncated))
     with pytest.raises(FileNotFoundError, match="checkpoint not found"):
-        load_backbone_weights(resnet(50, base_channels=8), str(tmp_path / "nope.pth"))
+        load_backbone_weights(ResNet(50, base_channels=8), str(tmp_path / "nope.pth"))
     torch.save([1, 2], tmp_path / "list.pth")
     with pytest.raises(ValueError, match="is not a state_dict"):
-        load_backbone_weights(resnet(50, base_channels=8), str(tmp_path / "list.pth"))
+        load_backbone_weights(ResNet(50, base_channels=8), str(tmp_path / "list.pth"))
 
 
 def torchvision_deeplab_format(model):
@@ -601,7 +601,7 @@ def test_bad_voc_inputs_give_clear_errors(tmp_path):
         data.VOCSegmentation(str(root), "val")
     ds = data.VOCSegmentation(str(root), "train")
     # a mask rendered to RGB colours
-    rgb = data.colorize(data.read_mask(ds.masks[0]), data.VOC_PALETTE)
+    rgb = evaluation.colorize(data.read_mask(ds.masks[0]), data.VOC_PALETTE)
     Image.fromarray(rgb).save(ds.masks[0])
     with pytest.raises(ValueError, match="a.png has mode 'RGB'.*rendered to colours"):
         ds[0]
@@ -631,7 +631,7 @@ def test_train_transform_keeps_labels_and_alignment(h, w, crop, lo, seed):
     label = rng.choice(np.array([0, 3, 7, 255], np.uint8), size=(h, w))
     label = np.kron(label[: (h + 3) // 4, : (w + 3) // 4], np.ones((4, 4), np.uint8))[:h, :w]
     image = np.stack([label, label, label], -1)  # the image encodes its own label
-    img, lab = data.train_transform(crop, (lo, 2.0))(image, label, np.random.default_rng(seed))
+    img, lab = data.TrainTransform(crop, (lo, 2.0))(image, label, np.random.default_rng(seed))
     assert img.shape == (3, crop, crop) and lab.shape == (crop, crop)
     assert set(lab.unique().tolist()) <= set(label.ravel().tolist()) | {255}
     pixel = (img[0] * data.STD[0] + data.MEAN[0]) * 255  # back to the raw value
@@ -649,7 +649,7 @@ def test_unscaled_transform_is_a_crop_of_the_original_with_coordinates_intact(h,
     yy, xx = np.mgrid[0:h, 0:w]
     image = np.stack([yy * 8, xx * 8, np.full_like(yy, 100)], -1).astype(np.uint8)
     label = ((yy + xx) % 21).astype(np.uint8)
-    img, lab = data.train_transform(16, (1.0, 1.0))(image, label, np.random.default_rng(seed))
+    img, lab = data.TrainTransform(16, (1.0, 1.0))(image, label, np.random.default_rng(seed))
     raw = ((img.permute(1, 2, 0).numpy() * data.STD + data.MEAN) * 255).round().astype(int)
     valid = lab.numpy() != 255
     ys, xs = raw[..., 0][valid] // 8, raw[..., 1][valid] // 8
@@ -664,7 +664,7 @@ def test_unscaled_transform_is_a_crop_of_the_original_with_coordinates_intact(h,
 def test_flip_happens_about_half_the_time_and_twice_is_identity():
     image = np.tile(np.arange(16, dtype=np.uint8)[None, :, None] * 10, (16, 1, 3))
     label = np.zeros((16, 16), np.uint8)
-    t = data.train_transform(16, (1.0, 1.0))
+    t = data.TrainTransform(16, (1.0, 1.0))
     flips = sum(t(image, label, np.random.default_rng(s))[0][0, 0, 0] >
                 t(image, label, np.random.default_rng(s))[0][0, 0, -1] for s in range(200))
     assert 70 < flips < 130
@@ -674,7 +674,7 @@ def test_flip_happens_about_half_the_time_and_twice_is_identity():
 
 def test_eval_transform_keeps_the_full_image():
     image = np.random.default_rng(0).integers(0, 255, (37, 53, 3), dtype=np.uint8)
-    img, lab = data.eval_transform()(image, np.zeros((37, 53), np.uint8))
+    img, lab = data.EvalTransform()(image, np.zeros((37, 53), np.uint8))
     assert img.shape == (3, 37, 53) and lab.shape == (37, 53)
     back = (img.permute(1, 2, 0).numpy() * data.STD + data.MEAN) * 255
     assert np.abs(back - image).max() < 1e-3
@@ -812,23 +812,52 @@ def test_prepare_coco_on_real_annotations(tmp_path):
     assert data.rle_decode(crowd["segmentation"]).sum() == 3386  # its `area` says 4015
 
 
+# The encoder is the tests' own (users only decode): an independent inverse of data.rle_decode,
+# checked against a string pycocotools made.
+def rle_encode(mask, compressed=True):
+    """(h, w) mask -> COCO RLE dict; the inverse of rle_decode."""
+    flat = np.asarray(mask, dtype=np.uint8).T.reshape(-1)
+    change = np.flatnonzero(np.diff(flat)) + 1
+    bounds = np.r_[0, change, flat.size]
+    counts = np.diff(bounds).tolist()
+    if flat.size and flat[0] == 1:
+        counts = [0] + counts
+    counts = counts or [0]
+    h, w = mask.shape
+    return {"size": [h, w], "counts": rle_counts_to_string(counts) if compressed else counts}
+
+
+def rle_counts_to_string(counts):
+    out = []
+    for i, x in enumerate(counts):
+        if i > 2:
+            x -= counts[i - 2]
+        more = True
+        while more:
+            c = x & 0x1F
+            x >>= 5
+            more = x != -1 if c & 0x10 else x != 0
+            out.append(chr((c | 0x20 if more else c) + 48))
+    return "".join(out)
+
+
 @given(h=st.integers(1, 30), w=st.integers(1, 30), p=st.floats(0, 1), seed=st.integers(0, 99),
        compressed=st.booleans())
 def test_rle_round_trip(h, w, p, seed, compressed):
     mask = (np.random.default_rng(seed).random((h, w)) < p).astype(np.uint8)
-    rle = data.rle_encode(mask, compressed)
+    rle = rle_encode(mask, compressed)
     assert np.array_equal(data.rle_decode(rle), mask)
     if compressed:  # the string form is the list form, re-encoded
-        assert data.rle_counts_from_string(rle["counts"]) == data.rle_encode(mask, False)["counts"]
+        assert data.rle_counts_from_string(rle["counts"]) == rle_encode(mask, False)["counts"]
 
 
 def test_rle_string_matches_pycocotools():
     # mask and string produced with pycocotools 2.0.11 (mask.encode), kept here as a fixture
     mask = (np.random.default_rng(5).random((7, 9)) < 0.4).astype(np.uint8)
     known = "6120O020N20N00120N10N01030M1O10N011O"
-    assert data.rle_encode(mask)["counts"] == known
+    assert rle_encode(mask)["counts"] == known
     assert np.array_equal(data.rle_decode({"size": [7, 9], "counts": known}), mask)
-    assert data.rle_counts_from_string(data.rle_counts_to_string([100, 5000, 3])) == [100, 5000, 3]
+    assert data.rle_counts_from_string(rle_counts_to_string([100, 5000, 3])) == [100, 5000, 3]
 
 
 def test_polygon_masks_equal_pycocotools():
@@ -874,9 +903,9 @@ def test_coco_category_mapping_and_size_rule():
     big[:40, :25] = 1  # 1000 px: kept
     small = np.zeros((50, 50), np.uint8)
     small[45:, 45:] = 1  # 25 px: discarded
-    anns = [{"category_id": 1, "segmentation": data.rle_encode(big)},
-            {"category_id": 2, "segmentation": data.rle_encode(small)},
-            {"category_id": 3, "segmentation": data.rle_encode(small)}]
+    anns = [{"category_id": 1, "segmentation": rle_encode(big)},
+            {"category_id": 2, "segmentation": rle_encode(small)},
+            {"category_id": 3, "segmentation": rle_encode(small)}]
     mask = data.coco_voc_mask(anns, 50, 50, {1: 15, 2: 9})  # 3: not a VOC class
     # the small chair is discarded: ignored (255), neither chair nor background (paper 4.2)
     assert set(np.unique(mask)) == {0, 15, 255} and (mask == 15).sum() == 1000
@@ -1326,7 +1355,7 @@ def test_truncated_checkpoint_gives_a_clear_error(tmp_path):
     train.main(TINY + ["--iters", "1", "--out-dir", str(out), "--no-eval"])
     ck = out / "checkpoint.pt"
     ck.write_bytes(ck.read_bytes()[:5000])
-    with pytest.raises(ValueError, match="cannot read checkpoint .*checkpoint.pt: it is truncated"):
+    with pytest.raises(ValueError, match="cannot read .*checkpoint.pt as a weights-only torch checkpoint: it is truncated"):
         train.main(TINY + ["--iters", "2", "--out-dir", str(out), "--resume"])
 
 
@@ -1446,7 +1475,7 @@ def test_eval_refuses_a_checkpoint_of_other_classes_and_broken_weights(tmp_path)
     (tmp_path / "empty.pth").write_bytes(b"")
     with pytest.raises(ValueError, match=r"cannot read .*empty.pth as a weights-only torch "
                                          r"checkpoint"):
-        load_backbone_weights(resnet(18, base_channels=2), str(tmp_path / "empty.pth"))
+        load_backbone_weights(ResNet(18, base_channels=2), str(tmp_path / "empty.pth"))
 
 
 def test_voc_root_pointing_at_vocdevkit_suggests_its_voc2012_folder(tmp_path):
@@ -1458,7 +1487,7 @@ def test_voc_root_pointing_at_vocdevkit_suggests_its_voc2012_folder(tmp_path):
 def test_figure_commands_never_overwrite(tmp_path):
     out = tmp_path / "fig.png"
     out.write_bytes(b"keep")
-    with pytest.raises(SystemExit):
+    with pytest.raises(data.ExistingOutput, match="fig.png exists; pass --force"):
         vortex.main(["--figure", str(out)])
     assert out.read_bytes() == b"keep"
 
@@ -1609,15 +1638,15 @@ def test_distributed_evaluation_counts_every_image_once(tmp_path):
 
 
 def test_fig3_footprint_picture(tmp_path):
-    path = vortex.draw_footprints(str(tmp_path / "fig3.png"), size=65, cell=1)
+    path = evaluation.footprints_figure(str(tmp_path / "fig3.png"), size=65, cell=1)
     pic = np.asarray(Image.open(path))
     assert pic.shape == (65 + 14 + 4 * 14, 3 * 65 + 2 * 8, 3)
     read = (pic[:65] != 255).any(-1)  # not white: some branch reads it (or the centre, black)
     assert read[:, :65].sum() == 17  # ASPP: 17 positions fit on the map
     assert read[:, 2 * 73:].sum() == 65 * 65  # Vortex: every position
     vx = pic[:65, 2 * 73:]
-    assert tuple(vx[32, 33]) == vortex.BRANCH_COLOURS[1]  # next to the centre: the 3x3 pool
-    assert tuple(vx[0, 0]) == vortex.BRANCH_COLOURS[3]  # the corner: the 27x27 pool
+    assert tuple(vx[32, 33]) == evaluation.BRANCH_COLOURS[1]  # next to the centre: the 3x3 pool
+    assert tuple(vx[0, 0]) == evaluation.BRANCH_COLOURS[3]  # the corner: the 27x27 pool
     # on a 41x41 map Vortex's rate-27 taps fall off the map from the centre: r drops to 0.43
     assert measured_utilization(small(ContextModule.vortex), 41, 41) < 0.5
 
@@ -1713,7 +1742,7 @@ def test_descriptor_maps_picture(tmp_path):
     pic = np.asarray(Image.open(out))
     assert pic.shape[1] == 4 * (3 * 65 + 6) and pic.shape[0] > 3 * 65
     colours = {tuple(c) for c in pic[:3 * 65].reshape(-1, 3)}
-    assert {tuple(data.DESCRIPTOR_PALETTE[k]) for k in (2, 3)} <= colours  # both cue kinds
+    assert {tuple(evaluation.DESCRIPTOR_PALETTE[k]) for k in (2, 3)} <= colours  # both cue kinds
     with pytest.raises(data.ExistingOutput):
         data.main(["show", "--descriptors", "--out", out])
 
@@ -2076,3 +2105,99 @@ if __name__ == "__main__":
     parser.add_argument("command", choices=["make-fixtures"])
     parser.add_argument("--coco", required=True, help="a COCO instances JSON with polygons")
     make_fixtures(parser.parse_args().coco)
+
+
+# ------------------------------------------------------------------------- the reading path
+
+import ast  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def definitions(path):
+    """{name: (first line, last line)} of a file's functions, classes (and their methods, as
+    Class.method) and module-level constants."""
+    tree = ast.parse(open(os.path.join(HERE, path)).read())
+    out = {}
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            out[node.name] = (node.lineno, node.end_lineno)
+            for sub in node.body if isinstance(node, ast.ClassDef) else ():
+                if isinstance(sub, ast.FunctionDef):
+                    first = min([sub.lineno] + [d.lineno for d in sub.decorator_list])
+                    out[f"{node.name}.{sub.name}"] = (first, sub.end_lineno)
+        elif isinstance(node, ast.Assign):
+            for t in node.targets:
+                if isinstance(t, ast.Name):
+                    out[t.id] = (node.lineno, node.end_lineno)
+    return out
+
+
+def test_readme_map_points_at_the_code():
+    """Every row of README's paper -> code table names a file, a line range and the names
+    defined there: each name must exist in that file and lie wholly inside the range, and the
+    range must not be much wider than what it names (so a reader lands on the code)."""
+    readme = open(os.path.join(HERE, "README.md")).read()
+    rows = re.findall(r"^\| (.+?) \| `(\w+\.py)` (\d+)–(\d+) \| (.+?) \|$", readme, re.M)
+    assert len(rows) >= 20, "the map lost its rows"
+    assert readme.index("## Paper → code") < len("\n".join(readme.split("\n")[:20]))
+    for concept, path, a, b, names in rows:
+        defs = definitions(path)
+        a, b = int(a), int(b)
+        spans = []
+        for name in re.findall(r"`([\w.]+)`", names):
+            assert name in defs, f"README map, {concept!r}: {name} is not defined in {path}"
+            first, last = defs[name]
+            assert a <= first and last <= b, \
+                f"README map, {concept!r}: {path} {name} is at {first}-{last}, not in {a}-{b}"
+            spans.append((first, last))
+        assert min(s[0] for s in spans) - a <= 3 and b - max(s[1] for s in spans) <= 3, \
+            f"README map, {concept!r}: {a}-{b} is wider than {names}"
+
+
+def test_every_core_file_reads_paper_first_then_engineering():
+    """Part I (the paper) before Part II (the engineering) in every core file, and the
+    reading-path targets: the context modules within 150 contiguous lines, their forward
+    within 15, the ResNet within 170, train.py's paper part (SyncBN, poly LR, set-up, loop)
+    within its first 350 lines."""
+    for path in ("vortex.py", "train.py", "eval.py", "data.py"):
+        text = open(os.path.join(HERE, path)).read()
+        one, two = text.index("# PART I: THE PAPER"), text.index("# PART II: ENGINEERING")
+        assert one < two, path
+    v = definitions("vortex.py")
+    assert v["ContextModule"][1] - v["ContextModule"][0] + 1 <= 150
+    assert v["ContextModule.forward"][1] - v["ContextModule.forward"][0] + 1 <= 15
+    assert v["ResNet"][1] - v["conv3x3"][0] + 1 <= 170
+    t = definitions("train.py")
+    part2 = open(os.path.join(HERE, "train.py")).read().split("\n").index(
+        "# PART II: ENGINEERING THE PAPER DOES NOT DESCRIBE")
+    for name in ("SyncBatchNorm2d", "synchronise_batchnorm", "poly_lr", "make_optimizer",
+                 "setup", "train", "micro_step", "optimizer_step"):
+        assert t[name][1] < part2 <= 350, name
+
+
+def test_table1_rows_are_defined_once_and_used_everywhere():
+    """One table of Table 1's rows: the modules it builds carry its names, and every list of
+    rows (vortex.py's table, the ablation, the context experiment) is taken from it."""
+    for row, spec in vortex.TABLE1.items():
+        assert vortex.table1_module(row, 8).name == row
+        assert DeepLabV3(3, 18, spec.context, pool_k=spec.k, base_channels=2,
+                         context_channels=4).context.name == row
+    assert set(vortex.TABLE_ROWS) <= set(vortex.TABLE1)
+    assert train.ABLATION_ROWS == tuple(r for r in vortex.TABLE1 if r != "image-level")
+    assert train.DISTANCE_ROWS == tuple(vortex.TABLE1)
+    for path in ("vortex.py", "train.py", "eval.py", "data.py"):  # no second list of the rows
+        text = open(os.path.join(HERE, path)).read()
+        assert len(re.findall(r'"A\(9\)"', text)) <= (1 if path == "vortex.py" else 0), path
+
+
+def test_readme_and_docs_links_exist():
+    for page in ["README.md"] + [os.path.join("docs", f) for f in os.listdir(
+            os.path.join(HERE, "docs"))]:
+        text = open(os.path.join(HERE, page)).read()
+        for target in re.findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", text):
+            if "://" in target:
+                continue
+            path = os.path.normpath(os.path.join(HERE, os.path.dirname(page), target))
+            assert os.path.exists(path), f"{page} links {target}, which does not exist"
+    assert len(open(os.path.join(HERE, "README.md")).read().split("\n")) <= 450

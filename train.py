@@ -4,13 +4,12 @@
   torchrun --nproc_per_node=8 train.py --dataset voc_aug --data-root VOCdevkit/VOC2012 \\
       --pretrained resnet101-63fe2227.pth           # paper 4.1: ResNet-101, OS 8, Vortex, ...
 
-Paper 4.1: poly learning rate (base 0.007, power 0.9, every iteration), 30k iterations, batch 16,
-random scale 0.5-2.0 and flips, 513 crops, multi-grid (1, 2, 4), batch norm updated and
-synchronised across GPUs. Paper 4.2: COCO (200k iterations) -> train_aug -> trainval (BN frozen).
-The loop (`train`) is plain PyTorch and reads like 4.1; each concern around it is one short
-function: DistributedDataParallel started by torchrun, synchronised BN (torch's fused kernels on
-CUDA, our derivation on CPU), gradient accumulation, atomic checkpoints that resume exactly and
-that only rank 0 touches, SIGINT/SIGTERM save and stop (exit code 3).
+Part I, the paper (4.1): synchronised batch norm, the poly learning rate, SGD, the set-up of one
+run (device, model, batch-norm choice, DistributedDataParallel, optimizer) and the loop, in the
+first ~350 lines. Paper 4.2: COCO (200k iterations) -> train_aug -> trainval (BN frozen), by
+--init-from and --freeze-bn.
+Part II: resuming, output folders, signals, progress, the command line and its checks, the
+benchmarks and the two experiments (--ablation, --context-experiment).
 """
 import argparse
 import contextlib
@@ -27,15 +26,20 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image, ImageDraw
 
 import data
 import eval as evaluation
 from data import BadInput, MissingInput
 import vortex
-from vortex import CONTEXTS, DEPTHS, DeepLabV3, load_backbone_weights
+from vortex import CONTEXTS, DEPTHS, TABLE1, DeepLabV3, load_backbone_weights
 
-# Each dataset carries its preset; explicit flags override it (see --help).
+# =============================================================================================
+# PART I: THE PAPER
+# =============================================================================================
+
+# The recipe. Each dataset carries its preset (paper 4.1 for voc_aug: ResNet-101, OS 8, 513
+# crops, scale 0.5-2.0, batch 16, 30k iterations, lr 0.007; 4.2: COCO 200k iterations); an
+# explicit flag overrides it (see --help).
 PRESETS = {
     "synthetic": dict(depth=18, base_channels=16, context_channels=64, output_stride=8,
                       crop=112, scale=(0.75, 1.5), batch_size=8, iters=1500, lr=0.02,
@@ -54,18 +58,10 @@ PRESETS = {
 COMMON = dict(context="vortex", pool_k=5, multi_grid=(1, 2, 4), momentum=0.9, weight_decay=1e-4,
               power=0.9, seed=0, workers=4, num_images=None, val_images=None, image_size=None,
               accum_steps=1, sync_bn="auto")
-# A resumed run must be the same experiment: these must equal the checkpoint's. Everything else
-# (--iters to extend, --workers, --log-every, --save-every, --amp, --device, --sync-bn, ...)
-# may change on resume.
-RESUME_MUST_MATCH = ("dataset", "split", "context", "pool_k", "depth", "base_channels",
-                     "context_channels", "output_stride", "multi_grid", "crop", "scale",
-                     "batch_size", "accum_steps", "lr", "power", "momentum", "weight_decay", "seed",
-                     "num_images", "image_size", "freeze_bn")
-EXIT_STOPPED = 3  # a graceful stop (signal): a checkpoint was saved, the run is not finished
 
 
 # ---------------------------------------------------------------------------------------------
-# Synchronised batch norm from primitives (paper 4.1, "Batch Normalization": with 2-4 images per
+# 4.1 "Batch Normalization": synchronised batch norm from primitives (with 2-4 images per
 # GPU, per-GPU statistics are too noisy; the statistics must be those of the whole batch).
 # On CUDA, --sync-bn auto uses torch.nn.SyncBatchNorm instead: the same mathematics in fused
 # kernels (~8 passes over the activation and 2 collectives per layer instead of our ~22 and 3).
@@ -183,12 +179,146 @@ def freeze_batchnorm(model):
 
 
 # ---------------------------------------------------------------------------------------------
-# The learning-rate policy (paper 4.1): lr = base * (1 - it / max_it) ^ power, every iteration.
+# 4.1 "Learning rate policy": lr = base * (1 - iter / max_iter) ^ power, set every iteration;
+# SGD with momentum; pixel-wise cross-entropy, 255 (void, borders, discarded objects) ignored.
 # ---------------------------------------------------------------------------------------------
 
 def poly_lr(base, it, max_it, power=0.9):
     return base * (1 - it / max_it) ** power
 
+
+def set_lr(optimizer, lr):
+    for g in optimizer.param_groups:
+        g["lr"] = lr
+
+
+def make_optimizer(model, cfg):
+    """SGD with momentum (paper 4.1). DeepLab v3's code decays the convolution weights but not
+    the batch-norm parameters; we follow it (and leave biases undecayed too): decay on weights
+    with dim > 1."""
+    return torch.optim.SGD(
+        [{"params": [p for p in model.parameters() if p.dim() > 1],
+          "weight_decay": cfg["weight_decay"]},
+         {"params": [p for p in model.parameters() if p.dim() <= 1], "weight_decay": 0.0}],
+        lr=cfg["lr"], momentum=cfg["momentum"])
+
+
+def loss_fn(logits, target):
+    return F.cross_entropy(logits, target, ignore_index=data.IGNORE)
+
+
+# ---------------------------------------------------------------------------------------------
+# One run (4.1): the device this process drives (torchrun starts one process per GPU), the
+# model, the batch-norm choice, DistributedDataParallel and the optimizer. What is not the
+# paper's (a resumed run, the output folder, the data order) is one named call into Part II.
+# ---------------------------------------------------------------------------------------------
+
+def setup(cfg):
+    """Everything before the first step. Returns the run's state (an argparse.Namespace)."""
+    rank, world, device = setup_distributed(cfg["device"], cfg["deterministic"])
+    train_set = data.get_dataset(cfg["dataset"], cfg["split"], cfg["data_root"], train=True,
+                                 crop=cfg["crop"], scale=cfg["scale"], seed=cfg["seed"],
+                                 **synthetic_args(cfg, "num_images"))
+    torch.manual_seed(cfg["seed"])
+    model = DeepLabV3(len(train_set.classes), depth=cfg["depth"], context=cfg["context"],
+                      output_stride=cfg["output_stride"], pool_k=cfg["pool_k"],
+                      multi_grid=cfg["multi_grid"], base_channels=cfg["base_channels"],
+                      context_channels=cfg["context_channels"])
+    run = argparse.Namespace(cfg=cfg, rank=rank, world=world, device=device, model=model,
+                             train_set=train_set, micro=micro_batch(cfg, world, len(train_set)),
+                             ck_path=os.path.join(cfg["out_dir"], "checkpoint.pt"),
+                             log_path=os.path.join(cfg["out_dir"], "log.jsonl"))
+    checkpoint = start_or_resume(run)  # Part II: a new run takes --pretrained / --init-from
+    model.train()
+    if cfg["freeze_bn"]:  # 4.2's last stage: fixed statistics need no synchronisation
+        freeze_batchnorm(model)
+        run.sync_bn = "off (frozen)"
+    else:  # 4.1 "Batch Normalization": statistics of the whole batch, over all GPUs
+        run.sync_bn = synchronise_batchnorm(model, cfg["sync_bn"], device, world)
+    model.to(device)
+    if cfg["channels_last"]:
+        model.to(memory_format=torch.channels_last)
+    run.optimizer = make_optimizer(model, cfg)
+    run.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, None: None}[cfg["amp"]]
+    run.scaler = torch.amp.GradScaler("cuda") if cfg["amp"] == "fp16" else None
+    run.iteration, run.position = restore(run, checkpoint)  # Part II: weights, RNG, data order
+    run.ddp = (nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None)
+        if world > 1 else None)
+    run.net = torch.compile(run.ddp or model) if cfg["compile"] else (run.ddp or model)
+    run.batches = micro_batches(run)  # Part II: this rank's micro-batches, from run.position
+    return run
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop (4.1): the poly learning rate set every iteration; a batch of --batch-size images
+# split over the ranks and --accum-steps micro-steps; DDP all-reduces the gradients on the last
+# micro-step; SGD steps. The host waits for the GPU only at a sync point (a progress line, a
+# checkpoint, the end, a stop), where a non-finite loss stops training before any save.
+# ---------------------------------------------------------------------------------------------
+
+def train(cfg):
+    run = setup(cfg)
+    it, position, accum = run.iteration, run.position, cfg["accum_steps"]
+    window, steps, t0, it0 = torch.zeros((), device=run.device), 0, time.time(), it
+    announce(run)
+    try:
+        with stop_signals(cfg["stop_after"]) as stop:
+            while it < cfg["iters"]:
+                set_lr(run.optimizer, poly_lr(cfg["lr"], it, cfg["iters"], cfg["power"]))
+                for k in range(accum):  # all-reduce the gradients on the last micro-step only
+                    with (run.ddp.no_sync() if run.ddp and k < accum - 1
+                          else contextlib.nullcontext()):
+                        window += micro_step(run, *next(run.batches))
+                optimizer_step(run)
+                it, steps, position = it + 1, steps + 1, advance(position, accum, run.per_epoch)
+                stop.count(it - it0)
+                if sync_due(cfg, it, stop):
+                    loss, stopping = sync_point(run, window, steps, stop, it)
+                    report(run, it, it0, t0, loss)
+                    window.zero_()
+                    steps = 0
+                    if run.rank == 0 and (stopping or it % cfg["save_every"] == 0
+                                          or it == cfg["iters"]):
+                        save_checkpoint(run, it, position)
+                    if stopping:
+                        rank0_print(f"{stop.name}: checkpoint saved at iteration {it} to "
+                                    f"{run.ck_path}; continue with the same command plus --resume")
+                        return {"stopped_at": it, "checkpoint": run.ck_path}
+    finally:
+        run.batches = None  # shuts the loader workers down before the process group goes
+    rank0_print(f"trained {it - it0} iterations in {(time.time() - t0) / 60:.1f} min; "
+                f"checkpoint: {run.ck_path}")
+    result = {"train_seconds": time.time() - t0, "checkpoint": run.ck_path, "iteration": it}
+    if not cfg["no_eval"]:
+        result.update(final_evaluation(run))
+    return result
+
+
+def micro_step(run, images, labels):
+    """Forward and backward of one micro-batch; returns its loss (on the device)."""
+    images = images.to(run.device, non_blocking=True)
+    labels = labels.to(run.device, non_blocking=True)
+    if run.cfg["channels_last"]:
+        images = images.contiguous(memory_format=torch.channels_last)
+    with torch.autocast(run.device.type, dtype=run.amp_dtype, enabled=run.amp_dtype is not None):
+        loss = loss_fn(run.net(images), labels) / run.cfg["accum_steps"]
+    (run.scaler.scale(loss) if run.scaler is not None else loss).backward()
+    return loss.detach().float()
+
+
+def optimizer_step(run):
+    if run.scaler is not None:
+        run.scaler.step(run.optimizer)
+        run.scaler.update()
+    else:
+        run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+
+
+# =============================================================================================
+# PART II: ENGINEERING THE PAPER DOES NOT DESCRIBE
+# =============================================================================================
 
 # ---------------------------------------------------------------------------------------------
 # Distributed set-up, from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR...).
@@ -261,6 +391,151 @@ def broadcast_tensors(tree, device):
     return fill(spec)
 
 
+def on_rank0(fn, *args):
+    """fn(*args) on rank 0 alone; its (small) result, or its BadInput, on every rank."""
+    result = None
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        try:
+            result = (None, fn(*args))
+        except BadInput as e:
+            result = (type(e), str(e))
+    error, value = from_rank0(result)
+    if error is not None:
+        raise error(value)
+    return value
+
+
+
+# ---------------------------------------------------------------------------------------------
+# Starting or resuming a run. Only rank 0 looks at --out-dir and reads checkpoints; the other
+# ranks receive what they need over the process group, so no shared filesystem is needed.
+# A resumed run must be the same experiment: RESUME_MUST_MATCH must equal the checkpoint's.
+# Everything else (--iters to extend, --workers, --log-every, --save-every, --amp, --device,
+# --sync-bn, ...) may change on resume.
+# ---------------------------------------------------------------------------------------------
+
+RESUME_MUST_MATCH = ("dataset", "split", "context", "pool_k", "depth", "base_channels",
+                     "context_channels", "output_stride", "multi_grid", "crop", "scale",
+                     "batch_size", "accum_steps", "lr", "power", "momentum", "weight_decay", "seed",
+                     "num_images", "image_size", "freeze_bn")
+EXIT_STOPPED = 3  # a graceful stop (signal): a checkpoint was saved, the run is not finished
+
+
+def start_or_resume(run):
+    """A new run (its weights from --pretrained / --init-from) or a resumed one. Sets
+    run.resumed; returns the checkpoint on rank 0 (None elsewhere and for a new run). A refused
+    start leaves no folder behind."""
+    cfg = run.cfg
+    if cfg["amp"] == "fp16" and run.device.type != "cuda":
+        raise BadInput("--amp fp16 needs CUDA; use --amp bf16 on CPU")
+    size = 2.2 * sum(t.numel() * t.element_size() for t in run.model.state_dict().values())
+    made, ck = first_missing(cfg["out_dir"]), None  # the folders this run will have made
+
+    def decide():
+        nonlocal ck
+        ck = check_out_dir(cfg, run.ck_path, size)
+        return ck is not None
+    try:
+        run.resumed = on_rank0(decide)
+        if not run.resumed:
+            take_weights(run.model, cfg, verbose=run.rank == 0)
+    except BadInput:
+        if run.rank == 0:
+            remove_empty(cfg["out_dir"], made)
+        raise
+    return ck
+
+
+def first_missing(path):
+    """The outermost folder of `path` that does not exist yet (None if it all exists)."""
+    p, top = os.path.abspath(path), None
+    while not os.path.exists(p):
+        p, top = os.path.dirname(p), p
+    return top
+
+
+def remove_empty(path, top):
+    """Remove `path` and its parents up to `top` while they are empty folders."""
+    p = os.path.abspath(path)
+    while top and os.path.isdir(p) and not os.listdir(p):
+        os.rmdir(p)
+        if p == top:
+            break
+        p = os.path.dirname(p)
+
+
+def take_weights(model, cfg, verbose):
+    """--pretrained (torchvision files) or --init-from (our checkpoint of an earlier stage)."""
+    if cfg["pretrained"]:
+        try:
+            load_backbone_weights(model, cfg["pretrained"], verbose=verbose)
+        except (ValueError, FileNotFoundError) as e:
+            raise BadInput(f"--pretrained {e}") from None
+        if cfg["multi_grid"] is not None and verbose:
+            print(f"note: multi-grid {cfg['multi_grid']} gives layer4 other dilations than "
+                  f"torchvision's weights were trained at (fine-tuning adapts them; "
+                  f"--multi-grid none keeps torchvision's geometry)")
+    if cfg["init_from"]:
+        src = evaluation.load_checkpoint(cfg["init_from"])
+        sd, theirs = src["model"], src["config"].get("context")
+        if theirs != model.config["context"]:  # its context module cannot serve this one
+            sd = {k: v for k, v in sd.items() if k.startswith("backbone.")}
+            if verbose:
+                print(f"--init-from {cfg['init_from']} holds a {theirs} model, this run is "
+                      f"{model.config['context']}: only its backbone is taken")
+        target = model if theirs == model.config["context"] else model.backbone
+        sd = sd if target is model else {k[len("backbone."):]: v for k, v in sd.items()}
+        try:
+            target.load_state_dict(sd)
+        except RuntimeError as e:
+            raise BadInput(f"--init-from {cfg['init_from']} does not fit this model: "
+                           f"{str(e).splitlines()[1].strip()}") from None
+        if verbose:
+            print(f"initialised from {cfg['init_from']} (iteration {src['iteration']})")
+
+
+def restore(run, ck):
+    """Model, optimizer, scaler, RNG and data position from rank 0's checkpoint, on every rank.
+    Returns (iteration, (epoch, micro-batch in epoch))."""
+    if not run.resumed:
+        return 0, (0, 0)
+    state = broadcast_tensors(
+        {k: ck[k] for k in ("model", "optimizer", "scaler", "rng_cpu", "rng_cuda", "iteration",
+                            "epoch", "batch_in_epoch")} if ck is not None else None, run.device)
+    run.model.load_state_dict(state["model"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    if run.scaler is not None and state["scaler"]:
+        run.scaler.load_state_dict(state["scaler"])
+    torch.set_rng_state(state["rng_cpu"].to(torch.uint8))
+    if run.device.type == "cuda" and state["rng_cuda"].numel():
+        torch.cuda.set_rng_state(state["rng_cuda"].to(torch.uint8))
+    rank0_print(f"resumed {run.ck_path} at iteration {state['iteration']}")
+    return state["iteration"], (state["epoch"], state["batch_in_epoch"])
+
+
+def check_out_dir(cfg, ck_path, checkpoint_bytes):
+    """Rank 0: decide between a new run and a resume, refuse a resume of another experiment,
+    and check that --out-dir can take the checkpoints. Returns the checkpoint or None."""
+    exists = os.path.exists(ck_path)
+    if cfg["resume"] == "yes" and not exists:
+        raise MissingInput(f"--resume: no checkpoint at {ck_path} (--resume auto starts a new "
+                           f"run when there is none)")
+    if exists and cfg["resume"] is None:
+        raise BadInput(f"{ck_path} exists: pass --resume to continue it, or choose another "
+                       f"--out-dir (nothing is overwritten without asking)")
+    ck = read_checkpoint_for_resume(cfg, ck_path) if exists else None
+    out = cfg["out_dir"]  # made only now, when the run starts
+    data.atomic_save(os.path.join(out, ".write-test"), lambda f: f.write(b"ok"))
+    os.unlink(os.path.join(out, ".write-test"))
+    free = shutil.disk_usage(out).free
+    if free < 1.2 * checkpoint_bytes:
+        raise BadInput(f"--out-dir {out}: {free / 2 ** 30:.2f} GiB free, but a checkpoint "
+                       f"of this model takes about {checkpoint_bytes / 2 ** 30:.2f} GiB")
+    if ck is not None:
+        truncate_log(os.path.join(out, "log.jsonl"), ck["iteration"])
+    return ck
+
+
 # ---------------------------------------------------------------------------------------------
 # Checkpoints: plain dicts of tensors and numbers (torch.load(weights_only=True) reads them),
 # written by rank 0 to a temp file and renamed, so a crash mid-write never destroys the last
@@ -278,7 +553,7 @@ def save_checkpoint(run, it, position):
           "palette": np.asarray(run.train_set.palette).tolist(),
           "data_args": run.cfg["val_data_args"]}
     data.atomic_save(run.ck_path, lambda f: torch.save(ck, f))
-    write_curves(run.log_path, os.path.join(run.cfg["out_dir"], "curves.png"))
+    evaluation.curves_figure(run.log_path, os.path.join(run.cfg["out_dir"], "curves.png"))
 
 
 def resume_differences(saved, cfg):
@@ -310,36 +585,6 @@ def truncate_log(path, iteration):
     with open(path) as f:
         keep = [line for line in f if line.strip() and json.loads(line)["iter"] <= iteration]
     data.atomic_save(path, lambda f: f.write("".join(keep).encode()))
-
-
-def write_curves(log_path, out, size=(520, 300)):
-    """Loss and learning rate against iterations, from log.jsonl, as a PNG (Pillow only)."""
-    if not os.path.exists(log_path):
-        return
-    with open(log_path) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
-    if len(rows) < 2:
-        return
-    it = np.array([r["iter"] for r in rows], float)
-    pic = Image.new("RGB", size, (255, 255, 255))
-    draw = ImageDraw.Draw(pic)
-    x0, y0, x1, y1 = 50, 24, size[0] - 50, size[1] - 30
-    draw.rectangle([x0, y0, x1, y1], outline=(0, 0, 0))
-    for key, colour, side in (("loss", (31, 119, 180), "left"), ("lr", (214, 39, 40), "right")):
-        v = np.array([r[key] for r in rows], float)
-        lo, hi = float(np.nanmin(v)), float(np.nanmax(v))
-        span = hi - lo or 1.0
-        pts = [(x0 + (x1 - x0) * (a - it[0]) / max(1, it[-1] - it[0]),
-                y1 - (y1 - y0) * (b - lo) / span) for a, b in zip(it, v)]
-        draw.line(pts, fill=colour, width=2)
-        tx = 4 if side == "left" else x1 + 4
-        draw.text((tx, y0 - 2), f"{hi:.3g}", fill=colour)
-        draw.text((tx, y1 - 10), f"{lo:.3g}", fill=colour)
-    draw.text((x0, 4), "training loss (blue, left scale) and learning rate (red, right scale)",
-              fill=(0, 0, 0))
-    draw.text((x0, y1 + 6), f"iteration {int(it[0])}", fill=(0, 0, 0))
-    draw.text((x1 - 90, y1 + 6), f"iteration {int(it[-1])}", fill=(0, 0, 0))
-    data.atomic_save(out, lambda f: pic.save(f, "PNG"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -380,8 +625,119 @@ def advance(position, micro_batches, per_epoch):
     return n // per_epoch, n % per_epoch
 
 
-def loss_fn(logits, target):
-    return F.cross_entropy(logits, target, ignore_index=data.IGNORE)
+def micro_batches(run):
+    """This rank's micro-batches from run.position on, through one DataLoader for the run."""
+    cfg = run.cfg
+    run.per_epoch = len(run.train_set) // run.world // run.micro  # micro-batches per epoch
+    return iter(torch.utils.data.DataLoader(
+        run.train_set, run.micro, sampler=MicroBatchStream(run.train_set, run.rank, run.world,
+                                                           cfg["seed"], run.micro, run.position),
+        num_workers=cfg["workers"], pin_memory=run.device.type == "cuda",
+        persistent_workers=cfg["workers"] > 0, worker_init_fn=quiet_worker,
+        prefetch_factor=4 if cfg["workers"] > 0 else None,
+        # its own generator: an iterator would otherwise draw a seed from the global RNG
+        generator=torch.Generator().manual_seed(cfg["seed"])))
+
+
+# ---------------------------------------------------------------------------------------------
+# Around the loop: signals, sync points, progress lines, the final evaluation.
+# ---------------------------------------------------------------------------------------------
+
+class stop_signals(contextlib.AbstractContextManager):
+    """SIGINT/SIGTERM (and the testing aid --stop-after) ask the loop to save and stop at its
+    next sync point."""
+
+    def __init__(self, stop_after=None):
+        self.name, self.stop_after, self.now = None, stop_after, False
+
+    def __enter__(self):
+        def on_signal(signum, frame):
+            self.name = signal.Signals(signum).name
+        self.old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def count(self, steps_this_run):
+        self.now = self.stop_after is not None and steps_this_run == self.stop_after
+        if self.now:
+            self.name = self.name or "SIGTERM (--stop-after)"
+
+    def __exit__(self, *exc):
+        for s, h in self.old.items():
+            signal.signal(s, h)
+
+
+def sync_due(cfg, it, stop):
+    return (it % cfg["log_every"] == 0 or it % cfg["save_every"] == 0 or it == cfg["iters"]
+            or stop.now)
+
+
+def sync_point(run, window, steps, stop, it):
+    """The loop's one host synchronisation: the mean loss of the iterations since the last one,
+    over all ranks, and whether any rank was asked to stop (one all_reduce, one copy)."""
+    flags = torch.stack([window, torch.tensor(float(stop.name is not None), device=run.device)])
+    if run.world > 1:
+        dist.all_reduce(flags)
+    total, stops = flags.tolist()
+    loss = total / (steps * run.world)  # each step added its mean loss
+    if not math.isfinite(loss):
+        raise FloatingPointError(
+            f"loss is {loss} in the iterations up to {it}: training stopped. The last good "
+            f"checkpoint ({run.ck_path}, if any) is left as it was; try a lower --lr or no "
+            f"--amp fp16")
+    stop.name = stop.name or ("signal on another rank" if stops > 0 else None)
+    return loss, stops > 0
+
+
+def announce(run):
+    cfg = run.cfg
+    rank0_print(f"training {cfg['dataset']} ({len(run.train_set)} images), ResNet-{cfg['depth']} "
+                f"OS {cfg['output_stride']}, context {cfg['context']}, {run.world} rank(s) x "
+                f"{run.micro} images x {cfg['accum_steps']} micro-step(s), sync BN "
+                f"{run.sync_bn}{', BN frozen' if cfg['freeze_bn'] else ''}, {cfg['iters']} "
+                f"iterations, device {run.device}; out: {cfg['out_dir']}")
+
+
+def report(run, it, it0, t0, loss):
+    """A progress line with the speed since the last line and the ETA, and a line of
+    log.jsonl (rank 0)."""
+    cfg, now = run.cfg, time.time()
+    last_it, last_t = getattr(run, "last_report", (it0, t0))
+    run.last_report = (it, now)
+    ips = (it - last_it) * cfg["batch_size"] / max(now - last_t, 1e-9)
+    eta = (cfg["iters"] - it) * (now - t0) / max(1, it - it0)
+    lr = run.optimizer.param_groups[0]["lr"]
+    mem = (f"  mem {torch.cuda.max_memory_allocated(run.device) / 2 ** 30:.1f} GiB"
+           if run.device.type == "cuda" else "")
+    rank0_print(f"it {it}/{cfg['iters']}  loss {loss:.4f}  lr {lr:.2e}  {ips:.1f} img/s  "
+                f"ETA {eta / 60:.1f} min{mem}")
+    if run.rank == 0:
+        with open(run.log_path, "a") as f:
+            f.write(json.dumps({"iter": it, "loss": loss, "lr": lr, "img_per_s": ips,
+                                "time": time.time()}) + "\n")
+
+
+def final_evaluation(run):
+    """Single-scale, no flip (paper 4.1 for ablations), via eval.py's one implementation."""
+    cfg, model, out = run.cfg, run.model, run.cfg["out_dir"]
+    val = data.get_dataset(cfg["dataset"], cfg["val_split"], cfg["data_root"], train=False,
+                           seed=cfg["seed"], **cfg["val_data_args"])
+    t = time.time()
+    res = evaluation.evaluate(model, val, device=run.device, log=rank0_print,
+                              workers=cfg["workers"], amp=cfg["amp"])
+    rank0_print(f"{cfg['dataset']} {cfg['val_split']} ({len(val)} images, single scale):")
+    ctx = getattr(run.train_set, "context_classes", ())
+    rank0_print(evaluation.format_table(res, run.train_set.classes, ctx))
+    summary = {"miou": res["miou"], "iou": res["iou"], "pixel_acc": res["pixel_acc"],
+               "eval_seconds": time.time() - t}
+    if ctx:
+        summary["context_miou"] = float(np.nanmean([res["iou"][c] for c in ctx]))
+    if run.rank == 0:
+        data.atomic_save(os.path.join(out, "eval.json"),
+                         lambda f: f.write(json.dumps(dict(res, **summary), indent=1).encode()))
+        pic = evaluation.prediction_picture(model, val, run.device, os.path.join(out, "predictions.png"))
+        rank0_print(f"evaluation numbers: {os.path.join(out, 'eval.json')}; pictures: {pic}; "
+                    f"training log: {run.log_path} and {os.path.join(out, 'curves.png')}")
+    return summary
 
 
 # ---------------------------------------------------------------------------------------------
@@ -416,8 +772,7 @@ def parse_args(argv=None):
     cfg["out_dir"] = cfg["out_dir"] or os.path.join(
         "runs", "ablation" if args.ablation else "context-distance" if args.context_experiment
         else f"{args.dataset}-{cfg['context']}")
-    cfg["val_data_args"] = ({"num_images": cfg["val_images"], "image_size": cfg["image_size"]}
-                            if args.dataset == "synthetic" else {})
+    cfg["val_data_args"] = synthetic_args(cfg, "val_images")
     check_config(cfg)
     return cfg
 
@@ -562,7 +917,7 @@ def check_config(cfg):
          "must be a finite number >= 0")
 
 
-def micro_batch(cfg, world):
+def micro_batch(cfg, world, n_images):
     """Images per rank and micro-step; refuses a batch that cannot train batch norm."""
     per, accum = cfg["batch_size"] / (world * cfg["accum_steps"]), cfg["accum_steps"]
     if not per.is_integer():
@@ -576,406 +931,30 @@ def micro_batch(cfg, world):
                        f"pools an image to one value per channel, and batch norm cannot "
                        f"normalise a single value: use at least 2 images per micro-step (per "
                        f"rank, or over all ranks with --sync-bn), or --freeze-bn")
+    if n_images // world // int(per) == 0:
+        raise BadInput(f"{n_images} images cannot make one micro-batch of {int(per)} images "
+                       f"per rank on {world} rank(s)")
     return int(per)
 
 
-# ---------------------------------------------------------------------------------------------
-# Set-up: everything before the first step.
-# ---------------------------------------------------------------------------------------------
-
-def build(cfg):
-    train_set = data.get_dataset(cfg["dataset"], cfg["split"], cfg["data_root"], train=True,
-                                 crop=cfg["crop"], scale=cfg["scale"], seed=cfg["seed"],
-                                 **({"num_images": cfg["num_images"],
-                                     "image_size": cfg["image_size"]}
-                                    if cfg["dataset"] == "synthetic" else {}))
-    torch.manual_seed(cfg["seed"])
-    model = DeepLabV3(len(train_set.classes), depth=cfg["depth"], context=cfg["context"],
-                      output_stride=cfg["output_stride"], pool_k=cfg["pool_k"],
-                      multi_grid=cfg["multi_grid"], base_channels=cfg["base_channels"],
-                      context_channels=cfg["context_channels"])
-    return model, train_set
-
-
-def on_rank0(fn, *args):
-    """fn(*args) on rank 0 alone; its (small) result, or its BadInput, on every rank."""
-    result = None
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        try:
-            result = (None, fn(*args))
-        except BadInput as e:
-            result = (type(e), str(e))
-    error, value = from_rank0(result)
-    if error is not None:
-        raise error(value)
-    return value
-
-
-def start_or_resume(cfg, ck_path, checkpoint_bytes):
-    """Rank 0: decide between a new run and a resume, refuse a resume of another experiment,
-    and check that --out-dir can take the checkpoints. Returns the checkpoint or None."""
-    exists = os.path.exists(ck_path)
-    if cfg["resume"] == "yes" and not exists:
-        raise MissingInput(f"--resume: no checkpoint at {ck_path} (--resume auto starts a new "
-                           f"run when there is none)")
-    if exists and cfg["resume"] is None:
-        raise BadInput(f"{ck_path} exists: pass --resume to continue it, or choose another "
-                       f"--out-dir (nothing is overwritten without asking)")
-    ck = read_checkpoint_for_resume(cfg, ck_path) if exists else None
-    out = cfg["out_dir"]  # made only now, when the run starts
-    data.atomic_save(os.path.join(out, ".write-test"), lambda f: f.write(b"ok"))
-    os.unlink(os.path.join(out, ".write-test"))
-    free = shutil.disk_usage(out).free
-    if free < 1.2 * checkpoint_bytes:
-        raise BadInput(f"--out-dir {out}: {free / 2 ** 30:.2f} GiB free, but a checkpoint "
-                       f"of this model takes about {checkpoint_bytes / 2 ** 30:.2f} GiB")
-    if ck is not None:
-        truncate_log(os.path.join(out, "log.jsonl"), ck["iteration"])
-    return ck
-
-
-def first_missing(path):
-    """The outermost folder of `path` that does not exist yet (None if it all exists)."""
-    p, top = os.path.abspath(path), None
-    while not os.path.exists(p):
-        p, top = os.path.dirname(p), p
-    return top
-
-
-def remove_empty(path, top):
-    """Remove `path` and its parents up to `top` while they are empty folders."""
-    p = os.path.abspath(path)
-    while top and os.path.isdir(p) and not os.listdir(p):
-        os.rmdir(p)
-        if p == top:
-            break
-        p = os.path.dirname(p)
-
-
-def take_weights(model, cfg, verbose):
-    """--pretrained (torchvision files) or --init-from (our checkpoint of an earlier stage)."""
-    if cfg["pretrained"]:
-        try:
-            load_backbone_weights(model, cfg["pretrained"], verbose=verbose)
-        except (ValueError, FileNotFoundError) as e:
-            raise BadInput(f"--pretrained {e}") from None
-        if cfg["multi_grid"] is not None and verbose:
-            print(f"note: multi-grid {cfg['multi_grid']} gives layer4 other dilations than "
-                  f"torchvision's weights were trained at (fine-tuning adapts them; "
-                  f"--multi-grid none keeps torchvision's geometry)")
-    if cfg["init_from"]:
-        src = evaluation.load_checkpoint(cfg["init_from"])
-        sd, theirs = src["model"], src["config"].get("context")
-        if theirs != model.config["context"]:  # its context module cannot serve this one
-            sd = {k: v for k, v in sd.items() if k.startswith("backbone.")}
-            if verbose:
-                print(f"--init-from {cfg['init_from']} holds a {theirs} model, this run is "
-                      f"{model.config['context']}: only its backbone is taken")
-        target = model if theirs == model.config["context"] else model.backbone
-        sd = sd if target is model else {k[len("backbone."):]: v for k, v in sd.items()}
-        try:
-            target.load_state_dict(sd)
-        except RuntimeError as e:
-            raise BadInput(f"--init-from {cfg['init_from']} does not fit this model: "
-                           f"{str(e).splitlines()[1].strip()}") from None
-        if verbose:
-            print(f"initialised from {cfg['init_from']} (iteration {src['iteration']})")
-
-
-def prepare_run(cfg):
-    """Devices, data, model, weights, start or resume, optimizer, the micro-batch stream."""
-    rank, world, device = setup_distributed(cfg["device"], cfg["deterministic"])
-    micro = micro_batch(cfg, world)
-    model, train_set = build(cfg)
-    run = argparse.Namespace(cfg=cfg, rank=rank, world=world, device=device, model=model,
-                             train_set=train_set, micro=micro,
-                             ck_path=os.path.join(cfg["out_dir"], "checkpoint.pt"),
-                             log_path=os.path.join(cfg["out_dir"], "log.jsonl"))
-    run.per_epoch = len(train_set) // world // micro  # micro-batches per epoch and rank
-    if run.per_epoch == 0:
-        raise BadInput(f"{len(train_set)} images cannot make one micro-batch of {micro} images "
-                       f"per rank on {world} rank(s)")
-    if cfg["amp"] == "fp16" and device.type != "cuda":
-        raise BadInput("--amp fp16 needs CUDA; use --amp bf16 on CPU")
-    size = 2.2 * sum(t.numel() * t.element_size() for t in model.state_dict().values())
-    ck = None
-
-    made = first_missing(cfg["out_dir"])  # the folders this run will have made
-
-    def decide():  # only rank 0 looks at --out-dir: no shared filesystem needed
-        nonlocal ck
-        ck = start_or_resume(cfg, run.ck_path, size)
-        return ck is not None
-    try:
-        resumed = on_rank0(decide)
-        if not resumed:
-            take_weights(model, cfg, verbose=rank == 0)
-    except BadInput:
-        if rank == 0:  # a refused start leaves nothing behind
-            remove_empty(cfg["out_dir"], made)
-        raise
-    model.train()
-    if cfg["freeze_bn"]:  # fixed statistics need no synchronisation
-        freeze_batchnorm(model)
-        run.sync_bn = "off (frozen)"
-    else:
-        run.sync_bn = synchronise_batchnorm(model, cfg["sync_bn"], device, world)
-    model.to(device)
-    if cfg["channels_last"]:
-        model.to(memory_format=torch.channels_last)
-    run.optimizer = make_optimizer(model, cfg)
-    run.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, None: None}[cfg["amp"]]
-    run.scaler = torch.amp.GradScaler("cuda") if cfg["amp"] == "fp16" else None
-    run.iteration, run.position = restore(run, ck if rank == 0 else None, resumed)
-    run.ddp = (nn.parallel.DistributedDataParallel(
-        model, device_ids=[device.index] if device.type == "cuda" else None)
-        if world > 1 else None)
-    run.net = run.ddp or model
-    if cfg["compile"]:
-        run.net = torch.compile(run.net)
-    run.batches = iter(torch.utils.data.DataLoader(
-        train_set, micro, sampler=MicroBatchStream(train_set, rank, world, cfg["seed"], micro,
-                                                   run.position),
-        num_workers=cfg["workers"],
-        pin_memory=device.type == "cuda", persistent_workers=cfg["workers"] > 0,
-        prefetch_factor=4 if cfg["workers"] > 0 else None, worker_init_fn=quiet_worker,
-        # its own generator: an iterator would otherwise draw a seed from the global RNG
-        generator=torch.Generator().manual_seed(cfg["seed"])))
-    return run
-
-
-def make_optimizer(model, cfg):
-    """SGD with momentum (paper 4.1). DeepLab v3's code decays the convolution weights but not
-    the batch-norm parameters; we follow it (and leave biases undecayed too): decay on weights
-    with dim > 1."""
-    return torch.optim.SGD(
-        [{"params": [p for p in model.parameters() if p.dim() > 1],
-          "weight_decay": cfg["weight_decay"]},
-         {"params": [p for p in model.parameters() if p.dim() <= 1], "weight_decay": 0.0}],
-        lr=cfg["lr"], momentum=cfg["momentum"])
-
-
-def restore(run, ck, resumed):
-    """Model, optimizer, scaler, RNG and data position from rank 0's checkpoint, on every rank.
-    Returns (iteration, (epoch, micro-batch in epoch))."""
-    if not resumed:
-        return 0, (0, 0)
-    state = broadcast_tensors(
-        {k: ck[k] for k in ("model", "optimizer", "scaler", "rng_cpu", "rng_cuda", "iteration",
-                            "epoch", "batch_in_epoch")} if ck is not None else None, run.device)
-    run.model.load_state_dict(state["model"])
-    run.optimizer.load_state_dict(state["optimizer"])
-    if run.scaler is not None and state["scaler"]:
-        run.scaler.load_state_dict(state["scaler"])
-    torch.set_rng_state(state["rng_cpu"].to(torch.uint8))
-    if run.device.type == "cuda" and state["rng_cuda"].numel():
-        torch.cuda.set_rng_state(state["rng_cuda"].to(torch.uint8))
-    rank0_print(f"resumed {run.ck_path} at iteration {state['iteration']}")
-    return state["iteration"], (state["epoch"], state["batch_in_epoch"])
-
-
-# ---------------------------------------------------------------------------------------------
-# The loop (paper 4.1): poly learning rate set every iteration; a batch of --batch-size images,
-# split over the ranks and --accum-steps micro-steps; pixel-wise cross-entropy (255 ignored);
-# SGD with momentum. The losses stay on the device: the host waits for the GPU only at a
-# sync point (a progress line, a checkpoint, the end, a stop), where a non-finite loss stops
-# training before any checkpoint is written.
-# ---------------------------------------------------------------------------------------------
-
-def train(cfg):
-    run = prepare_run(cfg)
-    it, position, accum = run.iteration, run.position, cfg["accum_steps"]
-    window, steps, t0, it0 = torch.zeros((), device=run.device), 0, time.time(), it
-    announce(run)
-    try:
-        with stop_signals(cfg["stop_after"]) as stop:
-            while it < cfg["iters"]:
-                set_lr(run.optimizer, poly_lr(cfg["lr"], it, cfg["iters"], cfg["power"]))
-                for k in range(accum):  # all-reduce the gradients on the last micro-step only
-                    with (run.ddp.no_sync() if run.ddp and k < accum - 1
-                          else contextlib.nullcontext()):
-                        window += micro_step(run, *next(run.batches))
-                optimizer_step(run)
-                it, steps, position = it + 1, steps + 1, advance(position, accum, run.per_epoch)
-                stop.count(it - it0)
-                if sync_due(cfg, it, stop):
-                    loss, stopping = sync_point(run, window, steps, stop, it)
-                    report(run, it, it0, t0, loss)
-                    window.zero_()
-                    steps = 0
-                    if run.rank == 0 and (stopping or it % cfg["save_every"] == 0
-                                          or it == cfg["iters"]):
-                        save_checkpoint(run, it, position)
-                    if stopping:
-                        rank0_print(f"{stop.name}: checkpoint saved at iteration {it} to "
-                                    f"{run.ck_path}; continue with the same command plus --resume")
-                        return {"stopped_at": it, "checkpoint": run.ck_path}
-    finally:
-        run.batches = None  # shuts the loader workers down before the process group goes
-    rank0_print(f"trained {it - it0} iterations in {(time.time() - t0) / 60:.1f} min; "
-                f"checkpoint: {run.ck_path}")
-    result = {"train_seconds": time.time() - t0, "checkpoint": run.ck_path, "iteration": it}
-    if not cfg["no_eval"]:
-        result.update(final_evaluation(run))
-    return result
-
-
-def micro_step(run, images, labels):
-    """Forward and backward of one micro-batch; returns its loss (on the device)."""
-    images = images.to(run.device, non_blocking=True)
-    labels = labels.to(run.device, non_blocking=True)
-    if run.cfg["channels_last"]:
-        images = images.contiguous(memory_format=torch.channels_last)
-    with torch.autocast(run.device.type, dtype=run.amp_dtype, enabled=run.amp_dtype is not None):
-        loss = loss_fn(run.net(images), labels) / run.cfg["accum_steps"]
-    (run.scaler.scale(loss) if run.scaler is not None else loss).backward()
-    return loss.detach().float()
-
-
-def optimizer_step(run):
-    if run.scaler is not None:
-        run.scaler.step(run.optimizer)
-        run.scaler.update()
-    else:
-        run.optimizer.step()
-    run.optimizer.zero_grad(set_to_none=True)
-
-
-def set_lr(optimizer, lr):
-    for g in optimizer.param_groups:
-        g["lr"] = lr
-
-
-class stop_signals(contextlib.AbstractContextManager):
-    """SIGINT/SIGTERM (and the testing aid --stop-after) ask the loop to save and stop at its
-    next sync point."""
-
-    def __init__(self, stop_after=None):
-        self.name, self.stop_after, self.now = None, stop_after, False
-
-    def __enter__(self):
-        def on_signal(signum, frame):
-            self.name = signal.Signals(signum).name
-        self.old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-        return self
-
-    def count(self, steps_this_run):
-        self.now = self.stop_after is not None and steps_this_run == self.stop_after
-        if self.now:
-            self.name = self.name or "SIGTERM (--stop-after)"
-
-    def __exit__(self, *exc):
-        for s, h in self.old.items():
-            signal.signal(s, h)
-
-
-def sync_due(cfg, it, stop):
-    return (it % cfg["log_every"] == 0 or it % cfg["save_every"] == 0 or it == cfg["iters"]
-            or stop.now)
-
-
-def sync_point(run, window, steps, stop, it):
-    """The loop's one host synchronisation: the mean loss of the iterations since the last one,
-    over all ranks, and whether any rank was asked to stop (one all_reduce, one copy)."""
-    flags = torch.stack([window, torch.tensor(float(stop.name is not None), device=run.device)])
-    if run.world > 1:
-        dist.all_reduce(flags)
-    total, stops = flags.tolist()
-    loss = total / (steps * run.world)  # each step added its mean loss
-    if not math.isfinite(loss):
-        raise FloatingPointError(
-            f"loss is {loss} in the iterations up to {it}: training stopped. The last good "
-            f"checkpoint ({run.ck_path}, if any) is left as it was; try a lower --lr or no "
-            f"--amp fp16")
-    stop.name = stop.name or ("signal on another rank" if stops > 0 else None)
-    return loss, stops > 0
-
-
-def announce(run):
-    cfg = run.cfg
-    rank0_print(f"training {cfg['dataset']} ({len(run.train_set)} images), ResNet-{cfg['depth']} "
-                f"OS {cfg['output_stride']}, context {cfg['context']}, {run.world} rank(s) x "
-                f"{run.micro} images x {cfg['accum_steps']} micro-step(s), sync BN "
-                f"{run.sync_bn}{', BN frozen' if cfg['freeze_bn'] else ''}, {cfg['iters']} "
-                f"iterations, device {run.device}; out: {cfg['out_dir']}")
-
-
-def report(run, it, it0, t0, loss):
-    """A progress line with the speed since the last line and the ETA, and a line of
-    log.jsonl (rank 0)."""
-    cfg, now = run.cfg, time.time()
-    last_it, last_t = getattr(run, "last_report", (it0, t0))
-    run.last_report = (it, now)
-    ips = (it - last_it) * cfg["batch_size"] / max(now - last_t, 1e-9)
-    eta = (cfg["iters"] - it) * (now - t0) / max(1, it - it0)
-    lr = run.optimizer.param_groups[0]["lr"]
-    mem = (f"  mem {torch.cuda.max_memory_allocated(run.device) / 2 ** 30:.1f} GiB"
-           if run.device.type == "cuda" else "")
-    rank0_print(f"it {it}/{cfg['iters']}  loss {loss:.4f}  lr {lr:.2e}  {ips:.1f} img/s  "
-                f"ETA {eta / 60:.1f} min{mem}")
-    if run.rank == 0:
-        with open(run.log_path, "a") as f:
-            f.write(json.dumps({"iter": it, "loss": loss, "lr": lr, "img_per_s": ips,
-                                "time": time.time()}) + "\n")
-
-
-def final_evaluation(run):
-    """Single-scale, no flip (paper 4.1 for ablations), via eval.py's one implementation."""
-    cfg, model, out = run.cfg, run.model, run.cfg["out_dir"]
-    val = data.get_dataset(cfg["dataset"], cfg["val_split"], cfg["data_root"], train=False,
-                           seed=cfg["seed"], **cfg["val_data_args"])
-    t = time.time()
-    res = evaluation.evaluate(model, val, device=run.device, log=rank0_print,
-                              workers=cfg["workers"], amp=cfg["amp"])
-    rank0_print(f"{cfg['dataset']} {cfg['val_split']} ({len(val)} images, single scale):")
-    ctx = getattr(run.train_set, "context_classes", ())
-    rank0_print(evaluation.format_table(res, run.train_set.classes, ctx))
-    summary = {"miou": res["miou"], "iou": res["iou"], "pixel_acc": res["pixel_acc"],
-               "eval_seconds": time.time() - t}
-    if ctx:
-        summary["context_miou"] = float(np.nanmean([res["iou"][c] for c in ctx]))
-    if run.rank == 0:
-        data.atomic_save(os.path.join(out, "eval.json"),
-                         lambda f: f.write(json.dumps(dict(res, **summary), indent=1).encode()))
-        pic = prediction_picture(model, val, run.device, os.path.join(out, "predictions.png"))
-        rank0_print(f"evaluation numbers: {os.path.join(out, 'eval.json')}; pictures: {pic}; "
-                    f"training log: {run.log_path} and {os.path.join(out, 'curves.png')}")
-    return summary
-
-
-def pick_examples(dataset, n=4, look=64):
-    """n image indices for a picture: where the dataset names classes told apart only by context
-    (synthetic bike and fish), taken in turn from each, so that the picture shows all of them."""
-    ctx = getattr(dataset, "context_classes", ())
-    if not ctx:
-        return list(range(min(n, len(dataset))))
-    buckets = {c: [] for c in ctx}
-    for i in range(min(look, len(dataset))):
-        counts = np.bincount(dataset.load(i)[1].ravel(), minlength=256)
-        buckets[max(ctx, key=lambda c: counts[c])].append(i)
-    order = [i for group in zip(*buckets.values()) for i in group]
-    return (order + [i for i in range(len(dataset)) if i not in order])[:n]
-
-
-def prediction_picture(model, dataset, device, path, n=4):
-    """image | ground truth | prediction for n validation images, with column titles and a
-    legend of the classes shown."""
-    model.eval()
-    rows, present = [], set()
-    for i in pick_examples(dataset, n):
-        image, label = dataset[i]
-        pred = evaluation.predict(model, image.to(device)).cpu()
-        rows.append(evaluation.panel(image, pred, dataset.palette, label))
-        present |= set(label.unique().tolist()) | set(pred.unique().tolist())
-    pic = evaluation.titled(rows, [dataset[0][0].shape[-1]] * 3, list(dataset.classes),
-                            dataset.palette, present)
-    data.atomic_save(path, lambda f: Image.fromarray(pic).save(f, "PNG"))
-    return path
+def synthetic_args(cfg, count):
+    """The synthetic dataset's size flags (count: 'num_images' or 'val_images'), else none."""
+    return ({"num_images": cfg[count], "image_size": cfg["image_size"]}
+            if cfg["dataset"] == "synthetic" else {})
 
 
 def bench(device_arg=None):
     device = evaluation.pick_device(device_arg)
     return bench_cuda(device) if device.type == "cuda" else bench_cpu()
+
+
+def training_step(model, opt, x, t, dtype=None):
+    """One SGD step on (x, t), under autocast when `dtype` is bf16/fp16 (the benchmarks)."""
+    with torch.autocast(x.device.type, dtype=dtype, enabled=dtype not in (None, torch.float32)):
+        loss = loss_fn(model(x), t)
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
 
 
 def bench_cpu(steps=3, crop=321, batch=2):
@@ -987,55 +966,41 @@ def bench_cpu(steps=3, crop=321, batch=2):
     x = torch.randn(batch, 3, crop, crop)
     t = torch.randint(0, 21, (batch, crop, crop))
 
-    def step(cl):
-        model.to(memory_format=torch.channels_last if cl else torch.contiguous_format)
-        xi = x.contiguous(memory_format=torch.channels_last) if cl else x
-        start = time.perf_counter()
-        loss_fn(model(xi), t).backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return time.perf_counter() - start
-    step(False), step(True)  # warm-up
-    best = {False: float("inf"), True: float("inf")}
-    for _ in range(steps):
-        for cl in (False, True):
-            best[cl] = min(best[cl], step(cl))
+    def step(fmt):
+        model.to(memory_format=fmt)
+        training_step(model, opt, x.contiguous(memory_format=fmt), t)
+    best = vortex.best_times({"NCHW": lambda: step(torch.contiguous_format),
+                              "channels-last": lambda: step(torch.channels_last)}, steps)
     print(f"training step, ResNet-101 OS 8 + Vortex, crop {crop}, batch {batch}, CPU "
           f"{torch.get_num_threads()} threads, best of {steps}:")
-    for cl, name in ((False, "NCHW"), (True, "channels-last")):
-        print(f"  {name:14} {best[cl]:.2f} s/step  {batch / best[cl]:.2f} img/s")
-    print(f"  channels-last speed-up {best[False] / best[True]:.2f}x")
+    for name, t in best.items():
+        print(f"  {name:14} {t:.2f} s/step  {batch / t:.2f} img/s")
+    print(f"  channels-last speed-up {best['NCHW'] / best['channels-last']:.2f}x")
 
 
 def _cuda_steps(model, opt, batch, dtype, channels_last, device, crop=513, warmup=3, steps=10):
-    """(images/s, peak GiB after the warm-up) of SGD training steps at this configuration, or
-    None if it does not fit in the GPU's memory. The peak is taken after the warm-up because
-    cuDNN's autotuning tries kernels with workspaces as large as the free memory once."""
+    """(images/s, peak GiB after the warm-up) of SGD training steps at this configuration (best
+    of `steps`), or None if it does not fit in the GPU's memory. The peak is taken after the
+    warm-up because cuDNN's autotuning tries kernels with workspaces as large as the free memory
+    once."""
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     model.to(memory_format=fmt)
     torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats(device)
     try:
         x = torch.randn(batch, 3, crop, crop, device=device).contiguous(memory_format=fmt)
         t = torch.randint(0, 21, (batch, crop, crop), device=device)
-        for i in range(warmup + steps):
-            if i == warmup:
-                torch.cuda.synchronize(device)
-                torch.cuda.reset_peak_memory_stats(device)
-                start = time.perf_counter()
-            with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
-                loss = loss_fn(model(x), t)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+        for _ in range(warmup):
+            training_step(model, opt, x, t, dtype)
         torch.cuda.synchronize(device)
-        return batch * steps / (time.perf_counter() - start), \
-            torch.cuda.max_memory_allocated(device) / 2 ** 30
+        torch.cuda.reset_peak_memory_stats(device)
+        best = vortex.best_times({"step": lambda: training_step(model, opt, x, t, dtype)},
+                                 steps, warmup=0)["step"]
+        return batch / best, torch.cuda.max_memory_allocated(device) / 2 ** 30
     except torch.OutOfMemoryError:
         return None
     finally:
         opt.zero_grad(set_to_none=True)
-        x = t = loss = None
+        x = t = None
         torch.cuda.empty_cache()
 
 
@@ -1050,7 +1015,7 @@ def bench_cuda(device):
     name = torch.cuda.get_device_name(device)
     total = torch.cuda.get_device_properties(device).total_memory / 2 ** 30
     print(f"training steps, DeepLab v3 ResNet-101 OS 8, crop 513, one {name} ({total:.0f} GiB), "
-          f"SGD, mean of 10 steps after 3 warm-up, cudnn.benchmark on, torch {torch.__version__}, "
+          f"SGD, best of 10 steps after 3 warm-up, cudnn.benchmark on, torch {torch.__version__}, "
           f"pooling on the GPU: {vortex.GPU_POOLING}")
     print(f"{'batch':>5} {'precision':9} {'layout':13} {'Vortex img/s':>12} {'peak GiB':>8} "
           f"{'ASPP img/s':>10} {'peak GiB':>8} {'Vortex/ASPP time':>16}")
@@ -1069,13 +1034,7 @@ def bench_cuda(device):
     return rows
 
 
-ABLATION = (("none", "none", 5), ("ASPP", "aspp", 5), ("ASPP+", "aspp+", 5),
-            ("A(5)", "module_a", 5), ("A(9)", "module_a", 9), ("A(13)", "module_a", 13),
-            ("Vortex", "vortex", 5))
-PAPER_TABLE1 = {"ASPP": 75.4, "ASPP+": 75.6, "A(5)": 76.1, "A(9)": 75.6, "A(13)": 75.8,
-                "Vortex": 76.6}
-
-
+ABLATION_ROWS = tuple(row for row in TABLE1 if row != "image-level")
 ABLATION_KEYS = ("dataset", "depth", "base_channels", "context_channels", "output_stride",
                  "multi_grid", "crop", "scale", "batch_size", "iters", "lr", "num_images",
                  "val_images", "image_size", "context", "pool_k", "seed")
@@ -1121,8 +1080,9 @@ def ablation(cfg, seeds):
     effective receptive fields of the trained none / ASPP / Vortex models (eval.erf_figure)."""
     root = cfg["out_dir"]
     rows = []
-    for name, context, k in ABLATION:
-        runs = [ablation_run(dict(cfg, context=context, pool_k=k, seed=seed,
+    for name in ABLATION_ROWS:
+        row = TABLE1[name]
+        runs = [ablation_run(dict(cfg, context=row.context, pool_k=row.k, seed=seed,
                                   out_dir=os.path.join(root, f"{name}-seed{seed}")))
                 for seed in range(seeds)]
         rows.append((name, np.array(runs)))
@@ -1132,7 +1092,7 @@ def ablation(cfg, seeds):
     for name, r in rows:
         lines.append(f"{name:8} {100 * r[:, 0].mean():7.2f} ± {100 * r[:, 0].std():4.2f} "
                      f"{100 * np.nanmean(r[:, 1]):9.2f} ± {100 * np.nanstd(r[:, 1]):4.2f} "
-                     f"{r[:, 2].mean():7.0f} {PAPER_TABLE1.get(name, '-'):>12}")
+                     f"{r[:, 2].mean():7.0f} {TABLE1[name].miou or '-':>12}")
     rank, _, device = setup_distributed(cfg["device"])
     if rank != 0:
         return {name: r for name, r in rows}
@@ -1162,22 +1122,13 @@ def ablation(cfg, seeds):
 # pooled, batch-normalised feature is tiny, and Adam's per-parameter steps scale it up.
 # ---------------------------------------------------------------------------------------------
 
-DISTANCE_ROWS = ("none", "image-level", "ASPP", "ASPP+", "A(5)", "A(9)", "A(13)", "Vortex")
+DISTANCE_ROWS = tuple(TABLE1)
 DISTANCE_PRESET = dict(iters=500, batch_size=8, lr=0.003, context_channels=16)
 DESCRIPTOR_CHANNELS = 16  # c1 (paper: 2048); the four kinds' codes need few channels
 TEST_MAPS = 512
 BANDS = ((1, 10), (11, 20), (21, 30), (31, 40))
 PAIRS = (("Vortex", "ASPP"), ("Vortex", "A(5)"), ("A(5)", "ASPP"))
 DISTANCE_KEYS = ("iters", "batch_size", "lr", "context_channels", "power")
-
-
-def distance_module(name, c1, c2):
-    """A row of DISTANCE_ROWS as a ContextModule with c1 input and c2 output channels."""
-    cm = vortex.ContextModule
-    if name.startswith("A("):
-        return cm.module_a(c1, int(name[2:-1]), out_channels=c2)
-    return {"none": cm.none, "image-level": cm.image_level, "ASPP": cm.aspp,
-            "ASPP+": cm.aspp_plus, "Vortex": cm.vortex}[name](c1, out_channels=c2)
 
 
 def training_maps(cfg, seed):
@@ -1195,7 +1146,8 @@ def distance_run(cfg, name, seed, batches, test, device):
     """Train one (module, seed) on `batches`; (correct, total) by distance on `test`."""
     torch.manual_seed(seed)
     c2 = cfg["context_channels"]
-    net = nn.Sequential(distance_module(name, DESCRIPTOR_CHANNELS, c2), nn.Conv2d(c2, 2, 1))
+    net = nn.Sequential(vortex.table1_module(name, DESCRIPTOR_CHANNELS, out_channels=c2),
+                        nn.Conv2d(c2, 2, 1))
     net.to(device).train()
     run = argparse.Namespace(cfg=dict(cfg, channels_last=False, accum_steps=1), device=device,
                              net=net, amp_dtype=None, scaler=None,
@@ -1245,7 +1197,7 @@ def distance_experiment(cfg, seeds):
     table = distance_table(cfg, acc, seconds, seeds)
     print(table)
     data.atomic_save(os.path.join(out, "table.txt"), lambda f: f.write(table.encode() + b"\n"))
-    coverage = {name: vortex.ring_coverage(distance_module(name, 8, 8)) for name in acc}
+    coverage = {name: vortex.ring_coverage(vortex.table1_module(name, 8)) for name in acc}
     figure = os.path.join(out, "accuracy_vs_distance.png")
     evaluation.distance_figure(acc, coverage, figure)
     print(f"wrote {os.path.join(out, 'table.txt')} and {figure}")
@@ -1268,7 +1220,7 @@ def distance_table(cfg, acc, seconds, seeds):
     for name, a in acc.items():
         cols = [band(a, lo, hi) for lo, hi in BANDS] + [band(a, 1, BANDS[-1][1])]
         lines.append(f"{name:12}" + "".join(f"{c.mean():7.1f} ± {c.std():3.1f}" for c in cols)
-                     + f"{np.mean(seconds[name]):7.0f}  {PAPER_TABLE1.get(name, '-')}")
+                     + f"{np.mean(seconds[name]):7.0f}  {TABLE1[name].miou or '-'}")
     lines += ["", "paired by seed (the same training and test maps): difference in points, "
               "and how many seeds agree on its sign"]
     for a, b in PAIRS:
