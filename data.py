@@ -20,10 +20,15 @@ error that names the file. Commands (see `python data.py --help`):
   python data.py show --descriptors                    # descriptor maps (train.py --context-experiment)
 """
 import argparse
+import errno
+import fcntl
+import hashlib
 import json
 import math
 import os
+import resource
 import shutil
+import socket
 import sys
 import tempfile
 import time
@@ -164,8 +169,7 @@ class VOCSegmentation(torch.utils.data.Dataset):
                     if split == "train_aug" else "")
             raise MissingInput(f"split list not found: {list_file} (splits there: "
                                f"{', '.join(have) or 'none'})\n{VOC_TREE}{hint}")
-        with open(list_file) as f:
-            self.ids = [line.split()[0] for line in f if line.strip()]
+        self.ids = read_list(list_file)  # plain ids only: nothing read from outside `root`
         if not self.ids:
             raise BadInput(f"split list {list_file} is empty")
         mask_dir = mask_dir or ("SegmentationClassAug" if split == "train_aug"
@@ -289,13 +293,21 @@ def get_dataset(name, split, root=None, train=False, crop=513, scale=(0.5, 2.0),
 # Reading files, with errors that say which file and what was expected.
 # ---------------------------------------------------------------------------------------------
 
+MAX_IMAGE_PIXELS = 40_000_000  # ~ 7300 x 5500: larger images are refused before decoding
+
+
 def read_image(path, orientation=False):
-    """RGB uint8 array (H, W, 3). Unreadable or truncated files raise BadInput naming them.
-    16-bit images are scaled to 8 bits (Pillow's convert would clip them to white). With
-    `orientation`, the EXIF orientation is applied, as every viewer shows a phone photo (for
-    single images; dataset images are used as stored, like their masks)."""
+    """RGB uint8 array (H, W, 3). Unreadable or truncated files raise BadInput naming them, and
+    so do images over MAX_IMAGE_PIXELS (checked from the header, before anything is decoded: a
+    small file can hold a huge image). 16-bit images are scaled to 8 bits (Pillow's convert
+    would clip them to white). With `orientation`, the EXIF orientation is applied, as every
+    viewer shows a phone photo (for single images; dataset images are used as stored)."""
     try:
         with Image.open(path) as im:
+            w, h = im.size
+            if w * h > MAX_IMAGE_PIXELS:
+                raise BadInput(f"image {path} is {w}x{h} = {w * h / 1e6:.0f} megapixels; the "
+                               f"limit is {MAX_IMAGE_PIXELS / 1e6:.0f} (resize it first)")
             im.load()  # decode now, so that a truncated file fails here
             if orientation:
                 im = ImageOps.exif_transpose(im)
@@ -306,6 +318,10 @@ def read_image(path, orientation=False):
             return np.asarray(im.convert("RGB"))
     except FileNotFoundError:
         raise MissingInput(f"image not found: {path}") from None
+    except PermissionError:
+        raise BadInput(f"cannot read image {path}: permission denied") from None
+    except Image.DecompressionBombError as e:
+        raise BadInput(f"image {path} is too large to decode safely ({e})") from None
     except (OSError, SyntaxError, ValueError) as e:
         raise BadInput(f"cannot read image {path}: {e}") from None
 
@@ -328,9 +344,10 @@ def read_mask(path, num_classes=21):
     except (OSError, SyntaxError, ValueError) as e:
         raise BadInput(f"cannot read mask {path}: {e}") from None
     if mode not in ("P", "L"):
+        why = ("it looks rendered to colours, which cannot be trusted as labels"
+               if mode in ("RGB", "RGBA") else "other modes are not read as class indices")
         raise BadInput(f"mask {path} has mode {mode!r}: expected class indices in a palette "
-                         f"('P') or grayscale ('L') PNG; it looks rendered to colours (RGB), "
-                         f"which cannot be trusted as labels")
+                       f"('P') or 8-bit grayscale ('L') PNG; {why}")
     bad = np.setdiff1d(np.unique(arr), np.r_[np.arange(num_classes), IGNORE])
     if bad.size:
         raise BadInput(f"mask {path} holds values {bad.tolist()} outside 0..{num_classes - 1} "
@@ -363,17 +380,31 @@ def cli(main):
     try:
         return main()
     except BadInput as e:
-        print(f"error: {e}", file=sys.stderr)
+        message = str(e)
+        if "Original Traceback" in message:  # raised in a DataLoader worker: its last line
+            message = message.strip().splitlines()[-1].split(": ", 1)[-1]
+        print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
 
 
 def refuse_existing(paths, force):
-    """Nothing is overwritten without --force: refuse before any work if a target exists."""
-    there = [p for p in paths if os.path.exists(p)]
+    """Before any work: nothing is overwritten without --force, and every folder an output
+    goes to can be written (made if needed, with a test file written and removed)."""
+    there = [p for p in paths if os.path.exists(p) and not (os.path.isdir(p) and not
+                                                            os.listdir(p))]  # empty: nothing lost
     if there and not force:
         more = f" (and {len(there) - 1} more)" if len(there) > 1 else ""
         raise ExistingOutput(f"{there[0]} exists{more}; pass --force to overwrite, or choose "
                              f"another --out")
+    for folder in sorted({p if os.path.isdir(p) else os.path.dirname(os.path.abspath(p))
+                          for p in paths}):
+        try:
+            os.makedirs(folder, exist_ok=True)
+            test = os.path.join(folder, f".write-test-{os.getpid()}")
+            os.close(os.open(test, os.O_CREAT | os.O_WRONLY))
+            os.unlink(test)
+        except OSError as e:
+            raise BadInput(f"cannot write into {folder}: {e.strerror or e}") from None
 
 
 def _umask():
@@ -403,14 +434,108 @@ def atomic_save(path, write):
             write(f)
         os.replace(tmp, path)
     except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+        written = os.path.getsize(tmp)
         os.unlink(tmp)
-        free = shutil.disk_usage(d).free / 2 ** 20
-        raise BadInput(f"cannot write {path}: {getattr(e, 'strerror', None) or e} "
-                       f"({free:.0f} MB free there)") from None
+        raise BadInput(f"cannot write {path}: {write_failure(e, d, written)}") from None
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def write_failure(error, folder, written):
+    """Why a write failed, in words: no space, the file-size limit, or the system's message."""
+    free = shutil.disk_usage(folder).free
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    so_far = f"it stopped after {written / 2 ** 20:.1f} MB"
+    if getattr(error, "errno", None) == errno.EFBIG or (limit != resource.RLIM_INFINITY
+                                                          and written >= limit):
+        return (f"file too large: the file-size limit (ulimit -f) is {limit / 2 ** 20:.1f} MB "
+                f"and {so_far}")
+    if getattr(error, "errno", None) == errno.ENOSPC or free < 2 ** 20 + written // 100:
+        return f"no space left on the device ({so_far}; {free / 2 ** 20:.0f} MB free there)"
+    first = (str(getattr(error, "strerror", None) or error).strip().splitlines() or ["?"])[0]
+    return f"{first} ({so_far}; {free / 2 ** 20:.0f} MB free there)"
+
+
+def write_json(path, obj):
+    """Strict JSON, atomically: NaN and infinities (a class absent from both prediction and
+    ground truth has no IoU) become null, which every JSON reader accepts."""
+    def clean(v):
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [clean(x) for x in v]
+        return v
+    text = json.dumps(clean(obj), indent=1, allow_nan=False)
+    atomic_save(path, lambda f: f.write(text.encode() + b"\n"))
+
+
+class FolderLock:
+    """An exclusive lock on a folder for one command's run (train.py --out-dir, a prepared
+    dataset): a second command on the same folder is refused, naming the holder. It is an
+    fcntl lock on folder/.lock, which the system drops with the process however it ends (even
+    kill -9), so a dead run never leaves a stale lock."""
+
+    def __init__(self, folder, what):
+        os.makedirs(folder, exist_ok=True)
+        self.path = os.path.join(folder, ".lock")
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(self.fd, 200).decode(errors="replace").strip() or "another process"
+            os.close(self.fd)
+            raise BadInput(f"{folder} is in use by {holder}; wait for it to finish, or choose "
+                           f"another folder") from None
+        os.ftruncate(self.fd, 0)
+        os.write(self.fd, f"{what} (pid {os.getpid()} on {socket.gethostname()})".encode())
+
+    def release(self, remove=False):
+        if self.fd is not None:
+            if remove:  # only the holder may remove it, before letting go
+                os.unlink(self.path)
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
+
+
+def is_plain_name(name):
+    """A file name or id that stays inside its folder: no folder part, no '..', not absolute."""
+    return (isinstance(name, str) and name not in ("", ".", "..") and not os.path.isabs(name)
+            and os.path.basename(name) == name and "\\" not in name and "\0" not in name)
+
+
+def file_digest(path):
+    """sha256 of a file's bytes (what a prepared folder was made from, by content)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_list(path):
+    """The ids of a split list (one per line, first word), each a plain name that stays inside
+    the dataset's folders, none twice; refused naming the file and the line otherwise."""
+    ids, seen = [], {}
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            name = line.split()[0]
+            if not is_plain_name(name):
+                raise BadInput(f"{path}, line {n}: {name!r} is not a plain id (a folder part, "
+                               f"'..' or an absolute path would read and write outside the "
+                               f"dataset); refused")
+            if name in seen:
+                raise BadInput(f"{path}, line {n}: {name!r} is listed again (first on line "
+                               f"{seen[name]}); it would count twice")
+            seen[name] = n
+            ids.append(name)
+    return ids
 
 
 def progress(what, done, total, t0, log=print, every=None):
@@ -697,11 +822,6 @@ def descriptor_batch(seed, start, n, **kw):
 # SBD -> train_aug: the converter (train_aug_ids in Part I says which images).
 # ---------------------------------------------------------------------------------------------
 
-def read_list(path):
-    with open(path) as f:
-        return [line.split()[0] for line in f if line.strip()]
-
-
 def _scipy_io():
     try:
         import scipy.io
@@ -945,8 +1065,7 @@ def _plain_name(img, annotations):
     """The image's file_name, refused unless it is a plain name inside the image folder: a name
     with a folder part, '..' or an absolute path would make us write outside --out."""
     name = img.get("file_name")
-    if (not isinstance(name, str) or name in ("", ".", "..") or os.path.isabs(name)
-            or os.path.basename(name) != name or "\\" in name):
+    if not is_plain_name(name):
         raise BadInput(f"{annotations}: image id {img.get('id')} has file_name {name!r}, which "
                        f"is not a plain file name inside the image folder; refused (it would "
                        f"write outside --out)")
@@ -963,7 +1082,8 @@ def prepare_coco(annotations, images, out, split=None, min_pixels=1000, log=prin
     the counts."""
     coco = _read_coco(annotations, images)
     split = split or os.path.splitext(os.path.basename(annotations))[0].replace("instances_", "")
-    settings = {"annotations": os.path.abspath(annotations), "min_pixels": min_pixels}
+    settings = {"annotations": os.path.abspath(annotations), "min_pixels": min_pixels,
+                "annotations_sha256": file_digest(annotations)}  # by content, not only by name
     record = os.path.join(out, "ImageSets", "Segmentation", split + ".settings.json")
     if os.path.exists(record):
         with open(record) as f:
@@ -972,7 +1092,7 @@ def prepare_coco(annotations, images, out, split=None, min_pixels=1000, log=prin
             raise ExistingOutput(f"{out} holds split {split} made with other settings ({before}); "
                                  f"pass --overwrite to rebuild it, or choose another --out")
         overwrite = overwrite or before != settings
-    atomic_save(record, lambda f: f.write(json.dumps(settings).encode()))
+    write_json(record, settings)
     names = {c["id"]: c["name"] for c in coco["categories"]}
     cat_to_voc = {cid: VOC_CLASSES.index(COCO_TO_VOC[n]) for cid, n in names.items()
                   if n in COCO_TO_VOC}
@@ -1110,13 +1230,21 @@ def main(argv=None):
                         "--context-experiment) instead of images")
     s.add_argument("--force", action="store_true", help="overwrite --out if it exists")
     args = p.parse_args(argv)
-    if args.cmd == "prepare-sbd":
-        prepare_sbd(args.sbd, args.voc, args.overwrite)
-    elif args.cmd == "prepare-coco":
-        if args.min_pixels < 0:
+    if args.cmd in ("prepare-sbd", "prepare-coco"):  # one preparation per folder at a time
+        if args.cmd == "prepare-coco" and args.min_pixels < 0:
             raise BadInput(f"--min-pixels {args.min_pixels}: must be >= 0")
-        prepare_coco(args.annotations, args.images, args.out, args.split, args.min_pixels,
-                     strict=args.strict, overwrite=args.overwrite)
+        folder = args.voc if args.cmd == "prepare-sbd" else args.out
+        if args.cmd == "prepare-sbd" and not os.path.isdir(folder):
+            raise MissingInput(f"--voc {folder}: no such folder\n{VOC_TREE}")
+        lock = FolderLock(folder, f"data.py {args.cmd}")
+        try:
+            if args.cmd == "prepare-sbd":
+                prepare_sbd(args.sbd, args.voc, args.overwrite)
+            else:
+                prepare_coco(args.annotations, args.images, args.out, args.split,
+                             args.min_pixels, strict=args.strict, overwrite=args.overwrite)
+        finally:
+            lock.release()
     elif args.cmd == "bench":
         bench_loader(args.voc, args.n)
     elif args.cmd == "show":

@@ -144,6 +144,9 @@ def evaluate(model, dataset, scales=(1.0,), flip=False, device=None, num_classes
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(confusion)
     model.train(was_training)
+    if confusion.sum() == 0:
+        raise data.BadInput(f"nothing to measure: the {len(dataset)} images have no labelled "
+                            f"pixel (every pixel is {data.IGNORE}, ignored)")
     return miou_from_confusion(confusion.cpu())
 
 # =============================================================================================
@@ -205,6 +208,26 @@ IMAGE_TYPES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 DEFAULT_SPLIT = {"coco": "val2017"}  # prepare-coco names splits after the COCO files
 
 
+def setup_distributed(device_arg, deterministic=False):
+    """(rank, world size, device) of this process; under torchrun (WORLD_SIZE > 1) the process
+    group is started from its environment, one process per GPU (LOCAL_RANK)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    device = pick_device(device_arg, int(os.environ.get("LOCAL_RANK", "0")))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        # fixed 513 crops: let cuDNN time its kernels once and keep the fastest. They are not
+        # bitwise reproducible from run to run; --deterministic trades speed for that.
+        torch.backends.cudnn.benchmark = not deterministic
+        torch.backends.cudnn.deterministic = deterministic
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    return rank, (dist.get_world_size() if dist.is_initialized() else 1), device
+
+
 def pick_device(device_arg, local_rank=0):
     """--device: None (CUDA when visible, else CPU), 'cpu', 'cuda' or 'cuda:N'."""
     if device_arg is None:
@@ -242,7 +265,11 @@ def predict_images(model, ck, source, out, scales, flip, device, force, log=prin
             raise data.MissingInput(f"--image {source}: no image files ({', '.join(IMAGE_TYPES)})")
         folder = out or os.path.join("runs", "predictions", os.path.basename(
             os.path.normpath(source)))
-        stems = [os.path.join(folder, os.path.splitext(os.path.basename(f))[0]) for f in files]
+        names = [os.path.splitext(os.path.basename(f)) for f in files]
+        clash = {s for s, _ in names if sum(t == s for t, _ in names) > 1}
+        # img.bmp and img.tif would both become img.png: such names keep their extension
+        stems = [os.path.join(folder, s + ("_" + x[1:].lower() if s in clash else ""))
+                 for s, x in names]
     else:
         if not os.path.isfile(source):
             raise data.MissingInput(f"--image {source}: no such file or folder")
@@ -251,7 +278,15 @@ def predict_images(model, ck, source, out, scales, flip, device, force, log=prin
         files = [source]
         stems = [os.path.splitext(out)[0] if out else os.path.join(
             "runs", "predictions", os.path.splitext(os.path.basename(source))[0])]
-    data.refuse_existing([s + t for s in stems for t in (".png", "_panel.png")], force)
+    outputs = [s + t for s in stems for t in (".png", "_panel.png")]
+    twice = sorted({o for o in outputs if outputs.count(o) > 1})
+    if twice:
+        raise data.BadInput(f"--image {source}: two outputs would share the name {twice[0]}; "
+                            f"rename one of the images")
+    data.refuse_existing(outputs, force)
+    if ck.get("dataset") == "synthetic":
+        log(f"note: this checkpoint was trained on the built-in synthetic data; it knows only "
+            f"{', '.join(classes)}, so a photo comes out in those classes")
     written, t0 = [], time.time()
     for n, (f, stem) in enumerate(zip(files, stems), 1):
         image = data.normalize(data.read_image(f, orientation=True)).to(device)
@@ -300,7 +335,9 @@ def main(argv=None):
                    help="write all numbers here (default: beside the checkpoint, "
                         "eval_<dataset>_<split>_s<scales>[_flip].json)")
     p.add_argument("--image", default=None,
-                   help="predict this image, or every image in this folder, instead")
+                   help="predict this image, or every image in this folder, instead (images "
+                        f"over {data.MAX_IMAGE_PIXELS // 10 ** 6} megapixels are refused: "
+                        "resize them first)")
     p.add_argument("--out", default=None,
                    help="with --image: the prediction PNG (one image; default "
                         "runs/predictions/<name>.png) or folder (a folder of images; default "
@@ -314,13 +351,25 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.bench:
         return bench()
-    device = pick_device(args.device)
     scales = PAPER_SCALES if args.ms else tuple(args.scales)
     if not all(math.isfinite(s) and 0 < s <= 8 for s in scales):
         raise data.BadInput(f"--scales {' '.join(map(str, scales))}: each must be a number in "
                             f"(0, 8] (paper: 0.5 ... 1.75)")
     if args.workers < 0 or args.erf_images < 1:
         raise data.BadInput("--workers must be >= 0 and --erf-images >= 1")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and (args.image or args.erf):
+        raise data.BadInput("--image and --erf run in one process: use torchrun only to split "
+                            "the evaluation of a dataset over GPUs")
+    rank, _, device = setup_distributed(args.device)
+    try:
+        return run_command(p, args, scales, device, rank)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_command(p, args, scales, device, rank):
+    """The action main() was asked for: --erf, --image, or a dataset's evaluation."""
     if args.erf:
         out = args.out or os.path.join("runs", "erf.png")
         data.refuse_existing([out], args.force)
@@ -333,8 +382,10 @@ def main(argv=None):
     if args.image:
         return predict_images(model, ck, args.image, args.out, scales, args.flip, device,
                               args.force)
-    return evaluate_checkpoint(model, ck, args, scales, device)
-def evaluate_checkpoint(model, ck, args, scales, device):
+    return evaluate_checkpoint(model, ck, args, scales, device, rank)
+
+
+def evaluate_checkpoint(model, ck, args, scales, device, rank=0):
     """mIoU of the checkpoint on a dataset split; table on screen, numbers in a JSON file."""
     classes = ck.get("classes") or list(data.VOC_CLASSES)
     palette = np.asarray(ck.get("palette", data.VOC_PALETTE))
@@ -351,19 +402,20 @@ def evaluate_checkpoint(model, ck, args, scales, device):
                             f"was trained for")
     out = args.json or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)),
                                     result_name(name, split, scales, args.flip))
-    data.refuse_existing([out], args.force)
-    if args.save_dir and os.path.isdir(args.save_dir) and os.listdir(args.save_dir):
-        data.refuse_existing([args.save_dir], args.force)
-    result = evaluate(model, ds, scales, args.flip, device, len(classes),
+    data.refuse_existing([out] + ([args.save_dir] if args.save_dir else []), args.force)
+    if dist.is_initialized():
+        dist.barrier()  # every rank has checked the outputs before any rank writes one
+    say = print if rank == 0 else (lambda *a: None)
+    result = evaluate(model, ds, scales, args.flip, device, len(classes), log=say,
                       save_dir=args.save_dir, palette=palette, workers=args.workers,
                       amp=args.amp)
-    print(f"{name} {split} ({len(ds)} images), scales {scales}, flip {args.flip}:")
-    print(format_table(result, classes, getattr(ds, "context_classes", ())))
+    say(f"{name} {split} ({len(ds)} images), scales {scales}, flip {args.flip}:")
+    say(format_table(result, classes, getattr(ds, "context_classes", ())))
     result.update(dataset=name, split=split, scales=list(scales), flip=args.flip,
                   classes=list(classes), checkpoint=args.checkpoint)
-    data.atomic_save(out, lambda f: f.write(json.dumps(result, indent=1).encode()))
-    print("numbers written to", out + (f"; pictures in {args.save_dir}" if args.save_dir
-                                       else ""))
+    if rank == 0:
+        data.write_json(out, result)
+    say("numbers written to", out + (f"; pictures in {args.save_dir}" if args.save_dir else ""))
     return result
 
 

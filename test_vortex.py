@@ -3,6 +3,7 @@
 Property-based (hypothesis) where a property exists; tiny channel widths where the property does
 not depend on width, so that the suite runs in a few minutes on 2 CPU cores.
 """
+import argparse
 import contextlib
 import math
 import os
@@ -1026,6 +1027,7 @@ def test_show_and_bench_commands(tmp_path, capsys):
 
 # ============================================================================= train.py
 import re  # noqa: E402
+import time  # noqa: E402
 import signal  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -1075,6 +1077,18 @@ def _syncbn_cases(n):
         yield name, x, w, bn
 
 
+def _ddp_batch(sizes):
+    """4 images, labels partly ignored (255) so that the two halves hold different numbers of
+    labelled pixels; with sizes (3, 5) the first half has none at all."""
+    g = torch.Generator().manual_seed(2)
+    x, t = torch.randn(4, 3, 33, 33, generator=g), torch.randint(0, 3, (4, 33, 33), generator=g)
+    t[torch.rand(t.shape, generator=g) < 0.3] = 255
+    t[1, :20] = 255
+    if sizes == (3, 5):
+        t[:2] = 255
+    return x, t
+
+
 def _syncbn_worker(rank, world, init_file, sizes, out_dir):
     _init(rank, world, init_file)
     results = {}
@@ -1087,16 +1101,18 @@ def _syncbn_worker(rank, world, init_file, sizes, out_dir):
         results[name] = {"y": y.detach(), "xgrad": xr.grad, "wgrad": sync[0].weight.grad,
                          "bgrad": sync[0].bias.grad, "rm": sync[0].running_mean,
                          "rv": sync[0].running_var}
-    # DDP: one SGD step of a tiny model on this rank's half of the batch
+    # DDP: one SGD step of a tiny model on this rank's half of the batch, through the loop's
+    # own micro_step and its loss normalisation
     torch.manual_seed(1)
     model = DeepLabV3(3, depth=18, base_channels=4, context_channels=8, dropout=0.0)
     train.convert_sync_batchnorm(model)
     ddp = torch.nn.parallel.DistributedDataParallel(model)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    g = torch.Generator().manual_seed(2)
-    x, t = torch.randn(4, 3, 33, 33, generator=g), torch.randint(0, 3, (4, 33, 33), generator=g)
+    x, t = _ddp_batch(sizes)
     half = slice(2 * rank, 2 * rank + 2)
-    train.loss_fn(ddp(x[half]), t[half]).backward()
+    run = argparse.Namespace(device=torch.device("cpu"), world=world, net=ddp, amp_dtype=None,
+                             scaler=None, cfg={"channels_last": False})
+    train.micro_step(run, x[half], t[half], train.labelled_pixels(run, [(x[half], t[half])]))
     opt.step()
     results["ddp"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
@@ -1135,11 +1151,9 @@ def test_syncbn_and_ddp_equal_one_process_on_the_whole_batch(sizes, tmp_path):
     torch.manual_seed(1)
     model = DeepLabV3(3, depth=18, base_channels=4, context_channels=8, dropout=0.0)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    g = torch.Generator().manual_seed(2)
-    x, t = torch.randn(4, 3, 33, 33, generator=g), torch.randint(0, 3, (4, 33, 33), generator=g)
-    # DDP averages the two ranks' mean losses: the same as the mean over all pixels here,
-    # since every image has the same number of labelled pixels
-    train.loss_fn(model(x), t).backward()
+    x, t = _ddp_batch(sizes)
+    # the mean over the whole batch's labelled pixels, however they fall over the ranks
+    (train.loss_fn(model(x), t) / (t != 255).sum()).backward()
     opt.step()
     for k, v in model.state_dict().items():
         for r in range(2):
@@ -1302,11 +1316,39 @@ def test_atomic_save_respects_umask_cleans_leftovers_and_names_failures(tmp_path
     def fails(f):
         f.write(b"partial")
         raise OSError(28, "No space left on device")
-    with pytest.raises(data.BadInput, match=r"cannot write .*checkpoint.pt: No space left on "
-                                            r"device \(\d+ MB free there\)"):
+    with pytest.raises(data.BadInput, match=r"cannot write .*checkpoint.pt: no space left on "
+                                            r"the device \(it stopped after 0.0 MB; \d+ MB free"):
         data.atomic_save(str(path), fails)
     assert path.read_bytes() == b"ok"
     assert sorted(p.name for p in tmp_path.iterdir()) == [".tmp-keepother.png", "checkpoint.pt"]
+
+
+def test_a_failed_save_says_why_in_words(tmp_path, monkeypatch):
+    """torch.save reports a full disk or the file-size limit as an 'enforce fail ... unexpected
+    pos' RuntimeError: the message says which, and how far the write got."""
+    path = str(tmp_path / "checkpoint.pt")
+
+    def torch_fails(f):
+        f.write(b"x" * 2 ** 20)
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 1048576")
+    usage = shutil.disk_usage(str(tmp_path))
+    monkeypatch.setattr(data.shutil, "disk_usage", lambda d: usage._replace(free=1000))
+    with pytest.raises(data.BadInput, match=r"no space left on the device \(it stopped after "
+                                            r"1.0 MB; 0 MB free there\)"):
+        data.atomic_save(path, torch_fails)
+    monkeypatch.undo()
+    # the real file-size limit (what `ulimit -f 1024` sets in a shell): 1 MB
+    code = ("import sys, torch; sys.path.insert(0, %r); import data; "
+            "data.cli(lambda: data.atomic_save(%r, lambda f: torch.save(torch.zeros(10 ** 6), f)))"
+            % (HERE, path))
+    import resource
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE,
+                                                             (2 ** 20, 2 ** 20)))
+    assert p.returncode == 2, p.stderr
+    assert re.fullmatch(r"error: cannot write .*checkpoint.pt: file too large: the file-size "
+                        r"limit \(ulimit -f\) is 1.0 MB and it stopped after 1.0 MB\n", p.stderr)
+    assert sorted(os.listdir(tmp_path)) == []
 
 
 def test_freeze_bn_keeps_statistics_and_parameters(tmp_path):
@@ -2100,7 +2142,6 @@ def make_fixtures(coco_json):
 
 
 if __name__ == "__main__":
-    import argparse
     parser = argparse.ArgumentParser(description="Make the golden fixtures (scratch env only).")
     parser.add_argument("command", choices=["make-fixtures"])
     parser.add_argument("--coco", required=True, help="a COCO instances JSON with polygons")
@@ -2201,3 +2242,292 @@ def test_readme_and_docs_links_exist():
             path = os.path.normpath(os.path.join(HERE, os.path.dirname(page), target))
             assert os.path.exists(path), f"{page} links {target}, which does not exist"
     assert len(open(os.path.join(HERE, "README.md")).read().split("\n")) <= 450
+
+
+# ------------------------------------------- trustworthy under concurrent, broken, hostile use
+
+def test_one_run_owns_its_folder_and_a_dead_holder_leaves_no_lock(tmp_path):
+    """A second train.py on a folder in use is refused naming the holder; the lock goes with its
+    process, even after kill -9."""
+    out = str(tmp_path / "run")
+    holder = data.FolderLock(out, "train.py")
+    with pytest.raises(data.BadInput, match=rf"run is in use by train.py \(pid {os.getpid()} "):
+        train.main(TINY + ["--iters", "1", "--out-dir", out, "--no-eval"])
+    assert not os.path.exists(os.path.join(out, "checkpoint.pt"))
+    holder.release()
+    code = f"import sys, time; sys.path.insert(0, {HERE!r}); import data; " \
+           f"data.FolderLock({out!r}, 'a killed run'); print('locked', flush=True); time.sleep(60)"
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "locked"
+    with pytest.raises(data.BadInput, match=r"in use by a killed run \(pid"):
+        train.main(TINY + ["--iters", "1", "--out-dir", out, "--no-eval"])
+    proc.kill()
+    proc.wait()
+    train.main(TINY + ["--iters", "1", "--out-dir", out, "--no-eval"])  # the lock died with it
+    assert os.path.exists(os.path.join(out, "checkpoint.pt"))
+
+
+def test_concurrent_preparation_of_one_folder_is_refused(tmp_path):
+    ann, imgs = coco_file(tmp_path, [{"id": 7, "file_name": "a.jpg", "height": 40, "width": 40}],
+                          [{"id": 1, "image_id": 7, "category_id": 1, "segmentation": SQUARE}])
+    out = str(tmp_path / "out")
+    lock = data.FolderLock(out, "data.py prepare-coco")
+    with pytest.raises(data.BadInput, match=r"out is in use by data.py prepare-coco \(pid"):
+        data.main(["prepare-coco", "--annotations", ann, "--images", imgs, "--out", out])
+    lock.release()
+    data.main(["prepare-coco", "--annotations", ann, "--images", imgs, "--out", out])
+    assert os.path.exists(os.path.join(out, "SegmentationClass", "a.png"))
+
+
+def test_prepare_coco_knows_its_annotations_by_content(tmp_path):
+    """The same file name with other contents is other settings: refused, or rebuilt."""
+    ann, imgs = coco_file(tmp_path, [{"id": 7, "file_name": "a.jpg", "height": 40, "width": 40}],
+                          [{"id": 1, "image_id": 7, "category_id": 1, "segmentation": SQUARE}])
+    out = str(tmp_path / "out")
+    data.prepare_coco(ann, imgs, out, log=lambda m: None)
+    coco = json.load(open(ann))
+    coco["annotations"][0]["category_id"] = 62  # the person became a chair, in place
+    open(ann, "w").write(json.dumps(coco))
+    with pytest.raises(data.ExistingOutput, match="made with other settings"):
+        data.prepare_coco(ann, imgs, out, log=lambda m: None)
+    data.prepare_coco(ann, imgs, out, overwrite=True, log=lambda m: None)
+    assert 9 in data.read_mask(os.path.join(out, "SegmentationClass", "a.png"))
+
+
+def write_checkpoint_with(tmp_path, change):
+    """A tiny trained checkpoint, then `change(ck)` applied to a copy of it; the copy's path."""
+    out = str(tmp_path / "good")
+    train.main(TINY + ["--iters", "1", "--out-dir", out, "--no-eval"])
+    ck = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)
+    change(ck)
+    path = str(tmp_path / "changed.pt")
+    torch.save(ck, path)
+    return path
+
+
+def test_checkpoints_with_non_finite_weights_are_refused_everywhere(tmp_path):
+    path = write_checkpoint_with(tmp_path, lambda ck: ck["model"]["classifier.weight"].fill_(
+        float("nan")))
+    for read in (lambda: evaluation.main(["--checkpoint", path]),
+                 lambda: train.main(TINY + ["--iters", "2", "--out-dir", str(tmp_path / "i"),
+                                            "--init-from", path]),
+                 lambda: vortex.load_backbone_weights(ResNet(18, base_channels=4), path)):
+        with pytest.raises(data.BadInput, match=r"changed.pt: tensor model.classifier.weight "
+                                                r"holds NaN or infinite values; refused"):
+            read()
+
+
+def test_an_unreadable_checkpoint_says_it_cannot_be_read(tmp_path, monkeypatch):
+    path = write_checkpoint_with(tmp_path, lambda ck: None)
+
+    def denied(*a, **k):
+        raise PermissionError(13, "Permission denied")
+    monkeypatch.setattr(torch, "load", denied)
+    with pytest.raises(data.BadInput, match=r"cannot read .*changed.pt: permission denied"):
+        evaluation.load_checkpoint(path)
+    monkeypatch.undo()
+    with pytest.raises(data.BadInput, match=r"cannot read .*: it is a folder"):
+        evaluation.load_checkpoint(str(tmp_path))
+
+
+def test_a_batch_with_no_labelled_pixel_adds_no_loss():
+    """All pixels 255: the loss is 0 (not 0/0), every gradient 0, and the step is finite."""
+    torch.manual_seed(0)
+    model = DeepLabV3(3, depth=18, base_channels=4, context_channels=8)
+    run = argparse.Namespace(device=torch.device("cpu"), world=1, net=model, amp_dtype=None,
+                             scaler=None, cfg={"channels_last": False})
+    x, t = torch.randn(2, 3, 24, 24), torch.full((2, 24, 24), 255)
+    loss = train.micro_step(run, x, t, train.labelled_pixels(run, [(x, t)]))
+    assert loss.item() == 0.0
+    assert all(p.grad is None or not p.grad.any() for p in model.parameters())
+
+
+@settings(max_examples=10)
+@given(counts=st.lists(st.integers(0, 60), min_size=1, max_size=4), seed=st.integers(0, 99))
+def test_accumulated_micro_steps_give_the_whole_batch_per_pixel_mean(counts, seed):
+    """However the labelled pixels fall over the micro-steps (some may have none), the summed
+    gradients equal those of one mean over all the batch's labelled pixels."""
+    torch.manual_seed(seed)
+    model = torch.nn.Conv2d(3, 4, 3, padding=1)
+    run = argparse.Namespace(device=torch.device("cpu"), world=1, net=model, amp_dtype=None,
+                             scaler=None, cfg={"channels_last": False})
+    batch = []
+    for n in counts:
+        t = torch.full((1, 8, 8), 255)
+        t.view(-1)[torch.randperm(64)[:n]] = torch.randint(0, 4, (n,))
+        batch.append((torch.randn(1, 3, 8, 8), t))
+    labelled = train.labelled_pixels(run, batch)
+    total = sum(train.micro_step(run, x, t, labelled) for x, t in batch)
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    x, t = torch.cat([b[0] for b in batch]), torch.cat([b[1] for b in batch])
+    ref = train.loss_fn(model(x), t) / max(1, int((t != 255).sum()))
+    ref.backward()
+    torch.testing.assert_close(total, ref.detach())
+    for g, p in zip(grads, model.parameters()):
+        torch.testing.assert_close(g, p.grad)
+
+
+def _train_worker(rank, world, init_file, out_dir, extra):
+    _init(rank, world, init_file)
+    try:
+        result = train.main(TINY + extra[rank] + ["--out-dir", out_dir])
+        torch.save({"miou": torch.tensor(result["miou"])}, os.path.join(out_dir, f"r{rank}.pt"))
+    except data.BadInput as e:
+        open(os.path.join(out_dir, f"r{rank}.txt"), "w").write(str(e))
+
+
+def test_distributed_run_with_per_rank_statistics_evaluates_what_it_saved(tmp_path):
+    """2 ranks, --sync-bn off: the ranks' batch-norm statistics differ after the last step;
+    eval.json (written by the run) and eval.py on the saved checkpoint must agree exactly."""
+    out = str(tmp_path / "run")
+    os.makedirs(out)
+    flags = ["--iters", "3", "--sync-bn", "off", "--val-images", "5"]
+    _spawn(_train_worker, 2, out, [flags, flags])
+    reported = json.load(open(os.path.join(out, "eval.json")))
+    checked = evaluation.main(["--checkpoint", os.path.join(out, "checkpoint.pt"), "--json",
+                               str(tmp_path / "again.json"), "--workers", "0"])
+    assert reported["confusion"] == checked["confusion"]
+    assert "NaN" not in open(os.path.join(out, "eval.json")).read()  # strict JSON
+
+
+def test_ranks_started_with_different_settings_are_refused_on_every_rank(tmp_path):
+    out = str(tmp_path / "run")
+    os.makedirs(out)
+    _spawn(_train_worker, 2, out, [["--seed", "0"], ["--seed", "1"]])
+    for r in range(2):  # both refuse (none waits forever for the other)
+        assert "different settings (--seed)" in open(os.path.join(out, f"r{r}.txt")).read()
+    assert not os.path.exists(os.path.join(out, "checkpoint.pt"))
+
+
+def _eval_main_worker(rank, world, init_file, ck, out_dir, port):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    seen = []
+    real = evaluation.predict
+    evaluation.predict = lambda model, image, *a: seen.append(1) or real(model, image, *a)
+    evaluation.main(["--checkpoint", ck, "--json", os.path.join(out_dir, "res.json"),
+                     "--workers", "0", "--device", "cpu"])
+    open(os.path.join(out_dir, f"seen{rank}"), "w").write(str(len(seen)))
+
+
+def test_eval_under_torchrun_splits_the_images_over_the_ranks(tmp_path):
+    out = str(tmp_path / "run")
+    train.main(TINY + ["--iters", "1", "--out-dir", out, "--no-eval", "--val-images", "5"])
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    _spawn(_eval_main_worker, 2, os.path.join(out, "checkpoint.pt"), str(tmp_path), port)
+    assert [open(tmp_path / f"seen{r}").read() for r in range(2)] == ["3", "2"]
+    single = evaluation.main(["--checkpoint", os.path.join(out, "checkpoint.pt"), "--json",
+                              str(tmp_path / "single.json"), "--workers", "0"])
+    assert json.load(open(tmp_path / "res.json"))["confusion"] == single["confusion"]
+
+
+def test_a_new_run_does_not_append_to_the_log_of_a_run_that_saved_nothing(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "log.jsonl").write_text('{"iter": 1, "loss": 9.9, "lr": 0.1}\n' * 3)  # died early
+    train.main(TINY + ["--iters", "2", "--out-dir", str(out), "--no-eval"])
+    rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["iter"] for r in rows] == [1, 2] and rows[0]["loss"] != 9.9
+
+
+def test_nothing_to_measure_is_refused_and_absent_classes_are_null(tmp_path):
+    model = torch.nn.Conv2d(3, 5, 1)
+    ds = data.SyntheticContext(2, 24, seed=0)
+    ds.load = lambda i: (np.zeros((24, 24, 3), np.uint8), np.full((24, 24), 255, np.uint8))
+    with pytest.raises(data.BadInput, match="nothing to measure: the 2 images have no labelled"):
+        evaluation.evaluate(model, ds, log=lambda *a: None)
+    data.write_json(str(tmp_path / "r.json"), {"iou": [0.5, float("nan")], "miou": 0.5})
+    text = (tmp_path / "r.json").read_text()
+    assert "NaN" not in text and json.loads(text)["iou"] == [0.5, None]
+
+
+@pytest.mark.parametrize("line", ["../../outside/pic", "/etc/passwd", "a/b", "..", "x\\y"])
+def test_split_list_ids_stay_inside_the_dataset(tmp_path, line):
+    root = tmp_path / "VOC2012"
+    (root / "ImageSets/Segmentation").mkdir(parents=True)
+    (root / "ImageSets/Segmentation/val.txt").write_text(f"good\n{line}\n")
+    with pytest.raises(data.BadInput, match=r"val.txt, line 2: .* is not a plain id"):
+        data.VOCSegmentation(str(root), "val")
+    (root / "ImageSets/Segmentation/val.txt").write_text("a\nb\na\n")
+    with pytest.raises(data.BadInput, match=r"val.txt, line 3: 'a' is listed again"):
+        data.VOCSegmentation(str(root), "val")
+
+
+def test_predictions_of_images_that_share_a_name_never_overwrite_each_other(tmp_path):
+    out = str(tmp_path / "run")
+    train.main(TINY + ["--iters", "1", "--out-dir", out, "--no-eval"])
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for ext in ("bmp", "tif", "webp", "jpg"):
+        Image.new("RGB", (30, 20), (10, 200, 30)).save(folder / f"img.{ext}")
+    Image.new("RGB", (30, 20)).save(folder / "other.png")
+    written = evaluation.main(["--checkpoint", os.path.join(out, "checkpoint.pt"), "--image",
+                               str(folder), "--out", str(tmp_path / "pred")])
+    assert len(written) == len(set(written)) == 10
+    assert sorted(os.listdir(tmp_path / "pred"))[:2] == ["img_bmp.png", "img_bmp_panel.png"]
+    assert all(os.path.exists(p) for p in written)
+
+
+def test_errors_in_loader_workers_are_one_line(capsys):
+    class Broken(torch.utils.data.Dataset):
+        def __len__(self):
+            return 2
+
+        def __getitem__(self, i):
+            raise data.BadInput("cannot read image x.jpg: image file is truncated")
+    with pytest.raises(SystemExit) as e:
+        data.cli(lambda: next(iter(torch.utils.data.DataLoader(Broken(), num_workers=1))))
+    assert e.value.code == 2
+    assert capsys.readouterr().err == "error: cannot read image x.jpg: image file is truncated\n"
+
+
+def test_huge_images_are_refused_before_decoding(tmp_path, monkeypatch):
+    Image.new("L", (8000, 6000)).save(tmp_path / "big.png")  # 48 megapixels in a small file
+    with pytest.raises(data.BadInput, match=r"big.png is 8000x6000 = 48 megapixels; the limit is "
+                                            r"40 \(resize it first\)"):
+        data.read_image(str(tmp_path / "big.png"))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # Pillow's own bomb guard
+    Image.new("L", (100, 100)).save(tmp_path / "bomb.png")
+    with pytest.raises(data.BadInput, match=r"bomb.png is too large to decode safely"):
+        data.read_image(str(tmp_path / "bomb.png"))
+
+
+@pytest.mark.parametrize("mode", ["I;16", "1", "RGB"])
+def test_masks_in_other_modes_are_named_as_they_are(tmp_path, mode):
+    Image.new(mode, (8, 8)).save(tmp_path / "m.png")
+    why = "rendered to colours" if mode == "RGB" else "other modes are not read as class indices"
+    with pytest.raises(data.BadInput, match=rf"m.png has mode '{re.escape(mode)}'.*{why}"):
+        data.read_mask(str(tmp_path / "m.png"))
+
+
+def test_outputs_are_checked_writable_before_any_work(tmp_path):
+    out = str(tmp_path / "run")
+    train.main(TINY + ["--iters", "1", "--out-dir", out, "--no-eval"])
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(data.BadInput, match=r"cannot write into .*file/sub"):
+        evaluation.main(["--checkpoint", os.path.join(out, "checkpoint.pt"), "--json",
+                         str(tmp_path / "file" / "sub" / "r.json")])
+
+
+def test_ctrl_c_is_answered_at_once_and_twice_stops_without_saving(tmp_path):
+    out = str(tmp_path / "run")
+    proc = subprocess.Popen([sys.executable, "-u", os.path.join(HERE, "train.py")] + TINY +
+                            ["--iters", "100000", "--log-every", "5000", "--save-every", "5000",
+                             "--out-dir", out, "--no-eval"], cwd=HERE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().startswith("training synthetic")
+    time.sleep(1)
+    proc.send_signal(signal.SIGINT)
+    first = proc.stderr.readline()
+    assert re.fullmatch(r"SIGINT: a checkpoint will be saved at iteration 5000 \(the next sync "
+                        r"point\), then the run stops; SIGINT again stops at once without "
+                        r"saving\n", first), first
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=30) == 130
+    assert "SIGINT again: stopped at once, without saving" in proc.stderr.read()
+    assert not os.path.exists(os.path.join(out, "checkpoint.pt"))

@@ -16,6 +16,7 @@ import contextlib
 import json
 import math
 import os
+import resource
 import shutil
 import signal
 import sys
@@ -204,7 +205,9 @@ def make_optimizer(model, cfg):
 
 
 def loss_fn(logits, target):
-    return F.cross_entropy(logits, target, ignore_index=data.IGNORE)
+    """Cross-entropy summed over the labelled pixels (255 ignored); the loop divides it by the
+    number of labelled pixels of the whole batch."""
+    return F.cross_entropy(logits, target, ignore_index=data.IGNORE, reduction="sum")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -215,7 +218,8 @@ def loss_fn(logits, target):
 
 def setup(cfg):
     """Everything before the first step. Returns the run's state (an argparse.Namespace)."""
-    rank, world, device = setup_distributed(cfg["device"], cfg["deterministic"])
+    rank, world, device = evaluation.setup_distributed(cfg["device"], cfg["deterministic"])
+    same_settings_on_every_rank(cfg)  # torchrun: one command line for every rank
     train_set = data.get_dataset(cfg["dataset"], cfg["split"], cfg["data_root"], train=True,
                                  crop=cfg["crop"], scale=cfg["scale"], seed=cfg["seed"],
                                  **synthetic_args(cfg, "num_images"))
@@ -263,16 +267,18 @@ def train(cfg):
     window, steps, t0, it0 = torch.zeros((), device=run.device), 0, time.time(), it
     announce(run)
     try:
-        with stop_signals(cfg["stop_after"]) as stop:
+        with stop_signals(cfg, run.rank, it) as stop:
             while it < cfg["iters"]:
                 set_lr(run.optimizer, poly_lr(cfg["lr"], it, cfg["iters"], cfg["power"]))
-                for k in range(accum):  # all-reduce the gradients on the last micro-step only
+                batch = [next(run.batches) for _ in range(accum)]  # this rank's micro-batches
+                labelled = labelled_pixels(run, batch)  # in the whole batch, all ranks (>= 1)
+                for k, (images, labels) in enumerate(batch):  # gradients all-reduced on the last
                     with (run.ddp.no_sync() if run.ddp and k < accum - 1
                           else contextlib.nullcontext()):
-                        window += micro_step(run, *next(run.batches))
+                        window += micro_step(run, images, labels, labelled)
                 optimizer_step(run)
                 it, steps, position = it + 1, steps + 1, advance(position, accum, run.per_epoch)
-                stop.count(it - it0)
+                stop.count(it, it - it0)
                 if sync_due(cfg, it, stop):
                     loss, stopping = sync_point(run, window, steps, stop, it)
                     report(run, it, it0, t0, loss)
@@ -285,25 +291,32 @@ def train(cfg):
                         rank0_print(f"{stop.name}: checkpoint saved at iteration {it} to "
                                     f"{run.ck_path}; continue with the same command plus --resume")
                         return {"stopped_at": it, "checkpoint": run.ck_path}
+        run.batches = None  # shuts the loader workers down
+        rank0_print(f"trained {it - it0} iterations in {(time.time() - t0) / 60:.1f} min; "
+                    f"checkpoint: {run.ck_path}")
+        result = {"train_seconds": time.time() - t0, "checkpoint": run.ck_path, "iteration": it}
+        if not cfg["no_eval"]:
+            same_model_on_every_rank(run)  # what is evaluated is what was saved
+            result.update(final_evaluation(run))
+        return result
     finally:
-        run.batches = None  # shuts the loader workers down before the process group goes
-    rank0_print(f"trained {it - it0} iterations in {(time.time() - t0) / 60:.1f} min; "
-                f"checkpoint: {run.ck_path}")
-    result = {"train_seconds": time.time() - t0, "checkpoint": run.ck_path, "iteration": it}
-    if not cfg["no_eval"]:
-        result.update(final_evaluation(run))
-    return result
+        run.batches = None  # before the process group goes
+        release_out_dir(run)
 
 
-def micro_step(run, images, labels):
-    """Forward and backward of one micro-batch; returns its loss (on the device)."""
+def micro_step(run, images, labels, labelled):
+    """Forward and backward of one micro-batch. Its summed cross-entropy is divided by the
+    labelled pixels of the whole batch (all micro-steps, all ranks): every step's gradient is
+    the batch's per-pixel mean however the pixels fall over ranks and micro-steps, and a batch
+    with no labelled pixel contributes nothing. Returns this micro-batch's share of the loss."""
     images = images.to(run.device, non_blocking=True)
     labels = labels.to(run.device, non_blocking=True)
     if run.cfg["channels_last"]:
         images = images.contiguous(memory_format=torch.channels_last)
     with torch.autocast(run.device.type, dtype=run.amp_dtype, enabled=run.amp_dtype is not None):
-        loss = loss_fn(run.net(images), labels) / run.cfg["accum_steps"]
-    (run.scaler.scale(loss) if run.scaler is not None else loss).backward()
+        loss = loss_fn(run.net(images), labels) / labelled
+    scaled = loss * run.world  # DDP averages the ranks' gradients: their sum is wanted
+    (run.scaler.scale(scaled) if run.scaler is not None else scaled).backward()
     return loss.detach().float()
 
 
@@ -321,26 +334,43 @@ def optimizer_step(run):
 # =============================================================================================
 
 # ---------------------------------------------------------------------------------------------
-# Distributed set-up, from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR...).
-# Multi-node works through torchrun's own rendezvous; nothing here is home-made.
+# Distributed helpers. The process group comes from torchrun's environment (RANK, WORLD_SIZE,
+# LOCAL_RANK, MASTER_ADDR...) through eval.setup_distributed; multi-node works through torchrun's
+# own rendezvous; nothing here is home-made.
 # ---------------------------------------------------------------------------------------------
 
-def setup_distributed(device_arg, deterministic=False):
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    device = evaluation.pick_device(device_arg, int(os.environ.get("LOCAL_RANK", "0")))
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-        # fixed 513 crops: let cuDNN time its kernels once and keep the fastest. They are not
-        # bitwise reproducible from run to run; --deterministic trades speed for that.
-        torch.backends.cudnn.benchmark = not deterministic
-        torch.backends.cudnn.deterministic = deterministic
-    if deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True, warn_only=True)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    return rank, (dist.get_world_size() if dist.is_initialized() else 1), device
+def same_settings_on_every_rank(cfg):
+    """Every rank of a run must have the same settings (a different --seed on one rank would
+    silently change what each epoch sees): refused on every rank, naming the flags."""
+    if not dist.is_initialized():
+        return
+    mine = {k: v for k, v in cfg.items() if k != "device"}
+    every = [None] * dist.get_world_size()
+    dist.all_gather_object(every, json.dumps(mine, sort_keys=True, default=str))
+    every = [json.loads(e) for e in every]
+    differ = sorted(k for k in every[0] if any(e.get(k) != every[0][k] for e in every))
+    if differ:
+        raise BadInput(f"the ranks were started with different settings ("
+                       f"{', '.join('--' + k.replace('_', '-') for k in differ)}): every rank of "
+                       f"a run needs the same command line")
+
+
+def labelled_pixels(run, batch):
+    """Labelled pixels (not 255) in the micro-batches of one step, summed over the ranks: the
+    loss's denominator (at least 1, so that a batch with none gives zero loss, not 0/0)."""
+    n = sum(int((labels != data.IGNORE).sum()) for _, labels in batch)
+    n = torch.tensor(float(n), dtype=torch.float64, device=run.device)
+    if run.world > 1:
+        dist.all_reduce(n)
+    return n.clamp(min=1).float()
+
+
+def same_model_on_every_rank(run):
+    """rank 0's batch-norm statistics on every rank (with --sync-bn off each rank's last step
+    left its own), so that the evaluated model is the saved one."""
+    if run.world > 1:
+        for b in run.model.buffers():
+            dist.broadcast(b, src=0)
 
 
 def rank0_print(*a, **k):
@@ -433,6 +463,7 @@ def start_or_resume(run):
 
     def decide():
         nonlocal ck
+        run.lock = data.FolderLock(cfg["out_dir"], "train.py")  # one run owns --out-dir
         ck = check_out_dir(cfg, run.ck_path, size)
         return ck is not None
     try:
@@ -441,9 +472,17 @@ def start_or_resume(run):
             take_weights(run.model, cfg, verbose=run.rank == 0)
     except BadInput:
         if run.rank == 0:
+            release_out_dir(run, remove=True)
             remove_empty(cfg["out_dir"], made)
         raise
     return ck
+
+
+def release_out_dir(run, remove=False):
+    """Let go of --out-dir's lock (rank 0 holds it; the system drops it if the process dies)."""
+    if getattr(run, "lock", None) is not None:
+        run.lock.release(remove)
+        run.lock = None
 
 
 def first_missing(path):
@@ -527,12 +566,16 @@ def check_out_dir(cfg, ck_path, checkpoint_bytes):
     out = cfg["out_dir"]  # made only now, when the run starts
     data.atomic_save(os.path.join(out, ".write-test"), lambda f: f.write(b"ok"))
     os.unlink(os.path.join(out, ".write-test"))
-    free = shutil.disk_usage(out).free
-    if free < 1.2 * checkpoint_bytes:
+    free, limit = shutil.disk_usage(out).free, resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    if free < 1.2 * checkpoint_bytes:  # the new checkpoint's temp file beside the old one
         raise BadInput(f"--out-dir {out}: {free / 2 ** 30:.2f} GiB free, but a checkpoint "
                        f"of this model takes about {checkpoint_bytes / 2 ** 30:.2f} GiB")
-    if ck is not None:
-        truncate_log(os.path.join(out, "log.jsonl"), ck["iteration"])
+    if limit != resource.RLIM_INFINITY and limit < checkpoint_bytes:
+        raise BadInput(f"the file-size limit (ulimit -f) is {limit / 2 ** 20:.0f} MB, but a "
+                       f"checkpoint of this model takes about {checkpoint_bytes / 2 ** 20:.0f} MB")
+    # a resumed run keeps its log up to the checkpoint; a new one starts a new log (a run that
+    # died before its first checkpoint may have left one)
+    truncate_log(os.path.join(out, "log.jsonl"), ck["iteration"] if ck is not None else 0)
     return ck
 
 
@@ -584,7 +627,10 @@ def truncate_log(path, iteration):
         return
     with open(path) as f:
         keep = [line for line in f if line.strip() and json.loads(line)["iter"] <= iteration]
-    data.atomic_save(path, lambda f: f.write("".join(keep).encode()))
+    if keep:
+        data.atomic_save(path, lambda f: f.write("".join(keep).encode()))
+    else:
+        os.unlink(path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -645,19 +691,37 @@ def micro_batches(run):
 
 class stop_signals(contextlib.AbstractContextManager):
     """SIGINT/SIGTERM (and the testing aid --stop-after) ask the loop to save and stop at its
-    next sync point."""
+    next sync point, which is said at once; the same signal again stops at once, without
+    saving (the last checkpoint stays as it was), exit code 130."""
 
-    def __init__(self, stop_after=None):
-        self.name, self.stop_after, self.now = None, stop_after, False
+    def __init__(self, cfg, rank, it):
+        self.cfg, self.rank, self.it = cfg, rank, it
+        self.name, self.now = None, False
 
     def __enter__(self):
         def on_signal(signum, frame):
-            self.name = signal.Signals(signum).name
+            name = signal.Signals(signum).name
+            if self.name is not None:
+                if self.rank == 0:
+                    print(f"{name} again: stopped at once, without saving; the last checkpoint "
+                          f"is left as it was", file=sys.stderr, flush=True)
+                raise SystemExit(130)
+            self.name = name
+            if self.rank == 0:
+                print(f"{name}: a checkpoint will be saved at iteration {self.next_sync()} (the "
+                      f"next sync point), then the run stops; {name} again stops at once "
+                      f"without saving", file=sys.stderr, flush=True)
         self.old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         return self
 
-    def count(self, steps_this_run):
-        self.now = self.stop_after is not None and steps_this_run == self.stop_after
+    def next_sync(self):
+        c, it = self.cfg, self.it
+        return min(it // c["log_every"] * c["log_every"] + c["log_every"],
+                   it // c["save_every"] * c["save_every"] + c["save_every"], c["iters"])
+
+    def count(self, it, steps_this_run):
+        self.it = it
+        self.now = self.cfg["stop_after"] is not None and steps_this_run == self.cfg["stop_after"]
         if self.now:
             self.name = self.name or "SIGTERM (--stop-after)"
 
@@ -674,16 +738,18 @@ def sync_due(cfg, it, stop):
 def sync_point(run, window, steps, stop, it):
     """The loop's one host synchronisation: the mean loss of the iterations since the last one,
     over all ranks, and whether any rank was asked to stop (one all_reduce, one copy)."""
-    flags = torch.stack([window, torch.tensor(float(stop.name is not None), device=run.device)])
+    finite = torch.stack([p.detach().isfinite().all() for p in run.model.parameters()]).all()
+    flags = torch.stack([window, torch.tensor(float(stop.name is not None), device=run.device),
+                         (~finite).float()])
     if run.world > 1:
         dist.all_reduce(flags)
-    total, stops = flags.tolist()
-    loss = total / (steps * run.world)  # each step added its mean loss
-    if not math.isfinite(loss):
+    total, stops, bad_weights = flags.tolist()
+    loss = total / steps  # each step added its batch's mean loss, in shares over the ranks
+    if not math.isfinite(loss) or bad_weights:
+        what = f"loss is {loss}" if not math.isfinite(loss) else "weights are not finite"
         raise FloatingPointError(
-            f"loss is {loss} in the iterations up to {it}: training stopped. The last good "
-            f"checkpoint ({run.ck_path}, if any) is left as it was; try a lower --lr or no "
-            f"--amp fp16")
+            f"{what} in the iterations up to {it}: training stopped. The last good checkpoint "
+            f"({run.ck_path}, if any) is left as it was; try a lower --lr or no --amp fp16")
     stop.name = stop.name or ("signal on another rank" if stops > 0 else None)
     return loss, stops > 0
 
@@ -732,8 +798,7 @@ def final_evaluation(run):
     if ctx:
         summary["context_miou"] = float(np.nanmean([res["iou"][c] for c in ctx]))
     if run.rank == 0:
-        data.atomic_save(os.path.join(out, "eval.json"),
-                         lambda f: f.write(json.dumps(dict(res, **summary), indent=1).encode()))
+        data.write_json(os.path.join(out, "eval.json"), dict(res, **summary))
         pic = evaluation.prediction_picture(model, val, run.device, os.path.join(out, "predictions.png"))
         rank0_print(f"evaluation numbers: {os.path.join(out, 'eval.json')}; pictures: {pic}; "
                     f"training log: {run.log_path} and {os.path.join(out, 'curves.png')}")
@@ -755,7 +820,8 @@ def parse_args(argv=None):
         epilog=f"dataset presets:\n{preset_text}\ncommon defaults: " +
                ", ".join(f"{k}={v}" for k, v in COMMON.items() if v is not None) +
                f"\n\nexit codes: 0 finished, 1 failed (e.g. non-finite loss), 2 refused input, "
-               f"{EXIT_STOPPED} stopped by a signal after saving a checkpoint (resume it)")
+               f"{EXIT_STOPPED} stopped by a signal after saving a checkpoint (resume it), 130 "
+               f"stopped by a second signal without saving")
     experiment_flags(p.add_argument)
     run_flags(p.add_argument)
     args = p.parse_args(argv)
@@ -951,7 +1017,7 @@ def bench(device_arg=None):
 def training_step(model, opt, x, t, dtype=None):
     """One SGD step on (x, t), under autocast when `dtype` is bf16/fp16 (the benchmarks)."""
     with torch.autocast(x.device.type, dtype=dtype, enabled=dtype not in (None, torch.float32)):
-        loss = loss_fn(model(x), t)
+        loss = loss_fn(model(x), t) / t.numel()
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
@@ -1071,7 +1137,7 @@ def ablation_run(run):
     rec = dict(config=key, miou=res["miou"], context_miou=res.get("context_miou", float("nan")),
                seconds=time.time() - t, resumed=resume)
     if not dist.is_initialized() or dist.get_rank() == 0:
-        data.atomic_save(done, lambda f: f.write(json.dumps(rec, indent=1).encode()))
+        data.write_json(done, rec)
     return rec["miou"], rec["context_miou"], rec["seconds"]
 
 
@@ -1093,7 +1159,7 @@ def ablation(cfg, seeds):
         lines.append(f"{name:8} {100 * r[:, 0].mean():7.2f} ± {100 * r[:, 0].std():4.2f} "
                      f"{100 * np.nanmean(r[:, 1]):9.2f} ± {100 * np.nanstd(r[:, 1]):4.2f} "
                      f"{r[:, 2].mean():7.0f} {TABLE1[name].miou or '-':>12}")
-    rank, _, device = setup_distributed(cfg["device"])
+    rank, _, device = evaluation.setup_distributed(cfg["device"])
     if rank != 0:
         return {name: r for name, r in rows}
     lines.append("")
@@ -1149,13 +1215,13 @@ def distance_run(cfg, name, seed, batches, test, device):
     net = nn.Sequential(vortex.table1_module(name, DESCRIPTOR_CHANNELS, out_channels=c2),
                         nn.Conv2d(c2, 2, 1))
     net.to(device).train()
-    run = argparse.Namespace(cfg=dict(cfg, channels_last=False, accum_steps=1), device=device,
+    run = argparse.Namespace(cfg=dict(cfg, channels_last=False), device=device, world=1,
                              net=net, amp_dtype=None, scaler=None,
                              optimizer=torch.optim.Adam(net.parameters(), cfg["lr"]))
     loss = torch.zeros((), device=device)
     for it, (x, label) in enumerate(batches):
         set_lr(run.optimizer, poly_lr(cfg["lr"], it, cfg["iters"], cfg["power"]))
-        loss += micro_step(run, x.float(), label)
+        loss += micro_step(run, x.float(), label, labelled_pixels(run, [(x, label)]))
         optimizer_step(run)
     if not math.isfinite(loss.item()):
         raise FloatingPointError(f"{name} seed {seed}: non-finite loss; try a lower --lr")
@@ -1185,7 +1251,7 @@ def distance_experiment(cfg, seeds):
                 correct, total = distance_run(cfg, name, seed, batches, test, device)
                 rec = dict(config=key, correct=correct.tolist(), total=total.tolist(),
                            seconds=time.time() - t)
-                data.atomic_save(path, lambda f: f.write(json.dumps(rec).encode()))
+                data.write_json(path, rec)
                 fresh.append(time.time() - t)
             acc[name].append(np.array(rec["correct"]) / np.maximum(1, rec["total"]))
             seconds[name].append(rec["seconds"])
@@ -1239,8 +1305,12 @@ def main(argv=None):
     if cfg["bench"]:
         return bench(cfg["device"])
     try:
-        if cfg["context_experiment"]:
-            return distance_experiment(cfg, cfg["context_experiment"])
+        if cfg["context_experiment"]:  # one experiment owns its folder
+            lock = data.FolderLock(cfg["out_dir"], "train.py --context-experiment")
+            try:
+                return distance_experiment(cfg, cfg["context_experiment"])
+            finally:
+                lock.release()
         return ablation(cfg, cfg["ablation"]) if cfg["ablation"] else train(cfg)
     except FloatingPointError as e:
         sys.exit(str(e))

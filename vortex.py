@@ -678,6 +678,8 @@ def read_weights_file(path):
                                                   "permission denied"))
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
+    except PermissionError:
+        raise BadInput(f"cannot read {path}: permission denied") from None
     except Exception as e:  # truncated file, not a torch file, pickled code objects...
         first = (str(e).strip().splitlines() or ["empty file"])[0]
         raise BadInput(f"cannot read {path} as a weights-only torch checkpoint: it is truncated, "
