@@ -1191,7 +1191,8 @@ def bench_loader(voc=None, n=300, crop=513):
     return n / dt
 
 
-def main(argv=None):
+def parser():
+    """The command line (--help explains every flag)."""
     p = argparse.ArgumentParser(description="Dataset preparation and checks for Vortex Pooling "
                                             "(paper 4.1, 4.2). Nothing is downloaded.")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -1229,6 +1230,11 @@ def main(argv=None):
                    help="show descriptor maps of the context experiment (train.py "
                         "--context-experiment) instead of images")
     s.add_argument("--force", action="store_true", help="overwrite --out if it exists")
+    return p
+
+
+def main(argv=None):
+    p = parser()
     args = p.parse_args(argv)
     if args.cmd in ("prepare-sbd", "prepare-coco"):  # one preparation per folder at a time
         if args.cmd == "prepare-coco" and args.min_pixels < 0:

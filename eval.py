@@ -300,7 +300,8 @@ def predict_images(model, ck, source, out, scales, flip, device, force, log=prin
         f"wrote {len(written)} files in {os.path.dirname(stems[0])} "
         f"(<name>.png: class indices; <name>_panel.png: image | prediction)")
     return written
-def main(argv=None):
+def parser():
+    """The command line (--help explains every flag)."""
     p = argparse.ArgumentParser(description="Evaluate a train.py checkpoint: full-image mIoU "
                                             "(paper 4.1/4.2), or predict images.")
     p.add_argument("--checkpoint", help="a checkpoint written by train.py")
@@ -348,7 +349,13 @@ def main(argv=None):
                    help="run the model under autocast (probabilities averaged in fp32)")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when "
                                                   "available)")
+    return p
+
+
+def main(argv=None):
+    p = parser()
     args = p.parse_args(argv)
+    vortex.keep_freed_memory()  # large tensors reuse memory instead of page-faulting it in
     if args.bench:
         return bench()
     scales = PAPER_SCALES if args.ms else tuple(args.scales)
@@ -610,25 +617,51 @@ def erf_figure(checkpoints, out, num_images=32, device="cpu", data_root=None, ce
         radii[name] = (r50, r90)
         log(f"{name:8} ({len(maps)} model(s)): 50% of the gradient within {r50:5.1f} px, 90% "
             f"within {r90:5.1f} px of the centre")
-        v = (erf / erf.max()).sqrt().numpy()
-        rgb = np.stack([np.clip(3 * v, 0, 1), np.clip(3 * v - 1, 0, 1), np.clip(3 * v - 2, 0, 1)],
-                       -1)  # black-red-yellow-white
-        pic = Image.fromarray((rgb * 255).astype(np.uint8)).resize((w * cell, h * cell),
+        pic = Image.fromarray(heat((erf / erf.max()).sqrt().numpy())).resize((w * cell, h * cell),
                                                                    Image.NEAREST)
         draw = ImageDraw.Draw(pic)
         c = ((w // 2 + 0.5) * cell, (h // 2 + 0.5) * cell)
-        for radius, colour in ((r50, (255, 255, 255)), (r90, (80, 200, 255))):
+        for radius, colour in ((r50, (255, 255, 255)), (r90, ERF_CIRCLE_90)):
             r = radius * cell
-            draw.ellipse([c[0] - r, c[1] - r, c[0] + r, c[1] + r], outline=colour)
+            draw.ellipse([c[0] - r, c[1] - r, c[0] + r, c[1] + r], outline=colour, width=2)
         title = Image.new("RGB", (pic.width, 14), (255, 255, 255))
         ImageDraw.Draw(title).text((2, 1), f"{name}: 50% / 90% within {r50:.0f} / {r90:.0f} px",
                                    fill=(0, 0, 0))
         panels.append(np.concatenate([np.asarray(title), np.asarray(pic)], 0))
-    panels.append(_curves_panel(curves, panels[-1].shape[1], panels[-1].shape[0]))
+    height, width = panels[-1].shape[:2]
+    panels += [_colour_bar(height), _curves_panel(curves, width, height)]
     figure = hstack(panels, 8)
     data.atomic_save(out, lambda f: Image.fromarray(figure).save(f, format="PNG"))
     log(f"wrote {out}")
     return radii
+
+
+ERF_CIRCLE_90 = (0, 230, 255)
+
+
+def heat(v):
+    """Values in [0, 1] -> uint8 RGB, black-red-yellow-white."""
+    rgb = np.stack([np.clip(3 * v, 0, 1), np.clip(3 * v - 1, 0, 1), np.clip(3 * v - 2, 0, 1)], -1)
+    return (rgb * 255).astype(np.uint8)
+
+
+def _colour_bar(height, width=96):
+    """The ERF panels' colour scale: colour against the fraction of the peak gradient (square
+    root scale, so 0.25 of the peak sits half way up), and what the two circles mean."""
+    pic = Image.new("RGB", (width, height), (255, 255, 255))
+    top, bottom = 18, height - 50
+    ramp = np.linspace(1, 0, bottom - top)[:, None].repeat(14, 1)
+    pic.paste(Image.fromarray(heat(ramp)), (4, top))
+    draw = ImageDraw.Draw(pic)
+    draw.rectangle([4, top, 18, bottom - 1], outline=(0, 0, 0))
+    for p in (1, 0.5, 0):  # bar position p shows the value p^2 of the peak
+        draw.text((22, top + (1 - p) * (bottom - top - 1) - 6), f"{p * p:g}", fill=(0, 0, 0))
+    draw.text((2, 2), "of the peak", fill=(0, 0, 0))
+    draw.ellipse([4, bottom + 6, 16, bottom + 18], outline=(0, 0, 0), width=2)
+    draw.text((20, bottom + 6), "50% mass", fill=(0, 0, 0))
+    draw.ellipse([4, bottom + 26, 16, bottom + 38], outline=ERF_CIRCLE_90, width=2)
+    draw.text((20, bottom + 26), "90% mass", fill=(0, 0, 0))
+    return np.asarray(pic)
 
 
 def _curves_panel(curves, width, height, margin=26):
@@ -753,34 +786,40 @@ def legend(width, names, palette, indices):
     return np.asarray(strip)
 
 
-def curves_figure(log_path, out, size=(520, 300)):
-    """Loss and learning rate against iterations, from log.jsonl, as a PNG (Pillow only)."""
+def curves_figure(log_path, out, size=(560, 320)):
+    """Loss and learning rate against iterations, from log.jsonl, as a PNG (Pillow only). Both
+    axes start at 0 and carry their values, so a curve's height means what its numbers say.
+    Returns `out`, or None when the log has fewer than two lines (nothing is drawn)."""
     if not os.path.exists(log_path):
-        return
+        return None
     with open(log_path) as f:
         rows = [json.loads(line) for line in f if line.strip()]
     if len(rows) < 2:
-        return
+        return None
     it = np.array([r["iter"] for r in rows], float)
     pic = Image.new("RGB", size, (255, 255, 255))
     draw = ImageDraw.Draw(pic)
-    x0, y0, x1, y1 = 50, 24, size[0] - 50, size[1] - 30
-    draw.rectangle([x0, y0, x1, y1], outline=(0, 0, 0))
-    for key, colour, side in (("loss", (31, 119, 180), "left"), ("lr", (214, 39, 40), "right")):
+    x0, y0, x1, y1 = 58, 28, size[0] - 64, size[1] - 34
+
+    def x(a):
+        return x0 + (x1 - x0) * (a - it[0]) / max(1, it[-1] - it[0])
+    for f in (0, 0.25, 0.5, 0.75, 1):  # grid, iteration ticks
+        draw.line([x0, y1 - (y1 - y0) * f, x1, y1 - (y1 - y0) * f], fill=(232, 232, 232))
+        a = it[0] + f * (it[-1] - it[0])
+        draw.text((x(a) - 12, y1 + 4), f"{a:.0f}", fill=(0, 0, 0))
+    for key, colour, tx in (("loss", (31, 119, 180), 4), ("lr", (214, 39, 40), x1 + 6)):
         v = np.array([r[key] for r in rows], float)
-        lo, hi = float(np.nanmin(v)), float(np.nanmax(v))
-        span = hi - lo or 1.0
-        pts = [(x0 + (x1 - x0) * (a - it[0]) / max(1, it[-1] - it[0]),
-                y1 - (y1 - y0) * (b - lo) / span) for a, b in zip(it, v)]
-        draw.line(pts, fill=colour, width=2)
-        tx = 4 if side == "left" else x1 + 4
-        draw.text((tx, y0 - 2), f"{hi:.3g}", fill=colour)
-        draw.text((tx, y1 - 10), f"{lo:.3g}", fill=colour)
-    draw.text((x0, 4), "training loss (blue, left scale) and learning rate (red, right scale)",
-              fill=(0, 0, 0))
-    draw.text((x0, y1 + 6), f"iteration {int(it[0])}", fill=(0, 0, 0))
-    draw.text((x1 - 90, y1 + 6), f"iteration {int(it[-1])}", fill=(0, 0, 0))
+        top = float(np.nanmax(v)) * 1.05 or 1.0
+        draw.line([(x(a), y1 - (y1 - y0) * b / top) for a, b in zip(it, v)], fill=colour,
+                  width=2)
+        for f in (0, 0.5, 1):
+            draw.text((tx, y1 - (y1 - y0) * f - 6), f"{f * top:.3g}", fill=colour)
+    draw.rectangle([x0, y0, x1, y1], outline=(0, 0, 0))
+    draw.text((x0, 4), "training loss (blue, left axis) and learning rate (red, right axis), "
+                       "both from 0", fill=(0, 0, 0))
+    draw.text(((x0 + x1) // 2 - 24, y1 + 18), "iteration", fill=(0, 0, 0))
     data.atomic_save(out, lambda f: pic.save(f, "PNG"))
+    return out
 
 
 def pick_examples(dataset, n=4, look=64):
@@ -837,6 +876,7 @@ def footprints_figure(path, size=65, cell=4):
             pic[region & used] = BRANCH_COLOURS[i]
         pic[size // 2, size // 2] = 0
         pic = np.kron(pic, np.ones((cell, cell, 1), np.uint8))
+        pic = np.pad(pic, ((1, 1), (1, 1), (0, 0)))  # the map's border, black, outside it
         text = Image.new("RGB", (pic.shape[1], 14 + 14 * len(m.pools)), (255, 255, 255))
         draw = ImageDraw.Draw(text)
         draw.text((2, 1), f"{m.name}: r = {ratio:.4f} of the {size}x{size} map", fill=(0, 0, 0))

@@ -1682,11 +1682,13 @@ def test_distributed_evaluation_counts_every_image_once(tmp_path):
 def test_fig3_footprint_picture(tmp_path):
     path = evaluation.footprints_figure(str(tmp_path / "fig3.png"), size=65, cell=1)
     pic = np.asarray(Image.open(path))
-    assert pic.shape == (65 + 14 + 4 * 14, 3 * 65 + 2 * 8, 3)
-    read = (pic[:65] != 255).any(-1)  # not white: some branch reads it (or the centre, black)
-    assert read[:, :65].sum() == 17  # ASPP: 17 positions fit on the map
-    assert read[:, 2 * 73:].sum() == 65 * 65  # Vortex: every position
-    vx = pic[:65, 2 * 73:]
+    assert pic.shape == (67 + 14 + 4 * 14, 3 * 67 + 2 * 8, 3)  # maps framed by a 1-px border
+    frame = pic[:67, :67]
+    assert (frame[0] == 0).all() and (frame[-1] == 0).all() and (frame[:, 0] == 0).all()
+    read = (pic[1:66] != 255).any(-1)  # not white: some branch reads it (or the centre, black)
+    assert read[:, 1:66].sum() == 17  # ASPP: 17 positions fit on the map
+    assert read[:, 2 * 75 + 1:2 * 75 + 66].sum() == 65 * 65  # Vortex: every position
+    vx = pic[1:66, 2 * 75 + 1:2 * 75 + 66]
     assert tuple(vx[32, 33]) == evaluation.BRANCH_COLOURS[1]  # next to the centre: the 3x3 pool
     assert tuple(vx[0, 0]) == evaluation.BRANCH_COLOURS[3]  # the corner: the 27x27 pool
     # on a 41x41 map Vortex's rate-27 taps fall off the map from the centre: r drops to 0.43
@@ -2531,3 +2533,82 @@ def test_ctrl_c_is_answered_at_once_and_twice_stops_without_saving(tmp_path):
     assert proc.wait(timeout=30) == 130
     assert "SIGINT again: stopped at once, without saving" in proc.stderr.read()
     assert not os.path.exists(os.path.join(out, "checkpoint.pt"))
+
+
+def documented_commands():
+    """Every `python X.py ...` / `torchrun ... X.py ...` command in the bash blocks of README and
+    docs/, with shell loops expanded: (page, script, argument list)."""
+    import itertools
+    import shlex
+    pages = ["README.md"] + [os.path.join("docs", f) for f in sorted(os.listdir(
+        os.path.join(HERE, "docs")))]
+    found = []
+    for page in pages:
+        text = open(os.path.join(HERE, page)).read()
+        for block in re.findall(r"```(?:bash)?\n(.*?)```", text, re.S):  # and `$ ` lines
+            block = re.sub(r"\\\n\s*", " ", block).replace("\n$ ", "\n")  # continuations
+            block = block[2:] if block.startswith("$ ") else block
+            loops = dict(re.findall(r"for (\w+) in ([^;]+); do", block))
+            for line in block.split("\n"):
+                line = re.sub(r"(^|\s)#.*", "", line)  # comments
+                for part in re.split(r"&&|;", line):
+                    if not re.match(r"\s*(python|torchrun) ", part):
+                        continue  # not a command of ours (output, pip, a loop's head)
+                    words = shlex.split(part)
+                    script = next((w for w in words if w in ("train.py", "eval.py", "data.py",
+                                                              "vortex.py")), None)
+                    if script is None or not (words[0] in ("python", "torchrun")):
+                        continue
+                    args = words[words.index(script) + 1:]
+                    names = [v for v in loops if any("$" + v in a for a in args)]
+                    for values in itertools.product(*(loops[v].split() for v in names)):
+                        expanded = list(args)
+                        for name, value in zip(names, values):
+                            expanded = [a.replace("$" + name, value) for a in expanded]
+                        found.append((page, script, expanded))
+    return found
+
+
+def test_every_documented_command_parses():
+    """The commands of README and docs/ run as written, as far as their flags go: each is
+    parsed by its script's own parser and checks (no file is read, nothing runs)."""
+    commands = documented_commands()
+    assert len(commands) >= 30
+    scripts = {script for _, script, _ in commands}
+    assert scripts == {"train.py", "eval.py", "data.py", "vortex.py"}
+    for page, script, args in commands:
+        try:
+            if script == "train.py":
+                train.parse_args(args)
+            else:
+                {"eval.py": evaluation, "data.py": data, "vortex.py": vortex}[
+                    script].parser().parse_args(args)
+        except (SystemExit, data.BadInput) as e:
+            raise AssertionError(f"{page}: {script} {' '.join(args)} -> {e}") from None
+
+
+def test_count_include_pad_is_a_recorded_training_flag(tmp_path):
+    out = str(tmp_path / "run")
+    train.main(TINY + ["--iters", "1", "--out-dir", out, "--no-eval", "--count-include-pad"])
+    ck = evaluation.load_checkpoint(os.path.join(out, "checkpoint.pt"))
+    assert ck["config"]["count_include_pad"] is True
+    assert evaluation.model_from_checkpoint(ck).context.count_include_pad is True
+    with pytest.raises(data.BadInput, match=r"--count-include-pad False \(checkpoint: True\)"):
+        train.main(TINY + ["--iters", "2", "--out-dir", out, "--no-eval", "--resume"])
+
+
+def test_training_curves_have_absolute_axes_and_are_named_only_when_drawn(tmp_path, capsys):
+    log = tmp_path / "log.jsonl"
+    log.write_text('{"iter": 1, "loss": 2.0, "lr": 0.1}\n')
+    assert evaluation.curves_figure(str(log), str(tmp_path / "c.png")) is None  # one point
+    log.write_text('{"iter": 1, "loss": 2.0, "lr": 0.1}\n{"iter": 9, "loss": 0.5, "lr": 0.05}\n')
+    pic = np.asarray(Image.open(evaluation.curves_figure(str(log), str(tmp_path / "c.png"))))
+    blue = np.argwhere((pic == (31, 119, 180)).all(-1))
+    # the loss falls from 2.0 to 0.5 on an axis from 0 to 2.1: the curve ends near a quarter of
+    # the plot's height above its bottom, not at the bottom (a min-to-max scale would put it there)
+    bottom, top = 320 - 34, 28
+    end = blue[blue[:, 1].argmax()]
+    assert abs((bottom - end[0]) / (bottom - top) - 0.5 / 2.1) < 0.05
+    out = str(tmp_path / "run")
+    train.main(TINY + ["--iters", "1", "--out-dir", out, "--log-every", "5"])
+    assert "curves.png" not in capsys.readouterr().out  # a 1-line log draws no curves

@@ -13,6 +13,7 @@ Part II, the engineering the paper does not describe:
   `python vortex.py`: Table 1's modules in numbers; `--bench`: speed ratios; `--figure`: Fig. 3.
 """
 import argparse
+import ctypes
 import math
 import os
 import time
@@ -370,9 +371,9 @@ class DeepLabV3(nn.Module):
 
     def forward(self, x):
         # align_corners=False (PyTorch's and torchvision's convention). DeepLab's TF code uses
-        # align_corners=True with input sizes 8k+1 (513): the two grids differ by a shift that
-        # is 0 at the image centre and grows towards the borders (up to about half the output
-        # stride, in image pixels).
+        # align_corners=True with input sizes 8k+1 (513). For 65 x 65 logits of a 513 image the
+        # two put logit i at image position 8 i and 7.89 i + 3.45: the same at the centre, 3.4
+        # image pixels apart at the borders.
         return F.interpolate(self.low_res_logits(x), size=x.shape[-2:], mode="bilinear",
                              align_corners=False)
 
@@ -657,6 +658,29 @@ def box_averages(x, ks, count_include_pad=False):
 
 
 # ---------------------------------------------------------------------------------------------
+# Fresh memory on the CPU. glibc gives blocks of 32 MB or more back to the system as soon as they
+# are freed (one 2048 x 65 x 65 float map is 34.6 MB), so every new tensor of that size is
+# page-faulted in again, 4 KB at a time. Measured on this project's 2-core machine: a clone of
+# such a map takes 10 ms in fresh memory and 2 ms in reused memory, and Vortex's pooling, which
+# writes three such maps, 58 ms against 24 ms: that made the context module 6% slower than ASPP
+# instead of 0-2% (`python vortex.py --bench` prints both). The commands therefore ask glibc to
+# keep freed memory for reuse, as jemalloc and tcmalloc do by design.
+# ---------------------------------------------------------------------------------------------
+
+def keep_freed_memory():
+    """Make glibc's malloc reuse freed memory rather than return it to the system (no mmap for
+    large blocks, no trimming of the heap). Process-wide, inherited by loader workers; returns
+    False (and changes nothing) where the C library is not glibc."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_max = -1, -4  # glibc's mallopt parameter numbers
+        return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold,
+                                                                         2 ** 31 - 1))
+    except (OSError, AttributeError):
+        return False
+
+
+# ---------------------------------------------------------------------------------------------
 # Pretrained weights from local files (nothing is downloaded).
 #   - torchvision ImageNet ResNets (resnet50-0676ba61.pth, resnet101-63fe2227.pth, ...): keys
 #     are ours plus fc.*; fc is ignored.
@@ -833,25 +857,58 @@ def print_table(size=65, channels=2048, reps=3):
 
 @torch.no_grad()
 def bench(reps=5, model_reps=2):
-    """The speed targets on the CPU, as ratios measured side by side in this run."""
+    """The speed targets on the CPU, as ratios measured side by side in this run: the context
+    module and the whole model, Vortex against ASPP (and ASPP against torchvision's DeepLabV3,
+    where torchvision can be imported), and the pooling's speed against a plain copy of X."""
     x = torch.randn(1, 2048, 65, 65)
-    aspp, vortex = ContextModule.aspp(2048).eval(), ContextModule.vortex(2048).eval()
-    t = best_times({"aspp": lambda: aspp(x), "vortex": lambda: vortex(x),
-                    "pool": lambda: box_averages(x, (3, 9, 27)),
-                    "avg_pool2d": lambda: [F.avg_pool2d(x, k, 1, k // 2, count_include_pad=False)
-                                           for k in (3, 9, 27)]}, reps)
+    mods = {c: make_context(c, 2048).eval() for c in ("aspp", "vortex")}
+    fns = {"aspp": lambda: mods["aspp"](x), "vortex": lambda: mods["vortex"](x),
+           "pool": lambda: box_averages(x, (3, 9, 27)), "copy": lambda: x.clone(),
+           "avg_pool2d": lambda: [F.avg_pool2d(x, k, 1, k // 2, count_include_pad=False)
+                                  for k in (3, 9, 27)]}
+    theirs = torchvision_deeplab()
+    if theirs is not None:
+        fns["torchvision"] = lambda: theirs.classifier[0](x)
+    t = best_times(fns, reps)
+    gb = x.numel() * x.element_size() / 1e9
     print(f"context module, input 1x2048x65x65, best of {reps}, {torch.get_num_threads()} threads:")
     print(f"  ASPP {t['aspp']:.3f} s   Vortex {t['vortex']:.3f} s   "
           f"ratio Vortex/ASPP = {t['vortex'] / t['aspp']:.3f}   (target <= 1.05)")
-    print(f"  pooling k=3,9,27: box_averages {t['pool']:.3f} s, avg_pool2d {t['avg_pool2d']:.3f} s"
-          f" ({t['avg_pool2d'] / t['pool']:.0f}x slower)")
+    print(f"  pooling k=3,9,27: box_averages {t['pool'] * 1e3:.1f} ms = {4 * gb / t['pool']:.1f} "
+          f"GB/s (reads X, writes 3 maps); a copy of X {t['copy'] * 1e3:.1f} ms = "
+          f"{2 * gb / t['copy']:.1f} GB/s; pooling / copy time per byte "
+          f"{(t['pool'] / 4) / (t['copy'] / 2):.1f}; avg_pool2d {t['avg_pool2d']:.3f} s "
+          f"({t['avg_pool2d'] / t['pool']:.0f}x the cascade)")
+    if theirs is not None:
+        print(f"  ASPP / torchvision's ASPP (DeepLabV3 head) = {t['aspp'] / t['torchvision']:.3f}"
+              f"   (target <= 1.02)")
     img = torch.randn(1, 3, 513, 513)
     models = {c: DeepLabV3(21, 101, c).eval() for c in ("aspp", "vortex")}
-    t = best_times({c: (lambda m=m: m(img)) for c, m in models.items()}, model_reps)
+    fns = {c: (lambda m=m: m(img)) for c, m in models.items()}
+    if theirs is not None:
+        ours = DeepLabV3(21, 101, "aspp", multi_grid=None).eval()
+        fns.update(ours=lambda: ours(img), torchvision=lambda: theirs(img))
+    t = best_times(fns, model_reps)
     print(f"whole model, DeepLab v3 ResNet-101 OS 8, input 1x3x513x513, best of {model_reps}:")
     print(f"  ASPP {t['aspp']:.2f} s   Vortex {t['vortex']:.2f} s   "
           f"ratio Vortex/ASPP = {t['vortex'] / t['aspp']:.3f}   (target <= 1.03; "
           f"paper: 10.37 vs 10.13 FPS on a GPU = 1.024)")
+    if theirs is not None:
+        print(f"  ours (ASPP, no multi-grid) / torchvision deeplabv3_resnet101 = "
+              f"{t['ours'] / t['torchvision']:.3f}   (target <= 1.02; theirs adds a 3x3 head conv)")
+
+
+def torchvision_deeplab():
+    """torchvision's deeplabv3_resnet101 (random weights, eval mode) for the comparison in
+    --bench, or None with a line saying why: torchvision is never a dependency."""
+    try:
+        from torchvision.models.segmentation import deeplabv3_resnet101
+    except Exception as e:  # not installed, or its compiled ops do not fit this torch
+        print(f"(no comparison with torchvision's DeepLabV3: {type(e).__name__}: "
+              f"{str(e).splitlines()[0] if str(e) else ''}; it needs torchvision, e.g. in a "
+              f"scratch environment)")
+        return None
+    return deeplabv3_resnet101(weights=None, weights_backbone=None, aux_loss=False).eval()
 
 
 def bench_cuda(batch=8, reps=20):
@@ -896,7 +953,8 @@ def bench_cuda(batch=8, reps=20):
     GPU_POOLING = saved
 
 
-def main(argv=None):
+def parser():
+    """The command line (--help explains every flag)."""
     p = argparse.ArgumentParser(
         description="Vortex Pooling (Xie et al. 2018): the context modules of Table 1 in numbers. "
                     "With no flags: a table of utilization ratios (paper Eq. 1), parameter counts "
@@ -914,11 +972,17 @@ def main(argv=None):
     p.add_argument("--figure", metavar="PNG", default=None,
                    help="instead: draw the paper's Fig. 3 from the real modules (which positions "
                         "of a 65x65 map feed the centre pixel, for ASPP, A(5), Vortex) to PNG")
+    return p
+
+
+def main(argv=None):
+    p = parser()
     args = p.parse_args(argv)
     if args.size < 1 or args.reps < 1 or args.threads < 0:
         p.error("--size and --reps must be >= 1, --threads >= 0")
     if args.threads:
         torch.set_num_threads(args.threads)
+    keep_freed_memory()
     torch.manual_seed(0)
     if args.figure:
         import eval as pictures  # all drawing lives in eval.py
