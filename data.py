@@ -677,145 +677,160 @@ class SyntheticContext(torch.utils.data.Dataset):
 
 
 # ---------------------------------------------------------------------------------------------
-# Descriptor maps: the input of the context module alone (paper 3.1-3.4; train.py
-# --context-experiment). Paper 3.1 splits segmentation into descriptor extraction (the backbone)
-# and feature aggregation (the context module); 3.2-3.4 are about the second. So these maps are
-# X itself, h x w x c1 with h = w = 65 (ResNet-101 at output stride 8 on a 513 image), generated
-# directly: no image, no backbone. The rule (README states it before the results):
-#   - every descriptor is a noisy code of what lies at its position: code[kind] + N(0, 1) per
-#     channel; four kinds (background, body, cue P, cue Q) with orthogonal +-1 codes (rows of a
-#     Hadamard matrix), so no kind is nearer to another;
-#   - an object is a 15 x 15 body (120 px at output stride 8); bodies of class P and class Q
-#     have the same code. Each object is given a class and one 3 x 3 cue of that class, at a
-#     gap drawn uniformly from 1..40 (Chebyshev distance, the metric of the modules' square
-#     footprints), placed uniformly on the ring at that gap: the evidence is sparse;
-#   - objects come in pairs, one P and one Q, so every map holds both classes and equal
-#     counts of every kind: the global average (the image-level branch) cannot tell which
-#     object is which; a second pair is added when it fits (nothing overlaps);
-#   - a body descriptor is scored (labelled) when its nearest cue is within 40 (as far as
-#     Vortex Pooling's 81 x 81 footprint reaches) and the nearest cue of the other class is at
-#     least 1.5 times as far, or beyond 42 (what any module reads): the nearest evidence decides
-#     by a clear margin (usually the object's own cue; where another object's is nearer, that
-#     one). Its distance is that of its nearest cue; it is labelled with that cue's class
-#     (0 = P, 1 = Q); every other descriptor is 255 (ignored).
+# Context samples (train.py --context-experiment): what a context module can read at each
+# distance (paper 3.2-3.4, Fig. 3). Paper 3.1 splits segmentation into descriptor extraction
+# (the backbone) and feature aggregation (the context module); this is the second alone, at the
+# paper's size: X is 65 x 65 x C (ResNet-101 at output stride 8 on a 513 image), generated
+# directly. The rule (docs/experiments.md states it before the results):
+#   - every descriptor is a code plus noise: code[kind] + sigma * N(0, 1) per channel; three
+#     kinds (background, cue P, cue Q) with orthogonal +-1 codes (rows of a Hadamard matrix);
+#   - one query position and exactly one 3 x 3 cue, whose nearest descriptor is at Chebyshev
+#     distance d from the query (the metric of the modules' square footprints); d is stratified
+#     over 1..40 (equal counts), the cue uniform on the ring at d, the query uniform among the
+#     positions where the cue fits on the map; the query's label is the cue's class;
+#   - every layout comes twice, once with a P cue and once with a Q cue, the noise the same:
+#     a predictor that ignores the cue scores exactly 50% at every distance;
+#   - with `distractor`, a second 3 x 3 cue of the other class lies farther away (at least 1.5 d,
+#     uniform on its ring, not touching the first): the nearer cue decides (3.4: fine near,
+#     coarse far).
+# A module's output at the query depends only on the values its branches read there ("taps"):
+# the k x k averages of X (count_include_pad=False, as the modules pool) at the offsets its
+# convolutions read, zero off the map, and the image-level mean. X is linear in its parts, so
+# the taps are gathered from each part (background, the cue, the distractor, unit noise) and
+# put together for either class and any sigma: the noise is drawn and pooled once.
 # ---------------------------------------------------------------------------------------------
 
-DESCRIPTOR_KINDS = ("background", "body", "cue P", "cue Q")
-DESCRIPTOR_SIZE = 65  # h = w of X for a 513 x 513 image at output stride 8 (paper 3.2)
-BODY, CUE = 15, 3  # sides of an object's body and of a cue, in descriptors (odd)
-RB, RC = BODY // 2, CUE // 2
-MAX_DISTANCE = 40  # evidence as far as Vortex Pooling's 81 x 81 footprint reaches
-CLEAR = MAX_DISTANCE + 3  # beyond what any module reads (A(13): 42)
-RATIO = 1.5  # the other class's nearest cue is at least this many times as far
-TEST_SEED = 10 ** 6  # the held-out maps: one set for every module and seed
+CONTEXT_SIZE = 65  # h = w of X for a 513 x 513 image at output stride 8 (paper 3.2)
+CONTEXT_DISTANCES = 40  # d = 1..40: as far as Vortex Pooling's 81 x 81 footprint reaches
+CUE = 3  # the cue's side
 
 
-def descriptor_codes(c1):
-    """(4, c1) float32: the code of each kind, rows 1..4 of the c1 x c1 Sylvester Hadamard
-    matrix (orthogonal, entries +-1, zero mean). c1 must be a power of two >= 8."""
-    if c1 < 8 or c1 & (c1 - 1):
-        raise BadInput(f"descriptor channels must be a power of two >= 8, got {c1}")
+def context_codes(c1):
+    """(3, c1) float32: the codes of background, cue P and cue Q, rows 1..3 of the c1 x c1
+    Sylvester Hadamard matrix (orthogonal, entries +-1, zero mean). c1: a power of two >= 4."""
+    if c1 < 4 or c1 & (c1 - 1):
+        raise BadInput(f"descriptor channels must be a power of two >= 4, got {c1}")
     h = np.ones((1, 1), np.float32)
     while h.shape[0] < c1:
         h = np.block([[h, h], [h, -h]])
-    return h[1:5].copy()
+    return h[1:4].copy()
 
 
-def square_gap(a, ra, b, rb):
-    """Chebyshev distance between the nearest descriptors of two squares with centres a, b
-    (arrays (..., 2) or pairs) and half-sides ra, rb; 0 where they overlap."""
-    d = np.maximum(0, np.abs(np.asarray(a) - np.asarray(b)) - (ra + rb))
-    return d.max(axis=-1)
+def ring(radius):
+    """The 8 * radius offsets (dy, dx) at Chebyshev distance `radius`, in a fixed order."""
+    r = radius
+    side = np.arange(-r, r)
+    return np.concatenate([np.stack([np.full(2 * r, -r), side], 1),  # top, left to right
+                           np.stack([side, np.full(2 * r, r)], 1),  # right, top to bottom
+                           np.stack([np.full(2 * r, r), -side], 1),  # bottom
+                           np.stack([-side, np.full(2 * r, -r)], 1)])  # left
 
 
-def _candidates(rng, gap, n, size):
-    """n (body, cue) centre pairs: bodies uniform on the map, each cue uniform among the
-    8 * radius points at Chebyshev distance radius = gap + RB + RC from its body's centre."""
-    body = rng.integers(RB, size - RB, (n, 2))
-    radius = gap + RB + RC
-    side, s = np.divmod(rng.integers(8 * radius, size=n), 2 * radius)
-    s = s - radius  # walk the ring: top row, right column, bottom row, left column
-    dy = np.choose(side, [np.full(n, -radius), s, np.full(n, radius), -s])
-    dx = np.choose(side, [s, np.full(n, radius), -s, np.full(n, -radius)])
-    return body, body + np.stack([dy, dx], 1)
-
-
-def _fitting(body, cue, placed, size):
-    """Which candidates (body, cue) can join `placed`: inside the map, overlapping nothing."""
-    ok = ((cue >= RC) & (cue <= size - 1 - RC)).all(1)
-    for b, c, _, _ in placed:
-        ok &= (square_gap(body, RB, b, RB) >= 1) & (square_gap(cue, RC, c, RC) >= 1)
-        ok &= (square_gap(cue, RC, b, RB) >= 1) & (square_gap(body, RB, c, RC) >= 1)
-    return ok
-
-
-def _place_pair(rng, placed, size, classes, tries):
-    """Two objects of the given classes, each with its own uniformly drawn gap, each placed
-    uniformly among the positions that fit (the first fitting one of many independent draws);
-    None if no fit is found in `tries` rounds."""
-    gaps = rng.integers(1, MAX_DISTANCE + 1, size=2)
-    for _ in range(tries):
-        pair = []
-        for gap, cls in zip(gaps, classes):
-            body, cue = _candidates(rng, int(gap), 256, size)
-            hit = np.flatnonzero(_fitting(body, cue, placed + pair, size))
-            if len(hit) == 0:
+def context_layouts(seed, per_distance, distractor=False, size=CONTEXT_SIZE):
+    """Layouts of `per_distance` samples for each d = 1..CONTEXT_DISTANCES, a pure function of
+    the arguments: dict of int arrays d (N,), query (N, 2), cue (N, 2) and distractor (N, 2)
+    (cue centres; -1000 where there is none)."""
+    rng = np.random.default_rng([seed, 21])
+    n = per_distance * CONTEXT_DISTANCES
+    out = {"d": np.repeat(np.arange(1, CONTEXT_DISTANCES + 1), per_distance),
+           "query": np.zeros((n, 2), np.int64), "cue": np.zeros((n, 2), np.int64),
+           "distractor": np.full((n, 2), -1000, np.int64)}
+    lo, hi = CUE // 2, size - 1 - CUE // 2  # where a cue's centre fits on the map
+    for i, d in enumerate(out["d"]):
+        while True:
+            off = ring(d + CUE // 2)[rng.integers(8 * (d + CUE // 2))]  # nearest cue pixel at d
+            q = np.array([rng.integers(max(0, lo - o), min(size - 1, hi - o) + 1) for o in off])
+            if not distractor:
                 break
-            pair.append((tuple(int(v) for v in body[hit[0]]), tuple(int(v) for v in cue[hit[0]]),
-                         int(gap), cls))
-        if len(pair) == 2:
-            return pair
-    return None
+            far = rng.integers(int(np.ceil(1.5 * d)), size)  # the distractor's nearest pixel
+            off2 = ring(far + CUE // 2)[rng.integers(8 * (far + CUE // 2))]
+            c2 = q + off2
+            if ((c2 >= lo) & (c2 <= hi)).all() and np.abs(c2 - (q + off)).max() >= CUE:
+                out["distractor"][i] = c2
+                break
+        out["query"][i], out["cue"][i] = q, q + off
+    return out
 
 
-def descriptor_layout(seed, index, size=DESCRIPTOR_SIZE, pairs=2, one_class=False):
-    """The objects of one map, [(body centre, cue centre, gap, class)], a pure function of its
-    inputs. The first pair always fits (drawn until it does, its gaps kept); later pairs are
-    added when they fit. one_class: every object of the map gets one class (a control)."""
-    rng = np.random.default_rng([seed, index, 65])
-    cls = int(rng.integers(2))  # the class of a one_class map
-    placed = []
-    for i in range(pairs):
-        classes = (cls, cls) if one_class else tuple(int(c) for c in rng.permutation(2))
-        pair = _place_pair(rng, placed, size, classes, 1000 if i == 0 else 4)
-        if pair is None:
-            if i == 0:
-                raise RuntimeError(f"no room for one pair on a {size} x {size} map")
-            break
-        placed += pair
-    return placed
+def tap_offsets(module):
+    """For each branch of a ContextModule: its pooling size k and the (dy, dx) offsets its
+    convolution reads, in the order of the weight's kernel positions (row by row)."""
+    taps = []
+    for k, n, d in zip(module.pools, module.kernels, module.dilations):
+        r = n // 2
+        taps.append((k, [(d * a, d * b) for a in range(-r, r + 1) for b in range(-r, r + 1)]))
+    return taps
 
 
-def descriptor_map(seed, index, c1=16, noise=1.0, size=DESCRIPTOR_SIZE, pairs=2,
-                   one_class=False):
-    """One map: X (c1, size, size) float32; label (size, size) int64: the class of the nearest
-    cue on scored body descriptors, 255 elsewhere; distance (size, size) int64: a scored
-    descriptor's Chebyshev distance to the nearest descriptor of its nearest cue, -1
-    elsewhere; kinds (size, size) int64, indices into DESCRIPTOR_KINDS."""
-    objects = descriptor_layout(seed, index, size, pairs, one_class)
-    kinds = np.zeros((size, size), np.int64)
-    label = np.full((size, size), IGNORE, np.int64)
-    distance = np.full((size, size), -1, np.int64)
-    grid = np.stack(np.mgrid[0:size, 0:size], -1)
-    nearest = np.full((2, size, size), 10 ** 6)  # distance to the nearest cue of each class
-    for body, cue, _, cls in objects:
-        kinds[body[0] - RB:body[0] + RB + 1, body[1] - RB:body[1] + RB + 1] = 1
-        kinds[cue[0] - RC:cue[0] + RC + 1, cue[1] - RC:cue[1] + RC + 1] = 2 + cls
-        nearest[cls] = np.minimum(nearest[cls], square_gap(grid, 0, cue, RC))
-    for cls in (0, 1):
-        scored = ((kinds == 1) & (nearest[cls] <= MAX_DISTANCE)
-                  & (nearest[1 - cls] >= np.minimum(CLEAR, RATIO * nearest[cls])))
-        label[scored], distance[scored] = cls, nearest[cls][scored]
-    rng = np.random.default_rng([seed, index, 66])
-    x = descriptor_codes(c1)[kinds].transpose(2, 0, 1)
-    x = x + noise * rng.standard_normal(x.shape, dtype=np.float32)
-    return x, label, distance, kinds
+def _windows(centres, k, size):
+    """Clipped k x k windows around `centres` (N, 2): (y0, y1, x0, x1, in-map) inclusive."""
+    r = k // 2
+    y, x = centres[:, 0], centres[:, 1]
+    inside = (y >= 0) & (y < size) & (x >= 0) & (x < size)
+    return (np.clip(y - r, 0, size - 1), np.clip(y + r, 0, size - 1), np.clip(x - r, 0, size - 1),
+            np.clip(x + r, 0, size - 1), inside)
 
 
-def descriptor_batch(seed, start, n, **kw):
-    """Maps start .. start + n - 1 of stream `seed`, stacked as tensors (X, label, distance)."""
-    maps = [descriptor_map(seed, i, **kw) for i in range(start, start + n)]
-    return tuple(torch.from_numpy(np.stack([m[j] for m in maps])) for j in range(3))
+def _square_share(win, centres, half):
+    """The share of each window's pixels that lie in the square of half-side `half` around
+    `centres` (0 where there is no square: centres at -1000)."""
+    y0, y1, x0, x1, _ = win
+    oy = np.clip(np.minimum(y1, centres[:, 0] + half) - np.maximum(y0, centres[:, 0] - half) + 1,
+                 0, None)
+    ox = np.clip(np.minimum(x1, centres[:, 1] + half) - np.maximum(x0, centres[:, 1] - half) + 1,
+                 0, None)
+    return oy * ox / ((y1 - y0 + 1) * (x1 - x0 + 1))
+
+
+def gather_taps(modules, layouts, c1, seed, batch=1000, size=CONTEXT_SIZE):
+    """The parts of every module's taps at every layout's query: {module name: dict of arrays
+    inmap (N, T) 1 where the tap is on the map, cue and distractor (N, T) the share of the tap's
+    window covered by that cue, noise (N, T, c1) the tap's value in unit noise, noise_mean
+    (N, c1)} with T the module's taps, branch after branch. The unit noise of layout i is drawn
+    from (seed, i // batch) and averaged over the windows through an integral image."""
+    n = len(layouts["d"])
+    specs = {m.name: [(k, off) for k, offs in tap_offsets(m) for off in offs] for m in modules}
+    out = {name: {"inmap": np.zeros((n, len(t)), np.float32),
+                  "cue": np.zeros((n, len(t)), np.float32),
+                  "distractor": np.zeros((n, len(t)), np.float32),
+                  "noise": np.zeros((n, len(t), c1), np.float32),
+                  "noise_mean": np.zeros((n, c1), np.float32)} for name, t in specs.items()}
+    for b0 in range(0, n, batch):
+        sl = slice(b0, min(n, b0 + batch))
+        g = torch.Generator().manual_seed(seed * 100003 + b0 // batch)
+        noise = torch.randn(sl.stop - sl.start, c1, size, size, generator=g, dtype=torch.float64)
+        integral = torch.nn.functional.pad(noise.cumsum(2).cumsum(3), (1, 0, 1, 0))
+        rows = torch.arange(sl.stop - sl.start)
+        mean = noise.mean((2, 3)).float().numpy()
+        for name, taps in specs.items():
+            out[name]["noise_mean"][sl] = mean
+            for t, (k, (dy, dx)) in enumerate(taps):
+                win = _windows(layouts["query"][sl] + np.array([dy, dx]), k, size)
+                y0, y1, x0, x1, inside = (torch.from_numpy(v) for v in win)
+                s = (integral[rows, :, y1 + 1, x1 + 1] - integral[rows, :, y0, x1 + 1]
+                     - integral[rows, :, y1 + 1, x0] + integral[rows, :, y0, x0])
+                count = ((y1 - y0 + 1) * (x1 - x0 + 1)).double()[:, None]
+                out[name]["noise"][sl, t] = (s / count * inside[:, None]).float().numpy()
+                out[name]["inmap"][sl, t] = win[4]
+                for part in ("cue", "distractor"):
+                    out[name][part][sl, t] = _square_share(win, layouts[part][sl],
+                                                           CUE // 2) * win[4]
+    return out
+
+
+def assemble(parts, cls, sigma, codes, has_distractor, image_level):
+    """Features of samples whose cue has class `cls` (N,) in {0: P, 1: Q}: (taps (N, T, c1),
+    image-level mean (N, c1) or None). The distractor, where there is one, has the other class."""
+    bg, cue = codes[0], codes[1 + cls][:, None, :]
+    other = codes[2 - cls][:, None, :]
+    taps = (parts["inmap"][..., None] * bg + parts["cue"][..., None] * (cue - bg)
+            + parts["distractor"][..., None] * (other - bg) + sigma * parts["noise"])
+    if not image_level:
+        return taps, None
+    area = CUE * CUE / CONTEXT_SIZE ** 2
+    mean = (bg + area * (cue[:, 0] - bg) + area * has_distractor[:, None] * (other[:, 0] - bg)
+            + sigma * parts["noise_mean"])
+    return taps, mean
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1227,8 +1242,8 @@ def parser():
     s.add_argument("--out", default=None, help="PNG file to write (default "
                                                "synthetic_samples.png or descriptor_maps.png)")
     s.add_argument("--descriptors", action="store_true",
-                   help="show descriptor maps of the context experiment (train.py "
-                        "--context-experiment) instead of images")
+                   help="show samples of the context experiment (train.py "
+                        "--context-experiment): query, cue, distractor on 65x65 maps")
     s.add_argument("--force", action="store_true", help="overwrite --out if it exists")
     return p
 
@@ -1257,7 +1272,7 @@ def main(argv=None):
         out = args.out or ("descriptor_maps.png" if args.descriptors else "synthetic_samples.png")
         refuse_existing([out], args.force)
         import eval as pictures  # all drawing lives in eval.py
-        draw = pictures.descriptor_maps_figure if args.descriptors else \
+        draw = pictures.context_samples_figure if args.descriptors else \
             pictures.synthetic_samples_figure
         print("wrote", draw(out))
 

@@ -429,29 +429,8 @@ def evaluate_checkpoint(model, ck, args, scales, device, rank=0):
 
 
 # ---------------------------------------------------------------------------------------------
-# Measurements of the experiments (train.py --context-experiment and --ablation).
+# Measurements of the experiments (train.py --ablation).
 # ---------------------------------------------------------------------------------------------
-
-@torch.no_grad()
-def distance_accuracy(model, x, label, distance, max_distance=40, batch=16):
-    """Accuracy by distance on descriptor maps (train.py --context-experiment): (correct,
-    total), int64 arrays indexed by distance 0..max_distance, over the labelled descriptors of
-    the maps x (N, c1, h, w) whose `distance` to their deciding cue is d."""
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    correct = torch.zeros(max_distance + 1, dtype=torch.int64)
-    total = torch.zeros(max_distance + 1, dtype=torch.int64)
-    for i in range(0, len(x), batch):
-        pred = model(x[i:i + batch].to(device)).argmax(1).cpu()
-        y, d = label[i:i + batch], distance[i:i + batch]
-        keep = (y != data.IGNORE) & (d <= max_distance)
-        d = d[keep]
-        total += torch.bincount(d, minlength=max_distance + 1)
-        correct += torch.bincount(d[pred[keep] == y[keep]], minlength=max_distance + 1)
-    model.train(was_training)
-    return correct.numpy(), total.numpy()
-
 
 # ---------------------------------------------------------------------------------------------
 # Effective receptive field (paper section 1: "Zhou et al. [2014] showed that the effective
@@ -685,77 +664,111 @@ def _curves_panel(curves, width, height, margin=26):
     return np.asarray(pic)
 
 
-DISTANCE_COLOURS = ((120, 120, 120), (40, 40, 40), (31, 119, 180), (23, 190, 207),
-                    (255, 127, 14), (188, 140, 60), (140, 86, 75), (214, 39, 40))
+CONTEXT_COLOURS = ((120, 120, 120), (40, 40, 40), (31, 119, 180), (23, 190, 207),
+                   (255, 127, 14), (188, 140, 60), (140, 86, 75), (214, 39, 40))
 
 
-def _distance_panel(title, curves, coverage, size=(300, 190), lo=30):
-    """One panel: accuracy (%) against distance 1..D for [(mean, std, colour)], over grey bars
-    showing the footprint coverage of each distance (bar height 1 = the panel's height)."""
+def _context_panel(title, probe, trained, coverage, colour, size=(300, 200), lo=40):
+    """One module: accuracy (%) against distance 1..40, the probe (black), the trained module
+    (colour, mean +- standard error over seeds, shaded) over grey bars for the share of the
+    positions at each distance that its footprint reads (full height = all), chance dashed."""
     w, h = size
     pic = Image.new("RGB", size, (255, 255, 255))
     draw = ImageDraw.Draw(pic)
-    x0, y0, x1, y1 = 30, 18, w - 8, h - 18
-    n = len(curves[0][0]) - 1
+    x0, y0, x1, y1 = 30, 20, w - 8, h - 20
+    n = len(probe) - 1
     xs = [x0 + (x1 - x0) * (d - 0.5) / n for d in range(n + 2)]  # bar edges for d = 1..n
+    centres = [(xs[d] + xs[d + 1]) / 2 for d in range(1, n + 1)]
 
     def y(v):  # accuracy in % -> pixel row
         return y1 - (y1 - y0) * (min(max(v, lo), 100) - lo) / (100 - lo)
-    if coverage is not None:
-        for d in range(1, n + 1):
-            if coverage[d] > 0:
-                draw.rectangle([xs[d], y1 - (y1 - y0) * coverage[d], xs[d + 1] - 1, y1],
-                               fill=(222, 222, 222))
+    for d in range(1, n + 1):
+        if coverage[d] > 0:
+            draw.rectangle([xs[d], y1 - (y1 - y0) * coverage[d], xs[d + 1] - 1, y1],
+                           fill=(222, 222, 222))
     for v in (50, 75, 100):
         draw.text((2, y(v) - 6), f"{v}", fill=(0, 0, 0))
-        draw.line([x0, y(v), x1, y(v)], fill=(235, 235, 235) if v != 50 else (0, 0, 0),
-                  width=1)
-    for x in range(x0, x1, 6):  # the chance line, dashed
-        draw.line([x, y(50), x + 2, y(50)], fill=(255, 255, 255))
-    centres = [(xs[d] + xs[d + 1]) / 2 for d in range(1, n + 1)]
-    for mean, std, colour in curves:
-        if std is not None:
-            band = ([(c, y(100 * (m + s))) for c, m, s in zip(centres, mean[1:], std[1:])] +
-                    [(c, y(100 * (m - s))) for c, m, s in
-                     reversed(list(zip(centres, mean[1:], std[1:])))])
-            draw.polygon(band, fill=tuple(255 - (255 - c) // 3 for c in colour))
-        draw.line([(c, y(100 * m)) for c, m in zip(centres, mean[1:])], fill=colour, width=2)
+        if v != 50:
+            draw.line([x0, y(v), x1, y(v)], fill=(235, 235, 235))
+    for x in range(x0, x1, 8):  # chance, dashed
+        draw.line([x, y(50), x + 4, y(50)], fill=(0, 0, 0))
+    mean = trained.mean(0)
+    se = trained.std(0, ddof=1) / np.sqrt(len(trained)) if len(trained) > 1 else 0 * mean
+    band = ([(c, y(m + s)) for c, m, s in zip(centres, mean[1:], se[1:])] +
+            [(c, y(m - s)) for c, m, s in reversed(list(zip(centres, mean[1:], se[1:])))])
+    draw.polygon(band, fill=tuple(255 - (255 - c) // 3 for c in colour))
+    draw.line([(c, y(m)) for c, m in zip(centres, mean[1:])], fill=colour, width=2)
+    draw.line([(c, y(p)) for c, p in zip(centres, probe[1:])], fill=(0, 0, 0), width=1)
     draw.rectangle([x0, y0, x1, y1], outline=(0, 0, 0))
     for d in (1, 10, 20, 30, 40):
-        if d <= n:
-            draw.text((centres[d - 1] - 4, y1 + 3), str(d), fill=(0, 0, 0))
-    draw.text((x0, 3), title, fill=(0, 0, 0))
+        draw.text((centres[d - 1] - 4, y1 + 3), str(d), fill=(0, 0, 0))
+    draw.text((x0, 4), title, fill=(0, 0, 0))
     return np.asarray(pic)
 
 
-def distance_figure(acc, coverage, out):
-    """The context experiment's figure (train.py --context-experiment): a panel per module,
-    accuracy against the distance of the deciding cue (mean over seeds, +- std shaded) over
-    grey bars for the share of each distance that the module's footprint reads (Fig. 3 as a
-    curve), then all means together. acc: {module: (seeds, D + 1) accuracies}."""
+def _heat_map(title, rows, values, cell=(6, 14), left=80):
+    """Modules x distance 1..40, accuracy 50% (black) .. 100% (white)."""
+    n = len(next(iter(values))) - 1
+    pic = Image.new("RGB", (left + n * cell[0] + 4, 18 + len(rows) * cell[1] + 16),
+                    (255, 255, 255))
+    v = np.clip((np.array([a[1:] for a in values]) - 50) / 50, 0, 1)
+    block = np.kron(heat(v), np.ones((cell[1], cell[0], 1), np.uint8))
+    pic.paste(Image.fromarray(block), (left, 18))
+    draw = ImageDraw.Draw(pic)
+    draw.text((left, 3), title, fill=(0, 0, 0))
+    for i, row in enumerate(rows):
+        draw.text((2, 18 + i * cell[1] + 1), row, fill=(0, 0, 0))
+    for d in (1, 10, 20, 30, 40):
+        draw.text((left + (d - 1) * cell[0], 18 + len(rows) * cell[1] + 2), str(d),
+                  fill=(0, 0, 0))
+    return np.asarray(pic)
+
+
+def context_figure(results, coverage, setting, out):
+    """The context experiment's figure for one setting (train.py --context-experiment): a panel
+    per module (see _context_panel), then heat maps of the probe and of the trained modules.
+    results: {module: {"probe": (41,), "trained": (seeds, 41)}} accuracies in %."""
     panels = []
-    for (name, a), colour in zip(acc.items(), DISTANCE_COLOURS):
-        overall = 100 * a[:, 1:].mean(1)
-        panels.append(_distance_panel(f"{name}: {overall.mean():.1f} +- {overall.std():.1f}%",
-                                      [(a.mean(0), a.std(0), colour)], coverage[name]))
-    panels.append(_distance_panel("all modules (means)", [(a.mean(0), None, c) for a, c in
-                                                          zip(acc.values(), DISTANCE_COLOURS)],
-                                  None))
-    rows = [hstack(panels[i:i + 3], 6) for i in range(0, len(panels), 3)]
-    width = max(r.shape[1] for r in rows)
+    for (name, r), colour in zip(results.items(), CONTEXT_COLOURS):
+        panels.append(_context_panel(f"{name}: probe {r['probe'][1:].mean():.1f}, trained "
+                                     f"{r['trained'][:, 1:].mean():.1f}%", r["probe"],
+                                     r["trained"], coverage[name], colour))
+    rows = [hstack(panels[i:i + 4], 6) for i in range(0, len(panels), 4)]
+    names = list(results)
+    maps = hstack([_heat_map("probe (best linear readout of the taps)", names,
+                             [results[m]["probe"] for m in names]),
+                   _heat_map("trained module (mean over seeds)", names,
+                             [results[m]["trained"].mean(0) for m in names]),
+                   _colour_bar_50(18 + len(names) * 14 + 16)], 12)
+    width = max(r.shape[1] for r in rows + [maps])
     rows = [np.pad(r, ((0, 6), (0, width - r.shape[1]), (0, 0)), constant_values=255)
-            for r in rows]
-    head = Image.new("RGB", (width, 44), (255, 255, 255))
+            for r in rows + [maps]]
+    head = Image.new("RGB", (width, 46), (255, 255, 255))
     draw = ImageDraw.Draw(head)
-    draw.text((4, 2), "Accuracy (%) on object descriptors against the distance (in descriptors) "
-                      "of the cue that decides their class; 65x65 maps.", fill=(0, 0, 0))
-    draw.text((4, 16), "Curve: mean over seeds, shaded +- std. Grey bars: share of the "
-                       "positions at that distance that the module reads (its Fig. 3 "
-                       "footprint;", fill=(0, 0, 0))
-    draw.text((4, 30), "full height = all of them). Black line: chance (50%). Last panel: "
-                       "every module's mean, colours as in its panel.", fill=(0, 0, 0))
+    draw.text((4, 2), f"{setting}: accuracy (%) reading the class of a 3x3 cue at distance d "
+                      f"(descriptors) from the query pixel of a 65x65 map; chance 50 (dashed).",
+              fill=(0, 0, 0))
+    draw.text((4, 16), "Black: the probe, the best linear readout of what the module reads. "
+                       "Colour: the module trained, mean +- s.e. over seeds (shaded).",
+              fill=(0, 0, 0))
+    draw.text((4, 30), "Grey bars: share of the positions at distance d that the module's "
+                       "footprint reads (Fig. 3; full height = all).", fill=(0, 0, 0))
     figure = np.concatenate([np.asarray(head)] + rows, 0)
     data.atomic_save(out, lambda f: Image.fromarray(figure).save(f, format="PNG"))
+    return out
+
+
+def _colour_bar_50(height, width=60):
+    """The heat maps' scale: accuracy 50% (black) to 100% (white)."""
+    pic = Image.new("RGB", (width, height), (255, 255, 255))
+    top, bottom = 18, height - 16
+    pic.paste(Image.fromarray(heat(np.linspace(1, 0, bottom - top)[:, None].repeat(12, 1))),
+              (2, top))
+    draw = ImageDraw.Draw(pic)
+    draw.text((18, top - 4), "100%", fill=(0, 0, 0))
+    draw.text((18, (top + bottom) // 2 - 6), "75%", fill=(0, 0, 0))
+    draw.text((18, bottom - 10), "50%", fill=(0, 0, 0))
+    return np.asarray(pic)
 
 
 def colorize(label, palette):
@@ -904,29 +917,32 @@ def synthetic_samples_figure(out, n=6, size=128, seed=0):
     return out
 
 
-DESCRIPTOR_VIEW = ("background", "body, not scored", "cue P", "cue Q", "body scored P",
-                   "body scored Q")
-DESCRIPTOR_PALETTE = np.zeros((256, 3), dtype=np.uint8)
-DESCRIPTOR_PALETTE[:6] = [(245, 245, 245), (150, 150, 150), (200, 0, 0), (0, 60, 200),
-                          (250, 160, 160), (150, 180, 250)]
+CONTEXT_VIEW = ("background", "query", "cue P", "cue Q")
+CONTEXT_PALETTE = np.zeros((256, 3), dtype=np.uint8)
+CONTEXT_PALETTE[:4] = [(245, 245, 245), (0, 0, 0), (200, 0, 0), (0, 60, 200)]
 
 
-def descriptor_maps_figure(out, n=4, cell=3, seed=0):
-    """A picture of n descriptor maps of the context experiment (what lies where, and which
-    body descriptors are scored as P or Q), with a legend."""
+def context_samples_figure(out, cell=3, distances=(2, 12, 30), seed=0):
+    """Samples of the context experiment (train.py --context-experiment): 65x65 maps with the
+    query pixel and its cue at a few distances, then with a distractor of the other class."""
     maps = []
-    for i in range(n):
-        _, label, _, kinds = data.descriptor_map(seed, i, c1=8)
-        view = np.where(label == data.IGNORE, kinds, 4 + label)
-        pic = colorize(view.astype(np.uint8), DESCRIPTOR_PALETTE)
-        maps.append(np.kron(pic, np.ones((cell, cell, 1), np.uint8)))
-    grid = np.concatenate([np.pad(m, ((0, 0), (3, 3), (0, 0)), constant_values=255)
-                           for m in maps], 1)
-    pic = np.concatenate([grid, legend(grid.shape[1], DESCRIPTOR_VIEW, DESCRIPTOR_PALETTE,
-                                       range(len(DESCRIPTOR_VIEW)))], 0)
+    for distractor in (False, True):
+        for d in distances:
+            lay = data.context_layouts(seed, 1, distractor)
+            i = d - 1
+            view = np.zeros((data.CONTEXT_SIZE, data.CONTEXT_SIZE), np.uint8)
+            for part, kind in (("cue", 2), ("distractor", 3)):
+                cy, cx = lay[part][i]
+                if cy > -1000:
+                    view[cy - 1:cy + 2, cx - 1:cx + 2] = kind
+            view[tuple(lay["query"][i])] = 1
+            pic = np.kron(colorize(view, CONTEXT_PALETTE), np.ones((cell, cell, 1), np.uint8))
+            maps.append(np.pad(pic, ((1, 1), (1, 1), (0, 0))))  # the map's border
+    grid = hstack(maps, 6)
+    pic = np.concatenate([grid, legend(grid.shape[1], CONTEXT_VIEW, CONTEXT_PALETTE,
+                                       range(len(CONTEXT_VIEW)))], 0)
     data.atomic_save(out, lambda f: Image.fromarray(pic).save(f, format="PNG"))
     return out
-
 
 if __name__ == "__main__":
     data.cli(main)

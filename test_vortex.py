@@ -1725,70 +1725,106 @@ def test_ablation_table_runs_every_module(tmp_path, capsys):
         evaluation.main(["--erf", *cks, "--out", erf])
 
 
-# ------------------------------------------------------- descriptor maps, context experiment
+# ------------------------------------------------------------ the context experiment (Table 1)
 
-def chebyshev_to(cells, h, w):
-    """(h, w) Chebyshev distance of every position to the nearest of `cells` (N, 2)."""
-    yy, xx = np.mgrid[0:h, 0:w]
-    if len(cells) == 0:
-        return np.full((h, w), 10 ** 6)
-    return np.min([np.maximum(abs(yy - y), abs(xx - x)) for y, x in cells], axis=0)
-
-
-@settings(max_examples=15)
-@given(seed=st.integers(0, 10 ** 6), index=st.integers(0, 10 ** 6))
-def test_descriptor_map_evidence_is_at_the_stated_distance(seed, index):
-    x, label, dist, kinds = data.descriptor_map(seed, index, c1=8)
-    n = x.shape[1]
-    objects = data.descriptor_layout(seed, index)
-    # both classes on every map, in pairs: equal numbers of objects and of cue descriptors
-    classes = [o[3] for o in objects]
-    assert classes.count(0) == classes.count(1) >= 1 and len(objects) in (2, 4)
-    assert (kinds == 2).sum() == (kinds == 3).sum() == 9 * classes.count(0)
-    for body, cue, gap, _ in objects:  # each cue at its drawn gap from its body
-        assert 1 <= gap <= data.MAX_DISTANCE
-        assert data.square_gap(body, data.RB, cue, data.RC) == gap
-    assert (kinds == 1).sum() == len(objects) * data.BODY ** 2  # nothing overlaps
-    near = [chebyshev_to(np.argwhere(kinds == 2 + c), n, n) for c in (0, 1)]
-    scored = label != data.IGNORE
-    assert scored.any() and (kinds[scored] == 1).all()  # only body descriptors are scored
-    for c in (0, 1):
-        own, other = near[c], near[1 - c]
-        rule = ((kinds == 1) & (own <= 40) & (other >= np.minimum(43, 1.5 * own)))
-        assert np.array_equal(rule, scored & (label == c))  # the scoring rule, brute force
-        assert np.array_equal(dist[label == c], own[label == c])  # the stated distance
-    assert (dist[~scored] == -1).all() and dist[scored].min() >= 1
+def test_context_layouts_are_stratified_uniform_on_the_ring_and_fit_the_map():
+    lay = data.context_layouts(3, 400)
+    assert (np.bincount(lay["d"])[1:] == 400).all()  # equal counts at every distance 1..40
+    off = lay["cue"] - lay["query"]
+    nearest = np.abs(off).max(1) - 1  # Chebyshev distance to the cue's nearest descriptor
+    assert (nearest == lay["d"]).all()
+    assert ((lay["cue"] >= 1) & (lay["cue"] <= 63)).all() and (lay["distractor"] == -1000).all()
+    for d in (1, 2):  # uniform on the ring: every one of its 8 (d + 1) offsets, near 1/8(d + 1)
+        seen = np.unique(off[lay["d"] == d], axis=0, return_counts=True)[1]
+        assert len(seen) == 8 * (d + 1) and seen.min() > 0.4 * 400 / (8 * (d + 1))
+    far = data.context_layouts(4, 20, distractor=True)
+    gap = np.abs(far["distractor"] - far["query"]).max(1) - 1
+    assert (gap >= np.ceil(1.5 * far["d"])).all()
+    assert (np.abs(far["distractor"] - far["cue"]).max(1) >= 3).all()  # the cues do not touch
+    assert ((far["distractor"] >= 1) & (far["distractor"] <= 63)).all()
 
 
-@settings(max_examples=8)
-@given(seed=st.integers(0, 10 ** 6), index=st.integers(0, 10 ** 6))
-def test_descriptor_bodies_are_identical_and_noise_is_the_only_variation(seed, index):
-    x, label, _, kinds = data.descriptor_map(seed, index, c1=16, noise=0.0)
-    codes = data.descriptor_codes(16)
-    assert np.array_equal(x, codes[kinds].transpose(2, 0, 1))
-    assert np.allclose(codes @ codes.T, 16 * np.eye(4))  # orthogonal: no kind nearer another
-    body = x[:, kinds == 1]
-    assert (body == codes[1][:, None]).all()  # P and Q bodies: one and the same descriptor
-    assert {0, 1} >= set(np.unique(label[label != data.IGNORE]))
-    noisy = data.descriptor_map(seed, index, c1=16)[0]
-    assert abs(float((noisy - x).std()) - 1.0) < 0.05  # N(0, 1) on top of the codes
-    assert np.array_equal(noisy, data.descriptor_map(seed, index, c1=16)[0])  # deterministic
+def context_map(layouts, i, cls, sigma, codes, seed, batch):
+    """Layout i as the whole 65 x 65 map X that the taps describe (the same unit noise)."""
+    g = torch.Generator().manual_seed(seed * 100003 + i // batch)
+    noise = torch.randn(min(batch, len(layouts["d"]) - i // batch * batch), len(codes[0]), 65,
+                        65, generator=g, dtype=torch.float64)[i % batch]
+    x = torch.from_numpy(codes[0]).double()[:, None, None].repeat(1, 65, 65)
+    for part, c in (("cue", cls), ("distractor", 1 - cls)):
+        cy, cx = layouts[part][i]
+        if cy > -1000:
+            x[:, cy - 1:cy + 2, cx - 1:cx + 2] = torch.from_numpy(codes[1 + c]).double()[:, None,
+                                                                                         None]
+    return x + sigma * noise
 
 
-def test_descriptor_codes_refuse_widths_without_a_hadamard_matrix():
-    with pytest.raises(data.BadInput, match="power of two"):
-        data.descriptor_codes(12)
+@pytest.mark.parametrize("distractor", [False, True])
+def test_the_module_at_the_query_from_its_taps_is_the_module_on_the_whole_map(distractor):
+    """What the experiment trains (module_at_query on gathered taps) equals the real
+    ContextModule and classifier run on the whole map, read at the query pixel."""
+    torch.manual_seed(0)
+    codes = data.context_codes(8)
+    lay = data.context_layouts(5, 1, distractor)
+    rows = train.CONTEXT_ROWS
+    modules = {r: small_module(r) for r in rows}
+    parts = data.gather_taps(list(modules.values()), lay, 8, 11, batch=16)
+    for row, m in modules.items():
+        classifier = torch.nn.Conv2d(5, 2, 1).double()
+        m.double()
+        taps, mean, cls, d = train.twins(parts[m.name], lay, 0.7, codes, m.image_pool is not None)
+        with torch.no_grad():
+            got = train.module_at_query(m, classifier, taps.double(),
+                                        None if mean is None else mean.double())
+            for n in range(0, len(cls), 7):  # a few layouts, both twins
+                i = n % len(lay["d"])
+                x = context_map(lay, i, int(cls[n]), 0.7, codes, 11, 16)[None]
+                y, xq = lay["query"][i]
+                want = classifier(m(x))[0, :, y, xq]
+                torch.testing.assert_close(got[n], want, rtol=1e-5, atol=1e-5, msg=row)
 
 
-def test_descriptor_maps_picture(tmp_path):
-    out = str(tmp_path / "maps.png")
-    data.main(["show", "--descriptors", "--out", out])
-    pic = np.asarray(Image.open(out))
-    assert pic.shape[1] == 4 * (3 * 65 + 6) and pic.shape[0] > 3 * 65
-    colours = {tuple(c) for c in pic[:3 * 65].reshape(-1, 3)}
-    assert {tuple(evaluation.DESCRIPTOR_PALETTE[k]) for k in (2, 3)} <= colours  # both cue kinds
-    with pytest.raises(data.ExistingOutput):
-        data.main(["show", "--descriptors", "--out", out])
+def small_module(row):
+    m = vortex.table1_module(row, 8, out_channels=5).eval()
+    randomize_bn_stats(m)
+    return m
+
+
+def test_a_predictor_that_ignores_the_cue_scores_exactly_half_at_every_distance():
+    codes = data.context_codes(8)
+    lay = data.context_layouts(6, 7)
+    m = vortex.table1_module("Vortex", 8)
+    parts = data.gather_taps([m], lay, 8, 3)
+    taps, mean, cls, d = train.twins(parts["Vortex"], lay, 1.0, codes, True)
+    for constant in (0, 1):
+        acc = train.per_distance((torch.full_like(cls, constant) == cls).numpy(), d.numpy())
+        assert (acc[1:] == 50).all()
+    # anything computed from the map without the cue (here, its noise): the twins share it
+    blind = torch.from_numpy(np.concatenate([parts["Vortex"]["noise"][..., 0].sum(1)] * 2))
+    acc = train.per_distance(((blind > 0).long() == cls).numpy(), d.numpy())
+    assert (acc[1:] == 50).all()
+
+
+def test_the_probe_reads_what_the_footprint_holds():
+    """No noise: where some tap reads part of the cue, the twins differ and the probe tells
+    them apart; where no tap does, they are the same and it scores exactly 50%."""
+    codes = data.context_codes(8)
+    aspp = ContextModule(8, (1, 1, 1, 1), (1, 3, 3, 3), (1, 12, 24, 36), image_pool=False,
+                         name="taps-only ASPP")
+    vx = ContextModule(8, (1, 3, 9, 27), (1, 3, 3, 3), (1, 3, 9, 27), image_pool=False,
+                       name="taps-only Vortex")
+    sets = {s: data.context_layouts(s, n) for s, n in ((8, 150), (9, 30))}
+    parts = {s: data.gather_taps([aspp, vx], lay, 8, s) for s, lay in sets.items()}
+    for m in (aspp, vx):
+        tr, te = (train.twins(parts[s][m.name], sets[s], 0.0, codes, False) for s in (8, 9))
+        acc = train.probe(tr, te)
+        touched = parts[9][m.name]["cue"].max(1) > 0
+        for d in range(1, 41):
+            share = touched[sets[9]["d"] == d].mean()
+            if share == 0:
+                assert acc[d] == 50, (m.name, d)
+            if share == 1:
+                assert acc[d] >= 99, (m.name, d)
+    assert (parts[9]["taps-only Vortex"]["cue"].max(1) > 0).mean() > 0.9  # 81 x 81, clipped
 
 
 def test_ring_coverage_is_the_footprint_by_distance():
@@ -1805,55 +1841,38 @@ def test_ring_coverage_is_the_footprint_by_distance():
             grid[0].sum() + grid[-1].sum() + grid[1:-1, 0].sum() + grid[1:-1, -1].sum()) / (8 * r)
 
 
-def test_distance_accuracy_counts_every_scored_descriptor_once():
-    x, label, dist = data.descriptor_batch(3, 0, 3, c1=8)
-    torch.manual_seed(0)
-    model = torch.nn.Conv2d(8, 2, 3, padding=1)
-    correct, total = evaluation.distance_accuracy(model, x, label, dist, batch=2)
-    with torch.no_grad():
-        pred = model(x).argmax(1)
-    for d in range(41):
-        m = (dist == d) & (label != data.IGNORE)
-        assert total[d] == m.sum() and correct[d] == (pred[m] == label[m]).sum()
-    assert total.sum() == (label != data.IGNORE).sum()
 
-
-def test_image_level_control_reads_the_global_average_but_not_which_object_is_which():
-    """The control can discriminate: on maps whose objects all have one class the image-level
-    branch learns the class from the global average; when both classes share a map (the
-    experiment's rule) the same training leaves it at chance."""
-    def maps(seed, n, one_class):
-        ms = [data.descriptor_map(seed, i, one_class=one_class) for i in range(n)]
-        return [torch.from_numpy(np.stack([m[j] for m in ms])) for j in range(3)]
-    cfg = dict(train.COMMON, **dict(train.DISTANCE_PRESET, iters=200))
-    for one_class, lo, hi in ((True, 0.7, 1.0), (False, 0.4, 0.6)):
-        x, label, _ = maps(7, 8 * cfg["iters"], one_class)
-        batches = [(x[i:i + 8].half(), label[i:i + 8]) for i in range(0, len(x), 8)]
-        correct, total = train.distance_run(cfg, "image-level", 0, batches,
-                                            maps(8, 64, one_class), torch.device("cpu"))
-        assert lo < correct.sum() / total.sum() < hi
-
-
-def test_context_experiment_smoke_run(tmp_path, capsys):
-    """The experiment's command end to end on a tiny budget (README: a smoke setting)."""
+def test_context_experiment_smoke_run(tmp_path, capsys, monkeypatch):
+    """The experiment's command end to end on a tiny budget (fewer samples per distance)."""
+    monkeypatch.setattr(train, "PER_DISTANCE", {"train": 6, "test": 3})
     out = str(tmp_path / "ctx")
-    acc = train.main(["--context-experiment", "2", "--iters", "4", "--out-dir", out])
-    assert list(acc) == list(train.DISTANCE_ROWS)
-    for a in acc.values():
-        assert a.shape == (2, 41) and ((0 <= a) & (a <= 1)).all()
-    # "none" reads one descriptor and every body descriptor is the same: it cannot beat chance
-    assert abs(acc["none"][:, 1:].mean() - 0.5) < 0.05
+    res = train.main(["--context-experiment", "2", "--iters", "3", "--out-dir", out])
+    assert list(res) == [s for s, _, _ in train.SETTINGS]
+    for setting in res.values():
+        assert list(setting) == list(train.CONTEXT_ROWS)
+        for r in setting.values():
+            assert r["probe"].shape == (41,) and r["trained"].shape == (2, 41)
+        assert (setting["none"]["probe"][1:] == 50).all()  # one descriptor: the query's own
     table = open(os.path.join(out, "table.txt")).read()
-    assert "paper (VOC mIoU)" in table and "76.6" in table and "Vortex - ASPP" in table
-    assert "(2+/0-)" in table or "(1+/1-)" in table or "(0+/2-)" in table  # sign counts
-    pic = Image.open(os.path.join(out, "accuracy_vs_distance.png"))
-    assert pic.size[0] > 3 * 280 and pic.size[1] > 3 * 180  # 9 panels in a 3 x 3 grid
+    assert "probe | trained" in table and "Vortex - ASPP" in table and "paired t" in table
+    for setting, _, _ in train.SETTINGS:
+        pic = Image.open(os.path.join(out, setting.replace(" ", "").replace(",", "-") + ".png"))
+        assert pic.size[0] > 4 * 300 and pic.size[1] > 2 * 200 + 46
     capsys.readouterr()
-    again = train.main(["--context-experiment", "2", "--iters", "4", "--out-dir", out])
-    assert capsys.readouterr().out.count("read back") == 16
-    assert all(np.array_equal(again[k], acc[k]) for k in acc)
-    with pytest.raises(data.BadInput, match=r"other settings \(iters 4 -> 5\)"):
-        train.main(["--context-experiment", "2", "--iters", "5", "--out-dir", out])
+    again = train.main(["--context-experiment", "2", "--iters", "3", "--out-dir", out])
+    assert all(np.array_equal(again[s][r]["trained"], res[s][r]["trained"]) for s in res
+               for r in res[s])
+    with pytest.raises(data.BadInput, match=r"other settings \(iters 3 -> 4\)"):
+        train.main(["--context-experiment", "2", "--iters", "4", "--out-dir", out])
+
+
+def test_context_samples_picture(tmp_path):
+    out = str(tmp_path / "samples.png")
+    data.main(["show", "--descriptors", "--out", out])
+    pic = np.asarray(Image.open(out))
+    assert pic.shape[1] == 6 * (3 * 65 + 2) + 5 * 6
+    colours = {tuple(c) for c in pic[:3 * 65].reshape(-1, 3)}
+    assert {tuple(evaluation.CONTEXT_PALETTE[k]) for k in (1, 2, 3)} <= colours
 
 
 # ------------------------------------------------------------------ effective receptive field
@@ -2228,7 +2247,7 @@ def test_table1_rows_are_defined_once_and_used_everywhere():
                          context_channels=4).context.name == row
     assert set(vortex.TABLE_ROWS) <= set(vortex.TABLE1)
     assert train.ABLATION_ROWS == tuple(r for r in vortex.TABLE1 if r != "image-level")
-    assert train.DISTANCE_ROWS == tuple(vortex.TABLE1)
+    assert train.CONTEXT_ROWS == tuple(vortex.TABLE1)
     for path in ("vortex.py", "train.py", "eval.py", "data.py"):  # no second list of the rows
         text = open(os.path.join(HERE, path)).read()
         assert len(re.findall(r'"A\(9\)"', text)) <= (1 if path == "vortex.py" else 0), path

@@ -831,7 +831,7 @@ def parse_args(argv=None):
     cfg = dict(COMMON)
     cfg.update(PRESETS[args.dataset])
     if args.context_experiment:
-        cfg.update(DISTANCE_PRESET)
+        cfg.update(CONTEXT_PRESET)
     for k, v in vars(args).items():
         if v is not None or k not in cfg:
             cfg[k] = v
@@ -924,11 +924,13 @@ def run_flags(a):
            "none, ASPP and Vortex (--out-dir/erf.png); runs go to --out-dir/<module>-seed<k>, "
            "and the same command again continues an interrupted table")
     a("--context-experiment", type=int, metavar="SEEDS", default=None,
-      help="Table 1's question at the paper's geometry: train the context modules alone "
-           "(none, image-level, ASPP, ASPP+, A(5), A(9), A(13), Vortex) on 65x65 descriptor "
-           "maps where the deciding evidence lies 1..40 descriptors away, seeds 0..SEEDS-1, "
-           "and print accuracy by distance (--out-dir/table.txt, accuracy_vs_distance.png); "
-           f"defaults {', '.join(f'{k}={v}' for k, v in DISTANCE_PRESET.items())}; --iters, "
+      help="Table 1's question at the paper's geometry: for every context module (none, "
+           "image-level, ASPP, ASPP+, A(5), A(9), A(13), Vortex), the accuracy with which the "
+           "class of a cue 1..40 descriptors from a query pixel of a 65x65 map is read, by the "
+           "best linear readout of the module's taps (the probe) and by the module trained with "
+           "seeds 0..SEEDS-1, at noise 1 and 0.5 and with a distractor (--out-dir/table.txt, "
+           "a figure per setting); defaults "
+           f"{', '.join(f'{k}={v}' for k, v in CONTEXT_PRESET.items())}; --iters, "
            "--batch-size, --lr, --context-channels override them; the same command again "
            "continues an interrupted experiment")
     a("--erf-images", type=int, default=32,
@@ -1187,127 +1189,206 @@ def ablation(cfg, seeds):
 
 
 # ---------------------------------------------------------------------------------------------
-# Table 1's question at the paper's geometry (paper 3.2-3.4, Fig. 3): at which distance does
-# each context module still read the evidence that decides a descriptor? Descriptor maps X of
-# 65 x 65 x 16 (data.descriptor_map, where the generative rule is written) go straight into the
-# real ContextModule (Table 1's pooling sizes and rates at output stride 8) and a 1x1
-# classifier: feature aggregation alone, no backbone (paper 3.1). Trained by the pieces of the
-# loop above (poly_lr, set_lr, micro_step, optimizer_step) on the same maps for every module
-# of a seed; tested on one held-out set of maps; accuracy binned by the distance of the cue.
-# One departure: Adam instead of SGD. In pilot runs (seed 100, not a reported seed) SGD with
-# momentum at lr 0.02-0.2 left no module above chance in 600 steps: the cue's share of a
-# pooled, batch-normalised feature is tiny, and Adam's per-parameter steps scale it up.
+# Table 1's question at the paper's geometry (paper 3.2-3.4, Fig. 3): at which distance can
+# each context module still read the evidence that decides a pixel? One query pixel per sample
+# and one cue at distance d = 1..40 (data.context_layouts, where the rule is written), X at the
+# paper's 65 x 65. Two rows per module:
+#   probe:   what its footprint holds. The values its branches read at the query (the taps,
+#            pooled as the module pools, zero off the map, plus the image-level mean) and the
+#            best linear readout of the cue's class from them, fitted per distance in closed
+#            form (regularised Fisher discriminant) on training samples, tested on held-out ones;
+#   trained: what training finds. The real branch convolutions -> BN -> ReLU -> projection ->
+#            1x1 classifier (a ContextModule of Table 1) evaluated at the query from its taps
+#            (module_at_query; a test shows it equals the module run on the whole map there),
+#            trained on the same samples with the loop's own pieces, seeds 0..SEEDS-1.
+# Settings: noise sigma 1 and 0.5 (which limits are geometry, which signal-to-noise), and a
+# distractor of the other class at >= 1.5 d (3.4: fine near, coarse far). One departure from
+# the loop: Adam instead of SGD (with SGD and momentum, lr 0.02-0.2, the earlier version of this
+# experiment stayed at chance for 600 steps: the cue's share of a pooled feature is tiny).
 # ---------------------------------------------------------------------------------------------
 
-DISTANCE_ROWS = tuple(TABLE1)
-DISTANCE_PRESET = dict(iters=500, batch_size=8, lr=0.003, context_channels=16)
-DESCRIPTOR_CHANNELS = 16  # c1 (paper: 2048); the four kinds' codes need few channels
-TEST_MAPS = 512
+CONTEXT_ROWS = tuple(TABLE1)
+CONTEXT_PRESET = dict(iters=600, batch_size=512, lr=0.003, context_channels=16)
+CONTEXT_CHANNELS = 8  # c1 (paper: 2048); three orthogonal codes need few channels
+PER_DISTANCE = {"train": 500, "test": 250}  # layouts per distance, each with its twin
+SETTINGS = (("sigma 1", 1.0, False), ("sigma 0.5", 0.5, False),
+            ("sigma 1, distractor", 1.0, True))
 BANDS = ((1, 10), (11, 20), (21, 30), (31, 40))
-PAIRS = (("Vortex", "ASPP"), ("Vortex", "A(5)"), ("A(5)", "ASPP"))
-DISTANCE_KEYS = ("iters", "batch_size", "lr", "context_channels", "power")
+PAIRS = (("Vortex", "ASPP"), ("Vortex", "A(5)"), ("Vortex", "A(13)"), ("A(5)", "ASPP"))
+CONTEXT_KEYS = ("iters", "batch_size", "lr", "context_channels", "power")
 
 
-def training_maps(cfg, seed):
-    """The maps every module of this seed trains on, one (X, label) batch per iteration (X in
-    half precision: 16 bytes per descriptor would make 1 GB)."""
-    b = cfg["batch_size"]
-    batches = []
-    for it in range(cfg["iters"]):
-        x, label, _ = data.descriptor_batch(seed, it * b, b, c1=DESCRIPTOR_CHANNELS)
-        batches.append((x.half(), label))
-    return batches
+def module_at_query(module, classifier, taps, mean):
+    """Logits (N, 2) of a ContextModule + 1x1 classifier at one pixel, from what it reads there:
+    `taps` (N, T, c1), branch after branch in data.tap_offsets' order, and the image-level mean
+    (N, c1). Each branch's convolution at a pixel is the dot product of its weight with its taps;
+    BN, ReLU, the image-level branch, the projection and the classifier are the module's own."""
+    feats, t0 = [], 0
+    for (k, offsets), branch in zip(data.tap_offsets(module), module.branches):
+        x, t0 = taps[:, t0:t0 + len(offsets)], t0 + len(offsets)
+        y = torch.einsum("ntc,oct->no", x, branch[0].weight.flatten(2))
+        feats.append(branch[2](branch[1](y[:, :, None, None])))
+    if module.image_pool is not None:
+        feats.append(module.image_pool(mean[:, :, None, None]))
+    return classifier(module.project(torch.cat(feats, 1)))[:, :, 0, 0]
 
 
-def distance_run(cfg, name, seed, batches, test, device):
-    """Train one (module, seed) on `batches`; (correct, total) by distance on `test`."""
+def twins(parts, layouts, sigma, codes, image_level):
+    """Every layout twice, cue P then cue Q: (taps, mean, label, distance) as tensors."""
+    n, has = len(layouts["d"]), (layouts["distractor"][:, 0] > -1000).astype(np.float32)
+    cls = np.repeat([0, 1], n)
+    doubled = {k: np.concatenate([v, v]) for k, v in parts.items()}
+    taps, mean = data.assemble(doubled, cls, sigma, codes, np.concatenate([has, has]),
+                               image_level)
+    return (torch.from_numpy(taps), None if mean is None else torch.from_numpy(mean),
+            torch.from_numpy(cls), torch.from_numpy(np.concatenate([layouts["d"]] * 2)))
+
+
+def per_distance(correct, d):
+    """Accuracy (%) at each distance 0..40 (0 unused) of boolean `correct` (N,)."""
+    total = np.bincount(d, minlength=data.CONTEXT_DISTANCES + 1)
+    return 100 * np.bincount(d[correct], minlength=data.CONTEXT_DISTANCES + 1) / np.maximum(1, total)
+
+
+def probe(train, test):
+    """The best linear readout per distance (regularised Fisher discriminant, closed form):
+    accuracy (%) by distance on the test samples."""
+    def flat(s):
+        f = s[0].flatten(1) if s[1] is None else torch.cat([s[0].flatten(1), s[1]], 1)
+        return f.double().numpy()
+    xs, xt = flat(train), flat(test)
+    ys, ds, yt, dt = train[2].numpy(), train[3].numpy(), test[2].numpy(), test[3].numpy()
+    correct = np.zeros(len(yt), bool)
+    for d in range(1, data.CONTEXT_DISTANCES + 1):
+        x, y = xs[ds == d], ys[ds == d]
+        mu = [x[y == c].mean(0) for c in (0, 1)]
+        centred = x - np.where(y[:, None] == 1, mu[1], mu[0])
+        cov = centred.T @ centred / max(1, len(x) - 2)
+        cov += (1e-3 * np.trace(cov) / len(cov) + 1e-9) * np.eye(len(cov))
+        w = np.linalg.solve(cov, mu[1] - mu[0])
+        score = (xt[dt == d] - (mu[0] + mu[1]) / 2) @ w
+        correct[dt == d] = (score > 1e-9 * np.abs(w).sum()) == (yt[dt == d] == 1)
+    return per_distance(correct, dt)
+
+
+def trained(cfg, row, seed, train, test):
+    """The real module trained on the samples' taps; accuracy (%) by distance on the test."""
     torch.manual_seed(seed)
-    c2 = cfg["context_channels"]
-    net = nn.Sequential(vortex.table1_module(name, DESCRIPTOR_CHANNELS, out_channels=c2),
-                        nn.Conv2d(c2, 2, 1))
-    net.to(device).train()
-    run = argparse.Namespace(cfg=dict(cfg, channels_last=False), device=device, world=1,
-                             net=net, amp_dtype=None, scaler=None,
-                             optimizer=torch.optim.Adam(net.parameters(), cfg["lr"]))
-    loss = torch.zeros((), device=device)
-    for it, (x, label) in enumerate(batches):
-        set_lr(run.optimizer, poly_lr(cfg["lr"], it, cfg["iters"], cfg["power"]))
-        loss += micro_step(run, x.float(), label, labelled_pixels(run, [(x, label)]))
-        optimizer_step(run)
+    module = vortex.table1_module(row, CONTEXT_CHANNELS, out_channels=cfg["context_channels"])
+    classifier = nn.Conv2d(cfg["context_channels"], 2, 1)
+    params = list(module.parameters()) + list(classifier.parameters())
+    optimizer = torch.optim.Adam(params, cfg["lr"])
+    order = torch.Generator().manual_seed(seed)
+    n, b = len(train[2]), cfg["batch_size"]
+    module.train()
+    for it in range(cfg["iters"]):
+        set_lr(optimizer, poly_lr(cfg["lr"], it, cfg["iters"], cfg["power"]))
+        idx = torch.randint(n, (b,), generator=order)
+        mean = None if train[1] is None else train[1][idx]
+        loss = F.cross_entropy(module_at_query(module, classifier, train[0][idx], mean),
+                               train[2][idx])
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
     if not math.isfinite(loss.item()):
-        raise FloatingPointError(f"{name} seed {seed}: non-finite loss; try a lower --lr")
-    return evaluation.distance_accuracy(net, *test)
+        raise FloatingPointError(f"{row} seed {seed}: non-finite loss; try a lower --lr")
+    module.eval()
+    with torch.no_grad():
+        pred = module_at_query(module, classifier, test[0], test[1]).argmax(1)
+    return per_distance((pred == test[2]).numpy(), test[3].numpy())
 
 
-def distance_experiment(cfg, seeds):
-    """Every row x seeds 0..seeds-1 (finished runs are read back, so the same command again
-    continues an interrupted experiment); prints and writes the table and the figure."""
-    out, device = cfg["out_dir"], evaluation.pick_device(cfg["device"])
-    key = json.loads(json.dumps(dict(  # the settings, and the rule that made the maps
-        {k: cfg[k] for k in DISTANCE_KEYS}, maps=(data.BODY, data.CUE, data.MAX_DISTANCE,
-                                                  data.CLEAR, data.RATIO, TEST_MAPS))))
-    os.makedirs(out, exist_ok=True)
-    test = data.descriptor_batch(data.TEST_SEED, 0, TEST_MAPS, c1=DESCRIPTOR_CHANNELS)
-    acc, seconds = {name: [] for name in DISTANCE_ROWS}, {name: [] for name in DISTANCE_ROWS}
-    fresh, n = [], 0
-    for seed in range(seeds):
-        batches = None
-        for name in DISTANCE_ROWS:
-            path, n = os.path.join(out, f"{name}-seed{seed}.json"), n + 1
-            rec = read_back(path, key)
-            read = rec is not None
-            if not read:
-                t = time.time()
-                batches = batches or training_maps(cfg, seed)
-                correct, total = distance_run(cfg, name, seed, batches, test, device)
-                rec = dict(config=key, correct=correct.tolist(), total=total.tolist(),
-                           seconds=time.time() - t)
+def context_experiment(cfg, seeds):
+    """Every setting x row: the probe once, the trained module per seed (finished runs are read
+    back, so the same command again continues an interrupted experiment); prints and writes
+    the tables and a figure per setting."""
+    out, t0 = cfg["out_dir"], time.time()
+    codes = data.context_codes(CONTEXT_CHANNELS)
+    modules = [vortex.table1_module(row, CONTEXT_CHANNELS) for row in CONTEXT_ROWS]
+    key = json.loads(json.dumps(dict({k: cfg[k] for k in CONTEXT_KEYS}, per=PER_DISTANCE,
+                                     channels=CONTEXT_CHANNELS)))
+    results, lines, n_runs, done = {}, [], len(SETTINGS) * len(CONTEXT_ROWS) * (seeds + 1), 0
+    samples = {}
+    for setting, sigma, distractor in SETTINGS:
+        if distractor not in samples:  # the layouts and the noise serve both noise levels
+            layouts = {s: data.context_layouts(1 + s_i + 2 * distractor, PER_DISTANCE[s],
+                                               distractor) for s_i, s in enumerate(("train", "test"))}
+            samples[distractor] = {s: (layouts[s], data.gather_taps(modules, layouts[s],
+                                                                    CONTEXT_CHANNELS, 7 + s_i))
+                                   for s_i, s in enumerate(("train", "test"))}
+        results[setting] = {}
+        for row, module in zip(CONTEXT_ROWS, modules):
+            sets = {s: twins(parts[module.name], lay, sigma, codes, module.image_pool is not None)
+                    for s, (lay, parts) in samples[distractor].items()}
+            path = os.path.join(out, f"{setting.replace(' ', '').replace(',', '-')}-{row}.json")
+            rec = read_back(path, dict(key, setting=setting, seeds=seeds))
+            if rec is None:
+                rec = {"config": dict(key, setting=setting, seeds=seeds),
+                       "probe": probe(sets["train"], sets["test"]).tolist(),
+                       "trained": [trained(cfg, row, s, sets["train"], sets["test"]).tolist()
+                                   for s in range(seeds)]}
                 data.write_json(path, rec)
-                fresh.append(time.time() - t)
-            acc[name].append(np.array(rec["correct"]) / np.maximum(1, rec["total"]))
-            seconds[name].append(rec["seconds"])
-            left = (len(DISTANCE_ROWS) * seeds - n) * (np.mean(fresh) if fresh else 0)
-            print(f"[{n}/{len(DISTANCE_ROWS) * seeds}] {name} seed {seed}: "
-                  f"{100 * acc[name][-1][1:].mean():.1f}% ({rec['seconds']:.0f} s"
-                  f"{', read back' if read else ''})  ETA {left / 60:.1f} min", flush=True)
-    acc = {k: np.array(v) for k, v in acc.items()}
-    table = distance_table(cfg, acc, seconds, seeds)
+            results[setting][row] = {"probe": np.array(rec["probe"]),
+                                     "trained": np.array(rec["trained"])}
+            done += seeds + 1
+            data.progress("context experiment", done, n_runs, t0, every=seeds + 1)
+        lines.append(context_table(cfg, setting, results[setting], seeds))
+        evaluation.context_figure(results[setting], {m.name: vortex.ring_coverage(m)
+                                                      for m in modules}, setting,
+                                  os.path.join(out, f"{setting.replace(' ', '').replace(',', '-')}.png"))
+    table = "\n\n".join(lines) + f"\n\n{len(SETTINGS)} settings, {seeds} seed(s): " \
+        f"{(time.time() - t0) / 60:.1f} min"
     print(table)
     data.atomic_save(os.path.join(out, "table.txt"), lambda f: f.write(table.encode() + b"\n"))
-    coverage = {name: vortex.ring_coverage(vortex.table1_module(name, 8)) for name in acc}
-    figure = os.path.join(out, "accuracy_vs_distance.png")
-    evaluation.distance_figure(acc, coverage, figure)
-    print(f"wrote {os.path.join(out, 'table.txt')} and {figure}")
-    return acc
+    print(f"wrote {os.path.join(out, 'table.txt')} and one figure per setting in {out}")
+    return results
 
 
-def distance_table(cfg, acc, seconds, seeds):
-    """Table 1's shape: accuracy (%) by distance band and overall, mean +- std over seeds, the
-    paper's VOC mIoU beside it; then the paired per-seed comparisons."""
-    def band(a, lo, hi):  # every distance weighs the same: the mean of per-distance accuracies
-        return 100 * a[:, lo:hi + 1].mean(1)
-    head = "".join(f"{f'{lo}-{hi}':>13}" for lo, hi in BANDS)
-    lines = [f"Table 1's question at the paper's geometry: 65x65x{DESCRIPTOR_CHANNELS} descriptor "
-             f"maps, {TEST_MAPS} test maps, seeds 0..{seeds - 1}, {cfg['iters']} iterations of "
-             f"{cfg['batch_size']} maps, Adam lr {cfg['lr']}; runs took "
-             f"{sum(map(sum, seconds.values())) / 60:.1f} min in all",
-             "accuracy (%) on object descriptors by distance of the deciding cue, mean ± std "
-             "over seeds (chance: 50)",
-             f"{'module':12}{head}{'overall':>13}{'s/run':>7}  paper (VOC mIoU)"]
-    for name, a in acc.items():
-        cols = [band(a, lo, hi) for lo, hi in BANDS] + [band(a, 1, BANDS[-1][1])]
-        lines.append(f"{name:12}" + "".join(f"{c.mean():7.1f} ± {c.std():3.1f}" for c in cols)
-                     + f"{np.mean(seconds[name]):7.0f}  {TABLE1[name].miou or '-'}")
-    lines += ["", "paired by seed (the same training and test maps): difference in points, "
-              "and how many seeds agree on its sign"]
+def paired(a, b):
+    """Per-seed differences a - b: (mean, sign counts, paired t, two-sided p)."""
+    d = a - b
+    if len(d) < 2 or d.std(ddof=1) == 0:
+        return d.mean(), (d > 0).sum(), (d < 0).sum(), math.nan, math.nan
+    t = d.mean() / (d.std(ddof=1) / math.sqrt(len(d)))
+    return d.mean(), (d > 0).sum(), (d < 0).sum(), t, student_t_p(t, len(d) - 1)
+
+
+def student_t_p(t, df, steps=20000):
+    """Two-sided p of Student's t with df degrees of freedom (numerical integral of the
+    density from |t| out; scipy is not a dependency)."""
+    x = np.linspace(abs(t), abs(t) + 200, steps)
+    dens = math.gamma((df + 1) / 2) / (math.sqrt(df * math.pi) * math.gamma(df / 2)) * \
+        (1 + x * x / df) ** (-(df + 1) / 2)
+    return float(min(1.0, 2 * np.trapezoid(dens, x)))
+
+
+def context_table(cfg, setting, res, seeds):
+    """One setting: accuracy (%) by band, the probe and the trained module (mean +- standard
+    error over seeds), then paired comparisons of the trained modules."""
+    def band(a, lo, hi):  # every distance weighs the same
+        return a[..., lo:hi + 1].mean(-1)
+    cols = BANDS + ((1, data.CONTEXT_DISTANCES),)
+    head = "".join(f"{f'{lo}-{hi}':>21}" for lo, hi in cols)
+    lines = [f"{setting}: one query and one cue at distance d, 65x65x{CONTEXT_CHANNELS}, "
+             f"{PER_DISTANCE['test']} test layouts x 2 twins per distance; accuracy (%), "
+             f"chance exactly 50; probe | trained (mean ± s.e. over {seeds} seed(s), "
+             f"{cfg['iters']} iterations of {cfg['batch_size']})",
+             f"{'module':12}{head}"]
+    for row, r in res.items():
+        cells = []
+        for lo, hi in cols:
+            tr = band(r["trained"], lo, hi)
+            se = tr.std(ddof=1) / math.sqrt(len(tr)) if len(tr) > 1 else math.nan
+            cells.append(f"{band(r['probe'], lo, hi):6.1f} | {tr.mean():5.1f} ± {se:3.1f}")
+        lines.append(f"{row:12}" + "".join(f"{c:>21}" for c in cells))
+    lines.append("paired by seed, trained: difference in points (seeds +/-), paired t, p")
     for a, b in PAIRS:
         parts = []
-        for lo, hi in BANDS + ((1, BANDS[-1][1]),):
-            d = band(acc[a], lo, hi) - band(acc[b], lo, hi)
-            parts.append(f"{lo}-{hi} {d.mean():+5.1f} ({(d > 0).sum()}+/{(d < 0).sum()}-)")
-        per_seed = band(acc[a], 1, BANDS[-1][1]) - band(acc[b], 1, BANDS[-1][1])
-        lines.append(f"{a + ' - ' + b:14} " + "  ".join(parts))
-        lines.append(f"{'':14} overall per seed: " + " ".join(f"{v:+.1f}" for v in per_seed))
+        for lo, hi in cols:
+            m, plus, minus, t, p = paired(band(res[a]["trained"], lo, hi),
+                                          band(res[b]["trained"], lo, hi))
+            parts.append(f"{lo}-{hi} {m:+5.1f} ({plus}+/{minus}-, t {t:5.1f}, p {p:.3f})")
+        lines.append(f"  {a + ' - ' + b:14} " + "  ".join(parts))
     return "\n".join(lines)
 
 
@@ -1320,7 +1401,7 @@ def main(argv=None):
         if cfg["context_experiment"]:  # one experiment owns its folder
             lock = data.FolderLock(cfg["out_dir"], "train.py --context-experiment")
             try:
-                return distance_experiment(cfg, cfg["context_experiment"])
+                return context_experiment(cfg, cfg["context_experiment"])
             finally:
                 lock.release()
         return ablation(cfg, cfg["ablation"]) if cfg["ablation"] else train(cfg)
