@@ -936,8 +936,15 @@ def context_samples_figure(out, cell=3, distances=(2, 12, 30), seed=0):
                 if cy > -1000:
                     view[cy - 1:cy + 2, cx - 1:cx + 2] = kind
             view[tuple(lay["query"][i])] = 1
-            pic = np.kron(colorize(view, CONTEXT_PALETTE), np.ones((cell, cell, 1), np.uint8))
-            maps.append(np.pad(pic, ((1, 1), (1, 1), (0, 0))))  # the map's border
+            pic = Image.fromarray(np.kron(colorize(view, CONTEXT_PALETTE),
+                                          np.ones((cell, cell, 1), np.uint8)))
+            qy, qx = lay["query"][i] * cell + cell // 2
+            ImageDraw.Draw(pic).ellipse([qx - 6, qy - 6, qx + 6, qy + 6], outline=(0, 0, 0))
+            title = Image.new("RGB", (pic.width + 2, 14), (255, 255, 255))
+            ImageDraw.Draw(title).text((2, 1), f"d = {d}" + (", distractor" if distractor
+                                                              else ", one cue"), fill=(0, 0, 0))
+            framed = np.pad(np.asarray(pic), ((1, 1), (1, 1), (0, 0)))  # the map's border
+            maps.append(np.concatenate([np.asarray(title), framed], 0))
     grid = hstack(maps, 6)
     pic = np.concatenate([grid, legend(grid.shape[1], CONTEXT_VIEW, CONTEXT_PALETTE,
                                        range(len(CONTEXT_VIEW)))], 0)
