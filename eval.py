@@ -208,16 +208,17 @@ IMAGE_TYPES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 DEFAULT_SPLIT = {"coco": "val2017"}  # prepare-coco names splits after the COCO files
 
 
-def setup_distributed(device_arg, deterministic=False):
+def setup_distributed(device_arg, deterministic=False, fixed_sizes=True):
     """(rank, world size, device) of this process; under torchrun (WORLD_SIZE > 1) the process
     group is started from its environment, one process per GPU (LOCAL_RANK)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     device = pick_device(device_arg, int(os.environ.get("LOCAL_RANK", "0")))
     if device.type == "cuda":
         torch.cuda.set_device(device)
-        # fixed 513 crops: let cuDNN time its kernels once and keep the fastest. They are not
-        # bitwise reproducible from run to run; --deterministic trades speed for that.
-        torch.backends.cudnn.benchmark = not deterministic
+        # fixed 513 crops: let cuDNN time its kernels once and keep the fastest (not for images
+        # of many sizes: it would time them again for each). They are not bitwise reproducible
+        # from run to run; --deterministic trades speed for that.
+        torch.backends.cudnn.benchmark = fixed_sizes and not deterministic
         torch.backends.cudnn.deterministic = deterministic
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -367,7 +368,7 @@ def main(argv=None):
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and (args.image or args.erf):
         raise data.BadInput("--image and --erf run in one process: use torchrun only to split "
                             "the evaluation of a dataset over GPUs")
-    rank, _, device = setup_distributed(args.device)
+    rank, _, device = setup_distributed(args.device, fixed_sizes=False)
     try:
         return run_command(p, args, scales, device, rank)
     finally:

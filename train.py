@@ -786,6 +786,7 @@ def report(run, it, it0, t0, loss):
 def final_evaluation(run):
     """Single-scale, no flip (paper 4.1 for ablations), via eval.py's one implementation."""
     cfg, model, out = run.cfg, run.model, run.cfg["out_dir"]
+    torch.backends.cudnn.benchmark = False  # whole images of many sizes: no autotuning per size
     val = data.get_dataset(cfg["dataset"], cfg["val_split"], cfg["data_root"], train=False,
                            seed=cfg["seed"], **cfg["val_data_args"])
     t = time.time()
