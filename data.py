@@ -1240,7 +1240,7 @@ def parser():
     s.add_argument("-n", type=int, default=300, help="samples to time")
     s = sub.add_parser("show", help="save a picture of synthetic samples")
     s.add_argument("--out", default=None, help="PNG file to write (default "
-                                               "synthetic_samples.png or descriptor_maps.png)")
+                                               "synthetic_samples.png or context_samples.png)")
     s.add_argument("--descriptors", action="store_true",
                    help="show samples of the context experiment (train.py "
                         "--context-experiment): query, cue, distractor on 65x65 maps")
@@ -1269,7 +1269,7 @@ def main(argv=None):
     elif args.cmd == "bench":
         bench_loader(args.voc, args.n)
     elif args.cmd == "show":
-        out = args.out or ("descriptor_maps.png" if args.descriptors else "synthetic_samples.png")
+        out = args.out or ("context_samples.png" if args.descriptors else "synthetic_samples.png")
         refuse_existing([out], args.force)
         import eval as pictures  # all drawing lives in eval.py
         draw = pictures.context_samples_figure if args.descriptors else \
