@@ -1311,19 +1311,16 @@ def context_experiment(cfg, seeds):
     results, lines, n_runs, done = {}, [], len(SETTINGS) * len(CONTEXT_ROWS) * (seeds + 1), 0
     samples = {}
     for setting, sigma, distractor in SETTINGS:
-        if distractor not in samples:  # the layouts and the noise serve both noise levels
-            layouts = {s: data.context_layouts(1 + s_i + 2 * distractor, PER_DISTANCE[s],
-                                               distractor) for s_i, s in enumerate(("train", "test"))}
-            samples[distractor] = {s: (layouts[s], data.gather_taps(modules, layouts[s],
-                                                                    CONTEXT_CHANNELS, 7 + s_i))
-                                   for s_i, s in enumerate(("train", "test"))}
         results[setting] = {}
         for row, module in zip(CONTEXT_ROWS, modules):
-            sets = {s: twins(parts[module.name], lay, sigma, codes, module.image_pool is not None)
-                    for s, (lay, parts) in samples[distractor].items()}
             path = os.path.join(out, f"{setting.replace(' ', '').replace(',', '-')}-{row}.json")
             rec = read_back(path, dict(key, setting=setting, seeds=seeds))
             if rec is None:
+                if distractor not in samples:  # layouts and noise serve both noise levels
+                    samples[distractor] = context_samples(modules, distractor)
+                sets = {s: twins(parts[module.name], lay, sigma, codes,
+                                 module.image_pool is not None)
+                        for s, (lay, parts) in samples[distractor].items()}
                 rec = {"config": dict(key, setting=setting, seeds=seeds),
                        "probe": probe(sets["train"], sets["test"]).tolist(),
                        "trained": [trained(cfg, row, s, sets["train"], sets["test"]).tolist()
@@ -1343,6 +1340,15 @@ def context_experiment(cfg, seeds):
     data.atomic_save(os.path.join(out, "table.txt"), lambda f: f.write(table.encode() + b"\n"))
     print(f"wrote {os.path.join(out, 'table.txt')} and one figure per setting in {out}")
     return results
+
+
+def context_samples(modules, distractor):
+    """The training and test layouts of one condition and every module's taps there."""
+    out = {}
+    for i, split in enumerate(("train", "test")):
+        layouts = data.context_layouts(1 + i + 2 * distractor, PER_DISTANCE[split], distractor)
+        out[split] = (layouts, data.gather_taps(modules, layouts, CONTEXT_CHANNELS, 7 + i))
+    return out
 
 
 def paired(a, b):
