@@ -517,9 +517,10 @@ def file_digest(path):
     return h.hexdigest()
 
 
-def read_list(path):
+def read_list(path, repeats=False):
     """The ids of a split list (one per line, first word), each a plain name that stays inside
-    the dataset's folders, none twice; refused naming the file and the line otherwise."""
+    the dataset's folders, and none twice unless `repeats` (a dataset's list counts each id it
+    holds; a list merged into another, like SBD's, need not); refused naming the file and line."""
     ids, seen = [], {}
     with open(path) as f:
         for n, line in enumerate(f, 1):
@@ -530,7 +531,7 @@ def read_list(path):
                 raise BadInput(f"{path}, line {n}: {name!r} is not a plain id (a folder part, "
                                f"'..' or an absolute path would read and write outside the "
                                f"dataset); refused")
-            if name in seen:
+            if name in seen and not repeats:
                 raise BadInput(f"{path}, line {n}: {name!r} is listed again (first on line "
                                f"{seen[name]}); it would count twice")
             seen[name] = n
@@ -880,9 +881,9 @@ def prepare_sbd(sbd, voc, overwrite=False, log=print):
         p = os.path.join(seg_dir, name + ".txt")
         if not os.path.isfile(p):
             raise MissingInput(f"VOC list not found: {p}\n{VOC_TREE}")
-        lists[name] = read_list(p)
-    sbd_train, sbd_val = read_list(os.path.join(sbd, "train.txt")), read_list(
-        os.path.join(sbd, "val.txt"))
+        lists[name] = read_list(p, repeats=True)
+    sbd_train = read_list(os.path.join(sbd, "train.txt"), repeats=True)
+    sbd_val = read_list(os.path.join(sbd, "val.txt"), repeats=True)
     ids = train_aug_ids(sbd_train, sbd_val, lists["train"], lists["val"])
     counts = {"sbd_train": len(set(sbd_train)), "sbd_val": len(set(sbd_val)),
               "voc_train": len(set(lists["train"])), "voc_val": len(set(lists["val"])),
