@@ -480,9 +480,12 @@ class FolderLock:
     kill -9), so a dead run never leaves a stale lock."""
 
     def __init__(self, folder, what):
-        os.makedirs(folder, exist_ok=True)
         self.path = os.path.join(folder, ".lock")
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
+        try:
+            os.makedirs(folder, exist_ok=True)
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
+        except OSError as e:
+            raise BadInput(f"cannot write into {folder}: {e.strerror or e}") from None
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

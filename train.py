@@ -565,8 +565,7 @@ def check_out_dir(cfg, ck_path, checkpoint_bytes):
                        f"--out-dir (nothing is overwritten without asking)")
     ck = read_checkpoint_for_resume(cfg, ck_path) if exists else None
     out = cfg["out_dir"]  # made only now, when the run starts
-    data.atomic_save(os.path.join(out, ".write-test"), lambda f: f.write(b"ok"))
-    os.unlink(os.path.join(out, ".write-test"))
+    data.refuse_existing([out], force=True)  # made, and checked writable
     free, limit = shutil.disk_usage(out).free, resource.getrlimit(resource.RLIMIT_FSIZE)[0]
     if free < 1.2 * checkpoint_bytes:  # the new checkpoint's temp file beside the old one
         raise BadInput(f"--out-dir {out}: {free / 2 ** 30:.2f} GiB free, but a checkpoint "
@@ -716,9 +715,8 @@ class stop_signals(contextlib.AbstractContextManager):
         return self
 
     def next_sync(self):
-        c, it = self.cfg, self.it
-        return min(it // c["log_every"] * c["log_every"] + c["log_every"],
-                   it // c["save_every"] * c["save_every"] + c["save_every"], c["iters"])
+        return next(j for j in range(self.it + 1, self.cfg["iters"] + 1)
+                    if sync_iteration(self.cfg, j))
 
     def count(self, it, steps_this_run):
         self.it = it
@@ -731,9 +729,13 @@ class stop_signals(contextlib.AbstractContextManager):
             signal.signal(s, h)
 
 
+def sync_iteration(cfg, it):
+    """The loop's sync points: a progress line, a checkpoint, the end."""
+    return it % cfg["log_every"] == 0 or it % cfg["save_every"] == 0 or it == cfg["iters"]
+
+
 def sync_due(cfg, it, stop):
-    return (it % cfg["log_every"] == 0 or it % cfg["save_every"] == 0 or it == cfg["iters"]
-            or stop.now)
+    return sync_iteration(cfg, it) or stop.now
 
 
 def sync_point(run, window, steps, stop, it):
