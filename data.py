@@ -5,9 +5,9 @@ Part I, the paper: 4.1 trains on train_aug (10,582 images = VOC 2012 train + SBD
 and evaluates on VOC 2012 val (1,449), with random scale 0.5-2.0, left-right flips and 513 x 513
 crops; 4.2 pre-trains on MS-COCO with the 20 VOC categories (others are background, objects
 under 1000 pixels discarded: marked 255 here).
-Part II: reading and writing files safely, the synthetic data (Fig. 1 made into data, and the
-descriptor maps of the context experiment), the SBD and COCO converters (masks rasterised
-exactly as pycocotools does), the loader benchmark and the command line.
+Part I follows 4.1 (the datasets, then the augmentation) and 4.2 (COCO -> VOC).
+Part II: reading and writing files safely, the synthetic data (Fig. 1 made into data), the SBD
+and COCO converters (masks rasterised exactly as pycocotools does) and the command line.
 
 Every item is (image, label): a float (3, H, W) tensor normalised with the ImageNet mean/std and
 an int64 (H, W) tensor of class indices, 255 = ignore. Nothing is downloaded; bad files raise an
@@ -15,9 +15,6 @@ error that names the file. Commands (see `python data.py --help`):
 
   python data.py prepare-sbd --sbd benchmark_RELEASE/dataset --voc VOCdevkit/VOC2012
   python data.py prepare-coco --annotations instances_train2017.json --images train2017 --out DIR
-  python data.py bench [--voc VOCdevkit/VOC2012]       # loader throughput, samples/s
-  python data.py show [--out synthetic.png]            # a picture of synthetic samples
-  python data.py show --descriptors                    # descriptor maps (train.py --context-experiment)
 """
 import argparse
 import errno
@@ -40,6 +37,13 @@ from PIL import Image, ImageOps
 # =============================================================================================
 # PART I: THE PAPER
 # =============================================================================================
+
+# ---------------------------------------------------------------------------------------------
+# 4.1: "We use the PASCAL VOC 2012 dataset for ablation studies." Its 20 object classes and
+# background, the colours of its index masks, and 255 for void pixels (object borders), which
+# the loss and the metric ignore. Images are normalised with the ImageNet statistics that the
+# pretrained ResNet was trained with.
+# ---------------------------------------------------------------------------------------------
 
 IGNORE = 255
 MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)  # ImageNet statistics (RGB, 0..1)
@@ -68,7 +72,105 @@ VOC_PALETTE = voc_palette()
 
 
 # ---------------------------------------------------------------------------------------------
-# Transforms (paper 4.1). Each takes (image uint8 HxWx3, label uint8 HxW, rng) and returns the
+# 4.1: "The official dataset has 1,464 training images, 1,449 validation images and 1,456 test
+# images ... [we] use the official PASCAL VOC 2012 val set for evaluation."
+# PASCAL VOC 2012 (and any tree laid out like it: train_aug, the COCO conversion).
+# ---------------------------------------------------------------------------------------------
+
+VOC_TREE = """expected layout (root = the VOC2012 folder):
+  VOC2012/
+    JPEGImages/<id>.jpg
+    SegmentationClass/<id>.png          palette PNGs, values 0..20 and 255
+    SegmentationClassAug/<id>.png       only for split train_aug (python data.py prepare-sbd)
+    ImageSets/Segmentation/<split>.txt  one id per line (train, val, trainval, train_aug)"""
+
+
+class Pairs(torch.utils.data.Dataset):
+    """(image, label) pairs: load(index) gives the raw pair, the transform augments it with the
+    randomness of (seed, epoch, index). Keys are an index (in the current epoch) or an (epoch,
+    index) pair: train.py's sampler sends pairs, so that loader workers that live for the whole
+    run need not be told when an epoch starts."""
+    epoch = 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __getitem__(self, key):
+        epoch, index = key if isinstance(key, tuple) else (self.epoch, key)
+        image, label = self.load(index)
+        return self.transform(image, label, sample_rng(self.seed, epoch, index))
+
+
+class VOCSegmentation(Pairs):
+    """PASCAL VOC 2012 segmentation. `root` is the VOC2012 folder, `split` a list name under
+    ImageSets/Segmentation. Split 'train_aug' (paper 4.1) reads its masks from
+    SegmentationClassAug (made by `python data.py prepare-sbd`). Every listed file is checked
+    to exist when the dataset is built, so a broken tree fails at once, not hours into training.
+    """
+
+    def __init__(self, root, split, transform=None, seed=0, mask_dir=None, num_classes=21):
+        self.root, self.split = root, split
+        self.transform = transform if transform is not None else EvalTransform()
+        self.seed, self.num_classes = seed, num_classes
+        self.classes, self.palette = VOC_CLASSES[:num_classes], VOC_PALETTE
+        if not os.path.isdir(root):
+            raise MissingInput(f"VOC root not found: {root}\n{VOC_TREE}")
+        if os.path.isdir(os.path.join(root, "VOC2012")) and not os.path.isdir(
+                os.path.join(root, "ImageSets")):
+            raise MissingInput(f"{root} looks like VOCdevkit: use its VOC2012 folder, "
+                               f"{os.path.join(root, 'VOC2012')}")
+        list_dir = os.path.join(root, "ImageSets", "Segmentation")
+        list_file = os.path.join(list_dir, split + ".txt")
+        if not os.path.isfile(list_file):
+            have = sorted(f[:-4] for f in os.listdir(list_dir) if f.endswith(".txt")) \
+                if os.path.isdir(list_dir) else []
+            hint = ("\nrun `python data.py prepare-sbd ...` to make train_aug"
+                    if split == "train_aug" else "")
+            raise MissingInput(f"split list not found: {list_file} (splits there: "
+                               f"{', '.join(have) or 'none'})\n{VOC_TREE}{hint}")
+        self.ids = read_list(list_file)  # plain ids only: nothing read from outside `root`
+        if not self.ids:
+            raise BadInput(f"split list {list_file} is empty")
+        mask_dir = mask_dir or ("SegmentationClassAug" if split == "train_aug"
+                                else "SegmentationClass")
+        self.images = [os.path.join(root, "JPEGImages", i + ".jpg") for i in self.ids]
+        self.masks = [os.path.join(root, mask_dir, i + ".png") for i in self.ids]
+        for kind, paths in (("image", self.images), ("mask", self.masks)):
+            missing = [p for p in paths if not os.path.isfile(p)]
+            if missing:
+                raise MissingInput(
+                    f"{len(missing)} {kind}(s) listed in {list_file} do not exist, e.g. "
+                    + ", ".join(missing[:3]))
+
+    def __len__(self):
+        return len(self.ids)
+
+    def load(self, index):
+        """The raw (image uint8 HxWx3, mask uint8 HxW) pair, checked."""
+        image = read_image(self.images[index])
+        mask = read_mask(self.masks[index], self.num_classes)
+        if image.shape[:2] != mask.shape:
+            raise BadInput(f"size mismatch: image {self.images[index]} is "
+                             f"{image.shape[1]}x{image.shape[0]} but mask {self.masks[index]} is "
+                             f"{mask.shape[1]}x{mask.shape[0]} (width x height)")
+        return image, mask
+
+
+# ---------------------------------------------------------------------------------------------
+# train_aug (paper 4.1: "Hariharan et al. augmented this dataset ... 10,582 images"); made from
+# the SBD release by `python data.py prepare-sbd` (Part II).
+# ---------------------------------------------------------------------------------------------
+
+def train_aug_ids(sbd_train, sbd_val, voc_train, voc_val):
+    """train_aug = (SBD train + SBD val + VOC train) - VOC val, sorted (paper 4.1)."""
+    return sorted((set(sbd_train) | set(sbd_val) | set(voc_train)) - set(voc_val))
+
+
+# ---------------------------------------------------------------------------------------------
+# 4.1 "Data Augmentation": "we randomly scale the images from 0.5 to 2.0 and randomly flip the
+# input images in a left-right manner during the training stage." "Crop Size": "we crop a
+# 513 x 513 patch from every resized image for training".
+# Transforms. Each takes (image uint8 HxWx3, label uint8 HxW, rng) and returns the
 # (float image, int64 label) tensors. Randomness comes only from `rng`, which the datasets derive
 # from (seed, epoch, index): the same sample gets the same augmentation whatever the number of
 # loader workers, and a resumed run sees exactly the data it would have seen.
@@ -124,95 +226,8 @@ class EvalTransform:
 
 
 def sample_rng(seed, epoch, index):
-    """The augmentation randomness of one sample in one epoch. Datasets take an index (in their
-    current `epoch`) or an (epoch, index) key: train.py's sampler sends keys, so that loader
-    workers that live for the whole run need not be told when an epoch starts."""
+    """The augmentation randomness of one sample in one epoch (see Pairs)."""
     return np.random.default_rng([seed, epoch, index])
-
-
-# ---------------------------------------------------------------------------------------------
-# PASCAL VOC 2012 (and any tree laid out like it: train_aug, the COCO conversion).
-# ---------------------------------------------------------------------------------------------
-
-VOC_TREE = """expected layout (root = the VOC2012 folder):
-  VOC2012/
-    JPEGImages/<id>.jpg
-    SegmentationClass/<id>.png          palette PNGs, values 0..20 and 255
-    SegmentationClassAug/<id>.png       only for split train_aug (python data.py prepare-sbd)
-    ImageSets/Segmentation/<split>.txt  one id per line (train, val, trainval, train_aug)"""
-
-
-class VOCSegmentation(torch.utils.data.Dataset):
-    """PASCAL VOC 2012 segmentation. `root` is the VOC2012 folder, `split` a list name under
-    ImageSets/Segmentation. Split 'train_aug' (paper 4.1) reads its masks from
-    SegmentationClassAug (made by `python data.py prepare-sbd`). Every listed file is checked
-    to exist when the dataset is built, so a broken tree fails at once, not hours into training.
-    """
-
-    def __init__(self, root, split, transform=None, seed=0, mask_dir=None, num_classes=21):
-        self.root, self.split = root, split
-        self.transform = transform if transform is not None else EvalTransform()
-        self.seed, self.epoch, self.num_classes = seed, 0, num_classes
-        self.classes, self.palette = VOC_CLASSES[:num_classes], VOC_PALETTE
-        if not os.path.isdir(root):
-            raise MissingInput(f"VOC root not found: {root}\n{VOC_TREE}")
-        if os.path.isdir(os.path.join(root, "VOC2012")) and not os.path.isdir(
-                os.path.join(root, "ImageSets")):
-            raise MissingInput(f"{root} looks like VOCdevkit: use its VOC2012 folder, "
-                               f"{os.path.join(root, 'VOC2012')}")
-        list_dir = os.path.join(root, "ImageSets", "Segmentation")
-        list_file = os.path.join(list_dir, split + ".txt")
-        if not os.path.isfile(list_file):
-            have = sorted(f[:-4] for f in os.listdir(list_dir) if f.endswith(".txt")) \
-                if os.path.isdir(list_dir) else []
-            hint = ("\nrun `python data.py prepare-sbd ...` to make train_aug"
-                    if split == "train_aug" else "")
-            raise MissingInput(f"split list not found: {list_file} (splits there: "
-                               f"{', '.join(have) or 'none'})\n{VOC_TREE}{hint}")
-        self.ids = read_list(list_file)  # plain ids only: nothing read from outside `root`
-        if not self.ids:
-            raise BadInput(f"split list {list_file} is empty")
-        mask_dir = mask_dir or ("SegmentationClassAug" if split == "train_aug"
-                                else "SegmentationClass")
-        self.images = [os.path.join(root, "JPEGImages", i + ".jpg") for i in self.ids]
-        self.masks = [os.path.join(root, mask_dir, i + ".png") for i in self.ids]
-        for kind, paths in (("image", self.images), ("mask", self.masks)):
-            missing = [p for p in paths if not os.path.isfile(p)]
-            if missing:
-                raise MissingInput(
-                    f"{len(missing)} {kind}(s) listed in {list_file} do not exist, e.g. "
-                    + ", ".join(missing[:3]))
-
-    def set_epoch(self, epoch):
-        self.epoch = epoch
-
-    def __len__(self):
-        return len(self.ids)
-
-    def load(self, index):
-        """The raw (image uint8 HxWx3, mask uint8 HxW) pair, checked."""
-        image = read_image(self.images[index])
-        mask = read_mask(self.masks[index], self.num_classes)
-        if image.shape[:2] != mask.shape:
-            raise BadInput(f"size mismatch: image {self.images[index]} is "
-                             f"{image.shape[1]}x{image.shape[0]} but mask {self.masks[index]} is "
-                             f"{mask.shape[1]}x{mask.shape[0]} (width x height)")
-        return image, mask
-
-    def __getitem__(self, key):
-        epoch, index = key if isinstance(key, tuple) else (self.epoch, key)  # see sample_rng
-        image, mask = self.load(index)
-        return self.transform(image, mask, sample_rng(self.seed, epoch, index))
-
-
-# ---------------------------------------------------------------------------------------------
-# train_aug (paper 4.1: "Hariharan et al. augmented this dataset ... 10,582 images"); made from
-# the SBD release by `python data.py prepare-sbd` (Part II).
-# ---------------------------------------------------------------------------------------------
-
-def train_aug_ids(sbd_train, sbd_val, voc_train, voc_val):
-    """train_aug = (SBD train + SBD val + VOC train) - VOC val, sorted (paper 4.1)."""
-    return sorted((set(sbd_train) | set(sbd_val) | set(voc_train)) - set(voc_val))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -385,6 +400,13 @@ def cli(main):
             message = message.strip().splitlines()[-1].split(": ", 1)[-1]
         print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
+
+
+def output_path(path, flag):
+    """A path the user named for an output, refused when it names nothing (empty)."""
+    if not str(path).strip() or "\0" in str(path):
+        raise BadInput(f"{flag} {path!r}: give a file or folder name")
+    return path
 
 
 def refuse_existing(paths, force):
@@ -560,9 +582,9 @@ def progress(what, done, total, t0, log=print, every=None):
 # wheels, a fish among drops of water. The cues are small and scattered, kept a margin away from
 # the body, misleading just beyond it and right only far away (see render_synthetic), so the
 # evidence has to be gathered over a large area, which is what context modules do (paper 3.2:
-# use many descriptors). Earlier designs (wheels below the body or water around it, 30-50 px
-# away; cues mixed 75/25 everywhere) were solved without a context module too in the default
-# 1,500 iterations, and with a 65/35 mix in some seeds: ResNet-18 at OS 8 sees the whole image.
+# use many descriptors). Cues right around the body, or mixed in everywhere, are read without a
+# context module in the default 1,500 iterations (measured, docs/history.md): ResNet-18 at OS 8
+# sees the whole image.
 # ---------------------------------------------------------------------------------------------
 
 SYNTHETIC_CLASSES = ("background", "water", "wheel", "bike", "fish")
@@ -648,7 +670,7 @@ def render_synthetic(seed, index, size=128):
     return np.clip(img, 0, 255).astype(np.uint8), lab
 
 
-class SyntheticContext(torch.utils.data.Dataset):
+class SyntheticContext(Pairs):
     """The built-in dataset (no files): `num_images` images of side `size` (an int, or a
     (min, max) range drawn per image), generated from (seed, index). Classes: background, water,
     wheel, bike, fish; bike and fish look identical up close (see render_synthetic)."""
@@ -661,10 +683,6 @@ class SyntheticContext(torch.utils.data.Dataset):
     def __init__(self, num_images=512, size=128, seed=0, transform=None):
         self.num_images, self.size, self.seed = num_images, size, seed
         self.transform = transform if transform is not None else EvalTransform()
-        self.epoch = 0
-
-    def set_epoch(self, epoch):
-        self.epoch = epoch
 
     def __len__(self):
         return self.num_images
@@ -673,168 +691,6 @@ class SyntheticContext(torch.utils.data.Dataset):
         if not 0 <= index < self.num_images:
             raise IndexError(f"index {index} out of range for {self.num_images} images")
         return render_synthetic(self.seed, index, self.size)
-
-    def __getitem__(self, key):
-        epoch, index = key if isinstance(key, tuple) else (self.epoch, key)  # see sample_rng
-        image, label = self.load(index)
-        return self.transform(image, label, sample_rng(self.seed, epoch, index))
-
-
-# ---------------------------------------------------------------------------------------------
-# Context samples (train.py --context-experiment): what a context module can read at each
-# distance (paper 3.2-3.4, Fig. 3). Paper 3.1 splits segmentation into descriptor extraction
-# (the backbone) and feature aggregation (the context module); this is the second alone, at the
-# paper's size: X is 65 x 65 x C (ResNet-101 at output stride 8 on a 513 image), generated
-# directly. The rule (docs/experiments.md states it before the results):
-#   - every descriptor is a code plus noise: code[kind] + sigma * N(0, 1) per channel; three
-#     kinds (background, cue P, cue Q) with orthogonal +-1 codes (rows of a Hadamard matrix);
-#   - one query position and exactly one 3 x 3 cue, whose nearest descriptor is at Chebyshev
-#     distance d from the query (the metric of the modules' square footprints); d is stratified
-#     over 1..40 (equal counts), the cue uniform on the ring at d, the query uniform among the
-#     positions where the cue fits on the map; the query's label is the cue's class;
-#   - every layout comes twice, once with a P cue and once with a Q cue, the noise the same:
-#     a predictor that ignores the cue scores exactly 50% at every distance;
-#   - with `distractor`, a second 3 x 3 cue of the other class lies farther away (at least 1.5 d,
-#     uniform on its ring, not touching the first): the nearer cue decides (3.4: fine near,
-#     coarse far).
-# A module's output at the query depends only on the values its branches read there ("taps"):
-# the k x k averages of X (count_include_pad=False, as the modules pool) at the offsets its
-# convolutions read, zero off the map, and the image-level mean. X is linear in its parts, so
-# the taps are gathered from each part (background, the cue, the distractor, unit noise) and
-# put together for either class and any sigma: the noise is drawn and pooled once.
-# ---------------------------------------------------------------------------------------------
-
-CONTEXT_SIZE = 65  # h = w of X for a 513 x 513 image at output stride 8 (paper 3.2)
-CONTEXT_DISTANCES = 40  # d = 1..40: as far as Vortex Pooling's 81 x 81 footprint reaches
-CUE = 3  # the cue's side
-
-
-def context_codes(c1):
-    """(3, c1) float32: the codes of background, cue P and cue Q, rows 1..3 of the c1 x c1
-    Sylvester Hadamard matrix (orthogonal, entries +-1, zero mean). c1: a power of two >= 4."""
-    if c1 < 4 or c1 & (c1 - 1):
-        raise BadInput(f"descriptor channels must be a power of two >= 4, got {c1}")
-    h = np.ones((1, 1), np.float32)
-    while h.shape[0] < c1:
-        h = np.block([[h, h], [h, -h]])
-    return h[1:4].copy()
-
-
-def ring(radius):
-    """The 8 * radius offsets (dy, dx) at Chebyshev distance `radius`, in a fixed order."""
-    r = radius
-    side = np.arange(-r, r)
-    return np.concatenate([np.stack([np.full(2 * r, -r), side], 1),  # top, left to right
-                           np.stack([side, np.full(2 * r, r)], 1),  # right, top to bottom
-                           np.stack([np.full(2 * r, r), -side], 1),  # bottom
-                           np.stack([-side, np.full(2 * r, -r)], 1)])  # left
-
-
-def context_layouts(seed, per_distance, distractor=False, size=CONTEXT_SIZE):
-    """Layouts of `per_distance` samples for each d = 1..CONTEXT_DISTANCES, a pure function of
-    the arguments: dict of int arrays d (N,), query (N, 2), cue (N, 2) and distractor (N, 2)
-    (cue centres; -1000 where there is none)."""
-    rng = np.random.default_rng([seed, 21])
-    n = per_distance * CONTEXT_DISTANCES
-    out = {"d": np.repeat(np.arange(1, CONTEXT_DISTANCES + 1), per_distance),
-           "query": np.zeros((n, 2), np.int64), "cue": np.zeros((n, 2), np.int64),
-           "distractor": np.full((n, 2), -1000, np.int64)}
-    lo, hi = CUE // 2, size - 1 - CUE // 2  # where a cue's centre fits on the map
-    for i, d in enumerate(out["d"]):
-        while True:
-            off = ring(d + CUE // 2)[rng.integers(8 * (d + CUE // 2))]  # nearest cue pixel at d
-            q = np.array([rng.integers(max(0, lo - o), min(size - 1, hi - o) + 1) for o in off])
-            if not distractor:
-                break
-            far = rng.integers(int(np.ceil(1.5 * d)), size)  # the distractor's nearest pixel
-            off2 = ring(far + CUE // 2)[rng.integers(8 * (far + CUE // 2))]
-            c2 = q + off2
-            if ((c2 >= lo) & (c2 <= hi)).all() and np.abs(c2 - (q + off)).max() >= CUE:
-                out["distractor"][i] = c2
-                break
-        out["query"][i], out["cue"][i] = q, q + off
-    return out
-
-
-def tap_offsets(module):
-    """For each branch of a ContextModule: its pooling size k and the (dy, dx) offsets its
-    convolution reads, in the order of the weight's kernel positions (row by row)."""
-    taps = []
-    for k, n, d in zip(module.pools, module.kernels, module.dilations):
-        r = n // 2
-        taps.append((k, [(d * a, d * b) for a in range(-r, r + 1) for b in range(-r, r + 1)]))
-    return taps
-
-
-def _windows(centres, k, size):
-    """Clipped k x k windows around `centres` (N, 2): (y0, y1, x0, x1, in-map) inclusive."""
-    r = k // 2
-    y, x = centres[:, 0], centres[:, 1]
-    inside = (y >= 0) & (y < size) & (x >= 0) & (x < size)
-    return (np.clip(y - r, 0, size - 1), np.clip(y + r, 0, size - 1), np.clip(x - r, 0, size - 1),
-            np.clip(x + r, 0, size - 1), inside)
-
-
-def _square_share(win, centres, half):
-    """The share of each window's pixels that lie in the square of half-side `half` around
-    `centres` (0 where there is no square: centres at -1000)."""
-    y0, y1, x0, x1, _ = win
-    oy = np.clip(np.minimum(y1, centres[:, 0] + half) - np.maximum(y0, centres[:, 0] - half) + 1,
-                 0, None)
-    ox = np.clip(np.minimum(x1, centres[:, 1] + half) - np.maximum(x0, centres[:, 1] - half) + 1,
-                 0, None)
-    return oy * ox / ((y1 - y0 + 1) * (x1 - x0 + 1))
-
-
-def gather_taps(modules, layouts, c1, seed, batch=1000, size=CONTEXT_SIZE):
-    """The parts of every module's taps at every layout's query: {module name: dict of arrays
-    inmap (N, T) 1 where the tap is on the map, cue and distractor (N, T) the share of the tap's
-    window covered by that cue, noise (N, T, c1) the tap's value in unit noise, noise_mean
-    (N, c1)} with T the module's taps, branch after branch. The unit noise of layout i is drawn
-    from (seed, i // batch) and averaged over the windows through an integral image."""
-    n = len(layouts["d"])
-    specs = {m.name: [(k, off) for k, offs in tap_offsets(m) for off in offs] for m in modules}
-    out = {name: {"inmap": np.zeros((n, len(t)), np.float32),
-                  "cue": np.zeros((n, len(t)), np.float32),
-                  "distractor": np.zeros((n, len(t)), np.float32),
-                  "noise": np.zeros((n, len(t), c1), np.float32),
-                  "noise_mean": np.zeros((n, c1), np.float32)} for name, t in specs.items()}
-    for b0 in range(0, n, batch):
-        sl = slice(b0, min(n, b0 + batch))
-        g = torch.Generator().manual_seed(seed * 100003 + b0 // batch)
-        noise = torch.randn(sl.stop - sl.start, c1, size, size, generator=g, dtype=torch.float64)
-        integral = torch.nn.functional.pad(noise.cumsum(2).cumsum(3), (1, 0, 1, 0))
-        rows = torch.arange(sl.stop - sl.start)
-        mean = noise.mean((2, 3)).float().numpy()
-        for name, taps in specs.items():
-            out[name]["noise_mean"][sl] = mean
-            for t, (k, (dy, dx)) in enumerate(taps):
-                win = _windows(layouts["query"][sl] + np.array([dy, dx]), k, size)
-                y0, y1, x0, x1, inside = (torch.from_numpy(v) for v in win)
-                s = (integral[rows, :, y1 + 1, x1 + 1] - integral[rows, :, y0, x1 + 1]
-                     - integral[rows, :, y1 + 1, x0] + integral[rows, :, y0, x0])
-                count = ((y1 - y0 + 1) * (x1 - x0 + 1)).double()[:, None]
-                out[name]["noise"][sl, t] = (s / count * inside[:, None]).float().numpy()
-                out[name]["inmap"][sl, t] = win[4]
-                for part in ("cue", "distractor"):
-                    out[name][part][sl, t] = _square_share(win, layouts[part][sl],
-                                                           CUE // 2) * win[4]
-    return out
-
-
-def assemble(parts, cls, sigma, codes, has_distractor, image_level):
-    """Features of samples whose cue has class `cls` (N,) in {0: P, 1: Q}: (taps (N, T, c1),
-    image-level mean (N, c1) or None). The distractor, where there is one, has the other class."""
-    bg, cue = codes[0], codes[1 + cls][:, None, :]
-    other = codes[2 - cls][:, None, :]
-    taps = (parts["inmap"][..., None] * bg + parts["cue"][..., None] * (cue - bg)
-            + parts["distractor"][..., None] * (other - bg) + sigma * parts["noise"])
-    if not image_level:
-        return taps, None
-    area = CUE * CUE / CONTEXT_SIZE ** 2
-    mean = (bg + area * (cue[:, 0] - bg) + area * has_distractor[:, None] * (other[:, 0] - bg)
-            + sigma * parts["noise_mean"])
-    return taps, mean
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1172,44 +1028,6 @@ def prepare_coco(annotations, images, out, split=None, min_pixels=1000, log=prin
 # Command line.
 # ---------------------------------------------------------------------------------------------
 
-def bench_loader(voc=None, n=300, crop=513):
-    """Samples per second of one process making augmented crop x crop training samples."""
-    tmp = None
-    if voc is None:  # VOC-sized JPEGs (500x375) made from the synthetic renderer
-        tmp = tempfile.TemporaryDirectory()
-        voc = tmp.name
-        for sub in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
-            os.makedirs(os.path.join(voc, sub))
-        ids = []
-        for i in range(12):
-            img, lab = render_synthetic(0, i, 500)
-            name = f"synthetic_{i:02d}"
-            Image.fromarray(img[:375]).save(os.path.join(voc, "JPEGImages", name + ".jpg"),
-                                            quality=90)
-            save_mask(os.path.join(voc, "SegmentationClass", name + ".png"), lab[:375])
-            ids.append(name)
-        with open(os.path.join(voc, "ImageSets/Segmentation/train.txt"), "w") as f:
-            f.write("\n".join(ids))
-        split = "train"
-    else:
-        split = "trainval" if os.path.isfile(
-            os.path.join(voc, "ImageSets/Segmentation/trainval.txt")) else "train"
-    ds = VOCSegmentation(voc, split, TrainTransform(crop), num_classes=21)
-    torch.set_num_threads(1)  # one loader worker = one core
-    ds[0]
-    t0 = time.perf_counter()
-    for i in range(n):
-        ds.set_epoch(i // len(ds))
-        img, lab = ds[i % len(ds)]
-        assert img.shape == (3, crop, crop) and lab.shape == (crop, crop)
-    dt = time.perf_counter() - t0
-    print(f"{n} augmented {crop}x{crop} samples from {len(ds)} JPEGs in {voc} ({split}): "
-          f"{n / dt:.0f} samples/s in one process (target >= 100)")
-    if tmp is not None:
-        tmp.cleanup()
-    return n / dt
-
-
 def parser():
     """The command line (--help explains every flag)."""
     p = argparse.ArgumentParser(description="Dataset preparation and checks for Vortex Pooling "
@@ -1238,17 +1056,6 @@ def parser():
     s.add_argument("--min-pixels", type=int, default=1000,
                    help="VOC objects smaller than this are discarded, i.e. marked 255 and "
                         "ignored by the loss (paper 4.2: 1000)")
-    s = sub.add_parser("bench", help="loader throughput: augmented 513x513 samples/s, 1 process")
-    s.add_argument("--voc", default=None, help="a VOC2012 folder (default: VOC-sized synthetic "
-                                               "JPEGs written to a temporary folder)")
-    s.add_argument("-n", type=int, default=300, help="samples to time")
-    s = sub.add_parser("show", help="save a picture of synthetic samples")
-    s.add_argument("--out", default=None, help="PNG file to write (default "
-                                               "synthetic_samples.png or context_samples.png)")
-    s.add_argument("--descriptors", action="store_true",
-                   help="show samples of the context experiment (train.py "
-                        "--context-experiment): query, cue, distractor on 65x65 maps")
-    s.add_argument("--force", action="store_true", help="overwrite --out if it exists")
     return p
 
 
@@ -1270,15 +1077,6 @@ def main(argv=None):
                              args.min_pixels, strict=args.strict, overwrite=args.overwrite)
         finally:
             lock.release()
-    elif args.cmd == "bench":
-        bench_loader(args.voc, args.n)
-    elif args.cmd == "show":
-        out = args.out or ("context_samples.png" if args.descriptors else "synthetic_samples.png")
-        refuse_existing([out], args.force)
-        import eval as pictures  # all drawing lives in eval.py
-        draw = pictures.context_samples_figure if args.descriptors else \
-            pictures.synthetic_samples_figure
-        print("wrote", draw(out))
 
 
 if __name__ == "__main__":

@@ -3,14 +3,13 @@
 Part I, the paper: the metric (mean IoU over the whole dataset), and inference at the image's
 own size, single scale (4.1, ablations) or scales 0.5, 0.75, 1.0, 1.25, 1.5, 1.75 with
 left-right flipping (4.2, DeepLab v3's protocol), 21 classes, VOC 2012 val.
-Part II: checkpoints, the command line, the measurements of the experiments (accuracy by
-distance, effective receptive fields), and every picture the project draws.
+Part II: checkpoints, the command line, and the pictures a run writes (prediction panels,
+training curves) with the drawing primitives experiments.py's figures use too.
 
   python eval.py --checkpoint runs/synthetic-vortex/checkpoint.pt            # its own val set
   python eval.py --checkpoint ck.pt --dataset voc --data-root VOC2012 --ms --flip --save-dir out
   python eval.py --checkpoint ck.pt --image photo.jpg          # -> runs/predictions/photo.png
   python eval.py --checkpoint ck.pt --image photos/            # every image of a folder
-  python eval.py --erf runs/ablation/{ASPP,Vortex}-seed0/checkpoint.pt --out runs/erf.png
 
 Nothing is overwritten without --force; known-bad input is one line and exit code 2.
 """
@@ -188,22 +187,6 @@ def model_from_checkpoint(ck, path="checkpoint", **expected):
 # Command line.
 # ---------------------------------------------------------------------------------------------
 
-def bench(reps=2):
-    """Seconds per 500x375 image, ResNet-101 OS 8 (untrained weights: the cost does not depend on
-    them), single scale vs the paper's 6 scales + flip, against the theoretical cost ratio
-    2 * sum(s^2) = 17.4 (pixels processed; the model's cost is nearly linear in pixels)."""
-    torch.manual_seed(0)
-    model = DeepLabV3(21, 101, "vortex").eval()
-    image = torch.randn(3, 375, 500)
-    t = vortex.best_times({"single": lambda: predict(model, image),
-                           "multi": lambda: predict(model, image, PAPER_SCALES, True)}, reps, 0)
-    theory = 2 * sum(s * s for s in PAPER_SCALES)
-    print(f"ResNet-101 OS 8 + Vortex, 500x375 image, CPU {torch.get_num_threads()} threads, "
-          f"best of {reps}:")
-    print(f"  single scale {t['single']:.2f} s/image; 6 scales + flip {t['multi']:.2f} s/image; "
-          f"ratio {t['multi'] / t['single']:.1f} (theory {theory:.1f})")
-
-
 IMAGE_TYPES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 DEFAULT_SPLIT = {"coco": "val2017"}  # prepare-coco names splits after the COCO files
 
@@ -245,13 +228,6 @@ def pick_device(device_arg, local_rank=0):
         raise data.BadInput(f"--device {device_arg}: only {torch.cuda.device_count()} CUDA "
                             f"device(s)")
     return torch.device("cuda", index)
-
-
-def result_name(dataset, split, scales, flip):
-    """eval_<dataset>_<split>_s<scales>[_flip].json: a file per protocol, so that the
-    single-scale and the multi-scale + flip numbers of one checkpoint live side by side."""
-    s = "-".join(f"{v:g}" for v in scales)
-    return f"eval_{dataset}_{split}_s{s}{'_flip' if flip else ''}.json"
 
 
 def predict_images(model, ck, source, out, scales, flip, device, force, log=print):
@@ -301,21 +277,13 @@ def predict_images(model, ck, source, out, scales, flip, device, force, log=prin
         f"wrote {len(written)} files in {os.path.dirname(stems[0])} "
         f"(<name>.png: class indices; <name>_panel.png: image | prediction)")
     return written
+
+
 def parser():
     """The command line (--help explains every flag)."""
     p = argparse.ArgumentParser(description="Evaluate a train.py checkpoint: full-image mIoU "
                                             "(paper 4.1/4.2), or predict images.")
     p.add_argument("--checkpoint", help="a checkpoint written by train.py")
-    p.add_argument("--erf", nargs="+", metavar="CHECKPOINT", default=None,
-                   help="instead: draw the effective receptive fields of these checkpoints "
-                        "(gradient of the centre pixel's logit w.r.t. the image, mean over "
-                        "validation images; checkpoints of one module are averaged) to --out "
-                        "(default runs/erf.png)")
-    p.add_argument("--erf-images", type=int, default=32,
-                   help="with --erf: validation images per checkpoint (default 32)")
-    p.add_argument("--bench", action="store_true",
-                   help="time single-scale vs 6-scale + flip inference of ResNet-101 on a "
-                        "500x375 image (needs no checkpoint)")
     p.add_argument("--dataset", choices=["synthetic", "voc", "voc_aug", "coco"], default=None,
                    help="dataset to evaluate on (default: the one the checkpoint was trained on)")
     p.add_argument("--data-root", default=None,
@@ -343,7 +311,7 @@ def parser():
     p.add_argument("--out", default=None,
                    help="with --image: the prediction PNG (one image; default "
                         "runs/predictions/<name>.png) or folder (a folder of images; default "
-                        "runs/predictions/<folder>/); with --erf: the figure")
+                        "runs/predictions/<folder>/)")
     p.add_argument("--force", action="store_true", help="overwrite files that exist")
     p.add_argument("--workers", type=int, default=2, help="image-decoding processes (0: none)")
     p.add_argument("--amp", nargs="?", const="bf16", choices=["bf16", "fp16"], default=None,
@@ -357,40 +325,29 @@ def main(argv=None):
     p = parser()
     args = p.parse_args(argv)
     vortex.keep_freed_memory()  # large tensors reuse memory instead of page-faulting it in
-    if args.bench:
-        return bench()
     scales = PAPER_SCALES if args.ms else tuple(args.scales)
     if not all(math.isfinite(s) and 0 < s <= 8 for s in scales):
         raise data.BadInput(f"--scales {' '.join(map(str, scales))}: each must be a number in "
                             f"(0, 8] (paper: 0.5 ... 1.75)")
-    if args.workers < 0 or args.erf_images < 1:
-        raise data.BadInput("--workers must be >= 0 and --erf-images >= 1")
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and (args.image or args.erf):
-        raise data.BadInput("--image and --erf run in one process: use torchrun only to split "
+    if args.workers < 0:
+        raise data.BadInput(f"--workers {args.workers}: must be >= 0")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and args.image:
+        raise data.BadInput("--image runs in one process: use torchrun only to split "
                             "the evaluation of a dataset over GPUs")
+    if not args.checkpoint:
+        p.error("--checkpoint is required")
     rank, _, device = setup_distributed(args.device, fixed_sizes=False)
     try:
-        return run_command(p, args, scales, device, rank)
+        ck = load_checkpoint(args.checkpoint)
+        model = model_from_checkpoint(ck, args.checkpoint, context=args.context,
+                                      depth=args.depth).to(device).eval()
+        if args.image:
+            return predict_images(model, ck, args.image, args.out, scales, args.flip, device,
+                                  args.force)
+        return evaluate_checkpoint(model, ck, args, scales, device, rank)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-
-
-def run_command(p, args, scales, device, rank):
-    """The action main() was asked for: --erf, --image, or a dataset's evaluation."""
-    if args.erf:
-        out = args.out or os.path.join("runs", "erf.png")
-        data.refuse_existing([out], args.force)
-        return erf_figure(args.erf, out, args.erf_images, device, args.data_root)
-    if not args.checkpoint:
-        p.error("--checkpoint is required (unless --bench or --erf)")
-    ck = load_checkpoint(args.checkpoint)
-    model = model_from_checkpoint(ck, args.checkpoint, context=args.context,
-                                  depth=args.depth).to(device).eval()
-    if args.image:
-        return predict_images(model, ck, args.image, args.out, scales, args.flip, device,
-                              args.force)
-    return evaluate_checkpoint(model, ck, args, scales, device, rank)
 
 
 def evaluate_checkpoint(model, ck, args, scales, device, rank=0):
@@ -408,8 +365,11 @@ def evaluate_checkpoint(model, ck, args, scales, device, rank=0):
                             f"({', '.join(classes[:6])}{', ...' if len(classes) > 6 else ''}), "
                             f"but {name} has {len(ds.classes)}: evaluate it on the dataset it "
                             f"was trained for")
+    # a file per protocol: single-scale and multi-scale + flip numbers live side by side
+    scale_tag = "-".join(f"{v:g}" for v in scales)
     out = args.json or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)),
-                                    result_name(name, split, scales, args.flip))
+                                    f"eval_{name}_{split}_s{scale_tag}"
+                                    f"{'_flip' if args.flip else ''}.json")
     data.refuse_existing([out] + ([args.save_dir] if args.save_dir else []), args.force)
     if dist.is_initialized():
         dist.barrier()  # every rank has checked the outputs before any rank writes one
@@ -430,72 +390,8 @@ def evaluate_checkpoint(model, ck, args, scales, device, rank=0):
 
 
 # ---------------------------------------------------------------------------------------------
-# Measurements of the experiments (train.py --ablation).
-# ---------------------------------------------------------------------------------------------
-
-# ---------------------------------------------------------------------------------------------
-# Effective receptive field (paper section 1: "Zhou et al. [2014] showed that the effective
-# receptive field is much smaller than the theoretical threshold"; measured as in Luo et al.
-# 2016). For each image, g = |d logit_c(centre) / d image| summed over RGB, with c the class the
-# model predicts at the centre pixel, normalised so that sum(g) = 1: where the decision at the
-# centre comes from. Maps of different sizes are added on one canvas with their centres aligned.
-# ---------------------------------------------------------------------------------------------
-
-def centred_mean(maps):
-    """Mean of 2-D maps of any sizes, each placed so that its centre (h // 2, w // 2) lands on
-    the centre of a canvas as large as the largest."""
-    h, w = max(m.shape[0] for m in maps), max(m.shape[1] for m in maps)
-    canvas = torch.zeros(h, w, dtype=torch.float64)
-    for m in maps:
-        top, left = h // 2 - m.shape[0] // 2, w // 2 - m.shape[1] // 2
-        canvas[top:top + m.shape[0], left:left + m.shape[1]] += m
-    return canvas / len(maps)
-
-
-def effective_receptive_field(model, dataset, num_images=32, device=None, log=None):
-    """Mean normalised input-gradient map (H, W) of the centre pixel's predicted-class logit
-    over the first `num_images` images of `dataset` (eval mode: images are independent).
-    Progress goes to `log` (None: nowhere)."""
-    device = device or next(model.parameters()).device
-    model.eval()
-    maps, n, t0 = [], min(num_images, len(dataset)), time.time()
-    for i in range(n):
-        x = dataset[i][0].unsqueeze(0).to(device).requires_grad_(True)
-        out = model(x)
-        centre = out[0, :, out.shape[-2] // 2, out.shape[-1] // 2]
-        centre[centre.argmax()].backward()
-        g = x.grad[0].abs().sum(0).double().cpu()
-        maps.append(g / g.sum().clamp_min(1e-300))
-        if log:
-            data.progress("erf", i + 1, n, t0, log)
-    return centred_mean(maps)
-
-
-def _distances(h, w):
-    """Distance of every pixel of an h x w map to its centre (h // 2, w // 2), flattened."""
-    yy, xx = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
-    return torch.hypot((yy - h // 2).double(), (xx - w // 2).double()).flatten()
-
-
-def mass_within(erf, radii):
-    """Fraction of the map's mass within distance r of the centre, for each r in `radii`."""
-    d, m = _distances(*erf.shape), erf.flatten().double()
-    return [(m[d <= r].sum() / m.sum()).item() for r in radii]
-
-
-def mass_radius(erf, fraction=0.9):
-    """Smallest r such that the pixels within distance r of the centre (h // 2, w // 2) hold
-    `fraction` of the map's total mass."""
-    d = _distances(*erf.shape)
-    order = d.argsort(stable=True)
-    cum = erf.flatten()[order].double().cumsum(0)
-    # against cum[-1], not erf.sum(): fraction 1 then finds the last pixel with any mass exactly
-    k = int(torch.searchsorted(cum, (fraction * cum[-1]).reshape(1)).clamp(max=len(d) - 1))
-    return d[order][k].item()
-
-
-# ---------------------------------------------------------------------------------------------
-# Pictures: everything the project draws (Pillow only), written atomically.
+# Pictures a run writes (Pillow only, written atomically) and the primitives they share with
+# experiments.py's figures.
 # ---------------------------------------------------------------------------------------------
 
 def format_table(result, classes, highlight=()):
@@ -563,213 +459,6 @@ def save_prediction(stem, image, pred, palette, label=None, classes=None):
                  names, palette, present)
     data.atomic_save(stem + "_panel.png", lambda f: Image.fromarray(pic).save(f, format="PNG"))
     return stem + ".png", stem + "_panel.png"
-
-
-def erf_figure(checkpoints, out, num_images=32, device="cpu", data_root=None, cell=2,
-               log=print, progress=print):
-    """Effective receptive fields of trained models side by side, written to PNG `out`.
-    Checkpoints of the same module (e.g. several seeds) are averaged into one panel. Colours on
-    a square-root scale (so that the tails show); the white and blue circles hold 50% and 90%
-    of the mass; a last panel plots the mass within radius r for every module and for a flat
-    map. Results go to `log`, progress to `progress`. Returns {module: (r50, r90)} in pixels."""
-    groups = {}
-    for path in checkpoints:
-        ck = load_checkpoint(path)
-        model = model_from_checkpoint(ck, path).to(device)
-        ta = ck.get("train_args", {})  # the checkpoint's own validation images
-        ds = data.get_dataset(ck.get("dataset", "synthetic"), ta.get("val_split", "val"),
-                              data_root or ta.get("data_root"), train=False,
-                              seed=ta.get("seed", 0), **ck.get("data_args", {}))
-        erf = effective_receptive_field(model, ds, num_images, device, progress)
-        groups.setdefault(model.context.name, []).append(erf)
-    panels, radii, curves = [], {}, []
-    for name, maps in groups.items():
-        erf = centred_mean(maps)
-        h, w = erf.shape
-        steps = np.linspace(0, math.hypot(h // 2, w // 2), 64)
-        if not curves:  # the reference: the same mass spread evenly over the whole image
-            flat = torch.ones(h, w)
-            curves.append(("flat", mass_within(flat, steps), steps[-1]))
-            log(f"{'flat':8} (the same mass spread evenly over a {h}x{w} image): 50% within "
-                f"{mass_radius(flat, 0.5):5.1f} px, 90% within {mass_radius(flat, 0.9):5.1f} px")
-        curves.append((name, mass_within(erf, steps), steps[-1]))
-        r50, r90 = mass_radius(erf, 0.5), mass_radius(erf, 0.9)
-        radii[name] = (r50, r90)
-        log(f"{name:8} ({len(maps)} model(s)): 50% of the gradient within {r50:5.1f} px, 90% "
-            f"within {r90:5.1f} px of the centre")
-        pic = Image.fromarray(heat((erf / erf.max()).sqrt().numpy())).resize((w * cell, h * cell),
-                                                                   Image.NEAREST)
-        draw = ImageDraw.Draw(pic)
-        c = ((w // 2 + 0.5) * cell, (h // 2 + 0.5) * cell)
-        for radius, colour in ((r50, (255, 255, 255)), (r90, ERF_CIRCLE_90)):
-            r = radius * cell
-            draw.ellipse([c[0] - r, c[1] - r, c[0] + r, c[1] + r], outline=colour, width=2)
-        title = Image.new("RGB", (pic.width, 14), (255, 255, 255))
-        ImageDraw.Draw(title).text((2, 1), f"{name}: 50% / 90% within {r50:.0f} / {r90:.0f} px",
-                                   fill=(0, 0, 0))
-        panels.append(np.concatenate([np.asarray(title), np.asarray(pic)], 0))
-    height, width = panels[-1].shape[:2]
-    panels += [_colour_bar(height), _curves_panel(curves, width, height)]
-    figure = hstack(panels, 8)
-    data.atomic_save(out, lambda f: Image.fromarray(figure).save(f, format="PNG"))
-    log(f"wrote {out}")
-    return radii
-
-
-ERF_CIRCLE_90 = (0, 230, 255)
-
-
-def heat(v):
-    """Values in [0, 1] -> uint8 RGB, black-red-yellow-white."""
-    rgb = np.stack([np.clip(3 * v, 0, 1), np.clip(3 * v - 1, 0, 1), np.clip(3 * v - 2, 0, 1)], -1)
-    return (rgb * 255).astype(np.uint8)
-
-
-def _colour_bar(height, width=96):
-    """The ERF panels' colour scale: colour against the fraction of the peak gradient (square
-    root scale, so 0.25 of the peak sits half way up), and what the two circles mean."""
-    pic = Image.new("RGB", (width, height), (255, 255, 255))
-    top, bottom = 18, height - 50
-    ramp = np.linspace(1, 0, bottom - top)[:, None].repeat(14, 1)
-    pic.paste(Image.fromarray(heat(ramp)), (4, top))
-    draw = ImageDraw.Draw(pic)
-    draw.rectangle([4, top, 18, bottom - 1], outline=(0, 0, 0))
-    for p in (1, 0.5, 0):  # bar position p shows the value p^2 of the peak
-        draw.text((22, top + (1 - p) * (bottom - top - 1) - 6), f"{p * p:g}", fill=(0, 0, 0))
-    draw.text((2, 2), "of the peak", fill=(0, 0, 0))
-    draw.ellipse([4, bottom + 6, 16, bottom + 18], outline=(0, 0, 0), width=2)
-    draw.text((20, bottom + 6), "50% mass", fill=(0, 0, 0))
-    draw.ellipse([4, bottom + 26, 16, bottom + 38], outline=ERF_CIRCLE_90, width=2)
-    draw.text((20, bottom + 26), "90% mass", fill=(0, 0, 0))
-    return np.asarray(pic)
-
-
-def _curves_panel(curves, width, height, margin=26):
-    """Plot of mass-within-radius curves [(name, fractions at evenly spaced radii, max radius)]:
-    a model whose curve rises early looks near; the flat map's curve is the reference."""
-    pic = Image.new("RGB", (width, height), (255, 255, 255))
-    draw = ImageDraw.Draw(pic)
-    x0, y0, x1, y1 = margin, 18, width - 8, height - margin
-    draw.rectangle([x0, y0, x1, y1], outline=(0, 0, 0))
-    colours = [(110, 110, 110), (40, 40, 40), (31, 119, 180), (214, 39, 40), (44, 160, 44),
-               (148, 103, 189)]
-    for i, (name, ys, rmax) in enumerate(curves):
-        pts = [(x0 + (x1 - x0) * j / (len(ys) - 1), y1 - (y1 - y0) * y) for j, y in enumerate(ys)]
-        draw.line(pts, fill=colours[i % len(colours)], width=2)
-        draw.text((x0 + 6, y0 + 4 + 12 * i), name, fill=colours[i % len(colours)])
-    draw.text((2, 1), "fraction of the mass within r", fill=(0, 0, 0))
-    draw.text((x0 - 8, y1 + 4), "r = 0", fill=(0, 0, 0))
-    draw.text((x1 - 40, y1 + 4), f"{curves[0][2]:.0f} px", fill=(0, 0, 0))
-    draw.text((4, y0), "1", fill=(0, 0, 0))
-    draw.text((4, y1 - 10), "0", fill=(0, 0, 0))
-    return np.asarray(pic)
-
-
-CONTEXT_COLOURS = ((120, 120, 120), (148, 103, 189), (31, 119, 180), (23, 190, 207),
-                   (255, 127, 14), (188, 140, 60), (140, 86, 75), (214, 39, 40))
-
-
-def _context_panel(title, probe, trained, coverage, colour, size=(300, 200), lo=40):
-    """One module: accuracy (%) against distance 1..40, the probe (black), the trained module
-    (colour, mean +- standard error over seeds, shaded) over grey bars for the share of the
-    positions at each distance that its footprint reads (full height = all), chance dashed."""
-    w, h = size
-    pic = Image.new("RGB", size, (255, 255, 255))
-    draw = ImageDraw.Draw(pic)
-    x0, y0, x1, y1 = 30, 20, w - 8, h - 20
-    n = len(probe) - 1
-    xs = [x0 + (x1 - x0) * (d - 0.5) / n for d in range(n + 2)]  # bar edges for d = 1..n
-    centres = [(xs[d] + xs[d + 1]) / 2 for d in range(1, n + 1)]
-
-    def y(v):  # accuracy in % -> pixel row
-        return y1 - (y1 - y0) * (min(max(v, lo), 100) - lo) / (100 - lo)
-    for d in range(1, n + 1):
-        if coverage[d] > 0:
-            draw.rectangle([xs[d], y1 - (y1 - y0) * coverage[d], xs[d + 1] - 1, y1],
-                           fill=(222, 222, 222))
-    for v in (50, 75, 100):
-        draw.text((2, y(v) - 6), f"{v}", fill=(0, 0, 0))
-        if v != 50:
-            draw.line([x0, y(v), x1, y(v)], fill=(235, 235, 235))
-    for x in range(x0, x1, 8):  # chance, dashed
-        draw.line([x, y(50), x + 4, y(50)], fill=(0, 0, 0))
-    mean = trained.mean(0)
-    se = trained.std(0, ddof=1) / np.sqrt(len(trained)) if len(trained) > 1 else 0 * mean
-    band = ([(c, y(m + s)) for c, m, s in zip(centres, mean[1:], se[1:])] +
-            [(c, y(m - s)) for c, m, s in reversed(list(zip(centres, mean[1:], se[1:])))])
-    draw.polygon(band, fill=tuple(255 - (255 - c) // 3 for c in colour))
-    draw.line([(c, y(m)) for c, m in zip(centres, mean[1:])], fill=colour, width=2)
-    draw.line([(c, y(p)) for c, p in zip(centres, probe[1:])], fill=(0, 0, 0), width=1)
-    draw.rectangle([x0, y0, x1, y1], outline=(0, 0, 0))
-    for d in (1, 10, 20, 30, 40):
-        draw.text((centres[d - 1] - 4, y1 + 3), str(d), fill=(0, 0, 0))
-    draw.text((x0, 4), title, fill=(0, 0, 0))
-    return np.asarray(pic)
-
-
-def _heat_map(title, rows, values, cell=(6, 14), left=80):
-    """Modules x distance 1..40, accuracy 50% (black) .. 100% (white)."""
-    n = len(next(iter(values))) - 1
-    pic = Image.new("RGB", (left + n * cell[0] + 4, 18 + len(rows) * cell[1] + 16),
-                    (255, 255, 255))
-    v = np.clip((np.array([a[1:] for a in values]) - 50) / 50, 0, 1)
-    block = np.kron(heat(v), np.ones((cell[1], cell[0], 1), np.uint8))
-    pic.paste(Image.fromarray(block), (left, 18))
-    draw = ImageDraw.Draw(pic)
-    draw.text((left, 3), title, fill=(0, 0, 0))
-    for i, row in enumerate(rows):
-        draw.text((2, 18 + i * cell[1] + 1), row, fill=(0, 0, 0))
-    for d in (1, 10, 20, 30, 40):
-        draw.text((left + (d - 1) * cell[0], 18 + len(rows) * cell[1] + 2), str(d),
-                  fill=(0, 0, 0))
-    return np.asarray(pic)
-
-
-def context_figure(results, coverage, setting, out):
-    """The context experiment's figure for one setting (train.py --context-experiment): a panel
-    per module (see _context_panel), then heat maps of the probe and of the trained modules.
-    results: {module: {"probe": (41,), "trained": (seeds, 41)}} accuracies in %."""
-    panels = []
-    for (name, r), colour in zip(results.items(), CONTEXT_COLOURS):
-        panels.append(_context_panel(f"{name}: probe {r['probe'][1:].mean():.1f}, trained "
-                                     f"{r['trained'][:, 1:].mean():.1f}%", r["probe"],
-                                     r["trained"], coverage[name], colour))
-    rows = [hstack(panels[i:i + 4], 6) for i in range(0, len(panels), 4)]
-    names = list(results)
-    maps = hstack([_heat_map("probe (best linear readout of the taps)", names,
-                             [results[m]["probe"] for m in names]),
-                   _heat_map("trained module (mean over seeds)", names,
-                             [results[m]["trained"].mean(0) for m in names]),
-                   _colour_bar_50(18 + len(names) * 14 + 16)], 12)
-    width = max(r.shape[1] for r in rows + [maps])
-    rows = [np.pad(r, ((0, 6), (0, width - r.shape[1]), (0, 0)), constant_values=255)
-            for r in rows + [maps]]
-    head = Image.new("RGB", (width, 46), (255, 255, 255))
-    draw = ImageDraw.Draw(head)
-    draw.text((4, 2), f"{setting}: accuracy (%) reading the class of a 3x3 cue at distance d "
-                      f"(descriptors) from the query pixel of a 65x65 map; chance 50 (dashed).",
-              fill=(0, 0, 0))
-    draw.text((4, 16), "Black: the probe, the best linear readout of what the module reads. "
-                       "Colour: the module trained, mean +- s.e. over seeds (shaded).",
-              fill=(0, 0, 0))
-    draw.text((4, 30), "Grey bars: share of the positions at distance d that the module's "
-                       "footprint reads (Fig. 3; full height = all).", fill=(0, 0, 0))
-    figure = np.concatenate([np.asarray(head)] + rows, 0)
-    data.atomic_save(out, lambda f: Image.fromarray(figure).save(f, format="PNG"))
-    return out
-
-
-def _colour_bar_50(height, width=60):
-    """The heat maps' scale: accuracy 50% (black) to 100% (white)."""
-    pic = Image.new("RGB", (width, height), (255, 255, 255))
-    top, bottom = 18, height - 16
-    pic.paste(Image.fromarray(heat(np.linspace(1, 0, bottom - top)[:, None].repeat(12, 1))),
-              (2, top))
-    draw = ImageDraw.Draw(pic)
-    draw.text((18, top - 4), "100%", fill=(0, 0, 0))
-    draw.text((18, (top + bottom) // 2 - 6), "75%", fill=(0, 0, 0))
-    draw.text((18, bottom - 10), "50%", fill=(0, 0, 0))
-    return np.asarray(pic)
 
 
 def colorize(label, palette):
@@ -865,92 +554,6 @@ def prediction_picture(model, dataset, device, path, n=4):
     data.atomic_save(path, lambda f: Image.fromarray(pic).save(f, "PNG"))
     return path
 
-
-BRANCH_COLOURS = ((200, 30, 30), (240, 150, 20), (40, 110, 200), (60, 160, 60))
-
-
-def footprints_figure(path, size=65, cell=4):
-    """The paper's Fig. 3 drawn from the real modules: for ASPP, Module A(5) and Module B, the
-    input positions of a size x size map that feed the centre output (autograd, see
-    measured_utilization), coloured by the branch that reads them (the finest drawn on top),
-    white where nothing reads, the output pixel black; a legend under each panel. Written
-    atomically."""
-    mods = [vortex.table1_module(row, 8) for row in ("ASPP", "A(5)", "Vortex")]
-    panels = []
-    for m in mods:
-        ratio, used = vortex.measured_utilization(m, size, size, return_map=True)
-        pic = np.full((size, size, 3), 255, np.uint8)
-        widest_first = sorted(range(len(m.pools)), key=lambda i: -m.pools[i] - m.dilations[i])
-        for i in widest_first:
-            fp = vortex.footprint(m.pools[i:i + 1], m.kernels[i:i + 1], m.dilations[i:i + 1])
-            r, c = fp.shape[0] // 2, size // 2  # footprint centred on the centre pixel
-            a, b = max(0, c - r), min(size, c + r + 1)
-            region = np.zeros((size, size), bool)
-            region[a:b, a:b] = fp[a - (c - r):b - (c - r), a - (c - r):b - (c - r)]
-            pic[region & used] = BRANCH_COLOURS[i]
-        pic[size // 2, size // 2] = 0
-        pic = np.kron(pic, np.ones((cell, cell, 1), np.uint8))
-        pic = np.pad(pic, ((1, 1), (1, 1), (0, 0)))  # the map's border, black, outside it
-        text = Image.new("RGB", (pic.shape[1], 14 + 14 * len(m.pools)), (255, 255, 255))
-        draw = ImageDraw.Draw(text)
-        draw.text((2, 1), f"{m.name}: r = {ratio:.4f} of the {size}x{size} map", fill=(0, 0, 0))
-        for i, (k, n, d) in enumerate(zip(m.pools, m.kernels, m.dilations)):
-            y = 15 + 14 * i
-            draw.rectangle([4, y + 1, 14, y + 11], fill=BRANCH_COLOURS[i], outline=(0, 0, 0))
-            draw.text((20, y), f"{k}x{k} pool, {n}x{n} conv" + (f", rate {d}" if n > 1 else ""),
-                      fill=(0, 0, 0))
-        panels.append(np.concatenate([pic, np.asarray(text)], 0))
-    out = hstack(panels, 8)
-    data.atomic_save(path, lambda f: Image.fromarray(out).save(f, "PNG"))
-    return path
-
-
-def synthetic_samples_figure(out, n=6, size=128, seed=0):
-    """A picture of n synthetic samples: images on top, labels below, and a legend."""
-    ds = data.SyntheticContext(n, size, seed)
-    cols = [np.concatenate(ds.load(i)[:1] + (colorize(ds.load(i)[1], ds.palette),), 0)
-            for i in range(n)]
-    grid = np.concatenate([np.pad(c, ((0, 0), (2, 2), (0, 0)), constant_values=255)
-                           for c in cols], 1)
-    pic = np.concatenate([grid, legend(grid.shape[1], ds.classes, ds.palette,
-                                       range(len(ds.classes)))], 0)
-    data.atomic_save(out, lambda f: Image.fromarray(pic).save(f, format="PNG"))
-    return out
-
-
-CONTEXT_VIEW = ("background", "query", "cue P", "cue Q")
-CONTEXT_PALETTE = np.zeros((256, 3), dtype=np.uint8)
-CONTEXT_PALETTE[:4] = [(245, 245, 245), (0, 0, 0), (200, 0, 0), (0, 60, 200)]
-
-
-def context_samples_figure(out, cell=3, distances=(2, 12, 30), seed=0):
-    """Samples of the context experiment (train.py --context-experiment): 65x65 maps with the
-    query pixel and its cue at a few distances, then with a distractor of the other class."""
-    maps = []
-    for distractor in (False, True):
-        for d in distances:
-            lay = data.context_layouts(seed, 1, distractor)
-            i = d - 1
-            view = np.zeros((data.CONTEXT_SIZE, data.CONTEXT_SIZE), np.uint8)
-            for part, kind in (("cue", 2), ("distractor", 3)):
-                cy, cx = lay[part][i]
-                if cy > -1000:
-                    view[cy - 1:cy + 2, cx - 1:cx + 2] = kind
-            view[tuple(lay["query"][i])] = 1
-            pic = Image.fromarray(np.kron(colorize(view, CONTEXT_PALETTE),
-                                          np.ones((cell, cell, 1), np.uint8)))
-            qy, qx = lay["query"][i] * cell + cell // 2
-            ImageDraw.Draw(pic).ellipse([qx - 6, qy - 6, qx + 6, qy + 6], outline=(0, 0, 0))
-            title = Image.new("RGB", (pic.width + 2, 14), (255, 255, 255))
-            ImageDraw.Draw(title).text((2, 1), f"d = {d}" + (", distractor" if distractor
-                                                              else ", one cue"), fill=(0, 0, 0))
-            framed = np.pad(np.asarray(pic), ((1, 1), (1, 1), (0, 0)))  # the map's border
-            maps.append(np.concatenate([np.asarray(title), framed], 0))
-    grid = hstack(maps, 6)
-    pic = np.concatenate([grid, legend(grid.shape[1], CONTEXT_VIEW, CONTEXT_PALETTE,
-                                       range(len(CONTEXT_VIEW)))], 0)
-    data.atomic_save(out, lambda f: Image.fromarray(pic).save(f, format="PNG"))
-    return out
 
 if __name__ == "__main__":
     data.cli(main)

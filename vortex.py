@@ -1,22 +1,19 @@
-"""Vortex Pooling, read next to the paper.
+"""Vortex Pooling, read next to the paper: the model.
 
 Xie, Zhou, Wu, "Vortex Pooling: Improving Context Representation in Semantic Segmentation" (2018).
 
-Part I, the paper, top to bottom (read it without opening Part II):
+Part I, the paper, in its order (read it without opening Part II):
   ResNet with output stride 8 and multi-grid ............ paper 3.1, 4.1 "Multi-grid"
-  ContextModule: ASPP, ASPP+, Module A, Vortex ........... 3.1-3.4, Fig. 2-3, Table 1
-  DeepLabV3: backbone -> context module -> classifier .... 3.1, Fig. 4
   Utilization ratio, analytic and measured ............... 3.2, Eq. (1)
+  ContextModule: ASPP, ASPP+, Module A, Vortex ........... 3.1, 3.3, 3.4, Fig. 2-3, Table 1
+  DeepLabV3: backbone -> context module -> classifier .... 3.1, Fig. 4 (it needs the modules)
 Part II, the engineering the paper does not describe:
   box_averages: exact k x k average pooling, fast ........ (the pooling of 3.3 / 3.4)
-  loading torchvision weights from local files
-  `python vortex.py`: Table 1's modules in numbers; `--bench`: speed ratios; `--figure`: Fig. 3.
+  memory reuse on the CPU; loading torchvision weights from local files.
+Measurements and figures of these modules: experiments.py (table, figure footprints, bench).
 """
-import argparse
 import ctypes
-import math
 import os
-import time
 from typing import NamedTuple
 
 import numpy as np
@@ -24,14 +21,18 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from data import BadInput, MissingInput, cli, refuse_existing
+from data import BadInput, MissingInput
 
 # =============================================================================================
 # PART I: THE PAPER
 # =============================================================================================
 
 # ---------------------------------------------------------------------------------------------
-# 3.1 / 4.1: ResNet (He et al. 2016) with torchvision's module names, so that torchvision's
+# 3.1: "Given a H x W x 3 color image I as input, DeepLab v3 feeds it to the feature net (e.g.,
+# ResNet-101) to get the feature map X ... X is in size of h x w x c1. For the best model ... H
+# and W are about 8 times larger than h and w." 4.1 "Multi-grid": "For the three bottleneck
+# blocks in block4 of ResNet, Chen et al. [2017b] multiplied the dilation rate by (1, 2, 4)."
+# ResNet (He et al. 2016) with torchvision's module names, so that torchvision's
 # ImageNet checkpoints (e.g. resnet101-63fe2227.pth) load with no key surgery: conv1, bn1,
 # layer1..4, blocks with conv1/bn1/conv2/bn2(/conv3/bn3) and downsample.0 (conv) / .1 (BN).
 # Stride placement: torchvision ("v1.5") strides on the 3x3 conv of a stage's FIRST bottleneck;
@@ -184,10 +185,75 @@ class ResNet(nn.Module):
         return self.layer4(self.layer3(self.layer2(self.layer1(x))))
 
 
+# ---------------------------------------------------------------------------------------------
+# 3.2: "ASPP uses 25 descriptors in X when computing each new feature descriptor ... We define
+# the utilization ratio as follows: r = u / (hw) (1) where u is the number of descriptors we
+# used to aggregate each new descriptor." Before the modules, as in the paper: the functions
+# below read a module's branches (pools k, kernels n, dilations d), defined in the next block.
+# Eq. (1): utilization ratio r = u / (h w), u = number of descriptors of X used to compute
+# one descriptor of the context output (the image-level branch is left out, as in the paper: it
+# sees everything by construction).
+# Analytic: u = size of the union of all branches' footprints on an unbounded map. A branch
+# with pooling k, kernel n and dilation d reads, along each axis, the offsets
+#     { d t + o : |t| <= n // 2, |o| <= k // 2 }.
+# ASPP: 1 + 3*9 taps - 3 repeated centres = 25 (the paper's footnote), r = 25/65^2 = 0.0059.
+# Module A(k): 25 k x k sub-regions, r = 25 k^2/65^2 while they do not overlap.
+# Vortex: the footprints tile an 81 x 81 square, so r = 1 whenever h, w <= 81.
+# Measured: which positions of a real h x w input change a given output pixel, by autograd. At
+# the borders of a small map taps fall off the map (zero padding) and r drops below the analytic
+# value: at the centre of 65 x 65, ASPP's rate-36 taps all fall outside.
+# ---------------------------------------------------------------------------------------------
+
+def footprint(pools, kernels, dilations):
+    """Boolean (2R+1) x (2R+1) array: offsets (relative to the centre) that feed one output."""
+    axes = [{d * t + o for t in range(-(n // 2), n // 2 + 1) for o in range(-(k // 2), k // 2 + 1)}
+            for k, n, d in zip(pools, kernels, dilations)]
+    r = max(max(abs(v) for v in a) for a in axes)
+    grid = np.zeros((2 * r + 1, 2 * r + 1), dtype=bool)
+    for a in axes:
+        idx = np.array(sorted(a)) + r
+        grid[np.ix_(idx, idx)] = True
+    return grid
+
+
+def utilization_ratio(module, h=65, w=65):
+    """Paper Eq. (1), analytic: r = min(u, h w) / (h w), u = |footprint| (see above)."""
+    u = int(footprint(module.pools, module.kernels, module.dilations).sum())
+    return min(u, h * w) / (h * w)
+
+
+def measured_utilization(module, h=65, w=65, pixel=None, return_map=False):
+    """Eq. (1) measured on a real ContextModule: the fraction of the h x w input positions whose
+    value changes the branches' output at `pixel` (default: the centre), found by autograd
+    through the module's own pooling and convolutions (BN and ReLU are per-pixel and left out,
+    since a ReLU that happens to be off would hide a dependency). With return_map, also the
+    (h, w) boolean map of those positions (the paper's Fig. 3, drawn from the module)."""
+    i, j = pixel if pixel is not None else (h // 2, w // 2)
+    x = torch.randn(1, module.branches[0][0].in_channels, h, w, dtype=torch.float64,
+                    requires_grad=True)
+    pooled = module.pool(x)  # the module's own pooling, as its forward pools
+    gen = torch.Generator().manual_seed(0)
+    total = 0
+    for k, branch in zip(module.pools, module.branches):
+        conv = branch[0]
+        y = F.conv2d(pooled[k], conv.weight.double(), None, 1, conv.padding, conv.dilation)
+        # A random projection of the output channels: exact zeros only where there is no path.
+        total = total + (y[0, :, i, j] * torch.rand(y.shape[1], generator=gen,
+                                                    dtype=torch.float64)).sum()
+    (grad,) = torch.autograd.grad(total, x)
+    used = grad[0].abs().amax(dim=0) > 0
+    ratio = used.sum().item() / (h * w)
+    return (ratio, used.numpy()) if return_map else ratio
 
 
 # ---------------------------------------------------------------------------------------------
-# 3.1-3.4: the context modules of Table 1, one class. Each branch i is
+# 3.1: "[ASPP] is composed by a 1 x 1 convolution and three 3 x 3 convolutions with dilation
+# rates equal to (12, 24, 36)". 3.3: "We first take each k x k square region in X as our
+# subregion ... we use average pooling ... After applying pooling operation, we use four
+# convolution layers with different dilation rates". 3.4: "we use small k for the subregions
+# near from the given pixel ... large k [far away] ... The k values for the four convolution
+# layers in Module B are set to (1, 3, 9, 27)".
+# The context modules of Table 1, one class. Each branch i is
 #     k_i x k_i average pooling -> kernel_i x kernel_i conv (dilation d_i, 256 ch) -> BN -> ReLU
 # and the modules differ only in (k_i, kernel_i, d_i):
 #
@@ -332,7 +398,11 @@ def table1_module(row, in_channels, output_stride=8, **kw):
 
 
 # ---------------------------------------------------------------------------------------------
-# 3.1 / Fig. 4: DeepLab v3 with a swappable context module:
+# 3.1: "Yaspp and Yg are concatenated and feeded to another 1 x 1 convolution layer and bilinear
+# upsampling layer to get the final prediction." 4.2 / Fig. 4: "we extract the convolution
+# feature maps, and use our Vortex Pooling for feature encoding ... we also use a global average
+# pooling ... Then a 1 x 1 convolution layer is applied to get the final prediction."
+# DeepLab v3 with a swappable context module:
 #   image -> ResNet (X: h x w x c1) -> context module -> 1x1 conv classifier -> bilinear
 #   upsampling to the image size. torchvision's DeepLabHead adds a 3x3 conv + BN + ReLU between
 #   the context module and the classifier; neither the paper nor DeepLab v3 has it, nor do we.
@@ -378,74 +448,6 @@ class DeepLabV3(nn.Module):
                              align_corners=False)
 
 
-# ---------------------------------------------------------------------------------------------
-# 3.2, Eq. (1): utilization ratio r = u / (h w), u = number of descriptors of X used to compute
-# one descriptor of the context output (the image-level branch is left out, as in the paper: it
-# sees everything by construction).
-# Analytic: u = size of the union of all branches' footprints on an unbounded map. A branch
-# with pooling k, kernel n and dilation d reads, along each axis, the offsets
-#     { d t + o : |t| <= n // 2, |o| <= k // 2 }.
-# ASPP: 1 + 3*9 taps - 3 repeated centres = 25 (the paper's footnote), r = 25/65^2 = 0.0059.
-# Module A(k): 25 k x k sub-regions, r = 25 k^2/65^2 while they do not overlap.
-# Vortex: the footprints tile an 81 x 81 square, so r = 1 whenever h, w <= 81.
-# Measured: which positions of a real h x w input change a given output pixel, by autograd. At
-# the borders of a small map taps fall off the map (zero padding) and r drops below the analytic
-# value: at the centre of 65 x 65, ASPP's rate-36 taps all fall outside.
-# ---------------------------------------------------------------------------------------------
-
-def footprint(pools, kernels, dilations):
-    """Boolean (2R+1) x (2R+1) array: offsets (relative to the centre) that feed one output."""
-    axes = [{d * t + o for t in range(-(n // 2), n // 2 + 1) for o in range(-(k // 2), k // 2 + 1)}
-            for k, n, d in zip(pools, kernels, dilations)]
-    r = max(max(abs(v) for v in a) for a in axes)
-    grid = np.zeros((2 * r + 1, 2 * r + 1), dtype=bool)
-    for a in axes:
-        idx = np.array(sorted(a)) + r
-        grid[np.ix_(idx, idx)] = True
-    return grid
-
-
-def utilization_ratio(module, h=65, w=65):
-    """Paper Eq. (1), analytic: r = min(u, h w) / (h w), u = |footprint| (see above)."""
-    u = int(footprint(module.pools, module.kernels, module.dilations).sum())
-    return min(u, h * w) / (h * w)
-
-
-def measured_utilization(module, h=65, w=65, pixel=None, return_map=False):
-    """Eq. (1) measured on a real ContextModule: the fraction of the h x w input positions whose
-    value changes the branches' output at `pixel` (default: the centre), found by autograd
-    through the module's own pooling and convolutions (BN and ReLU are per-pixel and left out,
-    since a ReLU that happens to be off would hide a dependency). With return_map, also the
-    (h, w) boolean map of those positions (the paper's Fig. 3, drawn from the module)."""
-    i, j = pixel if pixel is not None else (h // 2, w // 2)
-    x = torch.randn(1, module.branches[0][0].in_channels, h, w, dtype=torch.float64,
-                    requires_grad=True)
-    pooled = module.pool(x)  # the module's own pooling, as its forward pools
-    gen = torch.Generator().manual_seed(0)
-    total = 0
-    for k, branch in zip(module.pools, module.branches):
-        conv = branch[0]
-        y = F.conv2d(pooled[k], conv.weight.double(), None, 1, conv.padding, conv.dilation)
-        # A random projection of the output channels: exact zeros only where there is no path.
-        total = total + (y[0, :, i, j] * torch.rand(y.shape[1], generator=gen,
-                                                    dtype=torch.float64)).sum()
-    (grad,) = torch.autograd.grad(total, x)
-    used = grad[0].abs().amax(dim=0) > 0
-    ratio = used.sum().item() / (h * w)
-    return (ratio, used.numpy()) if return_map else ratio
-
-
-def ring_coverage(module, max_distance=40):
-    """For d = 0..max_distance: the fraction of the 8d offsets at Chebyshev distance d (the one
-    offset 0 for d = 0) that the module's footprint reads on an unbounded map (Fig. 3 as a
-    curve: where the footprint lands, the module can see)."""
-    grid = footprint(module.pools, module.kernels, module.dilations)
-    r = grid.shape[0] // 2
-    yy, xx = np.mgrid[-r:r + 1, -r:r + 1]
-    ring = np.maximum(abs(yy), abs(xx))
-    return np.array([grid[ring == d].sum() / max(1, 8 * d) for d in range(max_distance + 1)])
-
-
 # =============================================================================================
 # PART II: ENGINEERING THE PAPER DOES NOT DESCRIBE
 # =============================================================================================
@@ -479,8 +481,9 @@ def ring_coverage(module, max_distance=40):
 # incoming gradients added in as it passes them (Horner's rule):
 #     S3^T g3 + S9^T g9 + S27^T g27 = T1(g3 + T3(g9 + T9(g27)))     (T_d: 3x3 taps dilated d)
 # so the backward pass costs what the forward does.
-# What runs where: the cascade on every device (GPU_POOLING = "cascade"); on CUDA,
-# GPU_POOLING = "separable" switches to PyTorch's native pooling kernels run separably.
+# It runs on every device: on an H100 it was faster than PyTorch's native pooling kernels run
+# separably too (13.7 vs 25.7 ms forward + backward at 8 x 2048 x 65 x 65, fp32; avg_pool2d
+# 76.7 ms; `python experiments.py bench modules`).
 # ---------------------------------------------------------------------------------------------
 
 CPU_BLOCK_CHANNELS = 256  # 256 channels of a 91x91 float canvas ~ 8 MB: stays in the L3 cache
@@ -619,29 +622,12 @@ class _BoxAverages(torch.autograd.Function):
         return _box_averages_backward(grads, ctx.ks, ctx.cip), None, None
 
 
-# The alternative on a GPU: PyTorch's native pooling kernels run separably, a k x 1 average then
-# a 1 x k one. Each pass divides by its own count; with count_include_pad=False the 2-D count is
-# the product of the row and column counts, so it is the same mean (with True, k * k = k x k).
-# Measured on an H100 (`python vortex.py --bench`), the cascade was faster there too (13.7 vs
-# 25.7 ms forward + backward at 8 x 2048 x 65 x 65, fp32; avg_pool2d: 76.7 ms), so it is the
-# default everywhere.
-GPU_POOLING = "cascade"
-
-
-def _separable_box_average(x, k, count_include_pad):
-    r = k // 2
-    rows = F.avg_pool2d(x, (k, 1), 1, (r, 0), count_include_pad=count_include_pad)
-    return F.avg_pool2d(rows, (1, k), 1, (0, r), count_include_pad=count_include_pad)
-
-
 def box_averages(x, ks, count_include_pad=False):
     """k x k stride-1 average pooling of `x` (N, C, H, W) for every k in `ks`, sharing one cascade.
 
     Returns a dict {k: pooled}. k = 1 is the identity (x itself). Sizes > 1 must divide one
     another (e.g. Vortex's 3, 9, 27). Exact: equals nn.AvgPool2d(k, 1, k // 2, count_include_pad)
     at every pixel, borders included. Differentiable (the backward is the reversed cascade).
-    The cascade runs on every device unless GPU_POOLING = "separable" (then CUDA uses native
-    pooling, see above).
     """
     ks = sorted(set(int(k) for k in ks))
     out = {1: x} if 1 in ks else {}
@@ -649,11 +635,7 @@ def box_averages(x, ks, count_include_pad=False):
     if big:
         if x.dim() != 4:
             raise ValueError(f"box_averages expects (N, C, H, W), got shape {tuple(x.shape)}")
-        if x.is_cuda and GPU_POOLING == "separable":
-            _cascade_steps(big)  # the same checks of the sizes as everywhere
-            out.update((k, _separable_box_average(x, k, count_include_pad)) for k in big)
-        else:
-            out.update(zip(big, _BoxAverages.apply(x, big, count_include_pad)))
+        out.update(zip(big, _BoxAverages.apply(x, big, count_include_pad)))
     return out
 
 
@@ -804,197 +786,3 @@ def load_backbone_weights(module, path, verbose=True):
               + (f" ({', '.join(groups)})" if groups else ""))
     return {"loaded": loaded, "skipped": skipped}
 
-
-# ---------------------------------------------------------------------------------------------
-# Command line: Table 1's modules in numbers, and the speed benchmark. Benchmarks print ratios
-# measured side by side in one run (machines are noisy); best_times is the one timing helper.
-# ---------------------------------------------------------------------------------------------
-
-def best_times(fns, reps, warmup=1):
-    """Best wall time (s) of each function in `fns` {name: fn}, run interleaved (a, b, a, b...)
-    after `warmup` calls each, so that machine noise hits all; CUDA work is waited for."""
-    def sync():
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
-            torch.cuda.synchronize()
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    best = {name: math.inf for name in fns}
-    for _ in range(reps):
-        for name, fn in fns.items():
-            sync()
-            t0 = time.perf_counter()
-            fn()
-            sync()
-            best[name] = min(best[name], time.perf_counter() - t0)
-    return best
-
-
-TABLE_ROWS = tuple(row for row in TABLE1 if TABLE1[row].miou) + ("none",)  # as printed
-
-
-@torch.no_grad()
-def print_table(size=65, channels=2048, reps=3):
-    """Paper 3.2 / Table 1 in numbers: utilization ratios, parameters, forward time."""
-    x = torch.randn(1, channels, size, size)
-    modules = {row: table1_module(row, channels).eval() for row in TABLE_ROWS}
-    times = best_times({row: (lambda m=m: m(x)) for row, m in modules.items()}, reps)
-    print(f"Context modules on X = 1x{channels}x{size}x{size} (ResNet-101 at output stride 8, "
-          f"513x513 input), CPU, {torch.get_num_threads()} threads, best of {reps}")
-    print(f"{'module':8} {'pooling k':12} {'dilations':12} {'r paper':>11} {'r analytic':>10} "
-          f"{'r measured':>10} {'params':>10} {'forward s':>9} {'x ASPP':>7}")
-    for row, m in modules.items():
-        with torch.enable_grad():
-            measured = measured_utilization(table1_module(row, 8), size, size)
-        print(f"{row:8} {','.join(map(str, m.pools)):12} {','.join(map(str, m.dilations)):12} "
-              f"{TABLE1[row].ratio or '-':>11} {utilization_ratio(m, size, size):10.4f} "
-              f"{measured:10.4f} {sum(p.numel() for p in m.parameters()):10,d} "
-              f"{times[row]:9.3f} {times[row] / times['ASPP']:7.2f}")
-    print("r analytic: paper Eq. 1 with the footprint counted on an unbounded map; r measured: "
-          "autograd on the real module at the centre pixel (taps falling off the map do not count; "
-          "measured on an 8-channel copy, the footprint does not depend on width).")
-
-
-@torch.no_grad()
-def bench(reps=5, model_reps=2):
-    """The speed targets on the CPU, as ratios measured side by side in this run: the context
-    module and the whole model, Vortex against ASPP (and ASPP against torchvision's DeepLabV3,
-    where torchvision can be imported), and the pooling's speed against a plain copy of X."""
-    x = torch.randn(1, 2048, 65, 65)
-    mods = {c: make_context(c, 2048).eval() for c in ("aspp", "vortex")}
-    fns = {"aspp": lambda: mods["aspp"](x), "vortex": lambda: mods["vortex"](x),
-           "pool": lambda: box_averages(x, (3, 9, 27)), "copy": lambda: x.clone(),
-           "avg_pool2d": lambda: [F.avg_pool2d(x, k, 1, k // 2, count_include_pad=False)
-                                  for k in (3, 9, 27)]}
-    theirs = torchvision_deeplab()
-    if theirs is not None:
-        fns["torchvision"] = lambda: theirs.classifier[0](x)
-    t = best_times(fns, reps)
-    gb = x.numel() * x.element_size() / 1e9
-    print(f"context module, input 1x2048x65x65, best of {reps}, {torch.get_num_threads()} threads:")
-    print(f"  ASPP {t['aspp']:.3f} s   Vortex {t['vortex']:.3f} s   "
-          f"ratio Vortex/ASPP = {t['vortex'] / t['aspp']:.3f}   (target <= 1.05)")
-    print(f"  pooling k=3,9,27: box_averages {t['pool'] * 1e3:.1f} ms = {4 * gb / t['pool']:.1f} "
-          f"GB/s (reads X, writes 3 maps); a copy of X {t['copy'] * 1e3:.1f} ms = "
-          f"{2 * gb / t['copy']:.1f} GB/s; pooling / copy time per byte "
-          f"{(t['pool'] / 4) / (t['copy'] / 2):.1f}; avg_pool2d {t['avg_pool2d']:.3f} s "
-          f"({t['avg_pool2d'] / t['pool']:.0f}x the cascade)")
-    if theirs is not None:
-        print(f"  ASPP / torchvision's ASPP (DeepLabV3 head) = {t['aspp'] / t['torchvision']:.3f}"
-              f"   (target <= 1.02)")
-    img = torch.randn(1, 3, 513, 513)
-    models = {c: DeepLabV3(21, 101, c).eval() for c in ("aspp", "vortex")}
-    fns = {c: (lambda m=m: m(img)) for c, m in models.items()}
-    if theirs is not None:
-        ours = DeepLabV3(21, 101, "aspp", multi_grid=None).eval()
-        fns.update(ours=lambda: ours(img), torchvision=lambda: theirs(img))
-    t = best_times(fns, model_reps)
-    print(f"whole model, DeepLab v3 ResNet-101 OS 8, input 1x3x513x513, best of {model_reps}:")
-    print(f"  ASPP {t['aspp']:.2f} s   Vortex {t['vortex']:.2f} s   "
-          f"ratio Vortex/ASPP = {t['vortex'] / t['aspp']:.3f}   (target <= 1.03; "
-          f"paper: 10.37 vs 10.13 FPS on a GPU = 1.024)")
-    if theirs is not None:
-        print(f"  ours (ASPP, no multi-grid) / torchvision deeplabv3_resnet101 = "
-              f"{t['ours'] / t['torchvision']:.3f}   (target <= 1.02; theirs adds a 3x3 head conv)")
-
-
-def torchvision_deeplab():
-    """torchvision's deeplabv3_resnet101 (random weights, eval mode) for the comparison in
-    --bench, or None with a line saying why: torchvision is never a dependency."""
-    try:
-        from torchvision.models.segmentation import deeplabv3_resnet101
-    except Exception as e:  # not installed, or its compiled ops do not fit this torch
-        print(f"(no comparison with torchvision's DeepLabV3: {type(e).__name__}: "
-              f"{str(e).splitlines()[0] if str(e) else ''}; it needs torchvision, e.g. in a "
-              f"scratch environment)")
-        return None
-    return deeplabv3_resnet101(weights=None, weights_backbone=None, aux_loss=False).eval()
-
-
-def bench_cuda(batch=8, reps=20):
-    """On a GPU: the pooling of Vortex (k = 3, 9, 27) forward + backward, cascade vs separable
-    native pooling vs avg_pool2d, and the context modules forward + backward, Vortex/ASPP, for
-    ResNet-101's X at 513 x 513 (batch x 2048 x 65 x 65), fp32 and bf16 (best of `reps`)."""
-    global GPU_POOLING
-    dev = torch.device("cuda")
-    print(f"{torch.cuda.get_device_name(dev)}, X = {batch}x2048x65x65, forward + backward, "
-          f"best of {reps} after 3 warm-up, ms:")
-    saved = GPU_POOLING
-    mods = {c: make_context(c, 2048).to(dev) for c in ("vortex", "aspp")}
-    for dtype in (torch.float32, torch.bfloat16):
-        x = torch.randn(batch, 2048, 65, 65, device=dev, dtype=dtype, requires_grad=True)
-
-        def pool(method):
-            def run():
-                global GPU_POOLING
-                GPU_POOLING = method
-                outs = ([F.avg_pool2d(x, k, 1, k // 2, count_include_pad=False) for k in (3, 9, 27)]
-                        if method == "avg_pool2d" else list(box_averages(x, (3, 9, 27)).values()))
-                sum(o.float().sum() for o in outs).backward()
-            return run
-
-        def module(m, method):
-            def run():
-                global GPU_POOLING
-                GPU_POOLING = method
-                with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
-                    m(x.detach().float()).float().sum().backward()
-            return run
-        t = {k: 1000 * v for k, v in best_times(
-            {**{m: pool(m) for m in ("cascade", "separable", "avg_pool2d")},
-             **{(m, c): module(mods[c], m) for m in ("cascade", "separable") for c in mods}},
-            reps, warmup=3).items()}
-        print(f"  {str(dtype).split('.')[1]:9} pooling: cascade {t['cascade']:.2f}, separable "
-              f"{t['separable']:.2f}, avg_pool2d {t['avg_pool2d']:.2f};  context module: ASPP "
-              f"{t['cascade', 'aspp']:.2f}, Vortex with cascade {t['cascade', 'vortex']:.2f} "
-              f"({t['cascade', 'vortex'] / t['cascade', 'aspp']:.3f}x), with separable "
-              f"{t['separable', 'vortex']:.2f} "
-              f"({t['separable', 'vortex'] / t['separable', 'aspp']:.3f}x)")
-    GPU_POOLING = saved
-
-
-def parser():
-    """The command line (--help explains every flag)."""
-    p = argparse.ArgumentParser(
-        description="Vortex Pooling (Xie et al. 2018): the context modules of Table 1 in numbers. "
-                    "With no flags: a table of utilization ratios (paper Eq. 1), parameter counts "
-                    "and forward times of ASPP, ASPP+, Module A(5/9/13), Module B (Vortex), none.")
-    p.add_argument("--bench", action="store_true",
-                   help="measure instead the speed ratios Vortex/ASPP for the context module "
-                        "(1x2048x65x65) and the whole ResNet-101 model (1x3x513x513), side by "
-                        "side, on the CPU; with a GPU also the pooling methods and the context "
-                        "modules there (forward + backward)")
-    p.add_argument("--size", type=int, default=65,
-                   help="feature-map side h = w for the table (65: a 513x513 image at OS 8)")
-    p.add_argument("--reps", type=int, default=3, help="timing repetitions (best one is kept)")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    p.add_argument("--force", action="store_true", help="with --figure: overwrite the PNG")
-    p.add_argument("--figure", metavar="PNG", default=None,
-                   help="instead: draw the paper's Fig. 3 from the real modules (which positions "
-                        "of a 65x65 map feed the centre pixel, for ASPP, A(5), Vortex) to PNG")
-    return p
-
-
-def main(argv=None):
-    p = parser()
-    args = p.parse_args(argv)
-    if args.size < 1 or args.reps < 1 or args.threads < 0:
-        p.error("--size and --reps must be >= 1, --threads >= 0")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    keep_freed_memory()
-    torch.manual_seed(0)
-    if args.figure:
-        import eval as pictures  # all drawing lives in eval.py
-        refuse_existing([args.figure], args.force)
-        print("wrote", pictures.footprints_figure(args.figure, args.size))
-    elif args.bench:
-        if torch.cuda.is_available():
-            bench_cuda()
-        bench(reps=max(args.reps, 3))
-    else:
-        print_table(args.size, reps=args.reps)
-
-
-if __name__ == "__main__":
-    cli(main)

@@ -1,0 +1,1305 @@
+"""Research and measurement beside the paper: what the four paper files do not need to run.
+
+The paper's model, data, training and evaluation live in vortex.py, data.py, train.py and
+eval.py; this script measures and pictures them. Imports point one way:
+data <- vortex <- train, eval <- experiments.
+
+  python experiments.py table                       # Table 1's modules: Eq. (1), parameters, time
+  python experiments.py figure footprints --out F   # Fig. 3 drawn from the real modules
+  python experiments.py figure synthetic --out F    # samples of the built-in synthetic data
+  python experiments.py figure descriptors --out F  # samples of the 65x65 context experiment
+  python experiments.py bench modules|training|inference|loader   # speed, as side-by-side ratios
+  python experiments.py ablation --seeds 3 [train.py flags]       # Table 1 in miniature + ERF
+  python experiments.py context --seeds 3           # Table 1's question at the paper's geometry
+  python experiments.py erf CK [CK ...] --out F     # effective receptive fields of checkpoints
+
+Sections: 1. Table 1's modules in numbers and Fig. 3; 2. benchmarks; 3. Table 1 in miniature and
+the effective receptive field; 4. the 65x65 context experiment; 5. pictures of the data; 6. the
+command line. Nothing is overwritten without --force; an interrupted experiment continues.
+"""
+import argparse
+import json
+import math
+import os
+import tempfile
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+
+import data
+import eval as evaluation
+import train
+import vortex
+from data import BadInput
+from eval import colorize, hstack, legend, load_checkpoint, model_from_checkpoint, predict
+from train import loss_fn, poly_lr, set_lr
+from vortex import (TABLE1, DeepLabV3, box_averages, footprint, make_context,
+                    measured_utilization, table1_module, utilization_ratio)
+
+
+# =============================================================================================
+# 1. TABLE 1'S MODULES IN NUMBERS (paper 3.2, Eq. 1) AND FIG. 3
+# =============================================================================================
+
+
+TABLE_ROWS = tuple(row for row in TABLE1 if TABLE1[row].miou) + ("none",)  # as printed
+
+
+@torch.no_grad()
+def print_table(size=65, channels=2048, reps=3):
+    """Paper 3.2 / Table 1 in numbers: utilization ratios, parameters, forward time."""
+    x = torch.randn(1, channels, size, size)
+    modules = {row: table1_module(row, channels).eval() for row in TABLE_ROWS}
+    times = best_times({row: (lambda m=m: m(x)) for row, m in modules.items()}, reps)
+    print(f"Context modules on X = 1x{channels}x{size}x{size} (ResNet-101 at output stride 8, "
+          f"513x513 input), CPU, {torch.get_num_threads()} threads, best of {reps}")
+    print(f"{'module':8} {'pooling k':12} {'dilations':12} {'r paper':>11} {'r analytic':>10} "
+          f"{'r measured':>10} {'params':>10} {'forward s':>9} {'x ASPP':>7}")
+    for row, m in modules.items():
+        with torch.enable_grad():
+            measured = measured_utilization(table1_module(row, 8), size, size)
+        print(f"{row:8} {','.join(map(str, m.pools)):12} {','.join(map(str, m.dilations)):12} "
+              f"{TABLE1[row].ratio or '-':>11} {utilization_ratio(m, size, size):10.4f} "
+              f"{measured:10.4f} {sum(p.numel() for p in m.parameters()):10,d} "
+              f"{times[row]:9.3f} {times[row] / times['ASPP']:7.2f}")
+    print("r analytic: paper Eq. 1 with the footprint counted on an unbounded map; r measured: "
+          "autograd on the real module at the centre pixel (taps falling off the map do not count; "
+          "measured on an 8-channel copy, the footprint does not depend on width).")
+
+
+def ring_coverage(module, max_distance=40):
+    """For d = 0..max_distance: the fraction of the 8d offsets at Chebyshev distance d (the one
+    offset 0 for d = 0) that the module's footprint reads on an unbounded map (Fig. 3 as a
+    curve: where the footprint lands, the module can see)."""
+    grid = footprint(module.pools, module.kernels, module.dilations)
+    r = grid.shape[0] // 2
+    yy, xx = np.mgrid[-r:r + 1, -r:r + 1]
+    ring = np.maximum(abs(yy), abs(xx))
+    return np.array([grid[ring == d].sum() / max(1, 8 * d) for d in range(max_distance + 1)])
+
+
+BRANCH_COLOURS = ((200, 30, 30), (240, 150, 20), (40, 110, 200), (60, 160, 60))
+
+
+def footprints_figure(path, size=65, cell=4):
+    """The paper's Fig. 3 drawn from the real modules: for ASPP, Module A(5) and Module B, the
+    input positions of a size x size map that feed the centre output (autograd, see
+    measured_utilization), coloured by the branch that reads them (the finest drawn on top),
+    white where nothing reads, the output pixel black; a legend under each panel. Written
+    atomically."""
+    mods = [table1_module(row, 8) for row in ("ASPP", "A(5)", "Vortex")]
+    panels = []
+    for m in mods:
+        ratio, used = measured_utilization(m, size, size, return_map=True)
+        pic = np.full((size, size, 3), 255, np.uint8)
+        widest_first = sorted(range(len(m.pools)), key=lambda i: -m.pools[i] - m.dilations[i])
+        for i in widest_first:
+            fp = footprint(m.pools[i:i + 1], m.kernels[i:i + 1], m.dilations[i:i + 1])
+            r, c = fp.shape[0] // 2, size // 2  # footprint centred on the centre pixel
+            a, b = max(0, c - r), min(size, c + r + 1)
+            region = np.zeros((size, size), bool)
+            region[a:b, a:b] = fp[a - (c - r):b - (c - r), a - (c - r):b - (c - r)]
+            pic[region & used] = BRANCH_COLOURS[i]
+        pic[size // 2, size // 2] = 0
+        pic = np.kron(pic, np.ones((cell, cell, 1), np.uint8))
+        pic = np.pad(pic, ((1, 1), (1, 1), (0, 0)))  # the map's border, black, outside it
+        text = Image.new("RGB", (pic.shape[1], 14 + 14 * len(m.pools)), (255, 255, 255))
+        draw = ImageDraw.Draw(text)
+        draw.text((2, 1), f"{m.name}: r = {ratio:.4f} of the {size}x{size} map", fill=(0, 0, 0))
+        for i, (k, n, d) in enumerate(zip(m.pools, m.kernels, m.dilations)):
+            y = 15 + 14 * i
+            draw.rectangle([4, y + 1, 14, y + 11], fill=BRANCH_COLOURS[i], outline=(0, 0, 0))
+            draw.text((20, y), f"{k}x{k} pool, {n}x{n} conv" + (f", rate {d}" if n > 1 else ""),
+                      fill=(0, 0, 0))
+        panels.append(np.concatenate([pic, np.asarray(text)], 0))
+    out = hstack(panels, 8)
+    data.atomic_save(path, lambda f: Image.fromarray(out).save(f, "PNG"))
+    return path
+
+
+# =============================================================================================
+# 2. BENCHMARKS
+# =============================================================================================
+
+# ---------------------------------------------------------------------------------------------
+# Speed, as ratios measured side by side in one run (machines are noisy); best_times is the
+# one timing helper.
+# ---------------------------------------------------------------------------------------------
+
+def best_times(fns, reps, warmup=1):
+    """Best wall time (s) of each function in `fns` {name: fn}, run interleaved (a, b, a, b...)
+    after `warmup` calls each, so that machine noise hits all; CUDA work is waited for."""
+    def sync():
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.synchronize()
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    best = {name: math.inf for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            sync()
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            best[name] = min(best[name], time.perf_counter() - t0)
+    return best
+
+
+@torch.no_grad()
+def bench_modules(reps=5, model_reps=2):
+    """The speed targets on the CPU, as ratios measured side by side in this run: the context
+    module and the whole model, Vortex against ASPP (and ASPP against torchvision's DeepLabV3,
+    where torchvision can be imported), and the pooling's speed against a plain copy of X."""
+    x = torch.randn(1, 2048, 65, 65)
+    mods = {c: make_context(c, 2048).eval() for c in ("aspp", "vortex")}
+    fns = {"aspp": lambda: mods["aspp"](x), "vortex": lambda: mods["vortex"](x),
+           "pool": lambda: box_averages(x, (3, 9, 27)), "copy": lambda: x.clone(),
+           "avg_pool2d": lambda: [F.avg_pool2d(x, k, 1, k // 2, count_include_pad=False)
+                                  for k in (3, 9, 27)]}
+    theirs = torchvision_deeplab()
+    if theirs is not None:
+        fns["torchvision"] = lambda: theirs.classifier[0](x)
+    t = best_times(fns, reps)
+    gb = x.numel() * x.element_size() / 1e9
+    print(f"context module, input 1x2048x65x65, best of {reps}, {torch.get_num_threads()} threads:")
+    print(f"  ASPP {t['aspp']:.3f} s   Vortex {t['vortex']:.3f} s   "
+          f"ratio Vortex/ASPP = {t['vortex'] / t['aspp']:.3f}   (target <= 1.05)")
+    print(f"  pooling k=3,9,27: box_averages {t['pool'] * 1e3:.1f} ms = {4 * gb / t['pool']:.1f} "
+          f"GB/s (reads X, writes 3 maps); a copy of X {t['copy'] * 1e3:.1f} ms = "
+          f"{2 * gb / t['copy']:.1f} GB/s; pooling / copy time per byte "
+          f"{(t['pool'] / 4) / (t['copy'] / 2):.1f}; avg_pool2d {t['avg_pool2d']:.3f} s "
+          f"({t['avg_pool2d'] / t['pool']:.0f}x the cascade)")
+    if theirs is not None:
+        print(f"  ASPP / torchvision's ASPP (DeepLabV3 head) = {t['aspp'] / t['torchvision']:.3f}"
+              f"   (target <= 1.02)")
+    img = torch.randn(1, 3, 513, 513)
+    models = {c: DeepLabV3(21, 101, c).eval() for c in ("aspp", "vortex")}
+    fns = {c: (lambda m=m: m(img)) for c, m in models.items()}
+    if theirs is not None:
+        ours = DeepLabV3(21, 101, "aspp", multi_grid=None).eval()
+        fns.update(ours=lambda: ours(img), torchvision=lambda: theirs(img))
+    t = best_times(fns, model_reps)
+    print(f"whole model, DeepLab v3 ResNet-101 OS 8, input 1x3x513x513, best of {model_reps}:")
+    print(f"  ASPP {t['aspp']:.2f} s   Vortex {t['vortex']:.2f} s   "
+          f"ratio Vortex/ASPP = {t['vortex'] / t['aspp']:.3f}   (target <= 1.03; "
+          f"paper: 10.37 vs 10.13 FPS on a GPU = 1.024)")
+    if theirs is not None:
+        print(f"  ours (ASPP, no multi-grid) / torchvision deeplabv3_resnet101 = "
+              f"{t['ours'] / t['torchvision']:.3f}   (target <= 1.02; theirs adds a 3x3 head conv)")
+
+
+def torchvision_deeplab():
+    """torchvision's deeplabv3_resnet101 (random weights, eval mode) for the comparison in
+    --bench, or None with a line saying why: torchvision is never a dependency."""
+    try:
+        from torchvision.models.segmentation import deeplabv3_resnet101
+    except Exception as e:  # not installed, or its compiled ops do not fit this torch
+        print(f"(no comparison with torchvision's DeepLabV3: {type(e).__name__}: "
+              f"{str(e).splitlines()[0] if str(e) else ''}; it needs torchvision, e.g. in a "
+              f"scratch environment)")
+        return None
+    return deeplabv3_resnet101(weights=None, weights_backbone=None, aux_loss=False).eval()
+
+
+def separable_box_average(x, k, count_include_pad):
+    """The alternative to vortex.box_averages on a GPU: PyTorch's native pooling run separably,
+    k x 1 then 1 x k, each pass divided by its own count (with count_include_pad=False the 2-D
+    count is the product of the two, so it is the same mean)."""
+    r = k // 2
+    rows = F.avg_pool2d(x, (k, 1), 1, (r, 0), count_include_pad=count_include_pad)
+    return F.avg_pool2d(rows, (1, k), 1, (0, r), count_include_pad=count_include_pad)
+
+
+def bench_modules_cuda(batch=8, reps=20):
+    """On a GPU: the pooling of Vortex (k = 3, 9, 27) forward + backward, the cascade vs native
+    pooling run separably vs avg_pool2d, and the context modules forward + backward, Vortex/ASPP,
+    for ResNet-101's X at 513 x 513 (batch x 2048 x 65 x 65), fp32 and bf16 (best of `reps`)."""
+    dev = torch.device("cuda")
+    print(f"{torch.cuda.get_device_name(dev)}, X = {batch}x2048x65x65, forward + backward, "
+          f"best of {reps} after 3 warm-up, ms:")
+    mods = {c: make_context(c, 2048).to(dev) for c in ("vortex", "aspp")}
+    pools = {"cascade": lambda x: list(box_averages(x, (3, 9, 27)).values()),
+             "separable": lambda x: [separable_box_average(x, k, False) for k in (3, 9, 27)],
+             "avg_pool2d": lambda x: [F.avg_pool2d(x, k, 1, k // 2, count_include_pad=False)
+                                      for k in (3, 9, 27)]}
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(batch, 2048, 65, 65, device=dev, dtype=dtype, requires_grad=True)
+
+        def run_pool(pool):
+            return lambda: sum(o.float().sum() for o in pool(x)).backward()
+
+        def run_module(m):
+            def run():
+                with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
+                    m(x.detach().float()).float().sum().backward()
+            return run
+        t = {k: 1000 * v for k, v in best_times(
+            {**{name: run_pool(p) for name, p in pools.items()},
+             **{c: run_module(m) for c, m in mods.items()}}, reps, warmup=3).items()}
+        print(f"  {str(dtype).split('.')[1]:9} pooling: cascade {t['cascade']:.2f}, separable "
+              f"{t['separable']:.2f}, avg_pool2d {t['avg_pool2d']:.2f};  context module: ASPP "
+              f"{t['aspp']:.2f}, Vortex {t['vortex']:.2f} ({t['vortex'] / t['aspp']:.3f}x)")
+
+
+def bench_inference(reps=2):
+    """Seconds per 500x375 image, ResNet-101 OS 8 (untrained weights: the cost does not depend on
+    them), single scale vs the paper's 6 scales + flip, against the theoretical cost ratio
+    2 * sum(s^2) = 17.4 (pixels processed; the model's cost is nearly linear in pixels)."""
+    torch.manual_seed(0)
+    model = DeepLabV3(21, 101, "vortex").eval()
+    image = torch.randn(3, 375, 500)
+    t = best_times({"single": lambda: predict(model, image),
+                    "multi": lambda: predict(model, image, evaluation.PAPER_SCALES, True)},
+                   reps, 0)
+    theory = 2 * sum(s * s for s in evaluation.PAPER_SCALES)
+    print(f"ResNet-101 OS 8 + Vortex, 500x375 image, CPU {torch.get_num_threads()} threads, "
+          f"best of {reps}:")
+    print(f"  single scale {t['single']:.2f} s/image; 6 scales + flip {t['multi']:.2f} s/image; "
+          f"ratio {t['multi'] / t['single']:.1f} (theory {theory:.1f})")
+
+
+def bench_loader(voc=None, n=300, crop=513):
+    """Samples per second of one process making augmented crop x crop training samples."""
+    tmp = None
+    if voc is None:  # VOC-sized JPEGs (500x375) made from the synthetic renderer
+        tmp = tempfile.TemporaryDirectory()
+        voc = tmp.name
+        for sub in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
+            os.makedirs(os.path.join(voc, sub))
+        ids = []
+        for i in range(12):
+            img, lab = data.render_synthetic(0, i, 500)
+            name = f"synthetic_{i:02d}"
+            Image.fromarray(img[:375]).save(os.path.join(voc, "JPEGImages", name + ".jpg"),
+                                            quality=90)
+            data.save_mask(os.path.join(voc, "SegmentationClass", name + ".png"), lab[:375])
+            ids.append(name)
+        with open(os.path.join(voc, "ImageSets/Segmentation/train.txt"), "w") as f:
+            f.write("\n".join(ids))
+        split = "train"
+    else:
+        split = "trainval" if os.path.isfile(
+            os.path.join(voc, "ImageSets/Segmentation/trainval.txt")) else "train"
+    ds = data.VOCSegmentation(voc, split, data.TrainTransform(crop), num_classes=21)
+    torch.set_num_threads(1)  # one loader worker = one core
+    ds[0]
+    t0 = time.perf_counter()
+    for i in range(n):
+        ds.set_epoch(i // len(ds))
+        img, lab = ds[i % len(ds)]
+        assert img.shape == (3, crop, crop) and lab.shape == (crop, crop)
+    dt = time.perf_counter() - t0
+    print(f"{n} augmented {crop}x{crop} samples from {len(ds)} JPEGs in {voc} ({split}): "
+          f"{n / dt:.0f} samples/s in one process (target >= 100)")
+    if tmp is not None:
+        tmp.cleanup()
+    return n / dt
+
+
+def bench_training(device_arg=None):
+    device = evaluation.pick_device(device_arg)
+    return bench_training_cuda(device) if device.type == "cuda" else bench_training_cpu()
+
+
+def training_step(model, opt, x, t, dtype=None):
+    """One SGD step on (x, t), under autocast when `dtype` is bf16/fp16 (the benchmarks)."""
+    with torch.autocast(x.device.type, dtype=dtype, enabled=dtype not in (None, torch.float32)):
+        loss = loss_fn(model(x), t) / t.numel()
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def bench_training_cpu(steps=3, crop=321, batch=2):
+    """Training steps of one process on this machine, ResNet-101 OS 8, crop 321, batch 2, SGD:
+    Vortex and ASPP, NCHW and channels-last, all measured side by side (interleaved)."""
+    torch.manual_seed(0)
+    models = {c: DeepLabV3(21, 101, c) for c in ("vortex", "aspp")}
+    opts = {c: torch.optim.SGD(m.parameters(), lr=1e-3, momentum=0.9) for c, m in models.items()}
+    x = torch.randn(batch, 3, crop, crop)
+    t = torch.randint(0, 21, (batch, crop, crop))
+
+    def step(c, fmt):
+        models[c].to(memory_format=fmt)
+        training_step(models[c], opts[c], x.contiguous(memory_format=fmt), t)
+    layouts = {"NCHW": torch.contiguous_format, "channels-last": torch.channels_last}
+    best = best_times({(c, name): (lambda c=c, f=f: step(c, f)) for c in models
+                              for name, f in layouts.items()}, steps)
+    print(f"training step, ResNet-101 OS 8, crop {crop}, batch {batch}, CPU "
+          f"{torch.get_num_threads()} threads, best of {steps}:")
+    for name in layouts:
+        v, a = best["vortex", name], best["aspp", name]
+        print(f"  {name:14} Vortex {v:.2f} s/step ({batch / v:.2f} img/s)  ASPP {a:.2f} s/step"
+              f"  Vortex/ASPP {v / a:.3f}   (target <= 1.03)")
+    print(f"  channels-last speed-up (Vortex) "
+          f"{best['vortex', 'NCHW'] / best['vortex', 'channels-last']:.2f}x")
+
+
+def _cuda_steps(model, opt, batch, dtype, channels_last, device, crop=513, warmup=3, steps=10):
+    """(images/s, peak GiB after the warm-up) of SGD training steps at this configuration (best
+    of `steps`), or None if it does not fit in the GPU's memory. The peak is taken after the
+    warm-up because cuDNN's autotuning tries kernels with workspaces as large as the free memory
+    once."""
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    model.to(memory_format=fmt)
+    torch.cuda.empty_cache()
+    try:
+        x = torch.randn(batch, 3, crop, crop, device=device).contiguous(memory_format=fmt)
+        t = torch.randint(0, 21, (batch, crop, crop), device=device)
+        for _ in range(warmup):
+            training_step(model, opt, x, t, dtype)
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        best = best_times({"step": lambda: training_step(model, opt, x, t, dtype)},
+                                 steps, warmup=0)["step"]
+        return batch / best, torch.cuda.max_memory_allocated(device) / 2 ** 30
+    except torch.OutOfMemoryError:
+        return None
+    finally:
+        opt.zero_grad(set_to_none=True)
+        x = t = None
+        torch.cuda.empty_cache()
+
+
+def bench_training_cuda(device):
+    """ResNet-101 OS 8 + Vortex and + ASPP, crop 513, per-GPU batch 2/4/8 x
+    {fp32, bf16} x {NCHW, channels-last}: training images/s, peak memory, and the time ratio
+    Vortex/ASPP, both modules measured one after the other at every configuration."""
+    torch.backends.cudnn.benchmark = True
+    torch.manual_seed(0)
+    models = {c: DeepLabV3(21, 101, c).to(device) for c in ("vortex", "aspp")}
+    opts = {c: torch.optim.SGD(m.parameters(), lr=1e-4, momentum=0.9) for c, m in models.items()}
+    name = torch.cuda.get_device_name(device)
+    total = torch.cuda.get_device_properties(device).total_memory / 2 ** 30
+    print(f"training steps, DeepLab v3 ResNet-101 OS 8, crop 513, one {name} ({total:.0f} GiB), "
+          f"SGD, best of 10 steps after 3 warm-up, cudnn.benchmark on, torch {torch.__version__}")
+    print(f"{'batch':>5} {'precision':9} {'layout':13} {'Vortex img/s':>12} {'peak GiB':>8} "
+          f"{'ASPP img/s':>10} {'peak GiB':>8} {'Vortex/ASPP time':>16}")
+    rows = []
+    for batch in (2, 4, 8):
+        for dtype, dname in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
+            for cl, lname in ((False, "NCHW"), (True, "channels-last")):
+                r = {c: _cuda_steps(models[c], opts[c], batch, dtype, cl, device) for c in models}
+                cells = [f"{r[c][0]:12.2f} {r[c][1]:8.1f}" if r[c] else f"{'out of memory':>21}"
+                         for c in ("vortex", "aspp")]
+                ratio = (f"{r['aspp'][0] / r['vortex'][0]:16.3f}" if r["vortex"] and r["aspp"]
+                         else f"{'-':>16}")
+                print(f"{batch:5d} {dname:9} {lname:13} {cells[0]} {cells[1]:>19} {ratio}",
+                      flush=True)
+                rows.append((batch, dname, lname, r))
+    return rows
+
+
+# =============================================================================================
+# 3. TABLE 1 IN MINIATURE AND THE EFFECTIVE RECEPTIVE FIELD
+# =============================================================================================
+
+
+ABLATION_ROWS = tuple(row for row in TABLE1 if row != "image-level")
+ABLATION_KEYS = ("dataset", "depth", "base_channels", "context_channels", "output_stride",
+                 "multi_grid", "crop", "scale", "batch_size", "iters", "lr", "num_images",
+                 "val_images", "image_size", "context", "pool_k", "seed", "count_include_pad")
+
+
+def read_back(path, key):
+    """A finished run's record from `path` if there is one made with the same settings (else
+    None); a record made with other settings is refused with the differences."""
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        rec = json.load(f)
+    if rec.get("config") != key:
+        old = rec.get("config") or {}
+        diff = [f"{k} {old.get(k)} -> {key[k]}" for k in key if old.get(k) != key[k]]
+        raise BadInput(f"{path} holds a run made with other settings ({'; '.join(diff)}); "
+                       f"use the same flags, or another --out-dir")
+    return rec
+
+
+def ablation_run(run):
+    """One cell of the table: (mIoU, context-class mIoU, seconds). A finished run is read back
+    from its ablation.json and an interrupted one is resumed, so re-running the same command
+    continues the table instead of starting over."""
+    done = os.path.join(run["out_dir"], "ablation.json")
+    key = json.loads(json.dumps({k: run[k] for k in ABLATION_KEYS}))
+    rec = read_back(done, key)
+    if rec is not None:
+        print(f"{run['out_dir']}: finished earlier, read back")
+        return rec["miou"], rec["context_miou"], rec["seconds"]
+    resume = os.path.exists(os.path.join(run["out_dir"], "checkpoint.pt"))
+    t = time.time()
+    res = train.train(dict(run, resume="auto", no_eval=False))
+    rec = dict(config=key, miou=res["miou"], context_miou=res.get("context_miou", float("nan")),
+               seconds=time.time() - t, resumed=resume)
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        data.write_json(done, rec)
+    return rec["miou"], rec["context_miou"], rec["seconds"]
+
+
+def ablation(cfg, seeds):
+    """Paper Table 1 in miniature: every context module, the same budget and seeds; then the
+    effective receptive fields of the trained none / ASPP / Vortex models (eval.erf_figure)."""
+    root = cfg["out_dir"]
+    rows = []
+    for name in ABLATION_ROWS:
+        row = TABLE1[name]
+        runs = [ablation_run(dict(cfg, context=row.context, pool_k=row.k, seed=seed,
+                                  out_dir=os.path.join(root, f"{name}-seed{seed}")))
+                for seed in range(seeds)]
+        rows.append((name, np.array(runs)))
+    lines = [f"Table 1 in miniature: {cfg['dataset']}, ResNet-{cfg['depth']}, {cfg['iters']} "
+             f"iterations, seeds 0..{seeds - 1}, single-scale evaluation",
+             f"{'module':8} {'mIoU':>14} {'context classes':>16} {'s/run':>7} {'paper (VOC)':>12}"]
+    for name, r in rows:
+        lines.append(f"{name:8} {100 * r[:, 0].mean():7.2f} ± {100 * r[:, 0].std():4.2f} "
+                     f"{100 * np.nanmean(r[:, 1]):9.2f} ± {100 * np.nanstd(r[:, 1]):4.2f} "
+                     f"{r[:, 2].mean():7.0f} {TABLE1[name].miou or '-':>12}")
+    rank, _, device = evaluation.setup_distributed(cfg["device"])
+    if rank != 0:
+        return {name: r for name, r in rows}
+    lines.append("")
+    lines.append("Effective receptive field (gradient of the centre pixel's logit, mean over "
+                 f"{cfg['erf_images']} validation images and {seeds} seed(s)):")
+    checkpoints = [os.path.join(root, f"{name}-seed{seed}", "checkpoint.pt")
+                   for name in ("none", "ASPP", "Vortex") for seed in range(seeds)]
+    erf_figure(checkpoints, os.path.join(root, "erf.png"), cfg["erf_images"], device,
+                          log=lines.append)
+    table = "\n".join(lines)
+    print(table)
+    data.atomic_save(os.path.join(root, "table1.txt"), lambda f: f.write(table.encode() + b"\n"))
+    return {name: r for name, r in rows}
+
+
+# ---------------------------------------------------------------------------------------------
+# Effective receptive field (paper section 1: "Zhou et al. [2014] showed that the effective
+# receptive field is much smaller than the theoretical threshold"; measured as in Luo et al.
+# 2016). For each image, g = |d logit_c(centre) / d image| summed over RGB, with c the class the
+# model predicts at the centre pixel, normalised so that sum(g) = 1: where the decision at the
+# centre comes from. Maps of different sizes are added on one canvas with their centres aligned.
+# ---------------------------------------------------------------------------------------------
+
+def centred_mean(maps):
+    """Mean of 2-D maps of any sizes, each placed so that its centre (h // 2, w // 2) lands on
+    the centre of a canvas as large as the largest."""
+    h, w = max(m.shape[0] for m in maps), max(m.shape[1] for m in maps)
+    canvas = torch.zeros(h, w, dtype=torch.float64)
+    for m in maps:
+        top, left = h // 2 - m.shape[0] // 2, w // 2 - m.shape[1] // 2
+        canvas[top:top + m.shape[0], left:left + m.shape[1]] += m
+    return canvas / len(maps)
+
+
+def effective_receptive_field(model, dataset, num_images=32, device=None, log=None):
+    """Mean normalised input-gradient map (H, W) of the centre pixel's predicted-class logit
+    over the first `num_images` images of `dataset` (eval mode: images are independent).
+    Progress goes to `log` (None: nowhere)."""
+    device = device or next(model.parameters()).device
+    model.eval()
+    maps, n, t0 = [], min(num_images, len(dataset)), time.time()
+    for i in range(n):
+        x = dataset[i][0].unsqueeze(0).to(device).requires_grad_(True)
+        out = model(x)
+        centre = out[0, :, out.shape[-2] // 2, out.shape[-1] // 2]
+        centre[centre.argmax()].backward()
+        g = x.grad[0].abs().sum(0).double().cpu()
+        maps.append(g / g.sum().clamp_min(1e-300))
+        if log:
+            data.progress("erf", i + 1, n, t0, log)
+    return centred_mean(maps)
+
+
+def _distances(h, w):
+    """Distance of every pixel of an h x w map to its centre (h // 2, w // 2), flattened."""
+    yy, xx = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    return torch.hypot((yy - h // 2).double(), (xx - w // 2).double()).flatten()
+
+
+def mass_within(erf, radii):
+    """Fraction of the map's mass within distance r of the centre, for each r in `radii`."""
+    d, m = _distances(*erf.shape), erf.flatten().double()
+    return [(m[d <= r].sum() / m.sum()).item() for r in radii]
+
+
+def mass_radius(erf, fraction=0.9):
+    """Smallest r such that the pixels within distance r of the centre (h // 2, w // 2) hold
+    `fraction` of the map's total mass."""
+    d = _distances(*erf.shape)
+    order = d.argsort(stable=True)
+    cum = erf.flatten()[order].double().cumsum(0)
+    # against cum[-1], not erf.sum(): fraction 1 then finds the last pixel with any mass exactly
+    k = int(torch.searchsorted(cum, (fraction * cum[-1]).reshape(1)).clamp(max=len(d) - 1))
+    return d[order][k].item()
+
+
+def erf_figure(checkpoints, out, num_images=32, device="cpu", data_root=None, cell=2,
+               log=print, progress=print):
+    """Effective receptive fields of trained models side by side, written to PNG `out`.
+    Checkpoints of the same module (e.g. several seeds) are averaged into one panel. Colours on
+    a square-root scale (so that the tails show); the white and blue circles hold 50% and 90%
+    of the mass; a last panel plots the mass within radius r for every module and for a flat
+    map. Results go to `log`, progress to `progress`. Returns {module: (r50, r90)} in pixels."""
+    groups = {}
+    for path in checkpoints:
+        ck = load_checkpoint(path)
+        model = model_from_checkpoint(ck, path).to(device)
+        ta = ck.get("train_args", {})  # the checkpoint's own validation images
+        ds = data.get_dataset(ck.get("dataset", "synthetic"), ta.get("val_split", "val"),
+                              data_root or ta.get("data_root"), train=False,
+                              seed=ta.get("seed", 0), **ck.get("data_args", {}))
+        erf = effective_receptive_field(model, ds, num_images, device, progress)
+        groups.setdefault(model.context.name, []).append(erf)
+    panels, radii, curves = [], {}, []
+    for name, maps in groups.items():
+        erf = centred_mean(maps)
+        h, w = erf.shape
+        steps = np.linspace(0, math.hypot(h // 2, w // 2), 64)
+        if not curves:  # the reference: the same mass spread evenly over the whole image
+            flat = torch.ones(h, w)
+            curves.append(("flat", mass_within(flat, steps), steps[-1]))
+            log(f"{'flat':8} (the same mass spread evenly over a {h}x{w} image): 50% within "
+                f"{mass_radius(flat, 0.5):5.1f} px, 90% within {mass_radius(flat, 0.9):5.1f} px")
+        curves.append((name, mass_within(erf, steps), steps[-1]))
+        r50, r90 = mass_radius(erf, 0.5), mass_radius(erf, 0.9)
+        radii[name] = (r50, r90)
+        log(f"{name:8} ({len(maps)} model(s)): 50% of the gradient within {r50:5.1f} px, 90% "
+            f"within {r90:5.1f} px of the centre")
+        pic = Image.fromarray(heat((erf / erf.max()).sqrt().numpy())).resize((w * cell, h * cell),
+                                                                   Image.NEAREST)
+        draw = ImageDraw.Draw(pic)
+        c = ((w // 2 + 0.5) * cell, (h // 2 + 0.5) * cell)
+        for radius, colour in ((r50, (255, 255, 255)), (r90, ERF_CIRCLE_90)):
+            r = radius * cell
+            draw.ellipse([c[0] - r, c[1] - r, c[0] + r, c[1] + r], outline=colour, width=2)
+        title = Image.new("RGB", (pic.width, 14), (255, 255, 255))
+        ImageDraw.Draw(title).text((2, 1), f"{name}: 50% / 90% within {r50:.0f} / {r90:.0f} px",
+                                   fill=(0, 0, 0))
+        panels.append(np.concatenate([np.asarray(title), np.asarray(pic)], 0))
+    height, width = panels[-1].shape[:2]
+    panels += [_colour_bar(height), _curves_panel(curves, width, height)]
+    figure = hstack(panels, 8)
+    data.atomic_save(out, lambda f: Image.fromarray(figure).save(f, format="PNG"))
+    log(f"wrote {out}")
+    return radii
+
+
+ERF_CIRCLE_90 = (0, 230, 255)
+
+
+def heat(v):
+    """Values in [0, 1] -> uint8 RGB, black-red-yellow-white."""
+    rgb = np.stack([np.clip(3 * v, 0, 1), np.clip(3 * v - 1, 0, 1), np.clip(3 * v - 2, 0, 1)], -1)
+    return (rgb * 255).astype(np.uint8)
+
+
+def _colour_bar(height, width=96):
+    """The ERF panels' colour scale: colour against the fraction of the peak gradient (square
+    root scale, so 0.25 of the peak sits half way up), and what the two circles mean."""
+    pic = Image.new("RGB", (width, height), (255, 255, 255))
+    top, bottom = 18, height - 50
+    ramp = np.linspace(1, 0, bottom - top)[:, None].repeat(14, 1)
+    pic.paste(Image.fromarray(heat(ramp)), (4, top))
+    draw = ImageDraw.Draw(pic)
+    draw.rectangle([4, top, 18, bottom - 1], outline=(0, 0, 0))
+    for p in (1, 0.5, 0):  # bar position p shows the value p^2 of the peak
+        draw.text((22, top + (1 - p) * (bottom - top - 1) - 6), f"{p * p:g}", fill=(0, 0, 0))
+    draw.text((2, 2), "of the peak", fill=(0, 0, 0))
+    draw.ellipse([4, bottom + 6, 16, bottom + 18], outline=(0, 0, 0), width=2)
+    draw.text((20, bottom + 6), "50% mass", fill=(0, 0, 0))
+    draw.ellipse([4, bottom + 26, 16, bottom + 38], outline=ERF_CIRCLE_90, width=2)
+    draw.text((20, bottom + 26), "90% mass", fill=(0, 0, 0))
+    return np.asarray(pic)
+
+
+def _curves_panel(curves, width, height, margin=26):
+    """Plot of mass-within-radius curves [(name, fractions at evenly spaced radii, max radius)]:
+    a model whose curve rises early looks near; the flat map's curve is the reference."""
+    pic = Image.new("RGB", (width, height), (255, 255, 255))
+    draw = ImageDraw.Draw(pic)
+    x0, y0, x1, y1 = margin, 18, width - 8, height - margin
+    draw.rectangle([x0, y0, x1, y1], outline=(0, 0, 0))
+    colours = [(110, 110, 110), (40, 40, 40), (31, 119, 180), (214, 39, 40), (44, 160, 44),
+               (148, 103, 189)]
+    for i, (name, ys, rmax) in enumerate(curves):
+        pts = [(x0 + (x1 - x0) * j / (len(ys) - 1), y1 - (y1 - y0) * y) for j, y in enumerate(ys)]
+        draw.line(pts, fill=colours[i % len(colours)], width=2)
+        draw.text((x0 + 6, y0 + 4 + 12 * i), name, fill=colours[i % len(colours)])
+    draw.text((2, 1), "fraction of the mass within r", fill=(0, 0, 0))
+    draw.text((x0 - 8, y1 + 4), "r = 0", fill=(0, 0, 0))
+    draw.text((x1 - 40, y1 + 4), f"{curves[0][2]:.0f} px", fill=(0, 0, 0))
+    draw.text((4, y0), "1", fill=(0, 0, 0))
+    draw.text((4, y1 - 10), "0", fill=(0, 0, 0))
+    return np.asarray(pic)
+
+
+# =============================================================================================
+# 4. TABLE 1'S QUESTION AT THE PAPER'S GEOMETRY: THE 65x65 CONTEXT EXPERIMENT
+# =============================================================================================
+
+
+# ---------------------------------------------------------------------------------------------
+# Context samples (experiments.py context): what a context module can read at each
+# distance (paper 3.2-3.4, Fig. 3). Paper 3.1 splits segmentation into descriptor extraction
+# (the backbone) and feature aggregation (the context module); this is the second alone, at the
+# paper's size: X is 65 x 65 x C (ResNet-101 at output stride 8 on a 513 image), generated
+# directly. The rule (docs/experiments.md states it before the results):
+#   - every descriptor is a code plus noise: code[kind] + sigma * N(0, 1) per channel; three
+#     kinds (background, cue P, cue Q) with orthogonal +-1 codes (rows of a Hadamard matrix);
+#   - one query position and exactly one 3 x 3 cue, whose nearest descriptor is at Chebyshev
+#     distance d from the query (the metric of the modules' square footprints); d is stratified
+#     over 1..40 (equal counts), the cue uniform on the ring at d, the query uniform among the
+#     positions where the cue fits on the map; the query's label is the cue's class;
+#   - every layout comes twice, once with a P cue and once with a Q cue, the noise the same:
+#     a predictor that ignores the cue scores exactly 50% at every distance;
+#   - with `distractor`, a second 3 x 3 cue of the other class lies farther away (at least 1.5 d,
+#     uniform on its ring, not touching the first): the nearer cue decides (3.4: fine near,
+#     coarse far).
+# A module's output at the query depends only on the values its branches read there ("taps"):
+# the k x k averages of X (count_include_pad=False, as the modules pool) at the offsets its
+# convolutions read, zero off the map, and the image-level mean. X is linear in its parts, so
+# the taps are gathered from each part (background, the cue, the distractor, unit noise) and
+# put together for either class and any sigma: the noise is drawn and pooled once.
+# ---------------------------------------------------------------------------------------------
+
+CONTEXT_SIZE = 65  # h = w of X for a 513 x 513 image at output stride 8 (paper 3.2)
+CONTEXT_DISTANCES = 40  # d = 1..40: as far as Vortex Pooling's 81 x 81 footprint reaches
+CUE = 3  # the cue's side
+
+
+def context_codes(c1):
+    """(3, c1) float32: the codes of background, cue P and cue Q, rows 1..3 of the c1 x c1
+    Sylvester Hadamard matrix (orthogonal, entries +-1, zero mean). c1: a power of two >= 4."""
+    if c1 < 4 or c1 & (c1 - 1):
+        raise BadInput(f"descriptor channels must be a power of two >= 4, got {c1}")
+    h = np.ones((1, 1), np.float32)
+    while h.shape[0] < c1:
+        h = np.block([[h, h], [h, -h]])
+    return h[1:4].copy()
+
+
+def ring(radius):
+    """The 8 * radius offsets (dy, dx) at Chebyshev distance `radius`, in a fixed order."""
+    r = radius
+    side = np.arange(-r, r)
+    return np.concatenate([np.stack([np.full(2 * r, -r), side], 1),  # top, left to right
+                           np.stack([side, np.full(2 * r, r)], 1),  # right, top to bottom
+                           np.stack([np.full(2 * r, r), -side], 1),  # bottom
+                           np.stack([-side, np.full(2 * r, -r)], 1)])  # left
+
+
+def context_layouts(seed, per_distance, distractor=False, size=CONTEXT_SIZE):
+    """Layouts of `per_distance` samples for each d = 1..CONTEXT_DISTANCES, a pure function of
+    the arguments: dict of int arrays d (N,), query (N, 2), cue (N, 2) and distractor (N, 2)
+    (cue centres; -1000 where there is none)."""
+    rng = np.random.default_rng([seed, 21])
+    n = per_distance * CONTEXT_DISTANCES
+    out = {"d": np.repeat(np.arange(1, CONTEXT_DISTANCES + 1), per_distance),
+           "query": np.zeros((n, 2), np.int64), "cue": np.zeros((n, 2), np.int64),
+           "distractor": np.full((n, 2), -1000, np.int64)}
+    lo, hi = CUE // 2, size - 1 - CUE // 2  # where a cue's centre fits on the map
+    for i, d in enumerate(out["d"]):
+        while True:
+            off = ring(d + CUE // 2)[rng.integers(8 * (d + CUE // 2))]  # nearest cue pixel at d
+            q = np.array([rng.integers(max(0, lo - o), min(size - 1, hi - o) + 1) for o in off])
+            if not distractor:
+                break
+            far = rng.integers(int(np.ceil(1.5 * d)), size)  # the distractor's nearest pixel
+            off2 = ring(far + CUE // 2)[rng.integers(8 * (far + CUE // 2))]
+            c2 = q + off2
+            if ((c2 >= lo) & (c2 <= hi)).all() and np.abs(c2 - (q + off)).max() >= CUE:
+                out["distractor"][i] = c2
+                break
+        out["query"][i], out["cue"][i] = q, q + off
+    return out
+
+
+def tap_offsets(module):
+    """For each branch of a ContextModule: its pooling size k and the (dy, dx) offsets its
+    convolution reads, in the order of the weight's kernel positions (row by row)."""
+    taps = []
+    for k, n, d in zip(module.pools, module.kernels, module.dilations):
+        r = n // 2
+        taps.append((k, [(d * a, d * b) for a in range(-r, r + 1) for b in range(-r, r + 1)]))
+    return taps
+
+
+def _windows(centres, k, size):
+    """Clipped k x k windows around `centres` (N, 2): (y0, y1, x0, x1, in-map) inclusive."""
+    r = k // 2
+    y, x = centres[:, 0], centres[:, 1]
+    inside = (y >= 0) & (y < size) & (x >= 0) & (x < size)
+    return (np.clip(y - r, 0, size - 1), np.clip(y + r, 0, size - 1), np.clip(x - r, 0, size - 1),
+            np.clip(x + r, 0, size - 1), inside)
+
+
+def _square_share(win, centres, half):
+    """The share of each window's pixels that lie in the square of half-side `half` around
+    `centres` (0 where there is no square: centres at -1000)."""
+    y0, y1, x0, x1, _ = win
+    oy = np.clip(np.minimum(y1, centres[:, 0] + half) - np.maximum(y0, centres[:, 0] - half) + 1,
+                 0, None)
+    ox = np.clip(np.minimum(x1, centres[:, 1] + half) - np.maximum(x0, centres[:, 1] - half) + 1,
+                 0, None)
+    return oy * ox / ((y1 - y0 + 1) * (x1 - x0 + 1))
+
+
+def gather_taps(modules, layouts, c1, seed, batch=1000, size=CONTEXT_SIZE):
+    """The parts of every module's taps at every layout's query: {module name: dict of arrays
+    inmap (N, T) 1 where the tap is on the map, cue and distractor (N, T) the share of the tap's
+    window covered by that cue, noise (N, T, c1) the tap's value in unit noise, noise_mean
+    (N, c1)} with T the module's taps, branch after branch. The unit noise of layout i is drawn
+    from (seed, i // batch) and averaged over the windows through an integral image."""
+    n = len(layouts["d"])
+    specs = {m.name: [(k, off) for k, offs in tap_offsets(m) for off in offs] for m in modules}
+    out = {name: {"inmap": np.zeros((n, len(t)), np.float32),
+                  "cue": np.zeros((n, len(t)), np.float32),
+                  "distractor": np.zeros((n, len(t)), np.float32),
+                  "noise": np.zeros((n, len(t), c1), np.float32),
+                  "noise_mean": np.zeros((n, c1), np.float32)} for name, t in specs.items()}
+    for b0 in range(0, n, batch):
+        sl = slice(b0, min(n, b0 + batch))
+        g = torch.Generator().manual_seed(seed * 100003 + b0 // batch)
+        noise = torch.randn(sl.stop - sl.start, c1, size, size, generator=g, dtype=torch.float64)
+        integral = torch.nn.functional.pad(noise.cumsum(2).cumsum(3), (1, 0, 1, 0))
+        rows = torch.arange(sl.stop - sl.start)
+        mean = noise.mean((2, 3)).float().numpy()
+        for name, taps in specs.items():
+            out[name]["noise_mean"][sl] = mean
+            for t, (k, (dy, dx)) in enumerate(taps):
+                win = _windows(layouts["query"][sl] + np.array([dy, dx]), k, size)
+                y0, y1, x0, x1, inside = (torch.from_numpy(v) for v in win)
+                s = (integral[rows, :, y1 + 1, x1 + 1] - integral[rows, :, y0, x1 + 1]
+                     - integral[rows, :, y1 + 1, x0] + integral[rows, :, y0, x0])
+                count = ((y1 - y0 + 1) * (x1 - x0 + 1)).double()[:, None]
+                out[name]["noise"][sl, t] = (s / count * inside[:, None]).float().numpy()
+                out[name]["inmap"][sl, t] = win[4]
+                for part in ("cue", "distractor"):
+                    out[name][part][sl, t] = _square_share(win, layouts[part][sl],
+                                                           CUE // 2) * win[4]
+    return out
+
+
+def assemble(parts, cls, sigma, codes, has_distractor, image_level):
+    """Features of samples whose cue has class `cls` (N,) in {0: P, 1: Q}: (taps (N, T, c1),
+    image-level mean (N, c1) or None). The distractor, where there is one, has the other class."""
+    bg, cue = codes[0], codes[1 + cls][:, None, :]
+    other = codes[2 - cls][:, None, :]
+    taps = (parts["inmap"][..., None] * bg + parts["cue"][..., None] * (cue - bg)
+            + parts["distractor"][..., None] * (other - bg) + sigma * parts["noise"])
+    if not image_level:
+        return taps, None
+    area = CUE * CUE / CONTEXT_SIZE ** 2
+    mean = (bg + area * (cue[:, 0] - bg) + area * has_distractor[:, None] * (other[:, 0] - bg)
+            + sigma * parts["noise_mean"])
+    return taps, mean
+
+
+# ---------------------------------------------------------------------------------------------
+# Table 1's question at the paper's geometry (paper 3.2-3.4, Fig. 3): at which distance can
+# each context module still read the evidence that decides a pixel? One query pixel per sample
+# and one cue at distance d = 1..40 (context_layouts, where the rule is written), X at the
+# paper's 65 x 65. Two rows per module:
+#   probe:   what its footprint holds. The values its branches read at the query (the taps,
+#            pooled as the module pools, zero off the map, plus the image-level mean) and the
+#            best linear readout of the cue's class from them, fitted per distance in closed
+#            form (regularised Fisher discriminant) on training samples, tested on held-out ones;
+#   trained: what training finds. The real branch convolutions -> BN -> ReLU -> projection ->
+#            1x1 classifier (a ContextModule of Table 1) evaluated at the query from its taps
+#            (module_at_query; a test shows it equals the module run on the whole map there),
+#            trained on the same samples with the loop's own pieces, seeds 0..SEEDS-1.
+# Settings: noise sigma 1 and 0.5 (which limits are geometry, which signal-to-noise), and a
+# distractor of the other class at >= 1.5 d (3.4: fine near, coarse far). One departure from
+# the loop: Adam instead of SGD (with SGD and momentum, lr 0.02-0.2, training stayed at chance
+# for 600 steps: the cue's share of a pooled feature is tiny).
+# ---------------------------------------------------------------------------------------------
+
+CONTEXT_ROWS = tuple(TABLE1)
+CONTEXT_CHANNELS = 8  # c1 (paper: 2048); three orthogonal codes need few channels
+PER_DISTANCE = {"train": 500, "test": 250}  # layouts per distance, each with its twin
+SETTINGS = (("sigma 1", 1.0, False), ("sigma 0.5", 0.5, False),
+            ("sigma 1, distractor", 1.0, True))
+BANDS = ((1, 10), (11, 20), (21, 30), (31, 40))
+PAIRS = (("Vortex", "ASPP"), ("Vortex", "A(5)"), ("Vortex", "A(13)"), ("A(5)", "ASPP"))
+CONTEXT_KEYS = ("iters", "batch_size", "lr", "context_channels", "power")
+
+
+def module_at_query(module, classifier, taps, mean):
+    """Logits (N, 2) of a ContextModule + 1x1 classifier at one pixel, from what it reads there:
+    `taps` (N, T, c1), branch after branch in tap_offsets' order, and the image-level mean
+    (N, c1). Each branch's convolution at a pixel is the dot product of its weight with its taps;
+    BN, ReLU, the image-level branch, the projection and the classifier are the module's own."""
+    feats, t0 = [], 0
+    for (k, offsets), branch in zip(tap_offsets(module), module.branches):
+        x, t0 = taps[:, t0:t0 + len(offsets)], t0 + len(offsets)
+        y = torch.einsum("ntc,oct->no", x, branch[0].weight.flatten(2))
+        feats.append(branch[2](branch[1](y[:, :, None, None])))
+    if module.image_pool is not None:
+        feats.append(module.image_pool(mean[:, :, None, None]))
+    return classifier(module.project(torch.cat(feats, 1)))[:, :, 0, 0]
+
+
+def twins(parts, layouts, sigma, codes, image_level):
+    """Every layout twice, cue P then cue Q: (taps, mean, label, distance) as tensors."""
+    n, has = len(layouts["d"]), (layouts["distractor"][:, 0] > -1000).astype(np.float32)
+    cls = np.repeat([0, 1], n)
+    doubled = {k: np.concatenate([v, v]) for k, v in parts.items()}
+    taps, mean = assemble(doubled, cls, sigma, codes, np.concatenate([has, has]),
+                               image_level)
+    return (torch.from_numpy(taps), None if mean is None else torch.from_numpy(mean),
+            torch.from_numpy(cls), torch.from_numpy(np.concatenate([layouts["d"]] * 2)))
+
+
+def per_distance(correct, d):
+    """Accuracy (%) at each distance 0..40 (0 unused) of boolean `correct` (N,)."""
+    total = np.bincount(d, minlength=CONTEXT_DISTANCES + 1)
+    return 100 * np.bincount(d[correct], minlength=CONTEXT_DISTANCES + 1) / np.maximum(1, total)
+
+
+def probe(fit, test):
+    """The best linear readout per distance (regularised Fisher discriminant, closed form):
+    accuracy (%) by distance on the test samples."""
+    def flat(s):
+        f = s[0].flatten(1) if s[1] is None else torch.cat([s[0].flatten(1), s[1]], 1)
+        return f.double().numpy()
+    xs, xt = flat(fit), flat(test)
+    ys, ds, yt, dt = fit[2].numpy(), fit[3].numpy(), test[2].numpy(), test[3].numpy()
+    correct = np.zeros(len(yt), bool)
+    for d in range(1, CONTEXT_DISTANCES + 1):
+        x, y = xs[ds == d], ys[ds == d]
+        mu = [x[y == c].mean(0) for c in (0, 1)]
+        centred = x - np.where(y[:, None] == 1, mu[1], mu[0])
+        cov = centred.T @ centred / max(1, len(x) - 2)
+        cov += (1e-3 * np.trace(cov) / len(cov) + 1e-9) * np.eye(len(cov))
+        w = np.linalg.solve(cov, mu[1] - mu[0])
+        score = (xt[dt == d] - (mu[0] + mu[1]) / 2) @ w
+        correct[dt == d] = (score > 1e-9 * np.abs(w).sum()) == (yt[dt == d] == 1)
+    return per_distance(correct, dt)
+
+
+def trained(cfg, row, seed, fit, test):
+    """The real module trained on the samples' taps; accuracy (%) by distance on the test."""
+    torch.manual_seed(seed)
+    module = table1_module(row, CONTEXT_CHANNELS, out_channels=cfg["context_channels"])
+    classifier = nn.Conv2d(cfg["context_channels"], 2, 1)
+    params = list(module.parameters()) + list(classifier.parameters())
+    optimizer = torch.optim.Adam(params, cfg["lr"])
+    order = torch.Generator().manual_seed(seed)
+    n, b = len(fit[2]), cfg["batch_size"]
+    module.train()
+    for it in range(cfg["iters"]):
+        set_lr(optimizer, poly_lr(cfg["lr"], it, cfg["iters"], cfg["power"]))
+        idx = torch.randint(n, (b,), generator=order)
+        mean = None if fit[1] is None else fit[1][idx]
+        loss = F.cross_entropy(module_at_query(module, classifier, fit[0][idx], mean),
+                               fit[2][idx])
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    if not math.isfinite(loss.item()):
+        raise FloatingPointError(f"{row} seed {seed}: non-finite loss; try a lower --lr")
+    module.eval()
+    with torch.no_grad():
+        pred = module_at_query(module, classifier, test[0], test[1]).argmax(1)
+    return per_distance((pred == test[2]).numpy(), test[3].numpy())
+
+
+def context_experiment(cfg, seeds):
+    """Every setting x row: the probe once, the trained module per seed (finished runs are read
+    back, so the same command again continues an interrupted experiment); prints and writes
+    the tables and a figure per setting."""
+    out, t0 = cfg["out_dir"], time.time()
+    codes = context_codes(CONTEXT_CHANNELS)
+    modules = [table1_module(row, CONTEXT_CHANNELS) for row in CONTEXT_ROWS]
+    key = json.loads(json.dumps(dict({k: cfg[k] for k in CONTEXT_KEYS}, per=PER_DISTANCE,
+                                     channels=CONTEXT_CHANNELS)))
+    results, lines, n_runs, done = {}, [], len(SETTINGS) * len(CONTEXT_ROWS) * (seeds + 1), 0
+    samples = {}
+    for setting, sigma, distractor in SETTINGS:
+        results[setting] = {}
+        for row, module in zip(CONTEXT_ROWS, modules):
+            path = os.path.join(out, f"{setting.replace(' ', '').replace(',', '-')}-{row}.json")
+            rec = read_back(path, dict(key, setting=setting, seeds=seeds))
+            if rec is None:
+                if distractor not in samples:  # layouts and noise serve both noise levels
+                    samples[distractor] = context_samples(modules, distractor)
+                sets = {s: twins(parts[module.name], lay, sigma, codes,
+                                 module.image_pool is not None)
+                        for s, (lay, parts) in samples[distractor].items()}
+                rec = {"config": dict(key, setting=setting, seeds=seeds),
+                       "probe": probe(sets["train"], sets["test"]).tolist(),
+                       "trained": [trained(cfg, row, s, sets["train"], sets["test"]).tolist()
+                                   for s in range(seeds)]}
+                data.write_json(path, rec)
+            results[setting][row] = {"probe": np.array(rec["probe"]),
+                                     "trained": np.array(rec["trained"])}
+            done += seeds + 1
+            data.progress("context experiment", done, n_runs, t0, every=seeds + 1)
+        lines.append(context_table(cfg, setting, results[setting], seeds))
+        context_figure(results[setting], {m.name: ring_coverage(m)
+                                                      for m in modules}, setting,
+                                  os.path.join(out, f"{setting.replace(' ', '').replace(',', '-')}.png"))
+    table = "\n\n".join(lines) + f"\n\n{len(SETTINGS)} settings, {seeds} seed(s): " \
+        f"{(time.time() - t0) / 60:.1f} min"
+    print(table)
+    data.atomic_save(os.path.join(out, "table.txt"), lambda f: f.write(table.encode() + b"\n"))
+    print(f"wrote {os.path.join(out, 'table.txt')} and one figure per setting in {out}")
+    return results
+
+
+def context_samples(modules, distractor):
+    """The training and test layouts of one condition and every module's taps there."""
+    out = {}
+    for i, split in enumerate(("train", "test")):
+        layouts = context_layouts(1 + i + 2 * distractor, PER_DISTANCE[split], distractor)
+        out[split] = (layouts, gather_taps(modules, layouts, CONTEXT_CHANNELS, 7 + i))
+    return out
+
+
+def paired(a, b):
+    """Per-seed differences a - b: (mean, sign counts, paired t, two-sided p)."""
+    d = a - b
+    if len(d) < 2 or d.std(ddof=1) == 0:
+        return d.mean(), (d > 0).sum(), (d < 0).sum(), math.nan, math.nan
+    t = d.mean() / (d.std(ddof=1) / math.sqrt(len(d)))
+    return d.mean(), (d > 0).sum(), (d < 0).sum(), t, student_t_p(t, len(d) - 1)
+
+
+def student_t_p(t, df, steps=20000):
+    """Two-sided p of Student's t with df degrees of freedom (numerical integral of the
+    density from |t| out; scipy is not a dependency)."""
+    x = np.linspace(abs(t), abs(t) + 200, steps)
+    dens = math.gamma((df + 1) / 2) / (math.sqrt(df * math.pi) * math.gamma(df / 2)) * \
+        (1 + x * x / df) ** (-(df + 1) / 2)
+    return float(min(1.0, 2 * np.trapezoid(dens, x)))
+
+
+def context_table(cfg, setting, res, seeds):
+    """One setting: accuracy (%) by band, the probe and the trained module (mean +- standard
+    error over seeds), then paired comparisons of the trained modules."""
+    def band(a, lo, hi):  # every distance weighs the same
+        return a[..., lo:hi + 1].mean(-1)
+    cols = BANDS + ((1, CONTEXT_DISTANCES),)
+    head = "".join(f"{f'{lo}-{hi}':>21}" for lo, hi in cols)
+    lines = [f"{setting}: one query and one cue at distance d, 65x65x{CONTEXT_CHANNELS}, "
+             f"{PER_DISTANCE['test']} test layouts x 2 twins per distance; accuracy (%), "
+             f"chance exactly 50; probe | trained (mean ± s.e. over {seeds} seed(s), "
+             f"{cfg['iters']} iterations of {cfg['batch_size']})",
+             f"{'module':12}{head}"]
+    for row, r in res.items():
+        cells = []
+        for lo, hi in cols:
+            tr = band(r["trained"], lo, hi)
+            se = tr.std(ddof=1) / math.sqrt(len(tr)) if len(tr) > 1 else math.nan
+            cells.append(f"{band(r['probe'], lo, hi):6.1f} | {tr.mean():5.1f} ± {se:3.1f}")
+        lines.append(f"{row:12}" + "".join(f"{c:>21}" for c in cells))
+    lines.append("paired by seed, trained: difference in points (seeds +/-), paired t, p")
+    for a, b in PAIRS:
+        parts = []
+        for lo, hi in cols:
+            m, plus, minus, t, p = paired(band(res[a]["trained"], lo, hi),
+                                          band(res[b]["trained"], lo, hi))
+            parts.append(f"{lo}-{hi} {m:+5.1f} ({plus}+/{minus}-, t {t:5.1f}, p {p:.3f})")
+        lines.append(f"  {a + ' - ' + b:14} " + "  ".join(parts))
+    return "\n".join(lines)
+
+
+CONTEXT_COLOURS = ((120, 120, 120), (148, 103, 189), (31, 119, 180), (23, 190, 207),
+                   (255, 127, 14), (188, 140, 60), (140, 86, 75), (214, 39, 40))
+
+
+def _context_panel(title, probe, trained, coverage, colour, size=(300, 200), lo=40):
+    """One module: accuracy (%) against distance 1..40, the probe (black), the trained module
+    (colour, mean +- standard error over seeds, shaded) over grey bars for the share of the
+    positions at each distance that its footprint reads (full height = all), chance dashed."""
+    w, h = size
+    pic = Image.new("RGB", size, (255, 255, 255))
+    draw = ImageDraw.Draw(pic)
+    x0, y0, x1, y1 = 30, 20, w - 8, h - 20
+    n = len(probe) - 1
+    xs = [x0 + (x1 - x0) * (d - 0.5) / n for d in range(n + 2)]  # bar edges for d = 1..n
+    centres = [(xs[d] + xs[d + 1]) / 2 for d in range(1, n + 1)]
+
+    def y(v):  # accuracy in % -> pixel row
+        return y1 - (y1 - y0) * (min(max(v, lo), 100) - lo) / (100 - lo)
+    for d in range(1, n + 1):
+        if coverage[d] > 0:
+            draw.rectangle([xs[d], y1 - (y1 - y0) * coverage[d], xs[d + 1] - 1, y1],
+                           fill=(222, 222, 222))
+    for v in (50, 75, 100):
+        draw.text((2, y(v) - 6), f"{v}", fill=(0, 0, 0))
+        if v != 50:
+            draw.line([x0, y(v), x1, y(v)], fill=(235, 235, 235))
+    for x in range(x0, x1, 8):  # chance, dashed
+        draw.line([x, y(50), x + 4, y(50)], fill=(0, 0, 0))
+    mean = trained.mean(0)
+    se = trained.std(0, ddof=1) / np.sqrt(len(trained)) if len(trained) > 1 else 0 * mean
+    band = ([(c, y(m + s)) for c, m, s in zip(centres, mean[1:], se[1:])] +
+            [(c, y(m - s)) for c, m, s in reversed(list(zip(centres, mean[1:], se[1:])))])
+    draw.polygon(band, fill=tuple(255 - (255 - c) // 3 for c in colour))
+    draw.line([(c, y(m)) for c, m in zip(centres, mean[1:])], fill=colour, width=2)
+    draw.line([(c, y(p)) for c, p in zip(centres, probe[1:])], fill=(0, 0, 0), width=1)
+    draw.rectangle([x0, y0, x1, y1], outline=(0, 0, 0))
+    for d in (1, 10, 20, 30, 40):
+        draw.text((centres[d - 1] - 4, y1 + 3), str(d), fill=(0, 0, 0))
+    draw.text((x0, 4), title, fill=(0, 0, 0))
+    return np.asarray(pic)
+
+
+def _heat_map(title, rows, values, cell=(6, 14), left=80):
+    """Modules x distance 1..40, accuracy 50% (black) .. 100% (white)."""
+    n = len(next(iter(values))) - 1
+    pic = Image.new("RGB", (left + n * cell[0] + 4, 18 + len(rows) * cell[1] + 16),
+                    (255, 255, 255))
+    v = np.clip((np.array([a[1:] for a in values]) - 50) / 50, 0, 1)
+    block = np.kron(heat(v), np.ones((cell[1], cell[0], 1), np.uint8))
+    pic.paste(Image.fromarray(block), (left, 18))
+    draw = ImageDraw.Draw(pic)
+    draw.text((left, 3), title, fill=(0, 0, 0))
+    for i, row in enumerate(rows):
+        draw.text((2, 18 + i * cell[1] + 1), row, fill=(0, 0, 0))
+    for d in (1, 10, 20, 30, 40):
+        draw.text((left + (d - 1) * cell[0], 18 + len(rows) * cell[1] + 2), str(d),
+                  fill=(0, 0, 0))
+    return np.asarray(pic)
+
+
+def context_figure(results, coverage, setting, out):
+    """The context experiment's figure for one setting (experiments.py context): a panel
+    per module (see _context_panel), then heat maps of the probe and of the trained modules.
+    results: {module: {"probe": (41,), "trained": (seeds, 41)}} accuracies in %."""
+    panels = []
+    for (name, r), colour in zip(results.items(), CONTEXT_COLOURS):
+        panels.append(_context_panel(f"{name}: probe {r['probe'][1:].mean():.1f}, trained "
+                                     f"{r['trained'][:, 1:].mean():.1f}%", r["probe"],
+                                     r["trained"], coverage[name], colour))
+    rows = [hstack(panels[i:i + 4], 6) for i in range(0, len(panels), 4)]
+    names = list(results)
+    maps = hstack([_heat_map("probe (best linear readout of the taps)", names,
+                             [results[m]["probe"] for m in names]),
+                   _heat_map("trained module (mean over seeds)", names,
+                             [results[m]["trained"].mean(0) for m in names]),
+                   _colour_bar_50(18 + len(names) * 14 + 16)], 12)
+    width = max(r.shape[1] for r in rows + [maps])
+    rows = [np.pad(r, ((0, 6), (0, width - r.shape[1]), (0, 0)), constant_values=255)
+            for r in rows + [maps]]
+    head = Image.new("RGB", (width, 46), (255, 255, 255))
+    draw = ImageDraw.Draw(head)
+    draw.text((4, 2), f"{setting}: accuracy (%) reading the class of a 3x3 cue at distance d "
+                      f"(descriptors) from the query pixel of a 65x65 map; chance 50 (dashed).",
+              fill=(0, 0, 0))
+    draw.text((4, 16), "Black: the probe, the best linear readout of what the module reads. "
+                       "Colour: the module trained, mean +- s.e. over seeds (shaded).",
+              fill=(0, 0, 0))
+    draw.text((4, 30), "Grey bars: share of the positions at distance d that the module's "
+                       "footprint reads (Fig. 3; full height = all).", fill=(0, 0, 0))
+    figure = np.concatenate([np.asarray(head)] + rows, 0)
+    data.atomic_save(out, lambda f: Image.fromarray(figure).save(f, format="PNG"))
+    return out
+
+
+def _colour_bar_50(height, width=60):
+    """The heat maps' scale: accuracy 50% (black) to 100% (white)."""
+    pic = Image.new("RGB", (width, height), (255, 255, 255))
+    top, bottom = 18, height - 16
+    pic.paste(Image.fromarray(heat(np.linspace(1, 0, bottom - top)[:, None].repeat(12, 1))),
+              (2, top))
+    draw = ImageDraw.Draw(pic)
+    draw.text((18, top - 4), "100%", fill=(0, 0, 0))
+    draw.text((18, (top + bottom) // 2 - 6), "75%", fill=(0, 0, 0))
+    draw.text((18, bottom - 10), "50%", fill=(0, 0, 0))
+    return np.asarray(pic)
+
+
+# =============================================================================================
+# 5. PICTURES OF THE DATA
+# =============================================================================================
+
+
+def synthetic_samples_figure(out, n=6, size=128, seed=0):
+    """A picture of n synthetic samples: images on top, labels below, and a legend."""
+    ds = data.SyntheticContext(n, size, seed)
+    cols = [np.concatenate(ds.load(i)[:1] + (colorize(ds.load(i)[1], ds.palette),), 0)
+            for i in range(n)]
+    grid = np.concatenate([np.pad(c, ((0, 0), (2, 2), (0, 0)), constant_values=255)
+                           for c in cols], 1)
+    pic = np.concatenate([grid, legend(grid.shape[1], ds.classes, ds.palette,
+                                       range(len(ds.classes)))], 0)
+    data.atomic_save(out, lambda f: Image.fromarray(pic).save(f, format="PNG"))
+    return out
+
+
+CONTEXT_VIEW = ("background", "query", "cue P", "cue Q")
+CONTEXT_PALETTE = np.zeros((256, 3), dtype=np.uint8)
+CONTEXT_PALETTE[:4] = [(245, 245, 245), (0, 0, 0), (200, 0, 0), (0, 60, 200)]
+
+
+def context_samples_figure(out, cell=3, distances=(2, 12, 30), seed=0):
+    """Samples of the context experiment (experiments.py context): 65x65 maps with the
+    query pixel and its cue at a few distances, then with a distractor of the other class."""
+    maps = []
+    for distractor in (False, True):
+        for d in distances:
+            lay = context_layouts(seed, 1, distractor)
+            i = d - 1
+            view = np.zeros((CONTEXT_SIZE, CONTEXT_SIZE), np.uint8)
+            for part, kind in (("cue", 2), ("distractor", 3)):
+                cy, cx = lay[part][i]
+                if cy > -1000:
+                    view[cy - 1:cy + 2, cx - 1:cx + 2] = kind
+            view[tuple(lay["query"][i])] = 1
+            pic = Image.fromarray(np.kron(colorize(view, CONTEXT_PALETTE),
+                                          np.ones((cell, cell, 1), np.uint8)))
+            qy, qx = lay["query"][i] * cell + cell // 2
+            ImageDraw.Draw(pic).ellipse([qx - 6, qy - 6, qx + 6, qy + 6], outline=(0, 0, 0))
+            title = Image.new("RGB", (pic.width + 2, 14), (255, 255, 255))
+            ImageDraw.Draw(title).text((2, 1), f"d = {d}" + (", distractor" if distractor
+                                                              else ", one cue"), fill=(0, 0, 0))
+            framed = np.pad(np.asarray(pic), ((1, 1), (1, 1), (0, 0)))  # the map's border
+            maps.append(np.concatenate([np.asarray(title), framed], 0))
+    grid = hstack(maps, 6)
+    pic = np.concatenate([grid, legend(grid.shape[1], CONTEXT_VIEW, CONTEXT_PALETTE,
+                                       range(len(CONTEXT_VIEW)))], 0)
+    data.atomic_save(out, lambda f: Image.fromarray(pic).save(f, format="PNG"))
+    return out
+
+
+# =============================================================================================
+# 6. THE COMMAND LINE
+# =============================================================================================
+
+
+def parser():
+    """The command line (--help, and each command's --help, explain every flag)."""
+    p = argparse.ArgumentParser(
+        description="Research and measurement beside the Vortex Pooling reimplementation: "
+                    "Table 1's modules in numbers, figures, benchmarks and the experiments. "
+                    "`python experiments.py COMMAND --help` explains a command's flags.")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+    s = sub.add_parser("table", help="Table 1's modules on a 1x2048x65x65 map: utilization ratio "
+                                     "(paper Eq. 1; analytic and measured), parameters, time")
+    s.add_argument("--size", type=int, default=65,
+                   help="feature-map side h = w (65: a 513x513 image at output stride 8)")
+    s.add_argument("--reps", type=int, default=3, help="timing repetitions (the best is kept)")
+    s = sub.add_parser("figure", help="draw a figure to a PNG")
+    s.add_argument("what", choices=FIGURES, help="footprints: the paper's Fig. 3 from the real "
+                   "modules; synthetic: samples of the built-in data; descriptors: samples of "
+                   "the 65x65 context experiment")
+    s.add_argument("--out", default=None, help="the PNG to write (default <what>.png)")
+    s.add_argument("--force", action="store_true", help="overwrite --out if it exists")
+    s = sub.add_parser("bench", help="speed as ratios measured side by side in one run")
+    s.add_argument("what", choices=BENCHES, help="modules: the context modules and the whole "
+                   "model, Vortex/ASPP (on a GPU also the pooling methods); training: training "
+                   "steps (CPU: crop 321; CUDA: batch 2/4/8 x fp32/bf16 x NCHW/channels-last); "
+                   "inference: single scale vs 6 scales + flip; loader: augmented 513x513 "
+                   "samples/s in one process")
+    s.add_argument("--reps", type=int, default=3, help="timing repetitions (modules, inference)")
+    s.add_argument("--voc", default=None, help="loader: a VOC2012 folder (default: VOC-sized "
+                                               "synthetic JPEGs in a temporary folder)")
+    s.add_argument("-n", type=int, default=300, help="loader: samples to time")
+    s.add_argument("--device", default=None, help="training: cpu, cuda or cuda:N")
+    s = sub.add_parser("ablation", help="Table 1 in miniature: train and evaluate every module "
+                       "of Table 1 plus 'none' with seeds 0..SEEDS-1, then the effective "
+                       "receptive fields of none, ASPP and Vortex; any other flag is train.py's "
+                       "and applies to every run (python train.py --help)")
+    s.add_argument("--seeds", type=int, required=True, help=f"seeds per module (1..{MAX_SEEDS})")
+    s.add_argument("--erf-images", type=int, default=32,
+                   help="validation images averaged in --out-dir/erf.png (default 32)")
+    s = sub.add_parser("context", help="Table 1's question at the paper's geometry: accuracy "
+                       "reading the class of a cue 1..40 descriptors from a pixel of a 65x65 map, "
+                       "per module: probes of its taps and the module trained")
+    s.add_argument("--seeds", type=int, required=True, help=f"trained seeds per module (1..{MAX_SEEDS})")
+    for flag, v, kind in (("--iters", 600, int), ("--batch-size", 512, int), ("--lr", 0.003, float),
+                          ("--context-channels", 16, int)):
+        s.add_argument(flag, type=kind, default=v, help=f"of the trained modules (default {v})")
+    s.add_argument("--out-dir", default=os.path.join("runs", "context-distance"),
+                   help="records, table.txt and a figure per setting (default "
+                        "runs/context-distance); the same command again continues there")
+    s = sub.add_parser("erf", help="effective receptive fields of train.py checkpoints (gradient "
+                       "of the centre pixel's logit w.r.t. the image, mean over validation "
+                       "images; checkpoints of one module are averaged)")
+    s.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT")
+    s.add_argument("--out", default=os.path.join("runs", "erf.png"), help="the PNG (runs/erf.png)")
+    s.add_argument("--images", type=int, default=32, help="validation images per checkpoint")
+    s.add_argument("--data-root", default=None, help="the data the checkpoints were trained on, "
+                                                     "if not where they say")
+    s.add_argument("--device", default=None, help="cpu, cuda or cuda:N")
+    s.add_argument("--force", action="store_true", help="overwrite --out if it exists")
+    return p
+
+
+FIGURES = ("footprints", "synthetic", "descriptors")
+BENCHES = ("modules", "training", "inference", "loader")
+MAX_SEEDS = 100
+
+
+def parse(argv=None):
+    """(args, cfg): the command line checked before any work; cfg is train.py's configuration
+    for `ablation` (its other flags), the trained modules' settings for `context`, else None."""
+    p = parser()
+    args, rest = p.parse_known_args(argv)
+    if rest and args.cmd != "ablation":
+        p.error(f"unrecognized arguments: {' '.join(rest)}")
+    limits = {"threads": (0, 1024), "size": (1, 1024), "reps": (1, 1000), "n": (1, 10 ** 6),
+              "seeds": (1, MAX_SEEDS), "erf_images": (1, 10 ** 5), "images": (1, 10 ** 5),
+              "iters": (1, 10 ** 6), "batch_size": (1, 10 ** 5), "context_channels": (1, 4096)}
+    for k, (lo, hi) in limits.items():
+        v = getattr(args, k, None)
+        if v is not None and not lo <= v <= hi:
+            raise BadInput(f"--{k.replace('_', '-')} {v}: must be a whole number in {lo}..{hi}")
+    if args.cmd == "context":
+        if not (math.isfinite(args.lr) and 0 < args.lr <= 10):
+            raise BadInput(f"--lr {args.lr}: must be a number in (0, 10]")
+        return args, dict(iters=args.iters, batch_size=args.batch_size, lr=args.lr,
+                          context_channels=args.context_channels, power=0.9,
+                          out_dir=data.output_path(args.out_dir, "--out-dir"))
+    if args.cmd == "ablation":
+        out = [] if any(a == "--out-dir" or a.startswith("--out-dir=") for a in rest) else \
+            ["--out-dir", os.path.join("runs", "ablation")]
+        return args, train.parse_args(rest + out, prog="experiments.py ablation")
+    return args, None
+
+
+def main(argv=None):
+    args, cfg = parse(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    vortex.keep_freed_memory()  # large tensors reuse memory instead of page-faulting it in
+    torch.manual_seed(0)
+    if args.cmd == "table":
+        return print_table(args.size, reps=args.reps)
+    if args.cmd == "figure":
+        out = args.out or f"{args.what}.png"
+        data.refuse_existing([out], args.force)
+        draw = {"footprints": footprints_figure, "synthetic": synthetic_samples_figure,
+                "descriptors": context_samples_figure}[args.what]
+        return print("wrote", draw(out))
+    if args.cmd == "bench":
+        if args.what == "modules" and torch.cuda.is_available():
+            bench_modules_cuda()
+        return {"modules": lambda: bench_modules(reps=max(args.reps, 3)),
+                "training": lambda: bench_training(args.device),
+                "inference": lambda: bench_inference(args.reps),
+                "loader": lambda: bench_loader(args.voc, args.n)}[args.what]()
+    if args.cmd == "erf":
+        data.refuse_existing([args.out], args.force)
+        return erf_figure(args.checkpoints, args.out, args.images,
+                          evaluation.pick_device(args.device), args.data_root)
+    lock = data.FolderLock(cfg["out_dir"], f"experiments.py {args.cmd}")  # one owner a folder
+    try:
+        if args.cmd == "context":
+            return context_experiment(cfg, args.seeds)
+        return ablation(dict(cfg, erf_images=args.erf_images), args.seeds)
+    finally:
+        lock.release()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    data.cli(main)
