@@ -2646,14 +2646,14 @@ import base64  # noqa: E402
 import functools  # noqa: E402
 import zlib  # noqa: E402
 
-from hypothesis import HealthCheck as _HC, Phase  # noqa: E402
+from hypothesis import Phase  # noqa: E402
 
 
 def exercise_settings(n):
     """n examples, no deadline, no example database (a proof test's failures must not be
     replayed into the student's run)."""
     return settings(max_examples=n, deadline=None, database=None,
-                    suppress_health_check=[_HC.too_slow, _HC.data_too_large],
+                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
                     phases=[Phase.explicit, Phase.generate, Phase.shrink])  # no slow "explain"
 
 
