@@ -2684,7 +2684,7 @@ def seeded(seed, *shape):
                        dtype=torch.float64)
 
 
-# Table 1's modules at OS 8 and the fifth vortex, as (pools, kernels, dilations)
+# Table 1's spatial modules at OS 8, A(3) and the fifth vortex, as (pools, kernels, dilations)
 EXERCISE_MODULES = [(m.pools, m.kernels, m.dilations) for m in (
     [vortex.table1_module(row, 1) for row in ("ASPP", "ASPP+", "A(5)", "A(9)", "A(13)", "Vortex")]
     + [ContextModule.module_a(1, 3)])] + [((1, 3, 9, 27, 81), (1, 3, 3, 3, 3), (1, 3, 9, 27, 81))]
