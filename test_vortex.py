@@ -2744,3 +2744,521 @@ def test_training_curves_have_absolute_axes_and_are_named_only_when_drawn(tmp_pa
     out = str(tmp_path / "run")
     train.main(TINY + ["--iters", "1", "--out-dir", out, "--log-every", "5"])
     assert "curves.png" not in capsys.readouterr().out  # a 1-line log draws no curves
+
+
+# =============================================================================================
+# Coursework checks (docs/exercises.md, docs/teaching.md). `python -m pytest -m exercises` runs
+# one check per exercise on the answer written in the COURSEWORK section at the end of this
+# file: not attempted -> skipped, right -> passes, wrong -> fails with one sentence and the
+# smallest counterexample hypothesis finds. Each check is a function of the answer, so that the
+# ordinary tests after them can prove it rejects wrong answers and accepts the reference ones
+# (fixtures/exercise_answers.txt, decoded as docs/teaching.md says).
+# =============================================================================================
+
+import base64  # noqa: E402
+import functools  # noqa: E402
+import zlib  # noqa: E402
+
+from hypothesis import Phase  # noqa: E402
+
+
+def exercise_settings(n):
+    """n examples, no deadline, no example database (a proof test's failures must not be
+    replayed into the student's run)."""
+    return settings(max_examples=n, deadline=None, database=None,
+                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+                    phases=[Phase.explicit, Phase.generate, Phase.shrink])  # no slow "explain"
+
+
+@contextlib.contextmanager
+def one_thread():
+    """The checks' tensors are tiny: one thread is 10x faster than two on a busy 2-core box."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+def grade(n, stub, answer, check):
+    """Skip an exercise whose stub is untouched, else run its check on the answer."""
+    if answer is None:
+        pytest.skip(f"exercise {n} not attempted: edit test_vortex.py::{stub}")
+    try:
+        with one_thread():
+            check(answer)
+    except NotImplementedError:
+        pytest.skip(f"exercise {n} not attempted: edit test_vortex.py::{stub}")
+
+
+def require(ok, message):
+    """`assert` without pytest's introspection, for the checks of numbers: pytest would print the
+    value the answer is compared with, i.e. the answer."""
+    if not ok:
+        raise AssertionError(message)
+
+
+def seeded(seed, *shape):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed),
+                       dtype=torch.float64)
+
+
+# Table 1's spatial modules at OS 8, A(3) and the fifth vortex, as (pools, kernels, dilations)
+EXERCISE_MODULES = [(m.pools, m.kernels, m.dilations) for m in (
+    [vortex.table1_module(row, 1) for row in ("ASPP", "ASPP+", "A(5)", "A(9)", "A(13)", "Vortex")]
+    + [ContextModule.module_a(1, 3)])] + [((1, 3, 9, 27, 81), (1, 3, 3, 3, 3), (1, 3, 9, 27, 81))]
+
+
+def check_exercise_1(u):
+    m = ContextModule.module_a(1, 13)
+    truth = int(footprint(m.pools, m.kernels, m.dilations).sum())
+    require(u == truth, f"exercise 1: u = {u} is not the number of distinct offsets in the "
+            "union of A(13)'s 25 windows of 13 x 13 on an unbounded map (an offset read by two "
+            "overlapping windows counts once; the borders play no part)")
+
+
+def check_exercise_2(answer):
+    @exercise_settings(40)
+    @given(h=st.integers(1, 24), w=st.integers(1, 24), count_include_pad=st.booleans(),
+           seed=st.integers(0, 3))
+    def prop(h, w, count_include_pad, seed):
+        x = seeded(seed, 1, 2, h, w)
+        got = answer(x, count_include_pad)
+        want = F.avg_pool2d(x, 9, 1, 4, count_include_pad=count_include_pad)
+        assert tuple(got.shape) == tuple(want.shape), (
+            f"exercise 2: the result has shape {tuple(got.shape)}, not the input's "
+            f"{tuple(want.shape)} (a stride-1 'same' average keeps the map's size)")
+        err = (got - want).abs()
+        at = np.unravel_index(int(err.argmax()), err.shape)[2:]
+        assert err.max() < 1e-12, (
+            f"exercise 2: your cascade differs from F.avg_pool2d(x, 9, 1, 4, count_include_pad="
+            f"{count_include_pad}) by {float(err.max()):.3g} at pixel {tuple(map(int, at))} of a "
+            f"{h} x {w} map, so it is not the 9 x 9 average there")
+    prop()
+
+
+def check_exercise_3(answer):
+    @exercise_settings(40)
+    @given(pools=st.sampled_from([(1, 3), (5, 5, 5, 5), (1, 3, 9), (7,)]),
+           h=st.integers(1, 12), w=st.integers(1, 12), shift=st.sampled_from([0.0, -5.0]),
+           seed=st.integers(0, 3))
+    def prop(pools, h, w, shift, seed):
+        x = seeded(seed, 1, 2, h, w) + shift
+        got = answer(x, pools)
+        assert set(got) == set(pools), f"exercise 3: keys {sorted(got)}, not the pools {pools}"
+        for k in pools:  # the definition: the largest value of the window's on-map part
+            r = k // 2
+            want = torch.stack([torch.stack([x[0, :, max(i - r, 0):i + r + 1,
+                                               max(j - r, 0):j + r + 1].amax(dim=(1, 2))
+                                             for j in range(w)], -1) for i in range(h)], -2)
+            assert torch.equal(got[k][0], want), (
+                f"exercise 3: your {k} x {k} max pooling of a {h} x {w} map is not the largest "
+                "value of each window's on-map part")
+    prop()
+    m = ContextModule.module_a(2, 5)
+    m.pool = lambda x: answer(x, m.pools)
+    assert measured_utilization(m, 9, 9) > 0, "exercise 3: no gradient reaches the input"
+
+
+def pooling_accuracy(task, pool, seed, steps=20, n=13, lr=0.03):
+    """Test accuracy of a tiny ContextModule (5 x 5 pooling before a 1x1 and a 3x3 branch at
+    rate 5) trained `steps` Adam steps on a cue 5 pixels to the right: on Gaussian noise, the
+    sign of the 5 x 5 mean there (task "mean"); on sparse spikes of +1 and -1 (3% each), whether
+    the 5 x 5 window there holds a +1 (task "max")."""
+    def labels(x):
+        cue = F.avg_pool2d(x, 5, 1, 2) > 0 if task == "mean" else F.max_pool2d(x, 5, 1, 2) > 0
+        return torch.roll(cue, -5, dims=3)[..., 2:n - 2, 2:n - 7].float()
+
+    def inputs(batch, gen):
+        x = torch.randn(batch, 1, n, n, generator=gen)
+        if task == "max":  # +1 where x > 1.88, -1 where x < -1.88, else 0
+            x = (x > 1.88).float() - (x < -1.88).float()
+        return x
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)  # both poolings of a seed: the same weights and the same data
+    m = ContextModule(1, (5, 5), (1, 3), (1, 5), out_channels=8, image_pool=False, dropout=0.0)
+    if pool == "max":
+        m.pool = lambda x: {k: F.max_pool2d(x, k, 1, k // 2) for k in m.pools}
+    head = torch.nn.Conv2d(8, 1, 1)
+    opt = torch.optim.Adam(list(m.parameters()) + list(head.parameters()), lr)
+    for _ in range(steps):
+        x = inputs(32, g)
+        logits = head(m(x))[..., 2:n - 2, 2:n - 7]
+        loss = F.binary_cross_entropy_with_logits(logits, labels(x))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    m.eval()
+    x = inputs(64, torch.Generator().manual_seed(10 ** 6 + seed))
+    with torch.no_grad():
+        return ((head(m(x))[..., 2:n - 2, 2:n - 7] > 0).float() == labels(x)).float().mean().item()
+
+
+@functools.lru_cache(maxsize=None)
+def pooling_evidence(seeds=5):
+    """{task: (winner, wins, seeds, one-sided sign-test p)}: per seed, the pooling with the
+    higher test accuracy; the winner is the one that wins more seeds."""
+    out = {}
+    for task in ("mean", "max"):
+        wins = sum(pooling_accuracy(task, "avg", s) > pooling_accuracy(task, "max", s)
+                   for s in range(seeds))
+        best = max(wins, seeds - wins)
+        p = sum(math.comb(seeds, i) for i in range(best, seeds + 1)) / 2 ** seeds
+        out[task] = ("avg" if wins > seeds - wins else "max", best, seeds, p)
+    return out
+
+
+def check_exercise_3_winners(winners):
+    require(isinstance(winners, dict) and set(winners) == {"mean", "max"},
+            "exercise 3: EXERCISE_3_WINNERS is a dict {'mean': 'avg' or 'max', 'max': ...}")
+    for task, (winner, best, seeds, p) in pooling_evidence().items():
+        require(p < 0.05, f"exercise 3: the evidence is inconclusive ({best}/{seeds}, p = {p})")
+        require(winners[task] == winner, (
+            f"exercise 3: on the {task!r} cue {winners[task]} pooling lost the paired sign test "
+            f"({best} of {seeds} seeds, p = {p:.3f}): which pooled value equals the cue?"))
+
+
+def check_exercise_4(answer):
+    @exercise_settings(40)
+    @given(sizes=st.lists(st.integers(1, 3), min_size=1, max_size=4), h=st.integers(1, 3),
+           w=st.integers(1, 3), seed=st.integers(0, 3))
+    def prop(sizes, h, w, seed):
+        xs = [seeded(seed + 10 * r, n, 2, h, w) + 3 * r for r, n in enumerate(sizes)]
+        mean, var = answer([x.clone() for x in xs])
+        whole = torch.cat(xs)
+        want_mean = whole.mean(dim=(0, 2, 3))
+        want_var = whole.var(dim=(0, 2, 3), unbiased=False)
+        assert torch.allclose(mean, want_mean, atol=1e-9) and \
+            torch.allclose(var, want_var, atol=1e-9), (
+                f"exercise 4: with per-rank batches of {sizes} images of {h} x {w} your (mean, "
+                f"var) is ({mean.tolist()}, {var.tolist()}), but one process on the whole batch "
+                f"normalises with ({want_mean.tolist()}, {want_var.tolist()})")
+    prop()
+
+
+@functools.lru_cache(maxsize=None)
+def theoretical_receptive_field():
+    """Side of the input square that reaches one output pixel of ResNet(18, 8) in eval mode,
+    every ReLU the identity and the max pooling an average of the same window, by autograd."""
+    torch.manual_seed(0)
+    net = ResNet(18, 8, base_channels=2).eval()
+    for mod in list(net.modules()):
+        for name, child in list(mod.named_children()):
+            if isinstance(child, torch.nn.ReLU):
+                setattr(mod, name, torch.nn.Identity())
+            if isinstance(child, torch.nn.MaxPool2d):
+                setattr(mod, name, torch.nn.AvgPool2d(child.kernel_size, child.stride,
+                                                      child.padding))
+    x = torch.randn(1, 3, 801, 801, requires_grad=True)
+    y = net(x)
+    y[0, :, y.shape[2] // 2, y.shape[3] // 2].sum().backward()
+    rows = np.nonzero(x.grad[0].abs().sum(0).amax(1).numpy())[0]
+    return int(rows.max() - rows.min() + 1)
+
+
+def check_exercise_5(side):
+    require(side == theoretical_receptive_field(), (
+        f"exercise 5: {side} x {side} is not the square of input pixels that reach one output "
+        "pixel of ResNet(18, 8) on 801 x 801 in eval mode (add (kernel - 1) x dilation x the "
+        "stride so far, layer by layer, max pooling included)"))
+
+
+def check_exercise_6(answer):
+    @exercise_settings(60)
+    @given(data=st.data(), n=st.integers(1, 7))
+    def prop(data, n):
+        v = data.draw(st.integers(-(3 ** n - 1) // 2, (3 ** n - 1) // 2), label="v")
+        digits = list(answer(v, n))
+        value = sum(d * 3 ** i for i, d in enumerate(digits))
+        assert len(digits) == n and set(digits) <= {-1, 0, 1} and value == v, (
+            f"exercise 6: {digits} (least significant first) are not {n} digits in "
+            f"{{-1, 0, 1}} worth {v}, so the offset {v} would have no single window")
+    prop()
+
+
+def check_exercise_6_side(side):
+    pools = (1, 3, 9, 27, 81)
+    grid = footprint(pools, (1, 3, 3, 3, 3), pools)
+    require(grid.all() and side == grid.shape[0], (
+        f"exercise 6: the five-branch vortex does not tile a {side} x {side} square: its "
+        "largest windows are 81 wide, spaced 81 apart"))
+
+
+def check_exercise_7(answer):
+    @exercise_settings(60)
+    @given(module=st.sampled_from(EXERCISE_MODULES), d=st.integers(0, 130))
+    def prop(module, d):
+        grid = footprint(*module)
+        r = grid.shape[0] // 2
+        yy, xx = np.mgrid[-r:r + 1, -r:r + 1]
+        ring = np.maximum(abs(yy), abs(xx)) == d
+        want = grid[ring].sum() / max(ring.sum(), 1) if d <= r else 0.0
+        got = answer(*module, d)
+        assert abs(got - want) < 1e-12, (
+            f"exercise 7: at Chebyshev distance {d} the module {module} reads {want:.4f} of the "
+            f"ring's offsets, not {got:.4f}")
+    prop()
+
+
+def check_exercise_8(answer):
+    modules = EXERCISE_MODULES[:-1] + [((1, 3), (3, 3), (2, 5)), ((1, 1, 3), (3, 3, 3),
+                                                                     (1, 4, 7))]
+
+    @exercise_settings(40)
+    @given(data=st.data(), module=st.sampled_from(modules), h=st.integers(1, 40),
+           w=st.integers(1, 40))
+    def prop(data, module, h, w):
+        i = data.draw(st.integers(0, h - 1), label="i")
+        j = data.draw(st.integers(0, w - 1), label="j")
+        m = ContextModule(1, *module, out_channels=2)
+        want = round(measured_utilization(m, h, w, pixel=(i, j)) * h * w)
+        got = answer(*module, h, w, i, j)
+        assert got == want, (
+            f"exercise 8: at pixel ({i}, {j}) of a {h} x {w} map the module {module} reads "
+            f"{want} positions (autograd), not {got}: which taps land on the map, and how much "
+            "of each window?")
+    prop()
+
+
+def check_exercise_9(answer):
+    @exercise_settings(20)
+    @given(k=st.sampled_from(range(1, 24, 2)))
+    def prop(k):
+        m = ContextModule.module_a(1, k)
+        want = int(footprint(m.pools, m.kernels, m.dilations).sum())
+        assert answer(k) == want, (
+            f"exercise 9: A({k}) reads {want} distinct offsets on an unbounded map, not "
+            f"{answer(k)}")
+    prop()
+
+
+def check_exercise_9_smallest_k(k):
+    smallest = next(k for k in range(1, 66, 2)
+                    if measured_utilization(ContextModule.module_a(1, k, out_channels=2)) == 1)
+    require(k == smallest, (
+        f"exercise 9: A({k}) is not the first Module A that reads all 65 x 65 positions at the "
+        "centre pixel (measured_utilization == 1); think in two dimensions, not along one axis"))
+
+
+def check_exercise_10(answer):
+    @exercise_settings(20)
+    @given(b=st.sampled_from([3, 5, 7]), n=st.integers(2, 3))
+    def prop(b, n):
+        pools, kernels, dilations = answer(b, n)
+        grid = footprint(pools, kernels, dilations)
+        assert len(pools) == n and grid.shape == (b ** n, b ** n) and grid.all(), (
+            f"exercise 10: the base-{b} vortex of {n} branches {(pools, kernels, dilations)} "
+            f"does not tile a {b ** n} x {b ** n} square")
+        for k, m, d in zip(pools, kernels, dilations):
+            assert d == k or m == 1, (
+                f"exercise 10: a branch with {k} x {k} windows at rate {d} reads offsets "
+                "twice or leaves gaps between its windows")
+    prop()
+
+
+def check_exercise_10_gradient(answer):
+    @exercise_settings(20)
+    @given(module=st.sampled_from(EXERCISE_MODULES[:-1] + [((1, 5), (1, 5), (1, 5))]),
+           seed=st.integers(0, 3))
+    def prop(module, seed):
+        pools, kernels, dilations = module
+        weights = [seeded(seed + i, n, n) for i, n in enumerate(kernels)]
+        m = ContextModule(1, pools, kernels, dilations, out_channels=1).double()
+        grid = footprint(pools, kernels, dilations)
+        side = grid.shape[0]
+        x = torch.zeros(1, 1, side, side, dtype=torch.float64, requires_grad=True)
+        pooled = m.pool(x)
+        out = sum(F.conv2d(pooled[k], wt.view(1, 1, n, n), None, 1, d * (n // 2), d)
+                  [0, 0, side // 2, side // 2]
+                  for k, n, d, wt in zip(pools, kernels, dilations, weights))
+        (want,) = torch.autograd.grad(out, x)
+        got = np.asarray(answer(pools, kernels, dilations, [w.numpy() for w in weights]))
+        want = want[0, 0].numpy()
+        assert got.shape == want.shape, (
+            f"exercise 10: the gradient is {want.shape[0]} x {want.shape[1]} offsets wide, not "
+            f"{got.shape}")
+        err = np.abs(got - want)
+        at = tuple(int(v) - side // 2 for v in np.unravel_index(err.argmax(), err.shape))
+        assert err.max() < 1e-12, (
+            f"exercise 10: for the module {module} the gradient at offset {at} is "
+            f"{want[at[0] + side // 2, at[1] + side // 2]:.4g} (autograd), not "
+            f"{got[at[0] + side // 2, at[1] + side // 2]:.4g}")
+    prop()
+
+
+EXERCISES = [  # (number, stub, check): the graded exercises, in the order of the docs
+    (1, "EXERCISE_1_U", check_exercise_1),
+    (2, "exercise_2_box_average_9", check_exercise_2),
+    (3, "exercise_3_max_pool", check_exercise_3),
+    (3, "EXERCISE_3_WINNERS", check_exercise_3_winners),
+    (4, "exercise_4_sync_batch_stats", check_exercise_4),
+    (5, "EXERCISE_5_RF", check_exercise_5),
+    (6, "exercise_6_balanced_digits", check_exercise_6),
+    (6, "EXERCISE_6_SIDE", check_exercise_6_side),
+    (7, "exercise_7_ring_coverage", check_exercise_7),
+    (8, "exercise_8_utilization_at", check_exercise_8),
+    (9, "exercise_9_module_a_u", check_exercise_9),
+    (9, "EXERCISE_9_SMALLEST_K", check_exercise_9_smallest_k),
+    (10, "exercise_10_vortex", check_exercise_10),
+    (10, "exercise_10_gradient", check_exercise_10_gradient),
+]
+
+
+@pytest.mark.exercises
+@pytest.mark.parametrize("n,stub,check", EXERCISES, ids=[s for _, s, _ in EXERCISES])
+def test_exercise(n, stub, check):
+    """`python -m pytest -m exercises`: grades the answers of the COURSEWORK section."""
+    grade(n, stub, globals()[stub], check)
+
+
+# -- proof that every check can fail: plausible wrong answers fail, the reference passes -------
+
+def reference_answers():
+    """The teachers' answers: fixtures/exercise_answers.txt is zlib-compressed, base64-encoded
+    Python source after its comment lines (docs/teaching.md decodes it)."""
+    text = open(os.path.join(HERE, "fixtures", "exercise_answers.txt")).read()
+    blob = "".join(line for line in text.split("\n") if not line.startswith("#"))
+    ns = {}
+    exec(zlib.decompress(base64.b64decode(blob)).decode(), ns)
+    return ns
+
+
+def wrong_answers_fail(check, wrong, hypothesis=True):
+    for label, answer in wrong.items():
+        with pytest.raises(AssertionError) as e:
+            check(answer)
+        assert str(e.value).startswith("exercise "), (label, str(e.value))
+        if hypothesis:
+            notes = "\n".join(getattr(e.value, "__notes__", []))
+            assert re.search(r"(Falsifying example|Failing test case): prop\(", notes), (label,
+                                                                                        notes)
+
+
+PROOFS = [  # (stub, the reference's name, the wrong answers' name, hypothesis-based)
+    ("EXERCISE_1_U", "exercise_1_u", "wrong_1", False),
+    ("exercise_2_box_average_9", "exercise_2_box_average_9", "wrong_2", True),
+    ("exercise_3_max_pool", "exercise_3_max_pool", "wrong_3", True),
+    ("EXERCISE_3_WINNERS", "exercise_3_winners", "wrong_3_winners", False),
+    ("exercise_4_sync_batch_stats", "exercise_4_sync_batch_stats", "wrong_4", True),
+    ("EXERCISE_5_RF", "exercise_5_rf", "wrong_5", False),
+    ("exercise_6_balanced_digits", "exercise_6_balanced_digits", "wrong_6", True),
+    ("EXERCISE_6_SIDE", "exercise_6_side", "wrong_6_side", False),
+    ("exercise_7_ring_coverage", "exercise_7_ring_coverage", "wrong_7", True),
+    ("exercise_8_utilization_at", "exercise_8_utilization_at", "wrong_8", True),
+    ("exercise_9_module_a_u", "exercise_9_module_a_u", "wrong_9", True),
+    ("EXERCISE_9_SMALLEST_K", "exercise_9_smallest_k", "wrong_9_smallest_k", False),
+    ("exercise_10_vortex", "exercise_10_vortex", "wrong_10", True),
+    ("exercise_10_gradient", "exercise_10_gradient", "wrong_10_gradient", True),
+]
+
+
+@pytest.mark.parametrize("stub,reference,wrong,uses_hypothesis", PROOFS,
+                         ids=[p[0] for p in PROOFS])
+def test_exercise_check_rejects_wrong_answers_and_accepts_the_reference(
+        stub, reference, wrong, uses_hypothesis):
+    answers = reference_answers()
+    check = next(c for _, s, c in EXERCISES if s == stub)
+    assert len(answers[wrong]) >= 2
+    with one_thread():
+        wrong_answers_fail(check, answers[wrong], uses_hypothesis)
+        check(answers[reference])
+
+
+def test_exercise_checks_skip_an_unattempted_stub():
+    """Every exercise 1-10 has a stub in the COURSEWORK section, and its check is skipped with
+    the stub's name while the stub is as shipped (None, or a body that raises
+    NotImplementedError). Stays green when a student fills the stubs in."""
+    def unattempted(*args):
+        raise NotImplementedError
+
+    assert [n for n, _, _ in EXERCISES] == sorted(n for n, _, _ in EXERCISES)
+    assert {n for n, _, _ in EXERCISES} == set(range(1, 11))
+    for n, stub, check in EXERCISES:
+        assert stub in globals(), f"exercise {n}: no stub {stub} in the COURSEWORK section"
+        shipped = None if stub.isupper() else unattempted
+        with pytest.raises(pytest.skip.Exception, match=f"exercise {n} not attempted: edit "
+                                                        f"test_vortex.py::{stub}"):
+            grade(n, stub, shipped, check)
+
+
+# =============================================================================================
+# COURSEWORK: write your answers below (docs/exercises.md). Replace `raise NotImplementedError`
+# or `None` by your answer, then run `python -m pytest -m exercises`: an exercise you have not
+# attempted is skipped, a right answer passes, a wrong one fails with a counterexample.
+# =============================================================================================
+
+# 1 (3.2, 3.3): u, the number of descriptors Module A with k = 13 reads at one pixel of an
+# unbounded map (an int, counted by hand).
+EXERCISE_1_U = None
+
+
+def exercise_2_box_average_9(x, count_include_pad):
+    """2 (3.4): the 9 x 9 stride-1 average of x (N, C, H, W), same size as x, as a cascade of two
+    F.conv2d (3 x 3, then 3 x 3 at dilation 3); count_include_pad as in F.avg_pool2d."""
+    raise NotImplementedError
+
+
+def exercise_3_max_pool(x, pools):
+    """3 (3.3): {k: x max-pooled over k x k windows, stride 1, same size} for k in pools
+    (k = 1: x itself); a drop-in for ContextModule.pool."""
+    raise NotImplementedError
+
+
+# 3 (3.3): which pooling learns each cue better, {"mean": "avg" or "max", "max": ...}
+EXERCISE_3_WINNERS = None
+
+
+def exercise_4_sync_batch_stats(xs):
+    """4 (4.1): xs is one (N_i, C, H, W) batch per rank; return the per-channel (mean, biased
+    variance) that synchronised batch norm normalises with, from per-rank sums only."""
+    raise NotImplementedError
+
+
+# 5 (1): the side, in pixels, of the theoretical receptive field of one output pixel of
+# vortex.ResNet(18, 8) on an 801 x 801 input (eval mode).
+EXERCISE_5_RF = None
+
+
+def exercise_6_balanced_digits(v, n):
+    """6 (3.4): the n base-3 digits of v in {-1, 0, 1}, least significant first
+    (sum(d * 3 ** i) == v), for |v| <= (3 ** n - 1) // 2."""
+    raise NotImplementedError
+
+
+# 6 (3.4): the side of the square that the five-branch vortex (1, 3, 9, 27, 81) tiles.
+EXERCISE_6_SIDE = None
+
+
+def exercise_7_ring_coverage(pools, kernels, dilations, d):
+    """7 (3.2-3.4): the fraction of the 8 d offsets at Chebyshev distance d (the one offset 0 for
+    d = 0) that a module with these branches reads on an unbounded map."""
+    raise NotImplementedError
+
+
+def exercise_8_utilization_at(pools, kernels, dilations, h, w, i, j):
+    """8 (3.2, Eq. 1): how many positions of an h x w map the branches read for output pixel
+    (i, j), without autograd."""
+    raise NotImplementedError
+
+
+def exercise_9_module_a_u(k):
+    """9 (3.3): u of Module A(k) on an unbounded map, in closed form, for odd k = 1 .. 23."""
+    raise NotImplementedError
+
+
+# 9 (3.3): the smallest odd k for which A(k) reads every position of a 65 x 65 map at its centre.
+EXERCISE_9_SMALLEST_K = None
+
+
+def exercise_10_vortex(b, n):
+    """10 (3.4): (pools, kernels, dilations) of a base-b vortex with n branches whose windows
+    tile a b**n x b**n square, every offset read once within each branch."""
+    raise NotImplementedError
+
+
+def exercise_10_gradient(pools, kernels, dilations, weights):
+    """10 (3.4): the gradient of the sum of the branches' outputs at the centre pixel (one input
+    and one output channel, weights[i] the n_i x n_i kernel of branch i) with respect to each
+    input offset, as a (2R+1) x (2R+1) array, R the module's reach; without autograd."""
+    raise NotImplementedError
