@@ -40,9 +40,8 @@ from PIL import Image, ImageOps
 
 # ---------------------------------------------------------------------------------------------
 # 4.1: "We use the PASCAL VOC 2012 dataset for ablation studies." Its 20 object classes and
-# background, the colours of its index masks, and 255 for void pixels (object borders), which
-# the loss and the metric ignore. Images are normalised with the ImageNet statistics that the
-# pretrained ResNet was trained with.
+# background, the colours of its masks, 255 for void pixels (ignored by the loss and the metric);
+# images normalised with the ImageNet statistics the pretrained ResNet was trained with.
 # ---------------------------------------------------------------------------------------------
 
 IGNORE = 255
@@ -87,9 +86,8 @@ VOC_TREE = """expected layout (root = the VOC2012 folder):
 
 class Pairs(torch.utils.data.Dataset):
     """(image, label) pairs: load(index) gives the raw pair, the transform augments it with the
-    randomness of (seed, epoch, index). Keys are an index (in the current epoch) or an (epoch,
-    index) pair: train.py's sampler sends pairs, so that loader workers that live for the whole
-    run need not be told when an epoch starts."""
+    randomness of (seed, epoch, index). A key is an index (current epoch) or (epoch, index), as
+    train.py's sampler sends it: workers living for the whole run need no epoch updates."""
     epoch = 0
 
     def set_epoch(self, epoch):
@@ -342,13 +340,10 @@ def read_image(path, orientation=False):
 
 
 def read_mask(path, num_classes=21):
-    """Class-index mask (H, W) uint8 from a palette ('P') or grayscale ('L') PNG.
-
-    VOC's SegmentationClass PNGs are palette images: the pixel values are the class indices
-    (0..20, 255 = void) and the palette only says how to draw them; SegmentationClassAug PNGs
-    hold the same indices in grayscale. A mask saved as RGB colours is refused: mapping colours
-    back to classes silently is how label errors creep in.
-    """
+    """Class-index mask (H, W) uint8 from a palette ('P') or grayscale ('L') PNG: VOC's
+    SegmentationClass PNGs hold the class indices (0..20, 255 = void) with a palette to draw
+    them, SegmentationClassAug PNGs the same indices in grayscale. RGB colours are refused:
+    mapping colours back to classes silently is how label errors creep in."""
     try:
         with Image.open(path) as im:
             im.load()
@@ -577,14 +572,10 @@ def progress(what, done, total, t0, log=print, every=None):
 
 # ---------------------------------------------------------------------------------------------
 # The built-in synthetic dataset: the paper's Figure 1 (a bike seen up close looks like a fish)
-# made into data. Two classes, "bike" and "fish", share one body: same shape distribution, same
-# striped texture, same colours. Only the surroundings tell them apart: a bike stands among
-# wheels, a fish among drops of water. The cues are small and scattered, kept a margin away from
-# the body, misleading just beyond it and right only far away (see render_synthetic), so the
-# evidence has to be gathered over a large area, which is what context modules do (paper 3.2:
-# use many descriptors). Cues right around the body, or mixed in everywhere, are read without a
-# context module in the default 1,500 iterations (measured, docs/history.md): ResNet-18 at OS 8
-# sees the whole image.
+# made into data. "bike" and "fish" share one body (shape, striped texture, colours); only the
+# surroundings tell them apart, wheels or drops of water, small, scattered and misleading near
+# the body (render_synthetic). Cues right around the body, or mixed in everywhere, are read
+# without a context module (docs/history.md): ResNet-18 at OS 8 sees the whole image.
 # ---------------------------------------------------------------------------------------------
 
 SYNTHETIC_CLASSES = ("background", "water", "wheel", "bike", "fish")

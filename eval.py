@@ -387,8 +387,6 @@ def evaluate_checkpoint(model, ck, args, scales, device, rank=0):
     return result
 
 
-
-
 # ---------------------------------------------------------------------------------------------
 # Pictures a run writes (Pillow only, written atomically) and the primitives they share with
 # experiments.py's figures.
@@ -454,9 +452,8 @@ def save_prediction(stem, image, pred, palette, label=None, classes=None):
     present = set(pred.unique().tolist()) | (set(label.unique().tolist())
                                              if label is not None else set())
     names = classes or [str(i) for i in range(256)]
-    pic = titled([panel(image, pred, palette, label)], [image.shape[-1]] * (3 if label is not None
-                                                                          else 2),
-                 names, palette, present)
+    widths = [image.shape[-1]] * (3 if label is not None else 2)
+    pic = titled([panel(image, pred, palette, label)], widths, names, palette, present)
     data.atomic_save(stem + "_panel.png", lambda f: Image.fromarray(pic).save(f, format="PNG"))
     return stem + ".png", stem + "_panel.png"
 

@@ -13,10 +13,7 @@ data <- vortex <- train, eval <- experiments.
   python experiments.py context --seeds 3           # Table 1's question at the paper's geometry
   python experiments.py erf CK [CK ...] --out F     # effective receptive fields of checkpoints
 
-Sections: 1. Table 1's modules in numbers and Fig. 3; 2. benchmarks; 3. Table 1 in miniature and
-the effective receptive field; 4. the 65x65 context experiment; 5. pictures of the data; 6. the
-command line. Nothing is overwritten without --force; an interrupted experiment continues.
-"""
+Nothing is overwritten without --force; an interrupted experiment continues where it stopped."""
 import argparse
 import json
 import math
@@ -67,9 +64,8 @@ def print_table(size=65, channels=2048, reps=3):
               f"{TABLE1[row].ratio or '-':>11} {utilization_ratio(m, size, size):10.4f} "
               f"{measured:10.4f} {sum(p.numel() for p in m.parameters()):10,d} "
               f"{times[row]:9.3f} {times[row] / times['ASPP']:7.2f}")
-    print("r analytic: paper Eq. 1 with the footprint counted on an unbounded map; r measured: "
-          "autograd on the real module at the centre pixel (taps falling off the map do not count; "
-          "measured on an 8-channel copy, the footprint does not depend on width).")
+    print("r analytic: Eq. 1, the footprint counted on an unbounded map; r measured: autograd on "
+          "the real module (8 channels) at the centre pixel, taps off the map not counted.")
 
 
 def ring_coverage(module, max_distance=40):
@@ -195,8 +191,7 @@ def bench_modules(reps=5, model_reps=2):
 
 
 def torchvision_deeplab():
-    """torchvision's deeplabv3_resnet101 (random weights, eval mode) for the comparison in
-    --bench, or None with a line saying why: torchvision is never a dependency."""
+    """torchvision's deeplabv3_resnet101 (random weights, eval) or None, saying why."""
     try:
         from torchvision.models.segmentation import deeplabv3_resnet101
     except Exception as e:  # not installed, or its compiled ops do not fit this torch

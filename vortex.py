@@ -114,15 +114,12 @@ class ResNet(nn.Module):
         16         stride 2: 1, 1         stride 1: 1, 2, 2         2, 4, 8
          8         stride 1: 1, 2         stride 1: 2, 4, 4         4, 8, 16
 
-    Multi-grid (paper 4.1, "Multi-grid", after DeepLab v3): the i-th block of layer4 uses
-    `rate * multi_grid[i]`, where rate is the stage's rate after the stride is traded (4 at
-    OS 8), the first block included. That is DeepLab v3's block4 (4, 8, 16 at OS 8; slim's
-    block4 has no stride of its own). mmsegmentation's `ResLayer` differs: it uses the
-    multi_grid entries as the rates themselves, so (1, 2, 4) gives 1, 2, 4 there. It changes the geometry
-    of layer4's first block from the one its ImageNet weights were trained at (rate 2 at OS 8
-    would be exact, multi-grid gives it 4) and of the other two (4 -> 8, 16): fine-tuning
-    adapts them. `multi_grid=None` reproduces torchvision's dilated ResNet exactly (tested
-    against it). ResNet-18 has two layer4 blocks and uses the first two entries.
+    Multi-grid (paper 4.1, after DeepLab v3): the i-th block of layer4 uses `rate *
+    multi_grid[i]`, rate being the stage's rate after the stride is traded (4 at OS 8): DeepLab
+    v3's block4, 4, 8, 16 at OS 8 (mmsegmentation's ResLayer uses the entries as the rates
+    themselves). Fine-tuning adapts layer4 to rates its ImageNet weights were not trained at
+    (2, 4, 4 would be exact). `multi_grid=None` is torchvision's dilated ResNet exactly
+    (tested). ResNet-18 has two layer4 blocks and uses the first two entries.
 
     `base_channels` (64 in every standard ResNet) scales all widths; tests use small values.
     """
@@ -188,20 +185,17 @@ class ResNet(nn.Module):
 # ---------------------------------------------------------------------------------------------
 # 3.2: "ASPP uses 25 descriptors in X when computing each new feature descriptor ... We define
 # the utilization ratio as follows: r = u / (hw) (1) where u is the number of descriptors we
-# used to aggregate each new descriptor." Before the modules, as in the paper: the functions
-# below read a module's branches (pools k, kernels n, dilations d), defined in the next block.
-# Eq. (1): utilization ratio r = u / (h w), u = number of descriptors of X used to compute
-# one descriptor of the context output (the image-level branch is left out, as in the paper: it
-# sees everything by construction).
+# used to aggregate each new descriptor." Before the modules, as in the paper: these functions
+# read a module's branches (pools k, kernels n, dilations d; next block), not its image-level
+# branch (it sees everything by construction; the paper leaves it out too).
 # Analytic: u = size of the union of all branches' footprints on an unbounded map. A branch
 # with pooling k, kernel n and dilation d reads, along each axis, the offsets
 #     { d t + o : |t| <= n // 2, |o| <= k // 2 }.
 # ASPP: 1 + 3*9 taps - 3 repeated centres = 25 (the paper's footnote), r = 25/65^2 = 0.0059.
 # Module A(k): 25 k x k sub-regions, r = 25 k^2/65^2 while they do not overlap.
 # Vortex: the footprints tile an 81 x 81 square, so r = 1 whenever h, w <= 81.
-# Measured: which positions of a real h x w input change a given output pixel, by autograd. At
-# the borders of a small map taps fall off the map (zero padding) and r drops below the analytic
-# value: at the centre of 65 x 65, ASPP's rate-36 taps all fall outside.
+# Measured: which positions of a real h x w input change a given output pixel (autograd). Taps
+# off the map read zero padding, so r drops: at the centre of 65 x 65 ASPP's rate-36 taps do.
 # ---------------------------------------------------------------------------------------------
 
 def footprint(pools, kernels, dilations):
@@ -640,13 +634,11 @@ def box_averages(x, ks, count_include_pad=False):
 
 
 # ---------------------------------------------------------------------------------------------
-# Fresh memory on the CPU. glibc gives blocks of 32 MB or more back to the system as soon as they
-# are freed (one 2048 x 65 x 65 float map is 34.6 MB), so every new tensor of that size is
-# page-faulted in again, 4 KB at a time. Measured on this project's 2-core machine: a clone of
-# such a map takes 10 ms in fresh memory and 2 ms in reused memory, and Vortex's pooling, which
-# writes three such maps, 58 ms against 24 ms: that made the context module 6% slower than ASPP
-# instead of 0-2% (`python vortex.py --bench` prints both). The commands therefore ask glibc to
-# keep freed memory for reuse, as jemalloc and tcmalloc do by design.
+# Fresh memory on the CPU. glibc gives blocks of 32 MB or more (one 2048 x 65 x 65 float map is
+# 34.6 MB) back to the system when they are freed, so every new one is page-faulted in again:
+# a clone of such a map took 10 ms instead of 2, Vortex's pooling 58 ms instead of 24, the
+# module 6% more than ASPP instead of 0-2% (`python experiments.py bench modules`). The commands
+# ask glibc to keep freed memory for reuse, as jemalloc and tcmalloc do by design.
 # ---------------------------------------------------------------------------------------------
 
 def keep_freed_memory():
@@ -663,14 +655,11 @@ def keep_freed_memory():
 
 
 # ---------------------------------------------------------------------------------------------
-# Pretrained weights from local files (nothing is downloaded).
-#   - torchvision ImageNet ResNets (resnet50-0676ba61.pth, resnet101-63fe2227.pth, ...): keys
-#     are ours plus fc.*; fc is ignored.
-#   - torchvision segmentation checkpoints (deeplabv3_resnet50/101_coco-*.pth: COCO images with
-#     the 20 VOC classes, the paper's first training stage, 4.2): backbone.* goes into our
-#     backbone; for context="aspp" its ASPP (classifier.0.*) goes into our context module. Its
-#     extra 3x3 head conv (classifier.1/2), classifier (classifier.4) and auxiliary head
-#     (aux_classifier.*) have no counterpart in the paper's model and are skipped.
+# Pretrained weights from local files (nothing is downloaded): torchvision ImageNet ResNets
+# (resnet101-63fe2227.pth...: our keys plus fc.*, which is ignored) and segmentation checkpoints
+# (deeplabv3_resnet*_coco-*.pth, COCO with the 20 VOC classes, like the paper's first stage, 4.2):
+# backbone.* into our backbone and, for context="aspp", its ASPP (classifier.0.*) into our
+# context module; its 3x3 head conv, classifier and auxiliary head have no counterpart here.
 # ---------------------------------------------------------------------------------------------
 
 def read_weights_file(path):
