@@ -409,15 +409,26 @@ def output_path(path, flag):
     return path
 
 
-def refuse_existing(paths, force):
-    """Before any work: nothing is overwritten without --force, and every folder an output
-    goes to can be written (made if needed, with a test file written and removed)."""
+def refuse_existing(paths, force, inputs=(), hint="pass --force to overwrite, or choose "
+                                                    "another --out"):
+    """Before any work: an output that is, holds or lies inside one of the command's `inputs`
+    ((flag, path) pairs; real paths compared, hard links too) is refused whatever the flags;
+    nothing else is overwritten without `force`; every folder an output goes to can be written
+    (made if needed, with a test file written and removed)."""
+    for p in paths:
+        for flag, i in ((f, i) for f, i in inputs if i):
+            o, r = os.path.realpath(p), os.path.realpath(i)
+            same = o == r or (os.path.exists(p) and os.path.exists(i) and os.path.samefile(p, i))
+            how = "is" if same else "holds" if r.startswith(o.rstrip(os.sep) + os.sep) else \
+                "lies inside" if o.startswith(r.rstrip(os.sep) + os.sep) else None
+            if how:
+                raise BadInput(f"output {p} {how} the input {flag} {i}: an output never replaces "
+                               f"or writes into an input, even with --force; choose another")
     there = [p for p in paths if os.path.exists(p) and not (os.path.isdir(p) and not
                                                             os.listdir(p))]  # empty: nothing lost
     if there and not force:
         more = f" (and {len(there) - 1} more)" if len(there) > 1 else ""
-        raise ExistingOutput(f"{there[0]} exists{more}; pass --force to overwrite, or choose "
-                             f"another --out")
+        raise ExistingOutput(f"{there[0]} exists{more}; {hint}")
     for folder in sorted({p if os.path.isdir(p) else os.path.dirname(os.path.abspath(p))
                           for p in paths}):
         try:

@@ -230,7 +230,8 @@ def pick_device(device_arg, local_rank=0):
     return torch.device("cuda", index)
 
 
-def predict_images(model, ck, source, out, scales, flip, device, force, log=print):
+def predict_images(model, ck, source, out, scales, flip, device, force, checkpoint=None,
+                   log=print):
     """Predict one image or every image of a folder: <out>/<stem>.png (class indices, palette)
     and <out>/<stem>_panel.png each. Returns the paths written."""
     classes = ck.get("classes") or list(data.VOC_CLASSES)
@@ -260,7 +261,7 @@ def predict_images(model, ck, source, out, scales, flip, device, force, log=prin
     if twice:
         raise data.BadInput(f"--image {source}: two outputs would share the name {twice[0]}; "
                             f"rename one of the images")
-    data.refuse_existing(outputs, force)
+    data.refuse_existing(outputs, force, [("--checkpoint", checkpoint), ("--image", source)])
     if ck.get("dataset") == "synthetic":
         log(f"note: this checkpoint was trained on the built-in synthetic data; it knows only "
             f"{', '.join(classes)}, so a photo comes out in those classes")
@@ -343,7 +344,7 @@ def main(argv=None):
                                       depth=args.depth).to(device).eval()
         if args.image:
             return predict_images(model, ck, args.image, args.out, scales, args.flip, device,
-                                  args.force)
+                                  args.force, args.checkpoint)
         return evaluate_checkpoint(model, ck, args, scales, device, rank)
     finally:
         if dist.is_initialized():
@@ -359,18 +360,19 @@ def evaluate_checkpoint(model, ck, args, scales, device, rank=0):
     same = name == ck.get("dataset")
     split = args.split or (ta.get("val_split") if same else None) or DEFAULT_SPLIT.get(name, "val")
     root = args.data_root or (ta.get("data_root") if same else None)
+    # a file per protocol: single-scale and multi-scale + flip numbers live side by side
+    scale_tag = "-".join(f"{v:g}" for v in scales)
+    out = args.json or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)),
+                                    f"eval_{name}_{split}_s{scale_tag}"
+                                    f"{'_flip' if args.flip else ''}.json")
+    data.refuse_existing([out] + ([args.save_dir] if args.save_dir else []), args.force,
+                         [("--checkpoint", args.checkpoint), ("--data-root", root)])
     ds = data.get_dataset(name, split, root, train=False, **ck.get("data_args", {}))
     if len(ds.classes) != len(classes):
         raise data.BadInput(f"{args.checkpoint} predicts {len(classes)} classes "
                             f"({', '.join(classes[:6])}{', ...' if len(classes) > 6 else ''}), "
                             f"but {name} has {len(ds.classes)}: evaluate it on the dataset it "
                             f"was trained for")
-    # a file per protocol: single-scale and multi-scale + flip numbers live side by side
-    scale_tag = "-".join(f"{v:g}" for v in scales)
-    out = args.json or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)),
-                                    f"eval_{name}_{split}_s{scale_tag}"
-                                    f"{'_flip' if args.flip else ''}.json")
-    data.refuse_existing([out] + ([args.save_dir] if args.save_dir else []), args.force)
     if dist.is_initialized():
         dist.barrier()  # every rank has checked the outputs before any rank writes one
     say = print if rank == 0 else (lambda *a: None)

@@ -1287,7 +1287,8 @@ def main(argv=None):
                 "inference": lambda: bench_inference(args.reps),
                 "loader": lambda: bench_loader(args.voc, args.n)}[args.what]()
     if args.cmd == "erf":
-        data.refuse_existing([args.out], args.force)
+        data.refuse_existing([args.out], args.force, [("--data-root", args.data_root)] +
+                             [("CHECKPOINT", c) for c in args.checkpoints])
         return erf_figure(args.checkpoints, args.out, args.images,
                           evaluation.pick_device(args.device), args.data_root)
     lock = data.FolderLock(cfg["out_dir"], f"experiments.py {args.cmd}")  # one owner a folder

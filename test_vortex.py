@@ -2562,7 +2562,9 @@ def test_a_new_run_does_not_append_to_the_log_of_a_run_that_saved_nothing(tmp_pa
     out = tmp_path / "run"
     out.mkdir()
     (out / "log.jsonl").write_text('{"iter": 1, "loss": 9.9, "lr": 0.1}\n' * 3)  # died early
-    train.main(TINY + ["--iters", "2", "--out-dir", str(out), "--no-eval"])
+    with pytest.raises(data.ExistingOutput, match="log.jsonl exists"):  # not without asking
+        train.main(TINY + ["--iters", "2", "--out-dir", str(out), "--no-eval"])
+    train.main(TINY + ["--iters", "2", "--out-dir", str(out), "--no-eval", "--resume", "auto"])
     rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [r["iter"] for r in rows] == [1, 2] and rows[0]["loss"] != 9.9
 
@@ -2664,6 +2666,93 @@ def test_ctrl_c_is_answered_at_once_and_twice_stops_without_saving(tmp_path):
     assert "SIGINT again: stopped at once, without saving; no checkpoint was saved" in \
         proc.stderr.read()
     assert not os.path.exists(os.path.join(out, "checkpoint.pt"))
+
+
+# ---- every input checked where it enters (issue 28)
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """One tiny finished run (checkpoint, log), shared by the tests of this section: copy
+    what you change."""
+    out = str(tmp_path_factory.mktemp("issue28") / "run")
+    train.main(TINY + ["--iters", "2", "--out-dir", out, "--no-eval"])
+    return out
+
+
+def refused(fn, match):
+    """fn() must raise one line of BadInput matching `match`; returns the message."""
+    with pytest.raises(data.BadInput, match=match) as e:
+        fn()
+    assert "\n" not in str(e.value), str(e.value)
+    return str(e.value)
+
+
+def test_an_output_never_replaces_or_writes_into_an_input_even_with_force(tmp_path, tiny_run):
+    ck = os.path.join(tiny_run, "checkpoint.pt")
+    before = open(ck, "rb").read()
+    refused(lambda: evaluation.main(["--checkpoint", ck, "--json", ck, "--force"]),
+            r"output .*checkpoint.pt is the input --checkpoint")
+    os.link(ck, tmp_path / "hard.json")  # another name of the same file
+    refused(lambda: evaluation.main(["--checkpoint", ck, "--json", str(tmp_path / "hard.json"),
+                                     "--force"]), r"hard.json is the input --checkpoint")
+    assert open(ck, "rb").read() == before
+    root = make_voc_tree(tmp_path / "voc")
+    masks = root / "SegmentationClass"
+    refused(lambda: evaluation.main(["--checkpoint", ck, "--dataset", "voc", "--data-root",
+                                     str(root), "--split", "train", "--save-dir", str(masks),
+                                     "--force"]), r"SegmentationClass lies inside the input "
+                                                  r"--data-root")
+    refused(lambda: evaluation.main(["--checkpoint", ck, "--dataset", "voc", "--data-root",
+                                     str(masks), "--split", "train", "--save-dir", str(root),
+                                     "--force"]), r"holds the input --data-root")
+    img = tmp_path / "s.png"
+    Image.fromarray(data.render_synthetic(0, 0, 40)[0]).save(img)
+    pic = img.read_bytes()
+    refused(lambda: evaluation.main(["--checkpoint", ck, "--image", str(img), "--out", str(img),
+                                     "--force"]), r"s.png is the input --image")
+    assert img.read_bytes() == pic and sorted(os.listdir(tmp_path)) == ["hard.json", "s.png",
+                                                                        "voc"]
+    shutil.copy(ck, tmp_path / "voc" / "ck.pt")  # an erf figure never lands on a checkpoint
+    refused(lambda: experiments.main(["erf", str(tmp_path / "voc" / "ck.pt"), "--out",
+                                      str(tmp_path / "voc" / "ck.pt"), "--force"]),
+            r"is the input CHECKPOINT")
+
+
+def test_a_new_run_never_replaces_an_earlier_runs_results(tmp_path, tiny_run):
+    out = tmp_path / "run"
+    out.mkdir()
+    for f in ("eval.json", "predictions.png", "log.jsonl"):
+        (out / f).write_text("earlier")
+    with pytest.raises(data.ExistingOutput, match=r"log.jsonl exists \(and 2 more\); they are an "
+                                                  r"earlier run's results"):
+        train.main(TINY + ["--iters", "1", "--out-dir", str(out), "--no-eval"])
+    assert sorted(os.listdir(out)) == ["eval.json", "log.jsonl", "predictions.png"]
+    assert all((out / f).read_text() == "earlier" for f in os.listdir(out))
+    root = make_voc_tree(tmp_path / "voc", ids="abcd")  # --out-dir in the data, or holding it
+    for flags in (["--dataset", "voc", "--data-root", str(root), "--out-dir", str(root / "r")],
+                  ["--init-from", os.path.join(tiny_run, "checkpoint.pt"), "--out-dir",
+                   tiny_run, "--resume", "auto"]):
+        refused(lambda: train.main(TINY + ["--iters", "3", "--no-eval"] + flags),
+                r"output .* (is|lies inside) the input --(data-root|init-from)")
+    assert not os.path.exists(root / "r") and not os.path.exists(os.path.join(tiny_run, ".lock"))
+
+
+@given(a=st.lists(st.sampled_from("xy"), min_size=1, max_size=3),
+       b=st.lists(st.sampled_from("xy"), min_size=1, max_size=3), alias=st.booleans())
+@settings(max_examples=40)
+def test_outputs_related_to_an_input_are_refused_exactly(tmp_path_factory, a, b, alias):
+    """Output and input paths in one tree (reached through a symbolic link or not): refused
+    exactly when one is the other or lies inside it, whatever --force says."""
+    top = tmp_path_factory.mktemp("tree")
+    os.symlink(top, top / "link")
+    out = os.path.join(top, "link" if alias else "", *a)
+    inp = os.path.join(top, *b)
+    related = a[:len(b)] == b or b[:len(a)] == a
+    try:
+        data.refuse_existing([out], True, [("--in", inp)])
+        assert not related
+    except data.BadInput as e:
+        assert related and "--in" in str(e)
 
 
 def documented_commands():

@@ -407,6 +407,7 @@ RESUME_MUST_MATCH = ("dataset", "split", "context", "pool_k", "depth", "base_cha
                      "context_channels", "output_stride", "multi_grid", "crop", "scale",
                      "batch_size", "accum_steps", "lr", "power", "momentum", "weight_decay", "seed",
                      "num_images", "image_size", "freeze_bn", "count_include_pad")
+RUN_OUTPUTS = ("checkpoint.pt", "log.jsonl", "eval.json", "predictions.png", "curves.png")
 EXIT_STOPPED = 3  # a graceful stop (signal): a checkpoint was saved, the run is not finished
 
 
@@ -520,8 +521,12 @@ def check_out_dir(cfg, ck_path, checkpoint_bytes):
         raise BadInput(f"{ck_path} exists: pass --resume to continue it, or choose another "
                        f"--out-dir (nothing is overwritten without asking)")
     ck = read_checkpoint_for_resume(cfg, ck_path) if exists else None
-    out = cfg["out_dir"]  # made only now, when the run starts
-    data.refuse_existing([out], force=True)  # made, and checked writable
+    out = cfg["out_dir"]  # made only now, when the run starts; an earlier run's results are
+    data.refuse_existing(  # replaced only when resuming (--resume auto may start over them)
+        [os.path.join(out, f) for f in RUN_OUTPUTS], cfg["resume"] is not None,
+        [(f"--{k.replace('_', '-')}", cfg[k]) for k in ("data_root", "pretrained", "init_from")],
+        hint="they are an earlier run's results: choose another --out-dir (or --resume auto to "
+             "replace them)")
     free, limit = shutil.disk_usage(out).free, resource.getrlimit(resource.RLIMIT_FSIZE)[0]
     if free < 1.2 * checkpoint_bytes:  # the new checkpoint's temp file beside the old one
         raise BadInput(f"--out-dir {out}: {free / 2 ** 30:.2f} GiB free, but a checkpoint "
