@@ -411,19 +411,10 @@ def output_path(path, flag):
 
 def refuse_existing(paths, force, inputs=(), hint="pass --force to overwrite, or choose "
                                                     "another --out"):
-    """Before any work: an output that is, holds or lies inside one of the command's `inputs`
-    ((flag, path) pairs; real paths compared, hard links too) is refused whatever the flags;
-    nothing else is overwritten without `force`; every folder an output goes to can be written
-    (made if needed, with a test file written and removed)."""
-    for p in paths:
-        for flag, i in ((f, i) for f, i in inputs if i):
-            o, r = os.path.realpath(p), os.path.realpath(i)
-            same = o == r or (os.path.exists(p) and os.path.exists(i) and os.path.samefile(p, i))
-            how = "is" if same else "holds" if r.startswith(o.rstrip(os.sep) + os.sep) else \
-                "lies inside" if o.startswith(r.rstrip(os.sep) + os.sep) else None
-            if how:
-                raise BadInput(f"output {p} {how} the input {flag} {i}: an output never replaces "
-                               f"or writes into an input, even with --force; choose another")
+    """Before any work: refuse_inputs(paths, inputs); nothing is overwritten without `force`;
+    every folder an output goes to can be written (made if needed, with a test file written and
+    removed)."""
+    refuse_inputs(paths, inputs)
     there = [p for p in paths if os.path.exists(p) and not (os.path.isdir(p) and not
                                                             os.listdir(p))]  # empty: nothing lost
     if there and not force:
@@ -438,6 +429,20 @@ def refuse_existing(paths, force, inputs=(), hint="pass --force to overwrite, or
             os.unlink(test)
         except OSError as e:
             raise BadInput(f"cannot write into {folder}: {e.strerror or e}") from None
+
+
+def refuse_inputs(paths, inputs):
+    """An output that is, holds or lies inside one of the command's `inputs` ((flag, path)
+    pairs; real paths compared, hard links too) is refused whatever the flags."""
+    for p in paths:
+        for flag, i in ((f, i) for f, i in inputs if i):
+            o, r = os.path.realpath(p), os.path.realpath(i)
+            same = o == r or (os.path.exists(p) and os.path.exists(i) and os.path.samefile(p, i))
+            how = "is" if same else "holds" if r.startswith(o.rstrip(os.sep) + os.sep) else \
+                "lies inside" if o.startswith(r.rstrip(os.sep) + os.sep) else None
+            if how:
+                raise BadInput(f"output {p} {how} the input {flag} {i}: an output never replaces "
+                               f"or writes into an input, even with --force; choose another")
 
 
 def _umask():
@@ -510,10 +515,11 @@ class FolderLock:
     """An exclusive lock on a folder for one command's run (train.py --out-dir, a prepared
     dataset): a second command on the same folder is refused, naming the holder. It is an
     fcntl lock on folder/.lock, which the system drops with the process however it ends (even
-    kill -9), so a dead run never leaves a stale lock."""
+    kill -9), so a dead run never leaves a stale lock. release(remove=True) after a refused
+    start takes away the lock file and the folders the lock made, when they are empty."""
 
     def __init__(self, folder, what):
-        self.path = os.path.join(folder, ".lock")
+        self.path, self.fd, self.made = os.path.join(folder, ".lock"), None, first_missing(folder)
         try:
             os.makedirs(folder, exist_ok=True)
             self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
@@ -526,22 +532,52 @@ class FolderLock:
             os.close(self.fd)
             raise BadInput(f"{folder} is in use by {holder}; wait for it to finish, or choose "
                            f"another folder") from None
-        os.ftruncate(self.fd, 0)
-        os.write(self.fd, f"{what} (pid {os.getpid()} on {socket.gethostname()})".encode())
+        try:
+            os.ftruncate(self.fd, 0)
+            os.write(self.fd, f"{what} (pid {os.getpid()} on {socket.gethostname()})".encode())
+        except OSError as e:
+            self.release(remove=True)
+            raise BadInput(f"cannot write the lock {self.path}: {write_failure(e, folder, 0)}; "
+                           f"nothing was started") from None
 
     def release(self, remove=False):
         if self.fd is not None:
             if remove:  # only the holder may remove it, before letting go
                 os.unlink(self.path)
+                remove_empty(os.path.dirname(self.path), self.made)
             fcntl.flock(self.fd, fcntl.LOCK_UN)
             os.close(self.fd)
             self.fd = None
+
+
+def first_missing(path):
+    """The outermost folder of `path` that does not exist yet (None if it all exists)."""
+    p, top = os.path.abspath(path), None
+    while not os.path.exists(p):
+        p, top = os.path.dirname(p), p
+    return top
+
+
+def remove_empty(path, top):
+    """Remove `path` and its parents up to `top` while they are empty folders."""
+    p = os.path.abspath(path)
+    while top and os.path.isdir(p) and not os.listdir(p) and os.rmdir(p) is None and p != top:
+        p = os.path.dirname(p)
 
 
 def is_plain_name(name):
     """A file name or id that stays inside its folder: no folder part, no '..', not absolute."""
     return (isinstance(name, str) and name not in ("", ".", "..") and not os.path.isabs(name)
             and os.path.basename(name) == name and "\\" not in name and "\0" not in name)
+
+
+def plain_name(name, what):
+    """`name` when it is a plain name (is_plain_name), else one line naming `what` (a flag, a
+    record field): every name that becomes a path stays inside its folder."""
+    if not is_plain_name(name):
+        raise BadInput(f"{what} {name!r} is not a plain file name inside its folder (a folder "
+                       f"part, '..' or an absolute path would reach outside it); refused")
+    return name
 
 
 def file_digest(path):
@@ -947,17 +983,6 @@ def _read_coco(annotations, images):
     return coco
 
 
-def _plain_name(img, annotations):
-    """The image's file_name, refused unless it is a plain name inside the image folder: a name
-    with a folder part, '..' or an absolute path would make us write outside --out."""
-    name = img.get("file_name")
-    if not is_plain_name(name):
-        raise BadInput(f"{annotations}: image id {img.get('id')} has file_name {name!r}, which "
-                       f"is not a plain file name inside the image folder; refused (it would "
-                       f"write outside --out)")
-    return name
-
-
 def prepare_coco(annotations, images, out, split=None, min_pixels=1000, log=print,
                  strict=False, overwrite=False):
     """Write out/SegmentationClass/<name>.png (VOC palette), out/JPEGImages/<name>.jpg (links to
@@ -967,7 +992,8 @@ def prepare_coco(annotations, images, out, split=None, min_pixels=1000, log=prin
     interrupted run with the same settings are kept; other settings need `overwrite`. Returns
     the counts."""
     coco = _read_coco(annotations, images)
-    split = split or os.path.splitext(os.path.basename(annotations))[0].replace("instances_", "")
+    split = plain_name(split or os.path.splitext(os.path.basename(annotations))[0].replace(
+        "instances_", ""), "--split")
     settings = {"annotations": os.path.abspath(annotations), "min_pixels": min_pixels,
                 "annotations_sha256": file_digest(annotations)}  # by content, not only by name
     record = os.path.join(out, "ImageSets", "Segmentation", split + ".settings.json")
@@ -994,7 +1020,8 @@ def prepare_coco(annotations, images, out, split=None, min_pixels=1000, log=prin
                 raise BadInput(f"{annotations}: image record {img.get('id')}: {problems[0]}")
             skipped.append((f"image {img.get('id')}", problems[0]))
             continue
-        name = _plain_name(img, annotations)
+        name = plain_name(img.get("file_name"), f"{annotations}: image id {img.get('id')} has "
+                                                f"file_name")
         stem = os.path.splitext(name)[0]
         src = os.path.join(images, name)
         mask_path = os.path.join(out, "SegmentationClass", stem + ".png")
@@ -1066,28 +1093,38 @@ def parser():
                         "another annotation file)")
     s.add_argument("--min-pixels", type=int, default=1000,
                    help="VOC objects smaller than this are discarded, i.e. marked 255 and "
-                        "ignored by the loss (paper 4.2: 1000)")
+                        "ignored by the loss (paper 4.2: 1000); 0..10^8")
     return p
 
 
 def main(argv=None):
-    p = parser()
-    args = p.parse_args(argv)
-    if args.cmd in ("prepare-sbd", "prepare-coco"):  # one preparation per folder at a time
-        if args.cmd == "prepare-coco" and args.min_pixels < 0:
-            raise BadInput(f"--min-pixels {args.min_pixels}: must be >= 0")
-        folder = args.voc if args.cmd == "prepare-sbd" else args.out
-        if args.cmd == "prepare-sbd" and not os.path.isdir(folder):
+    args = parser().parse_args(argv)
+    if args.cmd == "prepare-coco":  # everything is checked before the folder is locked
+        if not 0 <= args.min_pixels <= 10 ** 8:
+            raise BadInput(f"--min-pixels {args.min_pixels}: must be a whole number in 0..10^8")
+        if args.split is not None:
+            plain_name(args.split, "--split")
+        folder, inputs = output_path(args.out, "--out"), [("--annotations", args.annotations),
+                                                          ("--images", args.images)]
+        outputs = [os.path.join(folder, d) for d in ("SegmentationClass", "JPEGImages",
+                                                     "ImageSets")]
+    else:
+        folder, inputs = args.voc, [("--sbd", args.sbd)]
+        outputs = [os.path.join(folder, "SegmentationClassAug"),
+                   os.path.join(folder, "ImageSets", "Segmentation", "train_aug.txt")]
+        if not os.path.isdir(folder):
             raise MissingInput(f"--voc {folder}: no such folder\n{VOC_TREE}")
-        lock = FolderLock(folder, f"data.py {args.cmd}")
-        try:
-            if args.cmd == "prepare-sbd":
-                prepare_sbd(args.sbd, args.voc, args.overwrite)
-            else:
-                prepare_coco(args.annotations, args.images, args.out, args.split,
-                             args.min_pixels, strict=args.strict, overwrite=args.overwrite)
-        finally:
-            lock.release()
+    refuse_inputs(outputs, inputs)
+    lock, done = FolderLock(folder, f"data.py {args.cmd}"), False  # one preparation a folder
+    try:
+        if args.cmd == "prepare-sbd":
+            prepare_sbd(args.sbd, args.voc, args.overwrite)
+        else:
+            prepare_coco(args.annotations, args.images, args.out, args.split,
+                         args.min_pixels, strict=args.strict, overwrite=args.overwrite)
+        done = True
+    finally:
+        lock.release(remove=not done)  # a refused start leaves no lock and no new folder
 
 
 if __name__ == "__main__":

@@ -337,6 +337,9 @@ def main(argv=None):
                             "the evaluation of a dataset over GPUs")
     if not args.checkpoint:
         p.error("--checkpoint is required")
+    for flag in ("json", "save_dir", "out"):
+        if getattr(args, flag) is not None:
+            data.output_path(getattr(args, flag), "--" + flag.replace("_", "-"))
     rank, _, device = setup_distributed(args.device, fixed_sizes=False)
     try:
         ck = load_checkpoint(args.checkpoint)
@@ -358,7 +361,8 @@ def evaluate_checkpoint(model, ck, args, scales, device, rank=0):
     ta = ck.get("train_args", {})
     name = args.dataset or ck.get("dataset", "synthetic")
     same = name == ck.get("dataset")
-    split = args.split or (ta.get("val_split") if same else None) or DEFAULT_SPLIT.get(name, "val")
+    split = data.plain_name(args.split or (ta.get("val_split") if same else None) or
+                            DEFAULT_SPLIT.get(name, "val"), "--split")
     root = args.data_root or (ta.get("data_root") if same else None)
     # a file per protocol: single-scale and multi-scale + flip numbers live side by side
     scale_tag = "-".join(f"{v:g}" for v in scales)

@@ -1252,6 +1252,8 @@ def parse(argv=None):
         v = getattr(args, k, None)
         if v is not None and not lo <= v <= hi:
             raise BadInput(f"--{k.replace('_', '-')} {v}: must be a whole number in {lo}..{hi}")
+    if getattr(args, "out", None) is not None:
+        data.output_path(args.out, "--out")
     if args.cmd == "context":
         if not (math.isfinite(args.lr) and 0 < args.lr <= 10):
             raise BadInput(f"--lr {args.lr}: must be a number in (0, 10]")
@@ -1292,12 +1294,14 @@ def main(argv=None):
         return erf_figure(args.checkpoints, args.out, args.images,
                           evaluation.pick_device(args.device), args.data_root)
     lock = data.FolderLock(cfg["out_dir"], f"experiments.py {args.cmd}")  # one owner a folder
+    done = False
     try:
-        if args.cmd == "context":
-            return context_experiment(cfg, args.seeds)
-        return ablation(dict(cfg, erf_images=args.erf_images), args.seeds)
+        result = context_experiment(cfg, args.seeds) if args.cmd == "context" else \
+            ablation(dict(cfg, erf_images=args.erf_images), args.seeds)
+        done = True
+        return result
     finally:
-        lock.release()
+        lock.release(remove=not done)  # a refused start leaves no lock and no new folder
         if dist.is_initialized():
             dist.destroy_process_group()
 

@@ -2755,6 +2755,50 @@ def test_outputs_related_to_an_input_are_refused_exactly(tmp_path_factory, a, b,
         assert related and "--in" in str(e)
 
 
+@given(name=st.text(alphabet="ab./\\\0 ", min_size=0, max_size=6))
+def test_a_name_that_becomes_a_path_stays_inside_its_folder(name):
+    root = "/r/oot"
+    try:
+        assert data.plain_name(name, "--split") == name
+    except data.BadInput as e:
+        assert str(e).startswith("--split ") and "\n" not in str(e)
+        return
+    path = os.path.normpath(os.path.join(root, name + ".txt"))
+    assert os.path.dirname(path) == root and "\0" not in name
+
+
+def test_split_names_and_output_names_are_refused_before_anything_is_written(tmp_path, tiny_run):
+    ck = os.path.join(tiny_run, "checkpoint.pt")
+    root = make_voc_tree(tmp_path / "voc", ids="abcd")
+    (tmp_path / "outside_list.txt").write_text("a\nb\n")
+    escape = os.path.relpath(tmp_path / "outside_list", root / "ImageSets" / "Segmentation")
+    refused(lambda: evaluation.main(["--checkpoint", ck, "--dataset", "voc", "--data-root",
+                                     str(root), "--split", escape]),
+            r"--split '\.\./.*outside_list' is not a plain file name inside its folder")
+    for flag in ("--split", "--val-split"):
+        refused(lambda: train.main(TINY + ["--dataset", "voc", "--data-root", str(root), flag,
+                                           escape, "--out-dir", str(tmp_path / "r")]),
+                rf"{flag} '\.\./")
+    ann, imgs = coco_file(tmp_path, [{"id": 7, "file_name": "a.jpg", "height": 40, "width": 40}],
+                          [{"id": 1, "image_id": 7, "category_id": 1, "segmentation": SQUARE}])
+    refused(lambda: data.main(["prepare-coco", "--annotations", ann, "--images", imgs, "--out",
+                               str(tmp_path / "c"), "--split", "../../../escaped"]),
+            r"--split '\.\./\.\./\.\./escaped' is not a plain")
+    for argv in (["prepare-coco", "--annotations", ann, "--images", imgs, "--out", imgs],
+                 ["prepare-coco", "--annotations", ann, "--images",
+                  str(tmp_path / "c2" / "JPEGImages"), "--out", str(tmp_path / "c2")]):
+        refused(lambda: data.main(argv), r"(is|lies inside) the input --images")
+    refused(lambda: data.main(["prepare-coco", "--annotations", ann, "--images", imgs, "--out",
+                               ""]), r"--out '': give a file or folder name")
+    for argv in (["context", "--seeds", "1", "--out-dir", ""], ["figure", "synthetic", "--out", ""],
+                 ["erf", ck, "--out", ""], ["ablation", "--seeds", "1", "--out-dir", ""]):
+        refused(lambda: experiments.main(argv), r"--out(-dir)? '': give a file or folder name")
+    for flag in ("--json", "--save-dir"):
+        refused(lambda: evaluation.main(["--checkpoint", ck, flag, " "]), rf"{flag} ' ': give")
+    assert sorted(os.listdir(tmp_path)) == ["imgs", "instances_x.json", "outside_list.txt",
+                                            "voc"]
+
+
 def documented_commands():
     """Every `python X.py ...` / `torchrun ... X.py ...` command in the bash blocks of README and
     docs/, with shell loops expanded: (page, script, argument list)."""

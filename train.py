@@ -419,7 +419,7 @@ def start_or_resume(run):
     if cfg["amp"] == "fp16" and run.device.type != "cuda":
         raise BadInput("--amp fp16 needs CUDA; use --amp bf16 on CPU")
     size = 2.2 * sum(t.numel() * t.element_size() for t in run.model.state_dict().values())
-    made, ck = first_missing(cfg["out_dir"]), None  # the folders this run will have made
+    ck = None
 
     def decide():
         nonlocal ck
@@ -432,8 +432,7 @@ def start_or_resume(run):
             take_weights(run.model, cfg, verbose=run.rank == 0)
     except BadInput:
         if run.rank == 0:
-            release_out_dir(run, remove=True)
-            remove_empty(cfg["out_dir"], made)
+            release_out_dir(run, remove=True)  # with the folders it made
         raise
     return ck
 
@@ -443,21 +442,6 @@ def release_out_dir(run, remove=False):
     if getattr(run, "lock", None) is not None:
         run.lock.release(remove)
         run.lock = None
-
-
-def first_missing(path):
-    """The outermost folder of `path` that does not exist yet (None if it all exists)."""
-    p, top = os.path.abspath(path), None
-    while not os.path.exists(p):
-        p, top = os.path.dirname(p), p
-    return top
-
-
-def remove_empty(path, top):
-    """Remove `path` and its parents up to `top` while they are empty folders."""
-    p = os.path.abspath(path)
-    while top and os.path.isdir(p) and not os.listdir(p) and os.rmdir(p) is None and p != top:
-        p = os.path.dirname(p)
 
 
 def take_weights(model, cfg, verbose):
@@ -927,6 +911,8 @@ def parse_multi_grid(values, depth, explicit):
 
 def check_config(cfg):
     """One line naming the flag and what is allowed, for every value that cannot work."""
+    for k in ("split", "val_split"):
+        data.plain_name(cfg[k], f"--{k.replace('_', '-')}")
     def need(ok, flag, allowed):
         if not ok:
             value = cfg[flag.replace("-", "_")]
