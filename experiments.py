@@ -434,7 +434,7 @@ def ablation_run(run):
         return rec["miou"], rec["context_miou"], rec["seconds"]
     resume = os.path.exists(os.path.join(run["out_dir"], "checkpoint.pt"))
     t = time.time()
-    res = train.train(dict(run, resume="auto", no_eval=False))
+    res = train.run_training(dict(run, resume="auto", no_eval=False))
     rec = dict(config=key, miou=res["miou"], context_miou=res.get("context_miou", float("nan")),
                seconds=time.time() - t, resumed=resume)
     if not dist.is_initialized() or dist.get_rank() == 0:

@@ -2799,6 +2799,126 @@ def test_split_names_and_output_names_are_refused_before_anything_is_written(tmp
                                             "voc"]
 
 
+def changed_checkpoint(tiny_run, path, change):
+    """tiny_run's checkpoint with change(ck) applied, saved to `path`."""
+    ck = torch.load(os.path.join(tiny_run, "checkpoint.pt"), weights_only=True)
+    change(ck)
+    torch.save(ck, path)
+    return str(path)
+
+
+def setter(field, value):
+    """A change that sets (or, with value 'delete', removes) field 'a' or 'a.b' of a checkpoint."""
+    def change(ck):
+        *parents, last = field.split(".", 1)
+        obj = ck
+        for p in parents:
+            obj = obj[p]
+        if value == "delete":
+            del obj[last]
+        else:
+            obj[last] = value
+    return change
+
+
+BAD_CHECKPOINTS = [  # (field, value, what the one line must name)
+    ("config.context", "foo", "config.context is 'foo'; allowed: one of vortex"),
+    ("config.output_stride", 12, "config.output_stride is 12; allowed: one of 8, 16, 32"),
+    ("config.depth", 19, "config.depth is 19"),
+    ("model.classifier.bias", "delete", "its weights do not fit the model its config describes "
+                                        "(model.classifier.bias: missing)"),
+    ("model.classifier.weight", torch.zeros(5, 3, 1, 1), "model.classifier.weight: shape (5, 3, "
+                                                         "1, 1), the model's (5, 8, 1, 1)"),
+    ("config.extra", 1, "config.extra is an unknown field"),
+    ("config.base_channels", "delete", "config.base_channels is missing"),
+    ("config.dropout", 1.5, "config.dropout is 1.5; allowed: a number in [0, 1)"),
+    ("config", [1, 2], "config is [1, 2]; allowed: a dict"),
+    ("config.pool_k", 4, "config.pool_k is 4; allowed: an odd whole number"),
+    ("data_args.crop", 5, "data_args is"), ("data_args.num_images", -3, "data_args is"),
+    ("data_args.num_images", 7, "data_args is {'num_images': 7"),
+    ("train_args", None, "train_args is None"), ("iteration", "5", "iteration is '5'"),
+    ("iteration", "delete", "iteration is missing"), ("model", torch.zeros(3), "model is"),
+    ("config.context", "aspp", "train_args.context is 'vortex' but config.context is 'aspp'"),
+    ("train_args.context", "aspp", "train_args.context is 'aspp' but config.context"),
+    ("train_args.val_split", "../../x", "train_args.val_split is '../../x'"),
+    ("classes", ["a"], "len(classes) is 1 but config.num_classes is 5"),
+    ("palette", [[0, 0, 0]], "palette is"), ("dataset", "imagenet", "dataset is 'imagenet'"),
+]
+
+
+@pytest.mark.parametrize("field,value,message", BAD_CHECKPOINTS)
+def test_a_checkpoint_is_checked_as_a_whole_before_anything_is_built(tmp_path, tiny_run, field,
+                                                                      value, message):
+    path = changed_checkpoint(tiny_run, tmp_path / "ck.pt", setter(field, value))
+    for use in (lambda: evaluation.main(["--checkpoint", path, "--workers", "0"]),
+                lambda: train.main(TINY + ["--iters", "1", "--out-dir", str(tmp_path / "i"),
+                                           "--init-from", path, "--no-eval"]),
+                lambda: experiments.main(["erf", path, "--out", str(tmp_path / "e.png")])):
+        assert path + ": " in refused(use, re.escape(message))
+    assert sorted(os.listdir(tmp_path)) == ["ck.pt"]  # nothing evaluated, trained or drawn
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("optimizer", "delete", "optimizer is missing"), ("rng_cpu", torch.zeros(3, dtype=torch.uint8),
+                                                     "rng_cpu is"),
+    ("epoch", -1, "epoch is -1"), ("scaler", None, "scaler is None"),
+    ("optimizer.param_groups", [], "optimizer does not fit this model's optimizer"),
+])
+def test_a_resumed_checkpoint_needs_its_whole_training_state(tmp_path, tiny_run, field, value,
+                                                             message):
+    out = tmp_path / "run"
+    out.mkdir()
+    path = changed_checkpoint(tiny_run, out / "checkpoint.pt", setter(field, value))
+    refused(lambda: train.main(TINY + ["--iters", "3", "--out-dir", str(out), "--resume"]),
+            re.escape(message))
+    assert sorted(os.listdir(out)) == ["checkpoint.pt"] and os.path.getsize(path) > 0
+
+
+FIELDS = ([f"config.{k}" for k in evaluation.CONFIG_FIELDS] + list(evaluation.CHECKPOINT_FIELDS) +
+          list(evaluation.RESUME_FIELDS) + [f"train_args.{k}" for k in
+                                            ("val_split", "data_root", "seed", "context")])
+VALUES = st.one_of(st.none(), st.booleans(), st.integers(-2 ** 70, 2 ** 70), st.floats(),
+                   st.text(max_size=4), st.lists(st.integers(-3, 300), max_size=3),
+                   st.dictionaries(st.sampled_from(["state", "num_images", "x"]),
+                                   st.integers(-1, 3), max_size=2),
+                   st.just(torch.zeros(2, 2)), st.just("delete"))
+
+
+@given(field=st.sampled_from(FIELDS), value=VALUES)
+@settings(max_examples=150)
+def test_any_corrupted_field_is_one_line_naming_it_or_harmless(tiny_run, field, value):
+    """Random corruptions of a valid checkpoint's fields: a one-line BadInput that names the
+    field (or the weights), never another exception; accepted only when the value is allowed."""
+    from unittest import mock
+    ck = torch.load(os.path.join(tiny_run, "checkpoint.pt"), weights_only=True)
+    parent, last = (ck[field.split(".")[0]], field.split(".")[1]) if "." in field else (ck, field)
+    before = repr(parent.get(last))
+    setter(field, value)(ck)
+    with mock.patch.object(vortex, "read_weights_file", lambda p: ck):
+        try:
+            evaluation.load_checkpoint("ck.pt", resume=True)
+        except data.BadInput as e:
+            text = str(e)
+            assert "\n" not in text and text.startswith("ck.pt") and (
+                field.split(".")[-1] in text or "weights do not fit" in text), text
+            return
+    harmless = {"config.dropout", "train_args.val_split", "train_args.data_root",
+                "train_args.seed", "scaler", "rng_cuda", "iteration", "epoch", "batch_in_epoch",
+                "train_args"}  # other allowed values exist for these
+    assert (field in harmless and value != "delete") or repr(value) == before, (field, value)
+
+
+def test_a_mixed_up_checkpoint_is_refused_on_the_command_line(tmp_path, tiny_run):
+    path = changed_checkpoint(tiny_run, tmp_path / "ck.pt", setter("config.context", "aspp"))
+    proc = subprocess.run([sys.executable, os.path.join(HERE, "eval.py"), "--checkpoint", path],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.splitlines() == [f"error: {path}: train_args.context is 'vortex' but "
+                                        f"config.context is 'aspp': they must agree (an edited "
+                                        f"or mixed-up checkpoint); refused"]
+    assert sorted(os.listdir(tmp_path)) == ["ck.pt"]
+
+
 def documented_commands():
     """Every `python X.py ...` / `torchrun ... X.py ...` command in the bash blocks of README and
     docs/, with shell loops expanded: (page, script, argument list)."""

@@ -418,6 +418,9 @@ def start_or_resume(run):
     cfg = run.cfg
     if cfg["amp"] == "fp16" and run.device.type != "cuda":
         raise BadInput("--amp fp16 needs CUDA; use --amp bf16 on CPU")
+    if not cfg["no_eval"]:  # the final evaluation's data is checked now, not after training
+        run.val_set = data.get_dataset(cfg["dataset"], cfg["val_split"], cfg["data_root"],
+                                       train=False, seed=cfg["seed"], **cfg["val_data_args"])
     size = 2.2 * sum(t.numel() * t.element_size() for t in run.model.state_dict().values())
     ck = None
 
@@ -426,15 +429,25 @@ def start_or_resume(run):
         run.lock = data.FolderLock(cfg["out_dir"], "train.py")  # one run owns --out-dir
         ck = check_out_dir(cfg, run.ck_path, size)
         return ck is not None
-    try:
-        run.resumed = on_rank0(decide)
-        if not run.resumed:
-            take_weights(run.model, cfg, verbose=run.rank == 0)
-    except BadInput:
-        if run.rank == 0:
-            release_out_dir(run, remove=True)  # with the folders it made
-        raise
+    STARTING.append(run)  # until its first step, a refusal undoes the start (abandon_start)
+    run.resumed = on_rank0(decide)
+    if not run.resumed:
+        take_weights(run.model, cfg, verbose=run.rank == 0)
     return ck
+
+
+STARTING = []  # runs that took --out-dir and have not begun their first step
+
+
+def run_training(cfg):
+    """train(cfg); a refusal before the first step (here or in setup: --sync-bn, the
+    optimizer's state, ...) leaves no lock and no new folder behind."""
+    try:
+        return train(cfg)
+    except BadInput:
+        while STARTING:
+            release_out_dir(STARTING.pop(), remove=True)  # with the folders it made
+        raise
 
 
 def release_out_dir(run, remove=False):
@@ -483,10 +496,17 @@ def restore(run, ck):
     state = from_rank0({k: ck[k] for k in ("model", "optimizer", "scaler", "rng_cpu", "rng_cuda",
                                            "iteration", "epoch", "batch_in_epoch")}
                        if ck is not None else None)
-    run.model.load_state_dict(state["model"])
-    run.optimizer.load_state_dict(state["optimizer"])
-    if run.scaler is not None and state["scaler"]:
-        run.scaler.load_state_dict(state["scaler"])
+    run.model.load_state_dict(state["model"])  # names and shapes checked with the checkpoint
+    try:  # the optimizer's and scaler's states fit only the optimizer built here: tried here
+        run.optimizer.load_state_dict(state["optimizer"])
+        if run.scaler is not None and state["scaler"]:
+            run.scaler.load_state_dict(state["scaler"])
+        if any(getattr(run.optimizer.state[p].get("momentum_buffer", p), "shape", None) != p.shape
+               for g in run.optimizer.param_groups for p in g["params"]):
+            raise ValueError("a momentum buffer has another shape than its weight")
+    except (ValueError, KeyError, TypeError, RuntimeError, AttributeError) as e:
+        raise BadInput(f"{run.ck_path}: optimizer does not fit this model's optimizer "
+                       f"({(str(e).splitlines() or ['?'])[0][:150]}); refused") from None
     torch.set_rng_state(state["rng_cpu"].to(torch.uint8))
     if run.device.type == "cuda" and state["rng_cuda"].numel():
         torch.cuda.set_rng_state(state["rng_cuda"].to(torch.uint8))
@@ -555,7 +575,7 @@ def resume_differences(saved, cfg):
 
 def read_checkpoint_for_resume(cfg, path):
     """Rank 0 reads the checkpoint and refuses a resume that would be another experiment."""
-    ck = evaluation.load_checkpoint(path)
+    ck = evaluation.load_checkpoint(path, resume=True)
     wrong = resume_differences(ck.get("train_args", {}), cfg)
     if wrong:
         raise BadInput(f"--resume: {path} is another experiment; these differ: "
@@ -660,6 +680,7 @@ class guard(contextlib.AbstractContextManager):
                         f"point), then the run stops; {name} again stops at once without saving",
                         file=sys.stderr)
         self.old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        STARTING.clear()  # the run has begun: its folder holds it now
         return self
 
     def asked(self, it):
@@ -759,8 +780,7 @@ def final_evaluation(run):
     """Single-scale, no flip (paper 4.1 for ablations), via eval.py's one implementation."""
     cfg, model, out = run.cfg, run.model, run.cfg["out_dir"]
     torch.backends.cudnn.benchmark = False  # whole images of many sizes: no autotuning per size
-    val = data.get_dataset(cfg["dataset"], cfg["val_split"], cfg["data_root"], train=False,
-                           seed=cfg["seed"], **cfg["val_data_args"])
+    val = run.val_set  # built and checked at the start
     t = time.time()
     res = evaluation.evaluate(model, val, device=run.device, log=rank0_print,
                               workers=cfg["workers"], amp=cfg["amp"])
@@ -971,7 +991,7 @@ def main(argv=None):
     cfg = parse_args(argv)
     vortex.keep_freed_memory()  # large tensors reuse memory instead of page-faulting it in
     try:
-        return train(cfg)
+        return run_training(cfg)
     except FloatingPointError as e:
         sys.exit(str(e))
     finally:
