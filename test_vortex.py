@@ -2919,6 +2919,49 @@ def test_a_mixed_up_checkpoint_is_refused_on_the_command_line(tmp_path, tiny_run
     assert sorted(os.listdir(tmp_path)) == ["ck.pt"]
 
 
+def test_resuming_continues_the_same_experiment_or_refuses(tmp_path, tiny_run, monkeypatch,
+                                                           capsys):
+    root, other = (make_voc_tree(tmp_path / d, ids="abcd") for d in ("voc", "other"))
+    out = str(tmp_path / "run")
+    voc = TINY + ["--dataset", "voc", "--split", "train", "--val-split", "train", "--batch-size",
+                  "2", "--out-dir", out, "--no-eval"]
+    train.main(voc + ["--data-root", str(root), "--iters", "1"])
+    refused(lambda: train.main(voc + ["--data-root", str(other), "--iters", "3", "--resume"]),
+            r"another experiment; these differ: --data-root .*other/\w+ \(checkpoint: .*voc/\w+\)")
+    with open(root / "ImageSets" / "Segmentation" / "train.txt", "a") as f:
+        f.write("a2\n")  # the same folder, another list: other data
+    for p in ("JPEGImages/a2.jpg", "SegmentationClass/a2.png"):
+        shutil.copy(root / p.replace("a2", "a"), root / p)
+    refused(lambda: train.main(voc + ["--data-root", str(root), "--iters", "3", "--resume"]),
+            r"these differ: --split-sha256 \w+ \(checkpoint: \w+\)")
+    run = str(tmp_path / "copy")
+    shutil.copytree(tiny_run, run)
+    os.remove(os.path.join(run, ".lock"))
+    before = {f: open(os.path.join(run, f), "rb").read() for f in os.listdir(run)}
+    refused(lambda: train.main(TINY + ["--iters", "1", "--out-dir", run, "--resume"]),
+            r"checkpoint.pt is at iteration 2, past --iters 1; give --iters 2 or more")
+    capsys.readouterr()
+    train.main(TINY + ["--iters", "2", "--out-dir", run, "--resume", "--no-eval"])
+    assert "is at iteration 2 (--iters): nothing left to train; nothing is done" in \
+        capsys.readouterr().out
+    monkeypatch.setitem(train.COMMON, "label_smoothing", 0.1)  # an option added since
+    refused(lambda: train.main(TINY + ["--iters", "3", "--out-dir", run, "--resume"]),
+            r"these differ: --label-smoothing 0.1 \(checkpoint: unrecorded\)")
+    assert {f: open(os.path.join(run, f), "rb").read() for f in os.listdir(run)
+            if f != ".lock"} == before
+
+
+@given(key=st.sampled_from(sorted(train.parse_args(["--out-dir", "x"]))),
+       value=st.one_of(st.integers(), st.text(max_size=3), st.none(), st.booleans()))
+def test_every_setting_is_part_of_a_runs_identity_unless_listed_as_safe(key, value):
+    saved = train.parse_args(["--out-dir", "x"])
+    now = dict(saved, **{key: value})
+    differs = json.dumps(now[key], default=repr) != json.dumps(saved[key], default=repr)
+    wrong = train.resume_differences(saved, now)
+    assert bool(wrong) == (differs and key not in train.RESUME_MAY_CHANGE), (key, wrong)
+    assert not wrong or wrong[0].startswith(f"--{key.replace('_', '-')} ")
+
+
 def documented_commands():
     """Every `python X.py ...` / `torchrun ... X.py ...` command in the bash blocks of README and
     docs/, with shell loops expanded: (page, script, argument list)."""

@@ -398,15 +398,14 @@ def on_rank0(fn, *args):
 # ---------------------------------------------------------------------------------------------
 # Starting or resuming a run. Only rank 0 looks at --out-dir and reads checkpoints; the other
 # ranks receive what they need over the process group, so no shared filesystem is needed.
-# A resumed run must be the same experiment: RESUME_MUST_MATCH must equal the checkpoint's.
-# Everything else (--iters to extend, --workers, --log-every, --save-every, --amp, --device,
-# --sync-bn, ...) may change on resume.
+# A resumed run must be the same experiment: its whole configuration (the data included: the
+# split list's content) equals the checkpoint's, except the settings of RESUME_MAY_CHANGE, so
+# that a new option is part of a run's identity unless it is listed here.
 # ---------------------------------------------------------------------------------------------
 
-RESUME_MUST_MATCH = ("dataset", "split", "context", "pool_k", "depth", "base_channels",
-                     "context_channels", "output_stride", "multi_grid", "crop", "scale",
-                     "batch_size", "accum_steps", "lr", "power", "momentum", "weight_decay", "seed",
-                     "num_images", "image_size", "freeze_bn", "count_include_pad")
+RESUME_MAY_CHANGE = ("iters", "workers", "log_every", "save_every", "amp", "device", "sync_bn",
+                     "channels_last", "compile", "deterministic", "no_eval", "stop_after",
+                     "resume", "out_dir", "pretrained", "init_from", "val_data_args")
 RUN_OUTPUTS = ("checkpoint.pt", "log.jsonl", "eval.json", "predictions.png", "curves.png")
 EXIT_STOPPED = 3  # a graceful stop (signal): a checkpoint was saved, the run is not finished
 
@@ -418,6 +417,9 @@ def start_or_resume(run):
     cfg = run.cfg
     if cfg["amp"] == "fp16" and run.device.type != "cuda":
         raise BadInput("--amp fp16 needs CUDA; use --amp bf16 on CPU")
+    if getattr(run.train_set, "split", None) is not None:  # the data is part of the run
+        cfg["split_sha256"] = data.file_digest(os.path.join(
+            run.train_set.root, "ImageSets", "Segmentation", run.train_set.split + ".txt"))
     if not cfg["no_eval"]:  # the final evaluation's data is checked now, not after training
         run.val_set = data.get_dataset(cfg["dataset"], cfg["val_split"], cfg["data_root"],
                                        train=False, seed=cfg["seed"], **cfg["val_data_args"])
@@ -566,23 +568,32 @@ def save_checkpoint(run, it):
 
 
 def resume_differences(saved, cfg):
-    """The flags in RESUME_MUST_MATCH whose value differs from the checkpoint's."""
-    now, then = (json.loads(json.dumps({k: c.get(k) for k in RESUME_MUST_MATCH}))
-                 for c in (cfg, saved))
-    return [f"--{k.replace('_', '-')} {now[k]} (checkpoint: {then[k]})"
-            for k in RESUME_MUST_MATCH if k in saved and then[k] != now[k]]
+    """The settings outside RESUME_MAY_CHANGE whose value differs from the checkpoint's (one it
+    does not record differs too)."""
+    def plain(c, k):
+        return json.loads(json.dumps(c.get(k, "unrecorded"), default=repr))
+    return [f"--{k.replace('_', '-')} {plain(cfg, k)} (checkpoint: {plain(saved, k)})"
+            for k in sorted(set(cfg) | set(saved)) if k not in RESUME_MAY_CHANGE
+            and plain(cfg, k) != plain(saved, k)]
 
 
 def read_checkpoint_for_resume(cfg, path):
-    """Rank 0 reads the checkpoint and refuses a resume that would be another experiment."""
+    """Rank 0 reads the checkpoint and refuses a resume that would be another experiment, or
+    that has nothing left to do."""
     ck = evaluation.load_checkpoint(path, resume=True)
-    wrong = resume_differences(ck.get("train_args", {}), cfg)
+    wrong = resume_differences(ck["train_args"], cfg)
     if wrong:
         raise BadInput(f"--resume: {path} is another experiment; these differ: "
                        f"{'; '.join(wrong)}. Use the checkpoint's values, or another --out-dir. "
-                       f"Safe to change on resume: --iters, --workers, --log-every, --save-every, "
-                       f"--amp, --device, --sync-bn, --channels-last, --compile, "
-                       f"--deterministic, --no-eval")
+                       f"Safe to change on resume: " + ", ".join(
+                           "--" + k.replace("_", "-") for k in RESUME_MAY_CHANGE[:-1]))
+    if ck["iteration"] > cfg["iters"]:
+        raise BadInput(f"--resume: {path} is at iteration {ck['iteration']}, past --iters "
+                       f"{cfg['iters']}; give --iters {ck['iteration']} or more (results are kept)")
+    if ck["iteration"] == cfg["iters"]:
+        print(f"{path} is at iteration {cfg['iters']} (--iters): nothing left to train; "
+              + ("nothing is done" if cfg["no_eval"] else "the final evaluation runs again and "
+                 "replaces eval.json and predictions.png"))
     return ck
 
 
@@ -828,6 +839,7 @@ def parse_args(argv=None, prog=None):
         if v is not None or k not in cfg:
             cfg[k] = v
     cfg["scale"] = tuple(cfg["scale"])
+    cfg["data_root"] = cfg["data_root"] and os.path.abspath(cfg["data_root"])  # resume: same data
     cfg["multi_grid"] = parse_multi_grid(cfg["multi_grid"], cfg["depth"],
                                          explicit=args.multi_grid is not None)
     cfg["out_dir"] = data.output_path(cfg["out_dir"], "--out-dir") if cfg["out_dir"] is not None \
