@@ -580,6 +580,49 @@ def plain_name(name, what):
     return name
 
 
+def read_record(path, fields=None, hint="delete it to make it again"):
+    """A JSON record this project wrote (atomically: a crash leaves none or a whole one), read as
+    untrusted: a dict whose `fields` ({name: allowed types}) are there, or one line naming the
+    file and what to do."""
+    try:
+        with open(path) as f:
+            rec, why = json.load(f), "not a dict"
+    except (OSError, ValueError) as e:
+        rec, why = None, (str(e).splitlines() or ["empty"])[0]
+    bad = [k for k, types in (fields or {}).items() if isinstance(rec, dict)
+           and not isinstance(rec.get(k, ()), types)]
+    if not isinstance(rec, dict) or bad:
+        raise BadInput(f"{path} is not a record that can be read ("
+                       f"{f'field {bad[0]!r} is missing or wrong' if bad else why}); {hint}")
+    return rec
+
+
+def read_log(path, fields=("iter", "loss", "lr")):
+    """The records of an append-only JSON-lines log (train.py's log.jsonl), whose `fields` are
+    numbers ('iter' a whole one). A torn last line (a crash while it was written) is dropped with
+    a warning; any other line that is not such a record is one line naming the file and line."""
+    with open(path, "rb") as f:
+        lines = f.read().decode(errors="replace").split("\n")
+    last = max((n for n, line in enumerate(lines) if line.strip()), default=-1)
+    rows = []
+    for n, line in enumerate(lines):
+        try:
+            row = json.loads(line) if line.strip() else None
+            ok = isinstance(row, dict) and type(row.get("iter")) is int and all(
+                type(row.get(k)) in (int, float) for k in fields)
+        except ValueError:
+            row, ok = None, False
+        if ok and n < len(lines) - 1:  # a whole record, its newline written
+            rows.append(row)
+        elif n == last:
+            print(f"warning: {path}: its last line is torn (a crash while writing it); dropped",
+                  file=sys.stderr)
+        elif line.strip():
+            raise BadInput(f"{path}, line {n + 1}: not a log record {line[:40]!r}; delete that "
+                           f"line or the file (a checkpoint does not need its log)")
+    return rows
+
+
 def file_digest(path):
     """sha256 of a file's bytes (what a prepared folder was made from, by content)."""
     h = hashlib.sha256()
@@ -997,13 +1040,11 @@ def prepare_coco(annotations, images, out, split=None, min_pixels=1000, log=prin
     settings = {"annotations": os.path.abspath(annotations), "min_pixels": min_pixels,
                 "annotations_sha256": file_digest(annotations)}  # by content, not only by name
     record = os.path.join(out, "ImageSets", "Segmentation", split + ".settings.json")
-    if os.path.exists(record):
-        with open(record) as f:
-            before = json.load(f)
-        if before != settings and not overwrite:
+    if os.path.exists(record) and not overwrite:
+        before = read_record(record, hint="pass --overwrite to rebuild the split")
+        if before != settings:
             raise ExistingOutput(f"{out} holds split {split} made with other settings ({before}); "
                                  f"pass --overwrite to rebuild it, or choose another --out")
-        overwrite = overwrite or before != settings
     write_json(record, settings)
     names = {c["id"]: c["name"] for c in coco["categories"]}
     cat_to_voc = {cid: VOC_CLASSES.index(COCO_TO_VOC[n]) for cid, n in names.items()

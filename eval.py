@@ -599,8 +599,7 @@ def curves_figure(log_path, out, size=(560, 320)):
     Returns `out`, or None when the log has fewer than two lines (nothing is drawn)."""
     if not os.path.exists(log_path):
         return None
-    with open(log_path) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
+    rows = data.read_log(log_path)
     if len(rows) < 2:
         return None
     it = np.array([r["iter"] for r in rows], float)

@@ -407,13 +407,13 @@ ABLATION_KEYS = ("dataset", "depth", "base_channels", "context_channels", "outpu
                  "val_images", "image_size", "context", "pool_k", "seed", "count_include_pad")
 
 
-def read_back(path, key):
+def read_back(path, key, fields):
     """A finished run's record from `path` if there is one made with the same settings (else
-    None); a record made with other settings is refused with the differences."""
+    None); a record made with other settings is refused with the differences, and one that
+    cannot be read (data.read_record) naming it."""
     if not os.path.exists(path):
         return None
-    with open(path) as f:
-        rec = json.load(f)
+    rec = data.read_record(path, dict(fields, config=dict), "delete it to run that part again")
     if rec.get("config") != key:
         old = rec.get("config") or {}
         diff = [f"{k} {old.get(k)} -> {key[k]}" for k in key if old.get(k) != key[k]]
@@ -428,7 +428,8 @@ def ablation_run(run):
     continues the table instead of starting over."""
     done = os.path.join(run["out_dir"], "ablation.json")
     key = json.loads(json.dumps({k: run[k] for k in ABLATION_KEYS}))
-    rec = read_back(done, key)
+    rec = read_back(done, key, dict.fromkeys(("miou", "context_miou", "seconds"),
+                                             (int, float, type(None))))
     if rec is not None:
         print(f"{run['out_dir']}: finished earlier, read back")
         return rec["miou"], rec["context_miou"], rec["seconds"]
@@ -923,7 +924,8 @@ def context_experiment(cfg, seeds):
         results[setting] = {}
         for row, module in zip(CONTEXT_ROWS, modules):
             path = os.path.join(out, f"{setting.replace(' ', '').replace(',', '-')}-{row}.json")
-            rec = read_back(path, dict(key, setting=setting, seeds=seeds))
+            rec = read_back(path, dict(key, setting=setting, seeds=seeds),
+                            {"probe": list, "trained": list})
             if rec is None:
                 if distractor not in samples:  # layouts and noise serve both noise levels
                     samples[distractor] = context_samples(modules, distractor)

@@ -2962,6 +2962,74 @@ def test_every_setting_is_part_of_a_runs_identity_unless_listed_as_safe(key, val
     assert not wrong or wrong[0].startswith(f"--{key.replace('_', '-')} ")
 
 
+LOG = "".join(json.dumps({"iter": i, "loss": 1.0 / i, "lr": 0.1, "img_per_s": 3.0,
+                          "time": 0.0}) + "\n" for i in (1, 2, 3))
+
+
+@given(cut=st.integers(0, 200), junk=st.text(alphabet='{}":,0123456789 aeilnrst\x00', max_size=8))
+def test_a_torn_last_line_of_the_log_is_dropped_and_nothing_else(tmp_path_factory, cut, junk):
+    """A crash while a line is written leaves a prefix of it (or junk) without its newline: it
+    is dropped with a warning; a resumed run's log keeps the whole lines up to its checkpoint."""
+    path = tmp_path_factory.mktemp("log") / "log.jsonl"
+    torn = (LOG.splitlines()[0][:cut] + junk).replace("\n", "")
+    path.write_text(LOG + torn)
+    assert [r["iter"] for r in data.read_log(str(path))] == [1, 2, 3]
+    train.truncate_log(str(path), 2)
+    assert path.read_text() == "".join(LOG.splitlines(True)[:2])
+
+
+@pytest.mark.parametrize("line", ['{"loss": 1.0, "lr": 0.1}', "garbage", '{"iter": "2", "loss": 1, '
+                                  '"lr": 0.1}', "[1, 2]", '{"iter": 2, "loss": null, "lr": 0.1}'])
+def test_a_damaged_log_line_before_the_last_is_one_line(tmp_path, tiny_run, line):
+    run = str(tmp_path / "run")
+    shutil.copytree(tiny_run, run)
+    log = os.path.join(run, "log.jsonl")
+    lines = open(log).read().splitlines(True)
+    open(log, "w").write(lines[0] + line + "\n" + "".join(lines[1:]))
+    for use in (lambda: train.main(TINY + ["--iters", "3", "--out-dir", run, "--resume"]),
+                lambda: evaluation.curves_figure(log, str(tmp_path / "c.png"))):
+        refused(use, r"log.jsonl, line 2: not a log record .*; delete that line or the file")
+    assert not os.path.exists(tmp_path / "c.png")
+
+
+def test_a_resume_after_a_crash_mid_line_goes_on(tmp_path, tiny_run, capfd):
+    run = str(tmp_path / "run")
+    shutil.copytree(tiny_run, run)
+    with open(os.path.join(run, "log.jsonl"), "a") as f:
+        f.write('{"iter": 3, "loss": 1.2')  # the crash
+    assert train.main(TINY + ["--iters", "3", "--out-dir", run, "--resume", "--no-eval"])[
+        "iteration"] == 3
+    assert "log.jsonl: its last line is torn (a crash while writing it); dropped" in \
+        capfd.readouterr().err
+    assert [json.loads(x)["iter"] for x in open(os.path.join(run, "log.jsonl"))] == [1, 2, 3]
+
+
+def test_damaged_records_of_experiments_and_preparations_are_one_line(tmp_path):
+    first = experiments.SETTINGS[0][0].replace(" ", "")
+    for argv, record in (
+            (["context", "--seeds", "1", "--iters", "1"], f"{first}-{experiments.CONTEXT_ROWS[0]}.json"),
+            (["ablation", "--seeds", "1"] + TINY + ["--iters", "1"], "none-seed0/ablation.json")):
+        for text in ("", "{", "[]", '{"config": {}, "miou": "high"}'):
+            out = tmp_path / argv[0]
+            os.makedirs(os.path.dirname(out / record), exist_ok=True)
+            (out / record).write_text(text)
+            refused(lambda: experiments.main(argv + ["--out-dir", str(out)]),
+                    rf"{re.escape(record)} is not a record that can be read .*; delete it to run "
+                    rf"that part again")
+            assert not os.path.exists(out / ".lock")
+    ann, imgs = coco_file(tmp_path, [{"id": 7, "file_name": "a.jpg", "height": 40, "width": 40}],
+                          [{"id": 1, "image_id": 7, "category_id": 1, "segmentation": SQUARE}])
+    out = str(tmp_path / "coco")
+    data.prepare_coco(ann, imgs, out, log=lambda m: None)
+    record = os.path.join(out, "ImageSets", "Segmentation", "x.settings.json")
+    open(record, "w").write('{"annotations": ')
+    refused(lambda: data.main(["prepare-coco", "--annotations", ann, "--images", imgs, "--out",
+                               out]), r"x.settings.json is not a record .*; pass --overwrite")
+    data.main(["prepare-coco", "--annotations", ann, "--images", imgs, "--out", out,
+               "--overwrite"])
+    assert data.read_record(record)["min_pixels"] == 1000
+
+
 def documented_commands():
     """Every `python X.py ...` / `torchrun ... X.py ...` command in the bash blocks of README and
     docs/, with shell loops expanded: (page, script, argument list)."""

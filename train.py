@@ -598,14 +598,13 @@ def read_checkpoint_for_resume(cfg, path):
 
 
 def truncate_log(path, iteration):
-    """Drop the log lines written after the checkpoint's iteration (a killed run's tail), so
-    that a resumed run does not log the same iterations twice."""
+    """Drop the log lines written after the checkpoint's iteration (a killed run's tail, a torn
+    last line), so that a resumed run does not log the same iterations twice."""
     if not os.path.exists(path):
         return
-    with open(path) as f:
-        keep = [line for line in f if line.strip() and json.loads(line)["iter"] <= iteration]
+    keep = "".join(json.dumps(r) + "\n" for r in data.read_log(path) if r["iter"] <= iteration)
     if keep:
-        data.atomic_save(path, lambda f: f.write("".join(keep).encode()))
+        data.atomic_save(path, lambda f: f.write(keep.encode()))
     else:
         os.unlink(path)
 
