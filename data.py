@@ -978,6 +978,8 @@ def annotation_problem(ann, h, w):
     for key in ("category_id", "segmentation"):
         if key not in ann:
             return f"no '{key}'"
+    if type(ann["category_id"]) is not int:
+        return f"category_id {str(ann['category_id'])[:20]} is not a whole number"
     seg = ann["segmentation"]
     if isinstance(seg, list):
         if not seg:
@@ -991,7 +993,7 @@ def annotation_problem(ann, h, w):
         return None
     if not isinstance(seg, dict):
         return f"segmentation of unknown type {type(seg).__name__}"
-    if list(seg.get("size", [])) != [h, w]:
+    if seg.get("size") != [h, w]:
         return f"RLE size {seg.get('size')} is not the image's [{h}, {w}]"
     counts = seg.get("counts")
     try:
@@ -1001,6 +1003,24 @@ def annotation_problem(ann, h, w):
             return f"RLE counts that do not cover the {h} x {w} image"
     except (IndexError, UnicodeDecodeError, TypeError):
         return "RLE counts that cannot be read"
+    return None
+
+
+def image_problem(img):
+    """What is wrong with one COCO image record (a short phrase), or None. Its size is checked
+    before a mask of that size is made."""
+    if not isinstance(img, dict):
+        return f"not a record: {str(img)[:40]}"
+    missing = [k for k in ("id", "file_name", "height", "width") if k not in img]
+    if missing:
+        return f"no '{missing[0]}'"
+    if type(img["id"]) not in (int, str):
+        return f"id {str(img['id'])[:40]} is not a number or a name"
+    h, w = img["height"], img["width"]
+    if not (type(h) is int and type(w) is int and h >= 1 and w >= 1
+            and h * w <= MAX_IMAGE_PIXELS):
+        return (f"size {str(w)[:20]} x {str(h)[:20]} is not whole numbers >= 1 of at most "
+                f"{MAX_IMAGE_PIXELS // 10 ** 6} megapixels")
     return None
 
 
@@ -1019,8 +1039,13 @@ def _read_coco(annotations, images):
     except (OSError, ValueError) as e:
         raise BadInput(f"cannot read COCO annotations {annotations}: {e}") from None
     for key in ("images", "annotations", "categories"):
-        if key not in coco:
-            raise BadInput(f"{annotations} has no '{key}': not a COCO instances file")
+        if not isinstance(coco, dict) or not isinstance(coco.get(key), list):
+            raise BadInput(f"{annotations} has no '{key}' list: not a COCO instances file")
+    for c in coco["categories"]:
+        if not (isinstance(c, dict) and type(c.get("id")) is int and isinstance(c.get("name"),
+                                                                                 str)):
+            raise BadInput(f"{annotations}: category {str(c)[:60]} needs a whole-number 'id' "
+                           f"and a 'name'")
     if not os.path.isdir(images):
         raise MissingInput(f"COCO image folder not found: {images}")
     return coco
@@ -1049,17 +1074,21 @@ def prepare_coco(annotations, images, out, split=None, min_pixels=1000, log=prin
     names = {c["id"]: c["name"] for c in coco["categories"]}
     cat_to_voc = {cid: VOC_CLASSES.index(COCO_TO_VOC[n]) for cid, n in names.items()
                   if n in COCO_TO_VOC}
-    by_image = {}
+    by_image, written, no_voc, missing, skipped = {}, [], 0, [], []
     for ann in coco["annotations"]:
-        by_image.setdefault(ann.get("image_id"), []).append(ann)
-    written, no_voc, missing, skipped = [], 0, [], []
+        if isinstance(ann, dict) and type(ann.get("image_id")) in (int, str):
+            by_image.setdefault(ann["image_id"], []).append(ann)
+        elif strict:
+            raise BadInput(f"{annotations}: annotation {str(ann)[:40]}: no 'image_id'")
+        else:
+            skipped.append((f"annotation {str(ann)[:40]}", "no 'image_id'"))
     t0 = time.time()
     for n, img in enumerate(coco["images"], 1):
-        problems = [f"no '{k}'" for k in ("id", "file_name", "height", "width") if k not in img]
-        if problems:
+        problem, rid = image_problem(img), img.get("id") if isinstance(img, dict) else "?"
+        if problem:
             if strict:
-                raise BadInput(f"{annotations}: image record {img.get('id')}: {problems[0]}")
-            skipped.append((f"image {img.get('id')}", problems[0]))
+                raise BadInput(f"{annotations}: image record {str(rid)[:40]}: {problem}")
+            skipped.append((f"image {str(rid)[:40]}", problem))
             continue
         name = plain_name(img.get("file_name"), f"{annotations}: image id {img.get('id')} has "
                                                 f"file_name")

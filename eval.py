@@ -396,8 +396,10 @@ def parser():
     p.add_argument("--ms", action="store_true",
                    help=f"the paper's 4.2 scales {PAPER_SCALES} (overrides --scales)")
     p.add_argument("--flip", action="store_true", help="also average the mirrored image")
-    p.add_argument("--context", default=None, help="expected context module (checked)")
-    p.add_argument("--depth", type=int, default=None, help="expected ResNet depth (checked)")
+    p.add_argument("--context", choices=vortex.CONTEXTS, default=None,
+                   help="expected context module (checked)")
+    p.add_argument("--depth", type=int, choices=sorted(vortex.DEPTHS), default=None,
+                   help="expected ResNet depth (checked)")
     p.add_argument("--save-dir", default=None,
                    help="write palette prediction PNGs and image|truth|prediction panels here")
     p.add_argument("--json", default=None,
@@ -412,7 +414,8 @@ def parser():
                         "runs/predictions/<name>.png) or folder (a folder of images; default "
                         "runs/predictions/<folder>/)")
     p.add_argument("--force", action="store_true", help="overwrite files that exist")
-    p.add_argument("--workers", type=int, default=2, help="image-decoding processes (0: none)")
+    p.add_argument("--workers", type=int, default=2, help="image-decoding processes (0: none; "
+                                                          "0..256)")
     p.add_argument("--amp", nargs="?", const="bf16", choices=["bf16", "fp16"], default=None,
                    help="run the model under autocast (probabilities averaged in fp32)")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when "
@@ -428,8 +431,8 @@ def main(argv=None):
     if not all(math.isfinite(s) and 0 < s <= 8 for s in scales):
         raise data.BadInput(f"--scales {' '.join(map(str, scales))}: each must be a number in "
                             f"(0, 8] (paper: 0.5 ... 1.75)")
-    if args.workers < 0:
-        raise data.BadInput(f"--workers {args.workers}: must be >= 0")
+    if not 0 <= args.workers <= 256:
+        raise data.BadInput(f"--workers {args.workers}: must be a whole number in 0..256")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and args.image:
         raise data.BadInput("--image runs in one process: use torchrun only to split "
                             "the evaluation of a dataset over GPUs")

@@ -1232,12 +1232,19 @@ def parser():
                                                      "if not where they say")
     s.add_argument("--device", default=None, help="cpu, cuda or cuda:N")
     s.add_argument("--force", action="store_true", help="overwrite --out if it exists")
+    for parser_ in [p] + list(sub.choices.values()):  # every limit is said in --help
+        for action in parser_._actions:
+            if action.dest in LIMITS and "(1.." not in action.help:
+                action.help += " [{}..{}]".format(*LIMITS[action.dest])
     return p
 
 
 FIGURES = ("footprints", "synthetic", "descriptors")
 BENCHES = ("modules", "training", "inference", "loader")
 MAX_SEEDS = 100
+LIMITS = {"threads": (0, 1024), "size": (1, 1024), "reps": (1, 1000), "n": (1, 10 ** 6),
+          "seeds": (1, MAX_SEEDS), "erf_images": (1, 10 ** 5), "images": (1, 10 ** 5),
+          "iters": (1, 10 ** 6), "batch_size": (1, 10 ** 5), "context_channels": (1, 4096)}
 
 
 def parse(argv=None):
@@ -1247,10 +1254,7 @@ def parse(argv=None):
     args, rest = p.parse_known_args(argv)
     if rest and args.cmd != "ablation":
         p.error(f"unrecognized arguments: {' '.join(rest)}")
-    limits = {"threads": (0, 1024), "size": (1, 1024), "reps": (1, 1000), "n": (1, 10 ** 6),
-              "seeds": (1, MAX_SEEDS), "erf_images": (1, 10 ** 5), "images": (1, 10 ** 5),
-              "iters": (1, 10 ** 6), "batch_size": (1, 10 ** 5), "context_channels": (1, 4096)}
-    for k, (lo, hi) in limits.items():
+    for k, (lo, hi) in LIMITS.items():
         v = getattr(args, k, None)
         if v is not None and not lo <= v <= hi:
             raise BadInput(f"--{k.replace('_', '-')} {v}: must be a whole number in {lo}..{hi}")

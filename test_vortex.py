@@ -1254,17 +1254,17 @@ def test_resume_refuses_another_experiment_and_auto_starts_or_resumes(tmp_path, 
 
 
 @pytest.mark.parametrize("flags,message", [
-    (["--batch-size", "0"], "--batch-size 0: must be a whole number >= 1"),
+    (["--batch-size", "0"], "--batch-size 0: must be a whole number in 1..100000"),
     (["--batch-size", "1"], "batch norm cannot normalise a single value"),
     (["--batch-size", "4", "--accum-steps", "3"], "must be divisible by ranks x --accum-steps"),
     (["--save-every", "0"], "--save-every 0: must be"), (["--log-every", "0"], "--log-every 0"),
     (["--iters", "0"], "--iters 0: must be"), (["--iters", "-3"], "--iters -3"),
     (["--val-images", "0"], "--val-images 0"), (["--out-dir", ""], "--out-dir '': give a"),
     (["--pool-k", "4"], "must be odd"), (["--pool-k", "0"], "--pool-k 0"),
-    (["--scale", "2", "0.5"], "0 < MIN <= MAX"), (["--scale", "0", "0"], "--scale 0.0 0.0"),
-    (["--crop", "3"], "--crop 3: must be at least 4 x the output stride"),
-    (["--crop", "-5"], "--crop -5"), (["--power", "0"], "--power 0.0: must be a finite"),
-    (["--momentum", "1"], "--momentum 1.0: must be in"), (["--lr", "nan"], "--lr nan"),
+    (["--scale", "2", "0.5"], "MIN <= MAX"), (["--scale", "0", "0"], "--scale 0.0 0.0"),
+    (["--crop", "5"], "--crop 5: must be at least 4 x the output stride"),
+    (["--crop", "-5"], "--crop -5"), (["--power", "0"], "--power 0.0: must be a number in"),
+    (["--momentum", "1"], "--momentum 1.0: must be a number in"), (["--lr", "nan"], "--lr nan"),
     (["--lr", "-1"], "--lr -1.0"), (["--workers", "-1"], "--workers -1"),
     (["--base-channels", "0"], "--base-channels 0"),
     (["--multi-grid", "1", "2"], "ResNet-50 has 3 layer4 blocks"),
@@ -1297,7 +1297,7 @@ def test_command_line_refusal_is_one_line_and_exit_code_2(tmp_path):
                           cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
-        "error: --batch-size 0: must be a whole number >= 1"]
+        "error: --batch-size 0: must be a whole number in 1..100000"]
 
 
 def test_atomic_save_respects_umask_cleans_leftovers_and_names_failures(tmp_path):
@@ -3028,6 +3028,89 @@ def test_damaged_records_of_experiments_and_preparations_are_one_line(tmp_path):
     data.main(["prepare-coco", "--annotations", ann, "--images", imgs, "--out", out,
                "--overwrite"])
     assert data.read_record(record)["min_pixels"] == 1000
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--seed", "-1"], "--seed -1: must be a whole number in 0..4294967295"),
+    (["--seed", str(2 ** 64)], f"--seed {2 ** 64}: must be"),
+    (["--lr", "1e300"], "--lr 1e+300: must be a number in [1e-08, 10]"),
+    (["--weight-decay", "1e308"], "--weight-decay 1e+308: must be a number in [0, 1]"),
+    (["--num-images", str(10 ** 11)], f"--num-images {10 ** 11}: must be a whole number in "),
+    (["--stop-after", "0"], "--stop-after 0: must be a whole number in 1..100000000"),
+    (["--image-size", "100000"], "--image-size 100000"), (["--workers", "1000"], "--workers 1000"),
+    (["--scale", "0.5", "1e9"], "--scale 0.5 1000000000.0: must be a number in [0.05, 10]"),
+])
+def test_every_number_has_a_range_checked_before_any_work(tmp_path, flags, message):
+    out = tmp_path / "run"
+    refused(lambda: train.main(TINY + ["--out-dir", str(out)] + flags), re.escape(message))
+    assert not os.path.exists(out)
+
+
+def test_help_states_every_limit(capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for flag, (lo, hi) in train.LIMITS.items():
+        assert f"[{lo}..{hi}]" in text, flag
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--workers", "1000"], "--workers 1000: must be a whole number in 0..256"),
+    (["--context", "bogus"], None), (["--depth", "19"], None)])
+def test_eval_numbers_and_names_are_checked_before_any_work(argv, message):
+    if message is None:
+        with pytest.raises(SystemExit) as e:  # argparse's choices: usage and exit code 2
+            evaluation.main(["--checkpoint", "unused.pt"] + argv)
+        assert e.value.code == 2
+    else:
+        refused(lambda: evaluation.main(["--checkpoint", "unused.pt"] + argv), re.escape(message))
+
+
+COCO_VALUES = st.one_of(st.integers(-5, 10 ** 7), st.just(10 ** 6), st.text(max_size=3),
+                        st.none(), st.lists(st.integers(), max_size=2), st.floats())
+
+
+@given(field=st.sampled_from(["id", "height", "width", "file_name", "record"]),
+       value=COCO_VALUES, strict=st.booleans())
+@settings(max_examples=60)
+def test_any_broken_coco_image_record_is_skipped_or_one_line(tmp_path_factory, field, value,
+                                                             strict):
+    tmp = tmp_path_factory.mktemp("coco")
+    img = {"id": 7, "file_name": "a.jpg", "height": 40, "width": 40}
+    ann, imgs = coco_file(tmp, [img], [{"id": 1, "image_id": 7, "category_id": 1,
+                                        "segmentation": SQUARE}])
+    coco = json.load(open(ann))
+    coco["images"] = [value] if field == "record" else [dict(img, **{field: value})]
+    open(ann, "w").write(json.dumps(coco))
+    try:
+        res = data.prepare_coco(ann, imgs, str(tmp / "out"), strict=strict, log=lambda m: None)
+    except data.BadInput as e:
+        assert "\n" not in str(e) and "instances_x.json" in str(e)
+        return
+    assert res["written"] in ([], ["a"]) and len(res["skipped"]) + len(res["written"]) + len(
+        res["missing"]) + res["no_voc"] == 1
+
+
+@pytest.mark.parametrize("top", ["5", "[]", '{"images": [5], "annotations": [], "categories": []}',
+                                 '{"images": [], "annotations": [[1]], "categories": [{"id": 1}]}',
+                                 '{"images": {}, "annotations": [], "categories": []}'])
+def test_coco_files_of_the_wrong_shape_are_one_line(tmp_path, top):
+    ann, imgs = coco_file(tmp_path, [], [])
+    open(ann, "w").write(top)
+    try:
+        res = data.main(["prepare-coco", "--annotations", ann, "--images", imgs, "--out",
+                         str(tmp_path / "out"), "--strict"])
+    except data.BadInput as e:
+        assert "\n" not in str(e) and "instances_x.json" in str(e)
+    else:
+        raise AssertionError(f"accepted {top}: {res}")
+    huge = {"id": 7, "file_name": "a.jpg", "height": 10 ** 6, "width": 10 ** 6}
+    coco = {"images": [huge], "annotations": [], "categories": []}
+    open(ann, "w").write(json.dumps(coco))
+    refused(lambda: data.prepare_coco(ann, imgs, str(tmp_path / "o2"), strict=True,
+                                      log=lambda m: None),
+            r"image record 7: size 1000000 x 1000000 is not whole numbers >= 1 of at most 40 "
+            r"megapixels")
 
 
 def documented_commands():

@@ -831,6 +831,9 @@ def parse_args(argv=None, prog=None):
                f"stopped by a second signal without saving")
     experiment_flags(p.add_argument)
     run_flags(p.add_argument)
+    for action in p._actions:  # every limit is said in --help
+        if action.dest in LIMITS:
+            action.help += " [{}..{}]".format(*LIMITS[action.dest])
     args = p.parse_args(argv)
     cfg = dict(COMMON)
     cfg.update(PRESETS[args.dataset])
@@ -940,36 +943,36 @@ def parse_multi_grid(values, depth, explicit):
     return rates[:blocks]
 
 
+LIMITS = {  # flag: (lowest, highest) allowed; whole numbers where both are; stated in --help
+    "iters": (1, 10 ** 8), "batch_size": (1, 10 ** 5), "accum_steps": (1, 10 ** 4),
+    "save_every": (1, 10 ** 8), "log_every": (1, 10 ** 8), "stop_after": (1, 10 ** 8),
+    "base_channels": (1, 4096), "context_channels": (1, 8192), "pool_k": (1, 99),
+    "crop": (4, 8192), "num_images": (1, 10 ** 7), "val_images": (1, 10 ** 7),
+    "image_size": (32, 4096), "workers": (0, 256), "seed": (0, 2 ** 32 - 1),
+    "lr": (1e-8, 10.0), "power": (0.01, 10.0), "momentum": (0.0, 0.999),
+    "weight_decay": (0.0, 1.0), "scale": (0.05, 10.0)}
+
+
 def check_config(cfg):
     """One line naming the flag and what is allowed, for every value that cannot work."""
-    for k in ("split", "val_split"):
-        data.plain_name(cfg[k], f"--{k.replace('_', '-')}")
     def need(ok, flag, allowed):
         if not ok:
             value = cfg[flag.replace("-", "_")]
             shown = " ".join(map(str, value)) if isinstance(value, tuple) else value
             raise BadInput(f"--{flag} {shown}: {allowed}")
-    for k in ("batch-size", "iters", "save-every", "log-every", "accum-steps",
-              "base-channels", "context-channels"):
-        need(cfg[k.replace("-", "_")] >= 1, k, "must be a whole number >= 1")
-    for k in ("val-images", "num-images"):
-        need(cfg[k.replace("-", "_")] is None or cfg[k.replace("-", "_")] >= 1, k,
-             "must be a whole number >= 1")
-    need(cfg["image_size"] is None or cfg["image_size"] >= 32, "image-size", "must be >= 32")
-    need(cfg["workers"] >= 0, "workers", "must be >= 0 (0: load in the training process)")
-    need(cfg["pool_k"] >= 1 and cfg["pool_k"] % 2 == 1, "pool-k",
-         "Module A's pooling window must be odd and >= 1 (a centred window: 1, 3, 5, ...)")
+    for k in ("split", "val_split"):
+        data.plain_name(cfg[k], f"--{k.replace('_', '-')}")
+    for k, (lo, hi) in LIMITS.items():
+        whole = isinstance(lo, int)
+        need(all(v is None or lo <= v <= hi for v in np.ravel(cfg[k]).tolist()), k.replace(
+            "_", "-"), f"must be a whole number in {lo}..{hi}" if whole else
+            f"must be a number in [{lo:g}, {hi:g}]")
+    need(cfg["pool_k"] % 2 == 1, "pool-k", "Module A's pooling window must be odd (a centred "
+                                           "window: 1, 3, 5, ...)")
     need(cfg["crop"] >= 4 * cfg["output_stride"], "crop",
          f"must be at least 4 x the output stride ({4 * cfg['output_stride']}), so that the "
          f"context module sees a feature map of 4 x 4 or more (paper: 513)")
-    lo, hi = cfg["scale"]
-    need(math.isfinite(lo) and math.isfinite(hi) and 0 < lo <= hi, "scale",
-         "needs 0 < MIN <= MAX (paper: 0.5 2.0)")
-    for k in ("lr", "power"):
-        need(math.isfinite(cfg[k]) and cfg[k] > 0, k, "must be a finite number > 0")
-    need(0 <= cfg["momentum"] < 1, "momentum", "must be in [0, 1) (paper: 0.9)")
-    need(math.isfinite(cfg["weight_decay"]) and cfg["weight_decay"] >= 0, "weight-decay",
-         "must be a finite number >= 0")
+    need(cfg["scale"][0] <= cfg["scale"][1], "scale", "needs MIN <= MAX (paper: 0.5 2.0)")
 
 
 def micro_batch(cfg, world, n_images):
