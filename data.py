@@ -536,9 +536,10 @@ class FolderLock:
             os.ftruncate(self.fd, 0)
             os.write(self.fd, f"{what} (pid {os.getpid()} on {socket.gethostname()})".encode())
         except OSError as e:
+            why = write_failure(e, folder, 0)
             self.release(remove=True)
-            raise BadInput(f"cannot write the lock {self.path}: {write_failure(e, folder, 0)}; "
-                           f"nothing was started") from None
+            raise BadInput(f"cannot write the lock {self.path}: {why}; nothing was started") \
+                from None
 
     def release(self, remove=False):
         if self.fd is not None:

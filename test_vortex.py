@@ -3113,6 +3113,77 @@ def test_coco_files_of_the_wrong_shape_are_one_line(tmp_path, top):
             r"megapixels")
 
 
+def test_a_refused_start_leaves_nothing_behind(tmp_path, monkeypatch):
+    root = make_voc_tree(tmp_path / "voc", ids="abcd")
+    out = tmp_path / "new" / "run"
+    with pytest.raises(data.MissingInput, match=r"split list not found: .*bogus.txt"):
+        train.main(TINY + ["--dataset", "voc", "--data-root", str(root), "--split", "train",
+                           "--val-split", "bogus", "--batch-size", "2", "--iters", "1",
+                           "--out-dir", str(out)])  # checked before training, not after
+
+    def refuse(*a):  # any refusal after --out-dir was taken (e.g. --sync-bn torch on CPU)
+        raise data.BadInput("--sync-bn torch: torch.nn.SyncBatchNorm needs CUDA")
+    monkeypatch.setattr(train, "synchronise_batchnorm", refuse)
+    refused(lambda: train.main(TINY + ["--iters", "1", "--out-dir", str(out)]), "needs CUDA")
+    assert not os.path.exists(tmp_path / "new") and not train.STARTING
+
+
+def test_a_lock_that_cannot_be_written_is_one_line_and_leaves_nothing(tmp_path):
+    import resource
+    out = tmp_path / "new" / "run"
+    proc = subprocess.run(
+        [sys.executable, os.path.join(HERE, "train.py")] + TINY + ["--out-dir", str(out)],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (0, 0)))
+    assert proc.returncode == 2, proc.stderr
+    assert re.fullmatch(r"error: cannot write the lock .*run/\.lock: file too large: the "
+                        r"file-size limit \(ulimit -f\) is 0\.0 MB.*; nothing was started\n",
+                        proc.stderr), proc.stderr
+    assert os.listdir(tmp_path) == []
+
+
+def interrupt_when(proc, started):
+    """SIGINT to `proc` at the first line of its output for which started(line) holds; then
+    (exit code, stderr)."""
+    for line in proc.stdout:
+        if started(line):
+            proc.send_signal(signal.SIGINT)
+            break
+    return proc.wait(timeout=60), proc.stderr.read()
+
+
+def test_ctrl_c_during_the_final_evaluation_keeps_the_checkpoint(tmp_path):
+    out = str(tmp_path / "run")
+    proc = subprocess.Popen([sys.executable, "-u", os.path.join(HERE, "train.py")] + TINY +
+                            ["--iters", "1", "--val-images", "400", "--out-dir", out], cwd=HERE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    code, err = interrupt_when(proc, lambda line: line.startswith("trained 1 iterations"))
+    assert code == 130
+    assert err.splitlines() == [f"SIGINT: stopped at once, without saving; the last checkpoint "
+                                f"{out}/checkpoint.pt is kept"]
+    assert sorted(os.listdir(out)) == [".lock", "checkpoint.pt", "log.jsonl"]
+    assert evaluation.load_checkpoint(os.path.join(out, "checkpoint.pt"))["iteration"] == 1
+
+
+def test_ctrl_c_during_eval_is_one_line_and_exit_130(tmp_path, tiny_run):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i in range(60):
+        Image.fromarray(data.render_synthetic(0, i, 40)[0]).save(folder / f"p{i:02}.png")
+    proc = subprocess.Popen([sys.executable, "-u", os.path.join(HERE, "eval.py"), "--checkpoint",
+                             os.path.join(tiny_run, "checkpoint.pt"), "--image", str(folder),
+                             "--out", str(tmp_path / "pred"), "--ms", "--flip"], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    code, err = interrupt_when(proc, lambda line: line.startswith("predict: "))
+    assert code == 130, err
+    assert err.splitlines() == ["interrupted: stopped at once; the files written so far are "
+                                "kept, each whole (a numbers file is written only at the end)"]
+    written = sorted(os.listdir(tmp_path / "pred"))
+    assert 0 < len(written) < 120 and not any(f.startswith(".tmp-") for f in written)
+    for f in written:
+        Image.open(tmp_path / "pred" / f).load()  # each whole
+
+
 def documented_commands():
     """Every `python X.py ...` / `torchrun ... X.py ...` command in the bash blocks of README and
     docs/, with shell loops expanded: (page, script, argument list)."""
