@@ -162,7 +162,7 @@ def _whole(lo, hi):
 
 
 def _one_of(*values):
-    return (lambda v: type(v) in (int, str) and v in values), "one of " + ", ".join(map(str, values))
+    return (lambda v: type(v) in (int, str) and v in values), f"one of {str(values)[1:-1]}"
 
 
 def _is(kind, what, ok=lambda v: True):
@@ -254,8 +254,11 @@ def load_checkpoint(path, resume=False):
                                                                      default=repr):
             raise data.BadInput(f"{path}: {a} is {shown(x)} but {b} is {shown(y)}: they must "
                                 f"agree (an edited or mixed-up checkpoint); refused")
-    with torch.device("meta"):  # the model's names and shapes, without its memory
-        want = {k: tuple(v.shape) for k, v in DeepLabV3(**cfg).state_dict().items()}
+    try:
+        with torch.device("meta"):  # the model's names and shapes, without its memory
+            want = {k: tuple(v.shape) for k, v in DeepLabV3(**cfg).state_dict().items()}
+    except (ValueError, RuntimeError) as e:
+        raise data.BadInput(f"{path}: config describes no model ({shown(str(e))})") from None
     have = {k: tuple(v.shape) for k, v in ck["model"].items()}
     wrong = ([f"{k}: missing" for k in want if k not in have] +
              [f"{k}: not in the model" for k in have if k not in want] +

@@ -2822,7 +2822,7 @@ def setter(field, value):
 
 
 BAD_CHECKPOINTS = [  # (field, value, what the one line must name)
-    ("config.context", "foo", "config.context is 'foo'; allowed: one of vortex"),
+    ("config.context", "foo", "config.context is 'foo'; allowed: one of 'vortex', 'aspp'"),
     ("config.output_stride", 12, "config.output_stride is 12; allowed: one of 8, 16, 32"),
     ("config.depth", 19, "config.depth is 19"),
     ("model.classifier.bias", "delete", "its weights do not fit the model its config describes "
