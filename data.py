@@ -391,9 +391,14 @@ class ExistingOutput(BadInput, FileExistsError):
 
 
 def cli(main):
-    """Run a command's main(): BadInput becomes 'error: ...' on stderr and exit code 2."""
+    """Run a command's main(): BadInput becomes 'error: ...' on stderr and exit code 2; Ctrl-C
+    one line and exit code 130 (every file is written whole, so what was written is kept)."""
     try:
         return main()
+    except KeyboardInterrupt:
+        print("interrupted: stopped at once; the files written so far are kept, each whole (a "
+              "result file is written only at the end)", file=sys.stderr)
+        sys.exit(130)
     except BadInput as e:
         message = str(e)
         if "Original Traceback" in message:  # raised in a DataLoader worker: its last line

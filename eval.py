@@ -17,7 +17,6 @@ import argparse
 import json
 import math
 import os
-import sys
 import time
 
 import numpy as np
@@ -446,7 +445,7 @@ def main(argv=None):
         if getattr(args, flag) is not None:
             data.output_path(getattr(args, flag), "--" + flag.replace("_", "-"))
     rank, _, device = setup_distributed(args.device, fixed_sizes=False)
-    try:  # Ctrl-C: one line and exit code 130; every file written so far is whole and kept
+    try:
         ck = load_checkpoint(args.checkpoint)
         model = model_from_checkpoint(ck, args.checkpoint, context=args.context,
                                       depth=args.depth).to(device).eval()
@@ -454,10 +453,6 @@ def main(argv=None):
             return predict_images(model, ck, args.image, args.out, scales, args.flip, device,
                                   args.force, args.checkpoint)
         return evaluate_checkpoint(model, ck, args, scales, device, rank)
-    except KeyboardInterrupt:
-        print("interrupted: stopped at once; the files written so far are kept, each whole (a "
-              "numbers file is written only at the end)", file=sys.stderr)
-        raise SystemExit(130) from None
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -1487,7 +1487,7 @@ def test_eval_command_line_never_overwrites_and_names_every_file(tmp_path, capsy
     (["--scales", "0"], "--scales 0.0: each must be a number in (0, 8]"),
     (["--scales", "1", "nan"], "--scales 1.0 nan"), (["--scales", "-1"], "--scales -1.0"),
     (["--device", "banana"], "--device banana: use cpu, cuda or cuda:N"),
-    (["--workers", "-1"], "--workers -1: must be >= 0"),
+    (["--workers", "-1"], "--workers -1: must be a whole number in 0..256"),
 ])
 def test_eval_refuses_bad_flags(flags, message):
     with pytest.raises(data.BadInput, match=re.escape(message)):
@@ -2936,7 +2936,8 @@ def test_resuming_continues_the_same_experiment_or_refuses(tmp_path, tiny_run, m
             r"these differ: --split-sha256 \w+ \(checkpoint: \w+\)")
     run = str(tmp_path / "copy")
     shutil.copytree(tiny_run, run)
-    os.remove(os.path.join(run, ".lock"))
+    if os.path.exists(os.path.join(run, ".lock")):
+        os.remove(os.path.join(run, ".lock"))
     before = {f: open(os.path.join(run, f), "rb").read() for f in os.listdir(run)}
     refused(lambda: train.main(TINY + ["--iters", "1", "--out-dir", run, "--resume"]),
             r"checkpoint.pt is at iteration 2, past --iters 1; give --iters 2 or more")
@@ -3177,7 +3178,7 @@ def test_ctrl_c_during_eval_is_one_line_and_exit_130(tmp_path, tiny_run):
     code, err = interrupt_when(proc, lambda line: line.startswith("predict: "))
     assert code == 130, err
     assert err.splitlines() == ["interrupted: stopped at once; the files written so far are "
-                                "kept, each whole (a numbers file is written only at the end)"]
+                                "kept, each whole (a result file is written only at the end)"]
     written = sorted(os.listdir(tmp_path / "pred"))
     assert 0 < len(written) < 120 and not any(f.startswith(".tmp-") for f in written)
     for f in written:

@@ -431,7 +431,7 @@ def start_or_resume(run):
         run.lock = data.FolderLock(cfg["out_dir"], "train.py")  # one run owns --out-dir
         ck = check_out_dir(cfg, run.ck_path, size)
         return ck is not None
-    STARTING.append(run)  # until its first step, a refusal undoes the start (abandon_start)
+    STARTING.append(run)  # until its first step, a refusal undoes the start (run_training)
     run.resumed = on_rank0(decide)
     if not run.resumed:
         take_weights(run.model, cfg, verbose=run.rank == 0)
@@ -442,11 +442,11 @@ STARTING = []  # runs that took --out-dir and have not begun their first step
 
 
 def run_training(cfg):
-    """train(cfg); a refusal before the first step (here or in setup: --sync-bn, the
+    """train(cfg); a refusal (or Ctrl-C) before the first step (in setup: --sync-bn, the
     optimizer's state, ...) leaves no lock and no new folder behind."""
     try:
         return train(cfg)
-    except BadInput:
+    except (BadInput, KeyboardInterrupt):
         while STARTING:
             release_out_dir(STARTING.pop(), remove=True)  # with the folders it made
         raise
@@ -570,11 +570,11 @@ def save_checkpoint(run, it):
 def resume_differences(saved, cfg):
     """The settings outside RESUME_MAY_CHANGE whose value differs from the checkpoint's (one it
     does not record differs too)."""
-    def plain(c, k):
-        return json.loads(json.dumps(c.get(k, "unrecorded"), default=repr))
-    return [f"--{k.replace('_', '-')} {plain(cfg, k)} (checkpoint: {plain(saved, k)})"
-            for k in sorted(set(cfg) | set(saved)) if k not in RESUME_MAY_CHANGE
-            and plain(cfg, k) != plain(saved, k)]
+    def plain(c, k):  # as JSON: a tuple and its list are equal, True and 1 are not
+        return json.dumps(c.get(k, "unrecorded"), default=repr)
+    return [f"--{k.replace('_', '-')} {json.loads(plain(cfg, k))} (checkpoint: "
+            f"{json.loads(plain(saved, k))})" for k in sorted(set(cfg) | set(saved))
+            if k not in RESUME_MAY_CHANGE and plain(cfg, k) != plain(saved, k)]
 
 
 def read_checkpoint_for_resume(cfg, path):
