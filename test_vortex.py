@@ -2716,6 +2716,9 @@ def test_an_output_never_replaces_or_writes_into_an_input_even_with_force(tmp_pa
     refused(lambda: experiments.main(["erf", str(tmp_path / "voc" / "ck.pt"), "--out",
                                       str(tmp_path / "voc" / "ck.pt"), "--force"]),
             r"is the input CHECKPOINT")
+    refused(lambda: data.main(["prepare-sbd", "--sbd", str(root / "SegmentationClassAug" / "s"),
+                               "--voc", str(root)]), r"SegmentationClassAug holds the input --sbd")
+    assert not os.path.exists(root / "SegmentationClassAug")
 
 
 def test_a_new_run_never_replaces_an_earlier_runs_results(tmp_path, tiny_run):
