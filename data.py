@@ -577,6 +577,11 @@ def is_plain_name(name):
             and os.path.basename(name) == name and "\\" not in name and "\0" not in name)
 
 
+def shown(value, n=60):
+    """A value in a one-line message: its repr on one line, cut at n characters."""
+    return " ".join(repr(value).split())[:n]
+
+
 def plain_name(name, what):
     """`name` when it is a plain name (is_plain_name), else one line naming `what` (a flag, a
     record field): every name that becomes a path stays inside its folder."""
@@ -985,7 +990,7 @@ def annotation_problem(ann, h, w):
         if key not in ann:
             return f"no '{key}'"
     if type(ann["category_id"]) is not int:
-        return f"category_id {str(ann['category_id'])[:20]} is not a whole number"
+        return f"category_id {shown(ann['category_id'], 20)} is not a whole number"
     seg = ann["segmentation"]
     if isinstance(seg, list):
         if not seg:
@@ -1000,7 +1005,7 @@ def annotation_problem(ann, h, w):
     if not isinstance(seg, dict):
         return f"segmentation of unknown type {type(seg).__name__}"
     if seg.get("size") != [h, w]:
-        return f"RLE size {seg.get('size')} is not the image's [{h}, {w}]"
+        return f"RLE size {shown(seg.get('size'), 30)} is not the image's [{h}, {w}]"
     counts = seg.get("counts")
     try:
         counts = rle_counts_from_string(counts) if isinstance(counts, (str, bytes)) else counts
@@ -1016,16 +1021,16 @@ def image_problem(img):
     """What is wrong with one COCO image record (a short phrase), or None. Its size is checked
     before a mask of that size is made."""
     if not isinstance(img, dict):
-        return f"not a record: {str(img)[:40]}"
+        return f"not a record: {shown(img, 40)}"
     missing = [k for k in ("id", "file_name", "height", "width") if k not in img]
     if missing:
         return f"no '{missing[0]}'"
-    if type(img["id"]) not in (int, str):
-        return f"id {str(img['id'])[:40]} is not a number or a name"
+    if type(img["id"]) is not int:
+        return f"id {shown(img['id'], 40)} is not a whole number"
     h, w = img["height"], img["width"]
     if not (type(h) is int and type(w) is int and h >= 1 and w >= 1
             and h * w <= MAX_IMAGE_PIXELS):
-        return (f"size {str(w)[:20]} x {str(h)[:20]} is not whole numbers >= 1 of at most "
+        return (f"size {shown(w, 20)} x {shown(h, 20)} is not whole numbers >= 1 of at most "
                 f"{MAX_IMAGE_PIXELS // 10 ** 6} megapixels")
     return None
 
@@ -1050,7 +1055,7 @@ def _read_coco(annotations, images):
     for c in coco["categories"]:
         if not (isinstance(c, dict) and type(c.get("id")) is int and isinstance(c.get("name"),
                                                                                  str)):
-            raise BadInput(f"{annotations}: category {str(c)[:60]} needs a whole-number 'id' "
+            raise BadInput(f"{annotations}: category {shown(c)} needs a whole-number 'id' "
                            f"and a 'name'")
     if not os.path.isdir(images):
         raise MissingInput(f"COCO image folder not found: {images}")
@@ -1082,19 +1087,21 @@ def prepare_coco(annotations, images, out, split=None, min_pixels=1000, log=prin
                   if n in COCO_TO_VOC}
     by_image, written, no_voc, missing, skipped = {}, [], 0, [], []
     for ann in coco["annotations"]:
-        if isinstance(ann, dict) and type(ann.get("image_id")) in (int, str):
+        if isinstance(ann, dict) and type(ann.get("image_id")) is type(ann.get("id", 0)) is int:
             by_image.setdefault(ann["image_id"], []).append(ann)
         elif strict:
-            raise BadInput(f"{annotations}: annotation {str(ann)[:40]}: no 'image_id'")
+            raise BadInput(f"{annotations}: annotation {shown(ann, 40)}: no whole-number 'id' "
+                           f"and 'image_id'")
         else:
-            skipped.append((f"annotation {str(ann)[:40]}", "no 'image_id'"))
+            skipped.append((f"annotation {shown(ann, 40)}", "no whole-number 'id' and "
+                                                            "'image_id'"))
     t0 = time.time()
     for n, img in enumerate(coco["images"], 1):
         problem, rid = image_problem(img), img.get("id") if isinstance(img, dict) else "?"
         if problem:
             if strict:
-                raise BadInput(f"{annotations}: image record {str(rid)[:40]}: {problem}")
-            skipped.append((f"image {str(rid)[:40]}", problem))
+                raise BadInput(f"{annotations}: image record {shown(rid, 40)}: {problem}")
+            skipped.append((f"image {shown(rid, 40)}", problem))
             continue
         name = plain_name(img.get("file_name"), f"{annotations}: image id {img.get('id')} has "
                                                 f"file_name")

@@ -204,11 +204,6 @@ TRAIN_ARGS_FIELDS = {  # what is read from train_args (the rest is compared on -
                   "null or a folder"), "seed": _whole(0, 2 ** 32 - 1)}
 
 
-def shown(value):
-    """A value in a one-line message: its repr on one line, cut at 60 characters."""
-    return " ".join(repr(value).split())[:60]
-
-
 def check_fields(obj, fields, path, prefix=""):
     """Each field of `fields` present in dict `obj` and allowed; one line naming the first that
     is not."""
@@ -217,7 +212,7 @@ def check_fields(obj, fields, path, prefix=""):
             raise data.BadInput(f"{path}: {prefix}{name} is missing (not a complete train.py "
                                 f"checkpoint); expected {allowed}")
         if not ok(obj[name]):
-            raise data.BadInput(f"{path}: {prefix}{name} is {shown(obj[name])}; allowed: "
+            raise data.BadInput(f"{path}: {prefix}{name} is {data.shown(obj[name])}; allowed: "
                                 f"{allowed}")
 
 
@@ -251,13 +246,13 @@ def load_checkpoint(path, resume=False):
     for a, x, b, y in pairs:
         if json.dumps(x, sort_keys=True, default=repr) != json.dumps(y, sort_keys=True,
                                                                      default=repr):
-            raise data.BadInput(f"{path}: {a} is {shown(x)} but {b} is {shown(y)}: they must "
-                                f"agree (an edited or mixed-up checkpoint); refused")
+            raise data.BadInput(f"{path}: {a} is {data.shown(x)} but {b} is {data.shown(y)}: "
+                                f"they must agree (an edited or mixed-up checkpoint); refused")
     try:
         with torch.device("meta"):  # the model's names and shapes, without its memory
             want = {k: tuple(v.shape) for k, v in DeepLabV3(**cfg).state_dict().items()}
     except (ValueError, RuntimeError) as e:
-        raise data.BadInput(f"{path}: config describes no model ({shown(str(e))})") from None
+        raise data.BadInput(f"{path}: config describes no model ({data.shown(str(e))})") from None
     have = {k: tuple(v.shape) for k, v in ck["model"].items()}
     wrong = ([f"{k}: missing" for k in want if k not in have] +
              [f"{k}: not in the model" for k in have if k not in want] +

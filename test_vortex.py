@@ -3072,28 +3072,35 @@ def test_eval_numbers_and_names_are_checked_before_any_work(argv, message):
 
 
 COCO_VALUES = st.one_of(st.integers(-5, 10 ** 7), st.just(10 ** 6), st.text(max_size=3),
-                        st.none(), st.lists(st.integers(), max_size=2), st.floats())
+                        st.none(), st.lists(st.integers(), max_size=2), st.floats(),
+                        st.fixed_dictionaries({"size": st.just([40, 40]), "counts": st.one_of(
+                            st.text(max_size=5), st.lists(st.integers(-2, 2000), max_size=4))}))
 
 
-@given(field=st.sampled_from(["id", "height", "width", "file_name", "record"]),
+@given(field=st.sampled_from(["id", "height", "width", "file_name", "record", "ann.id",
+                              "ann.image_id", "ann.category_id", "ann.segmentation", "ann"]),
        value=COCO_VALUES, strict=st.booleans())
-@settings(max_examples=60)
+@settings(max_examples=80)
 def test_any_broken_coco_image_record_is_skipped_or_one_line(tmp_path_factory, field, value,
                                                              strict):
     tmp = tmp_path_factory.mktemp("coco")
     img = {"id": 7, "file_name": "a.jpg", "height": 40, "width": 40}
-    ann, imgs = coco_file(tmp, [img], [{"id": 1, "image_id": 7, "category_id": 1,
-                                        "segmentation": SQUARE}])
+    good = {"id": 1, "image_id": 7, "category_id": 1, "segmentation": SQUARE}
+    ann, imgs = coco_file(tmp, [img], [good])
     coco = json.load(open(ann))
     coco["images"] = [value] if field == "record" else [dict(img, **{field: value})]
+    if field.startswith("ann"):
+        coco["images"] = [img]
+        coco["annotations"] = [value if field == "ann" else dict(good, **{field[4:]: value})]
     open(ann, "w").write(json.dumps(coco))
     try:
         res = data.prepare_coco(ann, imgs, str(tmp / "out"), strict=strict, log=lambda m: None)
     except data.BadInput as e:
         assert "\n" not in str(e) and "instances_x.json" in str(e)
         return
-    assert res["written"] in ([], ["a"]) and len(res["skipped"]) + len(res["written"]) + len(
-        res["missing"]) + res["no_voc"] == 1
+    assert res["written"] in ([], ["a"]) and all("\n" not in w + p for w, p in res["skipped"])
+    if not field.startswith("ann"):  # the one image is written, skipped, missing or empty
+        assert len(res["skipped"] + res["written"] + res["missing"]) + res["no_voc"] == 1
 
 
 @pytest.mark.parametrize("top", ["5", "[]", '{"images": [5], "annotations": [], "categories": []}',
