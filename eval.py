@@ -492,8 +492,6 @@ def evaluate_checkpoint(model, ck, args, scales, device, rank=0):
     return result
 
 
-
-
 # ---------------------------------------------------------------------------------------------
 # Pictures a run writes (Pillow only, written atomically) and the primitives they share with
 # experiments.py's figures.
