@@ -468,14 +468,15 @@ def evaluate_checkpoint(model, ck, args, scales, device, rank=0):
     out = args.json or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)),
                                     f"eval_{name}_{split}_s{scale_tag}"
                                     f"{'_flip' if args.flip else ''}.json")
-    data.refuse_existing([out] + ([args.save_dir] if args.save_dir else []), args.force,
-                         [("--checkpoint", args.checkpoint), ("--data-root", root)])
+    outputs = [out] + ([args.save_dir] if args.save_dir else [])
+    data.refuse_inputs(outputs, [("--checkpoint", args.checkpoint), ("--data-root", root)])
     ds = data.get_dataset(name, split, root, train=False, **ck.get("data_args", {}))
     if len(ds.classes) != len(classes):
         raise data.BadInput(f"{args.checkpoint} predicts {len(classes)} classes "
                             f"({', '.join(classes[:6])}{', ...' if len(classes) > 6 else ''}), "
                             f"but {name} has {len(ds.classes)}: evaluate it on the dataset it "
                             f"was trained for")
+    data.refuse_existing(outputs, args.force)  # checked writable: made only now
     if dist.is_initialized():
         dist.barrier()  # every rank has checked the outputs before any rank writes one
     say = print if rank == 0 else (lambda *a: None)

@@ -3125,9 +3125,13 @@ def test_coco_files_of_the_wrong_shape_are_one_line(tmp_path, top):
             r"megapixels")
 
 
-def test_a_refused_start_leaves_nothing_behind(tmp_path, monkeypatch):
+def test_a_refused_start_leaves_nothing_behind(tmp_path, tiny_run, monkeypatch):
     root = make_voc_tree(tmp_path / "voc", ids="abcd")
     out = tmp_path / "new" / "run"
+    refused(lambda: evaluation.main(["--checkpoint", os.path.join(tiny_run, "checkpoint.pt"),
+                                     "--dataset", "voc", "--data-root", str(root), "--split",
+                                     "train", "--json", str(out / "r.json")]),
+            "predicts 5 classes")  # its --json folder is made only after every check
     with pytest.raises(data.MissingInput, match=r"split list not found: .*bogus.txt"):
         train.main(TINY + ["--dataset", "voc", "--data-root", str(root), "--split", "train",
                            "--val-split", "bogus", "--batch-size", "2", "--iters", "1",
