@@ -386,9 +386,14 @@ class ExistingOutput(BadInput, FileExistsError):
 
 
 def cli(main):
-    """Run a command's main(): BadInput becomes 'error: ...' on stderr and exit code 2."""
+    """Run a command's main(): BadInput becomes 'error: ...' on stderr and exit code 2; Ctrl-C
+    one line and exit code 130 (every file is written whole, so what was written is kept)."""
     try:
         return main()
+    except KeyboardInterrupt:
+        print("interrupted: stopped at once; the files written so far are kept, each whole (a "
+              "result file is written only at the end)", file=sys.stderr)
+        sys.exit(130)
     except BadInput as e:
         message = str(e)
         if "Original Traceback" in message:  # raised in a DataLoader worker: its last line
@@ -404,15 +409,17 @@ def output_path(path, flag):
     return path
 
 
-def refuse_existing(paths, force):
-    """Before any work: nothing is overwritten without --force, and every folder an output
-    goes to can be written (made if needed, with a test file written and removed)."""
+def refuse_existing(paths, force, inputs=(), hint="pass --force to overwrite, or choose "
+                                                    "another --out"):
+    """Before any work: refuse_inputs(paths, inputs); nothing is overwritten without `force`;
+    every folder an output goes to can be written (made if needed, with a test file written and
+    removed)."""
+    refuse_inputs(paths, inputs)
     there = [p for p in paths if os.path.exists(p) and not (os.path.isdir(p) and not
                                                             os.listdir(p))]  # empty: nothing lost
     if there and not force:
         more = f" (and {len(there) - 1} more)" if len(there) > 1 else ""
-        raise ExistingOutput(f"{there[0]} exists{more}; pass --force to overwrite, or choose "
-                             f"another --out")
+        raise ExistingOutput(f"{there[0]} exists{more}; {hint}")
     for folder in sorted({p if os.path.isdir(p) else os.path.dirname(os.path.abspath(p))
                           for p in paths}):
         try:
@@ -422,6 +429,20 @@ def refuse_existing(paths, force):
             os.unlink(test)
         except OSError as e:
             raise BadInput(f"cannot write into {folder}: {e.strerror or e}") from None
+
+
+def refuse_inputs(paths, inputs):
+    """An output that is, holds or lies inside one of the command's `inputs` ((flag, path)
+    pairs; real paths compared, hard links too) is refused whatever the flags."""
+    for p in paths:
+        for flag, i in ((f, i) for f, i in inputs if i):
+            o, r = os.path.realpath(p), os.path.realpath(i)
+            same = o == r or (os.path.exists(p) and os.path.exists(i) and os.path.samefile(p, i))
+            how = "is" if same else "holds" if r.startswith(o.rstrip(os.sep) + os.sep) else \
+                "lies inside" if o.startswith(r.rstrip(os.sep) + os.sep) else None
+            if how:
+                raise BadInput(f"output {p} {how} the input {flag} {i}: an output never replaces "
+                               f"or writes into an input, even with --force; choose another")
 
 
 def _umask():
@@ -494,10 +515,11 @@ class FolderLock:
     """An exclusive lock on a folder for one command's run (train.py --out-dir, a prepared
     dataset): a second command on the same folder is refused, naming the holder. It is an
     fcntl lock on folder/.lock, which the system drops with the process however it ends (even
-    kill -9), so a dead run never leaves a stale lock."""
+    kill -9), so a dead run never leaves a stale lock. release(remove=True) after a refused
+    start takes away the lock file and the folders the lock made, when they are empty."""
 
     def __init__(self, folder, what):
-        self.path = os.path.join(folder, ".lock")
+        self.path, self.fd, self.made = os.path.join(folder, ".lock"), None, first_missing(folder)
         try:
             os.makedirs(folder, exist_ok=True)
             self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
@@ -510,22 +532,101 @@ class FolderLock:
             os.close(self.fd)
             raise BadInput(f"{folder} is in use by {holder}; wait for it to finish, or choose "
                            f"another folder") from None
-        os.ftruncate(self.fd, 0)
-        os.write(self.fd, f"{what} (pid {os.getpid()} on {socket.gethostname()})".encode())
+        try:
+            os.ftruncate(self.fd, 0)
+            os.write(self.fd, f"{what} (pid {os.getpid()} on {socket.gethostname()})".encode())
+        except OSError as e:
+            why = write_failure(e, folder, 0)
+            self.release(remove=True)
+            raise BadInput(f"cannot write the lock {self.path}: {why}; nothing was started") \
+                from None
 
     def release(self, remove=False):
         if self.fd is not None:
             if remove:  # only the holder may remove it, before letting go
                 os.unlink(self.path)
+                remove_empty(os.path.dirname(self.path), self.made)
             fcntl.flock(self.fd, fcntl.LOCK_UN)
             os.close(self.fd)
             self.fd = None
+
+
+def first_missing(path):
+    """The outermost folder of `path` that does not exist yet (None if it all exists)."""
+    p, top = os.path.abspath(path), None
+    while not os.path.exists(p):
+        p, top = os.path.dirname(p), p
+    return top
+
+
+def remove_empty(path, top):
+    """Remove `path` and its parents up to `top` while they are empty folders."""
+    p = os.path.abspath(path)
+    while top and os.path.isdir(p) and not os.listdir(p) and os.rmdir(p) is None and p != top:
+        p = os.path.dirname(p)
 
 
 def is_plain_name(name):
     """A file name or id that stays inside its folder: no folder part, no '..', not absolute."""
     return (isinstance(name, str) and name not in ("", ".", "..") and not os.path.isabs(name)
             and os.path.basename(name) == name and "\\" not in name and "\0" not in name)
+
+
+def shown(value, n=60):
+    """A value in a one-line message: its repr on one line, cut at n characters."""
+    return " ".join(repr(value).split())[:n]
+
+
+def plain_name(name, what):
+    """`name` when it is a plain name (is_plain_name), else one line naming `what` (a flag, a
+    record field): every name that becomes a path stays inside its folder."""
+    if not is_plain_name(name):
+        raise BadInput(f"{what} {name!r} is not a plain file name inside its folder (a folder "
+                       f"part, '..' or an absolute path would reach outside it); refused")
+    return name
+
+
+def read_record(path, fields=None, hint="delete it to make it again"):
+    """A JSON record this project wrote (atomically: a crash leaves none or a whole one), read as
+    untrusted: a dict whose `fields` ({name: allowed types}) are there, or one line naming the
+    file and what to do."""
+    try:
+        with open(path) as f:
+            rec, why = json.load(f), "not a dict"
+    except (OSError, ValueError) as e:
+        rec, why = None, (str(e).splitlines() or ["empty"])[0]
+    bad = [k for k, types in (fields or {}).items() if isinstance(rec, dict)
+           and not isinstance(rec.get(k, ()), types)]
+    if not isinstance(rec, dict) or bad:
+        raise BadInput(f"{path} is not a record that can be read ("
+                       f"{f'field {bad[0]!r} is missing or wrong' if bad else why}); {hint}")
+    return rec
+
+
+def read_log(path, fields=("iter", "loss", "lr")):
+    """The records of an append-only JSON-lines log (train.py's log.jsonl), whose `fields` are
+    numbers ('iter' a whole one). A torn last line (a crash while it was written) is dropped with
+    a warning; any other line that is not such a record is one line naming the file and line."""
+    with open(path, "rb") as f:
+        lines = f.read().decode(errors="replace").split("\n")
+    last = max((n for n, line in enumerate(lines) if line.strip()), default=-1)
+    rows = []
+    for n, line in enumerate(lines):
+        try:
+            row = json.loads(line) if line.strip() else None
+            ok = isinstance(row, dict) and type(row.get("iter")) is int and all(
+                type(row.get(k)) in (int, float) for k in fields)
+        except ValueError:
+            row, ok = None, False
+        if ok and n < len(lines) - 1:  # a whole record, its newline written
+            rows.append(row)
+        elif n == last:
+            print(f"warning: {path}: its last line is torn (a crash while writing it); dropped",
+                  file=sys.stderr)
+        elif line.strip():
+            raise BadInput(f"{path}, line {n + 1}: not a log record {line[:40]!r}; delete that "
+                           f"line or the file (a checkpoint does not need its log)")
+    return rows
 
 
 def file_digest(path):
@@ -879,6 +980,8 @@ def annotation_problem(ann, h, w):
     for key in ("category_id", "segmentation"):
         if key not in ann:
             return f"no '{key}'"
+    if type(ann["category_id"]) is not int:
+        return f"category_id {shown(ann['category_id'], 20)} is not a whole number"
     seg = ann["segmentation"]
     if isinstance(seg, list):
         if not seg:
@@ -892,8 +995,8 @@ def annotation_problem(ann, h, w):
         return None
     if not isinstance(seg, dict):
         return f"segmentation of unknown type {type(seg).__name__}"
-    if list(seg.get("size", [])) != [h, w]:
-        return f"RLE size {seg.get('size')} is not the image's [{h}, {w}]"
+    if seg.get("size") != [h, w]:
+        return f"RLE size {shown(seg.get('size'), 30)} is not the image's [{h}, {w}]"
     counts = seg.get("counts")
     try:
         counts = rle_counts_from_string(counts) if isinstance(counts, (str, bytes)) else counts
@@ -902,6 +1005,24 @@ def annotation_problem(ann, h, w):
             return f"RLE counts that do not cover the {h} x {w} image"
     except (IndexError, UnicodeDecodeError, TypeError):
         return "RLE counts that cannot be read"
+    return None
+
+
+def image_problem(img):
+    """What is wrong with one COCO image record (a short phrase), or None. Its size is checked
+    before a mask of that size is made."""
+    if not isinstance(img, dict):
+        return f"not a record: {shown(img, 40)}"
+    missing = [k for k in ("id", "file_name", "height", "width") if k not in img]
+    if missing:
+        return f"no '{missing[0]}'"
+    if type(img["id"]) is not int:
+        return f"id {shown(img['id'], 40)} is not a whole number"
+    h, w = img["height"], img["width"]
+    if not (type(h) is int and type(w) is int and h >= 1 and w >= 1
+            and h * w <= MAX_IMAGE_PIXELS):
+        return (f"size {shown(w, 20)} x {shown(h, 20)} is not whole numbers >= 1 of at most "
+                f"{MAX_IMAGE_PIXELS // 10 ** 6} megapixels")
     return None
 
 
@@ -920,22 +1041,16 @@ def _read_coco(annotations, images):
     except (OSError, ValueError) as e:
         raise BadInput(f"cannot read COCO annotations {annotations}: {e}") from None
     for key in ("images", "annotations", "categories"):
-        if key not in coco:
-            raise BadInput(f"{annotations} has no '{key}': not a COCO instances file")
+        if not isinstance(coco, dict) or not isinstance(coco.get(key), list):
+            raise BadInput(f"{annotations} has no '{key}' list: not a COCO instances file")
+    for c in coco["categories"]:
+        if not (isinstance(c, dict) and type(c.get("id")) is int and isinstance(c.get("name"),
+                                                                                 str)):
+            raise BadInput(f"{annotations}: category {shown(c)} needs a whole-number 'id' "
+                           f"and a 'name'")
     if not os.path.isdir(images):
         raise MissingInput(f"COCO image folder not found: {images}")
     return coco
-
-
-def _plain_name(img, annotations):
-    """The image's file_name, refused unless it is a plain name inside the image folder: a name
-    with a folder part, '..' or an absolute path would make us write outside --out."""
-    name = img.get("file_name")
-    if not is_plain_name(name):
-        raise BadInput(f"{annotations}: image id {img.get('id')} has file_name {name!r}, which "
-                       f"is not a plain file name inside the image folder; refused (it would "
-                       f"write outside --out)")
-    return name
 
 
 def prepare_coco(annotations, images, out, split=None, min_pixels=1000, log=print,
@@ -947,34 +1062,40 @@ def prepare_coco(annotations, images, out, split=None, min_pixels=1000, log=prin
     interrupted run with the same settings are kept; other settings need `overwrite`. Returns
     the counts."""
     coco = _read_coco(annotations, images)
-    split = split or os.path.splitext(os.path.basename(annotations))[0].replace("instances_", "")
+    split = plain_name(split or os.path.splitext(os.path.basename(annotations))[0].replace(
+        "instances_", ""), "--split")
     settings = {"annotations": os.path.abspath(annotations), "min_pixels": min_pixels,
                 "annotations_sha256": file_digest(annotations)}  # by content, not only by name
     record = os.path.join(out, "ImageSets", "Segmentation", split + ".settings.json")
-    if os.path.exists(record):
-        with open(record) as f:
-            before = json.load(f)
-        if before != settings and not overwrite:
+    if os.path.exists(record) and not overwrite:
+        before = read_record(record, hint="pass --overwrite to rebuild the split")
+        if before != settings:
             raise ExistingOutput(f"{out} holds split {split} made with other settings ({before}); "
                                  f"pass --overwrite to rebuild it, or choose another --out")
-        overwrite = overwrite or before != settings
     write_json(record, settings)
     names = {c["id"]: c["name"] for c in coco["categories"]}
     cat_to_voc = {cid: VOC_CLASSES.index(COCO_TO_VOC[n]) for cid, n in names.items()
                   if n in COCO_TO_VOC}
-    by_image = {}
+    by_image, written, no_voc, missing, skipped = {}, [], 0, [], []
     for ann in coco["annotations"]:
-        by_image.setdefault(ann.get("image_id"), []).append(ann)
-    written, no_voc, missing, skipped = [], 0, [], []
+        if isinstance(ann, dict) and type(ann.get("image_id")) is type(ann.get("id", 0)) is int:
+            by_image.setdefault(ann["image_id"], []).append(ann)
+        elif strict:
+            raise BadInput(f"{annotations}: annotation {shown(ann, 40)}: no whole-number 'id' "
+                           f"and 'image_id'")
+        else:
+            skipped.append((f"annotation {shown(ann, 40)}", "no whole-number 'id' and "
+                                                            "'image_id'"))
     t0 = time.time()
     for n, img in enumerate(coco["images"], 1):
-        problems = [f"no '{k}'" for k in ("id", "file_name", "height", "width") if k not in img]
-        if problems:
+        problem, rid = image_problem(img), img.get("id") if isinstance(img, dict) else "?"
+        if problem:
             if strict:
-                raise BadInput(f"{annotations}: image record {img.get('id')}: {problems[0]}")
-            skipped.append((f"image {img.get('id')}", problems[0]))
+                raise BadInput(f"{annotations}: image record {shown(rid, 40)}: {problem}")
+            skipped.append((f"image {shown(rid, 40)}", problem))
             continue
-        name = _plain_name(img, annotations)
+        name = plain_name(img.get("file_name"), f"{annotations}: image id {img.get('id')} has "
+                                                f"file_name")
         stem = os.path.splitext(name)[0]
         src = os.path.join(images, name)
         mask_path = os.path.join(out, "SegmentationClass", stem + ".png")
@@ -1046,28 +1167,38 @@ def parser():
                         "another annotation file)")
     s.add_argument("--min-pixels", type=int, default=1000,
                    help="VOC objects smaller than this are discarded, i.e. marked 255 and "
-                        "ignored by the loss (paper 4.2: 1000)")
+                        "ignored by the loss (paper 4.2: 1000); 0..10^8")
     return p
 
 
 def main(argv=None):
-    p = parser()
-    args = p.parse_args(argv)
-    if args.cmd in ("prepare-sbd", "prepare-coco"):  # one preparation per folder at a time
-        if args.cmd == "prepare-coco" and args.min_pixels < 0:
-            raise BadInput(f"--min-pixels {args.min_pixels}: must be >= 0")
-        folder = args.voc if args.cmd == "prepare-sbd" else args.out
-        if args.cmd == "prepare-sbd" and not os.path.isdir(folder):
+    args = parser().parse_args(argv)
+    if args.cmd == "prepare-coco":  # everything is checked before the folder is locked
+        if not 0 <= args.min_pixels <= 10 ** 8:
+            raise BadInput(f"--min-pixels {args.min_pixels}: must be a whole number in 0..10^8")
+        if args.split is not None:
+            plain_name(args.split, "--split")
+        folder, inputs = output_path(args.out, "--out"), [("--annotations", args.annotations),
+                                                          ("--images", args.images)]
+        outputs = [os.path.join(folder, d) for d in ("SegmentationClass", "JPEGImages",
+                                                     "ImageSets")]
+    else:
+        folder, inputs = args.voc, [("--sbd", args.sbd)]
+        outputs = [os.path.join(folder, "SegmentationClassAug"),
+                   os.path.join(folder, "ImageSets", "Segmentation", "train_aug.txt")]
+        if not os.path.isdir(folder):
             raise MissingInput(f"--voc {folder}: no such folder\n{VOC_TREE}")
-        lock = FolderLock(folder, f"data.py {args.cmd}")
-        try:
-            if args.cmd == "prepare-sbd":
-                prepare_sbd(args.sbd, args.voc, args.overwrite)
-            else:
-                prepare_coco(args.annotations, args.images, args.out, args.split,
-                             args.min_pixels, strict=args.strict, overwrite=args.overwrite)
-        finally:
-            lock.release()
+    refuse_inputs(outputs, inputs)
+    lock, done = FolderLock(folder, f"data.py {args.cmd}"), False  # one preparation a folder
+    try:
+        if args.cmd == "prepare-sbd":
+            prepare_sbd(args.sbd, args.voc, args.overwrite)
+        else:
+            prepare_coco(args.annotations, args.images, args.out, args.split,
+                         args.min_pixels, strict=args.strict, overwrite=args.overwrite)
+        done = True
+    finally:
+        lock.release(remove=not done)  # a refused start leaves no lock and no new folder
 
 
 if __name__ == "__main__":

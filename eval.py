@@ -156,17 +156,118 @@ def evaluate(model, dataset, scales=(1.0,), flip=False, device=None, num_classes
 # Checkpoints (written by train.py).
 # ---------------------------------------------------------------------------------------------
 
-def load_checkpoint(path):
-    """A train.py checkpoint (dict of tensors and plain values), read by vortex's one reader of
-    weight files (weights_only=True; non-finite weights refused, naming the tensor)."""
+def _whole(lo, hi):
+    return (lambda v: type(v) is int and lo <= v <= hi), f"a whole number in {lo}..{hi}"
+
+
+def _one_of(*values):
+    return (lambda v: type(v) in (int, str) and v in values), f"one of {str(values)[1:-1]}"
+
+
+def _is(kind, what, ok=lambda v: True):
+    return (lambda v: isinstance(v, kind) and ok(v)), what
+
+
+CONFIG_FIELDS = {  # DeepLabV3's arguments, as train.py records them: (check, what is allowed)
+    "num_classes": _whole(1, 255), "depth": _one_of(*vortex.DEPTHS),
+    "context": _one_of(*vortex.CONTEXTS), "output_stride": _one_of(8, 16, 32),
+    "pool_k": (lambda v: _whole(1, 99)[0](v) and v % 2 == 1, "an odd whole number in 1..99"),
+    "multi_grid": (lambda v: v is None or (isinstance(v, (list, tuple)) and all(
+        _whole(1, 64)[0](r) for r in v)), "null or a list of whole numbers in 1..64"),
+    "base_channels": _whole(1, 4096), "context_channels": _whole(1, 8192),
+    "dropout": _is(float, "a number in [0, 1)", lambda v: 0 <= v < 1),
+    "count_include_pad": _is(bool, "true or false")}
+CHECKPOINT_FIELDS = {  # every checkpoint; RESUME_FIELDS too for --resume
+    "model": _is(dict, "a dict of name -> tensor", lambda v: all(
+        isinstance(k, str) and isinstance(t, torch.Tensor) for k, t in v.items())),
+    "config": _is(dict, f"a dict of {', '.join(CONFIG_FIELDS)}"),
+    "iteration": _whole(0, 10 ** 9), "dataset": _one_of(*data.DATASETS),
+    "classes": _is(list, "a list of class names", lambda v: all(isinstance(c, str) for c in v)),
+    "palette": _is(list, "256 [r, g, b] colours of 0..255", lambda v: len(v) == 256 and all(
+        isinstance(c, list) and len(c) == 3 and all(_whole(0, 255)[0](x) for x in c) for c in v)),
+    "data_args": _is(dict, "{} or {num_images: 1..10^7, image_size: 32..4096}", lambda v: (
+        set(v) <= {"num_images", "image_size"} and _whole(1, 10 ** 7)[0](v.get("num_images", 1))
+        and _whole(32, 4096)[0](v.get("image_size", 32)))),
+    "train_args": _is(dict, "the dict of train.py's settings")}
+RESUME_FIELDS = {
+    "optimizer": _is(dict, "an optimizer state (state, param_groups)", lambda v: isinstance(
+        v.get("state"), dict) and isinstance(v.get("param_groups"), list)),
+    "scaler": _is(dict, "a gradient-scaler state ({} without fp16)"),
+    "epoch": _whole(0, 10 ** 12), "batch_in_epoch": _whole(0, 10 ** 12),
+    "rng_cpu": _is(torch.Tensor, f"a uint8 tensor of {torch.get_rng_state().numel()} bytes",
+                   lambda v: v.dtype == torch.uint8 and v.shape == torch.get_rng_state().shape),
+    "rng_cuda": _is(torch.Tensor, "a 1-D uint8 tensor (empty without CUDA)", lambda v: v.dim()
+                    == 1 and (v.dtype == torch.uint8 or v.numel() == 0))}
+TRAIN_ARGS_FIELDS = {  # what is read from train_args (the rest is compared on --resume)
+    "val_split": _is(str, "a plain file name", data.is_plain_name),
+    "data_root": (lambda v: v is None or (isinstance(v, str) and v.strip() != ""),
+                  "null or a folder"), "seed": _whole(0, 2 ** 32 - 1)}
+
+
+def check_fields(obj, fields, path, prefix=""):
+    """Each field of `fields` present in dict `obj` and allowed; one line naming the first that
+    is not."""
+    for name, (ok, allowed) in fields.items():
+        if name not in obj:
+            raise data.BadInput(f"{path}: {prefix}{name} is missing (not a complete train.py "
+                                f"checkpoint); expected {allowed}")
+        if not ok(obj[name]):
+            raise data.BadInput(f"{path}: {prefix}{name} is {data.shown(obj[name])}; allowed: "
+                                f"{allowed}")
+
+
+def load_checkpoint(path, resume=False):
+    """A train.py checkpoint, read by vortex's one reader of weight files (weights_only=True;
+    non-finite weights refused) and checked as a whole before anything is built from it: every
+    field's type and range, config against train_args, and every weight's name and shape
+    against the model its config describes. One line naming the file and the field if not."""
     ck = vortex.read_weights_file(path)
-    if not isinstance(ck, dict) or "model" not in ck or "config" not in ck:
-        raise data.BadInput(f"{path} is not a train.py checkpoint (no 'model' and 'config' entries)")
+    if not isinstance(ck, dict):
+        raise data.BadInput(f"{path} is not a train.py checkpoint (a dict with model, config...)")
+    check_fields(ck, dict(CHECKPOINT_FIELDS, **(RESUME_FIELDS if resume else {})), path)
+    cfg, ta = ck["config"], ck["train_args"]
+    unknown = sorted(set(cfg) - set(CONFIG_FIELDS), key=str)
+    if unknown:
+        raise data.BadInput(f"{path}: config.{unknown[0]} is an unknown field; known: "
+                            f"{', '.join(CONFIG_FIELDS)}")
+    check_fields(cfg, CONFIG_FIELDS, path, "config.")
+    check_fields(ta, TRAIN_ARGS_FIELDS, path, "train_args.")
+    blocks = vortex.DEPTHS[cfg["depth"]][1][3]
+    synthetic = {"num_images": ta.get("val_images"), "image_size": ta.get("image_size")}
+    pairs = [("len(classes)", len(ck["classes"]), "config.num_classes", cfg["num_classes"]),
+             ("train_args.dataset", ta.get("dataset"), "dataset", ck["dataset"]),
+             ("data_args", ck["data_args"], "train_args' val_images and image_size",
+              synthetic if ck["dataset"] == "synthetic" else {})]
+    pairs += [(f"train_args.{k}", ta.get(k), f"config.{k}", cfg[k]) for k in CONFIG_FIELDS
+              if k not in ("num_classes", "dropout")]
+    if cfg["multi_grid"] is not None:
+        pairs.append(("len(config.multi_grid)", len(cfg["multi_grid"]),
+                      f"ResNet-{cfg['depth']}'s layer4 blocks", blocks))
+    for a, x, b, y in pairs:
+        if json.dumps(x, sort_keys=True, default=repr) != json.dumps(y, sort_keys=True,
+                                                                     default=repr):
+            raise data.BadInput(f"{path}: {a} is {data.shown(x)} but {b} is {data.shown(y)}: "
+                                f"they must agree (an edited or mixed-up checkpoint); refused")
+    try:
+        with torch.device("meta"):  # the model's names and shapes, without its memory
+            want = {k: tuple(v.shape) for k, v in DeepLabV3(**cfg).state_dict().items()}
+    except (ValueError, RuntimeError) as e:
+        raise data.BadInput(f"{path}: config describes no model ({data.shown(str(e))})") from None
+    have = {k: tuple(v.shape) for k, v in ck["model"].items()}
+    wrong = ([f"{k}: missing" for k in want if k not in have] +
+             [f"{k}: not in the model" for k in have if k not in want] +
+             [f"{k}: shape {have[k]}, the model's {want[k]}" for k in want
+              if k in have and have[k] != want[k]])
+    if wrong:
+        raise data.BadInput(f"{path}: its weights do not fit the model its config describes "
+                            f"(model.{'; model.'.join(wrong[:3])}"
+                            f"{f'; {len(wrong) - 3} more' if len(wrong) > 3 else ''})")
     return ck
 
 
 def model_from_checkpoint(ck, path="checkpoint", **expected):
-    """Build the checkpoint's model; a flag that contradicts its architecture is an error."""
+    """Build a checked checkpoint's model; a flag that contradicts its architecture is an
+    error."""
     cfg = dict(ck["config"])
     wrong = [f"{k}: checkpoint has {cfg.get(k)!r}, flags say {v!r}" for k, v in expected.items()
              if v is not None and k in cfg and cfg[k] != v]
@@ -174,12 +275,7 @@ def model_from_checkpoint(ck, path="checkpoint", **expected):
         raise data.BadInput(f"{path} does not match the requested architecture: " + "; ".join(wrong))
     cfg["multi_grid"] = None if cfg.get("multi_grid") is None else tuple(cfg["multi_grid"])
     model = DeepLabV3(**cfg)
-    try:
-        model.load_state_dict(ck["model"])
-    except RuntimeError as err:
-        lines = [ln.strip() for ln in str(err).splitlines()[1:] if ln.strip()]
-        raise data.BadInput(f"{path}: its weights do not fit the model its config describes "
-                            f"({'; '.join(lines)[:300]})") from None
+    model.load_state_dict(ck["model"])
     return model
 
 
@@ -230,7 +326,8 @@ def pick_device(device_arg, local_rank=0):
     return torch.device("cuda", index)
 
 
-def predict_images(model, ck, source, out, scales, flip, device, force, log=print):
+def predict_images(model, ck, source, out, scales, flip, device, force, checkpoint=None,
+                   log=print):
     """Predict one image or every image of a folder: <out>/<stem>.png (class indices, palette)
     and <out>/<stem>_panel.png each. Returns the paths written."""
     classes = ck.get("classes") or list(data.VOC_CLASSES)
@@ -260,7 +357,7 @@ def predict_images(model, ck, source, out, scales, flip, device, force, log=prin
     if twice:
         raise data.BadInput(f"--image {source}: two outputs would share the name {twice[0]}; "
                             f"rename one of the images")
-    data.refuse_existing(outputs, force)
+    data.refuse_existing(outputs, force, [("--checkpoint", checkpoint), ("--image", source)])
     if ck.get("dataset") == "synthetic":
         log(f"note: this checkpoint was trained on the built-in synthetic data; it knows only "
             f"{', '.join(classes)}, so a photo comes out in those classes")
@@ -297,8 +394,10 @@ def parser():
     p.add_argument("--ms", action="store_true",
                    help=f"the paper's 4.2 scales {PAPER_SCALES} (overrides --scales)")
     p.add_argument("--flip", action="store_true", help="also average the mirrored image")
-    p.add_argument("--context", default=None, help="expected context module (checked)")
-    p.add_argument("--depth", type=int, default=None, help="expected ResNet depth (checked)")
+    p.add_argument("--context", choices=vortex.CONTEXTS, default=None,
+                   help="expected context module (checked)")
+    p.add_argument("--depth", type=int, choices=sorted(vortex.DEPTHS), default=None,
+                   help="expected ResNet depth (checked)")
     p.add_argument("--save-dir", default=None,
                    help="write palette prediction PNGs and image|truth|prediction panels here")
     p.add_argument("--json", default=None,
@@ -313,7 +412,8 @@ def parser():
                         "runs/predictions/<name>.png) or folder (a folder of images; default "
                         "runs/predictions/<folder>/)")
     p.add_argument("--force", action="store_true", help="overwrite files that exist")
-    p.add_argument("--workers", type=int, default=2, help="image-decoding processes (0: none)")
+    p.add_argument("--workers", type=int, default=2, help="image-decoding processes (0: none; "
+                                                          "0..256)")
     p.add_argument("--amp", nargs="?", const="bf16", choices=["bf16", "fp16"], default=None,
                    help="run the model under autocast (probabilities averaged in fp32)")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when "
@@ -329,13 +429,16 @@ def main(argv=None):
     if not all(math.isfinite(s) and 0 < s <= 8 for s in scales):
         raise data.BadInput(f"--scales {' '.join(map(str, scales))}: each must be a number in "
                             f"(0, 8] (paper: 0.5 ... 1.75)")
-    if args.workers < 0:
-        raise data.BadInput(f"--workers {args.workers}: must be >= 0")
+    if not 0 <= args.workers <= 256:
+        raise data.BadInput(f"--workers {args.workers}: must be a whole number in 0..256")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and args.image:
         raise data.BadInput("--image runs in one process: use torchrun only to split "
                             "the evaluation of a dataset over GPUs")
     if not args.checkpoint:
         p.error("--checkpoint is required")
+    for flag in ("json", "save_dir", "out"):
+        if getattr(args, flag) is not None:
+            data.output_path(getattr(args, flag), "--" + flag.replace("_", "-"))
     rank, _, device = setup_distributed(args.device, fixed_sizes=False)
     try:
         ck = load_checkpoint(args.checkpoint)
@@ -343,7 +446,7 @@ def main(argv=None):
                                       depth=args.depth).to(device).eval()
         if args.image:
             return predict_images(model, ck, args.image, args.out, scales, args.flip, device,
-                                  args.force)
+                                  args.force, args.checkpoint)
         return evaluate_checkpoint(model, ck, args, scales, device, rank)
     finally:
         if dist.is_initialized():
@@ -357,20 +460,23 @@ def evaluate_checkpoint(model, ck, args, scales, device, rank=0):
     ta = ck.get("train_args", {})
     name = args.dataset or ck.get("dataset", "synthetic")
     same = name == ck.get("dataset")
-    split = args.split or (ta.get("val_split") if same else None) or DEFAULT_SPLIT.get(name, "val")
+    split = data.plain_name(args.split or (ta.get("val_split") if same else None) or
+                            DEFAULT_SPLIT.get(name, "val"), "--split")
     root = args.data_root or (ta.get("data_root") if same else None)
+    # a file per protocol: single-scale and multi-scale + flip numbers live side by side
+    scale_tag = "-".join(f"{v:g}" for v in scales)
+    out = args.json or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)),
+                                    f"eval_{name}_{split}_s{scale_tag}"
+                                    f"{'_flip' if args.flip else ''}.json")
+    outputs = [out] + ([args.save_dir] if args.save_dir else [])
+    data.refuse_inputs(outputs, [("--checkpoint", args.checkpoint), ("--data-root", root)])
     ds = data.get_dataset(name, split, root, train=False, **ck.get("data_args", {}))
     if len(ds.classes) != len(classes):
         raise data.BadInput(f"{args.checkpoint} predicts {len(classes)} classes "
                             f"({', '.join(classes[:6])}{', ...' if len(classes) > 6 else ''}), "
                             f"but {name} has {len(ds.classes)}: evaluate it on the dataset it "
                             f"was trained for")
-    # a file per protocol: single-scale and multi-scale + flip numbers live side by side
-    scale_tag = "-".join(f"{v:g}" for v in scales)
-    out = args.json or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)),
-                                    f"eval_{name}_{split}_s{scale_tag}"
-                                    f"{'_flip' if args.flip else ''}.json")
-    data.refuse_existing([out] + ([args.save_dir] if args.save_dir else []), args.force)
+    data.refuse_existing(outputs, args.force)  # checked writable: made only now
     if dist.is_initialized():
         dist.barrier()  # every rank has checked the outputs before any rank writes one
     say = print if rank == 0 else (lambda *a: None)
@@ -492,8 +598,7 @@ def curves_figure(log_path, out, size=(560, 320)):
     Returns `out`, or None when the log has fewer than two lines (nothing is drawn)."""
     if not os.path.exists(log_path):
         return None
-    with open(log_path) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
+    rows = data.read_log(log_path)
     if len(rows) < 2:
         return None
     it = np.array([r["iter"] for r in rows], float)

@@ -402,13 +402,13 @@ ABLATION_KEYS = ("dataset", "depth", "base_channels", "context_channels", "outpu
                  "val_images", "image_size", "context", "pool_k", "seed", "count_include_pad")
 
 
-def read_back(path, key):
+def read_back(path, key, fields):
     """A finished run's record from `path` if there is one made with the same settings (else
-    None); a record made with other settings is refused with the differences."""
+    None); a record made with other settings is refused with the differences, and one that
+    cannot be read (data.read_record) naming it."""
     if not os.path.exists(path):
         return None
-    with open(path) as f:
-        rec = json.load(f)
+    rec = data.read_record(path, dict(fields, config=dict), "delete it to run that part again")
     if rec.get("config") != key:
         old = rec.get("config") or {}
         diff = [f"{k} {old.get(k)} -> {key[k]}" for k in key if old.get(k) != key[k]]
@@ -423,13 +423,14 @@ def ablation_run(run):
     continues the table instead of starting over."""
     done = os.path.join(run["out_dir"], "ablation.json")
     key = json.loads(json.dumps({k: run[k] for k in ABLATION_KEYS}))
-    rec = read_back(done, key)
+    rec = read_back(done, key, dict.fromkeys(("miou", "context_miou", "seconds"),
+                                             (int, float, type(None))))
     if rec is not None:
         print(f"{run['out_dir']}: finished earlier, read back")
         return rec["miou"], rec["context_miou"], rec["seconds"]
     resume = os.path.exists(os.path.join(run["out_dir"], "checkpoint.pt"))
     t = time.time()
-    res = train.train(dict(run, resume="auto", no_eval=False))
+    res = train.run_training(dict(run, resume="auto", no_eval=False))
     rec = dict(config=key, miou=res["miou"], context_miou=res.get("context_miou", float("nan")),
                seconds=time.time() - t, resumed=resume)
     if not dist.is_initialized() or dist.get_rank() == 0:
@@ -918,7 +919,8 @@ def context_experiment(cfg, seeds):
         results[setting] = {}
         for row, module in zip(CONTEXT_ROWS, modules):
             path = os.path.join(out, f"{setting.replace(' ', '').replace(',', '-')}-{row}.json")
-            rec = read_back(path, dict(key, setting=setting, seeds=seeds))
+            rec = read_back(path, dict(key, setting=setting, seeds=seeds),
+                            {"probe": list, "trained": list})
             if rec is None:
                 if distractor not in samples:  # layouts and noise serve both noise levels
                     samples[distractor] = context_samples(modules, distractor)
@@ -1225,12 +1227,19 @@ def parser():
                                                      "if not where they say")
     s.add_argument("--device", default=None, help="cpu, cuda or cuda:N")
     s.add_argument("--force", action="store_true", help="overwrite --out if it exists")
+    for parser_ in [p] + list(sub.choices.values()):  # every limit is said in --help
+        for action in parser_._actions:
+            if action.dest in LIMITS and "(1.." not in action.help:
+                action.help += " [{}..{}]".format(*LIMITS[action.dest])
     return p
 
 
 FIGURES = ("footprints", "synthetic", "descriptors")
 BENCHES = ("modules", "training", "inference", "loader")
 MAX_SEEDS = 100
+LIMITS = {"threads": (0, 1024), "size": (1, 1024), "reps": (1, 1000), "n": (1, 10 ** 6),
+          "seeds": (1, MAX_SEEDS), "erf_images": (1, 10 ** 5), "images": (1, 10 ** 5),
+          "iters": (1, 10 ** 6), "batch_size": (1, 10 ** 5), "context_channels": (1, 4096)}
 
 
 def parse(argv=None):
@@ -1240,13 +1249,12 @@ def parse(argv=None):
     args, rest = p.parse_known_args(argv)
     if rest and args.cmd != "ablation":
         p.error(f"unrecognized arguments: {' '.join(rest)}")
-    limits = {"threads": (0, 1024), "size": (1, 1024), "reps": (1, 1000), "n": (1, 10 ** 6),
-              "seeds": (1, MAX_SEEDS), "erf_images": (1, 10 ** 5), "images": (1, 10 ** 5),
-              "iters": (1, 10 ** 6), "batch_size": (1, 10 ** 5), "context_channels": (1, 4096)}
-    for k, (lo, hi) in limits.items():
+    for k, (lo, hi) in LIMITS.items():
         v = getattr(args, k, None)
         if v is not None and not lo <= v <= hi:
             raise BadInput(f"--{k.replace('_', '-')} {v}: must be a whole number in {lo}..{hi}")
+    if getattr(args, "out", None) is not None:
+        data.output_path(args.out, "--out")
     if args.cmd == "context":
         if not (math.isfinite(args.lr) and 0 < args.lr <= 10):
             raise BadInput(f"--lr {args.lr}: must be a number in (0, 10]")
@@ -1282,16 +1290,19 @@ def main(argv=None):
                 "inference": lambda: bench_inference(args.reps),
                 "loader": lambda: bench_loader(args.voc, args.n)}[args.what]()
     if args.cmd == "erf":
-        data.refuse_existing([args.out], args.force)
+        data.refuse_existing([args.out], args.force, [("--data-root", args.data_root)] +
+                             [("CHECKPOINT", c) for c in args.checkpoints])
         return erf_figure(args.checkpoints, args.out, args.images,
                           evaluation.pick_device(args.device), args.data_root)
     lock = data.FolderLock(cfg["out_dir"], f"experiments.py {args.cmd}")  # one owner a folder
+    done = False
     try:
-        if args.cmd == "context":
-            return context_experiment(cfg, args.seeds)
-        return ablation(dict(cfg, erf_images=args.erf_images), args.seeds)
+        result = context_experiment(cfg, args.seeds) if args.cmd == "context" else \
+            ablation(dict(cfg, erf_images=args.erf_images), args.seeds)
+        done = True
+        return result
     finally:
-        lock.release()
+        lock.release(remove=not done)  # a refused start leaves no lock and no new folder
         if dist.is_initialized():
             dist.destroy_process_group()
 

@@ -1254,17 +1254,17 @@ def test_resume_refuses_another_experiment_and_auto_starts_or_resumes(tmp_path, 
 
 
 @pytest.mark.parametrize("flags,message", [
-    (["--batch-size", "0"], "--batch-size 0: must be a whole number >= 1"),
+    (["--batch-size", "0"], "--batch-size 0: must be a whole number in 1..100000"),
     (["--batch-size", "1"], "batch norm cannot normalise a single value"),
     (["--batch-size", "4", "--accum-steps", "3"], "must be divisible by ranks x --accum-steps"),
     (["--save-every", "0"], "--save-every 0: must be"), (["--log-every", "0"], "--log-every 0"),
     (["--iters", "0"], "--iters 0: must be"), (["--iters", "-3"], "--iters -3"),
     (["--val-images", "0"], "--val-images 0"), (["--out-dir", ""], "--out-dir '': give a"),
     (["--pool-k", "4"], "must be odd"), (["--pool-k", "0"], "--pool-k 0"),
-    (["--scale", "2", "0.5"], "0 < MIN <= MAX"), (["--scale", "0", "0"], "--scale 0.0 0.0"),
-    (["--crop", "3"], "--crop 3: must be at least 4 x the output stride"),
-    (["--crop", "-5"], "--crop -5"), (["--power", "0"], "--power 0.0: must be a finite"),
-    (["--momentum", "1"], "--momentum 1.0: must be in"), (["--lr", "nan"], "--lr nan"),
+    (["--scale", "2", "0.5"], "MIN <= MAX"), (["--scale", "0", "0"], "--scale 0.0 0.0"),
+    (["--crop", "5"], "--crop 5: must be at least 4 x the output stride"),
+    (["--crop", "-5"], "--crop -5"), (["--power", "0"], "--power 0.0: must be a number in"),
+    (["--momentum", "1"], "--momentum 1.0: must be a number in"), (["--lr", "nan"], "--lr nan"),
     (["--lr", "-1"], "--lr -1.0"), (["--workers", "-1"], "--workers -1"),
     (["--base-channels", "0"], "--base-channels 0"),
     (["--multi-grid", "1", "2"], "ResNet-50 has 3 layer4 blocks"),
@@ -1297,7 +1297,7 @@ def test_command_line_refusal_is_one_line_and_exit_code_2(tmp_path):
                           cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
-        "error: --batch-size 0: must be a whole number >= 1"]
+        "error: --batch-size 0: must be a whole number in 1..100000"]
 
 
 def test_atomic_save_respects_umask_cleans_leftovers_and_names_failures(tmp_path):
@@ -1487,7 +1487,7 @@ def test_eval_command_line_never_overwrites_and_names_every_file(tmp_path, capsy
     (["--scales", "0"], "--scales 0.0: each must be a number in (0, 8]"),
     (["--scales", "1", "nan"], "--scales 1.0 nan"), (["--scales", "-1"], "--scales -1.0"),
     (["--device", "banana"], "--device banana: use cpu, cuda or cuda:N"),
-    (["--workers", "-1"], "--workers -1: must be >= 0"),
+    (["--workers", "-1"], "--workers -1: must be a whole number in 0..256"),
 ])
 def test_eval_refuses_bad_flags(flags, message):
     with pytest.raises(data.BadInput, match=re.escape(message)):
@@ -2562,7 +2562,9 @@ def test_a_new_run_does_not_append_to_the_log_of_a_run_that_saved_nothing(tmp_pa
     out = tmp_path / "run"
     out.mkdir()
     (out / "log.jsonl").write_text('{"iter": 1, "loss": 9.9, "lr": 0.1}\n' * 3)  # died early
-    train.main(TINY + ["--iters", "2", "--out-dir", str(out), "--no-eval"])
+    with pytest.raises(data.ExistingOutput, match="log.jsonl exists"):  # not without asking
+        train.main(TINY + ["--iters", "2", "--out-dir", str(out), "--no-eval"])
+    train.main(TINY + ["--iters", "2", "--out-dir", str(out), "--no-eval", "--resume", "auto"])
     rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [r["iter"] for r in rows] == [1, 2] and rows[0]["loss"] != 9.9
 
@@ -2664,6 +2666,538 @@ def test_ctrl_c_is_answered_at_once_and_twice_stops_without_saving(tmp_path):
     assert "SIGINT again: stopped at once, without saving; no checkpoint was saved" in \
         proc.stderr.read()
     assert not os.path.exists(os.path.join(out, "checkpoint.pt"))
+
+
+# ---- every input checked where it enters (issue 28)
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """One tiny finished run (checkpoint, log), shared by the tests of this section: copy
+    what you change."""
+    out = str(tmp_path_factory.mktemp("issue28") / "run")
+    train.main(TINY + ["--iters", "2", "--out-dir", out, "--no-eval"])
+    return out
+
+
+def refused(fn, match):
+    """fn() must raise one line of BadInput matching `match`; returns the message."""
+    with pytest.raises(data.BadInput, match=match) as e:
+        fn()
+    assert "\n" not in str(e.value), str(e.value)
+    return str(e.value)
+
+
+def test_an_output_never_replaces_or_writes_into_an_input_even_with_force(tmp_path, tiny_run):
+    ck = os.path.join(tiny_run, "checkpoint.pt")
+    before = open(ck, "rb").read()
+    refused(lambda: evaluation.main(["--checkpoint", ck, "--json", ck, "--force"]),
+            r"output .*checkpoint.pt is the input --checkpoint")
+    os.link(ck, tmp_path / "hard.json")  # another name of the same file
+    refused(lambda: evaluation.main(["--checkpoint", ck, "--json", str(tmp_path / "hard.json"),
+                                     "--force"]), r"hard.json is the input --checkpoint")
+    assert open(ck, "rb").read() == before
+    root = make_voc_tree(tmp_path / "voc")
+    masks = root / "SegmentationClass"
+    refused(lambda: evaluation.main(["--checkpoint", ck, "--dataset", "voc", "--data-root",
+                                     str(root), "--split", "train", "--save-dir", str(masks),
+                                     "--force"]), r"SegmentationClass lies inside the input "
+                                                  r"--data-root")
+    refused(lambda: evaluation.main(["--checkpoint", ck, "--dataset", "voc", "--data-root",
+                                     str(masks), "--split", "train", "--save-dir", str(root),
+                                     "--force"]), r"holds the input --data-root")
+    img = tmp_path / "s.png"
+    Image.fromarray(data.render_synthetic(0, 0, 40)[0]).save(img)
+    pic = img.read_bytes()
+    refused(lambda: evaluation.main(["--checkpoint", ck, "--image", str(img), "--out", str(img),
+                                     "--force"]), r"s.png is the input --image")
+    assert img.read_bytes() == pic and sorted(os.listdir(tmp_path)) == ["hard.json", "s.png",
+                                                                        "voc"]
+    shutil.copy(ck, tmp_path / "voc" / "ck.pt")  # an erf figure never lands on a checkpoint
+    refused(lambda: experiments.main(["erf", str(tmp_path / "voc" / "ck.pt"), "--out",
+                                      str(tmp_path / "voc" / "ck.pt"), "--force"]),
+            r"is the input CHECKPOINT")
+    refused(lambda: data.main(["prepare-sbd", "--sbd", str(root / "SegmentationClassAug" / "s"),
+                               "--voc", str(root)]), r"SegmentationClassAug holds the input --sbd")
+    assert not os.path.exists(root / "SegmentationClassAug")
+
+
+def test_a_new_run_never_replaces_an_earlier_runs_results(tmp_path, tiny_run):
+    out = tmp_path / "run"
+    out.mkdir()
+    for f in ("eval.json", "predictions.png", "log.jsonl"):
+        (out / f).write_text("earlier")
+    with pytest.raises(data.ExistingOutput, match=r"log.jsonl exists \(and 2 more\); they are an "
+                                                  r"earlier run's results"):
+        train.main(TINY + ["--iters", "1", "--out-dir", str(out), "--no-eval"])
+    assert sorted(os.listdir(out)) == ["eval.json", "log.jsonl", "predictions.png"]
+    assert all((out / f).read_text() == "earlier" for f in os.listdir(out))
+    root = make_voc_tree(tmp_path / "voc", ids="abcd")  # --out-dir in the data, or holding it
+    for flags in (["--dataset", "voc", "--data-root", str(root), "--out-dir", str(root / "r")],
+                  ["--init-from", os.path.join(tiny_run, "checkpoint.pt"), "--out-dir",
+                   tiny_run, "--resume", "auto"]):
+        refused(lambda: train.main(TINY + ["--iters", "3", "--no-eval"] + flags),
+                r"output .* (is|lies inside) the input --(data-root|init-from)")
+    assert not os.path.exists(root / "r") and not os.path.exists(os.path.join(tiny_run, ".lock"))
+
+
+@given(a=st.lists(st.sampled_from("xy"), min_size=1, max_size=3),
+       b=st.lists(st.sampled_from("xy"), min_size=1, max_size=3), alias=st.booleans())
+@settings(max_examples=40)
+def test_outputs_related_to_an_input_are_refused_exactly(tmp_path_factory, a, b, alias):
+    """Output and input paths in one tree (reached through a symbolic link or not): refused
+    exactly when one is the other or lies inside it, whatever --force says."""
+    top = tmp_path_factory.mktemp("tree")
+    os.symlink(top, top / "link")
+    out = os.path.join(top, "link" if alias else "", *a)
+    inp = os.path.join(top, *b)
+    related = a[:len(b)] == b or b[:len(a)] == a
+    try:
+        data.refuse_existing([out], True, [("--in", inp)])
+        assert not related
+    except data.BadInput as e:
+        assert related and "--in" in str(e)
+
+
+@given(name=st.text(alphabet="ab./\\\0 ", min_size=0, max_size=6))
+def test_a_name_that_becomes_a_path_stays_inside_its_folder(name):
+    root = "/r/oot"
+    try:
+        assert data.plain_name(name, "--split") == name
+    except data.BadInput as e:
+        assert str(e).startswith("--split ") and "\n" not in str(e)
+        return
+    path = os.path.normpath(os.path.join(root, name + ".txt"))
+    assert os.path.dirname(path) == root and "\0" not in name
+
+
+def test_split_names_and_output_names_are_refused_before_anything_is_written(tmp_path, tiny_run):
+    ck = os.path.join(tiny_run, "checkpoint.pt")
+    root = make_voc_tree(tmp_path / "voc", ids="abcd")
+    (tmp_path / "outside_list.txt").write_text("a\nb\n")
+    escape = os.path.relpath(tmp_path / "outside_list", root / "ImageSets" / "Segmentation")
+    refused(lambda: evaluation.main(["--checkpoint", ck, "--dataset", "voc", "--data-root",
+                                     str(root), "--split", escape]),
+            r"--split '\.\./.*outside_list' is not a plain file name inside its folder")
+    for flag in ("--split", "--val-split"):
+        refused(lambda: train.main(TINY + ["--dataset", "voc", "--data-root", str(root), flag,
+                                           escape, "--out-dir", str(tmp_path / "r")]),
+                rf"{flag} '\.\./")
+    ann, imgs = coco_file(tmp_path, [{"id": 7, "file_name": "a.jpg", "height": 40, "width": 40}],
+                          [{"id": 1, "image_id": 7, "category_id": 1, "segmentation": SQUARE}])
+    refused(lambda: data.main(["prepare-coco", "--annotations", ann, "--images", imgs, "--out",
+                               str(tmp_path / "c"), "--split", "../../../escaped"]),
+            r"--split '\.\./\.\./\.\./escaped' is not a plain")
+    for argv in (["prepare-coco", "--annotations", ann, "--images", imgs, "--out", imgs],
+                 ["prepare-coco", "--annotations", ann, "--images",
+                  str(tmp_path / "c2" / "JPEGImages"), "--out", str(tmp_path / "c2")]):
+        refused(lambda: data.main(argv), r"(is|lies inside) the input --images")
+    refused(lambda: data.main(["prepare-coco", "--annotations", ann, "--images", imgs, "--out",
+                               ""]), r"--out '': give a file or folder name")
+    for argv in (["context", "--seeds", "1", "--out-dir", ""], ["figure", "synthetic", "--out", ""],
+                 ["erf", ck, "--out", ""], ["ablation", "--seeds", "1", "--out-dir", ""]):
+        refused(lambda: experiments.main(argv), r"--out(-dir)? '': give a file or folder name")
+    for flag in ("--json", "--save-dir"):
+        refused(lambda: evaluation.main(["--checkpoint", ck, flag, " "]), rf"{flag} ' ': give")
+    assert sorted(os.listdir(tmp_path)) == ["imgs", "instances_x.json", "outside_list.txt",
+                                            "voc"]
+
+
+def changed_checkpoint(tiny_run, path, change):
+    """tiny_run's checkpoint with change(ck) applied, saved to `path`."""
+    ck = torch.load(os.path.join(tiny_run, "checkpoint.pt"), weights_only=True)
+    change(ck)
+    torch.save(ck, path)
+    return str(path)
+
+
+def setter(field, value):
+    """A change that sets (or, with value 'delete', removes) field 'a' or 'a.b' of a checkpoint."""
+    def change(ck):
+        *parents, last = field.split(".", 1)
+        obj = ck
+        for p in parents:
+            obj = obj[p]
+        if value == "delete":
+            del obj[last]
+        else:
+            obj[last] = value
+    return change
+
+
+BAD_CHECKPOINTS = [  # (field, value, what the one line must name)
+    ("config.context", "foo", "config.context is 'foo'; allowed: one of 'vortex', 'aspp'"),
+    ("config.output_stride", 12, "config.output_stride is 12; allowed: one of 8, 16, 32"),
+    ("config.depth", 19, "config.depth is 19"),
+    ("model.classifier.bias", "delete", "its weights do not fit the model its config describes "
+                                        "(model.classifier.bias: missing)"),
+    ("model.classifier.weight", torch.zeros(5, 3, 1, 1), "model.classifier.weight: shape (5, 3, "
+                                                         "1, 1), the model's (5, 8, 1, 1)"),
+    ("config.extra", 1, "config.extra is an unknown field"),
+    ("config.base_channels", "delete", "config.base_channels is missing"),
+    ("config.dropout", 1.5, "config.dropout is 1.5; allowed: a number in [0, 1)"),
+    ("config", [1, 2], "config is [1, 2]; allowed: a dict"),
+    ("config.pool_k", 4, "config.pool_k is 4; allowed: an odd whole number"),
+    ("data_args.crop", 5, "data_args is"), ("data_args.num_images", -3, "data_args is"),
+    ("data_args.num_images", 7, "data_args is {'num_images': 7"),
+    ("train_args", None, "train_args is None"), ("iteration", "5", "iteration is '5'"),
+    ("iteration", "delete", "iteration is missing"), ("model", torch.zeros(3), "model is"),
+    ("config.context", "aspp", "train_args.context is 'vortex' but config.context is 'aspp'"),
+    ("train_args.context", "aspp", "train_args.context is 'aspp' but config.context"),
+    ("train_args.val_split", "../../x", "train_args.val_split is '../../x'"),
+    ("classes", ["a"], "len(classes) is 1 but config.num_classes is 5"),
+    ("palette", [[0, 0, 0]], "palette is"), ("dataset", "imagenet", "dataset is 'imagenet'"),
+]
+
+
+@pytest.mark.parametrize("field,value,message", BAD_CHECKPOINTS)
+def test_a_checkpoint_is_checked_as_a_whole_before_anything_is_built(tmp_path, tiny_run, field,
+                                                                      value, message):
+    path = changed_checkpoint(tiny_run, tmp_path / "ck.pt", setter(field, value))
+    for use in (lambda: evaluation.main(["--checkpoint", path, "--workers", "0"]),
+                lambda: train.main(TINY + ["--iters", "1", "--out-dir", str(tmp_path / "i"),
+                                           "--init-from", path, "--no-eval"]),
+                lambda: experiments.main(["erf", path, "--out", str(tmp_path / "e.png")])):
+        assert path + ": " in refused(use, re.escape(message))
+    assert sorted(os.listdir(tmp_path)) == ["ck.pt"]  # nothing evaluated, trained or drawn
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("optimizer", "delete", "optimizer is missing"), ("rng_cpu", torch.zeros(3, dtype=torch.uint8),
+                                                     "rng_cpu is"),
+    ("epoch", -1, "epoch is -1"), ("scaler", None, "scaler is None"),
+    ("optimizer.param_groups", [], "optimizer does not fit this model's optimizer"),
+])
+def test_a_resumed_checkpoint_needs_its_whole_training_state(tmp_path, tiny_run, field, value,
+                                                             message):
+    out = tmp_path / "run"
+    out.mkdir()
+    path = changed_checkpoint(tiny_run, out / "checkpoint.pt", setter(field, value))
+    refused(lambda: train.main(TINY + ["--iters", "3", "--out-dir", str(out), "--resume"]),
+            re.escape(message))
+    assert sorted(os.listdir(out)) == ["checkpoint.pt"] and os.path.getsize(path) > 0
+
+
+FIELDS = ([f"config.{k}" for k in evaluation.CONFIG_FIELDS] + list(evaluation.CHECKPOINT_FIELDS) +
+          list(evaluation.RESUME_FIELDS) + [f"train_args.{k}" for k in
+                                            ("val_split", "data_root", "seed", "context")])
+VALUES = st.one_of(st.none(), st.booleans(), st.integers(-2 ** 70, 2 ** 70), st.floats(),
+                   st.text(max_size=4), st.lists(st.integers(-3, 300), max_size=3),
+                   st.dictionaries(st.sampled_from(["state", "num_images", "x"]),
+                                   st.integers(-1, 3), max_size=2),
+                   st.just(torch.zeros(2, 2)), st.just("delete"))
+
+
+@given(field=st.sampled_from(FIELDS), value=VALUES)
+@settings(max_examples=150)
+def test_any_corrupted_field_is_one_line_naming_it_or_harmless(tiny_run, field, value):
+    """Random corruptions of a valid checkpoint's fields: a one-line BadInput that names the
+    field (or the weights), never another exception; accepted only when the value is allowed."""
+    from unittest import mock
+    ck = torch.load(os.path.join(tiny_run, "checkpoint.pt"), weights_only=True)
+    parent, last = (ck[field.split(".")[0]], field.split(".")[1]) if "." in field else (ck, field)
+    before = json.dumps(parent.get(last, "absent"), default=repr)
+    setter(field, value)(ck)
+    with mock.patch.object(vortex, "read_weights_file", lambda p: ck):
+        try:
+            evaluation.load_checkpoint("ck.pt", resume=True)
+        except data.BadInput as e:
+            text = str(e)
+            assert "\n" not in text and text.startswith("ck.pt") and (
+                field.split(".")[-1] in text or "weights do not fit" in text), text
+            return
+    harmless = {"config.dropout", "train_args.val_split", "train_args.data_root",
+                "train_args.seed", "scaler", "rng_cuda", "iteration", "epoch", "batch_in_epoch",
+                "train_args"}  # other allowed values exist for these
+    assert (field in harmless and value != "delete") or json.dumps(value, default=repr) == \
+        before, (field, value)
+
+
+def test_a_mixed_up_checkpoint_is_refused_on_the_command_line(tmp_path, tiny_run):
+    path = changed_checkpoint(tiny_run, tmp_path / "ck.pt", setter("config.context", "aspp"))
+    proc = subprocess.run([sys.executable, os.path.join(HERE, "eval.py"), "--checkpoint", path],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.splitlines() == [f"error: {path}: train_args.context is 'vortex' but "
+                                        f"config.context is 'aspp': they must agree (an edited "
+                                        f"or mixed-up checkpoint); refused"]
+    assert sorted(os.listdir(tmp_path)) == ["ck.pt"]
+
+
+def test_resuming_continues_the_same_experiment_or_refuses(tmp_path, tiny_run, monkeypatch,
+                                                           capsys):
+    root, other = (make_voc_tree(tmp_path / d, ids="abcd") for d in ("voc", "other"))
+    out = str(tmp_path / "run")
+    voc = TINY + ["--dataset", "voc", "--split", "train", "--val-split", "train", "--batch-size",
+                  "2", "--out-dir", out, "--no-eval"]
+    train.main(voc + ["--data-root", str(root), "--iters", "1"])
+    refused(lambda: train.main(voc + ["--data-root", str(other), "--iters", "3", "--resume"]),
+            r"another experiment; these differ: --data-root .*other/\w+ \(checkpoint: .*voc/\w+\)")
+    with open(root / "ImageSets" / "Segmentation" / "train.txt", "a") as f:
+        f.write("a2\n")  # the same folder, another list: other data
+    for p in ("JPEGImages/a2.jpg", "SegmentationClass/a2.png"):
+        shutil.copy(root / p.replace("a2", "a"), root / p)
+    refused(lambda: train.main(voc + ["--data-root", str(root), "--iters", "3", "--resume"]),
+            r"these differ: --split-sha256 \w+ \(checkpoint: \w+\)")
+    run = str(tmp_path / "copy")
+    shutil.copytree(tiny_run, run)
+    if os.path.exists(os.path.join(run, ".lock")):
+        os.remove(os.path.join(run, ".lock"))
+    before = {f: open(os.path.join(run, f), "rb").read() for f in os.listdir(run)}
+    refused(lambda: train.main(TINY + ["--iters", "1", "--out-dir", run, "--resume"]),
+            r"checkpoint.pt is at iteration 2, past --iters 1; give --iters 2 or more")
+    capsys.readouterr()
+    train.main(TINY + ["--iters", "2", "--out-dir", run, "--resume", "--no-eval"])
+    assert "is at iteration 2 (--iters): nothing left to train; nothing is done" in \
+        capsys.readouterr().out
+    monkeypatch.setitem(train.COMMON, "label_smoothing", 0.1)  # an option added since
+    refused(lambda: train.main(TINY + ["--iters", "3", "--out-dir", run, "--resume"]),
+            r"these differ: --label-smoothing 0.1 \(checkpoint: unrecorded\)")
+    assert {f: open(os.path.join(run, f), "rb").read() for f in os.listdir(run)
+            if f != ".lock"} == before
+
+
+@given(key=st.sampled_from(sorted(train.parse_args(["--out-dir", "x"]))),
+       value=st.one_of(st.integers(), st.text(max_size=3), st.none(), st.booleans()))
+def test_every_setting_is_part_of_a_runs_identity_unless_listed_as_safe(key, value):
+    saved = train.parse_args(["--out-dir", "x"])
+    now = dict(saved, **{key: value})
+    differs = json.dumps(now[key], default=repr) != json.dumps(saved[key], default=repr)
+    wrong = train.resume_differences(saved, now)
+    assert bool(wrong) == (differs and key not in train.RESUME_MAY_CHANGE), (key, wrong)
+    assert not wrong or wrong[0].startswith(f"--{key.replace('_', '-')} ")
+
+
+LOG = "".join(json.dumps({"iter": i, "loss": 1.0 / i, "lr": 0.1, "img_per_s": 3.0,
+                          "time": 0.0}) + "\n" for i in (1, 2, 3))
+
+
+@given(cut=st.integers(0, 200), junk=st.text(alphabet='{}":,0123456789 aeilnrst\x00', max_size=8))
+def test_a_torn_last_line_of_the_log_is_dropped_and_nothing_else(tmp_path_factory, cut, junk):
+    """A crash while a line is written leaves a prefix of it (or junk) without its newline: it
+    is dropped with a warning; a resumed run's log keeps the whole lines up to its checkpoint."""
+    path = tmp_path_factory.mktemp("log") / "log.jsonl"
+    torn = (LOG.splitlines()[0][:cut] + junk).replace("\n", "")
+    path.write_text(LOG + torn)
+    assert [r["iter"] for r in data.read_log(str(path))] == [1, 2, 3]
+    train.truncate_log(str(path), 2)
+    assert path.read_text() == "".join(LOG.splitlines(True)[:2])
+
+
+@pytest.mark.parametrize("line", ['{"loss": 1.0, "lr": 0.1}', "garbage", '{"iter": "2", "loss": 1, '
+                                  '"lr": 0.1}', "[1, 2]", '{"iter": 2, "loss": null, "lr": 0.1}'])
+def test_a_damaged_log_line_before_the_last_is_one_line(tmp_path, tiny_run, line):
+    run = str(tmp_path / "run")
+    shutil.copytree(tiny_run, run)
+    log = os.path.join(run, "log.jsonl")
+    lines = open(log).read().splitlines(True)
+    open(log, "w").write(lines[0] + line + "\n" + "".join(lines[1:]))
+    for use in (lambda: train.main(TINY + ["--iters", "3", "--out-dir", run, "--resume"]),
+                lambda: evaluation.curves_figure(log, str(tmp_path / "c.png"))):
+        refused(use, r"log.jsonl, line 2: not a log record .*; delete that line or the file")
+    assert not os.path.exists(tmp_path / "c.png")
+
+
+def test_a_resume_after_a_crash_mid_line_goes_on(tmp_path, tiny_run, capfd):
+    run = str(tmp_path / "run")
+    shutil.copytree(tiny_run, run)
+    with open(os.path.join(run, "log.jsonl"), "a") as f:
+        f.write('{"iter": 3, "loss": 1.2')  # the crash
+    assert train.main(TINY + ["--iters", "3", "--out-dir", run, "--resume", "--no-eval"])[
+        "iteration"] == 3
+    assert "log.jsonl: its last line is torn (a crash while writing it); dropped" in \
+        capfd.readouterr().err
+    assert [json.loads(x)["iter"] for x in open(os.path.join(run, "log.jsonl"))] == [1, 2, 3]
+
+
+def test_damaged_records_of_experiments_and_preparations_are_one_line(tmp_path):
+    first = experiments.SETTINGS[0][0].replace(" ", "")
+    for argv, record in (
+            (["context", "--seeds", "1", "--iters", "1"], f"{first}-{experiments.CONTEXT_ROWS[0]}.json"),
+            (["ablation", "--seeds", "1"] + TINY + ["--iters", "1"], "none-seed0/ablation.json")):
+        for text in ("", "{", "[]", '{"config": {}, "miou": "high"}'):
+            out = tmp_path / argv[0]
+            os.makedirs(os.path.dirname(out / record), exist_ok=True)
+            (out / record).write_text(text)
+            refused(lambda: experiments.main(argv + ["--out-dir", str(out)]),
+                    rf"{re.escape(record)} is not a record that can be read .*; delete it to run "
+                    rf"that part again")
+            assert not os.path.exists(out / ".lock")
+    ann, imgs = coco_file(tmp_path, [{"id": 7, "file_name": "a.jpg", "height": 40, "width": 40}],
+                          [{"id": 1, "image_id": 7, "category_id": 1, "segmentation": SQUARE}])
+    out = str(tmp_path / "coco")
+    data.prepare_coco(ann, imgs, out, log=lambda m: None)
+    record = os.path.join(out, "ImageSets", "Segmentation", "x.settings.json")
+    open(record, "w").write('{"annotations": ')
+    refused(lambda: data.main(["prepare-coco", "--annotations", ann, "--images", imgs, "--out",
+                               out]), r"x.settings.json is not a record .*; pass --overwrite")
+    data.main(["prepare-coco", "--annotations", ann, "--images", imgs, "--out", out,
+               "--overwrite"])
+    assert data.read_record(record)["min_pixels"] == 1000
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--seed", "-1"], "--seed -1: must be a whole number in 0..4294967295"),
+    (["--seed", str(2 ** 64)], f"--seed {2 ** 64}: must be"),
+    (["--lr", "1e300"], "--lr 1e+300: must be a number in [1e-08, 10]"),
+    (["--weight-decay", "1e308"], "--weight-decay 1e+308: must be a number in [0, 1]"),
+    (["--num-images", str(10 ** 11)], f"--num-images {10 ** 11}: must be a whole number in "),
+    (["--stop-after", "0"], "--stop-after 0: must be a whole number in 1..100000000"),
+    (["--image-size", "100000"], "--image-size 100000"), (["--workers", "1000"], "--workers 1000"),
+    (["--scale", "0.5", "1e9"], "--scale 0.5 1000000000.0: must be a number in [0.05, 10]"),
+])
+def test_every_number_has_a_range_checked_before_any_work(tmp_path, flags, message):
+    out = tmp_path / "run"
+    refused(lambda: train.main(TINY + ["--out-dir", str(out)] + flags), re.escape(message))
+    assert not os.path.exists(out)
+
+
+def test_help_states_every_limit(capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for flag, (lo, hi) in train.LIMITS.items():
+        assert f"[{lo}..{hi}]" in text, flag
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--workers", "1000"], "--workers 1000: must be a whole number in 0..256"),
+    (["--context", "bogus"], None), (["--depth", "19"], None)])
+def test_eval_numbers_and_names_are_checked_before_any_work(argv, message):
+    if message is None:
+        with pytest.raises(SystemExit) as e:  # argparse's choices: usage and exit code 2
+            evaluation.main(["--checkpoint", "unused.pt"] + argv)
+        assert e.value.code == 2
+    else:
+        refused(lambda: evaluation.main(["--checkpoint", "unused.pt"] + argv), re.escape(message))
+
+
+COCO_VALUES = st.one_of(st.integers(-5, 10 ** 7), st.just(10 ** 6), st.text(max_size=3),
+                        st.none(), st.lists(st.integers(), max_size=2), st.floats(),
+                        st.fixed_dictionaries({"size": st.just([40, 40]), "counts": st.one_of(
+                            st.text(max_size=5), st.lists(st.integers(-2, 2000), max_size=4))}))
+
+
+@given(field=st.sampled_from(["id", "height", "width", "file_name", "record", "ann.id",
+                              "ann.image_id", "ann.category_id", "ann.segmentation", "ann"]),
+       value=COCO_VALUES, strict=st.booleans())
+@settings(max_examples=80)
+def test_any_broken_coco_image_record_is_skipped_or_one_line(tmp_path_factory, field, value,
+                                                             strict):
+    tmp = tmp_path_factory.mktemp("coco")
+    img = {"id": 7, "file_name": "a.jpg", "height": 40, "width": 40}
+    good = {"id": 1, "image_id": 7, "category_id": 1, "segmentation": SQUARE}
+    ann, imgs = coco_file(tmp, [img], [good])
+    coco = json.load(open(ann))
+    coco["images"] = [value] if field == "record" else [dict(img, **{field: value})]
+    if field.startswith("ann"):
+        coco["images"] = [img]
+        coco["annotations"] = [value if field == "ann" else dict(good, **{field[4:]: value})]
+    open(ann, "w").write(json.dumps(coco))
+    try:
+        res = data.prepare_coco(ann, imgs, str(tmp / "out"), strict=strict, log=lambda m: None)
+    except data.BadInput as e:
+        assert "\n" not in str(e) and "instances_x.json" in str(e)
+        return
+    assert res["written"] in ([], ["a"]) and all("\n" not in w + p for w, p in res["skipped"])
+    if not field.startswith("ann"):  # the one image is written, skipped, missing or empty
+        assert len(res["skipped"] + res["written"] + res["missing"]) + res["no_voc"] == 1
+
+
+@pytest.mark.parametrize("top", ["5", "[]", '{"images": [5], "annotations": [], "categories": []}',
+                                 '{"images": [], "annotations": [[1]], "categories": [{"id": 1}]}',
+                                 '{"images": {}, "annotations": [], "categories": []}'])
+def test_coco_files_of_the_wrong_shape_are_one_line(tmp_path, top):
+    ann, imgs = coco_file(tmp_path, [], [])
+    open(ann, "w").write(top)
+    try:
+        res = data.main(["prepare-coco", "--annotations", ann, "--images", imgs, "--out",
+                         str(tmp_path / "out"), "--strict"])
+    except data.BadInput as e:
+        assert "\n" not in str(e) and "instances_x.json" in str(e)
+    else:
+        raise AssertionError(f"accepted {top}: {res}")
+    huge = {"id": 7, "file_name": "a.jpg", "height": 10 ** 6, "width": 10 ** 6}
+    coco = {"images": [huge], "annotations": [], "categories": []}
+    open(ann, "w").write(json.dumps(coco))
+    refused(lambda: data.prepare_coco(ann, imgs, str(tmp_path / "o2"), strict=True,
+                                      log=lambda m: None),
+            r"image record 7: size 1000000 x 1000000 is not whole numbers >= 1 of at most 40 "
+            r"megapixels")
+
+
+def test_a_refused_start_leaves_nothing_behind(tmp_path, tiny_run, monkeypatch):
+    root = make_voc_tree(tmp_path / "voc", ids="abcd")
+    out = tmp_path / "new" / "run"
+    refused(lambda: evaluation.main(["--checkpoint", os.path.join(tiny_run, "checkpoint.pt"),
+                                     "--dataset", "voc", "--data-root", str(root), "--split",
+                                     "train", "--json", str(out / "r.json")]),
+            "predicts 5 classes")  # its --json folder is made only after every check
+    with pytest.raises(data.MissingInput, match=r"split list not found: .*bogus.txt"):
+        train.main(TINY + ["--dataset", "voc", "--data-root", str(root), "--split", "train",
+                           "--val-split", "bogus", "--batch-size", "2", "--iters", "1",
+                           "--out-dir", str(out)])  # checked before training, not after
+
+    def refuse(*a):  # any refusal after --out-dir was taken (e.g. --sync-bn torch on CPU)
+        raise data.BadInput("--sync-bn torch: torch.nn.SyncBatchNorm needs CUDA")
+    monkeypatch.setattr(train, "synchronise_batchnorm", refuse)
+    refused(lambda: train.main(TINY + ["--iters", "1", "--out-dir", str(out)]), "needs CUDA")
+    assert not os.path.exists(tmp_path / "new") and not train.STARTING
+
+
+def test_a_lock_that_cannot_be_written_is_one_line_and_leaves_nothing(tmp_path):
+    import resource
+    out = tmp_path / "new" / "run"
+    proc = subprocess.run(
+        [sys.executable, os.path.join(HERE, "train.py")] + TINY + ["--out-dir", str(out)],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (0, 0)))
+    assert proc.returncode == 2, proc.stderr
+    assert re.fullmatch(r"error: cannot write the lock .*run/\.lock: file too large: the "
+                        r"file-size limit \(ulimit -f\) is 0\.0 MB.*; nothing was started\n",
+                        proc.stderr), proc.stderr
+    assert os.listdir(tmp_path) == []
+
+
+def interrupt_when(proc, started):
+    """SIGINT to `proc` at the first line of its output for which started(line) holds; then
+    (exit code, stderr)."""
+    for line in proc.stdout:
+        if started(line):
+            proc.send_signal(signal.SIGINT)
+            break
+    return proc.wait(timeout=60), proc.stderr.read()
+
+
+def test_ctrl_c_during_the_final_evaluation_keeps_the_checkpoint(tmp_path):
+    out = str(tmp_path / "run")
+    proc = subprocess.Popen([sys.executable, "-u", os.path.join(HERE, "train.py")] + TINY +
+                            ["--iters", "1", "--val-images", "400", "--out-dir", out], cwd=HERE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    code, err = interrupt_when(proc, lambda line: line.startswith("trained 1 iterations"))
+    assert code == 130
+    assert err.splitlines() == [f"SIGINT: stopped at once, without saving; the last checkpoint "
+                                f"{out}/checkpoint.pt is kept"]
+    assert sorted(os.listdir(out)) == [".lock", "checkpoint.pt", "log.jsonl"]
+    assert evaluation.load_checkpoint(os.path.join(out, "checkpoint.pt"))["iteration"] == 1
+
+
+def test_ctrl_c_during_eval_is_one_line_and_exit_130(tmp_path, tiny_run):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i in range(30):
+        Image.fromarray(data.render_synthetic(0, i, 40)[0]).save(folder / f"p{i:02}.png")
+    proc = subprocess.Popen([sys.executable, "-u", os.path.join(HERE, "eval.py"), "--checkpoint",
+                             os.path.join(tiny_run, "checkpoint.pt"), "--image", str(folder),
+                             "--out", str(tmp_path / "pred"), "--ms", "--flip"], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    code, err = interrupt_when(proc, lambda line: line.startswith("predict: "))
+    assert code == 130, err
+    assert err.splitlines() == ["interrupted: stopped at once; the files written so far are "
+                                "kept, each whole (a result file is written only at the end)"]
+    written = sorted(os.listdir(tmp_path / "pred"))
+    assert 0 < len(written) < 60 and not any(f.startswith(".tmp-") for f in written)
+    for f in written:
+        Image.open(tmp_path / "pred" / f).load()  # each whole
 
 
 def documented_commands():

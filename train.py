@@ -398,15 +398,15 @@ def on_rank0(fn, *args):
 # ---------------------------------------------------------------------------------------------
 # Starting or resuming a run. Only rank 0 looks at --out-dir and reads checkpoints; the other
 # ranks receive what they need over the process group, so no shared filesystem is needed.
-# A resumed run must be the same experiment: RESUME_MUST_MATCH must equal the checkpoint's.
-# Everything else (--iters to extend, --workers, --log-every, --save-every, --amp, --device,
-# --sync-bn, ...) may change on resume.
+# A resumed run must be the same experiment: its whole configuration (the data included: the
+# split list's content) equals the checkpoint's, except the settings of RESUME_MAY_CHANGE, so
+# that a new option is part of a run's identity unless it is listed here.
 # ---------------------------------------------------------------------------------------------
 
-RESUME_MUST_MATCH = ("dataset", "split", "context", "pool_k", "depth", "base_channels",
-                     "context_channels", "output_stride", "multi_grid", "crop", "scale",
-                     "batch_size", "accum_steps", "lr", "power", "momentum", "weight_decay", "seed",
-                     "num_images", "image_size", "freeze_bn", "count_include_pad")
+RESUME_MAY_CHANGE = ("iters", "workers", "log_every", "save_every", "amp", "device", "sync_bn",
+                     "channels_last", "compile", "deterministic", "no_eval", "stop_after",
+                     "resume", "out_dir", "pretrained", "init_from", "val_data_args")
+RUN_OUTPUTS = ("checkpoint.pt", "log.jsonl", "eval.json", "predictions.png", "curves.png")
 EXIT_STOPPED = 3  # a graceful stop (signal): a checkpoint was saved, the run is not finished
 
 
@@ -417,24 +417,39 @@ def start_or_resume(run):
     cfg = run.cfg
     if cfg["amp"] == "fp16" and run.device.type != "cuda":
         raise BadInput("--amp fp16 needs CUDA; use --amp bf16 on CPU")
+    if getattr(run.train_set, "split", None) is not None:  # the data is part of the run
+        cfg["split_sha256"] = data.file_digest(os.path.join(
+            run.train_set.root, "ImageSets", "Segmentation", run.train_set.split + ".txt"))
+    if not cfg["no_eval"]:  # the final evaluation's data is checked now, not after training
+        run.val_set = data.get_dataset(cfg["dataset"], cfg["val_split"], cfg["data_root"],
+                                       train=False, seed=cfg["seed"], **cfg["val_data_args"])
     size = 2.2 * sum(t.numel() * t.element_size() for t in run.model.state_dict().values())
-    made, ck = first_missing(cfg["out_dir"]), None  # the folders this run will have made
+    ck = None
 
     def decide():
         nonlocal ck
         run.lock = data.FolderLock(cfg["out_dir"], "train.py")  # one run owns --out-dir
         ck = check_out_dir(cfg, run.ck_path, size)
         return ck is not None
-    try:
-        run.resumed = on_rank0(decide)
-        if not run.resumed:
-            take_weights(run.model, cfg, verbose=run.rank == 0)
-    except BadInput:
-        if run.rank == 0:
-            release_out_dir(run, remove=True)
-            remove_empty(cfg["out_dir"], made)
-        raise
+    STARTING.append(run)  # until its first step, a refusal undoes the start (run_training)
+    run.resumed = on_rank0(decide)
+    if not run.resumed:
+        take_weights(run.model, cfg, verbose=run.rank == 0)
     return ck
+
+
+STARTING = []  # runs that took --out-dir and have not begun their first step
+
+
+def run_training(cfg):
+    """train(cfg); a refusal (or Ctrl-C) before the first step (in setup: --sync-bn, the
+    optimizer's state, ...) leaves no lock and no new folder behind."""
+    try:
+        return train(cfg)
+    except (BadInput, KeyboardInterrupt):
+        while STARTING:
+            release_out_dir(STARTING.pop(), remove=True)  # with the folders it made
+        raise
 
 
 def release_out_dir(run, remove=False):
@@ -442,21 +457,6 @@ def release_out_dir(run, remove=False):
     if getattr(run, "lock", None) is not None:
         run.lock.release(remove)
         run.lock = None
-
-
-def first_missing(path):
-    """The outermost folder of `path` that does not exist yet (None if it all exists)."""
-    p, top = os.path.abspath(path), None
-    while not os.path.exists(p):
-        p, top = os.path.dirname(p), p
-    return top
-
-
-def remove_empty(path, top):
-    """Remove `path` and its parents up to `top` while they are empty folders."""
-    p = os.path.abspath(path)
-    while top and os.path.isdir(p) and not os.listdir(p) and os.rmdir(p) is None and p != top:
-        p = os.path.dirname(p)
 
 
 def take_weights(model, cfg, verbose):
@@ -498,10 +498,17 @@ def restore(run, ck):
     state = from_rank0({k: ck[k] for k in ("model", "optimizer", "scaler", "rng_cpu", "rng_cuda",
                                            "iteration", "epoch", "batch_in_epoch")}
                        if ck is not None else None)
-    run.model.load_state_dict(state["model"])
-    run.optimizer.load_state_dict(state["optimizer"])
-    if run.scaler is not None and state["scaler"]:
-        run.scaler.load_state_dict(state["scaler"])
+    run.model.load_state_dict(state["model"])  # names and shapes checked with the checkpoint
+    try:  # the optimizer's and scaler's states fit only the optimizer built here: tried here
+        run.optimizer.load_state_dict(state["optimizer"])
+        if run.scaler is not None and state["scaler"]:
+            run.scaler.load_state_dict(state["scaler"])
+        if any(getattr(run.optimizer.state[p].get("momentum_buffer", p), "shape", None) != p.shape
+               for g in run.optimizer.param_groups for p in g["params"]):
+            raise ValueError("a momentum buffer has another shape than its weight")
+    except (ValueError, KeyError, TypeError, RuntimeError, AttributeError) as e:
+        raise BadInput(f"{run.ck_path}: optimizer does not fit this model's optimizer "
+                       f"({(str(e).splitlines() or ['?'])[0][:150]}); refused") from None
     torch.set_rng_state(state["rng_cpu"].to(torch.uint8))
     if run.device.type == "cuda" and state["rng_cuda"].numel():
         torch.cuda.set_rng_state(state["rng_cuda"].to(torch.uint8))
@@ -520,8 +527,12 @@ def check_out_dir(cfg, ck_path, checkpoint_bytes):
         raise BadInput(f"{ck_path} exists: pass --resume to continue it, or choose another "
                        f"--out-dir (nothing is overwritten without asking)")
     ck = read_checkpoint_for_resume(cfg, ck_path) if exists else None
-    out = cfg["out_dir"]  # made only now, when the run starts
-    data.refuse_existing([out], force=True)  # made, and checked writable
+    out = cfg["out_dir"]  # made only now, when the run starts; an earlier run's results are
+    data.refuse_existing(  # replaced only when resuming (--resume auto may start over them)
+        [os.path.join(out, f) for f in RUN_OUTPUTS], cfg["resume"] is not None,
+        [(f"--{k.replace('_', '-')}", cfg[k]) for k in ("data_root", "pretrained", "init_from")],
+        hint="they are an earlier run's results: choose another --out-dir (or --resume auto to "
+             "replace them)")
     free, limit = shutil.disk_usage(out).free, resource.getrlimit(resource.RLIMIT_FSIZE)[0]
     if free < 1.2 * checkpoint_bytes:  # the new checkpoint's temp file beside the old one
         raise BadInput(f"--out-dir {out}: {free / 2 ** 30:.2f} GiB free, but a checkpoint "
@@ -557,35 +568,43 @@ def save_checkpoint(run, it):
 
 
 def resume_differences(saved, cfg):
-    """The flags in RESUME_MUST_MATCH whose value differs from the checkpoint's."""
-    now, then = (json.loads(json.dumps({k: c.get(k) for k in RESUME_MUST_MATCH}))
-                 for c in (cfg, saved))
-    return [f"--{k.replace('_', '-')} {now[k]} (checkpoint: {then[k]})"
-            for k in RESUME_MUST_MATCH if k in saved and then[k] != now[k]]
+    """The settings outside RESUME_MAY_CHANGE whose value differs from the checkpoint's (one it
+    does not record differs too)."""
+    def plain(c, k):  # as JSON: a tuple and its list are equal, True and 1 are not
+        return json.dumps(c.get(k, "unrecorded"), default=repr)
+    return [f"--{k.replace('_', '-')} {json.loads(plain(cfg, k))} (checkpoint: "
+            f"{json.loads(plain(saved, k))})" for k in sorted(set(cfg) | set(saved))
+            if k not in RESUME_MAY_CHANGE and plain(cfg, k) != plain(saved, k)]
 
 
 def read_checkpoint_for_resume(cfg, path):
-    """Rank 0 reads the checkpoint and refuses a resume that would be another experiment."""
-    ck = evaluation.load_checkpoint(path)
-    wrong = resume_differences(ck.get("train_args", {}), cfg)
+    """Rank 0 reads the checkpoint and refuses a resume that would be another experiment, or
+    that has nothing left to do."""
+    ck = evaluation.load_checkpoint(path, resume=True)
+    wrong = resume_differences(ck["train_args"], cfg)
     if wrong:
         raise BadInput(f"--resume: {path} is another experiment; these differ: "
                        f"{'; '.join(wrong)}. Use the checkpoint's values, or another --out-dir. "
-                       f"Safe to change on resume: --iters, --workers, --log-every, --save-every, "
-                       f"--amp, --device, --sync-bn, --channels-last, --compile, "
-                       f"--deterministic, --no-eval")
+                       f"Safe to change on resume: " + ", ".join(
+                           "--" + k.replace("_", "-") for k in RESUME_MAY_CHANGE[:-1]))
+    if ck["iteration"] > cfg["iters"]:
+        raise BadInput(f"--resume: {path} is at iteration {ck['iteration']}, past --iters "
+                       f"{cfg['iters']}; give --iters {ck['iteration']} or more (results are kept)")
+    if ck["iteration"] == cfg["iters"]:
+        print(f"{path} is at iteration {cfg['iters']} (--iters): nothing left to train; "
+              + ("nothing is done" if cfg["no_eval"] else "the final evaluation runs again and "
+                 "replaces eval.json and predictions.png"))
     return ck
 
 
 def truncate_log(path, iteration):
-    """Drop the log lines written after the checkpoint's iteration (a killed run's tail), so
-    that a resumed run does not log the same iterations twice."""
+    """Drop the log lines written after the checkpoint's iteration (a killed run's tail, a torn
+    last line), so that a resumed run does not log the same iterations twice."""
     if not os.path.exists(path):
         return
-    with open(path) as f:
-        keep = [line for line in f if line.strip() and json.loads(line)["iter"] <= iteration]
+    keep = "".join(json.dumps(r) + "\n" for r in data.read_log(path) if r["iter"] <= iteration)
     if keep:
-        data.atomic_save(path, lambda f: f.write("".join(keep).encode()))
+        data.atomic_save(path, lambda f: f.write(keep.encode()))
     else:
         os.unlink(path)
 
@@ -671,6 +690,7 @@ class guard(contextlib.AbstractContextManager):
                         f"point), then the run stops; {name} again stops at once without saving",
                         file=sys.stderr)
         self.old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        STARTING.clear()  # the run has begun: its folder holds it now
         return self
 
     def asked(self, it):
@@ -770,8 +790,7 @@ def final_evaluation(run):
     """Single-scale, no flip (paper 4.1 for ablations), via eval.py's one implementation."""
     cfg, model, out = run.cfg, run.model, run.cfg["out_dir"]
     torch.backends.cudnn.benchmark = False  # whole images of many sizes: no autotuning per size
-    val = data.get_dataset(cfg["dataset"], cfg["val_split"], cfg["data_root"], train=False,
-                           seed=cfg["seed"], **cfg["val_data_args"])
+    val = run.val_set  # built and checked at the start
     t = time.time()
     res = evaluation.evaluate(model, val, device=run.device, log=rank0_print,
                               workers=cfg["workers"], amp=cfg["amp"])
@@ -812,6 +831,9 @@ def parse_args(argv=None, prog=None):
                f"stopped by a second signal without saving")
     experiment_flags(p.add_argument)
     run_flags(p.add_argument)
+    for action in p._actions:  # every limit is said in --help
+        if action.dest in LIMITS:
+            action.help += " [{}..{}]".format(*LIMITS[action.dest])
     args = p.parse_args(argv)
     cfg = dict(COMMON)
     cfg.update(PRESETS[args.dataset])
@@ -819,6 +841,7 @@ def parse_args(argv=None, prog=None):
         if v is not None or k not in cfg:
             cfg[k] = v
     cfg["scale"] = tuple(cfg["scale"])
+    cfg["data_root"] = cfg["data_root"] and os.path.abspath(cfg["data_root"])  # resume: same data
     cfg["multi_grid"] = parse_multi_grid(cfg["multi_grid"], cfg["depth"],
                                          explicit=args.multi_grid is not None)
     cfg["out_dir"] = data.output_path(cfg["out_dir"], "--out-dir") if cfg["out_dir"] is not None \
@@ -920,6 +943,16 @@ def parse_multi_grid(values, depth, explicit):
     return rates[:blocks]
 
 
+LIMITS = {  # flag: (lowest, highest) allowed; whole numbers where both are; stated in --help
+    "iters": (1, 10 ** 8), "batch_size": (1, 10 ** 5), "accum_steps": (1, 10 ** 4),
+    "save_every": (1, 10 ** 8), "log_every": (1, 10 ** 8), "stop_after": (1, 10 ** 8),
+    "base_channels": (1, 4096), "context_channels": (1, 8192), "pool_k": (1, 99),
+    "crop": (4, 8192), "num_images": (1, 10 ** 7), "val_images": (1, 10 ** 7),
+    "image_size": (32, 4096), "workers": (0, 256), "seed": (0, 2 ** 32 - 1),
+    "lr": (1e-8, 10.0), "power": (0.01, 10.0), "momentum": (0.0, 0.999),
+    "weight_decay": (0.0, 1.0), "scale": (0.05, 10.0)}
+
+
 def check_config(cfg):
     """One line naming the flag and what is allowed, for every value that cannot work."""
     def need(ok, flag, allowed):
@@ -927,27 +960,19 @@ def check_config(cfg):
             value = cfg[flag.replace("-", "_")]
             shown = " ".join(map(str, value)) if isinstance(value, tuple) else value
             raise BadInput(f"--{flag} {shown}: {allowed}")
-    for k in ("batch-size", "iters", "save-every", "log-every", "accum-steps",
-              "base-channels", "context-channels"):
-        need(cfg[k.replace("-", "_")] >= 1, k, "must be a whole number >= 1")
-    for k in ("val-images", "num-images"):
-        need(cfg[k.replace("-", "_")] is None or cfg[k.replace("-", "_")] >= 1, k,
-             "must be a whole number >= 1")
-    need(cfg["image_size"] is None or cfg["image_size"] >= 32, "image-size", "must be >= 32")
-    need(cfg["workers"] >= 0, "workers", "must be >= 0 (0: load in the training process)")
-    need(cfg["pool_k"] >= 1 and cfg["pool_k"] % 2 == 1, "pool-k",
-         "Module A's pooling window must be odd and >= 1 (a centred window: 1, 3, 5, ...)")
+    for k in ("split", "val_split"):
+        data.plain_name(cfg[k], f"--{k.replace('_', '-')}")
+    for k, (lo, hi) in LIMITS.items():
+        whole = isinstance(lo, int)
+        need(all(v is None or lo <= v <= hi for v in np.ravel(cfg[k]).tolist()), k.replace(
+            "_", "-"), f"must be a whole number in {lo}..{hi}" if whole else
+            f"must be a number in [{lo:g}, {hi:g}]")
+    need(cfg["pool_k"] % 2 == 1, "pool-k", "Module A's pooling window must be odd (a centred "
+                                           "window: 1, 3, 5, ...)")
     need(cfg["crop"] >= 4 * cfg["output_stride"], "crop",
          f"must be at least 4 x the output stride ({4 * cfg['output_stride']}), so that the "
          f"context module sees a feature map of 4 x 4 or more (paper: 513)")
-    lo, hi = cfg["scale"]
-    need(math.isfinite(lo) and math.isfinite(hi) and 0 < lo <= hi, "scale",
-         "needs 0 < MIN <= MAX (paper: 0.5 2.0)")
-    for k in ("lr", "power"):
-        need(math.isfinite(cfg[k]) and cfg[k] > 0, k, "must be a finite number > 0")
-    need(0 <= cfg["momentum"] < 1, "momentum", "must be in [0, 1) (paper: 0.9)")
-    need(math.isfinite(cfg["weight_decay"]) and cfg["weight_decay"] >= 0, "weight-decay",
-         "must be a finite number >= 0")
+    need(cfg["scale"][0] <= cfg["scale"][1], "scale", "needs MIN <= MAX (paper: 0.5 2.0)")
 
 
 def micro_batch(cfg, world, n_images):
@@ -980,7 +1005,7 @@ def main(argv=None):
     cfg = parse_args(argv)
     vortex.keep_freed_memory()  # large tensors reuse memory instead of page-faulting it in
     try:
-        return train(cfg)
+        return run_training(cfg)
     except FloatingPointError as e:
         sys.exit(str(e))
     finally:
