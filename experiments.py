@@ -1207,8 +1207,8 @@ def context_table(cfg, setting, distractor, res, seeds):
     head = f"{'module':12}" + "".join(f"{f'{lo}-{hi}':>22}" for lo, hi in cols)
 
     def rows(probe_of, trained_of):  # a line per module: 'band probe | trained ± s.e.'
-        return [f"{row:12}" + "".join(
-            f"{band_mean(probe_of(r), lo, hi):6.1f} | {_trained_cell(trained_of(r), lo, hi)}"
+        return [f"{row:12}" + "".join("{:>22}".format(
+            f"{band_mean(probe_of(r), lo, hi):5.1f} | {_trained_cell(trained_of(r), lo, hi)}")
             for lo, hi in cols) for row, r in res.items()]
     lines = [f"{setting}: one query, a cue at distance d, 65x65x{CONTEXT_CHANNELS}, "
              f"{PER_DISTANCE['test']} test layouts x 2 twins per distance; accuracy (%), chance "
