@@ -1392,7 +1392,7 @@ def _curve_panel(title, iters, curves, probes, size=(230, 170), lo=40):
         _polyline(draw, [(x(it), y(a)) for it, a in zip(iters, acc)], colour, width=2)
         draw.line([x1 + 2, y(p), x1 + 12, y(p)], fill=colour, width=2)
     draw.rectangle([x0, y0, x1, y1], outline=(0, 0, 0))
-    for it in (iters[0], iters[-1]):
+    for it in iters:
         draw.text((x(it) - 10, y1 + 3), str(it), fill=(0, 0, 0))
     draw.text((x0, 3), title, fill=(0, 0, 0))
     return np.asarray(pic)
@@ -1404,17 +1404,17 @@ def curves_figure(results, out):
     for setting, distractor in ((s, d) for s, _, d, _ in SETTINGS):
         res = results[setting]
         iters = next(iter(res.values()))["curve_iters"]
-        panels = [_curve_panel(f"{setting[:26]}: d {lo}-{hi}", iters,
+        panels = [_curve_panel(f"{setting.replace('background', 'bg')}: d {lo}-{hi}", iters,
                                [band_mean(r["curve"].mean(0), lo, hi) for r in res.values()],
                                [band_mean(r["probe"]["band"], lo, hi) for r in res.values()])
                   for lo, hi in bands(context_distances(distractor))]
         rows.append(hstack(panels, 6))
     names = list(next(iter(results.values())))
-    key = Image.new("RGB", (rows[0].shape[1], 16), (255, 255, 255))
+    key = Image.new("RGB", (max(r.shape[1] for r in rows), 16), (255, 255, 255))
     draw = ImageDraw.Draw(key)
     for i, (name, colour) in enumerate(zip(names, CONTEXT_COLOURS)):
-        draw.rectangle([4 + 110 * i, 5, 16 + 110 * i, 11], fill=colour)
-        draw.text((20 + 110 * i, 2), name, fill=(0, 0, 0))
+        draw.rectangle([4 + 100 * i, 5, 16 + 100 * i, 11], fill=colour)
+        draw.text((20 + 100 * i, 2), name, fill=(0, 0, 0))
     return _figure([
         "Learning curves of the context experiment: accuracy (%) of each trained module (mean "
         "over seeds) on a band of distances,",
