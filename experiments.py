@@ -10,7 +10,7 @@ data <- vortex <- train, eval <- experiments.
   python experiments.py figure descriptors --out F  # samples of the 65x65 context experiment
   python experiments.py bench modules|training|inference|loader   # speed, as side-by-side ratios
   python experiments.py ablation --seeds 3 [train.py flags]       # Table 1 in miniature + ERF
-  python experiments.py context --seeds 3           # Table 1's question at the paper's geometry
+  python experiments.py --threads 1 context --seeds 2   # Table 1's question at the paper's geometry
   python experiments.py erf CK [CK ...] --out F     # effective receptive fields of checkpoints
 
 Sections: 1. Table 1's modules in numbers and Fig. 3; 2. benchmarks; 3. Table 1 in miniature and
