@@ -1697,7 +1697,7 @@ def test_fig3_footprint_picture(tmp_path):
 def test_ablation_table_runs_every_module(tmp_path, capsys):
     out = str(tmp_path / "abl")
     rows = experiments.main(["ablation", "--seeds", "1"] + TINY + ["--iters", "1", "--out-dir", out])
-    assert list(rows) == ["none", "ASPP", "ASPP+", "A(5)", "A(9)", "A(13)", "Vortex"]
+    assert list(rows) == ["none", "image-level", "ASPP", "ASPP+", "A(5)", "A(9)", "A(13)", "Vortex"]
     table = open(os.path.join(out, "table1.txt")).read()
     assert "Table 1 in miniature" in table and "76.6" in table  # the paper's Vortex figure
     assert os.path.isfile(os.path.join(out, "A(9)-seed0", "checkpoint.pt"))
