@@ -1711,7 +1711,7 @@ def test_ablation_table_runs_every_module(tmp_path, capsys):
     capsys.readouterr()
     again = experiments.main(["ablation", "--seeds", "1"] + TINY + ["--iters", "1", "--out-dir", out])
     log = capsys.readouterr().out
-    assert log.count("finished earlier, read back") == 6 and "resumed" in log
+    assert log.count("finished earlier, read back") == 7 and "resumed" in log
     assert all(np.allclose(again[k][:, :2], rows[k][:, :2], equal_nan=True) for k in rows)
     with pytest.raises(data.BadInput, match=r"made with other settings \(iters 1 -> 2\)"):
         experiments.main(["ablation", "--seeds", "1"] + TINY + ["--iters", "2", "--out-dir", out])
