@@ -10,7 +10,7 @@ data <- vortex <- train, eval <- experiments.
   python experiments.py figure descriptors --out F  # samples of the 65x65 context experiment
   python experiments.py bench modules|training|inference|loader   # speed, as side-by-side ratios
   python experiments.py ablation --seeds 3 [train.py flags]       # Table 1 in miniature + ERF
-  python experiments.py context --seeds 3           # Table 1's question at the paper's geometry
+  python experiments.py --threads 1 context --seeds 2   # Table 1's question at the paper's geometry
   python experiments.py erf CK [CK ...] --out F     # effective receptive fields of checkpoints
 
 Nothing is overwritten without --force; an interrupted experiment continues where it stopped."""
@@ -396,10 +396,11 @@ def bench_training_cuda(device):
 # =============================================================================================
 
 
-ABLATION_ROWS = tuple(row for row in TABLE1 if row != "image-level")
+ABLATION_ROWS = tuple(TABLE1)  # with the image-level control: what the others add to it
 ABLATION_KEYS = ("dataset", "depth", "base_channels", "context_channels", "output_stride",
                  "multi_grid", "crop", "scale", "batch_size", "iters", "lr", "num_images",
-                 "val_images", "image_size", "context", "pool_k", "seed", "count_include_pad")
+                 "val_images", "image_size", "context", "pool_k", "seed", "count_include_pad",
+                 "warmup")
 
 
 def read_back(path, key, fields):
@@ -665,17 +666,25 @@ def _curves_panel(curves, width, height, margin=26):
 CONTEXT_SIZE = 65  # h = w of X for a 513 x 513 image at output stride 8 (paper 3.2)
 CONTEXT_DISTANCES = 40  # d = 1..40: as far as Vortex Pooling's 81 x 81 footprint reaches
 CUE = 3  # the cue's side
+REACH = 40  # the largest footprint's reach (Vortex: rate 27 + 27 // 2), Chebyshev
+DISTRACTOR_RATIO = 1.5  # the distractor's nearest descriptor is at >= 1.5 d
+# The distractor condition is scored where a distractor at >= 1.5 d still lies within REACH:
+# d = 1..26 (1.5 x 27 = 40.5 is beyond it, where no module could see which cue is nearer).
+DISTRACTOR_DISTANCES = int(REACH // DISTRACTOR_RATIO)
 
 
-def context_codes(c1):
+def context_codes(c1, background=1.0):
     """(3, c1) float32: the codes of background, cue P and cue Q, rows 1..3 of the c1 x c1
-    Sylvester Hadamard matrix (orthogonal, entries +-1, zero mean). c1: a power of two >= 4."""
+    Sylvester Hadamard matrix (orthogonal, entries +-1, zero mean). c1: a power of two >= 4.
+    `background` scales the background's code (0: the border control, see SETTINGS)."""
     if c1 < 4 or c1 & (c1 - 1):
         raise BadInput(f"descriptor channels must be a power of two >= 4, got {c1}")
     h = np.ones((1, 1), np.float32)
     while h.shape[0] < c1:
         h = np.block([[h, h], [h, -h]])
-    return h[1:4].copy()
+    codes = h[1:4].copy()
+    codes[0] *= background
+    return codes
 
 
 def ring(radius):
@@ -688,15 +697,21 @@ def ring(radius):
                            np.stack([-side, np.full(2 * r, -r)], 1)])  # left
 
 
+def context_distances(distractor):
+    """The distances a condition is drawn and scored at: 1..40, with a distractor 1..26."""
+    return DISTRACTOR_DISTANCES if distractor else CONTEXT_DISTANCES
+
+
 def context_layouts(seed, per_distance, distractor=False, size=CONTEXT_SIZE):
-    """Layouts of `per_distance` samples for each d = 1..CONTEXT_DISTANCES, a pure function of
-    the arguments: dict of int arrays d (N,), query (N, 2), cue (N, 2) and distractor (N, 2)
-    (cue centres; -1000 where there is none)."""
+    """Layouts of `per_distance` samples for each d = 1..context_distances(distractor), a pure
+    function of the arguments: dict of int arrays d (N,), query (N, 2), cue (N, 2) and
+    distractor (N, 2) (cue centres; -1000 where there is none), other (N,) the distractor's
+    class (0: P, 1: Q; -1 where there is none), drawn independently of everything else."""
     rng = np.random.default_rng([seed, 21])
-    n = per_distance * CONTEXT_DISTANCES
-    out = {"d": np.repeat(np.arange(1, CONTEXT_DISTANCES + 1), per_distance),
+    n = per_distance * context_distances(distractor)
+    out = {"d": np.repeat(np.arange(1, context_distances(distractor) + 1), per_distance),
            "query": np.zeros((n, 2), np.int64), "cue": np.zeros((n, 2), np.int64),
-           "distractor": np.full((n, 2), -1000, np.int64)}
+           "distractor": np.full((n, 2), -1000, np.int64), "other": np.full(n, -1, np.int64)}
     lo, hi = CUE // 2, size - 1 - CUE // 2  # where a cue's centre fits on the map
     for i, d in enumerate(out["d"]):
         while True:
@@ -704,13 +719,16 @@ def context_layouts(seed, per_distance, distractor=False, size=CONTEXT_SIZE):
             q = np.array([rng.integers(max(0, lo - o), min(size - 1, hi - o) + 1) for o in off])
             if not distractor:
                 break
-            far = rng.integers(int(np.ceil(1.5 * d)), size)  # the distractor's nearest pixel
+            # the distractor's nearest pixel: >= 1.5 d and within the largest footprint
+            far = rng.integers(int(np.ceil(DISTRACTOR_RATIO * d)), REACH + 1)
             off2 = ring(far + CUE // 2)[rng.integers(8 * (far + CUE // 2))]
             c2 = q + off2
             if ((c2 >= lo) & (c2 <= hi)).all() and np.abs(c2 - (q + off)).max() >= CUE:
                 out["distractor"][i] = c2
                 break
         out["query"][i], out["cue"][i] = q, q + off
+    if distractor:  # its class alone says nothing: each layout's twins share it (see twins)
+        out["other"] = rng.integers(0, 2, n)
     return out
 
 
@@ -780,17 +798,18 @@ def gather_taps(modules, layouts, c1, seed, batch=1000, size=CONTEXT_SIZE):
     return out
 
 
-def assemble(parts, cls, sigma, codes, has_distractor, image_level):
-    """Features of samples whose cue has class `cls` (N,) in {0: P, 1: Q}: (taps (N, T, c1),
-    image-level mean (N, c1) or None). The distractor, where there is one, has the other class."""
+def assemble(parts, cls, other, sigma, codes, image_level):
+    """Features of samples whose cue has class `cls` (N,) in {0: P, 1: Q} and whose distractor
+    has class `other` (N,) (-1: none): (taps (N, T, c1), image-level mean (N, c1) or None)."""
     bg, cue = codes[0], codes[1 + cls][:, None, :]
-    other = codes[2 - cls][:, None, :]
+    has = (other >= 0).astype(np.float32)
+    oth = codes[1 + np.maximum(other, 0)][:, None, :]
     taps = (parts["inmap"][..., None] * bg + parts["cue"][..., None] * (cue - bg)
-            + parts["distractor"][..., None] * (other - bg) + sigma * parts["noise"])
+            + parts["distractor"][..., None] * (oth - bg) + sigma * parts["noise"])
     if not image_level:
         return taps, None
     area = CUE * CUE / CONTEXT_SIZE ** 2
-    mean = (bg + area * (cue[:, 0] - bg) + area * has_distractor[:, None] * (other[:, 0] - bg)
+    mean = (bg + area * (cue[:, 0] - bg) + area * has[:, None] * (oth[:, 0] - bg)
             + sigma * parts["noise_mean"])
     return taps, mean
 
@@ -798,30 +817,45 @@ def assemble(parts, cls, sigma, codes, has_distractor, image_level):
 # ---------------------------------------------------------------------------------------------
 # Table 1's question at the paper's geometry (paper 3.2-3.4, Fig. 3): at which distance can
 # each context module still read the evidence that decides a pixel? One query pixel per sample
-# and one cue at distance d = 1..40 (context_layouts, where the rule is written), X at the
-# paper's 65 x 65. Two rows per module:
-#   probe:   what its footprint holds. The values its branches read at the query (the taps,
-#            pooled as the module pools, zero off the map, plus the image-level mean) and the
-#            best linear readout of the cue's class from them, fitted per distance in closed
-#            form (regularised Fisher discriminant) on training samples, tested on held-out ones;
+# and one cue at distance d (context_layouts, where the rule is written), X at the paper's
+# 65 x 65. Per module:
+#   probes:  what its footprint holds: a linear readout of the cue's class from its taps
+#            (pooled as the module pools, zero off the map, plus the image-level mean), fitted
+#            in closed form (regularised Fisher discriminant) on the training samples and tested
+#            on held-out ones. None of them is "the best": fitted per distance it is told where
+#            the cue is; per band (1-10, ...) it is told roughly; pooled, one readout serves
+#            every distance, as one trained module does (but linear);
 #   trained: what training finds. The real branch convolutions -> BN -> ReLU -> projection ->
 #            1x1 classifier (a ContextModule of Table 1) evaluated at the query from its taps
 #            (module_at_query; a test shows it equals the module run on the whole map there),
-#            trained on the same samples with the loop's own pieces, seeds 0..SEEDS-1.
-# Settings: noise sigma 1 and 0.5 (which limits are geometry, which signal-to-noise), and a
-# distractor of the other class at >= 1.5 d (3.4: fine near, coarse far). One departure from
-# the loop: Adam instead of SGD (with SGD and momentum, lr 0.02-0.2, training stayed at chance
-# for 600 steps: the cue's share of a pooled feature is tiny).
+#            trained with Adam and the poly policy, seeds 0..SEEDS-1, with a learning curve.
+# Batch norm normalises over the batch's query pixels (512 pixels of 512 maps), not over whole
+# maps as in a segmentation network. Settings: noise sigma 1 and 0.5 (which limits are
+# geometry, which signal-to-noise); a distractor (3.4: fine near, coarse far: the nearer cue
+# decides); and the border control: the same, with the background's code zero, so that a tap
+# off the map (zero padding) reads what a tap on the background reads, up to noise. One
+# departure from the loop: Adam instead of SGD (with SGD and momentum, lr 0.02-0.2, training
+# stayed at chance for 600 steps: the cue's share of a pooled feature is tiny).
 # ---------------------------------------------------------------------------------------------
 
 CONTEXT_ROWS = tuple(TABLE1)
 CONTEXT_CHANNELS = 8  # c1 (paper: 2048); three orthogonal codes need few channels
 PER_DISTANCE = {"train": 500, "test": 250}  # layouts per distance, each with its twin
-SETTINGS = (("sigma 1", 1.0, False), ("sigma 0.5", 0.5, False),
-            ("sigma 1, distractor", 1.0, True))
+# (name, sigma, distractor, background code scale)
+SETTINGS = (("sigma 1, distractor", 1.0, True, 1.0),
+            ("sigma 1, distractor, background 0", 1.0, True, 0.0),
+            ("sigma 1", 1.0, False, 1.0), ("sigma 0.5", 0.5, False, 1.0))
 BANDS = ((1, 10), (11, 20), (21, 30), (31, 40))
+PROBES = {"distance": "probe per distance (told d)", "band": "probe per band (told the band)",
+          "pooled": "pooled probe (one readout for all d)"}
+CURVE = (1 / 16, 1 / 8, 1 / 4, 1 / 2, 1)  # the learning curve's points, fractions of --iters
 PAIRS = (("Vortex", "ASPP"), ("Vortex", "A(5)"), ("Vortex", "A(13)"), ("A(5)", "ASPP"))
 CONTEXT_KEYS = ("iters", "batch_size", "lr", "context_channels", "power")
+
+
+def bands(top):
+    """BANDS clipped to the distances 1..top that a condition scores: ((lo, hi), ...)."""
+    return tuple((lo, min(hi, top)) for lo, hi in BANDS if lo <= top)
 
 
 def module_at_query(module, classifier, taps, mean):
@@ -840,112 +874,288 @@ def module_at_query(module, classifier, taps, mean):
 
 
 def twins(parts, layouts, sigma, codes, image_level):
-    """Every layout twice, cue P then cue Q: (taps, mean, label, distance) as tensors."""
-    n, has = len(layouts["d"]), (layouts["distractor"][:, 0] > -1000).astype(np.float32)
-    cls = np.repeat([0, 1], n)
+    """Every layout twice, cue P then cue Q, the distractor (if any) keeping its class:
+    (taps, mean, label, distance, conflict) as tensors; conflict: the distractor has the
+    other class, so only "the nearer cue decides" gets the twin right."""
+    n = len(layouts["d"])
+    cls, other = np.repeat([0, 1], n), np.concatenate([layouts["other"]] * 2)
     doubled = {k: np.concatenate([v, v]) for k, v in parts.items()}
-    taps, mean = assemble(doubled, cls, sigma, codes, np.concatenate([has, has]),
-                               image_level)
+    taps, mean = assemble(doubled, cls, other, sigma, codes, image_level)
     return (torch.from_numpy(taps), None if mean is None else torch.from_numpy(mean),
-            torch.from_numpy(cls), torch.from_numpy(np.concatenate([layouts["d"]] * 2)))
+            torch.from_numpy(cls), torch.from_numpy(np.concatenate([layouts["d"]] * 2)),
+            torch.from_numpy((other >= 0) & (other != cls)))
 
 
 def per_distance(correct, d):
-    """Accuracy (%) at each distance 0..40 (0 unused) of boolean `correct` (N,)."""
+    """Accuracy (%) at each distance 0..40 of boolean `correct` (N,); NaN where none is."""
     total = np.bincount(d, minlength=CONTEXT_DISTANCES + 1)
-    return 100 * np.bincount(d[correct], minlength=CONTEXT_DISTANCES + 1) / np.maximum(1, total)
+    hits = np.bincount(d[correct], minlength=CONTEXT_DISTANCES + 1)
+    return np.where(total > 0, 100 * hits / np.maximum(1, total), np.nan)
 
 
-def probe(fit, test):
-    """The best linear readout per distance (regularised Fisher discriminant, closed form):
-    accuracy (%) by distance on the test samples."""
+def scores(correct, test):
+    """(accuracy by distance, accuracy by distance on the conflict twins only)."""
+    d, conflict = test[3].numpy(), test[4].numpy()
+    return per_distance(correct, d), per_distance(correct[conflict], d[conflict])
+
+
+def probe_groups(by):
+    """The group each distance 0..40 is fitted in: its own, its band's, or one for all."""
+    if by == "distance":
+        return np.arange(CONTEXT_DISTANCES + 1)
+    if by == "pooled":
+        return np.ones(CONTEXT_DISTANCES + 1, np.int64)
+    group = np.zeros(CONTEXT_DISTANCES + 1, np.int64)
+    for i, (lo, hi) in enumerate(BANDS):
+        group[lo:hi + 1] = i + 1
+    return group
+
+
+def probe(fit, test, by="distance"):
+    """A linear readout of the cue's class (regularised Fisher discriminant, closed form),
+    fitted on `fit` per group of distances (probe_groups(by)): its scores on `test`."""
     def flat(s):
         f = s[0].flatten(1) if s[1] is None else torch.cat([s[0].flatten(1), s[1]], 1)
         return f.double().numpy()
     xs, xt = flat(fit), flat(test)
-    ys, ds, yt, dt = fit[2].numpy(), fit[3].numpy(), test[2].numpy(), test[3].numpy()
+    group = probe_groups(by)
+    gs, gt = group[fit[3].numpy()], group[test[3].numpy()]
+    ys, yt = fit[2].numpy(), test[2].numpy()
     correct = np.zeros(len(yt), bool)
-    for d in range(1, CONTEXT_DISTANCES + 1):
-        x, y = xs[ds == d], ys[ds == d]
+    for g in np.unique(gs):
+        x, y = xs[gs == g], ys[gs == g]
         mu = [x[y == c].mean(0) for c in (0, 1)]
         centred = x - np.where(y[:, None] == 1, mu[1], mu[0])
         cov = centred.T @ centred / max(1, len(x) - 2)
         cov += (1e-3 * np.trace(cov) / len(cov) + 1e-9) * np.eye(len(cov))
         w = np.linalg.solve(cov, mu[1] - mu[0])
-        score = (xt[dt == d] - (mu[0] + mu[1]) / 2) @ w
-        correct[dt == d] = (score > 1e-9 * np.abs(w).sum()) == (yt[dt == d] == 1)
-    return per_distance(correct, dt)
+        score = (xt[gt == g] - (mu[0] + mu[1]) / 2) @ w
+        correct[gt == g] = (score > 1e-9 * np.abs(w).sum()) == (yt[gt == g] == 1)
+    return scores(correct, test)
 
 
-def trained(cfg, row, seed, fit, test):
-    """The real module trained on the samples' taps; accuracy (%) by distance on the test."""
-    torch.manual_seed(seed)
-    module = table1_module(row, CONTEXT_CHANNELS, out_channels=cfg["context_channels"])
-    classifier = nn.Conv2d(cfg["context_channels"], 2, 1)
-    params = list(module.parameters()) + list(classifier.parameters())
-    optimizer = torch.optim.Adam(params, cfg["lr"])
-    order = torch.Generator().manual_seed(seed)
-    n, b = len(fit[2]), cfg["batch_size"]
-    module.train()
+# ---------------------------------------------------------------------------------------------
+# Training many small modules at once. Every (module, setting, seed) of the same shape (tap
+# counts per branch, image-level branch or not) is one slice of a stack: its parameters come
+# from a real ContextModule and classifier (torch.func.stack_module_state), stacked_logits is
+# module_at_query with a leading model dimension (batched matrix products; batch norm
+# written out: a test shows the two agree), and one Adam updates all (it is elementwise, so each
+# slice follows its own gradient). The trained slices go back into the real modules, which are
+# evaluated with module_at_query. Each model draws its batches from a generator seeded by its
+# seed, so a seed sees the same order in every module of a setting.
+# ---------------------------------------------------------------------------------------------
+
+class QueryHead(nn.Module):
+    """A ContextModule and its 1x1 classifier, read at the query pixel (module_at_query)."""
+
+    def __init__(self, row, seed, width):
+        super().__init__()
+        torch.manual_seed(seed)  # the same initial weights as one module trained alone
+        self.module = table1_module(row, CONTEXT_CHANNELS, out_channels=width)
+        self.classifier = nn.Conv2d(width, 2, 1)
+
+    def forward(self, taps, mean):
+        return module_at_query(self.module, self.classifier, taps, mean)
+
+
+def head_shape(module):
+    """What decides whether two modules can share a stack: taps per branch, image branch."""
+    return tuple(len(offs) for _, offs in tap_offsets(module)), module.image_pool is not None
+
+
+def _stacked_weight(w):
+    """(M, out, in, kh, kw) convolution weights -> (M, kh * kw * in, out), taps' order."""
+    return w.flatten(3).permute(0, 3, 2, 1).flatten(1, 2)
+
+
+def _stacked_bn(x, p, b, name, train):
+    """nn.BatchNorm2d (momentum 0.1, eps 1e-5) of each model on x (M, N, C)."""
+    if train:
+        var, mu = torch.var_mean(x, 1, unbiased=False)
+        with torch.no_grad():
+            b[name + ".running_mean"].lerp_(mu, 0.1)
+            b[name + ".running_var"].lerp_(var * x.shape[1] / (x.shape[1] - 1), 0.1)
+            b[name + ".num_batches_tracked"] += 1
+    else:
+        mu, var = b[name + ".running_mean"], b[name + ".running_var"]
+    return (x - mu[:, None]) / torch.sqrt(var[:, None] + 1e-5) * p[name + ".weight"][:, None] \
+        + p[name + ".bias"][:, None]
+
+
+def stacked_logits(p, b, shape, taps, mean, train, dropout):
+    """module_at_query for a stack of M models: taps (M, N, T, c1), mean (M, N, c1) ->
+    logits (M, N, 2). p, b: stacked parameters and buffers of QueryHeads of `shape`."""
+    feats, t0 = [], 0
+    for i, n in enumerate(shape[0]):
+        x, t0 = taps[:, :, t0:t0 + n].flatten(2), t0 + n
+        y = torch.bmm(x, _stacked_weight(p[f"module.branches.{i}.0.weight"]))
+        feats.append(F.relu(_stacked_bn(y, p, b, f"module.branches.{i}.1", train)))
+    if shape[1]:
+        y = torch.bmm(mean, _stacked_weight(p["module.image_pool.0.weight"]))
+        feats.append(F.relu(_stacked_bn(y, p, b, "module.image_pool.1", train)))
+    y = torch.bmm(torch.cat(feats, 2), _stacked_weight(p["module.project.0.weight"]))
+    y = F.dropout(F.relu(_stacked_bn(y, p, b, "module.project.1", train)), dropout, train)
+    return torch.bmm(y, _stacked_weight(p["classifier.weight"])) + p["classifier.bias"][:, None]
+
+
+def _stacked_data(sets, models, split):
+    """The models' samples of `split` in one tensor each (taps flattened (N, T * c1), mean,
+    label) and each model's (offset, count) in them; a module without an image-level branch
+    gets zeros as its mean. (Rows of a 2-d tensor gather several times faster.)"""
+    srcs = list(dict.fromkeys(cell for cell, _ in models))
+    taps = torch.cat([sets[c][split][0].flatten(1) for c in srcs])
+    mean = torch.cat([sets[c][split][1] if sets[c][split][1] is not None else
+                      torch.zeros(len(sets[c][split][2]), CONTEXT_CHANNELS) for c in srcs])
+    label = torch.cat([sets[c][split][2] for c in srcs])
+    sizes = [len(sets[c][split][2]) for c in srcs]
+    starts = dict(zip(srcs, np.cumsum([0] + sizes[:-1]).tolist()))
+    return taps, mean, label, [(starts[c], len(sets[c][split][2])) for c, _ in models]
+
+
+def evaluate_stack(p, b, shape, sets, models, dropout):
+    """Each model's test scores (eval mode) from its slice of the stack."""
+    out = []
+    with torch.no_grad():
+        for m, (cell, _) in enumerate(models):
+            test = sets[cell]["test"]
+            mean = test[1] if test[1] is not None else torch.zeros(len(test[2]), CONTEXT_CHANNELS)
+            pm, bm = ({k: v[m:m + 1] for k, v in d.items()} for d in (p, b))
+            pred = stacked_logits(pm, bm, shape, test[0][None], mean[None], False,
+                                  dropout)[0].argmax(1)
+            out.append(scores((pred == test[2]).numpy(), test)[0])
+    return out
+
+
+def train_stack(cfg, shape, sets, models):
+    """Train the QueryHeads of `models` [((setting, row), seed), ...] (all of `shape`) as one
+    stack. Returns each model's final test scores (the real module, module_at_query) and its
+    learning curve {iteration: accuracy by distance}."""
+    heads = [QueryHead(row, seed, cfg["context_channels"]) for (_, row), seed in models]
+    p, b = torch.func.stack_module_state(heads)
+    dropout = heads[0].module.project[-1].p
+    optimizer = torch.optim.Adam(p.values(), cfg["lr"])
+    taps, mean, label, spans = _stacked_data(sets, models, "train")
+    taps_c = CONTEXT_CHANNELS
+    orders = [torch.Generator().manual_seed(seed) for _, seed in models]
+    points = sorted({max(1, round(f * cfg["iters"])) for f in CURVE})
+    curves, torch_seed = [{} for _ in models], torch.initial_seed()
+    torch.manual_seed(0)  # dropout's draws
     for it in range(cfg["iters"]):
         set_lr(optimizer, poly_lr(cfg["lr"], it, cfg["iters"], cfg["power"]))
-        idx = torch.randint(n, (b,), generator=order)
-        mean = None if fit[1] is None else fit[1][idx]
-        loss = F.cross_entropy(module_at_query(module, classifier, fit[0][idx], mean),
-                               fit[2][idx])
-        loss.backward()
+        idx = torch.cat([s + torch.randint(n, (cfg["batch_size"],), generator=g)
+                         for (s, n), g in zip(spans, orders)])
+        batch = taps.index_select(0, idx).view(len(models), cfg["batch_size"], -1, taps_c)
+        logits = stacked_logits(p, b, shape, batch, mean.index_select(0, idx).view(
+            len(models), cfg["batch_size"], -1), True, dropout)
+        losses = F.cross_entropy(logits.flatten(0, 1), label[idx],
+                                 reduction="none").view(len(models), -1).mean(1)
+        losses.sum().backward()  # each model's own gradient: the slices do not interact
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    if not math.isfinite(loss.item()):
-        raise FloatingPointError(f"{row} seed {seed}: non-finite loss; try a lower --lr")
-    module.eval()
-    with torch.no_grad():
-        pred = module_at_query(module, classifier, test[0], test[1]).argmax(1)
-    return per_distance((pred == test[2]).numpy(), test[3].numpy())
+        if it + 1 in points:
+            for c, acc in zip(curves, evaluate_stack(p, b, shape, sets, models, dropout)):
+                c[it + 1] = acc
+    torch.manual_seed(torch_seed)
+    bad = [models[m] for m in range(len(models)) if not math.isfinite(losses[m].item())]
+    if bad:
+        raise FloatingPointError(f"{bad}: non-finite loss; try a lower --lr")
+    final = []
+    for m, (head, (cell, _)) in enumerate(zip(heads, models)):
+        head.load_state_dict({k: v[m] for d in (p, b) for k, v in d.items()})
+        head.eval()
+        test = sets[cell]["test"]
+        with torch.no_grad():
+            pred = head(test[0], test[1]).argmax(1)
+        final.append(scores((pred == test[2]).numpy(), test))
+    return final, curves
+
+
+def setting_file(setting):
+    """The file name a setting's records and figure start with."""
+    return setting.replace(" ", "").replace(",", "-")
 
 
 def context_experiment(cfg, seeds):
-    """Every setting x row: the probe once, the trained module per seed (finished runs are read
-    back, so the same command again continues an interrupted experiment); prints and writes
-    the tables and a figure per setting."""
+    """Every setting x row: the probes once, the trained module per seed (finished cells are
+    read back, so the same command again continues an interrupted experiment); prints and
+    writes the tables, a figure per setting and the learning curves."""
     out, t0 = cfg["out_dir"], time.time()
-    codes = context_codes(CONTEXT_CHANNELS)
-    modules = [table1_module(row, CONTEXT_CHANNELS) for row in CONTEXT_ROWS]
+    modules = {row: table1_module(row, CONTEXT_CHANNELS) for row in CONTEXT_ROWS}
     key = json.loads(json.dumps(dict({k: cfg[k] for k in CONTEXT_KEYS}, per=PER_DISTANCE,
-                                     channels=CONTEXT_CHANNELS)))
-    results, lines, n_runs, done = {}, [], len(SETTINGS) * len(CONTEXT_ROWS) * (seeds + 1), 0
+                                     channels=CONTEXT_CHANNELS, rule=3, seeds=seeds)))
+    recs, todo = {}, []
+    for setting, *_ in SETTINGS:
+        for row in CONTEXT_ROWS:
+            path = os.path.join(out, f"{setting_file(setting)}-{row}.json")
+            recs[setting, row] = read_back(path, dict(key, setting=setting), {
+                "probe": dict, "probe_conflict": dict, "trained": list,
+                "trained_conflict": list, "curve": dict})
+            if recs[setting, row] is None:
+                todo.append((setting, row))
+    stacks = {}
+    for cell in todo:  # one stack per setting and shape: its cells train together
+        stacks.setdefault((cell[0], head_shape(modules[cell[1]])), []).append(cell)
     samples = {}
-    for setting, sigma, distractor in SETTINGS:
-        results[setting] = {}
-        for row, module in zip(CONTEXT_ROWS, modules):
-            path = os.path.join(out, f"{setting.replace(' ', '').replace(',', '-')}-{row}.json")
-            rec = read_back(path, dict(key, setting=setting, seeds=seeds),
-                            {"probe": list, "trained": list})
-            if rec is None:
-                if distractor not in samples:  # layouts and noise serve both noise levels
-                    samples[distractor] = context_samples(modules, distractor)
-                sets = {s: twins(parts[module.name], lay, sigma, codes,
-                                 module.image_pool is not None)
-                        for s, (lay, parts) in samples[distractor].items()}
-                rec = {"config": dict(key, setting=setting, seeds=seeds),
-                       "probe": probe(sets["train"], sets["test"]).tolist(),
-                       "trained": [trained(cfg, row, s, sets["train"], sets["test"]).tolist()
-                                   for s in range(seeds)]}
-                data.write_json(path, rec)
-            results[setting][row] = {"probe": np.array(rec["probe"]),
-                                     "trained": np.array(rec["trained"])}
-            done += seeds + 1
-            data.progress("context experiment", done, n_runs, t0, every=seeds + 1)
-        lines.append(context_table(cfg, setting, results[setting], seeds))
-        context_figure(results[setting], {m.name: ring_coverage(m)
-                                                      for m in modules}, setting,
-                                  os.path.join(out, f"{setting.replace(' ', '').replace(',', '-')}.png"))
+    for (setting, shape), cells in stacks.items():
+        recs.update(context_cells(cfg, key, seeds, modules, shape, cells, samples))
+        print(f"context experiment: {setting}, {', '.join(row for _, row in cells)} done, "
+              f"{(time.time() - t0) / 60:.1f} min", flush=True)
+    results = {s: {row: record_arrays(recs[s, row]) for row in CONTEXT_ROWS}
+               for s, *_ in SETTINGS}
+    lines = [context_table(cfg, s, d, results[s], seeds) for s, _, d, _ in SETTINGS]
     table = "\n\n".join(lines) + f"\n\n{len(SETTINGS)} settings, {seeds} seed(s): " \
         f"{(time.time() - t0) / 60:.1f} min"
     print(table)
     data.atomic_save(os.path.join(out, "table.txt"), lambda f: f.write(table.encode() + b"\n"))
-    print(f"wrote {os.path.join(out, 'table.txt')} and one figure per setting in {out}")
+    coverage = {row: ring_coverage(m) for row, m in modules.items()}
+    for setting, *_ in SETTINGS:
+        context_figure(results[setting], coverage, setting,
+                       os.path.join(out, f"{setting_file(setting)}.png"))
+    curves_figure(results, os.path.join(out, "curves.png"))
+    print(f"wrote {os.path.join(out, 'table.txt')}, one figure per setting and curves.png "
+          f"in {out}")
     return results
+
+
+def context_cells(cfg, key, seeds, modules, shape, cells, samples):
+    """Probe and train the (setting, row) cells of one shape; write and return their records."""
+    conditions = {s: (sigma, distractor, bg) for s, sigma, distractor, bg in SETTINGS}
+    sets, recs = {}, {}
+    for setting, row in cells:
+        sigma, distractor, bg = conditions[setting]
+        if distractor not in samples:  # layouts and noise serve every setting of a condition
+            samples[distractor] = context_samples(list(modules.values()), distractor)
+        sets[setting, row] = {s: twins(parts[row], lay, sigma,
+                                       context_codes(CONTEXT_CHANNELS, bg),
+                                       modules[row].image_pool is not None)
+                              for s, (lay, parts) in samples[distractor].items()}
+    models = [(cell, seed) for cell in cells for seed in range(seeds)]
+    final, curves = train_stack(cfg, shape, sets, models)
+    for cell in cells:
+        mine = [m for m, (c, _) in enumerate(models) if c == cell]
+        probes = {by: probe(sets[cell]["train"], sets[cell]["test"], by) for by in PROBES}
+        rec = {"config": dict(key, setting=cell[0]),
+               "probe": {by: v[0].tolist() for by, v in probes.items()},
+               "probe_conflict": {by: v[1].tolist() for by, v in probes.items()},
+               "trained": [final[m][0].tolist() for m in mine],
+               "trained_conflict": [final[m][1].tolist() for m in mine],
+               "curve": {"iters": sorted(curves[mine[0]]),
+                         "trained": [[curves[m][i].tolist() for i in sorted(curves[m])]
+                                     for m in mine]}}
+        data.write_json(os.path.join(cfg["out_dir"], f"{setting_file(cell[0])}-{cell[1]}.json"),
+                        rec)
+        recs[cell] = rec
+    return recs
+
+
+def record_arrays(rec):
+    """A cell's record as arrays (null, a distance a condition does not score, -> NaN)."""
+    def arr(v):
+        return np.array(v, dtype=float)
+    return {"probe": {by: arr(v) for by, v in rec["probe"].items()},
+            "probe_conflict": {by: arr(v) for by, v in rec["probe_conflict"].items()},
+            "trained": arr(rec["trained"]), "trained_conflict": arr(rec["trained_conflict"]),
+            "curve_iters": rec["curve"]["iters"], "curve": arr(rec["curve"]["trained"])}
 
 
 def context_samples(modules, distractor):
@@ -975,54 +1185,101 @@ def student_t_p(t, df, steps=20000):
     return float(min(1.0, 2 * np.trapezoid(dens, x)))
 
 
-def context_table(cfg, setting, res, seeds):
-    """One setting: accuracy (%) by band, the probe and the trained module (mean +- standard
-    error over seeds), then paired comparisons of the trained modules."""
-    def band(a, lo, hi):  # every distance weighs the same
-        return a[..., lo:hi + 1].mean(-1)
-    cols = BANDS + ((1, CONTEXT_DISTANCES),)
-    head = "".join(f"{f'{lo}-{hi}':>21}" for lo, hi in cols)
-    lines = [f"{setting}: one query and one cue at distance d, 65x65x{CONTEXT_CHANNELS}, "
-             f"{PER_DISTANCE['test']} test layouts x 2 twins per distance; accuracy (%), "
-             f"chance exactly 50; probe | trained (mean ± s.e. over {seeds} seed(s), "
-             f"{cfg['iters']} iterations of {cfg['batch_size']})",
-             f"{'module':12}{head}"]
+def band_mean(a, lo, hi):
+    """The mean of a band's distances (every distance weighs the same)."""
+    return a[..., lo:hi + 1].mean(-1)
+
+
+def _trained_cell(tr, lo, hi):
+    """'mean ± s.e.' over seeds of a band."""
+    v = band_mean(tr, lo, hi)
+    se = v.std(ddof=1) / math.sqrt(len(v)) if len(v) > 1 else math.nan
+    return f"{v.mean():5.1f} ± {se:3.1f}"
+
+
+def context_table(cfg, setting, distractor, res, seeds):
+    """One setting: by band, the band probe | the trained module (mean ± s.e. over seeds);
+    the three probes; with a distractor the conflict twins alone; the learning curve; paired
+    comparisons of the trained modules."""
+    cols = bands(context_distances(distractor)) + ((1, context_distances(distractor)),)
+    head = f"{'module':12}" + "".join(f"{f'{lo}-{hi}':>22}" for lo, hi in cols)
+
+    def rows(probe_of, trained_of):  # a line per module: 'band probe | trained ± s.e.'
+        return [f"{row:12}" + "".join("{:>22}".format(
+            f"{band_mean(probe_of(r), lo, hi):5.1f} | {_trained_cell(trained_of(r), lo, hi)}")
+            for lo, hi in cols) for row, r in res.items()]
+    lines = [f"{setting}: one query, a cue at distance d, 65x65x{CONTEXT_CHANNELS}, "
+             f"{PER_DISTANCE['test']} test layouts x 2 twins per distance; accuracy (%), chance "
+             f"exactly 50; band probe | trained (mean ± s.e. over {seeds} seed(s), "
+             f"{cfg['iters']} iterations of {cfg['batch_size']})", head]
+    lines += rows(lambda r: r["probe"]["band"], lambda r: r["trained"])
+    lines.append("probes: per distance / per band / pooled")
     for row, r in res.items():
-        cells = []
-        for lo, hi in cols:
-            tr = band(r["trained"], lo, hi)
-            se = tr.std(ddof=1) / math.sqrt(len(tr)) if len(tr) > 1 else math.nan
-            cells.append(f"{band(r['probe'], lo, hi):6.1f} | {tr.mean():5.1f} ± {se:3.1f}")
-        lines.append(f"{row:12}" + "".join(f"{c:>21}" for c in cells))
+        lines.append(f"{row:12}" + "".join(
+            "{:>22}".format(" / ".join(f"{band_mean(r['probe'][by], lo, hi):4.1f}"
+                                       for by in PROBES)) for lo, hi in cols))
+    if distractor:
+        lines.append("conflict twins only (the distractor has the other class, so only the "
+                     "nearer cue decides): band probe | trained")
+        lines += rows(lambda r: r["probe_conflict"]["band"], lambda r: r["trained_conflict"])
+    lines += curve_lines(res, cols)
     lines.append("paired by seed, trained: difference in points (seeds +/-), paired t, p")
     for a, b in PAIRS:
         parts = []
         for lo, hi in cols:
-            m, plus, minus, t, p = paired(band(res[a]["trained"], lo, hi),
-                                          band(res[b]["trained"], lo, hi))
+            m, plus, minus, t, p = paired(band_mean(res[a]["trained"], lo, hi),
+                                          band_mean(res[b]["trained"], lo, hi))
             parts.append(f"{lo}-{hi} {m:+5.1f} ({plus}+/{minus}-, t {t:5.1f}, p {p:.3f})")
         lines.append(f"  {a + ' - ' + b:14} " + "  ".join(parts))
     return "\n".join(lines)
+
+
+def curve_lines(res, cols):
+    """The learning curve: trained (mean over seeds) by band at each point of training."""
+    lines = ["learning curve, trained (mean over seeds), bands " +
+             " / ".join(f"{lo}-{hi}" for lo, hi in cols[:-1]) + " at iteration:"]
+    for row, r in res.items():
+        cells = []
+        for it, acc in zip(r["curve_iters"], r["curve"].mean(0)):
+            cells.append(f"{it}: " + "/".join(f"{band_mean(acc, lo, hi):.1f}"
+                                               for lo, hi in cols[:-1]))
+        lines.append(f"{row:12}" + "  ".join(cells))
+    return lines
 
 
 CONTEXT_COLOURS = ((120, 120, 120), (148, 103, 189), (31, 119, 180), (23, 190, 207),
                    (255, 127, 14), (188, 140, 60), (140, 86, 75), (214, 39, 40))
 
 
-def _context_panel(title, probe, trained, coverage, colour, size=(300, 200), lo=40):
-    """One module: accuracy (%) against distance 1..40, the probe (black), the trained module
-    (colour, mean +- standard error over seeds, shaded) over grey bars for the share of the
-    positions at each distance that its footprint reads (full height = all), chance dashed."""
+def _polyline(draw, points, fill, width=1, dash=0):
+    """A line through `points`, broken where a value is NaN; dashed every `dash` px if > 0."""
+    for (xa, ya), (xb, yb) in zip(points, points[1:]):
+        if math.isnan(ya) or math.isnan(yb):
+            continue
+        if not dash:
+            draw.line([xa, ya, xb, yb], fill=fill, width=width)
+            continue
+        steps = max(1, int(math.hypot(xb - xa, yb - ya) // dash))
+        for s in range(0, steps, 2):
+            f0, f1 = s / steps, min(1, (s + 1) / steps)
+            draw.line([xa + f0 * (xb - xa), ya + f0 * (yb - ya), xa + f1 * (xb - xa),
+                       ya + f1 * (yb - ya)], fill=fill, width=width)
+
+
+def _context_panel(title, r, coverage, colour, size=(300, 200), lo=40):
+    """One module: accuracy (%) against distance 1..40: the probes (black: per band; grey: per
+    distance; dashed: pooled), the trained module (colour, mean ± s.e. over seeds, shaded) over
+    grey bars for the share of the positions at each distance its footprint reads, chance."""
     w, h = size
     pic = Image.new("RGB", size, (255, 255, 255))
     draw = ImageDraw.Draw(pic)
     x0, y0, x1, y1 = 30, 20, w - 8, h - 20
-    n = len(probe) - 1
+    n = CONTEXT_DISTANCES
     xs = [x0 + (x1 - x0) * (d - 0.5) / n for d in range(n + 2)]  # bar edges for d = 1..n
     centres = [(xs[d] + xs[d + 1]) / 2 for d in range(1, n + 1)]
 
-    def y(v):  # accuracy in % -> pixel row
-        return y1 - (y1 - y0) * (min(max(v, lo), 100) - lo) / (100 - lo)
+    def y(v):  # accuracy in % -> pixel row (NaN stays NaN: not scored)
+        return v if math.isnan(v) else y1 - (y1 - y0) * (min(max(v, lo), 100) - lo) / (100 - lo)
     for d in range(1, n + 1):
         if coverage[d] > 0:
             draw.rectangle([xs[d], y1 - (y1 - y0) * coverage[d], xs[d + 1] - 1, y1],
@@ -1033,13 +1290,19 @@ def _context_panel(title, probe, trained, coverage, colour, size=(300, 200), lo=
             draw.line([x0, y(v), x1, y(v)], fill=(235, 235, 235))
     for x in range(x0, x1, 8):  # chance, dashed
         draw.line([x, y(50), x + 4, y(50)], fill=(0, 0, 0))
-    mean = trained.mean(0)
-    se = trained.std(0, ddof=1) / np.sqrt(len(trained)) if len(trained) > 1 else 0 * mean
-    band = ([(c, y(m + s)) for c, m, s in zip(centres, mean[1:], se[1:])] +
-            [(c, y(m - s)) for c, m, s in reversed(list(zip(centres, mean[1:], se[1:])))])
+    tr = r["trained"]
+    mean = tr.mean(0)
+    se = tr.std(0, ddof=1) / np.sqrt(len(tr)) if len(tr) > 1 else 0 * mean
+    scored = [d for d in range(1, n + 1) if not math.isnan(mean[d])]
+    band = ([(centres[d - 1], y(mean[d] + se[d])) for d in scored] +
+            [(centres[d - 1], y(mean[d] - se[d])) for d in reversed(scored)])
     draw.polygon(band, fill=tuple(255 - (255 - c) // 3 for c in colour))
-    draw.line([(c, y(m)) for c, m in zip(centres, mean[1:])], fill=colour, width=2)
-    draw.line([(c, y(p)) for c, p in zip(centres, probe[1:])], fill=(0, 0, 0), width=1)
+    _polyline(draw, [(c, y(p)) for c, p in zip(centres, r["probe"]["distance"][1:])],
+              (150, 150, 150))
+    _polyline(draw, [(c, y(p)) for c, p in zip(centres, r["probe"]["pooled"][1:])], (0, 0, 0),
+              dash=3)
+    _polyline(draw, [(c, y(p)) for c, p in zip(centres, r["probe"]["band"][1:])], (0, 0, 0))
+    _polyline(draw, [(c, y(m)) for c, m in zip(centres, mean[1:])], colour, width=2)
     draw.rectangle([x0, y0, x1, y1], outline=(0, 0, 0))
     for d in (1, 10, 20, 30, 40):
         draw.text((centres[d - 1] - 4, y1 + 3), str(d), fill=(0, 0, 0))
@@ -1048,13 +1311,15 @@ def _context_panel(title, probe, trained, coverage, colour, size=(300, 200), lo=
 
 
 def _heat_map(title, rows, values, cell=(6, 14), left=80):
-    """Modules x distance 1..40, accuracy 50% (black) .. 100% (white)."""
+    """Modules x distance 1..40, accuracy 50% (black) .. 100% (white); not scored: white."""
     n = len(next(iter(values))) - 1
     pic = Image.new("RGB", (left + n * cell[0] + 4, 18 + len(rows) * cell[1] + 16),
                     (255, 255, 255))
-    v = np.clip((np.array([a[1:] for a in values]) - 50) / 50, 0, 1)
-    block = np.kron(heat(v), np.ones((cell[1], cell[0], 1), np.uint8))
-    pic.paste(Image.fromarray(block), (left, 18))
+    a = np.array([v[1:] for v in values])
+    block = heat(np.clip((np.nan_to_num(a, nan=50) - 50) / 50, 0, 1))
+    block[np.isnan(a)] = 255
+    pic.paste(Image.fromarray(np.kron(block, np.ones((cell[1], cell[0], 1), np.uint8))),
+              (left, 18))
     draw = ImageDraw.Draw(pic)
     draw.text((left, 3), title, fill=(0, 0, 0))
     for i, row in enumerate(rows):
@@ -1065,38 +1330,94 @@ def _heat_map(title, rows, values, cell=(6, 14), left=80):
     return np.asarray(pic)
 
 
-def context_figure(results, coverage, setting, out):
-    """The context experiment's figure for one setting (experiments.py context): a panel
-    per module (see _context_panel), then heat maps of the probe and of the trained modules.
-    results: {module: {"probe": (41,), "trained": (seeds, 41)}} accuracies in %."""
-    panels = []
-    for (name, r), colour in zip(results.items(), CONTEXT_COLOURS):
-        panels.append(_context_panel(f"{name}: probe {r['probe'][1:].mean():.1f}, trained "
-                                     f"{r['trained'][:, 1:].mean():.1f}%", r["probe"],
-                                     r["trained"], coverage[name], colour))
-    rows = [hstack(panels[i:i + 4], 6) for i in range(0, len(panels), 4)]
-    names = list(results)
-    maps = hstack([_heat_map("probe (best linear readout of the taps)", names,
-                             [results[m]["probe"] for m in names]),
-                   _heat_map("trained module (mean over seeds)", names,
-                             [results[m]["trained"].mean(0) for m in names]),
-                   _colour_bar_50(18 + len(names) * 14 + 16)], 12)
-    width = max(r.shape[1] for r in rows + [maps])
+def _figure(head_lines, rows, out):
+    """Text lines on top of picture rows, padded to one width, written atomically to `out`."""
+    width = max(r.shape[1] for r in rows)
     rows = [np.pad(r, ((0, 6), (0, width - r.shape[1]), (0, 0)), constant_values=255)
-            for r in rows + [maps]]
-    head = Image.new("RGB", (width, 46), (255, 255, 255))
+            for r in rows]
+    head = Image.new("RGB", (width, 4 + 14 * len(head_lines)), (255, 255, 255))
     draw = ImageDraw.Draw(head)
-    draw.text((4, 2), f"{setting}: accuracy (%) reading the class of a 3x3 cue at distance d "
-                      f"(descriptors) from the query pixel of a 65x65 map; chance 50 (dashed).",
-              fill=(0, 0, 0))
-    draw.text((4, 16), "Black: the probe, the best linear readout of what the module reads. "
-                       "Colour: the module trained, mean +- s.e. over seeds (shaded).",
-              fill=(0, 0, 0))
-    draw.text((4, 30), "Grey bars: share of the positions at distance d that the module's "
-                       "footprint reads (Fig. 3; full height = all).", fill=(0, 0, 0))
+    for i, text in enumerate(head_lines):
+        draw.text((4, 2 + 14 * i), text, fill=(0, 0, 0))
     figure = np.concatenate([np.asarray(head)] + rows, 0)
     data.atomic_save(out, lambda f: Image.fromarray(figure).save(f, format="PNG"))
     return out
+
+
+def context_figure(results, coverage, setting, out):
+    """The context experiment's figure for one setting (experiments.py context): a panel
+    per module (see _context_panel), then heat maps of the band probe and the trained modules.
+    results: {module: record_arrays(...)}, accuracies in %."""
+    panels = []
+    for (name, r), colour in zip(results.items(), CONTEXT_COLOURS):
+        panels.append(_context_panel(f"{name}: band probe {np.nanmean(r['probe']['band'][1:]):.1f}"
+                                     f", trained {np.nanmean(r['trained'][:, 1:]):.1f}%", r,
+                                     coverage[name], colour))
+    rows = [hstack(panels[i:i + 4], 6) for i in range(0, len(panels), 4)]
+    names = list(results)
+    rows.append(hstack([_heat_map("probe per band", names,
+                                  [results[m]["probe"]["band"] for m in names]),
+                        _heat_map("trained module (mean over seeds)", names,
+                                  [results[m]["trained"].mean(0) for m in names]),
+                        _colour_bar_50(18 + len(names) * 14 + 16)], 12))
+    return _figure([
+        f"{setting}: accuracy (%) reading the class of a 3x3 cue at distance d (descriptors) "
+        "from the query pixel of a 65x65 map; chance 50 (dashed); blank: d not scored.",
+        "Linear probes of what the module reads: black per band of 10 distances, grey per "
+        "distance (told d), black dashed pooled (one readout for all d).",
+        "Colour: the module trained, mean ± s.e. over seeds (shaded). Grey bars: share of the "
+        "positions at distance d that its footprint reads (Fig. 3; full = all)."], rows, out)
+
+
+def _curve_panel(title, iters, curves, probes, size=(230, 170), lo=40):
+    """Accuracy (%) of one band against training iterations (log scale): a line per module
+    (mean over seeds) and, at the right edge, a tick at each module's band probe."""
+    w, h = size
+    pic = Image.new("RGB", size, (255, 255, 255))
+    draw = ImageDraw.Draw(pic)
+    x0, y0, x1, y1 = 26, 18, w - 14, h - 18
+    span = max(1e-9, math.log(iters[-1] / iters[0]))
+
+    def x(it):
+        return x0 + (x1 - x0) * math.log(it / iters[0]) / span
+
+    def y(v):
+        return y1 - (y1 - y0) * (min(max(v, lo), 100) - lo) / (100 - lo)
+    for v in (50, 75, 100):
+        draw.text((2, y(v) - 6), f"{v}", fill=(0, 0, 0))
+        draw.line([x0, y(v), x1, y(v)], fill=(0, 0, 0) if v == 50 else (235, 235, 235))
+    for (acc, p), colour in zip(zip(curves, probes), CONTEXT_COLOURS):
+        _polyline(draw, [(x(it), y(a)) for it, a in zip(iters, acc)], colour, width=2)
+        draw.line([x1 + 2, y(p), x1 + 12, y(p)], fill=colour, width=2)
+    draw.rectangle([x0, y0, x1, y1], outline=(0, 0, 0))
+    for it in iters:
+        draw.text((x(it) - 10, y1 + 3), str(it), fill=(0, 0, 0))
+    draw.text((x0, 3), title, fill=(0, 0, 0))
+    return np.asarray(pic)
+
+
+def curves_figure(results, out):
+    """Learning curves of the trained modules: a row per setting, a panel per band."""
+    rows = []
+    for setting, distractor in ((s, d) for s, _, d, _ in SETTINGS):
+        res = results[setting]
+        iters = next(iter(res.values()))["curve_iters"]
+        panels = [_curve_panel(f"{setting.replace('background', 'bg')}: d {lo}-{hi}", iters,
+                               [band_mean(r["curve"].mean(0), lo, hi) for r in res.values()],
+                               [band_mean(r["probe"]["band"], lo, hi) for r in res.values()])
+                  for lo, hi in bands(context_distances(distractor))]
+        rows.append(hstack(panels, 6))
+    names = list(next(iter(results.values())))
+    key = Image.new("RGB", (max(r.shape[1] for r in rows), 16), (255, 255, 255))
+    draw = ImageDraw.Draw(key)
+    for i, (name, colour) in enumerate(zip(names, CONTEXT_COLOURS)):
+        draw.rectangle([4 + 100 * i, 5, 16 + 100 * i, 11], fill=colour)
+        draw.text((20 + 100 * i, 2), name, fill=(0, 0, 0))
+    return _figure([
+        "Learning curves of the context experiment: accuracy (%) of each trained module (mean "
+        "over seeds) on a band of distances,",
+        "against training iterations (log scale, poly learning rate over the whole run). Ticks "
+        "at the right: each module's probe per band. Chance 50."], [np.asarray(key)] + rows, out)
 
 
 def _colour_bar_50(height, width=60):
@@ -1135,16 +1456,17 @@ CONTEXT_PALETTE = np.zeros((256, 3), dtype=np.uint8)
 CONTEXT_PALETTE[:4] = [(245, 245, 245), (0, 0, 0), (200, 0, 0), (0, 60, 200)]
 
 
-def context_samples_figure(out, cell=3, distances=(2, 12, 30), seed=0):
+def context_samples_figure(out, cell=3, distances=(2, 12, 24), seed=0):
     """Samples of the context experiment (experiments.py context): 65x65 maps with the
-    query pixel and its cue at a few distances, then with a distractor of the other class."""
+    query pixel and its cue (class P) at a few distances, then with a distractor at >= 1.5 d
+    whose class is drawn at random (P or Q)."""
     maps = []
     for distractor in (False, True):
         for d in distances:
             lay = context_layouts(seed, 1, distractor)
             i = d - 1
             view = np.zeros((CONTEXT_SIZE, CONTEXT_SIZE), np.uint8)
-            for part, kind in (("cue", 2), ("distractor", 3)):
+            for part, kind in (("cue", 2), ("distractor", 2 + lay["other"][i])):
                 cy, cx = lay[part][i]
                 if cy > -1000:
                     view[cy - 1:cy + 2, cx - 1:cx + 2] = kind
@@ -1211,7 +1533,7 @@ def parser():
                        "reading the class of a cue 1..40 descriptors from a pixel of a 65x65 map, "
                        "per module: probes of its taps and the module trained")
     s.add_argument("--seeds", type=int, required=True, help=f"trained seeds per module (1..{MAX_SEEDS})")
-    for flag, v, kind in (("--iters", 600, int), ("--batch-size", 512, int), ("--lr", 0.003, float),
+    for flag, v, kind in (("--iters", 9600, int), ("--batch-size", 512, int), ("--lr", 0.003, float),
                           ("--context-channels", 16, int)):
         s.add_argument(flag, type=kind, default=v, help=f"of the trained modules (default {v})")
     s.add_argument("--out-dir", default=os.path.join("runs", "context-distance"),
