@@ -3145,7 +3145,7 @@ def test_a_resume_after_a_crash_mid_line_goes_on(tmp_path, tiny_run, capfd):
 
 
 def test_damaged_records_of_experiments_and_preparations_are_one_line(tmp_path):
-    first = experiments.SETTINGS[0][0].replace(" ", "")
+    first = experiments.setting_file(experiments.SETTINGS[0][0])
     for argv, record in (
             (["context", "--seeds", "1", "--iters", "1"], f"{first}-{experiments.CONTEXT_ROWS[0]}.json"),
             (["ablation", "--seeds", "1"] + TINY + ["--iters", "1"], "none-seed0/ablation.json")):

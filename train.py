@@ -57,8 +57,7 @@ PRESETS = {
     "coco": dict(PAPER, iters=200000, split="train2017", val_split="val2017", save_every=5000)}
 COMMON = dict(context="vortex", pool_k=5, multi_grid=(1, 2, 4), momentum=0.9, weight_decay=1e-4,
               power=0.9, warmup=0.0, seed=0, workers=4, num_images=None, val_images=None,
-              image_size=None,
-              accum_steps=1, sync_bn="auto", count_include_pad=False)
+              image_size=None, accum_steps=1, sync_bn="auto", count_include_pad=False)
 
 
 # ---------------------------------------------------------------------------------------------
