@@ -1084,8 +1084,7 @@ def prepare_coco(annotations, images, out, split=None, min_pixels=1000, log=prin
             raise BadInput(f"{annotations}: annotation {shown(ann, 40)}: no whole-number 'id' "
                            f"and 'image_id'")
         else:
-            skipped.append((f"annotation {shown(ann, 40)}", "no whole-number 'id' and "
-                                                            "'image_id'"))
+            skipped.append((f"annotation {shown(ann, 40)}", "no whole-number 'id', 'image_id'"))
     t0 = time.time()
     for n, img in enumerate(coco["images"], 1):
         problem, rid = image_problem(img), img.get("id") if isinstance(img, dict) else "?"

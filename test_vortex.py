@@ -2052,7 +2052,7 @@ def test_mass_radius(h, w, dy, dx, f):
     assert (d <= r[1]).double().mean() >= 0.5 > (d < r[1]).double().mean()
 
 
-# ============================================================================= GPU (issue 11)
+# ============================================================================= GPU
 # `python -m pytest -m gpu` on a machine with CUDA; skipped with a reason elsewhere (CI has none).
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(),
@@ -2803,7 +2803,7 @@ def test_ctrl_c_is_answered_at_once_and_twice_stops_without_saving(tmp_path):
     assert not os.path.exists(os.path.join(out, "checkpoint.pt"))
 
 
-# ---- every input checked where it enters (issue 28)
+# ---- every input checked where it enters
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
