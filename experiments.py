@@ -828,9 +828,13 @@ def assemble(parts, cls, other, sigma, codes, image_level):
 #   trained: what training finds. The real branch convolutions -> BN -> ReLU -> projection ->
 #            1x1 classifier (a ContextModule of Table 1) evaluated at the query from its taps
 #            (module_at_query; a test shows it equals the module run on the whole map there),
-#            trained with Adam and the poly policy, seeds 0..SEEDS-1, with a learning curve.
+#            trained with Adam and the poly policy, seeds 0..SEEDS-1, with a learning curve;
+#            Vortex also once per band, on that band's samples only (told the band, as the band
+#            probe is), and every trained model scored on its training samples too (fit).
 # Batch norm normalises over the batch's query pixels (512 pixels of 512 maps), not over whole
-# maps as in a segmentation network. Settings: noise sigma 1 and 0.5 (which limits are
+# maps as in a segmentation network; every evaluation first sets its statistics to those of a
+# fixed set of training samples, the weights fixed (precise BN, precise_bn: running averages
+# lag behind weights that still move, which cost a curve point mid-training up to 10 points). Settings: noise sigma 1 and 0.5 (which limits are
 # geometry, which signal-to-noise); a distractor (3.4: fine near, coarse far: the nearer cue
 # decides); and the border control: the same, with the background's code zero, so that a tap
 # off the map (zero padding) reads what a tap on the background reads, up to noise. One
@@ -851,6 +855,8 @@ PROBES = {"distance": "probe per distance (told d)", "band": "probe per band (to
 CURVE = (1 / 16, 1 / 8, 1 / 4, 1 / 2, 1)  # the learning curve's points, fractions of --iters
 PAIRS = (("Vortex", "ASPP"), ("Vortex", "A(5)"), ("Vortex", "A(13)"), ("A(5)", "ASPP"))
 CONTEXT_KEYS = ("iters", "batch_size", "lr", "context_channels", "power")
+BAND_TRAINED = ("Vortex",)  # modules also trained once per band, on that band's samples only
+PRECISE_BN = 8192  # training samples whose statistics batch norm takes before an evaluation
 
 
 def bands(top):
@@ -969,7 +975,14 @@ def _stacked_weight(w):
 
 
 def _stacked_bn(x, p, b, name, train):
-    """nn.BatchNorm2d (momentum 0.1, eps 1e-5) of each model on x (M, N, C)."""
+    """nn.BatchNorm2d (momentum 0.1, eps 1e-5) of each model on x (M, N, C). train "precise":
+    the statistics of x become the running ones, which then normalise it (precise_bn)."""
+    if train == "precise":
+        var, mu = torch.var_mean(x, 1, unbiased=True)
+        with torch.no_grad():
+            b[name + ".running_mean"].copy_(mu)
+            b[name + ".running_var"].copy_(var)
+        train = False
     if train:
         var, mu = torch.var_mean(x, 1, unbiased=False)
         with torch.no_grad():
@@ -984,7 +997,8 @@ def _stacked_bn(x, p, b, name, train):
 
 def stacked_logits(p, b, shape, taps, mean, train, dropout):
     """module_at_query for a stack of M models: taps (M, N, T, c1), mean (M, N, c1) ->
-    logits (M, N, 2). p, b: stacked parameters and buffers of QueryHeads of `shape`."""
+    logits (M, N, 2). p, b: stacked parameters and buffers of QueryHeads of `shape`; train:
+    True (batch statistics, running averages updated), False, or "precise" (precise_bn)."""
     feats, t0 = [], 0
     for i, n in enumerate(shape[0]):
         x, t0 = taps[:, :, t0:t0 + n].flatten(2), t0 + n
@@ -994,29 +1008,48 @@ def stacked_logits(p, b, shape, taps, mean, train, dropout):
         y = torch.bmm(mean, _stacked_weight(p["module.image_pool.0.weight"]))
         feats.append(F.relu(_stacked_bn(y, p, b, "module.image_pool.1", train)))
     y = torch.bmm(torch.cat(feats, 2), _stacked_weight(p["module.project.0.weight"]))
-    y = F.dropout(F.relu(_stacked_bn(y, p, b, "module.project.1", train)), dropout, train)
+    y = F.dropout(F.relu(_stacked_bn(y, p, b, "module.project.1", train)), dropout,
+                  train is True)
     return torch.bmm(y, _stacked_weight(p["classifier.weight"])) + p["classifier.bias"][:, None]
 
 
 def _stacked_data(sets, models, split):
     """The models' samples of `split` in one tensor each (taps flattened (N, T * c1), mean,
-    label) and each model's (offset, count) in them; a module without an image-level branch
-    gets zeros as its mean. (Rows of a 2-d tensor gather several times faster.)"""
-    srcs = list(dict.fromkeys(cell for cell, _ in models))
+    label) and each model's rows in them (all of its cell's, or of its band's); a module
+    without an image-level branch gets zeros as its mean. (Rows of a 2-d tensor gather several
+    times faster.)"""
+    srcs = list(dict.fromkeys(cell for cell, *_ in models))
     taps = torch.cat([sets[c][split][0].flatten(1) for c in srcs])
     mean = torch.cat([sets[c][split][1] if sets[c][split][1] is not None else
                       torch.zeros(len(sets[c][split][2]), CONTEXT_CHANNELS) for c in srcs])
     label = torch.cat([sets[c][split][2] for c in srcs])
     sizes = [len(sets[c][split][2]) for c in srcs]
     starts = dict(zip(srcs, np.cumsum([0] + sizes[:-1]).tolist()))
-    return taps, mean, label, [(starts[c], len(sets[c][split][2])) for c, _ in models]
+    rows = []
+    for cell, _, band in models:
+        d = sets[cell][split][3]
+        keep = torch.ones(len(d), dtype=torch.bool) if band is None else \
+            (d >= band[0]) & (d <= band[1])
+        rows.append(starts[cell] + torch.nonzero(keep)[:, 0])
+    return taps, mean, label, rows
+
+
+def precise_bn(p, b, shape, data_, fixed):
+    """Set every model's batch-norm statistics to those of its `fixed` training samples (rows
+    (M, n) of `data_` = (taps, mean, label)), the weights fixed: "precise BN" (Wu & Johnson,
+    2021). Only the running statistics change, which training never reads."""
+    taps, mean, _ = data_
+    m, n = fixed.shape
+    with torch.no_grad():
+        stacked_logits(p, b, shape, taps[fixed.flatten()].view(m, n, -1, CONTEXT_CHANNELS),
+                       mean[fixed.flatten()].view(m, n, -1), "precise", 0.0)
 
 
 def evaluate_stack(p, b, shape, sets, models, dropout):
     """Each model's test scores (eval mode) from its slice of the stack."""
     out = []
     with torch.no_grad():
-        for m, (cell, _) in enumerate(models):
+        for m, (cell, *_) in enumerate(models):
             test = sets[cell]["test"]
             mean = test[1] if test[1] is not None else torch.zeros(len(test[2]), CONTEXT_CHANNELS)
             pm, bm = ({k: v[m:m + 1] for k, v in d.items()} for d in (p, b))
@@ -1027,24 +1060,29 @@ def evaluate_stack(p, b, shape, sets, models, dropout):
 
 
 def train_stack(cfg, shape, sets, models):
-    """Train the QueryHeads of `models` [((setting, row), seed), ...] (all of `shape`) as one
-    stack. Returns each model's final test scores (the real module, module_at_query) and its
-    learning curve {iteration: accuracy by distance}."""
-    heads = [QueryHead(row, seed, cfg["context_channels"]) for (_, row), seed in models]
+    """Train the QueryHeads of `models` [((setting, row), seed, band), ...] (all of `shape`;
+    band None: every distance, else (lo, hi): that band's samples only) as one stack. Returns
+    each model's final scores (the real module, module_at_query) on the test samples, its
+    accuracy by distance on the training samples (fit), and its learning curve {iteration:
+    accuracy by distance}. Every evaluation is preceded by precise_bn."""
+    heads = [QueryHead(row, seed, cfg["context_channels"]) for (_, row), seed, _ in models]
     p, b = torch.func.stack_module_state(heads)
     dropout = heads[0].module.project[-1].p
     optimizer = torch.optim.Adam(p.values(), cfg["lr"])
-    taps, mean, label, spans = _stacked_data(sets, models, "train")
-    taps_c = CONTEXT_CHANNELS
-    orders = [torch.Generator().manual_seed(seed) for _, seed in models]
-    points = sorted({max(1, round(f * cfg["iters"])) for f in CURVE})
+    taps, mean, label, rows = _stacked_data(sets, models, "train")
+    orders = [torch.Generator().manual_seed(seed) for _, seed, _ in models]
+    n_bn = min(PRECISE_BN, min(len(r) for r in rows))  # the same samples at every evaluation
+    fixed = torch.stack([r[torch.randperm(len(r), generator=torch.Generator().manual_seed(1))
+                           [:n_bn]] for r in rows])
+    points = sorted({max(1, round(f * cfg["iters"])) for f in CURVE})  # the last is iters
     curves, torch_seed = [{} for _ in models], torch.initial_seed()
     torch.manual_seed(0)  # dropout's draws
     for it in range(cfg["iters"]):
         set_lr(optimizer, poly_lr(cfg["lr"], it, cfg["iters"], cfg["power"]))
-        idx = torch.cat([s + torch.randint(n, (cfg["batch_size"],), generator=g)
-                         for (s, n), g in zip(spans, orders)])
-        batch = taps.index_select(0, idx).view(len(models), cfg["batch_size"], -1, taps_c)
+        idx = torch.cat([r[torch.randint(len(r), (cfg["batch_size"],), generator=g)]
+                         for r, g in zip(rows, orders)])
+        batch = taps.index_select(0, idx).view(len(models), cfg["batch_size"], -1,
+                                               CONTEXT_CHANNELS)
         logits = stacked_logits(p, b, shape, batch, mean.index_select(0, idx).view(
             len(models), cfg["batch_size"], -1), True, dropout)
         losses = F.cross_entropy(logits.flatten(0, 1), label[idx],
@@ -1053,21 +1091,22 @@ def train_stack(cfg, shape, sets, models):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if it + 1 in points:
+            precise_bn(p, b, shape, (taps, mean, label), fixed)
             for c, acc in zip(curves, evaluate_stack(p, b, shape, sets, models, dropout)):
                 c[it + 1] = acc
     torch.manual_seed(torch_seed)
     bad = [models[m] for m in range(len(models)) if not math.isfinite(losses[m].item())]
     if bad:
         raise FloatingPointError(f"{bad}: non-finite loss; try a lower --lr")
-    final = []
-    for m, (head, (cell, _)) in enumerate(zip(heads, models)):
+    final, fit = [], []
+    for m, (head, (cell, *_)) in enumerate(zip(heads, models)):
         head.load_state_dict({k: v[m] for d in (p, b) for k, v in d.items()})
         head.eval()
-        test = sets[cell]["test"]
         with torch.no_grad():
-            pred = head(test[0], test[1]).argmax(1)
-        final.append(scores((pred == test[2]).numpy(), test))
-    return final, curves
+            for split, out in (("test", final), ("train", fit)):
+                s = sets[cell][split]
+                out.append(scores((head(s[0], s[1]).argmax(1) == s[2]).numpy(), s))
+    return final, [f[0] for f in fit], curves
 
 
 def setting_file(setting):
@@ -1082,14 +1121,16 @@ def context_experiment(cfg, seeds):
     out, t0 = cfg["out_dir"], time.time()
     modules = {row: table1_module(row, CONTEXT_CHANNELS) for row in CONTEXT_ROWS}
     key = json.loads(json.dumps(dict({k: cfg[k] for k in CONTEXT_KEYS}, per=PER_DISTANCE,
-                                     channels=CONTEXT_CHANNELS, rule=3, seeds=seeds)))
+                                     channels=CONTEXT_CHANNELS, rule=3, seeds=seeds,
+                                     evaluation="precise BN", band_trained=BAND_TRAINED)))
     recs, todo = {}, []
     for setting, *_ in SETTINGS:
         for row in CONTEXT_ROWS:
             path = os.path.join(out, f"{setting_file(setting)}-{row}.json")
             recs[setting, row] = read_back(path, dict(key, setting=setting), {
                 "probe": dict, "probe_conflict": dict, "trained": list,
-                "trained_conflict": list, "curve": dict})
+                "trained_conflict": list, "trained_fit": list, "trained_band": list,
+                "trained_band_fit": list, "curve": dict})
             if recs[setting, row] is None:
                 todo.append((setting, row))
     stacks = {}
@@ -1129,16 +1170,27 @@ def context_cells(cfg, key, seeds, modules, shape, cells, samples):
                                        context_codes(CONTEXT_CHANNELS, bg),
                                        modules[row].image_pool is not None)
                               for s, (lay, parts) in samples[distractor].items()}
-    models = [(cell, seed) for cell in cells for seed in range(seeds)]
-    final, curves = train_stack(cfg, shape, sets, models)
+    models = [(cell, seed, None) for cell in cells for seed in range(seeds)]
+    models += [(cell, seed, band) for cell in cells if cell[1] in BAND_TRAINED
+               for seed in range(seeds) for band in bands(context_distances(conditions[cell[0]][1]))]
+    final, fit, curves = train_stack(cfg, shape, sets, models)
     for cell in cells:
-        mine = [m for m, (c, _) in enumerate(models) if c == cell]
+        mine = [m for m, (c, _, band) in enumerate(models) if c == cell and band is None]
+        by_band = [[np.full(CONTEXT_DISTANCES + 1, np.nan) for _ in range(seeds)] for _ in "tf"]
+        for m, (c, seed, band) in enumerate(models):  # each distance from its band's model
+            if c == cell and band is not None:
+                for out, acc in zip(by_band, (final[m][0], fit[m])):
+                    out[seed][band[0]:band[1] + 1] = acc[band[0]:band[1] + 1]
         probes = {by: probe(sets[cell]["train"], sets[cell]["test"], by) for by in PROBES}
         rec = {"config": dict(key, setting=cell[0]),
                "probe": {by: v[0].tolist() for by, v in probes.items()},
                "probe_conflict": {by: v[1].tolist() for by, v in probes.items()},
                "trained": [final[m][0].tolist() for m in mine],
                "trained_conflict": [final[m][1].tolist() for m in mine],
+               "trained_fit": [fit[m].tolist() for m in mine],
+               "trained_band": [a.tolist() for a in by_band[0]] if cell[1] in BAND_TRAINED else [],
+               "trained_band_fit": [a.tolist() for a in by_band[1]]
+               if cell[1] in BAND_TRAINED else [],
                "curve": {"iters": sorted(curves[mine[0]]),
                          "trained": [[curves[m][i].tolist() for i in sorted(curves[m])]
                                      for m in mine]}}
@@ -1155,6 +1207,8 @@ def record_arrays(rec):
     return {"probe": {by: arr(v) for by, v in rec["probe"].items()},
             "probe_conflict": {by: arr(v) for by, v in rec["probe_conflict"].items()},
             "trained": arr(rec["trained"]), "trained_conflict": arr(rec["trained_conflict"]),
+            "trained_fit": arr(rec["trained_fit"]), "trained_band": arr(rec["trained_band"]),
+            "trained_band_fit": arr(rec["trained_band_fit"]),
             "curve_iters": rec["curve"]["iters"], "curve": arr(rec["curve"]["trained"])}
 
 
@@ -1170,7 +1224,7 @@ def context_samples(modules, distractor):
 def paired(a, b):
     """Per-seed differences a - b: (mean, sign counts, paired t, two-sided p)."""
     d = a - b
-    if len(d) < 2 or d.std(ddof=1) == 0:
+    if len(d) < 2 or d.std(ddof=1) <= 1e-9 * max(1.0, np.abs(d).max()):  # equal up to rounding
         return d.mean(), (d > 0).sum(), (d < 0).sum(), math.nan, math.nan
     t = d.mean() / (d.std(ddof=1) / math.sqrt(len(d)))
     return d.mean(), (d > 0).sum(), (d < 0).sum(), t, student_t_p(t, len(d) - 1)
@@ -1218,6 +1272,18 @@ def context_table(cfg, setting, distractor, res, seeds):
         lines.append(f"{row:12}" + "".join(
             "{:>22}".format(" / ".join(f"{band_mean(r['probe'][by], lo, hi):4.1f}"
                                        for by in PROBES)) for lo, hi in cols))
+    lines.append("trained, on its training samples | on the test samples (mean over seeds)")
+    lines += [f"{row:12}" + "".join("{:>22}".format(" | ".join(
+        f"{band_mean(r[k], lo, hi).mean():5.1f}" for k in ("trained_fit", "trained")))
+        for lo, hi in cols) for row, r in res.items()]
+    told = [row for row, r in res.items() if len(r["trained_band"])]
+    if told:
+        lines.append("told the band (a module per band, trained on that band's samples only, "
+                     "as the band probe is fitted): band probe | test | training samples")
+        lines += [f"{row + ' /band':12}" + "".join("{:>22}".format(" | ".join(
+            f"{band_mean(v, lo, hi).mean():5.1f}" for v in (
+                res[row]["probe"]["band"], res[row]["trained_band"],
+                res[row]["trained_band_fit"]))) for lo, hi in cols) for row in told]
     if distractor:
         lines.append("conflict twins only (the distractor has the other class, so only the "
                      "nearer cue decides): band probe | trained")

@@ -1937,6 +1937,51 @@ def test_the_stacked_modules_are_the_modules_at_the_query():
                     torch.testing.assert_close(b.get(k, p.get(k))[m].to(v.dtype), v, msg=k)
 
 
+def test_precise_bn_takes_the_statistics_of_the_fixed_samples():
+    """After precise_bn, each model in eval mode reads its fixed samples as the real module in
+    training mode does (batch statistics of those samples), whatever the running averages."""
+    torch.manual_seed(0)
+    for row in ("Vortex", "image-level"):
+        heads = [experiments.QueryHead(row, s, 6) for s in range(2)]
+        shape = experiments.head_shape(heads[0].module)
+        taps = torch.randn(2 * 3000, sum(shape[0]) * 8) * 3 + 1
+        mean = torch.randn(2 * 3000, 8)
+        p, b = torch.func.stack_module_state(heads)
+        for v in b.values():  # running averages far from the truth
+            v.mul_(0).add_(7) if v.is_floating_point() else None
+        fixed = torch.arange(6000).view(2, 3000)
+        experiments.precise_bn(p, b, shape, (taps, mean, None), fixed)
+        for m, h in enumerate(heads):
+            h.load_state_dict({k: v[m] for d in (p, b) for k, v in d.items()})
+            h.module.project[-1].p = 0.0
+            x, mu = taps[fixed[m]].view(3000, -1, 8), mean[fixed[m]] if shape[1] else None
+            h.eval()
+            got = h(x, mu)
+            h.train()
+            torch.testing.assert_close(got, h(x, mu), rtol=1e-3, atol=1e-3, msg=row)
+
+
+def test_paired_differences_equal_up_to_rounding_have_no_t():
+    """Two seeds whose differences agree up to float rounding: no t (it would be ~1e15)."""
+    a, b = np.array([61.3, 57.7]), np.array([56.9, 53.3])
+    assert (a - b).std(ddof=1) > 0  # rounding: not exactly equal
+    mean, plus, minus, t, p = experiments.paired(a, b)
+    assert math.isclose(mean, 4.4) and (plus, minus) == (2, 0) and math.isnan(t)
+    mean, plus, minus, t, p = experiments.paired(np.array([3.0, 1.0, 2.0]), np.zeros(3) + [1, 0, 0])
+    assert math.isclose(t, 5.0) and abs(p - 0.0377) < 1e-3  # d = 2, 1, 2; Student t, 2 df
+
+
+def test_a_model_told_the_band_trains_on_that_bands_samples_only():
+    d = torch.arange(1, 41).repeat_interleave(3)
+    cell = {"train": (torch.zeros(len(d), 2, 8), None, torch.zeros(len(d), dtype=torch.long), d)}
+    sets = {("s", "A"): cell, ("s", "B"): cell}
+    models = [(("s", "A"), 0, None), (("s", "B"), 0, (11, 20)), (("s", "B"), 1, (31, 40))]
+    *_, rows = experiments._stacked_data(sets, models, "train")
+    assert rows[0].tolist() == list(range(len(d)))
+    for r, (lo, hi) in zip(rows[1:], ((11, 20), (31, 40))):
+        assert len(r) == 3 * 10 and ((d[r - len(d)] >= lo) & (d[r - len(d)] <= hi)).all()
+
+
 def test_warmup_ramps_then_follows_poly_and_is_off_in_the_paper_presets():
     base, n = 0.02, 1000
     lrs = [train.poly_lr(base, i, n, 0.9, 0.1) for i in range(n)]
@@ -1944,7 +1989,7 @@ def test_warmup_ramps_then_follows_poly_and_is_off_in_the_paper_presets():
     assert all(math.isclose(lr, base * (1 - i / n) ** 0.9) for i, lr in enumerate(lrs)
                if i >= 99)
     assert train.poly_lr(base, 5, n, 0.9, 0.0) == train.poly_lr(base, 5, n, 0.9)
-    assert train.parse_args([])["warmup"] == 0.1  # the synthetic preset
+    assert train.parse_args([])["warmup"] == 0.3  # the synthetic preset
     assert train.parse_args(["--dataset", "voc_aug"])["warmup"] == 0.0  # the paper's schedule
     with pytest.raises(SystemExit):
         train.parse_args(["--warmup", "1.5"])
@@ -1983,9 +2028,14 @@ def test_context_experiment_smoke_run(tmp_path, capsys, monkeypatch):
             assert r["trained"].shape == (2, 41) and r["curve"].shape == (2, 4, 41)
             assert r["curve_iters"] == [1, 2, 4, 8]  # CURVE's points of 8 iterations
             assert np.isnan(r["trained_conflict"]).all() != distractor
+            assert r["trained_fit"].shape == (2, 41) and not np.isnan(r["trained_fit"][:, 1:top + 1]).any()
+        told = cells["Vortex"]["trained_band"]  # a model per band, each distance from its band's
+        assert told.shape == (2, 41) and not np.isnan(told[:, 1:top + 1]).any()
+        assert cells["ASPP"]["trained_band"].size == 0
         assert (cells["none"]["probe"]["distance"][1:top + 1] == 50).all()  # the query alone
     table = open(os.path.join(out, "table.txt")).read()
     for text in ("band probe | trained", "per distance / per band / pooled", "21-26",
+                 "told the band", "Vortex /band", "on its training samples",
                  "conflict twins only", "learning curve", "Vortex - ASPP", "paired t"):
         assert text in table, text
     for setting, *_ in experiments.SETTINGS:
