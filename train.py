@@ -52,7 +52,7 @@ PRESETS = {
     "synthetic": dict(depth=18, base_channels=16, context_channels=64, output_stride=8,
                       crop=112, scale=(0.75, 1.5), batch_size=8, iters=1500, lr=0.02,
                       split="train", val_split="val", num_images=1024, val_images=128,
-                      image_size=128, log_every=50, save_every=500, workers=1, warmup=0.1),
+                      image_size=128, log_every=50, save_every=500, workers=1, warmup=0.3),
     "voc_aug": dict(PAPER, split="train_aug"), "voc": dict(PAPER, split="train"),
     "coco": dict(PAPER, iters=200000, split="train2017", val_split="val2017", save_every=5000)}
 COMMON = dict(context="vortex", pool_k=5, multi_grid=(1, 2, 4), momentum=0.9, weight_decay=1e-4,
@@ -900,7 +900,7 @@ def experiment_flags(a):
     a("--power", type=float, default=None, help="poly power (0.9)")
     a("--warmup", type=warmup_fraction, default=None, metavar="FRACTION",
       help="linear learning-rate warm-up over this fraction of --iters before the poly decay "
-           "(paper presets: 0, the paper's schedule; synthetic: 0.1, so that no module's "
+           "(paper presets: 0, the paper's schedule; synthetic: 0.3, so that no module's "
            "success is a race against the decay: docs/experiments.md)")
     a("--momentum", type=float, default=None, help="SGD momentum, in [0, 1) (0.9)")
     a("--weight-decay", type=float, default=None, help="SGD weight decay (1e-4)")
