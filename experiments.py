@@ -1120,11 +1120,13 @@ def context_experiment(cfg, seeds):
     writes the tables, a figure per setting and the learning curves."""
     out, t0 = cfg["out_dir"], time.time()
     modules = {row: table1_module(row, CONTEXT_CHANNELS) for row in CONTEXT_ROWS}
-    key = json.loads(json.dumps(dict({k: cfg[k] for k in CONTEXT_KEYS}, per=PER_DISTANCE,
+    per = dict(PER_DISTANCE, train=cfg["train_layouts"])
+    chosen = [x for x in SETTINGS if setting_file(x[0]) in cfg["settings"]]
+    key = json.loads(json.dumps(dict({k: cfg[k] for k in CONTEXT_KEYS}, per=per,
                                      channels=CONTEXT_CHANNELS, rule=3, seeds=seeds,
                                      evaluation="precise BN", band_trained=BAND_TRAINED)))
     recs, todo = {}, []
-    for setting, *_ in SETTINGS:
+    for setting, *_ in chosen:
         for row in CONTEXT_ROWS:
             path = os.path.join(out, f"{setting_file(setting)}-{row}.json")
             recs[setting, row] = read_back(path, dict(key, setting=setting), {
@@ -1138,18 +1140,18 @@ def context_experiment(cfg, seeds):
         stacks.setdefault((cell[0], head_shape(modules[cell[1]])), []).append(cell)
     samples = {}
     for (setting, shape), cells in stacks.items():
-        recs.update(context_cells(cfg, key, seeds, modules, shape, cells, samples))
+        recs.update(context_cells(cfg, key, seeds, modules, shape, cells, samples, per))
         print(f"context experiment: {setting}, {', '.join(row for _, row in cells)} done, "
               f"{(time.time() - t0) / 60:.1f} min", flush=True)
     results = {s: {row: record_arrays(recs[s, row]) for row in CONTEXT_ROWS}
-               for s, *_ in SETTINGS}
-    lines = [context_table(cfg, s, d, results[s], seeds) for s, _, d, _ in SETTINGS]
-    table = "\n\n".join(lines) + f"\n\n{len(SETTINGS)} settings, {seeds} seed(s): " \
+               for s, *_ in chosen}
+    lines = [context_table(cfg, s, d, results[s], seeds) for s, _, d, _ in chosen]
+    table = "\n\n".join(lines) + f"\n\n{len(chosen)} settings, {seeds} seed(s): " \
         f"{(time.time() - t0) / 60:.1f} min"
     print(table)
     data.atomic_save(os.path.join(out, "table.txt"), lambda f: f.write(table.encode() + b"\n"))
     coverage = {row: ring_coverage(m) for row, m in modules.items()}
-    for setting, *_ in SETTINGS:
+    for setting, *_ in chosen:
         context_figure(results[setting], coverage, setting,
                        os.path.join(out, f"{setting_file(setting)}.png"))
     curves_figure(results, os.path.join(out, "curves.png"))
@@ -1158,14 +1160,14 @@ def context_experiment(cfg, seeds):
     return results
 
 
-def context_cells(cfg, key, seeds, modules, shape, cells, samples):
+def context_cells(cfg, key, seeds, modules, shape, cells, samples, per):
     """Probe and train the (setting, row) cells of one shape; write and return their records."""
     conditions = {s: (sigma, distractor, bg) for s, sigma, distractor, bg in SETTINGS}
     sets, recs = {}, {}
     for setting, row in cells:
         sigma, distractor, bg = conditions[setting]
         if distractor not in samples:  # layouts and noise serve every setting of a condition
-            samples[distractor] = context_samples(list(modules.values()), distractor)
+            samples[distractor] = context_samples(list(modules.values()), distractor, per)
         sets[setting, row] = {s: twins(parts[row], lay, sigma,
                                        context_codes(CONTEXT_CHANNELS, bg),
                                        modules[row].image_pool is not None)
@@ -1212,11 +1214,12 @@ def record_arrays(rec):
             "curve_iters": rec["curve"]["iters"], "curve": arr(rec["curve"]["trained"])}
 
 
-def context_samples(modules, distractor):
-    """The training and test layouts of one condition and every module's taps there."""
-    out = {}
+def context_samples(modules, distractor, per=None):
+    """The training and test layouts of one condition (`per`: layouts per distance of each
+    split; default PER_DISTANCE) and every module's taps there."""
+    out, per = {}, per or PER_DISTANCE
     for i, split in enumerate(("train", "test")):
-        layouts = context_layouts(1 + i + 2 * distractor, PER_DISTANCE[split], distractor)
+        layouts = context_layouts(1 + i + 2 * distractor, per[split], distractor)
         out[split] = (layouts, gather_taps(modules, layouts, CONTEXT_CHANNELS, 7 + i))
     return out
 
@@ -1263,7 +1266,8 @@ def context_table(cfg, setting, distractor, res, seeds):
             f"{band_mean(probe_of(r), lo, hi):5.1f} | {_trained_cell(trained_of(r), lo, hi)}")
             for lo, hi in cols) for row, r in res.items()]
     lines = [f"{setting}: one query, a cue at distance d, 65x65x{CONTEXT_CHANNELS}, "
-             f"{PER_DISTANCE['test']} test layouts x 2 twins per distance; accuracy (%), chance "
+             f"{cfg['train_layouts']} training / {PER_DISTANCE['test']} test layouts x 2 twins "
+             f"per distance; accuracy (%), chance "
              f"exactly 50; band probe | trained (mean ± s.e. over {seeds} seed(s), "
              f"{cfg['iters']} iterations of {cfg['batch_size']})", head]
     lines += rows(lambda r: r["probe"]["band"], lambda r: r["trained"])
@@ -1602,6 +1606,12 @@ def parser():
     for flag, v, kind in (("--iters", 9600, int), ("--batch-size", 512, int), ("--lr", 0.003, float),
                           ("--context-channels", 16, int)):
         s.add_argument(flag, type=kind, default=v, help=f"of the trained modules (default {v})")
+    s.add_argument("--train-layouts", type=int, default=None,
+                   help=f"training layouts per distance, each with its twin (default "
+                        f"{PER_DISTANCE['train']}; the test keeps {PER_DISTANCE['test']}) [1..100000]")
+    s.add_argument("--settings", nargs="+", choices=[setting_file(x[0]) for x in SETTINGS],
+                   default=None, metavar="SETTING", help="run only these settings (default all: "
+                   + ", ".join(setting_file(x[0]) for x in SETTINGS) + ")")
     s.add_argument("--out-dir", default=os.path.join("runs", "context-distance"),
                    help="records, table.txt and a figure per setting (default "
                         "runs/context-distance); the same command again continues there")
@@ -1627,7 +1637,7 @@ BENCHES = ("modules", "training", "inference", "loader")
 MAX_SEEDS = 100
 LIMITS = {"threads": (0, 1024), "size": (1, 1024), "reps": (1, 1000), "n": (1, 10 ** 6),
           "seeds": (1, MAX_SEEDS), "erf_images": (1, 10 ** 5), "images": (1, 10 ** 5),
-          "iters": (1, 10 ** 6), "batch_size": (1, 10 ** 5), "context_channels": (1, 4096)}
+          "iters": (1, 10 ** 6), "batch_size": (1, 10 ** 5), "train_layouts": (1, 10 ** 5), "context_channels": (1, 4096)}
 
 
 def parse(argv=None):
@@ -1648,6 +1658,8 @@ def parse(argv=None):
             raise BadInput(f"--lr {args.lr}: must be a number in (0, 10]")
         return args, dict(iters=args.iters, batch_size=args.batch_size, lr=args.lr,
                           context_channels=args.context_channels, power=0.9,
+                          train_layouts=args.train_layouts or PER_DISTANCE["train"],
+                          settings=args.settings or [setting_file(x[0]) for x in SETTINGS],
                           out_dir=data.output_path(args.out_dir, "--out-dir"))
     if args.cmd == "ablation":
         out = [] if any(a == "--out-dir" or a.startswith("--out-dir=") for a in rest) else \

@@ -2048,6 +2048,11 @@ def test_context_experiment_smoke_run(tmp_path, capsys, monkeypatch):
                for s in res for r in res[s])
     with pytest.raises(data.BadInput, match=r"other settings \(iters 8 -> 4\)"):
         experiments.main(["context", "--seeds", "2", "--iters", "4", "--out-dir", out])
+    one = str(tmp_path / "one")  # one setting, more training layouts
+    sub = experiments.main(["context", "--seeds", "1", "--iters", "4", "--train-layouts", "4",
+                            "--settings", "sigma1", "--out-dir", one])
+    assert list(sub) == ["sigma 1"] and len(sub["sigma 1"]["Vortex"]["trained"]) == 1
+    assert "4 training / 3 test layouts" in open(os.path.join(one, "table.txt")).read()
 
 
 def test_context_samples_picture(tmp_path):
