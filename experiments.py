@@ -1469,7 +1469,7 @@ def _curve_panel(title, iters, curves, probes, size=(230, 170), lo=40):
 def curves_figure(results, out):
     """Learning curves of the trained modules: a row per setting, a panel per band."""
     rows = []
-    for setting, distractor in ((s, d) for s, _, d, _ in SETTINGS):
+    for setting, distractor in ((s, d) for s, _, d, _ in SETTINGS if s in results):
         res = results[setting]
         iters = next(iter(res.values()))["curve_iters"]
         panels = [_curve_panel(f"{setting.replace('background', 'bg')}: d {lo}-{hi}", iters,
