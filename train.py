@@ -43,14 +43,15 @@ from vortex import CONTEXTS, DEPTHS, DeepLabV3, load_backbone_weights
 # initial learning rate 0.007 ... 30,000 iterations ... crop a 513 x 513 patch ... batchsize
 # = 16"; 4.2: COCO "for 200,000 iterations". Each dataset carries its preset (ResNet-101, OS 8,
 # scale 0.5-2.0 for the paper's); an explicit flag overrides it (see --help). The synthetic
-# preset is ours: a slim ResNet-18 that trains on a CPU in minutes.
+# preset is ours: a slim ResNet-18, minutes on a CPU, trained on whole images (crop = side,
+# scale <= 1): crops of enlarged images cut away the cues that decide its task.
 # ---------------------------------------------------------------------------------------------
 PAPER = dict(depth=101, base_channels=64, context_channels=256, output_stride=8, crop=513,
              scale=(0.5, 2.0), batch_size=16, iters=30000, lr=0.007, val_split="val",
              log_every=20, save_every=2000)
 PRESETS = {
     "synthetic": dict(depth=18, base_channels=16, context_channels=64, output_stride=8,
-                      crop=112, scale=(0.75, 1.5), batch_size=8, iters=1500, lr=0.02,
+                      crop=128, scale=(0.75, 1.0), batch_size=8, iters=1500, lr=0.02,
                       split="train", val_split="val", num_images=1024, val_images=128,
                       image_size=128, log_every=50, save_every=500, workers=1, warmup=0.3),
     "voc_aug": dict(PAPER, split="train_aug"), "voc": dict(PAPER, split="train"),
@@ -70,10 +71,8 @@ COMMON = dict(context="vortex", pool_k=5, multi_grid=(1, 2, 4), momentum=0.9, we
 
 def poly_lr(base, it, max_it, power=0.9, warmup=0.0):
     """The poly policy; with `warmup` > 0 (not the paper's; the synthetic preset's) the rate
-    first rises linearly over that fraction of the iterations. Why: on the synthetic task every
-    module has a slow phase before its head aligns with the image-level cue, and a run that has
-    not escaped it before the poly decay sets in never does; a warm-up lets each start slowly
-    and keeps the rate high while it escapes (docs/experiments.md, the miniature)."""
+    first rises linearly over that fraction of the iterations (docs/experiments.md, the
+    miniature: why, and what it changed)."""
     ramp = min(1.0, (it + 1) / (warmup * max_it)) if warmup > 0 else 1.0
     return base * ramp * (1 - it / max_it) ** power
 
