@@ -452,9 +452,9 @@ def ablation(cfg, seeds):
         rows.append((name, np.array(runs)))
     lines = [f"Table 1 in miniature: {cfg['dataset']}, ResNet-{cfg['depth']}, {cfg['iters']} "
              f"iterations, seeds 0..{seeds - 1}, single-scale evaluation",
-             f"{'module':8} {'mIoU':>14} {'context classes':>16} {'s/run':>7} {'paper (VOC)':>12}"]
+             f"{'module':11} {'mIoU':>14} {'context classes':>16} {'s/run':>7} {'paper (VOC)':>12}"]
     for name, r in rows:
-        lines.append(f"{name:8} {100 * r[:, 0].mean():7.2f} ± {100 * r[:, 0].std():4.2f} "
+        lines.append(f"{name:11} {100 * r[:, 0].mean():7.2f} ± {100 * r[:, 0].std():4.2f} "
                      f"{100 * np.nanmean(r[:, 1]):9.2f} ± {100 * np.nanstd(r[:, 1]):4.2f} "
                      f"{r[:, 2].mean():7.0f} {TABLE1[name].miou or '-':>12}")
     rank, _, device = evaluation.setup_distributed(cfg["device"])
