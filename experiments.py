@@ -10,7 +10,7 @@ data <- vortex <- train, eval <- experiments.
   python experiments.py figure descriptors --out F  # samples of the 65x65 context experiment
   python experiments.py bench modules|training|inference|loader   # speed, as side-by-side ratios
   python experiments.py ablation --seeds 3 [train.py flags]       # Table 1 in miniature + ERF
-  python experiments.py --threads 1 context --seeds 2   # Table 1's question at the paper's geometry
+  python experiments.py context --seeds 2   # Table 1's question at the paper's geometry
   python experiments.py erf CK [CK ...] --out F     # effective receptive fields of checkpoints
 
 Nothing is overwritten without --force; an interrupted experiment continues where it stopped."""
@@ -834,9 +834,9 @@ def assemble(parts, cls, other, sigma, codes, image_level):
 # Batch norm normalises over the batch's query pixels (512 pixels of 512 maps), not over whole
 # maps as in a segmentation network; every evaluation first sets its statistics to those of a
 # fixed set of training samples, the weights fixed (precise BN, precise_bn: running averages
-# lag behind weights that still move, which cost a curve point mid-training up to 10 points). Settings: noise sigma 1 and 0.5 (which limits are
-# geometry, which signal-to-noise); a distractor (3.4: fine near, coarse far: the nearer cue
-# decides); and the border control: the same, with the background's code zero, so that a tap
+# lag behind weights that still move, which cost a curve point mid-training up to 10 points).
+# Settings: noise sigma 1 and 0.5 (which limits are geometry, which signal-to-noise); a
+# distractor (3.4: fine near, coarse far: the nearer cue decides); and the border control: the same, with the background's code zero, so that a tap
 # off the map (zero padding) reads what a tap on the background reads, up to noise. One
 # departure from the loop: Adam instead of SGD (with SGD and momentum, lr 0.02-0.2, training
 # stayed at chance for 600 steps: the cue's share of a pooled feature is tiny).
@@ -1173,8 +1173,8 @@ def context_cells(cfg, key, seeds, modules, shape, cells, samples, per):
                                        modules[row].image_pool is not None)
                               for s, (lay, parts) in samples[distractor].items()}
     models = [(cell, seed, None) for cell in cells for seed in range(seeds)]
-    models += [(cell, seed, band) for cell in cells if cell[1] in BAND_TRAINED
-               for seed in range(seeds) for band in bands(context_distances(conditions[cell[0]][1]))]
+    models += [(cell, seed, band) for cell in cells if cell[1] in BAND_TRAINED for seed in
+               range(seeds) for band in bands(context_distances(conditions[cell[0]][1]))]
     final, fit, curves = train_stack(cfg, shape, sets, models)
     for cell in cells:
         mine = [m for m, (c, _, band) in enumerate(models) if c == cell and band is None]
