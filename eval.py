@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 import data
+import infra
 import vortex
 from vortex import DeepLabV3
 
@@ -47,7 +48,7 @@ def confusion_update(confusion, pred, target, ignore=data.IGNORE):
     keep = target != ignore
     if ((target[keep] < 0) | (target[keep] >= c)).any():
         bad = target[keep][(target[keep] < 0) | (target[keep] >= c)].unique().tolist()
-        raise data.BadInput(f"target holds classes {bad} outside 0..{c - 1} and {ignore}")
+        raise infra.BadInput(f"target holds classes {bad} outside 0..{c - 1} and {ignore}")
     idx = target[keep] * c + pred[keep].to(target.device)
     confusion += torch.bincount(idx, minlength=c * c).reshape(c, c).to(confusion.device)
     return confusion
@@ -139,12 +140,12 @@ def evaluate(model, dataset, scales=(1.0,), flip=False, device=None, num_classes
             name = name[i] if name else f"{i:05d}"
             save_prediction(os.path.join(save_dir, name), image, pred.cpu(), palette, label,
                             list(dataset.classes))
-        data.progress("eval", n, len(indices), t0, log)
+        infra.progress("eval", n, len(indices), t0, log)
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(confusion)
     model.train(was_training)
     if confusion.sum() == 0:
-        raise data.BadInput(f"nothing to measure: the {len(dataset)} images have no labelled "
+        raise infra.BadInput(f"nothing to measure: the {len(dataset)} images have no labelled "
                             f"pixel (every pixel is {data.IGNORE}, ignored)")
     return miou_from_confusion(confusion.cpu())
 
@@ -199,7 +200,7 @@ RESUME_FIELDS = {
     "rng_cuda": _is(torch.Tensor, "a 1-D uint8 tensor (empty without CUDA)", lambda v: v.dim()
                     == 1 and (v.dtype == torch.uint8 or v.numel() == 0))}
 TRAIN_ARGS_FIELDS = {  # what is read from train_args (the rest is compared on --resume)
-    "val_split": _is(str, "a plain file name", data.is_plain_name),
+    "val_split": _is(str, "a plain file name", infra.is_plain_name),
     "data_root": (lambda v: v is None or (isinstance(v, str) and v.strip() != ""),
                   "null or a folder"), "seed": _whole(0, 2 ** 32 - 1)}
 
@@ -209,10 +210,10 @@ def check_fields(obj, fields, path, prefix=""):
     is not."""
     for name, (ok, allowed) in fields.items():
         if name not in obj:
-            raise data.BadInput(f"{path}: {prefix}{name} is missing (not a complete train.py "
+            raise infra.BadInput(f"{path}: {prefix}{name} is missing (not a complete train.py "
                                 f"checkpoint); expected {allowed}")
         if not ok(obj[name]):
-            raise data.BadInput(f"{path}: {prefix}{name} is {data.shown(obj[name])}; allowed: "
+            raise infra.BadInput(f"{path}: {prefix}{name} is {infra.shown(obj[name])}; allowed: "
                                 f"{allowed}")
 
 
@@ -221,14 +222,14 @@ def load_checkpoint(path, resume=False):
     non-finite weights refused) and checked as a whole before anything is built from it: every
     field's type and range, config against train_args, and every weight's name and shape
     against the model its config describes. One line naming the file and the field if not."""
-    ck = vortex.read_weights_file(path)
+    ck = infra.read_weights_file(path)
     if not isinstance(ck, dict):
-        raise data.BadInput(f"{path} is not a train.py checkpoint (a dict with model, config...)")
+        raise infra.BadInput(f"{path} is not a train.py checkpoint (a dict with model, config...)")
     check_fields(ck, dict(CHECKPOINT_FIELDS, **(RESUME_FIELDS if resume else {})), path)
     cfg, ta = ck["config"], ck["train_args"]
     unknown = sorted(set(cfg) - set(CONFIG_FIELDS), key=str)
     if unknown:
-        raise data.BadInput(f"{path}: config.{unknown[0]} is an unknown field; known: "
+        raise infra.BadInput(f"{path}: config.{unknown[0]} is an unknown field; known: "
                             f"{', '.join(CONFIG_FIELDS)}")
     check_fields(cfg, CONFIG_FIELDS, path, "config.")
     check_fields(ta, TRAIN_ARGS_FIELDS, path, "train_args.")
@@ -246,20 +247,20 @@ def load_checkpoint(path, resume=False):
     for a, x, b, y in pairs:
         if json.dumps(x, sort_keys=True, default=repr) != json.dumps(y, sort_keys=True,
                                                                      default=repr):
-            raise data.BadInput(f"{path}: {a} is {data.shown(x)} but {b} is {data.shown(y)}: "
+            raise infra.BadInput(f"{path}: {a} is {infra.shown(x)} but {b} is {infra.shown(y)}: "
                                 f"they must agree (an edited or mixed-up checkpoint); refused")
     try:
         with torch.device("meta"):  # the model's names and shapes, without its memory
             want = {k: tuple(v.shape) for k, v in DeepLabV3(**cfg).state_dict().items()}
     except (ValueError, RuntimeError) as e:
-        raise data.BadInput(f"{path}: config describes no model ({data.shown(str(e))})") from None
+        raise infra.BadInput(f"{path}: config describes no model ({infra.shown(str(e))})") from None
     have = {k: tuple(v.shape) for k, v in ck["model"].items()}
     wrong = ([f"{k}: missing" for k in want if k not in have] +
              [f"{k}: not in the model" for k in have if k not in want] +
              [f"{k}: shape {have[k]}, the model's {want[k]}" for k in want
               if k in have and have[k] != want[k]])
     if wrong:
-        raise data.BadInput(f"{path}: its weights do not fit the model its config describes "
+        raise infra.BadInput(f"{path}: its weights do not fit the model its config describes "
                             f"(model.{'; model.'.join(wrong[:3])}"
                             f"{f'; {len(wrong) - 3} more' if len(wrong) > 3 else ''})")
     return ck
@@ -272,7 +273,7 @@ def model_from_checkpoint(ck, path="checkpoint", **expected):
     wrong = [f"{k}: checkpoint has {cfg.get(k)!r}, flags say {v!r}" for k, v in expected.items()
              if v is not None and k in cfg and cfg[k] != v]
     if wrong:
-        raise data.BadInput(f"{path} does not match the requested architecture: " + "; ".join(wrong))
+        raise infra.BadInput(f"{path} does not match the requested architecture: " + "; ".join(wrong))
     cfg["multi_grid"] = None if cfg.get("multi_grid") is None else tuple(cfg["multi_grid"])
     model = DeepLabV3(**cfg)
     model.load_state_dict(ck["model"])
@@ -287,45 +288,6 @@ IMAGE_TYPES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 DEFAULT_SPLIT = {"coco": "val2017"}  # prepare-coco names splits after the COCO files
 
 
-def setup_distributed(device_arg, deterministic=False, fixed_sizes=True):
-    """(rank, world size, device) of this process; under torchrun (WORLD_SIZE > 1) the process
-    group is started from its environment, one process per GPU (LOCAL_RANK)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    device = pick_device(device_arg, int(os.environ.get("LOCAL_RANK", "0")))
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-        # fixed 513 crops: let cuDNN time its kernels once and keep the fastest (not for images
-        # of many sizes: it would time them again for each). They are not bitwise reproducible
-        # from run to run; --deterministic trades speed for that.
-        torch.backends.cudnn.benchmark = fixed_sizes and not deterministic
-        torch.backends.cudnn.deterministic = deterministic
-    if deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True, warn_only=True)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    return rank, (dist.get_world_size() if dist.is_initialized() else 1), device
-
-
-def pick_device(device_arg, local_rank=0):
-    """--device: None (CUDA when visible, else CPU), 'cpu', 'cuda' or 'cuda:N'."""
-    if device_arg is None:
-        device_arg = "cuda" if torch.cuda.is_available() else "cpu"
-    if device_arg != "cpu" and not (device_arg == "cuda" or device_arg.startswith("cuda:")):
-        raise data.BadInput(f"--device {device_arg}: use cpu, cuda or cuda:N")
-    if device_arg == "cpu":
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        raise data.BadInput(f"--device {device_arg}: no CUDA device is visible "
-                            f"(torch.cuda.is_available() is False); use --device cpu")
-    index = int(device_arg.split(":")[1]) if device_arg[5:].isdigit() else local_rank
-    if index >= torch.cuda.device_count():
-        raise data.BadInput(f"--device {device_arg}: only {torch.cuda.device_count()} CUDA "
-                            f"device(s)")
-    return torch.device("cuda", index)
-
-
 def predict_images(model, ck, source, out, scales, flip, device, force, checkpoint=None,
                    log=print):
     """Predict one image or every image of a folder: <out>/<stem>.png (class indices, palette)
@@ -336,7 +298,7 @@ def predict_images(model, ck, source, out, scales, flip, device, force, checkpoi
         files = sorted(os.path.join(source, f) for f in os.listdir(source)
                        if f.lower().endswith(IMAGE_TYPES))
         if not files:
-            raise data.MissingInput(f"--image {source}: no image files ({', '.join(IMAGE_TYPES)})")
+            raise infra.MissingInput(f"--image {source}: no image files ({', '.join(IMAGE_TYPES)})")
         folder = out or os.path.join("runs", "predictions", os.path.basename(
             os.path.normpath(source)))
         names = [os.path.splitext(os.path.basename(f)) for f in files]
@@ -346,18 +308,18 @@ def predict_images(model, ck, source, out, scales, flip, device, force, checkpoi
                  for s, x in names]
     else:
         if not os.path.isfile(source):
-            raise data.MissingInput(f"--image {source}: no such file or folder")
+            raise infra.MissingInput(f"--image {source}: no such file or folder")
         if out and not out.lower().endswith(".png"):
-            raise data.BadInput(f"--out {out}: the prediction is a PNG; give a name ending in .png")
+            raise infra.BadInput(f"--out {out}: the prediction is a PNG; give a name ending in .png")
         files = [source]
         stems = [os.path.splitext(out)[0] if out else os.path.join(
             "runs", "predictions", os.path.splitext(os.path.basename(source))[0])]
     outputs = [s + t for s in stems for t in (".png", "_panel.png")]
     twice = sorted({o for o in outputs if outputs.count(o) > 1})
     if twice:
-        raise data.BadInput(f"--image {source}: two outputs would share the name {twice[0]}; "
+        raise infra.BadInput(f"--image {source}: two outputs would share the name {twice[0]}; "
                             f"rename one of the images")
-    data.refuse_existing(outputs, force, [("--checkpoint", checkpoint), ("--image", source)])
+    infra.refuse_existing(outputs, force, [("--checkpoint", checkpoint), ("--image", source)])
     if ck.get("dataset") == "synthetic":
         log(f"note: this checkpoint was trained on the built-in synthetic data; it knows only "
             f"{', '.join(classes)}, so a photo comes out in those classes")
@@ -369,7 +331,7 @@ def predict_images(model, ck, source, out, scales, flip, device, force, checkpoi
         if len(files) == 1:
             log(f"{f}: classes found: {', '.join(classes[c] for c in pred.unique().tolist())}")
         else:
-            data.progress("predict", n, len(files), t0, log)
+            infra.progress("predict", n, len(files), t0, log)
     log("wrote " + ", ".join(written) if len(written) <= 4 else
         f"wrote {len(written)} files in {os.path.dirname(stems[0])} "
         f"(<name>.png: class indices; <name>_panel.png: image | prediction)")
@@ -427,19 +389,19 @@ def main(argv=None):
     vortex.keep_freed_memory()  # large tensors reuse memory instead of page-faulting it in
     scales = PAPER_SCALES if args.ms else tuple(args.scales)
     if not all(math.isfinite(s) and 0 < s <= 8 for s in scales):
-        raise data.BadInput(f"--scales {' '.join(map(str, scales))}: each must be a number in "
+        raise infra.BadInput(f"--scales {' '.join(map(str, scales))}: each must be a number in "
                             f"(0, 8] (paper: 0.5 ... 1.75)")
     if not 0 <= args.workers <= 256:
-        raise data.BadInput(f"--workers {args.workers}: must be a whole number in 0..256")
+        raise infra.BadInput(f"--workers {args.workers}: must be a whole number in 0..256")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and args.image:
-        raise data.BadInput("--image runs in one process: use torchrun only to split "
+        raise infra.BadInput("--image runs in one process: use torchrun only to split "
                             "the evaluation of a dataset over GPUs")
     if not args.checkpoint:
         p.error("--checkpoint is required")
     for flag in ("json", "save_dir", "out"):
         if getattr(args, flag) is not None:
-            data.output_path(getattr(args, flag), "--" + flag.replace("_", "-"))
-    rank, _, device = setup_distributed(args.device, fixed_sizes=False)
+            infra.output_path(getattr(args, flag), "--" + flag.replace("_", "-"))
+    rank, _, device = infra.setup_distributed(args.device, fixed_sizes=False)
     try:
         ck = load_checkpoint(args.checkpoint)
         model = model_from_checkpoint(ck, args.checkpoint, context=args.context,
@@ -460,7 +422,7 @@ def evaluate_checkpoint(model, ck, args, scales, device, rank=0):
     ta = ck.get("train_args", {})
     name = args.dataset or ck.get("dataset", "synthetic")
     same = name == ck.get("dataset")
-    split = data.plain_name(args.split or (ta.get("val_split") if same else None) or
+    split = infra.plain_name(args.split or (ta.get("val_split") if same else None) or
                             DEFAULT_SPLIT.get(name, "val"), "--split")
     root = args.data_root or (ta.get("data_root") if same else None)
     # a file per protocol: single-scale and multi-scale + flip numbers live side by side
@@ -469,14 +431,14 @@ def evaluate_checkpoint(model, ck, args, scales, device, rank=0):
                                     f"eval_{name}_{split}_s{scale_tag}"
                                     f"{'_flip' if args.flip else ''}.json")
     outputs = [out] + ([args.save_dir] if args.save_dir else [])
-    data.refuse_inputs(outputs, [("--checkpoint", args.checkpoint), ("--data-root", root)])
+    infra.refuse_inputs(outputs, [("--checkpoint", args.checkpoint), ("--data-root", root)])
     ds = data.get_dataset(name, split, root, train=False, **ck.get("data_args", {}))
     if len(ds.classes) != len(classes):
-        raise data.BadInput(f"{args.checkpoint} predicts {len(classes)} classes "
+        raise infra.BadInput(f"{args.checkpoint} predicts {len(classes)} classes "
                             f"({', '.join(classes[:6])}{', ...' if len(classes) > 6 else ''}), "
                             f"but {name} has {len(ds.classes)}: evaluate it on the dataset it "
                             f"was trained for")
-    data.refuse_existing(outputs, args.force)  # checked writable: made only now
+    infra.refuse_existing(outputs, args.force)  # checked writable: made only now
     if dist.is_initialized():
         dist.barrier()  # every rank has checked the outputs before any rank writes one
     say = print if rank == 0 else (lambda *a: None)
@@ -488,7 +450,7 @@ def evaluate_checkpoint(model, ck, args, scales, device, rank=0):
     result.update(dataset=name, split=split, scales=list(scales), flip=args.flip,
                   classes=list(classes), checkpoint=args.checkpoint)
     if rank == 0:
-        data.write_json(out, result)
+        infra.write_json(out, result)
     say("numbers written to", out + (f"; pictures in {args.save_dir}" if args.save_dir else ""))
     return result
 
@@ -560,7 +522,7 @@ def save_prediction(stem, image, pred, palette, label=None, classes=None):
     names = classes or [str(i) for i in range(256)]
     widths = [image.shape[-1]] * (3 if label is not None else 2)
     pic = titled([panel(image, pred, palette, label)], widths, names, palette, present)
-    data.atomic_save(stem + "_panel.png", lambda f: Image.fromarray(pic).save(f, format="PNG"))
+    infra.atomic_save(stem + "_panel.png", lambda f: Image.fromarray(pic).save(f, format="PNG"))
     return stem + ".png", stem + "_panel.png"
 
 
@@ -598,7 +560,7 @@ def curves_figure(log_path, out, size=(560, 320)):
     Returns `out`, or None when the log has fewer than two lines (nothing is drawn)."""
     if not os.path.exists(log_path):
         return None
-    rows = data.read_log(log_path)
+    rows = infra.read_log(log_path)
     if len(rows) < 2:
         return None
     it = np.array([r["iter"] for r in rows], float)
@@ -623,7 +585,7 @@ def curves_figure(log_path, out, size=(560, 320)):
     draw.text((x0, 4), "training loss (blue, left axis) and learning rate (red, right axis), "
                        "both from 0", fill=(0, 0, 0))
     draw.text(((x0 + x1) // 2 - 24, y1 + 18), "iteration", fill=(0, 0, 0))
-    data.atomic_save(out, lambda f: pic.save(f, "PNG"))
+    infra.atomic_save(out, lambda f: pic.save(f, "PNG"))
     return out
 
 
@@ -653,9 +615,9 @@ def prediction_picture(model, dataset, device, path, n=4):
         present |= set(label.unique().tolist()) | set(pred.unique().tolist())
     pic = titled(rows, [dataset[0][0].shape[-1]] * 3, list(dataset.classes),
                             dataset.palette, present)
-    data.atomic_save(path, lambda f: Image.fromarray(pic).save(f, "PNG"))
+    infra.atomic_save(path, lambda f: Image.fromarray(pic).save(f, "PNG"))
     return path
 
 
 if __name__ == "__main__":
-    data.cli(main)
+    infra.cli(main)

@@ -30,9 +30,10 @@ from PIL import Image, ImageDraw
 
 import data
 import eval as evaluation
+import infra
 import train
 import vortex
-from data import BadInput
+from infra import BadInput
 from eval import colorize, hstack, legend, load_checkpoint, model_from_checkpoint, predict
 from train import loss_fn, poly_lr, set_lr
 from vortex import (TABLE1, DeepLabV3, box_averages, footprint, make_context,
@@ -114,7 +115,7 @@ def footprints_figure(path, size=65, cell=4):
                       fill=(0, 0, 0))
         panels.append(np.concatenate([pic, np.asarray(text)], 0))
     out = hstack(panels, 8)
-    data.atomic_save(path, lambda f: Image.fromarray(out).save(f, "PNG"))
+    infra.atomic_save(path, lambda f: Image.fromarray(out).save(f, "PNG"))
     return path
 
 
@@ -298,7 +299,7 @@ def bench_loader(voc=None, n=300, crop=513):
 
 
 def bench_training(device_arg=None):
-    device = evaluation.pick_device(device_arg)
+    device = infra.pick_device(device_arg)
     return bench_training_cuda(device) if device.type == "cuda" else bench_training_cpu()
 
 
@@ -406,10 +407,10 @@ ABLATION_KEYS = ("dataset", "depth", "base_channels", "context_channels", "outpu
 def read_back(path, key, fields):
     """A finished run's record from `path` if there is one made with the same settings (else
     None); a record made with other settings is refused with the differences, and one that
-    cannot be read (data.read_record) naming it."""
+    cannot be read (infra.read_record) naming it."""
     if not os.path.exists(path):
         return None
-    rec = data.read_record(path, dict(fields, config=dict), "delete it to run that part again")
+    rec = infra.read_record(path, dict(fields, config=dict), "delete it to run that part again")
     if rec.get("config") != key:
         old = rec.get("config") or {}
         diff = [f"{k} {old.get(k)} -> {key[k]}" for k in key if old.get(k) != key[k]]
@@ -435,7 +436,7 @@ def ablation_run(run):
     rec = dict(config=key, miou=res["miou"], context_miou=res.get("context_miou", float("nan")),
                seconds=time.time() - t, resumed=resume)
     if not dist.is_initialized() or dist.get_rank() == 0:
-        data.write_json(done, rec)
+        infra.write_json(done, rec)
     return rec["miou"], rec["context_miou"], rec["seconds"]
 
 
@@ -457,7 +458,7 @@ def ablation(cfg, seeds):
         lines.append(f"{name:11} {100 * r[:, 0].mean():7.2f} ± {100 * r[:, 0].std():4.2f} "
                      f"{100 * np.nanmean(r[:, 1]):9.2f} ± {100 * np.nanstd(r[:, 1]):4.2f} "
                      f"{r[:, 2].mean():7.0f} {TABLE1[name].miou or '-':>12}")
-    rank, _, device = evaluation.setup_distributed(cfg["device"])
+    rank, _, device = infra.setup_distributed(cfg["device"])
     if rank != 0:
         return {name: r for name, r in rows}
     lines.append("")
@@ -469,7 +470,7 @@ def ablation(cfg, seeds):
                           log=lines.append)
     table = "\n".join(lines)
     print(table)
-    data.atomic_save(os.path.join(root, "table1.txt"), lambda f: f.write(table.encode() + b"\n"))
+    infra.atomic_save(os.path.join(root, "table1.txt"), lambda f: f.write(table.encode() + b"\n"))
     return {name: r for name, r in rows}
 
 
@@ -507,7 +508,7 @@ def effective_receptive_field(model, dataset, num_images=32, device=None, log=No
         g = x.grad[0].abs().sum(0).double().cpu()
         maps.append(g / g.sum().clamp_min(1e-300))
         if log:
-            data.progress("erf", i + 1, n, t0, log)
+            infra.progress("erf", i + 1, n, t0, log)
     return centred_mean(maps)
 
 
@@ -580,7 +581,7 @@ def erf_figure(checkpoints, out, num_images=32, device="cpu", data_root=None, ce
     height, width = panels[-1].shape[:2]
     panels += [_colour_bar(height), _curves_panel(curves, width, height)]
     figure = hstack(panels, 8)
-    data.atomic_save(out, lambda f: Image.fromarray(figure).save(f, format="PNG"))
+    infra.atomic_save(out, lambda f: Image.fromarray(figure).save(f, format="PNG"))
     log(f"wrote {out}")
     return radii
 
@@ -1149,7 +1150,7 @@ def context_experiment(cfg, seeds):
     table = "\n\n".join(lines) + f"\n\n{len(chosen)} settings, {seeds} seed(s): " \
         f"{(time.time() - t0) / 60:.1f} min"
     print(table)
-    data.atomic_save(os.path.join(out, "table.txt"), lambda f: f.write(table.encode() + b"\n"))
+    infra.atomic_save(os.path.join(out, "table.txt"), lambda f: f.write(table.encode() + b"\n"))
     coverage = {row: ring_coverage(m) for row, m in modules.items()}
     for setting, *_ in chosen:
         context_figure(results[setting], coverage, setting,
@@ -1196,7 +1197,7 @@ def context_cells(cfg, key, seeds, modules, shape, cells, samples, per):
                "curve": {"iters": sorted(curves[mine[0]]),
                          "trained": [[curves[m][i].tolist() for i in sorted(curves[m])]
                                      for m in mine]}}
-        data.write_json(os.path.join(cfg["out_dir"], f"{setting_file(cell[0])}-{cell[1]}.json"),
+        infra.write_json(os.path.join(cfg["out_dir"], f"{setting_file(cell[0])}-{cell[1]}.json"),
                         rec)
         recs[cell] = rec
     return recs
@@ -1410,7 +1411,7 @@ def _figure(head_lines, rows, out):
     for i, text in enumerate(head_lines):
         draw.text((4, 2 + 14 * i), text, fill=(0, 0, 0))
     figure = np.concatenate([np.asarray(head)] + rows, 0)
-    data.atomic_save(out, lambda f: Image.fromarray(figure).save(f, format="PNG"))
+    infra.atomic_save(out, lambda f: Image.fromarray(figure).save(f, format="PNG"))
     return out
 
 
@@ -1517,7 +1518,7 @@ def synthetic_samples_figure(out, n=6, size=128, seed=0):
                            for c in cols], 1)
     pic = np.concatenate([grid, legend(grid.shape[1], ds.classes, ds.palette,
                                        range(len(ds.classes)))], 0)
-    data.atomic_save(out, lambda f: Image.fromarray(pic).save(f, format="PNG"))
+    infra.atomic_save(out, lambda f: Image.fromarray(pic).save(f, format="PNG"))
     return out
 
 
@@ -1553,7 +1554,7 @@ def context_samples_figure(out, cell=3, distances=(2, 12, 24), seed=0):
     grid = hstack(maps, 6)
     pic = np.concatenate([grid, legend(grid.shape[1], CONTEXT_VIEW, CONTEXT_PALETTE,
                                        range(len(CONTEXT_VIEW)))], 0)
-    data.atomic_save(out, lambda f: Image.fromarray(pic).save(f, format="PNG"))
+    infra.atomic_save(out, lambda f: Image.fromarray(pic).save(f, format="PNG"))
     return out
 
 
@@ -1652,7 +1653,7 @@ def parse(argv=None):
         if v is not None and not lo <= v <= hi:
             raise BadInput(f"--{k.replace('_', '-')} {v}: must be a whole number in {lo}..{hi}")
     if getattr(args, "out", None) is not None:
-        data.output_path(args.out, "--out")
+        infra.output_path(args.out, "--out")
     if args.cmd == "context":
         if not (math.isfinite(args.lr) and 0 < args.lr <= 10):
             raise BadInput(f"--lr {args.lr}: must be a number in (0, 10]")
@@ -1660,7 +1661,7 @@ def parse(argv=None):
                           context_channels=args.context_channels, power=0.9,
                           train_layouts=args.train_layouts or PER_DISTANCE["train"],
                           settings=args.settings or [setting_file(x[0]) for x in SETTINGS],
-                          out_dir=data.output_path(args.out_dir, "--out-dir"))
+                          out_dir=infra.output_path(args.out_dir, "--out-dir"))
     if args.cmd == "ablation":
         out = [] if any(a == "--out-dir" or a.startswith("--out-dir=") for a in rest) else \
             ["--out-dir", os.path.join("runs", "ablation")]
@@ -1678,7 +1679,7 @@ def main(argv=None):
         return print_table(args.size, reps=args.reps)
     if args.cmd == "figure":
         out = args.out or f"{args.what}.png"
-        data.refuse_existing([out], args.force)
+        infra.refuse_existing([out], args.force)
         draw = {"footprints": footprints_figure, "synthetic": synthetic_samples_figure,
                 "descriptors": context_samples_figure}[args.what]
         return print("wrote", draw(out))
@@ -1690,11 +1691,11 @@ def main(argv=None):
                 "inference": lambda: bench_inference(args.reps),
                 "loader": lambda: bench_loader(args.voc, args.n)}[args.what]()
     if args.cmd == "erf":
-        data.refuse_existing([args.out], args.force, [("--data-root", args.data_root)] +
+        infra.refuse_existing([args.out], args.force, [("--data-root", args.data_root)] +
                              [("CHECKPOINT", c) for c in args.checkpoints])
         return erf_figure(args.checkpoints, args.out, args.images,
-                          evaluation.pick_device(args.device), args.data_root)
-    lock = data.FolderLock(cfg["out_dir"], f"experiments.py {args.cmd}")  # one owner a folder
+                          infra.pick_device(args.device), args.data_root)
+    lock = infra.FolderLock(cfg["out_dir"], f"experiments.py {args.cmd}")  # one owner a folder
     done = False
     try:
         result = context_experiment(cfg, args.seeds) if args.cmd == "context" else \
@@ -1708,4 +1709,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    data.cli(main)
+    infra.cli(main)

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 import vortex
 from vortex import (ContextModule, DeepLabV3, box_averages, footprint,
-                    load_backbone_weights, measured_utilization, ResNet, utilization_ratio)
+                    measured_utilization, ResNet, utilization_ratio)
 
 settings.register_profile("ci", derandomize=True, deadline=None, max_examples=25,
                           suppress_health_check=[HealthCheck.too_slow])
@@ -235,7 +235,7 @@ def test_aspp_equals_torchvision_deeplabv3_coco_checkpoint(tmp_path):
     model = DeepLabV3(21, 101, "aspp", multi_grid=None).eval()
     path = tmp_path / "deeplabv3_resnet101_coco.pth"
     torch.save(seeded_weights(torchvision_deeplab_format(model)), path)
-    load_backbone_weights(model, str(path), verbose=False)
+    infra.load_pretrained(model, str(path), verbose=False)
     with torch.no_grad():
         ours = model.context(model.backbone(seeded_input(*ASPP_INPUT)))[:, ::4]
     assert ours.shape == ref.shape == (1, 64, 21, 24)
@@ -462,7 +462,7 @@ def test_imagenet_checkpoint_round_trip(tmp_path):
     path = tmp_path / "resnet50.pth"
     torch.save(torchvision_format(src), path)
     model = DeepLabV3(21, depth=50, base_channels=8)
-    report = load_backbone_weights(model, str(path), verbose=False)
+    report = infra.load_pretrained(model, str(path), verbose=False)
     assert sorted(report["skipped"]) == ["fc.bias", "fc.weight"]
     for k, v in src.state_dict().items():
         assert torch.equal(model.backbone.state_dict()[k], v), k
@@ -473,19 +473,19 @@ def test_wrong_checkpoint_gives_a_clear_error(tmp_path):
     torch.save(torchvision_format(ResNet(50, base_channels=8)), path)
     with pytest.raises(ValueError, match=r"(?s)does not fit the ResNet-101 backbone.*"
                                          r"missing from the file \(306\): layer3\."):
-        load_backbone_weights(ResNet(101, base_channels=8), str(path), verbose=False)
+        infra.load_pretrained(ResNet(101, base_channels=8), str(path), verbose=False)
     with pytest.raises(ValueError,
                        match=r"shape mismatches \(265\): bn1.bias: file \(8,\) vs model \(16,\)"):
-        load_backbone_weights(ResNet(50, base_channels=16), str(path), verbose=False)
+        infra.load_pretrained(ResNet(50, base_channels=16), str(path), verbose=False)
     truncated = tmp_path / "truncated.pth"
     truncated.write_bytes(path.read_bytes()[:1000])
     with pytest.raises(ValueError, match="cannot read .*truncated.pth as a weights-only"):
-        load_backbone_weights(ResNet(50, base_channels=8), str(truncated))
+        infra.load_pretrained(ResNet(50, base_channels=8), str(truncated))
     with pytest.raises(FileNotFoundError, match="checkpoint not found"):
-        load_backbone_weights(ResNet(50, base_channels=8), str(tmp_path / "nope.pth"))
+        infra.load_pretrained(ResNet(50, base_channels=8), str(tmp_path / "nope.pth"))
     torch.save([1, 2], tmp_path / "list.pth")
     with pytest.raises(ValueError, match="is not a state_dict"):
-        load_backbone_weights(ResNet(50, base_channels=8), str(tmp_path / "list.pth"))
+        infra.load_pretrained(ResNet(50, base_channels=8), str(tmp_path / "list.pth"))
 
 
 def torchvision_deeplab_format(model):
@@ -511,7 +511,7 @@ def test_torchvision_deeplabv3_checkpoint_loads_backbone_and_aspp(tmp_path, caps
     path = tmp_path / "deeplabv3_resnet50_coco.pth"
     torch.save(torchvision_deeplab_format(src), path)
     dst = DeepLabV3(21, depth=50, context="aspp", base_channels=8, context_channels=16)
-    report = load_backbone_weights(dst, str(path))
+    report = infra.load_pretrained(dst, str(path))
     assert {"classifier.1.weight", "aux_classifier.0.weight"} <= set(report["skipped"])
     assert not any(k.startswith(("backbone.", "classifier.0.")) for k in report["skipped"])
     for k, v in src.state_dict().items():
@@ -519,7 +519,7 @@ def test_torchvision_deeplabv3_checkpoint_loads_backbone_and_aspp(tmp_path, caps
             assert torch.equal(dst.state_dict()[k], v), k
     assert "skipped" in capsys.readouterr().out
     vx = DeepLabV3(21, depth=50, context="vortex", base_channels=8, context_channels=16)
-    report = load_backbone_weights(vx, str(path), verbose=False)
+    report = infra.load_pretrained(vx, str(path), verbose=False)
     assert any(k.startswith("classifier.0.") for k in report["skipped"])
     assert all(torch.equal(vx.backbone.state_dict()[k], v)
                for k, v in src.backbone.state_dict().items())
@@ -539,6 +539,7 @@ import shutil  # noqa: E402
 from PIL import Image  # noqa: E402
 
 import data  # noqa: E402
+import infra  # noqa: E402
 
 # Real sample files (12 VOC 2012 pairs, 2 SBD .mat files, a COCO subset): the folder named by
 # the environment variable VORTEX_SAMPLES, else ../shared/voc_samples beside this project.
@@ -937,7 +938,7 @@ def test_prepare_coco_refuses_file_names_outside_its_folders(tmp_path, name):
     ann, imgs = coco_file(tmp_path, [{"id": 7, "file_name": name, "height": 40, "width": 40}],
                           [{"id": 1, "image_id": 7, "category_id": 1, "segmentation": SQUARE}])
     out = tmp_path / "deep" / "er" / "out"
-    with pytest.raises(data.BadInput, match=r"instances_x.json: image id 7 has file_name .* not "
+    with pytest.raises(infra.BadInput, match=r"instances_x.json: image id 7 has file_name .* not "
                                             r"a plain file name"):
         data.prepare_coco(ann, imgs, str(out), log=lambda m: None)
     assert not list(tmp_path.rglob("escaped*")) and not os.path.exists("/tmp/abs.png")
@@ -973,7 +974,7 @@ def test_prepare_coco_names_and_skips_broken_records_or_stops_with_strict(tmp_pa
     assert "instances_x.json" in text
     mask = data.read_mask(str(tmp_path / "out" / "SegmentationClass" / "a.png"))
     assert (mask == 15).sum() == 1296
-    with pytest.raises(data.BadInput, match=r"instances_x.json: image 7: annotation 2: no "
+    with pytest.raises(infra.BadInput, match=r"instances_x.json: image 7: annotation 2: no "
                                             r"'segmentation'"):
         data.prepare_coco(ann, imgs, str(tmp_path / "strict"), strict=True, log=lambda m: None)
 
@@ -987,7 +988,7 @@ def test_prepare_coco_again_with_other_settings_refuses_or_rebuilds(tmp_path):
     data.prepare_coco(ann, imgs, out, log=lambda m: None)
     path = os.path.join(out, "SegmentationClass", "a.png")
     assert 255 in data.read_mask(path)  # the small chair is ignored
-    with pytest.raises(data.ExistingOutput, match="made with other settings.*--overwrite"):
+    with pytest.raises(infra.ExistingOutput, match="made with other settings.*--overwrite"):
         data.prepare_coco(ann, imgs, out, min_pixels=100, log=lambda m: None)
     data.prepare_coco(ann, imgs, out, min_pixels=100, overwrite=True, log=lambda m: None)
     assert 9 in data.read_mask(path) and 255 not in data.read_mask(path)  # rebuilt: a chair
@@ -1011,7 +1012,7 @@ def test_prepare_sbd_checks_for_scipy_before_writing_anything(tmp_path, monkeypa
     monkeypatch.setitem(sys.modules, "scipy.io", None)  # as if scipy were not installed
     voc = make_voc_tree(tmp_path)
     before = sorted(p for p in tmp_path.rglob("*"))
-    with pytest.raises(data.BadInput, match="needs scipy: pip install scipy"):
+    with pytest.raises(infra.BadInput, match="needs scipy: pip install scipy"):
         data.prepare_sbd(str(tmp_path / "sbd"), str(voc), log=lambda m: None)
     assert sorted(p for p in tmp_path.rglob("*")) == before
 
@@ -1020,7 +1021,7 @@ def test_figure_and_bench_commands(tmp_path, capsys):
     out = tmp_path / "s.png"
     experiments.main(["figure", "synthetic", "--out", str(out)])
     assert Image.open(out).size[0] > 500
-    with pytest.raises(data.ExistingOutput, match="s.png exists; pass --force"):
+    with pytest.raises(infra.ExistingOutput, match="s.png exists; pass --force"):
         experiments.main(["figure", "synthetic", "--out", str(out)])  # never without --force
     assert experiments.bench_loader(None, n=5, crop=65) > 0
 
@@ -1192,7 +1193,7 @@ def test_resume_is_exact(tmp_path):
     losses_a = [json.loads(line)["loss"] for line in open(os.path.join(a, "log.jsonl"))]
     losses_b = [json.loads(line)["loss"] for line in open(os.path.join(b, "log.jsonl"))]
     assert losses_a == losses_b
-    with pytest.raises(data.BadInput, match="exists: pass --resume"):
+    with pytest.raises(infra.BadInput, match="exists: pass --resume"):
         train.main(TINY + ["--iters", "7", "--out-dir", a])
 
 
@@ -1232,12 +1233,12 @@ def test_micro_batch_stream_is_the_epoch_shuffle_cut_into_micro_batches():
 
 def test_resume_refuses_another_experiment_and_auto_starts_or_resumes(tmp_path, capsys):
     out = str(tmp_path / "run")
-    with pytest.raises(data.MissingInput, match="no checkpoint at"):
+    with pytest.raises(infra.MissingInput, match="no checkpoint at"):
         train.main(TINY + ["--iters", "2", "--out-dir", out, "--resume"])
     assert not os.path.exists(out)  # a refused start leaves no folder behind
     assert train.main(TINY + ["--iters", "4", "--out-dir", out, "--no-eval", "--resume", "auto",
                               "--stop-after", "2"])["stopped_at"] == 2
-    with pytest.raises(data.BadInput, match=r"another experiment; these differ: --context aspp "
+    with pytest.raises(infra.BadInput, match=r"another experiment; these differ: --context aspp "
                                             r"\(checkpoint: vortex\); --lr 0.5 \(checkpoint: 0.02"):
         train.main(TINY + ["--iters", "4", "--out-dir", out, "--resume", "--context", "aspp",
                            "--lr", "0.5"])
@@ -1281,14 +1282,14 @@ def test_bad_flags_are_refused_up_front_in_one_line(tmp_path, flags, message):
     if message is None:
         assert train.main(args)["iteration"] == 1
         return
-    with pytest.raises(data.BadInput, match=re.escape(message)) as e:
+    with pytest.raises(infra.BadInput, match=re.escape(message)) as e:
         train.main(args)
     assert "\n" not in str(e.value) and not os.path.exists(tmp_path / "r")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message without a GPU")
 def test_device_cuda_without_a_gpu_is_refused(tmp_path):
-    with pytest.raises(data.BadInput, match="no CUDA device is visible"):
+    with pytest.raises(infra.BadInput, match="no CUDA device is visible"):
         train.main(TINY + ["--device", "cuda", "--out-dir", str(tmp_path / "r")])
 
 
@@ -1306,7 +1307,7 @@ def test_atomic_save_respects_umask_cleans_leftovers_and_names_failures(tmp_path
     (tmp_path / ".tmp-keepother.png").write_bytes(b"x")  # another file's: not ours to remove
     old = os.umask(0o022)
     try:
-        data.atomic_save(str(path), lambda f: f.write(b"ok"))
+        infra.atomic_save(str(path), lambda f: f.write(b"ok"))
     finally:
         os.umask(old)
     assert path.read_bytes() == b"ok" and (path.stat().st_mode & 0o777) == 0o644
@@ -1315,9 +1316,9 @@ def test_atomic_save_respects_umask_cleans_leftovers_and_names_failures(tmp_path
     def fails(f):
         f.write(b"partial")
         raise OSError(28, "No space left on device")
-    with pytest.raises(data.BadInput, match=r"cannot write .*checkpoint.pt: no space left on "
+    with pytest.raises(infra.BadInput, match=r"cannot write .*checkpoint.pt: no space left on "
                                             r"the device \(it stopped after 0.0 MB; \d+ MB free"):
-        data.atomic_save(str(path), fails)
+        infra.atomic_save(str(path), fails)
     assert path.read_bytes() == b"ok"
     assert sorted(p.name for p in tmp_path.iterdir()) == [".tmp-keepother.png", "checkpoint.pt"]
 
@@ -1331,14 +1332,14 @@ def test_a_failed_save_says_why_in_words(tmp_path, monkeypatch):
         f.write(b"x" * 2 ** 20)
         raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 1048576")
     usage = shutil.disk_usage(str(tmp_path))
-    monkeypatch.setattr(data.shutil, "disk_usage", lambda d: usage._replace(free=1000))
-    with pytest.raises(data.BadInput, match=r"no space left on the device \(it stopped after "
+    monkeypatch.setattr(infra.shutil, "disk_usage", lambda d: usage._replace(free=1000))
+    with pytest.raises(infra.BadInput, match=r"no space left on the device \(it stopped after "
                                             r"1.0 MB; 0 MB free there\)"):
-        data.atomic_save(path, torch_fails)
+        infra.atomic_save(path, torch_fails)
     monkeypatch.undo()
     # the real file-size limit (what `ulimit -f 1024` sets in a shell): 1 MB
-    code = ("import sys, torch; sys.path.insert(0, %r); import data; "
-            "data.cli(lambda: data.atomic_save(%r, lambda f: torch.save(torch.zeros(10 ** 6), f)))"
+    code = ("import sys, torch; sys.path.insert(0, %r); import infra; "
+            "infra.cli(lambda: infra.atomic_save(%r, lambda f: torch.save(torch.zeros(10 ** 6), f)))"
             % (HERE, path))
     import resource
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
@@ -1453,14 +1454,14 @@ def test_eval_command_line_never_overwrites_and_names_every_file(tmp_path, capsy
     evaluation.main(["--checkpoint", ck, "--workers", "0", "--scales", "0.5", "1", "--flip"])
     assert sorted(f for f in os.listdir(run) if f.startswith("eval_")) == [
         "eval_synthetic_val_s0.5-1_flip.json", "eval_synthetic_val_s1.json"]
-    with pytest.raises(data.ExistingOutput, match=r"eval_synthetic_val_s1.json exists; pass "
+    with pytest.raises(infra.ExistingOutput, match=r"eval_synthetic_val_s1.json exists; pass "
                                                   r"--force"):
         evaluation.main(["--checkpoint", ck, "--workers", "0"])
     evaluation.main(["--checkpoint", ck, "--workers", "0", "--force"])
     # one image: --out must be a PNG; exactly the files printed are written
     img = tmp_path / "photo.jpg"
     Image.fromarray(data.render_synthetic(0, 0, 50)[0]).save(img)
-    with pytest.raises(data.BadInput, match=r"--out keep.jpg: the prediction is a PNG"):
+    with pytest.raises(infra.BadInput, match=r"--out keep.jpg: the prediction is a PNG"):
         evaluation.main(["--checkpoint", ck, "--image", str(img), "--out", "keep.jpg"])
     monkeypatch.chdir(tmp_path)  # the default goes under runs/, never beside the image
     capsys.readouterr()
@@ -1469,7 +1470,7 @@ def test_eval_command_line_never_overwrites_and_names_every_file(tmp_path, capsy
     assert "wrote runs/predictions/photo.png, runs/predictions/photo_panel.png" in out
     assert sorted(os.listdir(tmp_path / "runs" / "predictions")) == ["photo.png",
                                                                      "photo_panel.png"]
-    with pytest.raises(data.ExistingOutput, match="photo.png exists"):
+    with pytest.raises(infra.ExistingOutput, match="photo.png exists"):
         evaluation.main(["--checkpoint", ck, "--image", str(img)])
     # a folder: every image, one output folder
     folder = tmp_path / "photos"
@@ -1490,7 +1491,7 @@ def test_eval_command_line_never_overwrites_and_names_every_file(tmp_path, capsy
     (["--workers", "-1"], "--workers -1: must be a whole number in 0..256"),
 ])
 def test_eval_refuses_bad_flags(flags, message):
-    with pytest.raises(data.BadInput, match=re.escape(message)):
+    with pytest.raises(infra.BadInput, match=re.escape(message)):
         evaluation.main(["--checkpoint", "unused.pt"] + flags)
 
 
@@ -1499,11 +1500,11 @@ def test_eval_refuses_a_checkpoint_of_other_classes_and_broken_weights(tmp_path)
     train.main(TINY + ["--iters", "1", "--out-dir", str(run), "--no-eval"])
     ck = str(run / "checkpoint.pt")
     voc = str(make_voc_tree(tmp_path))
-    with pytest.raises(data.BadInput, match=r"predicts 5 classes \(background, water, wheel, "
+    with pytest.raises(infra.BadInput, match=r"predicts 5 classes \(background, water, wheel, "
                                             r"bike, fish\), but voc has 21"):
         evaluation.main(["--checkpoint", ck, "--dataset", "voc", "--data-root", voc,
                          "--split", "train"])
-    with pytest.raises(data.MissingInput, match=r"split list not found: .*val2012.txt \(splits "
+    with pytest.raises(infra.MissingInput, match=r"split list not found: .*val2012.txt \(splits "
                                                 r"there: train\)"):
         evaluation.main(["--checkpoint", ck, "--dataset", "voc", "--data-root", voc,
                          "--split", "val2012"])
@@ -1511,24 +1512,24 @@ def test_eval_refuses_a_checkpoint_of_other_classes_and_broken_weights(tmp_path)
     state["model"]["classifier.weight"] = torch.zeros(3, 2, 1, 1)
     bad = tmp_path / "bad.pt"
     torch.save(state, bad)
-    with pytest.raises(data.BadInput, match=r"bad.pt: its weights do not fit .*classifier.weight"):
+    with pytest.raises(infra.BadInput, match=r"bad.pt: its weights do not fit .*classifier.weight"):
         evaluation.main(["--checkpoint", str(bad)])
     (tmp_path / "empty.pth").write_bytes(b"")
     with pytest.raises(ValueError, match=r"cannot read .*empty.pth as a weights-only torch "
                                          r"checkpoint"):
-        load_backbone_weights(ResNet(18, base_channels=2), str(tmp_path / "empty.pth"))
+        infra.load_pretrained(ResNet(18, base_channels=2), str(tmp_path / "empty.pth"))
 
 
 def test_voc_root_pointing_at_vocdevkit_suggests_its_voc2012_folder(tmp_path):
     make_voc_tree(tmp_path / "VOCdevkit")  # VOCdevkit/VOC2012/...
-    with pytest.raises(data.MissingInput, match=r"looks like VOCdevkit: use its VOC2012 folder"):
+    with pytest.raises(infra.MissingInput, match=r"looks like VOCdevkit: use its VOC2012 folder"):
         data.VOCSegmentation(str(tmp_path / "VOCdevkit"), "train")
 
 
 def test_figure_commands_never_overwrite(tmp_path):
     out = tmp_path / "fig.png"
     out.write_bytes(b"keep")
-    with pytest.raises(data.ExistingOutput, match="fig.png exists; pass --force"):
+    with pytest.raises(infra.ExistingOutput, match="fig.png exists; pass --force"):
         experiments.main(["figure", "footprints", "--out", str(out)])
     assert out.read_bytes() == b"keep"
 
@@ -1713,14 +1714,14 @@ def test_ablation_table_runs_every_module(tmp_path, capsys):
     log = capsys.readouterr().out
     assert log.count("finished earlier, read back") == 7 and "resumed" in log
     assert all(np.allclose(again[k][:, :2], rows[k][:, :2], equal_nan=True) for k in rows)
-    with pytest.raises(data.BadInput, match=r"made with other settings \(iters 1 -> 2\)"):
+    with pytest.raises(infra.BadInput, match=r"made with other settings \(iters 1 -> 2\)"):
         experiments.main(["ablation", "--seeds", "1"] + TINY + ["--iters", "2", "--out-dir", out])
     cks = [os.path.join(out, f"{m}-seed0", "checkpoint.pt") for m in ("ASPP", "Vortex")]
     erf = str(tmp_path / "erf.png")
     radii = experiments.main(["erf", *cks, "--images", "2", "--out", erf])
     assert set(radii) == {"ASPP", "Vortex"} and os.path.isfile(erf)
     assert all(0 <= r50 <= r90 <= math.hypot(24, 24) for r50, r90 in radii.values())
-    with pytest.raises(data.ExistingOutput, match="exists"):  # never overwrites a file
+    with pytest.raises(infra.ExistingOutput, match="exists"):  # never overwrites a file
         experiments.main(["erf", *cks, "--out", erf])
 
 
@@ -2046,7 +2047,7 @@ def test_context_experiment_smoke_run(tmp_path, capsys, monkeypatch):
     again = experiments.main(["context", "--seeds", "2", "--iters", "8", "--out-dir", out])
     assert all(np.array_equal(again[s][r]["trained"], res[s][r]["trained"], equal_nan=True)
                for s in res for r in res[s])
-    with pytest.raises(data.BadInput, match=r"other settings \(iters 8 -> 4\)"):
+    with pytest.raises(infra.BadInput, match=r"other settings \(iters 8 -> 4\)"):
         experiments.main(["context", "--seeds", "2", "--iters", "4", "--out-dir", out])
     one = str(tmp_path / "one")  # one setting, more training layouts
     sub = experiments.main(["context", "--seeds", "1", "--iters", "4", "--train-layouts", "4",
@@ -2567,16 +2568,16 @@ def test_one_run_owns_its_folder_and_a_dead_holder_leaves_no_lock(tmp_path):
     """A second train.py on a folder in use is refused naming the holder; the lock goes with its
     process, even after kill -9."""
     out = str(tmp_path / "run")
-    holder = data.FolderLock(out, "train.py")
-    with pytest.raises(data.BadInput, match=rf"run is in use by train.py \(pid {os.getpid()} "):
+    holder = infra.FolderLock(out, "train.py")
+    with pytest.raises(infra.BadInput, match=rf"run is in use by train.py \(pid {os.getpid()} "):
         train.main(TINY + ["--iters", "1", "--out-dir", out, "--no-eval"])
     assert not os.path.exists(os.path.join(out, "checkpoint.pt"))
     holder.release()
-    code = f"import sys, time; sys.path.insert(0, {HERE!r}); import data; " \
-           f"data.FolderLock({out!r}, 'a killed run'); print('locked', flush=True); time.sleep(60)"
+    code = f"import sys, time; sys.path.insert(0, {HERE!r}); import infra; " \
+           f"infra.FolderLock({out!r}, 'a killed run'); print('locked', flush=True); time.sleep(60)"
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "locked"
-    with pytest.raises(data.BadInput, match=r"in use by a killed run \(pid"):
+    with pytest.raises(infra.BadInput, match=r"in use by a killed run \(pid"):
         train.main(TINY + ["--iters", "1", "--out-dir", out, "--no-eval"])
     proc.kill()
     proc.wait()
@@ -2588,8 +2589,8 @@ def test_concurrent_preparation_of_one_folder_is_refused(tmp_path):
     ann, imgs = coco_file(tmp_path, [{"id": 7, "file_name": "a.jpg", "height": 40, "width": 40}],
                           [{"id": 1, "image_id": 7, "category_id": 1, "segmentation": SQUARE}])
     out = str(tmp_path / "out")
-    lock = data.FolderLock(out, "data.py prepare-coco")
-    with pytest.raises(data.BadInput, match=r"out is in use by data.py prepare-coco \(pid"):
+    lock = infra.FolderLock(out, "data.py prepare-coco")
+    with pytest.raises(infra.BadInput, match=r"out is in use by data.py prepare-coco \(pid"):
         data.main(["prepare-coco", "--annotations", ann, "--images", imgs, "--out", out])
     lock.release()
     data.main(["prepare-coco", "--annotations", ann, "--images", imgs, "--out", out])
@@ -2605,7 +2606,7 @@ def test_prepare_coco_knows_its_annotations_by_content(tmp_path):
     coco = json.load(open(ann))
     coco["annotations"][0]["category_id"] = 62  # the person became a chair, in place
     open(ann, "w").write(json.dumps(coco))
-    with pytest.raises(data.ExistingOutput, match="made with other settings"):
+    with pytest.raises(infra.ExistingOutput, match="made with other settings"):
         data.prepare_coco(ann, imgs, out, log=lambda m: None)
     data.prepare_coco(ann, imgs, out, overwrite=True, log=lambda m: None)
     assert 9 in data.read_mask(os.path.join(out, "SegmentationClass", "a.png"))
@@ -2628,8 +2629,8 @@ def test_checkpoints_with_non_finite_weights_are_refused_everywhere(tmp_path):
     for read in (lambda: evaluation.main(["--checkpoint", path]),
                  lambda: train.main(TINY + ["--iters", "2", "--out-dir", str(tmp_path / "i"),
                                             "--init-from", path]),
-                 lambda: vortex.load_backbone_weights(ResNet(18, base_channels=4), path)):
-        with pytest.raises(data.BadInput, match=r"changed.pt: tensor model.classifier.weight "
+                 lambda: infra.load_pretrained(ResNet(18, base_channels=4), path)):
+        with pytest.raises(infra.BadInput, match=r"changed.pt: tensor model.classifier.weight "
                                                 r"holds NaN or infinite values; refused"):
             read()
 
@@ -2640,10 +2641,10 @@ def test_an_unreadable_checkpoint_says_it_cannot_be_read(tmp_path, monkeypatch):
     def denied(*a, **k):
         raise PermissionError(13, "Permission denied")
     monkeypatch.setattr(torch, "load", denied)
-    with pytest.raises(data.BadInput, match=r"cannot read .*changed.pt: permission denied"):
+    with pytest.raises(infra.BadInput, match=r"cannot read .*changed.pt: permission denied"):
         evaluation.load_checkpoint(path)
     monkeypatch.undo()
-    with pytest.raises(data.BadInput, match=r"cannot read .*: it is a folder"):
+    with pytest.raises(infra.BadInput, match=r"cannot read .*: it is a folder"):
         evaluation.load_checkpoint(str(tmp_path))
 
 
@@ -2695,7 +2696,7 @@ def _train_worker(rank, world, init_file, out_dir, extra):
     try:
         result = train.main(TINY + extra[rank] + ["--out-dir", out_dir])
         torch.save({"miou": torch.tensor(result["miou"])}, os.path.join(out_dir, f"r{rank}.pt"))
-    except data.BadInput as e:
+    except infra.BadInput as e:
         open(os.path.join(out_dir, f"r{rank}.txt"), "w").write(str(e))
 
 
@@ -2756,7 +2757,7 @@ def test_a_new_run_does_not_append_to_the_log_of_a_run_that_saved_nothing(tmp_pa
     out = tmp_path / "run"
     out.mkdir()
     (out / "log.jsonl").write_text('{"iter": 1, "loss": 9.9, "lr": 0.1}\n' * 3)  # died early
-    with pytest.raises(data.ExistingOutput, match="log.jsonl exists"):  # not without asking
+    with pytest.raises(infra.ExistingOutput, match="log.jsonl exists"):  # not without asking
         train.main(TINY + ["--iters", "2", "--out-dir", str(out), "--no-eval"])
     train.main(TINY + ["--iters", "2", "--out-dir", str(out), "--no-eval", "--resume", "auto"])
     rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
@@ -2767,9 +2768,9 @@ def test_nothing_to_measure_is_refused_and_absent_classes_are_null(tmp_path):
     model = torch.nn.Conv2d(3, 5, 1)
     ds = data.SyntheticContext(2, 24, seed=0)
     ds.load = lambda i: (np.zeros((24, 24, 3), np.uint8), np.full((24, 24), 255, np.uint8))
-    with pytest.raises(data.BadInput, match="nothing to measure: the 2 images have no labelled"):
+    with pytest.raises(infra.BadInput, match="nothing to measure: the 2 images have no labelled"):
         evaluation.evaluate(model, ds, log=lambda *a: None)
-    data.write_json(str(tmp_path / "r.json"), {"iou": [0.5, float("nan")], "miou": 0.5})
+    infra.write_json(str(tmp_path / "r.json"), {"iou": [0.5, float("nan")], "miou": 0.5})
     text = (tmp_path / "r.json").read_text()
     assert "NaN" not in text and json.loads(text)["iou"] == [0.5, None]
 
@@ -2779,10 +2780,10 @@ def test_split_list_ids_stay_inside_the_dataset(tmp_path, line):
     root = tmp_path / "VOC2012"
     (root / "ImageSets/Segmentation").mkdir(parents=True)
     (root / "ImageSets/Segmentation/val.txt").write_text(f"good\n{line}\n")
-    with pytest.raises(data.BadInput, match=r"val.txt, line 2: .* is not a plain id"):
+    with pytest.raises(infra.BadInput, match=r"val.txt, line 2: .* is not a plain id"):
         data.VOCSegmentation(str(root), "val")
     (root / "ImageSets/Segmentation/val.txt").write_text("a\nb\na\n")
-    with pytest.raises(data.BadInput, match=r"val.txt, line 3: 'a' is listed again"):
+    with pytest.raises(infra.BadInput, match=r"val.txt, line 3: 'a' is listed again"):
         data.VOCSegmentation(str(root), "val")
 
 
@@ -2807,21 +2808,21 @@ def test_errors_in_loader_workers_are_one_line(capsys):
             return 2
 
         def __getitem__(self, i):
-            raise data.BadInput("cannot read image x.jpg: image file is truncated")
+            raise infra.BadInput("cannot read image x.jpg: image file is truncated")
     with pytest.raises(SystemExit) as e:
-        data.cli(lambda: next(iter(torch.utils.data.DataLoader(Broken(), num_workers=1))))
+        infra.cli(lambda: next(iter(torch.utils.data.DataLoader(Broken(), num_workers=1))))
     assert e.value.code == 2
     assert capsys.readouterr().err == "error: cannot read image x.jpg: image file is truncated\n"
 
 
 def test_huge_images_are_refused_before_decoding(tmp_path, monkeypatch):
     Image.new("L", (8000, 6000)).save(tmp_path / "big.png")  # 48 megapixels in a small file
-    with pytest.raises(data.BadInput, match=r"big.png is 8000x6000 = 48 megapixels; the limit is "
+    with pytest.raises(infra.BadInput, match=r"big.png is 8000x6000 = 48 megapixels; the limit is "
                                             r"40 \(resize it first\)"):
         data.read_image(str(tmp_path / "big.png"))
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # Pillow's own bomb guard
     Image.new("L", (100, 100)).save(tmp_path / "bomb.png")
-    with pytest.raises(data.BadInput, match=r"bomb.png is too large to decode safely"):
+    with pytest.raises(infra.BadInput, match=r"bomb.png is too large to decode safely"):
         data.read_image(str(tmp_path / "bomb.png"))
 
 
@@ -2829,7 +2830,7 @@ def test_huge_images_are_refused_before_decoding(tmp_path, monkeypatch):
 def test_masks_in_other_modes_are_named_as_they_are(tmp_path, mode):
     Image.new(mode, (8, 8)).save(tmp_path / "m.png")
     why = "rendered to colours" if mode == "RGB" else "other modes are not read as class indices"
-    with pytest.raises(data.BadInput, match=rf"m.png has mode '{re.escape(mode)}'.*{why}"):
+    with pytest.raises(infra.BadInput, match=rf"m.png has mode '{re.escape(mode)}'.*{why}"):
         data.read_mask(str(tmp_path / "m.png"))
 
 
@@ -2837,7 +2838,7 @@ def test_outputs_are_checked_writable_before_any_work(tmp_path):
     out = str(tmp_path / "run")
     train.main(TINY + ["--iters", "1", "--out-dir", out, "--no-eval"])
     (tmp_path / "file").write_text("x")
-    with pytest.raises(data.BadInput, match=r"cannot write into .*file/sub"):
+    with pytest.raises(infra.BadInput, match=r"cannot write into .*file/sub"):
         evaluation.main(["--checkpoint", os.path.join(out, "checkpoint.pt"), "--json",
                          str(tmp_path / "file" / "sub" / "r.json")])
 
@@ -2875,7 +2876,7 @@ def tiny_run(tmp_path_factory):
 
 def refused(fn, match):
     """fn() must raise one line of BadInput matching `match`; returns the message."""
-    with pytest.raises(data.BadInput, match=match) as e:
+    with pytest.raises(infra.BadInput, match=match) as e:
         fn()
     assert "\n" not in str(e.value), str(e.value)
     return str(e.value)
@@ -2920,7 +2921,7 @@ def test_a_new_run_never_replaces_an_earlier_runs_results(tmp_path, tiny_run):
     out.mkdir()
     for f in ("eval.json", "predictions.png", "log.jsonl"):
         (out / f).write_text("earlier")
-    with pytest.raises(data.ExistingOutput, match=r"log.jsonl exists \(and 2 more\); they are an "
+    with pytest.raises(infra.ExistingOutput, match=r"log.jsonl exists \(and 2 more\); they are an "
                                                   r"earlier run's results"):
         train.main(TINY + ["--iters", "1", "--out-dir", str(out), "--no-eval"])
     assert sorted(os.listdir(out)) == ["eval.json", "log.jsonl", "predictions.png"]
@@ -2946,9 +2947,9 @@ def test_outputs_related_to_an_input_are_refused_exactly(tmp_path_factory, a, b,
     inp = os.path.join(top, *b)
     related = a[:len(b)] == b or b[:len(a)] == a
     try:
-        data.refuse_existing([out], True, [("--in", inp)])
+        infra.refuse_existing([out], True, [("--in", inp)])
         assert not related
-    except data.BadInput as e:
+    except infra.BadInput as e:
         assert related and "--in" in str(e)
 
 
@@ -2956,8 +2957,8 @@ def test_outputs_related_to_an_input_are_refused_exactly(tmp_path_factory, a, b,
 def test_a_name_that_becomes_a_path_stays_inside_its_folder(name):
     root = "/r/oot"
     try:
-        assert data.plain_name(name, "--split") == name
-    except data.BadInput as e:
+        assert infra.plain_name(name, "--split") == name
+    except infra.BadInput as e:
         assert str(e).startswith("--split ") and "\n" not in str(e)
         return
     path = os.path.normpath(os.path.join(root, name + ".txt"))
@@ -3091,10 +3092,10 @@ def test_any_corrupted_field_is_one_line_naming_it_or_harmless(tiny_run, field, 
     parent, last = (ck[field.split(".")[0]], field.split(".")[1]) if "." in field else (ck, field)
     before = json.dumps(parent.get(last, "absent"), default=repr)
     setter(field, value)(ck)
-    with mock.patch.object(vortex, "read_weights_file", lambda p: ck):
+    with mock.patch.object(infra, "read_weights_file", lambda p: ck):
         try:
             evaluation.load_checkpoint("ck.pt", resume=True)
-        except data.BadInput as e:
+        except infra.BadInput as e:
             text = str(e)
             assert "\n" not in text and text.startswith("ck.pt") and (
                 field.split(".")[-1] in text or "weights do not fit" in text), text
@@ -3172,7 +3173,7 @@ def test_a_torn_last_line_of_the_log_is_dropped_and_nothing_else(tmp_path_factor
     path = tmp_path_factory.mktemp("log") / "log.jsonl"
     torn = (LOG.splitlines()[0][:cut] + junk).replace("\n", "")
     path.write_text(LOG + torn)
-    assert [r["iter"] for r in data.read_log(str(path))] == [1, 2, 3]
+    assert [r["iter"] for r in infra.read_log(str(path))] == [1, 2, 3]
     train.truncate_log(str(path), 2)
     assert path.read_text() == "".join(LOG.splitlines(True)[:2])
 
@@ -3226,7 +3227,7 @@ def test_damaged_records_of_experiments_and_preparations_are_one_line(tmp_path):
                                out]), r"x.settings.json is not a record .*; pass --overwrite")
     data.main(["prepare-coco", "--annotations", ann, "--images", imgs, "--out", out,
                "--overwrite"])
-    assert data.read_record(record)["min_pixels"] == 1000
+    assert infra.read_record(record)["min_pixels"] == 1000
 
 
 @pytest.mark.parametrize("flags,message", [
@@ -3289,7 +3290,7 @@ def test_any_broken_coco_image_record_is_skipped_or_one_line(tmp_path_factory, f
     open(ann, "w").write(json.dumps(coco))
     try:
         res = data.prepare_coco(ann, imgs, str(tmp / "out"), strict=strict, log=lambda m: None)
-    except data.BadInput as e:
+    except infra.BadInput as e:
         assert "\n" not in str(e) and "instances_x.json" in str(e)
         return
     assert res["written"] in ([], ["a"]) and all("\n" not in w + p for w, p in res["skipped"])
@@ -3306,7 +3307,7 @@ def test_coco_files_of_the_wrong_shape_are_one_line(tmp_path, top):
     try:
         res = data.main(["prepare-coco", "--annotations", ann, "--images", imgs, "--out",
                          str(tmp_path / "out"), "--strict"])
-    except data.BadInput as e:
+    except infra.BadInput as e:
         assert "\n" not in str(e) and "instances_x.json" in str(e)
     else:
         raise AssertionError(f"accepted {top}: {res}")
@@ -3326,13 +3327,13 @@ def test_a_refused_start_leaves_nothing_behind(tmp_path, tiny_run, monkeypatch):
                                      "--dataset", "voc", "--data-root", str(root), "--split",
                                      "train", "--json", str(out / "r.json")]),
             "predicts 5 classes")  # its --json folder is made only after every check
-    with pytest.raises(data.MissingInput, match=r"split list not found: .*bogus.txt"):
+    with pytest.raises(infra.MissingInput, match=r"split list not found: .*bogus.txt"):
         train.main(TINY + ["--dataset", "voc", "--data-root", str(root), "--split", "train",
                            "--val-split", "bogus", "--batch-size", "2", "--iters", "1",
                            "--out-dir", str(out)])  # checked before training, not after
 
     def refuse(*a):  # any refusal after --out-dir was taken (e.g. --sync-bn torch on CPU)
-        raise data.BadInput("--sync-bn torch: torch.nn.SyncBatchNorm needs CUDA")
+        raise infra.BadInput("--sync-bn torch: torch.nn.SyncBatchNorm needs CUDA")
     monkeypatch.setattr(train, "synchronise_batchnorm", refuse)
     refused(lambda: train.main(TINY + ["--iters", "1", "--out-dir", str(out)]), "needs CUDA")
     assert not os.path.exists(tmp_path / "new") and not train.STARTING
@@ -3443,7 +3444,7 @@ def test_every_documented_command_parses():
                 experiments.parse(args)
             else:
                 {"eval.py": evaluation, "data.py": data}[script].parser().parse_args(args)
-        except (SystemExit, data.BadInput) as e:
+        except (SystemExit, infra.BadInput) as e:
             raise AssertionError(f"{page}: {script} {' '.join(args)} -> {e}") from None
 
 
@@ -3453,7 +3454,7 @@ def test_count_include_pad_is_a_recorded_training_flag(tmp_path):
     ck = evaluation.load_checkpoint(os.path.join(out, "checkpoint.pt"))
     assert ck["config"]["count_include_pad"] is True
     assert evaluation.model_from_checkpoint(ck).context.count_include_pad is True
-    with pytest.raises(data.BadInput, match=r"--count-include-pad False \(checkpoint: True\)"):
+    with pytest.raises(infra.BadInput, match=r"--count-include-pad False \(checkpoint: True\)"):
         train.main(TINY + ["--iters", "2", "--out-dir", out, "--no-eval", "--resume"])
 
 

@@ -30,9 +30,10 @@ import torch.nn.functional as F
 
 import data
 import eval as evaluation
-from data import BadInput, MissingInput
+import infra
+from infra import BadInput, MissingInput
 import vortex
-from vortex import CONTEXTS, DEPTHS, DeepLabV3, load_backbone_weights
+from vortex import CONTEXTS, DEPTHS, DeepLabV3
 
 # =============================================================================================
 # PART I: THE PAPER
@@ -247,7 +248,7 @@ def freeze_batchnorm(model):
 
 def setup(cfg):
     """Everything before the first step. Returns the run's state (an argparse.Namespace)."""
-    rank, world, device = evaluation.setup_distributed(cfg["device"], cfg["deterministic"])
+    rank, world, device = infra.setup_distributed(cfg["device"], cfg["deterministic"])
     same_settings_on_every_rank(cfg)  # torchrun: one command line for every rank
     train_set = data.get_dataset(cfg["dataset"], cfg["split"], cfg["data_root"], train=True,
                                  crop=cfg["crop"], scale=cfg["scale"], seed=cfg["seed"],
@@ -432,7 +433,7 @@ def start_or_resume(run):
     if cfg["amp"] == "fp16" and run.device.type != "cuda":
         raise BadInput("--amp fp16 needs CUDA; use --amp bf16 on CPU")
     if getattr(run.train_set, "split", None) is not None:  # the data is part of the run
-        cfg["split_sha256"] = data.file_digest(os.path.join(
+        cfg["split_sha256"] = infra.file_digest(os.path.join(
             run.train_set.root, "ImageSets", "Segmentation", run.train_set.split + ".txt"))
     if not cfg["no_eval"]:  # the final evaluation's data is checked now, not after training
         run.val_set = data.get_dataset(cfg["dataset"], cfg["val_split"], cfg["data_root"],
@@ -442,7 +443,7 @@ def start_or_resume(run):
 
     def decide():
         nonlocal ck
-        run.lock = data.FolderLock(cfg["out_dir"], "train.py")  # one run owns --out-dir
+        run.lock = infra.FolderLock(cfg["out_dir"], "train.py")  # one run owns --out-dir
         ck = check_out_dir(cfg, run.ck_path, size)
         return ck is not None
     STARTING.append(run)  # until its first step, a refusal undoes the start (run_training)
@@ -477,7 +478,7 @@ def take_weights(model, cfg, verbose):
     """--pretrained (torchvision files) or --init-from (our checkpoint of an earlier stage)."""
     if cfg["pretrained"]:
         try:
-            load_backbone_weights(model, cfg["pretrained"], verbose=verbose)
+            infra.load_pretrained(model, cfg["pretrained"], verbose=verbose)
         except (ValueError, FileNotFoundError) as e:
             raise BadInput(f"--pretrained {e}") from None
         if cfg["multi_grid"] is not None and verbose:
@@ -542,7 +543,7 @@ def check_out_dir(cfg, ck_path, checkpoint_bytes):
                        f"--out-dir (nothing is overwritten without asking)")
     ck = read_checkpoint_for_resume(cfg, ck_path) if exists else None
     out = cfg["out_dir"]  # made only now, when the run starts; an earlier run's results are
-    data.refuse_existing(  # replaced only when resuming (--resume auto may start over them)
+    infra.refuse_existing(  # replaced only when resuming (--resume auto may start over them)
         [os.path.join(out, f) for f in RUN_OUTPUTS], cfg["resume"] is not None,
         [(f"--{k.replace('_', '-')}", cfg[k]) for k in ("data_root", "pretrained", "init_from")],
         hint="they are an earlier run's results: choose another --out-dir (or --resume auto to "
@@ -563,7 +564,7 @@ def check_out_dir(cfg, ck_path, checkpoint_bytes):
 # ---------------------------------------------------------------------------------------------
 # Checkpoints: plain dicts of tensors and numbers (torch.load(weights_only=True) reads them),
 # written by rank 0 to a temp file and renamed, so a crash mid-write never destroys the last
-# good one (data.atomic_save).
+# good one (infra.atomic_save).
 # ---------------------------------------------------------------------------------------------
 
 def save_checkpoint(run, it):
@@ -577,7 +578,7 @@ def save_checkpoint(run, it):
           "classes": list(run.train_set.classes),
           "palette": np.asarray(run.train_set.palette).tolist(),
           "data_args": run.cfg["val_data_args"]}
-    data.atomic_save(run.ck_path, lambda f: torch.save(ck, f))
+    infra.atomic_save(run.ck_path, lambda f: torch.save(ck, f))
     evaluation.curves_figure(run.log_path, os.path.join(run.cfg["out_dir"], "curves.png"))
 
 
@@ -616,9 +617,9 @@ def truncate_log(path, iteration):
     last line), so that a resumed run does not log the same iterations twice."""
     if not os.path.exists(path):
         return
-    keep = "".join(json.dumps(r) + "\n" for r in data.read_log(path) if r["iter"] <= iteration)
+    keep = "".join(json.dumps(r) + "\n" for r in infra.read_log(path) if r["iter"] <= iteration)
     if keep:
-        data.atomic_save(path, lambda f: f.write(keep.encode()))
+        infra.atomic_save(path, lambda f: f.write(keep.encode()))
     else:
         os.unlink(path)
 
@@ -816,7 +817,7 @@ def final_evaluation(run):
     if ctx:
         summary["context_miou"] = float(np.nanmean([res["iou"][c] for c in ctx]))
     if run.rank == 0:
-        data.write_json(os.path.join(out, "eval.json"), dict(res, **summary))
+        infra.write_json(os.path.join(out, "eval.json"), dict(res, **summary))
         pics = [evaluation.prediction_picture(model, val, run.device,
                                               os.path.join(out, "predictions.png"))]
         logs = [p for p in (run.log_path, os.path.join(out, "curves.png")) if os.path.exists(p)]
@@ -858,7 +859,7 @@ def parse_args(argv=None, prog=None):
     cfg["data_root"] = cfg["data_root"] and os.path.abspath(cfg["data_root"])  # resume: same data
     cfg["multi_grid"] = parse_multi_grid(cfg["multi_grid"], cfg["depth"],
                                          explicit=args.multi_grid is not None)
-    cfg["out_dir"] = data.output_path(cfg["out_dir"], "--out-dir") if cfg["out_dir"] is not None \
+    cfg["out_dir"] = infra.output_path(cfg["out_dir"], "--out-dir") if cfg["out_dir"] is not None \
         else os.path.join("runs", f"{args.dataset}-{cfg['context']}")
     cfg["val_data_args"] = synthetic_args(cfg, "val_images")
     check_config(cfg)
@@ -979,7 +980,7 @@ def check_config(cfg):
             shown = " ".join(map(str, value)) if isinstance(value, tuple) else value
             raise BadInput(f"--{flag} {shown}: {allowed}")
     for k in ("split", "val_split"):
-        data.plain_name(cfg[k], f"--{k.replace('_', '-')}")
+        infra.plain_name(cfg[k], f"--{k.replace('_', '-')}")
     for k, (lo, hi) in LIMITS.items():
         whole = isinstance(lo, int)
         need(all(v is None or lo <= v <= hi for v in np.ravel(cfg[k]).tolist()), k.replace(
@@ -1032,5 +1033,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    result = data.cli(main)
+    result = infra.cli(main)
     sys.exit(EXIT_STOPPED if isinstance(result, dict) and "stopped_at" in result else 0)

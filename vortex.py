@@ -13,7 +13,6 @@ Part II, the engineering the paper does not describe:
 Measurements and figures of these modules: experiments.py (table, figure footprints, bench).
 """
 import ctypes
-import os
 from typing import NamedTuple
 
 import numpy as np
@@ -21,7 +20,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from data import BadInput, MissingInput
 
 # =============================================================================================
 # PART I: THE PAPER
@@ -662,52 +660,6 @@ def keep_freed_memory():
 # context module; its 3x3 head conv, classifier and auxiliary head have no counterpart here.
 # ---------------------------------------------------------------------------------------------
 
-def read_weights_file(path):
-    """The one reader of weight files (torchvision's and our checkpoints): torch.load with
-    weights_only=True, and errors that name the file and say what is wrong with it, including
-    a floating-point tensor that holds NaN or inf (such weights give garbage silently)."""
-    if not os.path.exists(path):
-        raise MissingInput(f"checkpoint not found: {path}")
-    if os.path.isdir(path) or not os.access(path, os.R_OK):
-        raise BadInput(f"cannot read {path}: " + ("it is a folder" if os.path.isdir(path) else
-                                                  "permission denied"))
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except PermissionError:
-        raise BadInput(f"cannot read {path}: permission denied") from None
-    except Exception as e:  # truncated file, not a torch file, pickled code objects...
-        first = (str(e).strip().splitlines() or ["empty file"])[0]
-        raise BadInput(f"cannot read {path} as a weights-only torch checkpoint: it is truncated, "
-                       f"corrupt or not a torch file ({type(e).__name__}: {first})") from None
-    bad = next(_non_finite(obj), None)
-    if bad is not None:
-        raise BadInput(f"{path}: tensor {bad} holds NaN or infinite values; refused (a "
-                       f"checkpoint of a diverged run)")
-    return obj
-
-
-def _non_finite(obj, name=""):
-    """Names of the floating-point tensors inside `obj` (nested dicts/lists) with NaN or inf."""
-    if isinstance(obj, torch.Tensor):
-        if obj.is_floating_point() and not torch.isfinite(obj).all():
-            yield name or "(the file)"
-    elif isinstance(obj, dict):
-        for k, v in obj.items():
-            yield from _non_finite(v, f"{name}.{k}" if name else str(k))
-    elif isinstance(obj, (list, tuple)):
-        for i, v in enumerate(obj):
-            yield from _non_finite(v, f"{name}[{i}]")
-
-
-def _state_dict_of(path):
-    sd = read_weights_file(path)
-    if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
-        sd = sd["state_dict"]
-    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise BadInput(f"{path} is not a state_dict (a dict of name -> tensor)")
-    return sd
-
-
 def _torchvision_aspp_name(key):
     """torchvision DeepLabHead ASPP key (after 'classifier.0.') -> our ContextModule key."""
     parts = key.split(".")
@@ -739,17 +691,15 @@ def _check_and_load(target, tensors, path, what):
         lines.append("  (expected a torchvision ResNet of the same depth, e.g. "
                      "resnet101-63fe2227.pth for depth 101, or a torchvision "
                      "deeplabv3_resnet*_coco checkpoint)")
-        raise BadInput("\n".join(lines))
+        raise ValueError("\n".join(lines))
     target.load_state_dict(tensors, strict=True)
 
 
-def load_backbone_weights(module, path, verbose=True):
-    """Load a torchvision checkpoint from a local file into a ResNet or a DeepLabV3.
-
-    Returns {"loaded": [keys], "skipped": [keys]}, keys named as in the file, and prints a
-    summary when verbose. Raises ValueError naming missing/unexpected keys and shape mismatches.
-    """
-    sd = _state_dict_of(path)
+def load_backbone_weights(module, sd, path="the weights", verbose=True):
+    """Load a torchvision state dict `sd` (read from the file `path` by infra.read_state_dict)
+    into a ResNet or a DeepLabV3. Returns {"loaded": [keys], "skipped": [keys]}, keys named as in
+    the file, and prints a summary when verbose. Raises ValueError naming missing/unexpected keys
+    and shape mismatches."""
     backbone = module.backbone if hasattr(module, "backbone") else module
     context = getattr(module, "context", None)
     loaded, skipped = [], []
