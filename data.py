@@ -17,7 +17,6 @@ error that names the file. Commands (see `python data.py --help`):
   python data.py prepare-coco --annotations instances_train2017.json --images train2017 --out DIR
 """
 import argparse
-import json
 import math
 import os
 import time
@@ -26,9 +25,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from infra import (BadInput, ExistingOutput, FolderLock, MissingInput, atomic_save, cli,
-                   file_digest, output_path, plain_name, progress, read_list, read_record,
-                   refuse_inputs, shown, write_json)
+from infra import (DATASETS, BadInput, Claim, refuse_inputs, ExistingOutput, MissingInput, atomic_save, cli,
+                   file_digest, is_plain_name, plain_name, progress, read_json, read_list,
+                   read_record, shown, write_json)
 
 # =============================================================================================
 # PART I: THE PAPER
@@ -271,9 +270,6 @@ def coco_voc_mask(anns, h, w, cat_to_voc, min_pixels=1000, skipped=None):
     for _, cls, m in sorted(objs, key=lambda o: -o[0]):
         mask[m] = cls
     return mask
-
-
-DATASETS = ("synthetic", "voc", "voc_aug", "coco")
 
 
 def get_dataset(name, split, root=None, train=False, crop=513, scale=(0.5, 2.0), seed=0,
@@ -713,6 +709,9 @@ def image_problem(img):
     missing = [k for k in ("id", "file_name", "height", "width") if k not in img]
     if missing:
         return f"no '{missing[0]}'"
+    name = img["file_name"]
+    if not (is_plain_name(name) and is_plain_name(os.path.splitext(name)[0])):
+        return f"file_name {shown(name, 40)} is not a plain file name (what the list can hold)"
     if type(img["id"]) is not int:
         return f"id {shown(img['id'], 40)} is not a whole number"
     h, w = img["height"], img["width"]
@@ -730,13 +729,8 @@ def annotation_mask(ann, h, w):
 
 
 def _read_coco(annotations, images):
-    try:
-        with open(annotations) as f:
-            coco = json.load(f)
-    except FileNotFoundError:
-        raise MissingInput(f"COCO annotations not found: {annotations}") from None
-    except (OSError, ValueError) as e:
-        raise BadInput(f"cannot read COCO annotations {annotations}: {e}") from None
+    coco = read_json(annotations, "COCO annotations", 4 * 2 ** 30, strict=False)  # NaN: a
+    # record's problem (annotation_problem), not the file's
     for key in ("images", "annotations", "categories"):
         if not isinstance(coco, dict) or not isinstance(coco.get(key), list):
             raise BadInput(f"{annotations} has no '{key}' list: not a COCO instances file")
@@ -773,7 +767,7 @@ def prepare_coco(annotations, images, out, split=None, min_pixels=1000, log=prin
     names = {c["id"]: c["name"] for c in coco["categories"]}
     cat_to_voc = {cid: VOC_CLASSES.index(COCO_TO_VOC[n]) for cid, n in names.items()
                   if n in COCO_TO_VOC}
-    by_image, written, no_voc, missing, skipped = {}, [], 0, [], []
+    by_image, written, no_voc, missing, skipped, stems = {}, [], 0, [], [], {}
     for ann in coco["annotations"]:
         if isinstance(ann, dict) and type(ann.get("image_id")) is type(ann.get("id", 0)) is int:
             by_image.setdefault(ann["image_id"], []).append(ann)
@@ -785,14 +779,15 @@ def prepare_coco(annotations, images, out, split=None, min_pixels=1000, log=prin
     t0 = time.time()
     for n, img in enumerate(coco["images"], 1):
         problem, rid = image_problem(img), img.get("id") if isinstance(img, dict) else "?"
+        stem = None if problem else os.path.splitext(img["file_name"])[0]
+        if stem in stems:  # a.jpg and a.png: one mask a.png, one list line a
+            problem = f"its file_name has the stem of image {shown(stems[stem], 40)}'s"
         if problem:
             if strict:
                 raise BadInput(f"{annotations}: image record {shown(rid, 40)}: {problem}")
             skipped.append((f"image {shown(rid, 40)}", problem))
             continue
-        name = plain_name(img.get("file_name"), f"{annotations}: image id {img.get('id')} has "
-                                                f"file_name")
-        stem = os.path.splitext(name)[0]
+        name, stems[stem] = img["file_name"], rid
         src = os.path.join(images, name)
         mask_path = os.path.join(out, "SegmentationClass", stem + ".png")
         if not os.path.isfile(src):
@@ -874,8 +869,7 @@ def main(argv=None):
             raise BadInput(f"--min-pixels {args.min_pixels}: must be a whole number in 0..10^8")
         if args.split is not None:
             plain_name(args.split, "--split")
-        folder, inputs = output_path(args.out, "--out"), [("--annotations", args.annotations),
-                                                          ("--images", args.images)]
+        folder, inputs = args.out, [("--annotations", args.annotations), ("--images", args.images)]
         outputs = [os.path.join(folder, d) for d in ("SegmentationClass", "JPEGImages",
                                                      "ImageSets")]
     else:
@@ -885,16 +879,13 @@ def main(argv=None):
         if not os.path.isdir(folder):
             raise MissingInput(f"--voc {folder}: no such folder\n{VOC_TREE}")
     refuse_inputs(outputs, inputs)
-    lock, done = FolderLock(folder, f"data.py {args.cmd}"), False  # one preparation a folder
-    try:
+    with Claim(f"data.py {args.cmd}", [("--out" if args.cmd == "prepare-coco" else "--voc",
+                                        folder, "folder")]):  # one preparation a folder
         if args.cmd == "prepare-sbd":
             prepare_sbd(args.sbd, args.voc, args.overwrite)
         else:
             prepare_coco(args.annotations, args.images, args.out, args.split,
                          args.min_pixels, strict=args.strict, overwrite=args.overwrite)
-        done = True
-    finally:
-        lock.release(remove=not done)  # a refused start leaves no lock and no new folder
 
 
 if __name__ == "__main__":

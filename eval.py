@@ -14,7 +14,6 @@ training curves) with the drawing primitives experiments.py's figures use too.
 Nothing is overwritten without --force; known-bad input is one line and exit code 2.
 """
 import argparse
-import json
 import math
 import os
 import time
@@ -28,7 +27,6 @@ from PIL import Image, ImageDraw
 import data
 import infra
 import vortex
-from vortex import DeepLabV3
 
 PAPER_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
 
@@ -154,184 +152,66 @@ def evaluate(model, dataset, scales=(1.0,), flip=False, device=None, num_classes
 # =============================================================================================
 
 # ---------------------------------------------------------------------------------------------
-# Checkpoints (written by train.py).
-# ---------------------------------------------------------------------------------------------
-
-def _whole(lo, hi):
-    return (lambda v: type(v) is int and lo <= v <= hi), f"a whole number in {lo}..{hi}"
-
-
-def _one_of(*values):
-    return (lambda v: type(v) in (int, str) and v in values), f"one of {str(values)[1:-1]}"
-
-
-def _is(kind, what, ok=lambda v: True):
-    return (lambda v: isinstance(v, kind) and ok(v)), what
-
-
-CONFIG_FIELDS = {  # DeepLabV3's arguments, as train.py records them: (check, what is allowed)
-    "num_classes": _whole(1, 255), "depth": _one_of(*vortex.DEPTHS),
-    "context": _one_of(*vortex.CONTEXTS), "output_stride": _one_of(8, 16, 32),
-    "pool_k": (lambda v: _whole(1, 99)[0](v) and v % 2 == 1, "an odd whole number in 1..99"),
-    "multi_grid": (lambda v: v is None or (isinstance(v, (list, tuple)) and all(
-        _whole(1, 64)[0](r) for r in v)), "null or a list of whole numbers in 1..64"),
-    "base_channels": _whole(1, 4096), "context_channels": _whole(1, 8192),
-    "dropout": _is(float, "a number in [0, 1)", lambda v: 0 <= v < 1),
-    "count_include_pad": _is(bool, "true or false")}
-CHECKPOINT_FIELDS = {  # every checkpoint; RESUME_FIELDS too for --resume
-    "model": _is(dict, "a dict of name -> tensor", lambda v: all(
-        isinstance(k, str) and isinstance(t, torch.Tensor) for k, t in v.items())),
-    "config": _is(dict, f"a dict of {', '.join(CONFIG_FIELDS)}"),
-    "iteration": _whole(0, 10 ** 9), "dataset": _one_of(*data.DATASETS),
-    "classes": _is(list, "a list of class names", lambda v: all(isinstance(c, str) for c in v)),
-    "palette": _is(list, "256 [r, g, b] colours of 0..255", lambda v: len(v) == 256 and all(
-        isinstance(c, list) and len(c) == 3 and all(_whole(0, 255)[0](x) for x in c) for c in v)),
-    "data_args": _is(dict, "{} or {num_images: 1..10^7, image_size: 32..4096}", lambda v: (
-        set(v) <= {"num_images", "image_size"} and _whole(1, 10 ** 7)[0](v.get("num_images", 1))
-        and _whole(32, 4096)[0](v.get("image_size", 32)))),
-    "train_args": _is(dict, "the dict of train.py's settings")}
-RESUME_FIELDS = {
-    "optimizer": _is(dict, "an optimizer state (state, param_groups)", lambda v: isinstance(
-        v.get("state"), dict) and isinstance(v.get("param_groups"), list)),
-    "scaler": _is(dict, "a gradient-scaler state ({} without fp16)"),
-    "epoch": _whole(0, 10 ** 12), "batch_in_epoch": _whole(0, 10 ** 12),
-    "rng_cpu": _is(torch.Tensor, f"a uint8 tensor of {torch.get_rng_state().numel()} bytes",
-                   lambda v: v.dtype == torch.uint8 and v.shape == torch.get_rng_state().shape),
-    "rng_cuda": _is(torch.Tensor, "a 1-D uint8 tensor (empty without CUDA)", lambda v: v.dim()
-                    == 1 and (v.dtype == torch.uint8 or v.numel() == 0))}
-TRAIN_ARGS_FIELDS = {  # what is read from train_args (the rest is compared on --resume)
-    "val_split": _is(str, "a plain file name", infra.is_plain_name),
-    "data_root": (lambda v: v is None or (isinstance(v, str) and v.strip() != ""),
-                  "null or a folder"), "seed": _whole(0, 2 ** 32 - 1)}
-
-
-def check_fields(obj, fields, path, prefix=""):
-    """Each field of `fields` present in dict `obj` and allowed; one line naming the first that
-    is not."""
-    for name, (ok, allowed) in fields.items():
-        if name not in obj:
-            raise infra.BadInput(f"{path}: {prefix}{name} is missing (not a complete train.py "
-                                f"checkpoint); expected {allowed}")
-        if not ok(obj[name]):
-            raise infra.BadInput(f"{path}: {prefix}{name} is {infra.shown(obj[name])}; allowed: "
-                                f"{allowed}")
-
-
-def load_checkpoint(path, resume=False):
-    """A train.py checkpoint, read by vortex's one reader of weight files (weights_only=True;
-    non-finite weights refused) and checked as a whole before anything is built from it: every
-    field's type and range, config against train_args, and every weight's name and shape
-    against the model its config describes. One line naming the file and the field if not."""
-    ck = infra.read_weights_file(path)
-    if not isinstance(ck, dict):
-        raise infra.BadInput(f"{path} is not a train.py checkpoint (a dict with model, config...)")
-    check_fields(ck, dict(CHECKPOINT_FIELDS, **(RESUME_FIELDS if resume else {})), path)
-    cfg, ta = ck["config"], ck["train_args"]
-    unknown = sorted(set(cfg) - set(CONFIG_FIELDS), key=str)
-    if unknown:
-        raise infra.BadInput(f"{path}: config.{unknown[0]} is an unknown field; known: "
-                            f"{', '.join(CONFIG_FIELDS)}")
-    check_fields(cfg, CONFIG_FIELDS, path, "config.")
-    check_fields(ta, TRAIN_ARGS_FIELDS, path, "train_args.")
-    blocks = vortex.DEPTHS[cfg["depth"]][1][3]
-    synthetic = {"num_images": ta.get("val_images"), "image_size": ta.get("image_size")}
-    pairs = [("len(classes)", len(ck["classes"]), "config.num_classes", cfg["num_classes"]),
-             ("train_args.dataset", ta.get("dataset"), "dataset", ck["dataset"]),
-             ("data_args", ck["data_args"], "train_args' val_images and image_size",
-              synthetic if ck["dataset"] == "synthetic" else {})]
-    pairs += [(f"train_args.{k}", ta.get(k), f"config.{k}", cfg[k]) for k in CONFIG_FIELDS
-              if k not in ("num_classes", "dropout")]
-    if cfg["multi_grid"] is not None:
-        pairs.append(("len(config.multi_grid)", len(cfg["multi_grid"]),
-                      f"ResNet-{cfg['depth']}'s layer4 blocks", blocks))
-    for a, x, b, y in pairs:
-        if json.dumps(x, sort_keys=True, default=repr) != json.dumps(y, sort_keys=True,
-                                                                     default=repr):
-            raise infra.BadInput(f"{path}: {a} is {infra.shown(x)} but {b} is {infra.shown(y)}: "
-                                f"they must agree (an edited or mixed-up checkpoint); refused")
-    try:
-        with torch.device("meta"):  # the model's names and shapes, without its memory
-            want = {k: tuple(v.shape) for k, v in DeepLabV3(**cfg).state_dict().items()}
-    except (ValueError, RuntimeError) as e:
-        raise infra.BadInput(f"{path}: config describes no model ({infra.shown(str(e))})") from None
-    have = {k: tuple(v.shape) for k, v in ck["model"].items()}
-    wrong = ([f"{k}: missing" for k in want if k not in have] +
-             [f"{k}: not in the model" for k in have if k not in want] +
-             [f"{k}: shape {have[k]}, the model's {want[k]}" for k in want
-              if k in have and have[k] != want[k]])
-    if wrong:
-        raise infra.BadInput(f"{path}: its weights do not fit the model its config describes "
-                            f"(model.{'; model.'.join(wrong[:3])}"
-                            f"{f'; {len(wrong) - 3} more' if len(wrong) > 3 else ''})")
-    return ck
-
-
-def model_from_checkpoint(ck, path="checkpoint", **expected):
-    """Build a checked checkpoint's model; a flag that contradicts its architecture is an
-    error."""
-    cfg = dict(ck["config"])
-    wrong = [f"{k}: checkpoint has {cfg.get(k)!r}, flags say {v!r}" for k, v in expected.items()
-             if v is not None and k in cfg and cfg[k] != v]
-    if wrong:
-        raise infra.BadInput(f"{path} does not match the requested architecture: " + "; ".join(wrong))
-    cfg["multi_grid"] = None if cfg.get("multi_grid") is None else tuple(cfg["multi_grid"])
-    model = DeepLabV3(**cfg)
-    model.load_state_dict(ck["model"])
-    return model
-
-
-# ---------------------------------------------------------------------------------------------
-# Command line.
+# Predicting images, and the command line. Checkpoints are read by infra.read_checkpoint, the
+# one reader every command shares; the flags and their limits come from infra.SETTINGS.
 # ---------------------------------------------------------------------------------------------
 
 IMAGE_TYPES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 DEFAULT_SPLIT = {"coco": "val2017"}  # prepare-coco names splits after the COCO files
 
 
+def prediction_names(source, out):
+    """(image files, output stems) for --image SOURCE [--out OUT]."""
+    if not os.path.isdir(source):
+        if not os.path.isfile(source):
+            raise infra.MissingInput(f"--image {source}: no such file or folder")
+        if out and not out.lower().endswith(".png"):
+            raise infra.BadInput(f"--out {out}: the prediction is a PNG; give a name ending in "
+                                 f".png")
+        return [source], [os.path.splitext(out)[0] if out else os.path.join(
+            "runs", "predictions", os.path.splitext(os.path.basename(source))[0])]
+    files = sorted(os.path.join(source, f) for f in os.listdir(source)
+                   if f.lower().endswith(IMAGE_TYPES))
+    if not files:
+        raise infra.MissingInput(f"--image {source}: no image files ({', '.join(IMAGE_TYPES)})")
+    folder = out or os.path.join("runs", "predictions", os.path.basename(os.path.normpath(source)))
+    names = [os.path.splitext(os.path.basename(f)) for f in files]
+    clash = {s for s, _ in names if sum(t == s for t, _ in names) > 1}
+    # img.bmp and img.tif would both become img.png: such names keep their extension
+    return files, [os.path.join(folder, s + ("_" + x[1:].lower() if s in clash else ""))
+                   for s, x in names]
+
+
 def predict_images(model, ck, source, out, scales, flip, device, force, checkpoint=None,
                    log=print):
     """Predict one image or every image of a folder: <out>/<stem>.png (class indices, palette)
     and <out>/<stem>_panel.png each. Returns the paths written."""
-    classes = ck.get("classes") or list(data.VOC_CLASSES)
-    palette = np.asarray(ck.get("palette", data.VOC_PALETTE))
-    if os.path.isdir(source):
-        files = sorted(os.path.join(source, f) for f in os.listdir(source)
-                       if f.lower().endswith(IMAGE_TYPES))
-        if not files:
-            raise infra.MissingInput(f"--image {source}: no image files ({', '.join(IMAGE_TYPES)})")
-        folder = out or os.path.join("runs", "predictions", os.path.basename(
-            os.path.normpath(source)))
-        names = [os.path.splitext(os.path.basename(f)) for f in files]
-        clash = {s for s, _ in names if sum(t == s for t, _ in names) > 1}
-        # img.bmp and img.tif would both become img.png: such names keep their extension
-        stems = [os.path.join(folder, s + ("_" + x[1:].lower() if s in clash else ""))
-                 for s, x in names]
-    else:
-        if not os.path.isfile(source):
-            raise infra.MissingInput(f"--image {source}: no such file or folder")
-        if out and not out.lower().endswith(".png"):
-            raise infra.BadInput(f"--out {out}: the prediction is a PNG; give a name ending in .png")
-        files = [source]
-        stems = [os.path.splitext(out)[0] if out else os.path.join(
-            "runs", "predictions", os.path.splitext(os.path.basename(source))[0])]
+    classes, palette = ck["classes"], np.asarray(ck["palette"])
+    files, stems = prediction_names(source, out)
     outputs = [s + t for s in stems for t in (".png", "_panel.png")]
     twice = sorted({o for o in outputs if outputs.count(o) > 1})
     if twice:
         raise infra.BadInput(f"--image {source}: two outputs would share the name {twice[0]}; "
-                            f"rename one of the images")
-    infra.refuse_existing(outputs, force, [("--checkpoint", checkpoint), ("--image", source)])
-    if ck.get("dataset") == "synthetic":
-        log(f"note: this checkpoint was trained on the built-in synthetic data; it knows only "
-            f"{', '.join(classes)}, so a photo comes out in those classes")
-    written, t0 = [], time.time()
-    for n, (f, stem) in enumerate(zip(files, stems), 1):
-        image = data.normalize(data.read_image(f, orientation=True)).to(device)
-        pred = predict(model, image, scales, flip).cpu()
-        written += save_prediction(stem, image.cpu(), pred, palette, classes=classes)
-        if len(files) == 1:
-            log(f"{f}: classes found: {', '.join(classes[c] for c in pred.unique().tolist())}")
-        else:
-            infra.progress("predict", n, len(files), t0, log)
+                             f"rename one of the images")
+    inputs = [("--checkpoint", checkpoint), ("--image", source)]
+    claim = infra.Claim("eval.py", [("--out", o, (".png",)) for o in outputs], inputs, force,
+                        "pass --force to overwrite, or choose another --out") \
+        if not os.path.isdir(source) else infra.Claim(
+            "eval.py", [("--out", os.path.dirname(stems[0]), "folder")], inputs)
+    with claim:
+        infra.existing(outputs, force, "pass --force to overwrite, or choose another --out")
+        if ck["dataset"] == "synthetic":
+            log(f"note: this checkpoint was trained on the built-in synthetic data; it knows "
+                f"only {', '.join(classes)}, so a photo comes out in those classes")
+        written, t0 = [], time.time()
+        for n, (f, stem) in enumerate(zip(files, stems), 1):
+            image = data.normalize(data.read_image(f, orientation=True)).to(device)
+            pred = predict(model, image, scales, flip).cpu()
+            written += save_prediction(stem, image.cpu(), pred, palette, classes=classes)
+            if len(files) == 1:
+                log(f"{f}: classes found: {', '.join(classes[c] for c in pred.unique().tolist())}")
+            else:
+                infra.progress("predict", n, len(files), t0, log)
     log("wrote " + ", ".join(written) if len(written) <= 4 else
         f"wrote {len(written)} files in {os.path.dirname(stems[0])} "
         f"(<name>.png: class indices; <name>_panel.png: image | prediction)")
@@ -342,24 +222,14 @@ def parser():
     """The command line (--help explains every flag)."""
     p = argparse.ArgumentParser(description="Evaluate a train.py checkpoint: full-image mIoU "
                                             "(paper 4.1/4.2), or predict images.")
-    p.add_argument("--checkpoint", help="a checkpoint written by train.py")
-    p.add_argument("--dataset", choices=["synthetic", "voc", "voc_aug", "coco"], default=None,
-                   help="dataset to evaluate on (default: the one the checkpoint was trained on)")
-    p.add_argument("--data-root", default=None,
-                   help="VOC2012 folder (voc, voc_aug) or the prepare-coco output folder (coco); "
-                        "default: the one the checkpoint was trained with")
-    p.add_argument("--split", default=None,
-                   help="list to evaluate (default: the checkpoint's validation split, else val; "
-                        "val2017 for coco)")
-    p.add_argument("--scales", type=float, nargs="+", default=[1.0],
-                   help="inference scales (paper 4.1 ablations: 1.0)")
+    infra.add_flags(p, ("checkpoint", "dataset", "data_root"))
+    p.add_argument("--split", default=None, help="list to evaluate (default: the checkpoint's "
+                   "validation split, else val; val2017 for coco)")
+    infra.add_flags(p, ("scales",))
     p.add_argument("--ms", action="store_true",
                    help=f"the paper's 4.2 scales {PAPER_SCALES} (overrides --scales)")
     p.add_argument("--flip", action="store_true", help="also average the mirrored image")
-    p.add_argument("--context", choices=vortex.CONTEXTS, default=None,
-                   help="expected context module (checked)")
-    p.add_argument("--depth", type=int, choices=sorted(vortex.DEPTHS), default=None,
-                   help="expected ResNet depth (checked)")
+    infra.add_flags(p, ("context", "depth"))  # checked against the checkpoint
     p.add_argument("--save-dir", default=None,
                    help="write palette prediction PNGs and image|truth|prediction panels here")
     p.add_argument("--json", default=None,
@@ -367,19 +237,12 @@ def parser():
                         "eval_<dataset>_<split>_s<scales>[_flip].json)")
     p.add_argument("--image", default=None,
                    help="predict this image, or every image in this folder, instead (images "
-                        f"over {data.MAX_IMAGE_PIXELS // 10 ** 6} megapixels are refused: "
-                        "resize them first)")
+                        f"over {data.MAX_IMAGE_PIXELS // 10 ** 6} megapixels are refused)")
     p.add_argument("--out", default=None,
                    help="with --image: the prediction PNG (one image; default "
                         "runs/predictions/<name>.png) or folder (a folder of images; default "
                         "runs/predictions/<folder>/)")
-    p.add_argument("--force", action="store_true", help="overwrite files that exist")
-    p.add_argument("--workers", type=int, default=2, help="image-decoding processes (0: none; "
-                                                          "0..256)")
-    p.add_argument("--amp", nargs="?", const="bf16", choices=["bf16", "fp16"], default=None,
-                   help="run the model under autocast (probabilities averaged in fp32)")
-    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when "
-                                                  "available)")
+    infra.add_flags(p, ("force", "workers", "amp", "device"))
     return p
 
 
@@ -387,29 +250,26 @@ def main(argv=None):
     p = parser()
     args = p.parse_args(argv)
     vortex.keep_freed_memory()  # large tensors reuse memory instead of page-faulting it in
-    scales = PAPER_SCALES if args.ms else tuple(args.scales)
-    if not all(math.isfinite(s) and 0 < s <= 8 for s in scales):
-        raise infra.BadInput(f"--scales {' '.join(map(str, scales))}: each must be a number in "
-                            f"(0, 8] (paper: 0.5 ... 1.75)")
-    if not 0 <= args.workers <= 256:
-        raise infra.BadInput(f"--workers {args.workers}: must be a whole number in 0..256")
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and args.image:
-        raise infra.BadInput("--image runs in one process: use torchrun only to split "
-                            "the evaluation of a dataset over GPUs")
+    args.scales = list(PAPER_SCALES) if args.ms else args.scales or [1.0]
+    args.workers = 2 if args.workers is None else args.workers
     if not args.checkpoint:
         p.error("--checkpoint is required")
-    for flag in ("json", "save_dir", "out"):
+    infra.check_settings({k: v for k, v in vars(args).items() if k in infra.SETTINGS})
+    for flag in ("json", "save_dir", "out", "image", "split"):
         if getattr(args, flag) is not None:
-            infra.output_path(getattr(args, flag), "--" + flag.replace("_", "-"))
+            infra.path(getattr(args, flag), "--" + flag.replace("_", "-"))
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and args.image:
+        raise infra.BadInput("--image runs in one process: use torchrun only to split "
+                             "the evaluation of a dataset over GPUs")
     rank, _, device = infra.setup_distributed(args.device, fixed_sizes=False)
     try:
-        ck = load_checkpoint(args.checkpoint)
-        model = model_from_checkpoint(ck, args.checkpoint, context=args.context,
-                                      depth=args.depth).to(device).eval()
+        ck = infra.read_checkpoint(args.checkpoint)
+        model = infra.model_from_checkpoint(ck, args.checkpoint, context=args.context,
+                                            depth=args.depth).to(device).eval()
         if args.image:
-            return predict_images(model, ck, args.image, args.out, scales, args.flip, device,
-                                  args.force, args.checkpoint)
-        return evaluate_checkpoint(model, ck, args, scales, device, rank)
+            return predict_images(model, ck, args.image, args.out, tuple(args.scales),
+                                  args.flip, device, args.force, args.checkpoint)
+        return evaluate_checkpoint(model, ck, args, tuple(args.scales), device, rank)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -417,40 +277,43 @@ def main(argv=None):
 
 def evaluate_checkpoint(model, ck, args, scales, device, rank=0):
     """mIoU of the checkpoint on a dataset split; table on screen, numbers in a JSON file."""
-    classes = ck.get("classes") or list(data.VOC_CLASSES)
-    palette = np.asarray(ck.get("palette", data.VOC_PALETTE))
-    ta = ck.get("train_args", {})
-    name = args.dataset or ck.get("dataset", "synthetic")
-    same = name == ck.get("dataset")
+    classes, palette, ta = ck["classes"], np.asarray(ck["palette"]), ck["train_args"]
+    name = args.dataset or ck["dataset"]
+    same = name == ck["dataset"]
     split = infra.plain_name(args.split or (ta.get("val_split") if same else None) or
-                            DEFAULT_SPLIT.get(name, "val"), "--split")
+                             DEFAULT_SPLIT.get(name, "val"), "--split")
     root = args.data_root or (ta.get("data_root") if same else None)
     # a file per protocol: single-scale and multi-scale + flip numbers live side by side
-    scale_tag = "-".join(f"{v:g}" for v in scales)
     out = args.json or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)),
-                                    f"eval_{name}_{split}_s{scale_tag}"
+                                    f"eval_{name}_{split}_s{'-'.join(f'{v:g}' for v in scales)}"
                                     f"{'_flip' if args.flip else ''}.json")
-    outputs = [out] + ([args.save_dir] if args.save_dir else [])
-    infra.refuse_inputs(outputs, [("--checkpoint", args.checkpoint), ("--data-root", root)])
-    ds = data.get_dataset(name, split, root, train=False, **ck.get("data_args", {}))
-    if len(ds.classes) != len(classes):
-        raise infra.BadInput(f"{args.checkpoint} predicts {len(classes)} classes "
-                            f"({', '.join(classes[:6])}{', ...' if len(classes) > 6 else ''}), "
-                            f"but {name} has {len(ds.classes)}: evaluate it on the dataset it "
-                            f"was trained for")
-    infra.refuse_existing(outputs, args.force)  # checked writable: made only now
-    if dist.is_initialized():
-        dist.barrier()  # every rank has checked the outputs before any rank writes one
-    say = print if rank == 0 else (lambda *a: None)
-    result = evaluate(model, ds, scales, args.flip, device, len(classes), log=say,
-                      save_dir=args.save_dir, palette=palette, workers=args.workers,
-                      amp=args.amp)
-    say(f"{name} {split} ({len(ds)} images), scales {scales}, flip {args.flip}:")
-    say(format_table(result, classes, getattr(ds, "context_classes", ())))
-    result.update(dataset=name, split=split, scales=list(scales), flip=args.flip,
-                  classes=list(classes), checkpoint=args.checkpoint)
-    if rank == 0:
-        infra.write_json(out, result)
+    claim = infra.Claim("eval.py", [])
+
+    def take():  # rank 0 claims the outputs; a refusal reaches every rank
+        nonlocal claim
+        claim = infra.Claim("eval.py", [("--json", out, (".json",))] + (
+            [("--save-dir", args.save_dir, "folder")] if args.save_dir else []),
+            [("--checkpoint", args.checkpoint), ("--data-root", root)], args.force)
+        if args.save_dir:
+            infra.existing([args.save_dir], args.force, "pass --force to write into it")
+    infra.on_rank0(take)
+    with claim:
+        ds = data.get_dataset(name, split, root, train=False, **ck["data_args"])
+        if len(ds.classes) != len(classes):
+            raise infra.BadInput(f"{args.checkpoint} predicts {len(classes)} classes ("
+                                 f"{', '.join(classes[:6])}{', ...' * (len(classes) > 6)}), but "
+                                 f"{name} has {len(ds.classes)}: evaluate it on the dataset it "
+                                 f"was trained for")
+        say = print if rank == 0 else (lambda *a: None)
+        result = evaluate(model, ds, scales, args.flip, device, len(classes), log=say,
+                          save_dir=args.save_dir, palette=palette, workers=args.workers,
+                          amp=args.amp)
+        say(f"{name} {split} ({len(ds)} images), scales {scales}, flip {args.flip}:")
+        say(format_table(result, classes, getattr(ds, "context_classes", ())))
+        result.update(dataset=name, split=split, scales=list(scales), flip=args.flip,
+                      classes=list(classes), checkpoint=args.checkpoint)
+        if rank == 0:
+            infra.write_json(out, result)
     say("numbers written to", out + (f"; pictures in {args.save_dir}" if args.save_dir else ""))
     return result
 
@@ -554,7 +417,7 @@ def legend(width, names, palette, indices):
     return np.asarray(strip)
 
 
-def curves_figure(log_path, out, size=(560, 320)):
+def log_figure(log_path, out, size=(560, 320)):
     """Loss and learning rate against iterations, from log.jsonl, as a PNG (Pillow only). Both
     axes start at 0 and carry their values, so a curve's height means what its numbers say.
     Returns `out`, or None when the log has fewer than two lines (nothing is drawn)."""

@@ -34,7 +34,8 @@ import infra
 import train
 import vortex
 from infra import BadInput
-from eval import colorize, hstack, legend, load_checkpoint, model_from_checkpoint, predict
+from eval import colorize, hstack, legend, predict
+from infra import model_from_checkpoint, read_checkpoint as load_checkpoint
 from train import loss_fn, poly_lr, set_lr
 from vortex import (TABLE1, DeepLabV3, box_averages, footprint, make_context,
                     measured_utilization, table1_module, utilization_ratio)
@@ -432,7 +433,7 @@ def ablation_run(run):
         return rec["miou"], rec["context_miou"], rec["seconds"]
     resume = os.path.exists(os.path.join(run["out_dir"], "checkpoint.pt"))
     t = time.time()
-    res = train.run_training(dict(run, resume="auto", no_eval=False))
+    res = train.train(dict(run, resume="auto", no_eval=False))
     rec = dict(config=key, miou=res["miou"], context_miou=res.get("context_miou", float("nan")),
                seconds=time.time() - t, resumed=resume)
     if not dist.is_initialized() or dist.get_rank() == 0:
@@ -1653,7 +1654,7 @@ def parse(argv=None):
         if v is not None and not lo <= v <= hi:
             raise BadInput(f"--{k.replace('_', '-')} {v}: must be a whole number in {lo}..{hi}")
     if getattr(args, "out", None) is not None:
-        infra.output_path(args.out, "--out")
+        infra.path(args.out, "--out")
     if args.cmd == "context":
         if not (math.isfinite(args.lr) and 0 < args.lr <= 10):
             raise BadInput(f"--lr {args.lr}: must be a number in (0, 10]")
@@ -1661,7 +1662,7 @@ def parse(argv=None):
                           context_channels=args.context_channels, power=0.9,
                           train_layouts=args.train_layouts or PER_DISTANCE["train"],
                           settings=args.settings or [setting_file(x[0]) for x in SETTINGS],
-                          out_dir=infra.output_path(args.out_dir, "--out-dir"))
+                          out_dir=infra.path(args.out_dir, "--out-dir"))
     if args.cmd == "ablation":
         out = [] if any(a == "--out-dir" or a.startswith("--out-dir=") for a in rest) else \
             ["--out-dir", os.path.join("runs", "ablation")]
@@ -1679,10 +1680,11 @@ def main(argv=None):
         return print_table(args.size, reps=args.reps)
     if args.cmd == "figure":
         out = args.out or f"{args.what}.png"
-        infra.refuse_existing([out], args.force)
-        draw = {"footprints": footprints_figure, "synthetic": synthetic_samples_figure,
-                "descriptors": context_samples_figure}[args.what]
-        return print("wrote", draw(out))
+        with infra.Claim("experiments.py figure", [("--out", out, infra.PICTURES)], (),
+                         args.force):
+            draw = {"footprints": footprints_figure, "synthetic": synthetic_samples_figure,
+                    "descriptors": context_samples_figure}[args.what]
+            return print("wrote", draw(out))
     if args.cmd == "bench":
         if args.what == "modules" and torch.cuda.is_available():
             bench_modules_cuda()
@@ -1691,19 +1693,16 @@ def main(argv=None):
                 "inference": lambda: bench_inference(args.reps),
                 "loader": lambda: bench_loader(args.voc, args.n)}[args.what]()
     if args.cmd == "erf":
-        infra.refuse_existing([args.out], args.force, [("--data-root", args.data_root)] +
-                             [("CHECKPOINT", c) for c in args.checkpoints])
-        return erf_figure(args.checkpoints, args.out, args.images,
-                          infra.pick_device(args.device), args.data_root)
-    lock = infra.FolderLock(cfg["out_dir"], f"experiments.py {args.cmd}")  # one owner a folder
-    done = False
+        with infra.Claim("experiments.py erf", [("--out", args.out, infra.PICTURES)], [
+                ("--data-root", args.data_root)] + [("CHECKPOINT", c) for c in args.checkpoints],
+                args.force):
+            return erf_figure(args.checkpoints, args.out, args.images,
+                              infra.pick_device(args.device), args.data_root)
     try:
-        result = context_experiment(cfg, args.seeds) if args.cmd == "context" else \
-            ablation(dict(cfg, erf_images=args.erf_images), args.seeds)
-        done = True
-        return result
+        with infra.Claim(f"experiments.py {args.cmd}", [("--out-dir", cfg["out_dir"], "folder")]):
+            return context_experiment(cfg, args.seeds) if args.cmd == "context" else \
+                ablation(dict(cfg, erf_images=args.erf_images), args.seeds)
     finally:
-        lock.release(remove=not done)  # a refused start leaves no lock and no new folder
         if dist.is_initialized():
             dist.destroy_process_group()
 

@@ -1,8 +1,19 @@
-"""Run infrastructure: the gates every command's input passes (settings, checkpoints, outputs,
-records and lists, names), atomic writes and locks, progress lines, and process set-up.
+"""Run infrastructure: the gates every command's input passes, once, where it enters, and what
+runs around the paper's code. Nothing here is the paper; vortex.py imports nothing of ours, and
+data, train, eval and experiments import this.
 
-Nothing here is the paper; the paper files (vortex, data, train, eval) and experiments.py call
-it. Known-bad input raises BadInput, which `cli` turns into one line on stderr and exit code 2.
+  settings     SETTINGS (every option: type, range, meaning), add_flags, check_settings,
+               resume_differences: train's, eval's and experiments' flags, the checkpoint's
+               config and the resume comparison are all read from the one table
+  checkpoints  read_weights (tensors: layout, finiteness in float32, statistics >= 0) and
+               read_checkpoint (fields, config, shapes) for every command that loads one
+  outputs      Claim: refuses an output that is or lies inside an input, a folder where a file
+               is meant, a name the file system cannot hold, a format the name does not say;
+               locks it so that two commands cannot both write it; undone if the start is refused
+  records      read_text (size, encoding, byte-order mark), then read_list, read_record,
+               read_log, read_json; names: plain_name for ids and fields, path for flags
+  around       atomic writes, progress lines, device and process-group set-up, `cli`
+Known-bad input raises BadInput, which `cli` turns into one line on stderr and exit code 2.
 """
 import errno
 import fcntl
@@ -16,6 +27,7 @@ import socket
 import sys
 import tempfile
 import time
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -24,8 +36,7 @@ import vortex
 
 
 class BadInput(ValueError):
-    """Known-bad input that the user can fix (a flag, a file): the commands print its one-line
-    message and exit with code 2, without a traceback. Anything else keeps its traceback."""
+    """Known-bad input the user can fix (a flag, a file): one line, exit code 2, no traceback."""
 
 
 class MissingInput(BadInput, FileNotFoundError):
@@ -53,38 +64,519 @@ def cli(main):
         sys.exit(2)
 
 
-def output_path(path, flag):
-    """A path the user named for an output, refused when it names nothing (empty)."""
-    if not str(path).strip() or "\0" in str(path):
-        raise BadInput(f"{flag} {path!r}: give a file or folder name")
-    return path
+def shown(value, n=60):
+    """A value in a one-line message: its repr on one line, cut at n characters."""
+    return " ".join(repr(value).split())[:n]
 
 
-def refuse_existing(paths, force, inputs=(), hint="pass --force to overwrite, or choose "
-                                                    "another --out"):
-    """Before any work: refuse_inputs(paths, inputs); nothing is overwritten without `force`;
-    every folder an output goes to can be written (made if needed, with a test file written and
-    removed)."""
-    refuse_inputs(paths, inputs)
-    there = [p for p in paths if os.path.exists(p) and not (os.path.isdir(p) and not
-                                                            os.listdir(p))]  # empty: nothing lost
-    if there and not force:
-        more = f" (and {len(there) - 1} more)" if len(there) > 1 else ""
-        raise ExistingOutput(f"{there[0]} exists{more}; {hint}")
-    for folder in sorted({p if os.path.isdir(p) else os.path.dirname(os.path.abspath(p))
-                          for p in paths}):
+# =============================================================================================
+# Settings: one table of every option. A value one command accepts, every command accepts.
+# =============================================================================================
+
+class Setting(NamedTuple):
+    kind: object  # int, float, str, bool, "path" (any file name) or "name" (a plain one)
+    allowed: object  # (lowest, highest), a list of choices, or None
+    help: str
+    free: bool = False  # may change when a run is resumed (not part of the experiment)
+    nargs: object = None
+    const: object = None  # the value of the flag given alone (nargs '?')
+
+
+DATASETS = ("synthetic", "voc", "voc_aug", "coco")
+S = Setting
+SETTINGS = {
+    # the data
+    "dataset": S(str, list(DATASETS), "synthetic (built in), voc (train), voc_aug (train_aug, paper "
+                 "4.1) or coco"),
+    "data_root": S("path", None, "the VOC2012 folder, or the prepare-coco output folder"),
+    "split": S("name", None, "training list under ImageSets/Segmentation"),
+    "val_split": S("name", None, "list evaluated at the end"),
+    "num_images": S(int, (1, 10 ** 7), "synthetic: training images"),
+    "val_images": S(int, (1, 10 ** 7), "synthetic: validation images"),
+    "image_size": S(int, (32, 4096), "synthetic: image side"),
+    "crop": S(int, (4, 8192), "training crop side, at least 4 x the output stride (paper: 513)"),
+    "scale": S(float, (0.05, 10.0), "random scale range MIN MAX (paper: 0.5 2.0)", nargs=2),
+    # the model (DeepLabV3's arguments: the checkpoint's config)
+    "num_classes": S(int, (1, 255), "classes the classifier predicts"),
+    "depth": S(int, sorted(vortex.DEPTHS), "ResNet depth"),
+    "context": S(str, list(vortex.CONTEXTS), "context module (paper: vortex)"),
+    "pool_k": S(int, (1, 99), "Module A's pooling size k, odd"),
+    "output_stride": S(int, [8, 16, 32], "paper: 8"),
+    "multi_grid": S(int, (1, 64), "layer4 rate multipliers, one per block (paper: 1 2 4); "
+                    "'none' for torchvision's dilated geometry", nargs="+"),
+    "base_channels": S(int, (1, 4096), "ResNet width (64 = standard; synthetic: 16)"),
+    "context_channels": S(int, (1, 8192), "context module width (paper: 256)"),
+    "dropout": S(float, (0.0, 0.99), "dropout before the classifier (DeepLab's 0.1)"),
+    "count_include_pad": S(bool, None, "average pooling windows over the zero padding too "
+                           "(nn.AvgPool2d's default; ours divides by the in-map pixels)"),
+    # the optimisation (paper 4.1)
+    "batch_size": S(int, (1, 10 ** 5), "GLOBAL batch per step, split over ranks and "
+                    "--accum-steps (paper: 16)"),
+    "accum_steps": S(int, (1, 10 ** 4), "micro-steps per step (gradient accumulation)"),
+    "iters": S(int, (1, 10 ** 8), "optimizer steps (paper: 30000)", free=True),
+    "lr": S(float, (1e-8, 10.0), "base learning rate of the poly policy (paper: 0.007)"),
+    "power": S(float, (0.01, 10.0), "poly power (paper: 0.9)"),
+    "warmup": S(float, (0.0, 0.99), "linear warm-up over this fraction of --iters (paper: 0; "
+                "synthetic: 0.3)"),
+    "momentum": S(float, (0.0, 0.999), "SGD momentum (0.9)"),
+    "weight_decay": S(float, (0.0, 1.0), "SGD weight decay (1e-4)"),
+    "seed": S(int, (0, 2 ** 32 - 1), "seed of weights, data order and augmentation"),
+    "freeze_bn": S(bool, None, "keep batch norm fixed (DeepLab v3's last stage, paper 4.2)"),
+    # how a run goes: free to change on resume
+    "workers": S(int, (0, 256), "data-loader processes per rank (0: none)", free=True),
+    "pretrained": S("path", None, "local torchvision ImageNet ResNet or deeplabv3_resnet*_coco "
+                    "checkpoint to start from", free=True),
+    "init_from": S("path", None, "our checkpoint of an earlier stage to take the weights from "
+                   "(paper 4.2)", free=True),
+    "sync_bn": S(str, ["auto", "torch", "ours", "off"], "batch-norm statistics over all ranks "
+                 "(paper 4.1): auto = torch's on CUDA, ours on CPU; off = per rank", free=True),
+    "resume": S(str, ["yes", "auto"], "continue --out-dir's checkpoint; 'auto' resumes when "
+                "one exists (torchrun --max-restarts)", free=True, nargs="?", const="yes"),
+    "out_dir": S("path", None, "where checkpoint, log and pictures go", free=True),
+    "save_every": S(int, (1, 10 ** 8), "checkpoint every N iterations", free=True),
+    "log_every": S(int, (1, 10 ** 8), "progress line every N iterations", free=True),
+    "stop_after": S(int, (1, 10 ** 8), "testing aid: act as if SIGTERM came after N "
+                    "iterations", free=True),
+    "amp": S(str, ["bf16", "fp16"], "mixed precision: bf16 autocast (--amp alone), or fp16 "
+             "with a gradient scaler (CUDA only)", free=True, nargs="?", const="bf16"),
+    "channels_last": S(bool, None, "NHWC memory format", free=True),
+    "compile": S(bool, None, "torch.compile the model", free=True),
+    "deterministic": S(bool, None, "reproducible CUDA kernels (slower)", free=True),
+    "no_eval": S(bool, None, "skip the evaluation at the end", free=True),
+    "device": S(str, None, "cpu, cuda or cuda:N (default: cuda when available)", free=True),
+    # evaluation and the other commands
+    "checkpoint": S("path", None, "a checkpoint written by train.py"),
+    "scales": S(float, (0.05, 8.0), "inference scales (paper 4.1 ablations: 1.0)", nargs="+"),
+    "threads": S(int, (0, 1024), "torch CPU threads (0: torch's default)"),
+    "seeds": S(int, (1, 100), "seeds per module"),
+    "force": S(bool, None, "overwrite outputs that exist"),
+}
+del S
+
+
+def allowed_text(name):
+    s = SETTINGS[name]
+    if s.kind is bool:
+        return "a flag"
+    if s.kind == "path":
+        return "a file or folder name"
+    if s.kind == "name":
+        return "a plain file name (no folder part)"
+    if isinstance(s.allowed, tuple):
+        lo, hi = s.allowed
+        return f"a whole number in {lo}..{hi}" if s.kind is int else f"a number in [{lo:g}, {hi:g}]"
+    if s.allowed:
+        return "one of " + ", ".join(map(str, s.allowed))
+    return "text"
+
+
+def add_flags(parser, names, default=None):
+    """argparse flags for `names`, their help and limits from SETTINGS (default None: unset, so
+    that a preset or a checkpoint fills it in). Values are checked by check_settings."""
+    for name in names:
+        s, flag = SETTINGS[name], "--" + name.replace("_", "-")
+        text = f"{s.help} [{allowed_text(name)}]"
+        if s.kind is bool:
+            parser.add_argument(flag, action="store_const", const=True, default=default,
+                                help=s.help)
+        elif name == "multi_grid":
+            parser.add_argument(flag, nargs="+", default=default, metavar="RATE", help=text)
+        else:
+            kind = str if s.kind in ("path", "name") else s.kind
+            choices = s.allowed if isinstance(s.allowed, list) else None
+            extra = {"const": s.const} if s.const is not None else {}
+            parser.add_argument(flag, type=kind, choices=choices, nargs=s.nargs, default=default,
+                                help=s.help if choices else text, **extra)
+
+
+def check_value(name, value):
+    """None when `value` is allowed for setting `name`, else what is allowed (a phrase)."""
+    s = SETTINGS[name]
+    if value is None:
+        return None
+    if s.nargs not in (None, "?"):
+        if not isinstance(value, (list, tuple)) or not value or (
+                isinstance(s.nargs, int) and len(value) != s.nargs):
+            return f"{s.nargs if isinstance(s.nargs, int) else 'one or more'} values, each " \
+                   f"{allowed_text(name)}"
+        values = value
+    else:
+        values = [value]
+    for v in values:
+        if s.kind is bool:
+            ok = type(v) is bool
+        elif s.kind in ("path", "name"):
+            if s.kind == "path" and path_problem(v):
+                return f"a file or folder name ({path_problem(v)})"
+            ok = isinstance(v, str) and (s.kind == "path" or is_plain_name(v))
+        elif s.kind is int:
+            ok = type(v) is int and (v in s.allowed if isinstance(s.allowed, list) else
+                                     s.allowed[0] <= v <= s.allowed[1])
+        elif s.kind is float:
+            ok = type(v) in (int, float) and math.isfinite(v) and s.allowed[0] <= v <= s.allowed[1]
+        else:
+            ok = isinstance(v, str) and (not s.allowed or v in s.allowed) and v.strip() != ""
+        if not ok:
+            return allowed_text(name)
+    return None
+
+
+def check_settings(cfg, where=None):
+    """Every setting of `cfg` that SETTINGS knows, and the rules between settings; one line
+    naming the first that is wrong: '--flag value: ...', or 'FILE: config.field is ...'."""
+    def refuse(name, allowed):
+        value = cfg[name]
+        text = " ".join(map(str, value)) if isinstance(value, (list, tuple)) else \
+            shown(value) if isinstance(value, str) and not value.strip() else value
+        if where:
+            raise BadInput(f"{where}.{name} is {shown(value)}; allowed: {allowed}")
+        raise BadInput(f"--{name.replace('_', '-')} {text}: must be {allowed}")
+    for name in cfg:
+        if name in SETTINGS:
+            problem = check_value(name, cfg[name])
+            if problem:
+                refuse(name, problem)
+    get = cfg.get
+    if get("pool_k") is not None and get("pool_k") % 2 == 0:
+        refuse("pool_k", "an odd whole number in 1..99 (a centred window)")
+    if get("crop") is not None and get("output_stride") and get("crop") < 4 * get("output_stride"):
+        refuse("crop", f"at least 4 x the output stride ({4 * get('output_stride')}), so that "
+                       f"the context module sees a feature map of 4 x 4 or more")
+    if get("scale") is not None and get("scale")[0] > get("scale")[1]:
+        refuse("scale", "MIN <= MAX (paper: 0.5 2.0)")
+    if get("multi_grid") is not None and get("depth") in vortex.DEPTHS:
+        blocks = vortex.DEPTHS[get("depth")][1][3]
+        if len(get("multi_grid")) != blocks:
+            refuse("multi_grid", f"{blocks} whole numbers in 1..64, one per layer4 block of "
+                                 f"ResNet-{get('depth')} (paper: 1 2 4), or none")
+    return cfg
+
+
+def resume_differences(saved, cfg):
+    """The settings of a run's identity (not SETTINGS' free ones) whose value differs from the
+    checkpoint's (one it does not record differs too), as '--flag now (checkpoint: then)'."""
+    def plain(c, k):  # as JSON: a tuple and its list are equal, True and 1 are not
+        return json.dumps(c.get(k, "unrecorded"), default=repr)
+    return [f"--{k.replace('_', '-')} {json.loads(plain(cfg, k))} (checkpoint: "
+            f"{json.loads(plain(saved, k))})" for k in sorted(set(cfg) | set(saved))
+            if not (k in SETTINGS and SETTINGS[k].free) and plain(cfg, k) != plain(saved, k)]
+
+
+# =============================================================================================
+# Checkpoints: one reader for every command that loads one.
+# =============================================================================================
+
+def read_weights(path):
+    """torch.load(weights_only=True) of a weights file, with errors naming the file. Every
+    tensor must be dense, real, on no 'meta' device; floating ones finite in float32 (the
+    dtype the model runs in: 1e300 in float64 is inf there); batch norm's running_var >= 0."""
+    if not os.path.exists(path):
+        raise MissingInput(f"checkpoint not found: {path}")
+    if os.path.isdir(path) or not os.access(path, os.R_OK):
+        raise BadInput(f"cannot read {path}: " + ("it is a folder" if os.path.isdir(path) else
+                                                  "permission denied"))
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except PermissionError:
+        raise BadInput(f"cannot read {path}: permission denied") from None
+    except Exception as e:  # truncated file, not a torch file, pickled code objects...
+        first = (str(e).strip().splitlines() or ["empty file"])[0]
+        raise BadInput(f"cannot read {path} as a weights-only torch checkpoint: it is truncated, "
+                       f"corrupt or not a torch file ({type(e).__name__}: {first[:200]})") from None
+    for name, t in _tensors(obj):
+        problem = tensor_problem(name, t)
+        if problem:
+            raise BadInput(f"{path}: tensor {name or '(the file)'} {problem}; refused")
+    return obj
+
+
+def _tensors(obj, name=""):
+    if isinstance(obj, torch.Tensor):
+        yield name, obj
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _tensors(v, f"{name}.{k}" if name else str(k))
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            yield from _tensors(v, f"{name}[{i}]")
+
+
+def tensor_problem(name, t):
+    if t.layout != torch.strided or t.is_meta or t.is_complex() or t.is_quantized:
+        return f"is {t.layout if t.layout != torch.strided else t.dtype} " \
+               f"{'on meta ' if t.is_meta else ''}(only dense real tensors are read)"
+    if t.is_floating_point():
+        if not torch.isfinite(t.float()).all():
+            return "holds NaN or infinite values in float32 (a diverged run, or values " \
+                   "beyond float32's range)"
+        if name.endswith("running_var") and (t < 0).any():
+            return "holds a negative variance"
+    return None
+
+
+def read_state_dict(path):
+    """A torchvision state dict (a dict of name -> tensor, or one under 'state_dict')."""
+    sd = read_weights(path)
+    if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
+        sd = sd["state_dict"]
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise BadInput(f"{path} is not a state_dict (a dict of name -> tensor)")
+    return sd
+
+
+def load_pretrained(model, path, verbose=True):
+    """--pretrained: a torchvision checkpoint (local file) into a ResNet or a DeepLabV3."""
+    sd = read_state_dict(path)
+    try:
+        return vortex.load_backbone_weights(model, sd, path, verbose)
+    except ValueError as e:
+        raise BadInput(str(e)) from None
+
+
+def _whole(lo, hi):
+    return (lambda v: type(v) is int and lo <= v <= hi), f"a whole number in {lo}..{hi}"
+
+
+def _is(kind, what, ok=lambda v: True):
+    return (lambda v: isinstance(v, kind) and ok(v)), what
+
+
+CONFIG = ("num_classes", "depth", "context", "output_stride", "pool_k", "multi_grid",
+          "base_channels", "context_channels", "dropout", "count_include_pad")
+CHECKPOINT_FIELDS = {  # every checkpoint; RESUME_FIELDS too for --resume
+    "model": _is(dict, "a dict of name -> tensor", lambda v: all(
+        isinstance(k, str) and isinstance(t, torch.Tensor) for k, t in v.items())),
+    "config": _is(dict, f"a dict of {', '.join(CONFIG)}"),
+    "iteration": _whole(0, 10 ** 9),
+    "dataset": (lambda v: v in DATASETS, f"one of {', '.join(DATASETS)}"),
+    "classes": _is(list, "a list of class names", lambda v: all(isinstance(c, str) for c in v)),
+    "palette": _is(list, "256 [r, g, b] colours of 0..255", lambda v: len(v) == 256 and all(
+        isinstance(c, list) and len(c) == 3 and all(_whole(0, 255)[0](x) for x in c) for c in v)),
+    "data_args": _is(dict, "{} or {num_images: 1..10^7, image_size: 32..4096}", lambda v: (
+        set(v) <= {"num_images", "image_size"} and _whole(1, 10 ** 7)[0](v.get("num_images", 1))
+        and _whole(32, 4096)[0](v.get("image_size", 32)))),
+    "train_args": _is(dict, "the dict of train.py's settings")}
+RESUME_FIELDS = {
+    "optimizer": _is(dict, "an optimizer state (state, param_groups)", lambda v: isinstance(
+        v.get("state"), dict) and isinstance(v.get("param_groups"), list)),
+    "scaler": _is(dict, "a gradient-scaler state ({} without fp16)"),
+    "epoch": _whole(0, 10 ** 12), "batch_in_epoch": _whole(0, 10 ** 12),
+    "rng_cpu": _is(torch.Tensor, f"a uint8 tensor of {torch.get_rng_state().numel()} bytes",
+                   lambda v: v.dtype == torch.uint8 and v.shape == torch.get_rng_state().shape),
+    "rng_cuda": _is(torch.Tensor, "a 1-D uint8 tensor (empty without CUDA)", lambda v: v.dim()
+                    == 1 and (v.dtype == torch.uint8 or v.numel() == 0))}
+
+
+def read_checkpoint(path, resume=False):
+    """A train.py checkpoint, checked as a whole before anything is built from it: its tensors
+    (read_weights), every field's type and range, config and train_args through SETTINGS (what
+    train.py accepts), config against train_args, and every weight's name and shape against
+    the model its config describes. One line naming the file and the field if not."""
+    ck = read_weights(path)
+    if not isinstance(ck, dict):
+        raise BadInput(f"{path} is not a train.py checkpoint (a dict with model, config...)")
+    for name, (ok, allowed) in dict(CHECKPOINT_FIELDS, **(RESUME_FIELDS if resume else {})).items():
+        if name not in ck:
+            raise BadInput(f"{path}: {name} is missing (not a complete train.py checkpoint); "
+                           f"expected {allowed}")
+        if not ok(ck[name]):
+            raise BadInput(f"{path}: {name} is {shown(ck[name])}; allowed: {allowed}")
+    cfg, ta = ck["config"], ck["train_args"]
+    for k in ("dataset", "val_split", "data_root", "seed"):  # what other commands read of it
+        if k not in ta:
+            raise BadInput(f"{path}: train_args.{k} is missing (not a complete train.py "
+                           f"checkpoint)")
+    if set(cfg) != set(CONFIG):
+        odd = sorted(set(cfg) ^ set(CONFIG), key=str)[0]
+        raise BadInput(f"{path}: config.{odd} is {'unknown' if odd in cfg else 'missing'}; "
+                       f"config holds {', '.join(CONFIG)}")
+    check_settings(dict(cfg), f"{path}: config")
+    check_settings({k: v for k, v in ta.items() if k in SETTINGS}, f"{path}: train_args")
+    synthetic = {"num_images": ta.get("val_images"), "image_size": ta.get("image_size")}
+    pairs = [("len(classes)", len(ck["classes"]), "config.num_classes", cfg["num_classes"]),
+             ("train_args.dataset", ta.get("dataset"), "dataset", ck["dataset"]),
+             ("data_args", ck["data_args"], "train_args' val_images and image_size",
+              synthetic if ck["dataset"] == "synthetic" else {})]
+    pairs += [(f"train_args.{k}", ta.get(k), f"config.{k}", cfg[k]) for k in CONFIG
+              if k not in ("num_classes", "dropout")]
+    for a, x, b, y in pairs:
+        if json.dumps(x, sort_keys=True) != json.dumps(y, sort_keys=True, default=list):
+            raise BadInput(f"{path}: {a} is {shown(x)} but {b} is {shown(y)}: they must agree "
+                           f"(an edited or mixed-up checkpoint); refused")
+    with torch.device("meta"):  # the model's names and shapes, without its memory
+        want = {k: tuple(v.shape) for k, v in vortex.DeepLabV3(**cfg).state_dict().items()}
+    have = {k: tuple(v.shape) for k, v in ck["model"].items()}
+    wrong = ([f"{k}: missing" for k in want if k not in have] +
+             [f"{k}: not in the model" for k in have if k not in want] +
+             [f"{k}: shape {have[k]}, the model's {want[k]}" for k in want
+              if k in have and have[k] != want[k]])
+    if wrong:
+        raise BadInput(f"{path}: its weights do not fit the model its config describes (model."
+                       f"{'; model.'.join(wrong[:3])}{f'; {len(wrong) - 3} more' * (len(wrong) > 3)})")
+    return ck
+
+
+def model_from_checkpoint(ck, path="checkpoint", **expected):
+    """The model of a checked checkpoint; a flag that contradicts its architecture is refused."""
+    cfg = dict(ck["config"])
+    wrong = [f"{k}: checkpoint has {cfg.get(k)!r}, flags say {v!r}" for k, v in expected.items()
+             if v is not None and cfg[k] != v]
+    if wrong:
+        raise BadInput(f"{path} does not match the requested architecture: " + "; ".join(wrong))
+    cfg["multi_grid"] = None if cfg["multi_grid"] is None else tuple(cfg["multi_grid"])
+    model = vortex.DeepLabV3(**cfg)
+    model.load_state_dict(ck["model"])
+    return model
+
+
+# =============================================================================================
+# Names: one rule for every flag and record field that names a file.
+# =============================================================================================
+
+def path_problem(path):
+    """What keeps `path` from naming a file here (a short phrase), or None."""
+    if not isinstance(path, str):
+        return "it is not text"
+    if not path.strip():
+        return "it is empty"
+    if "\0" in path:
+        return "it holds a NUL character"
+    try:
+        parts = [p.encode() for p in path.split(os.sep)]
+    except UnicodeEncodeError:
+        return "it holds characters the file system cannot store"
+    if max(len(p) for p in parts) > 250 or len(path.encode()) > 4000:
+        return "longer than the file system allows: 250 bytes a name, 4000 a path"
+    return None
+
+
+def path(value, flag):
+    """`value` when it can name a file, else one line naming the flag."""
+    problem = path_problem(value)
+    if problem:
+        raise BadInput(f"{flag} {shown(value)}: must be a file or folder name ({problem})")
+    return value
+
+
+def is_plain_name(name):
+    """A file name or id that stays inside its folder: no folder part, no '..', not absolute,
+    no white space (a list line holds one id)."""
+    return (isinstance(name, str) and name not in ("", ".", "..") and path_problem(name) is None
+            and os.path.basename(name) == name and "\\" not in name
+            and not any(c.isspace() for c in name))
+
+
+def plain_name(name, what):
+    """`name` when it is a plain name (is_plain_name), else one line naming `what`."""
+    if not is_plain_name(name):
+        raise BadInput(f"{what} {shown(name)} is not a plain file name inside its folder (a "
+                       f"folder part, '..', white space or an absolute path); refused")
+    return name
+
+
+# =============================================================================================
+# Outputs: one claim, made before any work.
+# =============================================================================================
+
+PICTURES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+
+
+def _lock(lock_path, what):
+    """fd of an exclusive fcntl lock on `lock_path` (the system drops it with the process, even
+    after kill -9), or None when another process holds it; the holder's name is written in."""
+    while True:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
         try:
-            os.makedirs(folder, exist_ok=True)
-            test = os.path.join(folder, f".write-test-{os.getpid()}")
-            os.close(os.open(test, os.O_CREAT | os.O_WRONLY))
-            os.unlink(test)
-        except OSError as e:
-            raise BadInput(f"cannot write into {folder}: {e.strerror or e}") from None
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            return holder
+        try:  # the holder before us removed the file as we opened it: lock the new one
+            same = os.fstat(fd).st_ino == os.stat(lock_path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            try:
+                os.ftruncate(fd, 0)
+                os.write(fd, f"{what} (pid {os.getpid()} on {socket.gethostname()})".encode())
+            except OSError:  # e.g. the file-size limit: we hold it, so we may remove it
+                os.unlink(lock_path)
+                os.close(fd)
+                raise
+            return fd
+        os.close(fd)
+
+
+class Claim:
+    """The outputs of one command, claimed before any work: `outputs` are (flag, path, kind),
+    kind 'folder' or the file name endings the format allows (the format follows the name).
+    Refused, with one line and nothing left behind: an output that is, holds or lies inside an
+    input ((flag, path) pairs, real paths and hard links compared), an existing folder where a
+    file is meant or a file where a folder is, a name the file system cannot hold, one another
+    command holds, an existing file without `force` (folders are checked by their owner). Each
+    output is locked (a folder by its .lock, a file by .<name>.lock beside it) until release()."""
+
+    def __init__(self, what, outputs, inputs=(), force=False,
+                 hint="pass --force to overwrite, or choose another name"):
+        self.held, self.made = [], []
+        try:
+            for flag, out, kind in outputs:
+                path(out, flag)
+                refuse_inputs([out], inputs)
+                folder = kind == "folder"
+                if not folder and not out.lower().endswith(tuple(kind)):
+                    raise BadInput(f"{flag} {out}: this output is written as {kind[0][1:].upper()}"
+                                   f"; give a name ending in {' or '.join(kind)}")
+                if os.path.isdir(out) != folder and os.path.exists(out):
+                    raise BadInput(f"{flag} {out} is {'a file' if folder else 'a folder'}; "
+                                   f"give {'a folder' if folder else 'a file name'}")
+                parent = out if folder else os.path.dirname(os.path.abspath(out))
+                self.made.append(first_missing(parent))
+                lock = os.path.join(out, ".lock") if folder else os.path.join(
+                    parent, f".{os.path.basename(out)}.lock")
+                try:
+                    os.makedirs(parent, exist_ok=True)
+                except OSError as e:
+                    raise BadInput(f"{flag} {out}: cannot write into {parent} "
+                                   f"({e.strerror or e})") from None
+                try:
+                    fd = _lock(lock, what)
+                except OSError as e:
+                    raise BadInput(f"cannot write the lock {lock}: {write_failure(e, parent, 0)}"
+                                   f"; nothing was started") from None
+                if isinstance(fd, str):
+                    raise BadInput(f"{out} is in use by {fd}; wait for it to finish, or choose "
+                                   f"another {'folder' if folder else 'name'}")
+                self.held.append((fd, lock))
+                if not folder and os.path.exists(out) and not force:
+                    raise ExistingOutput(f"{out} exists; {hint}")
+        except BaseException:
+            self.release(remove=True)
+            raise
+
+    def release(self, remove=False):
+        """Let go of the outputs (lock files are removed; with `remove`, after a refused start,
+        also the folders the claim made, when empty)."""
+        for fd, lock in reversed(self.held):
+            os.unlink(lock)  # only the holder removes it, before letting go
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+        self.held = []
+        for top in self.made if remove else ():
+            remove_made(top)
+        self.made = []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, *_):
+        self.release(remove=kind is not None and issubclass(kind, (BadInput, KeyboardInterrupt)))
 
 
 def refuse_inputs(paths, inputs):
-    """An output that is, holds or lies inside one of the command's `inputs` ((flag, path)
-    pairs; real paths compared, hard links too) is refused whatever the flags."""
+    """An output that is, holds or lies inside one of `inputs` ((flag, path) pairs; real paths
+    compared, hard links too) is refused whatever the flags."""
     for p in paths:
         for flag, i in ((f, i) for f, i in inputs if i):
             o, r = os.path.realpath(p), os.path.realpath(i)
@@ -96,19 +588,42 @@ def refuse_inputs(paths, inputs):
                                f"or writes into an input, even with --force; choose another")
 
 
+def existing(paths, force, hint):
+    """Refuse the first of `paths` that exists (an empty folder loses nothing), unless `force`."""
+    there = [p for p in paths if os.path.exists(p) and not (os.path.isdir(p) and not
+                                                            set(os.listdir(p)) - {".lock"})]
+    if there and not force:
+        more = f" (and {len(there) - 1} more)" if len(there) > 1 else ""
+        raise ExistingOutput(f"{there[0]} exists{more}; {hint}")
+
+
+def first_missing(p):
+    """The outermost folder of `p` that does not exist yet (None if it all exists)."""
+    p, top = os.path.abspath(p), None
+    while not os.path.exists(p):
+        p, top = os.path.dirname(p), p
+    return top
+
+
+def remove_made(top):
+    """Remove the folders inside `top` (a folder a refused start made), and it, while empty."""
+    for folder, _, files in os.walk(top or "", topdown=False):
+        if not files and not os.listdir(folder):
+            os.rmdir(folder)
+
+
 def _umask():
     mask = os.umask(0)
     os.umask(mask)
     return mask
 
 
-def atomic_save(path, write):
-    """Call write(file) on a temp file beside `path`, then rename it over `path`: a crash
-    mid-write never leaves a half-written `path`. The file gets the permissions the umask allows
-    (as open() would give it), leftovers of earlier interrupted saves of the same file are
-    removed first, and a failed write (disk full, read-only folder) raises BadInput naming the
-    file and the cause, with nothing left behind."""
-    d, base = os.path.split(os.path.abspath(path))
+def atomic_save(out, write):
+    """Call write(file) on a temp file beside `out`, then rename it over `out`: a crash mid-write
+    never leaves a half-written file. Permissions as open() would give; leftovers of earlier
+    interrupted saves of the same file are removed first; a failed write (disk full, read-only
+    folder) raises BadInput naming the file and the cause, with nothing left behind."""
+    d, base = os.path.split(os.path.abspath(out))
     try:
         os.makedirs(d, exist_ok=True)
         for old in os.listdir(d):  # a kill mid-save leaves .tmp-XXXX<name> behind
@@ -116,16 +631,16 @@ def atomic_save(path, write):
                 os.unlink(os.path.join(d, old))
         fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=base)
     except OSError as e:
-        raise BadInput(f"cannot write {path}: {e.strerror or e}") from None
+        raise BadInput(f"cannot write {out}: {e.strerror or e}") from None
     try:
         os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             write(f)
-        os.replace(tmp, path)
+        os.replace(tmp, out)
     except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
         written = os.path.getsize(tmp)
         os.unlink(tmp)
-        raise BadInput(f"cannot write {path}: {write_failure(e, d, written)}") from None
+        raise BadInput(f"cannot write {out}: {write_failure(e, d, written)}") from None
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -147,7 +662,7 @@ def write_failure(error, folder, written):
     return f"{first} ({so_far}; {free / 2 ** 20:.0f} MB free there)"
 
 
-def write_json(path, obj):
+def write_json(out, obj):
     """Strict JSON, atomically: NaN and infinities (a class absent from both prediction and
     ground truth has no IoU) become null, which every JSON reader accepts."""
     def clean(v):
@@ -159,157 +674,133 @@ def write_json(path, obj):
             return [clean(x) for x in v]
         return v
     text = json.dumps(clean(obj), indent=1, allow_nan=False)
-    atomic_save(path, lambda f: f.write(text.encode() + b"\n"))
+    atomic_save(out, lambda f: f.write(text.encode() + b"\n"))
 
 
-class FolderLock:
-    """An exclusive lock on a folder for one command's run (train.py --out-dir, a prepared
-    dataset): a second command on the same folder is refused, naming the holder. It is an
-    fcntl lock on folder/.lock, which the system drops with the process however it ends (even
-    kill -9), so a dead run never leaves a stale lock. release(remove=True) after a refused
-    start takes away the lock file and the folders the lock made, when they are empty."""
-
-    def __init__(self, folder, what):
-        self.path, self.fd, self.made = os.path.join(folder, ".lock"), None, first_missing(folder)
-        try:
-            os.makedirs(folder, exist_ok=True)
-            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
-        except OSError as e:
-            raise BadInput(f"cannot write into {folder}: {e.strerror or e}") from None
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(self.fd, 200).decode(errors="replace").strip() or "another process"
-            os.close(self.fd)
-            raise BadInput(f"{folder} is in use by {holder}; wait for it to finish, or choose "
-                           f"another folder") from None
-        try:
-            os.ftruncate(self.fd, 0)
-            os.write(self.fd, f"{what} (pid {os.getpid()} on {socket.gethostname()})".encode())
-        except OSError as e:
-            why = write_failure(e, folder, 0)
-            self.release(remove=True)
-            raise BadInput(f"cannot write the lock {self.path}: {why}; nothing was started") \
-                from None
-
-    def release(self, remove=False):
-        if self.fd is not None:
-            if remove:  # only the holder may remove it, before letting go
-                os.unlink(self.path)
-                remove_empty(os.path.dirname(self.path), self.made)
-            fcntl.flock(self.fd, fcntl.LOCK_UN)
-            os.close(self.fd)
-            self.fd = None
+def save_picture(out, pixels):
+    """An RGB uint8 array as a picture, in the format its name says (PICTURES), atomically."""
+    from PIL import Image
+    fmt = {".jpg": "JPEG", ".jpeg": "JPEG", ".tif": "TIFF"}.get(
+        os.path.splitext(out)[1].lower(), os.path.splitext(out)[1][1:].upper())
+    atomic_save(out, lambda f: Image.fromarray(pixels).save(f, format=fmt))
+    return out
 
 
-def first_missing(path):
-    """The outermost folder of `path` that does not exist yet (None if it all exists)."""
-    p, top = os.path.abspath(path), None
-    while not os.path.exists(p):
-        p, top = os.path.dirname(p), p
-    return top
+# =============================================================================================
+# Records and lists: one reader per kind, every file read as untrusted (even our own).
+# =============================================================================================
 
-
-def remove_empty(path, top):
-    """Remove `path` and its parents up to `top` while they are empty folders."""
-    p = os.path.abspath(path)
-    while top and os.path.isdir(p) and not os.listdir(p) and os.rmdir(p) is None and p != top:
-        p = os.path.dirname(p)
-
-
-def is_plain_name(name):
-    """A file name or id that stays inside its folder: no folder part, no '..', not absolute."""
-    return (isinstance(name, str) and name not in ("", ".", "..") and not os.path.isabs(name)
-            and os.path.basename(name) == name and "\\" not in name and "\0" not in name)
-
-
-def shown(value, n=60):
-    """A value in a one-line message: its repr on one line, cut at n characters."""
-    return " ".join(repr(value).split())[:n]
-
-
-def plain_name(name, what):
-    """`name` when it is a plain name (is_plain_name), else one line naming `what` (a flag, a
-    record field): every name that becomes a path stays inside its folder."""
-    if not is_plain_name(name):
-        raise BadInput(f"{what} {name!r} is not a plain file name inside its folder (a folder "
-                       f"part, '..' or an absolute path would reach outside it); refused")
-    return name
-
-
-def read_record(path, fields=None, hint="delete it to make it again"):
-    """A JSON record this project wrote (atomically: a crash leaves none or a whole one), read as
-    untrusted: a dict whose `fields` ({name: allowed types}) are there, or one line naming the
-    file and what to do."""
+def read_text(p, what, limit=64 * 2 ** 20):
+    """The text of a file: at most `limit` bytes; UTF-8 (a byte-order mark dropped) or UTF-16
+    with its byte-order mark (as Windows editors save); otherwise one line naming the file."""
     try:
-        with open(path) as f:
-            rec, why = json.load(f), "not a dict"
-    except (OSError, ValueError) as e:
+        size = os.path.getsize(p)
+        if size > limit:
+            raise BadInput(f"{what} {p} is {size / 2 ** 20:.1f} MB; the limit is "
+                           f"{limit / 2 ** 20:.0f} MB")
+        with open(p, "rb") as f:
+            raw = f.read(limit + 1)
+    except FileNotFoundError:
+        raise MissingInput(f"{what} not found: {p}") from None
+    except IsADirectoryError:
+        raise BadInput(f"{what} {p} is a folder, not a file") from None
+    except OSError as e:
+        raise BadInput(f"cannot read {what} {p}: {e.strerror or e}") from None
+    codec = "utf-16" if raw[:2] in (b"\xff\xfe", b"\xfe\xff") else "utf-8-sig"
+    try:
+        return raw.decode(codec)
+    except UnicodeDecodeError as e:
+        raise BadInput(f"{what} {p} is not UTF-8 text (byte {raw[e.start]:#04x} at offset "
+                       f"{e.start}); save it as UTF-8") from None
+
+
+def _no_constant(name):
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def read_json(p, what, limit=64 * 2 ** 20, strict=True):
+    """A JSON file (`strict`: no NaN or Infinity), or one line naming the file and the problem."""
+    try:
+        return json.loads(read_text(p, what, limit), parse_constant=_no_constant if strict
+                          else None)
+    except (ValueError, RecursionError) as e:
+        raise BadInput(f"{what} {p} is not JSON: {(str(e).splitlines() or ['empty'])[0]}") \
+            from None
+
+
+def read_record(p, fields=None, hint="delete it to make it again"):
+    """A JSON record this project wrote: a dict whose `fields` ({name: allowed types}) are
+    there, or one line naming the file and what to do."""
+    try:
+        rec, why = json.loads(read_text(p, "record", 16 * 2 ** 20), parse_constant=_no_constant), \
+            "not a dict"
+    except (ValueError, RecursionError) as e:  # BadInput too: too large, not UTF-8...
         rec, why = None, (str(e).splitlines() or ["empty"])[0]
     bad = [k for k, types in (fields or {}).items() if isinstance(rec, dict)
-           and not isinstance(rec.get(k, ()), types)]
+           and (not isinstance(rec.get(k, ()), types) or type(rec.get(k)) is bool
+                and bool not in (types if isinstance(types, tuple) else (types,)))]
     if not isinstance(rec, dict) or bad:
-        raise BadInput(f"{path} is not a record that can be read ("
+        raise BadInput(f"{p} is not a record that can be read ("
                        f"{f'field {bad[0]!r} is missing or wrong' if bad else why}); {hint}")
     return rec
 
 
-def read_log(path, fields=("iter", "loss", "lr")):
-    """The records of an append-only JSON-lines log (train.py's log.jsonl), whose `fields` are
-    numbers ('iter' a whole one). A torn last line (a crash while it was written) is dropped with
-    a warning; any other line that is not such a record is one line naming the file and line."""
-    with open(path, "rb") as f:
-        lines = f.read().decode(errors="replace").split("\n")
+def read_log(p, fields=("iter", "loss", "lr")):
+    """The records of an append-only JSON-lines log (train.py's log.jsonl) whose `fields` are
+    finite numbers ('iter' a whole one). A torn last line (a crash while it was written) is
+    dropped with a warning; any other bad line is one line naming the file and line."""
+    lines = read_text(p, "log", 256 * 2 ** 20).split("\n")
     last = max((n for n, line in enumerate(lines) if line.strip()), default=-1)
     rows = []
     for n, line in enumerate(lines):
         try:
-            row = json.loads(line) if line.strip() else None
+            row = json.loads(line, parse_constant=_no_constant) if line.strip() else None
             ok = isinstance(row, dict) and type(row.get("iter")) is int and all(
-                type(row.get(k)) in (int, float) for k in fields)
-        except ValueError:
+                type(row.get(k)) in (int, float) and math.isfinite(row[k]) for k in fields)
+        except (ValueError, RecursionError):
             row, ok = None, False
         if ok and n < len(lines) - 1:  # a whole record, its newline written
             rows.append(row)
         elif n == last:
-            print(f"warning: {path}: its last line is torn (a crash while writing it); dropped",
+            print(f"warning: {p}: its last line is torn (a crash while writing it); dropped",
                   file=sys.stderr)
         elif line.strip():
-            raise BadInput(f"{path}, line {n + 1}: not a log record {line[:40]!r}; delete that "
+            raise BadInput(f"{p}, line {n + 1}: not a log record {line[:40]!r}; delete that "
                            f"line or the file (a checkpoint does not need its log)")
     return rows
 
 
-def file_digest(path):
+def read_list(p, repeats=False):
+    """The ids of a split list (one per line; VOC's lists may add words after it), each a plain
+    name that stays inside the dataset's folders, none twice unless `repeats`."""
+    ids, seen = [], {}
+    for n, line in enumerate(read_text(p, "split list").splitlines(), 1):
+        if not line.strip():
+            continue
+        name = line.split()[0]
+        if not is_plain_name(name):
+            raise BadInput(f"{p}, line {n}: {shown(name)} is not a plain id (a folder part, '..' "
+                           f"or an absolute path would read and write outside the dataset)")
+        if name in seen and not repeats:
+            raise BadInput(f"{p}, line {n}: {name!r} is listed again (first on line "
+                           f"{seen[name]}); it would count twice")
+        seen[name] = n
+        ids.append(name)
+    return ids
+
+
+def file_digest(p):
     """sha256 of a file's bytes (what a prepared folder was made from, by content)."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open(p, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
 
 
-def read_list(path, repeats=False):
-    """The ids of a split list (one per line, first word), each a plain name that stays inside
-    the dataset's folders, and none twice unless `repeats` (a dataset's list counts each id it
-    holds; a list merged into another, like SBD's, need not); refused naming the file and line."""
-    ids, seen = [], {}
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            name = line.split()[0]
-            if not is_plain_name(name):
-                raise BadInput(f"{path}, line {n}: {name!r} is not a plain id (a folder part, "
-                               f"'..' or an absolute path would read and write outside the "
-                               f"dataset); refused")
-            if name in seen and not repeats:
-                raise BadInput(f"{path}, line {n}: {name!r} is listed again (first on line "
-                               f"{seen[name]}); it would count twice")
-            seen[name] = n
-            ids.append(name)
-    return ids
-
+# =============================================================================================
+# Around the work: progress, devices and processes.
+# =============================================================================================
 
 def progress(what, done, total, t0, log=print, every=None):
     """Print 'what: done/total, rate, ETA' about every 10% (or `every` items) and at the end."""
@@ -322,17 +813,33 @@ def progress(what, done, total, t0, log=print, every=None):
     log(f"{what}: {done}/{total}  {rate:.1f}/s  ETA {eta / 60:.1f} min")
 
 
+def pick_device(device_arg, local_rank=0):
+    """--device: None (CUDA when visible, else CPU), 'cpu', 'cuda' or 'cuda:N'."""
+    if device_arg is None:
+        device_arg = "cuda" if torch.cuda.is_available() else "cpu"
+    if device_arg == "cpu":
+        return torch.device("cpu")
+    if device_arg != "cuda" and not (device_arg.startswith("cuda:") and device_arg[5:].isdigit()):
+        raise BadInput(f"--device {device_arg}: use cpu, cuda or cuda:N")
+    if not torch.cuda.is_available():
+        raise BadInput(f"--device {device_arg}: no CUDA device is visible "
+                       f"(torch.cuda.is_available() is False); use --device cpu")
+    index = int(device_arg[5:]) if device_arg != "cuda" else local_rank
+    if index >= torch.cuda.device_count():
+        raise BadInput(f"--device {device_arg}: only {torch.cuda.device_count()} CUDA device(s)")
+    return torch.device("cuda", index)
+
 
 def setup_distributed(device_arg, deterministic=False, fixed_sizes=True):
     """(rank, world size, device) of this process; under torchrun (WORLD_SIZE > 1) the process
-    group is started from its environment, one process per GPU (LOCAL_RANK)."""
+    group is started from its environment (one process per GPU, LOCAL_RANK; several nodes
+    through torchrun's own rendezvous)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     device = pick_device(device_arg, int(os.environ.get("LOCAL_RANK", "0")))
     if device.type == "cuda":
         torch.cuda.set_device(device)
-        # fixed 513 crops: let cuDNN time its kernels once and keep the fastest (not for images
-        # of many sizes: it would time them again for each). They are not bitwise reproducible
-        # from run to run; --deterministic trades speed for that.
+        # fixed crops: cuDNN times its kernels once and keeps the fastest (not for images of
+        # many sizes); not bitwise reproducible run to run, --deterministic trades speed for it
         torch.backends.cudnn.benchmark = fixed_sizes and not deterministic
         torch.backends.cudnn.deterministic = deterministic
     if deterministic:
@@ -344,77 +851,45 @@ def setup_distributed(device_arg, deterministic=False, fixed_sizes=True):
     return rank, (dist.get_world_size() if dist.is_initialized() else 1), device
 
 
-def pick_device(device_arg, local_rank=0):
-    """--device: None (CUDA when visible, else CPU), 'cpu', 'cuda' or 'cuda:N'."""
-    if device_arg is None:
-        device_arg = "cuda" if torch.cuda.is_available() else "cpu"
-    if device_arg != "cpu" and not (device_arg == "cuda" or device_arg.startswith("cuda:")):
-        raise BadInput(f"--device {device_arg}: use cpu, cuda or cuda:N")
-    if device_arg == "cpu":
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        raise BadInput(f"--device {device_arg}: no CUDA device is visible "
-                            f"(torch.cuda.is_available() is False); use --device cpu")
-    index = int(device_arg.split(":")[1]) if device_arg[5:].isdigit() else local_rank
-    if index >= torch.cuda.device_count():
-        raise BadInput(f"--device {device_arg}: only {torch.cuda.device_count()} CUDA "
-                            f"device(s)")
-    return torch.device("cuda", index)
+def rank0_print(*a, **k):
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(*a, **k, flush=True)
 
 
-
-def read_weights_file(path):
-    """The one reader of weight files (torchvision's and our checkpoints): torch.load with
-    weights_only=True, and errors that name the file and say what is wrong with it, including
-    a floating-point tensor that holds NaN or inf (such weights give garbage silently)."""
-    if not os.path.exists(path):
-        raise MissingInput(f"checkpoint not found: {path}")
-    if os.path.isdir(path) or not os.access(path, os.R_OK):
-        raise BadInput(f"cannot read {path}: " + ("it is a folder" if os.path.isdir(path) else
-                                                  "permission denied"))
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except PermissionError:
-        raise BadInput(f"cannot read {path}: permission denied") from None
-    except Exception as e:  # truncated file, not a torch file, pickled code objects...
-        first = (str(e).strip().splitlines() or ["empty file"])[0]
-        raise BadInput(f"cannot read {path} as a weights-only torch checkpoint: it is truncated, "
-                       f"corrupt or not a torch file ({type(e).__name__}: {first})") from None
-    bad = next(_non_finite(obj), None)
-    if bad is not None:
-        raise BadInput(f"{path}: tensor {bad} holds NaN or infinite values; refused (a "
-                       f"checkpoint of a diverged run)")
-    return obj
+def from_rank0(obj):
+    """rank 0's (small, picklable) object on every rank."""
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
-def _non_finite(obj, name=""):
-    """Names of the floating-point tensors inside `obj` (nested dicts/lists) with NaN or inf."""
-    if isinstance(obj, torch.Tensor):
-        if obj.is_floating_point() and not torch.isfinite(obj).all():
-            yield name or "(the file)"
-    elif isinstance(obj, dict):
-        for k, v in obj.items():
-            yield from _non_finite(v, f"{name}.{k}" if name else str(k))
-    elif isinstance(obj, (list, tuple)):
-        for i, v in enumerate(obj):
-            yield from _non_finite(v, f"{name}[{i}]")
+def on_rank0(fn, *args):
+    """fn(*args) on rank 0 alone; its (small) result, or its BadInput, on every rank."""
+    result = None
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        try:
+            result = (None, fn(*args))
+        except BadInput as e:
+            result = (type(e), str(e))
+    error, value = from_rank0(result)
+    if error is not None:
+        raise error(value)
+    return value
 
 
-def read_state_dict(path):
-    """A torchvision state dict (a dict of name -> tensor, or one under 'state_dict')."""
-    sd = read_weights_file(path)
-    if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
-        sd = sd["state_dict"]
-    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise BadInput(f"{path} is not a state_dict (a dict of name -> tensor)")
-    return sd
-
-
-
-def load_pretrained(model, path, verbose=True):
-    """--pretrained: a torchvision checkpoint (local file) into a ResNet or a DeepLabV3."""
-    sd = read_state_dict(path)
-    try:
-        return vortex.load_backbone_weights(model, sd, path, verbose)
-    except ValueError as e:
-        raise BadInput(str(e)) from None
+def same_on_every_rank(cfg):
+    """Every rank of a run must have the same settings (a different --seed on one rank would
+    silently change what each epoch sees): refused on every rank, naming the flags."""
+    if not dist.is_initialized():
+        return
+    every = [None] * dist.get_world_size()
+    dist.all_gather_object(every, json.dumps({k: v for k, v in cfg.items() if k != "device"},
+                                             sort_keys=True, default=str))
+    every = [json.loads(e) for e in every]
+    differ = sorted(k for k in every[0] if any(e.get(k) != every[0][k] for e in every))
+    if differ:
+        raise BadInput(f"the ranks were started with different settings ("
+                       f"{', '.join('--' + k.replace('_', '-') for k in differ)}): every rank of "
+                       f"a run needs the same command line")

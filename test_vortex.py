@@ -937,10 +937,11 @@ SQUARE = [[2, 2, 38, 2, 38, 38, 2, 38]]  # 36 x 36 = 1296 px
 def test_prepare_coco_refuses_file_names_outside_its_folders(tmp_path, name):
     ann, imgs = coco_file(tmp_path, [{"id": 7, "file_name": name, "height": 40, "width": 40}],
                           [{"id": 1, "image_id": 7, "category_id": 1, "segmentation": SQUARE}])
-    out = tmp_path / "deep" / "er" / "out"
-    with pytest.raises(infra.BadInput, match=r"instances_x.json: image id 7 has file_name .* not "
-                                            r"a plain file name"):
-        data.prepare_coco(ann, imgs, str(out), log=lambda m: None)
+    out, logs = tmp_path / "deep" / "er" / "out", []
+    res = data.prepare_coco(ann, imgs, str(out), log=logs.append)  # named, skipped, counted
+    assert res["written"] == [] and "is not a plain file name" in "\n".join(logs)
+    with pytest.raises(infra.BadInput, match=r"image record 7: file_name .* is not a plain"):
+        data.prepare_coco(ann, imgs, str(out), log=lambda m: None, strict=True)
     assert not list(tmp_path.rglob("escaped*")) and not os.path.exists("/tmp/abs.png")
 
 
@@ -1220,7 +1221,7 @@ def test_resume_with_accumulation_is_exact_across_epoch_ends(tmp_path):
 
 def test_micro_batch_stream_is_the_epoch_shuffle_cut_into_micro_batches():
     ds = data.SyntheticContext(10, 32)
-    stream = iter(train.MicroBatchStream(ds, rank=0, world=1, seed=3, micro=3, start=(1, 2)))
+    stream = iter(train.SampleOrder(ds, rank=0, world=1, seed=3, micro=3, start=(1, 2)))
     keys = [next(stream) for _ in range(9)]
     s = torch.utils.data.DistributedSampler(ds, 1, 0, True, 3, True)
     s.set_epoch(1)
@@ -1260,16 +1261,19 @@ def test_resume_refuses_another_experiment_and_auto_starts_or_resumes(tmp_path, 
     (["--batch-size", "4", "--accum-steps", "3"], "must be divisible by ranks x --accum-steps"),
     (["--save-every", "0"], "--save-every 0: must be"), (["--log-every", "0"], "--log-every 0"),
     (["--iters", "0"], "--iters 0: must be"), (["--iters", "-3"], "--iters -3"),
-    (["--val-images", "0"], "--val-images 0"), (["--out-dir", ""], "--out-dir '': give a"),
-    (["--pool-k", "4"], "must be odd"), (["--pool-k", "0"], "--pool-k 0"),
+    (["--val-images", "0"], "--val-images 0"), (["--out-dir", ""], "--out-dir '': must be a file or folder name"),
+    (["--pool-k", "4"], "must be an odd whole number"), (["--pool-k", "0"], "--pool-k 0"),
     (["--scale", "2", "0.5"], "MIN <= MAX"), (["--scale", "0", "0"], "--scale 0.0 0.0"),
     (["--crop", "5"], "--crop 5: must be at least 4 x the output stride"),
     (["--crop", "-5"], "--crop -5"), (["--power", "0"], "--power 0.0: must be a number in"),
     (["--momentum", "1"], "--momentum 1.0: must be a number in"), (["--lr", "nan"], "--lr nan"),
     (["--lr", "-1"], "--lr -1.0"), (["--workers", "-1"], "--workers -1"),
     (["--base-channels", "0"], "--base-channels 0"),
-    (["--multi-grid", "1", "2"], "ResNet-50 has 3 layer4 blocks"),
-    (["--multi-grid", "1", "x", "4"], "give 3 whole numbers"),
+    (["--multi-grid", "1", "2"], "must be 3 whole numbers in 1..64, one per layer4 block of "
+                                 "ResNet-50"),
+    (["--multi-grid", "1", "x", "4"], "--multi-grid 1 x 4: must be a whole number in 1..64"),
+    (["--multi-grid", "1", "2", "100"], "--multi-grid 1 2 100: must be"),
+    (["--pretrained", ""], "--pretrained '': must be a file or folder name"),
     (["--device", "banana"], "--device banana: use cpu, cuda or cuda:N"),
     (["--amp", "fp16", "--device", "cpu"], "fp16 needs CUDA"),
     (["--sync-bn", "torch", "--device", "cpu"], None),  # one rank: nothing to synchronise
@@ -1388,7 +1392,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monk
     with pytest.raises(SystemExit, match="loss is nan in the iterations up to 4: training"):
         train.main(TINY + ["--iters", "5", "--out-dir", out, "--save-every", "2",
                            "--log-every", "5"])
-    ck = evaluation.load_checkpoint(os.path.join(out, "checkpoint.pt"))
+    ck = infra.read_checkpoint(os.path.join(out, "checkpoint.pt"))
     assert ck["iteration"] == 2
 
 
@@ -1419,7 +1423,7 @@ def test_signal_saves_and_exits_cleanly(tmp_path, sig, workers):
             os.killpg(proc.pid, sig) if sig == signal.SIGINT else proc.send_signal(sig)
     assert proc.wait(timeout=60) == train.EXIT_STOPPED, "".join(lines)  # stopped, not finished
     assert any(f"{sig.name}: checkpoint saved at iteration" in line for line in lines), lines
-    ck = evaluation.load_checkpoint(os.path.join(out, "checkpoint.pt"))
+    ck = infra.read_checkpoint(os.path.join(out, "checkpoint.pt"))
     assert 2 <= ck["iteration"] < 100000
 
 
@@ -1485,7 +1489,7 @@ def test_eval_command_line_never_overwrites_and_names_every_file(tmp_path, capsy
 
 
 @pytest.mark.parametrize("flags,message", [
-    (["--scales", "0"], "--scales 0.0: each must be a number in (0, 8]"),
+    (["--scales", "0"], "--scales 0.0: must be a number in [0.05, 8]"),
     (["--scales", "1", "nan"], "--scales 1.0 nan"), (["--scales", "-1"], "--scales -1.0"),
     (["--device", "banana"], "--device banana: use cpu, cuda or cuda:N"),
     (["--workers", "-1"], "--workers -1: must be a whole number in 0..256"),
@@ -1537,10 +1541,10 @@ def test_figure_commands_never_overwrite(tmp_path):
 def test_presets_and_flags():
     cfg = train.parse_args(["--dataset", "voc_aug", "--data-root", "x"])
     assert (cfg["depth"], cfg["output_stride"], cfg["multi_grid"], cfg["context"]) == \
-        (101, 8, (1, 2, 4), "vortex")
+        (101, 8, [1, 2, 4], "vortex")
     assert (cfg["crop"], cfg["batch_size"], cfg["lr"], cfg["iters"], cfg["momentum"],
             cfg["weight_decay"], cfg["power"], cfg["scale"]) == \
-        (513, 16, 0.007, 30000, 0.9, 1e-4, 0.9, (0.5, 2.0))
+        (513, 16, 0.007, 30000, 0.9, 1e-4, 0.9, [0.5, 2.0])
     assert train.parse_args(["--dataset", "coco"])["iters"] == 200000
     cfg = train.parse_args(["--dataset", "voc_aug", "--lr", "0.01", "--context", "module_a",
                             "--pool-k", "9"])
@@ -1992,7 +1996,7 @@ def test_warmup_ramps_then_follows_poly_and_is_off_in_the_paper_presets():
     assert train.poly_lr(base, 5, n, 0.9, 0.0) == train.poly_lr(base, 5, n, 0.9)
     assert train.parse_args([])["warmup"] == 0.3  # the synthetic preset
     assert train.parse_args(["--dataset", "voc_aug"])["warmup"] == 0.0  # the paper's schedule
-    with pytest.raises(SystemExit):
+    with pytest.raises(infra.BadInput, match=r"--warmup 1.5: must be a number in \[0, 0.99\]"):
         train.parse_args(["--warmup", "1.5"])
 
 
@@ -2568,13 +2572,13 @@ def test_one_run_owns_its_folder_and_a_dead_holder_leaves_no_lock(tmp_path):
     """A second train.py on a folder in use is refused naming the holder; the lock goes with its
     process, even after kill -9."""
     out = str(tmp_path / "run")
-    holder = infra.FolderLock(out, "train.py")
+    holder = infra.Claim("train.py", [("--out-dir", out, "folder")])
     with pytest.raises(infra.BadInput, match=rf"run is in use by train.py \(pid {os.getpid()} "):
         train.main(TINY + ["--iters", "1", "--out-dir", out, "--no-eval"])
     assert not os.path.exists(os.path.join(out, "checkpoint.pt"))
     holder.release()
     code = f"import sys, time; sys.path.insert(0, {HERE!r}); import infra; " \
-           f"infra.FolderLock({out!r}, 'a killed run'); print('locked', flush=True); time.sleep(60)"
+           f"infra.Claim('a killed run', [('--out-dir', {out!r}, 'folder')]); print('locked', flush=True); time.sleep(60)"
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "locked"
     with pytest.raises(infra.BadInput, match=r"in use by a killed run \(pid"):
@@ -2589,7 +2593,7 @@ def test_concurrent_preparation_of_one_folder_is_refused(tmp_path):
     ann, imgs = coco_file(tmp_path, [{"id": 7, "file_name": "a.jpg", "height": 40, "width": 40}],
                           [{"id": 1, "image_id": 7, "category_id": 1, "segmentation": SQUARE}])
     out = str(tmp_path / "out")
-    lock = infra.FolderLock(out, "data.py prepare-coco")
+    lock = infra.Claim("data.py prepare-coco", [("--out", out, "folder")])
     with pytest.raises(infra.BadInput, match=r"out is in use by data.py prepare-coco \(pid"):
         data.main(["prepare-coco", "--annotations", ann, "--images", imgs, "--out", out])
     lock.release()
@@ -2631,7 +2635,7 @@ def test_checkpoints_with_non_finite_weights_are_refused_everywhere(tmp_path):
                                             "--init-from", path]),
                  lambda: infra.load_pretrained(ResNet(18, base_channels=4), path)):
         with pytest.raises(infra.BadInput, match=r"changed.pt: tensor model.classifier.weight "
-                                                r"holds NaN or infinite values; refused"):
+                                                r"holds NaN or infinite values in float32"):
             read()
 
 
@@ -2642,10 +2646,10 @@ def test_an_unreadable_checkpoint_says_it_cannot_be_read(tmp_path, monkeypatch):
         raise PermissionError(13, "Permission denied")
     monkeypatch.setattr(torch, "load", denied)
     with pytest.raises(infra.BadInput, match=r"cannot read .*changed.pt: permission denied"):
-        evaluation.load_checkpoint(path)
+        infra.read_checkpoint(path)
     monkeypatch.undo()
     with pytest.raises(infra.BadInput, match=r"cannot read .*: it is a folder"):
-        evaluation.load_checkpoint(str(tmp_path))
+        infra.read_checkpoint(str(tmp_path))
 
 
 def test_a_batch_with_no_labelled_pixel_adds_no_loss():
@@ -2931,7 +2935,7 @@ def test_a_new_run_never_replaces_an_earlier_runs_results(tmp_path, tiny_run):
                   ["--init-from", os.path.join(tiny_run, "checkpoint.pt"), "--out-dir",
                    tiny_run, "--resume", "auto"]):
         refused(lambda: train.main(TINY + ["--iters", "3", "--no-eval"] + flags),
-                r"output .* (is|lies inside) the input --(data-root|init-from)")
+                r"output .* (is|holds|lies inside) the input --(data-root|init-from)")
     assert not os.path.exists(root / "r") and not os.path.exists(os.path.join(tiny_run, ".lock"))
 
 
@@ -2947,7 +2951,7 @@ def test_outputs_related_to_an_input_are_refused_exactly(tmp_path_factory, a, b,
     inp = os.path.join(top, *b)
     related = a[:len(b)] == b or b[:len(a)] == a
     try:
-        infra.refuse_existing([out], True, [("--in", inp)])
+        infra.refuse_inputs([out], [("--in", inp)])
         assert not related
     except infra.BadInput as e:
         assert related and "--in" in str(e)
@@ -2972,11 +2976,11 @@ def test_split_names_and_output_names_are_refused_before_anything_is_written(tmp
     escape = os.path.relpath(tmp_path / "outside_list", root / "ImageSets" / "Segmentation")
     refused(lambda: evaluation.main(["--checkpoint", ck, "--dataset", "voc", "--data-root",
                                      str(root), "--split", escape]),
-            r"--split '\.\./.*outside_list' is not a plain file name inside its folder")
+            r"--split \.\./.*outside_list: must be a plain file name")
     for flag in ("--split", "--val-split"):
         refused(lambda: train.main(TINY + ["--dataset", "voc", "--data-root", str(root), flag,
                                            escape, "--out-dir", str(tmp_path / "r")]),
-                rf"{flag} '\.\./")
+                rf"{flag} \.\./.*: must be a plain file name")
     ann, imgs = coco_file(tmp_path, [{"id": 7, "file_name": "a.jpg", "height": 40, "width": 40}],
                           [{"id": 1, "image_id": 7, "category_id": 1, "segmentation": SQUARE}])
     refused(lambda: data.main(["prepare-coco", "--annotations", ann, "--images", imgs, "--out",
@@ -2987,12 +2991,12 @@ def test_split_names_and_output_names_are_refused_before_anything_is_written(tmp
                   str(tmp_path / "c2" / "JPEGImages"), "--out", str(tmp_path / "c2")]):
         refused(lambda: data.main(argv), r"(is|lies inside) the input --images")
     refused(lambda: data.main(["prepare-coco", "--annotations", ann, "--images", imgs, "--out",
-                               ""]), r"--out '': give a file or folder name")
+                               ""]), r"--out '': must be a file or folder name")
     for argv in (["context", "--seeds", "1", "--out-dir", ""], ["figure", "synthetic", "--out", ""],
                  ["erf", ck, "--out", ""], ["ablation", "--seeds", "1", "--out-dir", ""]):
-        refused(lambda: experiments.main(argv), r"--out(-dir)? '': give a file or folder name")
+        refused(lambda: experiments.main(argv), r"--out(-dir)? '': must be a file or folder name")
     for flag in ("--json", "--save-dir"):
-        refused(lambda: evaluation.main(["--checkpoint", ck, flag, " "]), rf"{flag} ' ': give")
+        refused(lambda: evaluation.main(["--checkpoint", ck, flag, " "]), rf"{flag} ' ': must be a file or folder name")
     assert sorted(os.listdir(tmp_path)) == ["imgs", "instances_x.json", "outside_list.txt",
                                             "voc"]
 
@@ -3020,16 +3024,16 @@ def setter(field, value):
 
 
 BAD_CHECKPOINTS = [  # (field, value, what the one line must name)
-    ("config.context", "foo", "config.context is 'foo'; allowed: one of 'vortex', 'aspp'"),
+    ("config.context", "foo", "config.context is 'foo'; allowed: one of vortex, aspp"),
     ("config.output_stride", 12, "config.output_stride is 12; allowed: one of 8, 16, 32"),
     ("config.depth", 19, "config.depth is 19"),
     ("model.classifier.bias", "delete", "its weights do not fit the model its config describes "
                                         "(model.classifier.bias: missing)"),
     ("model.classifier.weight", torch.zeros(5, 3, 1, 1), "model.classifier.weight: shape (5, 3, "
                                                          "1, 1), the model's (5, 8, 1, 1)"),
-    ("config.extra", 1, "config.extra is an unknown field"),
+    ("config.extra", 1, "config.extra is unknown"),
     ("config.base_channels", "delete", "config.base_channels is missing"),
-    ("config.dropout", 1.5, "config.dropout is 1.5; allowed: a number in [0, 1)"),
+    ("config.dropout", 1.5, "config.dropout is 1.5; allowed: a number in [0, 0.99]"),
     ("config", [1, 2], "config is [1, 2]; allowed: a dict"),
     ("config.pool_k", 4, "config.pool_k is 4; allowed: an odd whole number"),
     ("data_args.crop", 5, "data_args is"), ("data_args.num_images", -3, "data_args is"),
@@ -3072,8 +3076,8 @@ def test_a_resumed_checkpoint_needs_its_whole_training_state(tmp_path, tiny_run,
     assert sorted(os.listdir(out)) == ["checkpoint.pt"] and os.path.getsize(path) > 0
 
 
-FIELDS = ([f"config.{k}" for k in evaluation.CONFIG_FIELDS] + list(evaluation.CHECKPOINT_FIELDS) +
-          list(evaluation.RESUME_FIELDS) + [f"train_args.{k}" for k in
+FIELDS = ([f"config.{k}" for k in infra.CONFIG] + list(infra.CHECKPOINT_FIELDS) +
+          list(infra.RESUME_FIELDS) + [f"train_args.{k}" for k in
                                             ("val_split", "data_root", "seed", "context")])
 VALUES = st.one_of(st.none(), st.booleans(), st.integers(-2 ** 70, 2 ** 70), st.floats(),
                    st.text(max_size=4), st.lists(st.integers(-3, 300), max_size=3),
@@ -3092,9 +3096,9 @@ def test_any_corrupted_field_is_one_line_naming_it_or_harmless(tiny_run, field, 
     parent, last = (ck[field.split(".")[0]], field.split(".")[1]) if "." in field else (ck, field)
     before = json.dumps(parent.get(last, "absent"), default=repr)
     setter(field, value)(ck)
-    with mock.patch.object(infra, "read_weights_file", lambda p: ck):
+    with mock.patch.object(infra, "read_weights", lambda p: ck):
         try:
-            evaluation.load_checkpoint("ck.pt", resume=True)
+            infra.read_checkpoint("ck.pt", resume=True)
         except infra.BadInput as e:
             text = str(e)
             assert "\n" not in text and text.startswith("ck.pt") and (
@@ -3157,8 +3161,8 @@ def test_every_setting_is_part_of_a_runs_identity_unless_listed_as_safe(key, val
     saved = train.parse_args(["--out-dir", "x"])
     now = dict(saved, **{key: value})
     differs = json.dumps(now[key], default=repr) != json.dumps(saved[key], default=repr)
-    wrong = train.resume_differences(saved, now)
-    assert bool(wrong) == (differs and key not in train.RESUME_MAY_CHANGE), (key, wrong)
+    wrong = infra.resume_differences(saved, now)
+    assert bool(wrong) == (differs and not (key in infra.SETTINGS and infra.SETTINGS[key].free)), (key, wrong)
     assert not wrong or wrong[0].startswith(f"--{key.replace('_', '-')} ")
 
 
@@ -3187,7 +3191,7 @@ def test_a_damaged_log_line_before_the_last_is_one_line(tmp_path, tiny_run, line
     lines = open(log).read().splitlines(True)
     open(log, "w").write(lines[0] + line + "\n" + "".join(lines[1:]))
     for use in (lambda: train.main(TINY + ["--iters", "3", "--out-dir", run, "--resume"]),
-                lambda: evaluation.curves_figure(log, str(tmp_path / "c.png"))):
+                lambda: evaluation.log_figure(log, str(tmp_path / "c.png"))):
         refused(use, r"log.jsonl, line 2: not a log record .*; delete that line or the file")
     assert not os.path.exists(tmp_path / "c.png")
 
@@ -3249,9 +3253,12 @@ def test_every_number_has_a_range_checked_before_any_work(tmp_path, flags, messa
 def test_help_states_every_limit(capsys):
     with pytest.raises(SystemExit):
         train.parse_args(["--help"])
-    text = " ".join(capsys.readouterr().out.split())
-    for flag, (lo, hi) in train.LIMITS.items():
-        assert f"[{lo}..{hi}]" in text, flag
+    text = "".join(capsys.readouterr().out.split())  # argparse wraps lines, at hyphens too
+    for name in train.EXPERIMENT_FLAGS + train.RUN_FLAGS:
+        assert f"--{name.replace('_', '-')}" in text, name
+        assert "".join(infra.SETTINGS[name].help.split()) in text, name
+        if isinstance(infra.SETTINGS[name].allowed, tuple):
+            assert "".join(f"[{infra.allowed_text(name)}]".split()) in text, name
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -3336,7 +3343,7 @@ def test_a_refused_start_leaves_nothing_behind(tmp_path, tiny_run, monkeypatch):
         raise infra.BadInput("--sync-bn torch: torch.nn.SyncBatchNorm needs CUDA")
     monkeypatch.setattr(train, "synchronise_batchnorm", refuse)
     refused(lambda: train.main(TINY + ["--iters", "1", "--out-dir", str(out)]), "needs CUDA")
-    assert not os.path.exists(tmp_path / "new") and not train.STARTING
+    assert not os.path.exists(tmp_path / "new")
 
 
 def test_a_lock_that_cannot_be_written_is_one_line_and_leaves_nothing(tmp_path):
@@ -3372,8 +3379,8 @@ def test_ctrl_c_during_the_final_evaluation_keeps_the_checkpoint(tmp_path):
     assert code == 130
     assert err.splitlines() == [f"SIGINT: stopped at once, without saving; the last checkpoint "
                                 f"{out}/checkpoint.pt is kept"]
-    assert sorted(os.listdir(out)) == [".lock", "checkpoint.pt", "log.jsonl"]
-    assert evaluation.load_checkpoint(os.path.join(out, "checkpoint.pt"))["iteration"] == 1
+    assert sorted(os.listdir(out)) == ["checkpoint.pt", "log.jsonl"]  # the claim let go too
+    assert infra.read_checkpoint(os.path.join(out, "checkpoint.pt"))["iteration"] == 1
 
 
 def test_ctrl_c_during_eval_is_one_line_and_exit_130(tmp_path, tiny_run):
@@ -3451,9 +3458,9 @@ def test_every_documented_command_parses():
 def test_count_include_pad_is_a_recorded_training_flag(tmp_path):
     out = str(tmp_path / "run")
     train.main(TINY + ["--iters", "1", "--out-dir", out, "--no-eval", "--count-include-pad"])
-    ck = evaluation.load_checkpoint(os.path.join(out, "checkpoint.pt"))
+    ck = infra.read_checkpoint(os.path.join(out, "checkpoint.pt"))
     assert ck["config"]["count_include_pad"] is True
-    assert evaluation.model_from_checkpoint(ck).context.count_include_pad is True
+    assert infra.model_from_checkpoint(ck).context.count_include_pad is True
     with pytest.raises(infra.BadInput, match=r"--count-include-pad False \(checkpoint: True\)"):
         train.main(TINY + ["--iters", "2", "--out-dir", out, "--no-eval", "--resume"])
 
@@ -3461,9 +3468,9 @@ def test_count_include_pad_is_a_recorded_training_flag(tmp_path):
 def test_training_curves_have_absolute_axes_and_are_named_only_when_drawn(tmp_path, capsys):
     log = tmp_path / "log.jsonl"
     log.write_text('{"iter": 1, "loss": 2.0, "lr": 0.1}\n')
-    assert evaluation.curves_figure(str(log), str(tmp_path / "c.png")) is None  # one point
+    assert evaluation.log_figure(str(log), str(tmp_path / "c.png")) is None  # one point
     log.write_text('{"iter": 1, "loss": 2.0, "lr": 0.1}\n{"iter": 9, "loss": 0.5, "lr": 0.05}\n')
-    pic = np.asarray(Image.open(evaluation.curves_figure(str(log), str(tmp_path / "c.png"))))
+    pic = np.asarray(Image.open(evaluation.log_figure(str(log), str(tmp_path / "c.png"))))
     blue = np.argwhere((pic == (31, 119, 180)).all(-1))
     # the loss falls from 2.0 to 0.5 on an axis from 0 to 2.1: the curve ends near a quarter of
     # the plot's height above its bottom, not at the bottom (a min-to-max scale would put it there)

@@ -4,12 +4,12 @@
   torchrun --nproc_per_node=8 train.py --dataset voc_aug --data-root VOCdevkit/VOC2012 \\
       --pretrained resnet101-63fe2227.pth           # paper 4.1: ResNet-101, OS 8, Vortex, ...
 
-Part I, the paper, in its order (first ~340 lines): the recipe (4.1), the poly learning rate
+Part I, the paper, in its order (the first 350 lines): the recipe (4.1), the poly learning rate
 and SGD (4.1), synchronised batch norm (4.1), the three stages of 4.2 (COCO 200k iterations ->
 train_aug -> trainval, by --init-from; batch norm frozen in the last, DeepLab v3's recipe, by
 --freeze-bn), the set-up of one run, and the loop with one training step.
-Part II: distributed helpers, starting or resuming, checkpoints, the data stream, signals and
-sync points, progress, the command line and its checks. Experiments: experiments.py.
+Part II: starting or resuming, checkpoints, the data stream, signals and sync points,
+progress, the command line (its settings and checks: infra.py). Experiments: experiments.py.
 """
 import argparse
 import contextlib
@@ -33,7 +33,7 @@ import eval as evaluation
 import infra
 from infra import BadInput, MissingInput
 import vortex
-from vortex import CONTEXTS, DEPTHS, DeepLabV3
+from vortex import DEPTHS, DeepLabV3
 
 # =============================================================================================
 # PART I: THE PAPER
@@ -59,7 +59,9 @@ PRESETS = {
     "coco": dict(PAPER, iters=200000, split="train2017", val_split="val2017", save_every=5000)}
 COMMON = dict(context="vortex", pool_k=5, multi_grid=(1, 2, 4), momentum=0.9, weight_decay=1e-4,
               power=0.9, warmup=0.0, seed=0, workers=4, num_images=None, val_images=None,
-              image_size=None, accum_steps=1, sync_bn="auto", count_include_pad=False)
+              image_size=None, accum_steps=1, sync_bn="auto", count_include_pad=False,
+              freeze_bn=False, channels_last=False, compile=False, deterministic=False,
+              no_eval=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -76,14 +78,6 @@ def poly_lr(base, it, max_it, power=0.9, warmup=0.0):
     miniature: why, and what it changed)."""
     ramp = min(1.0, (it + 1) / (warmup * max_it)) if warmup > 0 else 1.0
     return base * ramp * (1 - it / max_it) ** power
-
-
-def warmup_fraction(text):
-    """--warmup's type: a fraction of the iterations in [0, 1)."""
-    v = float(text)
-    if not 0 <= v < 1:
-        raise argparse.ArgumentTypeError(f"{text}: must be a fraction in [0, 1)")
-    return v
 
 
 def set_lr(optimizer, lr):
@@ -241,49 +235,55 @@ def freeze_batchnorm(model):
 
 
 # ---------------------------------------------------------------------------------------------
-# One run: the device this process drives (torchrun starts one process per GPU), the model,
-# the batch-norm choice (4.1, 4.2), DistributedDataParallel and the optimizer. What is not the
-# paper's (a resumed run, the output folder, the data order) is one named call into Part II.
+# One run, its state built once: the device (torchrun starts one process per GPU), the data,
+# the model, batch norm (4.1, 4.2), DDP and the optimizer. What is not the paper's (the output
+# folder, a resume, the data order) is one named call into Part II.
 # ---------------------------------------------------------------------------------------------
 
 def setup(cfg):
-    """Everything before the first step. Returns the run's state (an argparse.Namespace)."""
+    """Everything before the first step; a refusal on the way leaves nothing behind."""
     rank, world, device = infra.setup_distributed(cfg["device"], cfg["deterministic"])
-    same_settings_on_every_rank(cfg)  # torchrun: one command line for every rank
+    infra.same_on_every_rank(cfg)  # torchrun: one command line for every rank
     train_set = data.get_dataset(cfg["dataset"], cfg["split"], cfg["data_root"], train=True,
                                  crop=cfg["crop"], scale=cfg["scale"], seed=cfg["seed"],
                                  **synthetic_args(cfg, "num_images"))
+    val_set = None if cfg["no_eval"] else data.get_dataset(  # checked now, not after training
+        cfg["dataset"], cfg["val_split"], cfg["data_root"], seed=cfg["seed"],
+        **synthetic_args(cfg, "val_images"))
     torch.manual_seed(cfg["seed"])
-    model = DeepLabV3(len(train_set.classes), depth=cfg["depth"], context=cfg["context"],
-                      output_stride=cfg["output_stride"], pool_k=cfg["pool_k"],
-                      multi_grid=cfg["multi_grid"], base_channels=cfg["base_channels"],
-                      context_channels=cfg["context_channels"],
-                      count_include_pad=cfg["count_include_pad"])
-    run = argparse.Namespace(cfg=cfg, rank=rank, world=world, device=device, model=model,
-                             train_set=train_set, micro=micro_batch(cfg, world, len(train_set)),
-                             ck_path=os.path.join(cfg["out_dir"], "checkpoint.pt"),
-                             log_path=os.path.join(cfg["out_dir"], "log.jsonl"))
-    checkpoint = start_or_resume(run)  # Part II: a new run takes --pretrained / --init-from
-    model.train()
-    if cfg["freeze_bn"]:  # DeepLab v3's last stage: fixed statistics need no synchronisation
-        freeze_batchnorm(model)
-        run.sync_bn = "off (frozen)"
-    else:  # 4.1 "Batch Normalization": statistics of the whole batch, over all GPUs
-        run.sync_bn = synchronise_batchnorm(model, cfg["sync_bn"], device, world)
-    model.to(device)
-    if cfg["channels_last"]:
-        model.to(memory_format=torch.channels_last)
-    run.optimizer = make_optimizer(model, cfg)
-    run.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, None: None}[cfg["amp"]]
-    run.scaler = torch.amp.GradScaler("cuda") if cfg["amp"] == "fp16" else None
-    run.iteration, run.position = restore(run, checkpoint)  # Part II: weights, RNG, data order
-    run.ddp = (nn.parallel.DistributedDataParallel(
-        model, device_ids=[device.index] if device.type == "cuda" else None)
-        if world > 1 else None)
-    run.net = torch.compile(run.ddp or model) if cfg["compile"] else (run.ddp or model)
-    run.batches = micro_batches(run)  # Part II: this rank's micro-batches, from run.position
+    model = DeepLabV3(len(train_set.classes), **{k: cfg[k] for k in MODEL_ARGS})
+    micro = per_rank_images(cfg, world, len(train_set))
+    claim, ck = start_or_resume(cfg, model, train_set, device, verbose=rank == 0)  # Part II
+    try:
+        model.train()
+        if cfg["freeze_bn"]:  # DeepLab v3's last stage: fixed statistics need no synchronising
+            freeze_batchnorm(model)
+            sync_bn = "off (frozen)"
+        else:  # 4.1 "Batch Normalization": statistics of the whole batch, over all GPUs
+            sync_bn = synchronise_batchnorm(model, cfg["sync_bn"], device, world)
+        model.to(device, memory_format=torch.channels_last if cfg["channels_last"] else
+                 torch.preserve_format)
+        optimizer = make_optimizer(model, cfg)
+        scaler = torch.amp.GradScaler("cuda") if cfg["amp"] == "fp16" else None
+        iteration, position = restore(ck, model, optimizer, scaler, device, cfg)  # Part II
+        ddp = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None) \
+            if world > 1 else None
+        net = torch.compile(ddp or model) if cfg["compile"] else (ddp or model)
+        per_epoch = len(train_set) // world // micro
+        batches = data_stream(train_set, cfg, rank, world, micro, position, device)  # Part II
+    except (BadInput, KeyboardInterrupt):
+        claim.release(remove=True)
+        raise
+    run = argparse.Namespace(  # net: the model as the loop calls it (DDP, compiled)
+        cfg=cfg, rank=rank, world=world, device=device, model=model, net=net, ddp=ddp,
+        optimizer=optimizer, scaler=scaler, amp_dtype={"bf16": torch.bfloat16, "fp16":
+                                                       torch.float16, None: None}[cfg["amp"]],
+        train_set=train_set, val_set=val_set, batches=batches, micro=micro, per_epoch=per_epoch,
+        iteration=iteration, position=position, claim=claim, sync_bn=sync_bn, t0=time.time(),
+        ck_path=os.path.join(cfg["out_dir"], "checkpoint.pt"),
+        log_path=os.path.join(cfg["out_dir"], "log.jsonl"))
     announce(run)  # Part II: one line saying what runs
-    run.t0 = time.time()
     return run
 
 
@@ -352,126 +352,42 @@ def train_step(run, batch):
 # =============================================================================================
 
 # ---------------------------------------------------------------------------------------------
-# Distributed helpers. The process group comes from torchrun's environment (RANK, WORLD_SIZE,
-# LOCAL_RANK, MASTER_ADDR...) through eval.setup_distributed; multi-node works through torchrun's
-# own rendezvous; nothing here is home-made.
-# ---------------------------------------------------------------------------------------------
-
-def same_settings_on_every_rank(cfg):
-    """Every rank of a run must have the same settings (a different --seed on one rank would
-    silently change what each epoch sees): refused on every rank, naming the flags."""
-    if not dist.is_initialized():
-        return
-    mine = {k: v for k, v in cfg.items() if k != "device"}
-    every = [None] * dist.get_world_size()
-    dist.all_gather_object(every, json.dumps(mine, sort_keys=True, default=str))
-    every = [json.loads(e) for e in every]
-    differ = sorted(k for k in every[0] if any(e.get(k) != every[0][k] for e in every))
-    if differ:
-        raise BadInput(f"the ranks were started with different settings ("
-                       f"{', '.join('--' + k.replace('_', '-') for k in differ)}): every rank of "
-                       f"a run needs the same command line")
-
-
-def same_model_on_every_rank(run):
-    """rank 0's batch-norm statistics on every rank (with --sync-bn off each rank's last step
-    left its own), so that the evaluated model is the saved one."""
-    if run.world > 1:
-        for b in run.model.buffers():
-            dist.broadcast(b, src=0)
-
-
-def rank0_print(*a, **k):
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        print(*a, **k, flush=True)
-
-
-def from_rank0(obj):
-    """rank 0's (small, picklable) object on every rank."""
-    if not dist.is_initialized():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def on_rank0(fn, *args):
-    """fn(*args) on rank 0 alone; its (small) result, or its BadInput, on every rank."""
-    result = None
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        try:
-            result = (None, fn(*args))
-        except BadInput as e:
-            result = (type(e), str(e))
-    error, value = from_rank0(result)
-    if error is not None:
-        raise error(value)
-    return value
-
-
-
-# ---------------------------------------------------------------------------------------------
 # Starting or resuming a run. Only rank 0 looks at --out-dir and reads checkpoints; the other
-# ranks receive what they need over the process group, so no shared filesystem is needed.
-# A resumed run must be the same experiment: its whole configuration (the data included: the
-# split list's content) equals the checkpoint's, except the settings of RESUME_MAY_CHANGE, so
-# that a new option is part of a run's identity unless it is listed here.
+# ranks receive what they need over the process group, so no shared filesystem is needed. A
+# resumed run must be the same experiment: every setting that is not SETTINGS' `free` one (the
+# data too: the split list's content) equals the checkpoint's (infra.resume_differences).
 # ---------------------------------------------------------------------------------------------
 
-RESUME_MAY_CHANGE = ("iters", "workers", "log_every", "save_every", "amp", "device", "sync_bn",
-                     "channels_last", "compile", "deterministic", "no_eval", "stop_after",
-                     "resume", "out_dir", "pretrained", "init_from", "val_data_args")
 RUN_OUTPUTS = ("checkpoint.pt", "log.jsonl", "eval.json", "predictions.png", "curves.png")
 EXIT_STOPPED = 3  # a graceful stop (signal): a checkpoint was saved, the run is not finished
 
 
-def start_or_resume(run):
-    """A new run (its weights from --pretrained / --init-from) or a resumed one. Sets
-    run.resumed; returns the checkpoint on rank 0 (None elsewhere and for a new run). A refused
-    start leaves no folder behind."""
-    cfg = run.cfg
-    if cfg["amp"] == "fp16" and run.device.type != "cuda":
+def start_or_resume(cfg, model, train_set, device, verbose):
+    """Rank 0 claims --out-dir (infra.Claim: one run a folder) and decides between a new run
+    (its weights from --pretrained / --init-from) and a resume. Returns (claim, checkpoint on
+    rank 0 or None); a refusal on any rank undoes the claim."""
+    if cfg["amp"] == "fp16" and device.type != "cuda":
         raise BadInput("--amp fp16 needs CUDA; use --amp bf16 on CPU")
-    if getattr(run.train_set, "split", None) is not None:  # the data is part of the run
+    if getattr(train_set, "split", None) is not None:  # the data is part of the run
         cfg["split_sha256"] = infra.file_digest(os.path.join(
-            run.train_set.root, "ImageSets", "Segmentation", run.train_set.split + ".txt"))
-    if not cfg["no_eval"]:  # the final evaluation's data is checked now, not after training
-        run.val_set = data.get_dataset(cfg["dataset"], cfg["val_split"], cfg["data_root"],
-                                       train=False, seed=cfg["seed"], **cfg["val_data_args"])
-    size = 2.2 * sum(t.numel() * t.element_size() for t in run.model.state_dict().values())
-    ck = None
+            train_set.root, "ImageSets", "Segmentation", train_set.split + ".txt"))
+    size = 2.2 * sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    claim, ck = infra.Claim("train.py", []), None
 
     def decide():
-        nonlocal ck
-        run.lock = infra.FolderLock(cfg["out_dir"], "train.py")  # one run owns --out-dir
-        ck = check_out_dir(cfg, run.ck_path, size)
+        nonlocal claim, ck
+        claim = infra.Claim("train.py", [("--out-dir", cfg["out_dir"], "folder")], inputs=[
+            (f"--{k.replace('_', '-')}", cfg[k]) for k in ("data_root", "pretrained",
+                                                           "init_from")])
+        ck = check_out_dir(cfg, size)
         return ck is not None
-    STARTING.append(run)  # until its first step, a refusal undoes the start (run_training)
-    run.resumed = on_rank0(decide)
-    if not run.resumed:
-        take_weights(run.model, cfg, verbose=run.rank == 0)
-    return ck
-
-
-STARTING = []  # runs that took --out-dir and have not begun their first step
-
-
-def run_training(cfg):
-    """train(cfg); a refusal (or Ctrl-C) before the first step (in setup: --sync-bn, the
-    optimizer's state, ...) leaves no lock and no new folder behind."""
     try:
-        return train(cfg)
+        if not infra.on_rank0(decide):
+            take_weights(model, cfg, verbose)
     except (BadInput, KeyboardInterrupt):
-        while STARTING:
-            release_out_dir(STARTING.pop(), remove=True)  # with the folders it made
+        claim.release(remove=True)
         raise
-
-
-def release_out_dir(run, remove=False):
-    """Let go of --out-dir's lock (rank 0 holds it; the system drops it if the process dies)."""
-    if getattr(run, "lock", None) is not None:
-        run.lock.release(remove)
-        run.lock = None
+    return claim, ck
 
 
 def take_weights(model, cfg, verbose):
@@ -479,24 +395,22 @@ def take_weights(model, cfg, verbose):
     if cfg["pretrained"]:
         try:
             infra.load_pretrained(model, cfg["pretrained"], verbose=verbose)
-        except (ValueError, FileNotFoundError) as e:
-            raise BadInput(f"--pretrained {e}") from None
+        except BadInput as e:
+            raise type(e)(f"--pretrained {e}") from None
         if cfg["multi_grid"] is not None and verbose:
             print(f"note: multi-grid {cfg['multi_grid']} gives layer4 other dilations than "
                   f"torchvision's weights were trained at (fine-tuning adapts them; "
                   f"--multi-grid none keeps torchvision's geometry)")
     if cfg["init_from"]:
-        src = evaluation.load_checkpoint(cfg["init_from"])
-        sd, theirs = src["model"], src["config"].get("context")
-        if theirs != model.config["context"]:  # its context module cannot serve this one
-            sd = {k: v for k, v in sd.items() if k.startswith("backbone.")}
-            if verbose:
-                print(f"--init-from {cfg['init_from']} holds a {theirs} model, this run is "
-                      f"{model.config['context']}: only its backbone is taken")
-        target = model if theirs == model.config["context"] else model.backbone
-        sd = sd if target is model else {k[len("backbone."):]: v for k, v in sd.items()}
+        src = infra.read_checkpoint(cfg["init_from"])
+        sd, theirs = src["model"], src["config"]["context"]
+        same = theirs == model.config["context"]  # else its context module cannot serve here
+        if not same and verbose:
+            print(f"--init-from {cfg['init_from']} holds a {theirs} model, this run is "
+                  f"{model.config['context']}: only its backbone is taken")
         try:
-            target.load_state_dict(sd)
+            (model if same else model.backbone).load_state_dict(
+                sd if same else {k[9:]: v for k, v in sd.items() if k.startswith("backbone.")})
         except RuntimeError as e:
             raise BadInput(f"--init-from {cfg['init_from']} does not fit this model: "
                            f"{str(e).splitlines()[1].strip()}") from None
@@ -504,36 +418,39 @@ def take_weights(model, cfg, verbose):
             print(f"initialised from {cfg['init_from']} (iteration {src['iteration']})")
 
 
-def restore(run, ck):
+def restore(ck, model, optimizer, scaler, device, cfg):
     """Model, optimizer, scaler, RNG and data position from rank 0's checkpoint, on every rank.
-    Returns (iteration, (epoch, micro-batch in epoch))."""
-    if not run.resumed:
-        return 0, (0, 0)
+    Returns (iteration, (epoch, micro-batch in epoch)); (0, (0, 0)) for a new run."""
     # only rank 0 read the file (no shared filesystem needed): the others receive it, pickled
-    state = from_rank0({k: ck[k] for k in ("model", "optimizer", "scaler", "rng_cpu", "rng_cuda",
-                                           "iteration", "epoch", "batch_in_epoch")}
-                       if ck is not None else None)
-    run.model.load_state_dict(state["model"])  # names and shapes checked with the checkpoint
+    state = infra.from_rank0(None if ck is None else {k: ck[k] for k in (
+        "model", "optimizer", "scaler", "rng_cpu", "rng_cuda", "iteration", "epoch",
+        "batch_in_epoch")})
+    if state is None:
+        return 0, (0, 0)
+    model.load_state_dict(state["model"])  # names and shapes checked with the checkpoint
     try:  # the optimizer's and scaler's states fit only the optimizer built here: tried here
-        run.optimizer.load_state_dict(state["optimizer"])
-        if run.scaler is not None and state["scaler"]:
-            run.scaler.load_state_dict(state["scaler"])
-        if any(getattr(run.optimizer.state[p].get("momentum_buffer", p), "shape", None) != p.shape
-               for g in run.optimizer.param_groups for p in g["params"]):
+        optimizer.load_state_dict(state["optimizer"])
+        if scaler is not None and state["scaler"]:
+            scaler.load_state_dict(state["scaler"])
+        if any(getattr(optimizer.state[p].get("momentum_buffer", p), "shape", None) != p.shape
+               for g in optimizer.param_groups for p in g["params"]):
             raise ValueError("a momentum buffer has another shape than its weight")
     except (ValueError, KeyError, TypeError, RuntimeError, AttributeError) as e:
-        raise BadInput(f"{run.ck_path}: optimizer does not fit this model's optimizer "
-                       f"({(str(e).splitlines() or ['?'])[0][:150]}); refused") from None
-    torch.set_rng_state(state["rng_cpu"].to(torch.uint8))
-    if run.device.type == "cuda" and state["rng_cuda"].numel():
-        torch.cuda.set_rng_state(state["rng_cuda"].to(torch.uint8))
-    rank0_print(f"resumed {run.ck_path} at iteration {state['iteration']}")
+        raise BadInput(f"{os.path.join(cfg['out_dir'], 'checkpoint.pt')}: optimizer does not "
+                       f"fit this model's optimizer ({(str(e).splitlines() or ['?'])[0][:150]})"
+                       f"; refused") from None
+    torch.set_rng_state(state["rng_cpu"])
+    if device.type == "cuda" and state["rng_cuda"].numel():
+        torch.cuda.set_rng_state(state["rng_cuda"])
+    infra.rank0_print(f"resumed {cfg['out_dir']} at iteration {state['iteration']}")
     return state["iteration"], (state["epoch"], state["batch_in_epoch"])
 
 
-def check_out_dir(cfg, ck_path, checkpoint_bytes):
-    """Rank 0: decide between a new run and a resume, refuse a resume of another experiment,
-    and check that --out-dir can take the checkpoints. Returns the checkpoint or None."""
+def check_out_dir(cfg, checkpoint_bytes):
+    """Rank 0, --out-dir claimed: a new run or a resume (refused if it is another experiment
+    or has nothing left to do); --out-dir can take the checkpoints. Returns the checkpoint."""
+    out = cfg["out_dir"]
+    ck_path = os.path.join(out, "checkpoint.pt")
     exists = os.path.exists(ck_path)
     if cfg["resume"] == "yes" and not exists:
         raise MissingInput(f"--resume: no checkpoint at {ck_path} (--resume auto starts a new "
@@ -541,13 +458,24 @@ def check_out_dir(cfg, ck_path, checkpoint_bytes):
     if exists and cfg["resume"] is None:
         raise BadInput(f"{ck_path} exists: pass --resume to continue it, or choose another "
                        f"--out-dir (nothing is overwritten without asking)")
-    ck = read_checkpoint_for_resume(cfg, ck_path) if exists else None
-    out = cfg["out_dir"]  # made only now, when the run starts; an earlier run's results are
-    infra.refuse_existing(  # replaced only when resuming (--resume auto may start over them)
-        [os.path.join(out, f) for f in RUN_OUTPUTS], cfg["resume"] is not None,
-        [(f"--{k.replace('_', '-')}", cfg[k]) for k in ("data_root", "pretrained", "init_from")],
-        hint="they are an earlier run's results: choose another --out-dir (or --resume auto to "
-             "replace them)")
+    ck = infra.read_checkpoint(ck_path, resume=True) if exists else None
+    wrong = infra.resume_differences(ck["train_args"], cfg) if ck else []
+    if wrong:
+        raise BadInput(f"--resume: {ck_path} is another experiment; these differ: "
+                       f"{'; '.join(wrong)}. Use the checkpoint's values, or another --out-dir. "
+                       f"Safe to change on resume: " + ", ".join(
+                           "--" + k.replace("_", "-") for k, s in infra.SETTINGS.items()
+                           if s.free and k in cfg))
+    if ck and ck["iteration"] > cfg["iters"]:
+        raise BadInput(f"--resume: {ck_path} is at iteration {ck['iteration']}, past --iters "
+                       f"{cfg['iters']}; give --iters {ck['iteration']} or more (results are kept)")
+    if ck and ck["iteration"] == cfg["iters"]:
+        print(f"{ck_path} is at iteration {cfg['iters']} (--iters): nothing left to train; "
+              + ("nothing is done" if cfg["no_eval"] else "the final evaluation runs again and "
+                 "replaces eval.json and predictions.png"))
+    infra.existing([os.path.join(out, f) for f in RUN_OUTPUTS], cfg["resume"] is not None,
+                   "they are an earlier run's results: choose another --out-dir (or --resume "
+                   "auto to replace them)")
     free, limit = shutil.disk_usage(out).free, resource.getrlimit(resource.RLIMIT_FSIZE)[0]
     if free < 1.2 * checkpoint_bytes:  # the new checkpoint's temp file beside the old one
         raise BadInput(f"--out-dir {out}: {free / 2 ** 30:.2f} GiB free, but a checkpoint "
@@ -555,16 +483,14 @@ def check_out_dir(cfg, ck_path, checkpoint_bytes):
     if limit != resource.RLIM_INFINITY and limit < checkpoint_bytes:
         raise BadInput(f"the file-size limit (ulimit -f) is {limit / 2 ** 20:.0f} MB, but a "
                        f"checkpoint of this model takes about {checkpoint_bytes / 2 ** 20:.0f} MB")
-    # a resumed run keeps its log up to the checkpoint; a new one starts a new log (a run that
-    # died before its first checkpoint may have left one)
+    # a resumed run keeps its log up to the checkpoint; a new one starts a new log
     truncate_log(os.path.join(out, "log.jsonl"), ck["iteration"] if ck is not None else 0)
     return ck
 
 
 # ---------------------------------------------------------------------------------------------
 # Checkpoints: plain dicts of tensors and numbers (torch.load(weights_only=True) reads them),
-# written by rank 0 to a temp file and renamed, so a crash mid-write never destroys the last
-# good one (infra.atomic_save).
+# written by rank 0 atomically (infra.atomic_save), read back through infra.read_checkpoint.
 # ---------------------------------------------------------------------------------------------
 
 def save_checkpoint(run, it):
@@ -573,43 +499,14 @@ def save_checkpoint(run, it):
           "scaler": run.scaler.state_dict() if run.scaler is not None else {},
           "iteration": it, "epoch": position[0], "batch_in_epoch": position[1],
           "rng_cpu": torch.get_rng_state(),
-          "rng_cuda": torch.cuda.get_rng_state() if run.device.type == "cuda" else torch.empty(0),
+          "rng_cuda": torch.cuda.get_rng_state() if run.device.type == "cuda" else torch.empty(
+              0, dtype=torch.uint8),
           "config": run.model.config, "train_args": run.cfg, "dataset": run.cfg["dataset"],
           "classes": list(run.train_set.classes),
           "palette": np.asarray(run.train_set.palette).tolist(),
-          "data_args": run.cfg["val_data_args"]}
+          "data_args": synthetic_args(run.cfg, "val_images")}
     infra.atomic_save(run.ck_path, lambda f: torch.save(ck, f))
-    evaluation.curves_figure(run.log_path, os.path.join(run.cfg["out_dir"], "curves.png"))
-
-
-def resume_differences(saved, cfg):
-    """The settings outside RESUME_MAY_CHANGE whose value differs from the checkpoint's (one it
-    does not record differs too)."""
-    def plain(c, k):  # as JSON: a tuple and its list are equal, True and 1 are not
-        return json.dumps(c.get(k, "unrecorded"), default=repr)
-    return [f"--{k.replace('_', '-')} {json.loads(plain(cfg, k))} (checkpoint: "
-            f"{json.loads(plain(saved, k))})" for k in sorted(set(cfg) | set(saved))
-            if k not in RESUME_MAY_CHANGE and plain(cfg, k) != plain(saved, k)]
-
-
-def read_checkpoint_for_resume(cfg, path):
-    """Rank 0 reads the checkpoint and refuses a resume that would be another experiment, or
-    that has nothing left to do."""
-    ck = evaluation.load_checkpoint(path, resume=True)
-    wrong = resume_differences(ck["train_args"], cfg)
-    if wrong:
-        raise BadInput(f"--resume: {path} is another experiment; these differ: "
-                       f"{'; '.join(wrong)}. Use the checkpoint's values, or another --out-dir. "
-                       f"Safe to change on resume: " + ", ".join(
-                           "--" + k.replace("_", "-") for k in RESUME_MAY_CHANGE[:-1]))
-    if ck["iteration"] > cfg["iters"]:
-        raise BadInput(f"--resume: {path} is at iteration {ck['iteration']}, past --iters "
-                       f"{cfg['iters']}; give --iters {ck['iteration']} or more (results are kept)")
-    if ck["iteration"] == cfg["iters"]:
-        print(f"{path} is at iteration {cfg['iters']} (--iters): nothing left to train; "
-              + ("nothing is done" if cfg["no_eval"] else "the final evaluation runs again and "
-                 "replaces eval.json and predictions.png"))
-    return ck
+    evaluation.log_figure(run.log_path, os.path.join(run.cfg["out_dir"], "curves.png"))
 
 
 def truncate_log(path, iteration):
@@ -632,7 +529,7 @@ def truncate_log(path, iteration):
 # epoch's end, and a resumed run sees exactly the data it would have seen.
 # ---------------------------------------------------------------------------------------------
 
-class MicroBatchStream(torch.utils.data.Sampler):
+class SampleOrder(torch.utils.data.Sampler):
     """(epoch, index) keys of this rank's samples, micro-batch after micro-batch, from `start`."""
 
     def __init__(self, dataset, rank, world, seed, micro, start=(0, 0)):
@@ -662,14 +559,12 @@ def advance(position, micro_batches, per_epoch):
     return n // per_epoch, n % per_epoch
 
 
-def micro_batches(run):
-    """This rank's micro-batches from run.position on, through one DataLoader for the run."""
-    cfg = run.cfg
-    run.per_epoch = len(run.train_set) // run.world // run.micro  # micro-batches per epoch
+def data_stream(train_set, cfg, rank, world, micro, position, device):
+    """This rank's micro-batches from `position` on, through one DataLoader for the run."""
     return iter(torch.utils.data.DataLoader(
-        run.train_set, run.micro, sampler=MicroBatchStream(run.train_set, run.rank, run.world,
-                                                           cfg["seed"], run.micro, run.position),
-        num_workers=cfg["workers"], pin_memory=run.device.type == "cuda",
+        train_set, micro, sampler=SampleOrder(train_set, rank, world, cfg["seed"], micro,
+                                              position),
+        num_workers=cfg["workers"], pin_memory=device.type == "cuda",
         persistent_workers=cfg["workers"] > 0, worker_init_fn=quiet_worker,
         prefetch_factor=4 if cfg["workers"] > 0 else None,
         # its own generator: an iterator would otherwise draw a seed from the global RNG
@@ -684,28 +579,29 @@ class guard(contextlib.AbstractContextManager):
     """The loop's surroundings. SIGINT/SIGTERM (and the testing aid --stop-after) ask the loop
     to save and stop at its next sync point, which is said at once; the same signal again, or
     one during the final evaluation, stops at once (exit code 130), leaving the last checkpoint
-    as it was. On the way out the loader's workers stop and --out-dir's lock is released."""
+    as it was. On the way out the loader's workers stop and --out-dir's claim is released."""
 
     def __init__(self, run):
         self.run, self.it, self.name = run, run.iteration, None
+        self.last_sync, self.last_report = run.iteration, (run.iteration, run.t0)
 
     def __enter__(self):
         def on_signal(signum, frame):
             name, cfg = signal.Signals(signum).name, self.run.cfg
             if self.name is not None or self.it >= cfg["iters"]:
                 ck = self.run.ck_path
-                rank0_print(f"{name}{' again' if self.name else ''}: stopped at once, without "
-                            f"saving; " + (f"the last checkpoint {ck} is kept" if
-                                           os.path.exists(ck) else "no checkpoint was saved"),
-                            file=sys.stderr)
+                infra.rank0_print(f"{name}{' again' if self.name else ''}: stopped at once, "
+                                  f"without saving; " + (f"the last checkpoint {ck} is kept" if
+                                                        os.path.exists(ck) else
+                                                        "no checkpoint was saved"),
+                                  file=sys.stderr)
                 raise SystemExit(130)
             self.name = name
             at = next(j for j in range(self.it + 1, cfg["iters"] + 1) if sync_iteration(cfg, j))
-            rank0_print(f"{name}: a checkpoint will be saved at iteration {at} (the next sync "
-                        f"point), then the run stops; {name} again stops at once without saving",
-                        file=sys.stderr)
+            infra.rank0_print(f"{name}: a checkpoint will be saved at iteration {at} (the next "
+                              f"sync point), then the run stops; {name} again stops at once "
+                              f"without saving", file=sys.stderr)
         self.old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-        STARTING.clear()  # the run has begun: its folder holds it now
         return self
 
     def asked(self, it):
@@ -721,7 +617,7 @@ class guard(contextlib.AbstractContextManager):
         for s, h in self.old.items():
             signal.signal(s, h)
         self.run.batches = None  # shuts the loader workers down, before the process group goes
-        release_out_dir(self.run)
+        self.run.claim.release()
 
 
 def sync_iteration(cfg, it):
@@ -739,48 +635,47 @@ def sync_point(run, it, losses, stop):
     if run.world > 1:
         dist.all_reduce(flags)
     total, stops, bad_weights = flags.tolist()
-    last = getattr(run, "last_sync", run.iteration)
-    loss = total / (it - last)  # each step added its batch's mean loss, in shares over the ranks
+    loss = total / (it - stop.last_sync)  # each step added its batch's mean loss, in shares
     if not math.isfinite(loss) or bad_weights:
         what = f"loss is {loss}" if not math.isfinite(loss) else "weights are not finite"
         raise FloatingPointError(
             f"{what} in the iterations up to {it}: training stopped. The last good checkpoint "
             f"({run.ck_path}, if any) is left as it was; try a lower --lr or no --amp fp16")
     stop.name = stop.name or ("signal on another rank" if stops > 0 else None)
-    report(run, it, loss)
+    report(run, it, loss, stop)
     losses.zero_()
-    run.last_sync = it
+    stop.last_sync = it
     if run.rank == 0 and (stops > 0 or it % run.cfg["save_every"] == 0
                           or it == run.cfg["iters"]):
         save_checkpoint(run, it)
     if stops > 0:
-        rank0_print(f"{stop.name}: checkpoint saved at iteration {it} to {run.ck_path}; "
-                    f"continue with the same command plus --resume")
+        infra.rank0_print(f"{stop.name}: checkpoint saved at iteration {it} to {run.ck_path}; "
+                          f"continue with the same command plus --resume")
     return stops > 0
 
 
 def announce(run):
     cfg = run.cfg
-    rank0_print(f"training {cfg['dataset']} ({len(run.train_set)} images), ResNet-{cfg['depth']} "
-                f"OS {cfg['output_stride']}, context {cfg['context']}, {run.world} rank(s) x "
-                f"{run.micro} images x {cfg['accum_steps']} micro-step(s), sync BN "
-                f"{run.sync_bn}{', BN frozen' if cfg['freeze_bn'] else ''}, {cfg['iters']} "
-                f"iterations, device {run.device}; out: {cfg['out_dir']}")
+    infra.rank0_print(
+        f"training {cfg['dataset']} ({len(run.train_set)} images), ResNet-{cfg['depth']} OS "
+        f"{cfg['output_stride']}, context {cfg['context']}, {run.world} rank(s) x {run.micro} "
+        f"images x {cfg['accum_steps']} micro-step(s), sync BN {run.sync_bn}"
+        f"{', BN frozen' if cfg['freeze_bn'] else ''}, {cfg['iters']} iterations, device "
+        f"{run.device}; out: {cfg['out_dir']}")
 
 
-def report(run, it, loss):
+def report(run, it, loss, stop):
     """A progress line with the speed since the last line and the ETA, and a line of
     log.jsonl (rank 0)."""
     cfg, now = run.cfg, time.time()
-    last_it, last_t = getattr(run, "last_report", (run.iteration, run.t0))
-    run.last_report = (it, now)
+    (last_it, last_t), stop.last_report = stop.last_report, (it, now)
     ips = (it - last_it) * cfg["batch_size"] / max(now - last_t, 1e-9)
     eta = (cfg["iters"] - it) * (now - run.t0) / max(1, it - run.iteration)
     lr = run.optimizer.param_groups[0]["lr"]
     mem = (f"  mem {torch.cuda.max_memory_allocated(run.device) / 2 ** 30:.1f} GiB"
            if run.device.type == "cuda" else "")
-    rank0_print(f"it {it}/{cfg['iters']}  loss {loss:.4f}  lr {lr:.2e}  {ips:.1f} img/s  "
-                f"ETA {eta / 60:.1f} min{mem}")
+    infra.rank0_print(f"it {it}/{cfg['iters']}  loss {loss:.4f}  lr {lr:.2e}  {ips:.1f} img/s  "
+                      f"ETA {eta / 60:.1f} min{mem}")
     if run.rank == 0:
         with open(run.log_path, "a") as f:
             f.write(json.dumps({"iter": it, "loss": loss, "lr": lr, "img_per_s": ips,
@@ -792,26 +687,27 @@ def finish(run, it):
     model that was saved."""
     run.batches = None  # shuts the loader workers down
     took = time.time() - run.t0
-    rank0_print(f"trained {it - run.iteration} iterations in {took / 60:.1f} min; "
-                f"checkpoint: {run.ck_path}")
+    infra.rank0_print(f"trained {it - run.iteration} iterations in {took / 60:.1f} min; "
+                      f"checkpoint: {run.ck_path}")
     result = {"train_seconds": took, "checkpoint": run.ck_path, "iteration": it}
     if not run.cfg["no_eval"]:
-        same_model_on_every_rank(run)  # what is evaluated is what was saved
+        if run.world > 1:  # rank 0's batch-norm statistics: what is evaluated is what was saved
+            for b in run.model.buffers():
+                dist.broadcast(b, src=0)
         result.update(final_evaluation(run))
     return result
 
 
 def final_evaluation(run):
     """Single-scale, no flip (paper 4.1 for ablations), via eval.py's one implementation."""
-    cfg, model, out = run.cfg, run.model, run.cfg["out_dir"]
+    cfg, model, out, val = run.cfg, run.model, run.cfg["out_dir"], run.val_set
     torch.backends.cudnn.benchmark = False  # whole images of many sizes: no autotuning per size
-    val = run.val_set  # built and checked at the start
     t = time.time()
-    res = evaluation.evaluate(model, val, device=run.device, log=rank0_print,
+    res = evaluation.evaluate(model, val, device=run.device, log=infra.rank0_print,
                               workers=cfg["workers"], amp=cfg["amp"])
-    rank0_print(f"{cfg['dataset']} {cfg['val_split']} ({len(val)} images, single scale):")
+    infra.rank0_print(f"{cfg['dataset']} {cfg['val_split']} ({len(val)} images, single scale):")
     ctx = getattr(run.train_set, "context_classes", ())
-    rank0_print(evaluation.format_table(res, run.train_set.classes, ctx))
+    infra.rank0_print(evaluation.format_table(res, run.train_set.classes, ctx))
     summary = {"miou": res["miou"], "iou": res["iou"], "pixel_acc": res["pixel_acc"],
                "eval_seconds": time.time() - t}
     if ctx:
@@ -821,180 +717,63 @@ def final_evaluation(run):
         pics = [evaluation.prediction_picture(model, val, run.device,
                                               os.path.join(out, "predictions.png"))]
         logs = [p for p in (run.log_path, os.path.join(out, "curves.png")) if os.path.exists(p)]
-        rank0_print(f"evaluation numbers: {os.path.join(out, 'eval.json')}; pictures: "
-                    f"{', '.join(pics)}" + (f"; training log: {' and '.join(logs)}" if logs else ""))
+        print(f"evaluation numbers: {os.path.join(out, 'eval.json')}; pictures: "
+              f"{', '.join(pics)}" + (f"; training log: {' and '.join(logs)}" if logs else ""))
     return summary
 
 
 # ---------------------------------------------------------------------------------------------
-# The command line, and the checks that refuse nonsense before any work starts.
+# The command line: every flag and its limits come from infra.SETTINGS, and every value is
+# checked there (infra.check_settings) before any work starts.
 # ---------------------------------------------------------------------------------------------
 
+MODEL_ARGS = ("depth", "context", "output_stride", "pool_k", "multi_grid", "base_channels",
+              "context_channels", "count_include_pad")
+EXPERIMENT_FLAGS = ("dataset", "data_root", "split", "val_split", "context", "pool_k",
+                    "count_include_pad", "depth", "base_channels", "context_channels",
+                    "output_stride", "multi_grid", "crop", "scale", "batch_size", "accum_steps",
+                    "iters", "lr", "power", "warmup", "momentum", "weight_decay", "seed",
+                    "workers", "num_images", "val_images", "image_size")
+RUN_FLAGS = ("pretrained", "init_from", "freeze_bn", "sync_bn", "resume", "out_dir",
+             "save_every", "log_every", "amp", "channels_last", "compile", "deterministic",
+             "no_eval", "device", "stop_after")
+
+
 def parse_args(argv=None, prog=None):
-    preset_text = "\n".join(
-        f"  {name}: " + ", ".join(f"{k}={v}" for k, v in p.items()) for name, p in PRESETS.items())
+    """train.py's configuration: COMMON, then the dataset's preset, then the flags given."""
+    presets = "\n".join(f"  {name}: " + ", ".join(f"{k}={v}" for k, v in p.items())
+                        for name, p in PRESETS.items())
     p = argparse.ArgumentParser(
-        prog=prog,
+        prog=prog, formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Train DeepLab v3 with a swappable context module (Vortex Pooling, paper "
-                    "4.1/4.2). Every hyper-parameter defaults to its dataset's preset; an "
-                    "explicit flag overrides it.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=f"dataset presets:\n{preset_text}\ncommon defaults: " +
-               ", ".join(f"{k}={v}" for k, v in COMMON.items() if v is not None) +
-               f"\n\nexit codes: 0 finished, 1 failed (e.g. non-finite loss), 2 refused input, "
-               f"{EXIT_STOPPED} stopped by a signal after saving a checkpoint (resume it), 130 "
-               f"stopped by a second signal without saving")
-    experiment_flags(p.add_argument)
-    run_flags(p.add_argument)
-    for action in p._actions:  # every limit is said in --help
-        if action.dest in LIMITS:
-            action.help += " [{}..{}]".format(*LIMITS[action.dest])
+                    "4.1/4.2). Every setting defaults to its dataset's preset; a flag given "
+                    "overrides it.",
+        epilog=f"dataset presets:\n{presets}\ncommon defaults: " + ", ".join(
+            f"{k}={v}" for k, v in COMMON.items() if v is not None) + f"\n\nexit codes: 0 "
+        f"finished, 1 failed (e.g. non-finite loss), 2 refused input, {EXIT_STOPPED} stopped by "
+        f"a signal after saving a checkpoint (resume it), 130 stopped by a second signal")
+    infra.add_flags(p, EXPERIMENT_FLAGS + RUN_FLAGS)
     args = p.parse_args(argv)
-    cfg = dict(COMMON)
-    cfg.update(PRESETS[args.dataset])
-    for k, v in vars(args).items():
-        if v is not None or k not in cfg:
-            cfg[k] = v
-    cfg["scale"] = tuple(cfg["scale"])
-    cfg["data_root"] = cfg["data_root"] and os.path.abspath(cfg["data_root"])  # resume: same data
-    cfg["multi_grid"] = parse_multi_grid(cfg["multi_grid"], cfg["depth"],
-                                         explicit=args.multi_grid is not None)
-    cfg["out_dir"] = infra.output_path(cfg["out_dir"], "--out-dir") if cfg["out_dir"] is not None \
-        else os.path.join("runs", f"{args.dataset}-{cfg['context']}")
-    cfg["val_data_args"] = synthetic_args(cfg, "val_images")
-    check_config(cfg)
+    cfg = dict(COMMON, **PRESETS[args.dataset or "synthetic"])
+    cfg.update({k: v for k, v in vars(args).items() if v is not None or k not in cfg})
+    cfg["dataset"] = cfg["dataset"] or "synthetic"
+    mg = cfg["multi_grid"]  # 'none', or one rate per layer4 block (the preset's cut to fit)
+    if [str(v).lower() for v in mg or ["none"]] == ["none"]:
+        cfg["multi_grid"] = None
+    else:
+        cfg["multi_grid"] = [int(v) if str(v).lstrip("-").isdigit() else v for v in mg]
+        if args.multi_grid is None:
+            cfg["multi_grid"] = cfg["multi_grid"][:DEPTHS[cfg["depth"]][1][3]]
+    cfg["scale"] = list(cfg["scale"])
+    if cfg["out_dir"] is None:
+        cfg["out_dir"] = os.path.join("runs", f"{cfg['dataset']}-{cfg['context']}")
+    infra.check_settings(cfg)
+    for k in ("data_root", "pretrained", "init_from"):  # resume: the same files
+        cfg[k] = cfg[k] and os.path.abspath(cfg[k])
     return cfg
 
 
-def experiment_flags(a):
-    """The flags that define the experiment: data, model, optimisation (see --help)."""
-    a("--dataset", choices=list(PRESETS), default="synthetic",
-      help="synthetic (built in, default), voc (train), voc_aug (train_aug, paper 4.1), coco")
-    a("--data-root", default=None, help="the VOC2012 folder, or the prepare-coco output folder")
-    a("--split", default=None, help="training list under ImageSets/Segmentation (preset)")
-    a("--val-split", default=None, help="list evaluated at the end (preset: val)")
-    a("--context", choices=CONTEXTS, default=None, help="context module (default: vortex)")
-    a("--pool-k", type=int, default=None, help="Module A's pooling size k, odd (default 5)")
-    a("--count-include-pad", action="store_const", const=True, default=None,
-      help="average Module A's and Vortex's k x k windows over the zero padding too, dividing "
-           "by k*k at the border (nn.AvgPool2d's default) instead of by the in-map pixels (ours; "
-           "the paper does not say); recorded in the checkpoint")
-    a("--depth", type=int, choices=sorted(DEPTHS), default=None, help="ResNet depth")
-    a("--base-channels", type=int, default=None,
-      help="ResNet width (64 = standard; the synthetic preset uses a slim 16)")
-    a("--context-channels", type=int, default=None, help="context module width (paper: 256)")
-    a("--output-stride", type=int, choices=[8, 16, 32], default=None, help="paper: 8")
-    a("--multi-grid", nargs="+", default=None, metavar="RATE",
-      help="layer4 rate multipliers, one per block (paper: 1 2 4), or 'none' for torchvision's "
-           "dilated geometry (what its pretrained weights were trained at)")
-    a("--crop", type=int, default=None, help="training crop side (paper: 513)")
-    a("--scale", type=float, nargs=2, default=None, metavar=("MIN", "MAX"),
-      help="random scale range (paper: 0.5 2.0)")
-    a("--batch-size", type=int, default=None,
-      help="GLOBAL batch per optimizer step, split over ranks and --accum-steps (paper: 16)")
-    a("--accum-steps", type=int, default=None,
-      help="micro-steps per optimizer step (gradient accumulation; default 1). Batch norm sees "
-           "one micro-batch: --batch-size / (ranks x accum-steps) images per rank")
-    a("--iters", type=int, default=None, help="optimizer steps (paper: 30000)")
-    a("--lr", type=float, default=None, help="base learning rate of the poly policy (0.007)")
-    a("--power", type=float, default=None, help="poly power (0.9)")
-    a("--warmup", type=warmup_fraction, default=None, metavar="FRACTION",
-      help="linear learning-rate warm-up over this fraction of --iters before the poly decay "
-           "(paper presets: 0, the paper's schedule; synthetic: 0.3, so that no module's "
-           "success is a race against the decay: docs/experiments.md)")
-    a("--momentum", type=float, default=None, help="SGD momentum, in [0, 1) (0.9)")
-    a("--weight-decay", type=float, default=None, help="SGD weight decay (1e-4)")
-    a("--seed", type=int, default=None, help="seed of weights, data order and augmentation")
-    a("--workers", type=int, default=None, help="data-loader processes per rank (0: none)")
-    a("--num-images", type=int, default=None, help="synthetic: training images")
-    a("--val-images", type=int, default=None, help="synthetic: validation images")
-    a("--image-size", type=int, default=None, help="synthetic: image side")
-
-
-def run_flags(a):
-    """The flags of how a run goes: weights, resume, output, speed, devices."""
-    a("--pretrained", default=None, help="local torchvision ImageNet ResNet or "
-                                         "deeplabv3_resnet*_coco checkpoint to start from")
-    a("--init-from", default=None, help="our own checkpoint to take the weights from (the "
-                                        "next stage of the three-stage recipe, paper 4.2)")
-    a("--freeze-bn", action="store_true",
-      help="keep batch-norm statistics and parameters fixed (DeepLab v3's last stage on "
-           "trainval, which paper 4.2 follows: with a smaller --lr, e.g. 0.001)")
-    a("--sync-bn", choices=["auto", "torch", "ours", "off"], default=None,
-      help="batch-norm statistics over all ranks: auto (default) = torch.nn.SyncBatchNorm's "
-           "fused kernels on CUDA, ours (readable, runs on CPU/gloo) elsewhere; off = per rank")
-    a("--resume", nargs="?", const="yes", choices=["yes", "auto"], default=None,
-      help="continue --out-dir's checkpoint exactly (refused if it is another experiment); "
-           "'--resume auto' resumes when a checkpoint exists and starts otherwise: use it with "
-           "torchrun --max-restarts")
-    a("--out-dir", default=None, help="where checkpoint, log and pictures go "
-                                      "(default runs/<dataset>-<context>)")
-    a("--save-every", type=int, default=None, help="checkpoint every N iterations")
-    a("--log-every", type=int, default=None,
-      help="progress line every N iterations (the loop synchronises with the GPU only then)")
-    a("--amp", nargs="?", const="bf16", choices=["bf16", "fp16"], default=None,
-      help="mixed precision: bf16 autocast (default with --amp), or fp16 with a gradient scaler "
-           "(CUDA only); also used by the final evaluation")
-    a("--channels-last", action="store_true", help="NHWC memory format (faster convolutions)")
-    a("--compile", action="store_true", help="torch.compile the model (off by default)")
-    a("--deterministic", action="store_true",
-      help="reproducible CUDA kernels (no cuDNN autotuning, deterministic algorithms where "
-           "they exist): slower; without it two CUDA runs differ in the last digits")
-    a("--no-eval", action="store_true", help="skip the evaluation at the end")
-    a("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
-    a("--stop-after", type=int, default=None,
-      help="testing aid: behave as if SIGTERM arrived after N iterations of this run")
-
-
-def parse_multi_grid(values, depth, explicit):
-    """'none' -> None; numbers -> a tuple with one rate per layer4 block (the preset's 1 2 4 is
-    cut to ResNet-18/34's two blocks; an explicit value must fit exactly)."""
-    if values is None or [str(v).lower() for v in values] == ["none"]:
-        return None
-    blocks = DEPTHS[depth][1][3]
-    try:
-        rates = tuple(int(v) for v in values)
-    except ValueError:
-        rates = ()
-    if explicit and (len(rates) != blocks or min(rates, default=0) < 1):
-        raise BadInput(f"--multi-grid {' '.join(map(str, values))}: ResNet-{depth} has {blocks} "
-                       f"layer4 blocks: give {blocks} whole numbers >= 1 (paper: 1 2 4), or none")
-    return rates[:blocks]
-
-
-LIMITS = {  # flag: (lowest, highest) allowed; whole numbers where both are; stated in --help
-    "iters": (1, 10 ** 8), "batch_size": (1, 10 ** 5), "accum_steps": (1, 10 ** 4),
-    "save_every": (1, 10 ** 8), "log_every": (1, 10 ** 8), "stop_after": (1, 10 ** 8),
-    "base_channels": (1, 4096), "context_channels": (1, 8192), "pool_k": (1, 99),
-    "crop": (4, 8192), "num_images": (1, 10 ** 7), "val_images": (1, 10 ** 7),
-    "image_size": (32, 4096), "workers": (0, 256), "seed": (0, 2 ** 32 - 1),
-    "lr": (1e-8, 10.0), "power": (0.01, 10.0), "momentum": (0.0, 0.999),
-    "weight_decay": (0.0, 1.0), "scale": (0.05, 10.0)}
-
-
-def check_config(cfg):
-    """One line naming the flag and what is allowed, for every value that cannot work."""
-    def need(ok, flag, allowed):
-        if not ok:
-            value = cfg[flag.replace("-", "_")]
-            shown = " ".join(map(str, value)) if isinstance(value, tuple) else value
-            raise BadInput(f"--{flag} {shown}: {allowed}")
-    for k in ("split", "val_split"):
-        infra.plain_name(cfg[k], f"--{k.replace('_', '-')}")
-    for k, (lo, hi) in LIMITS.items():
-        whole = isinstance(lo, int)
-        need(all(v is None or lo <= v <= hi for v in np.ravel(cfg[k]).tolist()), k.replace(
-            "_", "-"), f"must be a whole number in {lo}..{hi}" if whole else
-            f"must be a number in [{lo:g}, {hi:g}]")
-    need(cfg["pool_k"] % 2 == 1, "pool-k", "Module A's pooling window must be odd (a centred "
-                                           "window: 1, 3, 5, ...)")
-    need(cfg["crop"] >= 4 * cfg["output_stride"], "crop",
-         f"must be at least 4 x the output stride ({4 * cfg['output_stride']}), so that the "
-         f"context module sees a feature map of 4 x 4 or more (paper: 513)")
-    need(cfg["scale"][0] <= cfg["scale"][1], "scale", "needs MIN <= MAX (paper: 0.5 2.0)")
-
-
-def micro_batch(cfg, world, n_images):
+def per_rank_images(cfg, world, n_images):
     """Images per rank and micro-step; refuses a batch that cannot train batch norm."""
     per, accum = cfg["batch_size"] / (world * cfg["accum_steps"]), cfg["accum_steps"]
     if not per.is_integer():
@@ -1024,7 +803,7 @@ def main(argv=None):
     cfg = parse_args(argv)
     vortex.keep_freed_memory()  # large tensors reuse memory instead of page-faulting it in
     try:
-        return run_training(cfg)
+        return train(cfg)
     except FloatingPointError as e:
         sys.exit(str(e))
     finally:
