@@ -16,7 +16,6 @@ error that names the file. Commands (see `python data.py --help`):
   python data.py prepare-sbd --sbd benchmark_RELEASE/dataset --voc VOCdevkit/VOC2012
   python data.py prepare-coco --annotations instances_train2017.json --images train2017 --out DIR
 """
-import argparse
 import math
 import os
 import time
@@ -25,7 +24,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from infra import (DATASETS, BadInput, Claim, refuse_inputs, ExistingOutput, MissingInput, atomic_save, cli,
+from infra import (DATASETS, BadInput, Claim, Parser, refuse_inputs, ExistingOutput, MissingInput, atomic_save, cli,
                    file_digest, is_plain_name, plain_name, progress, read_json, read_list,
                    read_record, shown, write_json)
 
@@ -833,7 +832,7 @@ def prepare_coco(annotations, images, out, split=None, min_pixels=1000, log=prin
 
 def parser():
     """The command line (--help explains every flag)."""
-    p = argparse.ArgumentParser(description="Dataset preparation and checks for Vortex Pooling "
+    p = Parser(description="Dataset preparation and checks for Vortex Pooling "
                                             "(paper 4.1, 4.2). Nothing is downloaded.")
     sub = p.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("prepare-sbd", help="make VOC train_aug (10,582 images) from the SBD "

@@ -13,7 +13,6 @@ training curves) with the drawing primitives experiments.py's figures use too.
 
 Nothing is overwritten without --force; known-bad input is one line and exit code 2.
 """
-import argparse
 import math
 import os
 import time
@@ -220,7 +219,7 @@ def predict_images(model, ck, source, out, scales, flip, device, force, checkpoi
 
 def parser():
     """The command line (--help explains every flag)."""
-    p = argparse.ArgumentParser(description="Evaluate a train.py checkpoint: full-image mIoU "
+    p = infra.Parser(description="Evaluate a train.py checkpoint: full-image mIoU "
                                             "(paper 4.1/4.2), or predict images.")
     infra.add_flags(p, ("checkpoint", "dataset", "data_root"))
     p.add_argument("--split", default=None, help="list to evaluate (default: the checkpoint's "

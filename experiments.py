@@ -14,7 +14,6 @@ data <- vortex <- train, eval <- experiments.
   python experiments.py erf CK [CK ...] --out F     # effective receptive fields of checkpoints
 
 Nothing is overwritten without --force; an interrupted experiment continues where it stopped."""
-import argparse
 import json
 import math
 import os
@@ -1566,7 +1565,7 @@ def context_samples_figure(out, cell=3, distances=(2, 12, 24), seed=0):
 
 def parser():
     """The command line (--help, and each command's --help, explain every flag)."""
-    p = argparse.ArgumentParser(
+    p = infra.Parser(
         description="Research and measurement beside the Vortex Pooling reimplementation: "
                     "Table 1's modules in numbers, figures, benchmarks and the experiments. "
                     "`python experiments.py COMMAND --help` explains a command's flags.")

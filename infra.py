@@ -15,6 +15,7 @@ data, train, eval and experiments import this.
   around       atomic writes, progress lines, device and process-group set-up, `cli`
 Known-bad input raises BadInput, which `cli` turns into one line on stderr and exit code 2.
 """
+import argparse
 import errno
 import fcntl
 import hashlib
@@ -152,6 +153,13 @@ SETTINGS = {
     "force": S(bool, None, "overwrite outputs that exist"),
 }
 del S
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, with its errors as one line (the usage is in --help)."""
+
+    def error(self, message):
+        self.exit(2, f"error: {self.prog}: {message} (see --help)\n")
 
 
 def allowed_text(name):
@@ -390,6 +398,9 @@ def read_checkpoint(path, resume=False):
         odd = sorted(set(cfg) ^ set(CONFIG), key=str)[0]
         raise BadInput(f"{path}: config.{odd} is {'unknown' if odd in cfg else 'missing'}; "
                        f"config holds {', '.join(CONFIG)}")
+    unset = [k for k in CONFIG if cfg[k] is None and k != "multi_grid"]
+    if unset:
+        raise BadInput(f"{path}: config.{unset[0]} is None; allowed: {allowed_text(unset[0])}")
     check_settings(dict(cfg), f"{path}: config")
     check_settings({k: v for k, v in ta.items() if k in SETTINGS}, f"{path}: train_args")
     synthetic = {"num_images": ta.get("val_images"), "image_size": ta.get("image_size")}
@@ -439,8 +450,8 @@ def path_problem(path):
         return "it is not text"
     if not path.strip():
         return "it is empty"
-    if "\0" in path:
-        return "it holds a NUL character"
+    if any(ord(c) < 32 or ord(c) == 127 for c in path):
+        return "it holds a control character: a NUL, a new line, a tab..."
     try:
         parts = [p.encode() for p in path.split(os.sep)]
     except UnicodeEncodeError:

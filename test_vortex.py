@@ -3483,6 +3483,211 @@ def test_training_curves_have_absolute_axes_and_are_named_only_when_drawn(tmp_pa
 
 
 # =============================================================================================
+# infra.py: one gate per kind of input. Each is proven with generated bad values: one line, a
+# non-zero exit and nothing written; and where two commands read the same thing, they agree.
+# =============================================================================================
+
+def cli_run(main, argv, capsys):
+    """(exit code, stderr lines) of a command run as its `python X.py` would run it."""
+    with pytest.raises(SystemExit) as e:
+        infra.cli(lambda: main(argv))
+        raise SystemExit(0)
+    return e.value.code, capsys.readouterr().err.strip().splitlines()
+
+
+RANGED = sorted(n for n in train.EXPERIMENT_FLAGS + train.RUN_FLAGS
+                if isinstance(infra.SETTINGS[n].allowed, tuple) and infra.SETTINGS[n].nargs is None)
+
+
+@given(name=st.sampled_from(RANGED), data_=st.data())
+@settings(max_examples=60, deadline=None, suppress_health_check=[
+    HealthCheck.function_scoped_fixture])
+def test_settings_gate_refuses_every_value_out_of_its_range_in_one_line(tmp_path_factory, name,
+                                                                        data_, capsys):
+    s = infra.SETTINGS[name]
+    lo, hi = s.allowed
+    if s.kind is int:
+        bad = data_.draw(st.one_of(st.integers(max_value=lo - 1), st.integers(min_value=hi + 1)))
+    else:
+        bad = data_.draw(st.one_of(st.floats(max_value=lo, exclude_max=True), st.floats(
+            min_value=hi, exclude_min=True), st.just(float("nan"))))
+    out = tmp_path_factory.mktemp("gate") / "run"
+    code, err = cli_run(train.main, TINY + [f"--{name.replace('_', '-')}={bad}",
+                                            "--out-dir", str(out)], capsys)
+    assert code == 2 and len(err) == 1 and err[0].startswith(f"error: --{name.replace('_', '-')}")
+    assert f"must be {infra.allowed_text(name)}" in err[0] and not out.exists()
+
+
+@given(rates=st.lists(st.integers(-2, 70), min_size=0, max_size=4),
+       depth=st.sampled_from([18, 50]))
+@settings(max_examples=25, deadline=None)
+def test_a_value_train_accepts_every_reader_accepts(tiny_run, tmp_path_factory, rates, depth):
+    """One table for every command: a multi-grid (or any setting) that train.py accepts, a
+    checkpoint recording it is accepted by every command that reads checkpoints; one it
+    refuses, they refuse. (The issue's case: train took rates eval refused.)"""
+    try:
+        cfg = train.parse_args(["--depth", str(depth), "--multi-grid"] + [str(r) for r in rates]
+                               if rates else ["--depth", str(depth)])
+        train_ok = True
+    except (infra.BadInput, SystemExit):
+        train_ok = False
+    ck = torch.load(os.path.join(tiny_run, "checkpoint.pt"), weights_only=True)
+    for d in (ck["config"], ck["train_args"]):
+        d["depth"], d["multi_grid"] = depth, (cfg["multi_grid"] if train_ok else rates)
+    ck["model"] = vortex.DeepLabV3(**dict(ck["config"], multi_grid=None)).state_dict()
+    path = str(tmp_path_factory.mktemp("mg") / "ck.pt")
+    torch.save(ck, path)
+    try:
+        infra.read_checkpoint(path)
+        reader_ok = True
+    except infra.BadInput as e:
+        reader_ok = False
+        assert "\n" not in str(e) and "multi_grid" in str(e)
+    assert reader_ok == train_ok, (rates, depth)
+
+
+BAD_TENSORS = [  # (tensor, what the one line says)
+    (torch.full((8,), 1e300, dtype=torch.float64), "in float32"),
+    (torch.tensor([1.0, float("nan")], dtype=torch.bfloat16), "NaN or infinite"),
+    (torch.tensor([float("-inf")], dtype=torch.float16), "NaN or infinite"),
+    (torch.zeros(4, dtype=torch.complex64), "only dense real tensors"),
+    (torch.eye(3).to_sparse(), "only dense real tensors"),
+]
+
+
+@pytest.mark.parametrize("bad,message", BAD_TENSORS + [("negative variance", "negative variance")])
+def test_checkpoint_gate_reads_tensors_as_the_model_will_run_them(tmp_path, tiny_run, capsys, bad,
+                                                                  message):
+    ck = torch.load(os.path.join(tiny_run, "checkpoint.pt"), weights_only=True)
+    key = "classifier.bias" if not isinstance(bad, str) else "backbone.bn1.running_var"
+    ck["model"][key] = -ck["model"][key].abs() - 1 if isinstance(bad, str) else bad
+    path = str(tmp_path / "ck.pt")
+    torch.save(ck, path)
+    before = sorted(os.listdir(tmp_path))
+    for main, argv in ((evaluation.main, ["--checkpoint", path, "--workers", "0"]),
+                       (train.main, TINY + ["--init-from", path, "--out-dir",
+                                            str(tmp_path / "r"), "--iters", "1"])):
+        code, err = cli_run(main, argv, capsys)
+        assert code == 2 and len(err) == 1 and f"tensor model.{key}" in err[0] and message in \
+            err[0], err
+    assert sorted(os.listdir(tmp_path)) == before
+
+
+def test_an_empty_weights_flag_is_refused_not_random_initialisation(tmp_path, capsys):
+    for flag in ("--pretrained", "--init-from", "--data-root"):
+        code, err = cli_run(train.main, TINY + [flag, "", "--out-dir", str(tmp_path / "r")],
+                            capsys)
+        assert code == 2 and err == [f"error: {flag} '': must be a file or folder name (it is "
+                                     f"empty)"]
+    assert os.listdir(tmp_path) == []
+
+
+NAMES = st.text(st.characters(blacklist_categories=("Cs",)), min_size=0, max_size=12)
+
+
+@given(kind=st.sampled_from(["same", "inside", "holds", "folder-for-file", "too-long", "nul",
+                             "format"]), name=NAMES.filter(lambda s: "/" not in s and s not in
+                                                          ("", ".", "..") and "\0" not in s))
+@settings(max_examples=40, deadline=None)
+def test_output_gate_refuses_in_one_line_and_leaves_nothing(tmp_path_factory, kind, name):
+    top = tmp_path_factory.mktemp("claim")
+    inp = top / "in"
+    inp.mkdir()
+    (inp / "data.txt").write_text("input")
+    out = {"same": inp / "data.txt", "inside": inp / "sub" / "r.json", "holds": top,
+           "folder-for-file": inp, "too-long": top / "new" / (name + "x" * 251 + ".json"),
+           "nul": top / "new" / (name + "\0.json"), "format": top / "new" / (name + ".txt")}[kind]
+    before = sorted(str(p) for p in top.rglob("*"))
+    with pytest.raises(infra.BadInput) as e:
+        infra.Claim("test", [("--json", str(out), (".json",))], [("--in", str(inp))], force=True)
+    assert "\n" not in str(e.value) and "--json" in str(e.value) or "input --in" in str(e.value)
+    assert sorted(str(p) for p in top.rglob("*")) == before
+
+
+def test_two_commands_cannot_both_write_one_output(tmp_path, tiny_run):
+    """The issue's case: two `eval.py --json same.json` started together. One writes it, the
+    other is refused in one line (in use, or exists); the file is one whole result."""
+    out = str(tmp_path / "same.json")
+    cmd = [sys.executable, os.path.join(HERE, "eval.py"), "--checkpoint",
+           os.path.join(tiny_run, "checkpoint.pt"), "--workers", "0", "--json", out]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    results = [(p.wait(timeout=120), p.stderr.read()) for p in procs]
+    assert sorted(code for code, _ in results) == [0, 2], results
+    err = next(e for code, e in results if code == 2).strip().splitlines()
+    assert len(err) == 1 and re.search(r"in use by eval.py|exists; pass --force", err[0]), err
+    assert json.load(open(out))["checkpoint"].endswith("checkpoint.pt")
+    assert sorted(os.listdir(tmp_path)) == ["same.json"]  # no lock, no temp file left
+
+
+@given(ids=st.lists(st.text("abcxyz_-0123456789.", min_size=1, max_size=8).filter(
+    lambda s: s not in (".", "..")), unique=True, max_size=6),
+    codec=st.sampled_from(["utf-8", "utf-8-sig", "utf-16"]), newline=st.sampled_from(
+        ["\n", "\r\n"]), trailer=st.sampled_from(["", " -1", "\t1"]))
+@settings(max_examples=40, deadline=None)
+def test_lists_are_read_whatever_editor_saved_them(tmp_path_factory, ids, codec, newline,
+                                                   trailer):
+    path = tmp_path_factory.mktemp("list") / "l.txt"
+    path.write_bytes("".join(i + trailer + newline for i in ids).encode(codec))
+    assert infra.read_list(str(path)) == ids
+
+
+@given(raw=st.binary(max_size=64))
+@settings(max_examples=80, deadline=None)
+def test_records_and_lists_of_any_bytes_are_read_or_one_line(tmp_path_factory, raw):
+    path = str(tmp_path_factory.mktemp("rec") / "r.json")
+    open(path, "wb").write(raw)
+    for read in (infra.read_list, infra.read_record, infra.read_log,
+                 lambda p: infra.read_json(p, "annotations")):
+        try:
+            read(path)
+        except infra.BadInput as e:
+            assert "\n" not in str(e) and path in str(e)
+
+
+def test_a_record_over_its_size_limit_is_refused_before_it_is_read(tmp_path):
+    path = tmp_path / "big.txt"
+    path.write_bytes(b"a\n" * 100)
+    with pytest.raises(infra.BadInput, match=r"split list .*big.txt is 0.0 MB; the limit is 0 MB"):
+        infra.read_text(str(path), "split list", limit=10)
+
+
+@given(name=NAMES)
+def test_one_name_rule_for_every_id_and_field(name):
+    """A plain name stays in its folder and is one word of a list line: exactly what the
+    converters may write and the readers accept."""
+    if infra.is_plain_name(name):
+        assert os.path.basename(name) == name and name == name.strip() and name.split() == [name]
+        assert os.path.normpath(os.path.join("root", name)).startswith("root" + os.sep)
+    else:
+        with pytest.raises(infra.BadInput) as e:
+            infra.plain_name(name, "--split")
+        assert "\n" not in str(e.value) and str(e.value).startswith("--split ")
+
+
+@given(names=st.lists(st.sampled_from(["a.jpg", "a.png", "b c.jpg", "ü.jpg", ".jpg", "x.y.jpg",
+                                       "..jpg", "-d.jpg", "sub/e.jpg", "f"]), min_size=1,
+                      max_size=6))
+@settings(max_examples=30, deadline=None)
+def test_converter_writes_only_what_its_reader_accepts(tmp_path_factory, names):
+    """prepare-coco round trip: for any image names it accepts, VOCSegmentation reads every
+    pair it wrote, and same-stem inputs (a.jpg, a.png) never overwrite each other."""
+    top = tmp_path_factory.mktemp("conv")
+    images = [{"id": i, "file_name": n, "height": 40, "width": 40} for i, n in enumerate(names)]
+    anns = [{"id": 100 + i, "image_id": i, "category_id": 1, "segmentation": SQUARE}
+            for i in range(len(names))]
+    ann, imgs = coco_file(top, images, anns)
+    res = data.prepare_coco(ann, imgs, str(top / "out"), split="s", log=lambda m: None)
+    ds = data.VOCSegmentation(str(top / "out"), "s") if res["written"] else None
+    assert (len(ds) if ds else 0) == len(res["written"]) == len(set(res["written"]))
+    for i in range(len(ds) if ds else 0):
+        image, mask = ds.load(i)
+        assert mask.shape == (40, 40) and image.shape == (40, 40, 3)
+    masks = os.listdir(top / "out" / "SegmentationClass") if res["written"] else []
+    assert len(masks) == len(res["written"])  # one mask a written image, none overwritten
+
+
+# =============================================================================================
 # Coursework checks (docs/exercises.md, docs/teaching.md). `python -m pytest -m exercises` runs
 # one check per exercise on the answer written in the COURSEWORK section at the end of this
 # file: not attempted -> skipped, right -> passes, wrong -> fails with one sentence and the

@@ -743,7 +743,7 @@ def parse_args(argv=None, prog=None):
     """train.py's configuration: COMMON, then the dataset's preset, then the flags given."""
     presets = "\n".join(f"  {name}: " + ", ".join(f"{k}={v}" for k, v in p.items())
                         for name, p in PRESETS.items())
-    p = argparse.ArgumentParser(
+    p = infra.Parser(
         prog=prog, formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Train DeepLab v3 with a swappable context module (Vortex Pooling, paper "
                     "4.1/4.2). Every setting defaults to its dataset's preset; a flag given "
