@@ -4542,9 +4542,9 @@ def test_grading_a_class_prints_the_same_table_twice(tmp_path, capsys):
     handin(folder, "empty", open(os.path.join(HERE, "coursework.py")).read())
     handin(folder, "wrong", wrong_handin(0))
     main(["grade", folder, "--csv", str(tmp_path / "grades0.csv")])  # here, then the command
-    out = subprocess.run([sys.executable, os.path.join(HERE, "test_vortex.py"), "grade", folder,
-                          "--csv", str(tmp_path / "grades1.csv")], capture_output=True, text=True,
-                         cwd=str(tmp_path), timeout=600).stdout
+    out = subprocess.run([sys.executable, "-c", GRADE_COMMAND, "grade", folder, "--csv",
+                          str(tmp_path / "grades1.csv")], capture_output=True, text=True, cwd=HERE,
+                         timeout=600).stdout
     runs = [(printed, (tmp_path / f"grades{i}.csv").read_text())
             for i, printed in enumerate([capsys.readouterr().out, out])]
     assert runs[0] == runs[1]
@@ -4576,9 +4576,14 @@ def test_the_exercises_hand_out_no_answers():
         assert "exercise_answers" not in open(os.path.join(HERE, name + ".py")).read(), name
 
 
+# The command, run in the project's folder (`python test_vortex.py grade ...` once the
+# make-fixtures command above no longer takes every command line of this file):
+# python -c "import test_vortex; test_vortex.main()" grade HANDINS [--csv out.csv] [--time-limit S]
+GRADE_COMMAND = "import test_vortex; test_vortex.main()"
+
+
 def main(argv=None):
-    """`python test_vortex.py grade HANDINS [--csv out.csv] [--time-limit S]`."""
-    parser = argparse.ArgumentParser(prog="python test_vortex.py", description=(
+    parser = argparse.ArgumentParser(prog=f'python -c "{GRADE_COMMAND}"', description=(
         "Grade a class: HANDINS holds one folder per student, each with a coursework.py."))
     parser.add_argument("command", choices=["grade"])
     parser.add_argument("handins")
