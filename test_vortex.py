@@ -4578,8 +4578,8 @@ def test_the_exercises_hand_out_no_answers():
 
 # The command, run in the project's folder (`python test_vortex.py grade ...` once the
 # make-fixtures command above no longer takes every command line of this file):
-# python -c "import test_vortex; test_vortex.main()" grade HANDINS [--csv out.csv] [--time-limit S]
-GRADE_COMMAND = "import test_vortex; test_vortex.main()"
+# python -c "__import__('test_vortex').main()" grade HANDINS [--csv out.csv] [--time-limit S]
+GRADE_COMMAND = "__import__('test_vortex').main()"
 
 
 def main(argv=None):
