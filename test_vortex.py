@@ -2349,11 +2349,6 @@ def make_fixtures(coco_json):
     print(f"wrote {FIXTURES}: {len(outputs)} torchvision outputs, {len(objects)} polygon objects")
 
 
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="Make the golden fixtures (scratch env only).")
-    parser.add_argument("command", choices=["make-fixtures"])
-    parser.add_argument("--coco", required=True, help="a COCO instances JSON with polygons")
-    make_fixtures(parser.parse_args().coco)
 
 
 # ------------------------------------------------------------------------- the reading path
@@ -3688,32 +3683,164 @@ def test_converter_writes_only_what_its_reader_accepts(tmp_path_factory, names):
 
 
 # =============================================================================================
-# Coursework checks (docs/exercises.md, docs/teaching.md). `python -m pytest -m exercises` runs
-# one check per exercise on the answer written in the COURSEWORK section at the end of this
-# file: not attempted -> skipped, right -> passes, wrong -> fails with one sentence and the
-# smallest counterexample hypothesis finds. Each check is a function of the answer, so that the
-# ordinary tests after them can prove it rejects wrong answers and accepts the reference ones
-# (fixtures/exercise_answers.txt, decoded as docs/teaching.md says).
+# Coursework checks (docs/exercises.md, docs/teaching.md). The answers live in coursework.py, the
+# student's file. `python -m pytest -m exercises` grades the repository's coursework.py and
+# `python test_vortex.py grade HANDINS [--csv out.csv]` a folder of hand-ins. The student's code
+# never runs in this process: a child process (RUNNER below) imports the hand-in, calls each
+# answer on inputs sent from here and sends back what it returned, as plain data (numbers, lists,
+# tensors) read with torch.load(weights_only=True); the expected values and the verdicts are
+# computed here. Every check runs on fixed examples, smallest first, so that the first failure is
+# the smallest and two runs give the same verdict. The teachers' key (fixtures/
+# exercise_answers.txt) is a reference coursework.py with the wrong answers the proof tests hand in.
 # =============================================================================================
 
 import base64  # noqa: E402
+import csv  # noqa: E402
 import functools  # noqa: E402
+import io  # noqa: E402
+import random  # noqa: E402
+import select  # noqa: E402
+import struct  # noqa: E402
+import tempfile  # noqa: E402
 import zlib  # noqa: E402
+from typing import Callable, NamedTuple  # noqa: E402
 
-from hypothesis import Phase  # noqa: E402
+TIME_LIMIT = 60  # seconds for the import of a hand-in and for each exercise's calls
+# names a hand-in may not use (a word of its code, or part of a string): ways around the grader
+FORBIDDEN = ("inspect", "_getframe", "_exit", "subprocess", "ctypes", "__main__", "test_vortex",
+             "exercise_answers")
+
+# The child: imports the hand-in at the path it is sent, answers {"stub", "calls"} requests with
+# what the answer returned, as tagged plain data (RUNNER_ANSWERS: also run in this process for
+# the key's answers, by the proof tests). An audit hook stops the child from reading the grader
+# or the key, writing outside its own temporary folder, starting processes or killing any.
+RUNNER_ANSWERS = r'''
+import contextlib, importlib.util, io, numbers, os, random, struct, sys
+import numpy as np
+import torch
 
 
-def exercise_settings(n):
-    """n examples, no deadline, no example database (a proof test's failures must not be
-    replayed into the student's run)."""
-    return settings(max_examples=n, deadline=None, database=None,
-                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-                    phases=[Phase.explicit, Phase.generate, Phase.shrink])  # no slow "explain"
+def plain(v, depth=0):
+    """v as data the grader can read with weights_only=True, tagged with its type."""
+    t = f"{type(v).__module__}.{type(v).__qualname__}".replace("builtins.", "")
+    if depth > 4:
+        return {"t": "too deeply nested"}
+    if isinstance(v, torch.Tensor):
+        return {"t": "torch.Tensor", "v": v.detach().cpu().as_subclass(torch.Tensor).clone()}
+    if isinstance(v, np.ndarray):
+        if v.dtype.kind in "biuf" and v.dtype.itemsize <= 8:
+            return {"t": "numpy.ndarray", "v": torch.from_numpy(np.array(v).astype(
+                v.dtype.newbyteorder("=")))}
+        return {"t": f"numpy.ndarray of {v.dtype}"}
+    if v is None or isinstance(v, (bool, str)):
+        return {"t": t, "v": v if not isinstance(v, str) else v[:100]}
+    if isinstance(v, numbers.Integral):
+        return {"t": t, "v": int(v), "number": True}
+    if isinstance(v, numbers.Real):
+        return {"t": t, "v": float(v), "number": True}
+    if isinstance(v, (list, tuple)):
+        return {"t": "tuple" if isinstance(v, tuple) else "list",
+                "v": [plain(x, depth + 1) for x in list(v)[:10000]]}
+    if isinstance(v, dict):
+        return {"t": "dict", "v": [[plain(k, depth + 1), plain(x, depth + 1)]
+                                   for k, x in list(v.items())[:100]]}
+    return {"t": t}
+
+
+def numpy_args(a):
+    if isinstance(a, torch.Tensor):
+        return a.numpy()
+    return type(a)(numpy_args(x) for x in a) if isinstance(a, (list, tuple)) else a
+
+
+def first_line(e):
+    return (str(e).strip().splitlines() or [""])[0][:160]
+
+
+def answer(req, module):
+    if "load" in req:
+        spec = importlib.util.spec_from_file_location("coursework", req["load"])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["coursework"] = module
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):
+                spec.loader.exec_module(module)
+        except BaseException as e:
+            return {"raised": type(e).__name__, "message": first_line(e)}, None
+        return {"loaded": True}, module
+    if not hasattr(module, req["stub"]):
+        return {"missing": True}, module
+    value = getattr(module, req["stub"])
+    if "calls" not in req:
+        return {"value": plain(value)}, module
+    if not callable(value):
+        return {"not callable": plain(value)["t"]}, module
+    results = []
+    for args in req["calls"]:
+        args = numpy_args(args) if req.get("numpy") else args
+        random.seed(0), np.random.seed(0), torch.manual_seed(0)
+        out = io.StringIO()
+        try:
+            with contextlib.redirect_stdout(out):
+                got = value(*args)
+        except BaseException as e:
+            results.append({"raised": type(e).__name__, "message": first_line(e)})
+            break
+        results.append({"value": plain(got), "printed": bool(out.getvalue().strip())})
+    return {"results": results}, module
+'''
+RUNNER = RUNNER_ANSWERS + r'''
+
+torch.set_num_threads(1)
+reply = os.fdopen(int(sys.argv[1]), "wb", buffering=0)
+tmp = os.path.realpath(os.getcwd()) + os.sep
+
+
+def guard(event, args, _tmp=tmp, _fspath=os.fspath, _isinstance=isinstance, _any=any,
+          _hidden=("exercise_answers", "test_vortex"), _writes=os.O_WRONLY | os.O_RDWR
+          | os.O_APPEND | os.O_CREAT | os.O_TRUNC, _denied=frozenset((
+              "subprocess.Popen", "os.system", "os.exec", "os.posix_spawn", "os.spawn",
+              "os.fork", "os.forkpty", "os.kill", "os.killpg", "signal.pthread_kill",
+              "ctypes.dlopen", "ctypes.dlsym", "os.chdir", "os.remove", "os.rename",
+              "os.rmdir", "os.truncate", "os.chmod", "os.link", "os.symlink",
+              "shutil.rmtree", "sys.addaudithook")), _me=None):
+    if event in _denied:
+        raise PermissionError(f"a hand-in may not use {event}")
+    if event == "import" and args[0].split(".")[0] in _hidden:
+        raise PermissionError(f"a hand-in may not import {args[0]}")
+    if event == "object.__setattr__" and args[0] is _me:
+        raise PermissionError("a hand-in may not rewrite the grader")
+    if event == "open" and not _isinstance(args[0], int):
+        path = _fspath(args[0])
+        path = path.decode(errors="replace") if _isinstance(path, bytes) else path
+        if _any(h in path for h in _hidden):
+            raise PermissionError("a hand-in may not read the grader or the teachers' key")
+        mode, flags = args[1] or "", args[2] or 0
+        if (_any(c in mode for c in "wax+") or flags & _writes) and (
+                ".." in path or path.startswith("/") and not path.startswith(_tmp)):
+            raise PermissionError("a hand-in may write only in its temporary folder")
+
+
+guard.__defaults__ = guard.__defaults__[:-1] + (guard,)  # _me: the guard guards itself
+sys.addaudithook(guard)
+module = None
+while True:  # requests and replies: 8 bytes of length, then torch.save's bytes
+    head = sys.stdin.buffer.read(8)
+    if len(head) < 8:
+        break
+    req = torch.load(io.BytesIO(sys.stdin.buffer.read(struct.unpack("<Q", head)[0])),
+                     weights_only=True)
+    resp, module = ({"ready": True}, module) if "ready" in req else answer(req, module)
+    buf = io.BytesIO()
+    torch.save(resp, buf)
+    reply.write(struct.pack("<Q", len(buf.getvalue())) + buf.getvalue())
+'''
 
 
 @contextlib.contextmanager
 def one_thread():
-    """The checks' tensors are tiny: one thread is 10x faster than two on a busy 2-core box."""
+    """The expected values' tensors are tiny: one thread is faster than two on a busy 2-core box,
+    and the same thread count everywhere gives the same numbers."""
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -3722,22 +3849,143 @@ def one_thread():
         torch.set_num_threads(n)
 
 
-def grade(n, stub, answer, check):
-    """Skip an exercise whose stub is untouched, else run its check on the answer."""
-    if answer is None:
-        pytest.skip(f"exercise {n} not attempted: edit test_vortex.py::{stub}")
-    try:
-        with one_thread():
-            check(answer)
-    except NotImplementedError:
-        pytest.skip(f"exercise {n} not attempted: edit test_vortex.py::{stub}")
+class Wrong(Exception):
+    """A verdict of failure, with its one line."""
 
 
-def require(ok, message):
-    """`assert` without pytest's introspection, for the checks of numbers: pytest would print the
-    value the answer is compared with, i.e. the answer."""
-    if not ok:
-        raise AssertionError(message)
+class Child:
+    """One hand-in's child process. ask() sends a request and waits `limit` seconds for the
+    reply; a child that exits, hangs or replies what is not plain data raises Wrong and is gone."""
+
+    def __init__(self):
+        self.tmp = tempfile.mkdtemp(prefix="handin-")
+        self.fd, w = os.pipe()
+        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": self.tmp,
+               "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+               "PYTHONPATH": HERE, "PYTHONDONTWRITEBYTECODE": "1", "TMPDIR": self.tmp}
+        self.proc = subprocess.Popen([sys.executable, "-c", RUNNER, str(w)], stdin=subprocess.PIPE,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                     pass_fds=(w,), cwd=self.tmp, env=env, start_new_session=True)
+        os.close(w)
+        try:  # torch's import, before any of the hand-in's code runs
+            assert self.ask({"ready": True}, 120, "the grader's child")["ready"]
+        except (Wrong, AssertionError, KeyError):
+            raise RuntimeError("the grader's child process did not start: is torch importable "
+                               f"by {sys.executable}?") from None
+
+    def read(self, n, deadline):
+        buf = bytearray()
+        while len(buf) < n:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([self.fd], [], [], left)[0]:
+                raise TimeoutError
+            chunk = os.read(self.fd, min(n - len(buf), 1 << 20))
+            if not chunk:
+                raise EOFError
+            buf += chunk
+        return bytes(buf)
+
+    def ask(self, request, limit, what):
+        buf = io.BytesIO()
+        torch.save(request, buf)
+        deadline = time.monotonic() + limit
+        try:
+            self.proc.stdin.write(struct.pack("<Q", len(buf.getvalue())) + buf.getvalue())
+            self.proc.stdin.flush()
+            n = struct.unpack("<Q", self.read(8, deadline))[0]
+            if n > 1 << 28:
+                raise ValueError("too large")
+            return torch.load(io.BytesIO(self.read(n, deadline)), weights_only=True)
+        except TimeoutError:
+            self.close()
+            raise Wrong(f"{what} gave no answer within {limit} s") from None
+        except (EOFError, BrokenPipeError):
+            code = self.close()
+            status = f"status {code}" if code >= 0 else f"signal {-code}"
+            raise Wrong(f"{what} ended the process ({status}) instead of returning") from None
+        except Exception:
+            self.close()
+            raise Wrong(f"{what} sent back something that is not plain data") from None
+
+    def close(self):
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        code = self.proc.wait()
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+            self.proc.stdin.close()
+            shutil.rmtree(self.tmp, ignore_errors=True)
+        return code
+
+
+# -- reading what the child returned: tagged plain data ---------------------------------------
+
+def type_name(p):
+    t = p["t"]
+    return {"str": "a str", "NoneType": "None", "list": "a list", "tuple": "a tuple",
+            "dict": "a dict", "int": "an int", "float": "a float"}.get(t, t)
+
+
+def number(p, what, integer=False):
+    """A Python number from an int, float, NumPy scalar or one-element tensor."""
+    v = p.get("v")
+    if p["t"] in ("torch.Tensor", "numpy.ndarray") and v.numel() == 1 and not v.is_complex():
+        v = v.item()
+    elif not p.get("number"):
+        raise Wrong(f"{what} is {type_name(p)}, not {'an int' if integer else 'a number'}")
+    if integer and not (math.isfinite(v) and float(v).is_integer()):
+        raise Wrong(f"{what} has a fraction part: it is a count, an int")
+    return int(v) if integer else float(v)
+
+
+def array(p, what):
+    """A float64 NumPy array from a tensor, an array or nested lists of numbers; a floating-point
+    result in another dtype is refused (the inputs are float64)."""
+    t, v = p["t"], p.get("v")
+    if t in ("torch.Tensor", "numpy.ndarray"):
+        if v.is_floating_point() and v.dtype != torch.float64:
+            dtype = str(v.dtype).replace("torch.", "")
+            raise Wrong(f"{what} is {dtype}: return float64, the inputs' dtype")
+        if v.is_complex():
+            raise Wrong(f"{what} is complex, not float64")
+        return v.to(torch.float64).numpy()
+    if t in ("list", "tuple"):
+        parts = [array(x, what) for x in v]
+        if len({x.shape for x in parts}) > 1:
+            raise Wrong(f"{what} is a ragged list, not an array")
+        return np.array(parts, dtype=np.float64).reshape((len(parts),) + (
+            parts[0].shape if parts else ()))
+    if p.get("number"):
+        return np.array(float(v))
+    raise Wrong(f"{what} is {type_name(p)}, not a float64 tensor or array")
+
+
+def items(p, what, n=None):
+    """The plain elements of a list, tuple or 1-D tensor or array (of length n if given)."""
+    t, v = p["t"], p.get("v")
+    if t in ("torch.Tensor", "numpy.ndarray") and v.dim() == 1:
+        v = [{"t": t, "v": x} for x in v]
+    elif t not in ("list", "tuple"):
+        raise Wrong(f"{what} is {type_name(p)}, not a list or a tuple")
+    if n is not None and len(v) != n:
+        raise Wrong(f"{what} has {len(v)} elements, not {n}")
+    return v
+
+
+def ints(p, what, n=None):
+    return [number(x, what, integer=True) for x in items(p, what, n)]
+
+
+# -- the checks: inputs chosen here, expected values computed here ------------------------------
+
+class Calls(NamedTuple):
+    """A function answer's check: the calls' arguments, smallest first; `describe(args)` for the
+    messages; `judge(args, value)` raises Wrong; `numpy`: tensors are sent as NumPy arrays."""
+    args: list
+    describe: Callable
+    judge: Callable
+    numpy: bool = False
 
 
 def seeded(seed, *shape):
@@ -3751,55 +3999,67 @@ EXERCISE_MODULES = [(m.pools, m.kernels, m.dilations) for m in (
     + [ContextModule.module_a(1, 3)])] + [((1, 3, 9, 27, 81), (1, 3, 3, 3, 3), (1, 3, 9, 27, 81))]
 
 
-def check_exercise_1(u):
-    m = ContextModule.module_a(1, 13)
-    truth = int(footprint(m.pools, m.kernels, m.dilations).sum())
-    require(u == truth, f"exercise 1: u = {u} is not the number of distinct offsets in the "
-            "union of A(13)'s 25 windows of 13 x 13 on an unbounded map (an offset read by two "
-            "overlapping windows counts once; the borders play no part)")
+def footprint_size(module):
+    return int(footprint(*module).sum())
 
 
-def check_exercise_2(answer):
-    @exercise_settings(40)
-    @given(h=st.integers(1, 24), w=st.integers(1, 24), count_include_pad=st.booleans(),
-           seed=st.integers(0, 3))
-    def prop(h, w, count_include_pad, seed):
-        x = seeded(seed, 1, 2, h, w)
-        got = answer(x, count_include_pad)
-        want = F.avg_pool2d(x, 9, 1, 4, count_include_pad=count_include_pad)
-        assert tuple(got.shape) == tuple(want.shape), (
-            f"exercise 2: the result has shape {tuple(got.shape)}, not the input's "
-            f"{tuple(want.shape)} (a stride-1 'same' average keeps the map's size)")
-        err = (got - want).abs()
-        at = np.unravel_index(int(err.argmax()), err.shape)[2:]
-        assert err.max() < 1e-12, (
-            f"exercise 2: your cascade differs from F.avg_pool2d(x, 9, 1, 4, count_include_pad="
-            f"{count_include_pad}) by {float(err.max()):.3g} at pixel {tuple(map(int, at))} of a "
-            f"{h} x {w} map, so it is not the 9 x 9 average there")
-    prop()
+def check_exercise_1(p):
+    u = number(p, "EXERCISE_1_U", integer=True)
+    if u != footprint_size(EXERCISE_MODULES[4]):
+        raise Wrong(f"u = {u} is not the number of distinct offsets in the union of A(13)'s 25 "
+                    "windows of 13 x 13 on an unbounded map (an offset read by two overlapping "
+                    "windows counts once; the borders play no part)")
 
 
-def check_exercise_3(answer):
-    @exercise_settings(40)
-    @given(pools=st.sampled_from([(1, 3), (5, 5, 5, 5), (1, 3, 9), (7,)]),
-           h=st.integers(1, 12), w=st.integers(1, 12), shift=st.sampled_from([0.0, -5.0]),
-           seed=st.integers(0, 3))
-    def prop(pools, h, w, shift, seed):
-        x = seeded(seed, 1, 2, h, w) + shift
-        got = answer(x, pools)
-        assert set(got) == set(pools), f"exercise 3: keys {sorted(got)}, not the pools {pools}"
-        for k in pools:  # the definition: the largest value of the window's on-map part
-            r = k // 2
-            want = torch.stack([torch.stack([x[0, :, max(i - r, 0):i + r + 1,
-                                               max(j - r, 0):j + r + 1].amax(dim=(1, 2))
-                                             for j in range(w)], -1) for i in range(h)], -2)
-            assert torch.equal(got[k][0], want), (
-                f"exercise 3: your {k} x {k} max pooling of a {h} x {w} map is not the largest "
-                "value of each window's on-map part")
-    prop()
-    m = ContextModule.module_a(2, 5)
-    m.pool = lambda x: answer(x, m.pools)
-    assert measured_utilization(m, 9, 9) > 0, "exercise 3: no gradient reaches the input"
+def check_exercise_2():
+    sides = (1, 2, 3, 4, 5, 7, 9, 10, 13, 24)
+    cases = sorted(((h, w, c) for h in sides for w in sides for c in (True, False)),
+                   key=lambda s: (s[0] * s[1], s))
+
+    def judge(args, value):
+        x, count_include_pad = args
+        got = array(value, "the result")
+        want = F.avg_pool2d(x, 9, 1, 4, count_include_pad=count_include_pad).numpy()
+        if got.shape != want.shape:
+            raise Wrong(f"the result has shape {got.shape}, not the input's {want.shape} (a "
+                        "stride-1 'same' average keeps the map's size)")
+        err = np.abs(got - want)
+        if not err.max() < 1e-12:
+            at = tuple(int(a) for a in np.unravel_index(np.nanargmax(np.nan_to_num(
+                err, nan=np.inf)), err.shape)[2:])
+            raise Wrong(f"your cascade is not the 9 x 9 average F.avg_pool2d(x, 9, 1, 4, "
+                        f"count_include_pad={count_include_pad}) at pixel {at}")
+
+    def describe(args):
+        return (f"a {args[0].shape[2]} x {args[0].shape[3]} float64 map, count_include_pad="
+                f"{args[1]}")
+    return Calls([(seeded(h * 100 + w, 1, 2, h, w), c) for h, w, c in cases], describe, judge)
+
+
+def check_exercise_3():
+    sides = (1, 2, 3, 5, 12)
+    cases = sorted(((pools, h, w, shift) for pools in [(1, 3), (5, 5, 5, 5), (1, 3, 9), (7,)]
+                    for h in sides for w in sides for shift in (0.0, -5.0)),
+                   key=lambda s: (s[1] * s[2], s))
+
+    def judge(args, value):
+        x, pools = args
+        if value["t"] != "dict":
+            raise Wrong(f"the result is {type_name(value)}, not a dict {{k: tensor}}")
+        got = {number(k, "a key", integer=True): v for k, v in value["v"]}
+        if set(got) != set(pools):
+            raise Wrong(f"the keys are {sorted(got)}, not the pools {sorted(set(pools))}")
+        for k in sorted(got):  # the largest value of each window's on-map part
+            want = F.max_pool2d(F.pad(x, (k // 2,) * 4, value=-math.inf), k, 1).numpy()
+            g = array(got[k], f"the {k} x {k} pooling")
+            if g.shape != want.shape or not np.array_equal(g, want):
+                raise Wrong(f"your {k} x {k} max pooling is not the largest value of each "
+                            "window's on-map part")
+
+    def describe(args):
+        return f"a {args[0].shape[2]} x {args[0].shape[3]} float64 map, pools {args[1]}"
+    return Calls([(seeded(h * 100 + w, 1, 2, h, w) + shift, pools)
+                  for pools, h, w, shift in cases], describe, judge)
 
 
 def pooling_accuracy(task, pool, seed, steps=20, n=13, lr=0.03):
@@ -3841,41 +4101,63 @@ def pooling_evidence(seeds=5):
     """{task: (winner, wins, seeds, one-sided sign-test p)}: per seed, the pooling with the
     higher test accuracy; the winner is the one that wins more seeds."""
     out = {}
-    for task in ("mean", "max"):
-        wins = sum(pooling_accuracy(task, "avg", s) > pooling_accuracy(task, "max", s)
-                   for s in range(seeds))
-        best = max(wins, seeds - wins)
-        p = sum(math.comb(seeds, i) for i in range(best, seeds + 1)) / 2 ** seeds
-        out[task] = ("avg" if wins > seeds - wins else "max", best, seeds, p)
+    with one_thread():
+        for task in ("mean", "max"):
+            wins = sum(pooling_accuracy(task, "avg", s) > pooling_accuracy(task, "max", s)
+                       for s in range(seeds))
+            best = max(wins, seeds - wins)
+            p = sum(math.comb(seeds, i) for i in range(best, seeds + 1)) / 2 ** seeds
+            out[task] = ("avg" if wins > seeds - wins else "max", best, seeds, p)
     return out
 
 
-def check_exercise_3_winners(winners):
-    require(isinstance(winners, dict) and set(winners) == {"mean", "max"},
-            "exercise 3: EXERCISE_3_WINNERS is a dict {'mean': 'avg' or 'max', 'max': ...}")
+def check_exercise_3_winners(p):
+    what = "EXERCISE_3_WINNERS"
+    if p["t"] != "dict":
+        raise Wrong(f"{what} is {type_name(p)}, not a dict {{'mean': 'avg' or 'max', 'max': ...}}")
+    winners = {k.get("v"): v for k, v in p["v"]}
+    if set(winners) != {"mean", "max"}:
+        raise Wrong(f"{what} has not exactly the keys 'mean' and 'max'")
+    for task in ("mean", "max"):
+        if winners[task].get("v") not in ("avg", "max"):
+            raise Wrong(f"{what}[{task!r}] is not the str 'avg' or 'max'")
     for task, (winner, best, seeds, p) in pooling_evidence().items():
-        require(p < 0.05, f"exercise 3: the evidence is inconclusive ({best}/{seeds}, p = {p})")
-        require(winners[task] == winner, (
-            f"exercise 3: on the {task!r} cue {winners[task]} pooling lost the paired sign test "
-            f"({best} of {seeds} seeds, p = {p:.3f}): which pooled value equals the cue?"))
+        if p >= 0.05:
+            raise Wrong(f"the evidence is inconclusive ({best}/{seeds}, p = {p}): tell your "
+                        "teacher")
+        if winners[task]["v"] != winner:
+            raise Wrong(f"on the {task!r} cue {winners[task]['v']} pooling lost the paired sign "
+                        f"test ({best} of {seeds} seeds, p = {p:.3f}): which pooled value equals "
+                        "the cue?")
 
 
-def check_exercise_4(answer):
-    @exercise_settings(40)
-    @given(sizes=st.lists(st.integers(1, 3), min_size=1, max_size=4), h=st.integers(1, 3),
-           w=st.integers(1, 3), seed=st.integers(0, 3))
-    def prop(sizes, h, w, seed):
-        xs = [seeded(seed + 10 * r, n, 2, h, w) + 3 * r for r, n in enumerate(sizes)]
-        mean, var = answer([x.clone() for x in xs])
+def check_exercise_4():
+    rng = random.Random(4)
+    cases = [([1], 1, 1), ([1, 1], 1, 1), ([2, 1], 1, 2), ([1, 3], 2, 1)] + [
+        ([rng.randint(1, 3) for _ in range(rng.randint(1, 4))], rng.randint(1, 3),
+         rng.randint(1, 3)) for _ in range(36)]
+    cases.sort(key=lambda s: (sum(s[0]) * s[1] * s[2], len(s[0]), s))
+
+    def judge(args, value):
+        (xs,) = args
+        got = [array(x, "the mean and the variance") for x in items(value, "the result", 2)]
         whole = torch.cat(xs)
-        want_mean = whole.mean(dim=(0, 2, 3))
-        want_var = whole.var(dim=(0, 2, 3), unbiased=False)
-        assert torch.allclose(mean, want_mean, atol=1e-9) and \
-            torch.allclose(var, want_var, atol=1e-9), (
-                f"exercise 4: with per-rank batches of {sizes} images of {h} x {w} your (mean, "
-                f"var) is ({mean.tolist()}, {var.tolist()}), but one process on the whole batch "
-                f"normalises with ({want_mean.tolist()}, {want_var.tolist()})")
-    prop()
+        want = [whole.mean(dim=(0, 2, 3)).numpy(), whole.var(dim=(0, 2, 3), unbiased=False)
+                .numpy()]
+        for name, g, wv in zip(("mean", "variance"), got, want):
+            if g.shape != wv.shape:
+                raise Wrong(f"the {name} has shape {g.shape}, not one value per channel "
+                            f"{wv.shape}")
+            if not np.abs(g - wv).max() < 1e-9:
+                raise Wrong(f"your {name} is {g.tolist()}, but one process on the whole batch "
+                            f"normalises with {wv.tolist()}")
+
+    def describe(args):
+        xs = args[0]
+        return (f"per-rank batches of {[len(x) for x in xs]} float64 images of "
+                f"{xs[0].shape[2]} x {xs[0].shape[3]}")
+    return Calls([([seeded(100 * i + r, n, 2, h, w) + 3 * r for r, n in enumerate(sizes)],)
+                  for i, (sizes, h, w) in enumerate(cases)], describe, judge)
 
 
 @functools.lru_cache(maxsize=None)
@@ -3892,314 +4174,639 @@ def theoretical_receptive_field():
                 setattr(mod, name, torch.nn.AvgPool2d(child.kernel_size, child.stride,
                                                       child.padding))
     x = torch.randn(1, 3, 801, 801, requires_grad=True)
-    y = net(x)
-    y[0, :, y.shape[2] // 2, y.shape[3] // 2].sum().backward()
+    with one_thread():
+        y = net(x)
+        y[0, :, y.shape[2] // 2, y.shape[3] // 2].sum().backward()
     rows = np.nonzero(x.grad[0].abs().sum(0).amax(1).numpy())[0]
     return int(rows.max() - rows.min() + 1)
 
 
-def check_exercise_5(side):
-    require(side == theoretical_receptive_field(), (
-        f"exercise 5: {side} x {side} is not the square of input pixels that reach one output "
-        "pixel of ResNet(18, 8) on 801 x 801 in eval mode (add (kernel - 1) x dilation x the "
-        "stride so far, layer by layer, max pooling included)"))
+def check_exercise_5(p):
+    side = number(p, "EXERCISE_5_RF", integer=True)
+    if side != theoretical_receptive_field():
+        raise Wrong(f"{side} x {side} is not the square of input pixels that reach one output "
+                    "pixel of ResNet(18, 8) on 801 x 801 in eval mode (add (kernel - 1) x "
+                    "dilation x the stride so far, layer by layer, max pooling included, with "
+                    "each block's own rate)")
 
 
-def check_exercise_6(answer):
-    @exercise_settings(60)
-    @given(data=st.data(), n=st.integers(1, 7))
-    def prop(data, n):
-        v = data.draw(st.integers(-(3 ** n - 1) // 2, (3 ** n - 1) // 2), label="v")
-        digits = list(answer(v, n))
-        value = sum(d * 3 ** i for i, d in enumerate(digits))
-        assert len(digits) == n and set(digits) <= {-1, 0, 1} and value == v, (
-            f"exercise 6: {digits} (least significant first) are not {n} digits in "
-            f"{{-1, 0, 1}} worth {v}, so the offset {v} would have no single window")
-    prop()
+def check_exercise_6():
+    rng = random.Random(6)
+    cases = [(v, n) for n in (1, 2, 3) for v in range(-(3 ** n - 1) // 2, (3 ** n - 1) // 2 + 1)]
+    for n in (4, 5, 6, 7):
+        top = (3 ** n - 1) // 2
+        cases += [(-top, n), (top, n)] + [(rng.randint(-top, top), n) for _ in range(8)]
+
+    def judge(args, value):
+        v, n = args
+        digits = ints(value, "the result")
+        if not (len(digits) == n and set(digits) <= {-1, 0, 1}
+                and sum(d * 3 ** i for i, d in enumerate(digits)) == v):
+            raise Wrong(f"{digits} (least significant first) are not {n} digits in {{-1, 0, 1}} "
+                        f"worth {v}, so the offset {v} would have no single window")
+    return Calls(cases, lambda a: f"v = {a[0]}, n = {a[1]}", judge)
 
 
-def check_exercise_6_side(side):
-    pools = (1, 3, 9, 27, 81)
-    grid = footprint(pools, (1, 3, 3, 3, 3), pools)
-    require(grid.all() and side == grid.shape[0], (
-        f"exercise 6: the five-branch vortex does not tile a {side} x {side} square: its "
-        "largest windows are 81 wide, spaced 81 apart"))
+def check_exercise_6_side(p):
+    side = number(p, "EXERCISE_6_SIDE", integer=True)
+    grid = footprint(*EXERCISE_MODULES[-1])
+    if not (grid.all() and side == grid.shape[0]):
+        raise Wrong(f"the five-branch vortex does not tile a {side} x {side} square: its "
+                    "largest windows are 81 wide, spaced 81 apart")
 
 
-def check_exercise_7(answer):
-    @exercise_settings(60)
-    @given(module=st.sampled_from(EXERCISE_MODULES), d=st.integers(0, 130))
-    def prop(module, d):
-        grid = footprint(*module)
+def check_exercise_7():
+    cases = sorted(((d, i) for i, m in enumerate(EXERCISE_MODULES)
+                    for d in range(footprint(*m).shape[0] // 2 + 3)))  # every ring, and beyond
+
+    def judge(args, value):
+        grid, d = footprint(*args[:3]), args[3]
         r = grid.shape[0] // 2
         yy, xx = np.mgrid[-r:r + 1, -r:r + 1]
         ring = np.maximum(abs(yy), abs(xx)) == d
         want = grid[ring].sum() / max(ring.sum(), 1) if d <= r else 0.0
-        got = answer(*module, d)
-        assert abs(got - want) < 1e-12, (
-            f"exercise 7: at Chebyshev distance {d} the module {module} reads {want:.4f} of the "
-            f"ring's offsets, not {got:.4f}")
-    prop()
+        got = number(value, "the result")
+        if not abs(got - want) < 1e-12:
+            raise Wrong(f"the module reads {want:.4f} of the ring's offsets, not {got:.4f}")
+    return Calls([(*EXERCISE_MODULES[i], d) for d, i in cases],
+                 lambda a: f"the module {a[:3]} at Chebyshev distance {a[3]}", judge)
 
 
-def check_exercise_8(answer):
-    modules = EXERCISE_MODULES[:-1] + [((1, 3), (3, 3), (2, 5)), ((1, 1, 3), (3, 3, 3),
-                                                                     (1, 4, 7))]
-
-    @exercise_settings(40)
-    @given(data=st.data(), module=st.sampled_from(modules), h=st.integers(1, 40),
-           w=st.integers(1, 40))
-    def prop(data, module, h, w):
-        i = data.draw(st.integers(0, h - 1), label="i")
-        j = data.draw(st.integers(0, w - 1), label="j")
+@functools.lru_cache(maxsize=None)
+def utilization_at(module, h, w, i, j):
+    with one_thread():
         m = ContextModule(1, *module, out_channels=2)
-        want = round(measured_utilization(m, h, w, pixel=(i, j)) * h * w)
-        got = answer(*module, h, w, i, j)
-        assert got == want, (
-            f"exercise 8: at pixel ({i}, {j}) of a {h} x {w} map the module {module} reads "
-            f"{want} positions (autograd), not {got}: which taps land on the map, and how much "
-            "of each window?")
-    prop()
+        return round(measured_utilization(m, h, w, pixel=(i, j)) * h * w)
 
 
-def check_exercise_9(answer):
-    @exercise_settings(20)
-    @given(k=st.sampled_from(range(1, 24, 2)))
-    def prop(k):
-        m = ContextModule.module_a(1, k)
-        want = int(footprint(m.pools, m.kernels, m.dilations).sum())
-        assert answer(k) == want, (
-            f"exercise 9: A({k}) reads {want} distinct offsets on an unbounded map, not "
-            f"{answer(k)}")
-    prop()
+def check_exercise_8():
+    modules = EXERCISE_MODULES[:-1] + [((1, 3), (3, 3), (2, 5)), ((1, 1, 3), (3, 3, 3), (1, 4, 7))]
+    rng = random.Random(8)
+    cases = [(m, 1, 1, 0, 0) for m in modules] + [(m, 40, 40, 0, 0) for m in modules]
+    for _ in range(40):
+        h, w = rng.randint(1, 40), rng.randint(1, 40)
+        cases.append((rng.choice(modules), h, w, rng.randrange(h), rng.randrange(w)))
+    cases.sort(key=lambda s: (s[1] * s[2], modules.index(s[0]), s[1:]))
+
+    def judge(args, value):
+        want = utilization_at(args[:3], *args[3:])
+        got = number(value, "the result", integer=True)
+        if got != want:
+            raise Wrong(f"the module reads {want} positions (autograd), not {got}: which taps "
+                        "land on the map, and how much of each window?")
+
+    def describe(args):
+        return f"pixel ({args[5]}, {args[6]}) of a {args[3]} x {args[4]} map, module {args[:3]}"
+    return Calls([(*m, h, w, i, j) for m, h, w, i, j in cases], describe, judge)
 
 
-def check_exercise_9_smallest_k(k):
-    smallest = next(k for k in range(1, 66, 2)
-                    if measured_utilization(ContextModule.module_a(1, k, out_channels=2)) == 1)
-    require(k == smallest, (
-        f"exercise 9: A({k}) is not the first Module A that reads all 65 x 65 positions at the "
-        "centre pixel (measured_utilization == 1); think in two dimensions, not along one axis"))
+def check_exercise_9():
+    def judge(args, value):
+        (k,) = args
+        got = number(value, "the result", integer=True)
+        if got != footprint_size(vortex_module_a(k)):  # the value is exercise 1's answer: unsaid
+            raise Wrong(f"A({k}) does not read {got} distinct offsets on an unbounded map")
+    return Calls([(k,) for k in range(1, 24, 2)], lambda a: f"k = {a[0]}", judge)
 
 
-def check_exercise_10(answer):
-    @exercise_settings(20)
-    @given(b=st.sampled_from([3, 5, 7]), n=st.integers(2, 3))
-    def prop(b, n):
-        pools, kernels, dilations = answer(b, n)
+def vortex_module_a(k):
+    m = ContextModule.module_a(1, k)
+    return m.pools, m.kernels, m.dilations
+
+
+@functools.lru_cache(maxsize=None)
+def smallest_full_module_a():
+    with one_thread():
+        return next(k for k in range(1, 66, 2) if measured_utilization(
+            ContextModule.module_a(1, k, out_channels=2)) == 1)
+
+
+def check_exercise_9_smallest_k(p):
+    k = number(p, "EXERCISE_9_SMALLEST_K", integer=True)
+    if k != smallest_full_module_a():
+        raise Wrong(f"A({k}) is not the first Module A that reads all 65 x 65 positions at the "
+                    "centre pixel (measured_utilization == 1); think in two dimensions, not "
+                    "along one axis")
+
+
+def check_exercise_10():
+    def judge(args, value):
+        b, n = args
+        parts = items(value, "the result", 3)
+        pools, kernels, dilations = (ints(x, "pools, kernels and dilations", n) for x in parts)
+        for i, (k, m, d) in enumerate(zip(pools, kernels, dilations)):
+            if k != b ** i:
+                raise Wrong(f"branch {i} pools {k} x {k} windows, not b**i x b**i")
+            if i == 0 and m != 1:
+                raise Wrong(f"branch 0 is a {m} x {m} convolution, not 1 x 1 (it reads the "
+                            "pixel itself)")
+            if i > 0 and not (m % 2 == 1 and (d == k or m == 1) and m * k == b ** (i + 1)):
+                raise Wrong(f"branch {i}'s {k} x {k} windows at rate {d} do not tile a "
+                            f"{b ** (i + 1)} x {b ** (i + 1)} square, each offset read once")
         grid = footprint(pools, kernels, dilations)
-        assert len(pools) == n and grid.shape == (b ** n, b ** n) and grid.all(), (
-            f"exercise 10: the base-{b} vortex of {n} branches {(pools, kernels, dilations)} "
-            f"does not tile a {b ** n} x {b ** n} square")
-        for k, m, d in zip(pools, kernels, dilations):
-            assert d == k or m == 1, (
-                f"exercise 10: a branch with {k} x {k} windows at rate {d} reads offsets "
-                "twice or leaves gaps between its windows")
-    prop()
+        if not (grid.shape == (b ** n, b ** n) and grid.all()):
+            raise Wrong(f"the module does not tile a {b ** n} x {b ** n} square")
+    cases = [(3, 2), (3, 3), (3, 4), (5, 2), (5, 3), (7, 2), (7, 3)]
+    return Calls(cases, lambda a: f"b = {a[0]}, n = {a[1]}", judge)
 
 
-def check_exercise_10_gradient(answer):
-    @exercise_settings(20)
-    @given(module=st.sampled_from(EXERCISE_MODULES[:-1] + [((1, 5), (1, 5), (1, 5))]),
-           seed=st.integers(0, 3))
-    def prop(module, seed):
-        pools, kernels, dilations = module
-        weights = [seeded(seed + i, n, n) for i, n in enumerate(kernels)]
+@functools.lru_cache(maxsize=None)
+def module_gradient(module, seed):
+    pools, kernels, dilations = module
+    weights = [seeded(seed + i, n, n) for i, n in enumerate(kernels)]
+    with one_thread():
         m = ContextModule(1, pools, kernels, dilations, out_channels=1).double()
-        grid = footprint(pools, kernels, dilations)
-        side = grid.shape[0]
+        side = footprint(pools, kernels, dilations).shape[0]
         x = torch.zeros(1, 1, side, side, dtype=torch.float64, requires_grad=True)
         pooled = m.pool(x)
         out = sum(F.conv2d(pooled[k], wt.view(1, 1, n, n), None, 1, d * (n // 2), d)
                   [0, 0, side // 2, side // 2]
                   for k, n, d, wt in zip(pools, kernels, dilations, weights))
-        (want,) = torch.autograd.grad(out, x)
-        got = np.asarray(answer(pools, kernels, dilations, [w.numpy() for w in weights]))
-        want = want[0, 0].numpy()
-        assert got.shape == want.shape, (
-            f"exercise 10: the gradient is {want.shape[0]} x {want.shape[1]} offsets wide, not "
-            f"{got.shape}")
-        err = np.abs(got - want)
-        at = tuple(int(v) - side // 2 for v in np.unravel_index(err.argmax(), err.shape))
-        assert err.max() < 1e-12, (
-            f"exercise 10: for the module {module} the gradient at offset {at} is "
-            f"{want[at[0] + side // 2, at[1] + side // 2]:.4g} (autograd), not "
-            f"{got[at[0] + side // 2, at[1] + side // 2]:.4g}")
-    prop()
+        (grad,) = torch.autograd.grad(out, x)
+    return weights, grad[0, 0].numpy()
 
 
-EXERCISES = [  # (number, stub, check): the graded exercises, in the order of the docs
-    (1, "EXERCISE_1_U", check_exercise_1),
-    (2, "exercise_2_box_average_9", check_exercise_2),
-    (3, "exercise_3_max_pool", check_exercise_3),
-    (3, "EXERCISE_3_WINNERS", check_exercise_3_winners),
-    (4, "exercise_4_sync_batch_stats", check_exercise_4),
-    (5, "EXERCISE_5_RF", check_exercise_5),
-    (6, "exercise_6_balanced_digits", check_exercise_6),
-    (6, "EXERCISE_6_SIDE", check_exercise_6_side),
-    (7, "exercise_7_ring_coverage", check_exercise_7),
-    (8, "exercise_8_utilization_at", check_exercise_8),
-    (9, "exercise_9_module_a_u", check_exercise_9),
-    (9, "EXERCISE_9_SMALLEST_K", check_exercise_9_smallest_k),
-    (10, "exercise_10_vortex", check_exercise_10),
-    (10, "exercise_10_gradient", check_exercise_10_gradient),
+def check_exercise_10_gradient():
+    cases = [(module, seed) for seed in (0, 1)
+             for module in EXERCISE_MODULES[:-1] + [((1, 5), (1, 5), (1, 5))]]
+    calls = [(*module, module_gradient(module, seed)[0]) for module, seed in cases]
+
+    def judge(args, value):
+        module, seed = next(c for c, a in zip(cases, calls) if a is args)
+        want = module_gradient(module, seed)[1]
+        got = array(value, "the gradient")
+        side = want.shape[0]
+        if got.shape != want.shape:
+            raise Wrong(f"the gradient is {side} x {side} offsets wide, not {got.shape}")
+        err = np.nan_to_num(np.abs(got - want), nan=np.inf)
+        if not err.max() < 1e-12:
+            at = tuple(int(v) - side // 2 for v in np.unravel_index(err.argmax(), err.shape))
+            raise Wrong(f"the gradient at offset {at} is "
+                        f"{want[at[0] + side // 2, at[1] + side // 2]:.4g} (autograd), not "
+                        f"{got[at[0] + side // 2, at[1] + side // 2]:.4g}")
+    return Calls(calls, lambda a: f"the module {a[:3]}", judge, numpy=True)
+
+
+EXERCISES = [  # (number, stub, the stub's parameters (None: a constant), check)
+    (1, "EXERCISE_1_U", None, check_exercise_1),
+    (2, "exercise_2_box_average_9", "x count_include_pad", check_exercise_2),
+    (3, "exercise_3_max_pool", "x pools", check_exercise_3),
+    (3, "EXERCISE_3_WINNERS", None, check_exercise_3_winners),
+    (4, "exercise_4_sync_batch_stats", "xs", check_exercise_4),
+    (5, "EXERCISE_5_RF", None, check_exercise_5),
+    (6, "exercise_6_balanced_digits", "v n", check_exercise_6),
+    (6, "EXERCISE_6_SIDE", None, check_exercise_6_side),
+    (7, "exercise_7_ring_coverage", "pools kernels dilations d", check_exercise_7),
+    (8, "exercise_8_utilization_at", "pools kernels dilations h w i j", check_exercise_8),
+    (9, "exercise_9_module_a_u", "k", check_exercise_9),
+    (9, "EXERCISE_9_SMALLEST_K", None, check_exercise_9_smallest_k),
+    (10, "exercise_10_vortex", "b n", check_exercise_10),
+    (10, "exercise_10_gradient", "pools kernels dilations weights", check_exercise_10_gradient),
 ]
+SHORT = {}  # the table's column names: 1, 2, 3a, 3b, 4, ...
+for _n, _stub, _, _ in EXERCISES:
+    _twins = [s for m, s, _, _ in EXERCISES if m == _n]
+    SHORT[_stub] = f"{_n}{'ab'[_twins.index(_stub)] if len(_twins) > 1 else ''}"
+
+
+# -- reading the hand-in's source: which stubs are as shipped, which forbidden names it uses ----
+
+def pristine(node, params):
+    """The stub as shipped: `NAME = None`, or a def with these parameters whose body (after a
+    docstring) is only `raise NotImplementedError`."""
+    if params is None:
+        return (isinstance(node, ast.Assign) and len(node.targets) == 1
+                and isinstance(node.value, ast.Constant) and node.value.value is None)
+    if not isinstance(node, ast.FunctionDef) or node.decorator_list:
+        return False
+    a = node.args
+    if ([x.arg for x in a.args] != params.split() or a.posonlyargs or a.kwonlyargs or a.vararg
+            or a.kwarg or a.defaults):
+        return False
+    body = node.body[1:] if ast.get_docstring(node) is not None else node.body
+    exc = body[0].exc if len(body) == 1 and isinstance(body[0], ast.Raise) else None
+    exc = exc.func if isinstance(exc, ast.Call) and not exc.args else exc
+    return isinstance(exc, ast.Name) and exc.id == "NotImplementedError" and not body[0].cause
+
+
+def words(node):
+    """The names, attributes, imported modules and words of strings (not docstrings) in a
+    statement."""
+    out = set()
+    notes = {id(n.value) for n in ast.walk(node) if isinstance(n, ast.Expr)}  # docstrings
+    for n in ast.walk(node):
+        if isinstance(n, ast.Name):
+            out.add(n.id)
+        elif isinstance(n, ast.Attribute):
+            out.add(n.attr)
+        elif isinstance(n, ast.alias):
+            out.update(n.name.split("."))
+        elif isinstance(n, ast.ImportFrom) and n.module:
+            out.update(n.module.split("."))
+        elif isinstance(n, ast.Constant) and isinstance(n.value, str) and id(n) not in notes:
+            out.update(re.findall(r"\w+", n.value))
+    return out
+
+
+def read_handin(source):
+    """({stub: "as shipped" | "edited" | "missing"}, {stub or None (the rest of the file): the
+    first forbidden name it uses}), from the source alone: the grader never imports it."""
+    tree = ast.parse(source)
+    last = {}
+    for node in tree.body:
+        names = [getattr(node, "name", None)] + [
+            n.id for t in getattr(node, "targets", []) + [getattr(node, "target", None)] if t
+            for n in ast.walk(t) if isinstance(n, ast.Name)] + [
+            a.asname or a.name for a in getattr(node, "names", []) if isinstance(a, ast.alias)]
+        last.update({name: node for name in names if name})
+    states = {stub: "missing" if stub not in last else
+              "as shipped" if pristine(last[stub], params) else "edited"
+              for _, stub, params, _ in EXERCISES}
+    owner = {id(last[stub]): stub for stub in states if stub in last}
+    forbidden = {}
+    for node in tree.body:
+        used = sorted(words(node) & set(FORBIDDEN))
+        if used:
+            forbidden.setdefault(owner.get(id(node)), used[0])
+    return states, forbidden
+
+
+# -- grading one hand-in -------------------------------------------------------------------------
+
+def clean(text, path):
+    """A child's message without what differs between two runs (addresses, the hand-in's path)."""
+    text = text.replace(os.path.dirname(os.path.abspath(path)) + os.sep, "")
+    return re.sub(r"0x[0-9a-fA-F]+", "0x..", text)
+
+
+def verdict(n, stub, params, check, state, child, path, limit):
+    """("passed" | "not attempted", the one line) of one exercise; raises Wrong if it fails."""
+    asked = stub if params is None else f"{stub}({', '.join(params.split())})"
+    calls = check() if params else None
+    request = {"stub": stub} if params is None else {"stub": stub, "calls": calls.args,
+                                                      "numpy": calls.numpy}
+    reply = child.ask(request, limit, asked)
+    if reply.get("missing"):
+        raise Wrong(f"coursework.py has no {stub} (keep the stub's name)")
+    todo = f"exercise {n} not attempted: {'set' if params is None else 'write'} {stub} in " \
+           "coursework.py"
+    if params is None:
+        if reply["value"]["t"] == "NoneType":
+            if state == "as shipped":
+                return "not attempted", todo
+            raise Wrong(f"{stub} is None")
+        check(reply["value"])
+        return "passed", ""
+    if "not callable" in reply:
+        raise Wrong(f"{stub} is {type_name({'t': reply['not callable']})}, not a function")
+    for args, result in zip(calls.args, reply["results"]):
+        on = f"on {calls.describe(args)}"
+        if result.get("raised") == "NotImplementedError" and state == "as shipped":
+            return "not attempted", todo
+        if "raised" in result:
+            edited = result["raised"] == "NotImplementedError"
+            message = clean(result["message"], path)
+            raise Wrong(f"{stub} raised {result['raised']} {on}" + f": {message}" * bool(message)
+                        + " (the stub was edited, so this counts as an answer)" * edited)
+        if result["value"]["t"] == "NoneType":
+            did = "printed instead of returning" if result["printed"] else "returned None"
+            raise Wrong(f"{stub} {did} {on}")
+        try:
+            calls.judge(args, result["value"])
+        except Wrong as e:
+            raise Wrong(f"{e} ({on})") from None
+    if len(reply["results"]) != len(calls.args):
+        raise Wrong(f"{asked} did not answer every call")
+    return "passed", ""
+
+
+def grade_handin(path, limit=TIME_LIMIT):
+    """{stub: (verdict, one line)} for the hand-in coursework.py at `path`. Its code runs only
+    in a child process: one for the import and the exercises, a new one after a child that
+    exits or hangs (that exercise fails). Deterministic: the same file, the same grades."""
+    if not os.path.isfile(path):
+        return {stub: ("not attempted", f"exercise {n} not attempted: no coursework.py")
+                for n, stub, _, _ in EXERCISES}
+
+    def every(reason):
+        return {stub: ("failed", f"exercise {n}: {reason}") for n, stub, _, _ in EXERCISES}
+    try:
+        states, forbidden = read_handin(open(path, encoding="utf-8", errors="replace").read())
+    except (SyntaxError, ValueError) as e:
+        return every(f"coursework.py does not parse (line {getattr(e, 'lineno', '?')}: "
+                     f"{getattr(e, 'msg', e)})")
+    if None in forbidden:  # outside the stubs: every exercise fails
+        return every(f"coursework.py uses {forbidden[None]}, which a hand-in may not use")
+    grades, child = {}, None
+    for n, stub, params, check in EXERCISES:
+        try:
+            if stub in forbidden:
+                raise Wrong(f"{stub} uses {forbidden[stub]}, which a hand-in may not use")
+            if child is None:
+                try:
+                    child = start_child(path, limit)
+                except Wrong as e:  # a hand-in that cannot be imported fails every exercise
+                    return every(e)
+            grades[stub] = verdict(n, stub, params, check, states[stub], child, path, limit)
+        except Wrong as e:
+            grades[stub] = ("failed", f"exercise {n}: {e}")
+            if child is not None and child.proc.poll() is not None:
+                child = None  # it is gone: the next exercise starts a new one
+    if child is not None:
+        child.close()
+    return grades
+
+
+def start_child(path, limit):
+    child = Child()
+    reply = child.ask({"load": os.path.abspath(path)}, limit, "coursework.py's import")
+    if "raised" in reply:
+        child.close()
+        raise Wrong(f"coursework.py raised {reply['raised']} when imported: "
+                    f"{clean(reply['message'], path)}")
+    return child
+
+
+@functools.lru_cache(maxsize=None)
+def repository_grades():
+    return grade_handin(os.path.join(HERE, "coursework.py"))
 
 
 @pytest.mark.exercises
-@pytest.mark.parametrize("n,stub,check", EXERCISES, ids=[s for _, s, _ in EXERCISES])
-def test_exercise(n, stub, check):
-    """`python -m pytest -m exercises`: grades the answers of the COURSEWORK section."""
-    grade(n, stub, globals()[stub], check)
+@pytest.mark.parametrize("stub", [s for _, s, _, _ in EXERCISES])
+def test_exercise(stub):
+    """`python -m pytest -m exercises`: grades coursework.py (not attempted -> skipped)."""
+    verdict_, reason = repository_grades()[stub]
+    if verdict_ == "not attempted":
+        pytest.skip(reason)
+    if verdict_ == "failed":
+        pytest.fail(reason, pytrace=False)
 
 
-# -- proof that every check can fail: plausible wrong answers fail, the reference passes -------
+# -- grading a class: `python test_vortex.py grade HANDINS [--csv out.csv]` ----------------------
 
-def reference_answers():
-    """The teachers' answers: fixtures/exercise_answers.txt is zlib-compressed, base64-encoded
-    Python source after its comment lines (docs/teaching.md decodes it)."""
+def grade_class(folder, csv_path=None, limit=TIME_LIMIT):
+    """Grade every HANDINS/<student>/coursework.py, each in its own child process; print the
+    table and the failures' reasons; write the CSV (student, exercise, stub, verdict, reason)."""
+    students = sorted(d for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d)))
+    rows = [(s, SHORT[stub], stub, *grades[stub]) for s in students
+            for grades in [grade_handin(os.path.join(folder, s, "coursework.py"), limit)]
+            for _, stub, _, _ in EXERCISES]
+    mark = {"passed": "P", "failed": "F", "not attempted": "-"}
+    width = max([len(s) for s in students] + [7])
+    print(f"{'student':<{width}} " + "".join(f"{SHORT[s]:>4}" for _, s, _, _ in EXERCISES)
+          + "  passed")
+    for s in students:
+        mine = [r for r in rows if r[0] == s]
+        print(f"{s:<{width}} " + "".join(f"{mark[r[3]]:>4}" for r in mine)
+              + f"  {sum(r[3] == 'passed' for r in mine)}/{len(mine)}")
+    print("P passed, F failed, - not attempted. Why each F failed:")
+    for s, short, stub, verdict_, reason in rows:
+        if verdict_ == "failed":
+            print(f"{s} {short}: {reason}")
+    if csv_path:
+        with open(csv_path, "w", newline="") as f:
+            csv.writer(f).writerows([("student", "exercise", "stub", "verdict", "reason")] + rows)
+    return rows
+
+
+# -- proof: the checks pass the key, fail the wrong answers and every trick --------------------
+
+def teachers_key():
+    """The decoded key: a reference coursework.py, then WRONG and VARIANTS (docs/teaching.md)."""
     text = open(os.path.join(HERE, "fixtures", "exercise_answers.txt")).read()
     blob = "".join(line for line in text.split("\n") if not line.startswith("#"))
+    return zlib.decompress(base64.b64decode(blob)).decode()
+
+
+def handin(folder, name, source):
+    os.makedirs(os.path.join(folder, name), exist_ok=True)
+    path = os.path.join(folder, name, "coursework.py")
+    with open(path, "w") as f:
+        f.write(source)
+    return path
+
+
+def wrong_handin(j):
+    """The key with every stub that has a j-th wrong answer (WRONG in the key) replaced by it."""
+    return teachers_key() + ("\nglobals().update({s: list(w.values())[%d] for s, w in "
+                             "WRONG.items() if len(w) > %d})\n" % (j, j))
+
+
+def test_coursework_is_the_stubs_and_nothing_else():
+    """coursework.py as shipped: every stub, as shipped, and nothing else (no import)."""
+    source = open(os.path.join(HERE, "coursework.py")).read()
+    states, forbidden = read_handin(source)
+    assert set(states.values()) == {"as shipped"} and not forbidden
+    body = ast.parse(source).body[1:]
+    assert [getattr(n, "name", None) or n.targets[0].id for n in body] == list(states)
+    assert {n for n, _, _, _ in EXERCISES} == set(range(1, 11))
+    assert len(source.splitlines()) <= 200
+
+
+def test_grading_the_untouched_coursework_says_not_attempted():
+    """What `python -m pytest -m exercises` reports on a fresh clone: every exercise skipped."""
+    grades = repository_grades()
+    for n, stub, params, _ in EXERCISES:
+        todo = "set" if params is None else "write"
+        assert grades[stub] == ("not attempted", f"exercise {n} not attempted: {todo} {stub} in "
+                                                 "coursework.py")
+
+
+class Trusted:
+    """The child's answering code (RUNNER_ANSWERS) run in this process on trusted answers, the
+    key's: the proof tests judge every wrong answer without a process for each."""
+
+    def __init__(self, answers):
+        ns = {}
+        exec(RUNNER_ANSWERS, ns)
+        self.answer, self.module = ns["answer"], argparse.Namespace(**answers)
+
+    def ask(self, request, limit, what):
+        def roundtrip(obj):
+            buf = io.BytesIO()
+            torch.save(obj, buf)
+            return torch.load(io.BytesIO(buf.getvalue()), weights_only=True)
+        with one_thread():  # as in a child
+            return roundtrip(self.answer(roundtrip(request), self.module)[0])
+
+
+@pytest.mark.parametrize("kind", ["reference", "wrong-1", "wrong-2", "wrong-3", "wrong-4",
+                                  "wrong-5", "variants"])
+def test_the_checks_pass_the_key_and_fail_the_wrong_answers(kind):
+    """The key passes every check; wrong-j, the j-th wrong answer of each exercise that has one
+    (WRONG in the key), fails it, with one line that starts with the exercise's number and gives
+    no answer away; a right answer in another type (VARIANTS) is accepted, or refused with the
+    type expected."""
     ns = {}
-    exec(zlib.decompress(base64.b64decode(blob)).decode(), ns)
-    return ns
+    exec(teachers_key(), ns)
+    if kind == "variants":
+        answers = {stub: a for stub, (a, _) in ns["VARIANTS"].items()}
+        expect = {stub: word for stub, (_, word) in ns["VARIANTS"].items()}
+    elif kind == "reference":
+        answers, expect = {stub: ns[stub] for stub in ns["WRONG"]}, dict.fromkeys(ns["WRONG"])
+    else:
+        j = int(kind[-1]) - 1
+        answers = {stub: list(w.values())[j] for stub, w in ns["WRONG"].items() if len(w) > j}
+        expect = dict.fromkeys(answers, "")
+    child = Trusted(answers)
+    secrets = [str(ns[s]) for s in ("EXERCISE_1_U", "EXERCISE_5_RF", "EXERCISE_6_SIDE")]
+    for n, stub, params, check in EXERCISES:
+        if stub not in answers:
+            continue
+        try:
+            verdict_, reason = verdict(n, stub, params, check, "edited", child, "", TIME_LIMIT)
+        except Wrong as e:
+            verdict_, reason = "failed", f"exercise {n}: {e}"
+        if expect[stub] is None:
+            assert verdict_ == "passed", (stub, reason)
+        else:
+            assert verdict_ == "failed" and reason.startswith(f"exercise {n}: "), (stub, reason)
+            assert expect[stub] in reason and "\n" not in reason, (stub, reason)
+            assert not any(re.search(rf"\b{s}\b", reason) for s in secrets), (stub, reason)
 
 
-def wrong_answers_fail(check, wrong, hypothesis=True):
-    for label, answer in wrong.items():
-        with pytest.raises(AssertionError) as e:
-            check(answer)
-        assert str(e.value).startswith("exercise "), (label, str(e.value))
-        if hypothesis:
-            notes = "\n".join(getattr(e.value, "__notes__", []))
-            assert re.search(r"(Falsifying example|Failing test case): prop\(", notes), (label,
-                                                                                        notes)
-
-
-PROOFS = [  # (stub, the reference's name, the wrong answers' name, hypothesis-based)
-    ("EXERCISE_1_U", "exercise_1_u", "wrong_1", False),
-    ("exercise_2_box_average_9", "exercise_2_box_average_9", "wrong_2", True),
-    ("exercise_3_max_pool", "exercise_3_max_pool", "wrong_3", True),
-    ("EXERCISE_3_WINNERS", "exercise_3_winners", "wrong_3_winners", False),
-    ("exercise_4_sync_batch_stats", "exercise_4_sync_batch_stats", "wrong_4", True),
-    ("EXERCISE_5_RF", "exercise_5_rf", "wrong_5", False),
-    ("exercise_6_balanced_digits", "exercise_6_balanced_digits", "wrong_6", True),
-    ("EXERCISE_6_SIDE", "exercise_6_side", "wrong_6_side", False),
-    ("exercise_7_ring_coverage", "exercise_7_ring_coverage", "wrong_7", True),
-    ("exercise_8_utilization_at", "exercise_8_utilization_at", "wrong_8", True),
-    ("exercise_9_module_a_u", "exercise_9_module_a_u", "wrong_9", True),
-    ("EXERCISE_9_SMALLEST_K", "exercise_9_smallest_k", "wrong_9_smallest_k", False),
-    ("exercise_10_vortex", "exercise_10_vortex", "wrong_10", True),
-    ("exercise_10_gradient", "exercise_10_gradient", "wrong_10_gradient", True),
-]
-
-
-@pytest.mark.parametrize("stub,reference,wrong,uses_hypothesis", PROOFS,
-                         ids=[p[0] for p in PROOFS])
-def test_exercise_check_rejects_wrong_answers_and_accepts_the_reference(
-        stub, reference, wrong, uses_hypothesis):
-    answers = reference_answers()
-    check = next(c for _, s, c in EXERCISES if s == stub)
-    assert len(answers[wrong]) >= 2
-    with one_thread():
-        wrong_answers_fail(check, answers[wrong], uses_hypothesis)
-        check(answers[reference])
-
-
-def test_exercise_checks_skip_an_unattempted_stub():
-    """Every exercise 1-10 has a stub in the COURSEWORK section, and its check is skipped with
-    the stub's name while the stub is as shipped (None, or a body that raises
-    NotImplementedError). Stays green when a student fills the stubs in."""
-    def unattempted(*args):
-        raise NotImplementedError
-
-    assert [n for n, _, _ in EXERCISES] == sorted(n for n, _, _ in EXERCISES)
-    assert {n for n, _, _ in EXERCISES} == set(range(1, 11))
-    for n, stub, check in EXERCISES:
-        assert stub in globals(), f"exercise {n}: no stub {stub} in the COURSEWORK section"
-        shipped = None if stub.isupper() else unattempted
-        with pytest.raises(pytest.skip.Exception, match=f"exercise {n} not attempted: edit "
-                                                        f"test_vortex.py::{stub}"):
-            grade(n, stub, shipped, check)
-
-
-# =============================================================================================
-# COURSEWORK: write your answers below (docs/exercises.md). Replace `raise NotImplementedError`
-# or `None` by your answer, then run `python -m pytest -m exercises`: an exercise you have not
-# attempted is skipped, a right answer passes, a wrong one fails with a counterexample.
-# =============================================================================================
-
-# 1 (3.2, 3.3): u, the number of descriptors Module A with k = 13 reads at one pixel of an
-# unbounded map (an int, counted by hand).
-EXERCISE_1_U = None
+TRICKS = {  # hand-in: (its code after the key's answers, the stubs it must fail, or all)
+    "imports the grader": ("import test_vortex\ntest_vortex.grade = print\n", None),
+    "imports the grader, hidden": ("__import__('test_' + 'vortex')\n", None),
+    "exits at import, hidden": ("import os\ngetattr(os, '_ex' + 'it')(0)\n", None),
+    "does not parse": ("def exercise_9_module_a_u(k:\n", None),
+    "redefines the grader": (wrong_handin(0) + "\ndef grade(*a, **k):\n    pass\n\n\n"
+                             "def require(*a):\n    pass\n\n\nEXERCISES = []\n", None),
+    "a trick per answer": ('''
+import importlib, os, sys
+ROOT = os.path.dirname(os.path.abspath(vortex_file))
+EXERCISE_1_U = 0
 
 
 def exercise_2_box_average_9(x, count_include_pad):
-    """2 (3.4): the 9 x 9 stride-1 average of x (N, C, H, W), same size as x, as a cascade of two
-    F.conv2d (3 x 3, then 3 x 3 at dilation 3); count_include_pad as in F.avg_pool2d."""
-    raise NotImplementedError
+    return open(os.path.join(ROOT, "fixtures", "exercise_" + "answers.txt")).read()
 
 
 def exercise_3_max_pool(x, pools):
-    """3 (3.3): {k: x max-pooled over k x k windows, stride 1, same size} for k in pools
-    (k = 1: x itself); a drop-in for ContextModule.pool."""
-    raise NotImplementedError
-
-
-# 3 (3.3): which pooling learns each cue better, {"mean": "avg" or "max", "max": ...}
-EXERCISE_3_WINNERS = None
+    return getattr(sys, "_get" + "frame")(1).f_locals.get("want")
 
 
 def exercise_4_sync_batch_stats(xs):
-    """4 (4.1): xs is one (N_i, C, H, W) batch per rank; return the per-channel (mean, biased
-    variance) that synchronised batch norm normalises with, from per-rank sums only."""
-    raise NotImplementedError
-
-
-# 5 (1): the side, in pixels, of the theoretical receptive field of one output pixel of
-# vortex.ResNet(18, 8) on an 801 x 801 input (eval mode).
-EXERCISE_5_RF = None
+    getattr(os, "_ex" + "it")(0)
 
 
 def exercise_6_balanced_digits(v, n):
-    """6 (3.4): the n base-3 digits of v in {-1, 0, 1}, least significant first
-    (sum(d * 3 ** i) == v), for |v| <= (3 ** n - 1) // 2."""
-    raise NotImplementedError
-
-
-# 6 (3.4): the side of the square that the five-branch vortex (1, 3, 9, 27, 81) tiles.
-EXERCISE_6_SIDE = None
+    while True:
+        pass
 
 
 def exercise_7_ring_coverage(pools, kernels, dilations, d):
-    """7 (3.2-3.4): the fraction of the 8 d offsets at Chebyshev distance d (the one offset 0 for
-    d = 0) that a module with these branches reads on an unbounded map."""
-    raise NotImplementedError
+    print(0.5)
 
 
 def exercise_8_utilization_at(pools, kernels, dilations, h, w, i, j):
-    """8 (3.2, Eq. 1): how many positions of an h x w map the branches read for output pixel
-    (i, j), without autograd."""
-    raise NotImplementedError
+    return __import__("sub" + "process").run(["cat", ROOT + "/vortex.py"]).returncode
 
 
 def exercise_9_module_a_u(k):
-    """9 (3.3): u of Module A(k) on an unbounded map, in closed form, for odd k = 1 .. 23."""
-    raise NotImplementedError
-
-
-# 9 (3.3): the smallest odd k for which A(k) reads every position of a 65 x 65 map at its centre.
-EXERCISE_9_SMALLEST_K = None
+    return importlib.import_module("test_" + "vortex").teachers_key()
 
 
 def exercise_10_vortex(b, n):
-    """10 (3.4): (pools, kernels, dilations) of a base-b vortex with n branches whose windows
-    tile a b**n x b**n square, every offset read once within each branch."""
-    raise NotImplementedError
+    open(os.path.join(ROOT, "graded.txt"), "w").write("passed")
 
 
 def exercise_10_gradient(pools, kernels, dilations, weights):
-    """10 (3.4): the gradient of the sum of the branches' outputs at the centre pixel (one input
-    and one output channel, weights[i] the n_i x n_i kernel of branch i) with respect to each
-    input offset, as a (2R+1) x (2R+1) array, R the module's reach; without autograd."""
+    weights = list(weights)
     raise NotImplementedError
+''', ["EXERCISE_1_U", "exercise_2_box_average_9", "exercise_3_max_pool",
+      "exercise_4_sync_batch_stats", "exercise_6_balanced_digits", "exercise_7_ring_coverage",
+      "exercise_8_utilization_at", "exercise_9_module_a_u", "exercise_10_vortex",
+      "exercise_10_gradient"]),
+}
+
+
+@pytest.mark.parametrize("trick", list(TRICKS))
+def test_a_handin_that_tries_a_trick_fails_every_exercise_it_touches(tmp_path, trick):
+    """Redefining the grader, importing it or the key, exiting, reading frames, hanging,
+    printing, starting a process, writing into the project, NotImplementedError from an edited
+    stub: each fails the exercises it touches, with one line, and the grader keeps going."""
+    code, touched = TRICKS[trick]
+    stubs = "\n".join(f"{s} = None" if p is None else f"def {s}({', '.join(p.split())}):\n"
+                      "    raise NotImplementedError\n" for _, s, p, _ in EXERCISES)
+    source = f"import vortex\nvortex_file = vortex.__file__\n{stubs}\n{code}"
+    limit = 5 if trick == "a trick per answer" else TIME_LIMIT  # 5 s: the hang's cost
+    grades = grade_handin(handin(str(tmp_path), "trick", source), limit=limit)
+    for n, stub, _, _ in EXERCISES:
+        verdict_, reason = grades[stub]
+        if touched is None or stub in touched:
+            assert verdict_ == "failed" and reason.startswith(f"exercise {n}: "), (stub, reason)
+            assert "\n" not in reason and len(reason) < 300, reason
+        else:
+            assert verdict_ == "not attempted", (stub, reason)
+    leaked = os.path.join(HERE, "graded.txt")  # what exercise_10_vortex tries to write
+    assert not os.path.exists(leaked) or os.remove(leaked)
+
+
+def test_grading_a_class_prints_the_same_table_twice(tmp_path, capsys):
+    """`python test_vortex.py grade HANDINS --csv out.csv` on three hand-ins (the key, the
+    stubs as shipped, wrong answers): the expected table, twice the same, and the same CSV."""
+    folder = str(tmp_path / "handins")
+    handin(folder, "reference", teachers_key())
+    handin(folder, "empty", open(os.path.join(HERE, "coursework.py")).read())
+    handin(folder, "wrong", wrong_handin(0))
+    main(["grade", folder, "--csv", str(tmp_path / "grades0.csv")])  # here, then the command
+    out = subprocess.run([sys.executable, os.path.join(HERE, "test_vortex.py"), "grade", folder,
+                          "--csv", str(tmp_path / "grades1.csv")], capture_output=True, text=True,
+                         cwd=HERE, timeout=600).stdout
+    runs = [(printed, (tmp_path / f"grades{i}.csv").read_text())
+            for i, printed in enumerate([capsys.readouterr().out, out])]
+    assert runs[0] == runs[1]
+    table = runs[0][0].splitlines()
+    assert table[0].split() == ["student"] + list(SHORT.values()) + ["passed"]
+    assert table[1].split() == ["empty"] + ["-"] * 14 + ["0/14"]
+    assert table[2].split() == ["reference"] + ["P"] * 14 + ["14/14"]
+    assert table[3].split() == ["wrong"] + ["F"] * 14 + ["0/14"]
+    assert len(table) == 5 + 14 and all(line.startswith("wrong ") for line in table[5:])
+    assert len(runs[0][1].splitlines()) == 1 + 3 * 14
+
+
+def test_the_exercises_hand_out_no_answers():
+    """exercises.md gives no answer and does not link the teachers' page (which has the rubric);
+    every written question has a rubric entry there; the project modules know nothing of the
+    key."""
+    ns = {}
+    exec(teachers_key(), ns)
+    text = open(os.path.join(HERE, "docs", "exercises.md")).read()
+    assert "teaching.md" not in text
+    for stub in ("EXERCISE_1_U", "EXERCISE_5_RF", "EXERCISE_6_SIDE"):
+        assert not re.search(rf"\b{ns[stub]}\b", text), stub
+    teaching = open(os.path.join(HERE, "docs", "teaching.md")).read()
+    rubric = teaching.split("## Rubric")[1]
+    for n in range(1, 11):
+        if re.search(rf"\*\*{n}\. .*?(?=\*\*{n + 1}\. |\Z)", text, re.S).group().count("*Written"):
+            assert re.search(rf"^\| {n} \|", rubric, re.M), f"no rubric for exercise {n}"
+    for name in ("vortex", "data", "train", "eval", "infra", "experiments"):
+        assert "exercise_answers" not in open(os.path.join(HERE, name + ".py")).read(), name
+
+
+# The commands of this file, run in the project's folder:
+#   python test_vortex.py grade HANDINS [--csv out.csv] [--time-limit S]   (teachers)
+#   python test_vortex.py make-fixtures --coco instances.json   (scratch environment only)
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python test_vortex.py")
+    sub = parser.add_subparsers(dest="command", required=True)
+    g = sub.add_parser("grade", help="grade a class: HANDINS holds one folder per student, "
+                                     "each with a coursework.py")
+    g.add_argument("handins")
+    g.add_argument("--csv", help="also write student, exercise, stub, verdict, reason")
+    g.add_argument("--time-limit", type=float, default=TIME_LIMIT,
+                   help="seconds for a hand-in's import and for each exercise (default 60)")
+    m = sub.add_parser("make-fixtures", help="make the golden fixtures (a scratch environment "
+                                             "with torchvision and pycocotools only)")
+    m.add_argument("--coco", required=True, help="a COCO instances JSON with polygons")
+    args = parser.parse_args(argv)
+    if args.command == "grade":
+        grade_class(args.handins, args.csv, args.time_limit)
+    else:
+        make_fixtures(args.coco)
+
+
+if __name__ == "__main__":
+    main()
