@@ -121,16 +121,11 @@ def footprints_figure(path, size=65, cell=4):
 
 
 # =============================================================================================
-# 2. BENCHMARKS
+# 2. BENCHMARKS: speed as ratios measured side by side in one run (machines are noisy)
 # =============================================================================================
 
-# ---------------------------------------------------------------------------------------------
-# Speed, as ratios measured side by side in one run (machines are noisy); best_times is the
-# one timing helper.
-# ---------------------------------------------------------------------------------------------
-
 def best_times(fns, reps, warmup=1):
-    """Best wall time (s) of each function in `fns` {name: fn}, run interleaved (a, b, a, b...)
+    """Best wall time (s) of each function of {name: fn}, run interleaved (a, b, a, b, ...)
     after `warmup` calls each, so that machine noise hits all; CUDA work is waited for."""
     def sync():
         if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -138,7 +133,7 @@ def best_times(fns, reps, warmup=1):
     for fn in fns.values():
         for _ in range(warmup):
             fn()
-    best = {name: math.inf for name in fns}
+    best = dict.fromkeys(fns, math.inf)
     for _ in range(reps):
         for name, fn in fns.items():
             sync()
@@ -149,17 +144,23 @@ def best_times(fns, reps, warmup=1):
     return best
 
 
+def _poolings(x):
+    """The three ways to pool X for Vortex (k = 3, 9, 27): {name: fn}."""
+    return {"cascade": lambda: list(box_averages(x, (3, 9, 27)).values()),
+            "separable": lambda: [separable_box_average(x, k, False) for k in (3, 9, 27)],
+            "avg_pool2d": lambda: [F.avg_pool2d(x, k, 1, k // 2, count_include_pad=False)
+                                   for k in (3, 9, 27)]}
+
+
 @torch.no_grad()
 def bench_modules(reps=5, model_reps=2):
-    """The speed targets on the CPU, as ratios measured side by side in this run: the context
-    module and the whole model, Vortex against ASPP (and ASPP against torchvision's DeepLabV3,
-    where torchvision can be imported), and the pooling's speed against a plain copy of X."""
+    """CPU speed targets: the context module and the whole model, Vortex against ASPP (and
+    against torchvision's DeepLabV3 where it imports), and the pooling against a copy of X."""
     x = torch.randn(1, 2048, 65, 65)
     mods = {c: make_context(c, 2048).eval() for c in ("aspp", "vortex")}
     fns = {"aspp": lambda: mods["aspp"](x), "vortex": lambda: mods["vortex"](x),
-           "pool": lambda: box_averages(x, (3, 9, 27)), "copy": lambda: x.clone(),
-           "avg_pool2d": lambda: [F.avg_pool2d(x, k, 1, k // 2, count_include_pad=False)
-                                  for k in (3, 9, 27)]}
+           "pool": _poolings(x)["cascade"], "copy": x.clone,
+           "avg_pool2d": _poolings(x)["avg_pool2d"]}
     theirs = torchvision_deeplab()
     if theirs is not None:
         fns["torchvision"] = lambda: theirs.classifier[0](x)
@@ -177,8 +178,7 @@ def bench_modules(reps=5, model_reps=2):
         print(f"  ASPP / torchvision's ASPP (DeepLabV3 head) = {t['aspp'] / t['torchvision']:.3f}"
               f"   (target <= 1.02)")
     img = torch.randn(1, 3, 513, 513)
-    models = {c: DeepLabV3(21, 101, c).eval() for c in ("aspp", "vortex")}
-    fns = {c: (lambda m=m: m(img)) for c, m in models.items()}
+    fns = {c: (lambda m=DeepLabV3(21, 101, c).eval(): m(img)) for c in ("aspp", "vortex")}
     if theirs is not None:
         ours = DeepLabV3(21, 101, "aspp", multi_grid=None).eval()
         fns.update(ours=lambda: ours(img), torchvision=lambda: theirs(img))
@@ -205,107 +205,92 @@ def torchvision_deeplab():
 
 
 def separable_box_average(x, k, count_include_pad):
-    """The alternative to vortex.box_averages on a GPU: PyTorch's native pooling run separably,
-    k x 1 then 1 x k, each pass divided by its own count (with count_include_pad=False the 2-D
-    count is the product of the two, so it is the same mean)."""
+    """vortex.box_averages' alternative on a GPU: native pooling run separably, k x 1 then
+    1 x k, each pass divided by its own count (their product is the 2-D count)."""
     r = k // 2
     rows = F.avg_pool2d(x, (k, 1), 1, (r, 0), count_include_pad=count_include_pad)
     return F.avg_pool2d(rows, (1, k), 1, (0, r), count_include_pad=count_include_pad)
 
 
 def bench_modules_cuda(batch=8, reps=20):
-    """On a GPU: the pooling of Vortex (k = 3, 9, 27) forward + backward, the cascade vs native
-    pooling run separably vs avg_pool2d, and the context modules forward + backward, Vortex/ASPP,
-    for ResNet-101's X at 513 x 513 (batch x 2048 x 65 x 65), fp32 and bf16 (best of `reps`)."""
+    """On a GPU, forward + backward for X = batch x 2048 x 65 x 65 in fp32 and bf16: Vortex's
+    pooling three ways (cascade, separable, avg_pool2d) and the context modules, Vortex/ASPP."""
     dev = torch.device("cuda")
     print(f"{torch.cuda.get_device_name(dev)}, X = {batch}x2048x65x65, forward + backward, "
           f"best of {reps} after 3 warm-up, ms:")
     mods = {c: make_context(c, 2048).to(dev) for c in ("vortex", "aspp")}
-    pools = {"cascade": lambda x: list(box_averages(x, (3, 9, 27)).values()),
-             "separable": lambda x: [separable_box_average(x, k, False) for k in (3, 9, 27)],
-             "avg_pool2d": lambda x: [F.avg_pool2d(x, k, 1, k // 2, count_include_pad=False)
-                                      for k in (3, 9, 27)]}
     for dtype in (torch.float32, torch.bfloat16):
         x = torch.randn(batch, 2048, 65, 65, device=dev, dtype=dtype, requires_grad=True)
 
-        def run_pool(pool):
-            return lambda: sum(o.float().sum() for o in pool(x)).backward()
+        def pooled(fn):
+            return lambda: sum(o.float().sum() for o in fn()).backward()
 
-        def run_module(m):
+        def module(m):
             def run():
                 with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
                     m(x.detach().float()).float().sum().backward()
             return run
+        fns = {name: pooled(fn) for name, fn in _poolings(x).items()}
         t = {k: 1000 * v for k, v in best_times(
-            {**{name: run_pool(p) for name, p in pools.items()},
-             **{c: run_module(m) for c, m in mods.items()}}, reps, warmup=3).items()}
+            dict(fns, **{c: module(m) for c, m in mods.items()}), reps, warmup=3).items()}
         print(f"  {str(dtype).split('.')[1]:9} pooling: cascade {t['cascade']:.2f}, separable "
               f"{t['separable']:.2f}, avg_pool2d {t['avg_pool2d']:.2f};  context module: ASPP "
               f"{t['aspp']:.2f}, Vortex {t['vortex']:.2f} ({t['vortex'] / t['aspp']:.3f}x)")
 
 
 def bench_inference(reps=2):
-    """Seconds per 500x375 image, ResNet-101 OS 8 (untrained weights: the cost does not depend on
-    them), single scale vs the paper's 6 scales + flip, against the theoretical cost ratio
-    2 * sum(s^2) = 17.4 (pixels processed; the model's cost is nearly linear in pixels)."""
+    """Seconds per 500x375 image, ResNet-101 OS 8 + Vortex (untrained: the cost does not depend
+    on the weights), single scale vs the paper's 6 scales + flip, against the pixel-count ratio
+    2 * sum(s^2) = 17.4 (the model's cost is nearly linear in pixels)."""
     torch.manual_seed(0)
-    model = DeepLabV3(21, 101, "vortex").eval()
-    image = torch.randn(3, 375, 500)
+    model, image = DeepLabV3(21, 101, "vortex").eval(), torch.randn(3, 375, 500)
     t = best_times({"single": lambda: predict(model, image),
                     "multi": lambda: predict(model, image, evaluation.PAPER_SCALES, True)},
                    reps, 0)
     theory = 2 * sum(s * s for s in evaluation.PAPER_SCALES)
     print(f"ResNet-101 OS 8 + Vortex, 500x375 image, CPU {torch.get_num_threads()} threads, "
-          f"best of {reps}:")
-    print(f"  single scale {t['single']:.2f} s/image; 6 scales + flip {t['multi']:.2f} s/image; "
-          f"ratio {t['multi'] / t['single']:.1f} (theory {theory:.1f})")
+          f"best of {reps}:\n  single scale {t['single']:.2f} s/image; 6 scales + flip "
+          f"{t['multi']:.2f} s/image; ratio {t['multi'] / t['single']:.1f} (theory {theory:.1f})")
+
+
+def _synthetic_voc(root, n=12):
+    """n VOC-sized (500x375) JPEGs and masks from the synthetic renderer, in VOC's layout."""
+    for sub in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
+        os.makedirs(os.path.join(root, sub))
+    ids = [f"synthetic_{i:02d}" for i in range(n)]
+    for i, name in enumerate(ids):
+        img, lab = data.render_synthetic(0, i, 500)
+        Image.fromarray(img[:375]).save(os.path.join(root, "JPEGImages", name + ".jpg"),
+                                        quality=90)
+        data.save_mask(os.path.join(root, "SegmentationClass", name + ".png"), lab[:375])
+    with open(os.path.join(root, "ImageSets/Segmentation/train.txt"), "w") as f:
+        f.write("\n".join(ids))
 
 
 def bench_loader(voc=None, n=300, crop=513):
     """Samples per second of one process making augmented crop x crop training samples."""
-    tmp = None
-    if voc is None:  # VOC-sized JPEGs (500x375) made from the synthetic renderer
-        tmp = tempfile.TemporaryDirectory()
-        voc = tmp.name
-        for sub in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
-            os.makedirs(os.path.join(voc, sub))
-        ids = []
-        for i in range(12):
-            img, lab = data.render_synthetic(0, i, 500)
-            name = f"synthetic_{i:02d}"
-            Image.fromarray(img[:375]).save(os.path.join(voc, "JPEGImages", name + ".jpg"),
-                                            quality=90)
-            data.save_mask(os.path.join(voc, "SegmentationClass", name + ".png"), lab[:375])
-            ids.append(name)
-        with open(os.path.join(voc, "ImageSets/Segmentation/train.txt"), "w") as f:
-            f.write("\n".join(ids))
-        split = "train"
-    else:
+    with tempfile.TemporaryDirectory() as tmp:
+        if voc is None:
+            _synthetic_voc(tmp)
+        root = voc or tmp
         split = "trainval" if os.path.isfile(
-            os.path.join(voc, "ImageSets/Segmentation/trainval.txt")) else "train"
-    ds = data.VOCSegmentation(voc, split, data.TrainTransform(crop), num_classes=21)
-    torch.set_num_threads(1)  # one loader worker = one core
-    ds[0]
-    t0 = time.perf_counter()
-    for i in range(n):
-        ds.set_epoch(i // len(ds))
-        img, lab = ds[i % len(ds)]
-        assert img.shape == (3, crop, crop) and lab.shape == (crop, crop)
-    dt = time.perf_counter() - t0
-    print(f"{n} augmented {crop}x{crop} samples from {len(ds)} JPEGs in {voc} ({split}): "
+            os.path.join(root, "ImageSets/Segmentation/trainval.txt")) else "train"
+        ds = data.VOCSegmentation(root, split, data.TrainTransform(crop), num_classes=21)
+        torch.set_num_threads(1)  # one loader worker = one core
+        ds[0]
+        t0 = time.perf_counter()
+        for i in range(n):
+            ds.set_epoch(i // len(ds))
+            img, lab = ds[i % len(ds)]
+            assert img.shape == (3, crop, crop) and lab.shape == (crop, crop)
+        dt = time.perf_counter() - t0
+    print(f"{n} augmented {crop}x{crop} samples from {len(ds)} JPEGs in {voc or tmp} ({split}): "
           f"{n / dt:.0f} samples/s in one process (target >= 100)")
-    if tmp is not None:
-        tmp.cleanup()
     return n / dt
 
 
-def bench_training(device_arg=None):
-    device = infra.pick_device(device_arg)
-    return bench_training_cuda(device) if device.type == "cuda" else bench_training_cpu()
-
-
 def training_step(model, opt, x, t, dtype=None):
-    """One SGD step on (x, t), under autocast when `dtype` is bf16/fp16 (the benchmarks)."""
+    """One SGD step on (x, t), under autocast when `dtype` is bf16/fp16."""
     with torch.autocast(x.device.type, dtype=dtype, enabled=dtype not in (None, torch.float32)):
         loss = loss_fn(model(x), t) / t.numel()
     loss.backward()
@@ -313,21 +298,23 @@ def training_step(model, opt, x, t, dtype=None):
     opt.zero_grad(set_to_none=True)
 
 
-def bench_training_cpu(steps=3, crop=321, batch=2):
-    """Training steps of one process on this machine, ResNet-101 OS 8, crop 321, batch 2, SGD:
-    Vortex and ASPP, NCHW and channels-last, all measured side by side (interleaved)."""
+def bench_training(device_arg=None, steps=3, crop=321, batch=2):
+    """Training steps of ResNet-101 OS 8, Vortex and ASPP, SGD: on a GPU bench_training_cuda;
+    on the CPU crop 321, batch 2, NCHW and channels-last, all side by side (interleaved)."""
+    device = infra.pick_device(device_arg)
+    if device.type == "cuda":
+        return bench_training_cuda(device)
     torch.manual_seed(0)
     models = {c: DeepLabV3(21, 101, c) for c in ("vortex", "aspp")}
     opts = {c: torch.optim.SGD(m.parameters(), lr=1e-3, momentum=0.9) for c, m in models.items()}
-    x = torch.randn(batch, 3, crop, crop)
-    t = torch.randint(0, 21, (batch, crop, crop))
+    x, t = torch.randn(batch, 3, crop, crop), torch.randint(0, 21, (batch, crop, crop))
 
     def step(c, fmt):
         models[c].to(memory_format=fmt)
         training_step(models[c], opts[c], x.contiguous(memory_format=fmt), t)
     layouts = {"NCHW": torch.contiguous_format, "channels-last": torch.channels_last}
     best = best_times({(c, name): (lambda c=c, f=f: step(c, f)) for c in models
-                              for name, f in layouts.items()}, steps)
+                       for name, f in layouts.items()}, steps)
     print(f"training step, ResNet-101 OS 8, crop {crop}, batch {batch}, CPU "
           f"{torch.get_num_threads()} threads, best of {steps}:")
     for name in layouts:
@@ -339,10 +326,8 @@ def bench_training_cpu(steps=3, crop=321, batch=2):
 
 
 def _cuda_steps(model, opt, batch, dtype, channels_last, device, crop=513, warmup=3, steps=10):
-    """(images/s, peak GiB after the warm-up) of SGD training steps at this configuration (best
-    of `steps`), or None if it does not fit in the GPU's memory. The peak is taken after the
-    warm-up because cuDNN's autotuning tries kernels with workspaces as large as the free memory
-    once."""
+    """(images/s, peak GiB after the warm-up: cuDNN's autotuning tries workspaces as large as
+    the free memory once) of SGD steps at this configuration, or None if out of memory."""
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     model.to(memory_format=fmt)
     torch.cuda.empty_cache()
@@ -354,7 +339,7 @@ def _cuda_steps(model, opt, batch, dtype, channels_last, device, crop=513, warmu
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         best = best_times({"step": lambda: training_step(model, opt, x, t, dtype)},
-                                 steps, warmup=0)["step"]
+                          steps, warmup=0)["step"]
         return batch / best, torch.cuda.max_memory_allocated(device) / 2 ** 30
     except torch.OutOfMemoryError:
         return None
@@ -365,17 +350,16 @@ def _cuda_steps(model, opt, batch, dtype, channels_last, device, crop=513, warmu
 
 
 def bench_training_cuda(device):
-    """ResNet-101 OS 8 + Vortex and + ASPP, crop 513, per-GPU batch 2/4/8 x
-    {fp32, bf16} x {NCHW, channels-last}: training images/s, peak memory, and the time ratio
-    Vortex/ASPP, both modules measured one after the other at every configuration."""
+    """Crop 513, per-GPU batch 2/4/8 x {fp32, bf16} x {NCHW, channels-last}: training images/s,
+    peak memory and Vortex/ASPP time, both modules one after the other at every configuration."""
     torch.backends.cudnn.benchmark = True
     torch.manual_seed(0)
     models = {c: DeepLabV3(21, 101, c).to(device) for c in ("vortex", "aspp")}
     opts = {c: torch.optim.SGD(m.parameters(), lr=1e-4, momentum=0.9) for c, m in models.items()}
-    name = torch.cuda.get_device_name(device)
     total = torch.cuda.get_device_properties(device).total_memory / 2 ** 30
-    print(f"training steps, DeepLab v3 ResNet-101 OS 8, crop 513, one {name} ({total:.0f} GiB), "
-          f"SGD, best of 10 steps after 3 warm-up, cudnn.benchmark on, torch {torch.__version__}")
+    print(f"training steps, DeepLab v3 ResNet-101 OS 8, crop 513, one "
+          f"{torch.cuda.get_device_name(device)} ({total:.0f} GiB), SGD, best of 10 steps after 3 "
+          f"warm-up, cudnn.benchmark on, torch {torch.__version__}")
     print(f"{'batch':>5} {'precision':9} {'layout':13} {'Vortex img/s':>12} {'peak GiB':>8} "
           f"{'ASPP img/s':>10} {'peak GiB':>8} {'Vortex/ASPP time':>16}")
     rows = []
