@@ -45,7 +45,6 @@ from vortex import (TABLE1, DeepLabV3, box_averages, footprint, make_context,
 # 1. TABLE 1'S MODULES IN NUMBERS (paper 3.2, Eq. 1) AND FIG. 3
 # =============================================================================================
 
-
 TABLE_ROWS = tuple(row for row in TABLE1 if TABLE1[row].miou) + ("none",)  # as printed
 
 
@@ -909,12 +908,10 @@ def probe(fit, test, by="distance", image_level=True):
 
 
 # ---------------------------------------------------------------------------------------------
-# Training many small heads at once: the weights of every head of one shape are stacked
-# (torch.func.stack_module_state) and one forward runs each on its own batch by vmap over
-# functional_call of the QueryHead itself, so each has its own weights, batch norm (running
-# statistics included) and dropout draws; Adam is elementwise, so the heads do not interact.
-# Adam, not the paper's SGD: with SGD and momentum (lr 0.02-0.2) training stayed at chance for
-# 600 steps, the cue's share of a pooled feature being tiny.
+# Many small heads train at once: their weights stacked, one forward runs each on its own batch
+# (vmap over functional_call of the QueryHead itself: own weights, batch norm, dropout draws);
+# Adam is elementwise, so they do not interact. Adam, not SGD: with SGD and momentum (lr
+# 0.02-0.2) training stayed at chance for 600 steps, the cue's share of a pooled feature is tiny.
 # ---------------------------------------------------------------------------------------------
 
 def vmapped(heads):
@@ -1014,11 +1011,9 @@ def train_heads(cfg, iters, sets, models):
 
 
 # ---------------------------------------------------------------------------------------------
-# The command: per setting, every row is probed and trained with seeds 0..SEEDS-1 (a seed draws
-# the layouts, the noise and the initialisation), first for --iters iterations; a row whose band
-# accuracies moved by --tolerance points or more over the run's last doubling (converged()) is
-# trained again with twice the iterations, up to --max-iters. A record per (setting, row, iters)
-# is kept, so the same command again reads finished work back.
+# The command: per setting, every row probed and trained with seeds 0..SEEDS-1 (a seed draws
+# layouts, noise and initialisation), rows that have not converged run again with twice the
+# iterations; a record per (setting, row, iterations), read back by the same command again.
 # ---------------------------------------------------------------------------------------------
 
 def setting_file(setting):
