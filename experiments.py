@@ -14,6 +14,7 @@ data <- vortex <- train, eval <- experiments.
   python experiments.py erf CK [CK ...] --out F     # effective receptive fields of checkpoints
 
 Nothing is overwritten without --force; an interrupted experiment continues where it stopped."""
+import copy
 import json
 import math
 import os
@@ -43,7 +44,6 @@ from vortex import (TABLE1, DeepLabV3, box_averages, footprint, make_context,
 # =============================================================================================
 # 1. TABLE 1'S MODULES IN NUMBERS (paper 3.2, Eq. 1) AND FIG. 3
 # =============================================================================================
-
 
 TABLE_ROWS = tuple(row for row in TABLE1 if TABLE1[row].miou) + ("none",)  # as printed
 
@@ -120,16 +120,11 @@ def footprints_figure(path, size=65, cell=4):
 
 
 # =============================================================================================
-# 2. BENCHMARKS
+# 2. BENCHMARKS: speed as ratios measured side by side in one run (machines are noisy)
 # =============================================================================================
 
-# ---------------------------------------------------------------------------------------------
-# Speed, as ratios measured side by side in one run (machines are noisy); best_times is the
-# one timing helper.
-# ---------------------------------------------------------------------------------------------
-
 def best_times(fns, reps, warmup=1):
-    """Best wall time (s) of each function in `fns` {name: fn}, run interleaved (a, b, a, b...)
+    """Best wall time (s) of each function of {name: fn}, run interleaved (a, b, a, b, ...)
     after `warmup` calls each, so that machine noise hits all; CUDA work is waited for."""
     def sync():
         if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -137,7 +132,7 @@ def best_times(fns, reps, warmup=1):
     for fn in fns.values():
         for _ in range(warmup):
             fn()
-    best = {name: math.inf for name in fns}
+    best = dict.fromkeys(fns, math.inf)
     for _ in range(reps):
         for name, fn in fns.items():
             sync()
@@ -148,17 +143,23 @@ def best_times(fns, reps, warmup=1):
     return best
 
 
+def _poolings(x):
+    """The three ways to pool X for Vortex (k = 3, 9, 27): {name: fn}."""
+    return {"cascade": lambda: list(box_averages(x, (3, 9, 27)).values()),
+            "separable": lambda: [separable_box_average(x, k, False) for k in (3, 9, 27)],
+            "avg_pool2d": lambda: [F.avg_pool2d(x, k, 1, k // 2, count_include_pad=False)
+                                   for k in (3, 9, 27)]}
+
+
 @torch.no_grad()
 def bench_modules(reps=5, model_reps=2):
-    """The speed targets on the CPU, as ratios measured side by side in this run: the context
-    module and the whole model, Vortex against ASPP (and ASPP against torchvision's DeepLabV3,
-    where torchvision can be imported), and the pooling's speed against a plain copy of X."""
+    """CPU speed targets: the context module and the whole model, Vortex against ASPP (and
+    against torchvision's DeepLabV3 where it imports), and the pooling against a copy of X."""
     x = torch.randn(1, 2048, 65, 65)
     mods = {c: make_context(c, 2048).eval() for c in ("aspp", "vortex")}
     fns = {"aspp": lambda: mods["aspp"](x), "vortex": lambda: mods["vortex"](x),
-           "pool": lambda: box_averages(x, (3, 9, 27)), "copy": lambda: x.clone(),
-           "avg_pool2d": lambda: [F.avg_pool2d(x, k, 1, k // 2, count_include_pad=False)
-                                  for k in (3, 9, 27)]}
+           "pool": _poolings(x)["cascade"], "copy": x.clone,
+           "avg_pool2d": _poolings(x)["avg_pool2d"]}
     theirs = torchvision_deeplab()
     if theirs is not None:
         fns["torchvision"] = lambda: theirs.classifier[0](x)
@@ -176,8 +177,7 @@ def bench_modules(reps=5, model_reps=2):
         print(f"  ASPP / torchvision's ASPP (DeepLabV3 head) = {t['aspp'] / t['torchvision']:.3f}"
               f"   (target <= 1.02)")
     img = torch.randn(1, 3, 513, 513)
-    models = {c: DeepLabV3(21, 101, c).eval() for c in ("aspp", "vortex")}
-    fns = {c: (lambda m=m: m(img)) for c, m in models.items()}
+    fns = {c: (lambda m=DeepLabV3(21, 101, c).eval(): m(img)) for c in ("aspp", "vortex")}
     if theirs is not None:
         ours = DeepLabV3(21, 101, "aspp", multi_grid=None).eval()
         fns.update(ours=lambda: ours(img), torchvision=lambda: theirs(img))
@@ -204,107 +204,92 @@ def torchvision_deeplab():
 
 
 def separable_box_average(x, k, count_include_pad):
-    """The alternative to vortex.box_averages on a GPU: PyTorch's native pooling run separably,
-    k x 1 then 1 x k, each pass divided by its own count (with count_include_pad=False the 2-D
-    count is the product of the two, so it is the same mean)."""
+    """vortex.box_averages' alternative on a GPU: native pooling run separably, k x 1 then
+    1 x k, each pass divided by its own count (their product is the 2-D count)."""
     r = k // 2
     rows = F.avg_pool2d(x, (k, 1), 1, (r, 0), count_include_pad=count_include_pad)
     return F.avg_pool2d(rows, (1, k), 1, (0, r), count_include_pad=count_include_pad)
 
 
 def bench_modules_cuda(batch=8, reps=20):
-    """On a GPU: the pooling of Vortex (k = 3, 9, 27) forward + backward, the cascade vs native
-    pooling run separably vs avg_pool2d, and the context modules forward + backward, Vortex/ASPP,
-    for ResNet-101's X at 513 x 513 (batch x 2048 x 65 x 65), fp32 and bf16 (best of `reps`)."""
+    """On a GPU, forward + backward for X = batch x 2048 x 65 x 65 in fp32 and bf16: Vortex's
+    pooling three ways (cascade, separable, avg_pool2d) and the context modules, Vortex/ASPP."""
     dev = torch.device("cuda")
     print(f"{torch.cuda.get_device_name(dev)}, X = {batch}x2048x65x65, forward + backward, "
           f"best of {reps} after 3 warm-up, ms:")
     mods = {c: make_context(c, 2048).to(dev) for c in ("vortex", "aspp")}
-    pools = {"cascade": lambda x: list(box_averages(x, (3, 9, 27)).values()),
-             "separable": lambda x: [separable_box_average(x, k, False) for k in (3, 9, 27)],
-             "avg_pool2d": lambda x: [F.avg_pool2d(x, k, 1, k // 2, count_include_pad=False)
-                                      for k in (3, 9, 27)]}
     for dtype in (torch.float32, torch.bfloat16):
         x = torch.randn(batch, 2048, 65, 65, device=dev, dtype=dtype, requires_grad=True)
 
-        def run_pool(pool):
-            return lambda: sum(o.float().sum() for o in pool(x)).backward()
+        def pooled(fn):
+            return lambda: sum(o.float().sum() for o in fn()).backward()
 
-        def run_module(m):
+        def module(m):
             def run():
                 with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
                     m(x.detach().float()).float().sum().backward()
             return run
+        fns = {name: pooled(fn) for name, fn in _poolings(x).items()}
         t = {k: 1000 * v for k, v in best_times(
-            {**{name: run_pool(p) for name, p in pools.items()},
-             **{c: run_module(m) for c, m in mods.items()}}, reps, warmup=3).items()}
+            dict(fns, **{c: module(m) for c, m in mods.items()}), reps, warmup=3).items()}
         print(f"  {str(dtype).split('.')[1]:9} pooling: cascade {t['cascade']:.2f}, separable "
               f"{t['separable']:.2f}, avg_pool2d {t['avg_pool2d']:.2f};  context module: ASPP "
               f"{t['aspp']:.2f}, Vortex {t['vortex']:.2f} ({t['vortex'] / t['aspp']:.3f}x)")
 
 
 def bench_inference(reps=2):
-    """Seconds per 500x375 image, ResNet-101 OS 8 (untrained weights: the cost does not depend on
-    them), single scale vs the paper's 6 scales + flip, against the theoretical cost ratio
-    2 * sum(s^2) = 17.4 (pixels processed; the model's cost is nearly linear in pixels)."""
+    """Seconds per 500x375 image, ResNet-101 OS 8 + Vortex (untrained: the cost does not depend
+    on the weights), single scale vs the paper's 6 scales + flip, against the pixel-count ratio
+    2 * sum(s^2) = 17.4 (the model's cost is nearly linear in pixels)."""
     torch.manual_seed(0)
-    model = DeepLabV3(21, 101, "vortex").eval()
-    image = torch.randn(3, 375, 500)
+    model, image = DeepLabV3(21, 101, "vortex").eval(), torch.randn(3, 375, 500)
     t = best_times({"single": lambda: predict(model, image),
                     "multi": lambda: predict(model, image, evaluation.PAPER_SCALES, True)},
                    reps, 0)
     theory = 2 * sum(s * s for s in evaluation.PAPER_SCALES)
     print(f"ResNet-101 OS 8 + Vortex, 500x375 image, CPU {torch.get_num_threads()} threads, "
-          f"best of {reps}:")
-    print(f"  single scale {t['single']:.2f} s/image; 6 scales + flip {t['multi']:.2f} s/image; "
-          f"ratio {t['multi'] / t['single']:.1f} (theory {theory:.1f})")
+          f"best of {reps}:\n  single scale {t['single']:.2f} s/image; 6 scales + flip "
+          f"{t['multi']:.2f} s/image; ratio {t['multi'] / t['single']:.1f} (theory {theory:.1f})")
+
+
+def _synthetic_voc(root, n=12):
+    """n VOC-sized (500x375) JPEGs and masks from the synthetic renderer, in VOC's layout."""
+    for sub in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
+        os.makedirs(os.path.join(root, sub))
+    ids = [f"synthetic_{i:02d}" for i in range(n)]
+    for i, name in enumerate(ids):
+        img, lab = data.render_synthetic(0, i, 500)
+        Image.fromarray(img[:375]).save(os.path.join(root, "JPEGImages", name + ".jpg"),
+                                        quality=90)
+        data.save_mask(os.path.join(root, "SegmentationClass", name + ".png"), lab[:375])
+    with open(os.path.join(root, "ImageSets/Segmentation/train.txt"), "w") as f:
+        f.write("\n".join(ids))
 
 
 def bench_loader(voc=None, n=300, crop=513):
     """Samples per second of one process making augmented crop x crop training samples."""
-    tmp = None
-    if voc is None:  # VOC-sized JPEGs (500x375) made from the synthetic renderer
-        tmp = tempfile.TemporaryDirectory()
-        voc = tmp.name
-        for sub in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
-            os.makedirs(os.path.join(voc, sub))
-        ids = []
-        for i in range(12):
-            img, lab = data.render_synthetic(0, i, 500)
-            name = f"synthetic_{i:02d}"
-            Image.fromarray(img[:375]).save(os.path.join(voc, "JPEGImages", name + ".jpg"),
-                                            quality=90)
-            data.save_mask(os.path.join(voc, "SegmentationClass", name + ".png"), lab[:375])
-            ids.append(name)
-        with open(os.path.join(voc, "ImageSets/Segmentation/train.txt"), "w") as f:
-            f.write("\n".join(ids))
-        split = "train"
-    else:
+    with tempfile.TemporaryDirectory() as tmp:
+        if voc is None:
+            _synthetic_voc(tmp)
+        root = voc or tmp
         split = "trainval" if os.path.isfile(
-            os.path.join(voc, "ImageSets/Segmentation/trainval.txt")) else "train"
-    ds = data.VOCSegmentation(voc, split, data.TrainTransform(crop), num_classes=21)
-    torch.set_num_threads(1)  # one loader worker = one core
-    ds[0]
-    t0 = time.perf_counter()
-    for i in range(n):
-        ds.set_epoch(i // len(ds))
-        img, lab = ds[i % len(ds)]
-        assert img.shape == (3, crop, crop) and lab.shape == (crop, crop)
-    dt = time.perf_counter() - t0
-    print(f"{n} augmented {crop}x{crop} samples from {len(ds)} JPEGs in {voc} ({split}): "
+            os.path.join(root, "ImageSets/Segmentation/trainval.txt")) else "train"
+        ds = data.VOCSegmentation(root, split, data.TrainTransform(crop), num_classes=21)
+        torch.set_num_threads(1)  # one loader worker = one core
+        ds[0]
+        t0 = time.perf_counter()
+        for i in range(n):
+            ds.set_epoch(i // len(ds))
+            img, lab = ds[i % len(ds)]
+            assert img.shape == (3, crop, crop) and lab.shape == (crop, crop)
+        dt = time.perf_counter() - t0
+    print(f"{n} augmented {crop}x{crop} samples from {len(ds)} JPEGs in {voc or tmp} ({split}): "
           f"{n / dt:.0f} samples/s in one process (target >= 100)")
-    if tmp is not None:
-        tmp.cleanup()
     return n / dt
 
 
-def bench_training(device_arg=None):
-    device = infra.pick_device(device_arg)
-    return bench_training_cuda(device) if device.type == "cuda" else bench_training_cpu()
-
-
 def training_step(model, opt, x, t, dtype=None):
-    """One SGD step on (x, t), under autocast when `dtype` is bf16/fp16 (the benchmarks)."""
+    """One SGD step on (x, t), under autocast when `dtype` is bf16/fp16."""
     with torch.autocast(x.device.type, dtype=dtype, enabled=dtype not in (None, torch.float32)):
         loss = loss_fn(model(x), t) / t.numel()
     loss.backward()
@@ -312,21 +297,23 @@ def training_step(model, opt, x, t, dtype=None):
     opt.zero_grad(set_to_none=True)
 
 
-def bench_training_cpu(steps=3, crop=321, batch=2):
-    """Training steps of one process on this machine, ResNet-101 OS 8, crop 321, batch 2, SGD:
-    Vortex and ASPP, NCHW and channels-last, all measured side by side (interleaved)."""
+def bench_training(device_arg=None, steps=3, crop=321, batch=2):
+    """Training steps of ResNet-101 OS 8, Vortex and ASPP, SGD: on a GPU bench_training_cuda;
+    on the CPU crop 321, batch 2, NCHW and channels-last, all side by side (interleaved)."""
+    device = infra.pick_device(device_arg)
+    if device.type == "cuda":
+        return bench_training_cuda(device)
     torch.manual_seed(0)
     models = {c: DeepLabV3(21, 101, c) for c in ("vortex", "aspp")}
     opts = {c: torch.optim.SGD(m.parameters(), lr=1e-3, momentum=0.9) for c, m in models.items()}
-    x = torch.randn(batch, 3, crop, crop)
-    t = torch.randint(0, 21, (batch, crop, crop))
+    x, t = torch.randn(batch, 3, crop, crop), torch.randint(0, 21, (batch, crop, crop))
 
     def step(c, fmt):
         models[c].to(memory_format=fmt)
         training_step(models[c], opts[c], x.contiguous(memory_format=fmt), t)
     layouts = {"NCHW": torch.contiguous_format, "channels-last": torch.channels_last}
     best = best_times({(c, name): (lambda c=c, f=f: step(c, f)) for c in models
-                              for name, f in layouts.items()}, steps)
+                       for name, f in layouts.items()}, steps)
     print(f"training step, ResNet-101 OS 8, crop {crop}, batch {batch}, CPU "
           f"{torch.get_num_threads()} threads, best of {steps}:")
     for name in layouts:
@@ -338,10 +325,8 @@ def bench_training_cpu(steps=3, crop=321, batch=2):
 
 
 def _cuda_steps(model, opt, batch, dtype, channels_last, device, crop=513, warmup=3, steps=10):
-    """(images/s, peak GiB after the warm-up) of SGD training steps at this configuration (best
-    of `steps`), or None if it does not fit in the GPU's memory. The peak is taken after the
-    warm-up because cuDNN's autotuning tries kernels with workspaces as large as the free memory
-    once."""
+    """(images/s, peak GiB after the warm-up: cuDNN's autotuning tries workspaces as large as
+    the free memory once) of SGD steps at this configuration, or None if out of memory."""
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     model.to(memory_format=fmt)
     torch.cuda.empty_cache()
@@ -353,7 +338,7 @@ def _cuda_steps(model, opt, batch, dtype, channels_last, device, crop=513, warmu
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         best = best_times({"step": lambda: training_step(model, opt, x, t, dtype)},
-                                 steps, warmup=0)["step"]
+                          steps, warmup=0)["step"]
         return batch / best, torch.cuda.max_memory_allocated(device) / 2 ** 30
     except torch.OutOfMemoryError:
         return None
@@ -364,17 +349,16 @@ def _cuda_steps(model, opt, batch, dtype, channels_last, device, crop=513, warmu
 
 
 def bench_training_cuda(device):
-    """ResNet-101 OS 8 + Vortex and + ASPP, crop 513, per-GPU batch 2/4/8 x
-    {fp32, bf16} x {NCHW, channels-last}: training images/s, peak memory, and the time ratio
-    Vortex/ASPP, both modules measured one after the other at every configuration."""
+    """Crop 513, per-GPU batch 2/4/8 x {fp32, bf16} x {NCHW, channels-last}: training images/s,
+    peak memory and Vortex/ASPP time, both modules one after the other at every configuration."""
     torch.backends.cudnn.benchmark = True
     torch.manual_seed(0)
     models = {c: DeepLabV3(21, 101, c).to(device) for c in ("vortex", "aspp")}
     opts = {c: torch.optim.SGD(m.parameters(), lr=1e-4, momentum=0.9) for c, m in models.items()}
-    name = torch.cuda.get_device_name(device)
     total = torch.cuda.get_device_properties(device).total_memory / 2 ** 30
-    print(f"training steps, DeepLab v3 ResNet-101 OS 8, crop 513, one {name} ({total:.0f} GiB), "
-          f"SGD, best of 10 steps after 3 warm-up, cudnn.benchmark on, torch {torch.__version__}")
+    print(f"training steps, DeepLab v3 ResNet-101 OS 8, crop 513, one "
+          f"{torch.cuda.get_device_name(device)} ({total:.0f} GiB), SGD, best of 10 steps after 3 "
+          f"warm-up, cudnn.benchmark on, torch {torch.__version__}")
     print(f"{'batch':>5} {'precision':9} {'layout':13} {'Vortex img/s':>12} {'peak GiB':>8} "
           f"{'ASPP img/s':>10} {'peak GiB':>8} {'Vortex/ASPP time':>16}")
     rows = []
@@ -638,31 +622,14 @@ def _curves_panel(curves, width, height, margin=26):
 # =============================================================================================
 # 4. TABLE 1'S QUESTION AT THE PAPER'S GEOMETRY: THE 65x65 CONTEXT EXPERIMENT
 # =============================================================================================
-
-
-# ---------------------------------------------------------------------------------------------
-# Context samples (experiments.py context): what a context module can read at each
-# distance (paper 3.2-3.4, Fig. 3). Paper 3.1 splits segmentation into descriptor extraction
-# (the backbone) and feature aggregation (the context module); this is the second alone, at the
-# paper's size: X is 65 x 65 x C (ResNet-101 at output stride 8 on a 513 image), generated
-# directly. The rule (docs/experiments.md states it before the results):
-#   - every descriptor is a code plus noise: code[kind] + sigma * N(0, 1) per channel; three
-#     kinds (background, cue P, cue Q) with orthogonal +-1 codes (rows of a Hadamard matrix);
-#   - one query position and exactly one 3 x 3 cue, whose nearest descriptor is at Chebyshev
-#     distance d from the query (the metric of the modules' square footprints); d is stratified
-#     over 1..40 (equal counts), the cue uniform on the ring at d, the query uniform among the
-#     positions where the cue fits on the map; the query's label is the cue's class;
-#   - every layout comes twice, once with a P cue and once with a Q cue, the noise the same:
-#     a predictor that ignores the cue scores exactly 50% at every distance;
-#   - with `distractor`, a second 3 x 3 cue of the other class lies farther away (at least 1.5 d,
-#     uniform on its ring, not touching the first): the nearer cue decides (3.4: fine near,
-#     coarse far).
-# A module's output at the query depends only on the values its branches read there ("taps"):
-# the k x k averages of X (count_include_pad=False, as the modules pool) at the offsets its
-# convolutions read, zero off the map, and the image-level mean. X is linear in its parts, so
-# the taps are gathered from each part (background, the cue, the distractor, unit noise) and
-# put together for either class and any sigma: the noise is drawn and pooled once.
-# ---------------------------------------------------------------------------------------------
+# What can each context module read at each distance (paper 3.2-3.4, Fig. 3)? Paper 3.1 splits
+# segmentation into descriptor extraction and feature aggregation; this is the second alone, at
+# the paper's size: X is 65 x 65 x 8 (ResNet-101 at output stride 8 on a 513 image has 65 x 65),
+# generated by the rule docs/experiments.md states. A module's output at the query depends only
+# on what its branches read there, its "taps" (k x k averages of X at its convolutions' offsets,
+# zero off the map, and the image-level mean): X is linear in its parts (background, cue,
+# distractor, unit noise), so the taps are gathered once per part and assembled for any class
+# and sigma, and the project's own module is run at the query pixel alone (QueryHead).
 
 CONTEXT_SIZE = 65  # h = w of X for a 513 x 513 image at output stride 8 (paper 3.2)
 CONTEXT_DISTANCES = 40  # d = 1..40: as far as Vortex Pooling's 81 x 81 footprint reaches
@@ -799,65 +766,55 @@ def gather_taps(modules, layouts, c1, seed, batch=1000, size=CONTEXT_SIZE):
     return out
 
 
-def assemble(parts, cls, other, sigma, codes, image_level):
+def assemble(parts, cls, other, sigma, codes):
     """Features of samples whose cue has class `cls` (N,) in {0: P, 1: Q} and whose distractor
-    has class `other` (N,) (-1: none): (taps (N, T, c1), image-level mean (N, c1) or None)."""
+    has class `other` (N,) (-1: none): (taps (N, T, c1), image-level mean (N, c1))."""
     bg, cue = codes[0], codes[1 + cls][:, None, :]
     has = (other >= 0).astype(np.float32)
     oth = codes[1 + np.maximum(other, 0)][:, None, :]
     taps = (parts["inmap"][..., None] * bg + parts["cue"][..., None] * (cue - bg)
             + parts["distractor"][..., None] * (oth - bg) + sigma * parts["noise"])
-    if not image_level:
-        return taps, None
     area = CUE * CUE / CONTEXT_SIZE ** 2
     mean = (bg + area * (cue[:, 0] - bg) + area * has[:, None] * (oth[:, 0] - bg)
             + sigma * parts["noise_mean"])
     return taps, mean
 
 
-# ---------------------------------------------------------------------------------------------
-# Table 1's question at the paper's geometry (paper 3.2-3.4, Fig. 3): at which distance can
-# each context module still read the evidence that decides a pixel? One query pixel per sample
-# and one cue at distance d (context_layouts, where the rule is written), X at the paper's
-# 65 x 65. Per module:
-#   probes:  what its footprint holds: a linear readout of the cue's class from its taps
-#            (pooled as the module pools, zero off the map, plus the image-level mean), fitted
-#            in closed form (regularised Fisher discriminant) on the training samples and tested
-#            on held-out ones. None of them is "the best": fitted per distance it is told where
-#            the cue is; per band (1-10, ...) it is told roughly; pooled, one readout serves
-#            every distance, as one trained module does (but linear);
-#   trained: what training finds. The real branch convolutions -> BN -> ReLU -> projection ->
-#            1x1 classifier (a ContextModule of Table 1) evaluated at the query from its taps
-#            (module_at_query; a test shows it equals the module run on the whole map there),
-#            trained with Adam and the poly policy, seeds 0..SEEDS-1, with a learning curve;
-#            Vortex also once per band, on that band's samples only (told the band, as the band
-#            probe is), and every trained model scored on its training samples too (fit).
-# Batch norm normalises over the batch's query pixels (512 pixels of 512 maps), not over whole
-# maps as in a segmentation network; every evaluation first sets its statistics to those of a
-# fixed set of training samples, the weights fixed (precise BN, precise_bn: running averages
-# lag behind weights that still move, which cost a curve point mid-training up to 10 points).
-# Settings: noise sigma 1 and 0.5 (which limits are geometry, which signal-to-noise); a
-# distractor (3.4: fine near, coarse far: the nearer cue decides); and the border control: the same, with the background's code zero, so that a tap
-# off the map (zero padding) reads what a tap on the background reads, up to noise. One
-# departure from the loop: Adam instead of SGD (with SGD and momentum, lr 0.02-0.2, training
-# stayed at chance for 600 steps: the cue's share of a pooled feature is tiny).
-# ---------------------------------------------------------------------------------------------
+def twins(parts, layouts, sigma, codes):
+    """Every layout twice, cue P then cue Q, the distractor (if any) keeping its class:
+    (taps, mean, label, distance, conflict) as tensors; conflict: the distractor has the
+    other class, so only "the nearer cue decides" gets the twin right."""
+    n = len(layouts["d"])
+    cls, other = np.repeat([0, 1], n), np.concatenate([layouts["other"]] * 2)
+    taps, mean = assemble({k: np.concatenate([v, v]) for k, v in parts.items()}, cls, other,
+                          sigma, codes)
+    return (torch.from_numpy(taps), torch.from_numpy(mean), torch.from_numpy(cls),
+            torch.from_numpy(np.concatenate([layouts["d"]] * 2)),
+            torch.from_numpy((other >= 0) & (other != cls)))
 
-CONTEXT_ROWS = tuple(TABLE1)
+
 CONTEXT_CHANNELS = 8  # c1 (paper: 2048); three orthogonal codes need few channels
 PER_DISTANCE = {"train": 500, "test": 250}  # layouts per distance, each with its twin
-# (name, sigma, distractor, background code scale)
+# (name, sigma, distractor, background code scale): sigma 1 and 0.5 (which limits are geometry,
+# which signal-to-noise), a distractor (3.4: the nearer cue decides) and the border control
+# (background code zero: a tap off the map reads what a tap on the background reads)
 SETTINGS = (("sigma 1, distractor", 1.0, True, 1.0),
             ("sigma 1, distractor, background 0", 1.0, True, 0.0),
             ("sigma 1", 1.0, False, 1.0), ("sigma 0.5", 0.5, False, 1.0))
 BANDS = ((1, 10), (11, 20), (21, 30), (31, 40))
 PROBES = {"distance": "probe per distance (told d)", "band": "probe per band (told the band)",
           "pooled": "pooled probe (one readout for all d)"}
-CURVE = (1 / 16, 1 / 8, 1 / 4, 1 / 2, 1)  # the learning curve's points, fractions of --iters
-PAIRS = (("Vortex", "ASPP"), ("Vortex", "A(5)"), ("Vortex", "A(13)"), ("A(5)", "ASPP"))
-CONTEXT_KEYS = ("iters", "batch_size", "lr", "context_channels", "power")
-BAND_TRAINED = ("Vortex",)  # modules also trained once per band, on that band's samples only
+CURVE = (1 / 16, 1 / 8, 1 / 4, 1 / 2, 1)  # the learning curve's points, fractions of a run
+NO_IMAGE = " w/o img"  # a module of Table 1 without its image-level branch (issue 36)
+WITH_BRANCH = tuple(row for row in TABLE1 if TABLE1[row].miou)  # ASPP ... Vortex
+CONTEXT_ROWS = ("none", "image-level") + tuple(r + s for r in WITH_BRANCH for s in ("", NO_IMAGE))
+BAND_TRAINED = ("Vortex", "Vortex" + NO_IMAGE)  # also trained once per band, on its samples
+PAIRS = (("Vortex", "ASPP"), ("Vortex", "A(5)"), ("Vortex", "A(13)"), ("A(5)", "ASPP"),
+         ("Vortex w/o img", "ASPP w/o img"), ("Vortex w/o img", "A(13) w/o img"),
+         ("Vortex w/o img", "image-level")) + tuple((r, r + NO_IMAGE) for r in WITH_BRANCH)
 PRECISE_BN = 8192  # training samples whose statistics batch norm takes before an evaluation
+RECORD = {"probe": dict, "probe_conflict": dict, "trained": list, "trained_conflict": list,
+          "trained_fit": list, "trained_band": list, "trained_band_fit": list, "curve": dict}
 
 
 def bands(top):
@@ -865,32 +822,42 @@ def bands(top):
     return tuple((lo, min(hi, top)) for lo, hi in BANDS if lo <= top)
 
 
-def module_at_query(module, classifier, taps, mean):
-    """Logits (N, 2) of a ContextModule + 1x1 classifier at one pixel, from what it reads there:
-    `taps` (N, T, c1), branch after branch in tap_offsets' order, and the image-level mean
-    (N, c1). Each branch's convolution at a pixel is the dot product of its weight with its taps;
-    BN, ReLU, the image-level branch, the projection and the classifier are the module's own."""
-    feats, t0 = [], 0
-    for (k, offsets), branch in zip(tap_offsets(module), module.branches):
-        x, t0 = taps[:, t0:t0 + len(offsets)], t0 + len(offsets)
-        y = torch.einsum("ntc,oct->no", x, branch[0].weight.flatten(2))
-        feats.append(branch[2](branch[1](y[:, :, None, None])))
-    if module.image_pool is not None:
-        feats.append(module.image_pool(mean[:, :, None, None]))
-    return classifier(module.project(torch.cat(feats, 1)))[:, :, 0, 0]
+def context_module(row, width=256):
+    """A row of CONTEXT_ROWS as the project's own ContextModule on CONTEXT_CHANNELS channels
+    (vortex.table1_module; NO_IMAGE: the same with image_pool=False)."""
+    base = row.removesuffix(NO_IMAGE)
+    return table1_module(base, CONTEXT_CHANNELS, out_channels=width,
+                         **({"image_pool": False} if base != row else {}))
 
 
-def twins(parts, layouts, sigma, codes, image_level):
-    """Every layout twice, cue P then cue Q, the distractor (if any) keeping its class:
-    (taps, mean, label, distance, conflict) as tensors; conflict: the distractor has the
-    other class, so only "the nearer cue decides" gets the twin right."""
-    n = len(layouts["d"])
-    cls, other = np.repeat([0, 1], n), np.concatenate([layouts["other"]] * 2)
-    doubled = {k: np.concatenate([v, v]) for k, v in parts.items()}
-    taps, mean = assemble(doubled, cls, other, sigma, codes, image_level)
-    return (torch.from_numpy(taps), None if mean is None else torch.from_numpy(mean),
-            torch.from_numpy(cls), torch.from_numpy(np.concatenate([layouts["d"]] * 2)),
-            torch.from_numpy((other >= 0) & (other != cls)))
+class QueryHead(nn.Module):
+    """A row's ContextModule and a 1x1 classifier, run at the query pixel of N maps from the
+    taps (N, T, c1) and image means (N, c1) gathered there. The N query pixels lie side by side
+    as one N x 1 map, so every layer is the module's own: each branch's convolution at a pixel
+    is its weight dotted with the taps it reads, then its BatchNorm2d (over the N pixels, as over
+    a map's pixels) and ReLU, the image-level branch, the projection and dropout (paper 3.1)."""
+
+    def __init__(self, row, seed=0, width=16):
+        super().__init__()
+        torch.manual_seed(seed)  # the same initial weights whatever else is trained beside
+        self.row, self.module = row, context_module(row, width)
+        self.classifier = nn.Conv2d(width, 2, 1)
+
+    def forward(self, taps, mean):
+        m, feats, t0 = self.module, [], 0
+        for (_, offsets), branch in zip(tap_offsets(m), m.branches):
+            x, t0 = taps[:, t0:t0 + len(offsets)], t0 + len(offsets)
+            w = branch[0].weight.flatten(2).permute(2, 1, 0).flatten(0, 1)  # (T * c1, out)
+            feats.append(branch[2](branch[1]((x.flatten(1) @ w).T[None, :, :, None])))
+        if m.image_pool is not None:
+            feats.append(m.image_pool(mean.T[None, :, :, None]))
+        return self.classifier(m.project(torch.cat(feats, 1)))[0, :, :, 0].T
+
+
+def head_shape(head):
+    """What decides whether heads can share a stack: taps per branch, image-level branch."""
+    m = head.module
+    return tuple(len(offs) for _, offs in tap_offsets(m)), m.image_pool is not None
 
 
 def per_distance(correct, d):
@@ -900,9 +867,9 @@ def per_distance(correct, d):
     return np.where(total > 0, 100 * hits / np.maximum(1, total), np.nan)
 
 
-def scores(correct, test):
-    """(accuracy by distance, accuracy by distance on the conflict twins only)."""
-    d, conflict = test[3].numpy(), test[4].numpy()
+def scores(correct, s):
+    """(accuracy by distance, the same on the conflict twins only) of samples s."""
+    d, conflict = s[3].numpy(), s[4].numpy()
     return per_distance(correct, d), per_distance(correct[conflict], d[conflict])
 
 
@@ -918,329 +885,272 @@ def probe_groups(by):
     return group
 
 
-def probe(fit, test, by="distance"):
-    """A linear readout of the cue's class (regularised Fisher discriminant, closed form),
-    fitted on `fit` per group of distances (probe_groups(by)): its scores on `test`."""
+def probe(fit, test, by="distance", image_level=True):
+    """What a footprint holds (Fig. 3 measured): a linear readout of the cue's class from the
+    taps (and the image-level mean if the module has that branch), a Fisher discriminant with a
+    small ridge in closed form, fitted on `fit` per group of distances (probe_groups(by)): its
+    scores on `test`."""
     def flat(s):
-        f = s[0].flatten(1) if s[1] is None else torch.cat([s[0].flatten(1), s[1]], 1)
-        return f.double().numpy()
-    xs, xt = flat(fit), flat(test)
-    group = probe_groups(by)
-    gs, gt = group[fit[3].numpy()], group[test[3].numpy()]
-    ys, yt = fit[2].numpy(), test[2].numpy()
-    correct = np.zeros(len(yt), bool)
-    for g in np.unique(gs):
-        x, y = xs[gs == g], ys[gs == g]
-        mu = [x[y == c].mean(0) for c in (0, 1)]
-        centred = x - np.where(y[:, None] == 1, mu[1], mu[0])
+        return (torch.cat([s[0].flatten(1), s[1]], 1) if image_level else s[0].flatten(1)).double()
+    xs, xt, ys, yt = flat(fit), flat(test), fit[2], test[2]
+    group = torch.from_numpy(probe_groups(by))
+    gs, gt = group[fit[3]], group[test[3]]
+    correct = torch.zeros(len(yt), dtype=torch.bool)
+    for g in gs.unique():  # torch, not numpy: its BLAS threads would fight torch's
+        x, y, sel = xs[gs == g], ys[gs == g], gt == g
+        mu = torch.stack([x[y == c].mean(0) for c in (0, 1)])
+        centred = x - mu[y]
         cov = centred.T @ centred / max(1, len(x) - 2)
-        cov += (1e-3 * np.trace(cov) / len(cov) + 1e-9) * np.eye(len(cov))
-        w = np.linalg.solve(cov, mu[1] - mu[0])
-        score = (xt[gt == g] - (mu[0] + mu[1]) / 2) @ w
-        correct[gt == g] = (score > 1e-9 * np.abs(w).sum()) == (yt[gt == g] == 1)
-    return scores(correct, test)
+        cov += (1e-3 * cov.trace() / len(cov) + 1e-9) * torch.eye(len(cov), dtype=cov.dtype)
+        w = torch.linalg.solve(cov, mu[1] - mu[0])
+        correct[sel] = ((xt[sel] - mu.mean(0)) @ w > 1e-9 * w.abs().sum()) == (yt[sel] == 1)
+    return scores(correct.numpy(), test)
 
 
 # ---------------------------------------------------------------------------------------------
-# Training many small modules at once. Every (module, setting, seed) of the same shape (tap
-# counts per branch, image-level branch or not) is one slice of a stack: its parameters come
-# from a real ContextModule and classifier (torch.func.stack_module_state), stacked_logits is
-# module_at_query with a leading model dimension (batched matrix products; batch norm
-# written out: a test shows the two agree), and one Adam updates all (it is elementwise, so each
-# slice follows its own gradient). The trained slices go back into the real modules, which are
-# evaluated with module_at_query. Each model draws its batches from a generator seeded by its
-# seed, so a seed sees the same order in every module of a setting.
+# Many small heads train at once: their weights stacked, one forward runs each on its own batch
+# (vmap over functional_call of the QueryHead itself: own weights, batch norm, dropout draws);
+# Adam is elementwise, so they do not interact. Adam, not SGD: with SGD and momentum (lr
+# 0.02-0.2) training stayed at chance for 600 steps, the cue's share of a pooled feature is tiny.
 # ---------------------------------------------------------------------------------------------
 
-class QueryHead(nn.Module):
-    """A ContextModule and its 1x1 classifier, read at the query pixel (module_at_query)."""
+def vmapped(heads):
+    """(params, buffers, base, forward): the heads' stacked state, a weightless copy of one
+    head whose train()/eval() sets the mode, and forward(params, buffers, taps (M, N, T, c1),
+    means (M, N, c1)) -> logits (M, N, 2), every head on its own samples."""
+    p, b = torch.func.stack_module_state(heads)
+    base = copy.deepcopy(heads[0]).to("meta")
 
-    def __init__(self, row, seed, width):
-        super().__init__()
-        torch.manual_seed(seed)  # the same initial weights as one module trained alone
-        self.module = table1_module(row, CONTEXT_CHANNELS, out_channels=width)
-        self.classifier = nn.Conv2d(width, 2, 1)
-
-    def forward(self, taps, mean):
-        return module_at_query(self.module, self.classifier, taps, mean)
-
-
-def head_shape(module):
-    """What decides whether two modules can share a stack: taps per branch, image branch."""
-    return tuple(len(offs) for _, offs in tap_offsets(module)), module.image_pool is not None
+    def one(p_, b_, taps, mean):
+        return torch.func.functional_call(base, (p_, b_), (taps, mean))
+    return p, b, base, torch.func.vmap(one, randomness="different")
 
 
-def _stacked_weight(w):
-    """(M, out, in, kh, kw) convolution weights -> (M, kh * kw * in, out), taps' order."""
-    return w.flatten(3).permute(0, 3, 2, 1).flatten(1, 2)
+def precise_bn(base, forward, p, b, taps, mean):
+    """Each head's batch-norm statistics become those of its fixed training samples, the weights
+    fixed ("precise BN", Wu & Johnson 2021): one pass in training mode with momentum 1 makes
+    every BatchNorm2d's running statistics the batch's. Running averages lag behind weights that
+    still move: in a first version that lag alone cost a mid-run curve point up to 10 points."""
+    bns = [m for m in base.modules() if isinstance(m, nn.BatchNorm2d)]
+    base.train()
+    for bn in bns:
+        bn.momentum = 1.0
+    with torch.no_grad():
+        forward(p, b, taps, mean)
+    for bn in bns:
+        bn.momentum = 0.1
 
 
-def _stacked_bn(x, p, b, name, train):
-    """nn.BatchNorm2d (momentum 0.1, eps 1e-5) of each model on x (M, N, C). train "precise":
-    the statistics of x become the running ones, which then normalise it (precise_bn)."""
-    if train == "precise":
-        var, mu = torch.var_mean(x, 1, unbiased=True)
-        with torch.no_grad():
-            b[name + ".running_mean"].copy_(mu)
-            b[name + ".running_var"].copy_(var)
-        train = False
-    if train:
-        var, mu = torch.var_mean(x, 1, unbiased=False)
-        with torch.no_grad():
-            b[name + ".running_mean"].lerp_(mu, 0.1)
-            b[name + ".running_var"].lerp_(var * x.shape[1] / (x.shape[1] - 1), 0.1)
-            b[name + ".num_batches_tracked"] += 1
-    else:
-        mu, var = b[name + ".running_mean"], b[name + ".running_var"]
-    return (x - mu[:, None]) / torch.sqrt(var[:, None] + 1e-5) * p[name + ".weight"][:, None] \
-        + p[name + ".bias"][:, None]
-
-
-def stacked_logits(p, b, shape, taps, mean, train, dropout):
-    """module_at_query for a stack of M models: taps (M, N, T, c1), mean (M, N, c1) ->
-    logits (M, N, 2). p, b: stacked parameters and buffers of QueryHeads of `shape`; train:
-    True (batch statistics, running averages updated), False, or "precise" (precise_bn)."""
-    feats, t0 = [], 0
-    for i, n in enumerate(shape[0]):
-        x, t0 = taps[:, :, t0:t0 + n].flatten(2), t0 + n
-        y = torch.bmm(x, _stacked_weight(p[f"module.branches.{i}.0.weight"]))
-        feats.append(F.relu(_stacked_bn(y, p, b, f"module.branches.{i}.1", train)))
-    if shape[1]:
-        y = torch.bmm(mean, _stacked_weight(p["module.image_pool.0.weight"]))
-        feats.append(F.relu(_stacked_bn(y, p, b, "module.image_pool.1", train)))
-    y = torch.bmm(torch.cat(feats, 2), _stacked_weight(p["module.project.0.weight"]))
-    y = F.dropout(F.relu(_stacked_bn(y, p, b, "module.project.1", train)), dropout,
-                  train is True)
-    return torch.bmm(y, _stacked_weight(p["classifier.weight"])) + p["classifier.bias"][:, None]
-
-
-def _stacked_data(sets, models, split):
-    """The models' samples of `split` in one tensor each (taps flattened (N, T * c1), mean,
-    label) and each model's rows in them (all of its cell's, or of its band's); a module
-    without an image-level branch gets zeros as its mean. (Rows of a 2-d tensor gather several
-    times faster.)"""
-    srcs = list(dict.fromkeys(cell for cell, *_ in models))
-    taps = torch.cat([sets[c][split][0].flatten(1) for c in srcs])
-    mean = torch.cat([sets[c][split][1] if sets[c][split][1] is not None else
-                      torch.zeros(len(sets[c][split][2]), CONTEXT_CHANNELS) for c in srcs])
-    label = torch.cat([sets[c][split][2] for c in srcs])
-    sizes = [len(sets[c][split][2]) for c in srcs]
-    starts = dict(zip(srcs, np.cumsum([0] + sizes[:-1]).tolist()))
+def _stacked_data(sets, models):
+    """The training samples of `models` [(row, seed, band), ...] in one tensor each (taps
+    flattened, mean, label) and each model's rows in them: all of its (row, seed) set's, or its
+    band's (rows of a 2-d tensor gather several times faster)."""
+    srcs = list(dict.fromkeys(s for _, s, _ in models))
+    tr = [sets[s]["train"] for s in srcs]
+    starts = dict(zip(srcs, np.cumsum([0] + [len(t[2]) for t in tr[:-1]]).tolist()))
     rows = []
-    for cell, _, band in models:
-        d = sets[cell][split][3]
+    for _, s, band in models:
+        d = sets[s]["train"][3]
         keep = torch.ones(len(d), dtype=torch.bool) if band is None else \
             (d >= band[0]) & (d <= band[1])
-        rows.append(starts[cell] + torch.nonzero(keep)[:, 0])
-    return taps, mean, label, rows
+        rows.append(starts[s] + torch.nonzero(keep)[:, 0])
+    return (torch.cat([t[0].flatten(1) for t in tr]), torch.cat([t[1] for t in tr]),
+            torch.cat([t[2] for t in tr]), rows)
 
 
-def precise_bn(p, b, shape, data_, fixed):
-    """Set every model's batch-norm statistics to those of its `fixed` training samples (rows
-    (M, n) of `data_` = (taps, mean, label)), the weights fixed: "precise BN" (Wu & Johnson,
-    2021). Only the running statistics change, which training never reads."""
-    taps, mean, _ = data_
-    m, n = fixed.shape
+def accuracy(head, s):
+    """scores() of one head in eval mode on samples s."""
     with torch.no_grad():
-        stacked_logits(p, b, shape, taps[fixed.flatten()].view(m, n, -1, CONTEXT_CHANNELS),
-                       mean[fixed.flatten()].view(m, n, -1), "precise", 0.0)
+        return scores((head.eval()(s[0], s[1]).argmax(1) == s[2]).numpy(), s)
 
 
-def evaluate_stack(p, b, shape, sets, models, dropout):
-    """Each model's test scores (eval mode) from its slice of the stack."""
-    out = []
-    with torch.no_grad():
-        for m, (cell, *_) in enumerate(models):
-            test = sets[cell]["test"]
-            mean = test[1] if test[1] is not None else torch.zeros(len(test[2]), CONTEXT_CHANNELS)
-            pm, bm = ({k: v[m:m + 1] for k, v in d.items()} for d in (p, b))
-            pred = stacked_logits(pm, bm, shape, test[0][None], mean[None], False,
-                                  dropout)[0].argmax(1)
-            out.append(scores((pred == test[2]).numpy(), test)[0])
-    return out
-
-
-def train_stack(cfg, shape, sets, models):
-    """Train the QueryHeads of `models` [((setting, row), seed, band), ...] (all of `shape`;
-    band None: every distance, else (lo, hi): that band's samples only) as one stack. Returns
-    each model's final scores (the real module, module_at_query) on the test samples, its
-    accuracy by distance on the training samples (fit), and its learning curve {iteration:
-    accuracy by distance}. Every evaluation is preceded by precise_bn."""
-    heads = [QueryHead(row, seed, cfg["context_channels"]) for (_, row), seed, _ in models]
-    p, b = torch.func.stack_module_state(heads)
-    dropout = heads[0].module.project[-1].p
+def train_heads(cfg, iters, sets, models):
+    """Train the QueryHeads of `models` [(row, seed, band), ...] (one shape; band None: every
+    distance, else (lo, hi): that band's samples only) on sets[base row, seed], Adam with the poly
+    policy over `iters` iterations, all at once (vmapped). Every evaluation, at the CURVE points,
+    follows precise_bn. Returns per model: test scores, accuracy by distance on its training
+    samples (fit), learning curve {iteration: accuracy by distance}."""
+    heads = [QueryHead(row, seed, cfg["context_channels"]) for row, seed, _ in models]
+    keys = [(row.removesuffix(NO_IMAGE), seed) for row, seed, _ in models]
+    p, b, base, forward = vmapped(heads)
     optimizer = torch.optim.Adam(p.values(), cfg["lr"])
-    taps, mean, label, rows = _stacked_data(sets, models, "train")
-    orders = [torch.Generator().manual_seed(seed) for _, seed, _ in models]
+    taps, mean, label, rows = _stacked_data(sets, [(r, k, band) for (r, _, band), k
+                                                   in zip(models, keys)])
+    n, batch = len(models), cfg["batch_size"]
     n_bn = min(PRECISE_BN, min(len(r) for r in rows))  # the same samples at every evaluation
-    fixed = torch.stack([r[torch.randperm(len(r), generator=torch.Generator().manual_seed(1))
-                           [:n_bn]] for r in rows])
-    points = sorted({max(1, round(f * cfg["iters"])) for f in CURVE})  # the last is iters
-    curves, torch_seed = [{} for _ in models], torch.initial_seed()
-    torch.manual_seed(0)  # dropout's draws
-    for it in range(cfg["iters"]):
-        set_lr(optimizer, poly_lr(cfg["lr"], it, cfg["iters"], cfg["power"]))
-        idx = torch.cat([r[torch.randint(len(r), (cfg["batch_size"],), generator=g)]
-                         for r, g in zip(rows, orders)])
-        batch = taps.index_select(0, idx).view(len(models), cfg["batch_size"], -1,
-                                               CONTEXT_CHANNELS)
-        logits = stacked_logits(p, b, shape, batch, mean.index_select(0, idx).view(
-            len(models), cfg["batch_size"], -1), True, dropout)
-        losses = F.cross_entropy(logits.flatten(0, 1), label[idx],
-                                 reduction="none").view(len(models), -1).mean(1)
-        losses.sum().backward()  # each model's own gradient: the slices do not interact
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if it + 1 in points:
-            precise_bn(p, b, shape, (taps, mean, label), fixed)
-            for c, acc in zip(curves, evaluate_stack(p, b, shape, sets, models, dropout)):
-                c[it + 1] = acc
-    torch.manual_seed(torch_seed)
-    bad = [models[m] for m in range(len(models)) if not math.isfinite(losses[m].item())]
+    fixed = torch.cat([r[torch.randperm(len(r), generator=torch.Generator().manual_seed(1))
+                         [:n_bn]] for r in rows])
+    orders = [torch.Generator().manual_seed(seed) for _, seed, _ in models]
+    points = sorted({max(1, round(f * iters)) for f in CURVE})
+    curves = [{} for _ in models]
+
+    def stacked(idx, k):
+        return taps[idx].view(n, k, -1, CONTEXT_CHANNELS), mean[idx].view(n, k, -1)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)  # dropout's draws
+        for it in range(iters):
+            set_lr(optimizer, poly_lr(cfg["lr"], it, iters, cfg["power"]))
+            idx = torch.cat([r[torch.randint(len(r), (batch,), generator=g)]
+                             for r, g in zip(rows, orders)])
+            base.train()
+            losses = F.cross_entropy(forward(p, b, *stacked(idx, batch)).flatten(0, 1),
+                                     label[idx], reduction="none").view(n, -1).mean(1)
+            losses.sum().backward()  # each model's own gradient: the slices do not interact
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if it + 1 in points:
+                precise_bn(base, forward, p, b, *stacked(fixed, n_bn))
+                for m, (head, k) in enumerate(zip(heads, keys)):
+                    head.load_state_dict({name: v[m] for d in (p, b) for name, v in d.items()})
+                    curves[m][it + 1] = accuracy(head, sets[k]["test"])[0]
+    bad = [models[m] for m in range(n) if not math.isfinite(losses[m].item())]
     if bad:
         raise FloatingPointError(f"{bad}: non-finite loss; try a lower --lr")
-    final, fit = [], []
-    for m, (head, (cell, *_)) in enumerate(zip(heads, models)):
-        head.load_state_dict({k: v[m] for d in (p, b) for k, v in d.items()})
-        head.eval()
-        with torch.no_grad():
-            for split, out in (("test", final), ("train", fit)):
-                s = sets[cell][split]
-                out.append(scores((head(s[0], s[1]).argmax(1) == s[2]).numpy(), s))
-    return final, [f[0] for f in fit], curves
+    return ([accuracy(h, sets[k]["test"]) for h, k in zip(heads, keys)],
+            [accuracy(h, sets[k]["train"])[0] for h, k in zip(heads, keys)], curves)
 
+
+# ---------------------------------------------------------------------------------------------
+# The command: per setting, every row probed and trained with seeds 0..SEEDS-1 (a seed draws
+# layouts, noise and initialisation), rows that have not converged run again with twice the
+# iterations; a record per (setting, row, iterations), read back by the same command again.
+# ---------------------------------------------------------------------------------------------
 
 def setting_file(setting):
     """The file name a setting's records and figure start with."""
     return setting.replace(" ", "").replace(",", "-")
 
 
+def context_data(distractor, seed, per):
+    """One seed's training and test layouts of a condition and every Table 1 module's taps there
+    (`per`: layouts per distance of each split); seed 0 draws what rule v3 drew."""
+    modules = [table1_module(r, CONTEXT_CHANNELS) for r in TABLE1]
+    out = {}
+    for i, split in enumerate(("train", "test")):
+        lay = context_layouts(4 * seed + 1 + i + 2 * distractor, per[split], distractor)
+        out[split] = (lay, gather_taps(modules, lay, CONTEXT_CHANNELS, 7 + i + 2 * seed))
+    return out
+
+
 def context_experiment(cfg, seeds):
-    """Every setting x row: the probes once, the trained module per seed (finished cells are
-    read back, so the same command again continues an interrupted experiment); prints and
-    writes the tables, a figure per setting and the learning curves."""
+    """Every chosen setting x CONTEXT_ROWS until converged or --max-iters; prints and writes the
+    tables, a figure per setting and the learning curves."""
     out, t0 = cfg["out_dir"], time.time()
-    modules = {row: table1_module(row, CONTEXT_CHANNELS) for row in CONTEXT_ROWS}
     per = dict(PER_DISTANCE, train=cfg["train_layouts"])
+    key = json.loads(json.dumps(dict(
+        {k: cfg[k] for k in ("batch_size", "lr", "context_channels", "power")}, per=per,
+        channels=CONTEXT_CHANNELS, rule=4, seeds=seeds, evaluation="precise BN",
+        band_trained=BAND_TRAINED)))
     chosen = [x for x in SETTINGS if setting_file(x[0]) in cfg["settings"]]
-    key = json.loads(json.dumps(dict({k: cfg[k] for k in CONTEXT_KEYS}, per=per,
-                                     channels=CONTEXT_CHANNELS, rule=3, seeds=seeds,
-                                     evaluation="precise BN", band_trained=BAND_TRAINED)))
-    recs, todo = {}, []
-    for setting, *_ in chosen:
-        for row in CONTEXT_ROWS:
-            path = os.path.join(out, f"{setting_file(setting)}-{row}.json")
-            recs[setting, row] = read_back(path, dict(key, setting=setting), {
-                "probe": dict, "probe_conflict": dict, "trained": list,
-                "trained_conflict": list, "trained_fit": list, "trained_band": list,
-                "trained_band_fit": list, "curve": dict})
-            if recs[setting, row] is None:
-                todo.append((setting, row))
-    stacks = {}
-    for cell in todo:  # one stack per setting and shape: its cells train together
-        stacks.setdefault((cell[0], head_shape(modules[cell[1]])), []).append(cell)
-    samples = {}
-    for (setting, shape), cells in stacks.items():
-        recs.update(context_cells(cfg, key, seeds, modules, shape, cells, samples, per))
-        print(f"context experiment: {setting}, {', '.join(row for _, row in cells)} done, "
-              f"{(time.time() - t0) / 60:.1f} min", flush=True)
-    results = {s: {row: record_arrays(recs[s, row]) for row in CONTEXT_ROWS}
-               for s, *_ in chosen}
-    lines = [context_table(cfg, s, d, results[s], seeds) for s, _, d, _ in chosen]
-    table = "\n\n".join(lines) + f"\n\n{len(chosen)} settings, {seeds} seed(s): " \
-        f"{(time.time() - t0) / 60:.1f} min"
+    results, cache = {}, {}
+    for setting, sigma, distractor, bg in chosen:
+        recs, todo, iters = {}, list(CONTEXT_ROWS), cfg["iters"]
+        cols = bands(context_distances(distractor))
+        while todo:
+            path = {row: os.path.join(out, f"{setting_file(setting)}-{row}-{iters}.json")
+                    for row in todo}
+            for row in todo:
+                recs[row] = read_back(path[row], dict(key, setting=setting, iters=iters), RECORD)
+            pending = [row for row in todo if recs[row] is None]
+            if pending:
+                if cache.get("for") != (distractor, seeds):  # layouts serve a condition's settings
+                    cache = {"for": (distractor, seeds), "data": [
+                        context_data(distractor, s, per) for s in range(seeds)]}
+                codes = context_codes(CONTEXT_CHANNELS, bg)
+                sets = {(r, s): {split: twins(parts[r], lay, sigma, codes)
+                                 for split, (lay, parts) in cache["data"][s].items()}
+                        for r in TABLE1 for s in range(seeds)}
+                for row, rec in train_rows(cfg, iters, sets, pending, seeds, cols).items():
+                    recs[row] = dict(rec, config=dict(key, setting=setting, iters=iters))
+                    infra.write_json(path[row], recs[row])
+                print(f"context experiment: {setting}, {iters} iterations: "
+                      f"{', '.join(pending)} done, {(time.time() - t0) / 60:.1f} min", flush=True)
+            todo = [row for row in todo if converged(record_arrays(recs[row]), cols,
+                                                     cfg["tolerance"])[0] is False
+                    and 2 * iters <= cfg["max_iters"]]
+            iters *= 2
+        results[setting] = {row: record_arrays(recs[row]) for row in CONTEXT_ROWS}
+    cache = None
+    table = "\n\n".join(context_table(cfg, s, d, results[s], seeds) for s, _, d, _ in chosen)
+    table += f"\n\n{len(chosen)} settings, {seeds} seed(s): {(time.time() - t0) / 60:.1f} min"
     print(table)
     infra.atomic_save(os.path.join(out, "table.txt"), lambda f: f.write(table.encode() + b"\n"))
-    coverage = {row: ring_coverage(m) for row, m in modules.items()}
+    coverage = {row: ring_coverage(table1_module(row, CONTEXT_CHANNELS)) for row in TABLE1}
     for setting, *_ in chosen:
         context_figure(results[setting], coverage, setting,
                        os.path.join(out, f"{setting_file(setting)}.png"))
-    curves_figure(results, os.path.join(out, "curves.png"))
+    context_curves_figure(results, os.path.join(out, "curves.png"))
     print(f"wrote {os.path.join(out, 'table.txt')}, one figure per setting and curves.png "
           f"in {out}")
     return results
 
 
-def context_cells(cfg, key, seeds, modules, shape, cells, samples, per):
-    """Probe and train the (setting, row) cells of one shape; write and return their records."""
-    conditions = {s: (sigma, distractor, bg) for s, sigma, distractor, bg in SETTINGS}
-    sets, recs = {}, {}
-    for setting, row in cells:
-        sigma, distractor, bg = conditions[setting]
-        if distractor not in samples:  # layouts and noise serve every setting of a condition
-            samples[distractor] = context_samples(list(modules.values()), distractor, per)
-        sets[setting, row] = {s: twins(parts[row], lay, sigma,
-                                       context_codes(CONTEXT_CHANNELS, bg),
-                                       modules[row].image_pool is not None)
-                              for s, (lay, parts) in samples[distractor].items()}
-    models = [(cell, seed, None) for cell in cells for seed in range(seeds)]
-    models += [(cell, seed, band) for cell in cells if cell[1] in BAND_TRAINED for seed in
-               range(seeds) for band in bands(context_distances(conditions[cell[0]][1]))]
-    final, fit, curves = train_stack(cfg, shape, sets, models)
-    for cell in cells:
-        mine = [m for m, (c, _, band) in enumerate(models) if c == cell and band is None]
-        by_band = [[np.full(CONTEXT_DISTANCES + 1, np.nan) for _ in range(seeds)] for _ in "tf"]
-        for m, (c, seed, band) in enumerate(models):  # each distance from its band's model
-            if c == cell and band is not None:
-                for out, acc in zip(by_band, (final[m][0], fit[m])):
-                    out[seed][band[0]:band[1] + 1] = acc[band[0]:band[1] + 1]
-        probes = {by: probe(sets[cell]["train"], sets[cell]["test"], by) for by in PROBES}
-        rec = {"config": dict(key, setting=cell[0]),
-               "probe": {by: v[0].tolist() for by, v in probes.items()},
-               "probe_conflict": {by: v[1].tolist() for by, v in probes.items()},
-               "trained": [final[m][0].tolist() for m in mine],
-               "trained_conflict": [final[m][1].tolist() for m in mine],
-               "trained_fit": [fit[m].tolist() for m in mine],
-               "trained_band": [a.tolist() for a in by_band[0]] if cell[1] in BAND_TRAINED else [],
-               "trained_band_fit": [a.tolist() for a in by_band[1]]
-               if cell[1] in BAND_TRAINED else [],
-               "curve": {"iters": sorted(curves[mine[0]]),
-                         "trained": [[curves[m][i].tolist() for i in sorted(curves[m])]
-                                     for m in mine]}}
-        infra.write_json(os.path.join(cfg["out_dir"], f"{setting_file(cell[0])}-{cell[1]}.json"),
-                        rec)
-        recs[cell] = rec
+def train_rows(cfg, iters, sets, rows, seeds, cols):
+    """Probe and train `rows` of one setting (one stack per shape); their records."""
+    models = [(row, s, None) for row in rows for s in range(seeds)]
+    models += [(row, s, band) for row in rows if row in BAND_TRAINED for s in range(seeds)
+               for band in cols]
+    stacks = {}
+    for m in models:
+        stacks.setdefault(head_shape(QueryHead(m[0], 0, 1)), []).append(m)
+    got = {}
+    for stack in stacks.values():
+        got.update(zip(stack, zip(*train_heads(cfg, iters, sets, stack))))
+    recs = {}
+    for row in rows:
+        mine = [got[row, s, None] for s in range(seeds)]
+        told = [[np.full(CONTEXT_DISTANCES + 1, np.nan) for _ in range(seeds)] for _ in "tf"]
+        for (r, s, band), (final, fit, _) in got.items():  # each distance from its band's model
+            if r == row and band is not None:
+                for to, acc in zip(told, (final[0], fit)):
+                    to[s][band[0]:band[1] + 1] = acc[band[0]:band[1] + 1]
+        use_mean = context_module(row, 1).image_pool is not None
+        probes = [{by: probe(sets[row.removesuffix(NO_IMAGE), s]["train"],
+                             sets[row.removesuffix(NO_IMAGE), s]["test"], by, use_mean)
+                   for by in PROBES} for s in range(seeds)]
+        recs[row] = {
+            "probe": {by: [p[by][0].tolist() for p in probes] for by in PROBES},
+            "probe_conflict": {by: [p[by][1].tolist() for p in probes] for by in PROBES},
+            "trained": [f[0].tolist() for f, _, _ in mine],
+            "trained_conflict": [f[1].tolist() for f, _, _ in mine],
+            "trained_fit": [fit.tolist() for _, fit, _ in mine],
+            "trained_band": [a.tolist() for a in told[0]] if row in BAND_TRAINED else [],
+            "trained_band_fit": [a.tolist() for a in told[1]] if row in BAND_TRAINED else [],
+            "curve": {"iters": sorted(mine[0][2]),
+                      "trained": [[c[i].tolist() for i in sorted(c)] for _, _, c in mine]}}
     return recs
 
 
 def record_arrays(rec):
-    """A cell's record as arrays (null, a distance a condition does not score, -> NaN)."""
+    """A record as arrays (null, a distance a condition does not score, -> NaN)."""
     def arr(v):
         return np.array(v, dtype=float)
-    return {"probe": {by: arr(v) for by, v in rec["probe"].items()},
-            "probe_conflict": {by: arr(v) for by, v in rec["probe_conflict"].items()},
-            "trained": arr(rec["trained"]), "trained_conflict": arr(rec["trained_conflict"]),
-            "trained_fit": arr(rec["trained_fit"]), "trained_band": arr(rec["trained_band"]),
-            "trained_band_fit": arr(rec["trained_band_fit"]),
-            "curve_iters": rec["curve"]["iters"], "curve": arr(rec["curve"]["trained"])}
+    out = {k: {by: arr(v) for by, v in rec[k].items()} for k in ("probe", "probe_conflict")}
+    out.update({k: arr(rec[k]) for k in RECORD if k not in out and k != "curve"})
+    return dict(out, curve_iters=rec["curve"]["iters"], curve=arr(rec["curve"]["trained"]),
+                iters=rec["config"]["iters"])
 
 
-def context_samples(modules, distractor, per=None):
-    """The training and test layouts of one condition (`per`: layouts per distance of each
-    split; default PER_DISTANCE) and every module's taps there."""
-    out, per = {}, per or PER_DISTANCE
-    for i, split in enumerate(("train", "test")):
-        layouts = context_layouts(1 + i + 2 * distractor, per[split], distractor)
-        out[split] = (layouts, gather_taps(modules, layouts, CONTEXT_CHANNELS, 7 + i))
-    return out
+def converged(r, cols, tolerance):
+    """(held, largest change): the convergence criterion. It holds when every band's trained
+    accuracy (mean over seeds) moved by less than `tolerance` points over the run's last
+    doubling of iterations (from the CURVE point at half the run to its end)."""
+    its, curve = r["curve_iters"], r["curve"].mean(0)
+    half = its.index(max(1, round(its[-1] / 2)))
+    change = max(abs(band_mean(curve[-1], lo, hi) - band_mean(curve[half], lo, hi))
+                 for lo, hi in cols)
+    return bool(change < tolerance), change
 
 
 def paired(a, b):
-    """Per-seed differences a - b: (mean, sign counts, paired t, two-sided p)."""
+    """Per-seed differences a - b (a seed draws both rows' data and initialisation): (mean,
+    seeds +, seeds -, spread, real). spread: the larger range (max - min) over seeds of either
+    row alone, what a re-run moves a row by; real: every seed has the same sign and the mean
+    difference exceeds the spread."""
     d = a - b
-    if len(d) < 2 or d.std(ddof=1) <= 1e-9 * max(1.0, np.abs(d).max()):  # equal up to rounding
-        return d.mean(), (d > 0).sum(), (d < 0).sum(), math.nan, math.nan
-    t = d.mean() / (d.std(ddof=1) / math.sqrt(len(d)))
-    return d.mean(), (d > 0).sum(), (d < 0).sum(), t, student_t_p(t, len(d) - 1)
-
-
-def student_t_p(t, df, steps=20000):
-    """Two-sided p of Student's t with df degrees of freedom (numerical integral of the
-    density from |t| out; scipy is not a dependency)."""
-    x = np.linspace(abs(t), abs(t) + 200, steps)
-    dens = math.gamma((df + 1) / 2) / (math.sqrt(df * math.pi) * math.gamma(df / 2)) * \
-        (1 + x * x / df) ** (-(df + 1) / 2)
-    return float(min(1.0, 2 * np.trapezoid(dens, x)))
+    spread = max(np.ptp(a), np.ptp(b))
+    real = len(d) > 1 and ((d > 0).all() or (d < 0).all()) and abs(d.mean()) > spread
+    return d.mean(), int((d > 0).sum()), int((d < 0).sum()), spread, bool(real)
 
 
 def band_mean(a, lo, hi):
@@ -1256,70 +1166,78 @@ def _trained_cell(tr, lo, hi):
 
 
 def context_table(cfg, setting, distractor, res, seeds):
-    """One setting: by band, the band probe | the trained module (mean ± s.e. over seeds);
-    the three probes; with a distractor the conflict twins alone; the learning curve; paired
-    comparisons of the trained modules."""
-    cols = bands(context_distances(distractor)) + ((1, context_distances(distractor)),)
-    head = f"{'module':12}" + "".join(f"{f'{lo}-{hi}':>22}" for lo, hi in cols)
+    """One setting: by band, the band probe | the trained module (mean ± s.e. over seeds); the
+    three probes; fit; told the band; the conflict twins; learning curves; convergence; paired
+    comparisons of the trained rows."""
+    cols = bands(context_distances(distractor))
+    cols_all = cols + ((1, context_distances(distractor)),)
 
-    def rows(probe_of, trained_of):  # a line per module: 'band probe | trained ± s.e.'
-        return [f"{row:12}" + "".join("{:>22}".format(
-            f"{band_mean(probe_of(r), lo, hi):5.1f} | {_trained_cell(trained_of(r), lo, hi)}")
-            for lo, hi in cols) for row, r in res.items()]
+    def mean(a, lo, hi):
+        return f"{band_mean(a, lo, hi).mean():5.1f}"
+
+    def block(title, cell, rows=tuple(res), suffix=""):
+        return [title] + [f"{row + suffix:15}" + "".join(f"{cell(res[row], lo, hi):>22}"
+                                                         for lo, hi in cols_all) for row in rows]
+
+    def probe_trained(k=""):
+        return lambda r, lo, hi: (f"{mean(r['probe' + k]['band'], lo, hi)} | "
+                                  f"{_trained_cell(r['trained' + k], lo, hi)}")
     lines = [f"{setting}: one query, a cue at distance d, 65x65x{CONTEXT_CHANNELS}, "
              f"{cfg['train_layouts']} training / {PER_DISTANCE['test']} test layouts x 2 twins "
-             f"per distance; accuracy (%), chance "
-             f"exactly 50; band probe | trained (mean ± s.e. over {seeds} seed(s), "
-             f"{cfg['iters']} iterations of {cfg['batch_size']})", head]
-    lines += rows(lambda r: r["probe"]["band"], lambda r: r["trained"])
-    lines.append("probes: per distance / per band / pooled")
-    for row, r in res.items():
-        lines.append(f"{row:12}" + "".join(
-            "{:>22}".format(" / ".join(f"{band_mean(r['probe'][by], lo, hi):4.1f}"
-                                       for by in PROBES)) for lo, hi in cols))
-    lines.append("trained, on its training samples | on the test samples (mean over seeds)")
-    lines += [f"{row:12}" + "".join("{:>22}".format(" | ".join(
-        f"{band_mean(r[k], lo, hi).mean():5.1f}" for k in ("trained_fit", "trained")))
-        for lo, hi in cols) for row, r in res.items()]
-    told = [row for row, r in res.items() if len(r["trained_band"])]
-    if told:
-        lines.append("told the band (a module per band, trained on that band's samples only, "
-                     "as the band probe is fitted): band probe | test | training samples")
-        lines += [f"{row + ' /band':12}" + "".join("{:>22}".format(" | ".join(
-            f"{band_mean(v, lo, hi).mean():5.1f}" for v in (
-                res[row]["probe"]["band"], res[row]["trained_band"],
-                res[row]["trained_band_fit"]))) for lo, hi in cols) for row in told]
+             f"per distance, drawn per seed; accuracy (%), chance exactly 50; {seeds} seed(s), "
+             f"batches of {cfg['batch_size']}, iterations per row: see convergence",
+             f"{'module':15}" + "".join(f"{f'{lo}-{hi}':>22}" for lo, hi in cols_all)]
+    lines += block("band probe | trained (mean ± s.e. over seeds)", probe_trained())
+    lines += block("probes (mean over seeds): per distance / per band / pooled", lambda r, lo, hi:
+                   " / ".join(f"{band_mean(r['probe'][by], lo, hi).mean():4.1f}"
+                              for by in PROBES))
+    lines += block("trained, on its training samples | on the test samples (mean over seeds)",
+                   lambda r, lo, hi: f"{mean(r['trained_fit'], lo, hi)} | "
+                                     f"{mean(r['trained'], lo, hi)}")
+    lines += block("told the band (a module per band, trained on that band's samples only, as "
+                   "the band probe is fitted): band probe | test | training samples",
+                   lambda r, lo, hi: " | ".join(mean(a, lo, hi) for a in (
+                       r["probe"]["band"], r["trained_band"], r["trained_band_fit"])),
+                   [row for row in res if len(res[row]["trained_band"])], " /band")
     if distractor:
-        lines.append("conflict twins only (the distractor has the other class, so only the "
-                     "nearer cue decides): band probe | trained")
-        lines += rows(lambda r: r["probe_conflict"]["band"], lambda r: r["trained_conflict"])
-    lines += curve_lines(res, cols)
-    lines.append("paired by seed, trained: difference in points (seeds +/-), paired t, p")
+        lines += block("conflict twins only (the distractor has the other class, so only the "
+                       "nearer cue decides): band probe | trained", probe_trained("_conflict"))
+    lines.append("learning curve, trained (mean over seeds), bands " +
+                 " / ".join(f"{lo}-{hi}" for lo, hi in cols) + " at iteration:")
+    lines += [f"{row:15}" + "  ".join(f"{it}: " + "/".join(
+        f"{band_mean(acc, lo, hi):.1f}" for lo, hi in cols) for it, acc in
+        zip(r["curve_iters"], r["curve"].mean(0))) for row, r in res.items()]
+    lines.append(f"convergence: held if every band's trained accuracy (mean over seeds) moved by "
+                 f"< {cfg['tolerance']} points over the run's last doubling of iterations; a row "
+                 f"that did not ran again with twice the iterations, up to {cfg['max_iters']}")
+    for row, r in res.items():
+        held, change = converged(r, cols, cfg["tolerance"])
+        lines.append(f"{row:15}{r['iters']:7d} iterations: " + (
+            "held" if held else "NOT held within the budget") + f" (largest change {change:.1f})")
+    lines.append("paired by seed (a seed draws data and initialisation): mean difference in "
+                 "points (seeds +/-, spread: the larger range over seeds of either row); "
+                 "* real: every seed the same sign and |mean| > spread")
     for a, b in PAIRS:
         parts = []
-        for lo, hi in cols:
-            m, plus, minus, t, p = paired(band_mean(res[a]["trained"], lo, hi),
-                                          band_mean(res[b]["trained"], lo, hi))
-            parts.append(f"{lo}-{hi} {m:+5.1f} ({plus}+/{minus}-, t {t:5.1f}, p {p:.3f})")
-        lines.append(f"  {a + ' - ' + b:14} " + "  ".join(parts))
+        for lo, hi in cols_all:
+            m, plus, minus, spread, real = paired(band_mean(res[a]["trained"], lo, hi),
+                                                  band_mean(res[b]["trained"], lo, hi))
+            parts.append(f"{lo}-{hi} {m:+5.1f} ({plus}+/{minus}-, {spread:3.1f}){'*' * real:1}")
+        lines.append(f"  {a + ' - ' + b:30} " + "  ".join(parts))
     return "\n".join(lines)
 
 
-def curve_lines(res, cols):
-    """The learning curve: trained (mean over seeds) by band at each point of training."""
-    lines = ["learning curve, trained (mean over seeds), bands " +
-             " / ".join(f"{lo}-{hi}" for lo, hi in cols[:-1]) + " at iteration:"]
-    for row, r in res.items():
-        cells = []
-        for it, acc in zip(r["curve_iters"], r["curve"].mean(0)):
-            cells.append(f"{it}: " + "/".join(f"{band_mean(acc, lo, hi):.1f}"
-                                               for lo, hi in cols[:-1]))
-        lines.append(f"{row:12}" + "  ".join(cells))
-    return lines
-
+# ---------------------------------------------------------------------------------------------
+# The context experiment's figures: a panel per module of Table 1 (with and without its
+# image-level branch) and the learning curves.
+# ---------------------------------------------------------------------------------------------
 
 CONTEXT_COLOURS = ((120, 120, 120), (148, 103, 189), (31, 119, 180), (23, 190, 207),
-                   (255, 127, 14), (188, 140, 60), (140, 86, 75), (214, 39, 40))
+                   (255, 127, 14), (188, 140, 60), (140, 86, 75), (214, 39, 40))  # TABLE1's order
+
+
+def _colour(row):
+    return CONTEXT_COLOURS[list(TABLE1).index(row.removesuffix(NO_IMAGE))]
 
 
 def _polyline(draw, points, fill, width=1, dash=0):
@@ -1327,77 +1245,57 @@ def _polyline(draw, points, fill, width=1, dash=0):
     for (xa, ya), (xb, yb) in zip(points, points[1:]):
         if math.isnan(ya) or math.isnan(yb):
             continue
-        if not dash:
-            draw.line([xa, ya, xb, yb], fill=fill, width=width)
-            continue
-        steps = max(1, int(math.hypot(xb - xa, yb - ya) // dash))
-        for s in range(0, steps, 2):
+        steps = max(1, int(math.hypot(xb - xa, yb - ya) // dash)) if dash else 1
+        for s in range(0, steps, 2 if dash else 1):
             f0, f1 = s / steps, min(1, (s + 1) / steps)
             draw.line([xa + f0 * (xb - xa), ya + f0 * (yb - ya), xa + f1 * (xb - xa),
                        ya + f1 * (yb - ya)], fill=fill, width=width)
 
 
-def _context_panel(title, r, coverage, colour, size=(300, 200), lo=40):
-    """One module: accuracy (%) against distance 1..40: the probes (black: per band; grey: per
-    distance; dashed: pooled), the trained module (colour, mean ± s.e. over seeds, shaded) over
-    grey bars for the share of the positions at each distance its footprint reads, chance."""
-    w, h = size
+def _axes(size, lo=40):
+    """A white panel with accuracy lo..100 % up the side: (picture, draw, box, y(accuracy))."""
     pic = Image.new("RGB", size, (255, 255, 255))
     draw = ImageDraw.Draw(pic)
-    x0, y0, x1, y1 = 30, 20, w - 8, h - 20
-    n = CONTEXT_DISTANCES
-    xs = [x0 + (x1 - x0) * (d - 0.5) / n for d in range(n + 2)]  # bar edges for d = 1..n
-    centres = [(xs[d] + xs[d + 1]) / 2 for d in range(1, n + 1)]
+    box = (30, 20, size[0] - 14, size[1] - 20)
 
-    def y(v):  # accuracy in % -> pixel row (NaN stays NaN: not scored)
-        return v if math.isnan(v) else y1 - (y1 - y0) * (min(max(v, lo), 100) - lo) / (100 - lo)
-    for d in range(1, n + 1):
-        if coverage[d] > 0:
-            draw.rectangle([xs[d], y1 - (y1 - y0) * coverage[d], xs[d + 1] - 1, y1],
-                           fill=(222, 222, 222))
+    def y(v):  # NaN stays NaN: not scored
+        return v if math.isnan(v) else box[3] - (box[3] - box[1]) * (min(max(v, lo), 100) - lo) / (100 - lo)
     for v in (50, 75, 100):
         draw.text((2, y(v) - 6), f"{v}", fill=(0, 0, 0))
-        if v != 50:
-            draw.line([x0, y(v), x1, y(v)], fill=(235, 235, 235))
-    for x in range(x0, x1, 8):  # chance, dashed
-        draw.line([x, y(50), x + 4, y(50)], fill=(0, 0, 0))
-    tr = r["trained"]
-    mean = tr.mean(0)
-    se = tr.std(0, ddof=1) / np.sqrt(len(tr)) if len(tr) > 1 else 0 * mean
-    scored = [d for d in range(1, n + 1) if not math.isnan(mean[d])]
-    band = ([(centres[d - 1], y(mean[d] + se[d])) for d in scored] +
-            [(centres[d - 1], y(mean[d] - se[d])) for d in reversed(scored)])
-    draw.polygon(band, fill=tuple(255 - (255 - c) // 3 for c in colour))
-    _polyline(draw, [(c, y(p)) for c, p in zip(centres, r["probe"]["distance"][1:])],
-              (150, 150, 150))
-    _polyline(draw, [(c, y(p)) for c, p in zip(centres, r["probe"]["pooled"][1:])], (0, 0, 0),
-              dash=3)
-    _polyline(draw, [(c, y(p)) for c, p in zip(centres, r["probe"]["band"][1:])], (0, 0, 0))
-    _polyline(draw, [(c, y(m)) for c, m in zip(centres, mean[1:])], colour, width=2)
+        draw.line([box[0], y(v), box[2], y(v)], fill=(0, 0, 0) if v == 50 else (235, 235, 235))
+    return pic, draw, box, y
+
+
+def _context_panel(name, res, coverage, size=(300, 200)):
+    """One module against distance 1..40: grey bars, the share of the positions at d its
+    footprint reads; black, its band probe (grey: without the image-level branch); colour, the
+    module trained (mean ± s.e. over seeds, shaded; dashed: without the branch)."""
+    pic, draw, (x0, y0, x1, y1), y = _axes(size)
+    n, colour = CONTEXT_DISTANCES, _colour(name)
+    xs = [x0 + (x1 - x0) * (d - 0.5) / n for d in range(n + 2)]  # bar edges for d = 1..n
+    centres = [(xs[d] + xs[d + 1]) / 2 for d in range(1, n + 1)]
+    for d in range(1, n + 1):
+        draw.rectangle([xs[d], y1 - (y1 - y0) * coverage[d], xs[d + 1] - 1, y1],
+                       fill=(222, 222, 222)) if coverage[d] > 0 else None
+    title = name
+    for row, dash, grey in ((name, 0, (0, 0, 0)), (name + NO_IMAGE, 3, (150, 150, 150))):
+        if row not in res:
+            continue
+        tr = res[row]["trained"]
+        mean = tr.mean(0)
+        se = tr.std(0, ddof=1) / np.sqrt(len(tr)) if len(tr) > 1 else 0 * mean
+        ok = [d for d in range(1, n + 1) if not math.isnan(mean[d])]
+        draw.polygon([(centres[d - 1], y(mean[d] + se[d])) for d in ok] +
+                     [(centres[d - 1], y(mean[d] - se[d])) for d in reversed(ok)],
+                     fill=tuple(255 - (255 - c) // 3 for c in colour))
+        _polyline(draw, [(c, y(p)) for c, p in zip(centres, res[row]["probe"]["band"].mean(0)[1:])],
+                  grey)
+        _polyline(draw, [(c, y(m)) for c, m in zip(centres, mean[1:])], colour, 2, dash)
+        title += f"{' / w/o' if dash else ':'} {np.nanmean(mean[1:]):.1f}"
     draw.rectangle([x0, y0, x1, y1], outline=(0, 0, 0))
     for d in (1, 10, 20, 30, 40):
         draw.text((centres[d - 1] - 4, y1 + 3), str(d), fill=(0, 0, 0))
-    draw.text((x0, 4), title, fill=(0, 0, 0))
-    return np.asarray(pic)
-
-
-def _heat_map(title, rows, values, cell=(6, 14), left=80):
-    """Modules x distance 1..40, accuracy 50% (black) .. 100% (white); not scored: white."""
-    n = len(next(iter(values))) - 1
-    pic = Image.new("RGB", (left + n * cell[0] + 4, 18 + len(rows) * cell[1] + 16),
-                    (255, 255, 255))
-    a = np.array([v[1:] for v in values])
-    block = heat(np.clip((np.nan_to_num(a, nan=50) - 50) / 50, 0, 1))
-    block[np.isnan(a)] = 255
-    pic.paste(Image.fromarray(np.kron(block, np.ones((cell[1], cell[0], 1), np.uint8))),
-              (left, 18))
-    draw = ImageDraw.Draw(pic)
-    draw.text((left, 3), title, fill=(0, 0, 0))
-    for i, row in enumerate(rows):
-        draw.text((2, 18 + i * cell[1] + 1), row, fill=(0, 0, 0))
-    for d in (1, 10, 20, 30, 40):
-        draw.text((left + (d - 1) * cell[0], 18 + len(rows) * cell[1] + 2), str(d),
-                  fill=(0, 0, 0))
+    draw.text((x0, 4), title + "%", fill=(0, 0, 0))
     return np.asarray(pic)
 
 
@@ -1416,92 +1314,56 @@ def _figure(head_lines, rows, out):
 
 
 def context_figure(results, coverage, setting, out):
-    """The context experiment's figure for one setting (experiments.py context): a panel
-    per module (see _context_panel), then heat maps of the band probe and the trained modules.
-    results: {module: record_arrays(...)}, accuracies in %."""
-    panels = []
-    for (name, r), colour in zip(results.items(), CONTEXT_COLOURS):
-        panels.append(_context_panel(f"{name}: band probe {np.nanmean(r['probe']['band'][1:]):.1f}"
-                                     f", trained {np.nanmean(r['trained'][:, 1:]):.1f}%", r,
-                                     coverage[name], colour))
-    rows = [hstack(panels[i:i + 4], 6) for i in range(0, len(panels), 4)]
-    names = list(results)
-    rows.append(hstack([_heat_map("probe per band", names,
-                                  [results[m]["probe"]["band"] for m in names]),
-                        _heat_map("trained module (mean over seeds)", names,
-                                  [results[m]["trained"].mean(0) for m in names]),
-                        _colour_bar_50(18 + len(names) * 14 + 16)], 12))
+    """One setting: a panel per module of Table 1 (_context_panel). results: {row:
+    record_arrays(...)}, accuracies in %."""
+    panels = [_context_panel(name, results, coverage[name]) for name in TABLE1]
     return _figure([
         f"{setting}: accuracy (%) reading the class of a 3x3 cue at distance d (descriptors) "
-        "from the query pixel of a 65x65 map; chance 50 (dashed); blank: d not scored.",
-        "Linear probes of what the module reads: black per band of 10 distances, grey per "
-        "distance (told d), black dashed pooled (one readout for all d).",
-        "Colour: the module trained, mean ± s.e. over seeds (shaded). Grey bars: share of the "
-        "positions at distance d that its footprint reads (Fig. 3; full = all)."], rows, out)
+        "from the query pixel of a 65x65 map; chance 50; blank: d not scored.",
+        "Colour: the module trained, mean ± s.e. over seeds (shaded); dashed: the same without "
+        "its image-level branch. Black / grey: the band probe, with / without the branch.",
+        "Grey bars: share of the positions at distance d that its footprint reads (Fig. 3; "
+        "full = all). Title: mean over d, trained with / without the branch."],
+        [hstack(panels[i:i + 4], 6) for i in range(0, len(panels), 4)], out)
 
 
-def _curve_panel(title, iters, curves, probes, size=(230, 170), lo=40):
-    """Accuracy (%) of one band against training iterations (log scale): a line per module
-    (mean over seeds) and, at the right edge, a tick at each module's band probe."""
-    w, h = size
-    pic = Image.new("RGB", size, (255, 255, 255))
-    draw = ImageDraw.Draw(pic)
-    x0, y0, x1, y1 = 26, 18, w - 14, h - 18
-    span = max(1e-9, math.log(iters[-1] / iters[0]))
+def _curve_panel(title, curves, size=(230, 170)):
+    """Accuracy (%) of one band against training iterations (log scale): a line per row (mean
+    over seeds; dashed: without the image-level branch) [(iterations, accuracies, row)]."""
+    pic, draw, (x0, y0, x1, y1), y = _axes(size)
+    first, last = min(c[0][0] for c in curves), max(c[0][-1] for c in curves)
 
     def x(it):
-        return x0 + (x1 - x0) * math.log(it / iters[0]) / span
-
-    def y(v):
-        return y1 - (y1 - y0) * (min(max(v, lo), 100) - lo) / (100 - lo)
-    for v in (50, 75, 100):
-        draw.text((2, y(v) - 6), f"{v}", fill=(0, 0, 0))
-        draw.line([x0, y(v), x1, y(v)], fill=(0, 0, 0) if v == 50 else (235, 235, 235))
-    for (acc, p), colour in zip(zip(curves, probes), CONTEXT_COLOURS):
-        _polyline(draw, [(x(it), y(a)) for it, a in zip(iters, acc)], colour, width=2)
-        draw.line([x1 + 2, y(p), x1 + 12, y(p)], fill=colour, width=2)
+        return x0 + (x1 - x0) * math.log(it / first) / max(1e-9, math.log(last / first))
+    for its, acc, row in curves:
+        _polyline(draw, [(x(i), y(a)) for i, a in zip(its, acc)], _colour(row), 2,
+                  3 if row.endswith(NO_IMAGE) else 0)
     draw.rectangle([x0, y0, x1, y1], outline=(0, 0, 0))
-    for it in iters:
+    for it in (first, last):
         draw.text((x(it) - 10, y1 + 3), str(it), fill=(0, 0, 0))
     draw.text((x0, 3), title, fill=(0, 0, 0))
     return np.asarray(pic)
 
 
-def curves_figure(results, out):
-    """Learning curves of the trained modules: a row per setting, a panel per band."""
+def context_curves_figure(results, out):
+    """Learning curves of the trained rows: a row of panels per setting, a panel per band."""
     rows = []
     for setting, distractor in ((s, d) for s, _, d, _ in SETTINGS if s in results):
         res = results[setting]
-        iters = next(iter(res.values()))["curve_iters"]
-        panels = [_curve_panel(f"{setting.replace('background', 'bg')}: d {lo}-{hi}", iters,
-                               [band_mean(r["curve"].mean(0), lo, hi) for r in res.values()],
-                               [band_mean(r["probe"]["band"], lo, hi) for r in res.values()])
-                  for lo, hi in bands(context_distances(distractor))]
-        rows.append(hstack(panels, 6))
-    names = list(next(iter(results.values())))
+        rows.append(hstack([_curve_panel(
+            f"{setting.replace('background', 'bg')}: d {lo}-{hi}",
+            [(r["curve_iters"], band_mean(r["curve"].mean(0), lo, hi), row)
+             for row, r in res.items()]) for lo, hi in bands(context_distances(distractor))], 6))
     key = Image.new("RGB", (max(r.shape[1] for r in rows), 16), (255, 255, 255))
     draw = ImageDraw.Draw(key)
-    for i, (name, colour) in enumerate(zip(names, CONTEXT_COLOURS)):
-        draw.rectangle([4 + 100 * i, 5, 16 + 100 * i, 11], fill=colour)
+    for i, name in enumerate(TABLE1):
+        draw.rectangle([4 + 100 * i, 5, 16 + 100 * i, 11], fill=_colour(name))
         draw.text((20 + 100 * i, 2), name, fill=(0, 0, 0))
     return _figure([
         "Learning curves of the context experiment: accuracy (%) of each trained module (mean "
-        "over seeds) on a band of distances,",
-        "against training iterations (log scale, poly learning rate over the whole run). Ticks "
-        "at the right: each module's probe per band. Chance 50."], [np.asarray(key)] + rows, out)
-
-
-def _colour_bar_50(height, width=60):
-    """The heat maps' scale: accuracy 50% (black) to 100% (white)."""
-    pic = Image.new("RGB", (width, height), (255, 255, 255))
-    top, bottom = 18, height - 16
-    pic.paste(Image.fromarray(heat(np.linspace(1, 0, bottom - top)[:, None].repeat(12, 1))),
-              (2, top))
-    draw = ImageDraw.Draw(pic)
-    draw.text((18, top - 4), "100%", fill=(0, 0, 0))
-    draw.text((18, (top + bottom) // 2 - 6), "75%", fill=(0, 0, 0))
-    draw.text((18, bottom - 10), "50%", fill=(0, 0, 0))
-    return np.asarray(pic)
+        "over seeds) on a band of distances against training iterations",
+        "(log scale; poly learning rate over each run; dashed: without the image-level branch; "
+        "a row's last run). Chance 50."], [np.asarray(key)] + rows, out)
 
 
 # =============================================================================================
@@ -1597,25 +1459,33 @@ def parser():
                        "of Table 1 plus 'none' with seeds 0..SEEDS-1, then the effective "
                        "receptive fields of none, ASPP and Vortex; any other flag is train.py's "
                        "and applies to every run (python train.py --help)")
-    s.add_argument("--seeds", type=int, required=True, help=f"seeds per module (1..{MAX_SEEDS})")
+    s.add_argument("--seeds", type=int, required=True, help="seeds per module")
     s.add_argument("--erf-images", type=int, default=32,
                    help="validation images averaged in --out-dir/erf.png (default 32)")
     s = sub.add_parser("context", help="Table 1's question at the paper's geometry: accuracy "
                        "reading the class of a cue 1..40 descriptors from a pixel of a 65x65 map, "
-                       "per module: probes of its taps and the module trained")
-    s.add_argument("--seeds", type=int, required=True, help=f"trained seeds per module (1..{MAX_SEEDS})")
-    for flag, v, kind in (("--iters", 9600, int), ("--batch-size", 512, int), ("--lr", 0.003, float),
-                          ("--context-channels", 16, int)):
-        s.add_argument(flag, type=kind, default=v, help=f"of the trained modules (default {v})")
+                       "per module with and without its image-level branch: probes of its taps "
+                       "and the module trained until converged")
+    s.add_argument("--seeds", type=int, required=True,
+                   help="seeds per row; a seed draws the data and the initialisation")
+    for flag, v, kind, what in (
+            ("--iters", 9600, int, "iterations of a row's first run"),
+            ("--max-iters", 38400, int, "the budget: a row that has not converged runs again "
+                                        "with twice the iterations, up to this"),
+            ("--tolerance", 1.0, float, "converged: every band moved by less than this many "
+                                        "points over a run's last doubling of iterations"),
+            ("--batch-size", 512, int, "query pixels per batch"), ("--lr", 0.003, float, "Adam's"),
+            ("--context-channels", 16, int, "the modules' width")):
+        s.add_argument(flag, type=kind, default=v, help=f"{what} (default {v})")
     s.add_argument("--train-layouts", type=int, default=None,
                    help=f"training layouts per distance, each with its twin (default "
-                        f"{PER_DISTANCE['train']}; the test keeps {PER_DISTANCE['test']}) [1..100000]")
+                        f"{PER_DISTANCE['train']}; the test keeps {PER_DISTANCE['test']})")
     s.add_argument("--settings", nargs="+", choices=[setting_file(x[0]) for x in SETTINGS],
                    default=None, metavar="SETTING", help="run only these settings (default all: "
                    + ", ".join(setting_file(x[0]) for x in SETTINGS) + ")")
     s.add_argument("--out-dir", default=os.path.join("runs", "context-distance"),
-                   help="records, table.txt and a figure per setting (default "
-                        "runs/context-distance); the same command again continues there")
+                   help="records, table.txt and the figures (default runs/context-distance); "
+                        "the same command again continues there")
     s = sub.add_parser("erf", help="effective receptive fields of train.py checkpoints (gradient "
                        "of the centre pixel's logit w.r.t. the image, mean over validation "
                        "images; checkpoints of one module are averaged)")
@@ -1628,7 +1498,7 @@ def parser():
     s.add_argument("--force", action="store_true", help="overwrite --out if it exists")
     for parser_ in [p] + list(sub.choices.values()):  # every limit is said in --help
         for action in parser_._actions:
-            if action.dest in LIMITS and "(1.." not in action.help:
+            if action.dest in LIMITS:
                 action.help += " [{}..{}]".format(*LIMITS[action.dest])
     return p
 
@@ -1638,7 +1508,8 @@ BENCHES = ("modules", "training", "inference", "loader")
 MAX_SEEDS = 100
 LIMITS = {"threads": (0, 1024), "size": (1, 1024), "reps": (1, 1000), "n": (1, 10 ** 6),
           "seeds": (1, MAX_SEEDS), "erf_images": (1, 10 ** 5), "images": (1, 10 ** 5),
-          "iters": (1, 10 ** 6), "batch_size": (1, 10 ** 5), "train_layouts": (1, 10 ** 5), "context_channels": (1, 4096)}
+          "iters": (1, 10 ** 6), "max_iters": (1, 10 ** 7), "batch_size": (1, 10 ** 5),
+          "train_layouts": (1, 10 ** 5), "context_channels": (1, 4096)}
 
 
 def parse(argv=None):
@@ -1655,9 +1526,13 @@ def parse(argv=None):
     if getattr(args, "out", None) is not None:
         infra.path(args.out, "--out")
     if args.cmd == "context":
-        if not (math.isfinite(args.lr) and 0 < args.lr <= 10):
-            raise BadInput(f"--lr {args.lr}: must be a number in (0, 10]")
-        return args, dict(iters=args.iters, batch_size=args.batch_size, lr=args.lr,
+        for flag, v in (("--lr", args.lr), ("--tolerance", args.tolerance)):
+            if not (math.isfinite(v) and 0 < v <= 10):
+                raise BadInput(f"{flag} {v}: must be a number in (0, 10]")
+        if args.max_iters < args.iters:
+            raise BadInput(f"--max-iters {args.max_iters}: must be at least --iters {args.iters}")
+        return args, dict(iters=args.iters, max_iters=args.max_iters, tolerance=args.tolerance,
+                          batch_size=args.batch_size, lr=args.lr,
                           context_channels=args.context_channels, power=0.9,
                           train_layouts=args.train_layouts or PER_DISTANCE["train"],
                           settings=args.settings or [setting_file(x[0]) for x in SETTINGS],

@@ -1781,36 +1781,30 @@ def context_map(layouts, i, cls, sigma, codes, seed, batch):
 
 
 @pytest.mark.parametrize("distractor,background", [(False, 1.0), (True, 1.0), (True, 0.0)])
-def test_the_module_at_the_query_from_its_taps_is_the_module_on_the_whole_map(distractor,
-                                                                               background):
-    """What the experiment trains (module_at_query on gathered taps) equals the real
-    ContextModule and classifier run on the whole map (zero padding), read at the query."""
+def test_the_head_at_the_query_is_the_context_module_on_the_whole_map(distractor, background):
+    """What the experiment trains (QueryHead on gathered taps) is the project's ContextModule
+    and a 1x1 classifier run on the whole map (zero padding), read at the query: every row,
+    with and without the image-level branch, the same weights (eval mode)."""
     torch.manual_seed(0)
     codes = experiments.context_codes(8, background)
     lay = experiments.context_layouts(5, 1, distractor)
-    rows = experiments.CONTEXT_ROWS
-    modules = {r: small_module(r) for r in rows}
-    parts = experiments.gather_taps(list(modules.values()), lay, 8, 11, batch=16)
-    for row, m in modules.items():
-        classifier = torch.nn.Conv2d(5, 2, 1).double()
-        m.double()
-        taps, mean, cls, d, _ = experiments.twins(parts[m.name], lay, 0.7, codes,
-                                                  m.image_pool is not None)
+    parts = experiments.gather_taps([vortex.table1_module(r, 8) for r in vortex.TABLE1], lay, 8,
+                                    11, batch=16)
+    for row in experiments.CONTEXT_ROWS:
+        head = experiments.QueryHead(row, 0, 5).double().eval()
+        assert isinstance(head.module, ContextModule)
+        assert (head.module.image_pool is None) == (row.endswith(" w/o img") or row == "none")
+        randomize_bn_stats(head)
+        taps, mean, cls, d, _ = experiments.twins(parts[row.removesuffix(" w/o img")], lay, 0.7,
+                                                  codes)
         with torch.no_grad():
-            got = experiments.module_at_query(m, classifier, taps.double(),
-                                              None if mean is None else mean.double())
-            for n in range(0, len(cls), 7):  # a few layouts, both twins
+            got = head(taps.double(), mean.double())
+            for n in range(0, len(cls), 17):  # a few layouts, both twins
                 i = n % len(lay["d"])
                 x = context_map(lay, i, int(cls[n]), 0.7, codes, 11, 16)[None]
                 y, xq = lay["query"][i]
-                want = classifier(m(x))[0, :, y, xq]
+                want = head.classifier(head.module(x))[0, :, y, xq]
                 torch.testing.assert_close(got[n], want, rtol=1e-5, atol=1e-5, msg=row)
-
-
-def small_module(row):
-    m = vortex.table1_module(row, 8, out_channels=5).eval()
-    randomize_bn_stats(m)
-    return m
 
 
 def test_a_predictor_that_ignores_the_cue_scores_exactly_half_at_every_distance():
@@ -1818,7 +1812,7 @@ def test_a_predictor_that_ignores_the_cue_scores_exactly_half_at_every_distance(
     lay = experiments.context_layouts(6, 7)
     m = vortex.table1_module("Vortex", 8)
     parts = experiments.gather_taps([m], lay, 8, 3)
-    taps, mean, cls, d, _ = experiments.twins(parts["Vortex"], lay, 1.0, codes, True)
+    taps, mean, cls, d, _ = experiments.twins(parts["Vortex"], lay, 1.0, codes)
     for constant in (0, 1):
         acc = experiments.per_distance((torch.full_like(cls, constant) == cls).numpy(), d.numpy())
         assert (acc[1:] == 50).all()
@@ -1838,19 +1832,18 @@ def test_the_distractor_alone_scores_exactly_half(background):
     sets = {s: experiments.context_layouts(s, n, distractor=True) for s, n in ((2, 40), (3, 10))}
     parts = {s: experiments.gather_taps([vx], lay, 8, s)["Vortex"] for s, lay in sets.items()}
     lay = sets[3]
-    cls, d, conflict = experiments.twins(parts[3], lay, 1.0, codes, True)[2:]
+    cls, d, conflict = experiments.twins(parts[3], lay, 1.0, codes)[2:]
     other = torch.from_numpy(np.concatenate([lay["other"]] * 2))
     for guess in (other, 1 - other):  # the distractor's class, or the other one
         acc = experiments.per_distance((guess == cls).numpy(), d.numpy())
         assert (acc[1:27] == 50).all() and np.isnan(acc[27:]).all()
     assert conflict.float().mean() == 0.5 and (conflict == (other != cls)).all()
     erased = {s: dict(p, cue=0 * p["cue"]) for s, p in parts.items()}  # the cue erased (and
-    fit, test = (experiments.twins(erased[s], sets[s], 1.0, codes, False)  # the image mean)
-                 for s in (2, 3))
+    fit, test = (experiments.twins(erased[s], sets[s], 1.0, codes) for s in (2, 3))  # no mean)
     for by in experiments.PROBES:
-        assert (experiments.probe(fit, test, by)[0][1:27] == 50).all(), by
-    with_cue = experiments.twins(parts[3], lay, 1.0, codes, True)  # the cue is what it reads
-    assert np.nanmean(experiments.probe(experiments.twins(parts[2], sets[2], 1.0, codes, True),
+        assert (experiments.probe(fit, test, by, image_level=False)[0][1:27] == 50).all(), by
+    with_cue = experiments.twins(parts[3], lay, 1.0, codes)  # the cue is what it reads
+    assert np.nanmean(experiments.probe(experiments.twins(parts[2], sets[2], 1.0, codes),
                                         with_cue, "band")[0][1:11]) > 60
 
 
@@ -1868,7 +1861,7 @@ def test_the_border_control_makes_off_map_taps_read_like_background():
     assert off.any() and (~off).any()  # rate-27 taps fall off the map from many queries
     clean = (parts["cue"] == 0) & (parts["distractor"] == 0)
     for bg, want_on in ((1.0, np.sqrt(8)), (0.0, 0.0)):
-        taps = experiments.twins(parts, lay, 0.0, experiments.context_codes(8, bg), False)[0]
+        taps = experiments.twins(parts, lay, 0.0, experiments.context_codes(8, bg))[0]
         norm = taps.norm(dim=2).numpy()[:len(lay["d"])]
         assert np.allclose(norm[off], 0) and np.allclose(norm[~off & clean], want_on)
     names = {s[0]: s[1:] for s in experiments.SETTINGS}
@@ -1880,24 +1873,21 @@ def test_the_probe_reads_what_the_footprint_holds():
     """No noise: where some tap reads part of the cue, the twins differ and the probe tells
     them apart; where no tap does, they are the same and every probe scores exactly 50%."""
     codes = experiments.context_codes(8)
-    aspp = ContextModule(8, (1, 1, 1, 1), (1, 3, 3, 3), (1, 12, 24, 36), image_pool=False,
-                         name="taps-only ASPP")
-    vx = ContextModule(8, (1, 3, 9, 27), (1, 3, 3, 3), (1, 3, 9, 27), image_pool=False,
-                       name="taps-only Vortex")
+    aspp, vx = (vortex.table1_module(r, 8) for r in ("ASPP", "Vortex"))
     sets = {s: experiments.context_layouts(s, n) for s, n in ((8, 150), (9, 30))}
     parts = {s: experiments.gather_taps([aspp, vx], lay, 8, s) for s, lay in sets.items()}
     for m in (aspp, vx):
-        tr, te = (experiments.twins(parts[s][m.name], sets[s], 0.0, codes, False) for s in (8, 9))
+        tr, te = (experiments.twins(parts[s][m.name], sets[s], 0.0, codes) for s in (8, 9))
         touched = parts[9][m.name]["cue"].max(1) > 0
         for by in experiments.PROBES:  # what no tap reads, no readout of the taps can use
-            acc = experiments.probe(tr, te, by)[0]
+            acc = experiments.probe(tr, te, by, image_level=False)[0]
             for d in range(1, 41):
                 share = touched[sets[9]["d"] == d].mean()
                 if share == 0:
                     assert acc[d] == 50, (m.name, by, d)
                 if share == 1 and by == "distance":  # told d, a readout fits each ring's taps
                     assert acc[d] >= 99, (m.name, d)
-    assert (parts[9]["taps-only Vortex"]["cue"].max(1) > 0).mean() > 0.9  # 81 x 81, clipped
+    assert (parts[9]["Vortex"]["cue"].max(1) > 0).mean() > 0.9  # 81 x 81, clipped
 
 
 def test_the_three_probes_differ_only_in_what_they_are_told():
@@ -1915,73 +1905,163 @@ def test_the_three_probes_differ_only_in_what_they_are_told():
         keep = lay["d"] <= 10
         lay = {k: v[keep] for k, v in lay.items()}
         near[s] = experiments.twins(experiments.gather_taps([vx], lay, 8, s)["Vortex"], lay, 1.0,
-                                    codes, True)
+                                    codes)
     a, b = (experiments.probe(near[1], near[2], by)[0] for by in ("band", "pooled"))
     assert np.array_equal(a, b, equal_nan=True) and np.isnan(a[11:]).all()
     told = experiments.probe(near[1], near[2], "distance")[0]
     assert not np.array_equal(told, a, equal_nan=True)  # per distance is another readout
 
 
-def test_the_stacked_modules_are_the_modules_at_the_query():
-    """train_stack's batched forward (stacked_logits) equals module_at_query of each real
-    module, in training mode (batch statistics, running averages) and in eval mode."""
+def test_the_vmapped_heads_are_the_heads():
+    """train_heads' one forward over stacked weights (vmap of functional_call) is each
+    QueryHead's own forward, in training mode (batch statistics, running averages updated per
+    head) and in eval mode."""
     torch.manual_seed(0)
-    for row in ("Vortex", "ASPP+", "none", "image-level"):
+    for row in ("Vortex", "Vortex w/o img", "ASPP+", "none", "image-level"):
         heads = [experiments.QueryHead(row, s, 6) for s in range(3)]
-        shape = experiments.head_shape(heads[0].module)
-        taps, mean = torch.randn(3, 32, sum(shape[0]), 8), torch.randn(3, 32, 8)
-        p, b = torch.func.stack_module_state(heads)
+        for h in heads:
+            h.module.project[-1].p = 0.0  # dropout is random: compare without it
+        taps, mean = torch.randn(3, 32, sum(experiments.head_shape(heads[0])[0]), 8), \
+            torch.randn(3, 32, 8)
+        p, b, base, forward = experiments.vmapped(heads)
         for train_mode in (True, False):
-            got = experiments.stacked_logits(p, b, shape, taps, mean, train_mode, 0.0)
+            got = forward(p, b, taps, mean) if base.train(train_mode) else None
             for m, h in enumerate(heads):
-                h.train(train_mode)
-                h.module.project[-1].p = 0.0  # dropout is random: compare without it
-                want = h(taps[m], mean[m] if shape[1] else None)
-                torch.testing.assert_close(got[m], want, rtol=1e-4, atol=1e-5, msg=row)
+                torch.testing.assert_close(got[m], h.train(train_mode)(taps[m], mean[m]),
+                                           rtol=1e-4, atol=1e-5, msg=row)
                 for k, v in h.state_dict().items():
                     torch.testing.assert_close(b.get(k, p.get(k))[m].to(v.dtype), v, msg=k)
 
 
 def test_precise_bn_takes_the_statistics_of_the_fixed_samples():
-    """After precise_bn, each model in eval mode reads its fixed samples as the real module in
-    training mode does (batch statistics of those samples), whatever the running averages."""
+    """After precise_bn, each head in eval mode reads its fixed samples as it does in training
+    mode (batch statistics of those samples), whatever the running averages were."""
     torch.manual_seed(0)
     for row in ("Vortex", "image-level"):
         heads = [experiments.QueryHead(row, s, 6) for s in range(2)]
-        shape = experiments.head_shape(heads[0].module)
-        taps = torch.randn(2 * 3000, sum(shape[0]) * 8) * 3 + 1
-        mean = torch.randn(2 * 3000, 8)
-        p, b = torch.func.stack_module_state(heads)
+        taps = torch.randn(2, 3000, sum(experiments.head_shape(heads[0])[0]), 8) * 3 + 1
+        mean = torch.randn(2, 3000, 8)
+        p, b, base, forward = experiments.vmapped(heads)
         for v in b.values():  # running averages far from the truth
             v.mul_(0).add_(7) if v.is_floating_point() else None
-        fixed = torch.arange(6000).view(2, 3000)
-        experiments.precise_bn(p, b, shape, (taps, mean, None), fixed)
+        experiments.precise_bn(base, forward, p, b, taps, mean)
         for m, h in enumerate(heads):
             h.load_state_dict({k: v[m] for d in (p, b) for k, v in d.items()})
             h.module.project[-1].p = 0.0
-            x, mu = taps[fixed[m]].view(3000, -1, 8), mean[fixed[m]] if shape[1] else None
-            h.eval()
-            got = h(x, mu)
-            h.train()
-            torch.testing.assert_close(got, h(x, mu), rtol=1e-3, atol=1e-3, msg=row)
+            got = h.eval()(taps[m], mean[m])
+            torch.testing.assert_close(got, h.train()(taps[m], mean[m]), rtol=1e-3, atol=1e-3,
+                                       msg=row)
 
 
-def test_paired_differences_equal_up_to_rounding_have_no_t():
-    """Two seeds whose differences agree up to float rounding: no t (it would be ~1e15)."""
-    a, b = np.array([61.3, 57.7]), np.array([56.9, 53.3])
-    assert (a - b).std(ddof=1) > 0  # rounding: not exactly equal
-    mean, plus, minus, t, p = experiments.paired(a, b)
-    assert math.isclose(mean, 4.4) and (plus, minus) == (2, 0) and math.isnan(t)
-    mean, plus, minus, t, p = experiments.paired(np.array([3.0, 1.0, 2.0]), np.zeros(3) + [1, 0, 0])
-    assert math.isclose(t, 5.0) and abs(p - 0.0377) < 1e-3  # d = 2, 1, 2; Student t, 2 df
+CONTEXT_SETS = {}
+
+
+def context_sets():
+    """Small samples of the one-cue condition (sigma 1, seed 0), every Table 1 module's, as the
+    command makes them (made once): {(row, 0): {"train", "test": (taps, mean, label, d, ...)}}."""
+    if not CONTEXT_SETS:
+        codes = experiments.context_codes(8)
+        data_ = experiments.context_data(False, 0, {"train": 12, "test": 6})
+        CONTEXT_SETS.update({(r, 0): {split: experiments.twins(parts[r], lay, 1.0, codes)
+                                      for split, (lay, parts) in data_.items()}
+                             for r in vortex.TABLE1})
+    return CONTEXT_SETS
+
+
+def trained(row, iters=24, sets=None):
+    """A head of `row` trained as the command trains it: (test scores, fit, curve)."""
+    cfg = dict(context_channels=4, lr=0.01, batch_size=64, power=0.9)
+    return [v[0] for v in experiments.train_heads(cfg, iters, sets or context_sets(),
+                                                  [(row, 0, None)])]
+
+
+def test_control_none_scores_chance_exactly():
+    """'none' reads the query's own descriptor, which the twins share: trained, and every
+    probe, score exactly 50% at every distance, on the test and on the training samples."""
+    (acc, conflict), fit, curve = trained("none")
+    assert (acc[1:] == 50).all() and (fit[1:] == 50).all()
+    assert all((c[1:] == 50).all() for c in curve.values())
+    sets = context_sets()["none", 0]
+    for by in experiments.PROBES:
+        assert (experiments.probe(sets["train"], sets["test"], by, False)[0][1:] == 50).all()
+
+
+def test_control_image_level_reads_the_same_at_every_distance():
+    """The image-level branch alone reads the query's descriptor and the map's mean, which
+    holds the whole cue wherever it is: on test samples whose noise is the same at every
+    distance, what it reads, and so the trained module's accuracy, is the same at every d;
+    a module with spatial taps reads something else at each d."""
+    lay = experiments.context_layouts(9, 5)
+    parts = experiments.gather_taps([vortex.table1_module(r, 8) for r in ("image-level", "A(5)")],
+                                    lay, 8, 9)
+    for p in parts.values():  # layout j of every distance gets the noise of layout j at d = 1
+        for k in ("noise", "noise_mean"):
+            p[k][:] = np.tile(p[k][:5], (40,) + (1,) * (p[k].ndim - 1))
+    codes = experiments.context_codes(8)
+    test = experiments.twins(parts["image-level"], lay, 1.0, codes)
+    feats = torch.cat([test[0].flatten(1), test[1]], 1).view(2, 40, 5, -1)
+    assert (feats == feats[:, :1]).all()
+    sets = dict(context_sets())
+    sets["image-level", 0] = dict(sets["image-level", 0], test=test)
+    for iters in (1, 24):
+        acc = trained("image-level", iters, sets)[0][0]
+        assert len(set(acc[1:])) == 1 and not np.isnan(acc[1:]).any()
+    spatial = experiments.twins(parts["A(5)"], lay, 1.0, codes)[0].flatten(1).view(2, 40, 5, -1)
+    assert not (spatial == spatial[:, :1]).all()
+
+
+@pytest.mark.parametrize("row", ["ASPP", "ASPP+", "A(5)", "A(9)"])
+def test_control_without_the_branch_scores_chance_beyond_the_footprint(row):
+    """Without its image-level branch a module reads only its footprint: trained, it scores
+    exactly 50% at every distance d whose cue (Chebyshev d..d+2 from the query) no position of
+    the footprint reaches (Fig. 3; experiments.ring_coverage), and such distances exist."""
+    cov = experiments.ring_coverage(vortex.table1_module(row, 8), 42)
+    blind = [d for d in range(1, 41) if cov[d:d + 3].sum() == 0]
+    assert blind
+    (acc, _), fit, _ = trained(row + " w/o img")
+    assert (acc[blind] == 50).all() and (fit[blind] == 50).all()
+
+
+@settings(deadline=None, max_examples=30)
+@given(st.lists(st.floats(40, 100), min_size=2, max_size=4), st.floats(-20, 20),
+       st.floats(0.1, 5))
+def test_paired_differences_are_real_only_beyond_the_spread(a, shift, noise):
+    """paired(): a difference is read as real only when every seed has the same sign and the
+    mean beats the larger range over seeds of either row; swapping the rows flips the sign."""
+    a = np.array(a)
+    b = a - shift + noise * np.linspace(-1, 1, len(a))
+    mean, plus, minus, spread, real = experiments.paired(a, b)
+    assert math.isclose(mean, (a - b).mean(), abs_tol=1e-9) and plus + minus <= len(a)
+    assert spread == max(np.ptp(a), np.ptp(b))
+    assert real == (min(plus, minus) == 0 and max(plus, minus) == len(a)
+                    and abs(mean) > spread)
+    back = experiments.paired(b, a)
+    assert math.isclose(back[0], -mean, abs_tol=1e-9) and back[4] == real
+    assert not experiments.paired(a[:1], b[:1])[4]  # one seed: no spread, nothing is real
+
+
+@settings(deadline=None, max_examples=30)
+@given(st.integers(0, 20).map(lambda x: x / 4), st.integers(0, 12).map(lambda x: x / 4 + 0.125),
+       st.integers(0, 3))
+def test_converged_is_the_last_doubling_of_every_band(change, tolerance, band):
+    """converged(): held when every band of the trained accuracy (mean over seeds) moved by
+    less than the tolerance from the curve point at half the run to its end."""
+    curve = np.full((2, 5, 41), 60.0)
+    lo, hi = experiments.BANDS[band]
+    curve[:, -1, lo:hi + 1] += change  # only the last point of one band moves
+    curve[:, 0, :] = 50  # what happens before half the run does not count
+    r = {"curve_iters": [600, 1200, 2400, 4800, 9600], "curve": curve}
+    held, got = experiments.converged(r, experiments.BANDS, tolerance)
+    assert math.isclose(got, change, abs_tol=1e-9) and held == (change < tolerance)
 
 
 def test_a_model_told_the_band_trains_on_that_bands_samples_only():
     d = torch.arange(1, 41).repeat_interleave(3)
-    cell = {"train": (torch.zeros(len(d), 2, 8), None, torch.zeros(len(d), dtype=torch.long), d)}
-    sets = {("s", "A"): cell, ("s", "B"): cell}
-    models = [(("s", "A"), 0, None), (("s", "B"), 0, (11, 20)), (("s", "B"), 1, (31, 40))]
-    *_, rows = experiments._stacked_data(sets, models, "train")
+    cell = {"train": (torch.zeros(len(d), 2, 8), torch.zeros(len(d), 8),
+                      torch.zeros(len(d), dtype=torch.long), d)}
+    sets = {("A", 0): cell, ("B", 0): cell}
+    models = [("A", ("A", 0), None), ("B", ("B", 0), (11, 20)), ("B", ("B", 0), (31, 40))]
+    *_, rows = experiments._stacked_data(sets, models)
     assert rows[0].tolist() == list(range(len(d)))
     for r, (lo, hi) in zip(rows[1:], ((11, 20), (31, 40))):
         assert len(r) == 3 * 10 and ((d[r - len(d)] >= lo) & (d[r - len(d)] <= hi)).all()
@@ -2016,47 +2096,59 @@ def test_ring_coverage_is_the_footprint_by_distance():
 
 
 def test_context_experiment_smoke_run(tmp_path, capsys, monkeypatch):
-    """The experiment's command end to end on a tiny budget (fewer samples per distance):
-    records with the three probes, the conflict twins and the learning curve; tables; figures."""
+    """The experiment's command end to end on a tiny budget (fewer samples per distance): every
+    row with and without its image-level branch, records with the three probes per seed, the
+    conflict twins, fit, told the band, the learning curve; a row that has not converged runs
+    again with twice the iterations up to --max-iters, and the table says which held; figures;
+    the same command again reads everything back."""
     monkeypatch.setattr(experiments, "PER_DISTANCE", {"train": 6, "test": 3})
     out = str(tmp_path / "ctx")
-    res = experiments.main(["context", "--seeds", "2", "--iters", "8", "--out-dir", out])
+    argv = ["context", "--seeds", "2", "--iters", "4", "--max-iters", "8", "--tolerance",
+            "0.001", "--out-dir", out]
+    res = experiments.main(argv)
     assert list(res) == [s[0] for s in experiments.SETTINGS]
     for (setting, _, distractor, _), cells in zip(experiments.SETTINGS, res.values()):
         assert list(cells) == list(experiments.CONTEXT_ROWS)
         top = 26 if distractor else 40
-        for r in cells.values():
-            assert set(r["probe"]) == set(experiments.PROBES)
-            for acc in list(r["probe"].values()) + [r["trained"][0]]:
-                assert acc.shape == (41,) and not np.isnan(acc[1:top + 1]).any()
-                assert np.isnan(acc[top + 1:]).all()  # not scored there
-            assert r["trained"].shape == (2, 41) and r["curve"].shape == (2, 4, 41)
-            assert r["curve_iters"] == [1, 2, 4, 8]  # CURVE's points of 8 iterations
+        for row, r in cells.items():
+            assert set(r["probe"]) == set(experiments.PROBES) and r["probe"]["band"].shape == (2, 41)
+            for acc in list(r["probe"].values()) + [r["trained"]]:
+                assert not np.isnan(acc[:, 1:top + 1]).any() and np.isnan(acc[:, top + 1:]).all()
+            assert r["trained"].shape == r["trained_fit"].shape == (2, 41)
             assert np.isnan(r["trained_conflict"]).all() != distractor
-            assert r["trained_fit"].shape == (2, 41) and not np.isnan(r["trained_fit"][:, 1:top + 1]).any()
-        told = cells["Vortex"]["trained_band"]  # a model per band, each distance from its band's
-        assert told.shape == (2, 41) and not np.isnan(told[:, 1:top + 1]).any()
+            its = r["iters"]  # 'none' holds at once (it is 50 throughout); a row that did not
+            held = experiments.converged(r, experiments.bands(top), 0.001)[0]  # ran again
+            assert its == 4 if row == "none" else (its == 4 and held) or its == 8
+            assert r["curve_iters"] == ([1, 2, 4] if its == 4 else [1, 2, 4, 8])
+            assert os.path.isfile(os.path.join(out, f"{experiments.setting_file(setting)}-"
+                                                    f"{row}-{its}.json"))
+        for row in experiments.BAND_TRAINED:  # a model per band, each distance from its band's
+            assert not np.isnan(cells[row]["trained_band"][:, 1:top + 1]).any()
         assert cells["ASPP"]["trained_band"].size == 0
-        assert (cells["none"]["probe"]["distance"][1:top + 1] == 50).all()  # the query alone
+        assert cells["Vortex w/o img"]["probe"]["band"].shape == (2, 41)
     table = open(os.path.join(out, "table.txt")).read()
     for text in ("band probe | trained", "per distance / per band / pooled", "21-26",
-                 "told the band", "Vortex /band", "on its training samples",
-                 "conflict twins only", "learning curve", "Vortex - ASPP", "paired t"):
+                 "told the band", "Vortex w/o img /band", "on its training samples",
+                 "conflict twins only", "learning curve", "convergence: held if",
+                 "NOT held within the budget", "Vortex - Vortex w/o img", "* real",
+                 "none                 4 iterations: held (largest change 0.0)"):
         assert text in table, text
     for setting, *_ in experiments.SETTINGS:
         pic = Image.open(os.path.join(out, experiments.setting_file(setting) + ".png"))
         assert pic.size[0] > 4 * 300 and pic.size[1] > 2 * 200 + 46
     assert Image.open(os.path.join(out, "curves.png")).size[1] > 4 * 170
     capsys.readouterr()
-    again = experiments.main(["context", "--seeds", "2", "--iters", "8", "--out-dir", out])
+    again = experiments.main(argv)
+    assert "done" not in capsys.readouterr().out  # nothing trained again
     assert all(np.array_equal(again[s][r]["trained"], res[s][r]["trained"], equal_nan=True)
                for s in res for r in res[s])
-    with pytest.raises(infra.BadInput, match=r"other settings \(iters 8 -> 4\)"):
-        experiments.main(["context", "--seeds", "2", "--iters", "4", "--out-dir", out])
-    one = str(tmp_path / "one")  # one setting, more training layouts
-    sub = experiments.main(["context", "--seeds", "1", "--iters", "4", "--train-layouts", "4",
-                            "--settings", "sigma1", "--out-dir", one])
-    assert list(sub) == ["sigma 1"] and len(sub["sigma 1"]["Vortex"]["trained"]) == 1
+    with pytest.raises(infra.BadInput, match=r"other settings \(lr 0.003 -> 0.002\)"):
+        experiments.main(argv + ["--lr", "0.002"])
+    one = str(tmp_path / "one")  # one setting, more training layouts, converged at once
+    sub = experiments.main(["context", "--seeds", "1", "--iters", "2", "--train-layouts", "4",
+                            "--tolerance", "10", "--settings", "sigma1", "--out-dir", one])
+    assert list(sub) == ["sigma 1"] and sub["sigma 1"]["Vortex"]["trained"].shape == (1, 41)
+    assert all(r["iters"] == 2 for r in sub["sigma 1"].values())
     assert "4 training / 3 test layouts" in open(os.path.join(one, "table.txt")).read()
 
 
@@ -2543,7 +2635,8 @@ def test_table1_rows_are_defined_once_and_used_everywhere():
                          context_channels=4).context.name == row
     assert set(experiments.TABLE_ROWS) <= set(vortex.TABLE1)
     assert experiments.ABLATION_ROWS == tuple(vortex.TABLE1)
-    assert experiments.CONTEXT_ROWS == tuple(vortex.TABLE1)
+    assert experiments.CONTEXT_ROWS == tuple(vortex.TABLE1)[:2] + tuple(
+        r + s for r in tuple(vortex.TABLE1)[2:] for s in ("", " w/o img"))
     for path in ("vortex.py", "train.py", "eval.py", "data.py"):  # no second list of the rows
         text = open(os.path.join(HERE, path)).read()
         assert len(re.findall(r'"A\(9\)"', text)) <= (1 if path == "vortex.py" else 0), path
@@ -3206,7 +3299,7 @@ def test_a_resume_after_a_crash_mid_line_goes_on(tmp_path, tiny_run, capfd):
 def test_damaged_records_of_experiments_and_preparations_are_one_line(tmp_path):
     first = experiments.setting_file(experiments.SETTINGS[0][0])
     for argv, record in (
-            (["context", "--seeds", "1", "--iters", "1"], f"{first}-{experiments.CONTEXT_ROWS[0]}.json"),
+            (["context", "--seeds", "1", "--iters", "1"], f"{first}-{experiments.CONTEXT_ROWS[0]}-1.json"),
             (["ablation", "--seeds", "1"] + TINY + ["--iters", "1"], "none-seed0/ablation.json")):
         for text in ("", "{", "[]", '{"config": {}, "miou": "high"}'):
             out = tmp_path / argv[0]
