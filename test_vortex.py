@@ -258,9 +258,12 @@ def channel_blocks(b):
 @given(n=st.integers(1, 2), c=st.integers(1, 6), h=st.integers(1, 40), w=st.integers(1, 40),
        k=st.sampled_from([1, 3, 5, 7, 9, 13, 15, 25, 27]), cip=st.booleans(),
        block=st.sampled_from([1, 4, 256]))
-def test_box_average_equals_avgpool2d_everywhere(n, c, h, w, k, cip, block):
+def test_box_average_equals_the_definition_everywhere(n, c, h, w, k, cip, block):
+    """Part II's fast path equals Part I's definition (vortex.average_pool, 3.3), and that is
+    torch's own nn.AvgPool2d(k, 1, k // 2)."""
     x = torch.randn(n, c, h, w, dtype=torch.float64)
-    ref = torch.nn.AvgPool2d(k, 1, k // 2, count_include_pad=cip)(x)
+    ref = vortex.average_pool(x, k, cip)
+    torch.testing.assert_close(ref, torch.nn.AvgPool2d(k, 1, k // 2, count_include_pad=cip)(x))
     with channel_blocks(block):
         torch.testing.assert_close(box_averages(x, (k,), cip)[k], ref, rtol=1e-12, atol=1e-12)
 

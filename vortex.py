@@ -95,16 +95,12 @@ DEPTHS = {18: (BasicBlock, (2, 2, 2, 2)), 34: (BasicBlock, (3, 4, 6, 3)),
 class ResNet(nn.Module):
     """ResNet feature extractor; forward returns the last feature map X of paper 3.1.
 
-    Output stride (paper 4.1, "Inference strategy"): the stem and layer1/layer2 always reduce
-    the image 8x. A further stride-2 stage (layer3, layer4) that would push the stride past
-    `output_stride` runs at stride 1 and dilates its 3x3 convs instead (DeepLab's atrous
-    convolution), so that every filter sees the same pixels it was trained on:
-      - the first block's 3x3 conv held the stride; a stride-2 conv at rate r is a stride-1 conv
-        at rate r followed by subsampling, so without the subsampling it keeps rate r;
-      - every conv after it worked on the subsampled grid, so it now needs rate 2r.
-    This is TF-slim's `stack_blocks_dense` (DeepLab v3), torchvision's
-    `replace_stride_with_dilation` and mmsegmentation's `contract_dilation`. Per-block rates of
-    the 3x3 convs (`block_dilations`), for ResNet-50/101/152:
+    Output stride (4.1): the stem, layer1 and layer2 reduce the image 8x. A stride-2 stage that
+    would pass `output_stride` runs at stride 1 and dilates its 3x3 convs instead, so every
+    filter sees the pixels it was trained on: the strided conv keeps its rate r (a stride-2
+    conv is a stride-1 conv, then subsampling), every later conv needs 2r (TF-slim's
+    stack_blocks_dense, torchvision's replace_stride_with_dilation). Per-block rates of the
+    3x3 convs (`block_dilations`), for ResNet-50/101/152:
 
         output     layer3                 layer4, multi_grid=None   layer4, multi_grid=(1, 2, 4)
         stride     (first, rest)          (torchvision's geometry)  (paper 4.1, the default)
@@ -112,13 +108,9 @@ class ResNet(nn.Module):
         16         stride 2: 1, 1         stride 1: 1, 2, 2         2, 4, 8
          8         stride 1: 1, 2         stride 1: 2, 4, 4         4, 8, 16
 
-    Multi-grid (paper 4.1, after DeepLab v3): the i-th block of layer4 uses `rate *
-    multi_grid[i]`, rate being the stage's rate after the stride is traded (4 at OS 8): DeepLab
-    v3's block4, 4, 8, 16 at OS 8 (mmsegmentation's ResLayer uses the entries as the rates
-    themselves). Fine-tuning adapts layer4 to rates its ImageNet weights were not trained at
-    (2, 4, 4 would be exact). `multi_grid=None` is torchvision's dilated ResNet exactly
-    (tested). ResNet-18 has two layer4 blocks and uses the first two entries.
-
+    Multi-grid (4.1, after DeepLab v3): block i of layer4 uses rate x multi_grid[i], rate being
+    the stage's (4 at OS 8): 4, 8, 16 (mmsegmentation uses the entries as the rates). Fine-tuning
+    adapts layer4 to them. `multi_grid=None` is torchvision's dilated ResNet exactly (tested).
     `base_channels` (64 in every standard ResNet) scales all widths; tests use small values.
     """
 
@@ -260,7 +252,16 @@ def measured_utilization(module, h=65, w=65, pixel=None, return_map=False):
 # output stride 16 DeepLab v3 halves the ASPP rates to 6, 12, 18; Vortex keeps 1, 3, 9, 27 (the
 # paper gives no other setting). Module A pools before all four branches: its 25 sub-regions
 # (3.3) are the 1x1 branch's one plus 3 x 8 off-centre taps, so Module A with k = 1 is ASPP.
+# The pooling, by definition: k x k windows at stride 1, the map's size kept; a window that
+# overhangs the map averages the pixels inside it (count_include_pad=False; the paper does not
+# say; nn.AvgPool2d's default True divides by k^2, damping the border). The modules compute
+# it with box_averages (Part II): the same numbers, tested equal, 3 to 20x faster on a CPU.
 # ---------------------------------------------------------------------------------------------
+
+def average_pool(x, k, count_include_pad=False):
+    """3.3: the mean of each k x k square region of X around every descriptor (stride 1)."""
+    return x if k == 1 else F.avg_pool2d(x, k, 1, k // 2, count_include_pad=count_include_pad)
+
 
 def conv_bn_relu(cin, cout, kernel=1, dilation=1):
     return nn.Sequential(
@@ -295,7 +296,7 @@ class ContextModule(nn.Module):
                                      nn.Dropout(dropout))
 
     def pool(self, x):
-        """3.3 / 3.4: X average-pooled over each branch's k x k windows, {k: map} (k = 1: X)."""
+        """3.3 / 3.4: {k: average_pool(x, k)} for each branch's k, by the fast box_averages."""
         return box_averages(x, self.pools, self.count_include_pad)
 
     def forward(self, x):
@@ -445,37 +446,18 @@ class DeepLabV3(nn.Module):
 # =============================================================================================
 
 # ---------------------------------------------------------------------------------------------
-# box_averages: exact, fast k x k average pooling (stride 1, "same" size), the pooling of
-# Module A (3.3) and Vortex (3.4).
-#
-# Definition (the reference the tests compare against):
-#     box_averages(x, ks, count_include_pad)[k] == nn.AvgPool2d(k, 1, k // 2, count_include_pad)(x)
-# Our default is count_include_pad=False: each output is the mean of the input pixels that lie
-# inside the window *and* inside the map. With True, the window is always divided by k*k, so
-# padding counts as zeros and damps the border: a 27x27 window on a 65x65 map divides the corner
-# pixel's 14*14 real values by 729, i.e. scales it by 0.27. (nn.AvgPool2d's default is True; the
-# paper does not say which; DeepLabV3(count_include_pad=...) chooses.)
-#
-# Speed. Summing k*k values per pixel (avg_pool2d) costs O(k^2); for Vortex (k = 3, 9, 27) that
-# is 3x the cost of the four ASPP convolutions on CPU. We use two identities:
-#   (a) separability: a k x k box sum is a k-tap sum along W followed by one along H;
-#   (b) cascading: an (a*b)-tap box sum is an a-tap box sum followed by a b-tap sum whose taps
-#       are a apart ("dilated by a"): {0..a-1} + a*{0..b-1} = {0..ab-1}, each offset once.
-# So a 9x9 box = 3x3 box, then 3x3 taps dilated 3; 27x27 = 9x9 box, then 3x3 taps dilated 9.
-# Vortex's three pooled maps come out of ONE cascade, 4 adds per pixel per level.
-# Borders: every sum runs on a zero-padded canvas in "valid" mode, so a sum never mixes in values
-# from the other side or from outside the map: the result is exact at every pixel, and dividing
-# by the count of in-map pixels (a separable product of row and column counts) gives the
-# count_include_pad=False mean.
-# Cache: on the CPU the cascade runs on blocks of channels whose canvas stays in the cache.
-# Backward: a box sum on zero-extended maps is symmetric, so its adjoint is itself; the adjoint
-# of the cascade that produced (S3, S9, S27) is the same cascade run in reverse order with the
-# incoming gradients added in as it passes them (Horner's rule):
-#     S3^T g3 + S9^T g9 + S27^T g27 = T1(g3 + T3(g9 + T9(g27)))     (T_d: 3x3 taps dilated d)
-# so the backward pass costs what the forward does.
-# It runs on every device: on an H100 it was faster than PyTorch's native pooling kernels run
-# separably too (13.7 vs 25.7 ms forward + backward at 8 x 2048 x 65 x 65, fp32; avg_pool2d
-# 76.7 ms; `python experiments.py bench modules`).
+# box_averages: average_pool (Part I) for several k at once, exact and fast. avg_pool2d sums
+# k^2 values a pixel: for Vortex (k = 3, 9, 27) 3x the cost of ASPP's four convolutions on a
+# CPU. Two identities make it O(1) a pixel per level: (a) a k x k box sum is a k-tap sum along
+# W, then along H; (b) an (a*b)-tap sum is an a-tap box sum, then a b-tap sum with taps a apart
+# ({0..a-1} + a*{0..b-1} = {0..ab-1}). So 9x9 = 3x3, then 3x3 taps dilated 3; 27x27 = 9x9, then
+# 3x3 dilated 9: Vortex's three maps come out of ONE cascade. Every sum runs in "valid" mode on
+# a zero-padded canvas (exact at the border; divided by the in-map count, a separable product,
+# for count_include_pad=False), on channel blocks that stay in the CPU's cache. Backward: a box
+# sum is its own adjoint, so the cascade's adjoint is the cascade reversed, adding the incoming
+# gradients as it goes (Horner): S3'g3 + S9'g9 + S27'g27 = T1(g3 + T3(g9 + T9(g27))). On an
+# H100 too it beat PyTorch's pooling (13.7 vs 25.7 ms separable, 76.7 ms avg_pool2d, forward +
+# backward at 8 x 2048 x 65 x 65, fp32; `python experiments.py bench modules`).
 # ---------------------------------------------------------------------------------------------
 
 CPU_BLOCK_CHANNELS = 256  # 256 channels of a 91x91 float canvas ~ 8 MB: stays in the L3 cache
