@@ -890,6 +890,18 @@ def on_rank0(fn, *args):
     return value
 
 
+def lost_rank(error):
+    """One line when `error` is a collective that failed because another rank is gone (its
+    process killed, its node down: gloo and NCCL see the connection close), else None."""
+    text = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    if dist.is_initialized() and dist.get_world_size() > 1 and (
+            isinstance(error, dist.DistError) or "/gloo/" in text or "NCCL" in text):
+        return (f"rank {dist.get_rank()} lost another rank of the run ("
+                f"{text.split('] ')[-1].split('. ')[0][:80]})"
+                f"; stopped, the last checkpoint is kept: start every node again with --resume")
+    return None
+
+
 def same_on_every_rank(cfg):
     """Every rank of a run must have the same settings (a different --seed on one rank would
     silently change what each epoch sees): refused on every rank, naming the flags."""

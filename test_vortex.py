@@ -3778,6 +3778,73 @@ def test_converter_writes_only_what_its_reader_accepts(tmp_path_factory, names):
     assert len(masks) == len(res["written"])  # one mask a written image, none overwritten
 
 
+def free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(nodes, argv, cwd, rank=None, port=None, **popen):
+    """`torchrun` of train.py with TINY + argv: one node of two processes, or node `rank` of
+    `nodes` nodes of one process each, rendezvous on localhost (gloo)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(nodes),
+           "--nproc_per_node", str(2 // nodes), "--master_addr", "127.0.0.1", "--master_port",
+           str(port)] + (["--node_rank", str(rank)] if rank is not None else []) + [
+        os.path.join(HERE, "train.py")] + TINY + ["--no-eval", "--device", "cpu"] + argv
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    logs = [open(os.path.join(cwd, f"node{rank}.{s}"), "w+") for s in ("out", "err")]
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=logs[0], stderr=logs[1], text=True,
+                            **popen)
+    proc.output = lambda: [(f.seek(0), f.read())[1] for f in logs]  # (stdout, stderr)
+    return proc
+
+
+def two_nodes(argv, cwd):
+    port = free_port()
+    procs = [torchrun(2, argv, cwd, r, port) for r in (0, 1)]
+    return [(p.wait(timeout=300), *p.output()) for p in procs]
+
+
+def test_two_nodes_train_checkpoint_and_resume_as_one_node(tmp_path):
+    """Two `torchrun --nnodes 2` launches on one machine (gloo over localhost) train as one
+    node with the same two ranks, bit for bit, through a stop and a resume."""
+    one = torchrun(1, ["--iters", "4", "--out-dir", "one"], tmp_path, port=free_port())
+    assert one.wait(timeout=300) == 0, one.output()
+    stopped = two_nodes(["--iters", "4", "--out-dir", "two", "--stop-after", "2"], tmp_path)
+    assert "checkpoint saved at iteration 2" in stopped[0][1], stopped  # torchrun: exit 1
+    resumed = two_nodes(["--iters", "4", "--out-dir", "two", "--resume"], tmp_path)
+    assert [code for code, _, _ in resumed] == [0, 0] and "resumed" in resumed[0][1], resumed
+    a, b = (infra.read_checkpoint(str(tmp_path / d / "checkpoint.pt")) for d in ("one", "two"))
+    assert b["iteration"] == 4 and all(torch.equal(a["model"][k], b["model"][k])
+                                       for k in a["model"])
+
+
+def test_a_lost_node_stops_the_other_in_one_line_and_resume_continues(tmp_path):
+    port, argv = free_port(), ["--iters", "100000", "--save-every", "5", "--out-dir", "run"]
+    procs = [torchrun(2, argv, tmp_path, r, port, start_new_session=True) for r in (0, 1)]
+    ck = tmp_path / "run" / "checkpoint.pt"
+    deadline = time.time() + 120
+    while not ck.exists() and time.time() < deadline:
+        time.sleep(0.5)
+    worker = subprocess.run(["pgrep", "-P", str(procs[1].pid)], capture_output=True,
+                            text=True).stdout.split()
+    os.kill(int(worker[0]), signal.SIGKILL)  # node 1's training process dies
+    t0 = time.time()
+    code = procs[0].wait(timeout=90)
+    assert code != 0 and time.time() - t0 < 60
+    ours = [line for line in procs[0].output()[1].splitlines() if "lost another rank" in line]
+    assert len(ours) == 1 and ours[0].startswith("error: rank 0 lost another rank of the run")
+    assert "start every node again with --resume" in ours[0]
+    procs[1].wait(timeout=90)
+    at = infra.read_checkpoint(str(ck))["iteration"]
+    resumed = two_nodes(["--iters", str(at + 2), "--save-every", "5", "--out-dir", "run",
+                         "--resume"], tmp_path)
+    assert [c for c, _, _ in resumed] == [0, 0], resumed
+    assert f"resumed run at iteration {at}" in resumed[0][1]
+    assert infra.read_checkpoint(str(ck))["iteration"] == at + 2
+
+
 # =============================================================================================
 # Coursework checks (docs/exercises.md, docs/teaching.md). The answers live in coursework.py, the
 # student's file. `python -m pytest -m exercises` grades the repository's coursework.py and

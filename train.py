@@ -806,6 +806,10 @@ def main(argv=None):
         return train(cfg)
     except FloatingPointError as e:
         sys.exit(str(e))
+    except RuntimeError as e:  # a rank killed or its node down: one line, not a traceback
+        if not infra.lost_rank(e):
+            raise
+        sys.exit(f"error: {infra.lost_rank(e)}")
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
