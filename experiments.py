@@ -33,9 +33,8 @@ import eval as evaluation
 import infra
 import train
 import vortex
-from infra import BadInput
 from eval import colorize, hstack, legend, predict
-from infra import model_from_checkpoint, read_checkpoint as load_checkpoint
+from infra import BadInput
 from train import loss_fn, poly_lr, set_lr
 from vortex import (TABLE1, DeepLabV3, box_averages, footprint, make_context,
                     measured_utilization, table1_module, utilization_ratio)
@@ -70,9 +69,8 @@ def print_table(size=65, channels=2048, reps=3):
 
 
 def ring_coverage(module, max_distance=40):
-    """For d = 0..max_distance: the fraction of the 8d offsets at Chebyshev distance d (the one
-    offset 0 for d = 0) that the module's footprint reads on an unbounded map (Fig. 3 as a
-    curve: where the footprint lands, the module can see)."""
+    """Fig. 3 as a curve: for d = 0..max_distance, the share of the 8d offsets at Chebyshev
+    distance d (offset 0 for d = 0) that the module's footprint reads on an unbounded map."""
     grid = footprint(module.pools, module.kernels, module.dilations)
     r = grid.shape[0] // 2
     yy, xx = np.mgrid[-r:r + 1, -r:r + 1]
@@ -80,43 +78,42 @@ def ring_coverage(module, max_distance=40):
     return np.array([grid[ring == d].sum() / max(1, 8 * d) for d in range(max_distance + 1)])
 
 
+def caption(width, *lines):
+    """A white strip `width` px wide with a line of text per 14 px: every figure's titles."""
+    strip = Image.new("RGB", (width, 14 * len(lines)), (255, 255, 255))
+    for i, text in enumerate(lines):
+        ImageDraw.Draw(strip).text((2, 1 + 14 * i), text, fill=(0, 0, 0))
+    return np.asarray(strip)
+
+
 BRANCH_COLOURS = ((200, 30, 30), (240, 150, 20), (40, 110, 200), (60, 160, 60))
 
 
 def footprints_figure(path, size=65, cell=4):
-    """The paper's Fig. 3 drawn from the real modules: for ASPP, Module A(5) and Module B, the
-    input positions of a size x size map that feed the centre output (autograd, see
-    measured_utilization), coloured by the branch that reads them (the finest drawn on top),
-    white where nothing reads, the output pixel black; a legend under each panel. Written
-    atomically."""
-    mods = [table1_module(row, 8) for row in ("ASPP", "A(5)", "Vortex")]
+    """The paper's Fig. 3 from the real modules: for ASPP, Module A(5) and Module B, the
+    positions of a size x size map that feed the centre output (autograd), coloured by the
+    branch that reads them (the finest on top), white where nothing reads, the output pixel
+    black, framed by a black border; a title and a legend of the branches under each map."""
     panels = []
-    for m in mods:
+    for m in [table1_module(row, 8) for row in ("ASPP", "A(5)", "Vortex")]:
         ratio, used = measured_utilization(m, size, size, return_map=True)
         pic = np.full((size, size, 3), 255, np.uint8)
-        widest_first = sorted(range(len(m.pools)), key=lambda i: -m.pools[i] - m.dilations[i])
-        for i in widest_first:
+        for i in sorted(range(len(m.pools)), key=lambda i: -m.pools[i] - m.dilations[i]):
             fp = footprint(m.pools[i:i + 1], m.kernels[i:i + 1], m.dilations[i:i + 1])
-            r, c = fp.shape[0] // 2, size // 2  # footprint centred on the centre pixel
+            r, c = fp.shape[0] // 2, size // 2  # the footprint centred on the centre pixel
             a, b = max(0, c - r), min(size, c + r + 1)
             region = np.zeros((size, size), bool)
             region[a:b, a:b] = fp[a - (c - r):b - (c - r), a - (c - r):b - (c - r)]
             pic[region & used] = BRANCH_COLOURS[i]
         pic[size // 2, size // 2] = 0
-        pic = np.kron(pic, np.ones((cell, cell, 1), np.uint8))
-        pic = np.pad(pic, ((1, 1), (1, 1), (0, 0)))  # the map's border, black, outside it
-        text = Image.new("RGB", (pic.shape[1], 14 + 14 * len(m.pools)), (255, 255, 255))
-        draw = ImageDraw.Draw(text)
-        draw.text((2, 1), f"{m.name}: r = {ratio:.4f} of the {size}x{size} map", fill=(0, 0, 0))
-        for i, (k, n, d) in enumerate(zip(m.pools, m.kernels, m.dilations)):
-            y = 15 + 14 * i
-            draw.rectangle([4, y + 1, 14, y + 11], fill=BRANCH_COLOURS[i], outline=(0, 0, 0))
-            draw.text((20, y), f"{k}x{k} pool, {n}x{n} conv" + (f", rate {d}" if n > 1 else ""),
-                      fill=(0, 0, 0))
-        panels.append(np.concatenate([pic, np.asarray(text)], 0))
-    out = hstack(panels, 8)
-    infra.atomic_save(path, lambda f: Image.fromarray(out).save(f, "PNG"))
-    return path
+        pic = np.pad(np.kron(pic, np.ones((cell, cell, 1), np.uint8)), ((1, 1), (1, 1), (0, 0)))
+        names = [f"{k}x{k} pool, {n}x{n} conv" + (f", rate {d}" if n > 1 else "")
+                 for k, n, d in zip(m.pools, m.kernels, m.dilations)]
+        panels.append(np.concatenate([pic, caption(pic.shape[1], f"{m.name}: r = {ratio:.4f} "
+                                                   f"of the {size}x{size} map"),
+                                      legend(pic.shape[1], names, BRANCH_COLOURS,
+                                             range(len(names)))], 0))
+    return infra.save_picture(path, hstack(panels, 8))
 
 
 # =============================================================================================
@@ -124,8 +121,8 @@ def footprints_figure(path, size=65, cell=4):
 # =============================================================================================
 
 def best_times(fns, reps, warmup=1):
-    """Best wall time (s) of each function of {name: fn}, run interleaved (a, b, a, b, ...)
-    after `warmup` calls each, so that machine noise hits all; CUDA work is waited for."""
+    """Best wall time (s) of each of {name: fn}, run interleaved (a, b, a, b, ...) after
+    `warmup` calls each, so that machine noise hits all; CUDA work is waited for."""
     def sync():
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             torch.cuda.synchronize()
@@ -143,6 +140,14 @@ def best_times(fns, reps, warmup=1):
     return best
 
 
+def separable_box_average(x, k, count_include_pad):
+    """vortex.box_averages' alternative on a GPU: native pooling run separably, k x 1 then
+    1 x k, each pass divided by its own count (their product is the 2-D count)."""
+    r = k // 2
+    rows = F.avg_pool2d(x, (k, 1), 1, (r, 0), count_include_pad=count_include_pad)
+    return F.avg_pool2d(rows, (1, k), 1, (0, r), count_include_pad=count_include_pad)
+
+
 def _poolings(x):
     """The three ways to pool X for Vortex (k = 3, 9, 27): {name: fn}."""
     return {"cascade": lambda: list(box_averages(x, (3, 9, 27)).values()),
@@ -151,20 +156,30 @@ def _poolings(x):
                                    for k in (3, 9, 27)]}
 
 
+def torchvision_deeplab():
+    """torchvision's deeplabv3_resnet101 (random weights, eval), or None saying why: it is never
+    a dependency (where it imports, e.g. a scratch environment, we compare against it)."""
+    try:
+        from torchvision.models.segmentation import deeplabv3_resnet101
+    except Exception as e:  # not installed, or its compiled ops do not fit this torch
+        print(f"(no comparison with torchvision's DeepLabV3: {type(e).__name__}: "
+              f"{(str(e).splitlines() or [''])[0]})")
+        return None
+    return deeplabv3_resnet101(weights=None, weights_backbone=None, aux_loss=False).eval()
+
+
 @torch.no_grad()
 def bench_modules(reps=5, model_reps=2):
     """CPU speed targets: the context module and the whole model, Vortex against ASPP (and
-    against torchvision's DeepLabV3 where it imports), and the pooling against a copy of X."""
+    torchvision's DeepLabV3 where it imports), and the pooling against a copy of X."""
     x = torch.randn(1, 2048, 65, 65)
     mods = {c: make_context(c, 2048).eval() for c in ("aspp", "vortex")}
+    pools, theirs = _poolings(x), torchvision_deeplab()
     fns = {"aspp": lambda: mods["aspp"](x), "vortex": lambda: mods["vortex"](x),
-           "pool": _poolings(x)["cascade"], "copy": x.clone,
-           "avg_pool2d": _poolings(x)["avg_pool2d"]}
-    theirs = torchvision_deeplab()
+           "pool": pools["cascade"], "copy": x.clone, "avg_pool2d": pools["avg_pool2d"]}
     if theirs is not None:
         fns["torchvision"] = lambda: theirs.classifier[0](x)
-    t = best_times(fns, reps)
-    gb = x.numel() * x.element_size() / 1e9
+    t, gb = best_times(fns, reps), x.numel() * x.element_size() / 1e9
     print(f"context module, input 1x2048x65x65, best of {reps}, {torch.get_num_threads()} threads:")
     print(f"  ASPP {t['aspp']:.3f} s   Vortex {t['vortex']:.3f} s   "
           f"ratio Vortex/ASPP = {t['vortex'] / t['aspp']:.3f}   (target <= 1.05)")
@@ -191,29 +206,9 @@ def bench_modules(reps=5, model_reps=2):
               f"{t['ours'] / t['torchvision']:.3f}   (target <= 1.02; theirs adds a 3x3 head conv)")
 
 
-def torchvision_deeplab():
-    """torchvision's deeplabv3_resnet101 (random weights, eval) or None, saying why."""
-    try:
-        from torchvision.models.segmentation import deeplabv3_resnet101
-    except Exception as e:  # not installed, or its compiled ops do not fit this torch
-        print(f"(no comparison with torchvision's DeepLabV3: {type(e).__name__}: "
-              f"{str(e).splitlines()[0] if str(e) else ''}; it needs torchvision, e.g. in a "
-              f"scratch environment)")
-        return None
-    return deeplabv3_resnet101(weights=None, weights_backbone=None, aux_loss=False).eval()
-
-
-def separable_box_average(x, k, count_include_pad):
-    """vortex.box_averages' alternative on a GPU: native pooling run separably, k x 1 then
-    1 x k, each pass divided by its own count (their product is the 2-D count)."""
-    r = k // 2
-    rows = F.avg_pool2d(x, (k, 1), 1, (r, 0), count_include_pad=count_include_pad)
-    return F.avg_pool2d(rows, (1, k), 1, (0, r), count_include_pad=count_include_pad)
-
-
 def bench_modules_cuda(batch=8, reps=20):
     """On a GPU, forward + backward for X = batch x 2048 x 65 x 65 in fp32 and bf16: Vortex's
-    pooling three ways (cascade, separable, avg_pool2d) and the context modules, Vortex/ASPP."""
+    pooling three ways and the context modules, Vortex/ASPP."""
     dev = torch.device("cuda")
     print(f"{torch.cuda.get_device_name(dev)}, X = {batch}x2048x65x65, forward + backward, "
           f"best of {reps} after 3 warm-up, ms:")
@@ -221,17 +216,15 @@ def bench_modules_cuda(batch=8, reps=20):
     for dtype in (torch.float32, torch.bfloat16):
         x = torch.randn(batch, 2048, 65, 65, device=dev, dtype=dtype, requires_grad=True)
 
-        def pooled(fn):
-            return lambda: sum(o.float().sum() for o in fn()).backward()
-
         def module(m):
             def run():
                 with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
                     m(x.detach().float()).float().sum().backward()
             return run
-        fns = {name: pooled(fn) for name, fn in _poolings(x).items()}
-        t = {k: 1000 * v for k, v in best_times(
-            dict(fns, **{c: module(m) for c, m in mods.items()}), reps, warmup=3).items()}
+        fns = {name: (lambda fn=fn: sum(o.float().sum() for o in fn()).backward())
+               for name, fn in _poolings(x).items()}
+        fns.update({c: module(m) for c, m in mods.items()})
+        t = {k: 1000 * v for k, v in best_times(fns, reps, warmup=3).items()}
         print(f"  {str(dtype).split('.')[1]:9} pooling: cascade {t['cascade']:.2f}, separable "
               f"{t['separable']:.2f}, avg_pool2d {t['avg_pool2d']:.2f};  context module: ASPP "
               f"{t['aspp']:.2f}, Vortex {t['vortex']:.2f} ({t['vortex'] / t['aspp']:.3f}x)")
@@ -252,26 +245,21 @@ def bench_inference(reps=2):
           f"{t['multi']:.2f} s/image; ratio {t['multi'] / t['single']:.1f} (theory {theory:.1f})")
 
 
-def _synthetic_voc(root, n=12):
-    """n VOC-sized (500x375) JPEGs and masks from the synthetic renderer, in VOC's layout."""
-    for sub in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
-        os.makedirs(os.path.join(root, sub))
-    ids = [f"synthetic_{i:02d}" for i in range(n)]
-    for i, name in enumerate(ids):
-        img, lab = data.render_synthetic(0, i, 500)
-        Image.fromarray(img[:375]).save(os.path.join(root, "JPEGImages", name + ".jpg"),
-                                        quality=90)
-        data.save_mask(os.path.join(root, "SegmentationClass", name + ".png"), lab[:375])
-    with open(os.path.join(root, "ImageSets/Segmentation/train.txt"), "w") as f:
-        f.write("\n".join(ids))
-
-
 def bench_loader(voc=None, n=300, crop=513):
-    """Samples per second of one process making augmented crop x crop training samples."""
+    """Samples per second of one process making augmented crop x crop training samples, from a
+    VOC folder or from 12 VOC-sized (500x375) synthetic JPEGs in VOC's layout."""
     with tempfile.TemporaryDirectory() as tmp:
-        if voc is None:
-            _synthetic_voc(tmp)
         root = voc or tmp
+        if voc is None:
+            for sub in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
+                os.makedirs(os.path.join(tmp, sub))
+            for i in range(12):
+                img, lab = data.render_synthetic(0, i, 500)
+                Image.fromarray(img[:375]).save(os.path.join(tmp, "JPEGImages", f"s{i}.jpg"),
+                                                quality=90)
+                data.save_mask(os.path.join(tmp, "SegmentationClass", f"s{i}.png"), lab[:375])
+            with open(os.path.join(tmp, "ImageSets/Segmentation/train.txt"), "w") as f:
+                f.write("\n".join(f"s{i}" for i in range(12)))
         split = "trainval" if os.path.isfile(
             os.path.join(root, "ImageSets/Segmentation/trainval.txt")) else "train"
         ds = data.VOCSegmentation(root, split, data.TrainTransform(crop), num_classes=21)
@@ -283,7 +271,7 @@ def bench_loader(voc=None, n=300, crop=513):
             img, lab = ds[i % len(ds)]
             assert img.shape == (3, crop, crop) and lab.shape == (crop, crop)
         dt = time.perf_counter() - t0
-    print(f"{n} augmented {crop}x{crop} samples from {len(ds)} JPEGs in {voc or tmp} ({split}): "
+    print(f"{n} augmented {crop}x{crop} samples from {len(ds)} JPEGs in {root} ({split}): "
           f"{n / dt:.0f} samples/s in one process (target >= 100)")
     return n / dt
 
@@ -297,89 +285,70 @@ def training_step(model, opt, x, t, dtype=None):
     opt.zero_grad(set_to_none=True)
 
 
-def bench_training(device_arg=None, steps=3, crop=321, batch=2):
-    """Training steps of ResNet-101 OS 8, Vortex and ASPP, SGD: on a GPU bench_training_cuda;
-    on the CPU crop 321, batch 2, NCHW and channels-last, all side by side (interleaved)."""
+def bench_training(device_arg=None):
+    """Training steps of ResNet-101 OS 8, SGD, Vortex against ASPP one after the other at each
+    configuration: on the CPU crop 321, batch 2, fp32; on a GPU crop 513, batch 2/4/8 x fp32 /
+    bf16, with the peak memory after the warm-up (cuDNN's autotuning tries workspaces as large
+    as the free memory once); each in NCHW and channels-last. Out of memory is a cell."""
     device = infra.pick_device(device_arg)
-    if device.type == "cuda":
-        return bench_training_cuda(device)
+    cuda = device.type == "cuda"
+    torch.backends.cudnn.benchmark = True
     torch.manual_seed(0)
-    models = {c: DeepLabV3(21, 101, c) for c in ("vortex", "aspp")}
-    opts = {c: torch.optim.SGD(m.parameters(), lr=1e-3, momentum=0.9) for c, m in models.items()}
-    x, t = torch.randn(batch, 3, crop, crop), torch.randint(0, 21, (batch, crop, crop))
+    models = {c: DeepLabV3(21, 101, c).to(device) for c in ("vortex", "aspp")}
+    opts = {c: torch.optim.SGD(m.parameters(), lr=1e-4, momentum=0.9) for c, m in models.items()}
+    crop, warmup, steps = (513, 3, 10) if cuda else (321, 1, 3)
+    print(f"training steps, DeepLab v3 ResNet-101 OS 8, crop {crop}, " + (
+        f"one {torch.cuda.get_device_name(device)}" if cuda else
+        f"CPU {torch.get_num_threads()} threads") + f", SGD, best of {steps} steps after "
+        f"{warmup} warm-up, torch {torch.__version__}")
+    print(f"{'batch':>5} {'precision':9} {'layout':13} {'Vortex img/s':>12} {'peak GiB':>8} "
+          f"{'ASPP img/s':>10} {'peak GiB':>8} {'Vortex/ASPP time':>16}")
+    rows = []
+    for batch in (2, 4, 8) if cuda else (2,):
+        for dtype, name in ((torch.float32, "fp32"), (torch.bfloat16, "bf16"))[:1 + cuda]:
+            for layout in ("NCHW", "channels-last"):
+                r = {c: _steps(models[c], opts[c], batch, crop, dtype, layout, warmup, steps)
+                     for c in models}
+                cells = [f"{r[c][0]:12.2f} {r[c][1]:8.1f}" if r[c] else f"{'out of memory':>21}"
+                         for c in models]
+                ratio = f"{r['aspp'][0] / r['vortex'][0]:16.3f}" if all(r.values()) else "-"
+                print(f"{batch:5d} {name:9} {layout:13} {cells[0]} {cells[1]:>19} {ratio:>16}",
+                      flush=True)
+                rows.append((batch, name, layout, r))
+    return rows
 
-    def step(c, fmt):
-        models[c].to(memory_format=fmt)
-        training_step(models[c], opts[c], x.contiguous(memory_format=fmt), t)
-    layouts = {"NCHW": torch.contiguous_format, "channels-last": torch.channels_last}
-    best = best_times({(c, name): (lambda c=c, f=f: step(c, f)) for c in models
-                       for name, f in layouts.items()}, steps)
-    print(f"training step, ResNet-101 OS 8, crop {crop}, batch {batch}, CPU "
-          f"{torch.get_num_threads()} threads, best of {steps}:")
-    for name in layouts:
-        v, a = best["vortex", name], best["aspp", name]
-        print(f"  {name:14} Vortex {v:.2f} s/step ({batch / v:.2f} img/s)  ASPP {a:.2f} s/step"
-              f"  Vortex/ASPP {v / a:.3f}   (target <= 1.03)")
-    print(f"  channels-last speed-up (Vortex) "
-          f"{best['vortex', 'NCHW'] / best['vortex', 'channels-last']:.2f}x")
 
-
-def _cuda_steps(model, opt, batch, dtype, channels_last, device, crop=513, warmup=3, steps=10):
-    """(images/s, peak GiB after the warm-up: cuDNN's autotuning tries workspaces as large as
-    the free memory once) of SGD steps at this configuration, or None if out of memory."""
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
+def _steps(model, opt, batch, crop, dtype, layout, warmup, steps):
+    """(images/s, peak GiB on a GPU, NaN on the CPU) of SGD steps at one configuration, or None
+    if out of memory."""
+    device = next(model.parameters()).device
+    cuda, fmt = device.type == "cuda", (torch.channels_last if layout == "channels-last" else
+                                        torch.contiguous_format)
     model.to(memory_format=fmt)
-    torch.cuda.empty_cache()
+    x = t = None
     try:
         x = torch.randn(batch, 3, crop, crop, device=device).contiguous(memory_format=fmt)
         t = torch.randint(0, 21, (batch, crop, crop), device=device)
         for _ in range(warmup):
             training_step(model, opt, x, t, dtype)
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        best = best_times({"step": lambda: training_step(model, opt, x, t, dtype)},
-                          steps, warmup=0)["step"]
-        return batch / best, torch.cuda.max_memory_allocated(device) / 2 ** 30
+        if cuda:
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+        best = best_times({"step": lambda: training_step(model, opt, x, t, dtype)}, steps, 0)
+        return batch / best["step"], (torch.cuda.max_memory_allocated(device) / 2 ** 30 if cuda
+                                      else math.nan)
     except torch.OutOfMemoryError:
         return None
     finally:
         opt.zero_grad(set_to_none=True)
         x = t = None
-        torch.cuda.empty_cache()
-
-
-def bench_training_cuda(device):
-    """Crop 513, per-GPU batch 2/4/8 x {fp32, bf16} x {NCHW, channels-last}: training images/s,
-    peak memory and Vortex/ASPP time, both modules one after the other at every configuration."""
-    torch.backends.cudnn.benchmark = True
-    torch.manual_seed(0)
-    models = {c: DeepLabV3(21, 101, c).to(device) for c in ("vortex", "aspp")}
-    opts = {c: torch.optim.SGD(m.parameters(), lr=1e-4, momentum=0.9) for c, m in models.items()}
-    total = torch.cuda.get_device_properties(device).total_memory / 2 ** 30
-    print(f"training steps, DeepLab v3 ResNet-101 OS 8, crop 513, one "
-          f"{torch.cuda.get_device_name(device)} ({total:.0f} GiB), SGD, best of 10 steps after 3 "
-          f"warm-up, cudnn.benchmark on, torch {torch.__version__}")
-    print(f"{'batch':>5} {'precision':9} {'layout':13} {'Vortex img/s':>12} {'peak GiB':>8} "
-          f"{'ASPP img/s':>10} {'peak GiB':>8} {'Vortex/ASPP time':>16}")
-    rows = []
-    for batch in (2, 4, 8):
-        for dtype, dname in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
-            for cl, lname in ((False, "NCHW"), (True, "channels-last")):
-                r = {c: _cuda_steps(models[c], opts[c], batch, dtype, cl, device) for c in models}
-                cells = [f"{r[c][0]:12.2f} {r[c][1]:8.1f}" if r[c] else f"{'out of memory':>21}"
-                         for c in ("vortex", "aspp")]
-                ratio = (f"{r['aspp'][0] / r['vortex'][0]:16.3f}" if r["vortex"] and r["aspp"]
-                         else f"{'-':>16}")
-                print(f"{batch:5d} {dname:9} {lname:13} {cells[0]} {cells[1]:>19} {ratio}",
-                      flush=True)
-                rows.append((batch, dname, lname, r))
-    return rows
+        if cuda:
+            torch.cuda.empty_cache()
 
 
 # =============================================================================================
 # 3. TABLE 1 IN MINIATURE AND THE EFFECTIVE RECEPTIVE FIELD
 # =============================================================================================
-
 
 ABLATION_ROWS = tuple(TABLE1)  # with the image-level control: what the others add to it
 ABLATION_KEYS = ("dataset", "depth", "base_channels", "context_channels", "output_stride",
@@ -389,9 +358,8 @@ ABLATION_KEYS = ("dataset", "depth", "base_channels", "context_channels", "outpu
 
 
 def read_back(path, key, fields):
-    """A finished run's record from `path` if there is one made with the same settings (else
-    None); a record made with other settings is refused with the differences, and one that
-    cannot be read (infra.read_record) naming it."""
+    """A finished part's record (infra.read_record) if `path` holds one made with settings
+    `key`, else None; one made with other settings is refused, naming the differences."""
     if not os.path.exists(path):
         return None
     rec = infra.read_record(path, dict(fields, config=dict), "delete it to run that part again")
@@ -405,70 +373,61 @@ def read_back(path, key, fields):
 
 def ablation_run(run):
     """One cell of the table: (mIoU, context-class mIoU, seconds). A finished run is read back
-    from its ablation.json and an interrupted one is resumed, so re-running the same command
-    continues the table instead of starting over."""
+    from its ablation.json, an interrupted one resumed: the same command again continues."""
     done = os.path.join(run["out_dir"], "ablation.json")
     key = json.loads(json.dumps({k: run[k] for k in ABLATION_KEYS}))
     rec = read_back(done, key, dict.fromkeys(("miou", "context_miou", "seconds"),
                                              (int, float, type(None))))
     if rec is not None:
         print(f"{run['out_dir']}: finished earlier, read back")
-        return rec["miou"], rec["context_miou"], rec["seconds"]
-    resume = os.path.exists(os.path.join(run["out_dir"], "checkpoint.pt"))
-    t = time.time()
-    res = train.train(dict(run, resume="auto", no_eval=False))
-    rec = dict(config=key, miou=res["miou"], context_miou=res.get("context_miou", float("nan")),
-               seconds=time.time() - t, resumed=resume)
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        infra.write_json(done, rec)
+    else:
+        resume, t = os.path.exists(os.path.join(run["out_dir"], "checkpoint.pt")), time.time()
+        res = train.train(dict(run, resume="auto", no_eval=False))
+        rec = dict(config=key, miou=res["miou"], seconds=time.time() - t, resumed=resume,
+                   context_miou=res.get("context_miou", math.nan))
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            infra.write_json(done, rec)
     return rec["miou"], rec["context_miou"], rec["seconds"]
 
 
 def ablation(cfg, seeds):
     """Paper Table 1 in miniature: every context module, the same budget and seeds; then the
-    effective receptive fields of the trained none / ASPP / Vortex models (eval.erf_figure)."""
+    effective receptive fields of the trained none / ASPP / Vortex models."""
     root = cfg["out_dir"]
-    rows = []
-    for name in ABLATION_ROWS:
-        row = TABLE1[name]
-        runs = [ablation_run(dict(cfg, context=row.context, pool_k=row.k, seed=seed,
-                                  out_dir=os.path.join(root, f"{name}-seed{seed}")))
-                for seed in range(seeds)]
-        rows.append((name, np.array(runs)))
+    rows = {name: np.array([ablation_run(dict(
+        cfg, context=TABLE1[name].context, pool_k=TABLE1[name].k, seed=seed,
+        out_dir=os.path.join(root, f"{name}-seed{seed}"))) for seed in range(seeds)])
+        for name in ABLATION_ROWS}
     lines = [f"Table 1 in miniature: {cfg['dataset']}, ResNet-{cfg['depth']}, {cfg['iters']} "
              f"iterations, seeds 0..{seeds - 1}, single-scale evaluation",
              f"{'module':11} {'mIoU':>14} {'context classes':>16} {'s/run':>7} {'paper (VOC)':>12}"]
-    for name, r in rows:
+    for name, r in rows.items():
         lines.append(f"{name:11} {100 * r[:, 0].mean():7.2f} ± {100 * r[:, 0].std():4.2f} "
                      f"{100 * np.nanmean(r[:, 1]):9.2f} ± {100 * np.nanstd(r[:, 1]):4.2f} "
                      f"{r[:, 2].mean():7.0f} {TABLE1[name].miou or '-':>12}")
     rank, _, device = infra.setup_distributed(cfg["device"])
-    if rank != 0:
-        return {name: r for name, r in rows}
-    lines.append("")
-    lines.append("Effective receptive field (gradient of the centre pixel's logit, mean over "
-                 f"{cfg['erf_images']} validation images and {seeds} seed(s)):")
-    checkpoints = [os.path.join(root, f"{name}-seed{seed}", "checkpoint.pt")
-                   for name in ("none", "ASPP", "Vortex") for seed in range(seeds)]
-    erf_figure(checkpoints, os.path.join(root, "erf.png"), cfg["erf_images"], device,
-                          log=lines.append)
-    table = "\n".join(lines)
-    print(table)
-    infra.atomic_save(os.path.join(root, "table1.txt"), lambda f: f.write(table.encode() + b"\n"))
-    return {name: r for name, r in rows}
+    if rank == 0:
+        lines += ["", "Effective receptive field (gradient of the centre pixel's logit, mean over "
+                      f"{cfg['erf_images']} validation images and {seeds} seed(s)):"]
+        erf_figure([os.path.join(root, f"{name}-seed{seed}", "checkpoint.pt") for name in
+                    ("none", "ASPP", "Vortex") for seed in range(seeds)],
+                   os.path.join(root, "erf.png"), cfg["erf_images"], device, log=lines.append)
+        print("\n".join(lines))
+        infra.atomic_save(os.path.join(root, "table1.txt"),
+                          lambda f: f.write("\n".join(lines).encode() + b"\n"))
+    return rows
 
 
 # ---------------------------------------------------------------------------------------------
-# Effective receptive field (paper section 1: "Zhou et al. [2014] showed that the effective
-# receptive field is much smaller than the theoretical threshold"; measured as in Luo et al.
-# 2016). For each image, g = |d logit_c(centre) / d image| summed over RGB, with c the class the
-# model predicts at the centre pixel, normalised so that sum(g) = 1: where the decision at the
-# centre comes from. Maps of different sizes are added on one canvas with their centres aligned.
+# Effective receptive field (paper section 1, after Zhou et al. 2014: it is much smaller than
+# the theoretical one; measured as in Luo et al. 2016). Per image, g = |d logit_c(centre) /
+# d image| summed over RGB, c the class predicted at the centre, normalised to sum 1: where the
+# decision at the centre comes from. Maps of any size are averaged with their centres aligned.
 # ---------------------------------------------------------------------------------------------
 
 def centred_mean(maps):
-    """Mean of 2-D maps of any sizes, each placed so that its centre (h // 2, w // 2) lands on
-    the centre of a canvas as large as the largest."""
+    """Mean of 2-D maps, each placed so that its centre (h // 2, w // 2) lands on the centre of
+    a canvas as large as the largest."""
     h, w = max(m.shape[0] for m in maps), max(m.shape[1] for m in maps)
     canvas = torch.zeros(h, w, dtype=torch.float64)
     for m in maps:
@@ -478,9 +437,9 @@ def centred_mean(maps):
 
 
 def effective_receptive_field(model, dataset, num_images=32, device=None, log=None):
-    """Mean normalised input-gradient map (H, W) of the centre pixel's predicted-class logit
-    over the first `num_images` images of `dataset` (eval mode: images are independent).
-    Progress goes to `log` (None: nowhere)."""
+    """The mean normalised input-gradient map (H, W) of the centre pixel's predicted-class
+    logit over the first `num_images` images (eval mode: images are independent); progress to
+    `log` (None: nowhere)."""
     device = device or next(model.parameters()).device
     model.eval()
     maps, n, t0 = [], min(num_images, len(dataset)), time.time()
@@ -497,20 +456,19 @@ def effective_receptive_field(model, dataset, num_images=32, device=None, log=No
 
 
 def _distances(h, w):
-    """Distance of every pixel of an h x w map to its centre (h // 2, w // 2), flattened."""
+    """The distance of every pixel of an h x w map to its centre (h // 2, w // 2), flattened."""
     yy, xx = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
     return torch.hypot((yy - h // 2).double(), (xx - w // 2).double()).flatten()
 
 
 def mass_within(erf, radii):
-    """Fraction of the map's mass within distance r of the centre, for each r in `radii`."""
+    """The share of the map's mass within distance r of the centre, for each r in `radii`."""
     d, m = _distances(*erf.shape), erf.flatten().double()
     return [(m[d <= r].sum() / m.sum()).item() for r in radii]
 
 
 def mass_radius(erf, fraction=0.9):
-    """Smallest r such that the pixels within distance r of the centre (h // 2, w // 2) hold
-    `fraction` of the map's total mass."""
+    """The smallest r such that the pixels within r of the centre hold `fraction` of the mass."""
     d = _distances(*erf.shape)
     order = d.argsort(stable=True)
     cum = erf.flatten()[order].double().cumsum(0)
@@ -519,58 +477,54 @@ def mass_radius(erf, fraction=0.9):
     return d[order][k].item()
 
 
+ERF_CIRCLES = ((0.5, (255, 255, 255)), (0.9, (0, 230, 255)))  # mass, colour
+
+
 def erf_figure(checkpoints, out, num_images=32, device="cpu", data_root=None, cell=2,
                log=print, progress=print):
-    """Effective receptive fields of trained models side by side, written to PNG `out`.
-    Checkpoints of the same module (e.g. several seeds) are averaged into one panel. Colours on
-    a square-root scale (so that the tails show); the white and blue circles hold 50% and 90%
-    of the mass; a last panel plots the mass within radius r for every module and for a flat
-    map. Results go to `log`, progress to `progress`. Returns {module: (r50, r90)} in pixels."""
+    """Effective receptive fields side by side in picture `out`, checkpoints of one module (e.g.
+    seeds) averaged into one panel: colours on a square-root scale (so that the tails show),
+    circles holding 50% and 90% of the mass, a colour bar, and a plot of the mass within r for
+    every module and a flat map. Results to `log`. Returns {module: (r50, r90)} in pixels."""
     groups = {}
     for path in checkpoints:
-        ck = load_checkpoint(path)
-        model = model_from_checkpoint(ck, path).to(device)
+        ck = infra.read_checkpoint(path)
+        model = infra.model_from_checkpoint(ck, path).to(device)
         ta = ck.get("train_args", {})  # the checkpoint's own validation images
         ds = data.get_dataset(ck.get("dataset", "synthetic"), ta.get("val_split", "val"),
                               data_root or ta.get("data_root"), train=False,
                               seed=ta.get("seed", 0), **ck.get("data_args", {}))
-        erf = effective_receptive_field(model, ds, num_images, device, progress)
-        groups.setdefault(model.context.name, []).append(erf)
+        groups.setdefault(model.context.name, []).append(
+            effective_receptive_field(model, ds, num_images, device, progress))
+    erfs = {name: centred_mean(maps) for name, maps in groups.items()}
+    h, w = next(iter(erfs.values())).shape
     panels, radii, curves = [], {}, []
-    for name, maps in groups.items():
-        erf = centred_mean(maps)
+    for name, erf in dict(flat=torch.ones(h, w), **erfs).items():  # flat: the mass spread evenly
         h, w = erf.shape
         steps = np.linspace(0, math.hypot(h // 2, w // 2), 64)
-        if not curves:  # the reference: the same mass spread evenly over the whole image
-            flat = torch.ones(h, w)
-            curves.append(("flat", mass_within(flat, steps), steps[-1]))
-            log(f"{'flat':8} (the same mass spread evenly over a {h}x{w} image): 50% within "
-                f"{mass_radius(flat, 0.5):5.1f} px, 90% within {mass_radius(flat, 0.9):5.1f} px")
         curves.append((name, mass_within(erf, steps), steps[-1]))
-        r50, r90 = mass_radius(erf, 0.5), mass_radius(erf, 0.9)
-        radii[name] = (r50, r90)
-        log(f"{name:8} ({len(maps)} model(s)): 50% of the gradient within {r50:5.1f} px, 90% "
-            f"within {r90:5.1f} px of the centre")
-        pic = Image.fromarray(heat((erf / erf.max()).sqrt().numpy())).resize((w * cell, h * cell),
-                                                                   Image.NEAREST)
-        draw = ImageDraw.Draw(pic)
+        r50, r90 = radii[name] = tuple(mass_radius(erf, mass) for mass, _ in ERF_CIRCLES)
+        if name == "flat":
+            log(f"{'flat':8} (the same mass spread evenly over a {h}x{w} image): 50% within "
+                f"{r50:5.1f} px, 90% within {r90:5.1f} px")
+            continue
+        log(f"{name:8} ({len(groups[name])} model(s)): 50% of the gradient within {r50:5.1f} px, "
+            f"90% within {r90:5.1f} px of the centre")
+        pic = Image.fromarray(heat((erf / erf.max()).sqrt().numpy())).resize(
+            (w * cell, h * cell), Image.NEAREST)
         c = ((w // 2 + 0.5) * cell, (h // 2 + 0.5) * cell)
-        for radius, colour in ((r50, (255, 255, 255)), (r90, ERF_CIRCLE_90)):
+        for radius, (_, colour) in zip((r50, r90), ERF_CIRCLES):
             r = radius * cell
-            draw.ellipse([c[0] - r, c[1] - r, c[0] + r, c[1] + r], outline=colour, width=2)
-        title = Image.new("RGB", (pic.width, 14), (255, 255, 255))
-        ImageDraw.Draw(title).text((2, 1), f"{name}: 50% / 90% within {r50:.0f} / {r90:.0f} px",
-                                   fill=(0, 0, 0))
-        panels.append(np.concatenate([np.asarray(title), np.asarray(pic)], 0))
+            ImageDraw.Draw(pic).ellipse([c[0] - r, c[1] - r, c[0] + r, c[1] + r], outline=colour,
+                                        width=2)
+        panels.append(np.concatenate([caption(pic.width, f"{name}: 50% / 90% within "
+                                                         f"{r50:.0f} / {r90:.0f} px"),
+                                      np.asarray(pic)], 0))
     height, width = panels[-1].shape[:2]
-    panels += [_colour_bar(height), _curves_panel(curves, width, height)]
-    figure = hstack(panels, 8)
-    infra.atomic_save(out, lambda f: Image.fromarray(figure).save(f, format="PNG"))
+    infra.save_picture(out, hstack(panels + [_colour_bar(height), _curves_panel(
+        curves, width, height)], 8))
     log(f"wrote {out}")
-    return radii
-
-
-ERF_CIRCLE_90 = (0, 230, 255)
+    return {name: r for name, r in radii.items() if name in groups}
 
 
 def heat(v):
@@ -580,42 +534,41 @@ def heat(v):
 
 
 def _colour_bar(height, width=96):
-    """The ERF panels' colour scale: colour against the fraction of the peak gradient (square
-    root scale, so 0.25 of the peak sits half way up), and what the two circles mean."""
+    """The ERF panels' colour scale (square root: 0.25 of the peak sits half way up) and what
+    the two circles mean."""
     pic = Image.new("RGB", (width, height), (255, 255, 255))
     top, bottom = 18, height - 50
-    ramp = np.linspace(1, 0, bottom - top)[:, None].repeat(14, 1)
-    pic.paste(Image.fromarray(heat(ramp)), (4, top))
+    pic.paste(Image.fromarray(heat(np.linspace(1, 0, bottom - top)[:, None].repeat(14, 1))),
+              (4, top))
     draw = ImageDraw.Draw(pic)
     draw.rectangle([4, top, 18, bottom - 1], outline=(0, 0, 0))
     for p in (1, 0.5, 0):  # bar position p shows the value p^2 of the peak
         draw.text((22, top + (1 - p) * (bottom - top - 1) - 6), f"{p * p:g}", fill=(0, 0, 0))
     draw.text((2, 2), "of the peak", fill=(0, 0, 0))
-    draw.ellipse([4, bottom + 6, 16, bottom + 18], outline=(0, 0, 0), width=2)
-    draw.text((20, bottom + 6), "50% mass", fill=(0, 0, 0))
-    draw.ellipse([4, bottom + 26, 16, bottom + 38], outline=ERF_CIRCLE_90, width=2)
-    draw.text((20, bottom + 26), "90% mass", fill=(0, 0, 0))
+    for i, (mass, colour) in enumerate(ERF_CIRCLES):
+        y = bottom + 6 + 20 * i
+        draw.ellipse([4, y, 16, y + 12], outline=colour if i else (0, 0, 0), width=2)
+        draw.text((20, y), f"{mass:.0%} mass", fill=(0, 0, 0))
     return np.asarray(pic)
 
 
 def _curves_panel(curves, width, height, margin=26):
-    """Plot of mass-within-radius curves [(name, fractions at evenly spaced radii, max radius)]:
-    a model whose curve rises early looks near; the flat map's curve is the reference."""
+    """The mass within r against r [(name, shares at evenly spaced radii, largest radius)]: a
+    model whose curve rises early looks near; the flat map's curve is the reference."""
     pic = Image.new("RGB", (width, height), (255, 255, 255))
     draw = ImageDraw.Draw(pic)
     x0, y0, x1, y1 = margin, 18, width - 8, height - margin
     draw.rectangle([x0, y0, x1, y1], outline=(0, 0, 0))
     colours = [(110, 110, 110), (40, 40, 40), (31, 119, 180), (214, 39, 40), (44, 160, 44),
                (148, 103, 189)]
-    for i, (name, ys, rmax) in enumerate(curves):
+    for i, (name, ys, _) in enumerate(curves):
         pts = [(x0 + (x1 - x0) * j / (len(ys) - 1), y1 - (y1 - y0) * y) for j, y in enumerate(ys)]
         draw.line(pts, fill=colours[i % len(colours)], width=2)
         draw.text((x0 + 6, y0 + 4 + 12 * i), name, fill=colours[i % len(colours)])
-    draw.text((2, 1), "fraction of the mass within r", fill=(0, 0, 0))
-    draw.text((x0 - 8, y1 + 4), "r = 0", fill=(0, 0, 0))
-    draw.text((x1 - 40, y1 + 4), f"{curves[0][2]:.0f} px", fill=(0, 0, 0))
-    draw.text((4, y0), "1", fill=(0, 0, 0))
-    draw.text((4, y1 - 10), "0", fill=(0, 0, 0))
+    for xy, text in (((2, 1), "fraction of the mass within r"), ((x0 - 8, y1 + 4), "r = 0"),
+                     ((x1 - 40, y1 + 4), f"{curves[0][2]:.0f} px"), ((4, y0), "1"),
+                     ((4, y1 - 10), "0")):
+        draw.text(xy, text, fill=(0, 0, 0))
     return np.asarray(pic)
 
 
@@ -624,27 +577,26 @@ def _curves_panel(curves, width, height, margin=26):
 # =============================================================================================
 # What can each context module read at each distance (paper 3.2-3.4, Fig. 3)? Paper 3.1 splits
 # segmentation into descriptor extraction and feature aggregation; this is the second alone, at
-# the paper's size: X is 65 x 65 x 8 (ResNet-101 at output stride 8 on a 513 image has 65 x 65),
-# generated by the rule docs/experiments.md states. A module's output at the query depends only
-# on what its branches read there, its "taps" (k x k averages of X at its convolutions' offsets,
-# zero off the map, and the image-level mean): X is linear in its parts (background, cue,
-# distractor, unit noise), so the taps are gathered once per part and assembled for any class
-# and sigma, and the project's own module is run at the query pixel alone (QueryHead).
+# the paper's size, X generated by the rule docs/experiments.md states. A module's output at
+# the query depends only on what its branches read there, its "taps" (k x k averages of X at
+# its convolutions' offsets, zero off the map, and the image-level mean). X is linear in its
+# parts (background, cue, distractor, unit noise), so the taps are gathered once per part and
+# assembled for any class and sigma, and the project's own module runs at the query alone.
 
 CONTEXT_SIZE = 65  # h = w of X for a 513 x 513 image at output stride 8 (paper 3.2)
 CONTEXT_DISTANCES = 40  # d = 1..40: as far as Vortex Pooling's 81 x 81 footprint reaches
 CUE = 3  # the cue's side
 REACH = 40  # the largest footprint's reach (Vortex: rate 27 + 27 // 2), Chebyshev
 DISTRACTOR_RATIO = 1.5  # the distractor's nearest descriptor is at >= 1.5 d
-# The distractor condition is scored where a distractor at >= 1.5 d still lies within REACH:
-# d = 1..26 (1.5 x 27 = 40.5 is beyond it, where no module could see which cue is nearer).
+# scored where a distractor at >= 1.5 d still lies within REACH: d = 1..26 (beyond, no module
+# could see which cue is nearer)
 DISTRACTOR_DISTANCES = int(REACH // DISTRACTOR_RATIO)
 
 
 def context_codes(c1, background=1.0):
-    """(3, c1) float32: the codes of background, cue P and cue Q, rows 1..3 of the c1 x c1
-    Sylvester Hadamard matrix (orthogonal, entries +-1, zero mean). c1: a power of two >= 4.
-    `background` scales the background's code (0: the border control, see SETTINGS)."""
+    """(3, c1) float32 codes of background, cue P and cue Q: rows 1..3 of the c1 x c1 Sylvester
+    Hadamard matrix (orthogonal, +-1, zero mean; c1 a power of two >= 4), the background's
+    scaled by `background` (0: the border control, see SETTINGS)."""
     if c1 < 4 or c1 & (c1 - 1):
         raise BadInput(f"descriptor channels must be a power of two >= 4, got {c1}")
     h = np.ones((1, 1), np.float32)
@@ -655,14 +607,14 @@ def context_codes(c1, background=1.0):
     return codes
 
 
-def ring(radius):
-    """The 8 * radius offsets (dy, dx) at Chebyshev distance `radius`, in a fixed order."""
-    r = radius
+def ring(r):
+    """The 8r offsets (dy, dx) at Chebyshev distance r, in a fixed order (top, right, bottom,
+    left)."""
     side = np.arange(-r, r)
-    return np.concatenate([np.stack([np.full(2 * r, -r), side], 1),  # top, left to right
-                           np.stack([side, np.full(2 * r, r)], 1),  # right, top to bottom
-                           np.stack([np.full(2 * r, r), -side], 1),  # bottom
-                           np.stack([-side, np.full(2 * r, -r)], 1)])  # left
+    return np.concatenate([np.stack([np.full(2 * r, -r), side], 1),
+                           np.stack([side, np.full(2 * r, r)], 1),
+                           np.stack([np.full(2 * r, r), -side], 1),
+                           np.stack([-side, np.full(2 * r, -r)], 1)])
 
 
 def context_distances(distractor):
@@ -671,10 +623,9 @@ def context_distances(distractor):
 
 
 def context_layouts(seed, per_distance, distractor=False, size=CONTEXT_SIZE):
-    """Layouts of `per_distance` samples for each d = 1..context_distances(distractor), a pure
-    function of the arguments: dict of int arrays d (N,), query (N, 2), cue (N, 2) and
-    distractor (N, 2) (cue centres; -1000 where there is none), other (N,) the distractor's
-    class (0: P, 1: Q; -1 where there is none), drawn independently of everything else."""
+    """`per_distance` layouts for each d = 1..context_distances(distractor), a pure function of
+    the arguments: int arrays d (N,), query, cue and distractor (N, 2) (cue centres; -1000 where
+    there is none) and other (N,), the distractor's class (0: P, 1: Q; -1: none)."""
     rng = np.random.default_rng([seed, 21])
     n = per_distance * context_distances(distractor)
     out = {"d": np.repeat(np.arange(1, context_distances(distractor) + 1), per_distance),
@@ -689,8 +640,7 @@ def context_layouts(seed, per_distance, distractor=False, size=CONTEXT_SIZE):
                 break
             # the distractor's nearest pixel: >= 1.5 d and within the largest footprint
             far = rng.integers(int(np.ceil(DISTRACTOR_RATIO * d)), REACH + 1)
-            off2 = ring(far + CUE // 2)[rng.integers(8 * (far + CUE // 2))]
-            c2 = q + off2
+            c2 = q + ring(far + CUE // 2)[rng.integers(8 * (far + CUE // 2))]
             if ((c2 >= lo) & (c2 <= hi)).all() and np.abs(c2 - (q + off)).max() >= CUE:
                 out["distractor"][i] = c2
                 break
@@ -701,27 +651,24 @@ def context_layouts(seed, per_distance, distractor=False, size=CONTEXT_SIZE):
 
 
 def tap_offsets(module):
-    """For each branch of a ContextModule: its pooling size k and the (dy, dx) offsets its
-    convolution reads, in the order of the weight's kernel positions (row by row)."""
-    taps = []
-    for k, n, d in zip(module.pools, module.kernels, module.dilations):
-        r = n // 2
-        taps.append((k, [(d * a, d * b) for a in range(-r, r + 1) for b in range(-r, r + 1)]))
-    return taps
+    """Per branch of a ContextModule: its pooling k and the (dy, dx) offsets its convolution
+    reads, in the order of the weight's kernel positions (row by row)."""
+    return [(k, [(d * a, d * b) for a in range(-(n // 2), n // 2 + 1)
+                 for b in range(-(n // 2), n // 2 + 1)])
+            for k, n, d in zip(module.pools, module.kernels, module.dilations)]
 
 
 def _windows(centres, k, size):
-    """Clipped k x k windows around `centres` (N, 2): (y0, y1, x0, x1, in-map) inclusive."""
-    r = k // 2
+    """Clipped k x k windows around `centres` (N, 2): (y0, y1, x0, x1, in-map), inclusive."""
     y, x = centres[:, 0], centres[:, 1]
     inside = (y >= 0) & (y < size) & (x >= 0) & (x < size)
-    return (np.clip(y - r, 0, size - 1), np.clip(y + r, 0, size - 1), np.clip(x - r, 0, size - 1),
-            np.clip(x + r, 0, size - 1), inside)
+    return tuple(np.clip(v, 0, size - 1) for v in (y - k // 2, y + k // 2, x - k // 2,
+                                                   x + k // 2)) + (inside,)
 
 
 def _square_share(win, centres, half):
-    """The share of each window's pixels that lie in the square of half-side `half` around
-    `centres` (0 where there is no square: centres at -1000)."""
+    """Each window's share of pixels in the square of half-side `half` around `centres` (0
+    where there is none: centres at -1000)."""
     y0, y1, x0, x1, _ = win
     oy = np.clip(np.minimum(y1, centres[:, 0] + half) - np.maximum(y0, centres[:, 0] - half) + 1,
                  0, None)
@@ -731,25 +678,24 @@ def _square_share(win, centres, half):
 
 
 def gather_taps(modules, layouts, c1, seed, batch=1000, size=CONTEXT_SIZE):
-    """The parts of every module's taps at every layout's query: {module name: dict of arrays
-    inmap (N, T) 1 where the tap is on the map, cue and distractor (N, T) the share of the tap's
-    window covered by that cue, noise (N, T, c1) the tap's value in unit noise, noise_mean
-    (N, c1)} with T the module's taps, branch after branch. The unit noise of layout i is drawn
-    from (seed, i // batch) and averaged over the windows through an integral image."""
+    """The parts of every module's taps at every layout's query, {module name: arrays}: inmap
+    (N, T) 1 where the tap is on the map; cue and distractor (N, T) the share of the tap's
+    window that cue covers; noise (N, T, c1) the tap in unit noise; noise_mean (N, c1). T: the
+    module's taps, branch after branch. Layout i's noise is drawn from (seed, i // batch) and
+    averaged over windows through an integral image."""
     n = len(layouts["d"])
     specs = {m.name: [(k, off) for k, offs in tap_offsets(m) for off in offs] for m in modules}
-    out = {name: {"inmap": np.zeros((n, len(t)), np.float32),
-                  "cue": np.zeros((n, len(t)), np.float32),
-                  "distractor": np.zeros((n, len(t)), np.float32),
-                  "noise": np.zeros((n, len(t), c1), np.float32),
-                  "noise_mean": np.zeros((n, c1), np.float32)} for name, t in specs.items()}
+    out = {name: dict(inmap=np.zeros((n, len(t)), np.float32),
+                      cue=np.zeros((n, len(t)), np.float32),
+                      distractor=np.zeros((n, len(t)), np.float32),
+                      noise=np.zeros((n, len(t), c1), np.float32),
+                      noise_mean=np.zeros((n, c1), np.float32)) for name, t in specs.items()}
     for b0 in range(0, n, batch):
         sl = slice(b0, min(n, b0 + batch))
         g = torch.Generator().manual_seed(seed * 100003 + b0 // batch)
         noise = torch.randn(sl.stop - sl.start, c1, size, size, generator=g, dtype=torch.float64)
-        integral = torch.nn.functional.pad(noise.cumsum(2).cumsum(3), (1, 0, 1, 0))
-        rows = torch.arange(sl.stop - sl.start)
-        mean = noise.mean((2, 3)).float().numpy()
+        integral = F.pad(noise.cumsum(2).cumsum(3), (1, 0, 1, 0))
+        rows, mean = torch.arange(sl.stop - sl.start), noise.mean((2, 3)).float().numpy()
         for name, taps in specs.items():
             out[name]["noise_mean"][sl] = mean
             for t, (k, (dy, dx)) in enumerate(taps):
@@ -766,28 +712,20 @@ def gather_taps(modules, layouts, c1, seed, batch=1000, size=CONTEXT_SIZE):
     return out
 
 
-def assemble(parts, cls, other, sigma, codes):
-    """Features of samples whose cue has class `cls` (N,) in {0: P, 1: Q} and whose distractor
-    has class `other` (N,) (-1: none): (taps (N, T, c1), image-level mean (N, c1))."""
+def twins(parts, layouts, sigma, codes):
+    """Every layout twice, cue P then cue Q, a distractor keeping its class: tensors taps
+    (N, T, c1), image-level mean (N, c1), label, distance and conflict (the distractor has the
+    other class: only "the nearer cue decides" gets the twin right)."""
+    n = len(layouts["d"])
+    cls, other = np.repeat([0, 1], n), np.concatenate([layouts["other"]] * 2)
+    parts = {k: np.concatenate([v, v]) for k, v in parts.items()}
     bg, cue = codes[0], codes[1 + cls][:, None, :]
-    has = (other >= 0).astype(np.float32)
     oth = codes[1 + np.maximum(other, 0)][:, None, :]
     taps = (parts["inmap"][..., None] * bg + parts["cue"][..., None] * (cue - bg)
             + parts["distractor"][..., None] * (oth - bg) + sigma * parts["noise"])
     area = CUE * CUE / CONTEXT_SIZE ** 2
-    mean = (bg + area * (cue[:, 0] - bg) + area * has[:, None] * (oth[:, 0] - bg)
-            + sigma * parts["noise_mean"])
-    return taps, mean
-
-
-def twins(parts, layouts, sigma, codes):
-    """Every layout twice, cue P then cue Q, the distractor (if any) keeping its class:
-    (taps, mean, label, distance, conflict) as tensors; conflict: the distractor has the
-    other class, so only "the nearer cue decides" gets the twin right."""
-    n = len(layouts["d"])
-    cls, other = np.repeat([0, 1], n), np.concatenate([layouts["other"]] * 2)
-    taps, mean = assemble({k: np.concatenate([v, v]) for k, v in parts.items()}, cls, other,
-                          sigma, codes)
+    mean = (bg + area * (cue[:, 0] - bg) + area * (other >= 0).astype(np.float32)[:, None]
+            * (oth[:, 0] - bg) + sigma * parts["noise_mean"])
     return (torch.from_numpy(taps), torch.from_numpy(mean), torch.from_numpy(cls),
             torch.from_numpy(np.concatenate([layouts["d"]] * 2)),
             torch.from_numpy((other >= 0) & (other != cls)))
@@ -818,29 +756,24 @@ RECORD = {"probe": dict, "probe_conflict": dict, "trained": list, "trained_confl
 
 
 def bands(top):
-    """BANDS clipped to the distances 1..top that a condition scores: ((lo, hi), ...)."""
+    """BANDS clipped to the distances 1..top that a condition scores."""
     return tuple((lo, min(hi, top)) for lo, hi in BANDS if lo <= top)
 
 
-def context_module(row, width=256):
-    """A row of CONTEXT_ROWS as the project's own ContextModule on CONTEXT_CHANNELS channels
-    (vortex.table1_module; NO_IMAGE: the same with image_pool=False)."""
-    base = row.removesuffix(NO_IMAGE)
-    return table1_module(base, CONTEXT_CHANNELS, out_channels=width,
-                         **({"image_pool": False} if base != row else {}))
-
-
 class QueryHead(nn.Module):
-    """A row's ContextModule and a 1x1 classifier, run at the query pixel of N maps from the
-    taps (N, T, c1) and image means (N, c1) gathered there. The N query pixels lie side by side
-    as one N x 1 map, so every layer is the module's own: each branch's convolution at a pixel
-    is its weight dotted with the taps it reads, then its BatchNorm2d (over the N pixels, as over
-    a map's pixels) and ReLU, the image-level branch, the projection and dropout (paper 3.1)."""
+    """A row of CONTEXT_ROWS as the project's own ContextModule (vortex.table1_module on
+    CONTEXT_CHANNELS; NO_IMAGE: image_pool=False) and a 1x1 classifier, run at the query pixel
+    of N maps from its taps (N, T, c1) and image means (N, c1). The N query pixels lie side by
+    side as one N x 1 map, so every layer is the module's own: a branch's convolution at a pixel
+    is its weight dotted with the taps it reads, then its BatchNorm2d (over the N pixels, as
+    over a map's) and ReLU, the image-level branch, the projection and dropout (paper 3.1)."""
 
     def __init__(self, row, seed=0, width=16):
         super().__init__()
         torch.manual_seed(seed)  # the same initial weights whatever else is trained beside
-        self.row, self.module = row, context_module(row, width)
+        base = row.removesuffix(NO_IMAGE)
+        self.row, self.module = row, table1_module(base, CONTEXT_CHANNELS, out_channels=width,
+                                                   **({} if base == row else {"image_pool": False}))
         self.classifier = nn.Conv2d(width, 2, 1)
 
     def forward(self, taps, mean):
@@ -877,19 +810,19 @@ def probe_groups(by):
     """The group each distance 0..40 is fitted in: its own, its band's, or one for all."""
     if by == "distance":
         return np.arange(CONTEXT_DISTANCES + 1)
-    if by == "pooled":
-        return np.ones(CONTEXT_DISTANCES + 1, np.int64)
-    group = np.zeros(CONTEXT_DISTANCES + 1, np.int64)
-    for i, (lo, hi) in enumerate(BANDS):
-        group[lo:hi + 1] = i + 1
+    group = np.ones(CONTEXT_DISTANCES + 1, np.int64)
+    if by == "band":
+        group[0] = 0
+        for i, (lo, hi) in enumerate(BANDS):
+            group[lo:hi + 1] = i + 1
     return group
 
 
 def probe(fit, test, by="distance", image_level=True):
     """What a footprint holds (Fig. 3 measured): a linear readout of the cue's class from the
-    taps (and the image-level mean if the module has that branch), a Fisher discriminant with a
-    small ridge in closed form, fitted on `fit` per group of distances (probe_groups(by)): its
-    scores on `test`."""
+    taps (and the image-level mean where the module has that branch), a Fisher discriminant
+    with a small ridge in closed form, fitted on `fit` per group of distances (probe_groups):
+    its scores on `test`."""
     def flat(s):
         return (torch.cat([s[0].flatten(1), s[1]], 1) if image_level else s[0].flatten(1)).double()
     xs, xt, ys, yt = flat(fit), flat(test), fit[2], test[2]
@@ -915,9 +848,9 @@ def probe(fit, test, by="distance", image_level=True):
 # ---------------------------------------------------------------------------------------------
 
 def vmapped(heads):
-    """(params, buffers, base, forward): the heads' stacked state, a weightless copy of one
-    head whose train()/eval() sets the mode, and forward(params, buffers, taps (M, N, T, c1),
-    means (M, N, c1)) -> logits (M, N, 2), every head on its own samples."""
+    """(params, buffers, base, forward): the heads' stacked state, a weightless copy of one head
+    whose train()/eval() sets the mode, and forward(params, buffers, taps (M, N, T, c1), means
+    (M, N, c1)) -> logits (M, N, 2), every head on its own samples."""
     p, b = torch.func.stack_module_state(heads)
     base = copy.deepcopy(heads[0]).to("meta")
 
@@ -928,9 +861,8 @@ def vmapped(heads):
 
 def precise_bn(base, forward, p, b, taps, mean):
     """Each head's batch-norm statistics become those of its fixed training samples, the weights
-    fixed ("precise BN", Wu & Johnson 2021): one pass in training mode with momentum 1 makes
-    every BatchNorm2d's running statistics the batch's. Running averages lag behind weights that
-    still move: in a first version that lag alone cost a mid-run curve point up to 10 points."""
+    fixed ("precise BN", Wu & Johnson 2021: one pass in training mode with momentum 1). Running
+    averages lag behind weights that still move: that lag alone cost a curve point up to 10."""
     bns = [m for m in base.modules() if isinstance(m, nn.BatchNorm2d)]
     base.train()
     for bn in bns:
@@ -966,10 +898,9 @@ def accuracy(head, s):
 
 def train_heads(cfg, iters, sets, models):
     """Train the QueryHeads of `models` [(row, seed, band), ...] (one shape; band None: every
-    distance, else (lo, hi): that band's samples only) on sets[base row, seed], Adam with the poly
-    policy over `iters` iterations, all at once (vmapped). Every evaluation, at the CURVE points,
-    follows precise_bn. Returns per model: test scores, accuracy by distance on its training
-    samples (fit), learning curve {iteration: accuracy by distance}."""
+    distance, else (lo, hi): that band's samples only) on sets[base row, seed] together: Adam,
+    poly policy over `iters`, every evaluation (at the CURVE points) after precise_bn. Returns
+    per model: test scores, accuracy by distance on its training samples, {iteration: curve}."""
     heads = [QueryHead(row, seed, cfg["context_channels"]) for row, seed, _ in models]
     keys = [(row.removesuffix(NO_IMAGE), seed) for row, seed, _ in models]
     p, b, base, forward = vmapped(heads)
@@ -981,8 +912,7 @@ def train_heads(cfg, iters, sets, models):
     fixed = torch.cat([r[torch.randperm(len(r), generator=torch.Generator().manual_seed(1))
                          [:n_bn]] for r in rows])
     orders = [torch.Generator().manual_seed(seed) for _, seed, _ in models]
-    points = sorted({max(1, round(f * iters)) for f in CURVE})
-    curves = [{} for _ in models]
+    points, curves = sorted({max(1, round(f * iters)) for f in CURVE}), [{} for _ in models]
 
     def stacked(idx, k):
         return taps[idx].view(n, k, -1, CONTEXT_CHANNELS), mean[idx].view(n, k, -1)
@@ -1012,7 +942,7 @@ def train_heads(cfg, iters, sets, models):
 
 # ---------------------------------------------------------------------------------------------
 # The command: per setting, every row probed and trained with seeds 0..SEEDS-1 (a seed draws
-# layouts, noise and initialisation), rows that have not converged run again with twice the
+# layouts, noise and initialisation); rows that have not converged run again with twice the
 # iterations; a record per (setting, row, iterations), read back by the same command again.
 # ---------------------------------------------------------------------------------------------
 
@@ -1065,9 +995,8 @@ def context_experiment(cfg, seeds):
                     infra.write_json(path[row], recs[row])
                 print(f"context experiment: {setting}, {iters} iterations: "
                       f"{', '.join(pending)} done, {(time.time() - t0) / 60:.1f} min", flush=True)
-            todo = [row for row in todo if converged(record_arrays(recs[row]), cols,
-                                                     cfg["tolerance"])[0] is False
-                    and 2 * iters <= cfg["max_iters"]]
+            todo = [row for row in todo if 2 * iters <= cfg["max_iters"] and not converged(
+                record_arrays(recs[row]), cols, cfg["tolerance"])[0]]
             iters *= 2
         results[setting] = {row: record_arrays(recs[row]) for row in CONTEXT_ROWS}
     cache = None
@@ -1080,20 +1009,18 @@ def context_experiment(cfg, seeds):
         context_figure(results[setting], coverage, setting,
                        os.path.join(out, f"{setting_file(setting)}.png"))
     context_curves_figure(results, os.path.join(out, "curves.png"))
-    print(f"wrote {os.path.join(out, 'table.txt')}, one figure per setting and curves.png "
-          f"in {out}")
+    print(f"wrote {os.path.join(out, 'table.txt')}, one figure per setting and curves.png in {out}")
     return results
 
 
 def train_rows(cfg, iters, sets, rows, seeds, cols):
-    """Probe and train `rows` of one setting (one stack per shape); their records."""
+    """Probe and train `rows` of one setting (one stack of heads per shape): their records."""
     models = [(row, s, None) for row in rows for s in range(seeds)]
     models += [(row, s, band) for row in rows if row in BAND_TRAINED for s in range(seeds)
                for band in cols]
-    stacks = {}
+    stacks, got = {}, {}
     for m in models:
         stacks.setdefault(head_shape(QueryHead(m[0], 0, 1)), []).append(m)
-    got = {}
     for stack in stacks.values():
         got.update(zip(stack, zip(*train_heads(cfg, iters, sets, stack))))
     recs = {}
@@ -1104,9 +1031,9 @@ def train_rows(cfg, iters, sets, rows, seeds, cols):
             if r == row and band is not None:
                 for to, acc in zip(told, (final[0], fit)):
                     to[s][band[0]:band[1] + 1] = acc[band[0]:band[1] + 1]
-        use_mean = context_module(row, 1).image_pool is not None
+        image_level = head_shape(QueryHead(row, 0, 1))[1]
         probes = [{by: probe(sets[row.removesuffix(NO_IMAGE), s]["train"],
-                             sets[row.removesuffix(NO_IMAGE), s]["test"], by, use_mean)
+                             sets[row.removesuffix(NO_IMAGE), s]["test"], by, image_level)
                    for by in PROBES} for s in range(seeds)]
         recs[row] = {
             "probe": {by: [p[by][0].tolist() for p in probes] for by in PROBES},
@@ -1131,10 +1058,14 @@ def record_arrays(rec):
                 iters=rec["config"]["iters"])
 
 
+def band_mean(a, lo, hi):
+    """The mean of a band's distances (every distance weighs the same)."""
+    return a[..., lo:hi + 1].mean(-1)
+
+
 def converged(r, cols, tolerance):
-    """(held, largest change): the convergence criterion. It holds when every band's trained
-    accuracy (mean over seeds) moved by less than `tolerance` points over the run's last
-    doubling of iterations (from the CURVE point at half the run to its end)."""
+    """(held, largest change): every band's trained accuracy (mean over seeds) moved by less
+    than `tolerance` points over the run's last doubling (CURVE point at half the run to end)."""
     its, curve = r["curve_iters"], r["curve"].mean(0)
     half = its.index(max(1, round(its[-1] / 2)))
     change = max(abs(band_mean(curve[-1], lo, hi) - band_mean(curve[half], lo, hi))
@@ -1144,29 +1075,15 @@ def converged(r, cols, tolerance):
 
 def paired(a, b):
     """Per-seed differences a - b (a seed draws both rows' data and initialisation): (mean,
-    seeds +, seeds -, spread, real). spread: the larger range (max - min) over seeds of either
-    row alone, what a re-run moves a row by; real: every seed has the same sign and the mean
-    difference exceeds the spread."""
-    d = a - b
-    spread = max(np.ptp(a), np.ptp(b))
+    seeds +, seeds -, spread, real). spread: the larger range over seeds of either row alone,
+    what a re-run moves a row by; real: every seed the same sign and |mean| > spread."""
+    d, spread = a - b, max(np.ptp(a), np.ptp(b))
     real = len(d) > 1 and ((d > 0).all() or (d < 0).all()) and abs(d.mean()) > spread
     return d.mean(), int((d > 0).sum()), int((d < 0).sum()), spread, bool(real)
 
 
-def band_mean(a, lo, hi):
-    """The mean of a band's distances (every distance weighs the same)."""
-    return a[..., lo:hi + 1].mean(-1)
-
-
-def _trained_cell(tr, lo, hi):
-    """'mean ± s.e.' over seeds of a band."""
-    v = band_mean(tr, lo, hi)
-    se = v.std(ddof=1) / math.sqrt(len(v)) if len(v) > 1 else math.nan
-    return f"{v.mean():5.1f} ± {se:3.1f}"
-
-
 def context_table(cfg, setting, distractor, res, seeds):
-    """One setting: by band, the band probe | the trained module (mean ± s.e. over seeds); the
+    """One setting, by band: the band probe | the trained module (mean ± s.e. over seeds); the
     three probes; fit; told the band; the conflict twins; learning curves; convergence; paired
     comparisons of the trained rows."""
     cols = bands(context_distances(distractor))
@@ -1175,22 +1092,22 @@ def context_table(cfg, setting, distractor, res, seeds):
     def mean(a, lo, hi):
         return f"{band_mean(a, lo, hi).mean():5.1f}"
 
+    def with_se(a, lo, hi):
+        v = band_mean(a, lo, hi)
+        return f"{v.mean():5.1f} ± {v.std(ddof=1) / math.sqrt(len(v)) if len(v) > 1 else math.nan:3.1f}"
+
     def block(title, cell, rows=tuple(res), suffix=""):
         return [title] + [f"{row + suffix:15}" + "".join(f"{cell(res[row], lo, hi):>22}"
                                                          for lo, hi in cols_all) for row in rows]
-
-    def probe_trained(k=""):
-        return lambda r, lo, hi: (f"{mean(r['probe' + k]['band'], lo, hi)} | "
-                                  f"{_trained_cell(r['trained' + k], lo, hi)}")
     lines = [f"{setting}: one query, a cue at distance d, 65x65x{CONTEXT_CHANNELS}, "
              f"{cfg['train_layouts']} training / {PER_DISTANCE['test']} test layouts x 2 twins "
              f"per distance, drawn per seed; accuracy (%), chance exactly 50; {seeds} seed(s), "
              f"batches of {cfg['batch_size']}, iterations per row: see convergence",
              f"{'module':15}" + "".join(f"{f'{lo}-{hi}':>22}" for lo, hi in cols_all)]
-    lines += block("band probe | trained (mean ± s.e. over seeds)", probe_trained())
+    lines += block("band probe | trained (mean ± s.e. over seeds)", lambda r, lo, hi:
+                   f"{mean(r['probe']['band'], lo, hi)} | {with_se(r['trained'], lo, hi)}")
     lines += block("probes (mean over seeds): per distance / per band / pooled", lambda r, lo, hi:
-                   " / ".join(f"{band_mean(r['probe'][by], lo, hi).mean():4.1f}"
-                              for by in PROBES))
+                   " / ".join(f"{band_mean(r['probe'][by], lo, hi).mean():4.1f}" for by in PROBES))
     lines += block("trained, on its training samples | on the test samples (mean over seeds)",
                    lambda r, lo, hi: f"{mean(r['trained_fit'], lo, hi)} | "
                                      f"{mean(r['trained'], lo, hi)}")
@@ -1201,7 +1118,9 @@ def context_table(cfg, setting, distractor, res, seeds):
                    [row for row in res if len(res[row]["trained_band"])], " /band")
     if distractor:
         lines += block("conflict twins only (the distractor has the other class, so only the "
-                       "nearer cue decides): band probe | trained", probe_trained("_conflict"))
+                       "nearer cue decides): band probe | trained", lambda r, lo, hi:
+                       f"{mean(r['probe_conflict']['band'], lo, hi)} | "
+                       f"{with_se(r['trained_conflict'], lo, hi)}")
     lines.append("learning curve, trained (mean over seeds), bands " +
                  " / ".join(f"{lo}-{hi}" for lo, hi in cols) + " at iteration:")
     lines += [f"{row:15}" + "  ".join(f"{it}: " + "/".join(
@@ -1228,8 +1147,8 @@ def context_table(cfg, setting, distractor, res, seeds):
 
 
 # ---------------------------------------------------------------------------------------------
-# The context experiment's figures: a panel per module of Table 1 (with and without its
-# image-level branch) and the learning curves.
+# The context experiment's figures: accuracy (40..100 %) against distance, a panel per module of
+# Table 1 (with and without its image-level branch), and against iterations, the curves.
 # ---------------------------------------------------------------------------------------------
 
 CONTEXT_COLOURS = ((120, 120, 120), (148, 103, 189), (31, 119, 180), (23, 190, 207),
@@ -1252,32 +1171,41 @@ def _polyline(draw, points, fill, width=1, dash=0):
                        ya + f1 * (yb - ya)], fill=fill, width=width)
 
 
-def _axes(size, lo=40):
-    """A white panel with accuracy lo..100 % up the side: (picture, draw, box, y(accuracy))."""
+def _axes(size, title, ticks, lo=40):
+    """A white panel, accuracy lo..100 % up the side and `ticks` {x: label} under the box:
+    (picture, draw, box, y(accuracy)); NaN stays NaN (not scored)."""
     pic = Image.new("RGB", size, (255, 255, 255))
     draw = ImageDraw.Draw(pic)
-    box = (30, 20, size[0] - 14, size[1] - 20)
+    x0, y0, x1, y1 = box = (30, 20, size[0] - 14, size[1] - 20)
 
-    def y(v):  # NaN stays NaN: not scored
-        return v if math.isnan(v) else box[3] - (box[3] - box[1]) * (min(max(v, lo), 100) - lo) / (100 - lo)
+    def y(v):
+        return v if math.isnan(v) else y1 - (y1 - y0) * (min(max(v, lo), 100) - lo) / (100 - lo)
     for v in (50, 75, 100):
         draw.text((2, y(v) - 6), f"{v}", fill=(0, 0, 0))
-        draw.line([box[0], y(v), box[2], y(v)], fill=(0, 0, 0) if v == 50 else (235, 235, 235))
+        draw.line([x0, y(v), x1, y(v)], fill=(0, 0, 0) if v == 50 else (235, 235, 235))
+    for x, label in ticks.items():
+        draw.text((x - 4, y1 + 3), str(label), fill=(0, 0, 0))
+    draw.text((x0, 4), title, fill=(0, 0, 0))
     return pic, draw, box, y
 
 
 def _context_panel(name, res, coverage, size=(300, 200)):
-    """One module against distance 1..40: grey bars, the share of the positions at d its
+    """One module against distance 1..40: grey bars, the share of the positions at d that its
     footprint reads; black, its band probe (grey: without the image-level branch); colour, the
     module trained (mean ± s.e. over seeds, shaded; dashed: without the branch)."""
-    pic, draw, (x0, y0, x1, y1), y = _axes(size)
-    n, colour = CONTEXT_DISTANCES, _colour(name)
+    n, colour, title = CONTEXT_DISTANCES, _colour(name), name
+    for row, dash in ((name, 0), (name + NO_IMAGE, 3)):
+        if row in res:
+            title += f"{' / w/o' if dash else ':'} {np.nanmean(res[row]['trained'].mean(0)[1:]):.1f}"
+    x0, x1 = 30, size[0] - 14
     xs = [x0 + (x1 - x0) * (d - 0.5) / n for d in range(n + 2)]  # bar edges for d = 1..n
     centres = [(xs[d] + xs[d + 1]) / 2 for d in range(1, n + 1)]
+    pic, draw, (_, y0, _, y1), y = _axes(size, title + "%", {centres[d - 1]: d for d in
+                                                             (1, 10, 20, 30, 40)})
     for d in range(1, n + 1):
-        draw.rectangle([xs[d], y1 - (y1 - y0) * coverage[d], xs[d + 1] - 1, y1],
-                       fill=(222, 222, 222)) if coverage[d] > 0 else None
-    title = name
+        if coverage[d] > 0:
+            draw.rectangle([xs[d], y1 - (y1 - y0) * coverage[d], xs[d + 1] - 1, y1],
+                           fill=(222, 222, 222))
     for row, dash, grey in ((name, 0, (0, 0, 0)), (name + NO_IMAGE, 3, (150, 150, 150))):
         if row not in res:
             continue
@@ -1291,11 +1219,7 @@ def _context_panel(name, res, coverage, size=(300, 200)):
         _polyline(draw, [(c, y(p)) for c, p in zip(centres, res[row]["probe"]["band"].mean(0)[1:])],
                   grey)
         _polyline(draw, [(c, y(m)) for c, m in zip(centres, mean[1:])], colour, 2, dash)
-        title += f"{' / w/o' if dash else ':'} {np.nanmean(mean[1:]):.1f}"
     draw.rectangle([x0, y0, x1, y1], outline=(0, 0, 0))
-    for d in (1, 10, 20, 30, 40):
-        draw.text((centres[d - 1] - 4, y1 + 3), str(d), fill=(0, 0, 0))
-    draw.text((x0, 4), title + "%", fill=(0, 0, 0))
     return np.asarray(pic)
 
 
@@ -1304,18 +1228,12 @@ def _figure(head_lines, rows, out):
     width = max(r.shape[1] for r in rows)
     rows = [np.pad(r, ((0, 6), (0, width - r.shape[1]), (0, 0)), constant_values=255)
             for r in rows]
-    head = Image.new("RGB", (width, 4 + 14 * len(head_lines)), (255, 255, 255))
-    draw = ImageDraw.Draw(head)
-    for i, text in enumerate(head_lines):
-        draw.text((4, 2 + 14 * i), text, fill=(0, 0, 0))
-    figure = np.concatenate([np.asarray(head)] + rows, 0)
-    infra.atomic_save(out, lambda f: Image.fromarray(figure).save(f, format="PNG"))
-    return out
+    return infra.save_picture(out, np.concatenate([caption(width, *head_lines)] + rows, 0))
 
 
 def context_figure(results, coverage, setting, out):
-    """One setting: a panel per module of Table 1 (_context_panel). results: {row:
-    record_arrays(...)}, accuracies in %."""
+    """One setting: a panel per module of Table 1 (_context_panel); results {row:
+    record_arrays(...)}."""
     panels = [_context_panel(name, results, coverage[name]) for name in TABLE1]
     return _figure([
         f"{setting}: accuracy (%) reading the class of a 3x3 cue at distance d (descriptors) "
@@ -1328,60 +1246,48 @@ def context_figure(results, coverage, setting, out):
 
 
 def _curve_panel(title, curves, size=(230, 170)):
-    """Accuracy (%) of one band against training iterations (log scale): a line per row (mean
-    over seeds; dashed: without the image-level branch) [(iterations, accuracies, row)]."""
-    pic, draw, (x0, y0, x1, y1), y = _axes(size)
+    """Accuracy (%) of one band against iterations (log scale), a line per row (mean over
+    seeds; dashed: without the image-level branch), curves [(iterations, accuracies, row)]."""
     first, last = min(c[0][0] for c in curves), max(c[0][-1] for c in curves)
 
     def x(it):
-        return x0 + (x1 - x0) * math.log(it / first) / max(1e-9, math.log(last / first))
+        return 30 + (size[0] - 44) * math.log(it / first) / max(1e-9, math.log(last / first))
+    pic, draw, box, y = _axes(size, title, {x(first) - 6: first, x(last) - 6: last})
     for its, acc, row in curves:
         _polyline(draw, [(x(i), y(a)) for i, a in zip(its, acc)], _colour(row), 2,
                   3 if row.endswith(NO_IMAGE) else 0)
-    draw.rectangle([x0, y0, x1, y1], outline=(0, 0, 0))
-    for it in (first, last):
-        draw.text((x(it) - 10, y1 + 3), str(it), fill=(0, 0, 0))
-    draw.text((x0, 3), title, fill=(0, 0, 0))
+    draw.rectangle(box, outline=(0, 0, 0))
     return np.asarray(pic)
 
 
 def context_curves_figure(results, out):
     """Learning curves of the trained rows: a row of panels per setting, a panel per band."""
-    rows = []
-    for setting, distractor in ((s, d) for s, _, d, _ in SETTINGS if s in results):
-        res = results[setting]
-        rows.append(hstack([_curve_panel(
-            f"{setting.replace('background', 'bg')}: d {lo}-{hi}",
-            [(r["curve_iters"], band_mean(r["curve"].mean(0), lo, hi), row)
-             for row, r in res.items()]) for lo, hi in bands(context_distances(distractor))], 6))
-    key = Image.new("RGB", (max(r.shape[1] for r in rows), 16), (255, 255, 255))
-    draw = ImageDraw.Draw(key)
-    for i, name in enumerate(TABLE1):
-        draw.rectangle([4 + 100 * i, 5, 16 + 100 * i, 11], fill=_colour(name))
-        draw.text((20 + 100 * i, 2), name, fill=(0, 0, 0))
+    rows = [hstack([_curve_panel(
+        f"{setting.replace('background', 'bg')}: d {lo}-{hi}",
+        [(r["curve_iters"], band_mean(r["curve"].mean(0), lo, hi), row)
+         for row, r in results[setting].items()]) for lo, hi in bands(context_distances(d))], 6)
+        for setting, _, d, _ in SETTINGS if setting in results]
+    names = list(TABLE1)
     return _figure([
         "Learning curves of the context experiment: accuracy (%) of each trained module (mean "
         "over seeds) on a band of distances against training iterations",
         "(log scale; poly learning rate over each run; dashed: without the image-level branch; "
-        "a row's last run). Chance 50."], [np.asarray(key)] + rows, out)
+        "a row's last run). Chance 50."],
+        [legend(max(r.shape[1] for r in rows), names, [_colour(n) for n in names],
+                range(len(names)))] + rows, out)
 
 
 # =============================================================================================
 # 5. PICTURES OF THE DATA
 # =============================================================================================
 
-
 def synthetic_samples_figure(out, n=6, size=128, seed=0):
-    """A picture of n synthetic samples: images on top, labels below, and a legend."""
+    """n synthetic samples: images on top, labels below, and a legend."""
     ds = data.SyntheticContext(n, size, seed)
-    cols = [np.concatenate(ds.load(i)[:1] + (colorize(ds.load(i)[1], ds.palette),), 0)
-            for i in range(n)]
-    grid = np.concatenate([np.pad(c, ((0, 0), (2, 2), (0, 0)), constant_values=255)
-                           for c in cols], 1)
-    pic = np.concatenate([grid, legend(grid.shape[1], ds.classes, ds.palette,
-                                       range(len(ds.classes)))], 0)
-    infra.atomic_save(out, lambda f: Image.fromarray(pic).save(f, format="PNG"))
-    return out
+    grid = hstack([np.concatenate([ds.load(i)[0], colorize(ds.load(i)[1], ds.palette)], 0)
+                   for i in range(n)], 4)
+    return infra.save_picture(out, np.concatenate([grid, legend(
+        grid.shape[1], ds.classes, ds.palette, range(len(ds.classes)))], 0))
 
 
 CONTEXT_VIEW = ("background", "query", "cue P", "cue Q")
@@ -1390,39 +1296,60 @@ CONTEXT_PALETTE[:4] = [(245, 245, 245), (0, 0, 0), (200, 0, 0), (0, 60, 200)]
 
 
 def context_samples_figure(out, cell=3, distances=(2, 12, 24), seed=0):
-    """Samples of the context experiment (experiments.py context): 65x65 maps with the
-    query pixel and its cue (class P) at a few distances, then with a distractor at >= 1.5 d
-    whose class is drawn at random (P or Q)."""
+    """Samples of the context experiment: 65x65 maps with the query pixel (circled) and its cue
+    at a few distances, then with a distractor at >= 1.5 d, of a random class (P or Q)."""
     maps = []
     for distractor in (False, True):
+        lay = context_layouts(seed, 1, distractor)
         for d in distances:
-            lay = context_layouts(seed, 1, distractor)
-            i = d - 1
             view = np.zeros((CONTEXT_SIZE, CONTEXT_SIZE), np.uint8)
-            for part, kind in (("cue", 2), ("distractor", 2 + lay["other"][i])):
-                cy, cx = lay[part][i]
+            for part, kind in (("cue", 2), ("distractor", 2 + lay["other"][d - 1])):
+                cy, cx = lay[part][d - 1]
                 if cy > -1000:
                     view[cy - 1:cy + 2, cx - 1:cx + 2] = kind
-            view[tuple(lay["query"][i])] = 1
+            view[tuple(lay["query"][d - 1])] = 1
             pic = Image.fromarray(np.kron(colorize(view, CONTEXT_PALETTE),
                                           np.ones((cell, cell, 1), np.uint8)))
-            qy, qx = lay["query"][i] * cell + cell // 2
+            qy, qx = lay["query"][d - 1] * cell + cell // 2
             ImageDraw.Draw(pic).ellipse([qx - 6, qy - 6, qx + 6, qy + 6], outline=(0, 0, 0))
-            title = Image.new("RGB", (pic.width + 2, 14), (255, 255, 255))
-            ImageDraw.Draw(title).text((2, 1), f"d = {d}" + (", distractor" if distractor
-                                                              else ", one cue"), fill=(0, 0, 0))
-            framed = np.pad(np.asarray(pic), ((1, 1), (1, 1), (0, 0)))  # the map's border
-            maps.append(np.concatenate([np.asarray(title), framed], 0))
+            maps.append(np.concatenate([caption(pic.width + 2, f"d = {d}, " + (
+                "distractor" if distractor else "one cue")), np.pad(
+                    np.asarray(pic), ((1, 1), (1, 1), (0, 0)))], 0))  # framed: the map's border
     grid = hstack(maps, 6)
-    pic = np.concatenate([grid, legend(grid.shape[1], CONTEXT_VIEW, CONTEXT_PALETTE,
-                                       range(len(CONTEXT_VIEW)))], 0)
-    infra.atomic_save(out, lambda f: Image.fromarray(pic).save(f, format="PNG"))
-    return out
+    return infra.save_picture(out, np.concatenate([grid, legend(
+        grid.shape[1], CONTEXT_VIEW, CONTEXT_PALETTE, range(len(CONTEXT_VIEW)))], 0))
 
 
 # =============================================================================================
 # 6. THE COMMAND LINE
 # =============================================================================================
+# Flags that are settings of the project come from infra.SETTINGS (one table, one check for
+# every command: a value one command accepts, every command accepts); the flags of this script
+# alone are in OWN, each with its range, said in --help and checked by parse.
+
+FIGURES = {"footprints": footprints_figure, "synthetic": synthetic_samples_figure,
+           "descriptors": context_samples_figure}
+BENCHES = ("modules", "training", "inference", "loader")
+OWN = {"size": (1, 1024), "reps": (1, 1000), "n": (1, 10 ** 6), "erf_images": (1, 10 ** 5),
+       "images": (1, 10 ** 5), "max_iters": (1, 10 ** 8), "train_layouts": (1, 10 ** 5),
+       "tolerance": (0.001, 10)}
+
+
+def _flags(parser, own=(), **settings):
+    """Add settings' flags (name=(default, what it means here); default ...: required) and
+    this script's own [(flag, type, default, help)], their limits in the help."""
+    infra.add_flags(parser, settings)
+    for action in parser._actions:
+        if action.dest in settings:
+            action.default, here = settings[action.dest]
+            action.required = action.default is ...
+            allowed = infra.allowed_text(action.dest).replace("a flag", "text")
+            action.help = here + (f" (default {action.default})" if action.default not in (
+                None, False, ...) else "") + (f" [{allowed}]" if allowed != "text" else "")
+    for flag, kind, default, text in own:
+        lo, hi = OWN[flag.lstrip("-").replace("-", "_")]
+        parser.add_argument(flag, type=kind, default=default, help=f"{text} (default {default}) "
+                            f"[{'a whole number in' if kind is int else 'a number in'} {lo}..{hi}]")
 
 
 def parser():
@@ -1431,55 +1358,49 @@ def parser():
         description="Research and measurement beside the Vortex Pooling reimplementation: "
                     "Table 1's modules in numbers, figures, benchmarks and the experiments. "
                     "`python experiments.py COMMAND --help` explains a command's flags.")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    _flags(p, threads=(0, "torch CPU threads"))
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
     s = sub.add_parser("table", help="Table 1's modules on a 1x2048x65x65 map: utilization ratio "
                                      "(paper Eq. 1; analytic and measured), parameters, time")
-    s.add_argument("--size", type=int, default=65,
-                   help="feature-map side h = w (65: a 513x513 image at output stride 8)")
-    s.add_argument("--reps", type=int, default=3, help="timing repetitions (the best is kept)")
-    s = sub.add_parser("figure", help="draw a figure to a PNG")
+    _flags(s, [("--size", int, 65, "feature-map side h = w (65: a 513x513 image at OS 8)"),
+               ("--reps", int, 3, "timing repetitions (the best is kept)")])
+    s = sub.add_parser("figure", help="draw a figure to a picture file")
     s.add_argument("what", choices=FIGURES, help="footprints: the paper's Fig. 3 from the real "
                    "modules; synthetic: samples of the built-in data; descriptors: samples of "
                    "the 65x65 context experiment")
-    s.add_argument("--out", default=None, help="the PNG to write (default <what>.png)")
-    s.add_argument("--force", action="store_true", help="overwrite --out if it exists")
+    s.add_argument("--out", default=None, help="the picture to write (default <what>.png)")
+    _flags(s, force=(False, "overwrite --out"))
     s = sub.add_parser("bench", help="speed as ratios measured side by side in one run")
     s.add_argument("what", choices=BENCHES, help="modules: the context modules and the whole "
                    "model, Vortex/ASPP (on a GPU also the pooling methods); training: training "
                    "steps (CPU: crop 321; CUDA: batch 2/4/8 x fp32/bf16 x NCHW/channels-last); "
                    "inference: single scale vs 6 scales + flip; loader: augmented 513x513 "
                    "samples/s in one process")
-    s.add_argument("--reps", type=int, default=3, help="timing repetitions (modules, inference)")
     s.add_argument("--voc", default=None, help="loader: a VOC2012 folder (default: VOC-sized "
                                                "synthetic JPEGs in a temporary folder)")
-    s.add_argument("-n", type=int, default=300, help="loader: samples to time")
-    s.add_argument("--device", default=None, help="training: cpu, cuda or cuda:N")
+    _flags(s, [("--reps", int, 3, "timing repetitions (modules, inference)"),
+               ("-n", int, 300, "loader: samples to time")], 
+           device=(None, "training: " + infra.SETTINGS["device"].help))
     s = sub.add_parser("ablation", help="Table 1 in miniature: train and evaluate every module "
                        "of Table 1 plus 'none' with seeds 0..SEEDS-1, then the effective "
                        "receptive fields of none, ASPP and Vortex; any other flag is train.py's "
                        "and applies to every run (python train.py --help)")
-    s.add_argument("--seeds", type=int, required=True, help="seeds per module")
-    s.add_argument("--erf-images", type=int, default=32,
-                   help="validation images averaged in --out-dir/erf.png (default 32)")
+    _flags(s, [("--erf-images", int, 32, "validation images averaged in --out-dir/erf.png")],
+           seeds=(..., "seeds per module"))
     s = sub.add_parser("context", help="Table 1's question at the paper's geometry: accuracy "
                        "reading the class of a cue 1..40 descriptors from a pixel of a 65x65 map, "
                        "per module with and without its image-level branch: probes of its taps "
                        "and the module trained until converged")
-    s.add_argument("--seeds", type=int, required=True,
-                   help="seeds per row; a seed draws the data and the initialisation")
-    for flag, v, kind, what in (
-            ("--iters", 9600, int, "iterations of a row's first run"),
-            ("--max-iters", 38400, int, "the budget: a row that has not converged runs again "
-                                        "with twice the iterations, up to this"),
-            ("--tolerance", 1.0, float, "converged: every band moved by less than this many "
-                                        "points over a run's last doubling of iterations"),
-            ("--batch-size", 512, int, "query pixels per batch"), ("--lr", 0.003, float, "Adam's"),
-            ("--context-channels", 16, int, "the modules' width")):
-        s.add_argument(flag, type=kind, default=v, help=f"{what} (default {v})")
-    s.add_argument("--train-layouts", type=int, default=None,
-                   help=f"training layouts per distance, each with its twin (default "
-                        f"{PER_DISTANCE['train']}; the test keeps {PER_DISTANCE['test']})")
+    _flags(s, [("--max-iters", int, 38400, "the budget: a row that has not converged runs again "
+                                           "with twice the iterations, up to this"),
+               ("--tolerance", float, 1.0, "converged: every band moved by less than this many "
+                                           "points over a run's last doubling of iterations"),
+               ("--train-layouts", int, PER_DISTANCE["train"], f"training layouts per distance, "
+                f"each with its twin (the test keeps {PER_DISTANCE['test']})")],
+           seeds=(..., "seeds per row; a seed draws the data and the initialisation"),
+           iters=(9600, "iterations of a row's first run"),
+           batch_size=(512, "query pixels per batch"), lr=(0.003, "Adam's"),
+           context_channels=(16, "the modules' width"))
     s.add_argument("--settings", nargs="+", choices=[setting_file(x[0]) for x in SETTINGS],
                    default=None, metavar="SETTING", help="run only these settings (default all: "
                    + ", ".join(setting_file(x[0]) for x in SETTINGS) + ")")
@@ -1490,26 +1411,12 @@ def parser():
                        "of the centre pixel's logit w.r.t. the image, mean over validation "
                        "images; checkpoints of one module are averaged)")
     s.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT")
-    s.add_argument("--out", default=os.path.join("runs", "erf.png"), help="the PNG (runs/erf.png)")
-    s.add_argument("--images", type=int, default=32, help="validation images per checkpoint")
-    s.add_argument("--data-root", default=None, help="the data the checkpoints were trained on, "
-                                                     "if not where they say")
-    s.add_argument("--device", default=None, help="cpu, cuda or cuda:N")
-    s.add_argument("--force", action="store_true", help="overwrite --out if it exists")
-    for parser_ in [p] + list(sub.choices.values()):  # every limit is said in --help
-        for action in parser_._actions:
-            if action.dest in LIMITS:
-                action.help += " [{}..{}]".format(*LIMITS[action.dest])
+    s.add_argument("--out", default=os.path.join("runs", "erf.png"), help="the picture "
+                                                                         "(runs/erf.png)")
+    _flags(s, [("--images", int, 32, "validation images per checkpoint")],
+           data_root=(None, "the data the checkpoints were trained on, if not where they say"),
+           device=(None, infra.SETTINGS["device"].help), force=(False, "overwrite --out"))
     return p
-
-
-FIGURES = ("footprints", "synthetic", "descriptors")
-BENCHES = ("modules", "training", "inference", "loader")
-MAX_SEEDS = 100
-LIMITS = {"threads": (0, 1024), "size": (1, 1024), "reps": (1, 1000), "n": (1, 10 ** 6),
-          "seeds": (1, MAX_SEEDS), "erf_images": (1, 10 ** 5), "images": (1, 10 ** 5),
-          "iters": (1, 10 ** 6), "max_iters": (1, 10 ** 7), "batch_size": (1, 10 ** 5),
-          "train_layouts": (1, 10 ** 5), "context_channels": (1, 4096)}
 
 
 def parse(argv=None):
@@ -1519,22 +1426,21 @@ def parse(argv=None):
     args, rest = p.parse_known_args(argv)
     if rest and args.cmd != "ablation":
         p.error(f"unrecognized arguments: {' '.join(rest)}")
-    for k, (lo, hi) in LIMITS.items():
+    infra.check_settings({k: v for k, v in vars(args).items() if k in infra.SETTINGS})
+    for k, (lo, hi) in OWN.items():
         v = getattr(args, k, None)
-        if v is not None and not lo <= v <= hi:
-            raise BadInput(f"--{k.replace('_', '-')} {v}: must be a whole number in {lo}..{hi}")
+        if v is not None and not lo <= v <= hi:  # NaN too
+            raise BadInput(f"--{k.replace('_', '-')} {v}: must be "
+                           f"{'a whole number' if type(v) is int else 'a number'} in {lo}..{hi}")
     if getattr(args, "out", None) is not None:
         infra.path(args.out, "--out")
     if args.cmd == "context":
-        for flag, v in (("--lr", args.lr), ("--tolerance", args.tolerance)):
-            if not (math.isfinite(v) and 0 < v <= 10):
-                raise BadInput(f"{flag} {v}: must be a number in (0, 10]")
         if args.max_iters < args.iters:
             raise BadInput(f"--max-iters {args.max_iters}: must be at least --iters {args.iters}")
         return args, dict(iters=args.iters, max_iters=args.max_iters, tolerance=args.tolerance,
-                          batch_size=args.batch_size, lr=args.lr,
-                          context_channels=args.context_channels, power=0.9,
-                          train_layouts=args.train_layouts or PER_DISTANCE["train"],
+                          batch_size=args.batch_size, lr=args.lr, power=0.9,
+                          context_channels=args.context_channels,
+                          train_layouts=args.train_layouts,
                           settings=args.settings or [setting_file(x[0]) for x in SETTINGS],
                           out_dir=infra.path(args.out_dir, "--out-dir"))
     if args.cmd == "ablation":
@@ -1556,9 +1462,7 @@ def main(argv=None):
         out = args.out or f"{args.what}.png"
         with infra.Claim("experiments.py figure", [("--out", out, infra.PICTURES)], (),
                          args.force):
-            draw = {"footprints": footprints_figure, "synthetic": synthetic_samples_figure,
-                    "descriptors": context_samples_figure}[args.what]
-            return print("wrote", draw(out))
+            return print("wrote", FIGURES[args.what](out))
     if args.cmd == "bench":
         if args.what == "modules" and torch.cuda.is_available():
             bench_modules_cuda()

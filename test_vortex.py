@@ -1689,7 +1689,7 @@ def test_distributed_evaluation_counts_every_image_once(tmp_path):
 def test_fig3_footprint_picture(tmp_path):
     path = experiments.footprints_figure(str(tmp_path / "fig3.png"), size=65, cell=1)
     pic = np.asarray(Image.open(path))
-    assert pic.shape == (67 + 14 + 4 * 14, 3 * 67 + 2 * 8, 3)  # maps framed by a 1-px border
+    assert pic.shape == (67 + 14 + 4 + 4 * 16, 3 * 67 + 2 * 8, 3)  # framed maps, title, legend
     frame = pic[:67, :67]
     assert (frame[0] == 0).all() and (frame[-1] == 0).all() and (frame[:, 0] == 0).all()
     read = (pic[1:66] != 255).any(-1)  # not white: some branch reads it (or the centre, black)
