@@ -183,7 +183,7 @@ def add_flags(parser, names, default=None):
     that a preset or a checkpoint fills it in). Values are checked by check_settings."""
     for name in names:
         s, flag = SETTINGS[name], "--" + name.replace("_", "-")
-        text = f"{s.help} [{allowed_text(name)}]"
+        text = f"{s.help} [{allowed_text(name)}]" if isinstance(s.allowed, tuple) else s.help
         if s.kind is bool:
             parser.add_argument(flag, action="store_const", const=True, default=default,
                                 help=s.help)
