@@ -1477,7 +1477,9 @@ def main(argv=None):
             return erf_figure(args.checkpoints, args.out, args.images,
                               infra.pick_device(args.device), args.data_root)
     try:
-        with infra.Claim(f"experiments.py {args.cmd}", [("--out-dir", cfg["out_dir"], "folder")]):
+        first = os.environ.get("RANK", "0") == "0"  # under torchrun: rank 0 holds the folder
+        with infra.Claim(f"experiments.py {args.cmd}", [("--out-dir", cfg["out_dir"], "folder")]
+                         if first else []):
             return context_experiment(cfg, args.seeds) if args.cmd == "context" else \
                 ablation(dict(cfg, erf_images=args.erf_images), args.seeds)
     finally:

@@ -3820,6 +3820,20 @@ def test_two_nodes_train_checkpoint_and_resume_as_one_node(tmp_path):
                                        for k in a["model"])
 
 
+def test_the_ablation_runs_under_torchrun(tmp_path):
+    """Every command written for torchrun runs under it: the experiments' ablation too (rank 0
+    holds its folder, every rank trains and evaluates its share)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_port", str(free_port()), os.path.join(HERE, "experiments.py"), "ablation",
+           "--seeds", "1"] + TINY + ["--iters", "1", "--device", "cpu", "--erf-images", "1",
+                                     "--out-dir", "abl"]
+    p = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "Table 1 in miniature" in p.stdout and (tmp_path / "abl" / "erf.png").exists()
+    assert not (tmp_path / "abl" / ".lock").exists()
+
+
 def test_a_lost_node_stops_the_other_in_one_line_and_resume_continues(tmp_path):
     port, argv = free_port(), ["--iters", "100000", "--save-every", "5", "--out-dir", "run"]
     procs = [torchrun(2, argv, tmp_path, r, port, start_new_session=True) for r in (0, 1)]
