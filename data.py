@@ -1,20 +1,11 @@
 """Data for Vortex Pooling: PASCAL VOC 2012 (+ SBD train_aug), MS-COCO -> VOC classes, the
 paper's augmentation, and a built-in synthetic dataset where context decides the class.
 
-Part I, the paper: 4.1 trains on train_aug (10,582 images = VOC 2012 train + SBD, minus VOC val)
-and evaluates on VOC 2012 val (1,449), with random scale 0.5-2.0, left-right flips and 513 x 513
-crops; 4.2 pre-trains on MS-COCO with the 20 VOC categories (others are background, objects
-under 1000 pixels discarded: marked 255 here).
-Part I follows 4.1 (the datasets, then the augmentation) and 4.2 (COCO -> VOC).
-Part II: reading and writing files safely, the synthetic data (Fig. 1 made into data), the SBD
-and COCO converters (masks rasterised exactly as pycocotools does) and the command line.
-
-Every item is (image, label): a float (3, H, W) tensor normalised with the ImageNet mean/std and
-an int64 (H, W) tensor of class indices, 255 = ignore. Nothing is downloaded; bad files raise an
-error that names the file. Commands (see `python data.py --help`):
-
-  python data.py prepare-sbd --sbd benchmark_RELEASE/dataset --voc VOCdevkit/VOC2012
-  python data.py prepare-coco --annotations instances_train2017.json --images train2017 --out DIR
+Part I, the paper: 4.1's data (train on train_aug, evaluate on VOC 2012 val), augmentation, and
+4.2's COCO pre-training. Part II: safe file reading, the synthetic data (Fig. 1 made into data),
+the SBD and COCO converters (`python data.py --help`; masks exactly as pycocotools makes them).
+An item is (image, label): float (3, H, W), ImageNet-normalised, and int64 (H, W) class indices,
+255 = ignore. Nothing is downloaded; a bad file is an error naming it.
 """
 import math
 import os
@@ -22,11 +13,12 @@ import time
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image, ImageOps
 
-from infra import (DATASETS, BadInput, Claim, Parser, refuse_inputs, ExistingOutput, MissingInput, atomic_save, cli,
-                   file_digest, is_plain_name, plain_name, progress, read_json, read_list,
-                   read_record, shown, write_json)
+from infra import (DATASETS, BadInput, Claim, ExistingOutput, MissingInput, Parser, atomic_save,
+                   cli, file_digest, is_plain_name, plain_name, progress, read_json, read_list,
+                   read_record, read_text, refuse_inputs, shown, write_json)
 
 # =============================================================================================
 # PART I: THE PAPER
@@ -47,17 +39,12 @@ VOC_CLASSES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "
 
 
 def voc_palette():
-    """The PASCAL VOC colour map (256 RGB triples): bit i of the class index goes to bit
-    7 - i // 3 of channel i % 3. Index 255 ('void') comes out cream-white."""
-    pal = np.zeros((256, 3), dtype=np.uint8)
-    for idx in range(256):
-        c, r, g, b = idx, 0, 0, 0
-        for j in range(8):
-            r |= ((c >> 0) & 1) << (7 - j)
-            g |= ((c >> 1) & 1) << (7 - j)
-            b |= ((c >> 2) & 1) << (7 - j)
-            c >>= 3
-        pal[idx] = (r, g, b)
+    """The PASCAL VOC colour map (256 RGB triples): bit 3 j + k of the class index goes to bit
+    7 - j of channel k. Index 255 ('void') comes out cream-white."""
+    idx, pal = np.arange(256), np.zeros((256, 3), dtype=np.uint8)
+    for j in range(8):
+        for k in range(3):
+            pal[:, k] |= (((idx >> (3 * j + k)) & 1) << (7 - j)).astype(np.uint8)
     return pal
 
 
@@ -89,21 +76,17 @@ class Pairs(torch.utils.data.Dataset):
 
     def __getitem__(self, key):
         epoch, index = key if isinstance(key, tuple) else (self.epoch, key)
-        image, label = self.load(index)
-        return self.transform(image, label, sample_rng(self.seed, epoch, index))
+        return self.transform(*self.load(index), sample_rng(self.seed, epoch, index))
 
 
 class VOCSegmentation(Pairs):
-    """PASCAL VOC 2012 segmentation. `root` is the VOC2012 folder, `split` a list name under
-    ImageSets/Segmentation. Split 'train_aug' (paper 4.1) reads its masks from
-    SegmentationClassAug (made by `python data.py prepare-sbd`). Every listed file is checked
-    to exist when the dataset is built, so a broken tree fails at once, not hours into training.
-    """
+    """PASCAL VOC 2012 segmentation: `root` is the VOC2012 folder, `split` a list name under
+    ImageSets/Segmentation ('train_aug' reads SegmentationClassAug, made by prepare-sbd). Every
+    listed file is checked now, so a broken tree fails at once, not hours into training."""
 
     def __init__(self, root, split, transform=None, seed=0, mask_dir=None, num_classes=21):
-        self.root, self.split = root, split
+        self.root, self.split, self.seed, self.num_classes = root, split, seed, num_classes
         self.transform = transform if transform is not None else EvalTransform()
-        self.seed, self.num_classes = seed, num_classes
         self.classes, self.palette = VOC_CLASSES[:num_classes], VOC_PALETTE
         if not os.path.isdir(root):
             raise MissingInput(f"VOC root not found: {root}\n{VOC_TREE}")
@@ -116,23 +99,21 @@ class VOCSegmentation(Pairs):
         if not os.path.isfile(list_file):
             have = sorted(f[:-4] for f in os.listdir(list_dir) if f.endswith(".txt")) \
                 if os.path.isdir(list_dir) else []
-            hint = ("\nrun `python data.py prepare-sbd ...` to make train_aug"
-                    if split == "train_aug" else "")
+            hint = "\nrun `python data.py prepare-sbd ...` to make train_aug" * (
+                split == "train_aug")
             raise MissingInput(f"split list not found: {list_file} (splits there: "
                                f"{', '.join(have) or 'none'})\n{VOC_TREE}{hint}")
         self.ids = read_list(list_file)  # plain ids only: nothing read from outside `root`
         if not self.ids:
             raise BadInput(f"split list {list_file} is empty")
-        mask_dir = mask_dir or ("SegmentationClassAug" if split == "train_aug"
-                                else "SegmentationClass")
+        mask_dir = mask_dir or "SegmentationClass" + "Aug" * (split == "train_aug")
         self.images = [os.path.join(root, "JPEGImages", i + ".jpg") for i in self.ids]
         self.masks = [os.path.join(root, mask_dir, i + ".png") for i in self.ids]
         for kind, paths in (("image", self.images), ("mask", self.masks)):
             missing = [p for p in paths if not os.path.isfile(p)]
             if missing:
-                raise MissingInput(
-                    f"{len(missing)} {kind}(s) listed in {list_file} do not exist, e.g. "
-                    + ", ".join(missing[:3]))
+                raise MissingInput(f"{len(missing)} {kind}(s) listed in {list_file} do not "
+                                   f"exist, e.g. " + ", ".join(missing[:3]))
 
     def __len__(self):
         return len(self.ids)
@@ -143,8 +124,8 @@ class VOCSegmentation(Pairs):
         mask = read_mask(self.masks[index], self.num_classes)
         if image.shape[:2] != mask.shape:
             raise BadInput(f"size mismatch: image {self.images[index]} is "
-                             f"{image.shape[1]}x{image.shape[0]} but mask {self.masks[index]} is "
-                             f"{mask.shape[1]}x{mask.shape[0]} (width x height)")
+                           f"{image.shape[1]}x{image.shape[0]} but mask {self.masks[index]} is "
+                           f"{mask.shape[1]}x{mask.shape[0]} (width x height)")
         return image, mask
 
 
@@ -162,10 +143,9 @@ def train_aug_ids(sbd_train, sbd_val, voc_train, voc_val):
 # 4.1 "Data Augmentation": "we randomly scale the images from 0.5 to 2.0 and randomly flip the
 # input images in a left-right manner during the training stage." "Crop Size": "we crop a
 # 513 x 513 patch from every resized image for training".
-# Transforms. Each takes (image uint8 HxWx3, label uint8 HxW, rng) and returns the
-# (float image, int64 label) tensors. Randomness comes only from `rng`, which the datasets derive
-# from (seed, epoch, index): the same sample gets the same augmentation whatever the number of
-# loader workers, and a resumed run sees exactly the data it would have seen.
+# A transform maps (image uint8 HxWx3, label uint8 HxW, rng) to (float image, int64 label). Its
+# only randomness is `rng`, from (seed, epoch, index): a sample gets the same augmentation
+# whatever the number of loader workers, and a resumed run sees the data it would have seen.
 # ---------------------------------------------------------------------------------------------
 
 _SCALE = torch.from_numpy(1.0 / (255.0 * STD))[:, None, None]
@@ -192,22 +172,15 @@ class TrainTransform:
         if (sh, sw) != (h, w):  # bilinear image, nearest label: labels stay class indices
             image = np.asarray(Image.fromarray(image).resize((sw, sh), Image.BILINEAR))
             label = np.asarray(Image.fromarray(label).resize((sw, sh), Image.NEAREST))
-        c = self.crop
-        # The crop window on the padded canvas (image at its top-left, padded right/bottom).
+        c = self.crop  # the window on the padded canvas (image top-left, padded right/bottom)
         y0 = int(rng.integers(0, max(sh, c) - c + 1))
         x0 = int(rng.integers(0, max(sw, c) - c + 1))
-        img = image[y0:y0 + c, x0:x0 + c]
-        lab = label[y0:y0 + c, x0:x0 + c]
+        img, lab = image[y0:y0 + c, x0:x0 + c], label[y0:y0 + c, x0:x0 + c]
         if self.flip and rng.random() < 0.5:
             img, lab = img[:, ::-1], lab[:, ::-1]
-        lab = torch.from_numpy(lab.astype(np.int64))
-        if img.shape[:2] == (c, c):  # no padding needed
-            return normalize(img), lab
-        out_img = torch.zeros(3, c, c)  # zero = the mean colour after normalisation
-        out_lab = torch.full((c, c), IGNORE, dtype=torch.int64)
-        out_img[:, :img.shape[0], :img.shape[1]] = normalize(img)
-        out_lab[:lab.shape[0], :lab.shape[1]] = lab
-        return out_img, out_lab
+        pad = (0, c - img.shape[1], 0, c - img.shape[0])  # 0 is the mean after normalising
+        return F.pad(normalize(img), pad), F.pad(torch.from_numpy(lab.astype(np.int64)), pad,
+                                                 value=IGNORE)
 
 
 class EvalTransform:
@@ -226,14 +199,14 @@ def sample_rng(seed, epoch, index):
 # MS-COCO -> VOC classes (paper 4.2: "we treat the categories which are not defined in PASCAL
 # VOC 2012 as background and discard the objects which are smaller than 1000 pixels").
 # Our reading where the paper is silent:
-#   - a discarded small object (of a VOC class) is marked 255, ignored by the loss: painting it
-#     as background would teach the model that small cars and people are background, and a
-#     "discarded" object should teach nothing. Objects of non-VOC categories are background;
+#   - a discarded small object (of a VOC class) is marked 255, ignored by the loss: painted as
+#     background it would teach that small cars and people are background, and a "discarded"
+#     object should teach nothing. Objects of non-VOC categories are background;
 #   - crowd (iscrowd=1) regions of a VOC category are painted as that class;
-#   - overlapping objects: painted largest first, so a smaller object lies on top (in COCO it is
-#     usually the one in front, e.g. a person on a sofa); an ignored small object on top too.
-#   - polygons are rasterised exactly as pycocotools does (polygons_to_mask), so the masks are
-#     the ones every COCO-trained model saw.
+#   - overlapping objects are painted largest first, so a smaller one lies on top (in COCO
+#     usually the one in front, e.g. a person on a sofa); an ignored small one too;
+#   - polygons are rasterised exactly as pycocotools does (polygons_to_mask): the masks every
+#     COCO-trained model saw.
 # ---------------------------------------------------------------------------------------------
 
 COCO_TO_VOC = {"airplane": "aeroplane", "bicycle": "bicycle", "bird": "bird", "boat": "boat",
@@ -244,11 +217,10 @@ COCO_TO_VOC = {"airplane": "aeroplane", "bicycle": "bicycle", "bird": "bird", "b
 
 
 def coco_voc_mask(anns, h, w, cat_to_voc, min_pixels=1000, skipped=None):
-    """Index mask of one image's annotations (see the choices above): VOC objects of at least
-    min_pixels as their class, smaller ones 255 (ignored). None if no VOC object of at least
-    min_pixels is present (the image teaches nothing about the 20 classes). A broken annotation
-    raises BadInput, or, when a `skipped` list is given, is left out and added to it as
-    (annotation id, problem)."""
+    """Index mask of one image's annotations (see above): VOC objects of at least min_pixels as
+    their class, smaller ones 255; None without a VOC object that large (the image teaches
+    nothing about the 20 classes). A broken annotation raises BadInput or, given a `skipped`
+    list, is left out and added to it as (annotation id, problem)."""
     objs = []
     for ann in anns:
         problem = annotation_problem(ann, h, w)
@@ -256,13 +228,10 @@ def coco_voc_mask(anns, h, w, cat_to_voc, min_pixels=1000, skipped=None):
             if skipped is None:
                 raise BadInput(f"annotation {ann.get('id')}: {problem}")
             skipped.append((ann.get("id"), problem))
-            continue
-        cls = cat_to_voc.get(ann["category_id"])
-        if cls is None:
-            continue
-        m = annotation_mask(ann, h, w).astype(bool)
-        area = int(m.sum())  # the decoded area: COCO's stored `area` can disagree with its RLE
-        objs.append((area, cls if area >= min_pixels else IGNORE, m))
+        elif ann["category_id"] in cat_to_voc:
+            cls, m = cat_to_voc[ann["category_id"]], annotation_mask(ann, h, w).astype(bool)
+            area = int(m.sum())  # decoded: COCO's stored `area` can disagree with its RLE
+            objs.append((area, cls if area >= min_pixels else IGNORE, m))
     if not any(cls != IGNORE for _, cls, _ in objs):
         return None
     mask = np.zeros((h, w), np.uint8)
@@ -277,15 +246,14 @@ def get_dataset(name, split, root=None, train=False, crop=513, scale=(0.5, 2.0),
     Synthetic: split 'train' and 'val' are different images (different seeds)."""
     transform = TrainTransform(crop, scale) if train else EvalTransform()
     if name == "synthetic":
-        offset = {"train": 0, "val": 1}.get(split)
-        if offset is None:
+        if split not in ("train", "val"):
             raise BadInput(f"synthetic splits are 'train' and 'val', got {split!r}")
-        return SyntheticContext(num_images, image_size, seed * 2 + offset, transform)
+        return SyntheticContext(num_images, image_size, seed * 2 + (split == "val"), transform)
     if name not in DATASETS:
         raise BadInput(f"dataset must be one of {DATASETS}, got {name!r}")
     if not root:
         raise BadInput(f"dataset {name!r} reads local files: pass --data-root (the VOC2012 "
-                         f"folder, or the output folder of `python data.py prepare-coco`)")
+                       f"folder, or the output folder of `python data.py prepare-coco`)")
     return VOCSegmentation(root, split, transform, seed)
 
 
@@ -294,56 +262,53 @@ def get_dataset(name, split, root=None, train=False, crop=513, scale=(0.5, 2.0),
 # =============================================================================================
 
 # ---------------------------------------------------------------------------------------------
-# Reading files, with errors that say which file and what was expected.
+# Reading files, with errors that say which file and what was expected. Images over
+# MAX_IMAGE_PIXELS (~ 7300 x 5500) are refused from their header, before decoding.
 # ---------------------------------------------------------------------------------------------
 
-MAX_IMAGE_PIXELS = 40_000_000  # ~ 7300 x 5500: larger images are refused before decoding
+MAX_IMAGE_PIXELS = 40_000_000
+
+
+def _read_picture(path, what, read):
+    """read(the opened picture), any failure one BadInput naming the file."""
+    try:
+        with Image.open(path) as im:
+            return read(im)
+    except FileNotFoundError:
+        raise MissingInput(f"{what} not found: {path}") from None
+    except Image.DecompressionBombError as e:
+        raise BadInput(f"{what} {path} is too large to decode safely ({e})") from None
+    except (OSError, SyntaxError, ValueError) as e:  # a permission, a truncated file...
+        if isinstance(e, BadInput):
+            raise
+        raise BadInput(f"cannot read {what} {path}: {getattr(e, 'strerror', None) or e}") \
+            from None
 
 
 def read_image(path, orientation=False):
-    """RGB uint8 array (H, W, 3). Unreadable or truncated files raise BadInput naming them, and
-    so do images over MAX_IMAGE_PIXELS (checked from the header, before anything is decoded: a
-    small file can hold a huge image). 16-bit images are scaled to 8 bits (Pillow's convert
-    would clip them to white). With `orientation`, the EXIF orientation is applied, as every
-    viewer shows a phone photo (for single images; dataset images are used as stored)."""
-    try:
-        with Image.open(path) as im:
-            w, h = im.size
-            if w * h > MAX_IMAGE_PIXELS:
-                raise BadInput(f"image {path} is {w}x{h} = {w * h / 1e6:.0f} megapixels; the "
-                               f"limit is {MAX_IMAGE_PIXELS / 1e6:.0f} (resize it first)")
-            im.load()  # decode now, so that a truncated file fails here
-            if orientation:
-                im = ImageOps.exif_transpose(im)
-            if im.mode.startswith("I"):  # 16-bit (or 32-bit integer) grayscale
-                a = np.asarray(im).astype(np.float64)
-                a = a / (65535.0 if im.mode.startswith("I;16") or a.max() > 255 else 255.0)
-                return np.repeat(np.round(a * 255).astype(np.uint8)[..., None], 3, axis=2)
-            return np.asarray(im.convert("RGB"))
-    except FileNotFoundError:
-        raise MissingInput(f"image not found: {path}") from None
-    except PermissionError:
-        raise BadInput(f"cannot read image {path}: permission denied") from None
-    except Image.DecompressionBombError as e:
-        raise BadInput(f"image {path} is too large to decode safely ({e})") from None
-    except (OSError, SyntaxError, ValueError) as e:
-        raise BadInput(f"cannot read image {path}: {e}") from None
+    """RGB uint8 array (H, W, 3); 16-bit images scaled to 8 bits (Pillow's convert would clip
+    them to white). `orientation` applies the EXIF orientation, as every viewer shows a phone
+    photo (for single images; dataset images are used as stored)."""
+    def read(im):
+        w, h = im.size
+        if w * h > MAX_IMAGE_PIXELS:
+            raise BadInput(f"image {path} is {w}x{h} = {w * h / 1e6:.0f} megapixels; the "
+                           f"limit is {MAX_IMAGE_PIXELS / 1e6:.0f} (resize it first)")
+        im.load()  # decode now, so that a truncated file fails here
+        im = ImageOps.exif_transpose(im) if orientation else im
+        if im.mode.startswith("I"):  # 16-bit (or 32-bit integer) grayscale
+            a = np.asarray(im).astype(np.float64)
+            a = a / (65535.0 if im.mode.startswith("I;16") or a.max() > 255 else 255.0)
+            return np.repeat(np.round(a * 255).astype(np.uint8)[..., None], 3, axis=2)
+        return np.asarray(im.convert("RGB"))
+    return _read_picture(path, "image", read)
 
 
 def read_mask(path, num_classes=21):
-    """Class-index mask (H, W) uint8 from a palette ('P') or grayscale ('L') PNG: VOC's
-    SegmentationClass PNGs hold the class indices (0..20, 255 = void) with a palette to draw
-    them, SegmentationClassAug PNGs the same indices in grayscale. RGB colours are refused:
-    mapping colours back to classes silently is how label errors creep in."""
-    try:
-        with Image.open(path) as im:
-            im.load()
-            mode = im.mode
-            arr = np.asarray(im)
-    except FileNotFoundError:
-        raise MissingInput(f"mask not found: {path}") from None
-    except (OSError, SyntaxError, ValueError) as e:
-        raise BadInput(f"cannot read mask {path}: {e}") from None
+    """Class-index mask (H, W) uint8 from a palette ('P') PNG (VOC's SegmentationClass: indices
+    0..20, 255 = void, with a palette to draw them) or a grayscale ('L') one (SegmentationClassAug).
+    RGB colours are refused: mapping colours back to classes is how label errors creep in."""
+    mode, arr = _read_picture(path, "mask", lambda im: (im.mode, np.asarray(im)))
     if mode not in ("P", "L"):
         why = ("it looks rendered to colours, which cannot be trusted as labels"
                if mode in ("RGB", "RGBA") else "other modes are not read as class indices")
@@ -352,7 +317,7 @@ def read_mask(path, num_classes=21):
     bad = np.setdiff1d(np.unique(arr), np.r_[np.arange(num_classes), IGNORE])
     if bad.size:
         raise BadInput(f"mask {path} holds values {bad.tolist()} outside 0..{num_classes - 1} "
-                         f"and {IGNORE} (ignore)")
+                       f"and {IGNORE} (ignore)")
     return arr
 
 
@@ -387,16 +352,13 @@ def _smooth_noise(rng, h, w, cells, amp):
 def render_synthetic(seed, index, size=128):
     """One synthetic (image uint8 HxWx3, label uint8 HxW) pair, a pure function of its inputs."""
     rng = np.random.default_rng([seed, index, 17])
-    side = size if np.isscalar(size) else int(rng.integers(size[0], size[1] + 1))
-    h = w = side
+    h = w = size if np.isscalar(size) else int(rng.integers(size[0], size[1] + 1))
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-    # background: earthy colour with smooth variations
-    base = rng.uniform(70, 150, 3)
+    base = rng.uniform(70, 150, 3)  # background: earthy colour with smooth variations
     img = base + _smooth_noise(rng, h, w, 6, 18)[..., None] + rng.normal(0, 6, (h, w, 3))
     lab = np.zeros((h, w), np.uint8)
 
-    def disc(cy, cx, r):
-        """Window around a disc, and each window pixel's distance to its centre."""
+    def disc(cy, cx, r):  # a window around a disc, and its pixels' distance to the centre
         sy = slice(max(0, int(cy - r)), max(0, min(h, int(cy + r) + 2)))
         sx = slice(max(0, int(cx - r)), max(0, min(w, int(cx + r) + 2)))
         return sy, sx, np.hypot(yy[sy, sx] - cy, xx[sy, sx] - cx)
@@ -415,15 +377,8 @@ def render_synthetic(seed, index, size=128):
         img[sy, sx][m] = rng.uniform(20, 50)
         lab[sy, sx][m] = 2
 
-    def body(cy, cx, ry, rx, cls):
-        # identical recipe for both classes: striped ellipse, colour from one distribution
-        m = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1
-        theta = rng.uniform(0, np.pi)
-        stripes = np.sin((xx * np.cos(theta) + yy * np.sin(theta)) / 2.5)
-        colour = rng.uniform(120, 230, 3)
-        img[m] = (colour + 35 * stripes[..., None] + rng.normal(0, 6, (h, w, 3)))[m]
-        lab[m] = cls
-        return m
+    def inside(margin):  # the body's ellipse, grown by `margin`
+        return ((yy - cy) / (ry + margin)) ** 2 + ((xx - cx) / (rx + margin)) ** 2 <= 1
 
     # One body (bike or fish, 50/50) in the middle and, beyond a margin of plain background,
     # 100 small scattered cues: wheels (a bike park) and drops of water (a pond). Near the body,
@@ -436,10 +391,6 @@ def render_synthetic(seed, index, size=128):
     ry, rx = rng.uniform(0.16, 0.22) * h, rng.uniform(0.18, 0.26) * w
     gap = rng.uniform(0.10, 0.13) * h
     cy, cx = rng.uniform(0.4, 0.6) * h, rng.uniform(0.4, 0.6) * w
-
-    def inside(margin):
-        return ((yy - cy) / (ry + margin)) ** 2 + ((xx - cx) / (rx + margin)) ** 2 <= 1
-
     inner, near = inside(gap), inside(gap + 0.08 * h)
     for _ in range(100):
         y, x = rng.uniform(0, h), rng.uniform(0, w)
@@ -450,7 +401,12 @@ def render_synthetic(seed, index, size=128):
         p_wheel = own_kind if cls == 3 else 1 - own_kind
         r = rng.uniform(2.5, 4)
         (wheel if rng.random() < p_wheel else drop)(y, x, r)
-    body(cy, cx, ry, rx, cls)
+    # the body, one recipe for both classes: a striped ellipse, colour from one distribution
+    m, theta = inside(0), rng.uniform(0, np.pi)
+    stripes = np.sin((xx * np.cos(theta) + yy * np.sin(theta)) / 2.5)
+    colour = rng.uniform(120, 230, 3)
+    img[m] = (colour + 35 * stripes[..., None] + rng.normal(0, 6, (h, w, 3)))[m]
+    lab[m] = cls
     return np.clip(img, 0, 255).astype(np.uint8), lab
 
 
@@ -458,11 +414,8 @@ class SyntheticContext(Pairs):
     """The built-in dataset (no files): `num_images` images of side `size` (an int, or a
     (min, max) range drawn per image), generated from (seed, index). Classes: background, water,
     wheel, bike, fish; bike and fish look identical up close (see render_synthetic)."""
-
-    classes = SYNTHETIC_CLASSES
-    palette = SYNTHETIC_PALETTE
-    context_classes = SYNTHETIC_CONTEXT_CLASSES
-    num_classes = len(SYNTHETIC_CLASSES)
+    classes, palette = SYNTHETIC_CLASSES, SYNTHETIC_PALETTE
+    context_classes, num_classes = SYNTHETIC_CONTEXT_CLASSES, len(SYNTHETIC_CLASSES)
 
     def __init__(self, num_images=512, size=128, seed=0, transform=None):
         self.num_images, self.size, self.seed = num_images, size, seed
@@ -498,11 +451,11 @@ def sbd_mat_to_mask(path):
         seg = np.asarray(gt.Segmentation)
     except Exception as e:
         raise BadInput(f"cannot read SBD mask {path}: expected a MATLAB file with a GTcls "
-                         f"struct holding Segmentation ({type(e).__name__}: {e})") from None
+                       f"struct holding Segmentation ({type(e).__name__}: {e})") from None
     bad = np.setdiff1d(np.unique(seg), np.arange(21))
     if seg.ndim != 2 or bad.size:
         raise BadInput(f"SBD mask {path}: expected a 2-D map of classes 0..20, got shape "
-                         f"{seg.shape} with values {bad.tolist()}")
+                       f"{seg.shape} with values {bad.tolist()}")
     return seg.astype(np.uint8)
 
 
@@ -512,53 +465,43 @@ def prepare_sbd(sbd, voc, overwrite=False, log=print):
     (it is finer and marks object borders 255); SBD's otherwise. Existing PNGs are kept, so an
     interrupted run resumes. Returns the counts."""
     _scipy_io()  # before anything is written
-    for path, what in ((os.path.join(sbd, "cls"), "SBD cls/ folder"),
-                       (os.path.join(sbd, "train.txt"), "SBD train.txt"),
-                       (os.path.join(sbd, "val.txt"), "SBD val.txt")):
-        if not os.path.exists(path):
-            raise MissingInput(f"{what} not found: {path}\nexpected --sbd to be "
-                                    f"benchmark_RELEASE/dataset with cls/*.mat, train.txt, val.txt")
-    seg_dir = os.path.join(voc, "ImageSets", "Segmentation")
-    lists = {}
-    for name in ("train", "val"):
-        p = os.path.join(seg_dir, name + ".txt")
-        if not os.path.isfile(p):
+    for part in ("cls/ folder", "train.txt", "val.txt"):
+        if not os.path.exists(os.path.join(sbd, part.split("/")[0])):
+            raise MissingInput(f"SBD {part} not found: {os.path.join(sbd, part.split('/')[0])}"
+                               f"\nexpected --sbd to be benchmark_RELEASE/dataset with "
+                               f"cls/*.mat, train.txt, val.txt")
+    seg_dir, lists = os.path.join(voc, "ImageSets", "Segmentation"), {}
+    for key, folder in (("voc_train", seg_dir), ("voc_val", seg_dir), ("sbd_train", sbd),
+                        ("sbd_val", sbd)):
+        p = os.path.join(folder, key[4:] + ".txt")
+        if folder == seg_dir and not os.path.isfile(p):
             raise MissingInput(f"VOC list not found: {p}\n{VOC_TREE}")
-        lists[name] = read_list(p, repeats=True)
-    sbd_train = read_list(os.path.join(sbd, "train.txt"), repeats=True)
-    sbd_val = read_list(os.path.join(sbd, "val.txt"), repeats=True)
-    ids = train_aug_ids(sbd_train, sbd_val, lists["train"], lists["val"])
-    counts = {"sbd_train": len(set(sbd_train)), "sbd_val": len(set(sbd_val)),
-              "voc_train": len(set(lists["train"])), "voc_val": len(set(lists["val"])),
-              "train_aug": len(ids)}
+        lists[key] = read_list(p, repeats=True)
+    ids = train_aug_ids(lists["sbd_train"], lists["sbd_val"], lists["voc_train"],
+                        lists["voc_val"])
+    counts = {k: len(set(v)) for k, v in lists.items()} | {"train_aug": len(ids)}
     out_list = os.path.join(seg_dir, "train_aug.txt")
-    text = "".join(i + "\n" for i in ids)
-    if os.path.exists(out_list) and not overwrite:
-        with open(out_list) as f:
-            if f.read() != text:
-                raise ExistingOutput(f"{out_list} exists with other contents; "
-                                      f"pass --overwrite to replace it")
-    voc_train = set(lists["train"])
-    out_dir = os.path.join(voc, "SegmentationClassAug")
-    written = kept = 0
-    t0 = time.time()
+    if os.path.exists(out_list) and not overwrite and read_text(
+            out_list, "split list").splitlines() != ids:
+        raise ExistingOutput(f"{out_list} exists with other contents; "
+                             f"pass --overwrite to replace it")
+    written, kept, t0, voc_train = 0, 0, time.time(), set(lists["voc_train"])
     for n, i in enumerate(ids, 1):
-        dst = os.path.join(out_dir, i + ".png")
+        dst = os.path.join(voc, "SegmentationClassAug", i + ".png")
+        src = os.path.join(voc, "SegmentationClass", i + ".png")
+        mat = os.path.join(sbd, "cls", i + ".mat")
         if os.path.exists(dst) and not overwrite:
             kept += 1
+        elif i in voc_train and os.path.isfile(src):
+            save_mask(dst, read_mask(src))
+            written += 1
+        elif not os.path.isfile(mat):
+            raise MissingInput(f"{i} is in the SBD lists but {mat} does not exist")
         else:
-            src = os.path.join(voc, "SegmentationClass", i + ".png")
-            if i in voc_train and os.path.isfile(src):
-                mask = read_mask(src)
-            else:
-                mat = os.path.join(sbd, "cls", i + ".mat")
-                if not os.path.isfile(mat):
-                    raise MissingInput(f"{i} is in the SBD lists but {mat} does not exist")
-                mask = sbd_mat_to_mask(mat)
-            save_mask(dst, mask)
+            save_mask(dst, sbd_mat_to_mask(mat))
             written += 1
         progress("prepare-sbd", n, len(ids), t0, log)
-    atomic_save(out_list, lambda f: f.write(text.encode()))
+    atomic_save(out_list, lambda f: f.write("".join(i + "\n" for i in ids).encode()))
     missing = [i for i in ids if not os.path.isfile(os.path.join(voc, "JPEGImages", i + ".jpg"))]
     log(f"SBD train {counts['sbd_train']}, SBD val {counts['sbd_val']}, VOC train "
         f"{counts['voc_train']}, VOC val {counts['voc_val']} -> train_aug {counts['train_aug']} "
@@ -570,8 +513,7 @@ def prepare_sbd(sbd, voc, overwrite=False, log=print):
     if missing:
         log(f"WARNING: {len(missing)} train_aug ids have no JPEG in {voc}/JPEGImages, e.g. "
             f"{', '.join(missing[:3])}")
-    counts["missing_images"] = len(missing)
-    return counts
+    return counts | {"missing_images": len(missing)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -582,11 +524,9 @@ def prepare_sbd(sbd, voc, overwrite=False, log=print):
 def rle_decode(rle):
     """COCO RLE (counts as a list, or the compressed string) -> (h, w) uint8 mask.
     Runs alternate 0s and 1s, starting with 0s, over the pixels in column-major order."""
-    h, w = rle["size"]
-    counts = rle["counts"]
-    if isinstance(counts, (str, bytes)):
-        counts = rle_counts_from_string(counts)
-    counts = np.asarray(counts, dtype=np.int64)
+    (h, w), counts = rle["size"], rle["counts"]
+    counts = np.asarray(rle_counts_from_string(counts) if isinstance(counts, (str, bytes))
+                        else counts, dtype=np.int64)
     if counts.sum() != h * w:
         raise BadInput(f"RLE counts sum to {counts.sum()}, not h*w = {h * w}")
     values = np.zeros(len(counts), np.uint8)
@@ -615,19 +555,15 @@ def rle_counts_from_string(s):
 
 
 def _polygon_crossings(xy, h, w):
-    """Column-major pixel positions (x * h + y) where one polygon's inside/outside flips, found
-    as pycocotools' rleFrPoly does (so that our masks are the ones COCO-trained models saw):
-      1. vertices scaled by 5 and rounded as C does, (int)(5 x + 0.5) (truncation toward zero);
-      2. each edge walked one step at a time along its longer axis, the other coordinate
-         rounded the same way (the walk starts from the lower end, so that an edge and its
-         reverse give the same points);
-      3. wherever the walk enters a new fine column whose centre is a pixel centre (fine
-         x = 5 i + 2), the pixel column i gets a crossing at row ceil(fine y / 5 + 0.1 - 0.5),
-         clamped to [0, h]; columns outside [0, w - 1] are dropped whole.
-    A pixel is inside when an odd number of crossings precede it in column-major order."""
+    """Column-major pixel positions (x * h + y) where one polygon's inside/outside flips, as
+    pycocotools' rleFrPoly finds them: 1. vertices scaled by 5 and rounded as C does,
+    (int)(5 x + 0.5); 2. each edge walked step by step along its longer axis from its lower end
+    (an edge and its reverse give the same points), the other coordinate rounded the same way;
+    3. where the walk enters a fine column whose centre is a pixel centre (fine x = 5 i + 2),
+    pixel column i gets a crossing at row ceil(fine y / 5 + 0.1 - 0.5), clamped to [0, h];
+    columns outside [0, w - 1] are dropped. Inside: an odd number of crossings precede it."""
     p = np.asarray(xy, dtype=np.float64).reshape(-1, 2)
-    x, y = np.trunc(5.0 * p[:, 0] + 0.5).astype(np.int64), np.trunc(5.0 * p[:, 1] + 0.5).astype(
-        np.int64)
+    x, y = np.trunc(5.0 * p + 0.5).astype(np.int64).T
     xe, ye = np.roll(x, -1), np.roll(y, -1)  # edge j runs from vertex j to vertex j + 1
     dx, dy = np.abs(xe - x), np.abs(ye - y)
     along_x = dx >= dy
@@ -655,10 +591,9 @@ def _polygon_crossings(xy, h, w):
 def polygons_to_mask(polygons, h, w):
     """Rasterise one object's COCO polygons ([x1, y1, x2, y2, ...], pixel (i, j) spanning
     [j, j+1) x [i, i+1)) to a (h, w) uint8 mask, pixel-identical to pycocotools'
-    decode(merge(frPyObjects(polygons, h, w))): each polygon filled by the even-odd rule of its
-    crossings (_polygon_crossings), the parts of an object united. Self-intersecting polygons,
-    vertices outside the image and fractional coordinates are all handled as pycocotools does.
-    Tested against pycocotools' own output on real and random polygons (a committed fixture)."""
+    decode(merge(frPyObjects(polygons, h, w))), self-intersecting polygons, vertices outside the
+    image and fractional coordinates included: each polygon filled by the even-odd rule of its
+    crossings, the parts united. Tested on pycocotools' own output (a committed fixture)."""
     mask = np.zeros(h * w, np.uint8)
     for poly in polygons:
         flips = np.bincount(_polygon_crossings(poly, h, w), minlength=h * w + 1)[: h * w]
@@ -727,31 +662,42 @@ def annotation_mask(ann, h, w):
     return polygons_to_mask(seg, h, w) if isinstance(seg, list) else rle_decode(seg)
 
 
-def _read_coco(annotations, images):
+def _read_coco(annotations, images, skip):
+    """The checked COCO file, and its annotations by image id (a broken one skipped)."""
     coco = read_json(annotations, "COCO annotations", 4 * 2 ** 30, strict=False)  # NaN: a
     # record's problem (annotation_problem), not the file's
     for key in ("images", "annotations", "categories"):
         if not isinstance(coco, dict) or not isinstance(coco.get(key), list):
             raise BadInput(f"{annotations} has no '{key}' list: not a COCO instances file")
     for c in coco["categories"]:
-        if not (isinstance(c, dict) and type(c.get("id")) is int and isinstance(c.get("name"),
-                                                                                 str)):
+        if not (isinstance(c, dict) and type(c.get("id")) is int and type(c.get("name")) is str):
             raise BadInput(f"{annotations}: category {shown(c)} needs a whole-number 'id' "
                            f"and a 'name'")
     if not os.path.isdir(images):
         raise MissingInput(f"COCO image folder not found: {images}")
-    return coco
+    by_image = {}
+    for ann in coco["annotations"]:
+        if isinstance(ann, dict) and type(ann.get("image_id")) is type(ann.get("id", 0)) is int:
+            by_image.setdefault(ann["image_id"], []).append(ann)
+        else:
+            skip(f"annotation {shown(ann, 40)}", "no whole-number 'id' and 'image_id'")
+    return coco, by_image
 
 
 def prepare_coco(annotations, images, out, split=None, min_pixels=1000, log=print,
                  strict=False, overwrite=False):
     """Write out/SegmentationClass/<name>.png (VOC palette), out/JPEGImages/<name>.jpg (links to
-    the COCO images) and out/ImageSets/Segmentation/<split>.txt, so that
-    VOCSegmentation(out, split) reads the result. A broken annotation or image record is named
-    and skipped (counted at the end), or stops everything with `strict`. Masks of an earlier,
-    interrupted run with the same settings are kept; other settings need `overwrite`. Returns
-    the counts."""
-    coco = _read_coco(annotations, images)
+    the COCO images) and out/ImageSets/Segmentation/<split>.txt, for VOCSegmentation(out, split).
+    A broken annotation or image record is named and skipped (counted at the end), or stops
+    everything with `strict`. Masks of an interrupted run with the same settings are kept; other
+    settings need `overwrite`. Returns the counts."""
+    skipped, written, no_voc, missing, stems = [], [], 0, [], {}
+
+    def skip(what, problem, strictly=None):  # name it and go on, or stop with `strict`
+        if strict:
+            raise BadInput(f"{annotations}: {strictly or what}: {problem}")
+        skipped.append((what, problem))
+    coco, by_image = _read_coco(annotations, images, skip)
     split = plain_name(split or os.path.splitext(os.path.basename(annotations))[0].replace(
         "instances_", ""), "--split")
     settings = {"annotations": os.path.abspath(annotations), "min_pixels": min_pixels,
@@ -763,18 +709,8 @@ def prepare_coco(annotations, images, out, split=None, min_pixels=1000, log=prin
             raise ExistingOutput(f"{out} holds split {split} made with other settings ({before}); "
                                  f"pass --overwrite to rebuild it, or choose another --out")
     write_json(record, settings)
-    names = {c["id"]: c["name"] for c in coco["categories"]}
-    cat_to_voc = {cid: VOC_CLASSES.index(COCO_TO_VOC[n]) for cid, n in names.items()
-                  if n in COCO_TO_VOC}
-    by_image, written, no_voc, missing, skipped, stems = {}, [], 0, [], [], {}
-    for ann in coco["annotations"]:
-        if isinstance(ann, dict) and type(ann.get("image_id")) is type(ann.get("id", 0)) is int:
-            by_image.setdefault(ann["image_id"], []).append(ann)
-        elif strict:
-            raise BadInput(f"{annotations}: annotation {shown(ann, 40)}: no whole-number 'id' "
-                           f"and 'image_id'")
-        else:
-            skipped.append((f"annotation {shown(ann, 40)}", "no whole-number 'id', 'image_id'"))
+    cat_to_voc = {c["id"]: VOC_CLASSES.index(COCO_TO_VOC[c["name"]]) for c in coco["categories"]
+                  if c["name"] in COCO_TO_VOC}
     t0 = time.time()
     for n, img in enumerate(coco["images"], 1):
         problem, rid = image_problem(img), img.get("id") if isinstance(img, dict) else "?"
@@ -782,13 +718,11 @@ def prepare_coco(annotations, images, out, split=None, min_pixels=1000, log=prin
         if stem in stems:  # a.jpg and a.png: one mask a.png, one list line a
             problem = f"its file_name has the stem of image {shown(stems[stem], 40)}'s"
         if problem:
-            if strict:
-                raise BadInput(f"{annotations}: image record {shown(rid, 40)}: {problem}")
-            skipped.append((f"image {shown(rid, 40)}", problem))
+            skip(f"image {shown(rid, 40)}", problem, f"image record {shown(rid, 40)}")
             continue
         name, stems[stem] = img["file_name"], rid
-        src = os.path.join(images, name)
-        mask_path = os.path.join(out, "SegmentationClass", stem + ".png")
+        src, mask_path = os.path.join(images, name), os.path.join(out, "SegmentationClass",
+                                                                   stem + ".png")
         if not os.path.isfile(src):
             missing.append(name)
         elif os.path.isfile(mask_path) and not overwrite:  # an earlier, interrupted run
@@ -832,29 +766,26 @@ def prepare_coco(annotations, images, out, split=None, min_pixels=1000, log=prin
 
 def parser():
     """The command line (--help explains every flag)."""
-    p = Parser(description="Dataset preparation and checks for Vortex Pooling "
-                                            "(paper 4.1, 4.2). Nothing is downloaded.")
+    p = Parser(description="Dataset preparation for Vortex Pooling (paper 4.1, 4.2).")
     sub = p.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("prepare-sbd", help="make VOC train_aug (10,582 images) from the SBD "
                                            "release: SegmentationClassAug PNGs + train_aug.txt")
     s.add_argument("--sbd", required=True,
                    help="SBD's benchmark_RELEASE/dataset folder (cls/*.mat, train.txt, val.txt)")
     s.add_argument("--voc", required=True, help="the VOCdevkit/VOC2012 folder (written into)")
-    s.add_argument("--overwrite", action="store_true",
-                   help="replace existing SegmentationClassAug PNGs and train_aug.txt")
+    s.add_argument("--overwrite", action="store_true", help="replace existing "
+                   "SegmentationClassAug PNGs and train_aug.txt")
     s = sub.add_parser("prepare-coco", help="COCO instances JSON -> VOC-class index masks "
                                             "(paper 4.2), laid out like VOC2012")
     s.add_argument("--annotations", required=True, help="e.g. annotations/instances_train2017.json")
     s.add_argument("--images", required=True, help="the matching image folder, e.g. train2017/")
     s.add_argument("--out", required=True, help="output folder (VOC-like tree)")
-    s.add_argument("--split", default=None,
-                   help="list name to write (default: from the JSON name, e.g. train2017)")
+    s.add_argument("--split", help="list name to write (default: from the JSON, e.g. train2017)")
     s.add_argument("--strict", action="store_true",
                    help="stop at the first broken annotation or image record (default: name "
                         "it, skip it, and count the skipped ones at the end)")
-    s.add_argument("--overwrite", action="store_true",
-                   help="rebuild a split that --out holds from other settings (--min-pixels, "
-                        "another annotation file)")
+    s.add_argument("--overwrite", action="store_true", help="rebuild a split that --out holds "
+                   "from other settings (--min-pixels, another annotation file)")
     s.add_argument("--min-pixels", type=int, default=1000,
                    help="VOC objects smaller than this are discarded, i.e. marked 255 and "
                         "ignored by the loss (paper 4.2: 1000); 0..10^8")
@@ -868,18 +799,18 @@ def main(argv=None):
             raise BadInput(f"--min-pixels {args.min_pixels}: must be a whole number in 0..10^8")
         if args.split is not None:
             plain_name(args.split, "--split")
-        folder, inputs = args.out, [("--annotations", args.annotations), ("--images", args.images)]
+        folder, flag = args.out, "--out"
+        inputs = [("--annotations", args.annotations), ("--images", args.images)]
         outputs = [os.path.join(folder, d) for d in ("SegmentationClass", "JPEGImages",
                                                      "ImageSets")]
     else:
-        folder, inputs = args.voc, [("--sbd", args.sbd)]
+        folder, flag, inputs = args.voc, "--voc", [("--sbd", args.sbd)]
         outputs = [os.path.join(folder, "SegmentationClassAug"),
                    os.path.join(folder, "ImageSets", "Segmentation", "train_aug.txt")]
         if not os.path.isdir(folder):
             raise MissingInput(f"--voc {folder}: no such folder\n{VOC_TREE}")
     refuse_inputs(outputs, inputs)
-    with Claim(f"data.py {args.cmd}", [("--out" if args.cmd == "prepare-coco" else "--voc",
-                                        folder, "folder")]):  # one preparation a folder
+    with Claim(f"data.py {args.cmd}", [(flag, folder, "folder")]):  # one preparation a folder
         if args.cmd == "prepare-sbd":
             prepare_sbd(args.sbd, args.voc, args.overwrite)
         else:

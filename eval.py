@@ -1,16 +1,12 @@
 """Evaluation: full-image mean IoU from a confusion matrix, multi-scale + flip inference.
 
 Part I, the paper: the metric (mean IoU over the whole dataset), and inference at the image's
-own size, single scale (4.1, ablations) or scales 0.5, 0.75, 1.0, 1.25, 1.5, 1.75 with
-left-right flipping (4.2, DeepLab v3's protocol), 21 classes, VOC 2012 val.
-Part II: checkpoints, the command line, and the pictures a run writes (prediction panels,
-training curves) with the drawing primitives experiments.py's figures use too.
+own size, single scale (4.1, ablations) or scales 0.5 ... 1.75 with left-right flipping (4.2,
+DeepLab v3's protocol). Part II: the command line, and the pictures a run writes (prediction
+panels, training curves) with the drawing primitives experiments.py's figures use too.
 
-  python eval.py --checkpoint runs/synthetic-vortex/checkpoint.pt            # its own val set
   python eval.py --checkpoint ck.pt --dataset voc --data-root VOC2012 --ms --flip --save-dir out
-  python eval.py --checkpoint ck.pt --image photo.jpg          # -> runs/predictions/photo.png
-  python eval.py --checkpoint ck.pt --image photos/            # every image of a folder
-
+  python eval.py --checkpoint ck.pt --image photo.jpg   # or photos/ -> runs/predictions/...
 Nothing is overwritten without --force; known-bad input is one line and exit code 2.
 """
 import math
@@ -40,14 +36,14 @@ PAPER_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
 
 def confusion_update(confusion, pred, target, ignore=data.IGNORE):
     """Add one prediction/target pair (any shape, same shape) to a (C, C) int64 matrix."""
-    c = confusion.shape[0]
-    pred, target = pred.reshape(-1).to(torch.int64), target.reshape(-1).to(torch.int64)
+    c, target = confusion.shape[0], target.reshape(-1).to(torch.int64)
     keep = target != ignore
-    if ((target[keep] < 0) | (target[keep] >= c)).any():
-        bad = target[keep][(target[keep] < 0) | (target[keep] >= c)].unique().tolist()
-        raise infra.BadInput(f"target holds classes {bad} outside 0..{c - 1} and {ignore}")
-    idx = target[keep] * c + pred[keep].to(target.device)
-    confusion += torch.bincount(idx, minlength=c * c).reshape(c, c).to(confusion.device)
+    pred, target = pred.reshape(-1)[keep].to(target.device, torch.int64), target[keep]
+    bad = target[(target < 0) | (target >= c)]
+    if bad.numel():
+        raise infra.BadInput(f"target holds classes {bad.unique().tolist()} outside 0..{c - 1} "
+                             f"and {ignore}")
+    confusion += torch.bincount(target * c + pred, minlength=c * c).view(c, c).to(confusion)
     return confusion
 
 
@@ -56,17 +52,11 @@ def miou_from_confusion(confusion):
     IoU, and is left out of the mean, never counted as 0 or 1), mIoU, pixel accuracy and mean
     class accuracy (over classes present in the ground truth)."""
     conf = confusion.double()
-    tp = conf.diag()
-    gt, pr = conf.sum(1), conf.sum(0)
-    union = gt + pr - tp
-    iou = torch.where(union > 0, tp / union.clamp(min=1), torch.full_like(tp, math.nan))
-    acc = torch.where(gt > 0, tp / gt.clamp(min=1), torch.full_like(tp, math.nan))
-    present = ~iou.isnan()
-    total = conf.sum()
-    return {"miou": iou[present].mean().item() if present.any() else math.nan,
-            "iou": iou.tolist(),
-            "pixel_acc": (tp.sum() / total).item() if total > 0 else math.nan,
-            "mean_acc": acc[~acc.isnan()].mean().item() if (~acc.isnan()).any() else math.nan,
+    tp, gt, pr = conf.diag(), conf.sum(1), conf.sum(0)
+    iou = torch.where(gt + pr - tp > 0, tp / (gt + pr - tp).clamp(min=1), math.nan)
+    acc = torch.where(gt > 0, tp / gt.clamp(min=1), math.nan)
+    return {"miou": iou.nanmean().item(), "iou": iou.tolist(),  # NaN where nothing counts
+            "pixel_acc": (tp.sum() / conf.sum()).item(), "mean_acc": acc.nanmean().item(),
             "confusion": confusion.tolist()}
 
 
@@ -77,23 +67,20 @@ def miou_from_confusion(confusion):
 @torch.no_grad()
 def predict_probs(model, image, scales=(1.0,), flip=False):
     """Class probabilities (C, H, W) of a normalised image (3, H, W), DeepLab v3's way (paper
-    4.2): for every scale s (and the mirror image, in the same batch) the image is resized to
-    s H x s W, its logits at feature resolution are resized ONCE, straight to H x W, then the
-    softmax is taken, and the probabilities of all scales and flips are averaged. With one scale
-    1.0 and no flip this is exactly softmax(model(image))."""
+    4.2): at each scale s (and mirrored, in the same batch) the logits of the s H x s W image
+    are resized ONCE, from feature resolution straight to H x W, then softmaxed; all scales and
+    flips averaged. One scale 1.0 and no flip is exactly softmax(model(image))."""
     x = image.unsqueeze(0) if image.dim() == 3 else image
     h, w = x.shape[-2:]
     scores = getattr(model, "low_res_logits", model)  # any per-pixel model works too
-    total = None
+    total = 0
     for s in scales:
         xs = x if s == 1.0 else F.interpolate(x, size=(max(1, round(h * s)), max(1, round(w * s))),
                                               mode="bilinear", align_corners=False)
         batch = torch.cat([xs, xs.flip(-1)]) if flip else xs
         logits = F.interpolate(scores(batch), size=(h, w), mode="bilinear", align_corners=False)
         probs = logits.float().softmax(1)
-        if flip:
-            probs = probs[:1] + probs[1:].flip(-1)
-        total = probs if total is None else total + probs
+        total = total + (probs[:1] + probs[1:].flip(-1) if flip else probs)
     return (total / (len(scales) * (2 if flip else 1)))[0]
 
 
@@ -112,10 +99,9 @@ def _shard(n):
 
 def evaluate(model, dataset, scales=(1.0,), flip=False, device=None, num_classes=None,
              save_dir=None, log=print, palette=None, workers=0, amp=None):
-    """Full-image evaluation; returns miou_from_confusion's dict. Images are decoded by
-    `workers` loader processes while the model runs; `amp` ('bf16'/'fp16') runs the model under
-    autocast (the probabilities are averaged in fp32). In a distributed run each rank takes
-    every world_size-th image and the matrices are summed with all_reduce."""
+    """Full-image evaluation: miou_from_confusion's dict. `workers` processes decode images while
+    the model runs, under autocast with `amp` ('bf16'/'fp16'; probabilities averaged in fp32).
+    Distributed, each rank takes every world_size-th image; the matrices are all-reduced."""
     device = torch.device(device) if device is not None else next(model.parameters()).device
     num_classes = num_classes or len(dataset.classes)
     palette = palette if palette is not None else dataset.palette
@@ -133,10 +119,9 @@ def evaluate(model, dataset, scales=(1.0,), flip=False, device=None, num_classes
             pred = predict(model, image.to(device, non_blocking=True), scales, flip)
         confusion_update(confusion, pred, label.to(device, non_blocking=True))
         if save_dir:
-            name = getattr(dataset, "ids", None)
-            name = name[i] if name else f"{i:05d}"
-            save_prediction(os.path.join(save_dir, name), image, pred.cpu(), palette, label,
-                            list(dataset.classes))
+            name = dataset.ids[i] if getattr(dataset, "ids", None) else f"{i:05d}"
+            save_prediction(os.path.join(save_dir, name), image, pred.cpu(), palette,
+                            list(dataset.classes), label)
         infra.progress("eval", n, len(indices), t0, log)
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(confusion)
@@ -151,11 +136,9 @@ def evaluate(model, dataset, scales=(1.0,), flip=False, device=None, num_classes
 # =============================================================================================
 
 # ---------------------------------------------------------------------------------------------
-# Predicting images, and the command line. Checkpoints are read by infra.read_checkpoint, the
-# one reader every command shares; the flags and their limits come from infra.SETTINGS.
+# Predicting images, and the command line (checkpoints and flags: infra's gates).
 # ---------------------------------------------------------------------------------------------
 
-IMAGE_TYPES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 DEFAULT_SPLIT = {"coco": "val2017"}  # prepare-coco names splits after the COCO files
 
 
@@ -165,14 +148,15 @@ def prediction_names(source, out):
         if not os.path.isfile(source):
             raise infra.MissingInput(f"--image {source}: no such file or folder")
         if out and not out.lower().endswith(".png"):
-            raise infra.BadInput(f"--out {out}: the prediction is a PNG; give a name ending in "
-                                 f".png")
+            raise infra.BadInput(f"--out {out}: the prediction is a PNG; give a name ending "
+                                 f"in .png")
         return [source], [os.path.splitext(out)[0] if out else os.path.join(
             "runs", "predictions", os.path.splitext(os.path.basename(source))[0])]
     files = sorted(os.path.join(source, f) for f in os.listdir(source)
-                   if f.lower().endswith(IMAGE_TYPES))
+                   if f.lower().endswith(infra.PICTURES))
     if not files:
-        raise infra.MissingInput(f"--image {source}: no image files ({', '.join(IMAGE_TYPES)})")
+        raise infra.MissingInput(f"--image {source}: no image files "
+                                 f"({', '.join(infra.PICTURES)})")
     folder = out or os.path.join("runs", "predictions", os.path.basename(os.path.normpath(source)))
     names = [os.path.splitext(os.path.basename(f)) for f in files]
     clash = {s for s, _ in names if sum(t == s for t, _ in names) > 1}
@@ -181,32 +165,31 @@ def prediction_names(source, out):
                    for s, x in names]
 
 
-def predict_images(model, ck, source, out, scales, flip, device, force, checkpoint=None,
-                   log=print):
-    """Predict one image or every image of a folder: <out>/<stem>.png (class indices, palette)
-    and <out>/<stem>_panel.png each. Returns the paths written."""
-    classes, palette = ck["classes"], np.asarray(ck["palette"])
-    files, stems = prediction_names(source, out)
+def predict_images(model, ck, args, device, log=print):
+    """Predict --image (one image, or every image of a folder): <out>/<stem>.png (class indices,
+    palette) and <out>/<stem>_panel.png each. Returns the paths written."""
+    classes, palette, source, force = ck["classes"], np.asarray(ck["palette"]), args.image, \
+        args.force
+    files, stems = prediction_names(source, args.out)
     outputs = [s + t for s in stems for t in (".png", "_panel.png")]
     twice = sorted({o for o in outputs if outputs.count(o) > 1})
     if twice:
         raise infra.BadInput(f"--image {source}: two outputs would share the name {twice[0]}; "
                              f"rename one of the images")
-    inputs = [("--checkpoint", checkpoint), ("--image", source)]
-    claim = infra.Claim("eval.py", [("--out", o, (".png",)) for o in outputs], inputs, force,
-                        "pass --force to overwrite, or choose another --out") \
-        if not os.path.isdir(source) else infra.Claim(
-            "eval.py", [("--out", os.path.dirname(stems[0]), "folder")], inputs)
-    with claim:
-        infra.existing(outputs, force, "pass --force to overwrite, or choose another --out")
+    inputs, hint = [("--checkpoint", args.checkpoint), ("--image", source)], \
+        "pass --force to overwrite, or choose another --out"
+    with infra.Claim("eval.py", [("--out", os.path.dirname(stems[0]), "folder")], inputs) \
+            if os.path.isdir(source) else infra.Claim(
+                "eval.py", [("--out", o, (".png",)) for o in outputs], inputs, force, hint):
+        infra.existing(outputs, force, hint)
         if ck["dataset"] == "synthetic":
             log(f"note: this checkpoint was trained on the built-in synthetic data; it knows "
                 f"only {', '.join(classes)}, so a photo comes out in those classes")
         written, t0 = [], time.time()
         for n, (f, stem) in enumerate(zip(files, stems), 1):
             image = data.normalize(data.read_image(f, orientation=True)).to(device)
-            pred = predict(model, image, scales, flip).cpu()
-            written += save_prediction(stem, image.cpu(), pred, palette, classes=classes)
+            pred = predict(model, image, tuple(args.scales), args.flip).cpu()
+            written += save_prediction(stem, image.cpu(), pred, palette, classes)
             if len(files) == 1:
                 log(f"{f}: classes found: {', '.join(classes[c] for c in pred.unique().tolist())}")
             else:
@@ -220,27 +203,25 @@ def predict_images(model, ck, source, out, scales, flip, device, force, checkpoi
 def parser():
     """The command line (--help explains every flag)."""
     p = infra.Parser(description="Evaluate a train.py checkpoint: full-image mIoU "
-                                            "(paper 4.1/4.2), or predict images.")
+                                 "(paper 4.1/4.2), or predict images.")
     infra.add_flags(p, ("checkpoint", "dataset", "data_root"))
-    p.add_argument("--split", default=None, help="list to evaluate (default: the checkpoint's "
+    p.add_argument("--split", help="list to evaluate (default: the checkpoint's "
                    "validation split, else val; val2017 for coco)")
     infra.add_flags(p, ("scales",))
     p.add_argument("--ms", action="store_true",
                    help=f"the paper's 4.2 scales {PAPER_SCALES} (overrides --scales)")
     p.add_argument("--flip", action="store_true", help="also average the mirrored image")
     infra.add_flags(p, ("context", "depth"))  # checked against the checkpoint
-    p.add_argument("--save-dir", default=None,
-                   help="write palette prediction PNGs and image|truth|prediction panels here")
-    p.add_argument("--json", default=None,
-                   help="write all numbers here (default: beside the checkpoint, "
-                        "eval_<dataset>_<split>_s<scales>[_flip].json)")
+    p.add_argument("--save-dir", help="write palette prediction PNGs and image|truth|prediction "
+                   "panels here")
+    p.add_argument("--json", default=None, help="write all numbers here (default: beside the "
+                   "checkpoint, eval_<dataset>_<split>_s<scales>[_flip].json)")
     p.add_argument("--image", default=None,
                    help="predict this image, or every image in this folder, instead (images "
                         f"over {data.MAX_IMAGE_PIXELS // 10 ** 6} megapixels are refused)")
-    p.add_argument("--out", default=None,
-                   help="with --image: the prediction PNG (one image; default "
-                        "runs/predictions/<name>.png) or folder (a folder of images; default "
-                        "runs/predictions/<folder>/)")
+    p.add_argument("--out", default=None, help="with --image: the prediction PNG (one image; "
+                   "default runs/predictions/<name>.png) or folder (a folder of images; default "
+                   "runs/predictions/<folder>/)")
     infra.add_flags(p, ("force", "workers", "amp", "device"))
     return p
 
@@ -266,8 +247,7 @@ def main(argv=None):
         model = infra.model_from_checkpoint(ck, args.checkpoint, context=args.context,
                                             depth=args.depth).to(device).eval()
         if args.image:
-            return predict_images(model, ck, args.image, args.out, tuple(args.scales),
-                                  args.flip, device, args.force, args.checkpoint)
+            return predict_images(model, ck, args, device)
         return evaluate_checkpoint(model, ck, args, tuple(args.scales), device, rank)
     finally:
         if dist.is_initialized():
@@ -278,7 +258,7 @@ def evaluate_checkpoint(model, ck, args, scales, device, rank=0):
     """mIoU of the checkpoint on a dataset split; table on screen, numbers in a JSON file."""
     classes, palette, ta = ck["classes"], np.asarray(ck["palette"]), ck["train_args"]
     name = args.dataset or ck["dataset"]
-    same = name == ck["dataset"]
+    same = name == ck["dataset"]  # the checkpoint's own split and root, else the defaults
     split = infra.plain_name(args.split or (ta.get("val_split") if same else None) or
                              DEFAULT_SPLIT.get(name, "val"), "--split")
     root = args.data_root or (ta.get("data_root") if same else None)
@@ -318,56 +298,25 @@ def evaluate_checkpoint(model, ck, args, scales, device, rank=0):
 
 
 # ---------------------------------------------------------------------------------------------
-# Pictures a run writes (Pillow only, written atomically) and the primitives they share with
-# experiments.py's figures.
+# Pictures a run writes (Pillow only, atomically), with primitives experiments.py's figures use.
 # ---------------------------------------------------------------------------------------------
 
 def format_table(result, classes, highlight=()):
-    lines = [f"{'class':14} {'IoU':>7}"]
-    for c, (name, v) in enumerate(zip(classes, result["iou"])):
-        mark = "  (context-dependent)" if c in highlight else ""
-        lines.append(f"{name:14} {'—' if math.isnan(v) else f'{100 * v:6.2f}':>7}{mark}")
-    lines.append(f"{'mIoU':14} {100 * result['miou']:7.2f}")
-    lines.append(f"pixel accuracy {100 * result['pixel_acc']:.2f}   "
-                 f"mean class accuracy {100 * result['mean_acc']:.2f}")
-    return "\n".join(lines)
+    lines = [f"{'class':14} {'IoU':>7}"] + [
+        f"{name:14} {'—' if math.isnan(v) else f'{100 * v:6.2f}':>7}"
+        f"{'  (context-dependent)' if c in highlight else ''}"
+        for c, (name, v) in enumerate(zip(classes, result["iou"]))]
+    return "\n".join(lines + [f"{'mIoU':14} {100 * result['miou']:7.2f}",
+                              f"pixel accuracy {100 * result['pixel_acc']:.2f}   "
+                              f"mean class accuracy {100 * result['mean_acc']:.2f}"])
 
 
-def denormalize(image):
-    """Normalised (3, H, W) tensor -> uint8 (H, W, 3)."""
-    img = image.permute(1, 2, 0).numpy() * data.STD + data.MEAN
-    return (np.clip(img, 0, 1) * 255).round().astype(np.uint8)
-
-
-def panel(image, pred, palette, label=None):
-    """image | ground truth | prediction, side by side, 4 px white gaps."""
-    parts = [denormalize(image)]
-    if label is not None:
-        parts.append(colorize(label.numpy(), palette))
-    parts.append(colorize(pred.numpy(), palette))
-    return hstack(parts, 4)
-
-
-def titled(rows, widths, classes, palette, present):
-    """Panels stacked (4 px apart) under column titles, above a legend of the classes present.
-    `widths`: the width of each column of the first row, for placing the titles."""
-    width = max(r.shape[1] for r in rows)
-    rows = [np.pad(r, ((0, 4), (0, width - r.shape[1]), (0, 0)), constant_values=255)
-            for r in rows]
-    names = ["image", "ground truth", "prediction"] if len(widths) == 3 else ["image",
-                                                                             "prediction"]
-    head = Image.new("RGB", (width, 16), (255, 255, 255))
-    x = 0
-    for name, w in zip(names, widths):
-        ImageDraw.Draw(head).text((x + 2, 2), name, fill=(0, 0, 0))
-        x += w + 4
-    return np.concatenate([np.asarray(head)] + rows +
-                          [legend(width, classes, palette, sorted(present))], 0)
+def colorize(label, palette):
+    return np.asarray(palette, dtype=np.uint8)[np.asarray(label, dtype=np.int64) & 255]
 
 
 def hstack(parts, gap):
-    """RGB uint8 pictures side by side, `gap` px of white between them, shorter ones padded
-    with white at the bottom."""
+    """RGB uint8 pictures side by side, `gap` px of white apart, shorter ones padded below."""
     height = max(p.shape[0] for p in parts)
     parts = [np.pad(p, ((0, height - p.shape[0]), (0, 0), (0, 0)), constant_values=255)
              for p in parts]
@@ -375,60 +324,86 @@ def hstack(parts, gap):
     return np.concatenate([x for p in parts for x in (p, white)][:-1], 1)
 
 
-def save_prediction(stem, image, pred, palette, label=None, classes=None):
-    """stem.png: the prediction as a palette PNG (values = class indices); stem_panel.png:
-    image | (ground truth |) prediction with titles and a legend. Returns both paths."""
-    data.save_mask(stem + ".png", pred.numpy().astype(np.uint8), palette)
-    present = set(pred.unique().tolist()) | (set(label.unique().tolist())
-                                             if label is not None else set())
-    names = classes or [str(i) for i in range(256)]
-    widths = [image.shape[-1]] * (3 if label is not None else 2)
-    pic = titled([panel(image, pred, palette, label)], widths, names, palette, present)
-    infra.atomic_save(stem + "_panel.png", lambda f: Image.fromarray(pic).save(f, format="PNG"))
-    return stem + ".png", stem + "_panel.png"
-
-
-def colorize(label, palette):
-    return np.asarray(palette, dtype=np.uint8)[np.asarray(label, dtype=np.int64) & 255]
-
-
 def legend(width, names, palette, indices):
-    """A white strip `width` px wide: a colour swatch and the name of each class in `indices`,
-    wrapped onto as many lines as needed."""
-    entries = [(int(i), names[i] if i < len(names) else ("ignored" if i == data.IGNORE else str(i)))
-               for i in indices]
+    """A white strip `width` px wide: a swatch and the name of each class in `indices`, wrapped."""
     lines, x = [[]], 4
-    for i, name in entries:
-        w = 14 + 6 * len(name) + 14
-        if x + w > width and lines[-1]:
-            lines.append([])
-            x = 4
-        lines[-1].append((x, i, name))
-        x += w
+    for i in indices:
+        name = names[i] if i < len(names) else ("ignored" if i == data.IGNORE else str(i))
+        if x + 28 + 6 * len(name) > width and lines[-1]:
+            lines, x = lines + [[]], 4
+        lines[-1].append((x, int(i), name))
+        x += 28 + 6 * len(name)
     strip = Image.new("RGB", (width, 16 * len(lines) + 4), (255, 255, 255))
     draw = ImageDraw.Draw(strip)
-    for row, line in enumerate(lines):
+    for y, line in zip(range(4, 16 * len(lines), 16), lines):
         for x, i, name in line:
-            y = 4 + 16 * row
             draw.rectangle([x, y, x + 10, y + 10], fill=tuple(int(v) for v in palette[i]),
                            outline=(0, 0, 0))
             draw.text((x + 14, y), name, fill=(0, 0, 0))
     return np.asarray(strip)
 
 
+def prediction_panels(path, rows, classes, palette):
+    """For each (image, prediction, label or None) of `rows`, image | (ground truth |)
+    prediction, 4 px apart, under column titles and above a legend of the classes shown: a PNG
+    at `path`."""
+    panels, present = [], set()
+    for image, pred, label in rows:
+        shown = [m for m in (label, pred) if m is not None]
+        img = (image.permute(1, 2, 0).numpy() * data.STD + data.MEAN).clip(0, 1)
+        panels.append(hstack([(img * 255).round().astype(np.uint8)] +
+                             [colorize(m.numpy(), palette) for m in shown], 4))
+        present |= {c for m in shown for c in m.unique().tolist()}
+    width = max(p.shape[1] for p in panels)
+    head = Image.new("RGB", (width, 16), (255, 255, 255))
+    titles = ["image"] + ["ground truth"] * (rows[0][2] is not None) + ["prediction"]
+    for k, title in enumerate(titles):
+        ImageDraw.Draw(head).text((k * (rows[0][0].shape[-1] + 4) + 2, 2), title, fill=(0, 0, 0))
+    return infra.save_picture(path, np.concatenate(
+        [np.asarray(head)] + [np.pad(p, ((0, 4), (0, width - p.shape[1]), (0, 0)),
+                                     constant_values=255) for p in panels]
+        + [legend(width, classes, palette, sorted(present))], 0))
+
+
+def save_prediction(stem, image, pred, palette, classes, label=None):
+    """stem.png: the prediction as a palette PNG (values = class indices); stem_panel.png: its
+    picture (prediction_panels). Returns both paths."""
+    data.save_mask(stem + ".png", pred.numpy().astype(np.uint8), palette)
+    return stem + ".png", prediction_panels(stem + "_panel.png", [(image, pred, label)],
+                                            classes, palette)
+
+
+def pick_examples(dataset, n=4, look=64):
+    """n image indices for a picture: where the dataset names classes told apart only by context
+    (synthetic bike and fish), taken in turn from each, so that the picture shows all of them."""
+    ctx = getattr(dataset, "context_classes", ())
+    if not ctx:
+        return list(range(min(n, len(dataset))))
+    buckets = {c: [] for c in ctx}
+    for i in range(min(look, len(dataset))):
+        counts = np.bincount(dataset.load(i)[1].ravel(), minlength=256)
+        buckets[max(ctx, key=lambda c: counts[c])].append(i)
+    order = [i for group in zip(*buckets.values()) for i in group]
+    return (order + [i for i in range(len(dataset)) if i not in order])[:n]
+
+
+def prediction_picture(model, dataset, device, path, n=4):
+    """image | ground truth | prediction for n validation images (prediction_panels)."""
+    model.eval()
+    rows = [(image, predict(model, image.to(device)).cpu(), label)
+            for image, label in (dataset[i] for i in pick_examples(dataset, n))]
+    return prediction_panels(path, rows, list(dataset.classes), dataset.palette)
+
+
 def log_figure(log_path, out, size=(560, 320)):
-    """Loss and learning rate against iterations, from log.jsonl, as a PNG (Pillow only). Both
-    axes start at 0 and carry their values, so a curve's height means what its numbers say.
-    Returns `out`, or None when the log has fewer than two lines (nothing is drawn)."""
-    if not os.path.exists(log_path):
-        return None
-    rows = infra.read_log(log_path)
+    """Loss and learning rate against iterations from log.jsonl, both axes from 0 with their
+    values (a curve's height means what its numbers say): `out`, or None under two lines."""
+    rows = infra.read_log(log_path) if os.path.exists(log_path) else []
     if len(rows) < 2:
         return None
     it = np.array([r["iter"] for r in rows], float)
     pic = Image.new("RGB", size, (255, 255, 255))
-    draw = ImageDraw.Draw(pic)
-    x0, y0, x1, y1 = 58, 28, size[0] - 64, size[1] - 34
+    draw, (x0, y0, x1, y1) = ImageDraw.Draw(pic), (58, 28, size[0] - 64, size[1] - 34)
 
     def x(a):
         return x0 + (x1 - x0) * (a - it[0]) / max(1, it[-1] - it[0])
@@ -447,38 +422,7 @@ def log_figure(log_path, out, size=(560, 320)):
     draw.text((x0, 4), "training loss (blue, left axis) and learning rate (red, right axis), "
                        "both from 0", fill=(0, 0, 0))
     draw.text(((x0 + x1) // 2 - 24, y1 + 18), "iteration", fill=(0, 0, 0))
-    infra.atomic_save(out, lambda f: pic.save(f, "PNG"))
-    return out
-
-
-def pick_examples(dataset, n=4, look=64):
-    """n image indices for a picture: where the dataset names classes told apart only by context
-    (synthetic bike and fish), taken in turn from each, so that the picture shows all of them."""
-    ctx = getattr(dataset, "context_classes", ())
-    if not ctx:
-        return list(range(min(n, len(dataset))))
-    buckets = {c: [] for c in ctx}
-    for i in range(min(look, len(dataset))):
-        counts = np.bincount(dataset.load(i)[1].ravel(), minlength=256)
-        buckets[max(ctx, key=lambda c: counts[c])].append(i)
-    order = [i for group in zip(*buckets.values()) for i in group]
-    return (order + [i for i in range(len(dataset)) if i not in order])[:n]
-
-
-def prediction_picture(model, dataset, device, path, n=4):
-    """image | ground truth | prediction for n validation images, with column titles and a
-    legend of the classes shown."""
-    model.eval()
-    rows, present = [], set()
-    for i in pick_examples(dataset, n):
-        image, label = dataset[i]
-        pred = predict(model, image.to(device)).cpu()
-        rows.append(panel(image, pred, dataset.palette, label))
-        present |= set(label.unique().tolist()) | set(pred.unique().tolist())
-    pic = titled(rows, [dataset[0][0].shape[-1]] * 3, list(dataset.classes),
-                            dataset.palette, present)
-    infra.atomic_save(path, lambda f: Image.fromarray(pic).save(f, "PNG"))
-    return path
+    return infra.save_picture(out, np.asarray(pic))
 
 
 if __name__ == "__main__":
