@@ -426,4 +426,4 @@ def log_figure(log_path, out, size=(560, 320)):
 
 
 if __name__ == "__main__":
-    infra.cli(main)
+    infra.end(lambda: infra.cli(main) and 0)

@@ -1488,4 +1488,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    infra.cli(main)
+    infra.end(lambda: infra.cli(main) and 0)

@@ -890,6 +890,25 @@ def on_rank0(fn, *args):
     return value
 
 
+def end(command):
+    """Run `command()` (a command's cli(main), giving its exit code) and end the process with
+    that code. Under torchrun the interpreter's teardown is skipped once the work is done and
+    written: gloo's threads can abort there (SIGABRT), and torchrun then waits minutes on the
+    node that aborted before it lets the others exit."""
+    try:
+        code = command()
+    except SystemExit as e:
+        code = e.code
+    if isinstance(code, str):  # sys.exit("message"): the message, exit code 1
+        print(code, file=sys.stderr)
+        code = 1
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code or 0)
+    sys.exit(code or 0)
+
+
 def lost_rank(error):
     """One line when `error` is a collective that failed because another rank is gone (its
     process killed, its node down: gloo and NCCL see the connection close), else None."""

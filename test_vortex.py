@@ -4685,8 +4685,10 @@ def grade_handin(path, limit=TIME_LIMIT):
                 except Wrong as e:  # a hand-in that cannot be imported fails every exercise
                     return every(e)
             grades[stub] = verdict(n, stub, params, check, states[stub], child, path, limit)
-        except Wrong as e:
-            grades[stub] = ("failed", f"exercise {n}: {e}")
+        except Exception as e:  # Wrong, or a value shaped to break a check: failed, no crash
+            why = e if isinstance(e, Wrong) else f"its answer could not be checked " \
+                f"({type(e).__name__}: the value is not of the kind the exercise asks for)"
+            grades[stub] = ("failed", f"exercise {n}: {why}")
             if child is not None and child.proc.poll() is not None:
                 child = None  # it is gone: the next exercise starts a new one
     if child is not None:

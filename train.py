@@ -816,5 +816,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    result = infra.cli(main)
-    sys.exit(EXIT_STOPPED if isinstance(result, dict) and "stopped_at" in result else 0)
+    infra.end(lambda: EXIT_STOPPED if "stopped_at" in (infra.cli(main) or {}) else 0)
