@@ -3974,6 +3974,7 @@ tmp = os.path.realpath(os.getcwd()) + os.sep
 
 
 def guard(event, args, _tmp=tmp, _fspath=os.fspath, _isinstance=isinstance, _any=any,
+          _str=str.__str__, _realpath=os.path.realpath,
           _hidden=("exercise_answers", "test_vortex"), _writes=os.O_WRONLY | os.O_RDWR
           | os.O_APPEND | os.O_CREAT | os.O_TRUNC, _denied=frozenset((
               "subprocess.Popen", "os.system", "os.exec", "os.posix_spawn", "os.spawn",
@@ -3988,8 +3989,9 @@ def guard(event, args, _tmp=tmp, _fspath=os.fspath, _isinstance=isinstance, _any
     if event == "object.__setattr__" and args[0] is _me:
         raise PermissionError("a hand-in may not rewrite the grader")
     if event == "open" and not _isinstance(args[0], int):
-        path = _fspath(args[0])
-        path = path.decode(errors="replace") if _isinstance(path, bytes) else path
+        path = _fspath(args[0])  # a str subclass could lie to `in`: an exact str, resolved
+        path = _realpath(path.decode(errors="replace") if _isinstance(path, bytes) else
+                         _str(path))
         if _any(h in path for h in _hidden):
             raise PermissionError("a hand-in may not read the grader or the teachers' key")
         mode, flags = args[1] or "", args[2] or 0
@@ -4845,6 +4847,30 @@ def test_the_checks_pass_the_key_and_fail_the_wrong_answers(kind):
             assert not any(re.search(rf"\b{s}\b", reason) for s in secrets), (stub, reason)
 
 
+PATH_TRICK = """
+import os
+
+
+class _P(str):  # found by an attack: `in` and startswith answered by the hand-in
+    def __contains__(self, x):
+        return False
+
+    def startswith(self, *a):
+        return True
+
+
+ROOT = os.path.dirname(os.path.abspath(vortex_file))
+
+
+def exercise_9_module_a_u(k):
+    return len(open(_P(os.path.join(ROOT, "fixtures", "exercise_" + "answers.txt"))).read())
+
+
+def exercise_10_vortex(b, n):
+    open(_P(os.path.join(ROOT, "PWNED.txt")), "w").write("x")
+"""
+
+
 TRICKS = {  # hand-in: (its code after the key's answers, the stubs it must fail, or all)
     "imports the grader": ("import test_vortex\ntest_vortex.grade = print\n", None),
     "imports the grader, hidden": ("__import__('test_' + 'vortex')\n", None),
@@ -4898,6 +4924,10 @@ def exercise_10_gradient(pools, kernels, dilations, weights):
       "exercise_4_sync_batch_stats", "exercise_6_balanced_digits", "exercise_7_ring_coverage",
       "exercise_8_utilization_at", "exercise_9_module_a_u", "exercise_10_vortex",
       "exercise_10_gradient"]),
+    "a path that lies to the guard": (PATH_TRICK, ["exercise_9_module_a_u", "exercise_10_vortex"]),
+    "values shaped to break a check": ("EXERCISE_1_U = 10 ** 400\n"
+                                       "EXERCISE_3_WINNERS = {('mean',): 'avg', 'max': 'max'}\n",
+                                       ["EXERCISE_1_U", "EXERCISE_3_WINNERS"]),
 }
 
 
@@ -4919,8 +4949,9 @@ def test_a_handin_that_tries_a_trick_fails_every_exercise_it_touches(tmp_path, t
             assert "\n" not in reason and len(reason) < 300, reason
         else:
             assert verdict_ == "not attempted", (stub, reason)
-    leaked = os.path.join(HERE, "graded.txt")  # what exercise_10_vortex tries to write
-    assert not os.path.exists(leaked) or os.remove(leaked)
+    for name in ("graded.txt", "PWNED.txt"):  # what exercise_10_vortex tries to write
+        leaked = os.path.join(HERE, name)
+        assert not os.path.exists(leaked) or os.remove(leaked)
 
 
 def test_grading_a_class_prints_the_same_table_twice(tmp_path, capsys):
