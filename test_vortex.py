@@ -1555,12 +1555,24 @@ def test_presets_and_flags():
 
 
 def test_compiled_model_matches_eager():
+    """--compile: the traced model gives the eager one's output, and it really was traced (a
+    backend that records the graphs it gets: a compile that silently fell back to eager, or
+    stopped at the first operation, would pass an output comparison alone)."""
     torch.manual_seed(0)
     model = DeepLabV3(3, depth=18, base_channels=4, context_channels=8).eval()
     x = torch.randn(1, 3, 37, 29)
-    compiled = torch.compile(model, backend="aot_eager")
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=record)
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), model(x))
+    convs = sum(node.target == torch.conv2d or "conv" in str(node.target)
+                for g in graphs for node in g.graph.nodes)
+    assert graphs and convs >= 20, (len(graphs), convs)  # ResNet-18's and the module's convs
 
 
 # ============================================================================= eval.py
