@@ -138,10 +138,11 @@ class ResNet(nn.Module):
         self.layer2 = self._make_layer("layer2", block, 2 * c, [1] * counts[1], 2)
         stride, rate = 8, 1  # after layer2
         for i, name in ((2, "layer3"), (3, "layer4")):
+            first = rate  # the strided conv keeps its rate either way
             if stride < output_stride:  # keep the stride
-                s, first, rate, stride = 2, rate, rate, stride * 2
-            else:  # trade it for dilation: the strided conv keeps its rate, the rest double it
-                s, first, rate = 1, rate, rate * 2
+                s, stride = 2, stride * 2
+            else:  # trade it for dilation: the convs after the strided one double their rate
+                s, rate = 1, rate * 2
             dilations = [first] + [rate] * (counts[i] - 1)
             if name == "layer4" and multi_grid is not None:
                 dilations = [rate * g for g in multi_grid]
