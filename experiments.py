@@ -81,11 +81,9 @@ def footprints_figure(path, size=65, cell=4):
         pic = np.full((size, size, 3), 255, np.uint8)
         for i in sorted(range(len(m.pools)), key=lambda i: -m.pools[i] - m.dilations[i]):
             fp = footprint(m.pools[i:i + 1], m.kernels[i:i + 1], m.dilations[i:i + 1])
-            r, c = fp.shape[0] // 2, size // 2  # the footprint centred on the centre pixel
-            a, b = max(0, c - r), min(size, c + r + 1)
-            region = np.zeros((size, size), bool)
-            region[a:b, a:b] = fp[a - (c - r):b - (c - r), a - (c - r):b - (c - r)]
-            pic[region & used] = BRANCH_COLOURS[i]
+            fp = np.pad(fp, max(0, size // 2 - fp.shape[0] // 2))  # centred on the centre pixel
+            o = fp.shape[0] // 2 - size // 2
+            pic[fp[o:o + size, o:o + size] & used] = BRANCH_COLOURS[i]
         pic[size // 2, size // 2] = 0
         pic = np.pad(np.kron(pic, np.ones((cell, cell, 1), np.uint8)), ((1, 1), (1, 1), (0, 0)))
         names = [f"{k}x{k} pool, {n}x{n} conv" + (f", rate {d}" if n > 1 else "")
@@ -826,12 +824,10 @@ def train_rows(cfg, iters, sets, rows, seeds, cols):
 
 def record_arrays(rec):
     """A record as arrays (null, a distance a condition does not score, -> NaN)."""
-    out = {k: {by: np.array(v, float) for by, v in rec[k].items()}
-           for k in ("probe", "probe_conflict")}
-    out.update({k: np.array(rec[k], float) for k in RECORD if k not in out and k != "curve"})
-    return dict(out, curve_iters=rec["curve"]["iters"], curve=np.array(rec["curve"]["trained"],
-                                                                       float),
-                iters=rec["config"]["iters"])
+    out = {k: {by: np.array(v, float) for by, v in rec[k].items()} if RECORD[k] is dict else
+           np.array(rec[k], float) for k in RECORD if k != "curve"}
+    return dict(out, curve_iters=rec["curve"]["iters"], iters=rec["config"]["iters"],
+                curve=np.array(rec["curve"]["trained"], float))
 
 
 def band_mean(a, lo, hi):
