@@ -1,18 +1,5 @@
-"""Research and measurement beside the paper: what the four paper files do not need to run.
-
-The paper's model, data, training and evaluation live in vortex.py, data.py, train.py and
-eval.py; this script measures and pictures them. Imports point one way:
-data <- vortex <- train, eval <- experiments.
-
-  python experiments.py table                       # Table 1's modules: Eq. (1), parameters, time
-  python experiments.py figure footprints --out F   # Fig. 3 drawn from the real modules
-  python experiments.py figure synthetic --out F    # samples of the built-in synthetic data
-  python experiments.py figure descriptors --out F  # samples of the 65x65 context experiment
-  python experiments.py bench modules|training|inference|loader   # speed, as side-by-side ratios
-  python experiments.py ablation --seeds 3 [train.py flags]       # Table 1 in miniature + ERF
-  python experiments.py context --seeds 2   # Table 1's question at the paper's geometry
-  python experiments.py erf CK [CK ...] --out F     # effective receptive fields of checkpoints
-
+"""Research and measurement beside the paper, what the four paper files do not need to run:
+`python experiments.py COMMAND --help` (commands: table, figure, bench, ablation, context, erf).
 Nothing is overwritten without --force; an interrupted experiment continues where it stopped."""
 import copy
 import json
@@ -40,9 +27,7 @@ from vortex import (TABLE1, DeepLabV3, box_averages, footprint, make_context,
                     measured_utilization, table1_module, utilization_ratio)
 
 
-# =============================================================================================
-# 1. TABLE 1'S MODULES IN NUMBERS (paper 3.2, Eq. 1) AND FIG. 3
-# =============================================================================================
+# ==== 1. TABLE 1'S MODULES IN NUMBERS (paper 3.2, Eq. 1) AND FIG. 3 ===========================
 
 TABLE_ROWS = tuple(row for row in TABLE1 if TABLE1[row].miou) + ("none",)  # as printed
 
@@ -69,8 +54,7 @@ def print_table(size=65, channels=2048, reps=3):
 
 
 def ring_coverage(module, max_distance=40):
-    """Fig. 3 as a curve: for d = 0..max_distance, the share of the 8d offsets at Chebyshev
-    distance d (offset 0 for d = 0) that the module's footprint reads on an unbounded map."""
+    """Fig. 3 as a curve: per Chebyshev distance d, the share of the offsets the footprint reads."""
     grid = footprint(module.pools, module.kernels, module.dilations)
     r = grid.shape[0] // 2
     yy, xx = np.mgrid[-r:r + 1, -r:r + 1]
@@ -90,21 +74,16 @@ BRANCH_COLOURS = ((200, 30, 30), (240, 150, 20), (40, 110, 200), (60, 160, 60))
 
 
 def footprints_figure(path, size=65, cell=4):
-    """The paper's Fig. 3 from the real modules: for ASPP, Module A(5) and Module B, the
-    positions of a size x size map that feed the centre output (autograd), coloured by the
-    branch that reads them (the finest on top), white where nothing reads, the output pixel
-    black, framed by a black border; a title and a legend of the branches under each map."""
+    """Fig. 3 from the real modules: what feeds the centre output (autograd), by branch."""
     panels = []
     for m in [table1_module(row, 8) for row in ("ASPP", "A(5)", "Vortex")]:
         ratio, used = measured_utilization(m, size, size, return_map=True)
         pic = np.full((size, size, 3), 255, np.uint8)
         for i in sorted(range(len(m.pools)), key=lambda i: -m.pools[i] - m.dilations[i]):
             fp = footprint(m.pools[i:i + 1], m.kernels[i:i + 1], m.dilations[i:i + 1])
-            r, c = fp.shape[0] // 2, size // 2  # the footprint centred on the centre pixel
-            a, b = max(0, c - r), min(size, c + r + 1)
-            region = np.zeros((size, size), bool)
-            region[a:b, a:b] = fp[a - (c - r):b - (c - r), a - (c - r):b - (c - r)]
-            pic[region & used] = BRANCH_COLOURS[i]
+            fp = np.pad(fp, max(0, size // 2 - fp.shape[0] // 2))  # centred on the centre pixel
+            o = fp.shape[0] // 2 - size // 2
+            pic[fp[o:o + size, o:o + size] & used] = BRANCH_COLOURS[i]
         pic[size // 2, size // 2] = 0
         pic = np.pad(np.kron(pic, np.ones((cell, cell, 1), np.uint8)), ((1, 1), (1, 1), (0, 0)))
         names = [f"{k}x{k} pool, {n}x{n} conv" + (f", rate {d}" if n > 1 else "")
@@ -116,19 +95,15 @@ def footprints_figure(path, size=65, cell=4):
     return infra.save_picture(path, hstack(panels, 8))
 
 
-# =============================================================================================
-# 2. BENCHMARKS: speed as ratios measured side by side in one run (machines are noisy)
-# =============================================================================================
+# ==== 2. BENCHMARKS: speed as ratios measured side by side in one run (machines are noisy) ====
 
 def best_times(fns, reps, warmup=1):
-    """Best wall time (s) of each of {name: fn}, run interleaved (a, b, a, b, ...) after
-    `warmup` calls each, so that machine noise hits all; CUDA work is waited for."""
-    def sync():
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
-            torch.cuda.synchronize()
+    """Best time (s) of each fn, run interleaved (a, b, a, b...) so that machine noise hits all."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
+    sync = torch.cuda.synchronize if torch.cuda.is_available() and torch.cuda.is_initialized() \
+        else (lambda: None)
     best = dict.fromkeys(fns, math.inf)
     for _ in range(reps):
         for name, fn in fns.items():
@@ -140,47 +115,20 @@ def best_times(fns, reps, warmup=1):
     return best
 
 
-def separable_box_average(x, k, count_include_pad):
-    """vortex.box_averages' alternative on a GPU: native pooling run separably, k x 1 then
-    1 x k, each pass divided by its own count (their product is the 2-D count)."""
-    r = k // 2
-    rows = F.avg_pool2d(x, (k, 1), 1, (r, 0), count_include_pad=count_include_pad)
-    return F.avg_pool2d(rows, (1, k), 1, (0, r), count_include_pad=count_include_pad)
-
-
-def _poolings(x):
-    """The three ways to pool X for Vortex (k = 3, 9, 27): {name: fn}."""
-    return {"cascade": lambda: list(box_averages(x, (3, 9, 27)).values()),
-            "separable": lambda: [separable_box_average(x, k, False) for k in (3, 9, 27)],
-            "avg_pool2d": lambda: [F.avg_pool2d(x, k, 1, k // 2, count_include_pad=False)
-                                   for k in (3, 9, 27)]}
-
-
-def torchvision_deeplab():
-    """torchvision's deeplabv3_resnet101 (random weights, eval), or None saying why: it is never
-    a dependency (where it imports, e.g. a scratch environment, we compare against it)."""
-    try:
-        from torchvision.models.segmentation import deeplabv3_resnet101
-    except Exception as e:  # not installed, or its compiled ops do not fit this torch
-        print(f"(no comparison with torchvision's DeepLabV3: {type(e).__name__}: "
-              f"{(str(e).splitlines() or [''])[0]})")
-        return None
-    return deeplabv3_resnet101(weights=None, weights_backbone=None, aux_loss=False).eval()
-
-
 @torch.no_grad()
 def bench_modules(reps=5, model_reps=2):
-    """CPU speed targets: the context module and the whole model, Vortex against ASPP (and
-    torchvision's DeepLabV3 where it imports), and the pooling against a copy of X."""
-    x = torch.randn(1, 2048, 65, 65)
-    mods = {c: make_context(c, 2048).eval() for c in ("aspp", "vortex")}
-    pools, theirs = _poolings(x), torchvision_deeplab()
-    fns = {"aspp": lambda: mods["aspp"](x), "vortex": lambda: mods["vortex"](x),
-           "pool": pools["cascade"], "copy": x.clone, "avg_pool2d": pools["avg_pool2d"]}
-    if theirs is not None:
-        fns["torchvision"] = lambda: theirs.classifier[0](x)
-    t, gb = best_times(fns, reps), x.numel() * x.element_size() / 1e9
-    print(f"context module, input 1x2048x65x65, best of {reps}, {torch.get_num_threads()} threads:")
+    """Forward, fp32, on the GPU where there is one: Vortex/ASPP, the pooling against a copy."""
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    x = torch.randn(1, 2048, 65, 65, device=dev)
+    mods = {c: make_context(c, 2048).eval().to(dev) for c in ("aspp", "vortex")}
+    t = best_times({"aspp": lambda: mods["aspp"](x), "vortex": lambda: mods["vortex"](x),
+                    "pool": lambda: box_averages(x, (3, 9, 27)), "copy": x.clone,
+                    "avg_pool2d": lambda: [F.avg_pool2d(x, k, 1, k // 2, count_include_pad=False)
+                                           for k in (3, 9, 27)]}, reps)
+    gb = x.numel() * x.element_size() / 1e9
+    print(f"context module, input 1x2048x65x65, best of {reps}, " + (
+        torch.cuda.get_device_name(dev) if dev.type == "cuda" else
+        f"{torch.get_num_threads()} threads") + ":")
     print(f"  ASPP {t['aspp']:.3f} s   Vortex {t['vortex']:.3f} s   "
           f"ratio Vortex/ASPP = {t['vortex'] / t['aspp']:.3f}   (target <= 1.05)")
     print(f"  pooling k=3,9,27: box_averages {t['pool'] * 1e3:.1f} ms = {4 * gb / t['pool']:.1f} "
@@ -188,52 +136,17 @@ def bench_modules(reps=5, model_reps=2):
           f"{2 * gb / t['copy']:.1f} GB/s; pooling / copy time per byte "
           f"{(t['pool'] / 4) / (t['copy'] / 2):.1f}; avg_pool2d {t['avg_pool2d']:.3f} s "
           f"({t['avg_pool2d'] / t['pool']:.0f}x the cascade)")
-    if theirs is not None:
-        print(f"  ASPP / torchvision's ASPP (DeepLabV3 head) = {t['aspp'] / t['torchvision']:.3f}"
-              f"   (target <= 1.02)")
-    img = torch.randn(1, 3, 513, 513)
-    fns = {c: (lambda m=DeepLabV3(21, 101, c).eval(): m(img)) for c in ("aspp", "vortex")}
-    if theirs is not None:
-        ours = DeepLabV3(21, 101, "aspp", multi_grid=None).eval()
-        fns.update(ours=lambda: ours(img), torchvision=lambda: theirs(img))
-    t = best_times(fns, model_reps)
+    img = torch.randn(1, 3, 513, 513, device=dev)
+    t = best_times({c: (lambda m=DeepLabV3(21, 101, c).eval().to(dev): m(img))
+                    for c in ("aspp", "vortex")}, model_reps)
     print(f"whole model, DeepLab v3 ResNet-101 OS 8, input 1x3x513x513, best of {model_reps}:")
     print(f"  ASPP {t['aspp']:.2f} s   Vortex {t['vortex']:.2f} s   "
           f"ratio Vortex/ASPP = {t['vortex'] / t['aspp']:.3f}   (target <= 1.03; "
           f"paper: 10.37 vs 10.13 FPS on a GPU = 1.024)")
-    if theirs is not None:
-        print(f"  ours (ASPP, no multi-grid) / torchvision deeplabv3_resnet101 = "
-              f"{t['ours'] / t['torchvision']:.3f}   (target <= 1.02; theirs adds a 3x3 head conv)")
-
-
-def bench_modules_cuda(batch=8, reps=20):
-    """On a GPU, forward + backward for X = batch x 2048 x 65 x 65 in fp32 and bf16: Vortex's
-    pooling three ways and the context modules, Vortex/ASPP."""
-    dev = torch.device("cuda")
-    print(f"{torch.cuda.get_device_name(dev)}, X = {batch}x2048x65x65, forward + backward, "
-          f"best of {reps} after 3 warm-up, ms:")
-    mods = {c: make_context(c, 2048).to(dev) for c in ("vortex", "aspp")}
-    for dtype in (torch.float32, torch.bfloat16):
-        x = torch.randn(batch, 2048, 65, 65, device=dev, dtype=dtype, requires_grad=True)
-
-        def module(m):
-            def run():
-                with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
-                    m(x.detach().float()).float().sum().backward()
-            return run
-        fns = {name: (lambda fn=fn: sum(o.float().sum() for o in fn()).backward())
-               for name, fn in _poolings(x).items()}
-        fns.update({c: module(m) for c, m in mods.items()})
-        t = {k: 1000 * v for k, v in best_times(fns, reps, warmup=3).items()}
-        print(f"  {str(dtype).split('.')[1]:9} pooling: cascade {t['cascade']:.2f}, separable "
-              f"{t['separable']:.2f}, avg_pool2d {t['avg_pool2d']:.2f};  context module: ASPP "
-              f"{t['aspp']:.2f}, Vortex {t['vortex']:.2f} ({t['vortex'] / t['aspp']:.3f}x)")
 
 
 def bench_inference(reps=2):
-    """Seconds per 500x375 image, ResNet-101 OS 8 + Vortex (untrained: the cost does not depend
-    on the weights), single scale vs the paper's 6 scales + flip, against the pixel-count ratio
-    2 * sum(s^2) = 17.4 (the model's cost is nearly linear in pixels)."""
+    """Seconds per 500x375 image, 1 vs 6 scales + flip, against the pixel ratio 2 sum(s^2)."""
     torch.manual_seed(0)
     model, image = DeepLabV3(21, 101, "vortex").eval(), torch.randn(3, 375, 500)
     t = best_times({"single": lambda: predict(model, image),
@@ -246,8 +159,7 @@ def bench_inference(reps=2):
 
 
 def bench_loader(voc=None, n=300, crop=513):
-    """Samples per second of one process making augmented crop x crop training samples, from a
-    VOC folder or from 12 VOC-sized (500x375) synthetic JPEGs in VOC's layout."""
+    """Augmented samples per second in one process: a VOC folder or 12 VOC-sized JPEGs."""
     with tempfile.TemporaryDirectory() as tmp:
         root = voc or tmp
         if voc is None:
@@ -276,20 +188,9 @@ def bench_loader(voc=None, n=300, crop=513):
     return n / dt
 
 
-def training_step(model, opt, x, t, dtype=None):
-    """One SGD step on (x, t), under autocast when `dtype` is bf16/fp16."""
-    with torch.autocast(x.device.type, dtype=dtype, enabled=dtype not in (None, torch.float32)):
-        loss = loss_fn(model(x), t) / t.numel()
-    loss.backward()
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-
-
 def bench_training(device_arg=None):
-    """Training steps of ResNet-101 OS 8, SGD, Vortex against ASPP one after the other at each
-    configuration: on the CPU crop 321, batch 2, fp32; on a GPU crop 513, batch 2/4/8 x fp32 /
-    bf16, with the peak memory after the warm-up (cuDNN's autotuning tries workspaces as large
-    as the free memory once); each in NCHW and channels-last. Out of memory is a cell."""
+    """SGD steps, Vortex and ASPP one after the other per configuration; out of memory is a
+    cell (peak memory after the warm-up, when cuDNN's autotuning has tried its workspaces)."""
     device = infra.pick_device(device_arg)
     cuda = device.type == "cuda"
     torch.backends.cudnn.benchmark = True
@@ -319,24 +220,30 @@ def bench_training(device_arg=None):
 
 
 def _steps(model, opt, batch, crop, dtype, layout, warmup, steps):
-    """(images/s, peak GiB on a GPU, NaN on the CPU) of SGD steps at one configuration, or None
-    if out of memory."""
+    """(images/s, peak GiB or NaN on the CPU) at one configuration; None: out of memory."""
     device = next(model.parameters()).device
     cuda, fmt = device.type == "cuda", (torch.channels_last if layout == "channels-last" else
                                         torch.contiguous_format)
     model.to(memory_format=fmt)
+
+    def step():
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            loss = loss_fn(model(x), t) / t.numel()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
     x = t = None
     try:
         x = torch.randn(batch, 3, crop, crop, device=device).contiguous(memory_format=fmt)
         t = torch.randint(0, 21, (batch, crop, crop), device=device)
         for _ in range(warmup):
-            training_step(model, opt, x, t, dtype)
+            step()
         if cuda:
             torch.cuda.synchronize(device)
             torch.cuda.reset_peak_memory_stats(device)
-        best = best_times({"step": lambda: training_step(model, opt, x, t, dtype)}, steps, 0)
-        return batch / best["step"], (torch.cuda.max_memory_allocated(device) / 2 ** 30 if cuda
-                                      else math.nan)
+        best = best_times({"step": step}, steps, 0)["step"]
+        return batch / best, (torch.cuda.max_memory_allocated(device) / 2 ** 30 if cuda
+                              else math.nan)
     except torch.OutOfMemoryError:
         return None
     finally:
@@ -346,9 +253,7 @@ def _steps(model, opt, batch, crop, dtype, layout, warmup, steps):
             torch.cuda.empty_cache()
 
 
-# =============================================================================================
-# 3. TABLE 1 IN MINIATURE AND THE EFFECTIVE RECEPTIVE FIELD
-# =============================================================================================
+# ==== 3. TABLE 1 IN MINIATURE AND THE EFFECTIVE RECEPTIVE FIELD ==============================
 
 ABLATION_ROWS = tuple(TABLE1)  # with the image-level control: what the others add to it
 ABLATION_KEYS = ("dataset", "depth", "base_channels", "context_channels", "output_stride",
@@ -358,8 +263,7 @@ ABLATION_KEYS = ("dataset", "depth", "base_channels", "context_channels", "outpu
 
 
 def read_back(path, key, fields):
-    """A finished part's record (infra.read_record) if `path` holds one made with settings
-    `key`, else None; one made with other settings is refused, naming the differences."""
+    """The record at `path` if made with settings `key`, None if none; others are refused."""
     if not os.path.exists(path):
         return None
     rec = infra.read_record(path, dict(fields, config=dict), "delete it to run that part again")
@@ -372,8 +276,7 @@ def read_back(path, key, fields):
 
 
 def ablation_run(run):
-    """One cell of the table: (mIoU, context-class mIoU, seconds). A finished run is read back
-    from its ablation.json, an interrupted one resumed: the same command again continues."""
+    """(mIoU, context-class mIoU, seconds) of one run, read back when finished, else resumed."""
     done = os.path.join(run["out_dir"], "ablation.json")
     key = json.loads(json.dumps({k: run[k] for k in ABLATION_KEYS}))
     rec = read_back(done, key, dict.fromkeys(("miou", "context_miou", "seconds"),
@@ -391,8 +294,7 @@ def ablation_run(run):
 
 
 def ablation(cfg, seeds):
-    """Paper Table 1 in miniature: every context module, the same budget and seeds; then the
-    effective receptive fields of the trained none / ASPP / Vortex models."""
+    """Table 1 in miniature (every module, one budget and seeds), then none/ASPP/Vortex's ERF."""
     root = cfg["out_dir"]
     rows = {name: np.array([ablation_run(dict(
         cfg, context=TABLE1[name].context, pool_k=TABLE1[name].k, seed=seed,
@@ -418,16 +320,12 @@ def ablation(cfg, seeds):
     return rows
 
 
-# ---------------------------------------------------------------------------------------------
-# Effective receptive field (paper section 1, after Zhou et al. 2014: it is much smaller than
-# the theoretical one; measured as in Luo et al. 2016). Per image, g = |d logit_c(centre) /
-# d image| summed over RGB, c the class predicted at the centre, normalised to sum 1: where the
-# decision at the centre comes from. Maps of any size are averaged with their centres aligned.
-# ---------------------------------------------------------------------------------------------
+# Effective receptive field (paper 1, after Zhou et al. 2014: much smaller than the theoretical
+# one; as in Luo et al. 2016): per image, |d logit_c(centre) / d image| summed over RGB (c: the
+# class predicted at the centre), normalised to sum 1; maps averaged with centres aligned.
 
 def centred_mean(maps):
-    """Mean of 2-D maps, each placed so that its centre (h // 2, w // 2) lands on the centre of
-    a canvas as large as the largest."""
+    """Mean of 2-D maps, their centres (h // 2, w // 2) aligned on a canvas of the largest."""
     h, w = max(m.shape[0] for m in maps), max(m.shape[1] for m in maps)
     canvas = torch.zeros(h, w, dtype=torch.float64)
     for m in maps:
@@ -437,9 +335,7 @@ def centred_mean(maps):
 
 
 def effective_receptive_field(model, dataset, num_images=32, device=None, log=None):
-    """The mean normalised input-gradient map (H, W) of the centre pixel's predicted-class
-    logit over the first `num_images` images (eval mode: images are independent); progress to
-    `log` (None: nowhere)."""
+    """The mean normalised input-gradient map over `num_images` images (eval mode)."""
     device = device or next(model.parameters()).device
     model.eval()
     maps, n, t0 = [], min(num_images, len(dataset)), time.time()
@@ -455,21 +351,11 @@ def effective_receptive_field(model, dataset, num_images=32, device=None, log=No
     return centred_mean(maps)
 
 
-def _distances(h, w):
-    """The distance of every pixel of an h x w map to its centre (h // 2, w // 2), flattened."""
-    yy, xx = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
-    return torch.hypot((yy - h // 2).double(), (xx - w // 2).double()).flatten()
-
-
-def mass_within(erf, radii):
-    """The share of the map's mass within distance r of the centre, for each r in `radii`."""
-    d, m = _distances(*erf.shape), erf.flatten().double()
-    return [(m[d <= r].sum() / m.sum()).item() for r in radii]
-
-
 def mass_radius(erf, fraction=0.9):
     """The smallest r such that the pixels within r of the centre hold `fraction` of the mass."""
-    d = _distances(*erf.shape)
+    h, w = erf.shape
+    yy, xx = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    d = torch.hypot((yy - h // 2).double(), (xx - w // 2).double()).flatten()
     order = d.argsort(stable=True)
     cum = erf.flatten()[order].double().cumsum(0)
     # against cum[-1], not erf.sum(): fraction 1 then finds the last pixel with any mass exactly
@@ -482,10 +368,8 @@ ERF_CIRCLES = ((0.5, (255, 255, 255)), (0.9, (0, 230, 255)))  # mass, colour
 
 def erf_figure(checkpoints, out, num_images=32, device="cpu", data_root=None, cell=2,
                log=print, progress=print):
-    """Effective receptive fields side by side in picture `out`, checkpoints of one module (e.g.
-    seeds) averaged into one panel: colours on a square-root scale (so that the tails show),
-    circles holding 50% and 90% of the mass, a colour bar, and a plot of the mass within r for
-    every module and a flat map. Results to `log`. Returns {module: (r50, r90)} in pixels."""
+    """Effective receptive fields side by side, a module's checkpoints (seeds) averaged, on a
+    square-root scale (so that the tails show); returns {module: (r50, r90)} in px."""
     groups = {}
     for path in checkpoints:
         ck = infra.read_checkpoint(path)
@@ -498,89 +382,37 @@ def erf_figure(checkpoints, out, num_images=32, device="cpu", data_root=None, ce
             effective_receptive_field(model, ds, num_images, device, progress))
     erfs = {name: centred_mean(maps) for name, maps in groups.items()}
     h, w = next(iter(erfs.values())).shape
-    panels, radii, curves = [], {}, []
-    for name, erf in dict(flat=torch.ones(h, w), **erfs).items():  # flat: the mass spread evenly
-        h, w = erf.shape
-        steps = np.linspace(0, math.hypot(h // 2, w // 2), 64)
-        curves.append((name, mass_within(erf, steps), steps[-1]))
-        r50, r90 = radii[name] = tuple(mass_radius(erf, mass) for mass, _ in ERF_CIRCLES)
-        if name == "flat":
-            log(f"{'flat':8} (the same mass spread evenly over a {h}x{w} image): 50% within "
-                f"{r50:5.1f} px, 90% within {r90:5.1f} px")
-            continue
+    r50, r90 = (mass_radius(torch.ones(h, w), mass) for mass, _ in ERF_CIRCLES)  # the yardstick
+    log(f"{'flat':8} (the same mass spread evenly over a {h}x{w} image): 50% within "
+        f"{r50:5.1f} px, 90% within {r90:5.1f} px")
+    panels, radii = [], {}
+    for name, erf in erfs.items():
+        (h, w), (r50, r90) = erf.shape, tuple(mass_radius(erf, mass) for mass, _ in ERF_CIRCLES)
+        radii[name] = r50, r90
         log(f"{name:8} ({len(groups[name])} model(s)): 50% of the gradient within {r50:5.1f} px, "
             f"90% within {r90:5.1f} px of the centre")
-        pic = Image.fromarray(heat((erf / erf.max()).sqrt().numpy())).resize(
+        v = (erf / erf.max()).sqrt().numpy()[..., None]  # black-red-yellow-white
+        pic = Image.fromarray((np.clip(3 * v - np.arange(3), 0, 1) * 255).astype(np.uint8)).resize(
             (w * cell, h * cell), Image.NEAREST)
-        c = ((w // 2 + 0.5) * cell, (h // 2 + 0.5) * cell)
-        for radius, (_, colour) in zip((r50, r90), ERF_CIRCLES):
-            r = radius * cell
-            ImageDraw.Draw(pic).ellipse([c[0] - r, c[1] - r, c[0] + r, c[1] + r], outline=colour,
-                                        width=2)
+        cx, cy = (w // 2 + 0.5) * cell, (h // 2 + 0.5) * cell
+        for r, (_, colour) in zip((r50 * cell, r90 * cell), ERF_CIRCLES):
+            ImageDraw.Draw(pic).ellipse([cx - r, cy - r, cx + r, cy + r], outline=colour, width=2)
         panels.append(np.concatenate([caption(pic.width, f"{name}: 50% / 90% within "
                                                          f"{r50:.0f} / {r90:.0f} px"),
                                       np.asarray(pic)], 0))
-    height, width = panels[-1].shape[:2]
-    infra.save_picture(out, hstack(panels + [_colour_bar(height), _curves_panel(
-        curves, width, height)], 8))
+    grid = hstack(panels, 8)  # the colour scale and circles, said once under the maps
+    notes = caption(grid.shape[1], "colour: sqrt of the share of", "the peak; circles: 50% / 90%")
+    infra.save_picture(out, np.concatenate([grid, notes], 0))
     log(f"wrote {out}")
-    return {name: r for name, r in radii.items() if name in groups}
+    return radii
 
 
-def heat(v):
-    """Values in [0, 1] -> uint8 RGB, black-red-yellow-white."""
-    rgb = np.stack([np.clip(3 * v, 0, 1), np.clip(3 * v - 1, 0, 1), np.clip(3 * v - 2, 0, 1)], -1)
-    return (rgb * 255).astype(np.uint8)
-
-
-def _colour_bar(height, width=96):
-    """The ERF panels' colour scale (square root: 0.25 of the peak sits half way up) and what
-    the two circles mean."""
-    pic = Image.new("RGB", (width, height), (255, 255, 255))
-    top, bottom = 18, height - 50
-    pic.paste(Image.fromarray(heat(np.linspace(1, 0, bottom - top)[:, None].repeat(14, 1))),
-              (4, top))
-    draw = ImageDraw.Draw(pic)
-    draw.rectangle([4, top, 18, bottom - 1], outline=(0, 0, 0))
-    for p in (1, 0.5, 0):  # bar position p shows the value p^2 of the peak
-        draw.text((22, top + (1 - p) * (bottom - top - 1) - 6), f"{p * p:g}", fill=(0, 0, 0))
-    draw.text((2, 2), "of the peak", fill=(0, 0, 0))
-    for i, (mass, colour) in enumerate(ERF_CIRCLES):
-        y = bottom + 6 + 20 * i
-        draw.ellipse([4, y, 16, y + 12], outline=colour if i else (0, 0, 0), width=2)
-        draw.text((20, y), f"{mass:.0%} mass", fill=(0, 0, 0))
-    return np.asarray(pic)
-
-
-def _curves_panel(curves, width, height, margin=26):
-    """The mass within r against r [(name, shares at evenly spaced radii, largest radius)]: a
-    model whose curve rises early looks near; the flat map's curve is the reference."""
-    pic = Image.new("RGB", (width, height), (255, 255, 255))
-    draw = ImageDraw.Draw(pic)
-    x0, y0, x1, y1 = margin, 18, width - 8, height - margin
-    draw.rectangle([x0, y0, x1, y1], outline=(0, 0, 0))
-    colours = [(110, 110, 110), (40, 40, 40), (31, 119, 180), (214, 39, 40), (44, 160, 44),
-               (148, 103, 189)]
-    for i, (name, ys, _) in enumerate(curves):
-        pts = [(x0 + (x1 - x0) * j / (len(ys) - 1), y1 - (y1 - y0) * y) for j, y in enumerate(ys)]
-        draw.line(pts, fill=colours[i % len(colours)], width=2)
-        draw.text((x0 + 6, y0 + 4 + 12 * i), name, fill=colours[i % len(colours)])
-    for xy, text in (((2, 1), "fraction of the mass within r"), ((x0 - 8, y1 + 4), "r = 0"),
-                     ((x1 - 40, y1 + 4), f"{curves[0][2]:.0f} px"), ((4, y0), "1"),
-                     ((4, y1 - 10), "0")):
-        draw.text(xy, text, fill=(0, 0, 0))
-    return np.asarray(pic)
-
-
-# =============================================================================================
-# 4. TABLE 1'S QUESTION AT THE PAPER'S GEOMETRY: THE 65x65 CONTEXT EXPERIMENT
-# =============================================================================================
-# What can each context module read at each distance (paper 3.2-3.4, Fig. 3)? Paper 3.1 splits
-# segmentation into descriptor extraction and feature aggregation; this is the second alone, at
-# the paper's size, X generated by the rule docs/experiments.md states. A module's output at
-# the query depends only on what its branches read there, its "taps" (k x k averages of X at
-# its convolutions' offsets, zero off the map, and the image-level mean). X is linear in its
-# parts (background, cue, distractor, unit noise), so the taps are gathered once per part and
+# ==== 4. TABLE 1'S QUESTION AT THE PAPER'S GEOMETRY: THE 65x65 CONTEXT EXPERIMENT =============
+# What can each context module read at each distance (paper 3.2-3.4, Fig. 3)? Feature
+# aggregation alone (3.1), at the paper's size, X made by the rule docs/experiments.md states. A
+# module's output at the query depends only on its "taps" (k x k averages of X at its
+# convolutions' offsets, zero off the map, and the image mean); X is linear in its parts
+# (background, cue, distractor, unit noise), so the taps are gathered once per part and
 # assembled for any class and sigma, and the project's own module runs at the query alone.
 
 CONTEXT_SIZE = 65  # h = w of X for a 513 x 513 image at output stride 8 (paper 3.2)
@@ -588,47 +420,32 @@ CONTEXT_DISTANCES = 40  # d = 1..40: as far as Vortex Pooling's 81 x 81 footprin
 CUE = 3  # the cue's side
 REACH = 40  # the largest footprint's reach (Vortex: rate 27 + 27 // 2), Chebyshev
 DISTRACTOR_RATIO = 1.5  # the distractor's nearest descriptor is at >= 1.5 d
-# scored where a distractor at >= 1.5 d still lies within REACH: d = 1..26 (beyond, no module
-# could see which cue is nearer)
-DISTRACTOR_DISTANCES = int(REACH // DISTRACTOR_RATIO)
+DISTRACTOR_DISTANCES = int(REACH // DISTRACTOR_RATIO)  # 26: the last d whose distractor fits REACH
+SCORED = {False: CONTEXT_DISTANCES, True: DISTRACTOR_DISTANCES}  # by distractor: d = 1..SCORED
 
 
 def context_codes(c1, background=1.0):
-    """(3, c1) float32 codes of background, cue P and cue Q: rows 1..3 of the c1 x c1 Sylvester
-    Hadamard matrix (orthogonal, +-1, zero mean; c1 a power of two >= 4), the background's
-    scaled by `background` (0: the border control, see SETTINGS)."""
+    """Orthogonal +-1 codes of background (times `background`), cue P and cue Q (Hadamard)."""
     if c1 < 4 or c1 & (c1 - 1):
         raise BadInput(f"descriptor channels must be a power of two >= 4, got {c1}")
     h = np.ones((1, 1), np.float32)
     while h.shape[0] < c1:
         h = np.block([[h, h], [h, -h]])
-    codes = h[1:4].copy()
-    codes[0] *= background
-    return codes
+    return h[1:4] * np.array([[background], [1], [1]], np.float32)
 
 
 def ring(r):
-    """The 8r offsets (dy, dx) at Chebyshev distance r, in a fixed order (top, right, bottom,
-    left)."""
+    """The 8r offsets (dy, dx) at Chebyshev distance r: top, right, bottom, left."""
     side = np.arange(-r, r)
-    return np.concatenate([np.stack([np.full(2 * r, -r), side], 1),
-                           np.stack([side, np.full(2 * r, r)], 1),
-                           np.stack([np.full(2 * r, r), -side], 1),
-                           np.stack([-side, np.full(2 * r, -r)], 1)])
-
-
-def context_distances(distractor):
-    """The distances a condition is drawn and scored at: 1..40, with a distractor 1..26."""
-    return DISTRACTOR_DISTANCES if distractor else CONTEXT_DISTANCES
+    top, right = np.stack([np.full(2 * r, -r), side], 1), np.stack([side, np.full(2 * r, r)], 1)
+    return np.concatenate([top, right, -top, -right])
 
 
 def context_layouts(seed, per_distance, distractor=False, size=CONTEXT_SIZE):
-    """`per_distance` layouts for each d = 1..context_distances(distractor), a pure function of
-    the arguments: int arrays d (N,), query, cue and distractor (N, 2) (cue centres; -1000 where
-    there is none) and other (N,), the distractor's class (0: P, 1: Q; -1: none)."""
+    """`per_distance` layouts per scored d, a pure function of the arguments (-1000: none)."""
     rng = np.random.default_rng([seed, 21])
-    n = per_distance * context_distances(distractor)
-    out = {"d": np.repeat(np.arange(1, context_distances(distractor) + 1), per_distance),
+    n = per_distance * SCORED[distractor]
+    out = {"d": np.repeat(np.arange(1, SCORED[distractor] + 1), per_distance),
            "query": np.zeros((n, 2), np.int64), "cue": np.zeros((n, 2), np.int64),
            "distractor": np.full((n, 2), -1000, np.int64), "other": np.full(n, -1, np.int64)}
     lo, hi = CUE // 2, size - 1 - CUE // 2  # where a cue's centre fits on the map
@@ -651,43 +468,20 @@ def context_layouts(seed, per_distance, distractor=False, size=CONTEXT_SIZE):
 
 
 def tap_offsets(module):
-    """Per branch of a ContextModule: its pooling k and the (dy, dx) offsets its convolution
-    reads, in the order of the weight's kernel positions (row by row)."""
+    """Per branch: its pooling k and the (dy, dx) offsets its convolution reads (row by row)."""
     return [(k, [(d * a, d * b) for a in range(-(n // 2), n // 2 + 1)
                  for b in range(-(n // 2), n // 2 + 1)])
             for k, n, d in zip(module.pools, module.kernels, module.dilations)]
 
 
-def _windows(centres, k, size):
-    """Clipped k x k windows around `centres` (N, 2): (y0, y1, x0, x1, in-map), inclusive."""
-    y, x = centres[:, 0], centres[:, 1]
-    inside = (y >= 0) & (y < size) & (x >= 0) & (x < size)
-    return tuple(np.clip(v, 0, size - 1) for v in (y - k // 2, y + k // 2, x - k // 2,
-                                                   x + k // 2)) + (inside,)
-
-
-def _square_share(win, centres, half):
-    """Each window's share of pixels in the square of half-side `half` around `centres` (0
-    where there is none: centres at -1000)."""
-    y0, y1, x0, x1, _ = win
-    oy = np.clip(np.minimum(y1, centres[:, 0] + half) - np.maximum(y0, centres[:, 0] - half) + 1,
-                 0, None)
-    ox = np.clip(np.minimum(x1, centres[:, 1] + half) - np.maximum(x0, centres[:, 1] - half) + 1,
-                 0, None)
-    return oy * ox / ((y1 - y0 + 1) * (x1 - x0 + 1))
-
-
 def gather_taps(modules, layouts, c1, seed, batch=1000, size=CONTEXT_SIZE):
-    """The parts of every module's taps at every layout's query, {module name: arrays}: inmap
-    (N, T) 1 where the tap is on the map; cue and distractor (N, T) the share of the tap's
-    window that cue covers; noise (N, T, c1) the tap in unit noise; noise_mean (N, c1). T: the
-    module's taps, branch after branch. Layout i's noise is drawn from (seed, i // batch) and
-    averaged over windows through an integral image."""
+    """The parts of every module's taps at every query: inmap, the share of the tap's window
+    that the cue and the distractor cover, the tap in unit noise (an integral image's window
+    mean; layout i's noise drawn from (seed, i // batch)) and the noise's image mean."""
     n = len(layouts["d"])
     specs = {m.name: [(k, off) for k, offs in tap_offsets(m) for off in offs] for m in modules}
-    out = {name: dict(inmap=np.zeros((n, len(t)), np.float32),
-                      cue=np.zeros((n, len(t)), np.float32),
-                      distractor=np.zeros((n, len(t)), np.float32),
+    out = {name: dict({p: np.zeros((n, len(t)), np.float32) for p in ("inmap", "cue",
+                                                                       "distractor")},
                       noise=np.zeros((n, len(t), c1), np.float32),
                       noise_mean=np.zeros((n, c1), np.float32)) for name, t in specs.items()}
     for b0 in range(0, n, batch):
@@ -699,23 +493,30 @@ def gather_taps(modules, layouts, c1, seed, batch=1000, size=CONTEXT_SIZE):
         for name, taps in specs.items():
             out[name]["noise_mean"][sl] = mean
             for t, (k, (dy, dx)) in enumerate(taps):
-                win = _windows(layouts["query"][sl] + np.array([dy, dx]), k, size)
-                y0, y1, x0, x1, inside = (torch.from_numpy(v) for v in win)
-                s = (integral[rows, :, y1 + 1, x1 + 1] - integral[rows, :, y0, x1 + 1]
-                     - integral[rows, :, y1 + 1, x0] + integral[rows, :, y0, x0])
-                count = ((y1 - y0 + 1) * (x1 - x0 + 1)).double()[:, None]
-                out[name]["noise"][sl, t] = (s / count * inside[:, None]).float().numpy()
-                out[name]["inmap"][sl, t] = win[4]
-                for part in ("cue", "distractor"):
-                    out[name][part][sl, t] = _square_share(win, layouts[part][sl],
-                                                           CUE // 2) * win[4]
+                y, x = (layouts["query"][sl] + np.array([dy, dx])).T
+                inside = (y >= 0) & (y < size) & (x >= 0) & (x < size)
+                # the k x k window around the tap, clipped to the map (inclusive)
+                y0, y1, x0, x1 = (np.clip(v, 0, size - 1) for v in (y - k // 2, y + k // 2,
+                                                                     x - k // 2, x + k // 2))
+                area = (y1 - y0 + 1) * (x1 - x0 + 1)
+                a, b, c, e = (torch.from_numpy(v) for v in (y0, y1 + 1, x0, x1 + 1))
+                s = (integral[rows, :, b, e] - integral[rows, :, a, e] - integral[rows, :, b, c]
+                     + integral[rows, :, a, c])
+                out[name]["noise"][sl, t] = (s / torch.from_numpy(area)[:, None] *
+                                             torch.from_numpy(inside)[:, None]).float().numpy()
+                out[name]["inmap"][sl, t] = inside
+                for part in ("cue", "distractor"):  # the share of the window that part covers
+                    cy, cx = layouts[part][sl].T
+                    oy = np.minimum(y1, cy + CUE // 2) - np.maximum(y0, cy - CUE // 2) + 1
+                    ox = np.minimum(x1, cx + CUE // 2) - np.maximum(x0, cx - CUE // 2) + 1
+                    out[name][part][sl, t] = np.clip(oy, 0, None) * np.clip(ox, 0, None) / \
+                        area * inside
     return out
 
 
 def twins(parts, layouts, sigma, codes):
-    """Every layout twice, cue P then cue Q, a distractor keeping its class: tensors taps
-    (N, T, c1), image-level mean (N, c1), label, distance and conflict (the distractor has the
-    other class: only "the nearer cue decides" gets the twin right)."""
+    """Every layout twice, cue P then Q: taps, mean, label, d, conflict (the distractor, which
+    keeps its class, has the other one: only the nearer cue decides)."""
     n = len(layouts["d"])
     cls, other = np.repeat([0, 1], n), np.concatenate([layouts["other"]] * 2)
     parts = {k: np.concatenate([v, v]) for k, v in parts.items()}
@@ -740,8 +541,7 @@ SETTINGS = (("sigma 1, distractor", 1.0, True, 1.0),
             ("sigma 1, distractor, background 0", 1.0, True, 0.0),
             ("sigma 1", 1.0, False, 1.0), ("sigma 0.5", 0.5, False, 1.0))
 BANDS = ((1, 10), (11, 20), (21, 30), (31, 40))
-PROBES = {"distance": "probe per distance (told d)", "band": "probe per band (told the band)",
-          "pooled": "pooled probe (one readout for all d)"}
+PROBES = ("distance", "band", "pooled")  # a readout per distance (told d), per band, or one
 CURVE = (1 / 16, 1 / 8, 1 / 4, 1 / 2, 1)  # the learning curve's points, fractions of a run
 NO_IMAGE = " w/o img"  # a module of Table 1 without its image-level branch (issue 36)
 WITH_BRANCH = tuple(row for row in TABLE1 if TABLE1[row].miou)  # ASPP ... Vortex
@@ -761,12 +561,10 @@ def bands(top):
 
 
 class QueryHead(nn.Module):
-    """A row of CONTEXT_ROWS as the project's own ContextModule (vortex.table1_module on
-    CONTEXT_CHANNELS; NO_IMAGE: image_pool=False) and a 1x1 classifier, run at the query pixel
-    of N maps from its taps (N, T, c1) and image means (N, c1). The N query pixels lie side by
-    side as one N x 1 map, so every layer is the module's own: a branch's convolution at a pixel
-    is its weight dotted with the taps it reads, then its BatchNorm2d (over the N pixels, as
-    over a map's) and ReLU, the image-level branch, the projection and dropout (paper 3.1)."""
+    """A row of CONTEXT_ROWS as the project's own ContextModule and a 1x1 classifier, run at
+    the query pixels of N maps from their taps (N, T, c1) and image means (N, c1), laid side by
+    side as one N x 1 map: every layer is the module's own (a convolution at a pixel is its
+    weight dotted with the taps it reads; batch norm over the N pixels, as over a map's)."""
 
     def __init__(self, row, seed=0, width=16):
         super().__init__()
@@ -789,8 +587,8 @@ class QueryHead(nn.Module):
 
 def head_shape(head):
     """What decides whether heads can share a stack: taps per branch, image-level branch."""
-    m = head.module
-    return tuple(len(offs) for _, offs in tap_offsets(m)), m.image_pool is not None
+    return tuple(len(offs) for _, offs in tap_offsets(head.module)), \
+        head.module.image_pool is not None
 
 
 def per_distance(correct, d):
@@ -808,21 +606,14 @@ def scores(correct, s):
 
 def probe_groups(by):
     """The group each distance 0..40 is fitted in: its own, its band's, or one for all."""
-    if by == "distance":
-        return np.arange(CONTEXT_DISTANCES + 1)
-    group = np.ones(CONTEXT_DISTANCES + 1, np.int64)
-    if by == "band":
-        group[0] = 0
-        for i, (lo, hi) in enumerate(BANDS):
-            group[lo:hi + 1] = i + 1
-    return group
+    d = np.arange(CONTEXT_DISTANCES + 1)
+    band = np.searchsorted([lo for lo, _ in BANDS], d, side="right")  # d = 0: 0, then 1, 2, ...
+    return {"distance": d, "band": band, "pooled": np.ones_like(d)}[by]
 
 
 def probe(fit, test, by="distance", image_level=True):
-    """What a footprint holds (Fig. 3 measured): a linear readout of the cue's class from the
-    taps (and the image-level mean where the module has that branch), a Fisher discriminant
-    with a small ridge in closed form, fitted on `fit` per group of distances (probe_groups):
-    its scores on `test`."""
+    """What a footprint holds: a linear readout of the cue's class (ridge Fisher discriminant)
+    from the taps (and the image mean), fitted per probe_groups(by); its scores on `test`."""
     def flat(s):
         return (torch.cat([s[0].flatten(1), s[1]], 1) if image_level else s[0].flatten(1)).double()
     xs, xt, ys, yt = flat(fit), flat(test), fit[2], test[2]
@@ -840,17 +631,13 @@ def probe(fit, test, by="distance", image_level=True):
     return scores(correct.numpy(), test)
 
 
-# ---------------------------------------------------------------------------------------------
 # Many small heads train at once: their weights stacked, one forward runs each on its own batch
 # (vmap over functional_call of the QueryHead itself: own weights, batch norm, dropout draws);
 # Adam is elementwise, so they do not interact. Adam, not SGD: with SGD and momentum (lr
 # 0.02-0.2) training stayed at chance for 600 steps, the cue's share of a pooled feature is tiny.
-# ---------------------------------------------------------------------------------------------
 
 def vmapped(heads):
-    """(params, buffers, base, forward): the heads' stacked state, a weightless copy of one head
-    whose train()/eval() sets the mode, and forward(params, buffers, taps (M, N, T, c1), means
-    (M, N, c1)) -> logits (M, N, 2), every head on its own samples."""
+    """(params, buffers, base whose train()/eval() sets the mode, forward of every head)."""
     p, b = torch.func.stack_module_state(heads)
     base = copy.deepcopy(heads[0]).to("meta")
 
@@ -860,9 +647,8 @@ def vmapped(heads):
 
 
 def precise_bn(base, forward, p, b, taps, mean):
-    """Each head's batch-norm statistics become those of its fixed training samples, the weights
-    fixed ("precise BN", Wu & Johnson 2021: one pass in training mode with momentum 1). Running
-    averages lag behind weights that still move: that lag alone cost a curve point up to 10."""
+    """Batch norm takes the statistics of each head's fixed samples ("precise BN", Wu & Johnson
+    2021): running averages lag behind moving weights, which alone cost a curve point up to 10."""
     bns = [m for m in base.modules() if isinstance(m, nn.BatchNorm2d)]
     base.train()
     for bn in bns:
@@ -874,18 +660,14 @@ def precise_bn(base, forward, p, b, taps, mean):
 
 
 def _stacked_data(sets, models):
-    """The training samples of `models` [(row, seed, band), ...] in one tensor each (taps
-    flattened, mean, label) and each model's rows in them: all of its (row, seed) set's, or its
-    band's (rows of a 2-d tensor gather several times faster)."""
+    """`models`' training samples (taps flattened: 2-d rows gather faster), each one's rows."""
     srcs = list(dict.fromkeys(s for _, s, _ in models))
     tr = [sets[s]["train"] for s in srcs]
     starts = dict(zip(srcs, np.cumsum([0] + [len(t[2]) for t in tr[:-1]]).tolist()))
     rows = []
     for _, s, band in models:
-        d = sets[s]["train"][3]
-        keep = torch.ones(len(d), dtype=torch.bool) if band is None else \
-            (d >= band[0]) & (d <= band[1])
-        rows.append(starts[s] + torch.nonzero(keep)[:, 0])
+        d, (lo, hi) = sets[s]["train"][3], band or (0, CONTEXT_DISTANCES)
+        rows.append(starts[s] + torch.nonzero((d >= lo) & (d <= hi))[:, 0])
     return (torch.cat([t[0].flatten(1) for t in tr]), torch.cat([t[1] for t in tr]),
             torch.cat([t[2] for t in tr]), rows)
 
@@ -897,10 +679,8 @@ def accuracy(head, s):
 
 
 def train_heads(cfg, iters, sets, models):
-    """Train the QueryHeads of `models` [(row, seed, band), ...] (one shape; band None: every
-    distance, else (lo, hi): that band's samples only) on sets[base row, seed] together: Adam,
-    poly policy over `iters`, every evaluation (at the CURVE points) after precise_bn. Returns
-    per model: test scores, accuracy by distance on its training samples, {iteration: curve}."""
+    """Train `models` [(row, seed, band or None)] of one shape together (Adam, poly policy):
+    per model, test scores, accuracy on its training samples, {iteration: test accuracy}."""
     heads = [QueryHead(row, seed, cfg["context_channels"]) for row, seed, _ in models]
     keys = [(row.removesuffix(NO_IMAGE), seed) for row, seed, _ in models]
     p, b, base, forward = vmapped(heads)
@@ -940,11 +720,9 @@ def train_heads(cfg, iters, sets, models):
             [accuracy(h, sets[k]["train"])[0] for h, k in zip(heads, keys)], curves)
 
 
-# ---------------------------------------------------------------------------------------------
 # The command: per setting, every row probed and trained with seeds 0..SEEDS-1 (a seed draws
 # layouts, noise and initialisation); rows that have not converged run again with twice the
 # iterations; a record per (setting, row, iterations), read back by the same command again.
-# ---------------------------------------------------------------------------------------------
 
 def setting_file(setting):
     """The file name a setting's records and figure start with."""
@@ -952,10 +730,8 @@ def setting_file(setting):
 
 
 def context_data(distractor, seed, per):
-    """One seed's training and test layouts of a condition and every Table 1 module's taps there
-    (`per`: layouts per distance of each split); seed 0 draws what rule v3 drew."""
-    modules = [table1_module(r, CONTEXT_CHANNELS) for r in TABLE1]
-    out = {}
+    """One seed's layouts of a condition and every module's taps (seed 0: rule v3's)."""
+    modules, out = [table1_module(r, CONTEXT_CHANNELS) for r in TABLE1], {}
     for i, split in enumerate(("train", "test")):
         lay = context_layouts(4 * seed + 1 + i + 2 * distractor, per[split], distractor)
         out[split] = (lay, gather_taps(modules, lay, CONTEXT_CHANNELS, 7 + i + 2 * seed))
@@ -963,8 +739,7 @@ def context_data(distractor, seed, per):
 
 
 def context_experiment(cfg, seeds):
-    """Every chosen setting x CONTEXT_ROWS until converged or --max-iters; prints and writes the
-    tables, a figure per setting and the learning curves."""
+    """Every chosen setting x CONTEXT_ROWS until converged; the tables, a figure per setting."""
     out, t0 = cfg["out_dir"], time.time()
     per = dict(PER_DISTANCE, train=cfg["train_layouts"])
     key = json.loads(json.dumps(dict(
@@ -975,7 +750,7 @@ def context_experiment(cfg, seeds):
     results, cache = {}, {}
     for setting, sigma, distractor, bg in chosen:
         recs, todo, iters = {}, list(CONTEXT_ROWS), cfg["iters"]
-        cols = bands(context_distances(distractor))
+        cols = bands(SCORED[distractor])
         while todo:
             path = {row: os.path.join(out, f"{setting_file(setting)}-{row}-{iters}.json")
                     for row in todo}
@@ -1008,8 +783,7 @@ def context_experiment(cfg, seeds):
     for setting, *_ in chosen:
         context_figure(results[setting], coverage, setting,
                        os.path.join(out, f"{setting_file(setting)}.png"))
-    context_curves_figure(results, os.path.join(out, "curves.png"))
-    print(f"wrote {os.path.join(out, 'table.txt')}, one figure per setting and curves.png in {out}")
+    print(f"wrote {os.path.join(out, 'table.txt')} and one figure per setting in {out}")
     return results
 
 
@@ -1031,10 +805,10 @@ def train_rows(cfg, iters, sets, rows, seeds, cols):
             if r == row and band is not None:
                 for to, acc in zip(told, (final[0], fit)):
                     to[s][band[0]:band[1] + 1] = acc[band[0]:band[1] + 1]
-        image_level = head_shape(QueryHead(row, 0, 1))[1]
         probes = [{by: probe(sets[row.removesuffix(NO_IMAGE), s]["train"],
-                             sets[row.removesuffix(NO_IMAGE), s]["test"], by, image_level)
-                   for by in PROBES} for s in range(seeds)]
+                             sets[row.removesuffix(NO_IMAGE), s]["test"], by,
+                             head_shape(QueryHead(row, 0, 1))[1]) for by in PROBES}
+                  for s in range(seeds)]
         recs[row] = {
             "probe": {by: [p[by][0].tolist() for p in probes] for by in PROBES},
             "probe_conflict": {by: [p[by][1].tolist() for p in probes] for by in PROBES},
@@ -1050,22 +824,19 @@ def train_rows(cfg, iters, sets, rows, seeds, cols):
 
 def record_arrays(rec):
     """A record as arrays (null, a distance a condition does not score, -> NaN)."""
-    def arr(v):
-        return np.array(v, dtype=float)
-    out = {k: {by: arr(v) for by, v in rec[k].items()} for k in ("probe", "probe_conflict")}
-    out.update({k: arr(rec[k]) for k in RECORD if k not in out and k != "curve"})
-    return dict(out, curve_iters=rec["curve"]["iters"], curve=arr(rec["curve"]["trained"]),
-                iters=rec["config"]["iters"])
+    out = {k: {by: np.array(v, float) for by, v in rec[k].items()} if RECORD[k] is dict else
+           np.array(rec[k], float) for k in RECORD if k != "curve"}
+    return dict(out, curve_iters=rec["curve"]["iters"], iters=rec["config"]["iters"],
+                curve=np.array(rec["curve"]["trained"], float))
 
 
 def band_mean(a, lo, hi):
-    """The mean of a band's distances (every distance weighs the same)."""
+    """The mean over a band's distances."""
     return a[..., lo:hi + 1].mean(-1)
 
 
 def converged(r, cols, tolerance):
-    """(held, largest change): every band's trained accuracy (mean over seeds) moved by less
-    than `tolerance` points over the run's last doubling (CURVE point at half the run to end)."""
+    """(held, largest change): every band moved by < `tolerance` over the run's last doubling."""
     its, curve = r["curve_iters"], r["curve"].mean(0)
     half = its.index(max(1, round(its[-1] / 2)))
     change = max(abs(band_mean(curve[-1], lo, hi) - band_mean(curve[half], lo, hi))
@@ -1074,53 +845,49 @@ def converged(r, cols, tolerance):
 
 
 def paired(a, b):
-    """Per-seed differences a - b (a seed draws both rows' data and initialisation): (mean,
-    seeds +, seeds -, spread, real). spread: the larger range over seeds of either row alone,
-    what a re-run moves a row by; real: every seed the same sign and |mean| > spread."""
+    """Per-seed a - b: (mean, seeds +, seeds -, spread, real); spread: the larger range over
+    seeds of either row (what a re-run moves it by), real: one sign and |mean| > spread."""
     d, spread = a - b, max(np.ptp(a), np.ptp(b))
     real = len(d) > 1 and ((d > 0).all() or (d < 0).all()) and abs(d.mean()) > spread
     return d.mean(), int((d > 0).sum()), int((d < 0).sum()), spread, bool(real)
 
 
 def context_table(cfg, setting, distractor, res, seeds):
-    """One setting, by band: the band probe | the trained module (mean ± s.e. over seeds); the
-    three probes; fit; told the band; the conflict twins; learning curves; convergence; paired
-    comparisons of the trained rows."""
-    cols = bands(context_distances(distractor))
-    cols_all = cols + ((1, context_distances(distractor)),)
+    """One setting's table by band: the blocks below, curves, convergence, paired rows."""
+    top = SCORED[distractor]
+    cols = bands(top)
 
-    def mean(a, lo, hi):
+    def m(a, lo, hi):  # a band's mean over seeds
         return f"{band_mean(a, lo, hi).mean():5.1f}"
 
-    def with_se(a, lo, hi):
+    def se(a, lo, hi):  # ... and its standard error
         v = band_mean(a, lo, hi)
-        return f"{v.mean():5.1f} ± {v.std(ddof=1) / math.sqrt(len(v)) if len(v) > 1 else math.nan:3.1f}"
-
-    def block(title, cell, rows=tuple(res), suffix=""):
-        return [title] + [f"{row + suffix:15}" + "".join(f"{cell(res[row], lo, hi):>22}"
-                                                         for lo, hi in cols_all) for row in rows]
+        s = v.std(ddof=1) / math.sqrt(len(v)) if len(v) > 1 else math.nan  # one seed: none
+        return f"{m(a, lo, hi)} ± {s:3.1f}"
+    blocks = [  # (title, rows, the cell of a row's record r at band lo..hi)
+        ("band probe | trained (mean ± s.e. over seeds)", res,
+         lambda r, *b: f"{m(r['probe']['band'], *b)} | {se(r['trained'], *b)}"),
+        ("probes (mean over seeds): per distance / per band / pooled", res,
+         lambda r, *b: " / ".join(f"{band_mean(r['probe'][by], *b).mean():4.1f}" for by in PROBES)),
+        ("trained, on its training samples | on the test samples (mean over seeds)", res,
+         lambda r, *b: f"{m(r['trained_fit'], *b)} | {m(r['trained'], *b)}"),
+        ("told the band (a module per band, trained on that band's samples only, as the band "
+         "probe is fitted): band probe | test | training samples",
+         {row + " /band": r for row, r in res.items() if len(r["trained_band"])},
+         lambda r, *b: " | ".join(m(a, *b) for a in (r["probe"]["band"], r["trained_band"],
+                                                     r["trained_band_fit"])))]
+    if distractor:
+        blocks.append(("conflict twins only (the distractor has the other class, so only the "
+                       "nearer cue decides): band probe | trained", res, lambda r, *b:
+                       f"{m(r['probe_conflict']['band'], *b)} | {se(r['trained_conflict'], *b)}"))
     lines = [f"{setting}: one query, a cue at distance d, 65x65x{CONTEXT_CHANNELS}, "
              f"{cfg['train_layouts']} training / {PER_DISTANCE['test']} test layouts x 2 twins "
              f"per distance, drawn per seed; accuracy (%), chance exactly 50; {seeds} seed(s), "
              f"batches of {cfg['batch_size']}, iterations per row: see convergence",
-             f"{'module':15}" + "".join(f"{f'{lo}-{hi}':>22}" for lo, hi in cols_all)]
-    lines += block("band probe | trained (mean ± s.e. over seeds)", lambda r, lo, hi:
-                   f"{mean(r['probe']['band'], lo, hi)} | {with_se(r['trained'], lo, hi)}")
-    lines += block("probes (mean over seeds): per distance / per band / pooled", lambda r, lo, hi:
-                   " / ".join(f"{band_mean(r['probe'][by], lo, hi).mean():4.1f}" for by in PROBES))
-    lines += block("trained, on its training samples | on the test samples (mean over seeds)",
-                   lambda r, lo, hi: f"{mean(r['trained_fit'], lo, hi)} | "
-                                     f"{mean(r['trained'], lo, hi)}")
-    lines += block("told the band (a module per band, trained on that band's samples only, as "
-                   "the band probe is fitted): band probe | test | training samples",
-                   lambda r, lo, hi: " | ".join(mean(a, lo, hi) for a in (
-                       r["probe"]["band"], r["trained_band"], r["trained_band_fit"])),
-                   [row for row in res if len(res[row]["trained_band"])], " /band")
-    if distractor:
-        lines += block("conflict twins only (the distractor has the other class, so only the "
-                       "nearer cue decides): band probe | trained", lambda r, lo, hi:
-                       f"{mean(r['probe_conflict']['band'], lo, hi)} | "
-                       f"{with_se(r['trained_conflict'], lo, hi)}")
+             f"{'module':15}" + "".join(f"{f'{lo}-{hi}':>22}" for lo, hi in cols + ((1, top),))]
+    for title, rows, cell in blocks:
+        lines += [title] + [f"{row:15}" + "".join(f"{cell(r, lo, hi):>22}" for lo, hi in
+                                                  cols + ((1, top),)) for row, r in rows.items()]
     lines.append("learning curve, trained (mean over seeds), bands " +
                  " / ".join(f"{lo}-{hi}" for lo, hi in cols) + " at iteration:")
     lines += [f"{row:15}" + "  ".join(f"{it}: " + "/".join(
@@ -1137,157 +904,85 @@ def context_table(cfg, setting, distractor, res, seeds):
                  "points (seeds +/-, spread: the larger range over seeds of either row); "
                  "* real: every seed the same sign and |mean| > spread")
     for a, b in PAIRS:
-        parts = []
-        for lo, hi in cols_all:
-            m, plus, minus, spread, real = paired(band_mean(res[a]["trained"], lo, hi),
-                                                  band_mean(res[b]["trained"], lo, hi))
-            parts.append(f"{lo}-{hi} {m:+5.1f} ({plus}+/{minus}-, {spread:3.1f}){'*' * real:1}")
-        lines.append(f"  {a + ' - ' + b:30} " + "  ".join(parts))
+        cells = [(lo, hi, *paired(band_mean(res[a]["trained"], lo, hi),
+                                  band_mean(res[b]["trained"], lo, hi)))
+                 for lo, hi in cols + ((1, top),)]
+        lines.append(f"  {a + ' - ' + b:30} " + "  ".join(
+            f"{lo}-{hi} {d:+5.1f} ({plus}+/{minus}-, {spread:3.1f}){'*' * real:1}"
+            for lo, hi, d, plus, minus, spread, real in cells))
     return "\n".join(lines)
 
 
-# ---------------------------------------------------------------------------------------------
-# The context experiment's figures: accuracy (40..100 %) against distance, a panel per module of
-# Table 1 (with and without its image-level branch), and against iterations, the curves.
-# ---------------------------------------------------------------------------------------------
+# The context experiment's figure: accuracy (40..100 %) against distance, a panel per module of
+# Table 1 with and without its image-level branch (the learning curves are in table.txt).
 
 CONTEXT_COLOURS = ((120, 120, 120), (148, 103, 189), (31, 119, 180), (23, 190, 207),
                    (255, 127, 14), (188, 140, 60), (140, 86, 75), (214, 39, 40))  # TABLE1's order
 
 
-def _colour(row):
-    return CONTEXT_COLOURS[list(TABLE1).index(row.removesuffix(NO_IMAGE))]
-
-
-def _polyline(draw, points, fill, width=1, dash=0):
-    """A line through `points`, broken where a value is NaN; dashed every `dash` px if > 0."""
-    for (xa, ya), (xb, yb) in zip(points, points[1:]):
-        if math.isnan(ya) or math.isnan(yb):
-            continue
-        steps = max(1, int(math.hypot(xb - xa, yb - ya) // dash)) if dash else 1
-        for s in range(0, steps, 2 if dash else 1):
-            f0, f1 = s / steps, min(1, (s + 1) / steps)
-            draw.line([xa + f0 * (xb - xa), ya + f0 * (yb - ya), xa + f1 * (xb - xa),
-                       ya + f1 * (yb - ya)], fill=fill, width=width)
-
-
-def _axes(size, title, ticks, lo=40):
-    """A white panel, accuracy lo..100 % up the side and `ticks` {x: label} under the box:
-    (picture, draw, box, y(accuracy)); NaN stays NaN (not scored)."""
-    pic = Image.new("RGB", size, (255, 255, 255))
-    draw = ImageDraw.Draw(pic)
-    x0, y0, x1, y1 = box = (30, 20, size[0] - 14, size[1] - 20)
-
-    def y(v):
-        return v if math.isnan(v) else y1 - (y1 - y0) * (min(max(v, lo), 100) - lo) / (100 - lo)
-    for v in (50, 75, 100):
-        draw.text((2, y(v) - 6), f"{v}", fill=(0, 0, 0))
-        draw.line([x0, y(v), x1, y(v)], fill=(0, 0, 0) if v == 50 else (235, 235, 235))
-    for x, label in ticks.items():
-        draw.text((x - 4, y1 + 3), str(label), fill=(0, 0, 0))
-    draw.text((x0, 4), title, fill=(0, 0, 0))
-    return pic, draw, box, y
-
-
-def _context_panel(name, res, coverage, size=(300, 200)):
-    """One module against distance 1..40: grey bars, the share of the positions at d that its
-    footprint reads; black, its band probe (grey: without the image-level branch); colour, the
-    module trained (mean ± s.e. over seeds, shaded; dashed: without the branch)."""
-    n, colour, title = CONTEXT_DISTANCES, _colour(name), name
-    for row, dash in ((name, 0), (name + NO_IMAGE, 3)):
-        if row in res:
-            title += f"{' / w/o' if dash else ':'} {np.nanmean(res[row]['trained'].mean(0)[1:]):.1f}"
-    x0, x1 = 30, size[0] - 14
+def _context_panel(name, colour, res, coverage, size=(300, 200)):
+    """One module against d = 1..40, accuracy 40..100 % (context_figure's caption says more)."""
+    pic, n = Image.new("RGB", size, (255, 255, 255)), CONTEXT_DISTANCES
+    draw, (x0, y0, x1, y1) = ImageDraw.Draw(pic), (30, 20, size[0] - 14, size[1] - 20)
     xs = [x0 + (x1 - x0) * (d - 0.5) / n for d in range(n + 2)]  # bar edges for d = 1..n
     centres = [(xs[d] + xs[d + 1]) / 2 for d in range(1, n + 1)]
-    pic, draw, (_, y0, _, y1), y = _axes(size, title + "%", {centres[d - 1]: d for d in
-                                                             (1, 10, 20, 30, 40)})
+
+    def y(v):
+        return v if math.isnan(v) else y1 - (y1 - y0) * (min(max(v, 40), 100) - 40) / 60
     for d in range(1, n + 1):
         if coverage[d] > 0:
             draw.rectangle([xs[d], y1 - (y1 - y0) * coverage[d], xs[d + 1] - 1, y1],
                            fill=(222, 222, 222))
-    for row, dash, grey in ((name, 0, (0, 0, 0)), (name + NO_IMAGE, 3, (150, 150, 150))):
-        if row not in res:
-            continue
-        tr = res[row]["trained"]
-        mean = tr.mean(0)
-        se = tr.std(0, ddof=1) / np.sqrt(len(tr)) if len(tr) > 1 else 0 * mean
-        ok = [d for d in range(1, n + 1) if not math.isnan(mean[d])]
-        draw.polygon([(centres[d - 1], y(mean[d] + se[d])) for d in ok] +
-                     [(centres[d - 1], y(mean[d] - se[d])) for d in reversed(ok)],
-                     fill=tuple(255 - (255 - c) // 3 for c in colour))
-        _polyline(draw, [(c, y(p)) for c, p in zip(centres, res[row]["probe"]["band"].mean(0)[1:])],
-                  grey)
-        _polyline(draw, [(c, y(m)) for c, m in zip(centres, mean[1:])], colour, 2, dash)
+    for v in (50, 75, 100):
+        draw.text((2, y(v) - 6), f"{v}", fill=(0, 0, 0))
+        draw.line([x0, y(v), x1, y(v)], fill=(0, 0, 0) if v == 50 else (235, 235, 235))
+    for d in (1, 10, 20, 30, 40):
+        draw.text((centres[d - 1] - 4, y1 + 3), str(d), fill=(0, 0, 0))
+    rows = [row for row in (name, name + NO_IMAGE) if row in res]
+    draw.text((x0, 4), name + ": " + " / w/o ".join(
+        f"{np.nanmean(res[row]['trained'].mean(0)[1:]):.1f}" for row in rows) + "%",
+        fill=(0, 0, 0))
+    for row, width, grey in zip(rows, (2, 1), ((0, 0, 0), (150, 150, 150))):
+        lines = ((res[row]["probe"]["band"].mean(0), grey, 1), (res[row]["trained"].mean(0),
+                                                                colour, width))
+        for acc, fill, w in lines:
+            for d in range(1, n):  # a line from d to d + 1; NaN (not scored) leaves a gap
+                if not (math.isnan(acc[d]) or math.isnan(acc[d + 1])):
+                    draw.line([centres[d - 1], y(acc[d]), centres[d], y(acc[d + 1])], fill=fill,
+                              width=w)
     draw.rectangle([x0, y0, x1, y1], outline=(0, 0, 0))
     return np.asarray(pic)
 
 
-def _figure(head_lines, rows, out):
-    """Text lines on top of picture rows, padded to one width, written atomically to `out`."""
-    width = max(r.shape[1] for r in rows)
-    rows = [np.pad(r, ((0, 6), (0, width - r.shape[1]), (0, 0)), constant_values=255)
-            for r in rows]
-    return infra.save_picture(out, np.concatenate([caption(width, *head_lines)] + rows, 0))
-
-
 def context_figure(results, coverage, setting, out):
-    """One setting: a panel per module of Table 1 (_context_panel); results {row:
-    record_arrays(...)}."""
-    panels = [_context_panel(name, results, coverage[name]) for name in TABLE1]
-    return _figure([
-        f"{setting}: accuracy (%) reading the class of a 3x3 cue at distance d (descriptors) "
-        "from the query pixel of a 65x65 map; chance 50; blank: d not scored.",
-        "Colour: the module trained, mean ± s.e. over seeds (shaded); dashed: the same without "
-        "its image-level branch. Black / grey: the band probe, with / without the branch.",
+    """One setting, a panel per module of Table 1; results {row: record_arrays(...)}."""
+    panels = [_context_panel(name, colour, results, coverage[name])
+              for name, colour in zip(TABLE1, CONTEXT_COLOURS)]
+    rows = [np.pad(hstack(panels[i:i + 4], 6), ((0, 6), (0, 0), (0, 0)), constant_values=255)
+            for i in range(0, len(panels), 4)]
+    return infra.save_picture(out, np.concatenate([caption(
+        rows[0].shape[1], f"{setting}: accuracy (%) reading the class of a 3x3 cue at distance d "
+        "(descriptors) from the query pixel of a 65x65 map; chance 50; blank: d not scored.",
+        "Colour: the module trained, mean over seeds (thick); thin: the same without its "
+        "image-level branch. Black / grey: the band probe, with / without the branch.",
         "Grey bars: share of the positions at distance d that its footprint reads (Fig. 3; "
-        "full = all). Title: mean over d, trained with / without the branch."],
-        [hstack(panels[i:i + 4], 6) for i in range(0, len(panels), 4)], out)
+        "full = all). Title: mean over d, trained with / without the branch.")] + rows, 0))
 
 
-def _curve_panel(title, curves, size=(230, 170)):
-    """Accuracy (%) of one band against iterations (log scale), a line per row (mean over
-    seeds; dashed: without the image-level branch), curves [(iterations, accuracies, row)]."""
-    first, last = min(c[0][0] for c in curves), max(c[0][-1] for c in curves)
+# ==== 5. PICTURES OF THE DATA ===============================================================
 
-    def x(it):
-        return 30 + (size[0] - 44) * math.log(it / first) / max(1e-9, math.log(last / first))
-    pic, draw, box, y = _axes(size, title, {x(first) - 6: first, x(last) - 6: last})
-    for its, acc, row in curves:
-        _polyline(draw, [(x(i), y(a)) for i, a in zip(its, acc)], _colour(row), 2,
-                  3 if row.endswith(NO_IMAGE) else 0)
-    draw.rectangle(box, outline=(0, 0, 0))
-    return np.asarray(pic)
+def _with_legend(out, pictures, gap, names, palette):
+    """Pictures side by side over a legend of the classes `names`, written to `out`."""
+    grid = hstack(pictures, gap)
+    return infra.save_picture(out, np.concatenate([grid, legend(
+        grid.shape[1], names, palette, range(len(names)))], 0))
 
-
-def context_curves_figure(results, out):
-    """Learning curves of the trained rows: a row of panels per setting, a panel per band."""
-    rows = [hstack([_curve_panel(
-        f"{setting.replace('background', 'bg')}: d {lo}-{hi}",
-        [(r["curve_iters"], band_mean(r["curve"].mean(0), lo, hi), row)
-         for row, r in results[setting].items()]) for lo, hi in bands(context_distances(d))], 6)
-        for setting, _, d, _ in SETTINGS if setting in results]
-    names = list(TABLE1)
-    return _figure([
-        "Learning curves of the context experiment: accuracy (%) of each trained module (mean "
-        "over seeds) on a band of distances against training iterations",
-        "(log scale; poly learning rate over each run; dashed: without the image-level branch; "
-        "a row's last run). Chance 50."],
-        [legend(max(r.shape[1] for r in rows), names, [_colour(n) for n in names],
-                range(len(names)))] + rows, out)
-
-
-# =============================================================================================
-# 5. PICTURES OF THE DATA
-# =============================================================================================
 
 def synthetic_samples_figure(out, n=6, size=128, seed=0):
     """n synthetic samples: images on top, labels below, and a legend."""
     ds = data.SyntheticContext(n, size, seed)
-    grid = hstack([np.concatenate([ds.load(i)[0], colorize(ds.load(i)[1], ds.palette)], 0)
-                   for i in range(n)], 4)
-    return infra.save_picture(out, np.concatenate([grid, legend(
-        grid.shape[1], ds.classes, ds.palette, range(len(ds.classes)))], 0))
+    return _with_legend(out, [np.concatenate([ds.load(i)[0], colorize(ds.load(i)[1], ds.palette)],
+                                             0) for i in range(n)], 4, ds.classes, ds.palette)
 
 
 CONTEXT_VIEW = ("background", "query", "cue P", "cue Q")
@@ -1296,8 +991,7 @@ CONTEXT_PALETTE[:4] = [(245, 245, 245), (0, 0, 0), (200, 0, 0), (0, 60, 200)]
 
 
 def context_samples_figure(out, cell=3, distances=(2, 12, 24), seed=0):
-    """Samples of the context experiment: 65x65 maps with the query pixel (circled) and its cue
-    at a few distances, then with a distractor at >= 1.5 d, of a random class (P or Q)."""
+    """65x65 maps, the query circled, its cue at a few distances; then with a distractor."""
     maps = []
     for distractor in (False, True):
         lay = context_layouts(seed, 1, distractor)
@@ -1315,113 +1009,100 @@ def context_samples_figure(out, cell=3, distances=(2, 12, 24), seed=0):
             maps.append(np.concatenate([caption(pic.width + 2, f"d = {d}, " + (
                 "distractor" if distractor else "one cue")), np.pad(
                     np.asarray(pic), ((1, 1), (1, 1), (0, 0)))], 0))  # framed: the map's border
-    grid = hstack(maps, 6)
-    return infra.save_picture(out, np.concatenate([grid, legend(
-        grid.shape[1], CONTEXT_VIEW, CONTEXT_PALETTE, range(len(CONTEXT_VIEW)))], 0))
+    return _with_legend(out, maps, 6, CONTEXT_VIEW, CONTEXT_PALETTE)
 
 
-# =============================================================================================
-# 6. THE COMMAND LINE
-# =============================================================================================
-# Flags that are settings of the project come from infra.SETTINGS (one table, one check for
-# every command: a value one command accepts, every command accepts); the flags of this script
-# alone are in OWN, each with its range, said in --help and checked by parse.
+# ==== 6. THE COMMAND LINE ===================================================================
 
 FIGURES = {"footprints": footprints_figure, "synthetic": synthetic_samples_figure,
            "descriptors": context_samples_figure}
 BENCHES = ("modules", "training", "inference", "loader")
+COMMANDS = {  # command: what it does (its line in --help)
+    "table": "Table 1's modules on a 1x2048x65x65 map: utilization (Eq. 1), parameters, time",
+    "figure": "draw a figure to a picture file",
+    "bench": "speed as ratios measured side by side in one run",
+    "ablation": "Table 1 in miniature: every module with seeds 0..SEEDS-1, then the effective "
+                "receptive fields; any other flag is train.py's and applies to every run",
+    "context": "Table 1's question at the paper's geometry: how well each module reads a cue "
+               "1..40 descriptors from a pixel of a 65x65 map (docs/experiments.md)",
+    "erf": "effective receptive fields of train.py checkpoints (a module's are averaged)"}
+# Every argument: (commands, flag, default (...: required), what it means there, argparse
+# extras). A setting of the project takes its type and range from infra.SETTINGS (a value one
+# command accepts, every command accepts); this script's own numbers take theirs from OWN.
 OWN = {"size": (1, 1024), "reps": (1, 1000), "n": (1, 10 ** 6), "erf_images": (1, 10 ** 5),
        "images": (1, 10 ** 5), "max_iters": (1, 10 ** 8), "train_layouts": (1, 10 ** 5),
        "tolerance": (0.001, 10)}
+ARGS = (
+    ("figure", "what", None, "footprints: Fig. 3 from the real modules; synthetic: samples of "
+     "the built-in data; descriptors: samples of the context experiment", dict(choices=FIGURES)),
+    ("bench", "what", None, "modules: the context modules and the whole model; training: SGD "
+     "steps; inference: 1 vs 6 scales + flip; loader: augmented samples/s", dict(choices=BENCHES)),
+    ("erf", "checkpoints", None, "train.py checkpoints", dict(nargs="+", metavar="CHECKPOINT")),
+    ("table", "--size", 65, "feature-map side h = w (65: a 513x513 image at OS 8)"),
+    ("table bench", "--reps", 3, "timing repetitions, the best kept (bench: modules, inference)"),
+    ("figure", "--out", None, "the picture to write (default <what>.png)"),
+    ("erf", "--out", os.path.join("runs", "erf.png"), "the picture"),
+    ("figure erf", "--force", False, "overwrite --out"),
+    ("bench", "--voc", None, "loader: a VOC2012 folder (default: VOC-sized synthetic JPEGs)"),
+    ("bench", "-n", 300, "loader: samples to time"),
+    ("bench erf", "--device", None, infra.SETTINGS["device"].help + " (bench: training)"),
+    ("ablation", "--erf-images", 32, "validation images averaged in --out-dir/erf.png"),
+    ("ablation context", "--seeds", ..., "seeds per row; a seed draws the data (context) and "
+                                         "the initialisation"),
+    ("context", "--iters", 9600, "iterations of a row's first run"),
+    ("context", "--max-iters", 38400, "a row that has not converged runs again with twice the "
+                                      "iterations, up to this"),
+    ("context", "--tolerance", 1.0, "converged: every band moved by less than this many points "
+                                    "over a run's last doubling of iterations"),
+    ("context", "--train-layouts", None, f"training layouts per distance, each with its twin "
+     f"(default {PER_DISTANCE['train']}; the test keeps {PER_DISTANCE['test']})"),
+    ("context", "--batch-size", 512, "query pixels per batch"),
+    ("context", "--lr", 0.003, "Adam's"),
+    ("context", "--context-channels", 16, "the modules' width"),
+    ("context", "--settings", None, "run only these of " + ", ".join(setting_file(x[0]) for x in
+                                                                      SETTINGS) + " (default all)",
+     dict(nargs="+", choices=[setting_file(x[0]) for x in SETTINGS], metavar="SETTING")),
+    ("context", "--out-dir", os.path.join("runs", "context-distance"), "records, table.txt and "
+                "the figures; the same command again continues there"),
+    ("erf", "--images", 32, "validation images per checkpoint"),
+    ("erf", "--data-root", None, "the data the checkpoints were trained on, if not theirs"))
 
 
-def _flags(parser, own=(), **settings):
-    """Add settings' flags (name=(default, what it means here); default ...: required) and
-    this script's own [(flag, type, default, help)], their limits in the help."""
-    infra.add_flags(parser, settings)
-    for action in parser._actions:
-        if action.dest in settings:
-            action.default, here = settings[action.dest]
-            action.required = action.default is ...
-            allowed = infra.allowed_text(action.dest).replace("a flag", "text")
-            action.help = here + (f" (default {action.default})" if action.default not in (
-                None, False, ...) else "") + (f" [{allowed}]" if allowed != "text" else "")
-    for flag, kind, default, text in own:
-        lo, hi = OWN[flag.lstrip("-").replace("-", "_")]
-        parser.add_argument(flag, type=kind, default=default, help=f"{text} (default {default}) "
-                            f"[{'a whole number in' if kind is int else 'a number in'} {lo}..{hi}]")
+def _argument(parser, flag, default, text, extra=None):
+    """One argument of ARGS, its help: what it means here, its default, what is allowed."""
+    name = flag.lstrip("-").replace("-", "_")
+    if not flag.startswith("-"):  # positional
+        return parser.add_argument(flag, help=text, **(extra or {}))
+    if name in infra.SETTINGS:
+        infra.add_flags(parser, [name])
+        action, allowed = parser._actions[-1], infra.allowed_text(name)
+        action.default, action.required = default, default is ...
+    else:
+        lo, hi = OWN.get(name, (None, None))
+        kind = (int if default is None else type(default)) if lo is not None else str
+        allowed = lo is not None and f"{'a whole number' if kind is int else 'a number'} in " \
+            f"{lo}..{hi}"
+        action = parser.add_argument(flag, type=kind, default=default, **(extra or {}))
+    action.help = text + (f" (default {default})" if default not in (None, False, ...) else "") \
+        + (f" [{allowed}]" if allowed and allowed not in ("a flag", "text") else "")
 
 
 def parser():
-    """The command line (--help, and each command's --help, explain every flag)."""
-    p = infra.Parser(
-        description="Research and measurement beside the Vortex Pooling reimplementation: "
-                    "Table 1's modules in numbers, figures, benchmarks and the experiments. "
-                    "`python experiments.py COMMAND --help` explains a command's flags.")
-    _flags(p, threads=(0, "torch CPU threads"))
+    """The command line: COMMANDS and ARGS (`python experiments.py COMMAND --help`)."""
+    p = infra.Parser(description="Research and measurement beside the Vortex Pooling "
+                     "reimplementation: Table 1's modules in numbers, figures, benchmarks and the "
+                     "experiments. `python experiments.py COMMAND --help` explains its flags.")
+    _argument(p, "--threads", 0, "torch CPU threads")
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
-    s = sub.add_parser("table", help="Table 1's modules on a 1x2048x65x65 map: utilization ratio "
-                                     "(paper Eq. 1; analytic and measured), parameters, time")
-    _flags(s, [("--size", int, 65, "feature-map side h = w (65: a 513x513 image at OS 8)"),
-               ("--reps", int, 3, "timing repetitions (the best is kept)")])
-    s = sub.add_parser("figure", help="draw a figure to a picture file")
-    s.add_argument("what", choices=FIGURES, help="footprints: the paper's Fig. 3 from the real "
-                   "modules; synthetic: samples of the built-in data; descriptors: samples of "
-                   "the 65x65 context experiment")
-    s.add_argument("--out", default=None, help="the picture to write (default <what>.png)")
-    _flags(s, force=(False, "overwrite --out"))
-    s = sub.add_parser("bench", help="speed as ratios measured side by side in one run")
-    s.add_argument("what", choices=BENCHES, help="modules: the context modules and the whole "
-                   "model, Vortex/ASPP (on a GPU also the pooling methods); training: training "
-                   "steps (CPU: crop 321; CUDA: batch 2/4/8 x fp32/bf16 x NCHW/channels-last); "
-                   "inference: single scale vs 6 scales + flip; loader: augmented 513x513 "
-                   "samples/s in one process")
-    s.add_argument("--voc", default=None, help="loader: a VOC2012 folder (default: VOC-sized "
-                                               "synthetic JPEGs in a temporary folder)")
-    _flags(s, [("--reps", int, 3, "timing repetitions (modules, inference)"),
-               ("-n", int, 300, "loader: samples to time")], 
-           device=(None, "training: " + infra.SETTINGS["device"].help))
-    s = sub.add_parser("ablation", help="Table 1 in miniature: train and evaluate every module "
-                       "of Table 1 plus 'none' with seeds 0..SEEDS-1, then the effective "
-                       "receptive fields of none, ASPP and Vortex; any other flag is train.py's "
-                       "and applies to every run (python train.py --help)")
-    _flags(s, [("--erf-images", int, 32, "validation images averaged in --out-dir/erf.png")],
-           seeds=(..., "seeds per module"))
-    s = sub.add_parser("context", help="Table 1's question at the paper's geometry: accuracy "
-                       "reading the class of a cue 1..40 descriptors from a pixel of a 65x65 map, "
-                       "per module with and without its image-level branch: probes of its taps "
-                       "and the module trained until converged")
-    _flags(s, [("--max-iters", int, 38400, "the budget: a row that has not converged runs again "
-                                           "with twice the iterations, up to this"),
-               ("--tolerance", float, 1.0, "converged: every band moved by less than this many "
-                                           "points over a run's last doubling of iterations"),
-               ("--train-layouts", int, PER_DISTANCE["train"], f"training layouts per distance, "
-                f"each with its twin (the test keeps {PER_DISTANCE['test']})")],
-           seeds=(..., "seeds per row; a seed draws the data and the initialisation"),
-           iters=(9600, "iterations of a row's first run"),
-           batch_size=(512, "query pixels per batch"), lr=(0.003, "Adam's"),
-           context_channels=(16, "the modules' width"))
-    s.add_argument("--settings", nargs="+", choices=[setting_file(x[0]) for x in SETTINGS],
-                   default=None, metavar="SETTING", help="run only these settings (default all: "
-                   + ", ".join(setting_file(x[0]) for x in SETTINGS) + ")")
-    s.add_argument("--out-dir", default=os.path.join("runs", "context-distance"),
-                   help="records, table.txt and the figures (default runs/context-distance); "
-                        "the same command again continues there")
-    s = sub.add_parser("erf", help="effective receptive fields of train.py checkpoints (gradient "
-                       "of the centre pixel's logit w.r.t. the image, mean over validation "
-                       "images; checkpoints of one module are averaged)")
-    s.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT")
-    s.add_argument("--out", default=os.path.join("runs", "erf.png"), help="the picture "
-                                                                         "(runs/erf.png)")
-    _flags(s, [("--images", int, 32, "validation images per checkpoint")],
-           data_root=(None, "the data the checkpoints were trained on, if not where they say"),
-           device=(None, infra.SETTINGS["device"].help), force=(False, "overwrite --out"))
+    subs = {name: sub.add_parser(name, help=text) for name, text in COMMANDS.items()}
+    for where, *argument in ARGS:
+        for name in where.split():
+            _argument(subs[name], *argument)
     return p
 
 
 def parse(argv=None):
-    """(args, cfg): the command line checked before any work; cfg is train.py's configuration
-    for `ablation` (its other flags), the trained modules' settings for `context`, else None."""
+    """(args, cfg) checked before any work; cfg: train.py's for ablation, context's, or None."""
     p = parser()
     args, rest = p.parse_known_args(argv)
     if rest and args.cmd != "ablation":
@@ -1437,12 +1118,10 @@ def parse(argv=None):
     if args.cmd == "context":
         if args.max_iters < args.iters:
             raise BadInput(f"--max-iters {args.max_iters}: must be at least --iters {args.iters}")
-        return args, dict(iters=args.iters, max_iters=args.max_iters, tolerance=args.tolerance,
-                          batch_size=args.batch_size, lr=args.lr, power=0.9,
-                          context_channels=args.context_channels,
-                          train_layouts=args.train_layouts,
-                          settings=args.settings or [setting_file(x[0]) for x in SETTINGS],
-                          out_dir=infra.path(args.out_dir, "--out-dir"))
+        return args, dict({k: getattr(args, k) for k in (
+            "iters", "max_iters", "tolerance", "batch_size", "lr", "context_channels",
+            "out_dir")}, power=0.9, train_layouts=args.train_layouts or PER_DISTANCE["train"],
+            settings=args.settings or [setting_file(x[0]) for x in SETTINGS])
     if args.cmd == "ablation":
         out = [] if any(a == "--out-dir" or a.startswith("--out-dir=") for a in rest) else \
             ["--out-dir", os.path.join("runs", "ablation")]
@@ -1464,8 +1143,6 @@ def main(argv=None):
                          args.force):
             return print("wrote", FIGURES[args.what](out))
     if args.cmd == "bench":
-        if args.what == "modules" and torch.cuda.is_available():
-            bench_modules_cuda()
         return {"modules": lambda: bench_modules(reps=max(args.reps, 3)),
                 "training": lambda: bench_training(args.device),
                 "inference": lambda: bench_inference(args.reps),

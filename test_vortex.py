@@ -288,16 +288,6 @@ def test_shared_cascade_forward_and_backward_equal_the_definition(c, h, w, cip, 
     torch.testing.assert_close(xa.grad, xr.grad, rtol=1e-12, atol=1e-12)
 
 
-@settings(max_examples=15)
-@given(h=st.integers(1, 40), w=st.integers(1, 40), k=st.sampled_from([3, 5, 9, 27]),
-       cip=st.booleans())
-def test_separable_gpu_pooling_is_the_same_average(h, w, k, cip):
-    """The GPU path (k x 1 then 1 x k, each divided by its own count) equals AvgPool2d."""
-    x = torch.randn(2, 3, h, w, dtype=torch.float64)
-    torch.testing.assert_close(experiments.separable_box_average(x, k, cip),
-                               F.avg_pool2d(x, k, 1, k // 2, count_include_pad=cip))
-
-
 def test_box_averages_of_channels_last_input_equal_the_definition():
     """--channels-last feeds NHWC maps: same values and gradients, layout kept (300 channels:
     two CPU channel blocks)."""
@@ -1724,7 +1714,9 @@ def test_ablation_table_runs_every_module(tmp_path, capsys):
     ck = torch.load(os.path.join(out, "A(9)-seed0", "checkpoint.pt"), weights_only=True)
     assert ck["config"]["context"] == "module_a" and ck["config"]["pool_k"] == 9
     assert "Effective receptive field" in table and "Vortex   (1 model(s))" in table
-    assert Image.open(os.path.join(out, "erf.png")).size[0] > 4 * 48  # 3 maps and the curves
+    # the none, ASPP and Vortex maps (48 x 48 images at 2 px a pixel, under a title), 8 px
+    # apart, over two lines that say what the colours and circles mean
+    assert Image.open(os.path.join(out, "erf.png")).size == (3 * 96 + 2 * 8, 14 + 96 + 28)
     # the same command again continues the table: finished runs are read back, an
     # interrupted one (checkpoint but no ablation.json) resumes, numbers unchanged
     os.remove(os.path.join(out, "ASPP-seed0", "ablation.json"))
@@ -2151,7 +2143,6 @@ def test_context_experiment_smoke_run(tmp_path, capsys, monkeypatch):
     for setting, *_ in experiments.SETTINGS:
         pic = Image.open(os.path.join(out, experiments.setting_file(setting) + ".png"))
         assert pic.size[0] > 4 * 300 and pic.size[1] > 2 * 200 + 46
-    assert Image.open(os.path.join(out, "curves.png")).size[1] > 4 * 170
     capsys.readouterr()
     again = experiments.main(argv)
     assert "done" not in capsys.readouterr().out  # nothing trained again
@@ -2207,7 +2198,6 @@ def test_mass_radius(h, w, dy, dx, f):
     erf[y, x] = 1.0  # all mass in one pixel: the radius is its distance, for any fraction
     dist = math.hypot(y - h // 2, x - w // 2)
     assert experiments.mass_radius(erf, f) == pytest.approx(dist)
-    assert experiments.mass_within(erf, [dist - 0.01, dist + 0.01]) == [0.0, 1.0]
     flat = torch.ones(h, w)
     r = [experiments.mass_radius(flat, q) for q in (0.25, 0.5, 0.9, 1.0)]
     assert r == sorted(r)
@@ -2250,9 +2240,6 @@ def test_cuda_box_averages_equal_avgpool_forward_and_backward(dtype, tol):
     ref_x = x.detach().float().requires_grad_(True)
     ks = (3, 9, 27)
     ours = box_averages(x, ks)
-    for k in ks:  # native pooling run separably agrees too
-        torch.testing.assert_close(experiments.separable_box_average(x.detach(), k, False).float(),
-                                   ours[k].detach().float(), rtol=tol, atol=tol)
     weights = [torch.randn(2, 48, 65, 71, device="cuda") for _ in ks]
     loss = sum((ours[k].float() * w).sum() for k, w in zip(ks, weights))
     (g,) = torch.autograd.grad(loss, x)
@@ -2351,10 +2338,8 @@ def test_cuda_bench_reports_out_of_memory_and_recovers():
     total = torch.cuda.get_device_properties(0).total_memory
     torch.cuda.set_per_process_memory_fraction(3 * 2 ** 30 / total)  # 3 GiB for this test
     try:
-        assert train._cuda_steps(model, opt, 16, torch.float32, False, torch.device("cuda"),
-                                 warmup=1, steps=1) is None
-        ok = train._cuda_steps(model, opt, 2, torch.bfloat16, False, torch.device("cuda"),
-                               crop=129, warmup=1, steps=1)
+        assert experiments._steps(model, opt, 16, 513, torch.float32, "NCHW", 1, 1) is None
+        ok = experiments._steps(model, opt, 2, 129, torch.bfloat16, "channels-last", 1, 1)
         assert ok is not None and ok[0] > 0
     finally:
         torch.cuda.set_per_process_memory_fraction(1.0)
