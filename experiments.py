@@ -724,9 +724,13 @@ def train_heads(cfg, iters, sets, models):
 # layouts, noise and initialisation); rows that have not converged run again with twice the
 # iterations; a record per (setting, row, iterations), read back by the same command again.
 
-def setting_file(setting):
-    """The file name a setting's records and figure start with."""
-    return setting.replace(" ", "").replace(",", "-")
+def setting_file(setting, row=None, iters=None):
+    """The file name of a setting's figure, or of a (setting, row, iterations) record: one plain
+    name (infra.plain_name; "A(5) w/o img" would make a folder "A(5) w")."""
+    name = setting.replace(" ", "").replace(",", "-")
+    if row is not None:
+        name += f"-{row.replace(NO_IMAGE, '-without-image-level')}-{iters}.json"
+    return infra.plain_name(name, "a record's name")
 
 
 def context_data(distractor, seed, per):
@@ -752,7 +756,7 @@ def context_experiment(cfg, seeds):
         recs, todo, iters = {}, list(CONTEXT_ROWS), cfg["iters"]
         cols = bands(SCORED[distractor])
         while todo:
-            path = {row: os.path.join(out, f"{setting_file(setting)}-{row}-{iters}.json")
+            path = {row: os.path.join(out, setting_file(setting, row, iters))
                     for row in todo}
             for row in todo:
                 recs[row] = read_back(path[row], dict(key, setting=setting, iters=iters), RECORD)

@@ -2127,8 +2127,8 @@ def test_context_experiment_smoke_run(tmp_path, capsys, monkeypatch):
             held = experiments.converged(r, experiments.bands(top), 0.001)[0]  # ran again
             assert its == 4 if row == "none" else (its == 4 and held) or its == 8
             assert r["curve_iters"] == ([1, 2, 4] if its == 4 else [1, 2, 4, 8])
-            assert os.path.isfile(os.path.join(out, f"{experiments.setting_file(setting)}-"
-                                                    f"{row}-{its}.json"))
+            record = experiments.setting_file(setting, row, its)  # one plain name, also for
+            assert os.path.isfile(os.path.join(out, record)) and "/" not in record  # "w/o img"
         for row in experiments.BAND_TRAINED:  # a model per band, each distance from its band's
             assert not np.isnan(cells[row]["trained_band"][:, 1:top + 1]).any()
         assert cells["ASPP"]["trained_band"].size == 0
@@ -3297,9 +3297,9 @@ def test_a_resume_after_a_crash_mid_line_goes_on(tmp_path, tiny_run, capfd):
 
 
 def test_damaged_records_of_experiments_and_preparations_are_one_line(tmp_path):
-    first = experiments.setting_file(experiments.SETTINGS[0][0])
+    first = experiments.setting_file(experiments.SETTINGS[0][0], experiments.CONTEXT_ROWS[0], 1)
     for argv, record in (
-            (["context", "--seeds", "1", "--iters", "1"], f"{first}-{experiments.CONTEXT_ROWS[0]}-1.json"),
+            (["context", "--seeds", "1", "--iters", "1"], first),
             (["ablation", "--seeds", "1"] + TINY + ["--iters", "1"], "none-seed0/ablation.json")):
         for text in ("", "{", "[]", '{"config": {}, "miou": "high"}'):
             out = tmp_path / argv[0]
