@@ -3876,10 +3876,14 @@ import random  # noqa: E402
 import select  # noqa: E402
 import struct  # noqa: E402
 import tempfile  # noqa: E402
+import threading  # noqa: E402
 import zlib  # noqa: E402
 from typing import Callable, NamedTuple  # noqa: E402
 
 TIME_LIMIT = 60  # seconds for the import of a hand-in and for each exercise's calls
+JUDGE_LIMIT = 120  # seconds to judge one exercise's replies here (expected values cached first)
+REPLY_BYTES = 64 << 20  # the most a reply may weigh
+REPLY_VALUES = 10 ** 7  # the most elements (numbers, tensors' elements, list entries) it may hold
 # names a hand-in may not use (a word of its code, or part of a string): ways around the grader
 FORBIDDEN = ("inspect", "_getframe", "_exit", "subprocess", "ctypes", "__main__", "test_vortex",
              "exercise_answers")
@@ -3894,8 +3898,9 @@ import numpy as np
 import torch
 
 
-def plain(v, depth=0):
+def plain(v, depth=0, _self=None):
     """v as data the grader can read with weights_only=True, tagged with its type."""
+    plain = _self
     t = f"{type(v).__module__}.{type(v).__qualname__}".replace("builtins.", "")
     if depth > 4:
         return {"t": "too deeply nested"}
@@ -3921,6 +3926,9 @@ def plain(v, depth=0):
     return {"t": t}
 
 
+plain.__defaults__ = (0, plain)  # its own name bound: a global replaced changes nothing
+
+
 def numpy_args(a):
     if isinstance(a, torch.Tensor):
         return a.numpy()
@@ -3931,7 +3939,7 @@ def first_line(e):
     return (str(e).strip().splitlines() or [""])[0][:160]
 
 
-def answer(req, module):
+def answer(req, module, plain=plain, numpy_args=numpy_args, first_line=first_line):
     if "load" in req:
         spec = importlib.util.spec_from_file_location("coursework", req["load"])
         module = importlib.util.module_from_spec(spec)
@@ -3964,10 +3972,124 @@ def answer(req, module):
     return {"results": results}, module
 '''
 RUNNER = RUNNER_ANSWERS + r'''
+import ctypes, gc, platform, resource, signal, stat
 
 torch.set_num_threads(1)
 reply = os.fdopen(int(sys.argv[1]), "wb", buffering=0)
 tmp = os.path.realpath(os.getcwd()) + os.sep
+
+
+def limits():
+    """Memory: what torch's import mapped and 4 GiB more; files: 64 MiB each (a larger write
+    fails with an OSError); no core files."""
+    vm = next(int(line.split()[1]) << 10 for line in open("/proc/self/status")
+              if line.startswith("VmSize:"))
+    for what, n in ((resource.RLIMIT_AS, vm + (4 << 30)), (resource.RLIMIT_FSIZE, 64 << 20),
+                    (resource.RLIMIT_CORE, 0)):
+        hard = resource.getrlimit(what)[1]
+        n = n if hard == resource.RLIM_INFINITY else min(n, hard)
+        resource.setrlimit(what, (n, n))
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+
+
+def seccomp(libc):
+    """x86-64 only: no new process and no program (threads only), no signal to another process,
+    no ptrace or reading another's memory, no namespace, mount or module, no TIOCSTI."""
+    if platform.machine() != "x86_64":
+        return False
+    deny = (57, 58, 59, 322, 101, 310, 311, 424, 434, 438, 129, 297, 272, 308, 165, 166, 161,
+            155, 169, 246, 320, 321, 313, 175, 176, 303, 304, 312, 298, 323, 248, 249, 250, 428,
+            429, 430, 431, 432, 433, 442, 440, 167, 168, 163, 179, 164, 227, 170, 171, 172, 173)
+    allow, eperm, enosys = 0x7FFF0000, 0x00050000 | 1, 0x00050000 | 38
+    code = []  # (op, k, jump-if-true label, jump-if-false label); labels: "allow", "eperm", ...
+
+    def op(o, k=0, jt=None, jf=None):
+        code.append((o, k, jt, jf))
+    ld, jeq, jge, jset, ret = 0x20, 0x15, 0x35, 0x45, 0x06
+    op(ld, 4), op(jeq, 0xC000003E, None, "eperm"), op(ld, 0), op(jge, 0x40000000, "eperm")
+    for nr in deny:
+        op(jeq, nr, "eperm")
+    op(jeq, 435, "enosys"), op(jeq, 56, "clone"), op(jeq, 16, "ioctl")
+    for nr in (62, 200, 234):  # kill, tkill, tgkill: to this process only
+        op(jeq, nr, "self")
+    op(ret, allow)  # BPF jumps only forward: the returns last
+    labels = {"clone": len(code)}
+    op(ld, 16), op(jset, 0x10000, "allow", "eperm")  # CLONE_THREAD
+    labels["ioctl"] = len(code)
+    op(ld, 24), op(jeq, 0x5412, "eperm", "allow")  # TIOCSTI
+    labels["self"] = len(code)
+    op(ld, 16), op(jeq, os.getpid(), "allow", "eperm")
+    for name, k in (("allow", allow), ("eperm", eperm), ("enosys", enosys)):
+        labels[name] = len(code)
+        op(ret, k)
+    prog = b"".join(struct.pack("<HBBI", o, labels[jt] - i - 1 if jt else 0,
+                                labels[jf] - i - 1 if jf else 0, k)
+                    for i, (o, k, jt, jf) in enumerate(code))
+    buf = ctypes.create_string_buffer(prog)
+    fprog = struct.pack("<HxxxxxxQ", len(code), ctypes.addressof(buf))
+    u = ctypes.c_ulong
+    if libc.prctl(38, u(1), u(0), u(0), u(0)) != 0:  # PR_SET_NO_NEW_PRIVS
+        return False
+    return libc.prctl(22, u(2), ctypes.c_char_p(fprog), u(0), u(0)) == 0  # SECCOMP, FILTER
+
+
+def landlock(libc):
+    """Where the kernel has Landlock: read only Python, the libraries and the project's modules
+    (not the tests, not the key, not other hand-ins, not another process's /proc), write only in
+    the temporary folder; from its ABI 6 on, no signal out of the sandbox."""
+    sc, n = libc.syscall, ctypes.c_long
+    sc.restype = ctypes.c_long
+    abi = sc(n(444), None, n(0), n(1))
+    if abi < 1:
+        return False
+    every = (1 << 13) - 1 | (1 << 13) * (abi >= 2) | (1 << 14) * (abi >= 3) | (1 << 15) * (abi >= 5)
+    files = (1 | 2 | 4 | 1 << 14 | 1 << 15) & every  # execute, write, read, truncate, ioctl
+    read = 1 | 4 | 8  # execute, read a file, read a folder
+    size = 24 if abi >= 6 else 16 if abi >= 4 else 8
+    attr = ctypes.create_string_buffer(struct.pack("<QQQ", every, 0, 3 * (abi >= 6))[:size])
+    rules = sc(n(444), attr, n(size), n(0))
+    if rules < 0:
+        return False
+    here = os.path.realpath(os.environ.get("PYTHONPATH", "") or tmp)
+    paths = [(p, read) for p in {sys.prefix, sys.base_prefix, sys.exec_prefix, "/usr/lib",
+                                 "/usr/lib64", "/lib", "/lib64", "/usr/local/lib",
+                                 "/etc/ld.so.cache", "/proc/self", "/proc/cpuinfo",
+                                 "/proc/meminfo", "/sys/devices/system/cpu", "/dev/urandom",
+                                 *[q for q in sys.path if q and os.path.realpath(q) != here]}]
+    paths += [("/dev/null", read | 2), (tmp, every), (here, 8)]
+    paths += [(os.path.join(here, f), read) for f in os.listdir(here)
+              if f.endswith(".py") and f not in ("test_vortex.py", "coursework.py")]
+    for path, access in paths:
+        try:
+            fd = os.open(os.path.realpath(path), os.O_PATH | os.O_CLOEXEC)
+        except OSError:
+            continue
+        if not stat.S_ISDIR(os.fstat(fd).st_mode):
+            access &= files
+        rule = ctypes.create_string_buffer(struct.pack("<Qi", access & every, fd))
+        sc(n(445), n(rules), n(1), rule, n(0))
+        os.close(fd)
+    if libc.prctl(38, n(1), n(0), n(0), n(0)) != 0:
+        return False
+    return sc(n(446), n(rules), n(0)) == 0
+
+
+def confine():
+    limits()
+    libc = ctypes.CDLL(None, use_errno=True)
+    done = [name for name, layer in (("landlock", landlock), ("seccomp", seccomp))
+            if layer(libc)]
+    if "seccomp" not in done:  # processes: counted per user, so not for root
+        resource.setrlimit(resource.RLIMIT_NPROC, (1, 1))
+    for name in ("from_file",):  # a file read from C++: no audit event (Landlock stops it)
+        for owner in (torch, torch.UntypedStorage, torch.TypedStorage):
+            setattr(owner, name, None)
+    return " ".join(done)
+
+
+confined = confine()
+del confine, landlock, seccomp, limits
+gc.collect()
 
 
 def guard(event, args, _tmp=tmp, _fspath=os.fspath, _isinstance=isinstance, _any=any,
@@ -3978,19 +4100,26 @@ def guard(event, args, _tmp=tmp, _fspath=os.fspath, _isinstance=isinstance, _any
               "os.fork", "os.forkpty", "os.kill", "os.killpg", "signal.pthread_kill",
               "ctypes.dlopen", "ctypes.dlsym", "os.chdir", "os.remove", "os.rename",
               "os.rmdir", "os.truncate", "os.chmod", "os.link", "os.symlink",
-              "shutil.rmtree", "sys.addaudithook")), _me=None):
+              "shutil.rmtree", "sys.addaudithook", "fcntl.ioctl", "os.fork", "pty.fork")),
+          _proc=f"/proc/{os.getpid()}", _mine=(answer, plain, numpy_args, first_line),
+          _me=None):
     if event in _denied:
         raise PermissionError(f"a hand-in may not use {event}")
     if event == "import" and args[0].split(".")[0] in _hidden:
         raise PermissionError(f"a hand-in may not import {args[0]}")
-    if event == "object.__setattr__" and args[0] is _me:
+    if event == "object.__setattr__" and (args[0] is _me or _any(args[0] is f for f in _mine)):
         raise PermissionError("a hand-in may not rewrite the grader")
     if event == "open" and not _isinstance(args[0], int):
         path = _fspath(args[0])  # a str subclass could lie to `in`: an exact str, resolved
-        path = _realpath(path.decode(errors="replace") if _isinstance(path, bytes) else
-                         _str(path))
+        path = path.decode(errors="replace") if _isinstance(path, bytes) else _str(path)
+        if args[1] is None and not path.startswith("/"):  # os.open: dir_fd would be unseen
+            raise PermissionError("a hand-in opens a file with os.open by its absolute path")
+        path = _realpath(path)
         if _any(h in path for h in _hidden):
             raise PermissionError("a hand-in may not read the grader or the teachers' key")
+        if path.startswith("/proc/") and path.split("/")[2].isdigit() and not (
+                path + "/").startswith(_proc + "/"):
+            raise PermissionError("a hand-in may not read another process")
         mode, flags = args[1] or "", args[2] or 0
         if (_any(c in mode for c in "wax+") or flags & _writes) and (
                 ".." in path or path.startswith("/") and not path.startswith(_tmp)):
@@ -4006,7 +4135,8 @@ while True:  # requests and replies: 8 bytes of length, then torch.save's bytes
         break
     req = torch.load(io.BytesIO(sys.stdin.buffer.read(struct.unpack("<Q", head)[0])),
                      weights_only=True)
-    resp, module = ({"ready": True}, module) if "ready" in req else answer(req, module)
+    resp, module = ({"ready": True, "confined": confined}, module) if "ready" in req else \
+        answer(req, module)
     buf = io.BytesIO()
     torch.save(resp, buf)
     reply.write(struct.pack("<Q", len(buf.getvalue())) + buf.getvalue())
@@ -4033,19 +4163,23 @@ class Child:
     """One hand-in's child process. ask() sends a request and waits `limit` seconds for the
     reply; a child that exits, hangs or replies what is not plain data raises Wrong and is gone."""
 
-    def __init__(self):
+    def __init__(self, path):
         self.tmp = tempfile.mkdtemp(prefix="handin-")
+        self.path = os.path.join(self.tmp, "coursework.py")  # the child reads only its folder
+        shutil.copyfile(path, self.path)
         self.fd, w = os.pipe()
         env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": self.tmp,
                "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
-               "PYTHONPATH": HERE, "PYTHONDONTWRITEBYTECODE": "1", "TMPDIR": self.tmp}
+               "PYTHONPATH": HERE, "PYTHONDONTWRITEBYTECODE": "1", "TMPDIR": self.tmp,
+               "OPENBLAS_NUM_THREADS": "1"}
         self.proc = subprocess.Popen([sys.executable, "-c", RUNNER, str(w)], stdin=subprocess.PIPE,
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                      pass_fds=(w,), cwd=self.tmp, env=env, start_new_session=True)
         os.close(w)
-        try:  # torch's import, before any of the hand-in's code runs
-            assert self.ask({"ready": True}, 120, "the grader's child")["ready"]
-        except (Wrong, AssertionError, KeyError):
+        try:  # torch's import and the sandbox, before any of the hand-in's code runs
+            self.confined = self.ask({"ready": True}, 120, "the grader's child")["confined"]
+        except (Wrong, KeyError):
+            self.close()
             raise RuntimeError("the grader's child process did not start: is torch importable "
                                f"by {sys.executable}?") from None
 
@@ -4069,9 +4203,10 @@ class Child:
             self.proc.stdin.write(struct.pack("<Q", len(buf.getvalue())) + buf.getvalue())
             self.proc.stdin.flush()
             n = struct.unpack("<Q", self.read(8, deadline))[0]
-            if n > 1 << 28:
+            if n > REPLY_BYTES:
                 raise ValueError("too large")
-            return torch.load(io.BytesIO(self.read(n, deadline)), weights_only=True)
+            return checked_reply(torch.load(io.BytesIO(self.read(n, deadline)),
+                                            weights_only=True))
         except TimeoutError:
             self.close()
             raise Wrong(f"{what} gave no answer within {limit} s") from None
@@ -4084,15 +4219,129 @@ class Child:
             raise Wrong(f"{what} sent back something that is not plain data") from None
 
     def close(self):
-        if self.proc.poll() is None:
+        try:  # the whole group, even if its first process has gone
             os.killpg(self.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
         code = self.proc.wait()
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
             self.proc.stdin.close()
+            for folder, subs, _ in os.walk(self.tmp):  # a folder it made unreadable, opened
+                for sub in subs:
+                    with contextlib.suppress(OSError):
+                        os.chmod(os.path.join(folder, sub), 0o700)
             shutil.rmtree(self.tmp, ignore_errors=True)
         return code
+
+
+DATA_TAGS = {"torch.Tensor", "numpy.ndarray", "list", "tuple", "dict", "NoneType", "bool", "str",
+             "int", "float"}
+REAL_DTYPES = {torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.complex64,
+               torch.complex128, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64,
+               torch.bool}  # complex: refused by array() with its own line
+
+
+def checked_reply(reply):
+    """The child's reply if it is what the child's own code sends: the known keys, tagged plain
+    data whose tags agree with the values (a tag is built from names a class can choose), at
+    most REPLY_VALUES elements counted as visited (a shared sublist counts each time) and 12
+    levels; else ValueError. Nothing from the child is trusted beyond this."""
+    left = [REPLY_VALUES]
+
+    def text(v, n=400):
+        if type(v) is not str or len(v) > n:
+            raise ValueError("not a short str")
+
+    def node(p, depth):
+        left[0] -= 1
+        if left[0] < 0 or depth > 12 or type(p) is not dict or not set(p) <= {"t", "v", "number"}:
+            raise ValueError("not plain data")
+        text(p.get("t"), 200)
+        t, number = p["t"], p.get("number", False)
+        if number is not True and number is not False:
+            raise ValueError("a number flag that is not a bool")
+        if "v" not in p:
+            if t in DATA_TAGS or number:
+                raise ValueError("a tag without its value")
+            return
+        v = p["v"]
+        if type(v) in (torch.Tensor, torch.nn.Parameter):
+            left[0] -= v.numel()
+            if (t not in ("torch.Tensor", "numpy.ndarray") or number or left[0] < 0
+                    or v.layout != torch.strided or v.device.type != "cpu" or v.is_quantized
+                    or v.dtype not in REAL_DTYPES):
+                raise ValueError("not a plain tensor")
+        elif type(v) is list and t in ("list", "tuple") and not number:
+            for x in v:
+                node(x, depth + 1)
+        elif type(v) is list and t == "dict" and not number:
+            for kv in v:
+                if type(kv) is not list or len(kv) != 2:
+                    raise ValueError("not a pair")
+                node(kv[0], depth + 1), node(kv[1], depth + 1)
+        elif type(v) in (int, float):
+            if not number or t in DATA_TAGS - {"int", "float"}:
+                raise ValueError("a number with another tag")
+        elif type(v) is bool:
+            if t != "bool" or number:
+                raise ValueError("a bool with another tag")
+        elif type(v) is str:
+            text(v)
+            if number or t in DATA_TAGS - {"str"}:
+                raise ValueError("a str with another tag")
+        elif v is not None or t != "NoneType" or number:
+            raise ValueError("not plain data")
+
+    if type(reply) is not dict or not set(reply) <= {
+            "ready", "confined", "loaded", "raised", "message", "missing", "value",
+            "not callable", "results"}:
+        raise ValueError("not a reply")
+    for key in ("ready", "loaded", "missing"):
+        if key in reply and reply[key] is not True:
+            raise ValueError("not a reply")
+    for key in ("confined", "raised", "message", "not callable"):
+        if key in reply:
+            text(reply[key])
+    if "value" in reply:
+        node(reply["value"], 0)
+    if "results" in reply:
+        if type(reply["results"]) is not list or len(reply["results"]) > 10000:
+            raise ValueError("not a reply")
+        for r in reply["results"]:
+            if type(r) is not dict:
+                raise ValueError("not a reply")
+            if set(r) == {"raised", "message"}:
+                text(r["raised"]), text(r["message"])
+            elif set(r) == {"value", "printed"} and type(r["printed"]) is bool:
+                node(r["value"], 0)
+            else:
+                raise ValueError("not a reply")
+    return reply
+
+
+@contextlib.contextmanager
+def judging_limit(seconds):
+    """Wrong after `seconds` of judging (in the main thread; elsewhere the reply's bounds only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def expired(*_):
+        raise Wrong(f"the answer took more than {seconds} s to check")
+    old = signal.signal(signal.SIGALRM, expired)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def printable(text):
+    """text with every control character (escape sequences, line breaks) written as an escape."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
 
 
 # -- reading what the child returned: tagged plain data ---------------------------------------
@@ -4325,8 +4574,8 @@ def check_exercise_4():
                 raise Wrong(f"the {name} has shape {g.shape}, not one value per channel "
                             f"{wv.shape}")
             if not np.abs(g - wv).max() < 1e-9:
-                raise Wrong(f"your {name} is {g.tolist()}, but one process on the whole batch "
-                            f"normalises with {wv.tolist()}")
+                raise Wrong(f"your {name} {g.tolist()} is not the one that one process "
+                            "normalises with on the whole batch")
 
     def describe(args):
         xs = args[0]
@@ -4403,7 +4652,8 @@ def check_exercise_7():
         want = grid[ring].sum() / max(ring.sum(), 1) if d <= r else 0.0
         got = number(value, "the result")
         if not abs(got - want) < 1e-12:
-            raise Wrong(f"the module reads {want:.4f} of the ring's offsets, not {got:.4f}")
+            raise Wrong(f"{got:.4f} is not the fraction of the ring's offsets that the module "
+                        "reads")
     return Calls([(*EXERCISE_MODULES[i], d) for d, i in cases],
                  lambda a: f"the module {a[:3]} at Chebyshev distance {a[3]}", judge)
 
@@ -4428,8 +4678,8 @@ def check_exercise_8():
         want = utilization_at(args[:3], *args[3:])
         got = number(value, "the result", integer=True)
         if got != want:
-            raise Wrong(f"the module reads {want} positions (autograd), not {got}: which taps "
-                        "land on the map, and how much of each window?")
+            raise Wrong(f"{got} is not the number of positions the module reads there "
+                        "(autograd): which taps land on the map, and how much of each window?")
 
     def describe(args):
         return f"pixel ({args[5]}, {args[6]}) of a {args[3]} x {args[4]} map, module {args[:3]}"
@@ -4517,9 +4767,8 @@ def check_exercise_10_gradient():
         err = np.nan_to_num(np.abs(got - want), nan=np.inf)
         if not err.max() < 1e-12:
             at = tuple(int(v) - side // 2 for v in np.unravel_index(err.argmax(), err.shape))
-            raise Wrong(f"the gradient at offset {at} is "
-                        f"{want[at[0] + side // 2, at[1] + side // 2]:.4g} (autograd), not "
-                        f"{got[at[0] + side // 2, at[1] + side // 2]:.4g}")
+            raise Wrong(f"your gradient at offset {at}, "
+                        f"{got[at[0] + side // 2, at[1] + side // 2]:.4g}, is not autograd's")
     return Calls(calls, lambda a: f"the module {a[:3]}", judge, numpy=True)
 
 
@@ -4539,6 +4788,8 @@ EXERCISES = [  # (number, stub, the stub's parameters (None: a constant), check)
     (10, "exercise_10_vortex", "b n", check_exercise_10),
     (10, "exercise_10_gradient", "pools kernels dilations weights", check_exercise_10_gradient),
 ]
+EXPENSIVE = {"EXERCISE_3_WINNERS": pooling_evidence, "EXERCISE_5_RF": theoretical_receptive_field,
+             "EXERCISE_9_SMALLEST_K": smallest_full_module_a}  # expected values, cached
 SHORT = {}  # the table's column names: 1, 2, 3a, 3b, 4, ...
 for _n, _stub, _, _ in EXERCISES:
     _twins = [s for m, s, _, _ in EXERCISES if m == _n]
@@ -4566,8 +4817,8 @@ def pristine(node, params):
 
 
 def words(node):
-    """The names, attributes, imported modules and words of strings (not docstrings) in a
-    statement."""
+    """The names, attributes and imported modules of a statement, and its strings (not
+    docstrings) that are a name or a dotted path ("_getframe", "os._exit"), not prose."""
     out = set()
     notes = {id(n.value) for n in ast.walk(node) if isinstance(n, ast.Expr)}  # docstrings
     for n in ast.walk(node):
@@ -4579,8 +4830,9 @@ def words(node):
             out.update(n.name.split("."))
         elif isinstance(n, ast.ImportFrom) and n.module:
             out.update(n.module.split("."))
-        elif isinstance(n, ast.Constant) and isinstance(n.value, str) and id(n) not in notes:
-            out.update(re.findall(r"\w+", n.value))
+        elif (isinstance(n, ast.Constant) and isinstance(n.value, str) and id(n) not in notes
+              and re.fullmatch(r"\s*[\w.]+\s*", n.value)):
+            out.update(n.value.strip().split("."))
     return out
 
 
@@ -4612,6 +4864,7 @@ def read_handin(source):
 def clean(text, path):
     """A child's message without what differs between two runs (addresses, the hand-in's path)."""
     text = text.replace(os.path.dirname(os.path.abspath(path)) + os.sep, "")
+    text = re.sub(r"[^\s'\"]*handin-\w{8}" + re.escape(os.sep), "", text)  # the child's folder
     return re.sub(r"0x[0-9a-fA-F]+", "0x..", text)
 
 
@@ -4631,10 +4884,17 @@ def verdict(n, stub, params, check, state, child, path, limit):
             if state == "as shipped":
                 return "not attempted", todo
             raise Wrong(f"{stub} is None")
-        check(reply["value"])
+        EXPENSIVE.get(stub, lambda: None)()  # cached, before the clock starts
+        with judging_limit(JUDGE_LIMIT):
+            check(reply["value"])
         return "passed", ""
     if "not callable" in reply:
         raise Wrong(f"{stub} is {type_name({'t': reply['not callable']})}, not a function")
+    with judging_limit(JUDGE_LIMIT):
+        return judge_calls(stub, asked, calls, reply, state, todo, path)
+
+
+def judge_calls(stub, asked, calls, reply, state, todo, path):
     for args, result in zip(calls.args, reply["results"]):
         on = f"on {calls.describe(args)}"
         if result.get("raised") == "NotImplementedError" and state == "as shipped":
@@ -4659,7 +4919,12 @@ def verdict(n, stub, params, check, state, child, path, limit):
 def grade_handin(path, limit=TIME_LIMIT):
     """{stub: (verdict, one line)} for the hand-in coursework.py at `path`. Its code runs only
     in a child process: one for the import and the exercises, a new one after a child that
-    exits or hangs (that exercise fails). Deterministic: the same file, the same grades."""
+    exits or hangs (that exercise fails). Deterministic: the same file, the same grades. Every
+    control character of a line is shown escaped."""
+    return {stub: (v, printable(reason)) for stub, (v, reason) in grades_of(path, limit).items()}
+
+
+def grades_of(path, limit):
     if not os.path.isfile(path):
         return {stub: ("not attempted", f"exercise {n} not attempted: no coursework.py")
                 for n, stub, _, _ in EXERCISES}
@@ -4673,31 +4938,41 @@ def grade_handin(path, limit=TIME_LIMIT):
                      f"{getattr(e, 'msg', e)})")
     if None in forbidden:  # outside the stubs: every exercise fails
         return every(f"coursework.py uses {forbidden[None]}, which a hand-in may not use")
-    grades, child = {}, None
+    grades, child = {}, [None]
+    try:
+        graded(path, limit, states, forbidden, grades, child)
+    finally:
+        if child[0] is not None:
+            child[0].close()
+    return every(grades["import"]) if "import" in grades else grades
+
+
+def graded(path, limit, states, forbidden, grades, holder):
+    child = None
     for n, stub, params, check in EXERCISES:
         try:
             if stub in forbidden:
                 raise Wrong(f"{stub} uses {forbidden[stub]}, which a hand-in may not use")
             if child is None:
                 try:
-                    child = start_child(path, limit)
+                    child = holder[0] = start_child(path, limit)
                 except Wrong as e:  # a hand-in that cannot be imported fails every exercise
-                    return every(e)
+                    grades.clear()
+                    grades["import"] = e
+                    return
             grades[stub] = verdict(n, stub, params, check, states[stub], child, path, limit)
         except Exception as e:  # Wrong, or a value shaped to break a check: failed, no crash
             why = e if isinstance(e, Wrong) else f"its answer could not be checked " \
                 f"({type(e).__name__}: the value is not of the kind the exercise asks for)"
             grades[stub] = ("failed", f"exercise {n}: {why}")
             if child is not None and child.proc.poll() is not None:
-                child = None  # it is gone: the next exercise starts a new one
-    if child is not None:
-        child.close()
-    return grades
+                child.close()
+                child = holder[0] = None  # it is gone: the next exercise starts a new one
 
 
 def start_child(path, limit):
-    child = Child()
-    reply = child.ask({"load": os.path.abspath(path)}, limit, "coursework.py's import")
+    child = Child(path)
+    reply = child.ask({"load": child.path}, limit, "coursework.py's import")
     if "raised" in reply:
         child.close()
         raise Wrong(f"coursework.py raised {reply['raised']} when imported: "
@@ -4726,22 +5001,28 @@ def test_exercise(stub):
 def grade_class(folder, csv_path=None, limit=TIME_LIMIT):
     """Grade every HANDINS/<student>/coursework.py, each in its own child process; print the
     table and the failures' reasons; write the CSV (student, exercise, stub, verdict, reason)."""
-    students = sorted(d for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d)))
+    names = sorted(os.listdir(folder))
+    students = [d for d in names if os.path.isdir(os.path.join(folder, d))]
     rows = [(s, SHORT[stub], stub, *grades[stub]) for s in students
             for grades in [grade_handin(os.path.join(folder, s, "coursework.py"), limit)]
             for _, stub, _, _ in EXERCISES]
     mark = {"passed": "P", "failed": "F", "not attempted": "-"}
-    width = max([len(s) for s in students] + [7])
+    shown = {s: printable(s) for s in names}  # a name's line breaks and escapes, escaped
+    width = max([len(shown[s]) for s in students] + [7])
     print(f"{'student':<{width}} " + "".join(f"{SHORT[s]:>4}" for _, s, _, _ in EXERCISES)
           + "  passed")
     for s in students:
         mine = [r for r in rows if r[0] == s]
-        print(f"{s:<{width}} " + "".join(f"{mark[r[3]]:>4}" for r in mine)
+        print(f"{shown[s]:<{width}} " + "".join(f"{mark[r[3]]:>4}" for r in mine)
               + f"  {sum(r[3] == 'passed' for r in mine)}/{len(mine)}")
     print("P passed, F failed, - not attempted. Why each F failed:")
     for s, short, stub, verdict_, reason in rows:
         if verdict_ == "failed":
-            print(f"{s} {short}: {reason}")
+            print(f"{shown[s]} {short}: {reason}")
+    for name in names:
+        if name not in students:
+            print(f"skipped {shown[name]}: not a folder (a hand-in is a folder holding "
+                  "coursework.py)")
     if csv_path:
         with open(csv_path, "w", newline="") as f:
             csv.writer(f).writerows([("student", "exercise", "stub", "verdict", "reason")] + rows)
@@ -4806,7 +5087,7 @@ class Trusted:
             torch.save(obj, buf)
             return torch.load(io.BytesIO(buf.getvalue()), weights_only=True)
         with one_thread():  # as in a child
-            return roundtrip(self.answer(roundtrip(request), self.module)[0])
+            return checked_reply(roundtrip(self.answer(roundtrip(request), self.module)[0]))
 
 
 @pytest.mark.parametrize("kind", ["reference", "wrong-1", "wrong-2", "wrong-3", "wrong-4",
@@ -4868,6 +5149,87 @@ def exercise_10_vortex(b, n):
 """
 
 
+LYING_TYPES = """
+class Tensor:  # found by an attack: type tags built from a class's names
+    pass
+
+
+Tensor.__module__ = "torch"
+
+
+class _List:
+    pass
+
+
+_List.__module__, _List.__qualname__ = "builtins", "list"
+EXERCISE_5_RF = Tensor()
+EXERCISE_9_SMALLEST_K = _List()
+
+
+def exercise_6_balanced_digits(v, n):
+    return _List()
+"""
+
+# Found by an attack: ways out of the audit hook. Each stub raises an error naming LEAK if what
+# it tried worked (the test looks for LEAK in the reasons).
+MACHINE_TRICK = """
+import multiprocessing, os, signal, sys
+import torch
+ROOT = os.path.dirname(os.path.abspath(vortex_file))
+
+
+def exercise_2_box_average_9(x, count_include_pad):
+    p = multiprocessing.get_context("spawn").Process(target=os.getpid)
+    p.start()
+    p.join()
+    raise RuntimeError(f"LEAK: a process ran ({p.exitcode})")
+
+
+def exercise_3_max_pool(x, pools):
+    import multiprocessing.util as u  # _posixsubprocess.fork_exec: no audit event
+    pid = u.spawnv_passfds(os.fsencode(sys.executable), [sys.executable, "-c", "pass"],
+                          [])
+    raise RuntimeError(f"LEAK: started {pid}")
+
+
+def exercise_4_sync_batch_stats(xs):  # SIGWINCH: ignored by default, so the test survives it
+    signal.pidfd_send_signal(os.pidfd_open(os.getppid()), signal.SIGWINCH)
+    raise RuntimeError("LEAK: signalled the grader")
+
+
+def exercise_6_balanced_digits(v, n):
+    b = bytearray(8 << 30)
+    raise RuntimeError(f"LEAK: {len(b)} bytes")
+
+
+def exercise_7_ring_coverage(pools, kernels, dilations, d):
+    key = os.path.join(ROOT, "fixtures", "exercise_" + "answers.txt")
+    t = torch.from_file(key, size=16, dtype=torch.uint8)
+    raise RuntimeError(f"LEAK: read the key {t.tolist()}")
+
+
+def exercise_8_utilization_at(pools, kernels, dilations, h, w, i, j):
+    text = open(f"/proc/{os.getppid()}/cmdline", "rb").read()
+    raise RuntimeError(f"LEAK: {len(text)} bytes of the grader's command line")
+
+
+def exercise_9_module_a_u(k):
+    raise ValueError("\x1b[2J\x1b[31mcleared the screen\x07\\r")
+
+
+def exercise_10_vortex(b, n):
+    with open("big", "wb") as f:
+        for _ in range(80):
+            f.write(bytes(1 << 20))
+    raise RuntimeError("LEAK: wrote 80 MiB")
+
+
+def exercise_10_gradient(pools, kernels, dilations, weights):
+    text = open(f"/proc/{os.getppid()}/environ", "rb").read()
+    raise RuntimeError(f"LEAK: {len(text)} bytes of the grader's environment")
+"""
+
+
 TRICKS = {  # hand-in: (its code after the key's answers, the stubs it must fail, or all)
     "imports the grader": ("import test_vortex\ntest_vortex.grade = print\n", None),
     "imports the grader, hidden": ("__import__('test_' + 'vortex')\n", None),
@@ -4925,11 +5287,18 @@ def exercise_10_gradient(pools, kernels, dilations, weights):
     "values shaped to break a check": ("EXERCISE_1_U = 10 ** 400\n"
                                        "EXERCISE_3_WINNERS = {('mean',): 'avg', 'max': 'max'}\n",
                                        ["EXERCISE_1_U", "EXERCISE_3_WINNERS"]),
+    "types that lie": (LYING_TYPES, ["EXERCISE_5_RF", "exercise_6_balanced_digits",
+                                     "EXERCISE_9_SMALLEST_K"]),
+    "attacks the machine": (MACHINE_TRICK, [
+        "exercise_2_box_average_9", "exercise_3_max_pool", "exercise_4_sync_batch_stats",
+        "exercise_6_balanced_digits", "exercise_7_ring_coverage", "exercise_8_utilization_at",
+        "exercise_9_module_a_u", "exercise_10_vortex", "exercise_10_gradient"]),
 }
 
 
 @pytest.mark.parametrize("trick", list(TRICKS))
-def test_a_handin_that_tries_a_trick_fails_every_exercise_it_touches(tmp_path, trick):
+def test_a_handin_that_tries_a_trick_fails_every_exercise_it_touches(tmp_path, trick,
+                                                                     monkeypatch):
     """Redefining the grader, importing it or the key, exiting, reading frames, hanging,
     printing, starting a process, writing into the project, NotImplementedError from an edited
     stub: each fails the exercises it touches, with one line, and the grader keeps going."""
@@ -4938,9 +5307,14 @@ def test_a_handin_that_tries_a_trick_fails_every_exercise_it_touches(tmp_path, t
                       "    raise NotImplementedError\n" for _, s, p, _ in EXERCISES)
     source = f"import vortex\nvortex_file = vortex.__file__\n{stubs}\n{code}"
     limit = 5 if trick == "a trick per answer" else TIME_LIMIT  # 5 s: the hang's cost
+    folders, mkdtemp = [], tempfile.mkdtemp
+    monkeypatch.setattr(tempfile, "mkdtemp", lambda **k: folders.append(mkdtemp(**k)) or
+                        folders[-1])
     grades = grade_handin(handin(str(tmp_path), "trick", source), limit=limit)
+    assert not [f for f in folders if os.path.exists(f)]  # the children's folders: removed
     for n, stub, _, _ in EXERCISES:
         verdict_, reason = grades[stub]
+        assert reason.isprintable() and "LEAK" not in reason, (stub, reason)
         if touched is None or stub in touched:
             assert verdict_ == "failed" and reason.startswith(f"exercise {n}: "), (stub, reason)
             assert "\n" not in reason and len(reason) < 300, reason
@@ -4950,6 +5324,108 @@ def test_a_handin_that_tries_a_trick_fails_every_exercise_it_touches(tmp_path, t
         leaked = os.path.join(HERE, name)
         assert not os.path.exists(leaked) or os.remove(leaked)
 
+
+FORGED_REPLIES = """
+import gc, io, os, struct, sys, time, types
+import torch
+import vortex
+
+
+def _bomb(*args, **kwargs):  # 2**60 leaves in a few hundred bytes: the sublists are shared
+    node = {"t": "float", "v": 1.0, "number": True}
+    for _ in range(60):
+        node = {"t": "list", "v": [node, node]}
+    return node
+
+
+for _f in gc.get_objects():  # found by an attack: the child's `plain`, replaced
+    if isinstance(_f, types.FunctionType) and _f.__name__ == "answer" and \
+            "plain" in _f.__globals__:
+        _f.__globals__["plain"] = _bomb
+
+
+def exercise_2_box_average_9(x, count_include_pad):  # a reply written straight to the pipe
+    buf = io.BytesIO()
+    torch.save({"results": [{"value": _bomb(), "printed": False}]}, buf)
+    os.write(int(sys.argv[1]), struct.pack("<Q", len(buf.getvalue())) + buf.getvalue())
+    time.sleep(3600)
+
+
+def exercise_9_module_a_u(k):
+    m = vortex.ContextModule.module_a(1, k)
+    return int(vortex.footprint(m.pools, m.kernels, m.dilations).sum())
+"""
+
+
+def test_a_forged_reply_is_refused_in_time(tmp_path):
+    """A reply the child's code did not make (written to the pipe, or by a `plain` replaced
+    through gc): refused in time, as not plain data, the child replaced; the rest graded."""
+    stubs = "\n".join(f"{s} = None" if p is None else f"def {s}({', '.join(p.split())}):\n"
+                      "    raise NotImplementedError\n" for _, s, p, _ in EXERCISES)
+    start = time.monotonic()
+    grades = grade_handin(handin(str(tmp_path), "forged", f"{stubs}\n{FORGED_REPLIES}"), limit=20)
+    assert time.monotonic() - start < 200
+    for n, stub, _, _ in EXERCISES:
+        verdict_, reason = grades[stub]
+        if stub == "exercise_2_box_average_9":
+            assert verdict_ == "failed" and "not plain data" in reason, reason
+        elif stub == "exercise_9_module_a_u":
+            assert verdict_ == "passed", reason
+        else:
+            assert verdict_ == "not attempted", (stub, reason)
+
+
+def test_a_failure_line_gives_no_expected_value():
+    """A wrong number is shown, and the input, never the value the check expected (exercises 4,
+    7, 8 and 10b once printed it)."""
+    ns = {}
+    exec(teachers_key(), ns)
+    off = {"exercise_4_sync_batch_stats": lambda ref: lambda xs: tuple(
+               torch.as_tensor(t) + 0.5 for t in ref(xs)),
+           "exercise_7_ring_coverage": lambda ref: lambda *a: float(ref(*a)) + 0.25,
+           "exercise_8_utilization_at": lambda ref: lambda *a: int(ref(*a)) + 1,
+           "exercise_10_gradient": lambda ref: lambda *a: torch.as_tensor(ref(*a)) + 0.5}
+    wrong = Trusted({stub: f(ns[stub]) for stub, f in off.items()})
+    right = Trusted({stub: ns[stub] for stub in off})
+    for n, stub, params, check in EXERCISES:
+        if stub not in off:
+            continue
+        with pytest.raises(Wrong) as e:
+            verdict(n, stub, params, check, "edited", wrong, "", TIME_LIMIT)
+        reason = str(e.value).rsplit(" (on ", 1)[0]
+        calls = check()
+        failing = next(a for a in calls.args if f"(on {calls.describe(a)})" in str(e.value))
+        want = right.ask({"stub": stub, "calls": [failing], "numpy": calls.numpy}, 60, stub)
+        values = want["results"][0]["value"]
+        flat = np.concatenate([np.ravel(array(x, "")) for x in (
+            values["v"] if values["t"] in ("list", "tuple") else [values])])
+        for x in flat[:64]:
+            for text in {repr(float(x)), f"{x:.4f}", f"{x:.4g}", str(int(x)) * bool(x == int(x))}:
+                shown = re.search(rf"(?<![\d.]){re.escape(text)}(?!\.?\d)", reason)
+                assert not text or not shown, (stub, text, reason)
+
+
+def test_grading_a_class_says_what_it_skips(tmp_path, capsys):
+    """A file in the hand-ins' folder is named as skipped; a folder name with a line break or an
+    escape sequence is shown on one line, its control characters escaped."""
+    folder = tmp_path / "handins"
+    (folder / "ann\n\x1b[2Jbob").mkdir(parents=True)
+    (folder / "notes.txt").write_text("not a hand-in")
+    grade_class(str(folder))
+    out = capsys.readouterr().out
+    assert out.isprintable() or all(line.isprintable() for line in out.splitlines())
+    assert "\x1b" not in out and len(out.splitlines()) == 4, out
+    assert "notes.txt" in out and "skipped" in out, out
+
+
+def test_forbidden_names_are_names_not_words_of_prose():
+    """`inspect` in an assertion's message is not a use of inspect; the name itself, or a string
+    that is only the name (getattr(sys, "_getframe")), is."""
+    prose = 'def exercise_9_module_a_u(k):\n    assert k, "inspect d"\n    return k\n'
+    assert read_handin(prose)[1] == {}
+    for code in ("import inspect\n", 'def exercise_9_module_a_u(k):\n    return getattr(k, '
+                 '"_getframe")\n'):
+        assert read_handin(code)[1], code
 
 def test_grading_a_class_prints_the_same_table_twice(tmp_path, capsys):
     """`python test_vortex.py grade HANDINS --csv out.csv` on three hand-ins (the key, the
