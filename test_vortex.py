@@ -4134,8 +4134,8 @@ while True:  # requests and replies: 8 bytes of length, then torch.save's bytes
     head = sys.stdin.buffer.read(8)
     if len(head) < 8:
         break
-    req = torch.load(io.BytesIO(sys.stdin.buffer.read(struct.unpack("<Q", head)[0])),
-                     weights_only=True)
+    raw = sys.stdin.buffer.read(struct.unpack("<Q", head)[0])
+    req = torch.load(io.BytesIO(raw), weights_only=True)
     resp, module = ({"ready": True, "confined": confined}, module) if "ready" in req else \
         answer(req, module)
     buf = io.BytesIO()
@@ -4206,8 +4206,8 @@ class Child:
             n = struct.unpack("<Q", self.read(8, deadline))[0]
             if n > REPLY_BYTES:
                 raise ValueError("too large")
-            return checked_reply(torch.load(io.BytesIO(self.read(n, deadline)),
-                                            weights_only=True))
+            raw = self.read(n, deadline)
+            return checked_reply(torch.load(io.BytesIO(raw), weights_only=True))
         except TimeoutError:
             self.close()
             raise Wrong(f"{what} gave no answer within {limit} s") from None
