@@ -7,13 +7,11 @@ Part I, the paper, in its order (read it without opening Part II):
   Utilization ratio, analytic and measured ............... 3.2, Eq. (1)
   ContextModule: ASPP, ASPP+, Module A, Vortex ........... 3.1, 3.3, 3.4, Fig. 2-3, Table 1
   DeepLabV3: backbone -> context module -> classifier .... 3.1, Fig. 4 (it needs the modules)
-Part II, the engineering the paper does not describe:
-  box_averages: exact k x k average pooling, fast ........ (the pooling of 3.3 / 3.4)
-  memory reuse on the CPU; loading torchvision weights from local files.
-Measurements and figures of these modules: experiments.py (table, figure footprints, bench).
+Part II, the engineering the paper does not describe: box_averages (the pooling of 3.3 / 3.4,
+exact and fast), memory reuse on the CPU, loading torchvision weights from local files.
 """
 import ctypes
-from typing import NamedTuple
+from collections import namedtuple
 
 import numpy as np
 import torch
@@ -30,13 +28,8 @@ import torch.nn.functional as F
 # ResNet-101) to get the feature map X ... X is in size of h x w x c1. For the best model ... H
 # and W are about 8 times larger than h and w." 4.1 "Multi-grid": "For the three bottleneck
 # blocks in block4 of ResNet, Chen et al. [2017b] multiplied the dilation rate by (1, 2, 4)."
-# ResNet (He et al. 2016) with torchvision's module names, so that torchvision's
-# ImageNet checkpoints (e.g. resnet101-63fe2227.pth) load with no key surgery: conv1, bn1,
-# layer1..4, blocks with conv1/bn1/conv2/bn2(/conv3/bn3) and downsample.0 (conv) / .1 (BN).
-# Stride placement: torchvision ("v1.5") strides on the 3x3 conv of a stage's FIRST bottleneck;
-# DeepLab v3's TF-slim ResNet strides on a 3x3 conv too, in the LAST unit of a block (the same
-# arithmetic, grouped differently). We follow torchvision: its checkpoints are the ones people
-# can get, and a weight trained with the stride in one place is wrong with it in another.
+# ResNet (He et al. 2016) with torchvision's module names and layout (README, departures), so
+# that its ImageNet checkpoints (e.g. resnet101-63fe2227.pth) load with no key surgery.
 # ---------------------------------------------------------------------------------------------
 
 def conv3x3(cin, cout, stride=1, dilation=1):
@@ -97,10 +90,9 @@ class ResNet(nn.Module):
 
     Output stride (4.1): the stem, layer1 and layer2 reduce the image 8x. A stride-2 stage that
     would pass `output_stride` runs at stride 1 and dilates its 3x3 convs instead, so every
-    filter sees the pixels it was trained on: the strided conv keeps its rate r (a stride-2
-    conv is a stride-1 conv, then subsampling), every later conv needs 2r (TF-slim's
-    stack_blocks_dense, torchvision's replace_stride_with_dilation). Per-block rates of the
-    3x3 convs (`block_dilations`), for ResNet-50/101/152:
+    filter sees the pixels it was trained on: the strided conv keeps its rate r (a stride-2 conv
+    is a stride-1 conv, then subsampling), every later conv needs 2r (TF-slim's stack_blocks_dense,
+    torchvision's replace_stride_with_dilation). Per-block rates of the 3x3 convs (ResNet-50+):
 
         output     layer3                 layer4, multi_grid=None   layer4, multi_grid=(1, 2, 4)
         stride     (first, rest)          (torchvision's geometry)  (paper 4.1, the default)
@@ -108,10 +100,9 @@ class ResNet(nn.Module):
         16         stride 2: 1, 1         stride 1: 1, 2, 2         2, 4, 8
          8         stride 1: 1, 2         stride 1: 2, 4, 4         4, 8, 16
 
-    Multi-grid (4.1, after DeepLab v3): block i of layer4 uses rate x multi_grid[i], rate being
-    the stage's (4 at OS 8): 4, 8, 16 (mmsegmentation uses the entries as the rates). Fine-tuning
-    adapts layer4 to them. `multi_grid=None` is torchvision's dilated ResNet exactly (tested).
-    `base_channels` (64 in every standard ResNet) scales all widths; tests use small values.
+    Multi-grid (4.1, after DeepLab v3): block i of layer4 uses the stage's rate (4 at OS 8) x
+    multi_grid[i]: 4, 8, 16 (mmsegmentation uses the entries as the rates). `multi_grid=None` is
+    torchvision's dilated ResNet exactly (tested). `base_channels` (64 as standard) scales widths.
     """
 
     def __init__(self, depth=101, output_stride=8, multi_grid=(1, 2, 4), base_channels=64):
@@ -176,17 +167,13 @@ class ResNet(nn.Module):
 # ---------------------------------------------------------------------------------------------
 # 3.2: "ASPP uses 25 descriptors in X when computing each new feature descriptor ... We define
 # the utilization ratio as follows: r = u / (hw) (1) where u is the number of descriptors we
-# used to aggregate each new descriptor." Before the modules, as in the paper: these functions
-# read a module's branches (pools k, kernels n, dilations d; next block), not its image-level
-# branch (it sees everything by construction; the paper leaves it out too).
-# Analytic: u = size of the union of all branches' footprints on an unbounded map. A branch
-# with pooling k, kernel n and dilation d reads, along each axis, the offsets
-#     { d t + o : |t| <= n // 2, |o| <= k // 2 }.
-# ASPP: 1 + 3*9 taps - 3 repeated centres = 25 (the paper's footnote), r = 25/65^2 = 0.0059.
-# Module A(k): 25 k x k sub-regions, r = 25 k^2/65^2 while they do not overlap.
-# Vortex: the footprints tile an 81 x 81 square, so r = 1 whenever h, w <= 81.
-# Measured: which positions of a real h x w input change a given output pixel (autograd). Taps
-# off the map read zero padding, so r drops: at the centre of 65 x 65 ASPP's rate-36 taps do.
+# used to aggregate each new descriptor." Counted over a module's branches (pools k, kernels n,
+# dilations d), not its image-level branch, which sees everything (the paper leaves it out too).
+# Analytic: u = the union of the branches' footprints on an unbounded map; along each axis a
+# branch reads the offsets { d t + o : |t| <= n // 2, |o| <= k // 2 }. ASPP: 1 + 3*9 taps - 3
+# repeated centres = 25 (the paper's footnote), r = 25/65^2; Module A(k): 25 k x k sub-regions,
+# r = 25 k^2/65^2 while disjoint; Vortex tiles 81 x 81, so r = 1 for h, w <= 81. Measured on a
+# real map (autograd), taps off the map read zero padding: r drops (ASPP's rate 36 at 65 x 65).
 # ---------------------------------------------------------------------------------------------
 
 def footprint(pools, kernels, dilations):
@@ -208,11 +195,10 @@ def utilization_ratio(module, h=65, w=65):
 
 
 def measured_utilization(module, h=65, w=65, pixel=None, return_map=False):
-    """Eq. (1) measured on a real ContextModule: the fraction of the h x w input positions whose
-    value changes the branches' output at `pixel` (default: the centre), found by autograd
-    through the module's own pooling and convolutions (BN and ReLU are per-pixel and left out,
-    since a ReLU that happens to be off would hide a dependency). With return_map, also the
-    (h, w) boolean map of those positions (the paper's Fig. 3, drawn from the module)."""
+    """Eq. (1) measured on a real ContextModule: the fraction of the h x w input positions that
+    change the branches' output at `pixel` (default: the centre), by autograd through the
+    module's pooling and convolutions (not BN and ReLU: per-pixel, and a ReLU that is off would
+    hide a dependency). With return_map, also that (h, w) boolean map (Fig. 3, from the module)."""
     i, j = pixel if pixel is not None else (h // 2, w // 2)
     x = torch.randn(1, module.branches[0][0].in_channels, h, w, dtype=torch.float64,
                     requires_grad=True)
@@ -238,25 +224,18 @@ def measured_utilization(module, h=65, w=65, pixel=None, return_map=False):
 # convolution layers with different dilation rates". 3.4: "we use small k for the subregions
 # near from the given pixel ... large k [far away] ... The k values for the four convolution
 # layers in Module B are set to (1, 3, 9, 27)".
-# The context modules of Table 1, one class. Each branch i is
-#     k_i x k_i average pooling -> kernel_i x kernel_i conv (dilation d_i, 256 ch) -> BN -> ReLU
-# and the modules differ only in (k_i, kernel_i, d_i):
-#
+# Table 1's context modules, one class: branch i is k_i x k_i average pooling -> conv (kernel_i,
+# dilation d_i, 256 channels) -> BN -> ReLU; the modules differ only in (k_i, kernel_i, d_i):
 #     module             pooling k_i       conv kernels     dilations d_i (OS 8)     paper
 #     ASPP               1, 1, 1, 1        1, 3, 3, 3       1, 12, 24, 36            3.1, Fig. 2
 #     ASPP+              1, 1, 1, 1        3, 3, 3, 3       1, 12, 24, 36            4.1, Table 1
 #     Module A (k)       k, k, k, k        1, 3, 3, 3       1, 12, 24, 36            3.3, Fig. 3a
 #     Module B (Vortex)  1, 3, 9, 27       1, 3, 3, 3       1, 3, 9, 27              3.4, Fig. 3b
-#
-# Plus DeepLab v3's image-level branch (3.1): global average pooling -> 1x1 conv 256 -> BN ->
-# ReLU -> upsampled, concatenated with the others, then a 1x1 projection (Fig. 4 (ii)). At
-# output stride 16 DeepLab v3 halves the ASPP rates to 6, 12, 18; Vortex keeps 1, 3, 9, 27 (the
-# paper gives no other setting). Module A pools before all four branches: its 25 sub-regions
-# (3.3) are the 1x1 branch's one plus 3 x 8 off-centre taps, so Module A with k = 1 is ASPP.
+# Plus DeepLab v3's image-level branch (3.1, in forward) and a 1x1 projection (Fig. 4 (ii)). Module
+# A's 25 sub-regions (3.3) are the 1x1 branch's one plus 3 x 8 off-centre taps: A(1) is ASPP.
 # The pooling, by definition: k x k windows at stride 1, the map's size kept; a window that
-# overhangs the map averages the pixels inside it (count_include_pad=False; the paper does not
-# say; nn.AvgPool2d's default True divides by k^2, damping the border). The modules compute
-# it with box_averages (Part II): the same numbers, tested equal, 3 to 20x faster on a CPU.
+# overhangs the map averages the pixels inside it (count_include_pad=False; README, departures).
+# The modules compute it with box_averages (Part II): tested equal, 3 to 20x faster on a CPU.
 # ---------------------------------------------------------------------------------------------
 
 def average_pool(x, k, count_include_pad=False):
@@ -265,10 +244,9 @@ def average_pool(x, k, count_include_pad=False):
 
 
 def conv_bn_relu(cin, cout, kernel=1, dilation=1):
-    return nn.Sequential(
-        nn.Conv2d(cin, cout, kernel, padding=dilation * (kernel // 2), dilation=dilation,
-                  bias=False),
-        nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+    pad = dilation * (kernel // 2)  # keeps the map size
+    return nn.Sequential(nn.Conv2d(cin, cout, kernel, padding=pad, dilation=dilation, bias=False),
+                         nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
 
 
 class ContextModule(nn.Module):
@@ -276,7 +254,6 @@ class ContextModule(nn.Module):
 
     Built with the named constructors below (Table 1's rows). Output: (N, out_channels, h, w).
     State-dict names: branches.i.{0: conv, 1: bn}, image_pool.{0, 1}, project.{0, 1}.
-    `count_include_pad`: how a window that overhangs the map is averaged (see box_averages).
     """
 
     def __init__(self, in_channels, pools, kernels, dilations, out_channels=256,
@@ -291,8 +268,7 @@ class ContextModule(nn.Module):
                                       for k, d in zip(kernels, dilations))
         self.image_pool = conv_bn_relu(in_channels, out_channels) if image_pool else None
         n = len(pools) + (1 if image_pool else 0)
-        # DeepLab v3's projection of the concatenation. The dropout (drop rate 0.1) is not in
-        # the paper; DeepLab's reference code applies it here (keep_prob 0.9) and we follow it.
+        # DeepLab v3's projection of the concatenation; its dropout is DeepLab's code, not the paper
         self.project = nn.Sequential(*conv_bn_relu(n * out_channels, out_channels),
                                      nn.Dropout(dropout))
 
@@ -311,32 +287,30 @@ class ContextModule(nn.Module):
         return self.project(torch.cat(feats, dim=1))
 
     # -- the named constructors: Table 1's rows ------------------------------------------------
-    @staticmethod
-    def _aspp_rates(output_stride):
-        return {8: (12, 24, 36), 16: (6, 12, 18), 32: (3, 6, 9)}[output_stride]
+    # DeepLab v3 halves the ASPP rates at output stride 16; Vortex keeps its own (paper: OS 8 only)
+    ASPP_DILATIONS = {8: (1, 12, 24, 36), 16: (1, 6, 12, 18), 32: (1, 3, 6, 9)}
 
     @classmethod
     def aspp(cls, in_channels, output_stride=8, **kw):
         """ASPP of DeepLab v3 (paper 3.1, Fig. 2): 1x1 conv + three 3x3 convs, rates 12/24/36."""
-        return cls(in_channels, (1, 1, 1, 1), (1, 3, 3, 3), (1,) + cls._aspp_rates(output_stride),
+        return cls(in_channels, (1, 1, 1, 1), (1, 3, 3, 3), cls.ASPP_DILATIONS[output_stride],
                    name="ASPP", **kw)
 
     @classmethod
     def aspp_plus(cls, in_channels, output_stride=8, **kw):
         """ASPP+ (paper 4.1, Table 1): ASPP with its 1x1 branch replaced by a 3x3 conv."""
-        return cls(in_channels, (1, 1, 1, 1), (3, 3, 3, 3), (1,) + cls._aspp_rates(output_stride),
+        return cls(in_channels, (1, 1, 1, 1), (3, 3, 3, 3), cls.ASPP_DILATIONS[output_stride],
                    name="ASPP+", **kw)
 
     @classmethod
     def module_a(cls, in_channels, k=5, output_stride=8, **kw):
         """Module A (paper 3.3, Fig. 3a): k x k average pooling before every ASPP branch."""
-        return cls(in_channels, (k,) * 4, (1, 3, 3, 3), (1,) + cls._aspp_rates(output_stride),
+        return cls(in_channels, (k,) * 4, (1, 3, 3, 3), cls.ASPP_DILATIONS[output_stride],
                    name=f"A({k})", **kw)
 
     @classmethod
     def vortex(cls, in_channels, output_stride=8, **kw):
-        """Module B, Vortex Pooling (paper 3.4, Fig. 3b): pooling k = 1, 3, 9, 27 before 3x3
-        convs dilated 1 (a 1x1 conv: nothing to dilate), 3, 9, 27. Fine near, coarse far."""
+        """Module B, Vortex Pooling (3.4, Fig. 3b): pools k = 1, 3, 9, 27, convs dilated alike."""
         return cls(in_channels, (1, 3, 9, 27), (1, 3, 3, 3), (1, 3, 9, 27), name="Vortex", **kw)
 
     @classmethod
@@ -346,8 +320,7 @@ class ContextModule(nn.Module):
 
     @classmethod
     def image_level(cls, in_channels, output_stride=8, **kw):
-        """A control: the 1x1 branch and the image-level branch (3.1) alone, no spatial
-        context; what every other module has besides its dilated or pooled branches."""
+        """A control: the 1x1 and image-level branches (3.1) that every other module also has."""
         return cls(in_channels, (1,), (1,), (1,), name="image-level", **kw)
 
 
@@ -358,15 +331,10 @@ CONSTRUCTORS = {"vortex": ContextModule.vortex, "aspp": ContextModule.aspp,
 CONTEXTS = tuple(CONSTRUCTORS)
 
 
-class Row(NamedTuple):
-    context: str  # --context
-    k: int  # Module A's pooling size (--pool-k); 5 where there is no Module A
-    miou: float  # the paper's Table 1: mIoU on VOC 2012 val (ResNet-50)
-    ratio: str  # the utilization ratio the paper gives (3.2, 3.3, 4.1)
-
-
-# Table 1, defined once: every row list (python vortex.py, train.py --ablation and
-# --context-experiment, the figures) reads it. "none" and "image-level" are our controls.
+# Table 1, defined once (experiments.py's row lists read it; "none" and "image-level" are our
+# controls). A row: --context, Module A's k (--pool-k; 5 if no Module A), the paper's mIoU on
+# VOC 2012 val (ResNet-50) and the utilization ratio the paper gives (3.2, 3.3, 4.1).
+Row = namedtuple("Row", ["context", "k", "miou", "ratio"])
 TABLE1 = {"none": Row("none", 5, None, None),
           "image-level": Row("image-level", 5, None, None),
           "ASPP": Row("aspp", 5, 75.4, "0.0059"),
@@ -396,20 +364,17 @@ def table1_module(row, in_channels, output_stride=8, **kw):
 # upsampling layer to get the final prediction." 4.2 / Fig. 4: "we extract the convolution
 # feature maps, and use our Vortex Pooling for feature encoding ... we also use a global average
 # pooling ... Then a 1 x 1 convolution layer is applied to get the final prediction."
-# DeepLab v3 with a swappable context module:
-#   image -> ResNet (X: h x w x c1) -> context module -> 1x1 conv classifier -> bilinear
-#   upsampling to the image size. torchvision's DeepLabHead adds a 3x3 conv + BN + ReLU between
-#   the context module and the classifier; neither the paper nor DeepLab v3 has it, nor do we.
+# image -> ResNet (X) -> context module -> 1x1 conv classifier -> bilinear upsampling. No 3x3
+# conv + BN + ReLU before the classifier (torchvision's DeepLabHead has one, the paper does not).
 # ---------------------------------------------------------------------------------------------
 
 class DeepLabV3(nn.Module):
     """DeepLab v3 whose ASPP can be swapped for Module A or Vortex Pooling (Table 1).
 
     `context` in CONTEXTS; `pool_k` is Module A's k. Forward returns logits (N, classes, H, W)
-    at the input's size, for any H, W (also sizes not divisible by the output stride).
-    `DeepLabV3(21, 101, "aspp", multi_grid=None)` has the geometry of torchvision's
-    `deeplabv3_resnet101` (its ASPP output is the same on the same weights); the paper's model
-    (the default) adds multi-grid (1, 2, 4) in layer4 (see ResNet).
+    at the input's size, for any H, W. `DeepLabV3(21, 101, "aspp", multi_grid=None)` has the
+    geometry of torchvision's `deeplabv3_resnet101` (the same ASPP output on the same weights);
+    the paper's model (the default) adds multi-grid (1, 2, 4) in layer4 (see ResNet).
     """
 
     def __init__(self, num_classes, depth=101, context="vortex", output_stride=8, pool_k=5,
@@ -419,9 +384,8 @@ class DeepLabV3(nn.Module):
         self.config = dict(num_classes=num_classes, depth=depth, context=context,
                            output_stride=output_stride, pool_k=pool_k,
                            multi_grid=None if multi_grid is None else tuple(multi_grid),
-                           base_channels=base_channels,
-                           context_channels=context_channels, dropout=dropout,
-                           count_include_pad=count_include_pad)
+                           base_channels=base_channels, context_channels=context_channels,
+                           dropout=dropout, count_include_pad=count_include_pad)
         self.backbone = ResNet(depth, output_stride, multi_grid, base_channels)
         self.context = make_context(context, self.backbone.out_channels, output_stride, pool_k,
                                     out_channels=context_channels, dropout=dropout,
@@ -434,10 +398,7 @@ class DeepLabV3(nn.Module):
         return self.classifier(self.context(self.backbone(x)))
 
     def forward(self, x):
-        # align_corners=False (PyTorch's and torchvision's convention). DeepLab's TF code uses
-        # align_corners=True with input sizes 8k+1 (513). For 65 x 65 logits of a 513 image the
-        # two put logit i at image position 8 i and 7.89 i + 3.45: the same at the centre, 3.4
-        # image pixels apart at the borders.
+        # align_corners=False, PyTorch's convention (DeepLab's TF code: True; README, departures)
         return F.interpolate(self.low_res_logits(x), size=x.shape[-2:], mode="bilinear",
                              align_corners=False)
 
@@ -447,31 +408,41 @@ class DeepLabV3(nn.Module):
 # =============================================================================================
 
 # ---------------------------------------------------------------------------------------------
-# box_averages: average_pool (Part I) for several k at once, exact and fast. avg_pool2d sums
-# k^2 values a pixel: for Vortex (k = 3, 9, 27) 3x the cost of ASPP's four convolutions on a
-# CPU. Two identities make it O(1) a pixel per level: (a) a k x k box sum is a k-tap sum along
-# W, then along H; (b) an (a*b)-tap sum is an a-tap box sum, then a b-tap sum with taps a apart
-# ({0..a-1} + a*{0..b-1} = {0..ab-1}). So 9x9 = 3x3, then 3x3 taps dilated 3; 27x27 = 9x9, then
-# 3x3 dilated 9: Vortex's three maps come out of ONE cascade. Every sum runs in "valid" mode on
-# a zero-padded canvas (exact at the border; divided by the in-map count, a separable product,
-# for count_include_pad=False), on channel blocks that stay in the CPU's cache. Backward: a box
-# sum is its own adjoint, so the cascade's adjoint is the cascade reversed, adding the incoming
-# gradients as it goes (Horner): S3'g3 + S9'g9 + S27'g27 = T1(g3 + T3(g9 + T9(g27))). On an
-# H100 too it beat PyTorch's pooling (13.7 vs 25.7 ms separable, 76.7 ms avg_pool2d, forward +
-# backward at 8 x 2048 x 65 x 65, fp32; `python experiments.py bench modules`).
+# box_averages: average_pool (Part I) for several k at once, exact and fast (avg_pool2d's k^2
+# adds a pixel make Vortex's pooling cost 3x ASPP's four convolutions on a CPU). (a) A k x k box
+# sum is a k-tap sum along W, then along H; (b) an (a*b)-tap sum is an a-tap sum, then a b-tap
+# sum with taps a apart. So 9x9 = 3x3, then 3x3 taps dilated 3; 27x27 = 9x9, then 3x3 dilated
+# 9: ONE cascade, on a zero-padded canvas, per channel block. Backward: a box sum is its own
+# adjoint, so the cascade's adjoint is the cascade reversed, adding the incoming gradients as it
+# goes (Horner): S3'g3 + S9'g9 + S27'g27 = T1(g3 + T3(g9 + T9(g27))).
 # ---------------------------------------------------------------------------------------------
 
 CPU_BLOCK_CHANNELS = 256  # 256 channels of a 91x91 float canvas ~ 8 MB: stays in the L3 cache
 
 
-def _cascade_steps(ks):
-    """Steps (taps, spacing) that build box sums of the sizes in `ks` one after another.
+def _step(a, taps, spacing, work):
+    """One cascade level: a separable taps x taps sum ("valid" mode), along W into work[0], then
+    along H into work[1] (fresh tensors per add, measured, doubled the CPU time: page faults)."""
+    for dim, buf in ((3, work[0]), (2, work[1])):
+        shape = list(a.shape)
+        shape[dim] -= spacing * (taps - 1)
+        out = buf[: torch.Size(shape).numel()].view(shape)
+        torch.add(a.narrow(dim, 0, shape[dim]), a.narrow(dim, spacing, shape[dim]), out=out)
+        for j in range(2, taps):
+            out.add_(a.narrow(dim, j * spacing, shape[dim]))
+        a = out
+    return a
 
-    `ks` (odd, increasing) must form a divisibility chain (3 | 9 | 27); each k / k_prev is split
-    into prime factors, each one tap-sum. Returns (steps, emit) with emit[i] = the k completed
-    after step i (or None).
-    """
-    steps, emit, done = [], [], 1
+
+def _plan(ref, ks, count_include_pad):
+    """What both directions share:
+      steps (taps, spacing, reach): box sums of the sizes in `ks` (odd, increasing, each dividing
+        the next: 3 | 9 | 27) one after another, a step per prime factor of k / k_prev; after a
+        step, sums of size taps * spacing on a canvas `reach` pixels smaller on every side;
+      inv: 1 / (number of pixels averaged) for every k; blocks: of channels (cache-sized on CPU);
+      canvas, work: for one block, a zero canvas `margin` (the largest radius) wider than the
+        map on every side and two scratch buffers of its size."""
+    steps, done = [], 1
     for k in ks:
         if k % 2 == 0 or k < 1:
             raise ValueError(f"box_averages needs odd k >= 1 (a centred window), got {k}")
@@ -481,128 +452,67 @@ def _cascade_steps(ks):
         n, p = k // done, 3
         while n > 1:
             while n % p == 0:
-                steps.append((p, done))
-                emit.append(None)
+                steps.append((p, done, done * (p - 1) // 2))
                 done, n = done * p, n // p
             p += 2
-        if emit:
-            emit[-1] = k
-    return steps, emit
-
-
-def _tap_sum(a, taps, spacing, dim, out):
-    """out = sum of `taps` slices of `a` along `dim`, `spacing` apart ("valid" mode)."""
-    length = out.shape[dim]
-    torch.add(a.narrow(dim, 0, length), a.narrow(dim, spacing, length), out=out)
-    for j in range(2, taps):
-        out.add_(a.narrow(dim, j * spacing, length))
-    return out
-
-
-def _step(a, taps, spacing, work):
-    """One cascade level on an (N, C, H', W') canvas: separable taps x taps sum, valid mode.
-
-    Writes into the two preallocated flat buffers `work` (fresh tensors for every add would
-    cost page faults and cache misses that, measured, doubled the pooling time on CPU).
-    """
-    n, c, h, w = a.shape
-    s = spacing * (taps - 1)
-    along_w = work[0][: n * c * h * (w - s)].view(n, c, h, w - s)
-    both = work[1][: n * c * (h - s) * (w - s)].view(n, c, h - s, w - s)
-    return _tap_sum(_tap_sum(a, taps, spacing, 3, along_w), taps, spacing, 2, both)
-
-
-def _inverse_counts(h, w, k, count_include_pad, dtype, device):
-    """1 / (number of pixels averaged) at every position: a separable row-count x col-count."""
-    if count_include_pad:
-        return torch.full((h, w), 1.0 / (k * k), dtype=dtype, device=device)
-    r = k // 2
-
-    def counts(n):
-        i = torch.arange(n, device=device)
-        return (torch.clamp(i + r, max=n - 1) - torch.clamp(i - r, min=0) + 1).to(dtype)
-    return 1.0 / (counts(h)[:, None] * counts(w)[None, :])
-
-
-def _blocks(x):
-    """Channel blocks to work on: cache-sized on CPU, all channels at once elsewhere."""
-    step = CPU_BLOCK_CHANNELS if x.device.type == "cpu" else x.shape[1]
-    return [(c, min(c + step, x.shape[1])) for c in range(0, x.shape[1], step)]
-
-
-def _workspace(x, margin, dtype):
-    """Zero canvas for one channel block, `margin` pixels wider than the map on every side,
-    and two scratch buffers of the same size for the cascade levels."""
-    b0, b1 = _blocks(x)[0]
-    n, _, h, w = x.shape
-    canvas = x.new_zeros((n, b1 - b0, h + 2 * margin, w + 2 * margin), dtype=dtype)
-    return canvas, (torch.empty_like(canvas).view(-1), torch.empty_like(canvas).view(-1))
-
-
-def _box_averages_forward(x, ks, count_include_pad):
-    """Pooled maps for every k in ks (> 1, a divisibility chain), one cascade per channel block."""
-    n, c, h, w = x.shape
-    steps, emit = _cascade_steps(ks)
-    reach = [s * (t - 1) // 2 for t, s in steps]  # how far each level looks, in pixels
-    acc = torch.promote_types(x.dtype, torch.float32)  # bf16/fp16 cannot hold a 729-term sum
-    inv = {k: _inverse_counts(h, w, k, count_include_pad, acc, x.device) for k in ks}
-    outs = {k: torch.empty_like(x) for k in ks}
-    margin0 = sum(reach)  # the largest window's radius
-    canvas, work = _workspace(x, margin0, acc)
-    for c0, c1 in _blocks(x):
-        a = canvas[:, : c1 - c0]
-        a[:, :, margin0:margin0 + h, margin0:margin0 + w] = x[:, c0:c1]  # border stays zero
-        margin = margin0
-        for i, (taps, spacing) in enumerate(steps):
-            a, margin = _step(a, taps, spacing, work), margin - reach[i]
-            if emit[i] is not None:  # a now holds k x k sums; divide by the counts
-                k = emit[i]
-                torch.mul(a[:, :, margin:margin + h, margin:margin + w], inv[k],
-                          out=outs[k][:, c0:c1])
-    return [outs[k] for k in ks]
-
-
-def _box_averages_backward(grads, ks, count_include_pad):
-    """Adjoint of _box_averages_forward: the same cascade in reverse order (Horner's rule)."""
-    ref = next(g for g in grads if g is not None)
     n, c, h, w = ref.shape
-    steps, emit = _cascade_steps(ks)
-    reach = [s * (t - 1) // 2 for t, s in steps]
-    acc = torch.promote_types(ref.dtype, torch.float32)
-    inv = {k: _inverse_counts(h, w, k, count_include_pad, acc, ref.device) for k in ks}
-    g_of = {k: g for k, g in zip(ks, grads) if g is not None}
-    dx = torch.empty_like(ref)
-    margin0 = sum(reach)
-    canvas, work = _workspace(ref, margin0, acc)
-    for c0, c1 in _blocks(ref):
-        a, margin = canvas[:, : c1 - c0], margin0
-        a[:, :, margin:margin + h, margin:margin + w] = 0
-        for i in reversed(range(len(steps))):
-            k = emit[i]
-            if k in g_of:  # add g_k / count_k where the forward pass emitted S_k
-                a[:, :, margin:margin + h, margin:margin + w] += g_of[k][:, c0:c1] * inv[k]
-            a, margin = _step(a, *steps[i], work), margin - reach[i]
-        dx[:, c0:c1] = a  # margin is 0 here: a is exactly the map
-    return dx
+    acc = torch.promote_types(ref.dtype, torch.float32)  # bf16/fp16 cannot hold a 729-term sum
+
+    def counts(m, k):  # along one axis of length m: how many of a window's k pixels are on it
+        i = torch.arange(m, device=ref.device)
+        return (torch.clamp(i + k // 2, max=m - 1) - torch.clamp(i - k // 2, min=0) + 1).to(acc)
+    inv = {k: torch.full((h, w), 1.0 / (k * k), dtype=acc, device=ref.device) if count_include_pad
+           else 1.0 / (counts(h, k)[:, None] * counts(w, k)[None, :]) for k in ks}
+    step = CPU_BLOCK_CHANNELS if ref.device.type == "cpu" else c
+    blocks = [(c0, min(c0 + step, c)) for c0 in range(0, c, step)]
+    margin = sum(reach for _, _, reach in steps)
+    canvas = ref.new_zeros((n, blocks[0][1], h + 2 * margin, w + 2 * margin), dtype=acc)
+    work = (torch.empty_like(canvas).view(-1), torch.empty_like(canvas).view(-1))
+    return steps, inv, blocks, canvas, work, margin
 
 
 class _BoxAverages(torch.autograd.Function):
+    """The cascade for ks (> 1, a divisibility chain), per channel block, and its adjoint."""
+
     @staticmethod
     def forward(ctx, x, ks, count_include_pad):
         ctx.ks, ctx.cip = ks, count_include_pad
-        return tuple(_box_averages_forward(x, ks, count_include_pad))
+        h, w = x.shape[2:]
+        steps, inv, blocks, canvas, work, margin0 = _plan(x, ks, count_include_pad)
+        outs = {k: torch.empty_like(x) for k in ks}
+        for c0, c1 in blocks:
+            a, margin = canvas[:, : c1 - c0], margin0
+            a[:, :, margin:margin + h, margin:margin + w] = x[:, c0:c1]  # border stays zero
+            for taps, spacing, reach in steps:
+                a, margin, k = _step(a, taps, spacing, work), margin - reach, taps * spacing
+                if k in outs:  # a now holds k x k sums; divide by the counts
+                    torch.mul(a[:, :, margin:margin + h, margin:margin + w], inv[k],
+                              out=outs[k][:, c0:c1])
+        return tuple(outs[k] for k in ks)
 
     @staticmethod
     def backward(ctx, *grads):
-        return _box_averages_backward(grads, ctx.ks, ctx.cip), None, None
+        ref = next(g for g in grads if g is not None)
+        h, w = ref.shape[2:]
+        steps, inv, blocks, canvas, work, margin0 = _plan(ref, ctx.ks, ctx.cip)
+        g_of = {k: g for k, g in zip(ctx.ks, grads) if g is not None}
+        dx = torch.empty_like(ref)
+        for c0, c1 in blocks:
+            a, margin = canvas[:, : c1 - c0], margin0
+            a[:, :, margin:margin + h, margin:margin + w] = 0
+            for taps, spacing, reach in reversed(steps):
+                k = taps * spacing
+                if k in g_of:  # add g_k / count_k where the forward pass emitted S_k
+                    a[:, :, margin:margin + h, margin:margin + w] += g_of[k][:, c0:c1] * inv[k]
+                a, margin = _step(a, taps, spacing, work), margin - reach
+            dx[:, c0:c1] = a  # margin is 0 here: a is exactly the map
+        return dx, None, None
 
 
 def box_averages(x, ks, count_include_pad=False):
-    """k x k stride-1 average pooling of `x` (N, C, H, W) for every k in `ks`, sharing one cascade.
-
-    Returns a dict {k: pooled}. k = 1 is the identity (x itself). Sizes > 1 must divide one
-    another (e.g. Vortex's 3, 9, 27). Exact: equals nn.AvgPool2d(k, 1, k // 2, count_include_pad)
-    at every pixel, borders included. Differentiable (the backward is the reversed cascade).
+    """{k: k x k stride-1 average pooling of `x` (N, C, H, W)} for every k in `ks` (1: x itself),
+    one cascade for the sizes > 1, which must divide one another (Vortex's 3, 9, 27). Equals
+    nn.AvgPool2d(k, 1, k // 2, count_include_pad) at every pixel, borders included; differentiable.
     """
     ks = sorted(set(int(k) for k in ks))
     out = {1: x} if 1 in ks else {}
@@ -614,18 +524,11 @@ def box_averages(x, ks, count_include_pad=False):
     return out
 
 
-# ---------------------------------------------------------------------------------------------
-# Fresh memory on the CPU. glibc gives blocks of 32 MB or more (one 2048 x 65 x 65 float map is
-# 34.6 MB) back to the system when they are freed, so every new one is page-faulted in again:
-# a clone of such a map took 10 ms instead of 2, Vortex's pooling 58 ms instead of 24, the
-# module 6% more than ASPP instead of 0-2% (`python experiments.py bench modules`). The commands
-# ask glibc to keep freed memory for reuse, as jemalloc and tcmalloc do by design.
-# ---------------------------------------------------------------------------------------------
-
 def keep_freed_memory():
-    """Make glibc's malloc reuse freed memory rather than return it to the system (no mmap for
-    large blocks, no trimming of the heap). Process-wide, inherited by loader workers; returns
-    False (and changes nothing) where the C library is not glibc."""
+    """Make glibc keep freed memory for reuse, as jemalloc and tcmalloc do (no mmap for large
+    blocks, no heap trimming): by default it returns blocks of 32 MB or more (a 2048 x 65 x 65 map)
+    to the system and page-faults each new one in again (the cost: README, "Fast, exact average
+    pooling"). Process-wide, inherited by loader workers; False (nothing done) if not glibc."""
     try:
         libc = ctypes.CDLL("libc.so.6")
         m_trim_threshold, m_mmap_max = -1, -4  # glibc's mallopt parameter numbers
@@ -635,42 +538,27 @@ def keep_freed_memory():
         return False
 
 
-# ---------------------------------------------------------------------------------------------
-# Pretrained weights from local files (nothing is downloaded): torchvision ImageNet ResNets
-# (resnet101-63fe2227.pth...: our keys plus fc.*, which is ignored) and segmentation checkpoints
-# (deeplabv3_resnet*_coco-*.pth, COCO with the 20 VOC classes, like the paper's first stage, 4.2):
-# backbone.* into our backbone and, for context="aspp", its ASPP (classifier.0.*) into our
-# context module; its 3x3 head conv, classifier and auxiliary head have no counterpart here.
-# ---------------------------------------------------------------------------------------------
-
 def _torchvision_aspp_name(key):
     """torchvision DeepLabHead ASPP key (after 'classifier.0.') -> our ContextModule key."""
     parts = key.split(".")
-    if parts[0] == "convs" and parts[1] == "4":  # ASPPPooling: 0 is the pool, 1 conv, 2 BN
+    if parts[:2] == ["convs", "4"]:  # ASPPPooling: 0 is the pool, 1 conv, 2 BN
         return ".".join(["image_pool", str(int(parts[2]) - 1)] + parts[3:])
-    if parts[0] == "convs":
-        return ".".join(["branches"] + parts[1:])
-    return key  # project.0 (conv), project.1 (BN)
+    return key.replace("convs.", "branches.", 1)  # project.0 (conv), .1 (BN) keep their names
 
 
 def _check_and_load(target, tensors, path, what):
     """Load `tensors` into `target` strictly, or raise one error listing every problem."""
     own = target.state_dict()
-    missing = sorted(set(own) - set(tensors))
-    unexpected = sorted(set(tensors) - set(own))
-    shapes = [f"{k}: file {tuple(tensors[k].shape)} vs model {tuple(own[k].shape)}"
-              for k in sorted(set(own) & set(tensors)) if tensors[k].shape != own[k].shape]
-    if missing or unexpected or shapes:
-        def show(items):
-            more = f" ... (+{len(items) - 8} more)" if len(items) > 8 else ""
-            return ", ".join(items[:8]) + more
+    problems = {"missing from the file": sorted(set(own) - set(tensors)),
+                "not in the model": sorted(set(tensors) - set(own)),
+                "shape mismatches": [f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+                                     for k, v in sorted(tensors.items())
+                                     if k in own and v.shape != own[k].shape]}
+    if any(problems.values()):
         lines = [f"{path} does not fit the {what}:"]
-        if missing:
-            lines.append(f"  missing from the file ({len(missing)}): {show(missing)}")
-        if unexpected:
-            lines.append(f"  not in the model ({len(unexpected)}): {show(unexpected)}")
-        if shapes:
-            lines.append(f"  shape mismatches ({len(shapes)}): {show(shapes)}")
+        lines += [f"  {label} ({len(items)}): {', '.join(items[:8])}"
+                  + (f" ... (+{len(items) - 8} more)" if len(items) > 8 else "")
+                  for label, items in problems.items() if items]
         lines.append("  (expected a torchvision ResNet of the same depth, e.g. "
                      "resnet101-63fe2227.pth for depth 101, or a torchvision "
                      "deeplabv3_resnet*_coco checkpoint)")
@@ -679,32 +567,28 @@ def _check_and_load(target, tensors, path, what):
 
 
 def load_backbone_weights(module, sd, path="the weights", verbose=True):
-    """Load a torchvision state dict `sd` (read from the file `path` by infra.read_state_dict)
-    into a ResNet or a DeepLabV3. Returns {"loaded": [keys], "skipped": [keys]}, keys named as in
-    the file, and prints a summary when verbose. Raises ValueError naming missing/unexpected keys
-    and shape mismatches."""
+    """Load a torchvision state dict `sd` (read from the local file `path` by infra.read_state_dict;
+    docs/gpu.md) into a ResNet or a DeepLabV3: an ImageNet ResNet's (our keys plus fc.*) or a
+    deeplabv3_resnet*_coco-* checkpoint's (the paper's first stage, 4.2; its ASPP fits "aspp").
+    Returns {"loaded": [keys], "skipped": [keys]}, keys named as in the file, and prints a
+    summary when verbose; a ValueError lists every key that does not fit."""
     backbone = module.backbone if hasattr(module, "backbone") else module
     context = getattr(module, "context", None)
-    loaded, skipped = [], []
-    if any(k.startswith("backbone.") for k in sd):  # torchvision segmentation checkpoint
+    segmentation = any(k.startswith("backbone.") for k in sd)  # else an ImageNet classifier
+    if segmentation:
         bb = {k[len("backbone."):]: v for k, v in sd.items() if k.startswith("backbone.")}
-        _check_and_load(backbone, bb, path, f"ResNet-{backbone.depth} backbone")
-        loaded += ["backbone." + k for k in bb]
-        aspp = {k[len("classifier.0."):]: v for k, v in sd.items()
-                if k.startswith("classifier.0.")}
-        if context is not None and getattr(context, "name", None) == "ASPP" and aspp:
-            _check_and_load(context, {_torchvision_aspp_name(k): v for k, v in aspp.items()},
-                            path, "ASPP context module")
-            loaded += ["classifier.0." + k for k in aspp]
-        skipped = [k for k in sd if k not in set(loaded)]
-    else:  # ImageNet classification checkpoint
-        skipped = [k for k in sd if k.startswith("fc.")]
+    else:
         bb = {k: v for k, v in sd.items() if not k.startswith("fc.")}
-        _check_and_load(backbone, bb, path, f"ResNet-{backbone.depth} backbone")
-        loaded = list(bb)
+    _check_and_load(backbone, bb, path, f"ResNet-{backbone.depth} backbone")
+    loaded = ["backbone." + k for k in bb] if segmentation else list(bb)
+    aspp = {k[len("classifier.0."):]: v for k, v in sd.items() if k.startswith("classifier.0.")}
+    if segmentation and aspp and getattr(context, "name", None) == "ASPP":
+        _check_and_load(context, {_torchvision_aspp_name(k): v for k, v in aspp.items()},
+                        path, "ASPP context module")
+        loaded += ["classifier.0." + k for k in aspp]
+    skipped = [k for k in sd if k not in set(loaded)]
     if verbose:
         groups = sorted({".".join(k.split(".")[:2]) for k in skipped})
         print(f"loaded {len(loaded)} tensors from {path}; skipped {len(skipped)}"
               + (f" ({', '.join(groups)})" if groups else ""))
     return {"loaded": loaded, "skipped": skipped}
-
