@@ -567,7 +567,7 @@ def _check_and_load(target, tensors, path, what):
 
 
 def load_backbone_weights(module, sd, path="the weights", verbose=True):
-    """Load a torchvision state dict `sd` (read from the local file `path` by infra.read_state_dict;
+    """Load a torchvision state dict `sd` (read from the local file `path` by infra.load_pretrained;
     docs/gpu.md) into a ResNet or a DeepLabV3: an ImageNet ResNet's (our keys plus fc.*) or a
     deeplabv3_resnet*_coco-* checkpoint's (the paper's first stage, 4.2; its ASPP fits "aspp").
     Returns {"loaded": [keys], "skipped": [keys]}, keys named as in the file, and prints a
