@@ -3,18 +3,59 @@
 Property-based (hypothesis) where a property exists; tiny channel widths where the property does
 not depend on width, so that the suite runs in a few minutes on 2 CPU cores.
 """
+# How this file is organised: it mirrors the code. After the shared helpers and fixtures come
+# the files in the order vortex, data, infra, train, eval, experiments; within a file, the tests
+# of its Part I (the paper, in the paper's order) come before those of its Part II (the
+# engineering), each under a banner naming the file and part, with "# ----" subsections that
+# follow the file's own. A test that crosses files sits with the code it is about: golden
+# fixtures next to what they check, GPU (`-m gpu`) and several-process tests next to their CPU
+# counterparts. Then a section for the docs (README's paper -> code map, links, documented
+# commands) and the command that made the golden fixtures; last, the coursework grader (also run
+# as `python test_vortex.py grade HANDINS`), whose helpers must stay above its `main`.
 import argparse
+import ast
+import base64
 import contextlib
+import csv
+import functools
+import io
+import itertools
+import json
 import math
 import os
+import random
+import re
+import resource
+import select
+import shlex
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import zlib
+from typing import Callable, NamedTuple
+from unittest import mock
 
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 import torch.nn.functional as F
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
+from PIL import Image
 
+import data
+import eval as evaluation
+import experiments
+import infra
+import train
 import vortex
 from vortex import (ContextModule, DeepLabV3, box_averages, footprint,
                     measured_utilization, ResNet, utilization_ratio)
@@ -28,7 +69,141 @@ settings.load_profile("ci" if os.environ.get("CI") else "dev")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
-# ----------------------------------------------------------------------------- ResNet / shapes
+# =============================================================================================
+# Shared helpers and fixtures (used by several sections)
+# =============================================================================================
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+TINY = ["--num-images", "16", "--val-images", "3", "--image-size", "48", "--crop", "40",
+        "--batch-size", "4", "--workers", "0", "--depth", "18", "--base-channels", "4",
+        "--context-channels", "8", "--log-every", "1"]
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """One tiny finished run (checkpoint.pt at iteration 2, log.jsonl), shared by every test
+    that needs a checkpoint: read it, or copy what you change (eval.py without --json writes
+    its result beside the checkpoint: give it --json)."""
+    out = str(tmp_path_factory.mktemp("tiny_run") / "run")
+    train.main(TINY + ["--iters", "2", "--out-dir", out, "--no-eval"])
+    return out
+
+
+@pytest.fixture(scope="session")
+def voc_root(tmp_path_factory):
+    """A tiny VOC 2012 folder (images a, b, c, d; split train), shared: read it only (a test
+    that changes it makes its own with make_voc_tree)."""
+    return make_voc_tree(tmp_path_factory.mktemp("voc"), ids="abcd")
+
+
+@pytest.fixture
+def one_coco_image(tmp_path):
+    """instances_x.json with one 40 x 40 image (id 7, a.jpg) holding one 1296 px person, and
+    its images folder, in tmp_path: (annotations, images)."""
+    return coco_file(tmp_path, [{"id": 7, "file_name": "a.jpg", "height": 40, "width": 40}],
+                     [{"id": 1, "image_id": 7, "category_id": 1, "segmentation": SQUARE}])
+
+
+def refused(fn, match):
+    """fn() must raise one line of BadInput matching `match`; returns the message."""
+    with pytest.raises(infra.BadInput, match=match) as e:
+        fn()
+    assert "\n" not in str(e.value), str(e.value)
+    return str(e.value)
+
+
+def cli_run(main, argv, capsys):
+    """(exit code, stderr lines) of a command run as its `python X.py` would run it."""
+    with pytest.raises(SystemExit) as e:
+        infra.cli(lambda: main(argv))
+        raise SystemExit(0)
+    return e.value.code, capsys.readouterr().err.strip().splitlines()
+
+
+def randomize_bn_stats(module, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    for m in module.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.bias.data.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+
+
+# Real sample files (12 VOC 2012 pairs, 2 SBD .mat files, a COCO subset): the folder named by
+# the environment variable VORTEX_SAMPLES, else ../shared/voc_samples beside this project.
+SHARED = os.environ.get("VORTEX_SAMPLES") or os.path.join(HERE, "..", "shared", "voc_samples")
+needs_shared = pytest.mark.skipif(
+    not os.path.isdir(SHARED),
+    reason="no real VOC/SBD/COCO sample files: set VORTEX_SAMPLES to a folder laid out like "
+           "voc_samples (VOC2012/, SBD/, coco/), or put ../shared/voc_samples beside this clone")
+
+
+# `python -m pytest -m gpu` on a machine with CUDA; skipped with a reason elsewhere (CI has none).
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(),
+                                reason="needs a CUDA GPU (run `python -m pytest -m gpu` on one)")
+
+
+def make_voc_tree(tmp_path, ids=("a", "b"), size=(40, 30), mask_mode="P"):
+    root = tmp_path / "VOC2012"
+    for d in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
+        (root / d).mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in ids:
+        Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(
+            root / "JPEGImages" / f"{i}.jpg")
+        m = rng.integers(0, 21, (size[1], size[0]), dtype=np.uint8)
+        if mask_mode == "P":
+            data.save_mask(str(root / "SegmentationClass" / f"{i}.png"), m)
+        else:
+            Image.fromarray(m, mode="L").save(root / "SegmentationClass" / f"{i}.png")
+    (root / "ImageSets/Segmentation/train.txt").write_text("\n".join(ids) + "\n")
+    return root
+
+
+def coco_file(tmp_path, images, annotations):
+    cats = [{"id": 1, "name": "person"}, {"id": 62, "name": "chair"}, {"id": 5, "name": "kite"}]
+    path = tmp_path / "instances_x.json"
+    path.write_text(json.dumps({"images": images, "annotations": annotations,
+                                "categories": cats}))
+    (tmp_path / "imgs").mkdir(exist_ok=True)
+    for im in images:
+        name = im.get("file_name")
+        if isinstance(name, str) and os.path.basename(name) == name and os.path.splitext(name)[1]:
+            Image.new("RGB", (im.get("width", 8), im.get("height", 8))).save(
+                tmp_path / "imgs" / name)
+    return str(path), str(tmp_path / "imgs")
+
+
+SQUARE = [[2, 2, 38, 2, 38, 38, 2, 38]]  # 36 x 36 = 1296 px
+
+
+def _spawn(fn, world, *args):
+    """Run fn(rank, world, init_file, *args) in `world` gloo processes."""
+    init = tempfile_path()
+    mp.spawn(fn, args=(world, init) + args, nprocs=world, join=True)
+
+
+def tempfile_path():
+    fd, path = tempfile.mkstemp(prefix="gloo-")
+    os.close(fd)
+    os.unlink(path)
+    return path
+
+
+def _init(rank, world, init_file):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=world)
+
+
+# =============================================================================================
+# vortex.py, Part I: the paper (ResNet 3.1/4.1, utilization 3.2, context modules 3.3-3.4,
+# Table 1, DeepLabV3)
+# =============================================================================================
+
+# ---- ResNet with output stride and multi-grid (3.1, 4.1); golden fixture: torchvision
 
 @settings(max_examples=12)
 @given(depth=st.sampled_from([18, 34, 50, 101]), os_=st.sampled_from([8, 16, 32]),
@@ -146,16 +321,6 @@ def reference_resnet_forward(sd, x, counts, replace=(False, False, False)):
     return x
 
 
-def randomize_bn_stats(module, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    for m in module.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-            m.bias.data.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-
-
 @settings(max_examples=6)
 @given(os_=st.sampled_from([8, 16, 32]), h=st.integers(33, 80), w=st.integers(33, 80))
 def test_without_multigrid_the_backbone_is_torchvision_dilated_resnet(os_, h, w):
@@ -171,11 +336,9 @@ def test_without_multigrid_the_backbone_is_torchvision_dilated_resnet(os_, h, w)
     torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-5)
 
 
-# ----------------------------------------------------------------------------- golden fixtures
 # Outputs of the references themselves (torchvision, pycocotools), made once in a scratch
 # environment and committed under fixtures/ (see make_fixtures at the end of this file for the
 # command). The weights are not stored: both sides derive them from the tensor names.
-
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
 
 
@@ -184,7 +347,6 @@ def seeded_weights(template, seed=0):
     keyed by (seed, name), so that this project and the environment that made a fixture get the
     same numbers without sharing a 170 MB file. BN scales are kept small so that 33 residual
     blocks stay in range."""
-    import zlib
     out = {}
     for name, t in template.items():
         if not t.is_floating_point():
@@ -228,109 +390,47 @@ def test_backbone_equals_torchvision_on_the_same_weights(depth, os_):
     assert relative_error(ours, torch.from_numpy(ref)) < 1e-5
 
 
-def test_aspp_equals_torchvision_deeplabv3_coco_checkpoint(tmp_path):
-    """A torchvision deeplabv3_resnet101 state_dict, loaded by load_backbone_weights, gives
-    torchvision's ASPP output (model.classifier[0](model.backbone(x)["out"]))."""
-    ref = np.load(os.path.join(FIXTURES, "torchvision_outputs.npz"))["deeplabv3_resnet101_aspp"]
-    model = DeepLabV3(21, 101, "aspp", multi_grid=None).eval()
-    path = tmp_path / "deeplabv3_resnet101_coco.pth"
-    torch.save(seeded_weights(torchvision_deeplab_format(model)), path)
-    infra.load_pretrained(model, str(path), verbose=False)
-    with torch.no_grad():
-        ours = model.context(model.backbone(seeded_input(*ASPP_INPUT)))[:, ::4]
-    assert ours.shape == ref.shape == (1, 64, 21, 24)
-    assert relative_error(ours, torch.from_numpy(ref)) < 1e-5
-
-
-# ----------------------------------------------------------------------------- box average
-
-@contextlib.contextmanager
-def channel_blocks(b):
-    """Run box_average with blocks of b channels, so that the per-block code path is exercised."""
-    old = vortex.CPU_BLOCK_CHANNELS
-    vortex.CPU_BLOCK_CHANNELS = b
-    try:
-        yield
-    finally:
-        vortex.CPU_BLOCK_CHANNELS = old
-
-
-@given(n=st.integers(1, 2), c=st.integers(1, 6), h=st.integers(1, 40), w=st.integers(1, 40),
-       k=st.sampled_from([1, 3, 5, 7, 9, 13, 15, 25, 27]), cip=st.booleans(),
-       block=st.sampled_from([1, 4, 256]))
-def test_box_average_equals_the_definition_everywhere(n, c, h, w, k, cip, block):
-    """Part II's fast path equals Part I's definition (vortex.average_pool, 3.3), and that is
-    torch's own nn.AvgPool2d(k, 1, k // 2)."""
-    x = torch.randn(n, c, h, w, dtype=torch.float64)
-    ref = vortex.average_pool(x, k, cip)
-    torch.testing.assert_close(ref, torch.nn.AvgPool2d(k, 1, k // 2, count_include_pad=cip)(x))
-    with channel_blocks(block):
-        torch.testing.assert_close(box_averages(x, (k,), cip)[k], ref, rtol=1e-12, atol=1e-12)
-
-
-
-
-@given(c=st.integers(1, 5), h=st.integers(1, 36), w=st.integers(1, 36), cip=st.booleans(),
-       ks=st.sampled_from([(3, 9, 27), (3, 9), (9, 27), (5, 25), (3, 15), (27,)]),
-       block=st.sampled_from([2, 256]))
-def test_shared_cascade_forward_and_backward_equal_the_definition(c, h, w, cip, ks, block):
-    x = torch.randn(2, c, h, w, dtype=torch.float64)
-    gs = {k: torch.randn(2, c, h, w, dtype=torch.float64) for k in ks}
-    xa = x.clone().requires_grad_()
-    with channel_blocks(block):
-        out = box_averages(xa, ks, cip)
-        sum((out[k] * gs[k]).sum() for k in ks).backward()
-    xr = x.clone().requires_grad_()
-    ref = {k: F.avg_pool2d(xr, k, 1, k // 2, count_include_pad=cip) for k in ks}
-    sum((ref[k] * gs[k]).sum() for k in ks).backward()
-    for k in ks:
-        torch.testing.assert_close(out[k], ref[k], rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(xa.grad, xr.grad, rtol=1e-12, atol=1e-12)
-
-
-def test_box_averages_of_channels_last_input_equal_the_definition():
-    """--channels-last feeds NHWC maps: same values and gradients, layout kept (300 channels:
-    two CPU channel blocks)."""
-    torch.manual_seed(0)
-    x = torch.randn(2, 300, 23, 31).contiguous(memory_format=torch.channels_last)
-    x.requires_grad_(True)
-    out = box_averages(x, (3, 9, 27))
-    ws = {k: torch.randn_like(out[k]) for k in (3, 9, 27)}
-    (g,) = torch.autograd.grad(sum((out[k] * w).sum() for k, w in ws.items()), x)
-    ref_x = x.detach().contiguous().requires_grad_(True)
-    ref = {k: F.avg_pool2d(ref_x, k, 1, k // 2, count_include_pad=False) for k in ws}
-    (g_ref,) = torch.autograd.grad(sum((ref[k] * w).sum() for k, w in ws.items()), ref_x)
-    for k in ws:
-        torch.testing.assert_close(out[k], ref[k])
-        assert out[k].is_contiguous(memory_format=torch.channels_last)
-    torch.testing.assert_close(g, g_ref)
-
-
-def test_box_average_gradcheck_and_low_precision():
-    x = torch.randn(1, 2, 7, 6, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda t: box_averages(t, (3, 9), False)[9], (x,))
-    xb = torch.randn(1, 3, 30, 30).bfloat16()
-    out = box_averages(xb, (27,))[27]  # sums in float32: a bf16 accumulator would lose ~1e-2
-    assert out.dtype == torch.bfloat16
-    ref = F.avg_pool2d(xb.float(), 27, 1, 13, count_include_pad=False)
-    torch.testing.assert_close(out.float(), ref, rtol=1e-2, atol=1e-2)
-
-
-def test_box_average_rejects_even_and_non_chained_sizes():
-    x = torch.randn(1, 1, 8, 8)
-    with pytest.raises(ValueError, match="odd k"):
-        box_averages(x, (4,))[4]
-    with pytest.raises(ValueError, match="must divide one another"):
-        box_averages(x, (3, 5))
-
-
-# ----------------------------------------------------------------------------- context modules
+# ---- utilization ratio, analytic and measured (3.2, Eq. 1)
 
 def small(constructor, *args, **kw):
     m = constructor(6, *args, out_channels=5, **kw).eval()
     randomize_bn_stats(m)
     return m
 
+
+def test_paper_utilization_numbers():
+    assert math.isclose(utilization_ratio(ContextModule.aspp(4)), 25 / 65 ** 2)  # 0.0059
+    assert round(utilization_ratio(ContextModule.module_a(4, 5)), 3) == 0.148
+    assert round(utilization_ratio(ContextModule.module_a(4, 9)), 3) == 0.479
+    vx = ContextModule.vortex(4)
+    assert all(utilization_ratio(vx, s, s) == 1.0 for s in (33, 65, 81))
+    assert utilization_ratio(vx, 82, 82) < 1.0  # footprint is exactly 81 x 81
+    assert int(footprint(vx.pools, vx.kernels, vx.dilations).sum()) == 81 * 81
+
+
+def test_measured_utilization_at_the_border_of_a_65_map():
+    # Centre of 65x65: ASPP's rate-36 taps fall off the map, leaving 1 + 8 + 8 descriptors.
+    assert measured_utilization(small(ContextModule.aspp)) == 17 / 65 ** 2
+    assert measured_utilization(small(ContextModule.vortex)) == 1.0
+    # A corner pixel of Vortex sees a 41 x 41 quarter of its 81 x 81 footprint.
+    assert measured_utilization(small(ContextModule.vortex), pixel=(0, 0)) == 41 * 41 / 65 ** 2
+    # on a 41x41 map Vortex's rate-27 taps fall off the map from the centre: r drops to 0.43
+    assert measured_utilization(small(ContextModule.vortex), 41, 41) < 0.5
+
+
+@settings(max_examples=20)
+@given(branches=st.lists(st.tuples(st.sampled_from([1, 3, 9]), st.sampled_from([1, 3]),
+                                   st.integers(1, 7)), min_size=1, max_size=3),
+       extra=st.integers(0, 4))
+def test_analytic_utilization_equals_measured_when_all_taps_fit(branches, extra):
+    pools, kernels, dilations = zip(*branches)  # pools 1, 3, 9 share one cascade
+    m = ContextModule(4, pools, kernels, dilations, out_channels=3)
+    r = footprint(pools, kernels, dilations).shape[0] // 2
+    side = 2 * r + 1 + 2 * extra
+    assert measured_utilization(m, side, side) == pytest.approx(utilization_ratio(m, side, side))
+
+
+# ---- context modules: ASPP, ASPP+, Module A, Vortex (3.1, 3.3, 3.4, Table 1)
 
 @pytest.mark.parametrize("ctor,pools,kernels,dilations", [
     (ContextModule.aspp, (1, 1, 1, 1), (1, 3, 3, 3), (1, 12, 24, 36)),
@@ -400,6 +500,24 @@ def test_context_module_forward_is_its_definition(ctor, block):
     torch.testing.assert_close(xa.grad, xr.grad)
 
 
+def test_table1_rows_are_defined_once_and_used_everywhere():
+    """One table of Table 1's rows: the modules it builds carry its names, and every list of
+    rows (vortex.py's table, the ablation, the context experiment) is taken from it."""
+    for row, spec in vortex.TABLE1.items():
+        assert vortex.table1_module(row, 8).name == row
+        assert DeepLabV3(3, 18, spec.context, pool_k=spec.k, base_channels=2,
+                         context_channels=4).context.name == row
+    assert set(experiments.TABLE_ROWS) <= set(vortex.TABLE1)
+    assert experiments.ABLATION_ROWS == tuple(vortex.TABLE1)
+    assert experiments.CONTEXT_ROWS == tuple(vortex.TABLE1)[:2] + tuple(
+        r + s for r in tuple(vortex.TABLE1)[2:] for s in ("", " w/o img"))
+    for path in ("vortex.py", "train.py", "eval.py", "data.py"):  # no second list of the rows
+        text = open(os.path.join(HERE, path)).read()
+        assert len(re.findall(r'"A\(9\)"', text)) <= (1 if path == "vortex.py" else 0), path
+
+
+# ---- DeepLabV3 (3.1, Fig. 4)
+
 def test_model_trains_one_step_and_gradients_reach_all_parameters():
     torch.manual_seed(0)
     model = DeepLabV3(3, depth=18, context="vortex", base_channels=4, context_channels=8)
@@ -408,39 +526,166 @@ def test_model_trains_one_step_and_gradients_reach_all_parameters():
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
 
 
-# ----------------------------------------------------------------------------- utilization
+# =============================================================================================
+# vortex.py, Part II: engineering (box_averages, devices, loading torchvision weights)
+# =============================================================================================
 
-def test_paper_utilization_numbers():
-    assert math.isclose(utilization_ratio(ContextModule.aspp(4)), 25 / 65 ** 2)  # 0.0059
-    assert round(utilization_ratio(ContextModule.module_a(4, 5)), 3) == 0.148
-    assert round(utilization_ratio(ContextModule.module_a(4, 9)), 3) == 0.479
-    vx = ContextModule.vortex(4)
-    assert all(utilization_ratio(vx, s, s) == 1.0 for s in (33, 65, 81))
-    assert utilization_ratio(vx, 82, 82) < 1.0  # footprint is exactly 81 x 81
-    assert int(footprint(vx.pools, vx.kernels, vx.dilations).sum()) == 81 * 81
+# ---- box_averages: exact k x k average pooling, fast
 
-
-def test_measured_utilization_at_the_border_of_a_65_map():
-    # Centre of 65x65: ASPP's rate-36 taps fall off the map, leaving 1 + 8 + 8 descriptors.
-    assert measured_utilization(small(ContextModule.aspp)) == 17 / 65 ** 2
-    assert measured_utilization(small(ContextModule.vortex)) == 1.0
-    # A corner pixel of Vortex sees a 41 x 41 quarter of its 81 x 81 footprint.
-    assert measured_utilization(small(ContextModule.vortex), pixel=(0, 0)) == 41 * 41 / 65 ** 2
+@contextlib.contextmanager
+def channel_blocks(b):
+    """Run box_average with blocks of b channels, so that the per-block code path is exercised."""
+    old = vortex.CPU_BLOCK_CHANNELS
+    vortex.CPU_BLOCK_CHANNELS = b
+    try:
+        yield
+    finally:
+        vortex.CPU_BLOCK_CHANNELS = old
 
 
-@settings(max_examples=20)
-@given(branches=st.lists(st.tuples(st.sampled_from([1, 3, 9]), st.sampled_from([1, 3]),
-                                   st.integers(1, 7)), min_size=1, max_size=3),
-       extra=st.integers(0, 4))
-def test_analytic_utilization_equals_measured_when_all_taps_fit(branches, extra):
-    pools, kernels, dilations = zip(*branches)  # pools 1, 3, 9 share one cascade
-    m = ContextModule(4, pools, kernels, dilations, out_channels=3)
-    r = footprint(pools, kernels, dilations).shape[0] // 2
-    side = 2 * r + 1 + 2 * extra
-    assert measured_utilization(m, side, side) == pytest.approx(utilization_ratio(m, side, side))
+@given(n=st.integers(1, 2), c=st.integers(1, 6), h=st.integers(1, 40), w=st.integers(1, 40),
+       k=st.sampled_from([1, 3, 5, 7, 9, 13, 15, 25, 27]), cip=st.booleans(),
+       block=st.sampled_from([1, 4, 256]))
+def test_box_average_equals_the_definition_everywhere(n, c, h, w, k, cip, block):
+    """Part II's fast path equals Part I's definition (vortex.average_pool, 3.3), and that is
+    torch's own nn.AvgPool2d(k, 1, k // 2)."""
+    x = torch.randn(n, c, h, w, dtype=torch.float64)
+    ref = vortex.average_pool(x, k, cip)
+    torch.testing.assert_close(ref, torch.nn.AvgPool2d(k, 1, k // 2, count_include_pad=cip)(x))
+    with channel_blocks(block):
+        torch.testing.assert_close(box_averages(x, (k,), cip)[k], ref, rtol=1e-12, atol=1e-12)
 
 
-# ----------------------------------------------------------------------------- checkpoints
+@given(c=st.integers(1, 5), h=st.integers(1, 36), w=st.integers(1, 36), cip=st.booleans(),
+       ks=st.sampled_from([(3, 9, 27), (3, 9), (9, 27), (5, 25), (3, 15), (27,)]),
+       block=st.sampled_from([2, 256]))
+def test_shared_cascade_forward_and_backward_equal_the_definition(c, h, w, cip, ks, block):
+    x = torch.randn(2, c, h, w, dtype=torch.float64)
+    gs = {k: torch.randn(2, c, h, w, dtype=torch.float64) for k in ks}
+    xa = x.clone().requires_grad_()
+    with channel_blocks(block):
+        out = box_averages(xa, ks, cip)
+        sum((out[k] * gs[k]).sum() for k in ks).backward()
+    xr = x.clone().requires_grad_()
+    ref = {k: F.avg_pool2d(xr, k, 1, k // 2, count_include_pad=cip) for k in ks}
+    sum((ref[k] * gs[k]).sum() for k in ks).backward()
+    for k in ks:
+        torch.testing.assert_close(out[k], ref[k], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(xa.grad, xr.grad, rtol=1e-12, atol=1e-12)
+
+
+def test_box_averages_of_channels_last_input_equal_the_definition():
+    """--channels-last feeds NHWC maps: same values and gradients, layout kept (300 channels:
+    two CPU channel blocks)."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 300, 23, 31).contiguous(memory_format=torch.channels_last)
+    x.requires_grad_(True)
+    out = box_averages(x, (3, 9, 27))
+    ws = {k: torch.randn_like(out[k]) for k in (3, 9, 27)}
+    (g,) = torch.autograd.grad(sum((out[k] * w).sum() for k, w in ws.items()), x)
+    ref_x = x.detach().contiguous().requires_grad_(True)
+    ref = {k: F.avg_pool2d(ref_x, k, 1, k // 2, count_include_pad=False) for k in ws}
+    (g_ref,) = torch.autograd.grad(sum((ref[k] * w).sum() for k, w in ws.items()), ref_x)
+    for k in ws:
+        torch.testing.assert_close(out[k], ref[k])
+        assert out[k].is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(g, g_ref)
+
+
+def test_box_average_gradcheck_and_low_precision():
+    x = torch.randn(1, 2, 7, 6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: box_averages(t, (3, 9), False)[9], (x,))
+    xb = torch.randn(1, 3, 30, 30).bfloat16()
+    out = box_averages(xb, (27,))[27]  # sums in float32: a bf16 accumulator would lose ~1e-2
+    assert out.dtype == torch.bfloat16
+    ref = F.avg_pool2d(xb.float(), 27, 1, 13, count_include_pad=False)
+    torch.testing.assert_close(out.float(), ref, rtol=1e-2, atol=1e-2)
+
+
+def test_box_average_rejects_even_and_non_chained_sizes():
+    x = torch.randn(1, 1, 8, 8)
+    with pytest.raises(ValueError, match="odd k"):
+        box_averages(x, (4,))[4]
+    with pytest.raises(ValueError, match="must divide one another"):
+        box_averages(x, (3, 5))
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2),
+                                       (torch.float16, 2e-3)])
+def test_cuda_box_averages_equal_avgpool_forward_and_backward(dtype, tol):
+    torch.manual_seed(0)
+    x = torch.randn(2, 48, 65, 71, device="cuda").to(dtype).requires_grad_(True)
+    ref_x = x.detach().float().requires_grad_(True)
+    ks = (3, 9, 27)
+    ours = box_averages(x, ks)
+    weights = [torch.randn(2, 48, 65, 71, device="cuda") for _ in ks]
+    loss = sum((ours[k].float() * w).sum() for k, w in zip(ks, weights))
+    (g,) = torch.autograd.grad(loss, x)
+    ref = [F.avg_pool2d(ref_x, k, 1, k // 2, count_include_pad=False) for k in ks]
+    (g_ref,) = torch.autograd.grad(sum((r * w).sum() for r, w in zip(ref, weights)), ref_x)
+    for k, r in zip(ks, ref):
+        assert ours[k].dtype == dtype
+        torch.testing.assert_close(ours[k].float(), r, rtol=tol, atol=tol)
+    torch.testing.assert_close(g.float(), g_ref, rtol=tol, atol=tol * 10)
+
+
+# ---- the model on other devices, layouts and compilers
+
+@contextlib.contextmanager
+def exact_cuda_math():
+    """fp32 convolutions and matrix products without TF32, deterministic cuDNN, for comparisons."""
+    old = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32,
+           torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic)
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = False, True
+    try:
+        yield
+    finally:
+        (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32,
+         torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic) = old
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("context", ["vortex", "aspp"])
+def test_cuda_model_equals_cpu_and_channels_last_equals_contiguous(context):
+    torch.manual_seed(0)
+    model = DeepLabV3(21, depth=50, context=context, base_channels=16, context_channels=32).eval()
+    randomize_bn_stats(model)
+    x = torch.randn(2, 3, 97, 113)
+    with torch.no_grad(), exact_cuda_math():
+        cpu = model(x)
+        gpu = model.cuda()(x.cuda())
+        model.to(memory_format=torch.channels_last)
+        cl = model(x.cuda().contiguous(memory_format=torch.channels_last))
+    torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(cl, gpu, rtol=1e-4, atol=1e-4)
+
+
+def test_compiled_model_matches_eager():
+    """--compile: the traced model gives the eager one's output, and it really was traced (a
+    backend that records the graphs it gets: a compile that silently fell back to eager, or
+    stopped at the first operation, would pass an output comparison alone)."""
+    torch.manual_seed(0)
+    model = DeepLabV3(3, depth=18, base_channels=4, context_channels=8).eval()
+    x = torch.randn(1, 3, 37, 29)
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=record)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x))
+    convs = sum(node.target == torch.conv2d or "conv" in str(node.target)
+                for g in graphs for node in g.graph.nodes)
+    assert graphs and convs >= 20, (len(graphs), convs)  # ResNet-18's and the module's convs
+
+
+# ---- loading torchvision weights from local files; golden fixture: torchvision DeepLabV3
 
 def torchvision_format(backbone):
     sd = dict(backbone.state_dict())
@@ -518,31 +763,25 @@ def test_torchvision_deeplabv3_checkpoint_loads_backbone_and_aspp(tmp_path, caps
                for k, v in src.backbone.state_dict().items())
 
 
-def test_command_line_table_runs(capsys):
-    experiments.print_table(size=9, channels=16, reps=1)
-    out = capsys.readouterr().out
-    for name in ("ASPP", "ASPP+", "A(5)", "A(9)", "A(13)", "Vortex", "none"):
-        assert f"\n{name} " in out
+def test_aspp_equals_torchvision_deeplabv3_coco_checkpoint(tmp_path):
+    """A torchvision deeplabv3_resnet101 state_dict, loaded by load_backbone_weights, gives
+    torchvision's ASPP output (model.classifier[0](model.backbone(x)["out"]))."""
+    ref = np.load(os.path.join(FIXTURES, "torchvision_outputs.npz"))["deeplabv3_resnet101_aspp"]
+    model = DeepLabV3(21, 101, "aspp", multi_grid=None).eval()
+    path = tmp_path / "deeplabv3_resnet101_coco.pth"
+    torch.save(seeded_weights(torchvision_deeplab_format(model)), path)
+    infra.load_pretrained(model, str(path), verbose=False)
+    with torch.no_grad():
+        ours = model.context(model.backbone(seeded_input(*ASPP_INPUT)))[:, ::4]
+    assert ours.shape == ref.shape == (1, 64, 21, 24)
+    assert relative_error(ours, torch.from_numpy(ref)) < 1e-5
 
 
-# ============================================================================= data.py
-import json  # noqa: E402
-import shutil  # noqa: E402
+# =============================================================================================
+# data.py, Part I: the paper (4.1 VOC 2012 + SBD train_aug, augmentation; 4.2 COCO -> VOC)
+# =============================================================================================
 
-from PIL import Image  # noqa: E402
-
-import data  # noqa: E402
-import infra  # noqa: E402
-
-# Real sample files (12 VOC 2012 pairs, 2 SBD .mat files, a COCO subset): the folder named by
-# the environment variable VORTEX_SAMPLES, else ../shared/voc_samples beside this project.
-SHARED = os.environ.get("VORTEX_SAMPLES") or os.path.join(
-    os.path.dirname(os.path.abspath(__file__)), "..", "shared", "voc_samples")
-needs_shared = pytest.mark.skipif(
-    not os.path.isdir(SHARED),
-    reason="no real VOC/SBD/COCO sample files: set VORTEX_SAMPLES to a folder laid out like "
-           "voc_samples (VOC2012/, SBD/, coco/), or put ../shared/voc_samples beside this clone")
-
+# ---- PASCAL VOC 2012 and train_aug
 
 @needs_shared
 def test_voc_samples_load_with_valid_labels():
@@ -560,63 +799,20 @@ def test_voc_samples_load_with_valid_labels():
     assert (label == 1).sum() == 4734 and (label == 15).sum() == 866
 
 
-def make_voc_tree(tmp_path, ids=("a", "b"), size=(40, 30), mask_mode="P"):
-    root = tmp_path / "VOC2012"
-    for d in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
-        (root / d).mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    for i in ids:
-        Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(
-            root / "JPEGImages" / f"{i}.jpg")
-        m = rng.integers(0, 21, (size[1], size[0]), dtype=np.uint8)
-        if mask_mode == "P":
-            data.save_mask(str(root / "SegmentationClass" / f"{i}.png"), m)
-        else:
-            Image.fromarray(m, mode="L").save(root / "SegmentationClass" / f"{i}.png")
-    (root / "ImageSets/Segmentation/train.txt").write_text("\n".join(ids) + "\n")
-    return root
-
-
 def test_grayscale_index_masks_are_valid(tmp_path):
     root = make_voc_tree(tmp_path, mask_mode="L")  # SegmentationClassAug style
     assert len(data.VOCSegmentation(str(root), "train")) == 2
 
 
-def test_bad_voc_inputs_give_clear_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="(?s)VOC root not found.*expected layout"):
-        data.VOCSegmentation(str(tmp_path / "nope"), "train")
-    root = make_voc_tree(tmp_path)
-    with pytest.raises(FileNotFoundError, match="(?s)split list not found.*val.txt.*JPEGImages"):
-        data.VOCSegmentation(str(root), "val")
-    with pytest.raises(FileNotFoundError, match="prepare-sbd"):
-        data.VOCSegmentation(str(root), "train_aug")
-    (root / "ImageSets/Segmentation/val.txt").write_text("a\nghost\n")
-    with pytest.raises(FileNotFoundError, match=r"1 image\(s\) listed in .*val.txt do not exist.*"
-                                                r"ghost.jpg"):
-        data.VOCSegmentation(str(root), "val")
-    ds = data.VOCSegmentation(str(root), "train")
-    # a mask rendered to RGB colours
-    rgb = evaluation.colorize(data.read_mask(ds.masks[0]), data.VOC_PALETTE)
-    Image.fromarray(rgb).save(ds.masks[0])
-    with pytest.raises(ValueError, match="a.png has mode 'RGB'.*rendered to colours"):
-        ds[0]
-    # values outside 0..20, 255
-    m = np.zeros((30, 40), np.uint8)
-    m[0, :3] = [21, 22, 254]
-    data.save_mask(ds.masks[0], m)
-    with pytest.raises(ValueError, match=r"a.png holds values \[21, 22, 254\] outside 0..20"):
-        ds[0]
-    # size mismatch
-    data.save_mask(ds.masks[0], np.zeros((31, 40), np.uint8))
-    with pytest.raises(ValueError, match="size mismatch: image .*a.jpg is 40x30 but mask "
-                                         ".*a.png is 40x31"):
-        ds[0]
-    # truncated JPEG
-    jpg = open(ds.images[1], "rb").read()
-    open(ds.images[1], "wb").write(jpg[: len(jpg) // 2])
-    with pytest.raises(ValueError, match="cannot read image .*b.jpg"):
-        ds[1]
+def test_train_aug_list_arithmetic():
+    sbd_train = [f"s{i}" for i in range(10)] + ["v0", "t0"]
+    sbd_val = [f"s{i}" for i in range(8, 14)] + ["v1"]
+    voc_train, voc_val = ["t0", "t1"], ["v0", "v1", "v2"]
+    ids = data.train_aug_ids(sbd_train, sbd_val, voc_train, voc_val)
+    assert len(ids) == 14 + 2 and not set(ids) & set(voc_val) and ids == sorted(ids)
 
+
+# ---- augmentation (4.1)
 
 @settings(max_examples=15)
 @given(h=st.integers(5, 60), w=st.integers(5, 60), crop=st.integers(8, 48),
@@ -657,14 +853,21 @@ def test_unscaled_transform_is_a_crop_of_the_original_with_coordinates_intact(h,
 
 
 def test_flip_happens_about_half_the_time_and_twice_is_identity():
+    """A left-right mirror of image and label together, about half the time; the transform of
+    a mirrored pair (the same random draws) is the mirror of its transform, so a flipped pair
+    flipped again is the pair itself."""
     image = np.tile(np.arange(16, dtype=np.uint8)[None, :, None] * 10, (16, 1, 3))
-    label = np.zeros((16, 16), np.uint8)
+    label = np.tile(np.arange(16, dtype=np.uint8)[None, :] % 5, (16, 1))
     t = data.TrainTransform(16, (1.0, 1.0))
-    flips = sum(t(image, label, np.random.default_rng(s))[0][0, 0, 0] >
-                t(image, label, np.random.default_rng(s))[0][0, 0, -1] for s in range(200))
+    flips = 0
+    for s in range(200):
+        img, lab = t(image, label, np.random.default_rng(s))
+        flipped = bool(img[0, 0, 0] > img[0, 0, -1])
+        flips += flipped
+        assert np.array_equal(lab.numpy(), label[:, ::-1] if flipped else label)  # moved together
+        mirrored = t(image[:, ::-1].copy(), label[:, ::-1].copy(), np.random.default_rng(s))
+        assert torch.equal(mirrored[0], img.flip(-1)) and torch.equal(mirrored[1], lab.flip(-1))
     assert 70 < flips < 130
-    x = torch.randn(3, 5, 7)
-    assert torch.equal(x.flip(-1).flip(-1), x)
 
 
 def test_eval_transform_keeps_the_full_image():
@@ -674,6 +877,121 @@ def test_eval_transform_keeps_the_full_image():
     back = (img.permute(1, 2, 0).numpy() * data.STD + data.MEAN) * 255
     assert np.abs(back - image).max() < 1e-3
 
+
+# ---- COCO classes mapped to VOC, small objects ignored (4.2)
+
+def test_coco_category_mapping_and_size_rule():
+    assert len(data.COCO_TO_VOC) == 20
+    assert sorted(data.COCO_TO_VOC.values()) == sorted(data.VOC_CLASSES[1:])
+    big = np.zeros((50, 50), np.uint8)
+    big[:40, :25] = 1  # 1000 px: kept
+    small = np.zeros((50, 50), np.uint8)
+    small[45:, 45:] = 1  # 25 px: discarded
+    anns = [{"category_id": 1, "segmentation": rle_encode(big)},
+            {"category_id": 2, "segmentation": rle_encode(small)},
+            {"category_id": 3, "segmentation": rle_encode(small)}]
+    mask = data.coco_voc_mask(anns, 50, 50, {1: 15, 2: 9})  # 3: not a VOC class
+    # the small chair is discarded: ignored (255), neither chair nor background (paper 4.2)
+    assert set(np.unique(mask)) == {0, 15, 255} and (mask == 15).sum() == 1000
+    assert np.array_equal(mask == 255, small.astype(bool))
+    assert data.coco_voc_mask(anns[2:], 50, 50, {1: 15, 2: 9}) is None  # non-VOC only
+    assert data.coco_voc_mask(anns[1:], 50, 50, {1: 15, 2: 9}) is None  # small VOC only
+
+
+# =============================================================================================
+# data.py, Part II: engineering (safe file reading, synthetic data, the SBD and COCO
+# converters)
+# =============================================================================================
+
+# ---- safe file reading: every bad input is one line naming the file
+
+def test_bad_voc_inputs_give_clear_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="(?s)VOC root not found.*expected layout"):
+        data.VOCSegmentation(str(tmp_path / "nope"), "train")
+    root = make_voc_tree(tmp_path)
+    with pytest.raises(FileNotFoundError, match="(?s)split list not found.*val.txt.*JPEGImages"):
+        data.VOCSegmentation(str(root), "val")
+    with pytest.raises(FileNotFoundError, match="prepare-sbd"):
+        data.VOCSegmentation(str(root), "train_aug")
+    (root / "ImageSets/Segmentation/val.txt").write_text("a\nghost\n")
+    with pytest.raises(FileNotFoundError, match=r"1 image\(s\) listed in .*val.txt do not exist.*"
+                                                r"ghost.jpg"):
+        data.VOCSegmentation(str(root), "val")
+    ds = data.VOCSegmentation(str(root), "train")
+    # a mask rendered to RGB colours
+    rgb = evaluation.colorize(data.read_mask(ds.masks[0]), data.VOC_PALETTE)
+    Image.fromarray(rgb).save(ds.masks[0])
+    with pytest.raises(ValueError, match="a.png has mode 'RGB'.*rendered to colours"):
+        ds[0]
+    # values outside 0..20, 255
+    m = np.zeros((30, 40), np.uint8)
+    m[0, :3] = [21, 22, 254]
+    data.save_mask(ds.masks[0], m)
+    with pytest.raises(ValueError, match=r"a.png holds values \[21, 22, 254\] outside 0..20"):
+        ds[0]
+    # size mismatch
+    data.save_mask(ds.masks[0], np.zeros((31, 40), np.uint8))
+    with pytest.raises(ValueError, match="size mismatch: image .*a.jpg is 40x30 but mask "
+                                         ".*a.png is 40x31"):
+        ds[0]
+    # truncated JPEG
+    jpg = open(ds.images[1], "rb").read()
+    open(ds.images[1], "wb").write(jpg[: len(jpg) // 2])
+    with pytest.raises(ValueError, match="cannot read image .*b.jpg"):
+        ds[1]
+
+
+def test_voc_root_pointing_at_vocdevkit_suggests_its_voc2012_folder(tmp_path):
+    make_voc_tree(tmp_path / "VOCdevkit")  # VOCdevkit/VOC2012/...
+    with pytest.raises(infra.MissingInput, match=r"looks like VOCdevkit: use its VOC2012 folder"):
+        data.VOCSegmentation(str(tmp_path / "VOCdevkit"), "train")
+
+
+@pytest.mark.parametrize("line", ["../../outside/pic", "/etc/passwd", "a/b", "..", "x\\y"])
+def test_split_list_ids_stay_inside_the_dataset(tmp_path, line):
+    root = tmp_path / "VOC2012"
+    (root / "ImageSets/Segmentation").mkdir(parents=True)
+    (root / "ImageSets/Segmentation/val.txt").write_text(f"good\n{line}\n")
+    with pytest.raises(infra.BadInput, match=r"val.txt, line 2: .* is not a plain id"):
+        data.VOCSegmentation(str(root), "val")
+    (root / "ImageSets/Segmentation/val.txt").write_text("a\nb\na\n")
+    with pytest.raises(infra.BadInput, match=r"val.txt, line 3: 'a' is listed again"):
+        data.VOCSegmentation(str(root), "val")
+
+
+def test_read_image_scales_16_bit_and_applies_exif_orientation(tmp_path):
+    ramp = np.linspace(0, 65535, 60 * 40).reshape(40, 60).astype(np.uint16)
+    Image.fromarray(ramp).save(tmp_path / "g16.png")
+    img = data.read_image(str(tmp_path / "g16.png"))
+    assert img.shape == (40, 60, 3) and abs(img.mean() - 127.5) < 1 and img.max() == 255
+    photo = Image.new("RGB", (50, 30), (200, 10, 10))
+    exif = photo.getexif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
+    photo.save(tmp_path / "phone.jpg", exif=exif)
+    assert data.read_image(str(tmp_path / "phone.jpg")).shape == (30, 50, 3)  # as stored
+    assert data.read_image(str(tmp_path / "phone.jpg"), orientation=True).shape == (50, 30, 3)
+
+
+def test_huge_images_are_refused_before_decoding(tmp_path, monkeypatch):
+    Image.new("L", (8000, 6000)).save(tmp_path / "big.png")  # 48 megapixels in a small file
+    with pytest.raises(infra.BadInput, match=r"big.png is 8000x6000 = 48 megapixels; the limit is "
+                                            r"40 \(resize it first\)"):
+        data.read_image(str(tmp_path / "big.png"))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # Pillow's own bomb guard
+    Image.new("L", (100, 100)).save(tmp_path / "bomb.png")
+    with pytest.raises(infra.BadInput, match=r"bomb.png is too large to decode safely"):
+        data.read_image(str(tmp_path / "bomb.png"))
+
+
+@pytest.mark.parametrize("mode", ["I;16", "1", "RGB"])
+def test_masks_in_other_modes_are_named_as_they_are(tmp_path, mode):
+    Image.new(mode, (8, 8)).save(tmp_path / "m.png")
+    why = "rendered to colours" if mode == "RGB" else "other modes are not read as class indices"
+    with pytest.raises(infra.BadInput, match=rf"m.png has mode '{re.escape(mode)}'.*{why}"):
+        data.read_mask(str(tmp_path / "m.png"))
+
+
+# ---- the synthetic dataset (Fig. 1 made into data)
 
 def test_synthetic_dataset_is_deterministic_varied_and_balanced():
     a, b = data.SyntheticContext(24, 96, seed=3), data.SyntheticContext(24, 96, seed=3)
@@ -740,20 +1058,12 @@ def test_synthetic_context_is_far_from_the_body_and_misleading_near_it():
     assert np.mean(near_share[3]) + 0.1 < np.mean(near_share[4])
 
 
-# ----------------------------------------------------------------------------- SBD
-
-def test_train_aug_list_arithmetic():
-    sbd_train = [f"s{i}" for i in range(10)] + ["v0", "t0"]
-    sbd_val = [f"s{i}" for i in range(8, 14)] + ["v1"]
-    voc_train, voc_val = ["t0", "t1"], ["v0", "v1", "v2"]
-    ids = data.train_aug_ids(sbd_train, sbd_val, voc_train, voc_val)
-    assert len(ids) == 14 + 2 and not set(ids) & set(voc_val) and ids == sorted(ids)
-
+# ---- SBD converter
 
 @needs_shared
 def test_prepare_sbd_converts_real_mat_files(tmp_path):
     pytest.importorskip("scipy", reason="scipy reads SBD .mat files")
-    import scipy.io
+    import scipy.io  # lazy on purpose: scipy is optional (the test is skipped without it)
     voc = tmp_path / "VOC2012"
     shutil.copytree(os.path.join(SHARED, "VOC2012"), voc)
     sbd = tmp_path / "dataset"
@@ -779,7 +1089,16 @@ def test_prepare_sbd_converts_real_mat_files(tmp_path):
         data.prepare_sbd(str(sbd), str(voc), log=logs.append)
 
 
-# ----------------------------------------------------------------------------- COCO
+def test_prepare_sbd_checks_for_scipy_before_writing_anything(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "scipy.io", None)  # as if scipy were not installed
+    voc = make_voc_tree(tmp_path)
+    before = sorted(p for p in tmp_path.rglob("*"))
+    with pytest.raises(infra.BadInput, match="needs scipy: pip install scipy"):
+        data.prepare_sbd(str(tmp_path / "sbd"), str(voc), log=lambda m: None)
+    assert sorted(p for p in tmp_path.rglob("*")) == before
+
+
+# ---- COCO converter; golden fixture: pycocotools
 
 @needs_shared
 def test_prepare_coco_on_real_annotations(tmp_path):
@@ -891,41 +1210,6 @@ def test_polygon_area_within_a_pixel_boundary(cx, cy, r, n, rot):
     assert abs(int(mask.sum()) - area) <= perimeter + 4
 
 
-def test_coco_category_mapping_and_size_rule():
-    assert len(data.COCO_TO_VOC) == 20
-    assert sorted(data.COCO_TO_VOC.values()) == sorted(data.VOC_CLASSES[1:])
-    big = np.zeros((50, 50), np.uint8)
-    big[:40, :25] = 1  # 1000 px: kept
-    small = np.zeros((50, 50), np.uint8)
-    small[45:, 45:] = 1  # 25 px: discarded
-    anns = [{"category_id": 1, "segmentation": rle_encode(big)},
-            {"category_id": 2, "segmentation": rle_encode(small)},
-            {"category_id": 3, "segmentation": rle_encode(small)}]
-    mask = data.coco_voc_mask(anns, 50, 50, {1: 15, 2: 9})  # 3: not a VOC class
-    # the small chair is discarded: ignored (255), neither chair nor background (paper 4.2)
-    assert set(np.unique(mask)) == {0, 15, 255} and (mask == 15).sum() == 1000
-    assert np.array_equal(mask == 255, small.astype(bool))
-    assert data.coco_voc_mask(anns[2:], 50, 50, {1: 15, 2: 9}) is None  # non-VOC only
-    assert data.coco_voc_mask(anns[1:], 50, 50, {1: 15, 2: 9}) is None  # small VOC only
-
-
-def coco_file(tmp_path, images, annotations):
-    cats = [{"id": 1, "name": "person"}, {"id": 62, "name": "chair"}, {"id": 5, "name": "kite"}]
-    path = tmp_path / "instances_x.json"
-    path.write_text(json.dumps({"images": images, "annotations": annotations,
-                                "categories": cats}))
-    (tmp_path / "imgs").mkdir(exist_ok=True)
-    for im in images:
-        name = im.get("file_name")
-        if isinstance(name, str) and os.path.basename(name) == name and os.path.splitext(name)[1]:
-            Image.new("RGB", (im.get("width", 8), im.get("height", 8))).save(
-                tmp_path / "imgs" / name)
-    return str(path), str(tmp_path / "imgs")
-
-
-SQUARE = [[2, 2, 38, 2, 38, 38, 2, 38]]  # 36 x 36 = 1296 px
-
-
 @pytest.mark.parametrize("name", ["../../escaped.jpg", "/tmp/abs.jpg", "sub/x.jpg", ".."])
 def test_prepare_coco_refuses_file_names_outside_its_folders(tmp_path, name):
     ann, imgs = coco_file(tmp_path, [{"id": 7, "file_name": name, "height": 40, "width": 40}],
@@ -974,6 +1258,8 @@ def test_prepare_coco_names_and_skips_broken_records_or_stops_with_strict(tmp_pa
 
 
 def test_prepare_coco_again_with_other_settings_refuses_or_rebuilds(tmp_path):
+    """Other settings, or the same annotation file name with other contents: refused, or rebuilt
+    with --overwrite; the same again is fine."""
     ann, imgs = coco_file(tmp_path, [{"id": 7, "file_name": "a.jpg", "height": 40, "width": 40}],
                           [{"id": 1, "image_id": 7, "category_id": 1, "segmentation": SQUARE},
                            {"id": 2, "image_id": 7, "category_id": 62,
@@ -987,75 +1273,720 @@ def test_prepare_coco_again_with_other_settings_refuses_or_rebuilds(tmp_path):
     data.prepare_coco(ann, imgs, out, min_pixels=100, overwrite=True, log=lambda m: None)
     assert 9 in data.read_mask(path) and 255 not in data.read_mask(path)  # rebuilt: a chair
     data.prepare_coco(ann, imgs, out, min_pixels=100, log=lambda m: None)  # same: fine
+    assert 15 in data.read_mask(path)
+    coco = json.load(open(ann))
+    coco["annotations"][0]["category_id"] = 62  # the person became a chair, in place
+    open(ann, "w").write(json.dumps(coco))
+    with pytest.raises(infra.ExistingOutput, match="made with other settings"):
+        data.prepare_coco(ann, imgs, out, min_pixels=100, log=lambda m: None)
+    data.prepare_coco(ann, imgs, out, min_pixels=100, overwrite=True, log=lambda m: None)
+    assert 9 in data.read_mask(path) and 15 not in data.read_mask(path)
 
 
-def test_read_image_scales_16_bit_and_applies_exif_orientation(tmp_path):
-    ramp = np.linspace(0, 65535, 60 * 40).reshape(40, 60).astype(np.uint16)
-    Image.fromarray(ramp).save(tmp_path / "g16.png")
-    img = data.read_image(str(tmp_path / "g16.png"))
-    assert img.shape == (40, 60, 3) and abs(img.mean() - 127.5) < 1 and img.max() == 255
-    photo = Image.new("RGB", (50, 30), (200, 10, 10))
-    exif = photo.getexif()
-    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
-    photo.save(tmp_path / "phone.jpg", exif=exif)
-    assert data.read_image(str(tmp_path / "phone.jpg")).shape == (30, 50, 3)  # as stored
-    assert data.read_image(str(tmp_path / "phone.jpg"), orientation=True).shape == (50, 30, 3)
+def test_concurrent_preparation_of_one_folder_is_refused(one_coco_image, tmp_path):
+    ann, imgs = one_coco_image
+    out = str(tmp_path / "out")
+    lock = infra.Claim("data.py prepare-coco", [("--out", out, "folder")])
+    with pytest.raises(infra.BadInput, match=r"out is in use by data.py prepare-coco \(pid"):
+        data.main(["prepare-coco", "--annotations", ann, "--images", imgs, "--out", out])
+    lock.release()
+    data.main(["prepare-coco", "--annotations", ann, "--images", imgs, "--out", out])
+    assert os.path.exists(os.path.join(out, "SegmentationClass", "a.png"))
 
 
-def test_prepare_sbd_checks_for_scipy_before_writing_anything(tmp_path, monkeypatch):
-    monkeypatch.setitem(sys.modules, "scipy.io", None)  # as if scipy were not installed
-    voc = make_voc_tree(tmp_path)
-    before = sorted(p for p in tmp_path.rglob("*"))
-    with pytest.raises(infra.BadInput, match="needs scipy: pip install scipy"):
-        data.prepare_sbd(str(tmp_path / "sbd"), str(voc), log=lambda m: None)
-    assert sorted(p for p in tmp_path.rglob("*")) == before
+COCO_VALUES = st.one_of(st.integers(-5, 10 ** 7), st.just(10 ** 6), st.text(max_size=3),
+                        st.none(), st.lists(st.integers(), max_size=2), st.floats(),
+                        st.fixed_dictionaries({"size": st.just([40, 40]), "counts": st.one_of(
+                            st.text(max_size=5), st.lists(st.integers(-2, 2000), max_size=4))}))
 
 
-def test_figure_and_bench_commands(tmp_path, capsys):
-    out = tmp_path / "s.png"
-    experiments.main(["figure", "synthetic", "--out", str(out)])
-    assert Image.open(out).size[0] > 500
-    with pytest.raises(infra.ExistingOutput, match="s.png exists; pass --force"):
-        experiments.main(["figure", "synthetic", "--out", str(out)])  # never without --force
-    assert experiments.bench_loader(None, n=5, crop=65) > 0
+@given(field=st.sampled_from(["id", "height", "width", "file_name", "record", "ann.id",
+                              "ann.image_id", "ann.category_id", "ann.segmentation", "ann"]),
+       value=COCO_VALUES, strict=st.booleans())
+@settings(max_examples=80)
+def test_any_broken_coco_image_record_is_skipped_or_one_line(tmp_path_factory, field, value,
+                                                             strict):
+    tmp = tmp_path_factory.mktemp("coco")
+    img = {"id": 7, "file_name": "a.jpg", "height": 40, "width": 40}
+    good = {"id": 1, "image_id": 7, "category_id": 1, "segmentation": SQUARE}
+    ann, imgs = coco_file(tmp, [img], [good])
+    coco = json.load(open(ann))
+    coco["images"] = [value] if field == "record" else [dict(img, **{field: value})]
+    if field.startswith("ann"):
+        coco["images"] = [img]
+        coco["annotations"] = [value if field == "ann" else dict(good, **{field[4:]: value})]
+    open(ann, "w").write(json.dumps(coco))
+    try:
+        res = data.prepare_coco(ann, imgs, str(tmp / "out"), strict=strict, log=lambda m: None)
+    except infra.BadInput as e:
+        assert "\n" not in str(e) and "instances_x.json" in str(e)
+        return
+    assert res["written"] in ([], ["a"]) and all("\n" not in w + p for w, p in res["skipped"])
+    if not field.startswith("ann"):  # the one image is written, skipped, missing or empty
+        assert len(res["skipped"] + res["written"] + res["missing"]) + res["no_voc"] == 1
 
 
-# ============================================================================= train.py
-import re  # noqa: E402
-import time  # noqa: E402
-import signal  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-
-import torch.distributed as dist  # noqa: E402
-import torch.multiprocessing as mp  # noqa: E402
-
-import eval as evaluation  # noqa: E402
-import train  # noqa: E402
-import experiments  # noqa: E402
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def _spawn(fn, world, *args):
-    """Run fn(rank, world, init_file, *args) in `world` gloo processes."""
-    init = tempfile_path()
-    mp.spawn(fn, args=(world, init) + args, nprocs=world, join=True)
-
-
-def tempfile_path():
-    import tempfile
-    fd, path = tempfile.mkstemp(prefix="gloo-")
-    os.close(fd)
-    os.unlink(path)
-    return path
+@pytest.mark.parametrize("top", ["5", "[]", '{"images": [5], "annotations": [], "categories": []}',
+                                 '{"images": [], "annotations": [[1]], "categories": [{"id": 1}]}',
+                                 '{"images": {}, "annotations": [], "categories": []}'])
+def test_coco_files_of_the_wrong_shape_are_one_line(tmp_path, top):
+    ann, imgs = coco_file(tmp_path, [], [])
+    open(ann, "w").write(top)
+    try:
+        res = data.main(["prepare-coco", "--annotations", ann, "--images", imgs, "--out",
+                         str(tmp_path / "out"), "--strict"])
+    except infra.BadInput as e:
+        assert "\n" not in str(e) and "instances_x.json" in str(e)
+    else:
+        raise AssertionError(f"accepted {top}: {res}")
+    huge = {"id": 7, "file_name": "a.jpg", "height": 10 ** 6, "width": 10 ** 6}
+    coco = {"images": [huge], "annotations": [], "categories": []}
+    open(ann, "w").write(json.dumps(coco))
+    refused(lambda: data.prepare_coco(ann, imgs, str(tmp_path / "o2"), strict=True,
+                                      log=lambda m: None),
+            r"image record 7: size 1000000 x 1000000 is not whole numbers >= 1 of at most 40 "
+            r"megapixels")
 
 
-def _init(rank, world, init_file):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                            world_size=world)
+@given(names=st.lists(st.sampled_from(["a.jpg", "a.png", "b c.jpg", "ü.jpg", ".jpg", "x.y.jpg",
+                                       "..jpg", "-d.jpg", "sub/e.jpg", "f"]), min_size=1,
+                      max_size=6))
+@settings(max_examples=30, deadline=None)
+def test_converter_writes_only_what_its_reader_accepts(tmp_path_factory, names):
+    """prepare-coco round trip: for any image names it accepts, VOCSegmentation reads every
+    pair it wrote, and same-stem inputs (a.jpg, a.png) never overwrite each other."""
+    top = tmp_path_factory.mktemp("conv")
+    images = [{"id": i, "file_name": n, "height": 40, "width": 40} for i, n in enumerate(names)]
+    anns = [{"id": 100 + i, "image_id": i, "category_id": 1, "segmentation": SQUARE}
+            for i in range(len(names))]
+    ann, imgs = coco_file(top, images, anns)
+    res = data.prepare_coco(ann, imgs, str(top / "out"), split="s", log=lambda m: None)
+    ds = data.VOCSegmentation(str(top / "out"), "s") if res["written"] else None
+    assert (len(ds) if ds else 0) == len(res["written"]) == len(set(res["written"]))
+    for i in range(len(ds) if ds else 0):
+        image, mask = ds.load(i)
+        assert mask.shape == (40, 40) and image.shape == (40, 40, 3)
+    masks = os.listdir(top / "out" / "SegmentationClass") if res["written"] else []
+    assert len(masks) == len(res["written"])  # one mask a written image, none overwritten
 
+
+# =============================================================================================
+# infra.py: one gate per kind of input. Each is proven with generated bad values: one line,
+# a non-zero exit and nothing written; and where two commands read the same thing, they agree.
+# (infra.py is not the paper: it has no Part I.)
+# =============================================================================================
+
+# ---- settings: one table for every command
+
+@given(key=st.sampled_from(sorted(train.parse_args(["--out-dir", "x"]))),
+       value=st.one_of(st.integers(), st.text(max_size=3), st.none(), st.booleans()))
+def test_every_setting_is_part_of_a_runs_identity_unless_listed_as_safe(key, value):
+    saved = train.parse_args(["--out-dir", "x"])
+    now = dict(saved, **{key: value})
+    differs = json.dumps(now[key], default=repr) != json.dumps(saved[key], default=repr)
+    wrong = infra.resume_differences(saved, now)
+    assert bool(wrong) == (differs and not (key in infra.SETTINGS and infra.SETTINGS[key].free)), (key, wrong)
+    assert not wrong or wrong[0].startswith(f"--{key.replace('_', '-')} ")
+
+
+RANGED = sorted(n for n in train.EXPERIMENT_FLAGS + train.RUN_FLAGS
+                if isinstance(infra.SETTINGS[n].allowed, tuple) and infra.SETTINGS[n].nargs is None)
+
+
+@given(name=st.sampled_from(RANGED), data_=st.data())
+@settings(max_examples=60, deadline=None, suppress_health_check=[
+    HealthCheck.function_scoped_fixture])
+def test_settings_gate_refuses_every_value_out_of_its_range_in_one_line(tmp_path_factory, name,
+                                                                        data_, capsys):
+    s = infra.SETTINGS[name]
+    lo, hi = s.allowed
+    if s.kind is int:
+        bad = data_.draw(st.one_of(st.integers(max_value=lo - 1), st.integers(min_value=hi + 1)))
+    else:
+        bad = data_.draw(st.one_of(st.floats(max_value=lo, exclude_max=True), st.floats(
+            min_value=hi, exclude_min=True), st.just(float("nan"))))
+    out = tmp_path_factory.mktemp("gate") / "run"
+    code, err = cli_run(train.main, TINY + [f"--{name.replace('_', '-')}={bad}",
+                                            "--out-dir", str(out)], capsys)
+    assert code == 2 and len(err) == 1 and err[0].startswith(f"error: --{name.replace('_', '-')}")
+    assert f"must be {infra.allowed_text(name)}" in err[0] and not out.exists()
+
+
+@given(rates=st.lists(st.integers(-2, 70), min_size=0, max_size=4),
+       depth=st.sampled_from([18, 50]))
+@settings(max_examples=25, deadline=None)
+def test_a_value_train_accepts_every_reader_accepts(tiny_run, tmp_path_factory, rates, depth):
+    """One table for every command: a multi-grid (or any setting) that train.py accepts, a
+    checkpoint recording it is accepted by every command that reads checkpoints; one it
+    refuses, they refuse. (The issue's case: train took rates eval refused.)"""
+    try:
+        cfg = train.parse_args(["--depth", str(depth), "--multi-grid"] + [str(r) for r in rates]
+                               if rates else ["--depth", str(depth)])
+        train_ok = True
+    except (infra.BadInput, SystemExit):
+        train_ok = False
+    ck = torch.load(os.path.join(tiny_run, "checkpoint.pt"), weights_only=True)
+    for d in (ck["config"], ck["train_args"]):
+        d["depth"], d["multi_grid"] = depth, (cfg["multi_grid"] if train_ok else rates)
+    ck["model"] = vortex.DeepLabV3(**dict(ck["config"], multi_grid=None)).state_dict()
+    path = str(tmp_path_factory.mktemp("mg") / "ck.pt")
+    torch.save(ck, path)
+    try:
+        infra.read_checkpoint(path)
+        reader_ok = True
+    except infra.BadInput as e:
+        reader_ok = False
+        assert "\n" not in str(e) and "multi_grid" in str(e)
+    assert reader_ok == train_ok, (rates, depth)
+
+
+def test_help_states_every_limit(capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args(["--help"])
+    text = "".join(capsys.readouterr().out.split())  # argparse wraps lines, at hyphens too
+    for name in train.EXPERIMENT_FLAGS + train.RUN_FLAGS:
+        assert f"--{name.replace('_', '-')}" in text, name
+        assert "".join(infra.SETTINGS[name].help.split()) in text, name
+        if isinstance(infra.SETTINGS[name].allowed, tuple):
+            assert "".join(f"[{infra.allowed_text(name)}]".split()) in text, name
+
+
+# ---- checkpoints: read_weights and read_checkpoint
+
+def changed_checkpoint(tiny_run, path, change):
+    """tiny_run's checkpoint with change(ck) applied, saved to `path`."""
+    ck = torch.load(os.path.join(tiny_run, "checkpoint.pt"), weights_only=True)
+    change(ck)
+    torch.save(ck, path)
+    return str(path)
+
+
+def setter(field, value):
+    """A change that sets (or, with value 'delete', removes) field 'a' or 'a.b' of a checkpoint."""
+    def change(ck):
+        *parents, last = field.split(".", 1)
+        obj = ck
+        for p in parents:
+            obj = obj[p]
+        if value == "delete":
+            del obj[last]
+        else:
+            obj[last] = value
+    return change
+
+
+BAD_CHECKPOINTS = [  # (field, value, what the one line must name)
+    ("config.context", "foo", "config.context is 'foo'; allowed: one of vortex, aspp"),
+    ("config.output_stride", 12, "config.output_stride is 12; allowed: one of 8, 16, 32"),
+    ("config.depth", 19, "config.depth is 19"),
+    ("model.classifier.bias", "delete", "its weights do not fit the model its config describes "
+                                        "(model.classifier.bias: missing)"),
+    ("model.classifier.weight", torch.zeros(5, 3, 1, 1), "model.classifier.weight: shape (5, 3, "
+                                                         "1, 1), the model's (5, 8, 1, 1)"),
+    ("config.extra", 1, "config.extra is unknown"),
+    ("config.base_channels", "delete", "config.base_channels is missing"),
+    ("config.dropout", 1.5, "config.dropout is 1.5; allowed: a number in [0, 0.99]"),
+    ("config", [1, 2], "config is [1, 2]; allowed: a dict"),
+    ("config.pool_k", 4, "config.pool_k is 4; allowed: an odd whole number"),
+    ("data_args.crop", 5, "data_args is"), ("data_args.num_images", -3, "data_args is"),
+    ("data_args.num_images", 7, "data_args is {'num_images': 7"),
+    ("train_args", None, "train_args is None"), ("iteration", "5", "iteration is '5'"),
+    ("iteration", "delete", "iteration is missing"), ("model", torch.zeros(3), "model is"),
+    ("config.context", "aspp", "train_args.context is 'vortex' but config.context is 'aspp'"),
+    ("train_args.context", "aspp", "train_args.context is 'aspp' but config.context"),
+    ("train_args.val_split", "../../x", "train_args.val_split is '../../x'"),
+    ("classes", ["a"], "len(classes) is 1 but config.num_classes is 5"),
+    ("palette", [[0, 0, 0]], "palette is"), ("dataset", "imagenet", "dataset is 'imagenet'"),
+]
+
+
+@pytest.mark.parametrize("field,value,message", BAD_CHECKPOINTS)
+def test_a_checkpoint_is_checked_as_a_whole_before_anything_is_built(tmp_path, tiny_run, field,
+                                                                      value, message):
+    path = changed_checkpoint(tiny_run, tmp_path / "ck.pt", setter(field, value))
+    for use in (lambda: evaluation.main(["--checkpoint", path, "--workers", "0"]),
+                lambda: train.main(TINY + ["--iters", "1", "--out-dir", str(tmp_path / "i"),
+                                           "--init-from", path, "--no-eval"]),
+                lambda: experiments.main(["erf", path, "--out", str(tmp_path / "e.png")])):
+        assert path + ": " in refused(use, re.escape(message))
+    assert sorted(os.listdir(tmp_path)) == ["ck.pt"]  # nothing evaluated, trained or drawn
+
+
+FIELDS = ([f"config.{k}" for k in infra.CONFIG] + list(infra.CHECKPOINT_FIELDS) +
+          list(infra.RESUME_FIELDS) + [f"train_args.{k}" for k in
+                                            ("val_split", "data_root", "seed", "context")])
+
+
+VALUES = st.one_of(st.none(), st.booleans(), st.integers(-2 ** 70, 2 ** 70), st.floats(),
+                   st.text(max_size=4), st.lists(st.integers(-3, 300), max_size=3),
+                   st.dictionaries(st.sampled_from(["state", "num_images", "x"]),
+                                   st.integers(-1, 3), max_size=2),
+                   st.just(torch.zeros(2, 2)), st.just("delete"))
+
+
+@given(field=st.sampled_from(FIELDS), value=VALUES)
+@settings(max_examples=150)
+def test_any_corrupted_field_is_one_line_naming_it_or_harmless(tiny_run, field, value):
+    """Random corruptions of a valid checkpoint's fields: a one-line BadInput that names the
+    field (or the weights), never another exception; accepted only when the value is allowed."""
+    ck = torch.load(os.path.join(tiny_run, "checkpoint.pt"), weights_only=True)
+    parent, last = (ck[field.split(".")[0]], field.split(".")[1]) if "." in field else (ck, field)
+    before = json.dumps(parent.get(last, "absent"), default=repr)
+    setter(field, value)(ck)
+    with mock.patch.object(infra, "read_weights", lambda p: ck):
+        try:
+            infra.read_checkpoint("ck.pt", resume=True)
+        except infra.BadInput as e:
+            text = str(e)
+            assert "\n" not in text and text.startswith("ck.pt") and (
+                field.split(".")[-1] in text or "weights do not fit" in text), text
+            return
+    harmless = {"config.dropout", "train_args.val_split", "train_args.data_root",
+                "train_args.seed", "scaler", "rng_cuda", "iteration", "epoch", "batch_in_epoch",
+                "train_args"}  # other allowed values exist for these
+    assert (field in harmless and value != "delete") or json.dumps(value, default=repr) == \
+        before, (field, value)
+
+
+BAD_TENSORS = [  # (tensor, what the one line says)
+    (torch.full((5,), float("nan")), "holds NaN or infinite values in float32"),
+    (torch.full((8,), 1e300, dtype=torch.float64), "in float32"),
+    (torch.tensor([1.0, float("nan")], dtype=torch.bfloat16), "NaN or infinite"),
+    (torch.tensor([float("-inf")], dtype=torch.float16), "NaN or infinite"),
+    (torch.zeros(4, dtype=torch.complex64), "only dense real tensors"),
+    (torch.eye(3).to_sparse(), "only dense real tensors"),
+]
+
+
+@pytest.mark.parametrize("bad,message", BAD_TENSORS + [("negative variance", "negative variance")])
+def test_checkpoint_gate_reads_tensors_as_the_model_will_run_them(tmp_path, tiny_run, capsys, bad,
+                                                                  message):
+    """Every reader of weights (eval.py, train.py --init-from, --pretrained's load_pretrained)
+    refuses a tensor the model could not run, in one line naming it, and writes nothing."""
+    ck = torch.load(os.path.join(tiny_run, "checkpoint.pt"), weights_only=True)
+    key = "classifier.bias" if not isinstance(bad, str) else "backbone.bn1.running_var"
+    ck["model"][key] = -ck["model"][key].abs() - 1 if isinstance(bad, str) else bad
+    path = str(tmp_path / "ck.pt")
+    torch.save(ck, path)
+    before = sorted(os.listdir(tmp_path))
+    for main, argv in ((evaluation.main, ["--checkpoint", path, "--workers", "0"]),
+                       (train.main, TINY + ["--init-from", path, "--out-dir",
+                                            str(tmp_path / "r"), "--iters", "1"]),
+                       (lambda p: infra.load_pretrained(ResNet(18, base_channels=4), p), path)):
+        code, err = cli_run(main, argv, capsys)
+        assert code == 2 and len(err) == 1 and f"tensor model.{key}" in err[0] and message in \
+            err[0], err
+    assert sorted(os.listdir(tmp_path)) == before
+
+
+def test_an_unreadable_checkpoint_says_it_cannot_be_read(tmp_path, tiny_run, monkeypatch):
+    """Truncated (a resume), empty (--pretrained), not readable, or a folder: one line that says
+    it cannot be read."""
+    out = tmp_path / "run"
+    shutil.copytree(tiny_run, out)
+    ck = out / "checkpoint.pt"
+    ck.write_bytes(ck.read_bytes()[:5000])
+    with pytest.raises(ValueError, match="cannot read .*checkpoint.pt as a weights-only torch "
+                                         "checkpoint: it is truncated"):
+        train.main(TINY + ["--iters", "3", "--out-dir", str(out), "--resume"])
+    (tmp_path / "empty.pth").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"cannot read .*empty.pth as a weights-only torch "
+                                         r"checkpoint"):
+        infra.load_pretrained(ResNet(18, base_channels=2), str(tmp_path / "empty.pth"))
+    path = os.path.join(tiny_run, "checkpoint.pt")
+
+    def denied(*a, **k):
+        raise PermissionError(13, "Permission denied")
+    monkeypatch.setattr(torch, "load", denied)
+    with pytest.raises(infra.BadInput, match=r"cannot read .*run/checkpoint.pt: permission denied"):
+        infra.read_checkpoint(path)
+    monkeypatch.undo()
+    with pytest.raises(infra.BadInput, match=r"cannot read .*: it is a folder"):
+        infra.read_checkpoint(str(tmp_path))
+
+
+def test_a_mixed_up_checkpoint_is_refused_on_the_command_line(tmp_path, tiny_run):
+    path = changed_checkpoint(tiny_run, tmp_path / "ck.pt", setter("config.context", "aspp"))
+    proc = subprocess.run([sys.executable, os.path.join(HERE, "eval.py"), "--checkpoint", path],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.splitlines() == [f"error: {path}: train_args.context is 'vortex' but "
+                                        f"config.context is 'aspp': they must agree (an edited "
+                                        f"or mixed-up checkpoint); refused"]
+    assert sorted(os.listdir(tmp_path)) == ["ck.pt"]
+
+
+def test_an_empty_weights_flag_is_refused_not_random_initialisation(tmp_path, capsys):
+    for flag in ("--pretrained", "--init-from", "--data-root"):
+        code, err = cli_run(train.main, TINY + [flag, "", "--out-dir", str(tmp_path / "r")],
+                            capsys)
+        assert code == 2 and err == [f"error: {flag} '': must be a file or folder name (it is "
+                                     f"empty)"]
+    assert os.listdir(tmp_path) == []
+
+
+# ---- outputs: Claim (never onto or into an input, locked, undone when refused)
+
+def test_an_output_never_replaces_or_writes_into_an_input_even_with_force(tmp_path, tiny_run):
+    ck = os.path.join(tiny_run, "checkpoint.pt")
+    before = open(ck, "rb").read()
+    refused(lambda: evaluation.main(["--checkpoint", ck, "--json", ck, "--force"]),
+            r"output .*checkpoint.pt is the input --checkpoint")
+    os.link(ck, tmp_path / "hard.json")  # another name of the same file
+    refused(lambda: evaluation.main(["--checkpoint", ck, "--json", str(tmp_path / "hard.json"),
+                                     "--force"]), r"hard.json is the input --checkpoint")
+    assert open(ck, "rb").read() == before
+    root = make_voc_tree(tmp_path / "voc")
+    masks = root / "SegmentationClass"
+    refused(lambda: evaluation.main(["--checkpoint", ck, "--dataset", "voc", "--data-root",
+                                     str(root), "--split", "train", "--save-dir", str(masks),
+                                     "--force"]), r"SegmentationClass lies inside the input "
+                                                  r"--data-root")
+    refused(lambda: evaluation.main(["--checkpoint", ck, "--dataset", "voc", "--data-root",
+                                     str(masks), "--split", "train", "--save-dir", str(root),
+                                     "--force"]), r"holds the input --data-root")
+    img = tmp_path / "s.png"
+    Image.fromarray(data.render_synthetic(0, 0, 40)[0]).save(img)
+    pic = img.read_bytes()
+    refused(lambda: evaluation.main(["--checkpoint", ck, "--image", str(img), "--out", str(img),
+                                     "--force"]), r"s.png is the input --image")
+    assert img.read_bytes() == pic and sorted(os.listdir(tmp_path)) == ["hard.json", "s.png",
+                                                                        "voc"]
+    shutil.copy(ck, tmp_path / "voc" / "ck.pt")  # an erf figure never lands on a checkpoint
+    refused(lambda: experiments.main(["erf", str(tmp_path / "voc" / "ck.pt"), "--out",
+                                      str(tmp_path / "voc" / "ck.pt"), "--force"]),
+            r"is the input CHECKPOINT")
+    refused(lambda: data.main(["prepare-sbd", "--sbd", str(root / "SegmentationClassAug" / "s"),
+                               "--voc", str(root)]), r"SegmentationClassAug holds the input --sbd")
+    assert not os.path.exists(root / "SegmentationClassAug")
+
+
+@given(a=st.lists(st.sampled_from("xy"), min_size=1, max_size=3),
+       b=st.lists(st.sampled_from("xy"), min_size=1, max_size=3), alias=st.booleans())
+@settings(max_examples=40)
+def test_outputs_related_to_an_input_are_refused_exactly(tmp_path_factory, a, b, alias):
+    """Output and input paths in one tree (reached through a symbolic link or not): refused
+    exactly when one is the other or lies inside it, whatever --force says."""
+    top = tmp_path_factory.mktemp("tree")
+    os.symlink(top, top / "link")
+    out = os.path.join(top, "link" if alias else "", *a)
+    inp = os.path.join(top, *b)
+    related = a[:len(b)] == b or b[:len(a)] == a
+    try:
+        infra.refuse_inputs([out], [("--in", inp)])
+        assert not related
+    except infra.BadInput as e:
+        assert related and "--in" in str(e)
+
+
+NAMES = st.text(st.characters(blacklist_categories=("Cs",)), min_size=0, max_size=12)
+
+
+@given(kind=st.sampled_from(["same", "inside", "holds", "folder-for-file", "too-long", "nul",
+                             "format"]), name=NAMES.filter(lambda s: "/" not in s and s not in
+                                                          ("", ".", "..") and "\0" not in s))
+@settings(max_examples=40, deadline=None)
+def test_output_gate_refuses_in_one_line_and_leaves_nothing(tmp_path_factory, kind, name):
+    top = tmp_path_factory.mktemp("claim")
+    inp = top / "in"
+    inp.mkdir()
+    (inp / "data.txt").write_text("input")
+    out = {"same": inp / "data.txt", "inside": inp / "sub" / "r.json", "holds": top,
+           "folder-for-file": inp, "too-long": top / "new" / (name + "x" * 251 + ".json"),
+           "nul": top / "new" / (name + "\0.json"), "format": top / "new" / (name + ".txt")}[kind]
+    before = sorted(str(p) for p in top.rglob("*"))
+    with pytest.raises(infra.BadInput) as e:
+        infra.Claim("test", [("--json", str(out), (".json",))], [("--in", str(inp))], force=True)
+    assert "\n" not in str(e.value) and "--json" in str(e.value) or "input --in" in str(e.value)
+    assert sorted(str(p) for p in top.rglob("*")) == before
+
+
+def test_split_names_and_output_names_are_refused_before_anything_is_written(
+        tmp_path, tiny_run, voc_root, one_coco_image):
+    ck, root = os.path.join(tiny_run, "checkpoint.pt"), voc_root
+    (tmp_path / "outside_list.txt").write_text("a\nb\n")
+    escape = os.path.relpath(tmp_path / "outside_list", root / "ImageSets" / "Segmentation")
+    refused(lambda: evaluation.main(["--checkpoint", ck, "--dataset", "voc", "--data-root",
+                                     str(root), "--split", escape]),
+            r"--split \.\./.*outside_list: must be a plain file name")
+    for flag in ("--split", "--val-split"):
+        refused(lambda: train.main(TINY + ["--dataset", "voc", "--data-root", str(root), flag,
+                                           escape, "--out-dir", str(tmp_path / "r")]),
+                rf"{flag} \.\./.*: must be a plain file name")
+    ann, imgs = one_coco_image
+    refused(lambda: data.main(["prepare-coco", "--annotations", ann, "--images", imgs, "--out",
+                               str(tmp_path / "c"), "--split", "../../../escaped"]),
+            r"--split '\.\./\.\./\.\./escaped' is not a plain")
+    for argv in (["prepare-coco", "--annotations", ann, "--images", imgs, "--out", imgs],
+                 ["prepare-coco", "--annotations", ann, "--images",
+                  str(tmp_path / "c2" / "JPEGImages"), "--out", str(tmp_path / "c2")]):
+        refused(lambda: data.main(argv), r"(is|lies inside) the input --images")
+    refused(lambda: data.main(["prepare-coco", "--annotations", ann, "--images", imgs, "--out",
+                               ""]), r"--out '': must be a file or folder name")
+    for argv in (["context", "--seeds", "1", "--out-dir", ""], ["figure", "synthetic", "--out", ""],
+                 ["erf", ck, "--out", ""], ["ablation", "--seeds", "1", "--out-dir", ""]):
+        refused(lambda: experiments.main(argv), r"--out(-dir)? '': must be a file or folder name")
+    for flag in ("--json", "--save-dir"):
+        refused(lambda: evaluation.main(["--checkpoint", ck, flag, " "]), rf"{flag} ' ': must be a file or folder name")
+    assert sorted(os.listdir(tmp_path)) == ["imgs", "instances_x.json", "outside_list.txt"]
+    assert sorted(os.listdir(root)) == ["ImageSets", "JPEGImages", "SegmentationClass"]
+
+
+def test_outputs_are_checked_writable_before_any_work(tmp_path, tiny_run):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(infra.BadInput, match=r"cannot write into .*file/sub"):
+        evaluation.main(["--checkpoint", os.path.join(tiny_run, "checkpoint.pt"), "--json",
+                         str(tmp_path / "file" / "sub" / "r.json")])
+
+
+def test_one_run_owns_its_folder_and_a_dead_holder_leaves_no_lock(tmp_path):
+    """A second train.py on a folder in use is refused naming the holder; the lock goes with its
+    process, even after kill -9."""
+    out = str(tmp_path / "run")
+    holder = infra.Claim("train.py", [("--out-dir", out, "folder")])
+    with pytest.raises(infra.BadInput, match=rf"run is in use by train.py \(pid {os.getpid()} "):
+        train.main(TINY + ["--iters", "1", "--out-dir", out, "--no-eval"])
+    assert not os.path.exists(os.path.join(out, "checkpoint.pt"))
+    holder.release()
+    code = f"import sys, time; sys.path.insert(0, {HERE!r}); import infra; " \
+           f"infra.Claim('a killed run', [('--out-dir', {out!r}, 'folder')]); print('locked', flush=True); time.sleep(60)"
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "locked"
+    with pytest.raises(infra.BadInput, match=r"in use by a killed run \(pid"):
+        train.main(TINY + ["--iters", "1", "--out-dir", out, "--no-eval"])
+    proc.kill()
+    proc.wait()
+    train.main(TINY + ["--iters", "1", "--out-dir", out, "--no-eval"])  # the lock died with it
+    assert os.path.exists(os.path.join(out, "checkpoint.pt"))
+
+
+def test_two_commands_cannot_both_write_one_output(tmp_path, tiny_run):
+    """The issue's case: two `eval.py --json same.json` started together. One writes it, the
+    other is refused in one line (in use, or exists); the file is one whole result."""
+    out = str(tmp_path / "same.json")
+    cmd = [sys.executable, os.path.join(HERE, "eval.py"), "--checkpoint",
+           os.path.join(tiny_run, "checkpoint.pt"), "--workers", "0", "--json", out]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    results = [(p.wait(timeout=120), p.stderr.read()) for p in procs]
+    assert sorted(code for code, _ in results) == [0, 2], results
+    err = next(e for code, e in results if code == 2).strip().splitlines()
+    assert len(err) == 1 and re.search(r"in use by eval.py|exists; pass --force", err[0]), err
+    assert json.load(open(out))["checkpoint"].endswith("checkpoint.pt")
+    assert sorted(os.listdir(tmp_path)) == ["same.json"]  # no lock, no temp file left
+
+
+def test_a_lock_that_cannot_be_written_is_one_line_and_leaves_nothing(tmp_path):
+    out = tmp_path / "new" / "run"
+    proc = subprocess.run(
+        [sys.executable, os.path.join(HERE, "train.py")] + TINY + ["--out-dir", str(out)],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (0, 0)))
+    assert proc.returncode == 2, proc.stderr
+    assert re.fullmatch(r"error: cannot write the lock .*run/\.lock: file too large: the "
+                        r"file-size limit \(ulimit -f\) is 0\.0 MB.*; nothing was started\n",
+                        proc.stderr), proc.stderr
+    assert os.listdir(tmp_path) == []
+
+
+# ---- records and names: read_text, read_list, read_record, read_log, plain_name
+
+@given(name=st.one_of(st.text(alphabet="ab./\\\0 ", min_size=0, max_size=6), NAMES))
+@settings(max_examples=50)
+def test_a_name_that_becomes_a_path_stays_inside_its_folder(name):
+    """One name rule for every id and field: a plain name stays in its folder and is one word
+    of a list line (exactly what the converters may write and the readers accept); any other
+    name is refused in one line."""
+    if infra.is_plain_name(name):
+        assert infra.plain_name(name, "--split") == name
+        assert os.path.basename(name) == name and name == name.strip() and name.split() == [name]
+        assert os.path.normpath(os.path.join("root", name)).startswith("root" + os.sep)
+        path = os.path.normpath(os.path.join("/r/oot", name + ".txt"))
+        assert os.path.dirname(path) == "/r/oot" and "\0" not in name
+    else:
+        with pytest.raises(infra.BadInput) as e:
+            infra.plain_name(name, "--split")
+        assert "\n" not in str(e.value) and str(e.value).startswith("--split ")
+
+
+@given(ids=st.lists(st.text("abcxyz_-0123456789.", min_size=1, max_size=8).filter(
+    lambda s: s not in (".", "..")), unique=True, max_size=6),
+    codec=st.sampled_from(["utf-8", "utf-8-sig", "utf-16"]), newline=st.sampled_from(
+        ["\n", "\r\n"]), trailer=st.sampled_from(["", " -1", "\t1"]))
+@settings(max_examples=40, deadline=None)
+def test_lists_are_read_whatever_editor_saved_them(tmp_path_factory, ids, codec, newline,
+                                                   trailer):
+    path = tmp_path_factory.mktemp("list") / "l.txt"
+    path.write_bytes("".join(i + trailer + newline for i in ids).encode(codec))
+    assert infra.read_list(str(path)) == ids
+
+
+@given(raw=st.binary(max_size=64))
+@settings(max_examples=80, deadline=None)
+def test_records_and_lists_of_any_bytes_are_read_or_one_line(tmp_path_factory, raw):
+    path = str(tmp_path_factory.mktemp("rec") / "r.json")
+    open(path, "wb").write(raw)
+    for read in (infra.read_list, infra.read_record, infra.read_log,
+                 lambda p: infra.read_json(p, "annotations")):
+        try:
+            read(path)
+        except infra.BadInput as e:
+            assert "\n" not in str(e) and path in str(e)
+
+
+def test_a_record_over_its_size_limit_is_refused_before_it_is_read(tmp_path):
+    path = tmp_path / "big.txt"
+    path.write_bytes(b"a\n" * 100)
+    with pytest.raises(infra.BadInput, match=r"split list .*big.txt is 0.0 MB; the limit is 0 MB"):
+        infra.read_text(str(path), "split list", limit=10)
+
+
+LOG = "".join(json.dumps({"iter": i, "loss": 1.0 / i, "lr": 0.1, "img_per_s": 3.0,
+                          "time": 0.0}) + "\n" for i in (1, 2, 3))
+
+
+@given(cut=st.integers(0, 200), junk=st.text(alphabet='{}":,0123456789 aeilnrst\x00', max_size=8))
+def test_a_torn_last_line_of_the_log_is_dropped_and_nothing_else(tmp_path_factory, cut, junk):
+    """A crash while a line is written leaves a prefix of it (or junk) without its newline: it
+    is dropped with a warning; a resumed run's log keeps the whole lines up to its checkpoint."""
+    path = tmp_path_factory.mktemp("log") / "log.jsonl"
+    torn = (LOG.splitlines()[0][:cut] + junk).replace("\n", "")
+    path.write_text(LOG + torn)
+    assert [r["iter"] for r in infra.read_log(str(path))] == [1, 2, 3]
+    train.truncate_log(str(path), 2)
+    assert path.read_text() == "".join(LOG.splitlines(True)[:2])
+
+
+def test_damaged_records_of_experiments_and_preparations_are_one_line(tmp_path, one_coco_image):
+    first = experiments.setting_file(experiments.SETTINGS[0][0], experiments.CONTEXT_ROWS[0], 1)
+    for argv, record in (
+            (["context", "--seeds", "1", "--iters", "1"], first),
+            (["ablation", "--seeds", "1"] + TINY + ["--iters", "1"], "none-seed0/ablation.json")):
+        for text in ("", "{", "[]", '{"config": {}, "miou": "high"}'):
+            out = tmp_path / argv[0]
+            os.makedirs(os.path.dirname(out / record), exist_ok=True)
+            (out / record).write_text(text)
+            refused(lambda: experiments.main(argv + ["--out-dir", str(out)]),
+                    rf"{re.escape(record)} is not a record that can be read .*; delete it to run "
+                    rf"that part again")
+            assert not os.path.exists(out / ".lock")
+    ann, imgs = one_coco_image
+    out = str(tmp_path / "coco")
+    data.prepare_coco(ann, imgs, out, log=lambda m: None)
+    record = os.path.join(out, "ImageSets", "Segmentation", "x.settings.json")
+    open(record, "w").write('{"annotations": ')
+    refused(lambda: data.main(["prepare-coco", "--annotations", ann, "--images", imgs, "--out",
+                               out]), r"x.settings.json is not a record .*; pass --overwrite")
+    data.main(["prepare-coco", "--annotations", ann, "--images", imgs, "--out", out,
+               "--overwrite"])
+    assert infra.read_record(record)["min_pixels"] == 1000
+
+
+# ---- around: atomic writes, one-line errors (cli)
+
+def test_atomic_save_respects_umask_cleans_leftovers_and_names_failures(tmp_path):
+    path = tmp_path / "checkpoint.pt"
+    (tmp_path / ".tmp-abc123checkpoint.pt").write_bytes(b"x" * 100)  # a killed save's leftover
+    (tmp_path / ".tmp-keepother.png").write_bytes(b"x")  # another file's: not ours to remove
+    old = os.umask(0o022)
+    try:
+        infra.atomic_save(str(path), lambda f: f.write(b"ok"))
+    finally:
+        os.umask(old)
+    assert path.read_bytes() == b"ok" and (path.stat().st_mode & 0o777) == 0o644
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".tmp-keepother.png", "checkpoint.pt"]
+
+    def fails(f):
+        f.write(b"partial")
+        raise OSError(28, "No space left on device")
+    with pytest.raises(infra.BadInput, match=r"cannot write .*checkpoint.pt: no space left on "
+                                            r"the device \(it stopped after 0.0 MB; \d+ MB free"):
+        infra.atomic_save(str(path), fails)
+    assert path.read_bytes() == b"ok"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".tmp-keepother.png", "checkpoint.pt"]
+
+
+def test_a_failed_save_says_why_in_words(tmp_path, monkeypatch):
+    """torch.save reports a full disk or the file-size limit as an 'enforce fail ... unexpected
+    pos' RuntimeError: the message says which, and how far the write got."""
+    path = str(tmp_path / "checkpoint.pt")
+
+    def torch_fails(f):
+        f.write(b"x" * 2 ** 20)
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 1048576")
+    usage = shutil.disk_usage(str(tmp_path))
+    monkeypatch.setattr(infra.shutil, "disk_usage", lambda d: usage._replace(free=1000))
+    with pytest.raises(infra.BadInput, match=r"no space left on the device \(it stopped after "
+                                            r"1.0 MB; 0 MB free there\)"):
+        infra.atomic_save(path, torch_fails)
+    monkeypatch.undo()
+    # the real file-size limit (what `ulimit -f 1024` sets in a shell): 1 MB
+    code = ("import sys, torch; sys.path.insert(0, %r); import infra; "
+            "infra.cli(lambda: infra.atomic_save(%r, lambda f: torch.save(torch.zeros(10 ** 6), f)))"
+            % (HERE, path))
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE,
+                                                             (2 ** 20, 2 ** 20)))
+    assert p.returncode == 2, p.stderr
+    assert re.fullmatch(r"error: cannot write .*checkpoint.pt: file too large: the file-size "
+                        r"limit \(ulimit -f\) is 1.0 MB and it stopped after 1.0 MB\n", p.stderr)
+    assert sorted(os.listdir(tmp_path)) == []
+
+
+def test_errors_in_loader_workers_are_one_line(capsys):
+    class Broken(torch.utils.data.Dataset):
+        def __len__(self):
+            return 2
+
+        def __getitem__(self, i):
+            raise infra.BadInput("cannot read image x.jpg: image file is truncated")
+    with pytest.raises(SystemExit) as e:
+        infra.cli(lambda: next(iter(torch.utils.data.DataLoader(Broken(), num_workers=1))))
+    assert e.value.code == 2
+    assert capsys.readouterr().err == "error: cannot read image x.jpg: image file is truncated\n"
+
+
+# =============================================================================================
+# train.py, Part I: the paper (4.1 recipe, poly LR, synchronised batch norm; 4.2 stages;
+# the training step)
+# =============================================================================================
+
+# ---- the recipe and the poly learning rate (4.1)
+
+def test_presets_and_flags():
+    cfg = train.parse_args(["--dataset", "voc_aug", "--data-root", "x"])
+    assert (cfg["depth"], cfg["output_stride"], cfg["multi_grid"], cfg["context"]) == \
+        (101, 8, [1, 2, 4], "vortex")
+    assert (cfg["crop"], cfg["batch_size"], cfg["lr"], cfg["iters"], cfg["momentum"],
+            cfg["weight_decay"], cfg["power"], cfg["scale"]) == \
+        (513, 16, 0.007, 30000, 0.9, 1e-4, 0.9, [0.5, 2.0])
+    assert train.parse_args(["--dataset", "coco"])["iters"] == 200000
+    cfg = train.parse_args(["--dataset", "voc_aug", "--lr", "0.01", "--context", "module_a",
+                            "--pool-k", "9"])
+    assert (cfg["lr"], cfg["context"], cfg["pool_k"]) == (0.01, "module_a", 9)
+
+
+def test_poly_lr():
+    """4.1: lr = base (1 - iter / max_iter) ^ 0.9, and our warmup (off in the paper's presets)."""
+    base, n = 0.007, 300
+    lrs = [train.poly_lr(base, i, n, 0.9) for i in range(n + 1)]
+    assert lrs[0] == base and lrs[-1] == 0.0
+    assert all(a > b for a, b in zip(lrs, lrs[1:]))
+    assert all(math.isclose(lr, base * (1 - i / n) ** 0.9) for i, lr in enumerate(lrs))
+    # a warmup ramps up, then follows the same curve; it is off in the paper's presets
+    base, n = 0.02, 1000
+    lrs = [train.poly_lr(base, i, n, 0.9, 0.1) for i in range(n)]
+    assert lrs[0] == base * 0.01 and all(a < b for a, b in zip(lrs[:99], lrs[1:100]))
+    assert all(math.isclose(lr, base * (1 - i / n) ** 0.9) for i, lr in enumerate(lrs)
+               if i >= 99)
+    assert train.poly_lr(base, 5, n, 0.9, 0.0) == train.poly_lr(base, 5, n, 0.9)
+    assert train.parse_args([])["warmup"] == 0.3  # the synthetic preset
+    assert train.parse_args(["--dataset", "voc_aug"])["warmup"] == 0.0  # the paper's schedule
+    with pytest.raises(infra.BadInput, match=r"--warmup 1.5: must be a number in \[0, 0.99\]"):
+        train.parse_args(["--warmup", "1.5"])
+
+
+# ---- synchronised batch norm (4.1)
 
 SYNCBN_CASES = (("normal", 0.0, torch.float64), ("large_mean", 1e4, torch.float32),
                 ("float32", 0.0, torch.float32))
@@ -1157,59 +2088,131 @@ def test_syncbn_and_ddp_equal_one_process_on_the_whole_batch(sizes, tmp_path):
                                        atol=1e-5, msg=k)
 
 
-def test_poly_lr():
-    base, n = 0.007, 300
-    lrs = [train.poly_lr(base, i, n, 0.9) for i in range(n + 1)]
-    assert lrs[0] == base and lrs[-1] == 0.0
-    assert all(a > b for a, b in zip(lrs, lrs[1:]))
-    assert all(math.isclose(lr, base * (1 - i / n) ** 0.9) for i, lr in enumerate(lrs))
+def _torch_vs_ours_worker(rank, world, init_file, out_dir):
+    dist.init_process_group("nccl", init_method=f"file://{init_file}", rank=rank,
+                            world_size=world)
+    torch.cuda.set_device(rank)
+    torch.manual_seed(0)
+    x = (torch.randn(8, 6, 9, 9) * 3 + 1)[rank * 4:(rank + 1) * 4].cuda().requires_grad_(True)
+    outs = {}
+    for name, bn in (("torch", torch.nn.SyncBatchNorm(6)), ("ours", train.SyncBatchNorm2d(6))):
+        bn = bn.cuda()
+        y = bn(x)
+        (g,) = torch.autograd.grad((y * torch.arange(6, device="cuda")[:, None, None]).sum(), x)
+        outs[name] = (y.detach().cpu(), g.cpu(), bn.running_mean.cpu(), bn.running_var.cpu())
+    torch.save(outs, os.path.join(out_dir, f"{rank}.pt"))
+    dist.destroy_process_group()
 
 
-TINY = ["--num-images", "16", "--val-images", "3", "--image-size", "48", "--crop", "40",
-        "--batch-size", "4", "--workers", "0", "--depth", "18", "--base-channels", "4",
-        "--context-channels", "8", "--log-every", "1"]
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 or more CUDA GPUs")
+def test_ours_equals_torch_syncbatchnorm_on_two_gpus(tmp_path):
+    _spawn(_torch_vs_ours_worker, 2, str(tmp_path))
+    for rank in range(2):
+        outs = torch.load(tmp_path / f"{rank}.pt", weights_only=True)
+        for a, b in zip(outs["torch"], outs["ours"]):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
-def test_resume_is_exact(tmp_path):
+# ---- the three stages of 4.2: --init-from, --freeze-bn
+
+def test_freeze_bn_keeps_statistics_and_parameters(tmp_path, tiny_run):
+    out = str(tmp_path / "run")
+    src = os.path.join(tiny_run, "checkpoint.pt")
+    train.main(TINY + ["--iters", "2", "--out-dir", out, "--no-eval", "--freeze-bn",
+                       "--init-from", src, "--batch-size", "1"])
+    before = torch.load(src, weights_only=True)["model"]
+    after = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)["model"]
+    bn = [k for k in before if "bn" in k or k.endswith(("running_mean", "running_var"))]
+    assert bn and all(torch.equal(before[k], after[k]) for k in bn)
+    assert not torch.equal(before["classifier.weight"], after["classifier.weight"])
+
+
+def test_init_from_another_context_takes_the_backbone_only(tmp_path, capsys):
+    train.main(TINY + ["--iters", "1", "--out-dir", str(tmp_path / "aspp"), "--no-eval",
+                       "--context", "aspp"])
+    train.main(TINY + ["--iters", "1", "--out-dir", str(tmp_path / "vx"), "--no-eval",
+                       "--init-from", str(tmp_path / "aspp" / "checkpoint.pt")])
+    assert "holds a aspp model, this run is vortex: only its backbone is taken" in \
+        capsys.readouterr().out
+
+
+# ---- one training step: the loss is the per-pixel mean over the whole batch
+
+@settings(max_examples=10)
+@given(counts=st.lists(st.integers(0, 60), min_size=1, max_size=4), seed=st.integers(0, 99))
+@example(counts=[0, 0], seed=0)  # a batch with no labelled pixel at all
+def test_accumulated_micro_steps_give_the_whole_batch_per_pixel_mean(counts, seed):
+    """However the labelled pixels fall over the micro-steps (some may have none), the summed
+    gradients equal those of one mean over all the batch's labelled pixels. With none at all,
+    the loss is 0 (not 0/0) and every gradient 0: the step changes nothing."""
+    torch.manual_seed(seed)
+    model = torch.nn.Conv2d(3, 4, 3, padding=1)
+    run = argparse.Namespace(device=torch.device("cpu"), world=1, net=model, ddp=None,
+                             amp_dtype=None, scaler=None, cfg={"channels_last": False},
+                             optimizer=torch.optim.SGD(model.parameters(), lr=1.0))
+    before = [p.detach().clone() for p in model.parameters()]
+    batch = []
+    for n in counts:
+        t = torch.full((1, 8, 8), 255)
+        t.view(-1)[torch.randperm(64)[:n]] = torch.randint(0, 4, (n,))
+        batch.append((torch.randn(1, 3, 8, 8), t))
+    total = train.train_step(run, batch)  # one SGD step with lr 1: the update is -gradient
+    grads = [b - p.detach() for b, p in zip(before, model.parameters())]
+    if not any(counts):
+        assert total.item() == 0.0 and all(not g.any() for g in grads)
+    with torch.no_grad():
+        for b, p in zip(before, model.parameters()):
+            p.copy_(b)
+    x, t = torch.cat([b[0] for b in batch]), torch.cat([b[1] for b in batch])
+    ref = train.loss_fn(model(x), t) / max(1, int((t != 255).sum()))
+    ref.backward()
+    torch.testing.assert_close(total, ref.detach())
+    for g, p in zip(grads, model.parameters()):
+        torch.testing.assert_close(g, p.grad)
+
+
+# =============================================================================================
+# train.py, Part II: engineering (starting or resuming, the data stream, signals and sync
+# points, the command line, several processes and nodes)
+# =============================================================================================
+
+# ---- resuming: bit for bit, the same experiment or refused
+
+@pytest.mark.parametrize("flags,stops,position,logged", [
+    ([], (3, 1), (1, 3), [1, 2, 3, 4, 5, 6, 7]),  # the second stop: exactly at the epoch's end
+    # --accum-steps 3 with batch 6: micro-batches of 2, 8 per epoch of 16 images, so optimizer
+    # steps straddle epoch ends
+    (["--batch-size", "6", "--accum-steps", "3", "--log-every", "2"], (3, 2), (2, 2),
+     [2, 3, 4, 5, 6])], ids=["plain", "accumulation"])
+def test_resume_is_exact(tmp_path, flags, stops, position, logged):
+    """A run stopped and resumed twice equals a straight one bitwise: weights, momentum, the
+    place in the data, the losses logged; the log has no iteration twice (a stop logs its own
+    line)."""
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
-    train.main(TINY + ["--iters", "7", "--out-dir", a, "--no-eval"])
-    stopped = train.main(TINY + ["--iters", "7", "--out-dir", b, "--no-eval", "--stop-after", "3"])
-    assert stopped["stopped_at"] == 3
-    stopped = train.main(TINY + ["--iters", "7", "--out-dir", b, "--no-eval", "--resume",
-                                 "--stop-after", "1"])  # stops exactly at the epoch's end
-    assert stopped["stopped_at"] == 4
-    train.main(TINY + ["--iters", "7", "--out-dir", b, "--no-eval", "--resume"])
-    ca = torch.load(os.path.join(a, "checkpoint.pt"), weights_only=True)
-    cb = torch.load(os.path.join(b, "checkpoint.pt"), weights_only=True)
-    assert ca["iteration"] == cb["iteration"] == 7
+    args = TINY + flags + ["--iters", str(logged[-1]), "--no-eval"]
+    train.main(args + ["--out-dir", a])
+    assert train.main(args + ["--out-dir", b, "--stop-after", str(stops[0])])["stopped_at"] == \
+        stops[0]
+    assert train.main(args + ["--out-dir", b, "--resume", "--stop-after", str(stops[1])])[
+        "stopped_at"] == sum(stops)
+    train.main(args + ["--out-dir", b, "--resume"])
+    ca, cb = (torch.load(os.path.join(d, "checkpoint.pt"), weights_only=True) for d in (a, b))
+    assert ca["iteration"] == cb["iteration"] == logged[-1]
+    assert (ca["epoch"], ca["batch_in_epoch"]) == (cb["epoch"], cb["batch_in_epoch"]) == position
     for k, v in ca["model"].items():
         assert torch.equal(v, cb["model"][k]), k  # bitwise
-    losses_a = [json.loads(line)["loss"] for line in open(os.path.join(a, "log.jsonl"))]
-    losses_b = [json.loads(line)["loss"] for line in open(os.path.join(b, "log.jsonl"))]
-    assert losses_a == losses_b
-    with pytest.raises(infra.BadInput, match="exists: pass --resume"):
-        train.main(TINY + ["--iters", "7", "--out-dir", a])
-
-
-def test_resume_with_accumulation_is_exact_across_epoch_ends(tmp_path):
-    """--accum-steps 3 with batch 6: micro-batches of 2, 8 per epoch of 16 images, so optimizer
-    steps straddle epoch ends; a run stopped and resumed twice equals a straight one bitwise."""
-    a, b = str(tmp_path / "a"), str(tmp_path / "b")
-    acc = TINY + ["--batch-size", "6", "--accum-steps", "3", "--iters", "6", "--no-eval",
-                  "--log-every", "2"]
-    train.main(acc + ["--out-dir", a])
-    assert train.main(acc + ["--out-dir", b, "--stop-after", "3"])["stopped_at"] == 3
-    assert train.main(acc + ["--out-dir", b, "--resume", "--stop-after", "2"])["stopped_at"] == 5
-    train.main(acc + ["--out-dir", b, "--resume"])
-    ca, cb = (torch.load(os.path.join(d, "checkpoint.pt"), weights_only=True) for d in (a, b))
-    assert (ca["epoch"], ca["batch_in_epoch"]) == (cb["epoch"], cb["batch_in_epoch"]) == (2, 2)
-    for k, v in ca["model"].items():
-        assert torch.equal(v, cb["model"][k]), k
     for k, v in ca["optimizer"]["state"].items():
         assert torch.equal(v["momentum_buffer"], cb["optimizer"]["state"][k]["momentum_buffer"])
-    # the log has no iteration twice (a stop logs its own line: 3 and 5)
-    iters_b = [json.loads(line)["iter"] for line in open(os.path.join(b, "log.jsonl"))]
-    assert iters_b == [2, 3, 4, 5, 6]
+    log_a, log_b = ([json.loads(line) for line in open(os.path.join(d, "log.jsonl"))]
+                    for d in (a, b))
+    assert [r["iter"] for r in log_b] == logged
+    # a line covering the same iterations (since the line before it) holds the same loss
+    spans = [{(p["iter"] if p else 0, r["iter"]): r["loss"] for p, r in zip([None] + log, log)}
+             for log in (log_a, log_b)]
+    same = spans[0].keys() & spans[1].keys()
+    assert same and all(spans[0][k] == spans[1][k] for k in same)
+    assert len(same) == (len(log_a) if flags == [] else 1)
 
 
 def test_micro_batch_stream_is_the_epoch_shuffle_cut_into_micro_batches():
@@ -1232,6 +2235,8 @@ def test_resume_refuses_another_experiment_and_auto_starts_or_resumes(tmp_path, 
     assert not os.path.exists(out)  # a refused start leaves no folder behind
     assert train.main(TINY + ["--iters", "4", "--out-dir", out, "--no-eval", "--resume", "auto",
                               "--stop-after", "2"])["stopped_at"] == 2
+    with pytest.raises(infra.BadInput, match="exists: pass --resume"):
+        train.main(TINY + ["--iters", "4", "--out-dir", out])
     with pytest.raises(infra.BadInput, match=r"another experiment; these differ: --context aspp "
                                             r"\(checkpoint: vortex\); --lr 0.5 \(checkpoint: 0.02"):
         train.main(TINY + ["--iters", "4", "--out-dir", out, "--resume", "--context", "aspp",
@@ -1247,6 +2252,155 @@ def test_resume_refuses_another_experiment_and_auto_starts_or_resumes(tmp_path, 
     assert "resumed" in capsys.readouterr().out
     assert os.path.isfile(os.path.join(out, "curves.png"))
 
+
+def test_resuming_continues_the_same_experiment_or_refuses(tmp_path, tiny_run, monkeypatch,
+                                                           capsys):
+    root, other = (make_voc_tree(tmp_path / d, ids="abcd") for d in ("voc", "other"))
+    out = str(tmp_path / "run")
+    voc = TINY + ["--dataset", "voc", "--split", "train", "--val-split", "train", "--batch-size",
+                  "2", "--out-dir", out, "--no-eval"]
+    train.main(voc + ["--data-root", str(root), "--iters", "1"])
+    refused(lambda: train.main(voc + ["--data-root", str(other), "--iters", "3", "--resume"]),
+            r"another experiment; these differ: --data-root .*other/\w+ \(checkpoint: .*voc/\w+\)")
+    with open(root / "ImageSets" / "Segmentation" / "train.txt", "a") as f:
+        f.write("a2\n")  # the same folder, another list: other data
+    for p in ("JPEGImages/a2.jpg", "SegmentationClass/a2.png"):
+        shutil.copy(root / p.replace("a2", "a"), root / p)
+    refused(lambda: train.main(voc + ["--data-root", str(root), "--iters", "3", "--resume"]),
+            r"these differ: --split-sha256 \w+ \(checkpoint: \w+\)")
+    run = str(tmp_path / "copy")
+    shutil.copytree(tiny_run, run)
+    if os.path.exists(os.path.join(run, ".lock")):
+        os.remove(os.path.join(run, ".lock"))
+    before = {f: open(os.path.join(run, f), "rb").read() for f in os.listdir(run)}
+    refused(lambda: train.main(TINY + ["--iters", "1", "--out-dir", run, "--resume"]),
+            r"checkpoint.pt is at iteration 2, past --iters 1; give --iters 2 or more")
+    capsys.readouterr()
+    train.main(TINY + ["--iters", "2", "--out-dir", run, "--resume", "--no-eval"])
+    assert "is at iteration 2 (--iters): nothing left to train; nothing is done" in \
+        capsys.readouterr().out
+    monkeypatch.setitem(train.COMMON, "label_smoothing", 0.1)  # an option added since
+    refused(lambda: train.main(TINY + ["--iters", "3", "--out-dir", run, "--resume"]),
+            r"these differ: --label-smoothing 0.1 \(checkpoint: unrecorded\)")
+    assert {f: open(os.path.join(run, f), "rb").read() for f in os.listdir(run)
+            if f != ".lock"} == before
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("optimizer", "delete", "optimizer is missing"), ("rng_cpu", torch.zeros(3, dtype=torch.uint8),
+                                                     "rng_cpu is"),
+    ("epoch", -1, "epoch is -1"), ("scaler", None, "scaler is None"),
+    ("optimizer.param_groups", [], "optimizer does not fit this model's optimizer"),
+])
+def test_a_resumed_checkpoint_needs_its_whole_training_state(tmp_path, tiny_run, field, value,
+                                                             message):
+    out = tmp_path / "run"
+    out.mkdir()
+    path = changed_checkpoint(tiny_run, out / "checkpoint.pt", setter(field, value))
+    refused(lambda: train.main(TINY + ["--iters", "3", "--out-dir", str(out), "--resume"]),
+            re.escape(message))
+    assert sorted(os.listdir(out)) == ["checkpoint.pt"] and os.path.getsize(path) > 0
+
+
+def test_count_include_pad_is_a_recorded_training_flag(tmp_path):
+    out = str(tmp_path / "run")
+    train.main(TINY + ["--iters", "1", "--out-dir", out, "--no-eval", "--count-include-pad"])
+    ck = infra.read_checkpoint(os.path.join(out, "checkpoint.pt"))
+    assert ck["config"]["count_include_pad"] is True
+    assert infra.model_from_checkpoint(ck).context.count_include_pad is True
+    with pytest.raises(infra.BadInput, match=r"--count-include-pad False \(checkpoint: True\)"):
+        train.main(TINY + ["--iters", "2", "--out-dir", out, "--no-eval", "--resume"])
+
+
+def test_a_new_run_never_replaces_an_earlier_runs_results(tmp_path, tiny_run, voc_root):
+    """Without --resume, a folder holding an earlier run's results (even only the log of a run
+    that died before saving) is refused; --resume auto starts afresh with a new log."""
+    out = tmp_path / "run"
+    out.mkdir()
+    for f in ("eval.json", "predictions.png", "log.jsonl"):
+        (out / f).write_text("earlier")
+    with pytest.raises(infra.ExistingOutput, match=r"log.jsonl exists \(and 2 more\); they are an "
+                                                  r"earlier run's results"):
+        train.main(TINY + ["--iters", "1", "--out-dir", str(out), "--no-eval"])
+    assert sorted(os.listdir(out)) == ["eval.json", "log.jsonl", "predictions.png"]
+    assert all((out / f).read_text() == "earlier" for f in os.listdir(out))
+    root = voc_root  # --out-dir in the data, or holding it
+    for flags in (["--dataset", "voc", "--data-root", str(root), "--out-dir", str(root / "r")],
+                  ["--init-from", os.path.join(tiny_run, "checkpoint.pt"), "--out-dir",
+                   tiny_run, "--resume", "auto"]):
+        refused(lambda: train.main(TINY + ["--iters", "3", "--no-eval"] + flags),
+                r"output .* (is|holds|lies inside) the input --(data-root|init-from)")
+    assert not os.path.exists(root / "r") and not os.path.exists(os.path.join(tiny_run, ".lock"))
+    out = tmp_path / "died"
+    out.mkdir()
+    (out / "log.jsonl").write_text('{"iter": 1, "loss": 9.9, "lr": 0.1}\n' * 3)  # died early
+    with pytest.raises(infra.ExistingOutput, match="log.jsonl exists"):  # not without asking
+        train.main(TINY + ["--iters", "2", "--out-dir", str(out), "--no-eval"])
+    train.main(TINY + ["--iters", "2", "--out-dir", str(out), "--no-eval", "--resume", "auto"])
+    rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["iter"] for r in rows] == [1, 2] and rows[0]["loss"] != 9.9
+
+
+@pytest.mark.parametrize("line", ['{"loss": 1.0, "lr": 0.1}', "garbage", '{"iter": "2", "loss": 1, '
+                                  '"lr": 0.1}', "[1, 2]", '{"iter": 2, "loss": null, "lr": 0.1}'])
+def test_a_damaged_log_line_before_the_last_is_one_line(tmp_path, tiny_run, line):
+    run = str(tmp_path / "run")
+    shutil.copytree(tiny_run, run)
+    log = os.path.join(run, "log.jsonl")
+    lines = open(log).read().splitlines(True)
+    open(log, "w").write(lines[0] + line + "\n" + "".join(lines[1:]))
+    for use in (lambda: train.main(TINY + ["--iters", "3", "--out-dir", run, "--resume"]),
+                lambda: evaluation.log_figure(log, str(tmp_path / "c.png"))):
+        refused(use, r"log.jsonl, line 2: not a log record .*; delete that line or the file")
+    assert not os.path.exists(tmp_path / "c.png")
+
+
+def test_a_resume_after_a_crash_mid_line_goes_on(tmp_path, tiny_run, capfd):
+    run = str(tmp_path / "run")
+    shutil.copytree(tiny_run, run)
+    with open(os.path.join(run, "log.jsonl"), "a") as f:
+        f.write('{"iter": 3, "loss": 1.2')  # the crash
+    assert train.main(TINY + ["--iters", "3", "--out-dir", run, "--resume", "--no-eval"])[
+        "iteration"] == 3
+    assert "log.jsonl: its last line is torn (a crash while writing it); dropped" in \
+        capfd.readouterr().err
+    assert [json.loads(x)["iter"] for x in open(os.path.join(run, "log.jsonl"))] == [1, 2, 3]
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("amp", [None, "bf16"])
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_cuda_resume_continues_the_run(tmp_path, amp, deterministic):
+    """Stopped at 3 and resumed on CUDA. With --deterministic the resumed run equals a straight
+    one as closely as two straight runs equal each other (the resume loses nothing); without
+    it, cuDNN's autotuned kernels differ between processes and allocations, and the difference
+    is printed (README reports it)."""
+    args = TINY + ["--device", "cuda", "--iters", "6", "--no-eval"] + \
+        (["--amp", amp] if amp else []) + (["--deterministic"] if deterministic else [])
+    a, a2, b = (str(tmp_path / n) for n in ("a", "a2", "b"))
+    train.main(args + ["--out-dir", a])
+    train.main(args + ["--out-dir", a2])
+    assert train.main(args + ["--out-dir", b, "--stop-after", "3"])["stopped_at"] == 3
+    train.main(args + ["--out-dir", b, "--resume"])
+    ck = {d: torch.load(os.path.join(d, "checkpoint.pt"), weights_only=True)["model"]
+          for d in (a, a2, b)}
+
+    def largest(x, y):
+        return max((ck[x][k].double() - ck[y][k].double()).abs().max().item()
+                   for k in ck[x] if ck[x][k].is_floating_point())
+    spread, resumed = largest(a, a2), largest(a, b)
+    print(f"CUDA, amp {amp}, deterministic {deterministic}: two straight runs differ by "
+          f"{spread:.2e}, resumed vs straight {resumed:.2e}")
+    torch.backends.cudnn.deterministic = False
+    torch.use_deterministic_algorithms(False)
+    if deterministic:
+        assert resumed <= spread
+    else:
+        assert resumed < 1e-2
+
+
+# ---- the command line: every flag checked before any work
 
 @pytest.mark.parametrize("flags,message", [
     (["--batch-size", "0"], "--batch-size 0: must be a whole number in 1..100000"),
@@ -1272,6 +2426,15 @@ def test_resume_refuses_another_experiment_and_auto_starts_or_resumes(tmp_path, 
     (["--sync-bn", "torch", "--device", "cpu"], None),  # one rank: nothing to synchronise
     (["--num-images", "3"], "3 images cannot make one micro-batch of 4 images"),
     (["--pretrained", "/nonexistent/resnet50.pth"], "--pretrained checkpoint not found"),
+    # every number has a range
+    (["--seed", "-1"], "--seed -1: must be a whole number in 0..4294967295"),
+    (["--seed", str(2 ** 64)], f"--seed {2 ** 64}: must be"),
+    (["--lr", "1e300"], "--lr 1e+300: must be a number in [1e-08, 10]"),
+    (["--weight-decay", "1e308"], "--weight-decay 1e+308: must be a number in [0, 1]"),
+    (["--num-images", str(10 ** 11)], f"--num-images {10 ** 11}: must be a whole number in "),
+    (["--stop-after", "0"], "--stop-after 0: must be a whole number in 1..100000000"),
+    (["--image-size", "100000"], "--image-size 100000"), (["--workers", "1000"], "--workers 1000"),
+    (["--scale", "0.5", "1e9"], "--scale 0.5 1000000000.0: must be a number in [0.05, 10]"),
 ])
 def test_bad_flags_are_refused_up_front_in_one_line(tmp_path, flags, message):
     args = TINY + ["--depth", "50", "--iters", "1", "--out-dir", str(tmp_path / "r" / "deep"),
@@ -1298,76 +2461,53 @@ def test_command_line_refusal_is_one_line_and_exit_code_2(tmp_path):
         "error: --batch-size 0: must be a whole number in 1..100000"]
 
 
-def test_atomic_save_respects_umask_cleans_leftovers_and_names_failures(tmp_path):
-    path = tmp_path / "checkpoint.pt"
-    (tmp_path / ".tmp-abc123checkpoint.pt").write_bytes(b"x" * 100)  # a killed save's leftover
-    (tmp_path / ".tmp-keepother.png").write_bytes(b"x")  # another file's: not ours to remove
-    old = os.umask(0o022)
-    try:
-        infra.atomic_save(str(path), lambda f: f.write(b"ok"))
-    finally:
-        os.umask(old)
-    assert path.read_bytes() == b"ok" and (path.stat().st_mode & 0o777) == 0o644
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".tmp-keepother.png", "checkpoint.pt"]
+def test_a_refused_start_leaves_nothing_behind(tmp_path, voc_root, monkeypatch):
+    root = voc_root
+    out = tmp_path / "new" / "run"
+    with pytest.raises(infra.MissingInput, match=r"split list not found: .*bogus.txt"):
+        train.main(TINY + ["--dataset", "voc", "--data-root", str(root), "--split", "train",
+                           "--val-split", "bogus", "--batch-size", "2", "--iters", "1",
+                           "--out-dir", str(out)])  # checked before training, not after
 
-    def fails(f):
-        f.write(b"partial")
-        raise OSError(28, "No space left on device")
-    with pytest.raises(infra.BadInput, match=r"cannot write .*checkpoint.pt: no space left on "
-                                            r"the device \(it stopped after 0.0 MB; \d+ MB free"):
-        infra.atomic_save(str(path), fails)
-    assert path.read_bytes() == b"ok"
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".tmp-keepother.png", "checkpoint.pt"]
+    def refuse(*a):  # any refusal after --out-dir was taken (e.g. --sync-bn torch on CPU)
+        raise infra.BadInput("--sync-bn torch: torch.nn.SyncBatchNorm needs CUDA")
+    monkeypatch.setattr(train, "synchronise_batchnorm", refuse)
+    refused(lambda: train.main(TINY + ["--iters", "1", "--out-dir", str(out)]), "needs CUDA")
+    assert not os.path.exists(tmp_path / "new")
 
 
-def test_a_failed_save_says_why_in_words(tmp_path, monkeypatch):
-    """torch.save reports a full disk or the file-size limit as an 'enforce fail ... unexpected
-    pos' RuntimeError: the message says which, and how far the write got."""
-    path = str(tmp_path / "checkpoint.pt")
+# ---- sync points and signals
 
-    def torch_fails(f):
-        f.write(b"x" * 2 ** 20)
-        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 1048576")
-    usage = shutil.disk_usage(str(tmp_path))
-    monkeypatch.setattr(infra.shutil, "disk_usage", lambda d: usage._replace(free=1000))
-    with pytest.raises(infra.BadInput, match=r"no space left on the device \(it stopped after "
-                                            r"1.0 MB; 0 MB free there\)"):
-        infra.atomic_save(path, torch_fails)
-    monkeypatch.undo()
-    # the real file-size limit (what `ulimit -f 1024` sets in a shell): 1 MB
-    code = ("import sys, torch; sys.path.insert(0, %r); import infra; "
-            "infra.cli(lambda: infra.atomic_save(%r, lambda f: torch.save(torch.zeros(10 ** 6), f)))"
-            % (HERE, path))
-    import resource
-    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                       preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE,
-                                                             (2 ** 20, 2 ** 20)))
-    assert p.returncode == 2, p.stderr
-    assert re.fullmatch(r"error: cannot write .*checkpoint.pt: file too large: the file-size "
-                        r"limit \(ulimit -f\) is 1.0 MB and it stopped after 1.0 MB\n", p.stderr)
-    assert sorted(os.listdir(tmp_path)) == []
+def test_one_training_step_reads_no_number_back_from_the_device(tmp_path, monkeypatch):
+    """The loop synchronises host and device only at sync points: counting the calls that
+    wait for the device (.item(), float(), int(), bool(), .tolist(), .cpu(), .numpy() and
+    host -> device copies of Python numbers) made from train.py's own code, a run of 6
+    iterations makes exactly as many as a run of 2 when both sync only at their end."""
+    counts = {"n": 0}
+    names = ("item", "__float__", "__int__", "__bool__", "tolist", "cpu", "numpy", "__index__")
+    for name in names:
+        orig = getattr(torch.Tensor, name)
 
+        def counted(self, *a, _orig=orig, **k):
+            if sys._getframe(1).f_code.co_filename.endswith("train.py"):
+                counts["n"] += 1
+            return _orig(self, *a, **k)
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    orig_tensor = torch.tensor
 
-def test_freeze_bn_keeps_statistics_and_parameters(tmp_path):
-    out = str(tmp_path / "run")
-    train.main(TINY + ["--iters", "2", "--out-dir", str(tmp_path / "first"), "--no-eval"])
-    src = os.path.join(tmp_path, "first", "checkpoint.pt")
-    train.main(TINY + ["--iters", "2", "--out-dir", out, "--no-eval", "--freeze-bn",
-                       "--init-from", src, "--batch-size", "1"])
-    before = torch.load(src, weights_only=True)["model"]
-    after = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)["model"]
-    bn = [k for k in before if "bn" in k or k.endswith(("running_mean", "running_var"))]
-    assert bn and all(torch.equal(before[k], after[k]) for k in bn)
-    assert not torch.equal(before["classifier.weight"], after["classifier.weight"])
-
-
-def test_init_from_another_context_takes_the_backbone_only(tmp_path, capsys):
-    train.main(TINY + ["--iters", "1", "--out-dir", str(tmp_path / "aspp"), "--no-eval",
-                       "--context", "aspp"])
-    train.main(TINY + ["--iters", "1", "--out-dir", str(tmp_path / "vx"), "--no-eval",
-                       "--init-from", str(tmp_path / "aspp" / "checkpoint.pt")])
-    assert "holds a aspp model, this run is vortex: only its backbone is taken" in \
-        capsys.readouterr().out
+    def tensor(*a, **k):
+        if sys._getframe(1).f_code.co_filename.endswith("train.py"):
+            counts["n"] += 1
+        return orig_tensor(*a, **k)
+    monkeypatch.setattr(torch, "tensor", tensor)
+    made = {}
+    for iters in (2, 6):
+        counts["n"] = 0
+        train.main(TINY + ["--iters", str(iters), "--log-every", str(iters), "--save-every",
+                           str(iters), "--no-eval", "--workers", "0",
+                           "--out-dir", str(tmp_path / f"r{iters}")])
+        made[iters] = counts["n"]
+    assert made[2] == made[6] > 0, made
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
@@ -1387,15 +2527,6 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monk
                            "--log-every", "5"])
     ck = infra.read_checkpoint(os.path.join(out, "checkpoint.pt"))
     assert ck["iteration"] == 2
-
-
-def test_truncated_checkpoint_gives_a_clear_error(tmp_path):
-    out = tmp_path / "run"
-    train.main(TINY + ["--iters", "1", "--out-dir", str(out), "--no-eval"])
-    ck = out / "checkpoint.pt"
-    ck.write_bytes(ck.read_bytes()[:5000])
-    with pytest.raises(ValueError, match="cannot read .*checkpoint.pt as a weights-only torch checkpoint: it is truncated"):
-        train.main(TINY + ["--iters", "2", "--out-dir", str(out), "--resume"])
 
 
 @pytest.mark.parametrize("sig,workers", [(signal.SIGTERM, "0"), (signal.SIGINT, "2")])
@@ -1420,6 +2551,51 @@ def test_signal_saves_and_exits_cleanly(tmp_path, sig, workers):
     assert 2 <= ck["iteration"] < 100000
 
 
+def test_ctrl_c_is_answered_at_once_and_twice_stops_without_saving(tmp_path):
+    out = str(tmp_path / "run")
+    proc = subprocess.Popen([sys.executable, "-u", os.path.join(HERE, "train.py")] + TINY +
+                            ["--iters", "100000", "--log-every", "5000", "--save-every", "5000",
+                             "--out-dir", out, "--no-eval"], cwd=HERE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().startswith("training synthetic")
+    time.sleep(1)
+    proc.send_signal(signal.SIGINT)
+    first = proc.stderr.readline()
+    assert re.fullmatch(r"SIGINT: a checkpoint will be saved at iteration 5000 \(the next sync "
+                        r"point\), then the run stops; SIGINT again stops at once without "
+                        r"saving\n", first), first
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=30) == 130
+    assert "SIGINT again: stopped at once, without saving; no checkpoint was saved" in \
+        proc.stderr.read()
+    assert not os.path.exists(os.path.join(out, "checkpoint.pt"))
+
+
+def interrupt_when(proc, started):
+    """SIGINT to `proc` at the first line of its output for which started(line) holds; then
+    (exit code, stderr)."""
+    for line in proc.stdout:
+        if started(line):
+            proc.send_signal(signal.SIGINT)
+            break
+    return proc.wait(timeout=60), proc.stderr.read()
+
+
+def test_ctrl_c_during_the_final_evaluation_keeps_the_checkpoint(tmp_path):
+    out = str(tmp_path / "run")
+    proc = subprocess.Popen([sys.executable, "-u", os.path.join(HERE, "train.py")] + TINY +
+                            ["--iters", "1", "--val-images", "400", "--out-dir", out], cwd=HERE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    code, err = interrupt_when(proc, lambda line: line.startswith("trained 1 iterations"))
+    assert code == 130
+    assert err.splitlines() == [f"SIGINT: stopped at once, without saving; the last checkpoint "
+                                f"{out}/checkpoint.pt is kept"]
+    assert sorted(os.listdir(out)) == ["checkpoint.pt", "log.jsonl"]  # the claim let go too
+    assert infra.read_checkpoint(os.path.join(out, "checkpoint.pt"))["iteration"] == 1
+
+
+# ---- end to end, and on a GPU
+
 def test_default_command_end_to_end_on_a_small_budget(tmp_path, capsys):
     out = str(tmp_path / "run")
     res = train.main(TINY + ["--iters", "3", "--out-dir", out])
@@ -1437,135 +2613,145 @@ def test_default_command_end_to_end_on_a_small_budget(tmp_path, capsys):
     pred = Image.open(tmp_path / "pred.png")
     assert pred.mode == "P" and pred.size == (50, 50)
     assert set(np.unique(np.asarray(pred))) <= set(range(5))
-    assert (tmp_path / "pred_panel.png").exists()
+    # its picture: the photo | the prediction in the palette's colours, under a 16 px title
+    panel = np.asarray(Image.open(tmp_path / "pred_panel.png").convert("RGB")).astype(int)
+    assert np.abs(panel[16:66, :50] - np.asarray(Image.open(img))).max() <= 1
+    assert np.array_equal(panel[16:66, 54:104], data.SYNTHETIC_PALETTE[np.asarray(pred)])
     with pytest.raises(ValueError, match="context: checkpoint has 'vortex', flags say 'aspp'"):
         evaluation.main(["--checkpoint", os.path.join(out, "checkpoint.pt"), "--context", "aspp"])
 
 
-def test_eval_command_line_never_overwrites_and_names_every_file(tmp_path, capsys, monkeypatch):
-    run = tmp_path / "run"
-    train.main(TINY + ["--iters", "2", "--out-dir", str(run), "--no-eval"])
-    ck = str(run / "checkpoint.pt")
-    # results are named by what they measured; the same protocol again needs --force
-    evaluation.main(["--checkpoint", ck, "--workers", "0"])
-    evaluation.main(["--checkpoint", ck, "--workers", "0", "--scales", "0.5", "1", "--flip"])
-    assert sorted(f for f in os.listdir(run) if f.startswith("eval_")) == [
-        "eval_synthetic_val_s0.5-1_flip.json", "eval_synthetic_val_s1.json"]
-    with pytest.raises(infra.ExistingOutput, match=r"eval_synthetic_val_s1.json exists; pass "
-                                                  r"--force"):
-        evaluation.main(["--checkpoint", ck, "--workers", "0"])
-    evaluation.main(["--checkpoint", ck, "--workers", "0", "--force"])
-    # one image: --out must be a PNG; exactly the files printed are written
-    img = tmp_path / "photo.jpg"
-    Image.fromarray(data.render_synthetic(0, 0, 50)[0]).save(img)
-    with pytest.raises(infra.BadInput, match=r"--out keep.jpg: the prediction is a PNG"):
-        evaluation.main(["--checkpoint", ck, "--image", str(img), "--out", "keep.jpg"])
-    monkeypatch.chdir(tmp_path)  # the default goes under runs/, never beside the image
-    capsys.readouterr()
-    evaluation.main(["--checkpoint", ck, "--image", str(img)])
-    out = capsys.readouterr().out
-    assert "wrote runs/predictions/photo.png, runs/predictions/photo_panel.png" in out
-    assert sorted(os.listdir(tmp_path / "runs" / "predictions")) == ["photo.png",
-                                                                     "photo_panel.png"]
-    with pytest.raises(infra.ExistingOutput, match="photo.png exists"):
-        evaluation.main(["--checkpoint", ck, "--image", str(img)])
-    # a folder: every image, one output folder
-    folder = tmp_path / "photos"
-    folder.mkdir()
-    for i in range(3):
-        Image.fromarray(data.render_synthetic(0, i, 40)[0]).save(folder / f"p{i}.png")
-    (folder / "notes.txt").write_text("not an image")
-    evaluation.main(["--checkpoint", ck, "--image", str(folder)])
-    assert sorted(os.listdir(tmp_path / "runs" / "predictions" / "photos")) == sorted(
-        f"p{i}{t}" for i in range(3) for t in (".png", "_panel.png"))
-    assert "predict: 3/3" in capsys.readouterr().out
-
-
-@pytest.mark.parametrize("flags,message", [
-    (["--scales", "0"], "--scales 0.0: must be a number in [0.05, 8]"),
-    (["--scales", "1", "nan"], "--scales 1.0 nan"), (["--scales", "-1"], "--scales -1.0"),
-    (["--device", "banana"], "--device banana: use cpu, cuda or cuda:N"),
-    (["--workers", "-1"], "--workers -1: must be a whole number in 0..256"),
-])
-def test_eval_refuses_bad_flags(flags, message):
-    with pytest.raises(infra.BadInput, match=re.escape(message)):
-        evaluation.main(["--checkpoint", "unused.pt"] + flags)
-
-
-def test_eval_refuses_a_checkpoint_of_other_classes_and_broken_weights(tmp_path):
-    run = tmp_path / "run"
-    train.main(TINY + ["--iters", "1", "--out-dir", str(run), "--no-eval"])
-    ck = str(run / "checkpoint.pt")
-    voc = str(make_voc_tree(tmp_path))
-    with pytest.raises(infra.BadInput, match=r"predicts 5 classes \(background, water, wheel, "
-                                            r"bike, fish\), but voc has 21"):
-        evaluation.main(["--checkpoint", ck, "--dataset", "voc", "--data-root", voc,
-                         "--split", "train"])
-    with pytest.raises(infra.MissingInput, match=r"split list not found: .*val2012.txt \(splits "
-                                                r"there: train\)"):
-        evaluation.main(["--checkpoint", ck, "--dataset", "voc", "--data-root", voc,
-                         "--split", "val2012"])
-    state = torch.load(ck, weights_only=True)
-    state["model"]["classifier.weight"] = torch.zeros(3, 2, 1, 1)
-    bad = tmp_path / "bad.pt"
-    torch.save(state, bad)
-    with pytest.raises(infra.BadInput, match=r"bad.pt: its weights do not fit .*classifier.weight"):
-        evaluation.main(["--checkpoint", str(bad)])
-    (tmp_path / "empty.pth").write_bytes(b"")
-    with pytest.raises(ValueError, match=r"cannot read .*empty.pth as a weights-only torch "
-                                         r"checkpoint"):
-        infra.load_pretrained(ResNet(18, base_channels=2), str(tmp_path / "empty.pth"))
-
-
-def test_voc_root_pointing_at_vocdevkit_suggests_its_voc2012_folder(tmp_path):
-    make_voc_tree(tmp_path / "VOCdevkit")  # VOCdevkit/VOC2012/...
-    with pytest.raises(infra.MissingInput, match=r"looks like VOCdevkit: use its VOC2012 folder"):
-        data.VOCSegmentation(str(tmp_path / "VOCdevkit"), "train")
-
-
-def test_figure_commands_never_overwrite(tmp_path):
-    out = tmp_path / "fig.png"
-    out.write_bytes(b"keep")
-    with pytest.raises(infra.ExistingOutput, match="fig.png exists; pass --force"):
-        experiments.main(["figure", "footprints", "--out", str(out)])
-    assert out.read_bytes() == b"keep"
-
-
-def test_presets_and_flags():
-    cfg = train.parse_args(["--dataset", "voc_aug", "--data-root", "x"])
-    assert (cfg["depth"], cfg["output_stride"], cfg["multi_grid"], cfg["context"]) == \
-        (101, 8, [1, 2, 4], "vortex")
-    assert (cfg["crop"], cfg["batch_size"], cfg["lr"], cfg["iters"], cfg["momentum"],
-            cfg["weight_decay"], cfg["power"], cfg["scale"]) == \
-        (513, 16, 0.007, 30000, 0.9, 1e-4, 0.9, [0.5, 2.0])
-    assert train.parse_args(["--dataset", "coco"])["iters"] == 200000
-    cfg = train.parse_args(["--dataset", "voc_aug", "--lr", "0.01", "--context", "module_a",
-                            "--pool-k", "9"])
-    assert (cfg["lr"], cfg["context"], cfg["pool_k"]) == (0.01, "module_a", 9)
-
-
-def test_compiled_model_matches_eager():
-    """--compile: the traced model gives the eager one's output, and it really was traced (a
-    backend that records the graphs it gets: a compile that silently fell back to eager, or
-    stopped at the first operation, would pass an output comparison alone)."""
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_cuda_amp_training_steps_stay_finite_and_learn_a_repeated_batch(amp):
     torch.manual_seed(0)
-    model = DeepLabV3(3, depth=18, base_channels=4, context_channels=8).eval()
-    x = torch.randn(1, 3, 37, 29)
-    graphs = []
+    model = DeepLabV3(5, depth=18, base_channels=8, context_channels=16).cuda()
+    opt = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9)
+    scaler = torch.amp.GradScaler("cuda") if amp == "fp16" else None
+    ds = data.SyntheticContext(4, 64)
+    x = torch.stack([ds[i][0] for i in range(4)]).cuda()
+    t = torch.stack([ds[i][1] for i in range(4)]).cuda()
+    losses = []
+    for _ in range(40):
+        with torch.autocast("cuda", dtype=torch.bfloat16 if amp == "bf16" else torch.float16):
+            loss = train.loss_fn(model(x), t) / t.numel()  # the per-pixel mean
+        (scaler.scale(loss) if scaler else loss).backward()
+        if scaler:
+            scaler.step(opt)
+            scaler.update()
+        else:
+            opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    assert all(math.isfinite(v) for v in losses)
+    assert losses[-1] < 0.6 * losses[0], losses
 
-    def record(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-    torch._dynamo.reset()
-    compiled = torch.compile(model, backend=record)
-    with torch.no_grad():
-        torch.testing.assert_close(compiled(x), model(x))
-    convs = sum(node.target == torch.conv2d or "conv" in str(node.target)
-                for g in graphs for node in g.graph.nodes)
-    assert graphs and convs >= 20, (len(graphs), convs)  # ResNet-18's and the module's convs
+
+# ---- several processes (gloo) and two nodes (torchrun)
+
+def _train_worker(rank, world, init_file, out_dir, extra):
+    _init(rank, world, init_file)
+    try:
+        result = train.main(TINY + extra[rank] + ["--out-dir", out_dir])
+        torch.save({"miou": torch.tensor(result["miou"])}, os.path.join(out_dir, f"r{rank}.pt"))
+    except infra.BadInput as e:
+        open(os.path.join(out_dir, f"r{rank}.txt"), "w").write(str(e))
 
 
-# ============================================================================= eval.py
+def test_distributed_run_with_per_rank_statistics_evaluates_what_it_saved(tmp_path):
+    """2 ranks, --sync-bn off: the ranks' batch-norm statistics differ after the last step;
+    eval.json (written by the run) and eval.py on the saved checkpoint must agree exactly."""
+    out = str(tmp_path / "run")
+    os.makedirs(out)
+    flags = ["--iters", "3", "--sync-bn", "off", "--val-images", "5"]
+    _spawn(_train_worker, 2, out, [flags, flags])
+    reported = json.load(open(os.path.join(out, "eval.json")))
+    checked = evaluation.main(["--checkpoint", os.path.join(out, "checkpoint.pt"), "--json",
+                               str(tmp_path / "again.json"), "--workers", "0"])
+    assert reported["confusion"] == checked["confusion"]
+    assert "NaN" not in open(os.path.join(out, "eval.json")).read()  # strict JSON
+
+
+def test_ranks_started_with_different_settings_are_refused_on_every_rank(tmp_path):
+    out = str(tmp_path / "run")
+    os.makedirs(out)
+    _spawn(_train_worker, 2, out, [["--seed", "0"], ["--seed", "1"]])
+    for r in range(2):  # both refuse (none waits forever for the other)
+        assert "different settings (--seed)" in open(os.path.join(out, f"r{r}.txt")).read()
+    assert not os.path.exists(os.path.join(out, "checkpoint.pt"))
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(nodes, argv, cwd, rank=None, port=None, **popen):
+    """`torchrun` of train.py with TINY + argv: one node of two processes, or node `rank` of
+    `nodes` nodes of one process each, rendezvous on localhost (gloo)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(nodes),
+           "--nproc_per_node", str(2 // nodes), "--master_addr", "127.0.0.1", "--master_port",
+           str(port)] + (["--node_rank", str(rank)] if rank is not None else []) + [
+        os.path.join(HERE, "train.py")] + TINY + ["--no-eval", "--device", "cpu"] + argv
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    logs = [open(os.path.join(cwd, f"node{rank}.{s}"), "w+") for s in ("out", "err")]
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=logs[0], stderr=logs[1], text=True,
+                            **popen)
+    proc.output = lambda: [(f.seek(0), f.read())[1] for f in logs]  # (stdout, stderr)
+    return proc
+
+
+def two_nodes(argv, cwd):
+    port = free_port()
+    procs = [torchrun(2, argv, cwd, r, port) for r in (0, 1)]
+    return [(p.wait(timeout=300), *p.output()) for p in procs]
+
+
+def test_two_nodes_train_checkpoint_and_resume_as_one_node(tmp_path):
+    """Two `torchrun --nnodes 2` launches on one machine (gloo over localhost) train as one
+    node with the same two ranks, bit for bit, through a stop and a resume."""
+    one = torchrun(1, ["--iters", "4", "--out-dir", "one"], tmp_path, port=free_port())
+    assert one.wait(timeout=300) == 0, one.output()
+    stopped = two_nodes(["--iters", "4", "--out-dir", "two", "--stop-after", "2"], tmp_path)
+    assert "checkpoint saved at iteration 2" in stopped[0][1], stopped  # torchrun: exit 1
+    resumed = two_nodes(["--iters", "4", "--out-dir", "two", "--resume"], tmp_path)
+    assert [code for code, _, _ in resumed] == [0, 0] and "resumed" in resumed[0][1], resumed
+    a, b = (infra.read_checkpoint(str(tmp_path / d / "checkpoint.pt")) for d in ("one", "two"))
+    assert b["iteration"] == 4 and all(torch.equal(a["model"][k], b["model"][k])
+                                       for k in a["model"])
+
+
+def test_a_lost_node_stops_the_other_in_one_line_and_resume_continues(tmp_path):
+    port, argv = free_port(), ["--iters", "100000", "--save-every", "5", "--out-dir", "run"]
+    procs = [torchrun(2, argv, tmp_path, r, port, start_new_session=True) for r in (0, 1)]
+    ck = tmp_path / "run" / "checkpoint.pt"
+    deadline = time.time() + 120
+    while not ck.exists() and time.time() < deadline:
+        time.sleep(0.5)
+    worker = subprocess.run(["pgrep", "-P", str(procs[1].pid)], capture_output=True,
+                            text=True).stdout.split()
+    os.kill(int(worker[0]), signal.SIGKILL)  # node 1's training process dies
+    t0 = time.time()
+    code = procs[0].wait(timeout=90)
+    assert code != 0 and time.time() - t0 < 60
+    ours = [line for line in procs[0].output()[1].splitlines() if "lost another rank" in line]
+    assert len(ours) == 1 and ours[0].startswith("error: rank 0 lost another rank of the run")
+    assert "start every node again with --resume" in ours[0]
+    procs[1].wait(timeout=90)
+    at = infra.read_checkpoint(str(ck))["iteration"]
+    resumed = two_nodes(["--iters", str(at + 2), "--save-every", "5", "--out-dir", "run",
+                         "--resume"], tmp_path)
+    assert [c for c, _, _ in resumed] == [0, 0], resumed
+    assert f"resumed run at iteration {at}" in resumed[0][1]
+    assert infra.read_checkpoint(str(ck))["iteration"] == at + 2
+
+
+# =============================================================================================
+# eval.py, Part I: the paper (mean IoU over the dataset; single- and multi-scale + flip
+# inference, 4.1-4.2)
+# =============================================================================================
 
 maps = st.integers(2, 6).flatmap(lambda c: st.tuples(
     st.just(c), st.lists(st.integers(0, c - 1), min_size=30, max_size=30),
@@ -1688,6 +2874,238 @@ def test_distributed_evaluation_counts_every_image_once(tmp_path):
     assert np.sum(res["confusion"]) == 5 * 40 * 40
 
 
+# =============================================================================================
+# eval.py, Part II: engineering (the command line, the pictures a run writes)
+# =============================================================================================
+
+# ---- the command line
+
+def test_eval_command_line_never_overwrites_and_names_every_file(tmp_path, tiny_run, capsys,
+                                                                monkeypatch):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)  # eval.py writes its results beside the checkpoint
+    ck = str(run / "checkpoint.pt")
+    # results are named by what they measured; the same protocol again needs --force
+    evaluation.main(["--checkpoint", ck, "--workers", "0"])
+    evaluation.main(["--checkpoint", ck, "--workers", "0", "--scales", "0.5", "1", "--flip"])
+    assert sorted(f for f in os.listdir(run) if f.startswith("eval_")) == [
+        "eval_synthetic_val_s0.5-1_flip.json", "eval_synthetic_val_s1.json"]
+    with pytest.raises(infra.ExistingOutput, match=r"eval_synthetic_val_s1.json exists; pass "
+                                                  r"--force"):
+        evaluation.main(["--checkpoint", ck, "--workers", "0"])
+    evaluation.main(["--checkpoint", ck, "--workers", "0", "--force"])
+    # one image: --out must be a PNG; exactly the files printed are written
+    img = tmp_path / "photo.jpg"
+    Image.fromarray(data.render_synthetic(0, 0, 50)[0]).save(img)
+    with pytest.raises(infra.BadInput, match=r"--out keep.jpg: the prediction is a PNG"):
+        evaluation.main(["--checkpoint", ck, "--image", str(img), "--out", "keep.jpg"])
+    monkeypatch.chdir(tmp_path)  # the default goes under runs/, never beside the image
+    capsys.readouterr()
+    evaluation.main(["--checkpoint", ck, "--image", str(img)])
+    out = capsys.readouterr().out
+    assert "wrote runs/predictions/photo.png, runs/predictions/photo_panel.png" in out
+    assert sorted(os.listdir(tmp_path / "runs" / "predictions")) == ["photo.png",
+                                                                     "photo_panel.png"]
+    with pytest.raises(infra.ExistingOutput, match="photo.png exists"):
+        evaluation.main(["--checkpoint", ck, "--image", str(img)])
+    # a folder: every image, one output folder
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i in range(3):
+        Image.fromarray(data.render_synthetic(0, i, 40)[0]).save(folder / f"p{i}.png")
+    (folder / "notes.txt").write_text("not an image")
+    evaluation.main(["--checkpoint", ck, "--image", str(folder)])
+    assert sorted(os.listdir(tmp_path / "runs" / "predictions" / "photos")) == sorted(
+        f"p{i}{t}" for i in range(3) for t in (".png", "_panel.png"))
+    assert "predict: 3/3" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--scales", "0"], "--scales 0.0: must be a number in [0.05, 8]"),
+    (["--scales", "1", "nan"], "--scales 1.0 nan"), (["--scales", "-1"], "--scales -1.0"),
+    (["--device", "banana"], "--device banana: use cpu, cuda or cuda:N"),
+    (["--workers", "-1"], "--workers -1: must be a whole number in 0..256"),
+    (["--workers", "1000"], "--workers 1000: must be a whole number in 0..256"),
+    (["--context", "bogus"], None), (["--depth", "19"], None),
+])
+def test_eval_refuses_bad_flags(flags, message):
+    """Every number and name is checked before any work (the checkpoint is not even read)."""
+    if message is None:
+        with pytest.raises(SystemExit) as e:  # argparse's choices: usage and exit code 2
+            evaluation.main(["--checkpoint", "unused.pt"] + flags)
+        assert e.value.code == 2
+    else:
+        refused(lambda: evaluation.main(["--checkpoint", "unused.pt"] + flags), re.escape(message))
+
+
+def test_eval_refuses_a_checkpoint_of_other_classes_and_broken_weights(tmp_path, tiny_run,
+                                                                      voc_root):
+    ck, voc = os.path.join(tiny_run, "checkpoint.pt"), str(voc_root)
+    with pytest.raises(infra.BadInput, match=r"predicts 5 classes \(background, water, wheel, "
+                                            r"bike, fish\), but voc has 21"):
+        evaluation.main(["--checkpoint", ck, "--dataset", "voc", "--data-root", voc,
+                         "--split", "train", "--json", str(tmp_path / "new" / "r.json")])
+    assert not os.path.exists(tmp_path / "new")  # its --json folder is made after every check
+    with pytest.raises(infra.MissingInput, match=r"split list not found: .*val2012.txt \(splits "
+                                                r"there: train\)"):
+        evaluation.main(["--checkpoint", ck, "--dataset", "voc", "--data-root", voc,
+                         "--split", "val2012"])
+    state = torch.load(ck, weights_only=True)
+    state["model"]["classifier.weight"] = torch.zeros(3, 2, 1, 1)
+    bad = tmp_path / "bad.pt"
+    torch.save(state, bad)
+    with pytest.raises(infra.BadInput, match=r"bad.pt: its weights do not fit .*classifier.weight"):
+        evaluation.main(["--checkpoint", str(bad)])
+
+
+def test_predictions_of_images_that_share_a_name_never_overwrite_each_other(tmp_path, tiny_run):
+    out = tiny_run
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for ext in ("bmp", "tif", "webp", "jpg"):
+        Image.new("RGB", (30, 20), (10, 200, 30)).save(folder / f"img.{ext}")
+    Image.new("RGB", (30, 20)).save(folder / "other.png")
+    written = evaluation.main(["--checkpoint", os.path.join(out, "checkpoint.pt"), "--image",
+                               str(folder), "--out", str(tmp_path / "pred")])
+    assert len(written) == len(set(written)) == 10
+    assert sorted(os.listdir(tmp_path / "pred"))[:2] == ["img_bmp.png", "img_bmp_panel.png"]
+    assert all(os.path.exists(p) for p in written)
+
+
+def test_nothing_to_measure_is_refused_and_absent_classes_are_null(tmp_path):
+    model = torch.nn.Conv2d(3, 5, 1)
+    ds = data.SyntheticContext(2, 24, seed=0)
+    ds.load = lambda i: (np.zeros((24, 24, 3), np.uint8), np.full((24, 24), 255, np.uint8))
+    with pytest.raises(infra.BadInput, match="nothing to measure: the 2 images have no labelled"):
+        evaluation.evaluate(model, ds, log=lambda *a: None)
+    infra.write_json(str(tmp_path / "r.json"), {"iou": [0.5, float("nan")], "miou": 0.5})
+    text = (tmp_path / "r.json").read_text()
+    assert "NaN" not in text and json.loads(text)["iou"] == [0.5, None]
+
+
+def _eval_main_worker(rank, world, init_file, ck, out_dir, port):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    seen = []
+    real = evaluation.predict
+    evaluation.predict = lambda model, image, *a: seen.append(1) or real(model, image, *a)
+    evaluation.main(["--checkpoint", ck, "--json", os.path.join(out_dir, "res.json"),
+                     "--workers", "0", "--device", "cpu"])
+    with open(os.path.join(out_dir, f"seen{rank}"), "w") as f:
+        f.write(str(len(seen)))
+    # done and written: skip the interpreter's teardown, where gloo's threads now and then end
+    # in "terminate called without an active exception" (SIGABRT) after the work is over
+    os._exit(0)
+
+
+def test_eval_under_torchrun_splits_the_images_over_the_ranks(tmp_path):
+    out = str(tmp_path / "run")
+    train.main(TINY + ["--iters", "1", "--out-dir", out, "--no-eval", "--val-images", "5"])
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    _spawn(_eval_main_worker, 2, os.path.join(out, "checkpoint.pt"), str(tmp_path), port)
+    assert [open(tmp_path / f"seen{r}").read() for r in range(2)] == ["3", "2"]
+    single = evaluation.main(["--checkpoint", os.path.join(out, "checkpoint.pt"), "--json",
+                              str(tmp_path / "single.json"), "--workers", "0"])
+    assert json.load(open(tmp_path / "res.json"))["confusion"] == single["confusion"]
+
+
+def test_ctrl_c_during_eval_is_one_line_and_exit_130(tmp_path, tiny_run):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i in range(30):
+        Image.fromarray(data.render_synthetic(0, i, 40)[0]).save(folder / f"p{i:02}.png")
+    proc = subprocess.Popen([sys.executable, "-u", os.path.join(HERE, "eval.py"), "--checkpoint",
+                             os.path.join(tiny_run, "checkpoint.pt"), "--image", str(folder),
+                             "--out", str(tmp_path / "pred"), "--ms", "--flip"], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    code, err = interrupt_when(proc, lambda line: line.startswith("predict: "))
+    assert code == 130, err
+    assert err.splitlines() == ["interrupted: stopped at once; the files written so far are "
+                                "kept, each whole (a result file is written only at the end)"]
+    written = sorted(os.listdir(tmp_path / "pred"))
+    assert 0 < len(written) < 60 and not any(f.startswith(".tmp-") for f in written)
+    for f in written:
+        Image.open(tmp_path / "pred" / f).load()  # each whole
+
+
+# ---- pictures
+
+def test_prediction_panels_show_image_truth_and_prediction_in_the_palette(tmp_path):
+    """image | ground truth | prediction, 4 px apart under a 16 px strip of titles, then a
+    legend with the palette's colour of every class shown, and of no other class."""
+    palette = np.zeros((256, 3), np.uint8)
+    palette[:6] = [(0, 0, 0), (230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48),
+                   (145, 30, 180)]
+    label = torch.zeros(20, 30, dtype=torch.long)
+    label[:10], label[10:, 15:] = 1, 2
+    pred = label.clone()
+    pred[:, :5] = 3
+    image = torch.randn(3, 20, 30)
+    path = evaluation.prediction_panels(str(tmp_path / "p.png"), [(image, pred, label)],
+                                        ("background", "one", "two", "three", "four", "five"),
+                                        palette)
+    pic = np.asarray(Image.open(path).convert("RGB"))
+    assert pic.shape[1] == 3 * 30 + 2 * 4
+    raw = (image.permute(1, 2, 0).numpy() * data.STD + data.MEAN).clip(0, 1) * 255
+    assert np.array_equal(pic[16:36, :30], raw.round().astype(np.uint8))
+    assert np.array_equal(pic[16:36, 34:64], palette[label.numpy()])
+    assert np.array_equal(pic[16:36, 68:98], palette[pred.numpy()])
+    legend = {tuple(c) for c in pic[40:].reshape(-1, 3)}
+    assert {tuple(palette[c]) for c in (0, 1, 2, 3)} <= legend
+    assert not {tuple(palette[c]) for c in (4, 5)} & legend
+
+
+def test_training_curves_have_absolute_axes_and_are_named_only_when_drawn(tmp_path, capsys):
+    log = tmp_path / "log.jsonl"
+    log.write_text('{"iter": 1, "loss": 2.0, "lr": 0.1}\n')
+    assert evaluation.log_figure(str(log), str(tmp_path / "c.png")) is None  # one point
+    log.write_text('{"iter": 1, "loss": 2.0, "lr": 0.1}\n{"iter": 9, "loss": 0.5, "lr": 0.05}\n')
+    pic = np.asarray(Image.open(evaluation.log_figure(str(log), str(tmp_path / "c.png"))))
+    blue = np.argwhere((pic == (31, 119, 180)).all(-1))
+    # the loss falls from 2.0 to 0.5 on an axis from 0 to 2.1: the curve ends near a quarter of
+    # the plot's height above its bottom, not at the bottom (a min-to-max scale would put it there)
+    bottom, top = 320 - 34, 28
+    end = blue[blue[:, 1].argmax()]
+    assert abs((bottom - end[0]) / (bottom - top) - 0.5 / 2.1) < 0.05
+    out = str(tmp_path / "run")
+    train.main(TINY + ["--iters", "1", "--out-dir", out, "--log-every", "5"])
+    assert "curves.png" not in capsys.readouterr().out  # a 1-line log draws no curves
+
+
+# =============================================================================================
+# experiments.py: research beside the paper (table, figures, bench, ablation, context, erf;
+# one part: none of it is the paper)
+# =============================================================================================
+
+# ---- Table 1 in numbers, Fig. 3, the data figures, the benchmarks
+
+def test_the_printed_table_reproduces_the_papers_utilization_ratios(capsys, monkeypatch):
+    """`python experiments.py table` on the 65 x 65 map of 3.2: every row's pools and rates are
+    its module's; where the paper gives a utilization ratio (3.2: ASPP 0.0059; 4.1: Module A
+    0.148 and 0.479; 3.4: Vortex 1), the analytic column, counted from the real module's
+    footprint, rounds to it; the measured column (autograd at the centre pixel) never exceeds
+    it: ASPP's rate-36 taps fall off the map (17 of 65 x 65 read), Vortex reads every one."""
+    monkeypatch.setattr(experiments, "best_times", lambda fns, reps, warmup=1: dict.fromkeys(
+        fns, 1.0))  # the timing is not under test here
+    experiments.print_table(size=65, channels=16, reps=1)
+    rows = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines()[2:-1]}
+    assert list(rows) == list(experiments.TABLE_ROWS)
+    for name, cols in rows.items():
+        m = vortex.table1_module(name, 16)
+        assert cols[1:3] == [",".join(map(str, m.pools)), ",".join(map(str, m.dilations))]
+        paper, analytic, measured = " ".join(cols[3:-5]), float(cols[-5]), float(cols[-4])
+        assert paper == (vortex.TABLE1[name].ratio or "-"), name
+        if paper != "-":
+            value = paper.split()[0]
+            decimals = len(value.split(".")[1]) if "." in value else 0
+            assert round(analytic, decimals) == float(value), (name, analytic, paper)
+        assert measured <= analytic
+    assert rows["ASPP"][-4] == f"{17 / 65 ** 2:.4f}" and rows["Vortex"][-4] == "1.0000"
+
+
 def test_fig3_footprint_picture(tmp_path):
     path = experiments.footprints_figure(str(tmp_path / "fig3.png"), size=65, cell=1)
     pic = np.asarray(Image.open(path))
@@ -1700,16 +3118,65 @@ def test_fig3_footprint_picture(tmp_path):
     vx = pic[1:66, 2 * 75 + 1:2 * 75 + 66]
     assert tuple(vx[32, 33]) == experiments.BRANCH_COLOURS[1]  # next to the centre: the 3x3 pool
     assert tuple(vx[0, 0]) == experiments.BRANCH_COLOURS[3]  # the corner: the 27x27 pool
-    # on a 41x41 map Vortex's rate-27 taps fall off the map from the centre: r drops to 0.43
-    assert measured_utilization(small(ContextModule.vortex), 41, 41) < 0.5
 
+
+def test_figure_and_bench_commands(tmp_path, capsys):
+    """`figure synthetic`: each of 6 samples, 4 px apart, is its image above its label in the
+    palette's colours, over a legend whose swatches are the palette's colours of the classes
+    named. No figure command replaces a file without --force. The loader benchmark runs."""
+    out = tmp_path / "s.png"
+    experiments.main(["figure", "synthetic", "--out", str(out)])
+    pic = np.asarray(Image.open(out).convert("RGB"))
+    ds = data.SyntheticContext(6, 128, seed=0)
+    assert pic.shape[1] == 6 * 128 + 5 * 4
+    for i in range(6):
+        image, label = ds.load(i)
+        panel = pic[:256, i * 132:i * 132 + 128]
+        assert np.array_equal(panel[:128], image) and np.array_equal(panel[128:],
+                                                                      ds.palette[label])
+    x = 4  # one line of swatches (10 px squares, 4 px under the samples), each then its name
+    for c, name in enumerate(ds.classes):
+        assert tuple(pic[256 + 4 + 5, x + 5]) == tuple(ds.palette[c]), name
+        x += 28 + 6 * len(name)
+    with pytest.raises(infra.ExistingOutput, match="s.png exists; pass --force"):
+        experiments.main(["figure", "synthetic", "--out", str(out)])  # never without --force
+    keep = tmp_path / "fig.png"
+    keep.write_bytes(b"keep")
+    with pytest.raises(infra.ExistingOutput, match="fig.png exists; pass --force"):
+        experiments.main(["figure", "footprints", "--out", str(keep)])
+    assert keep.read_bytes() == b"keep"
+    assert experiments.bench_loader(None, n=5, crop=65) > 0
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_bench_reports_out_of_memory_and_recovers():
+    """A configuration that does not fit is reported (None), and the next one still runs."""
+    torch.manual_seed(0)
+    model = DeepLabV3(21, 50, "vortex").cuda()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
+    total = torch.cuda.get_device_properties(0).total_memory
+    torch.cuda.set_per_process_memory_fraction(3 * 2 ** 30 / total)  # 3 GiB for this test
+    try:
+        assert experiments._steps(model, opt, 16, 513, torch.float32, "NCHW", 1, 1) is None
+        ok = experiments._steps(model, opt, 2, 129, torch.bfloat16, "channels-last", 1, 1)
+        assert ok is not None and ok[0] > 0
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+
+
+# ---- the ablation (Table 1 in miniature)
 
 def test_ablation_table_runs_every_module(tmp_path, capsys):
     out = str(tmp_path / "abl")
     rows = experiments.main(["ablation", "--seeds", "1"] + TINY + ["--iters", "1", "--out-dir", out])
     assert list(rows) == ["none", "image-level", "ASPP", "ASPP+", "A(5)", "A(9)", "A(13)", "Vortex"]
     table = open(os.path.join(out, "table1.txt")).read()
-    assert "Table 1 in miniature" in table and "76.6" in table  # the paper's Vortex figure
+    assert "Table 1 in miniature" in table
+    printed = {line.split()[0]: line.split() for line in table.splitlines()[2:2 + len(rows)]}
+    for name, r in rows.items():  # each row's mean over its runs, beside the paper's figure
+        assert printed[name][1] == f"{100 * r[:, 0].mean():.2f}", (name, printed[name])
+        assert printed[name][-1] == str(vortex.TABLE1[name].miou or "-"), name
     assert os.path.isfile(os.path.join(out, "A(9)-seed0", "checkpoint.pt"))
     ck = torch.load(os.path.join(out, "A(9)-seed0", "checkpoint.pt"), weights_only=True)
     assert ck["config"]["context"] == "module_a" and ck["config"]["pool_k"] == 9
@@ -1736,7 +3203,77 @@ def test_ablation_table_runs_every_module(tmp_path, capsys):
         experiments.main(["erf", *cks, "--out", erf])
 
 
-# ------------------------------------------------------------ the context experiment (Table 1)
+def test_the_ablation_runs_under_torchrun(tmp_path):
+    """Every command written for torchrun runs under it: the experiments' ablation too (rank 0
+    holds its folder, every rank trains and evaluates its share)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_port", str(free_port()), os.path.join(HERE, "experiments.py"), "ablation",
+           "--seeds", "1"] + TINY + ["--iters", "1", "--device", "cpu", "--erf-images", "1",
+                                     "--out-dir", "abl"]
+    p = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "Table 1 in miniature" in p.stdout and (tmp_path / "abl" / "erf.png").exists()
+    assert not (tmp_path / "abl" / ".lock").exists()
+
+
+# ---- effective receptive field
+
+@settings(max_examples=15)
+@given(sizes=st.lists(st.tuples(st.integers(5, 14), st.integers(5, 14)), min_size=1, max_size=3),
+       seed=st.integers(0, 2 ** 16))
+def test_effective_receptive_field_is_the_normalised_input_gradient(sizes, seed):
+    # A single 3x3 convolution: the gradient of the centre logit of class c is |w_c| laid on
+    # the 3x3 window around the centre (summed over RGB), whatever the image; maps of images of
+    # different sizes land on one canvas with their centres aligned.
+    torch.manual_seed(seed)
+    conv = torch.nn.Conv2d(3, 2, 3, padding=1, bias=False)
+    conv.weight.data[1] = -conv.weight.data[0]  # the argmax class depends on the image
+    images = [(torch.randn(3, h, w), None) for h, w in sizes]
+    erf = experiments.effective_receptive_field(conv, images, len(images))
+    h, w = max(s[0] for s in sizes), max(s[1] for s in sizes)
+    assert erf.shape == (h, w)
+    window = conv.weight.data[0].abs().sum(0).double()  # |w_0| = |w_1|
+    expected = torch.zeros(h, w, dtype=torch.float64)
+    expected[h // 2 - 1:h // 2 + 2, w // 2 - 1:w // 2 + 2] = window / window.sum()
+    assert torch.allclose(erf, expected, atol=1e-6)
+    assert experiments.mass_radius(erf, 1.0) == pytest.approx(math.sqrt(2))  # window corners
+
+
+@given(h=st.integers(3, 40), w=st.integers(3, 40), dy=st.integers(-20, 20),
+       dx=st.integers(-20, 20), f=st.floats(0.05, 1.0))
+def test_mass_radius(h, w, dy, dx, f):
+    erf = torch.zeros(h, w, dtype=torch.float64)
+    y, x = min(max(h // 2 + dy, 0), h - 1), min(max(w // 2 + dx, 0), w - 1)
+    erf[y, x] = 1.0  # all mass in one pixel: the radius is its distance, for any fraction
+    dist = math.hypot(y - h // 2, x - w // 2)
+    assert experiments.mass_radius(erf, f) == pytest.approx(dist)
+    flat = torch.ones(h, w)
+    r = [experiments.mass_radius(flat, q) for q in (0.25, 0.5, 0.9, 1.0)]
+    assert r == sorted(r)
+    assert r[-1] == pytest.approx(math.hypot(h // 2, w // 2))  # the farthest corner
+    # a flat map: the fraction inside radius r is the fraction of pixels within r
+    d = torch.hypot(*(t - c for t, c in zip(torch.meshgrid(torch.arange(h).double(),
+                                                           torch.arange(w).double(),
+                                                           indexing="ij"), (h // 2, w // 2))))
+    assert (d <= r[1]).double().mean() >= 0.5 > (d < r[1]).double().mean()
+
+
+# ---- the context experiment (Table 1 on data where context decides)
+
+def test_ring_coverage_is_the_footprint_by_distance():
+    aspp, vx = ContextModule.aspp(4), ContextModule.vortex(4)
+    cov = experiments.ring_coverage(aspp, 40)
+    assert cov[0] == 1 and cov[12] == 8 / 96 and cov[24] == 8 / 192 and cov[36] == 8 / 288
+    assert cov[[d for d in range(1, 41) if d not in (12, 24, 36)]].sum() == 0
+    assert (experiments.ring_coverage(vx, 41)[:41] == 1).all() and experiments.ring_coverage(vx, 41)[41] == 0
+    assert (experiments.ring_coverage(ContextModule.none(4), 5)[1:] == 0).all()
+    for k in (5, 9, 13):  # each ring's share is what the footprint holds at that distance
+        grid = footprint((k,) * 4, (1, 3, 3, 3), (1, 12, 24, 36))
+        r = grid.shape[0] // 2
+        assert experiments.ring_coverage(ContextModule.module_a(4, k), r)[r] == (
+            grid[0].sum() + grid[-1].sum() + grid[1:-1, 0].sum() + grid[1:-1, -1].sum()) / (8 * r)
+
 
 def test_context_layouts_are_stratified_uniform_on_the_ring_and_fit_the_map():
     lay = experiments.context_layouts(3, 400)
@@ -2074,34 +3611,6 @@ def test_a_model_told_the_band_trains_on_that_bands_samples_only():
         assert len(r) == 3 * 10 and ((d[r - len(d)] >= lo) & (d[r - len(d)] <= hi)).all()
 
 
-def test_warmup_ramps_then_follows_poly_and_is_off_in_the_paper_presets():
-    base, n = 0.02, 1000
-    lrs = [train.poly_lr(base, i, n, 0.9, 0.1) for i in range(n)]
-    assert lrs[0] == base * 0.01 and all(a < b for a, b in zip(lrs[:99], lrs[1:100]))
-    assert all(math.isclose(lr, base * (1 - i / n) ** 0.9) for i, lr in enumerate(lrs)
-               if i >= 99)
-    assert train.poly_lr(base, 5, n, 0.9, 0.0) == train.poly_lr(base, 5, n, 0.9)
-    assert train.parse_args([])["warmup"] == 0.3  # the synthetic preset
-    assert train.parse_args(["--dataset", "voc_aug"])["warmup"] == 0.0  # the paper's schedule
-    with pytest.raises(infra.BadInput, match=r"--warmup 1.5: must be a number in \[0, 0.99\]"):
-        train.parse_args(["--warmup", "1.5"])
-
-
-def test_ring_coverage_is_the_footprint_by_distance():
-    aspp, vx = ContextModule.aspp(4), ContextModule.vortex(4)
-    cov = experiments.ring_coverage(aspp, 40)
-    assert cov[0] == 1 and cov[12] == 8 / 96 and cov[24] == 8 / 192 and cov[36] == 8 / 288
-    assert cov[[d for d in range(1, 41) if d not in (12, 24, 36)]].sum() == 0
-    assert (experiments.ring_coverage(vx, 41)[:41] == 1).all() and experiments.ring_coverage(vx, 41)[41] == 0
-    assert (experiments.ring_coverage(ContextModule.none(4), 5)[1:] == 0).all()
-    for k in (5, 9, 13):  # each ring's share is what the footprint holds at that distance
-        grid = footprint((k,) * 4, (1, 3, 3, 3), (1, 12, 24, 36))
-        r = grid.shape[0] // 2
-        assert experiments.ring_coverage(ContextModule.module_a(4, k), r)[r] == (
-            grid[0].sum() + grid[-1].sum() + grid[1:-1, 0].sum() + grid[1:-1, -1].sum()) / (8 * r)
-
-
-
 def test_context_experiment_smoke_run(tmp_path, capsys, monkeypatch):
     """The experiment's command end to end on a tiny budget (fewer samples per distance): every
     row with and without its image-level branch, records with the three probes per seed, the
@@ -2167,288 +3676,10 @@ def test_context_samples_picture(tmp_path):
     assert {tuple(experiments.CONTEXT_PALETTE[k]) for k in (1, 2)} <= colours
 
 
-# ------------------------------------------------------------------ effective receptive field
-
-@settings(max_examples=15)
-@given(sizes=st.lists(st.tuples(st.integers(5, 14), st.integers(5, 14)), min_size=1, max_size=3),
-       seed=st.integers(0, 2 ** 16))
-def test_effective_receptive_field_is_the_normalised_input_gradient(sizes, seed):
-    # A single 3x3 convolution: the gradient of the centre logit of class c is |w_c| laid on
-    # the 3x3 window around the centre (summed over RGB), whatever the image; maps of images of
-    # different sizes land on one canvas with their centres aligned.
-    torch.manual_seed(seed)
-    conv = torch.nn.Conv2d(3, 2, 3, padding=1, bias=False)
-    conv.weight.data[1] = -conv.weight.data[0]  # the argmax class depends on the image
-    images = [(torch.randn(3, h, w), None) for h, w in sizes]
-    erf = experiments.effective_receptive_field(conv, images, len(images))
-    h, w = max(s[0] for s in sizes), max(s[1] for s in sizes)
-    assert erf.shape == (h, w)
-    window = conv.weight.data[0].abs().sum(0).double()  # |w_0| = |w_1|
-    expected = torch.zeros(h, w, dtype=torch.float64)
-    expected[h // 2 - 1:h // 2 + 2, w // 2 - 1:w // 2 + 2] = window / window.sum()
-    assert torch.allclose(erf, expected, atol=1e-6)
-    assert experiments.mass_radius(erf, 1.0) == pytest.approx(math.sqrt(2))  # window corners
-
-
-@given(h=st.integers(3, 40), w=st.integers(3, 40), dy=st.integers(-20, 20),
-       dx=st.integers(-20, 20), f=st.floats(0.05, 1.0))
-def test_mass_radius(h, w, dy, dx, f):
-    erf = torch.zeros(h, w, dtype=torch.float64)
-    y, x = min(max(h // 2 + dy, 0), h - 1), min(max(w // 2 + dx, 0), w - 1)
-    erf[y, x] = 1.0  # all mass in one pixel: the radius is its distance, for any fraction
-    dist = math.hypot(y - h // 2, x - w // 2)
-    assert experiments.mass_radius(erf, f) == pytest.approx(dist)
-    flat = torch.ones(h, w)
-    r = [experiments.mass_radius(flat, q) for q in (0.25, 0.5, 0.9, 1.0)]
-    assert r == sorted(r)
-    assert r[-1] == pytest.approx(math.hypot(h // 2, w // 2))  # the farthest corner
-    # a flat map: the fraction inside radius r is the fraction of pixels within r
-    d = torch.hypot(*(t - c for t, c in zip(torch.meshgrid(torch.arange(h).double(),
-                                                           torch.arange(w).double(),
-                                                           indexing="ij"), (h // 2, w // 2))))
-    assert (d <= r[1]).double().mean() >= 0.5 > (d < r[1]).double().mean()
-
-
-# ============================================================================= GPU
-# `python -m pytest -m gpu` on a machine with CUDA; skipped with a reason elsewhere (CI has none).
-
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(),
-                                reason="needs a CUDA GPU (run `python -m pytest -m gpu` on one)")
-
-
-@contextlib.contextmanager
-def exact_cuda_math():
-    """fp32 convolutions and matrix products without TF32, deterministic cuDNN, for comparisons."""
-    old = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32,
-           torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic)
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = False, True
-    try:
-        yield
-    finally:
-        (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32,
-         torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic) = old
-
-
-@pytest.mark.gpu
-@needs_cuda
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2),
-                                       (torch.float16, 2e-3)])
-def test_cuda_box_averages_equal_avgpool_forward_and_backward(dtype, tol):
-    torch.manual_seed(0)
-    x = torch.randn(2, 48, 65, 71, device="cuda").to(dtype).requires_grad_(True)
-    ref_x = x.detach().float().requires_grad_(True)
-    ks = (3, 9, 27)
-    ours = box_averages(x, ks)
-    weights = [torch.randn(2, 48, 65, 71, device="cuda") for _ in ks]
-    loss = sum((ours[k].float() * w).sum() for k, w in zip(ks, weights))
-    (g,) = torch.autograd.grad(loss, x)
-    ref = [F.avg_pool2d(ref_x, k, 1, k // 2, count_include_pad=False) for k in ks]
-    (g_ref,) = torch.autograd.grad(sum((r * w).sum() for r, w in zip(ref, weights)), ref_x)
-    for k, r in zip(ks, ref):
-        assert ours[k].dtype == dtype
-        torch.testing.assert_close(ours[k].float(), r, rtol=tol, atol=tol)
-    torch.testing.assert_close(g.float(), g_ref, rtol=tol, atol=tol * 10)
-
-
-@pytest.mark.gpu
-@needs_cuda
-@pytest.mark.parametrize("context", ["vortex", "aspp"])
-def test_cuda_model_equals_cpu_and_channels_last_equals_contiguous(context):
-    torch.manual_seed(0)
-    model = DeepLabV3(21, depth=50, context=context, base_channels=16, context_channels=32).eval()
-    randomize_bn_stats(model)
-    x = torch.randn(2, 3, 97, 113)
-    with torch.no_grad(), exact_cuda_math():
-        cpu = model(x)
-        gpu = model.cuda()(x.cuda())
-        model.to(memory_format=torch.channels_last)
-        cl = model(x.cuda().contiguous(memory_format=torch.channels_last))
-    torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(cl, gpu, rtol=1e-4, atol=1e-4)
-
-
-@pytest.mark.gpu
-@needs_cuda
-@pytest.mark.parametrize("amp", ["bf16", "fp16"])
-def test_cuda_amp_training_steps_stay_finite_and_learn_a_repeated_batch(amp):
-    torch.manual_seed(0)
-    model = DeepLabV3(5, depth=18, base_channels=8, context_channels=16).cuda()
-    opt = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9)
-    scaler = torch.amp.GradScaler("cuda") if amp == "fp16" else None
-    ds = data.SyntheticContext(4, 64)
-    x = torch.stack([ds[i][0] for i in range(4)]).cuda()
-    t = torch.stack([ds[i][1] for i in range(4)]).cuda()
-    losses = []
-    for _ in range(40):
-        with torch.autocast("cuda", dtype=torch.bfloat16 if amp == "bf16" else torch.float16):
-            loss = train.loss_fn(model(x), t) / t.numel()  # the per-pixel mean
-        (scaler.scale(loss) if scaler else loss).backward()
-        if scaler:
-            scaler.step(opt)
-            scaler.update()
-        else:
-            opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-    assert all(math.isfinite(v) for v in losses)
-    assert losses[-1] < 0.6 * losses[0], losses
-
-
-@pytest.mark.gpu
-@needs_cuda
-@pytest.mark.parametrize("amp", [None, "bf16"])
-@pytest.mark.parametrize("deterministic", [True, False])
-def test_cuda_resume_continues_the_run(tmp_path, amp, deterministic):
-    """Stopped at 3 and resumed on CUDA. With --deterministic the resumed run equals a straight
-    one as closely as two straight runs equal each other (the resume loses nothing); without
-    it, cuDNN's autotuned kernels differ between processes and allocations, and the difference
-    is printed (README reports it)."""
-    args = TINY + ["--device", "cuda", "--iters", "6", "--no-eval"] + \
-        (["--amp", amp] if amp else []) + (["--deterministic"] if deterministic else [])
-    a, a2, b = (str(tmp_path / n) for n in ("a", "a2", "b"))
-    train.main(args + ["--out-dir", a])
-    train.main(args + ["--out-dir", a2])
-    assert train.main(args + ["--out-dir", b, "--stop-after", "3"])["stopped_at"] == 3
-    train.main(args + ["--out-dir", b, "--resume"])
-    ck = {d: torch.load(os.path.join(d, "checkpoint.pt"), weights_only=True)["model"]
-          for d in (a, a2, b)}
-
-    def largest(x, y):
-        return max((ck[x][k].double() - ck[y][k].double()).abs().max().item()
-                   for k in ck[x] if ck[x][k].is_floating_point())
-    spread, resumed = largest(a, a2), largest(a, b)
-    print(f"CUDA, amp {amp}, deterministic {deterministic}: two straight runs differ by "
-          f"{spread:.2e}, resumed vs straight {resumed:.2e}")
-    torch.backends.cudnn.deterministic = False
-    torch.use_deterministic_algorithms(False)
-    if deterministic:
-        assert resumed <= spread
-    else:
-        assert resumed < 1e-2
-
-
-@pytest.mark.gpu
-@needs_cuda
-def test_cuda_bench_reports_out_of_memory_and_recovers():
-    """A configuration that does not fit is reported (None), and the next one still runs."""
-    torch.manual_seed(0)
-    model = DeepLabV3(21, 50, "vortex").cuda()
-    opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
-    total = torch.cuda.get_device_properties(0).total_memory
-    torch.cuda.set_per_process_memory_fraction(3 * 2 ** 30 / total)  # 3 GiB for this test
-    try:
-        assert experiments._steps(model, opt, 16, 513, torch.float32, "NCHW", 1, 1) is None
-        ok = experiments._steps(model, opt, 2, 129, torch.bfloat16, "channels-last", 1, 1)
-        assert ok is not None and ok[0] > 0
-    finally:
-        torch.cuda.set_per_process_memory_fraction(1.0)
-
-
-def _torch_vs_ours_worker(rank, world, init_file, out_dir):
-    dist.init_process_group("nccl", init_method=f"file://{init_file}", rank=rank,
-                            world_size=world)
-    torch.cuda.set_device(rank)
-    torch.manual_seed(0)
-    x = (torch.randn(8, 6, 9, 9) * 3 + 1)[rank * 4:(rank + 1) * 4].cuda().requires_grad_(True)
-    outs = {}
-    for name, bn in (("torch", torch.nn.SyncBatchNorm(6)), ("ours", train.SyncBatchNorm2d(6))):
-        bn = bn.cuda()
-        y = bn(x)
-        (g,) = torch.autograd.grad((y * torch.arange(6, device="cuda")[:, None, None]).sum(), x)
-        outs[name] = (y.detach().cpu(), g.cpu(), bn.running_mean.cpu(), bn.running_var.cpu())
-    torch.save(outs, os.path.join(out_dir, f"{rank}.pt"))
-    dist.destroy_process_group()
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 or more CUDA GPUs")
-def test_ours_equals_torch_syncbatchnorm_on_two_gpus(tmp_path):
-    with tempfile_path() as init_file:
-        mp.spawn(_torch_vs_ours_worker, args=(2, init_file, str(tmp_path)), nprocs=2)
-    for rank in range(2):
-        outs = torch.load(tmp_path / f"{rank}.pt", weights_only=True)
-        for a, b in zip(outs["torch"], outs["ours"]):
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
-
-
-# ============================================================================= making the fixtures
-# Run once, in a scratch environment that has the references (they are never dependencies of
-# this project), from the project root:
-#   python -m venv /tmp/ref && /tmp/ref/bin/pip install torch==2.13.0 torchvision==0.28.0 \
-#       pycocotools==2.0.11 numpy Pillow pytest hypothesis
-#   /tmp/ref/bin/python test_vortex.py make-fixtures --coco ../shared/voc_samples/coco/annotations/instances_val2017.json
-# It writes fixtures/torchvision_outputs.npz and fixtures/pycocotools_polygons.json. Where
-# torchvision's compiled ops do not load against the installed torch build (here, 0.28.0 against
-# torch 2.13.0+cpu: "operator torchvision::nms does not exist"), wrap the import of
-# _autograd_registrations and _meta_registrations in torchvision/__init__.py of the scratch venv
-# in try/except RuntimeError: the models used here are pure Python and do not need those ops.
-
-def make_fixtures(coco_json):
-    from importlib.metadata import version
-    import torchvision
-    import pycocotools.mask as mask_api
-    from torchvision.models import resnet50, resnet101
-    from torchvision.models.segmentation import deeplabv3_resnet101
-    torch.set_num_threads(2)
-    outputs = {}
-    for depth, make in ((50, resnet50), (101, resnet101)):
-        for os_, replace in ((8, [False, True, True]), (16, [False, False, True])):
-            net = make(weights=None, replace_stride_with_dilation=replace).eval()
-            net.load_state_dict(seeded_weights(net.state_dict()))
-            body = torch.nn.Sequential(*list(net.children())[:-2])  # without avgpool and fc
-            with torch.no_grad():
-                outputs[f"resnet{depth}_os{os_}"] = body(seeded_input(*BACKBONE_INPUT))[:, ::16]
-    seg = deeplabv3_resnet101(weights=None, weights_backbone=None, num_classes=21,
-                              aux_loss=True).eval()
-    seg.load_state_dict(seeded_weights(seg.state_dict()))
-    with torch.no_grad():
-        outputs["deeplabv3_resnet101_aspp"] = seg.classifier[0](
-            seg.backbone(seeded_input(*ASPP_INPUT))["out"])[:, ::4]
-    os.makedirs(FIXTURES, exist_ok=True)
-    np.savez_compressed(os.path.join(FIXTURES, "torchvision_outputs.npz"),
-                        **{k: v.numpy().astype(np.float32) for k, v in outputs.items()})
-    objects = []
-    with open(coco_json) as f:
-        coco = json.load(f)
-    sizes = {im["id"]: (im["height"], im["width"]) for im in coco["images"]}
-    for a in coco["annotations"]:
-        if isinstance(a["segmentation"], list):
-            objects.append(dict(source="coco", id=a["id"], h=sizes[a["image_id"]][0],
-                                w=sizes[a["image_id"]][1], polygons=a["segmentation"]))
-    rng = np.random.default_rng(2026)
-    for i in range(400):  # random objects: 1-3 parts, 3-14 vertices, some outside the image
-        h, w = int(rng.integers(1, 70)), int(rng.integers(1, 70))
-        parts = []
-        for _ in range(int(rng.integers(1, 4))):
-            pts = rng.uniform(-10, max(h, w) + 10, (int(rng.integers(3, 15)), 2))
-            kind = rng.random()
-            if kind < 0.2:
-                pts = np.round(pts)  # integer vertices
-            elif kind < 0.35:
-                pts = np.round(pts * 2) / 2  # half-pixel vertices
-            if rng.random() < 0.1:
-                pts[1] = pts[0]  # a repeated vertex
-            parts.append([round(float(v), 3) for v in pts.ravel()])
-        objects.append(dict(source="random", id=i, h=h, w=w, polygons=parts))
-    for o in objects:
-        rle = mask_api.merge(mask_api.frPyObjects(o["polygons"], o["h"], o["w"]))
-        o["rle"] = rle["counts"].decode()
-    with open(os.path.join(FIXTURES, "pycocotools_polygons.json"), "w") as f:
-        json.dump({"made_with": f"pycocotools {version('pycocotools')}, torchvision "
-                                f"{torchvision.__version__}, torch {torch.__version__}",
-                   "objects": objects}, f, separators=(",", ":"))
-    print(f"wrote {FIXTURES}: {len(outputs)} torchvision outputs, {len(objects)} polygon objects")
-
-
-
-
-# ------------------------------------------------------------------------- the reading path
-
-import ast  # noqa: E402
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-
+# =============================================================================================
+# The docs and the reading path: README's paper -> code map, the order of every core file,
+# links, documented commands; and the command that made the golden fixtures
+# =============================================================================================
 
 def definitions(path):
     """{name: (first line, last line)} of a file's functions, classes (and their methods, as
@@ -2593,55 +3824,6 @@ def test_every_core_file_reads_paper_first_then_engineering():
                 f"train/eval <- experiments"
 
 
-def test_one_training_step_reads_no_number_back_from_the_device(tmp_path, monkeypatch):
-    """The loop synchronises host and device only at sync points: counting the calls that
-    wait for the device (.item(), float(), int(), bool(), .tolist(), .cpu(), .numpy() and
-    host -> device copies of Python numbers) made from train.py's own code, a run of 6
-    iterations makes exactly as many as a run of 2 when both sync only at their end."""
-    import sys as _sys
-    counts = {"n": 0}
-    names = ("item", "__float__", "__int__", "__bool__", "tolist", "cpu", "numpy", "__index__")
-    for name in names:
-        orig = getattr(torch.Tensor, name)
-
-        def counted(self, *a, _orig=orig, **k):
-            if _sys._getframe(1).f_code.co_filename.endswith("train.py"):
-                counts["n"] += 1
-            return _orig(self, *a, **k)
-        monkeypatch.setattr(torch.Tensor, name, counted)
-    orig_tensor = torch.tensor
-
-    def tensor(*a, **k):
-        if _sys._getframe(1).f_code.co_filename.endswith("train.py"):
-            counts["n"] += 1
-        return orig_tensor(*a, **k)
-    monkeypatch.setattr(torch, "tensor", tensor)
-    made = {}
-    for iters in (2, 6):
-        counts["n"] = 0
-        train.main(TINY + ["--iters", str(iters), "--log-every", str(iters), "--save-every",
-                           str(iters), "--no-eval", "--workers", "0",
-                           "--out-dir", str(tmp_path / f"r{iters}")])
-        made[iters] = counts["n"]
-    assert made[2] == made[6] > 0, made
-
-
-def test_table1_rows_are_defined_once_and_used_everywhere():
-    """One table of Table 1's rows: the modules it builds carry its names, and every list of
-    rows (vortex.py's table, the ablation, the context experiment) is taken from it."""
-    for row, spec in vortex.TABLE1.items():
-        assert vortex.table1_module(row, 8).name == row
-        assert DeepLabV3(3, 18, spec.context, pool_k=spec.k, base_channels=2,
-                         context_channels=4).context.name == row
-    assert set(experiments.TABLE_ROWS) <= set(vortex.TABLE1)
-    assert experiments.ABLATION_ROWS == tuple(vortex.TABLE1)
-    assert experiments.CONTEXT_ROWS == tuple(vortex.TABLE1)[:2] + tuple(
-        r + s for r in tuple(vortex.TABLE1)[2:] for s in ("", " w/o img"))
-    for path in ("vortex.py", "train.py", "eval.py", "data.py"):  # no second list of the rows
-        text = open(os.path.join(HERE, path)).read()
-        assert len(re.findall(r'"A\(9\)"', text)) <= (1 if path == "vortex.py" else 0), path
-
-
 def test_readme_and_docs_links_exist():
     for page in ["README.md"] + [os.path.join("docs", f) for f in os.listdir(
             os.path.join(HERE, "docs"))]:
@@ -2654,847 +3836,9 @@ def test_readme_and_docs_links_exist():
     assert len(open(os.path.join(HERE, "README.md")).read().split("\n")) <= 450
 
 
-# ------------------------------------------- trustworthy under concurrent, broken, hostile use
-
-def test_one_run_owns_its_folder_and_a_dead_holder_leaves_no_lock(tmp_path):
-    """A second train.py on a folder in use is refused naming the holder; the lock goes with its
-    process, even after kill -9."""
-    out = str(tmp_path / "run")
-    holder = infra.Claim("train.py", [("--out-dir", out, "folder")])
-    with pytest.raises(infra.BadInput, match=rf"run is in use by train.py \(pid {os.getpid()} "):
-        train.main(TINY + ["--iters", "1", "--out-dir", out, "--no-eval"])
-    assert not os.path.exists(os.path.join(out, "checkpoint.pt"))
-    holder.release()
-    code = f"import sys, time; sys.path.insert(0, {HERE!r}); import infra; " \
-           f"infra.Claim('a killed run', [('--out-dir', {out!r}, 'folder')]); print('locked', flush=True); time.sleep(60)"
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
-    assert proc.stdout.readline().strip() == "locked"
-    with pytest.raises(infra.BadInput, match=r"in use by a killed run \(pid"):
-        train.main(TINY + ["--iters", "1", "--out-dir", out, "--no-eval"])
-    proc.kill()
-    proc.wait()
-    train.main(TINY + ["--iters", "1", "--out-dir", out, "--no-eval"])  # the lock died with it
-    assert os.path.exists(os.path.join(out, "checkpoint.pt"))
-
-
-def test_concurrent_preparation_of_one_folder_is_refused(tmp_path):
-    ann, imgs = coco_file(tmp_path, [{"id": 7, "file_name": "a.jpg", "height": 40, "width": 40}],
-                          [{"id": 1, "image_id": 7, "category_id": 1, "segmentation": SQUARE}])
-    out = str(tmp_path / "out")
-    lock = infra.Claim("data.py prepare-coco", [("--out", out, "folder")])
-    with pytest.raises(infra.BadInput, match=r"out is in use by data.py prepare-coco \(pid"):
-        data.main(["prepare-coco", "--annotations", ann, "--images", imgs, "--out", out])
-    lock.release()
-    data.main(["prepare-coco", "--annotations", ann, "--images", imgs, "--out", out])
-    assert os.path.exists(os.path.join(out, "SegmentationClass", "a.png"))
-
-
-def test_prepare_coco_knows_its_annotations_by_content(tmp_path):
-    """The same file name with other contents is other settings: refused, or rebuilt."""
-    ann, imgs = coco_file(tmp_path, [{"id": 7, "file_name": "a.jpg", "height": 40, "width": 40}],
-                          [{"id": 1, "image_id": 7, "category_id": 1, "segmentation": SQUARE}])
-    out = str(tmp_path / "out")
-    data.prepare_coco(ann, imgs, out, log=lambda m: None)
-    coco = json.load(open(ann))
-    coco["annotations"][0]["category_id"] = 62  # the person became a chair, in place
-    open(ann, "w").write(json.dumps(coco))
-    with pytest.raises(infra.ExistingOutput, match="made with other settings"):
-        data.prepare_coco(ann, imgs, out, log=lambda m: None)
-    data.prepare_coco(ann, imgs, out, overwrite=True, log=lambda m: None)
-    assert 9 in data.read_mask(os.path.join(out, "SegmentationClass", "a.png"))
-
-
-def write_checkpoint_with(tmp_path, change):
-    """A tiny trained checkpoint, then `change(ck)` applied to a copy of it; the copy's path."""
-    out = str(tmp_path / "good")
-    train.main(TINY + ["--iters", "1", "--out-dir", out, "--no-eval"])
-    ck = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)
-    change(ck)
-    path = str(tmp_path / "changed.pt")
-    torch.save(ck, path)
-    return path
-
-
-def test_checkpoints_with_non_finite_weights_are_refused_everywhere(tmp_path):
-    path = write_checkpoint_with(tmp_path, lambda ck: ck["model"]["classifier.weight"].fill_(
-        float("nan")))
-    for read in (lambda: evaluation.main(["--checkpoint", path]),
-                 lambda: train.main(TINY + ["--iters", "2", "--out-dir", str(tmp_path / "i"),
-                                            "--init-from", path]),
-                 lambda: infra.load_pretrained(ResNet(18, base_channels=4), path)):
-        with pytest.raises(infra.BadInput, match=r"changed.pt: tensor model.classifier.weight "
-                                                r"holds NaN or infinite values in float32"):
-            read()
-
-
-def test_an_unreadable_checkpoint_says_it_cannot_be_read(tmp_path, monkeypatch):
-    path = write_checkpoint_with(tmp_path, lambda ck: None)
-
-    def denied(*a, **k):
-        raise PermissionError(13, "Permission denied")
-    monkeypatch.setattr(torch, "load", denied)
-    with pytest.raises(infra.BadInput, match=r"cannot read .*changed.pt: permission denied"):
-        infra.read_checkpoint(path)
-    monkeypatch.undo()
-    with pytest.raises(infra.BadInput, match=r"cannot read .*: it is a folder"):
-        infra.read_checkpoint(str(tmp_path))
-
-
-def test_a_batch_with_no_labelled_pixel_adds_no_loss():
-    """All pixels 255: the loss is 0 (not 0/0), every gradient 0: the step changes nothing."""
-    torch.manual_seed(0)
-    model = DeepLabV3(3, depth=18, base_channels=4, context_channels=8)
-    before = [p.detach().clone() for p in model.parameters()]
-    run = argparse.Namespace(device=torch.device("cpu"), world=1, net=model, ddp=None,
-                             amp_dtype=None, scaler=None, cfg={"channels_last": False},
-                             optimizer=torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9))
-    x, t = torch.randn(2, 3, 24, 24), torch.full((2, 24, 24), 255)
-    loss = train.train_step(run, [(x, t)])
-    assert loss.item() == 0.0
-    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
-
-
-@settings(max_examples=10)
-@given(counts=st.lists(st.integers(0, 60), min_size=1, max_size=4), seed=st.integers(0, 99))
-def test_accumulated_micro_steps_give_the_whole_batch_per_pixel_mean(counts, seed):
-    """However the labelled pixels fall over the micro-steps (some may have none), the summed
-    gradients equal those of one mean over all the batch's labelled pixels."""
-    torch.manual_seed(seed)
-    model = torch.nn.Conv2d(3, 4, 3, padding=1)
-    run = argparse.Namespace(device=torch.device("cpu"), world=1, net=model, ddp=None,
-                             amp_dtype=None, scaler=None, cfg={"channels_last": False},
-                             optimizer=torch.optim.SGD(model.parameters(), lr=1.0))
-    before = [p.detach().clone() for p in model.parameters()]
-    batch = []
-    for n in counts:
-        t = torch.full((1, 8, 8), 255)
-        t.view(-1)[torch.randperm(64)[:n]] = torch.randint(0, 4, (n,))
-        batch.append((torch.randn(1, 3, 8, 8), t))
-    total = train.train_step(run, batch)  # one SGD step with lr 1: the update is -gradient
-    grads = [b - p.detach() for b, p in zip(before, model.parameters())]
-    with torch.no_grad():
-        for b, p in zip(before, model.parameters()):
-            p.copy_(b)
-    x, t = torch.cat([b[0] for b in batch]), torch.cat([b[1] for b in batch])
-    ref = train.loss_fn(model(x), t) / max(1, int((t != 255).sum()))
-    ref.backward()
-    torch.testing.assert_close(total, ref.detach())
-    for g, p in zip(grads, model.parameters()):
-        torch.testing.assert_close(g, p.grad)
-
-
-def _train_worker(rank, world, init_file, out_dir, extra):
-    _init(rank, world, init_file)
-    try:
-        result = train.main(TINY + extra[rank] + ["--out-dir", out_dir])
-        torch.save({"miou": torch.tensor(result["miou"])}, os.path.join(out_dir, f"r{rank}.pt"))
-    except infra.BadInput as e:
-        open(os.path.join(out_dir, f"r{rank}.txt"), "w").write(str(e))
-
-
-def test_distributed_run_with_per_rank_statistics_evaluates_what_it_saved(tmp_path):
-    """2 ranks, --sync-bn off: the ranks' batch-norm statistics differ after the last step;
-    eval.json (written by the run) and eval.py on the saved checkpoint must agree exactly."""
-    out = str(tmp_path / "run")
-    os.makedirs(out)
-    flags = ["--iters", "3", "--sync-bn", "off", "--val-images", "5"]
-    _spawn(_train_worker, 2, out, [flags, flags])
-    reported = json.load(open(os.path.join(out, "eval.json")))
-    checked = evaluation.main(["--checkpoint", os.path.join(out, "checkpoint.pt"), "--json",
-                               str(tmp_path / "again.json"), "--workers", "0"])
-    assert reported["confusion"] == checked["confusion"]
-    assert "NaN" not in open(os.path.join(out, "eval.json")).read()  # strict JSON
-
-
-def test_ranks_started_with_different_settings_are_refused_on_every_rank(tmp_path):
-    out = str(tmp_path / "run")
-    os.makedirs(out)
-    _spawn(_train_worker, 2, out, [["--seed", "0"], ["--seed", "1"]])
-    for r in range(2):  # both refuse (none waits forever for the other)
-        assert "different settings (--seed)" in open(os.path.join(out, f"r{r}.txt")).read()
-    assert not os.path.exists(os.path.join(out, "checkpoint.pt"))
-
-
-def _eval_main_worker(rank, world, init_file, ck, out_dir, port):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    seen = []
-    real = evaluation.predict
-    evaluation.predict = lambda model, image, *a: seen.append(1) or real(model, image, *a)
-    evaluation.main(["--checkpoint", ck, "--json", os.path.join(out_dir, "res.json"),
-                     "--workers", "0", "--device", "cpu"])
-    with open(os.path.join(out_dir, f"seen{rank}"), "w") as f:
-        f.write(str(len(seen)))
-    # done and written: skip the interpreter's teardown, where gloo's threads now and then end
-    # in "terminate called without an active exception" (SIGABRT) after the work is over
-    os._exit(0)
-
-
-def test_eval_under_torchrun_splits_the_images_over_the_ranks(tmp_path):
-    out = str(tmp_path / "run")
-    train.main(TINY + ["--iters", "1", "--out-dir", out, "--no-eval", "--val-images", "5"])
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    _spawn(_eval_main_worker, 2, os.path.join(out, "checkpoint.pt"), str(tmp_path), port)
-    assert [open(tmp_path / f"seen{r}").read() for r in range(2)] == ["3", "2"]
-    single = evaluation.main(["--checkpoint", os.path.join(out, "checkpoint.pt"), "--json",
-                              str(tmp_path / "single.json"), "--workers", "0"])
-    assert json.load(open(tmp_path / "res.json"))["confusion"] == single["confusion"]
-
-
-def test_a_new_run_does_not_append_to_the_log_of_a_run_that_saved_nothing(tmp_path):
-    out = tmp_path / "run"
-    out.mkdir()
-    (out / "log.jsonl").write_text('{"iter": 1, "loss": 9.9, "lr": 0.1}\n' * 3)  # died early
-    with pytest.raises(infra.ExistingOutput, match="log.jsonl exists"):  # not without asking
-        train.main(TINY + ["--iters", "2", "--out-dir", str(out), "--no-eval"])
-    train.main(TINY + ["--iters", "2", "--out-dir", str(out), "--no-eval", "--resume", "auto"])
-    rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
-    assert [r["iter"] for r in rows] == [1, 2] and rows[0]["loss"] != 9.9
-
-
-def test_nothing_to_measure_is_refused_and_absent_classes_are_null(tmp_path):
-    model = torch.nn.Conv2d(3, 5, 1)
-    ds = data.SyntheticContext(2, 24, seed=0)
-    ds.load = lambda i: (np.zeros((24, 24, 3), np.uint8), np.full((24, 24), 255, np.uint8))
-    with pytest.raises(infra.BadInput, match="nothing to measure: the 2 images have no labelled"):
-        evaluation.evaluate(model, ds, log=lambda *a: None)
-    infra.write_json(str(tmp_path / "r.json"), {"iou": [0.5, float("nan")], "miou": 0.5})
-    text = (tmp_path / "r.json").read_text()
-    assert "NaN" not in text and json.loads(text)["iou"] == [0.5, None]
-
-
-@pytest.mark.parametrize("line", ["../../outside/pic", "/etc/passwd", "a/b", "..", "x\\y"])
-def test_split_list_ids_stay_inside_the_dataset(tmp_path, line):
-    root = tmp_path / "VOC2012"
-    (root / "ImageSets/Segmentation").mkdir(parents=True)
-    (root / "ImageSets/Segmentation/val.txt").write_text(f"good\n{line}\n")
-    with pytest.raises(infra.BadInput, match=r"val.txt, line 2: .* is not a plain id"):
-        data.VOCSegmentation(str(root), "val")
-    (root / "ImageSets/Segmentation/val.txt").write_text("a\nb\na\n")
-    with pytest.raises(infra.BadInput, match=r"val.txt, line 3: 'a' is listed again"):
-        data.VOCSegmentation(str(root), "val")
-
-
-def test_predictions_of_images_that_share_a_name_never_overwrite_each_other(tmp_path):
-    out = str(tmp_path / "run")
-    train.main(TINY + ["--iters", "1", "--out-dir", out, "--no-eval"])
-    folder = tmp_path / "photos"
-    folder.mkdir()
-    for ext in ("bmp", "tif", "webp", "jpg"):
-        Image.new("RGB", (30, 20), (10, 200, 30)).save(folder / f"img.{ext}")
-    Image.new("RGB", (30, 20)).save(folder / "other.png")
-    written = evaluation.main(["--checkpoint", os.path.join(out, "checkpoint.pt"), "--image",
-                               str(folder), "--out", str(tmp_path / "pred")])
-    assert len(written) == len(set(written)) == 10
-    assert sorted(os.listdir(tmp_path / "pred"))[:2] == ["img_bmp.png", "img_bmp_panel.png"]
-    assert all(os.path.exists(p) for p in written)
-
-
-def test_errors_in_loader_workers_are_one_line(capsys):
-    class Broken(torch.utils.data.Dataset):
-        def __len__(self):
-            return 2
-
-        def __getitem__(self, i):
-            raise infra.BadInput("cannot read image x.jpg: image file is truncated")
-    with pytest.raises(SystemExit) as e:
-        infra.cli(lambda: next(iter(torch.utils.data.DataLoader(Broken(), num_workers=1))))
-    assert e.value.code == 2
-    assert capsys.readouterr().err == "error: cannot read image x.jpg: image file is truncated\n"
-
-
-def test_huge_images_are_refused_before_decoding(tmp_path, monkeypatch):
-    Image.new("L", (8000, 6000)).save(tmp_path / "big.png")  # 48 megapixels in a small file
-    with pytest.raises(infra.BadInput, match=r"big.png is 8000x6000 = 48 megapixels; the limit is "
-                                            r"40 \(resize it first\)"):
-        data.read_image(str(tmp_path / "big.png"))
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # Pillow's own bomb guard
-    Image.new("L", (100, 100)).save(tmp_path / "bomb.png")
-    with pytest.raises(infra.BadInput, match=r"bomb.png is too large to decode safely"):
-        data.read_image(str(tmp_path / "bomb.png"))
-
-
-@pytest.mark.parametrize("mode", ["I;16", "1", "RGB"])
-def test_masks_in_other_modes_are_named_as_they_are(tmp_path, mode):
-    Image.new(mode, (8, 8)).save(tmp_path / "m.png")
-    why = "rendered to colours" if mode == "RGB" else "other modes are not read as class indices"
-    with pytest.raises(infra.BadInput, match=rf"m.png has mode '{re.escape(mode)}'.*{why}"):
-        data.read_mask(str(tmp_path / "m.png"))
-
-
-def test_outputs_are_checked_writable_before_any_work(tmp_path):
-    out = str(tmp_path / "run")
-    train.main(TINY + ["--iters", "1", "--out-dir", out, "--no-eval"])
-    (tmp_path / "file").write_text("x")
-    with pytest.raises(infra.BadInput, match=r"cannot write into .*file/sub"):
-        evaluation.main(["--checkpoint", os.path.join(out, "checkpoint.pt"), "--json",
-                         str(tmp_path / "file" / "sub" / "r.json")])
-
-
-def test_ctrl_c_is_answered_at_once_and_twice_stops_without_saving(tmp_path):
-    out = str(tmp_path / "run")
-    proc = subprocess.Popen([sys.executable, "-u", os.path.join(HERE, "train.py")] + TINY +
-                            ["--iters", "100000", "--log-every", "5000", "--save-every", "5000",
-                             "--out-dir", out, "--no-eval"], cwd=HERE, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    assert proc.stdout.readline().startswith("training synthetic")
-    time.sleep(1)
-    proc.send_signal(signal.SIGINT)
-    first = proc.stderr.readline()
-    assert re.fullmatch(r"SIGINT: a checkpoint will be saved at iteration 5000 \(the next sync "
-                        r"point\), then the run stops; SIGINT again stops at once without "
-                        r"saving\n", first), first
-    proc.send_signal(signal.SIGINT)
-    assert proc.wait(timeout=30) == 130
-    assert "SIGINT again: stopped at once, without saving; no checkpoint was saved" in \
-        proc.stderr.read()
-    assert not os.path.exists(os.path.join(out, "checkpoint.pt"))
-
-
-# ---- every input checked where it enters
-
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    """One tiny finished run (checkpoint, log), shared by the tests of this section: copy
-    what you change."""
-    out = str(tmp_path_factory.mktemp("issue28") / "run")
-    train.main(TINY + ["--iters", "2", "--out-dir", out, "--no-eval"])
-    return out
-
-
-def refused(fn, match):
-    """fn() must raise one line of BadInput matching `match`; returns the message."""
-    with pytest.raises(infra.BadInput, match=match) as e:
-        fn()
-    assert "\n" not in str(e.value), str(e.value)
-    return str(e.value)
-
-
-def test_an_output_never_replaces_or_writes_into_an_input_even_with_force(tmp_path, tiny_run):
-    ck = os.path.join(tiny_run, "checkpoint.pt")
-    before = open(ck, "rb").read()
-    refused(lambda: evaluation.main(["--checkpoint", ck, "--json", ck, "--force"]),
-            r"output .*checkpoint.pt is the input --checkpoint")
-    os.link(ck, tmp_path / "hard.json")  # another name of the same file
-    refused(lambda: evaluation.main(["--checkpoint", ck, "--json", str(tmp_path / "hard.json"),
-                                     "--force"]), r"hard.json is the input --checkpoint")
-    assert open(ck, "rb").read() == before
-    root = make_voc_tree(tmp_path / "voc")
-    masks = root / "SegmentationClass"
-    refused(lambda: evaluation.main(["--checkpoint", ck, "--dataset", "voc", "--data-root",
-                                     str(root), "--split", "train", "--save-dir", str(masks),
-                                     "--force"]), r"SegmentationClass lies inside the input "
-                                                  r"--data-root")
-    refused(lambda: evaluation.main(["--checkpoint", ck, "--dataset", "voc", "--data-root",
-                                     str(masks), "--split", "train", "--save-dir", str(root),
-                                     "--force"]), r"holds the input --data-root")
-    img = tmp_path / "s.png"
-    Image.fromarray(data.render_synthetic(0, 0, 40)[0]).save(img)
-    pic = img.read_bytes()
-    refused(lambda: evaluation.main(["--checkpoint", ck, "--image", str(img), "--out", str(img),
-                                     "--force"]), r"s.png is the input --image")
-    assert img.read_bytes() == pic and sorted(os.listdir(tmp_path)) == ["hard.json", "s.png",
-                                                                        "voc"]
-    shutil.copy(ck, tmp_path / "voc" / "ck.pt")  # an erf figure never lands on a checkpoint
-    refused(lambda: experiments.main(["erf", str(tmp_path / "voc" / "ck.pt"), "--out",
-                                      str(tmp_path / "voc" / "ck.pt"), "--force"]),
-            r"is the input CHECKPOINT")
-    refused(lambda: data.main(["prepare-sbd", "--sbd", str(root / "SegmentationClassAug" / "s"),
-                               "--voc", str(root)]), r"SegmentationClassAug holds the input --sbd")
-    assert not os.path.exists(root / "SegmentationClassAug")
-
-
-def test_a_new_run_never_replaces_an_earlier_runs_results(tmp_path, tiny_run):
-    out = tmp_path / "run"
-    out.mkdir()
-    for f in ("eval.json", "predictions.png", "log.jsonl"):
-        (out / f).write_text("earlier")
-    with pytest.raises(infra.ExistingOutput, match=r"log.jsonl exists \(and 2 more\); they are an "
-                                                  r"earlier run's results"):
-        train.main(TINY + ["--iters", "1", "--out-dir", str(out), "--no-eval"])
-    assert sorted(os.listdir(out)) == ["eval.json", "log.jsonl", "predictions.png"]
-    assert all((out / f).read_text() == "earlier" for f in os.listdir(out))
-    root = make_voc_tree(tmp_path / "voc", ids="abcd")  # --out-dir in the data, or holding it
-    for flags in (["--dataset", "voc", "--data-root", str(root), "--out-dir", str(root / "r")],
-                  ["--init-from", os.path.join(tiny_run, "checkpoint.pt"), "--out-dir",
-                   tiny_run, "--resume", "auto"]):
-        refused(lambda: train.main(TINY + ["--iters", "3", "--no-eval"] + flags),
-                r"output .* (is|holds|lies inside) the input --(data-root|init-from)")
-    assert not os.path.exists(root / "r") and not os.path.exists(os.path.join(tiny_run, ".lock"))
-
-
-@given(a=st.lists(st.sampled_from("xy"), min_size=1, max_size=3),
-       b=st.lists(st.sampled_from("xy"), min_size=1, max_size=3), alias=st.booleans())
-@settings(max_examples=40)
-def test_outputs_related_to_an_input_are_refused_exactly(tmp_path_factory, a, b, alias):
-    """Output and input paths in one tree (reached through a symbolic link or not): refused
-    exactly when one is the other or lies inside it, whatever --force says."""
-    top = tmp_path_factory.mktemp("tree")
-    os.symlink(top, top / "link")
-    out = os.path.join(top, "link" if alias else "", *a)
-    inp = os.path.join(top, *b)
-    related = a[:len(b)] == b or b[:len(a)] == a
-    try:
-        infra.refuse_inputs([out], [("--in", inp)])
-        assert not related
-    except infra.BadInput as e:
-        assert related and "--in" in str(e)
-
-
-@given(name=st.text(alphabet="ab./\\\0 ", min_size=0, max_size=6))
-def test_a_name_that_becomes_a_path_stays_inside_its_folder(name):
-    root = "/r/oot"
-    try:
-        assert infra.plain_name(name, "--split") == name
-    except infra.BadInput as e:
-        assert str(e).startswith("--split ") and "\n" not in str(e)
-        return
-    path = os.path.normpath(os.path.join(root, name + ".txt"))
-    assert os.path.dirname(path) == root and "\0" not in name
-
-
-def test_split_names_and_output_names_are_refused_before_anything_is_written(tmp_path, tiny_run):
-    ck = os.path.join(tiny_run, "checkpoint.pt")
-    root = make_voc_tree(tmp_path / "voc", ids="abcd")
-    (tmp_path / "outside_list.txt").write_text("a\nb\n")
-    escape = os.path.relpath(tmp_path / "outside_list", root / "ImageSets" / "Segmentation")
-    refused(lambda: evaluation.main(["--checkpoint", ck, "--dataset", "voc", "--data-root",
-                                     str(root), "--split", escape]),
-            r"--split \.\./.*outside_list: must be a plain file name")
-    for flag in ("--split", "--val-split"):
-        refused(lambda: train.main(TINY + ["--dataset", "voc", "--data-root", str(root), flag,
-                                           escape, "--out-dir", str(tmp_path / "r")]),
-                rf"{flag} \.\./.*: must be a plain file name")
-    ann, imgs = coco_file(tmp_path, [{"id": 7, "file_name": "a.jpg", "height": 40, "width": 40}],
-                          [{"id": 1, "image_id": 7, "category_id": 1, "segmentation": SQUARE}])
-    refused(lambda: data.main(["prepare-coco", "--annotations", ann, "--images", imgs, "--out",
-                               str(tmp_path / "c"), "--split", "../../../escaped"]),
-            r"--split '\.\./\.\./\.\./escaped' is not a plain")
-    for argv in (["prepare-coco", "--annotations", ann, "--images", imgs, "--out", imgs],
-                 ["prepare-coco", "--annotations", ann, "--images",
-                  str(tmp_path / "c2" / "JPEGImages"), "--out", str(tmp_path / "c2")]):
-        refused(lambda: data.main(argv), r"(is|lies inside) the input --images")
-    refused(lambda: data.main(["prepare-coco", "--annotations", ann, "--images", imgs, "--out",
-                               ""]), r"--out '': must be a file or folder name")
-    for argv in (["context", "--seeds", "1", "--out-dir", ""], ["figure", "synthetic", "--out", ""],
-                 ["erf", ck, "--out", ""], ["ablation", "--seeds", "1", "--out-dir", ""]):
-        refused(lambda: experiments.main(argv), r"--out(-dir)? '': must be a file or folder name")
-    for flag in ("--json", "--save-dir"):
-        refused(lambda: evaluation.main(["--checkpoint", ck, flag, " "]), rf"{flag} ' ': must be a file or folder name")
-    assert sorted(os.listdir(tmp_path)) == ["imgs", "instances_x.json", "outside_list.txt",
-                                            "voc"]
-
-
-def changed_checkpoint(tiny_run, path, change):
-    """tiny_run's checkpoint with change(ck) applied, saved to `path`."""
-    ck = torch.load(os.path.join(tiny_run, "checkpoint.pt"), weights_only=True)
-    change(ck)
-    torch.save(ck, path)
-    return str(path)
-
-
-def setter(field, value):
-    """A change that sets (or, with value 'delete', removes) field 'a' or 'a.b' of a checkpoint."""
-    def change(ck):
-        *parents, last = field.split(".", 1)
-        obj = ck
-        for p in parents:
-            obj = obj[p]
-        if value == "delete":
-            del obj[last]
-        else:
-            obj[last] = value
-    return change
-
-
-BAD_CHECKPOINTS = [  # (field, value, what the one line must name)
-    ("config.context", "foo", "config.context is 'foo'; allowed: one of vortex, aspp"),
-    ("config.output_stride", 12, "config.output_stride is 12; allowed: one of 8, 16, 32"),
-    ("config.depth", 19, "config.depth is 19"),
-    ("model.classifier.bias", "delete", "its weights do not fit the model its config describes "
-                                        "(model.classifier.bias: missing)"),
-    ("model.classifier.weight", torch.zeros(5, 3, 1, 1), "model.classifier.weight: shape (5, 3, "
-                                                         "1, 1), the model's (5, 8, 1, 1)"),
-    ("config.extra", 1, "config.extra is unknown"),
-    ("config.base_channels", "delete", "config.base_channels is missing"),
-    ("config.dropout", 1.5, "config.dropout is 1.5; allowed: a number in [0, 0.99]"),
-    ("config", [1, 2], "config is [1, 2]; allowed: a dict"),
-    ("config.pool_k", 4, "config.pool_k is 4; allowed: an odd whole number"),
-    ("data_args.crop", 5, "data_args is"), ("data_args.num_images", -3, "data_args is"),
-    ("data_args.num_images", 7, "data_args is {'num_images': 7"),
-    ("train_args", None, "train_args is None"), ("iteration", "5", "iteration is '5'"),
-    ("iteration", "delete", "iteration is missing"), ("model", torch.zeros(3), "model is"),
-    ("config.context", "aspp", "train_args.context is 'vortex' but config.context is 'aspp'"),
-    ("train_args.context", "aspp", "train_args.context is 'aspp' but config.context"),
-    ("train_args.val_split", "../../x", "train_args.val_split is '../../x'"),
-    ("classes", ["a"], "len(classes) is 1 but config.num_classes is 5"),
-    ("palette", [[0, 0, 0]], "palette is"), ("dataset", "imagenet", "dataset is 'imagenet'"),
-]
-
-
-@pytest.mark.parametrize("field,value,message", BAD_CHECKPOINTS)
-def test_a_checkpoint_is_checked_as_a_whole_before_anything_is_built(tmp_path, tiny_run, field,
-                                                                      value, message):
-    path = changed_checkpoint(tiny_run, tmp_path / "ck.pt", setter(field, value))
-    for use in (lambda: evaluation.main(["--checkpoint", path, "--workers", "0"]),
-                lambda: train.main(TINY + ["--iters", "1", "--out-dir", str(tmp_path / "i"),
-                                           "--init-from", path, "--no-eval"]),
-                lambda: experiments.main(["erf", path, "--out", str(tmp_path / "e.png")])):
-        assert path + ": " in refused(use, re.escape(message))
-    assert sorted(os.listdir(tmp_path)) == ["ck.pt"]  # nothing evaluated, trained or drawn
-
-
-@pytest.mark.parametrize("field,value,message", [
-    ("optimizer", "delete", "optimizer is missing"), ("rng_cpu", torch.zeros(3, dtype=torch.uint8),
-                                                     "rng_cpu is"),
-    ("epoch", -1, "epoch is -1"), ("scaler", None, "scaler is None"),
-    ("optimizer.param_groups", [], "optimizer does not fit this model's optimizer"),
-])
-def test_a_resumed_checkpoint_needs_its_whole_training_state(tmp_path, tiny_run, field, value,
-                                                             message):
-    out = tmp_path / "run"
-    out.mkdir()
-    path = changed_checkpoint(tiny_run, out / "checkpoint.pt", setter(field, value))
-    refused(lambda: train.main(TINY + ["--iters", "3", "--out-dir", str(out), "--resume"]),
-            re.escape(message))
-    assert sorted(os.listdir(out)) == ["checkpoint.pt"] and os.path.getsize(path) > 0
-
-
-FIELDS = ([f"config.{k}" for k in infra.CONFIG] + list(infra.CHECKPOINT_FIELDS) +
-          list(infra.RESUME_FIELDS) + [f"train_args.{k}" for k in
-                                            ("val_split", "data_root", "seed", "context")])
-VALUES = st.one_of(st.none(), st.booleans(), st.integers(-2 ** 70, 2 ** 70), st.floats(),
-                   st.text(max_size=4), st.lists(st.integers(-3, 300), max_size=3),
-                   st.dictionaries(st.sampled_from(["state", "num_images", "x"]),
-                                   st.integers(-1, 3), max_size=2),
-                   st.just(torch.zeros(2, 2)), st.just("delete"))
-
-
-@given(field=st.sampled_from(FIELDS), value=VALUES)
-@settings(max_examples=150)
-def test_any_corrupted_field_is_one_line_naming_it_or_harmless(tiny_run, field, value):
-    """Random corruptions of a valid checkpoint's fields: a one-line BadInput that names the
-    field (or the weights), never another exception; accepted only when the value is allowed."""
-    from unittest import mock
-    ck = torch.load(os.path.join(tiny_run, "checkpoint.pt"), weights_only=True)
-    parent, last = (ck[field.split(".")[0]], field.split(".")[1]) if "." in field else (ck, field)
-    before = json.dumps(parent.get(last, "absent"), default=repr)
-    setter(field, value)(ck)
-    with mock.patch.object(infra, "read_weights", lambda p: ck):
-        try:
-            infra.read_checkpoint("ck.pt", resume=True)
-        except infra.BadInput as e:
-            text = str(e)
-            assert "\n" not in text and text.startswith("ck.pt") and (
-                field.split(".")[-1] in text or "weights do not fit" in text), text
-            return
-    harmless = {"config.dropout", "train_args.val_split", "train_args.data_root",
-                "train_args.seed", "scaler", "rng_cuda", "iteration", "epoch", "batch_in_epoch",
-                "train_args"}  # other allowed values exist for these
-    assert (field in harmless and value != "delete") or json.dumps(value, default=repr) == \
-        before, (field, value)
-
-
-def test_a_mixed_up_checkpoint_is_refused_on_the_command_line(tmp_path, tiny_run):
-    path = changed_checkpoint(tiny_run, tmp_path / "ck.pt", setter("config.context", "aspp"))
-    proc = subprocess.run([sys.executable, os.path.join(HERE, "eval.py"), "--checkpoint", path],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2 and proc.stdout == ""
-    assert proc.stderr.splitlines() == [f"error: {path}: train_args.context is 'vortex' but "
-                                        f"config.context is 'aspp': they must agree (an edited "
-                                        f"or mixed-up checkpoint); refused"]
-    assert sorted(os.listdir(tmp_path)) == ["ck.pt"]
-
-
-def test_resuming_continues_the_same_experiment_or_refuses(tmp_path, tiny_run, monkeypatch,
-                                                           capsys):
-    root, other = (make_voc_tree(tmp_path / d, ids="abcd") for d in ("voc", "other"))
-    out = str(tmp_path / "run")
-    voc = TINY + ["--dataset", "voc", "--split", "train", "--val-split", "train", "--batch-size",
-                  "2", "--out-dir", out, "--no-eval"]
-    train.main(voc + ["--data-root", str(root), "--iters", "1"])
-    refused(lambda: train.main(voc + ["--data-root", str(other), "--iters", "3", "--resume"]),
-            r"another experiment; these differ: --data-root .*other/\w+ \(checkpoint: .*voc/\w+\)")
-    with open(root / "ImageSets" / "Segmentation" / "train.txt", "a") as f:
-        f.write("a2\n")  # the same folder, another list: other data
-    for p in ("JPEGImages/a2.jpg", "SegmentationClass/a2.png"):
-        shutil.copy(root / p.replace("a2", "a"), root / p)
-    refused(lambda: train.main(voc + ["--data-root", str(root), "--iters", "3", "--resume"]),
-            r"these differ: --split-sha256 \w+ \(checkpoint: \w+\)")
-    run = str(tmp_path / "copy")
-    shutil.copytree(tiny_run, run)
-    if os.path.exists(os.path.join(run, ".lock")):
-        os.remove(os.path.join(run, ".lock"))
-    before = {f: open(os.path.join(run, f), "rb").read() for f in os.listdir(run)}
-    refused(lambda: train.main(TINY + ["--iters", "1", "--out-dir", run, "--resume"]),
-            r"checkpoint.pt is at iteration 2, past --iters 1; give --iters 2 or more")
-    capsys.readouterr()
-    train.main(TINY + ["--iters", "2", "--out-dir", run, "--resume", "--no-eval"])
-    assert "is at iteration 2 (--iters): nothing left to train; nothing is done" in \
-        capsys.readouterr().out
-    monkeypatch.setitem(train.COMMON, "label_smoothing", 0.1)  # an option added since
-    refused(lambda: train.main(TINY + ["--iters", "3", "--out-dir", run, "--resume"]),
-            r"these differ: --label-smoothing 0.1 \(checkpoint: unrecorded\)")
-    assert {f: open(os.path.join(run, f), "rb").read() for f in os.listdir(run)
-            if f != ".lock"} == before
-
-
-@given(key=st.sampled_from(sorted(train.parse_args(["--out-dir", "x"]))),
-       value=st.one_of(st.integers(), st.text(max_size=3), st.none(), st.booleans()))
-def test_every_setting_is_part_of_a_runs_identity_unless_listed_as_safe(key, value):
-    saved = train.parse_args(["--out-dir", "x"])
-    now = dict(saved, **{key: value})
-    differs = json.dumps(now[key], default=repr) != json.dumps(saved[key], default=repr)
-    wrong = infra.resume_differences(saved, now)
-    assert bool(wrong) == (differs and not (key in infra.SETTINGS and infra.SETTINGS[key].free)), (key, wrong)
-    assert not wrong or wrong[0].startswith(f"--{key.replace('_', '-')} ")
-
-
-LOG = "".join(json.dumps({"iter": i, "loss": 1.0 / i, "lr": 0.1, "img_per_s": 3.0,
-                          "time": 0.0}) + "\n" for i in (1, 2, 3))
-
-
-@given(cut=st.integers(0, 200), junk=st.text(alphabet='{}":,0123456789 aeilnrst\x00', max_size=8))
-def test_a_torn_last_line_of_the_log_is_dropped_and_nothing_else(tmp_path_factory, cut, junk):
-    """A crash while a line is written leaves a prefix of it (or junk) without its newline: it
-    is dropped with a warning; a resumed run's log keeps the whole lines up to its checkpoint."""
-    path = tmp_path_factory.mktemp("log") / "log.jsonl"
-    torn = (LOG.splitlines()[0][:cut] + junk).replace("\n", "")
-    path.write_text(LOG + torn)
-    assert [r["iter"] for r in infra.read_log(str(path))] == [1, 2, 3]
-    train.truncate_log(str(path), 2)
-    assert path.read_text() == "".join(LOG.splitlines(True)[:2])
-
-
-@pytest.mark.parametrize("line", ['{"loss": 1.0, "lr": 0.1}', "garbage", '{"iter": "2", "loss": 1, '
-                                  '"lr": 0.1}', "[1, 2]", '{"iter": 2, "loss": null, "lr": 0.1}'])
-def test_a_damaged_log_line_before_the_last_is_one_line(tmp_path, tiny_run, line):
-    run = str(tmp_path / "run")
-    shutil.copytree(tiny_run, run)
-    log = os.path.join(run, "log.jsonl")
-    lines = open(log).read().splitlines(True)
-    open(log, "w").write(lines[0] + line + "\n" + "".join(lines[1:]))
-    for use in (lambda: train.main(TINY + ["--iters", "3", "--out-dir", run, "--resume"]),
-                lambda: evaluation.log_figure(log, str(tmp_path / "c.png"))):
-        refused(use, r"log.jsonl, line 2: not a log record .*; delete that line or the file")
-    assert not os.path.exists(tmp_path / "c.png")
-
-
-def test_a_resume_after_a_crash_mid_line_goes_on(tmp_path, tiny_run, capfd):
-    run = str(tmp_path / "run")
-    shutil.copytree(tiny_run, run)
-    with open(os.path.join(run, "log.jsonl"), "a") as f:
-        f.write('{"iter": 3, "loss": 1.2')  # the crash
-    assert train.main(TINY + ["--iters", "3", "--out-dir", run, "--resume", "--no-eval"])[
-        "iteration"] == 3
-    assert "log.jsonl: its last line is torn (a crash while writing it); dropped" in \
-        capfd.readouterr().err
-    assert [json.loads(x)["iter"] for x in open(os.path.join(run, "log.jsonl"))] == [1, 2, 3]
-
-
-def test_damaged_records_of_experiments_and_preparations_are_one_line(tmp_path):
-    first = experiments.setting_file(experiments.SETTINGS[0][0], experiments.CONTEXT_ROWS[0], 1)
-    for argv, record in (
-            (["context", "--seeds", "1", "--iters", "1"], first),
-            (["ablation", "--seeds", "1"] + TINY + ["--iters", "1"], "none-seed0/ablation.json")):
-        for text in ("", "{", "[]", '{"config": {}, "miou": "high"}'):
-            out = tmp_path / argv[0]
-            os.makedirs(os.path.dirname(out / record), exist_ok=True)
-            (out / record).write_text(text)
-            refused(lambda: experiments.main(argv + ["--out-dir", str(out)]),
-                    rf"{re.escape(record)} is not a record that can be read .*; delete it to run "
-                    rf"that part again")
-            assert not os.path.exists(out / ".lock")
-    ann, imgs = coco_file(tmp_path, [{"id": 7, "file_name": "a.jpg", "height": 40, "width": 40}],
-                          [{"id": 1, "image_id": 7, "category_id": 1, "segmentation": SQUARE}])
-    out = str(tmp_path / "coco")
-    data.prepare_coco(ann, imgs, out, log=lambda m: None)
-    record = os.path.join(out, "ImageSets", "Segmentation", "x.settings.json")
-    open(record, "w").write('{"annotations": ')
-    refused(lambda: data.main(["prepare-coco", "--annotations", ann, "--images", imgs, "--out",
-                               out]), r"x.settings.json is not a record .*; pass --overwrite")
-    data.main(["prepare-coco", "--annotations", ann, "--images", imgs, "--out", out,
-               "--overwrite"])
-    assert infra.read_record(record)["min_pixels"] == 1000
-
-
-@pytest.mark.parametrize("flags,message", [
-    (["--seed", "-1"], "--seed -1: must be a whole number in 0..4294967295"),
-    (["--seed", str(2 ** 64)], f"--seed {2 ** 64}: must be"),
-    (["--lr", "1e300"], "--lr 1e+300: must be a number in [1e-08, 10]"),
-    (["--weight-decay", "1e308"], "--weight-decay 1e+308: must be a number in [0, 1]"),
-    (["--num-images", str(10 ** 11)], f"--num-images {10 ** 11}: must be a whole number in "),
-    (["--stop-after", "0"], "--stop-after 0: must be a whole number in 1..100000000"),
-    (["--image-size", "100000"], "--image-size 100000"), (["--workers", "1000"], "--workers 1000"),
-    (["--scale", "0.5", "1e9"], "--scale 0.5 1000000000.0: must be a number in [0.05, 10]"),
-])
-def test_every_number_has_a_range_checked_before_any_work(tmp_path, flags, message):
-    out = tmp_path / "run"
-    refused(lambda: train.main(TINY + ["--out-dir", str(out)] + flags), re.escape(message))
-    assert not os.path.exists(out)
-
-
-def test_help_states_every_limit(capsys):
-    with pytest.raises(SystemExit):
-        train.parse_args(["--help"])
-    text = "".join(capsys.readouterr().out.split())  # argparse wraps lines, at hyphens too
-    for name in train.EXPERIMENT_FLAGS + train.RUN_FLAGS:
-        assert f"--{name.replace('_', '-')}" in text, name
-        assert "".join(infra.SETTINGS[name].help.split()) in text, name
-        if isinstance(infra.SETTINGS[name].allowed, tuple):
-            assert "".join(f"[{infra.allowed_text(name)}]".split()) in text, name
-
-
-@pytest.mark.parametrize("argv,message", [
-    (["--workers", "1000"], "--workers 1000: must be a whole number in 0..256"),
-    (["--context", "bogus"], None), (["--depth", "19"], None)])
-def test_eval_numbers_and_names_are_checked_before_any_work(argv, message):
-    if message is None:
-        with pytest.raises(SystemExit) as e:  # argparse's choices: usage and exit code 2
-            evaluation.main(["--checkpoint", "unused.pt"] + argv)
-        assert e.value.code == 2
-    else:
-        refused(lambda: evaluation.main(["--checkpoint", "unused.pt"] + argv), re.escape(message))
-
-
-COCO_VALUES = st.one_of(st.integers(-5, 10 ** 7), st.just(10 ** 6), st.text(max_size=3),
-                        st.none(), st.lists(st.integers(), max_size=2), st.floats(),
-                        st.fixed_dictionaries({"size": st.just([40, 40]), "counts": st.one_of(
-                            st.text(max_size=5), st.lists(st.integers(-2, 2000), max_size=4))}))
-
-
-@given(field=st.sampled_from(["id", "height", "width", "file_name", "record", "ann.id",
-                              "ann.image_id", "ann.category_id", "ann.segmentation", "ann"]),
-       value=COCO_VALUES, strict=st.booleans())
-@settings(max_examples=80)
-def test_any_broken_coco_image_record_is_skipped_or_one_line(tmp_path_factory, field, value,
-                                                             strict):
-    tmp = tmp_path_factory.mktemp("coco")
-    img = {"id": 7, "file_name": "a.jpg", "height": 40, "width": 40}
-    good = {"id": 1, "image_id": 7, "category_id": 1, "segmentation": SQUARE}
-    ann, imgs = coco_file(tmp, [img], [good])
-    coco = json.load(open(ann))
-    coco["images"] = [value] if field == "record" else [dict(img, **{field: value})]
-    if field.startswith("ann"):
-        coco["images"] = [img]
-        coco["annotations"] = [value if field == "ann" else dict(good, **{field[4:]: value})]
-    open(ann, "w").write(json.dumps(coco))
-    try:
-        res = data.prepare_coco(ann, imgs, str(tmp / "out"), strict=strict, log=lambda m: None)
-    except infra.BadInput as e:
-        assert "\n" not in str(e) and "instances_x.json" in str(e)
-        return
-    assert res["written"] in ([], ["a"]) and all("\n" not in w + p for w, p in res["skipped"])
-    if not field.startswith("ann"):  # the one image is written, skipped, missing or empty
-        assert len(res["skipped"] + res["written"] + res["missing"]) + res["no_voc"] == 1
-
-
-@pytest.mark.parametrize("top", ["5", "[]", '{"images": [5], "annotations": [], "categories": []}',
-                                 '{"images": [], "annotations": [[1]], "categories": [{"id": 1}]}',
-                                 '{"images": {}, "annotations": [], "categories": []}'])
-def test_coco_files_of_the_wrong_shape_are_one_line(tmp_path, top):
-    ann, imgs = coco_file(tmp_path, [], [])
-    open(ann, "w").write(top)
-    try:
-        res = data.main(["prepare-coco", "--annotations", ann, "--images", imgs, "--out",
-                         str(tmp_path / "out"), "--strict"])
-    except infra.BadInput as e:
-        assert "\n" not in str(e) and "instances_x.json" in str(e)
-    else:
-        raise AssertionError(f"accepted {top}: {res}")
-    huge = {"id": 7, "file_name": "a.jpg", "height": 10 ** 6, "width": 10 ** 6}
-    coco = {"images": [huge], "annotations": [], "categories": []}
-    open(ann, "w").write(json.dumps(coco))
-    refused(lambda: data.prepare_coco(ann, imgs, str(tmp_path / "o2"), strict=True,
-                                      log=lambda m: None),
-            r"image record 7: size 1000000 x 1000000 is not whole numbers >= 1 of at most 40 "
-            r"megapixels")
-
-
-def test_a_refused_start_leaves_nothing_behind(tmp_path, tiny_run, monkeypatch):
-    root = make_voc_tree(tmp_path / "voc", ids="abcd")
-    out = tmp_path / "new" / "run"
-    refused(lambda: evaluation.main(["--checkpoint", os.path.join(tiny_run, "checkpoint.pt"),
-                                     "--dataset", "voc", "--data-root", str(root), "--split",
-                                     "train", "--json", str(out / "r.json")]),
-            "predicts 5 classes")  # its --json folder is made only after every check
-    with pytest.raises(infra.MissingInput, match=r"split list not found: .*bogus.txt"):
-        train.main(TINY + ["--dataset", "voc", "--data-root", str(root), "--split", "train",
-                           "--val-split", "bogus", "--batch-size", "2", "--iters", "1",
-                           "--out-dir", str(out)])  # checked before training, not after
-
-    def refuse(*a):  # any refusal after --out-dir was taken (e.g. --sync-bn torch on CPU)
-        raise infra.BadInput("--sync-bn torch: torch.nn.SyncBatchNorm needs CUDA")
-    monkeypatch.setattr(train, "synchronise_batchnorm", refuse)
-    refused(lambda: train.main(TINY + ["--iters", "1", "--out-dir", str(out)]), "needs CUDA")
-    assert not os.path.exists(tmp_path / "new")
-
-
-def test_a_lock_that_cannot_be_written_is_one_line_and_leaves_nothing(tmp_path):
-    import resource
-    out = tmp_path / "new" / "run"
-    proc = subprocess.run(
-        [sys.executable, os.path.join(HERE, "train.py")] + TINY + ["--out-dir", str(out)],
-        cwd=tmp_path, capture_output=True, text=True, timeout=120,
-        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (0, 0)))
-    assert proc.returncode == 2, proc.stderr
-    assert re.fullmatch(r"error: cannot write the lock .*run/\.lock: file too large: the "
-                        r"file-size limit \(ulimit -f\) is 0\.0 MB.*; nothing was started\n",
-                        proc.stderr), proc.stderr
-    assert os.listdir(tmp_path) == []
-
-
-def interrupt_when(proc, started):
-    """SIGINT to `proc` at the first line of its output for which started(line) holds; then
-    (exit code, stderr)."""
-    for line in proc.stdout:
-        if started(line):
-            proc.send_signal(signal.SIGINT)
-            break
-    return proc.wait(timeout=60), proc.stderr.read()
-
-
-def test_ctrl_c_during_the_final_evaluation_keeps_the_checkpoint(tmp_path):
-    out = str(tmp_path / "run")
-    proc = subprocess.Popen([sys.executable, "-u", os.path.join(HERE, "train.py")] + TINY +
-                            ["--iters", "1", "--val-images", "400", "--out-dir", out], cwd=HERE,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    code, err = interrupt_when(proc, lambda line: line.startswith("trained 1 iterations"))
-    assert code == 130
-    assert err.splitlines() == [f"SIGINT: stopped at once, without saving; the last checkpoint "
-                                f"{out}/checkpoint.pt is kept"]
-    assert sorted(os.listdir(out)) == ["checkpoint.pt", "log.jsonl"]  # the claim let go too
-    assert infra.read_checkpoint(os.path.join(out, "checkpoint.pt"))["iteration"] == 1
-
-
-def test_ctrl_c_during_eval_is_one_line_and_exit_130(tmp_path, tiny_run):
-    folder = tmp_path / "photos"
-    folder.mkdir()
-    for i in range(30):
-        Image.fromarray(data.render_synthetic(0, i, 40)[0]).save(folder / f"p{i:02}.png")
-    proc = subprocess.Popen([sys.executable, "-u", os.path.join(HERE, "eval.py"), "--checkpoint",
-                             os.path.join(tiny_run, "checkpoint.pt"), "--image", str(folder),
-                             "--out", str(tmp_path / "pred"), "--ms", "--flip"], cwd=tmp_path,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    code, err = interrupt_when(proc, lambda line: line.startswith("predict: "))
-    assert code == 130, err
-    assert err.splitlines() == ["interrupted: stopped at once; the files written so far are "
-                                "kept, each whole (a result file is written only at the end)"]
-    written = sorted(os.listdir(tmp_path / "pred"))
-    assert 0 < len(written) < 60 and not any(f.startswith(".tmp-") for f in written)
-    for f in written:
-        Image.open(tmp_path / "pred" / f).load()  # each whole
-
-
 def documented_commands():
     """Every `python X.py ...` / `torchrun ... X.py ...` command in the bash blocks of README and
     docs/, with shell loops expanded: (page, script, argument list)."""
-    import itertools
-    import shlex
     pages = ["README.md"] + [os.path.join("docs", f) for f in sorted(os.listdir(
         os.path.join(HERE, "docs")))]
     found = []
@@ -3543,317 +3887,72 @@ def test_every_documented_command_parses():
             raise AssertionError(f"{page}: {script} {' '.join(args)} -> {e}") from None
 
 
-def test_count_include_pad_is_a_recorded_training_flag(tmp_path):
-    out = str(tmp_path / "run")
-    train.main(TINY + ["--iters", "1", "--out-dir", out, "--no-eval", "--count-include-pad"])
-    ck = infra.read_checkpoint(os.path.join(out, "checkpoint.pt"))
-    assert ck["config"]["count_include_pad"] is True
-    assert infra.model_from_checkpoint(ck).context.count_include_pad is True
-    with pytest.raises(infra.BadInput, match=r"--count-include-pad False \(checkpoint: True\)"):
-        train.main(TINY + ["--iters", "2", "--out-dir", out, "--no-eval", "--resume"])
-
-
-def test_training_curves_have_absolute_axes_and_are_named_only_when_drawn(tmp_path, capsys):
-    log = tmp_path / "log.jsonl"
-    log.write_text('{"iter": 1, "loss": 2.0, "lr": 0.1}\n')
-    assert evaluation.log_figure(str(log), str(tmp_path / "c.png")) is None  # one point
-    log.write_text('{"iter": 1, "loss": 2.0, "lr": 0.1}\n{"iter": 9, "loss": 0.5, "lr": 0.05}\n')
-    pic = np.asarray(Image.open(evaluation.log_figure(str(log), str(tmp_path / "c.png"))))
-    blue = np.argwhere((pic == (31, 119, 180)).all(-1))
-    # the loss falls from 2.0 to 0.5 on an axis from 0 to 2.1: the curve ends near a quarter of
-    # the plot's height above its bottom, not at the bottom (a min-to-max scale would put it there)
-    bottom, top = 320 - 34, 28
-    end = blue[blue[:, 1].argmax()]
-    assert abs((bottom - end[0]) / (bottom - top) - 0.5 / 2.1) < 0.05
-    out = str(tmp_path / "run")
-    train.main(TINY + ["--iters", "1", "--out-dir", out, "--log-every", "5"])
-    assert "curves.png" not in capsys.readouterr().out  # a 1-line log draws no curves
-
-
-# =============================================================================================
-# infra.py: one gate per kind of input. Each is proven with generated bad values: one line, a
-# non-zero exit and nothing written; and where two commands read the same thing, they agree.
-# =============================================================================================
-
-def cli_run(main, argv, capsys):
-    """(exit code, stderr lines) of a command run as its `python X.py` would run it."""
-    with pytest.raises(SystemExit) as e:
-        infra.cli(lambda: main(argv))
-        raise SystemExit(0)
-    return e.value.code, capsys.readouterr().err.strip().splitlines()
-
-
-RANGED = sorted(n for n in train.EXPERIMENT_FLAGS + train.RUN_FLAGS
-                if isinstance(infra.SETTINGS[n].allowed, tuple) and infra.SETTINGS[n].nargs is None)
-
-
-@given(name=st.sampled_from(RANGED), data_=st.data())
-@settings(max_examples=60, deadline=None, suppress_health_check=[
-    HealthCheck.function_scoped_fixture])
-def test_settings_gate_refuses_every_value_out_of_its_range_in_one_line(tmp_path_factory, name,
-                                                                        data_, capsys):
-    s = infra.SETTINGS[name]
-    lo, hi = s.allowed
-    if s.kind is int:
-        bad = data_.draw(st.one_of(st.integers(max_value=lo - 1), st.integers(min_value=hi + 1)))
-    else:
-        bad = data_.draw(st.one_of(st.floats(max_value=lo, exclude_max=True), st.floats(
-            min_value=hi, exclude_min=True), st.just(float("nan"))))
-    out = tmp_path_factory.mktemp("gate") / "run"
-    code, err = cli_run(train.main, TINY + [f"--{name.replace('_', '-')}={bad}",
-                                            "--out-dir", str(out)], capsys)
-    assert code == 2 and len(err) == 1 and err[0].startswith(f"error: --{name.replace('_', '-')}")
-    assert f"must be {infra.allowed_text(name)}" in err[0] and not out.exists()
-
-
-@given(rates=st.lists(st.integers(-2, 70), min_size=0, max_size=4),
-       depth=st.sampled_from([18, 50]))
-@settings(max_examples=25, deadline=None)
-def test_a_value_train_accepts_every_reader_accepts(tiny_run, tmp_path_factory, rates, depth):
-    """One table for every command: a multi-grid (or any setting) that train.py accepts, a
-    checkpoint recording it is accepted by every command that reads checkpoints; one it
-    refuses, they refuse. (The issue's case: train took rates eval refused.)"""
-    try:
-        cfg = train.parse_args(["--depth", str(depth), "--multi-grid"] + [str(r) for r in rates]
-                               if rates else ["--depth", str(depth)])
-        train_ok = True
-    except (infra.BadInput, SystemExit):
-        train_ok = False
-    ck = torch.load(os.path.join(tiny_run, "checkpoint.pt"), weights_only=True)
-    for d in (ck["config"], ck["train_args"]):
-        d["depth"], d["multi_grid"] = depth, (cfg["multi_grid"] if train_ok else rates)
-    ck["model"] = vortex.DeepLabV3(**dict(ck["config"], multi_grid=None)).state_dict()
-    path = str(tmp_path_factory.mktemp("mg") / "ck.pt")
-    torch.save(ck, path)
-    try:
-        infra.read_checkpoint(path)
-        reader_ok = True
-    except infra.BadInput as e:
-        reader_ok = False
-        assert "\n" not in str(e) and "multi_grid" in str(e)
-    assert reader_ok == train_ok, (rates, depth)
-
-
-BAD_TENSORS = [  # (tensor, what the one line says)
-    (torch.full((8,), 1e300, dtype=torch.float64), "in float32"),
-    (torch.tensor([1.0, float("nan")], dtype=torch.bfloat16), "NaN or infinite"),
-    (torch.tensor([float("-inf")], dtype=torch.float16), "NaN or infinite"),
-    (torch.zeros(4, dtype=torch.complex64), "only dense real tensors"),
-    (torch.eye(3).to_sparse(), "only dense real tensors"),
-]
-
-
-@pytest.mark.parametrize("bad,message", BAD_TENSORS + [("negative variance", "negative variance")])
-def test_checkpoint_gate_reads_tensors_as_the_model_will_run_them(tmp_path, tiny_run, capsys, bad,
-                                                                  message):
-    ck = torch.load(os.path.join(tiny_run, "checkpoint.pt"), weights_only=True)
-    key = "classifier.bias" if not isinstance(bad, str) else "backbone.bn1.running_var"
-    ck["model"][key] = -ck["model"][key].abs() - 1 if isinstance(bad, str) else bad
-    path = str(tmp_path / "ck.pt")
-    torch.save(ck, path)
-    before = sorted(os.listdir(tmp_path))
-    for main, argv in ((evaluation.main, ["--checkpoint", path, "--workers", "0"]),
-                       (train.main, TINY + ["--init-from", path, "--out-dir",
-                                            str(tmp_path / "r"), "--iters", "1"])):
-        code, err = cli_run(main, argv, capsys)
-        assert code == 2 and len(err) == 1 and f"tensor model.{key}" in err[0] and message in \
-            err[0], err
-    assert sorted(os.listdir(tmp_path)) == before
-
-
-def test_an_empty_weights_flag_is_refused_not_random_initialisation(tmp_path, capsys):
-    for flag in ("--pretrained", "--init-from", "--data-root"):
-        code, err = cli_run(train.main, TINY + [flag, "", "--out-dir", str(tmp_path / "r")],
-                            capsys)
-        assert code == 2 and err == [f"error: {flag} '': must be a file or folder name (it is "
-                                     f"empty)"]
-    assert os.listdir(tmp_path) == []
-
-
-NAMES = st.text(st.characters(blacklist_categories=("Cs",)), min_size=0, max_size=12)
-
-
-@given(kind=st.sampled_from(["same", "inside", "holds", "folder-for-file", "too-long", "nul",
-                             "format"]), name=NAMES.filter(lambda s: "/" not in s and s not in
-                                                          ("", ".", "..") and "\0" not in s))
-@settings(max_examples=40, deadline=None)
-def test_output_gate_refuses_in_one_line_and_leaves_nothing(tmp_path_factory, kind, name):
-    top = tmp_path_factory.mktemp("claim")
-    inp = top / "in"
-    inp.mkdir()
-    (inp / "data.txt").write_text("input")
-    out = {"same": inp / "data.txt", "inside": inp / "sub" / "r.json", "holds": top,
-           "folder-for-file": inp, "too-long": top / "new" / (name + "x" * 251 + ".json"),
-           "nul": top / "new" / (name + "\0.json"), "format": top / "new" / (name + ".txt")}[kind]
-    before = sorted(str(p) for p in top.rglob("*"))
-    with pytest.raises(infra.BadInput) as e:
-        infra.Claim("test", [("--json", str(out), (".json",))], [("--in", str(inp))], force=True)
-    assert "\n" not in str(e.value) and "--json" in str(e.value) or "input --in" in str(e.value)
-    assert sorted(str(p) for p in top.rglob("*")) == before
-
-
-def test_two_commands_cannot_both_write_one_output(tmp_path, tiny_run):
-    """The issue's case: two `eval.py --json same.json` started together. One writes it, the
-    other is refused in one line (in use, or exists); the file is one whole result."""
-    out = str(tmp_path / "same.json")
-    cmd = [sys.executable, os.path.join(HERE, "eval.py"), "--checkpoint",
-           os.path.join(tiny_run, "checkpoint.pt"), "--workers", "0", "--json", out]
-    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for _ in range(2)]
-    results = [(p.wait(timeout=120), p.stderr.read()) for p in procs]
-    assert sorted(code for code, _ in results) == [0, 2], results
-    err = next(e for code, e in results if code == 2).strip().splitlines()
-    assert len(err) == 1 and re.search(r"in use by eval.py|exists; pass --force", err[0]), err
-    assert json.load(open(out))["checkpoint"].endswith("checkpoint.pt")
-    assert sorted(os.listdir(tmp_path)) == ["same.json"]  # no lock, no temp file left
-
-
-@given(ids=st.lists(st.text("abcxyz_-0123456789.", min_size=1, max_size=8).filter(
-    lambda s: s not in (".", "..")), unique=True, max_size=6),
-    codec=st.sampled_from(["utf-8", "utf-8-sig", "utf-16"]), newline=st.sampled_from(
-        ["\n", "\r\n"]), trailer=st.sampled_from(["", " -1", "\t1"]))
-@settings(max_examples=40, deadline=None)
-def test_lists_are_read_whatever_editor_saved_them(tmp_path_factory, ids, codec, newline,
-                                                   trailer):
-    path = tmp_path_factory.mktemp("list") / "l.txt"
-    path.write_bytes("".join(i + trailer + newline for i in ids).encode(codec))
-    assert infra.read_list(str(path)) == ids
-
-
-@given(raw=st.binary(max_size=64))
-@settings(max_examples=80, deadline=None)
-def test_records_and_lists_of_any_bytes_are_read_or_one_line(tmp_path_factory, raw):
-    path = str(tmp_path_factory.mktemp("rec") / "r.json")
-    open(path, "wb").write(raw)
-    for read in (infra.read_list, infra.read_record, infra.read_log,
-                 lambda p: infra.read_json(p, "annotations")):
-        try:
-            read(path)
-        except infra.BadInput as e:
-            assert "\n" not in str(e) and path in str(e)
-
-
-def test_a_record_over_its_size_limit_is_refused_before_it_is_read(tmp_path):
-    path = tmp_path / "big.txt"
-    path.write_bytes(b"a\n" * 100)
-    with pytest.raises(infra.BadInput, match=r"split list .*big.txt is 0.0 MB; the limit is 0 MB"):
-        infra.read_text(str(path), "split list", limit=10)
-
-
-@given(name=NAMES)
-def test_one_name_rule_for_every_id_and_field(name):
-    """A plain name stays in its folder and is one word of a list line: exactly what the
-    converters may write and the readers accept."""
-    if infra.is_plain_name(name):
-        assert os.path.basename(name) == name and name == name.strip() and name.split() == [name]
-        assert os.path.normpath(os.path.join("root", name)).startswith("root" + os.sep)
-    else:
-        with pytest.raises(infra.BadInput) as e:
-            infra.plain_name(name, "--split")
-        assert "\n" not in str(e.value) and str(e.value).startswith("--split ")
-
-
-@given(names=st.lists(st.sampled_from(["a.jpg", "a.png", "b c.jpg", "ü.jpg", ".jpg", "x.y.jpg",
-                                       "..jpg", "-d.jpg", "sub/e.jpg", "f"]), min_size=1,
-                      max_size=6))
-@settings(max_examples=30, deadline=None)
-def test_converter_writes_only_what_its_reader_accepts(tmp_path_factory, names):
-    """prepare-coco round trip: for any image names it accepts, VOCSegmentation reads every
-    pair it wrote, and same-stem inputs (a.jpg, a.png) never overwrite each other."""
-    top = tmp_path_factory.mktemp("conv")
-    images = [{"id": i, "file_name": n, "height": 40, "width": 40} for i, n in enumerate(names)]
-    anns = [{"id": 100 + i, "image_id": i, "category_id": 1, "segmentation": SQUARE}
-            for i in range(len(names))]
-    ann, imgs = coco_file(top, images, anns)
-    res = data.prepare_coco(ann, imgs, str(top / "out"), split="s", log=lambda m: None)
-    ds = data.VOCSegmentation(str(top / "out"), "s") if res["written"] else None
-    assert (len(ds) if ds else 0) == len(res["written"]) == len(set(res["written"]))
-    for i in range(len(ds) if ds else 0):
-        image, mask = ds.load(i)
-        assert mask.shape == (40, 40) and image.shape == (40, 40, 3)
-    masks = os.listdir(top / "out" / "SegmentationClass") if res["written"] else []
-    assert len(masks) == len(res["written"])  # one mask a written image, none overwritten
-
-
-def free_port():
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def torchrun(nodes, argv, cwd, rank=None, port=None, **popen):
-    """`torchrun` of train.py with TINY + argv: one node of two processes, or node `rank` of
-    `nodes` nodes of one process each, rendezvous on localhost (gloo)."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(nodes),
-           "--nproc_per_node", str(2 // nodes), "--master_addr", "127.0.0.1", "--master_port",
-           str(port)] + (["--node_rank", str(rank)] if rank is not None else []) + [
-        os.path.join(HERE, "train.py")] + TINY + ["--no-eval", "--device", "cpu"] + argv
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    logs = [open(os.path.join(cwd, f"node{rank}.{s}"), "w+") for s in ("out", "err")]
-    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=logs[0], stderr=logs[1], text=True,
-                            **popen)
-    proc.output = lambda: [(f.seek(0), f.read())[1] for f in logs]  # (stdout, stderr)
-    return proc
-
-
-def two_nodes(argv, cwd):
-    port = free_port()
-    procs = [torchrun(2, argv, cwd, r, port) for r in (0, 1)]
-    return [(p.wait(timeout=300), *p.output()) for p in procs]
-
-
-def test_two_nodes_train_checkpoint_and_resume_as_one_node(tmp_path):
-    """Two `torchrun --nnodes 2` launches on one machine (gloo over localhost) train as one
-    node with the same two ranks, bit for bit, through a stop and a resume."""
-    one = torchrun(1, ["--iters", "4", "--out-dir", "one"], tmp_path, port=free_port())
-    assert one.wait(timeout=300) == 0, one.output()
-    stopped = two_nodes(["--iters", "4", "--out-dir", "two", "--stop-after", "2"], tmp_path)
-    assert "checkpoint saved at iteration 2" in stopped[0][1], stopped  # torchrun: exit 1
-    resumed = two_nodes(["--iters", "4", "--out-dir", "two", "--resume"], tmp_path)
-    assert [code for code, _, _ in resumed] == [0, 0] and "resumed" in resumed[0][1], resumed
-    a, b = (infra.read_checkpoint(str(tmp_path / d / "checkpoint.pt")) for d in ("one", "two"))
-    assert b["iteration"] == 4 and all(torch.equal(a["model"][k], b["model"][k])
-                                       for k in a["model"])
-
-
-def test_the_ablation_runs_under_torchrun(tmp_path):
-    """Every command written for torchrun runs under it: the experiments' ablation too (rank 0
-    holds its folder, every rank trains and evaluates its share)."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_port", str(free_port()), os.path.join(HERE, "experiments.py"), "ablation",
-           "--seeds", "1"] + TINY + ["--iters", "1", "--device", "cpu", "--erf-images", "1",
-                                     "--out-dir", "abl"]
-    p = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300,
-                       env=dict(os.environ, OMP_NUM_THREADS="1"))
-    assert p.returncode == 0, p.stderr[-2000:]
-    assert "Table 1 in miniature" in p.stdout and (tmp_path / "abl" / "erf.png").exists()
-    assert not (tmp_path / "abl" / ".lock").exists()
-
-
-def test_a_lost_node_stops_the_other_in_one_line_and_resume_continues(tmp_path):
-    port, argv = free_port(), ["--iters", "100000", "--save-every", "5", "--out-dir", "run"]
-    procs = [torchrun(2, argv, tmp_path, r, port, start_new_session=True) for r in (0, 1)]
-    ck = tmp_path / "run" / "checkpoint.pt"
-    deadline = time.time() + 120
-    while not ck.exists() and time.time() < deadline:
-        time.sleep(0.5)
-    worker = subprocess.run(["pgrep", "-P", str(procs[1].pid)], capture_output=True,
-                            text=True).stdout.split()
-    os.kill(int(worker[0]), signal.SIGKILL)  # node 1's training process dies
-    t0 = time.time()
-    code = procs[0].wait(timeout=90)
-    assert code != 0 and time.time() - t0 < 60
-    ours = [line for line in procs[0].output()[1].splitlines() if "lost another rank" in line]
-    assert len(ours) == 1 and ours[0].startswith("error: rank 0 lost another rank of the run")
-    assert "start every node again with --resume" in ours[0]
-    procs[1].wait(timeout=90)
-    at = infra.read_checkpoint(str(ck))["iteration"]
-    resumed = two_nodes(["--iters", str(at + 2), "--save-every", "5", "--out-dir", "run",
-                         "--resume"], tmp_path)
-    assert [c for c, _, _ in resumed] == [0, 0], resumed
-    assert f"resumed run at iteration {at}" in resumed[0][1]
-    assert infra.read_checkpoint(str(ck))["iteration"] == at + 2
+# Run once, in a scratch environment that has the references (they are never dependencies of
+# this project), from the project root:
+#   python -m venv /tmp/ref && /tmp/ref/bin/pip install torch==2.13.0 torchvision==0.28.0 \
+#       pycocotools==2.0.11 numpy Pillow pytest hypothesis
+#   /tmp/ref/bin/python test_vortex.py make-fixtures --coco ../shared/voc_samples/coco/annotations/instances_val2017.json
+# It writes fixtures/torchvision_outputs.npz and fixtures/pycocotools_polygons.json. Where
+# torchvision's compiled ops do not load against the installed torch build (here, 0.28.0 against
+# torch 2.13.0+cpu: "operator torchvision::nms does not exist"), wrap the import of
+# _autograd_registrations and _meta_registrations in torchvision/__init__.py of the scratch venv
+# in try/except RuntimeError: the models used here are pure Python and do not need those ops.
+def make_fixtures(coco_json):
+    # lazy on purpose: the references exist only in the scratch environment, never here
+    from importlib.metadata import version
+    import torchvision
+    import pycocotools.mask as mask_api
+    from torchvision.models import resnet50, resnet101
+    from torchvision.models.segmentation import deeplabv3_resnet101
+    torch.set_num_threads(2)
+    outputs = {}
+    for depth, make in ((50, resnet50), (101, resnet101)):
+        for os_, replace in ((8, [False, True, True]), (16, [False, False, True])):
+            net = make(weights=None, replace_stride_with_dilation=replace).eval()
+            net.load_state_dict(seeded_weights(net.state_dict()))
+            body = torch.nn.Sequential(*list(net.children())[:-2])  # without avgpool and fc
+            with torch.no_grad():
+                outputs[f"resnet{depth}_os{os_}"] = body(seeded_input(*BACKBONE_INPUT))[:, ::16]
+    seg = deeplabv3_resnet101(weights=None, weights_backbone=None, num_classes=21,
+                              aux_loss=True).eval()
+    seg.load_state_dict(seeded_weights(seg.state_dict()))
+    with torch.no_grad():
+        outputs["deeplabv3_resnet101_aspp"] = seg.classifier[0](
+            seg.backbone(seeded_input(*ASPP_INPUT))["out"])[:, ::4]
+    os.makedirs(FIXTURES, exist_ok=True)
+    np.savez_compressed(os.path.join(FIXTURES, "torchvision_outputs.npz"),
+                        **{k: v.numpy().astype(np.float32) for k, v in outputs.items()})
+    objects = []
+    with open(coco_json) as f:
+        coco = json.load(f)
+    sizes = {im["id"]: (im["height"], im["width"]) for im in coco["images"]}
+    for a in coco["annotations"]:
+        if isinstance(a["segmentation"], list):
+            objects.append(dict(source="coco", id=a["id"], h=sizes[a["image_id"]][0],
+                                w=sizes[a["image_id"]][1], polygons=a["segmentation"]))
+    rng = np.random.default_rng(2026)
+    for i in range(400):  # random objects: 1-3 parts, 3-14 vertices, some outside the image
+        h, w = int(rng.integers(1, 70)), int(rng.integers(1, 70))
+        parts = []
+        for _ in range(int(rng.integers(1, 4))):
+            pts = rng.uniform(-10, max(h, w) + 10, (int(rng.integers(3, 15)), 2))
+            kind = rng.random()
+            if kind < 0.2:
+                pts = np.round(pts)  # integer vertices
+            elif kind < 0.35:
+                pts = np.round(pts * 2) / 2  # half-pixel vertices
+            if rng.random() < 0.1:
+                pts[1] = pts[0]  # a repeated vertex
+            parts.append([round(float(v), 3) for v in pts.ravel()])
+        objects.append(dict(source="random", id=i, h=h, w=w, polygons=parts))
+    for o in objects:
+        rle = mask_api.merge(mask_api.frPyObjects(o["polygons"], o["h"], o["w"]))
+        o["rle"] = rle["counts"].decode()
+    with open(os.path.join(FIXTURES, "pycocotools_polygons.json"), "w") as f:
+        json.dump({"made_with": f"pycocotools {version('pycocotools')}, torchvision "
+                                f"{torchvision.__version__}, torch {torch.__version__}",
+                   "objects": objects}, f, separators=(",", ":"))
+    print(f"wrote {FIXTURES}: {len(outputs)} torchvision outputs, {len(objects)} polygon objects")
 
 
 # =============================================================================================
@@ -3868,17 +3967,6 @@ def test_a_lost_node_stops_the_other_in_one_line_and_resume_continues(tmp_path):
 # exercise_answers.txt) is a reference coursework.py with the wrong answers the proof tests hand in.
 # =============================================================================================
 
-import base64  # noqa: E402
-import csv  # noqa: E402
-import functools  # noqa: E402
-import io  # noqa: E402
-import random  # noqa: E402
-import select  # noqa: E402
-import struct  # noqa: E402
-import tempfile  # noqa: E402
-import threading  # noqa: E402
-import zlib  # noqa: E402
-from typing import Callable, NamedTuple  # noqa: E402
 
 TIME_LIMIT = 60  # seconds for the import of a hand-in and for each exercise's calls
 JUDGE_LIMIT = 120  # seconds to judge one exercise's replies here (expected values cached first)
