@@ -3342,7 +3342,7 @@ def test_help_states_every_limit(capsys):
     with pytest.raises(SystemExit):
         train.parse_args(["--help"])
     text = "".join(capsys.readouterr().out.split())  # argparse wraps lines, at hyphens too
-    for name in train.EXPERIMENT_FLAGS + train.RUN_FLAGS:
+    for name in train.FLAGS:
         assert f"--{name.replace('_', '-')}" in text, name
         assert "".join(infra.SETTINGS[name].help.split()) in text, name
         if isinstance(infra.SETTINGS[name].allowed, tuple):
@@ -3583,7 +3583,7 @@ def cli_run(main, argv, capsys):
     return e.value.code, capsys.readouterr().err.strip().splitlines()
 
 
-RANGED = sorted(n for n in train.EXPERIMENT_FLAGS + train.RUN_FLAGS
+RANGED = sorted(n for n in train.FLAGS
                 if isinstance(infra.SETTINGS[n].allowed, tuple) and infra.SETTINGS[n].nargs is None)
 
 
