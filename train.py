@@ -3,11 +3,6 @@
   python train.py                                   # synthetic data, small ResNet, CPU, minutes
   torchrun --nproc_per_node=8 train.py --dataset voc_aug --data-root VOCdevkit/VOC2012 \\
       --pretrained resnet101-63fe2227.pth           # paper 4.1: ResNet-101, OS 8, Vortex, ...
-
-Part I, the paper, in its order: the recipe, the poly learning rate and SGD, synchronised batch
-norm (4.1), the three stages (4.2), the set-up of one run, the loop with one training step.
-Part II: starting or resuming, checkpoints, the data stream, signals and sync points, progress,
-the command line (its settings and checks: infra.py). Experiments: experiments.py.
 """
 import argparse
 import contextlib
@@ -40,8 +35,7 @@ from vortex import DEPTHS, DeepLabV3
 # ---------------------------------------------------------------------------------------------
 # 4.1: "We keep the same hyper-parameters and training strategy as those in [DeepLab v3] ...
 # initial learning rate 0.007 ... 30,000 iterations ... crop a 513 x 513 patch ... batchsize
-# = 16"; 4.2: COCO "for 200,000 iterations". Each dataset carries its preset (ResNet-101, OS 8,
-# scale 0.5-2.0 for the paper's); an explicit flag overrides it (see --help). The synthetic
+# = 16"; 4.2: COCO "for 200,000 iterations". A flag given overrides the preset. The synthetic
 # preset is ours: a slim ResNet-18, minutes on a CPU, trained on whole images (crop = side,
 # scale <= 1): crops of enlarged images cut away the cues that decide its task.
 # ---------------------------------------------------------------------------------------------
@@ -64,15 +58,13 @@ COMMON = dict(context="vortex", pool_k=5, multi_grid=(1, 2, 4), momentum=0.9, we
 # ---------------------------------------------------------------------------------------------
 # 4.1 "Learning rate policy": "we use the 'poly' learning rate policy with initial learning rate
 # 0.007, and the learning rate is multiplied by (1 - iter / max_iter) ^ power at each iteration,
-# where power is set to 0.9. We train the model for 30,000 iterations."
-# With SGD and momentum, and pixel-wise cross-entropy with 255 (void, borders, discarded
-# objects) ignored, as in DeepLab v3.
+# where power is set to 0.9. We train the model for 30,000 iterations." With SGD and momentum,
+# and cross-entropy ignoring 255 (void, borders, discarded objects), as in DeepLab v3.
 # ---------------------------------------------------------------------------------------------
 
 def poly_lr(base, it, max_it, power=0.9, warmup=0.0):
-    """The poly policy; with `warmup` > 0 (not the paper's; the synthetic preset's) the rate
-    first rises linearly over that fraction of the iterations (docs/experiments.md, the
-    miniature: why, and what it changed)."""
+    """The poly policy; with `warmup` > 0 (the synthetic preset's, not the paper's: see
+    docs/experiments.md) the rate first rises linearly over that fraction of the iterations."""
     ramp = min(1.0, (it + 1) / (warmup * max_it)) if warmup > 0 else 1.0
     return base * ramp * (1 - it / max_it) ** power
 
@@ -83,9 +75,8 @@ def set_lr(optimizer, lr):
 
 
 def make_optimizer(model, cfg):
-    """SGD with momentum. DeepLab v3's code decays the convolution weights but not the
-    batch-norm parameters; we follow it (and leave biases undecayed too): decay on weights
-    with dim > 1."""
+    """SGD with momentum; weight decay on the convolution weights only (dim > 1), as DeepLab
+    v3's code: not on batch-norm parameters, nor on biases."""
     return torch.optim.SGD(
         [{"params": [p for p in model.parameters() if p.dim() > 1],
           "weight_decay": cfg["weight_decay"]},
@@ -94,8 +85,7 @@ def make_optimizer(model, cfg):
 
 
 def loss_fn(logits, target):
-    """Cross-entropy summed over the labelled pixels (255 ignored); train_step divides it by
-    the number of labelled pixels of the whole batch."""
+    """Cross-entropy summed over the labelled pixels (255 ignored); train_step divides it."""
     return F.cross_entropy(logits, target, ignore_index=data.IGNORE, reduction="sum")
 
 
@@ -105,20 +95,14 @@ def loss_fn(logits, target):
 # the global expectation and variance computed on the whole batch. We then determine to use the
 # synchronized batch normalization layer ... to synchronize the statistics such as mean and
 # variance across multiple GPUs."
-# Ours is the readable derivation from primitives, and runs on CPU (gloo); on CUDA, --sync-bn
-# auto uses torch.nn.SyncBatchNorm: the same mathematics, fused (docs/gpu.md).
-#
-# For channel c over the N = sum of all ranks' n_r values x (all images, all pixels):
-#   mean  mu = (sum_r S_r) / N,             S_r = sum of rank r's x          (all_reduce 1)
-#   var   s2 = (sum_r Q_r) / N,             Q_r = sum of rank r's (x - mu)^2 (all_reduce 2)
-# Two reductions instead of one of (sum x, sum x^2): E[x^2] - E[x]^2 cancels catastrophically
-# when |mean| >> std (float32 keeps ~7 digits), while sum (x - mu)^2 sums non-negative terms.
-# Output: y = gamma * xhat + beta, xhat = (x - mu) / sqrt(s2 + eps); gamma and beta are plain
-# autograd, only xhat needs a hand-written backward. With g = dL/dxhat (L = every rank's loss),
-#   dL/dx = (g - mean(g) - xhat * mean(g * xhat)) / sqrt(s2 + eps),
-# means over all N values: one more all_reduce of (sum g, sum g * xhat). The running variance
-# uses the unbiased s2 * N / (N - 1), as nn.BatchNorm2d does. Uneven per-rank batches are fine:
-# every sum carries its own count.
+# Ours is the derivation from primitives and runs on CPU (gloo); on CUDA, --sync-bn auto uses
+# torch.nn.SyncBatchNorm, the same mathematics fused (docs/gpu.md). Per channel, over the N
+# values x of all ranks: mu = sum(x) / N, then s2 = sum((x - mu)^2) / N, two all_reduces (one
+# of sum x and sum x^2 would cancel catastrophically in float32 when |mean| >> std);
+# y = gamma * xhat + beta, xhat = (x - mu) / sqrt(s2 + eps). Only xhat needs a hand-written
+# backward: with g = dL/dxhat (L = every rank's loss) and means over all N values (one more
+# all_reduce), dL/dx = (g - mean(g) - xhat * mean(g * xhat)) / sqrt(s2 + eps). Every sum
+# carries its count, so uneven per-rank batches are fine; the running variance is unbiased.
 # ---------------------------------------------------------------------------------------------
 
 class _SyncNormalize(torch.autograd.Function):
@@ -144,8 +128,7 @@ class _SyncNormalize(torch.autograd.Function):
         xhat, invstd = ctx.saved_tensors
         sums = torch.cat([g.sum(dim=(0, 2, 3)), (g * xhat).sum(dim=(0, 2, 3))]).double()
         dist.all_reduce(sums)
-        c = xhat.shape[1]
-        mean_g, mean_gx = (sums[:c] / ctx.n).to(g.dtype), (sums[c:] / ctx.n).to(g.dtype)
+        mean_g, mean_gx = (sums / ctx.n).to(g.dtype).chunk(2)
         dx = (g - mean_g[None, :, None, None] - xhat * mean_gx[None, :, None, None])
         return dx * invstd[None, :, None, None], None
 
@@ -188,13 +171,11 @@ def synchronise_batchnorm(model, choice, device, world):
         return "off (one rank)" if world == 1 else "off"
     if choice == "auto":
         choice = "torch" if device.type == "cuda" else "ours"
-    if choice == "torch":
-        if device.type != "cuda":
-            raise BadInput("--sync-bn torch: torch.nn.SyncBatchNorm needs CUDA (NCCL); on CPU "
-                           "use --sync-bn ours (or auto)")
-        nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    else:
-        convert_sync_batchnorm(model)
+    if choice == "torch" and device.type != "cuda":
+        raise BadInput("--sync-bn torch: torch.nn.SyncBatchNorm needs CUDA (NCCL); on CPU use "
+                       "--sync-bn ours (or auto)")
+    convert = {"torch": nn.SyncBatchNorm.convert_sync_batchnorm, "ours": convert_sync_batchnorm}
+    convert[choice](model)
     return choice
 
 
@@ -202,25 +183,20 @@ def synchronise_batchnorm(model, choice, device, world):
 # 4.2: "a three-stage training strategy ... [DeepLab v3] firstly trains the model with MS COCO
 # only, and then they use PASCAL VOC 2012 augmented set for further training. Finally, they
 # fine-tune the model on official PASCAL VOC 2012 data." Each stage is a run that starts from the
-# last one's checkpoint (--init-from). Batch norm frozen in the last stage is DeepLab v3's
-# recipe (the paper does not say): with a small batch of fine data, the statistics learnt on
-# the large sets are kept (--freeze-bn).
+# last one's checkpoint (--init-from); --freeze-bn in the last stage is DeepLab v3's recipe
+# (the paper does not say): with a small batch of fine data, the statistics stay those learnt.
 # ---------------------------------------------------------------------------------------------
 
 def freeze_batchnorm(model):
-    """DeepLab v3's last stage: batch-norm statistics and affine parameters stay as they are.
-    Call after every model.train()."""
+    """Batch-norm statistics and affine parameters stay as they are; after every model.train()."""
     for m in model.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.eval()
-            for p in m.parameters():
-                p.requires_grad_(False)
+            m.eval().requires_grad_(False)
 
 
 # ---------------------------------------------------------------------------------------------
-# One run, its state built once: the device (torchrun starts one process per GPU), the data,
-# the model, batch norm (4.1, 4.2), DDP and the optimizer. What is not the paper's (the output
-# folder, a resume, the data order) is one named call into Part II.
+# One run, its state built once (torchrun: one process per GPU). What is not the paper's (the
+# output folder, a resume, the data order) is one named call into Part II.
 # ---------------------------------------------------------------------------------------------
 
 def setup(cfg):
@@ -246,7 +222,6 @@ def setup(cfg):
              torch.preserve_format)
     optimizer = make_optimizer(model, cfg)
     scaler = torch.amp.GradScaler("cuda") if cfg["amp"] == "fp16" else None
-    # Part II: --out-dir claimed, then the weights taken (a new run) or the run resumed
     claim, iteration, position = start_or_resume(cfg, model, optimizer, scaler, train_set, device)
     try:
         ddp = nn.parallel.DistributedDataParallel(
@@ -270,9 +245,8 @@ def setup(cfg):
 
 # ---------------------------------------------------------------------------------------------
 # The loop (4.1): the poly learning rate set every iteration, then one step on a batch of
-# --batch-size images split over the ranks (torchrun) and --accum-steps micro-steps. The host
-# waits for the device only at a sync point (a progress line, a checkpoint, the end, a stop):
-# the loop itself reads no number back from the device.
+# --batch-size images split over the ranks and --accum-steps micro-steps. The loop reads no
+# number back from the device: the host waits for it only at a sync point.
 # ---------------------------------------------------------------------------------------------
 
 def train(cfg):
@@ -293,13 +267,10 @@ def train(cfg):
 
 
 def train_step(run, batch):
-    """One SGD step on this rank's micro-batches [(images, labels), ...] of one batch. The loss
-    is summed over the labelled pixels and divided by their number in the WHOLE batch (every
-    micro-step, every rank): the gradient is the batch's per-pixel mean however the pixels fall
-    over ranks and micro-steps, and a batch with none adds nothing (the count is clamped to 1).
-    DDP averages the ranks' gradients while the sum is wanted, hence `* run.world`; it
-    all-reduces them on the last micro-step only. Returns this rank's share of the batch's mean
-    loss, on the device (no host sync)."""
+    """One SGD step on this rank's micro-batches [(images, labels), ...] of one batch; the loss
+    is summed over the labelled pixels and divided by their count in the WHOLE batch (at least
+    1; docs/troubleshooting.md). DDP averages the ranks' gradients while the sum is wanted, hence
+    `* run.world`. Returns this rank's share of the batch's mean loss, on the device."""
     batch = [(x.to(run.device, non_blocking=True), t.to(run.device, non_blocking=True))
              for x, t in batch]
     labelled = sum((t != data.IGNORE).sum() for _, t in batch).double()
@@ -332,10 +303,9 @@ def train_step(run, batch):
 # =============================================================================================
 
 # ---------------------------------------------------------------------------------------------
-# Starting or resuming a run. Only rank 0 looks at --out-dir and reads checkpoints (plain dicts
-# of tensors and numbers: torch.load(weights_only=True) reads them); the other ranks receive what
-# they need over the process group. A resumed run must be the same experiment: every setting
-# not SETTINGS' `free` (the data too: the split list's content) equals the checkpoint's.
+# Starting or resuming a run. Checkpoints are plain dicts of tensors and numbers, read with
+# torch.load(weights_only=True). A resumed run must be the same experiment: every setting not
+# SETTINGS' `free` (the data too: the split list's content) equals the checkpoint's.
 # ---------------------------------------------------------------------------------------------
 
 RUN_OUTPUTS = ("checkpoint.pt", "log.jsonl", "eval.json", "predictions.png", "curves.png")
@@ -343,29 +313,27 @@ EXIT_STOPPED = 3  # a graceful stop (signal): a checkpoint was saved, the run is
 
 
 def start_or_resume(cfg, model, optimizer, scaler, train_set, device):
-    """Rank 0 claims --out-dir (infra.Claim: one run a folder) and decides between a new run
-    (its weights from --pretrained / --init-from) and a resume: model, optimizer, scaler, RNG
-    and data position from rank 0's checkpoint, on every rank. Returns (claim, iteration,
-    (epoch, micro-batch in epoch)); a refusal on any rank undoes the claim."""
+    """Rank 0 claims --out-dir (infra.Claim) and reads it; every rank then takes the weights
+    (--pretrained, --init-from) or rank 0's checkpoint. Returns (claim, iteration, (epoch,
+    micro-batch in epoch)); a refusal on any rank undoes the claim."""
     if getattr(train_set, "split", None) is not None:  # the data is part of the run
         cfg["split_sha256"] = infra.file_digest(os.path.join(
             train_set.root, "ImageSets", "Segmentation", train_set.split + ".txt"))
     size = 2.2 * sum(t.numel() * t.element_size() for t in model.state_dict().values())
-    claim, ck = infra.Claim("train.py", []), None
+    claim = infra.Claim("train.py", [])
 
-    def decide():
-        nonlocal claim, ck
+    def decide():  # the checkpoint's training state (None: a new run), on every rank
+        nonlocal claim
         claim = infra.Claim("train.py", [("--out-dir", cfg["out_dir"], "folder")], inputs=[
             (f"--{k.replace('_', '-')}", cfg[k]) for k in ("data_root", "pretrained",
                                                            "init_from")])
         ck = check_out_dir(cfg, size)
-        return ck is not None
+        return ck and {k: ck[k] for k in ("model", "iteration", *infra.RESUME_FIELDS)}
     try:
-        if not infra.on_rank0(decide):
+        state = infra.on_rank0(decide)
+        if state is None:
             take_weights(model, cfg)
             return claim, 0, (0, 0)
-        state = infra.from_rank0(ck and {k: ck[k] for k in ("model", "iteration",
-                                                             *infra.RESUME_FIELDS)})
         model.load_state_dict(state["model"])  # names and shapes checked with the checkpoint
         try:  # the optimizer's and scaler's states fit only the optimizer built here: tried here
             optimizer.load_state_dict(state["optimizer"])
@@ -398,8 +366,7 @@ def take_weights(model, cfg):
             raise type(e)(f"--pretrained {e}") from None
         if cfg["multi_grid"] is not None:
             infra.rank0_print(f"note: multi-grid {cfg['multi_grid']} gives layer4 other dilations "
-                              f"than torchvision's weights were trained at (fine-tuning adapts "
-                              f"them; --multi-grid none keeps torchvision's geometry)")
+                              f"than torchvision's weights had (--multi-grid none keeps theirs)")
     if cfg["init_from"]:
         src = infra.read_checkpoint(cfg["init_from"])
         sd, theirs = src["model"], src["config"]["context"]
@@ -453,8 +420,7 @@ def check_out_dir(cfg, checkpoint_bytes):
     if limit != resource.RLIM_INFINITY and limit < checkpoint_bytes:
         raise BadInput(f"the file-size limit (ulimit -f) is {limit / 2 ** 20:.0f} MB, but a "
                        f"checkpoint of this model takes about {checkpoint_bytes / 2 ** 20:.0f} MB")
-    # a resumed run keeps its log up to the checkpoint; a new one starts a new log
-    truncate_log(os.path.join(out, "log.jsonl"), ck["iteration"] if ck is not None else 0)
+    truncate_log(os.path.join(out, "log.jsonl"), ck["iteration"] if ck else 0)  # new run: new log
     return ck
 
 
@@ -475,8 +441,7 @@ def save_checkpoint(run, it):
 
 
 def truncate_log(path, iteration):
-    """Drop the log lines written after the checkpoint's iteration (a killed run's tail, a torn
-    last line), so that a resumed run does not log the same iterations twice."""
+    """Keep the log lines up to `iteration`: a killed run's tail and a torn last line go."""
     if not os.path.exists(path):
         return
     keep = "".join(json.dumps(r) + "\n" for r in infra.read_log(path) if r["iter"] <= iteration)
@@ -487,11 +452,9 @@ def truncate_log(path, iteration):
 
 
 # ---------------------------------------------------------------------------------------------
-# The data: one stream of micro-batches for the whole run. Epoch e is a shuffle of the dataset
-# (DistributedSampler's, seeded by e), cut into this rank's micro-batches; the stream starts at
-# any (epoch, micro-batch) and runs on into the next epochs, so one loader serves the whole run
-# (its workers live as long as it does), an optimizer step may take its micro-batches across an
-# epoch's end, and a resumed run sees exactly the data it would have seen.
+# The data: one stream of micro-batches, one loader for the whole run. Epoch e is a shuffle of
+# the dataset (DistributedSampler's, seeded by e) cut into this rank's micro-batches; the stream
+# starts anywhere and runs on across epochs: a resumed run sees the data it would have seen.
 # ---------------------------------------------------------------------------------------------
 
 class SampleOrder(torch.utils.data.Sampler):
@@ -512,8 +475,7 @@ class SampleOrder(torch.utils.data.Sampler):
 
 
 def quiet_worker(_):
-    """Loader workers leave Ctrl-C (SIGINT to the whole process group) to the trainer, which
-    saves and stops at its next sync point and then shuts them down."""
+    """Ctrl-C (SIGINT to the whole process group) is the trainer's: it saves, then stops us."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
@@ -526,8 +488,7 @@ def advance(position, micro_batches, per_epoch):
 def data_stream(train_set, cfg, rank, world, micro, position, device):
     """This rank's micro-batches from `position` on, through one DataLoader for the run."""
     return iter(torch.utils.data.DataLoader(
-        train_set, micro, sampler=SampleOrder(train_set, rank, world, cfg["seed"], micro,
-                                              position),
+        train_set, micro, sampler=SampleOrder(train_set, rank, world, cfg["seed"], micro, position),
         num_workers=cfg["workers"], pin_memory=device.type == "cuda",
         persistent_workers=cfg["workers"] > 0, worker_init_fn=quiet_worker,
         prefetch_factor=4 if cfg["workers"] > 0 else None,
@@ -540,11 +501,9 @@ def data_stream(train_set, cfg, rank, world, micro, position, device):
 # ---------------------------------------------------------------------------------------------
 
 class guard(contextlib.AbstractContextManager):
-    """The loop's surroundings: a line saying what runs, then SIGINT/SIGTERM (and the testing
-    aid --stop-after) ask the loop to save and stop at its next sync point, which is said at
-    once; the same signal again, or one during the final evaluation, stops at once (exit code
-    130), leaving the last checkpoint as it was. On the way out the loader's workers stop and
-    --out-dir's claim is released."""
+    """The loop's surroundings: a line saying what runs; SIGINT/SIGTERM (and --stop-after) ask
+    for a save and stop at the next sync point, a second one (or one during the final
+    evaluation) stops at once, exit code 130 (docs/troubleshooting.md). Releases the claim."""
 
     def __init__(self, run):
         self.run, self.it, self.name = run, run.iteration, None
@@ -555,9 +514,8 @@ class guard(contextlib.AbstractContextManager):
         infra.rank0_print(
             f"training {cfg['dataset']} ({len(run.train_set)} images), ResNet-{cfg['depth']} OS "
             f"{cfg['output_stride']}, context {cfg['context']}, {run.world} rank(s) x {run.micro} "
-            f"images x {cfg['accum_steps']} micro-step(s), sync BN {run.sync_bn}"
-            f"{', BN frozen' if cfg['freeze_bn'] else ''}, {cfg['iters']} iterations, device "
-            f"{run.device}; out: {cfg['out_dir']}")
+            f"images x {cfg['accum_steps']} micro-step(s), sync BN {run.sync_bn}, {cfg['iters']} "
+            f"iterations, device {run.device}; out: {cfg['out_dir']}")
 
         def on_signal(signum, frame):
             name, ck = signal.Signals(signum).name, run.ck_path
@@ -578,11 +536,10 @@ class guard(contextlib.AbstractContextManager):
     def asked(self, it):
         """After iteration `it`: whether --stop-after's steps are done, which every rank knows
         at once. A signal reaches one process: the ranks learn of it at the next sync point."""
-        self.it, after = it, self.run.cfg["stop_after"]
-        if after is not None and it - self.run.iteration == after:
+        self.it, due = it, it - self.run.iteration == self.run.cfg["stop_after"]
+        if due:
             self.name = self.name or "SIGTERM (--stop-after)"
-            return True
-        return False
+        return due
 
     def __exit__(self, *exc):
         for s, h in self.old.items():
@@ -597,10 +554,9 @@ def sync_iteration(cfg, it):
 
 
 def sync_point(run, it, losses, stop):
-    """The loop's one host synchronisation: the mean loss since the last one over all ranks,
-    whether any rank was asked to stop and whether the weights are finite (one all_reduce, one
-    copy); then a progress line (the speed since the last one, the ETA), a line of log.jsonl,
-    and a checkpoint when one is due. Returns whether to stop."""
+    """The loop's one host synchronisation (one all_reduce, one copy): the mean loss over all
+    ranks, whether any rank was asked to stop, whether the weights are finite; then a progress
+    line, a line of log.jsonl, a checkpoint when one is due. Returns whether to stop."""
     cfg = run.cfg
     finite = torch.stack([p.detach().isfinite().all() for p in run.model.parameters()]).all()
     flags = torch.stack([losses, torch.tensor(float(stop.name is not None), device=run.device),
@@ -658,8 +614,7 @@ def finish(run, it):
     infra.rank0_print(f"{cfg['dataset']} {cfg['val_split']} ({len(val)} images, single scale):")
     ctx = getattr(run.train_set, "context_classes", ())
     infra.rank0_print(evaluation.format_table(res, run.train_set.classes, ctx))
-    summary = {"miou": res["miou"], "iou": res["iou"], "pixel_acc": res["pixel_acc"],
-               "eval_seconds": time.time() - t}
+    summary = dict({k: res[k] for k in ("miou", "iou", "pixel_acc")}, eval_seconds=time.time() - t)
     if ctx:
         summary["context_miou"] = float(np.nanmean([res["iou"][c] for c in ctx]))
     if run.rank == 0:
@@ -673,9 +628,8 @@ def finish(run, it):
 
 
 # ---------------------------------------------------------------------------------------------
-# The command line: a flag for every setting of COMMON and the presets, and for those that no
-# preset sets; their help and limits come from infra.SETTINGS, and every value is checked there
-# (infra.check_settings) before any work starts.
+# The command line: a flag for every setting of COMMON, the presets and NO_PRESET; their help,
+# limits and checks (before any work) come from infra.SETTINGS.
 # ---------------------------------------------------------------------------------------------
 
 NO_PRESET = ("dataset", "data_root", "pretrained", "init_from", "resume", "out_dir", "amp",
@@ -686,14 +640,12 @@ FLAGS = tuple(k for k in infra.SETTINGS  # in SETTINGS' order, --help's
 
 def parse_args(argv=None, prog=None):
     """train.py's configuration: COMMON, then the dataset's preset, then the flags given."""
-    defaults = "\n".join(f"  {name}: " + ", ".join(f"{k}={v}" for k, v in d.items()
-                                                   if v is not None)
+    defaults = "\n".join(f"  {name}: " + ", ".join(f"{k}={v}" for k, v in d.items())
                          for name, d in dict(PRESETS, common=COMMON).items())
     p = infra.Parser(
         prog=prog, formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Train DeepLab v3 with a swappable context module (Vortex Pooling, paper "
-                    "4.1/4.2). Every setting defaults to its dataset's preset; a flag given "
-                    "overrides it.",
+                    "4.1/4.2); a flag given overrides its dataset's preset.",
         epilog=f"defaults of each dataset, and common to all:\n{defaults}\n\nexit codes: 0 "
         f"finished, 1 failed (e.g. non-finite loss), 2 refused input, {EXIT_STOPPED} stopped by "
         f"a signal after saving a checkpoint (resume it), 130 stopped by a second signal")
