@@ -1389,7 +1389,7 @@ def test_every_setting_is_part_of_a_runs_identity_unless_listed_as_safe(key, val
     assert not wrong or wrong[0].startswith(f"--{key.replace('_', '-')} ")
 
 
-RANGED = sorted(n for n in train.EXPERIMENT_FLAGS + train.RUN_FLAGS
+RANGED = sorted(n for n in train.FLAGS
                 if isinstance(infra.SETTINGS[n].allowed, tuple) and infra.SETTINGS[n].nargs is None)
 
 
@@ -1444,7 +1444,7 @@ def test_help_states_every_limit(capsys):
     with pytest.raises(SystemExit):
         train.parse_args(["--help"])
     text = "".join(capsys.readouterr().out.split())  # argparse wraps lines, at hyphens too
-    for name in train.EXPERIMENT_FLAGS + train.RUN_FLAGS:
+    for name in train.FLAGS:
         assert f"--{name.replace('_', '-')}" in text, name
         assert "".join(infra.SETTINGS[name].help.split()) in text, name
         if isinstance(infra.SETTINGS[name].allowed, tuple):

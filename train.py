@@ -3,13 +3,6 @@
   python train.py                                   # synthetic data, small ResNet, CPU, minutes
   torchrun --nproc_per_node=8 train.py --dataset voc_aug --data-root VOCdevkit/VOC2012 \\
       --pretrained resnet101-63fe2227.pth           # paper 4.1: ResNet-101, OS 8, Vortex, ...
-
-Part I, the paper, in its order (the first 350 lines): the recipe (4.1), the poly learning rate
-and SGD (4.1), synchronised batch norm (4.1), the three stages of 4.2 (COCO 200k iterations ->
-train_aug -> trainval, by --init-from; batch norm frozen in the last, DeepLab v3's recipe, by
---freeze-bn), the set-up of one run, and the loop with one training step.
-Part II: starting or resuming, checkpoints, the data stream, signals and sync points,
-progress, the command line (its settings and checks: infra.py). Experiments: experiments.py.
 """
 import argparse
 import contextlib
@@ -42,8 +35,7 @@ from vortex import DEPTHS, DeepLabV3
 # ---------------------------------------------------------------------------------------------
 # 4.1: "We keep the same hyper-parameters and training strategy as those in [DeepLab v3] ...
 # initial learning rate 0.007 ... 30,000 iterations ... crop a 513 x 513 patch ... batchsize
-# = 16"; 4.2: COCO "for 200,000 iterations". Each dataset carries its preset (ResNet-101, OS 8,
-# scale 0.5-2.0 for the paper's); an explicit flag overrides it (see --help). The synthetic
+# = 16"; 4.2: COCO "for 200,000 iterations". A flag given overrides the preset. The synthetic
 # preset is ours: a slim ResNet-18, minutes on a CPU, trained on whole images (crop = side,
 # scale <= 1): crops of enlarged images cut away the cues that decide its task.
 # ---------------------------------------------------------------------------------------------
@@ -58,24 +50,21 @@ PRESETS = {
     "voc_aug": dict(PAPER, split="train_aug"), "voc": dict(PAPER, split="train"),
     "coco": dict(PAPER, iters=200000, split="train2017", val_split="val2017", save_every=5000)}
 COMMON = dict(context="vortex", pool_k=5, multi_grid=(1, 2, 4), momentum=0.9, weight_decay=1e-4,
-              power=0.9, warmup=0.0, seed=0, workers=4, num_images=None, val_images=None,
-              image_size=None, accum_steps=1, sync_bn="auto", count_include_pad=False,
-              freeze_bn=False, channels_last=False, compile=False, deterministic=False,
-              no_eval=False)
+              power=0.9, warmup=0.0, seed=0, workers=4, accum_steps=1, sync_bn="auto",
+              count_include_pad=False, freeze_bn=False, channels_last=False, compile=False,
+              deterministic=False, no_eval=False)
 
 
 # ---------------------------------------------------------------------------------------------
 # 4.1 "Learning rate policy": "we use the 'poly' learning rate policy with initial learning rate
 # 0.007, and the learning rate is multiplied by (1 - iter / max_iter) ^ power at each iteration,
-# where power is set to 0.9. We train the model for 30,000 iterations."
-# With SGD and momentum, and pixel-wise cross-entropy with 255 (void, borders, discarded
-# objects) ignored, as in DeepLab v3.
+# where power is set to 0.9. We train the model for 30,000 iterations." With SGD and momentum,
+# and cross-entropy ignoring 255 (void, borders, discarded objects), as in DeepLab v3.
 # ---------------------------------------------------------------------------------------------
 
 def poly_lr(base, it, max_it, power=0.9, warmup=0.0):
-    """The poly policy; with `warmup` > 0 (not the paper's; the synthetic preset's) the rate
-    first rises linearly over that fraction of the iterations (docs/experiments.md, the
-    miniature: why, and what it changed)."""
+    """The poly policy; with `warmup` > 0 (the synthetic preset's, not the paper's: see
+    docs/experiments.md) the rate first rises linearly over that fraction of the iterations."""
     ramp = min(1.0, (it + 1) / (warmup * max_it)) if warmup > 0 else 1.0
     return base * ramp * (1 - it / max_it) ** power
 
@@ -86,9 +75,8 @@ def set_lr(optimizer, lr):
 
 
 def make_optimizer(model, cfg):
-    """SGD with momentum. DeepLab v3's code decays the convolution weights but not the
-    batch-norm parameters; we follow it (and leave biases undecayed too): decay on weights
-    with dim > 1."""
+    """SGD with momentum; weight decay on the convolution weights only (dim > 1), as DeepLab
+    v3's code: not on batch-norm parameters, nor on biases."""
     return torch.optim.SGD(
         [{"params": [p for p in model.parameters() if p.dim() > 1],
           "weight_decay": cfg["weight_decay"]},
@@ -97,8 +85,7 @@ def make_optimizer(model, cfg):
 
 
 def loss_fn(logits, target):
-    """Cross-entropy summed over the labelled pixels (255 ignored); train_step divides it by
-    the number of labelled pixels of the whole batch."""
+    """Cross-entropy summed over the labelled pixels (255 ignored); train_step divides it."""
     return F.cross_entropy(logits, target, ignore_index=data.IGNORE, reduction="sum")
 
 
@@ -108,41 +95,31 @@ def loss_fn(logits, target):
 # the global expectation and variance computed on the whole batch. We then determine to use the
 # synchronized batch normalization layer ... to synchronize the statistics such as mean and
 # variance across multiple GPUs."
-# Synchronised batch norm from primitives (2-4 images per GPU give noisy statistics; they must
-# be those of the whole batch).
-# On CUDA, --sync-bn auto uses torch.nn.SyncBatchNorm instead: the same mathematics in fused
-# kernels (~8 passes over the activation and 2 collectives per layer instead of our ~22 and 3).
-# This one is the readable derivation, and the one that runs on CPU (gloo).
-#
-# For channel c over the N = sum of all ranks' n_r values x (all images, all pixels):
-#   mean  mu = (sum_r S_r) / N,             S_r = sum of rank r's x          (all_reduce 1)
-#   var   s2 = (sum_r Q_r) / N,             Q_r = sum of rank r's (x - mu)^2 (all_reduce 2)
-# Two reductions instead of one of (sum x, sum x^2): E[x^2] - E[x]^2 cancels catastrophically
-# when |mean| >> std (float32 keeps ~7 digits), while sum (x - mu)^2 sums non-negative terms.
-# Output: y = gamma * xhat + beta, xhat = (x - mu) / sqrt(s2 + eps); gamma and beta are plain
-# autograd, only xhat needs a hand-written backward. With g = dL/dxhat (L = every rank's loss),
-#   dL/dx = (g - mean(g) - xhat * mean(g * xhat)) / sqrt(s2 + eps),
-# means over all N values: one more all_reduce of (sum g, sum g * xhat). The running variance
-# uses the unbiased s2 * N / (N - 1), as nn.BatchNorm2d does. Uneven per-rank batches are fine:
-# every sum carries its own count.
+# Ours is the derivation from primitives and runs on CPU (gloo); on CUDA, --sync-bn auto uses
+# torch.nn.SyncBatchNorm, the same mathematics fused (docs/gpu.md). Per channel, over the N
+# values x of all ranks: mu = sum(x) / N, then s2 = sum((x - mu)^2) / N, two all_reduces (one
+# of sum x and sum x^2 would cancel catastrophically in float32 when |mean| >> std);
+# y = gamma * xhat + beta, xhat = (x - mu) / sqrt(s2 + eps). Only xhat needs a hand-written
+# backward: with g = dL/dxhat (L = every rank's loss) and means over all N values (one more
+# all_reduce), dL/dx = (g - mean(g) - xhat * mean(g * xhat)) / sqrt(s2 + eps). Every sum
+# carries its count, so uneven per-rank batches are fine; the running variance is unbiased.
 # ---------------------------------------------------------------------------------------------
 
 class _SyncNormalize(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, eps, group):
+    def forward(ctx, x, eps):
         x = x.to(torch.promote_types(x.dtype, torch.float32))  # statistics in fp32 at least
         count = torch.tensor([x.numel() / x.shape[1]], dtype=torch.float64, device=x.device)
         sums = torch.cat([count, x.sum(dim=(0, 2, 3)).double()])
-        dist.all_reduce(sums, group=group)
+        dist.all_reduce(sums)
         n, mean = sums[0], (sums[1:] / sums[0]).to(x.dtype)
         centred = x - mean[None, :, None, None]
         sq = centred.square().sum(dim=(0, 2, 3)).double()
-        dist.all_reduce(sq, group=group)
+        dist.all_reduce(sq)
         var = (sq / n).to(x.dtype)
         invstd = torch.rsqrt(var + eps)
         xhat = centred * invstd[None, :, None, None]
         ctx.save_for_backward(xhat, invstd)
-        ctx.group = group
         ctx.n = n
         return xhat, mean, var, n.to(x.dtype)
 
@@ -150,11 +127,10 @@ class _SyncNormalize(torch.autograd.Function):
     def backward(ctx, g, _gm, _gv, _gn):
         xhat, invstd = ctx.saved_tensors
         sums = torch.cat([g.sum(dim=(0, 2, 3)), (g * xhat).sum(dim=(0, 2, 3))]).double()
-        dist.all_reduce(sums, group=ctx.group)
-        c = xhat.shape[1]
-        mean_g, mean_gx = (sums[:c] / ctx.n).to(g.dtype), (sums[c:] / ctx.n).to(g.dtype)
+        dist.all_reduce(sums)
+        mean_g, mean_gx = (sums / ctx.n).to(g.dtype).chunk(2)
         dx = (g - mean_g[None, :, None, None] - xhat * mean_gx[None, :, None, None])
-        return dx * invstd[None, :, None, None], None, None
+        return dx * invstd[None, :, None, None], None
 
 
 class SyncBatchNorm2d(nn.BatchNorm2d):
@@ -165,7 +141,7 @@ class SyncBatchNorm2d(nn.BatchNorm2d):
         if not (self.training and dist.is_available() and dist.is_initialized()
                 and dist.get_world_size() > 1):
             return super().forward(x)
-        xhat, mean, var, n = _SyncNormalize.apply(x, self.eps, None)
+        xhat, mean, var, n = _SyncNormalize.apply(x, self.eps)
         if self.track_running_stats:
             with torch.no_grad():
                 self.num_batches_tracked += 1
@@ -180,21 +156,11 @@ class SyncBatchNorm2d(nn.BatchNorm2d):
 
 
 def convert_sync_batchnorm(module):
-    """Replace every nn.BatchNorm2d in `module` (in place) by a SyncBatchNorm2d with the same
-    weights and running statistics. Returns the module."""
-    for name, child in module.named_children():
-        if isinstance(child, nn.BatchNorm2d) and not isinstance(child, SyncBatchNorm2d):
-            sync = SyncBatchNorm2d(child.num_features, child.eps, child.momentum, child.affine,
-                                   child.track_running_stats)
-            like = next((t for t in list(child.parameters()) + list(child.buffers())
-                         if t.is_floating_point()), None)  # none: affine=False, no statistics
-            if like is not None:
-                sync.to(device=like.device, dtype=like.dtype)
-            sync.load_state_dict(child.state_dict())
-            sync.train(child.training)
-            setattr(module, name, sync)
-        else:
-            convert_sync_batchnorm(child)
+    """Make every nn.BatchNorm2d in `module` a SyncBatchNorm2d, in place: the subclass adds no
+    state, only its forward, so weights, statistics, device and mode stay. Returns the module."""
+    for m in module.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.__class__ = SyncBatchNorm2d
     return module
 
 
@@ -205,13 +171,11 @@ def synchronise_batchnorm(model, choice, device, world):
         return "off (one rank)" if world == 1 else "off"
     if choice == "auto":
         choice = "torch" if device.type == "cuda" else "ours"
-    if choice == "torch":
-        if device.type != "cuda":
-            raise BadInput("--sync-bn torch: torch.nn.SyncBatchNorm needs CUDA (NCCL); on CPU "
-                           "use --sync-bn ours (or auto)")
-        nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    else:
-        convert_sync_batchnorm(model)
+    if choice == "torch" and device.type != "cuda":
+        raise BadInput("--sync-bn torch: torch.nn.SyncBatchNorm needs CUDA (NCCL); on CPU use "
+                       "--sync-bn ours (or auto)")
+    convert = {"torch": nn.SyncBatchNorm.convert_sync_batchnorm, "ours": convert_sync_batchnorm}
+    convert[choice](model)
     return choice
 
 
@@ -219,25 +183,20 @@ def synchronise_batchnorm(model, choice, device, world):
 # 4.2: "a three-stage training strategy ... [DeepLab v3] firstly trains the model with MS COCO
 # only, and then they use PASCAL VOC 2012 augmented set for further training. Finally, they
 # fine-tune the model on official PASCAL VOC 2012 data." Each stage is a run that starts from the
-# last one's checkpoint (--init-from). Batch norm frozen in the last stage is DeepLab v3's
-# recipe (the paper does not say): with a small batch of fine data, the statistics learnt on
-# the large sets are kept (--freeze-bn).
+# last one's checkpoint (--init-from); --freeze-bn in the last stage is DeepLab v3's recipe
+# (the paper does not say): with a small batch of fine data, the statistics stay those learnt.
 # ---------------------------------------------------------------------------------------------
 
 def freeze_batchnorm(model):
-    """DeepLab v3's last stage: batch-norm statistics and affine parameters stay as they are.
-    Call after every model.train()."""
+    """Batch-norm statistics and affine parameters stay as they are; after every model.train()."""
     for m in model.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.eval()
-            for p in m.parameters():
-                p.requires_grad_(False)
+            m.eval().requires_grad_(False)
 
 
 # ---------------------------------------------------------------------------------------------
-# One run, its state built once: the device (torchrun starts one process per GPU), the data,
-# the model, batch norm (4.1, 4.2), DDP and the optimizer. What is not the paper's (the output
-# folder, a resume, the data order) is one named call into Part II.
+# One run, its state built once (torchrun: one process per GPU). What is not the paper's (the
+# output folder, a resume, the data order) is one named call into Part II.
 # ---------------------------------------------------------------------------------------------
 
 def setup(cfg):
@@ -251,21 +210,20 @@ def setup(cfg):
         cfg["dataset"], cfg["val_split"], cfg["data_root"], seed=cfg["seed"],
         **synthetic_args(cfg, "val_images"))
     torch.manual_seed(cfg["seed"])
-    model = DeepLabV3(len(train_set.classes), **{k: cfg[k] for k in MODEL_ARGS})
-    micro = per_rank_images(cfg, world, len(train_set))
-    claim, ck = start_or_resume(cfg, model, train_set, device, verbose=rank == 0)  # Part II
+    model = DeepLabV3(len(train_set.classes), **{k: cfg[k] for k in infra.CONFIG if k in cfg})
+    micro = per_rank_images(cfg, world, device, len(train_set))
+    model.train()
+    if cfg["freeze_bn"]:  # DeepLab v3's last stage: fixed statistics need no synchronising
+        freeze_batchnorm(model)
+        sync_bn = "off (frozen)"
+    else:  # 4.1 "Batch Normalization": statistics of the whole batch, over all GPUs
+        sync_bn = synchronise_batchnorm(model, cfg["sync_bn"], device, world)
+    model.to(device, memory_format=torch.channels_last if cfg["channels_last"] else
+             torch.preserve_format)
+    optimizer = make_optimizer(model, cfg)
+    scaler = torch.amp.GradScaler("cuda") if cfg["amp"] == "fp16" else None
+    claim, iteration, position = start_or_resume(cfg, model, optimizer, scaler, train_set, device)
     try:
-        model.train()
-        if cfg["freeze_bn"]:  # DeepLab v3's last stage: fixed statistics need no synchronising
-            freeze_batchnorm(model)
-            sync_bn = "off (frozen)"
-        else:  # 4.1 "Batch Normalization": statistics of the whole batch, over all GPUs
-            sync_bn = synchronise_batchnorm(model, cfg["sync_bn"], device, world)
-        model.to(device, memory_format=torch.channels_last if cfg["channels_last"] else
-                 torch.preserve_format)
-        optimizer = make_optimizer(model, cfg)
-        scaler = torch.amp.GradScaler("cuda") if cfg["amp"] == "fp16" else None
-        iteration, position = restore(ck, model, optimizer, scaler, device, cfg)  # Part II
         ddp = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None) \
             if world > 1 else None
@@ -275,7 +233,7 @@ def setup(cfg):
     except (BadInput, KeyboardInterrupt):
         claim.release(remove=True)
         raise
-    run = argparse.Namespace(  # net: the model as the loop calls it (DDP, compiled)
+    return argparse.Namespace(  # net: the model as the loop calls it (DDP, compiled)
         cfg=cfg, rank=rank, world=world, device=device, model=model, net=net, ddp=ddp,
         optimizer=optimizer, scaler=scaler, amp_dtype={"bf16": torch.bfloat16, "fp16":
                                                        torch.float16, None: None}[cfg["amp"]],
@@ -283,15 +241,12 @@ def setup(cfg):
         iteration=iteration, position=position, claim=claim, sync_bn=sync_bn, t0=time.time(),
         ck_path=os.path.join(cfg["out_dir"], "checkpoint.pt"),
         log_path=os.path.join(cfg["out_dir"], "log.jsonl"))
-    announce(run)  # Part II: one line saying what runs
-    return run
 
 
 # ---------------------------------------------------------------------------------------------
 # The loop (4.1): the poly learning rate set every iteration, then one step on a batch of
-# --batch-size images split over the ranks (torchrun) and --accum-steps micro-steps. The host
-# waits for the device only at a sync point (a progress line, a checkpoint, the end, a stop):
-# the loop itself reads no number back from the device.
+# --batch-size images split over the ranks and --accum-steps micro-steps. The loop reads no
+# number back from the device: the host waits for it only at a sync point.
 # ---------------------------------------------------------------------------------------------
 
 def train(cfg):
@@ -312,14 +267,10 @@ def train(cfg):
 
 
 def train_step(run, batch):
-    """One SGD step on this rank's micro-batches [(images, labels), ...] of one batch.
-
-    The loss is the cross-entropy summed over the batch's labelled pixels divided by their
-    number in the WHOLE batch (every micro-step, every rank): the gradient is the batch's
-    per-pixel mean however the pixels fall over ranks and micro-steps, and a batch with no
-    labelled pixel adds nothing (its count is clamped to 1). DDP averages the ranks' gradients
-    while the sum is wanted, hence `* run.world`; it all-reduces them on the last micro-step
-    only. Returns this rank's share of the batch's mean loss, on the device (no host sync)."""
+    """One SGD step on this rank's micro-batches [(images, labels), ...] of one batch; the loss
+    is summed over the labelled pixels and divided by their count in the WHOLE batch (at least
+    1; docs/troubleshooting.md). DDP averages the ranks' gradients while the sum is wanted, hence
+    `* run.world`. Returns this rank's share of the batch's mean loss, on the device."""
     batch = [(x.to(run.device, non_blocking=True), t.to(run.device, non_blocking=True))
              for x, t in batch]
     labelled = sum((t != data.IGNORE).sum() for _, t in batch).double()
@@ -352,98 +303,84 @@ def train_step(run, batch):
 # =============================================================================================
 
 # ---------------------------------------------------------------------------------------------
-# Starting or resuming a run. Only rank 0 looks at --out-dir and reads checkpoints; the other
-# ranks receive what they need over the process group, so no shared filesystem is needed. A
-# resumed run must be the same experiment: every setting that is not SETTINGS' `free` one (the
-# data too: the split list's content) equals the checkpoint's (infra.resume_differences).
+# Starting or resuming a run. Checkpoints are plain dicts of tensors and numbers, read with
+# torch.load(weights_only=True). A resumed run must be the same experiment: every setting not
+# SETTINGS' `free` (the data too: the split list's content) equals the checkpoint's.
 # ---------------------------------------------------------------------------------------------
 
 RUN_OUTPUTS = ("checkpoint.pt", "log.jsonl", "eval.json", "predictions.png", "curves.png")
 EXIT_STOPPED = 3  # a graceful stop (signal): a checkpoint was saved, the run is not finished
 
 
-def start_or_resume(cfg, model, train_set, device, verbose):
-    """Rank 0 claims --out-dir (infra.Claim: one run a folder) and decides between a new run
-    (its weights from --pretrained / --init-from) and a resume. Returns (claim, checkpoint on
-    rank 0 or None); a refusal on any rank undoes the claim."""
-    if cfg["amp"] == "fp16" and device.type != "cuda":
-        raise BadInput("--amp fp16 needs CUDA; use --amp bf16 on CPU")
+def start_or_resume(cfg, model, optimizer, scaler, train_set, device):
+    """Rank 0 claims --out-dir (infra.Claim) and reads it; every rank then takes the weights
+    (--pretrained, --init-from) or rank 0's checkpoint. Returns (claim, iteration, (epoch,
+    micro-batch in epoch)); a refusal on any rank undoes the claim."""
     if getattr(train_set, "split", None) is not None:  # the data is part of the run
         cfg["split_sha256"] = infra.file_digest(os.path.join(
             train_set.root, "ImageSets", "Segmentation", train_set.split + ".txt"))
     size = 2.2 * sum(t.numel() * t.element_size() for t in model.state_dict().values())
-    claim, ck = infra.Claim("train.py", []), None
+    claim = infra.Claim("train.py", [])
 
-    def decide():
-        nonlocal claim, ck
+    def decide():  # the checkpoint's training state (None: a new run), on every rank
+        nonlocal claim
         claim = infra.Claim("train.py", [("--out-dir", cfg["out_dir"], "folder")], inputs=[
             (f"--{k.replace('_', '-')}", cfg[k]) for k in ("data_root", "pretrained",
                                                            "init_from")])
         ck = check_out_dir(cfg, size)
-        return ck is not None
+        return ck and {k: ck[k] for k in ("model", "iteration", *infra.RESUME_FIELDS)}
     try:
-        if not infra.on_rank0(decide):
-            take_weights(model, cfg, verbose)
+        state = infra.on_rank0(decide)
+        if state is None:
+            take_weights(model, cfg)
+            return claim, 0, (0, 0)
+        model.load_state_dict(state["model"])  # names and shapes checked with the checkpoint
+        try:  # the optimizer's and scaler's states fit only the optimizer built here: tried here
+            optimizer.load_state_dict(state["optimizer"])
+            if scaler is not None and state["scaler"]:
+                scaler.load_state_dict(state["scaler"])
+            if any(getattr(optimizer.state[p].get("momentum_buffer", p), "shape", None) !=
+                   p.shape for g in optimizer.param_groups for p in g["params"]):
+                raise ValueError("a momentum buffer has another shape than its weight")
+        except (ValueError, KeyError, TypeError, RuntimeError, AttributeError) as e:
+            raise BadInput(f"{os.path.join(cfg['out_dir'], 'checkpoint.pt')}: optimizer does "
+                           f"not fit this model's optimizer "
+                           f"({(str(e).splitlines() or ['?'])[0][:150]}); refused") from None
     except (BadInput, KeyboardInterrupt):
         claim.release(remove=True)
         raise
-    return claim, ck
+    torch.set_rng_state(state["rng_cpu"])
+    if device.type == "cuda" and state["rng_cuda"].numel():
+        torch.cuda.set_rng_state(state["rng_cuda"])
+    infra.rank0_print(f"resumed {cfg['out_dir']} at iteration {state['iteration']}")
+    return claim, state["iteration"], (state["epoch"], state["batch_in_epoch"])
 
 
-def take_weights(model, cfg, verbose):
+def take_weights(model, cfg):
     """--pretrained (torchvision files) or --init-from (our checkpoint of an earlier stage)."""
     if cfg["pretrained"]:
         try:
-            infra.load_pretrained(model, cfg["pretrained"], verbose=verbose)
+            infra.load_pretrained(model, cfg["pretrained"],
+                                  verbose=not dist.is_initialized() or dist.get_rank() == 0)
         except BadInput as e:
             raise type(e)(f"--pretrained {e}") from None
-        if cfg["multi_grid"] is not None and verbose:
-            print(f"note: multi-grid {cfg['multi_grid']} gives layer4 other dilations than "
-                  f"torchvision's weights were trained at (fine-tuning adapts them; "
-                  f"--multi-grid none keeps torchvision's geometry)")
+        if cfg["multi_grid"] is not None:
+            infra.rank0_print(f"note: multi-grid {cfg['multi_grid']} gives layer4 other dilations "
+                              f"than torchvision's weights had (--multi-grid none keeps theirs)")
     if cfg["init_from"]:
         src = infra.read_checkpoint(cfg["init_from"])
         sd, theirs = src["model"], src["config"]["context"]
         same = theirs == model.config["context"]  # else its context module cannot serve here
-        if not same and verbose:
-            print(f"--init-from {cfg['init_from']} holds a {theirs} model, this run is "
-                  f"{model.config['context']}: only its backbone is taken")
+        if not same:
+            infra.rank0_print(f"--init-from {cfg['init_from']} holds a {theirs} model, this run "
+                              f"is {model.config['context']}: only its backbone is taken")
         try:
             (model if same else model.backbone).load_state_dict(
                 sd if same else {k[9:]: v for k, v in sd.items() if k.startswith("backbone.")})
         except RuntimeError as e:
             raise BadInput(f"--init-from {cfg['init_from']} does not fit this model: "
                            f"{str(e).splitlines()[1].strip()}") from None
-        if verbose:
-            print(f"initialised from {cfg['init_from']} (iteration {src['iteration']})")
-
-
-def restore(ck, model, optimizer, scaler, device, cfg):
-    """Model, optimizer, scaler, RNG and data position from rank 0's checkpoint, on every rank.
-    Returns (iteration, (epoch, micro-batch in epoch)); (0, (0, 0)) for a new run."""
-    # only rank 0 read the file (no shared filesystem needed): the others receive it, pickled
-    state = infra.from_rank0(None if ck is None else {k: ck[k] for k in (
-        "model", "optimizer", "scaler", "rng_cpu", "rng_cuda", "iteration", "epoch",
-        "batch_in_epoch")})
-    if state is None:
-        return 0, (0, 0)
-    model.load_state_dict(state["model"])  # names and shapes checked with the checkpoint
-    try:  # the optimizer's and scaler's states fit only the optimizer built here: tried here
-        optimizer.load_state_dict(state["optimizer"])
-        if scaler is not None and state["scaler"]:
-            scaler.load_state_dict(state["scaler"])
-        if any(getattr(optimizer.state[p].get("momentum_buffer", p), "shape", None) != p.shape
-               for g in optimizer.param_groups for p in g["params"]):
-            raise ValueError("a momentum buffer has another shape than its weight")
-    except (ValueError, KeyError, TypeError, RuntimeError, AttributeError) as e:
-        raise BadInput(f"{os.path.join(cfg['out_dir'], 'checkpoint.pt')}: optimizer does not "
-                       f"fit this model's optimizer ({(str(e).splitlines() or ['?'])[0][:150]})"
-                       f"; refused") from None
-    torch.set_rng_state(state["rng_cpu"])
-    if device.type == "cuda" and state["rng_cuda"].numel():
-        torch.cuda.set_rng_state(state["rng_cuda"])
-    infra.rank0_print(f"resumed {cfg['out_dir']} at iteration {state['iteration']}")
-    return state["iteration"], (state["epoch"], state["batch_in_epoch"])
+        infra.rank0_print(f"initialised from {cfg['init_from']} (iteration {src['iteration']})")
 
 
 def check_out_dir(cfg, checkpoint_bytes):
@@ -483,15 +420,9 @@ def check_out_dir(cfg, checkpoint_bytes):
     if limit != resource.RLIM_INFINITY and limit < checkpoint_bytes:
         raise BadInput(f"the file-size limit (ulimit -f) is {limit / 2 ** 20:.0f} MB, but a "
                        f"checkpoint of this model takes about {checkpoint_bytes / 2 ** 20:.0f} MB")
-    # a resumed run keeps its log up to the checkpoint; a new one starts a new log
-    truncate_log(os.path.join(out, "log.jsonl"), ck["iteration"] if ck is not None else 0)
+    truncate_log(os.path.join(out, "log.jsonl"), ck["iteration"] if ck else 0)  # new run: new log
     return ck
 
-
-# ---------------------------------------------------------------------------------------------
-# Checkpoints: plain dicts of tensors and numbers (torch.load(weights_only=True) reads them),
-# written by rank 0 atomically (infra.atomic_save), read back through infra.read_checkpoint.
-# ---------------------------------------------------------------------------------------------
 
 def save_checkpoint(run, it):
     position = advance(run.position, (it - run.iteration) * run.cfg["accum_steps"], run.per_epoch)
@@ -510,8 +441,7 @@ def save_checkpoint(run, it):
 
 
 def truncate_log(path, iteration):
-    """Drop the log lines written after the checkpoint's iteration (a killed run's tail, a torn
-    last line), so that a resumed run does not log the same iterations twice."""
+    """Keep the log lines up to `iteration`: a killed run's tail and a torn last line go."""
     if not os.path.exists(path):
         return
     keep = "".join(json.dumps(r) + "\n" for r in infra.read_log(path) if r["iter"] <= iteration)
@@ -522,11 +452,9 @@ def truncate_log(path, iteration):
 
 
 # ---------------------------------------------------------------------------------------------
-# The data: one stream of micro-batches for the whole run. Epoch e is a shuffle of the dataset
-# (DistributedSampler's, seeded by e), cut into this rank's micro-batches; the stream starts at
-# any (epoch, micro-batch) and runs on into the next epochs, so one loader serves the whole run
-# (its workers live as long as it does), an optimizer step may take its micro-batches across an
-# epoch's end, and a resumed run sees exactly the data it would have seen.
+# The data: one stream of micro-batches, one loader for the whole run. Epoch e is a shuffle of
+# the dataset (DistributedSampler's, seeded by e) cut into this rank's micro-batches; the stream
+# starts anywhere and runs on across epochs: a resumed run sees the data it would have seen.
 # ---------------------------------------------------------------------------------------------
 
 class SampleOrder(torch.utils.data.Sampler):
@@ -541,15 +469,13 @@ class SampleOrder(torch.utils.data.Sampler):
         while True:
             s = torch.utils.data.DistributedSampler(*self.args)
             s.set_epoch(epoch)
-            idx = list(s)
-            for i in idx[b * self.micro: self.per_epoch * self.micro]:
+            for i in list(s)[b * self.micro: self.per_epoch * self.micro]:
                 yield epoch, i
             epoch, b = epoch + 1, 0
 
 
 def quiet_worker(_):
-    """Loader workers leave Ctrl-C (SIGINT to the whole process group) to the trainer, which
-    saves and stops at its next sync point and then shuts them down."""
+    """Ctrl-C (SIGINT to the whole process group) is the trainer's: it saves, then stops us."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
@@ -562,8 +488,7 @@ def advance(position, micro_batches, per_epoch):
 def data_stream(train_set, cfg, rank, world, micro, position, device):
     """This rank's micro-batches from `position` on, through one DataLoader for the run."""
     return iter(torch.utils.data.DataLoader(
-        train_set, micro, sampler=SampleOrder(train_set, rank, world, cfg["seed"], micro,
-                                              position),
+        train_set, micro, sampler=SampleOrder(train_set, rank, world, cfg["seed"], micro, position),
         num_workers=cfg["workers"], pin_memory=device.type == "cuda",
         persistent_workers=cfg["workers"] > 0, worker_init_fn=quiet_worker,
         prefetch_factor=4 if cfg["workers"] > 0 else None,
@@ -576,25 +501,29 @@ def data_stream(train_set, cfg, rank, world, micro, position, device):
 # ---------------------------------------------------------------------------------------------
 
 class guard(contextlib.AbstractContextManager):
-    """The loop's surroundings. SIGINT/SIGTERM (and the testing aid --stop-after) ask the loop
-    to save and stop at its next sync point, which is said at once; the same signal again, or
-    one during the final evaluation, stops at once (exit code 130), leaving the last checkpoint
-    as it was. On the way out the loader's workers stop and --out-dir's claim is released."""
+    """The loop's surroundings: a line saying what runs; SIGINT/SIGTERM (and --stop-after) ask
+    for a save and stop at the next sync point, a second one (or one during the final
+    evaluation) stops at once, exit code 130 (docs/troubleshooting.md). Releases the claim."""
 
     def __init__(self, run):
         self.run, self.it, self.name = run, run.iteration, None
-        self.last_sync, self.last_report = run.iteration, (run.iteration, run.t0)
+        self.last_sync = (run.iteration, run.t0)
 
     def __enter__(self):
+        run, cfg = self.run, self.run.cfg
+        infra.rank0_print(
+            f"training {cfg['dataset']} ({len(run.train_set)} images), ResNet-{cfg['depth']} OS "
+            f"{cfg['output_stride']}, context {cfg['context']}, {run.world} rank(s) x {run.micro} "
+            f"images x {cfg['accum_steps']} micro-step(s), sync BN {run.sync_bn}, {cfg['iters']} "
+            f"iterations, device {run.device}; out: {cfg['out_dir']}")
+
         def on_signal(signum, frame):
-            name, cfg = signal.Signals(signum).name, self.run.cfg
+            name, ck = signal.Signals(signum).name, run.ck_path
             if self.name is not None or self.it >= cfg["iters"]:
-                ck = self.run.ck_path
+                kept = f"the last checkpoint {ck} is kept" if os.path.exists(ck) else \
+                    "no checkpoint was saved"
                 infra.rank0_print(f"{name}{' again' if self.name else ''}: stopped at once, "
-                                  f"without saving; " + (f"the last checkpoint {ck} is kept" if
-                                                        os.path.exists(ck) else
-                                                        "no checkpoint was saved"),
-                                  file=sys.stderr)
+                                  f"without saving; {kept}", file=sys.stderr)
                 raise SystemExit(130)
             self.name = name
             at = next(j for j in range(self.it + 1, cfg["iters"] + 1) if sync_iteration(cfg, j))
@@ -607,11 +536,10 @@ class guard(contextlib.AbstractContextManager):
     def asked(self, it):
         """After iteration `it`: whether --stop-after's steps are done, which every rank knows
         at once. A signal reaches one process: the ranks learn of it at the next sync point."""
-        self.it, after = it, self.run.cfg["stop_after"]
-        if after is not None and it - self.run.iteration == after:
+        self.it, due = it, it - self.run.iteration == self.run.cfg["stop_after"]
+        if due:
             self.name = self.name or "SIGTERM (--stop-after)"
-            return True
-        return False
+        return due
 
     def __exit__(self, *exc):
         for s, h in self.old.items():
@@ -626,49 +554,24 @@ def sync_iteration(cfg, it):
 
 
 def sync_point(run, it, losses, stop):
-    """The loop's one host synchronisation: the mean loss since the last one over all ranks,
-    whether any rank was asked to stop and whether the weights are finite (one all_reduce, one
-    copy); then a progress line, and a checkpoint when one is due. Returns whether to stop."""
+    """The loop's one host synchronisation (one all_reduce, one copy): the mean loss over all
+    ranks, whether any rank was asked to stop, whether the weights are finite; then a progress
+    line, a line of log.jsonl, a checkpoint when one is due. Returns whether to stop."""
+    cfg = run.cfg
     finite = torch.stack([p.detach().isfinite().all() for p in run.model.parameters()]).all()
     flags = torch.stack([losses, torch.tensor(float(stop.name is not None), device=run.device),
                          (~finite).float()])
     if run.world > 1:
         dist.all_reduce(flags)
     total, stops, bad_weights = flags.tolist()
-    loss = total / (it - stop.last_sync)  # each step added its batch's mean loss, in shares
+    (last_it, last_t), now = stop.last_sync, time.time()
+    loss = total / (it - last_it)  # each step added its batch's mean loss, in shares
     if not math.isfinite(loss) or bad_weights:
         what = f"loss is {loss}" if not math.isfinite(loss) else "weights are not finite"
         raise FloatingPointError(
             f"{what} in the iterations up to {it}: training stopped. The last good checkpoint "
             f"({run.ck_path}, if any) is left as it was; try a lower --lr or no --amp fp16")
     stop.name = stop.name or ("signal on another rank" if stops > 0 else None)
-    report(run, it, loss, stop)
-    losses.zero_()
-    stop.last_sync = it
-    if run.rank == 0 and (stops > 0 or it % run.cfg["save_every"] == 0
-                          or it == run.cfg["iters"]):
-        save_checkpoint(run, it)
-    if stops > 0:
-        infra.rank0_print(f"{stop.name}: checkpoint saved at iteration {it} to {run.ck_path}; "
-                          f"continue with the same command plus --resume")
-    return stops > 0
-
-
-def announce(run):
-    cfg = run.cfg
-    infra.rank0_print(
-        f"training {cfg['dataset']} ({len(run.train_set)} images), ResNet-{cfg['depth']} OS "
-        f"{cfg['output_stride']}, context {cfg['context']}, {run.world} rank(s) x {run.micro} "
-        f"images x {cfg['accum_steps']} micro-step(s), sync BN {run.sync_bn}"
-        f"{', BN frozen' if cfg['freeze_bn'] else ''}, {cfg['iters']} iterations, device "
-        f"{run.device}; out: {cfg['out_dir']}")
-
-
-def report(run, it, loss, stop):
-    """A progress line with the speed since the last line and the ETA, and a line of
-    log.jsonl (rank 0)."""
-    cfg, now = run.cfg, time.time()
-    (last_it, last_t), stop.last_report = stop.last_report, (it, now)
     ips = (it - last_it) * cfg["batch_size"] / max(now - last_t, 1e-9)
     eta = (cfg["iters"] - it) * (now - run.t0) / max(1, it - run.iteration)
     lr = run.optimizer.param_groups[0]["lr"]
@@ -676,31 +579,34 @@ def report(run, it, loss, stop):
            if run.device.type == "cuda" else "")
     infra.rank0_print(f"it {it}/{cfg['iters']}  loss {loss:.4f}  lr {lr:.2e}  {ips:.1f} img/s  "
                       f"ETA {eta / 60:.1f} min{mem}")
+    losses.zero_()
+    stop.last_sync = (it, now)
     if run.rank == 0:
         with open(run.log_path, "a") as f:
             f.write(json.dumps({"iter": it, "loss": loss, "lr": lr, "img_per_s": ips,
                                 "time": time.time()}) + "\n")
+        if stops > 0 or it % cfg["save_every"] == 0 or it == cfg["iters"]:
+            save_checkpoint(run, it)
+    if stops > 0:
+        infra.rank0_print(f"{stop.name}: checkpoint saved at iteration {it} to {run.ck_path}; "
+                          f"continue with the same command plus --resume")
+    return stops > 0
 
 
 def finish(run, it):
     """After the last step: the time taken, then (unless --no-eval) the final evaluation of the
-    model that was saved."""
+    model that was saved: single scale, no flip (paper 4.1 for ablations), by eval.py."""
     run.batches = None  # shuts the loader workers down
     took = time.time() - run.t0
     infra.rank0_print(f"trained {it - run.iteration} iterations in {took / 60:.1f} min; "
                       f"checkpoint: {run.ck_path}")
     result = {"train_seconds": took, "checkpoint": run.ck_path, "iteration": it}
-    if not run.cfg["no_eval"]:
-        if run.world > 1:  # rank 0's batch-norm statistics: what is evaluated is what was saved
-            for b in run.model.buffers():
-                dist.broadcast(b, src=0)
-        result.update(final_evaluation(run))
-    return result
-
-
-def final_evaluation(run):
-    """Single-scale, no flip (paper 4.1 for ablations), via eval.py's one implementation."""
+    if run.cfg["no_eval"]:
+        return result
     cfg, model, out, val = run.cfg, run.model, run.cfg["out_dir"], run.val_set
+    if run.world > 1:  # rank 0's batch-norm statistics: what is evaluated is what was saved
+        for b in model.buffers():
+            dist.broadcast(b, src=0)
     torch.backends.cudnn.benchmark = False  # whole images of many sizes: no autotuning per size
     t = time.time()
     res = evaluation.evaluate(model, val, device=run.device, log=infra.rank0_print,
@@ -708,62 +614,50 @@ def final_evaluation(run):
     infra.rank0_print(f"{cfg['dataset']} {cfg['val_split']} ({len(val)} images, single scale):")
     ctx = getattr(run.train_set, "context_classes", ())
     infra.rank0_print(evaluation.format_table(res, run.train_set.classes, ctx))
-    summary = {"miou": res["miou"], "iou": res["iou"], "pixel_acc": res["pixel_acc"],
-               "eval_seconds": time.time() - t}
+    summary = dict({k: res[k] for k in ("miou", "iou", "pixel_acc")}, eval_seconds=time.time() - t)
     if ctx:
         summary["context_miou"] = float(np.nanmean([res["iou"][c] for c in ctx]))
     if run.rank == 0:
         infra.write_json(os.path.join(out, "eval.json"), dict(res, **summary))
-        pics = [evaluation.prediction_picture(model, val, run.device,
-                                              os.path.join(out, "predictions.png"))]
+        pic = evaluation.prediction_picture(model, val, run.device,
+                                            os.path.join(out, "predictions.png"))
         logs = [p for p in (run.log_path, os.path.join(out, "curves.png")) if os.path.exists(p)]
-        print(f"evaluation numbers: {os.path.join(out, 'eval.json')}; pictures: "
-              f"{', '.join(pics)}" + (f"; training log: {' and '.join(logs)}" if logs else ""))
-    return summary
+        print(f"evaluation numbers: {os.path.join(out, 'eval.json')}; pictures: {pic}"
+              + (f"; training log: {' and '.join(logs)}" if logs else ""))
+    return dict(result, **summary)
 
 
 # ---------------------------------------------------------------------------------------------
-# The command line: every flag and its limits come from infra.SETTINGS, and every value is
-# checked there (infra.check_settings) before any work starts.
+# The command line: a flag for every setting of COMMON, the presets and NO_PRESET; their help,
+# limits and checks (before any work) come from infra.SETTINGS.
 # ---------------------------------------------------------------------------------------------
 
-MODEL_ARGS = ("depth", "context", "output_stride", "pool_k", "multi_grid", "base_channels",
-              "context_channels", "count_include_pad")
-EXPERIMENT_FLAGS = ("dataset", "data_root", "split", "val_split", "context", "pool_k",
-                    "count_include_pad", "depth", "base_channels", "context_channels",
-                    "output_stride", "multi_grid", "crop", "scale", "batch_size", "accum_steps",
-                    "iters", "lr", "power", "warmup", "momentum", "weight_decay", "seed",
-                    "workers", "num_images", "val_images", "image_size")
-RUN_FLAGS = ("pretrained", "init_from", "freeze_bn", "sync_bn", "resume", "out_dir",
-             "save_every", "log_every", "amp", "channels_last", "compile", "deterministic",
-             "no_eval", "device", "stop_after")
+NO_PRESET = ("dataset", "data_root", "pretrained", "init_from", "resume", "out_dir", "amp",
+             "device", "stop_after")
+FLAGS = tuple(k for k in infra.SETTINGS  # in SETTINGS' order, --help's
+              if k in NO_PRESET or any(k in d for d in (COMMON, *PRESETS.values())))
 
 
 def parse_args(argv=None, prog=None):
     """train.py's configuration: COMMON, then the dataset's preset, then the flags given."""
-    presets = "\n".join(f"  {name}: " + ", ".join(f"{k}={v}" for k, v in p.items())
-                        for name, p in PRESETS.items())
+    defaults = "\n".join(f"  {name}: " + ", ".join(f"{k}={v}" for k, v in d.items())
+                         for name, d in dict(PRESETS, common=COMMON).items())
     p = infra.Parser(
         prog=prog, formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Train DeepLab v3 with a swappable context module (Vortex Pooling, paper "
-                    "4.1/4.2). Every setting defaults to its dataset's preset; a flag given "
-                    "overrides it.",
-        epilog=f"dataset presets:\n{presets}\ncommon defaults: " + ", ".join(
-            f"{k}={v}" for k, v in COMMON.items() if v is not None) + f"\n\nexit codes: 0 "
+                    "4.1/4.2); a flag given overrides its dataset's preset.",
+        epilog=f"defaults of each dataset, and common to all:\n{defaults}\n\nexit codes: 0 "
         f"finished, 1 failed (e.g. non-finite loss), 2 refused input, {EXIT_STOPPED} stopped by "
         f"a signal after saving a checkpoint (resume it), 130 stopped by a second signal")
-    infra.add_flags(p, EXPERIMENT_FLAGS + RUN_FLAGS)
+    infra.add_flags(p, FLAGS)
     args = p.parse_args(argv)
     cfg = dict(COMMON, **PRESETS[args.dataset or "synthetic"])
     cfg.update({k: v for k, v in vars(args).items() if v is not None or k not in cfg})
     cfg["dataset"] = cfg["dataset"] or "synthetic"
-    mg = cfg["multi_grid"]  # 'none', or one rate per layer4 block (the preset's cut to fit)
-    if [str(v).lower() for v in mg or ["none"]] == ["none"]:
-        cfg["multi_grid"] = None
-    else:
-        cfg["multi_grid"] = [int(v) if str(v).lstrip("-").isdigit() else v for v in mg]
-        if args.multi_grid is None:
-            cfg["multi_grid"] = cfg["multi_grid"][:DEPTHS[cfg["depth"]][1][3]]
+    mg = [int(v) if str(v).lstrip("-").isdigit() else v for v in cfg["multi_grid"]]
+    if args.multi_grid is None:  # the preset's rates, one per layer4 block of this depth
+        mg = mg[:DEPTHS[cfg["depth"]][1][3]]
+    cfg["multi_grid"] = None if [str(v).lower() for v in mg] == ["none"] else mg
     cfg["scale"] = list(cfg["scale"])
     if cfg["out_dir"] is None:
         cfg["out_dir"] = os.path.join("runs", f"{cfg['dataset']}-{cfg['context']}")
@@ -773,14 +667,16 @@ def parse_args(argv=None, prog=None):
     return cfg
 
 
-def per_rank_images(cfg, world, n_images):
-    """Images per rank and micro-step; refuses a batch that cannot train batch norm."""
+def per_rank_images(cfg, world, device, n_images):
+    """Images per rank and micro-step; refuses a batch that cannot train batch norm (and fp16
+    without CUDA)."""
+    if cfg["amp"] == "fp16" and device.type != "cuda":
+        raise BadInput("--amp fp16 needs CUDA; use --amp bf16 on CPU")
     per, accum = cfg["batch_size"] / (world * cfg["accum_steps"]), cfg["accum_steps"]
     if not per.is_integer():
         raise BadInput(f"--batch-size {cfg['batch_size']} (global) must be divisible by "
                        f"ranks x --accum-steps = {world} x {accum}")
-    synced = world > 1 and cfg["sync_bn"] != "off"
-    seen = int(per) * (world if synced else 1)
+    seen = int(per) * (world if cfg["sync_bn"] != "off" else 1)
     if seen < 2 and not cfg["freeze_bn"]:
         raise BadInput(f"--batch-size {cfg['batch_size']}: batch norm would see {seen} image per "
                        f"step ({world} rank(s), {accum} micro-step(s)); the image-level branch "
