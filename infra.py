@@ -1,9 +1,7 @@
 """Run infrastructure, not the paper: the gates every command's input passes, once, where it
-enters, and what runs around the paper's code. vortex.py imports nothing of ours; data, train,
-eval and experiments import this.
+enters, and what runs around the paper's code (vortex.py imports nothing of ours).
 
-  settings     SETTINGS, the one table of every option: add_flags, check_settings and
-               resume_differences read every command's flags and a checkpoint's config from it
+  settings     SETTINGS, the one table of every option, for every command and checkpoint
   checkpoints  read_weights (the tensors) and read_checkpoint (fields, config, shapes)
   outputs      Claim (checked and locked before any work), atomic_save, write_json, save_picture
   records      read_text, then read_json, read_record, read_log, read_list; names: path, plain_name
@@ -125,7 +123,7 @@ SETTINGS = {
     "out_dir": S("path", None, "where checkpoint, log and pictures go", free=True),
     "save_every": S(int, (1, 10 ** 8), "checkpoint every N iterations", free=True),
     "log_every": S(int, (1, 10 ** 8), "progress line every N iterations", free=True),
-    "stop_after": S(int, (1, 10 ** 8), "testing aid: a SIGTERM after N iterations", free=True),
+    "stop_after": S(int, (1, 10 ** 8), "testing aid: as if SIGTERM after N iterations", free=True),
     "amp": S(str, ["bf16", "fp16"], "mixed precision: bf16 autocast (--amp alone), or fp16 "
              "with a gradient scaler (CUDA only)", free=True, nargs="?", const="bf16"),
     "channels_last": S(bool, None, "NHWC memory format", free=True),
@@ -152,18 +150,13 @@ class Parser(argparse.ArgumentParser):
 
 def allowed_text(name):
     s = SETTINGS[name]
-    if s.kind is bool:
-        return "a flag"
-    if s.kind == "path":
-        return "a file or folder name"
-    if s.kind == "name":
-        return "a plain file name (no folder part)"
     if isinstance(s.allowed, tuple):
         lo, hi = s.allowed
         return f"a whole number in {lo}..{hi}" if s.kind is int else f"a number in [{lo:g}, {hi:g}]"
     if s.allowed:
         return "one of " + ", ".join(map(str, s.allowed))
-    return "text"
+    return {bool: "a flag", "path": "a file or folder name",
+            "name": "a plain file name (no folder part)"}.get(s.kind, "text")
 
 
 def add_flags(parser, names, default=None):
@@ -429,7 +422,6 @@ def path_problem(path):
 
 
 def path(value, flag):
-    """`value` when it can name a file, else one line naming the flag."""
     problem = path_problem(value)
     if problem:
         raise BadInput(f"{flag} {shown(value)}: must be a file or folder name ({problem})")
@@ -445,7 +437,6 @@ def is_plain_name(name):
 
 
 def plain_name(name, what):
-    """`name` when it is a plain name (is_plain_name), else one line naming `what`."""
     if not is_plain_name(name):
         raise BadInput(f"{what} {shown(name)} is not a plain file name inside its folder (a "
                        f"folder part, '..', white space or an absolute path); refused")
@@ -488,11 +479,10 @@ def _lock(lock_path, what):
 
 class Claim:
     """The outputs of one command, claimed before any work: `outputs` are (flag, path, kind),
-    kind 'folder' or the file name endings its format allows. Refused, in one line and leaving
-    nothing behind: an output related to an input (refuse_inputs), a folder where a file is
-    meant or the reverse, a name the file system cannot hold, one another command holds, an
-    existing file without `force` (a folder's owner checks it). Each output is locked (a folder
-    by its .lock, a file by .<name>.lock beside it) until release()."""
+    kind 'folder' or the file name endings its format allows. Refused in one line, leaving
+    nothing behind: an output related to an input, a folder where a file is meant or the
+    reverse, a bad name, one another command holds, an existing file without `force`. Each is
+    locked (a folder by its .lock, a file by .<name>.lock beside it) until release()."""
 
     def __init__(self, what, outputs, inputs=(), force=False,
                  hint="pass --force to overwrite, or choose another name"):
