@@ -195,6 +195,7 @@ def evaluate_checkpoint(model, ck, args, device):
                                     f"eval_{name}_{split}_s{'-'.join(f'{v:g}' for v in scales)}"
                                     f"{'_flip' if args.flip else ''}.json")
     with contextlib.ExitStack() as held:
+
         def claim():  # rank 0 claims the outputs; a refusal reaches every rank
             held.enter_context(infra.Claim("eval.py", [("--json", out, (".json",))] + (
                 [("--save-dir", args.save_dir, "folder")] if args.save_dir else []),
@@ -232,9 +233,9 @@ def predict_images(model, ck, args, device, log=print):
         folder = out or os.path.join("runs", "predictions",
                                      os.path.basename(os.path.normpath(source)))
         names = [os.path.splitext(os.path.basename(f)) for f in files]
-        stems = [s for s, _ in names]
+        bare = [s for s, _ in names]
         # img.bmp and img.tif would both become img.png: such names keep their extension
-        stems = [os.path.join(folder, s + ("_" + x[1:].lower() if stems.count(s) > 1 else ""))
+        stems = [os.path.join(folder, s + ("_" + x[1:].lower() if bare.count(s) > 1 else ""))
                  for s, x in names]
     elif not os.path.isfile(source):
         raise infra.MissingInput(f"--image {source}: no such file or folder")
