@@ -83,7 +83,7 @@ class VOCSegmentation(Pairs):
     ImageSets/Segmentation ('train_aug' reads SegmentationClassAug, made by prepare-sbd). Every
     listed file is checked now, so a broken tree fails at once, not hours into training."""
 
-    def __init__(self, root, split, transform=None, seed=0, mask_dir=None, num_classes=21):
+    def __init__(self, root, split, transform=None, seed=0, num_classes=21):
         self.root, self.split, self.seed, self.num_classes = root, split, seed, num_classes
         self.transform = transform if transform is not None else EvalTransform()
         self.classes, self.palette = VOC_CLASSES[:num_classes], VOC_PALETTE
@@ -105,7 +105,7 @@ class VOCSegmentation(Pairs):
         self.ids = read_list(list_file)  # plain ids only: nothing read from outside `root`
         if not self.ids:
             raise BadInput(f"split list {list_file} is empty")
-        mask_dir = mask_dir or "SegmentationClass" + "Aug" * (split == "train_aug")
+        mask_dir = "SegmentationClass" + "Aug" * (split == "train_aug")
         self.images = [os.path.join(root, "JPEGImages", i + ".jpg") for i in self.ids]
         self.masks = [os.path.join(root, mask_dir, i + ".png") for i in self.ids]
         for kind, paths in (("image", self.images), ("mask", self.masks)):
@@ -632,8 +632,8 @@ def annotation_mask(ann, h, w):
 
 
 def _read_coco(annotations, images, skip):
-    """The checked COCO file, and the annotations of its usable images by image id, each checked
-    against its image's size (annotation_problem), a broken one skipped."""
+    """The checked COCO file, the size of each usable image by id, and their annotations by image
+    id, each checked against its image's size (annotation_problem), a broken one skipped."""
     coco = read_json(annotations, "COCO annotations", 4 * 2 ** 30, strict=False)  # NaN: a
     # record's problem, not the file's
     for key in ("images", "annotations", "categories"):
@@ -645,12 +645,12 @@ def _read_coco(annotations, images, skip):
                            f"and a 'name'")
     if not os.path.isdir(images):
         raise MissingInput(f"COCO image folder not found: {images}")
-    sizes = {img["id"]: (img["height"], img["width"]) for img in coco["images"]
-             if image_problem(img) is None}
+    sizes = {img["id"]: (img["height"], img["width"]) for img in reversed(coco["images"])
+             if image_problem(img) is None}  # reversed: an id's first image decides
     by_image = {}
     for ann in coco["annotations"]:
         a, i = (ann.get("id"), ann.get("image_id")) if isinstance(ann, dict) else (None, None)
-        if not type(a) is type(i) is int:
+        if not (type(a) is type(i) is int):
             skip(f"annotation {shown(ann, 40)}", "no whole-number 'id' and 'image_id'")
         elif i in sizes:
             problem = annotation_problem(ann, *sizes[i])
@@ -658,7 +658,7 @@ def _read_coco(annotations, images, skip):
                 skip(f"annotation {a} (image {i})", problem, f"image {i}: annotation {a}")
             else:
                 by_image.setdefault(i, []).append(ann)
-    return coco, by_image
+    return coco, sizes, by_image
 
 
 def prepare_coco(annotations, images, out, split=None, min_pixels=1000, log=print,
@@ -674,7 +674,7 @@ def prepare_coco(annotations, images, out, split=None, min_pixels=1000, log=prin
         if strict:
             raise BadInput(f"{annotations}: {strictly or what}: {problem}")
         skipped.append((what, problem))
-    coco, by_image = _read_coco(annotations, images, skip)
+    coco, sizes, by_image = _read_coco(annotations, images, skip)
     split = plain_name(split or os.path.splitext(os.path.basename(annotations))[0].replace(
         "instances_", ""), "--split")
     settings = {"annotations": os.path.abspath(annotations), "min_pixels": min_pixels,
@@ -694,6 +694,8 @@ def prepare_coco(annotations, images, out, split=None, min_pixels=1000, log=prin
         stem = None if problem else os.path.splitext(img["file_name"])[0]
         if stem in stems:  # a.jpg and a.png: one mask a.png, one list line a
             problem = f"its file_name has the stem of image {shown(stems[stem], 40)}'s"
+        elif stem and sizes[rid] != (img["height"], img["width"]):  # annotations were checked
+            problem = "its id is that of an earlier image of another size"
         if problem:
             skip(f"image {shown(rid, 40)}", problem, f"image record {shown(rid, 40)}")
             continue
