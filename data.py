@@ -1,10 +1,7 @@
-"""Data for Vortex Pooling: PASCAL VOC 2012 (+ SBD train_aug), MS-COCO -> VOC classes, the
-paper's augmentation, and a built-in synthetic dataset where context decides the class.
-
-Part I, the paper: 4.1's data (train on train_aug, evaluate on VOC 2012 val), augmentation, and
-4.2's COCO pre-training. Part II: safe file reading, the synthetic data (Fig. 1 made into data),
-the SBD and COCO converters (`python data.py --help`, docs/data.md). An item is (image, label):
-float (3, H, W), ImageNet-normalised, and int64 (H, W) class indices, 255 = ignore.
+"""Data. Part I, the paper: PASCAL VOC 2012 with train_aug and its augmentation (4.1), MS-COCO
+in VOC's classes (4.2). Part II: safe file reading, a built-in synthetic dataset where context
+decides the class (Fig. 1 made into data), the SBD and COCO converters (docs/data.md). An item is
+(image, label): float (3, H, W), ImageNet-normalised, and int64 (H, W) classes, 255 = ignore.
 """
 import math
 import os
@@ -15,9 +12,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 
-from infra import (DATASETS, BadInput, Claim, ExistingOutput, MissingInput, Parser, atomic_save,
-                   cli, file_digest, is_plain_name, plain_name, progress, read_json, read_list,
-                   read_record, read_text, refuse_inputs, shown, write_json)
+from infra import (DATASETS, BadInput, Claim, ExistingOutput, MissingInput, Parser, add_flags,
+                   atomic_save, check_settings, cli, file_digest, is_plain_name, plain_name,
+                   progress, read_json, read_list, read_record, read_text, refuse_inputs, shown,
+                   write_json)
 
 # =============================================================================================
 # PART I: THE PAPER
@@ -192,15 +190,10 @@ class EvalTransform:
 # ---------------------------------------------------------------------------------------------
 # MS-COCO -> VOC classes (paper 4.2: "we treat the categories which are not defined in PASCAL
 # VOC 2012 as background and discard the objects which are smaller than 1000 pixels").
-# Our reading where the paper is silent:
-#   - a discarded small object (of a VOC class) is marked 255, ignored by the loss: painted as
-#     background it would teach that small cars and people are background, and a "discarded"
-#     object should teach nothing. Objects of non-VOC categories are background;
-#   - crowd (iscrowd=1) regions of a VOC category are painted as that class;
-#   - overlapping objects are painted largest first, so a smaller one lies on top (in COCO
-#     usually the one in front, e.g. a person on a sofa); an ignored small one too;
-#   - polygons are rasterised exactly as pycocotools does (polygons_to_mask): the masks every
-#     COCO-trained model saw.
+# Where the paper is silent (docs/data.md): a discarded object is marked 255, ignored by the loss
+# (painted as background it would teach that small cars and people are background); crowd
+# regions count as their class; objects are painted largest first, so a smaller one (in COCO
+# usually the one in front) lies on top; polygons are rasterised exactly as pycocotools does.
 # ---------------------------------------------------------------------------------------------
 
 COCO_TO_VOC = {"airplane": "aeroplane", "bicycle": "bicycle", "bird": "bird", "boat": "boat",
@@ -414,20 +407,11 @@ class SyntheticContext(Pairs):
 # SBD -> train_aug: the converter (train_aug_ids in Part I says which images).
 # ---------------------------------------------------------------------------------------------
 
-def _scipy_io():
+def sbd_mat_to_mask(path, loadmat):
+    """Class-index mask (H, W) uint8 from an SBD cls/<id>.mat file (GTcls.Segmentation), read
+    with scipy.io's loadmat."""
     try:
-        import scipy.io
-    except ImportError:
-        raise BadInput("reading SBD .mat files needs scipy: pip install scipy "
-                       "(only `python data.py prepare-sbd` uses it)") from None
-    return scipy.io
-
-
-def sbd_mat_to_mask(path):
-    """Class-index mask (H, W) uint8 from an SBD cls/<id>.mat file (GTcls.Segmentation)."""
-    scipy_io = _scipy_io()
-    try:
-        gt = scipy_io.loadmat(path, squeeze_me=True, struct_as_record=False)["GTcls"]
+        gt = loadmat(path, squeeze_me=True, struct_as_record=False)["GTcls"]
         seg = np.asarray(gt.Segmentation)
     except Exception as e:
         raise BadInput(f"cannot read SBD mask {path}: expected a MATLAB file with a GTcls "
@@ -444,7 +428,11 @@ def prepare_sbd(sbd, voc, overwrite=False, log=print):
     VOC2012/ImageSets/Segmentation/train_aug.txt. VOC's own mask is used where VOC train has one
     (it is finer and marks object borders 255); SBD's otherwise. Existing PNGs are kept, so an
     interrupted run resumes. Returns the counts."""
-    _scipy_io()  # before anything is written
+    try:  # before anything is written
+        from scipy.io import loadmat
+    except ImportError:
+        raise BadInput("reading SBD .mat files needs scipy: pip install scipy "
+                       "(only `python data.py prepare-sbd` uses it)") from None
     seg_dir = os.path.join(voc, "ImageSets", "Segmentation")
     sbd_tree = "expected --sbd to be benchmark_RELEASE/dataset with cls/*.mat, train.txt, val.txt"
     for where, folder, need, tree in (("SBD", sbd, ("cls", "train.txt", "val.txt"), sbd_tree),
@@ -471,7 +459,7 @@ def prepare_sbd(sbd, voc, overwrite=False, log=print):
             voc_mask = i in voc_train and os.path.isfile(src)
             if not voc_mask and not os.path.isfile(mat):
                 raise MissingInput(f"{i} is in the SBD lists but {mat} does not exist")
-            save_mask(dst, read_mask(src) if voc_mask else sbd_mat_to_mask(mat))
+            save_mask(dst, read_mask(src) if voc_mask else sbd_mat_to_mask(mat, loadmat))
             written += 1
         progress("prepare-sbd", n, len(ids), t0, log)
     atomic_save(out_list, lambda f: f.write("".join(i + "\n" for i in ids).encode()))
@@ -752,24 +740,20 @@ def parser():
                                             "(paper 4.2), laid out like VOC2012")
     s.add_argument("--annotations", required=True, help="e.g. annotations/instances_train2017.json")
     s.add_argument("--images", required=True, help="the matching image folder, e.g. train2017/")
-    s.add_argument("--out", required=True, help="output folder (VOC-like tree)")
-    s.add_argument("--split", help="list name to write (default: from the JSON, e.g. train2017)")
+    add_flags(s, ("out", "split"), required=("out",), out="output folder (VOC-like tree)",
+              split="list name to write (default: from the JSON, e.g. train2017)")
     s.add_argument("--strict", action="store_true", help="stop at the first broken record "
                    "(default: name it, skip it, and count the skipped ones at the end)")
     s.add_argument("--overwrite", action="store_true", help="rebuild a split that --out holds "
                    "from other settings (--min-pixels, another annotation file)")
-    s.add_argument("--min-pixels", type=int, default=1000, help="VOC objects smaller than this "
-                   "are discarded: marked 255, ignored by the loss (paper 4.2: 1000); 0..10^8")
+    add_flags(s, ("min_pixels",), default=1000)
     return p
 
 
 def main(argv=None):
     args = parser().parse_args(argv)
+    check_settings(vars(args))
     if args.cmd == "prepare-coco":  # everything is checked before the folder is locked
-        if not 0 <= args.min_pixels <= 10 ** 8:
-            raise BadInput(f"--min-pixels {args.min_pixels}: must be a whole number in 0..10^8")
-        if args.split is not None:
-            plain_name(args.split, "--split")
         folder, flag = args.out, "--out"
         inputs = [("--annotations", args.annotations), ("--images", args.images)]
         outputs = [os.path.join(folder, d) for d in ("SegmentationClass", "JPEGImages",

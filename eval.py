@@ -1,14 +1,7 @@
-"""Evaluation: full-image mean IoU from a confusion matrix, multi-scale + flip inference.
-
-Part I, the paper: the metric (mean IoU over the whole dataset), and inference at the image's
-own size, single scale (4.1, ablations) or scales 0.5 ... 1.75 with left-right flipping (4.2,
-DeepLab v3's protocol). Part II: the command line, and the pictures a run writes.
-
-  python eval.py --checkpoint ck.pt --dataset voc --data-root VOC2012 --ms --flip --save-dir out
-  python eval.py --checkpoint ck.pt --image photo.jpg   # or photos/ -> runs/predictions/...
-Nothing is overwritten without --force; known-bad input is one line and exit code 2.
+"""Evaluation. Part I, the paper: the metric (mean IoU over the whole dataset), and inference
+at the image's own size, single scale (4.1) or multi-scale with flipping (4.2). Part II: the
+command line (a dataset split, or images: `python eval.py --help`) and the pictures a run writes.
 """
-import contextlib
 import math
 import os
 import time
@@ -130,42 +123,30 @@ def evaluate(model, dataset, scales=(1.0,), flip=False, device=None, save_dir=No
 # =============================================================================================
 
 def parser():
-    """The command line: evaluate a split, or predict images (--help explains every flag;
-    checkpoints and flags pass infra's gates)."""
+    """The command line: evaluate a split, or predict images (every flag passes infra's gates)."""
     p = infra.Parser(description="Evaluate a train.py checkpoint: full-image mIoU "
                                  "(paper 4.1/4.2), or predict images.")
-    infra.add_flags(p, ("checkpoint", "dataset", "data_root"))
-    p.add_argument("--split", help="list to evaluate (default: the checkpoint's "
-                   "validation split, else val; val2017 for coco)")
-    infra.add_flags(p, ("scales",))
+    infra.add_flags(p, ("checkpoint", "dataset", "data_root", "split", "scales"), required=(
+        "checkpoint",), split="list to evaluate (default: the checkpoint's validation split, "
+                              "else val; val2017 for coco)")
     p.add_argument("--ms", action="store_true",
                    help=f"the paper's 4.2 scales {PAPER_SCALES} (overrides --scales)")
     p.add_argument("--flip", action="store_true", help="also average the mirrored image")
-    infra.add_flags(p, ("context", "depth"))  # checked against the checkpoint
-    p.add_argument("--save-dir", help="write palette prediction PNGs and image|truth|prediction "
-                   "panels here")
-    p.add_argument("--json", help="write all numbers here (default: beside the checkpoint, "
-                   "eval_<dataset>_<split>_s<scales>[_flip].json)")
-    p.add_argument("--image", help="predict this image, or every image in this folder, instead "
-                   f"(images over {data.MAX_IMAGE_PIXELS // 10 ** 6} megapixels are refused)")
-    p.add_argument("--out", help="with --image: the prediction PNG, or for a folder of images a "
-                   "folder (default: runs/predictions/<name>.png or runs/predictions/<folder>/)")
-    infra.add_flags(p, ("force", "workers", "amp", "device"))
+    infra.add_flags(p, ("context", "depth", "save_dir", "json", "image", "out", "force",
+                        "workers", "amp", "device"),  # context, depth: the checkpoint's
+                    image=f"predict this image, or every image in this folder, instead (images "
+                          f"over {data.MAX_IMAGE_PIXELS // 10 ** 6} megapixels are refused)",
+                    out="with --image: the prediction PNG, or for a folder of images a folder "
+                        "(default: runs/predictions/<name>.png or runs/predictions/<folder>/)")
     return p
 
 
 def main(argv=None):
-    p = parser()
-    args = p.parse_args(argv)
+    args = parser().parse_args(argv)
     vortex.keep_freed_memory()  # large tensors reuse memory instead of page-faulting it in
     args.scales = PAPER_SCALES if args.ms else tuple(args.scales or [1.0])
     args.workers = 2 if args.workers is None else args.workers
-    if not args.checkpoint:
-        p.error("--checkpoint is required")
-    infra.check_settings({k: v for k, v in vars(args).items() if k in infra.SETTINGS})
-    for flag in ("json", "save_dir", "out", "image"):  # --split: a plain name, checked above
-        if getattr(args, flag) is not None:
-            infra.path(getattr(args, flag), "--" + flag.replace("_", "-"))
+    infra.check_settings(vars(args))
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and args.image:
         raise infra.BadInput("--image runs in one process: use torchrun only to split "
                              "the evaluation of a dataset over GPUs")
@@ -187,22 +168,19 @@ def evaluate_checkpoint(model, ck, args, device):
     name = args.dataset or ck["dataset"]
     # the checkpoint's own split and root, else the defaults (val2017: prepare-coco's name)
     same = name == ck["dataset"]
-    split = infra.plain_name(args.split or (ta.get("val_split") if same else None) or
-                             ("val2017" if name == "coco" else "val"), "--split")
-    root = args.data_root or (ta.get("data_root") if same else None)
+    split = args.split or (ta["val_split"] if same else None) or (
+        "val2017" if name == "coco" else "val")
+    root = args.data_root or (ta["data_root"] if same else None)
     # a file per protocol: single-scale and multi-scale + flip numbers live side by side
     out = args.json or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)),
                                     f"eval_{name}_{split}_s{'-'.join(f'{v:g}' for v in scales)}"
                                     f"{'_flip' if args.flip else ''}.json")
-    with contextlib.ExitStack() as held:
-
-        def claim():  # rank 0 claims the outputs; a refusal reaches every rank
-            held.enter_context(infra.Claim("eval.py", [("--json", out, (".json",))] + (
-                [("--save-dir", args.save_dir, "folder")] if args.save_dir else []),
-                [("--checkpoint", args.checkpoint), ("--data-root", root)], args.force))
-            if args.save_dir:
-                infra.existing([args.save_dir], args.force, "pass --force to write into it")
-        infra.on_rank0(claim)
+    with infra.Claim("eval.py", [("--json", out, (".json",))] + (
+            [("--save-dir", args.save_dir, "folder")] if args.save_dir else []),
+            [("--checkpoint", args.checkpoint), ("--data-root", root)], args.force, rank0=True):
+        if args.save_dir:
+            infra.on_rank0(infra.existing, [args.save_dir], args.force,
+                           "pass --force to write into it")
         ds = data.get_dataset(name, split, root, train=False, **ck["data_args"])
         if len(ds.classes) != len(classes):
             raise infra.BadInput(f"{args.checkpoint} predicts {len(classes)} classes ("

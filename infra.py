@@ -1,12 +1,6 @@
 """Run infrastructure, not the paper: the gates every command's input passes, once, where it
-enters, and what runs around the paper's code (vortex.py imports nothing of ours).
-
-  settings     SETTINGS, the one table of every option, for every command and checkpoint
-  checkpoints  read_weights (the tensors) and read_checkpoint (fields, config, shapes)
-  outputs      Claim (checked and locked before any work), atomic_save, write_json, save_picture
-  records      read_text, then read_json, read_record, read_log, read_list; names: path, plain_name
-  around       progress, device and process-group set-up, `cli`
-Known-bad input raises BadInput, which `cli` turns into one line on stderr and exit code 2.
+enters (settings, checkpoints, outputs, records, names), and what runs around the paper's code:
+progress, devices, processes. Known-bad input raises BadInput: one line, exit code 2 (`cli`).
 """
 import argparse
 import errno
@@ -137,6 +131,14 @@ SETTINGS = {
     "threads": S(int, (0, 1024), "torch CPU threads (0: torch's default)"),
     "seeds": S(int, (1, 100), "seeds per module"),
     "force": S(bool, None, "overwrite outputs that exist"),
+    "save_dir": S("path", None, "write palette prediction PNGs and image | truth | prediction "
+                  "panels here"),
+    "json": S("path", None, "write all numbers here (default: beside the checkpoint, "
+              "eval_<dataset>_<split>_s<scales>[_flip].json)"),
+    "image": S("path", None, "an image, or a folder of images"),
+    "out": S("path", None, "the file or folder written"),
+    "min_pixels": S(int, (0, 10 ** 8), "COCO objects of a VOC class smaller than this are "
+                    "discarded: marked 255, ignored by the loss (paper 4.2: 1000)"),
 }
 del S
 
@@ -159,20 +161,22 @@ def allowed_text(name):
             "name": "a plain file name (no folder part)"}.get(s.kind, "text")
 
 
-def add_flags(parser, names, default=None):
+def add_flags(parser, names, default=None, required=(), **helps):
     """argparse flags for `names` (default None: unset, so that a preset or a checkpoint fills
-    it in); check_settings checks their values."""
+    it in), their help SETTINGS' or what `helps` says the flag means to this command;
+    check_settings checks their values."""
     for name in names:
         s, flag = SETTINGS[name], "--" + name.replace("_", "-")
+        text = helps.get(name, s.help)
         if s.kind is bool:
             parser.add_argument(flag, action="store_const", const=True, default=default,
-                                help=s.help)
+                                help=text)
             continue
-        text = f"{s.help} [{allowed_text(name)}]" if isinstance(s.allowed, tuple) else s.help
+        text = f"{text} [{allowed_text(name)}]" if isinstance(s.allowed, tuple) else text
         kind = s.kind if s.kind in (int, float) and name != "multi_grid" else str  # 'none' too
         parser.add_argument(flag, type=kind, nargs=s.nargs,
                             choices=s.allowed if isinstance(s.allowed, list) else None,
-                            const=s.const, default=default, help=text,
+                            const=s.const, default=default, help=text, required=name in required,
                             metavar="RATE" if name == "multi_grid" else None)
 
 
@@ -207,8 +211,9 @@ def check_settings(cfg, where=None):
     naming the first that is wrong: '--flag value: ...', or 'FILE: config.field is ...'."""
     def refuse(name, allowed):
         value = cfg[name]
-        text = " ".join(map(str, value)) if isinstance(value, (list, tuple)) else \
-            shown(value) if isinstance(value, str) and not value.strip() else value
+        text = " ".join(map(str, value)) if isinstance(value, (list, tuple)) else value
+        if isinstance(value, str) and not (value.strip() and value.isprintable()):
+            text = shown(value)  # blank, or a control character: quoted, on one line
         if where:
             raise BadInput(f"{where}.{name} is {shown(value)}; allowed: {allowed}")
         raise BadInput(f"--{name.replace('_', '-')} {text}: must be {allowed}")
@@ -482,11 +487,18 @@ class Claim:
     kind 'folder' or the file name endings its format allows. Refused in one line, leaving
     nothing behind: an output related to an input, a folder where a file is meant or the
     reverse, a bad name, one another command holds, an existing file without `force`. Each is
-    locked (a folder by its .lock, a file by .<name>.lock beside it) until release()."""
+    locked (a folder by its .lock, a file by .<name>.lock beside it) until release(); `rank0`:
+    rank 0 alone claims (the others hold nothing), and a refusal reaches every rank."""
 
     def __init__(self, what, outputs, inputs=(), force=False,
-                 hint="pass --force to overwrite, or choose another name"):
+                 hint="pass --force to overwrite, or choose another name", rank0=False):
         self.held, self.made = [], []
+        if rank0:
+            on_rank0(self._take, what, outputs, inputs, force, hint)
+        else:
+            self._take(what, outputs, inputs, force, hint)
+
+    def _take(self, what, outputs, inputs, force, hint):
         try:
             for flag, out, kind in outputs:
                 path(out, flag)

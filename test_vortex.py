@@ -3073,7 +3073,7 @@ def test_split_names_and_output_names_are_refused_before_anything_is_written(tmp
                           [{"id": 1, "image_id": 7, "category_id": 1, "segmentation": SQUARE}])
     refused(lambda: data.main(["prepare-coco", "--annotations", ann, "--images", imgs, "--out",
                                str(tmp_path / "c"), "--split", "../../../escaped"]),
-            r"--split '\.\./\.\./\.\./escaped' is not a plain")
+            r"--split \.\./\.\./\.\./escaped: must be a plain file name")
     for argv in (["prepare-coco", "--annotations", ann, "--images", imgs, "--out", imgs],
                  ["prepare-coco", "--annotations", ann, "--images",
                   str(tmp_path / "c2" / "JPEGImages"), "--out", str(tmp_path / "c2")]):
