@@ -12,10 +12,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 
-from infra import (DATASETS, BadInput, Claim, ExistingOutput, MissingInput, Parser, add_flags,
-                   atomic_save, check_settings, cli, file_digest, is_plain_name, plain_name,
-                   progress, read_json, read_list, read_record, read_text, refuse_inputs, shown,
-                   write_json)
+from infra import (BadInput, Claim, ExistingOutput, MissingInput, Parser, add_flags, atomic_save,
+                   check_settings, cli, file_digest, is_plain_name, plain_name, progress,
+                   read_json, read_list, read_record, read_text, refuse_inputs, shown, write_json)
 
 # =============================================================================================
 # PART I: THE PAPER
@@ -223,15 +222,14 @@ def coco_voc_mask(anns, h, w, cat_to_voc, min_pixels=1000):
 
 def get_dataset(name, split, root=None, train=False, crop=513, scale=(0.5, 2.0), seed=0,
                 num_images=512, image_size=128):
-    """A dataset by name, as train.py and eval.py use them. `train` picks the augmentation.
-    Synthetic: split 'train' and 'val' are different images (different seeds)."""
+    """A dataset by name (one of infra.DATASETS: the settings gate checked it), as train.py and
+    eval.py use them. `train` picks the augmentation. Synthetic: split 'train' and 'val' are
+    different images (different seeds)."""
     transform = TrainTransform(crop, scale) if train else EvalTransform()
     if name == "synthetic":
         if split not in ("train", "val"):
             raise BadInput(f"synthetic splits are 'train' and 'val', got {split!r}")
         return SyntheticContext(num_images, image_size, seed * 2 + (split == "val"), transform)
-    if name not in DATASETS:
-        raise BadInput(f"dataset must be one of {DATASETS}, got {name!r}")
     if not root:
         raise BadInput(f"dataset {name!r} reads local files: pass --data-root (the VOC2012 "
                        f"folder, or the output folder of `python data.py prepare-coco`)")

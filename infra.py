@@ -131,8 +131,7 @@ SETTINGS = {
     "threads": S(int, (0, 1024), "torch CPU threads (0: torch's default)"),
     "seeds": S(int, (1, 100), "seeds per module"),
     "force": S(bool, None, "overwrite outputs that exist"),
-    "save_dir": S("path", None, "write palette prediction PNGs and image | truth | prediction "
-                  "panels here"),
+    "save_dir": S("path", None, "write palette PNGs and image|truth|prediction panels here"),
     "json": S("path", None, "write all numbers here (default: beside the checkpoint, "
               "eval_<dataset>_<split>_s<scales>[_flip].json)"),
     "image": S("path", None, "an image, or a folder of images"),
