@@ -1,11 +1,7 @@
-"""Data for Vortex Pooling: PASCAL VOC 2012 (+ SBD train_aug), MS-COCO -> VOC classes, the
-paper's augmentation, and a built-in synthetic dataset where context decides the class.
-
-Part I, the paper: 4.1's data (train on train_aug, evaluate on VOC 2012 val), augmentation, and
-4.2's COCO pre-training. Part II: safe file reading, the synthetic data (Fig. 1 made into data),
-the SBD and COCO converters (`python data.py --help`; masks exactly as pycocotools makes them).
-An item is (image, label): float (3, H, W), ImageNet-normalised, and int64 (H, W) class indices,
-255 = ignore. Nothing is downloaded; a bad file is an error naming it.
+"""Data. Part I, the paper: PASCAL VOC 2012 with train_aug and its augmentation (4.1), MS-COCO
+in VOC's classes (4.2). Part II: safe file reading, a built-in synthetic dataset where context
+decides the class (Fig. 1 made into data), the SBD and COCO converters (docs/data.md). An item is
+(image, label): float (3, H, W), ImageNet-normalised, and int64 (H, W) classes, 255 = ignore.
 """
 import math
 import os
@@ -16,9 +12,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 
-from infra import (DATASETS, BadInput, Claim, ExistingOutput, MissingInput, Parser, atomic_save,
-                   cli, file_digest, is_plain_name, plain_name, progress, read_json, read_list,
-                   read_record, read_text, refuse_inputs, shown, write_json)
+from infra import (BadInput, Claim, ExistingOutput, MissingInput, Parser, add_flags, atomic_save,
+                   check_settings, cli, file_digest, is_plain_name, plain_name, progress,
+                   read_json, read_list, read_record, read_text, refuse_inputs, shown, write_json)
 
 # =============================================================================================
 # PART I: THE PAPER
@@ -76,7 +72,7 @@ class Pairs(torch.utils.data.Dataset):
 
     def __getitem__(self, key):
         epoch, index = key if isinstance(key, tuple) else (self.epoch, key)
-        return self.transform(*self.load(index), sample_rng(self.seed, epoch, index))
+        return self.transform(*self.load(index), np.random.default_rng([self.seed, epoch, index]))
 
 
 class VOCSegmentation(Pairs):
@@ -84,7 +80,7 @@ class VOCSegmentation(Pairs):
     ImageSets/Segmentation ('train_aug' reads SegmentationClassAug, made by prepare-sbd). Every
     listed file is checked now, so a broken tree fails at once, not hours into training."""
 
-    def __init__(self, root, split, transform=None, seed=0, mask_dir=None, num_classes=21):
+    def __init__(self, root, split, transform=None, seed=0, num_classes=21):
         self.root, self.split, self.seed, self.num_classes = root, split, seed, num_classes
         self.transform = transform if transform is not None else EvalTransform()
         self.classes, self.palette = VOC_CLASSES[:num_classes], VOC_PALETTE
@@ -106,7 +102,7 @@ class VOCSegmentation(Pairs):
         self.ids = read_list(list_file)  # plain ids only: nothing read from outside `root`
         if not self.ids:
             raise BadInput(f"split list {list_file} is empty")
-        mask_dir = mask_dir or "SegmentationClass" + "Aug" * (split == "train_aug")
+        mask_dir = "SegmentationClass" + "Aug" * (split == "train_aug")
         self.images = [os.path.join(root, "JPEGImages", i + ".jpg") for i in self.ids]
         self.masks = [os.path.join(root, mask_dir, i + ".png") for i in self.ids]
         for kind, paths in (("image", self.images), ("mask", self.masks)):
@@ -190,23 +186,13 @@ class EvalTransform:
         return normalize(image), torch.from_numpy(np.asarray(label, dtype=np.int64))
 
 
-def sample_rng(seed, epoch, index):
-    """The augmentation randomness of one sample in one epoch (see Pairs)."""
-    return np.random.default_rng([seed, epoch, index])
-
-
 # ---------------------------------------------------------------------------------------------
 # MS-COCO -> VOC classes (paper 4.2: "we treat the categories which are not defined in PASCAL
 # VOC 2012 as background and discard the objects which are smaller than 1000 pixels").
-# Our reading where the paper is silent:
-#   - a discarded small object (of a VOC class) is marked 255, ignored by the loss: painted as
-#     background it would teach that small cars and people are background, and a "discarded"
-#     object should teach nothing. Objects of non-VOC categories are background;
-#   - crowd (iscrowd=1) regions of a VOC category are painted as that class;
-#   - overlapping objects are painted largest first, so a smaller one lies on top (in COCO
-#     usually the one in front, e.g. a person on a sofa); an ignored small one too;
-#   - polygons are rasterised exactly as pycocotools does (polygons_to_mask): the masks every
-#     COCO-trained model saw.
+# Where the paper is silent (docs/data.md): a discarded object is marked 255, ignored by the loss
+# (painted as background it would teach that small cars and people are background); crowd
+# regions count as their class; objects are painted largest first, so a smaller one (in COCO
+# usually the one in front) lies on top; polygons are rasterised exactly as pycocotools does.
 # ---------------------------------------------------------------------------------------------
 
 COCO_TO_VOC = {"airplane": "aeroplane", "bicycle": "bicycle", "bird": "bird", "boat": "boat",
@@ -216,19 +202,13 @@ COCO_TO_VOC = {"airplane": "aeroplane", "bicycle": "bicycle", "bird": "bird", "b
                "sheep": "sheep", "couch": "sofa", "train": "train", "tv": "tvmonitor"}
 
 
-def coco_voc_mask(anns, h, w, cat_to_voc, min_pixels=1000, skipped=None):
-    """Index mask of one image's annotations (see above): VOC objects of at least min_pixels as
-    their class, smaller ones 255; None without a VOC object that large (the image teaches
-    nothing about the 20 classes). A broken annotation raises BadInput or, given a `skipped`
-    list, is left out and added to it as (annotation id, problem)."""
+def coco_voc_mask(anns, h, w, cat_to_voc, min_pixels=1000):
+    """Index mask of one image's annotations, checked (prepare_coco): VOC objects of at least
+    min_pixels as their class, smaller ones 255; None without a VOC object that large (the
+    image teaches nothing about the 20 classes)."""
     objs = []
     for ann in anns:
-        problem = annotation_problem(ann, h, w)
-        if problem is not None:
-            if skipped is None:
-                raise BadInput(f"annotation {ann.get('id')}: {problem}")
-            skipped.append((ann.get("id"), problem))
-        elif ann["category_id"] in cat_to_voc:
+        if ann["category_id"] in cat_to_voc:
             cls, m = cat_to_voc[ann["category_id"]], annotation_mask(ann, h, w).astype(bool)
             area = int(m.sum())  # decoded: COCO's stored `area` can disagree with its RLE
             objs.append((area, cls if area >= min_pixels else IGNORE, m))
@@ -242,15 +222,14 @@ def coco_voc_mask(anns, h, w, cat_to_voc, min_pixels=1000, skipped=None):
 
 def get_dataset(name, split, root=None, train=False, crop=513, scale=(0.5, 2.0), seed=0,
                 num_images=512, image_size=128):
-    """A dataset by name, as train.py and eval.py use them. `train` picks the augmentation.
-    Synthetic: split 'train' and 'val' are different images (different seeds)."""
+    """A dataset by name (one of infra.DATASETS: the settings gate checked it), as train.py and
+    eval.py use them. `train` picks the augmentation. Synthetic: split 'train' and 'val' are
+    different images (different seeds)."""
     transform = TrainTransform(crop, scale) if train else EvalTransform()
     if name == "synthetic":
         if split not in ("train", "val"):
             raise BadInput(f"synthetic splits are 'train' and 'val', got {split!r}")
         return SyntheticContext(num_images, image_size, seed * 2 + (split == "val"), transform)
-    if name not in DATASETS:
-        raise BadInput(f"dataset must be one of {DATASETS}, got {name!r}")
     if not root:
         raise BadInput(f"dataset {name!r} reads local files: pass --data-root (the VOC2012 "
                        f"folder, or the output folder of `python data.py prepare-coco`)")
@@ -330,10 +309,8 @@ def save_mask(path, mask, palette=VOC_PALETTE):
 
 # ---------------------------------------------------------------------------------------------
 # The built-in synthetic dataset: the paper's Figure 1 (a bike seen up close looks like a fish)
-# made into data. "bike" and "fish" share one body (shape, striped texture, colours); only the
-# surroundings tell them apart, wheels or drops of water, small, scattered and misleading near
-# the body (render_synthetic). Cues right around the body, or mixed in everywhere, are read
-# without a context module (docs/history.md): ResNet-18 at OS 8 sees the whole image.
+# made into data. "bike" and "fish" share one body; only the surroundings tell them apart
+# (docs/data.md; docs/history.md: why the cues near the body mislead).
 # ---------------------------------------------------------------------------------------------
 
 SYNTHETIC_CLASSES = ("background", "water", "wheel", "bike", "fish")
@@ -343,19 +320,15 @@ SYNTHETIC_PALETTE[:5] = [(0, 0, 0), (40, 110, 220), (150, 150, 150), (220, 40, 4
 SYNTHETIC_PALETTE[IGNORE] = (255, 255, 255)
 
 
-def _smooth_noise(rng, h, w, cells, amp):
-    """Low-frequency noise: a small random grid upsampled bilinearly."""
-    g = rng.normal(0, amp, (cells, cells)).astype(np.float32)
-    return np.asarray(Image.fromarray(g, mode="F").resize((w, h), Image.BILINEAR))
-
-
 def render_synthetic(seed, index, size=128):
     """One synthetic (image uint8 HxWx3, label uint8 HxW) pair, a pure function of its inputs."""
     rng = np.random.default_rng([seed, index, 17])
     h = w = size if np.isscalar(size) else int(rng.integers(size[0], size[1] + 1))
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-    base = rng.uniform(70, 150, 3)  # background: earthy colour with smooth variations
-    img = base + _smooth_noise(rng, h, w, 6, 18)[..., None] + rng.normal(0, 6, (h, w, 3))
+    base = rng.uniform(70, 150, 3)  # background: an earthy colour, a 6 x 6 grid upsampled, noise
+    grid = Image.fromarray(rng.normal(0, 18, (6, 6)).astype(np.float32), mode="F")
+    img = base + np.asarray(grid.resize((w, h), Image.BILINEAR))[..., None] + rng.normal(
+        0, 6, (h, w, 3))
     lab = np.zeros((h, w), np.uint8)
 
     def disc(cy, cx, r):  # a window around a disc, and its pixels' distance to the centre
@@ -380,13 +353,11 @@ def render_synthetic(seed, index, size=128):
     def inside(margin):  # the body's ellipse, grown by `margin`
         return ((yy - cy) / (ry + margin)) ** 2 + ((xx - cx) / (rx + margin)) ** 2 <= 1
 
-    # One body (bike or fish, 50/50) in the middle and, beyond a margin of plain background,
-    # 100 small scattered cues: wheels (a bike park) and drops of water (a pond). Near the body,
-    # in a ring 0.08 h wide, the cues mislead: only 30% are of the body's kind (a puddle beside
-    # the bike, a few wheels dumped in the pond). Farther out 75% are of its kind, and the far
-    # field holds most of the cues. So the body itself says nothing, the near surroundings say
-    # the wrong thing, and only the proportion over a large area is right: the model must
-    # gather evidence far from the pixel (paper 3.2), and tell near from far (3.4).
+    # One body (bike or fish, 50/50) in the middle; beyond a margin of plain background, 100
+    # small cues: wheels (a bike park), drops of water (a pond). In a ring 0.08 h wide next to
+    # the margin only 30% are of the body's kind (they mislead), farther out 75%: only the
+    # proportion over a large area is right (evidence far from the pixel, paper 3.2; near told
+    # from far, 3.4).
     cls = 3 if rng.random() < 0.5 else 4
     ry, rx = rng.uniform(0.16, 0.22) * h, rng.uniform(0.18, 0.26) * w
     gap = rng.uniform(0.10, 0.13) * h
@@ -434,20 +405,11 @@ class SyntheticContext(Pairs):
 # SBD -> train_aug: the converter (train_aug_ids in Part I says which images).
 # ---------------------------------------------------------------------------------------------
 
-def _scipy_io():
+def sbd_mat_to_mask(path, loadmat):
+    """Class-index mask (H, W) uint8 from an SBD cls/<id>.mat file (GTcls.Segmentation), read
+    with scipy.io's loadmat."""
     try:
-        import scipy.io
-    except ImportError:
-        raise BadInput("reading SBD .mat files needs scipy: pip install scipy "
-                       "(only `python data.py prepare-sbd` uses it)") from None
-    return scipy.io
-
-
-def sbd_mat_to_mask(path):
-    """Class-index mask (H, W) uint8 from an SBD cls/<id>.mat file (GTcls.Segmentation)."""
-    scipy_io = _scipy_io()
-    try:
-        gt = scipy_io.loadmat(path, squeeze_me=True, struct_as_record=False)["GTcls"]
+        gt = loadmat(path, squeeze_me=True, struct_as_record=False)["GTcls"]
         seg = np.asarray(gt.Segmentation)
     except Exception as e:
         raise BadInput(f"cannot read SBD mask {path}: expected a MATLAB file with a GTcls "
@@ -464,19 +426,20 @@ def prepare_sbd(sbd, voc, overwrite=False, log=print):
     VOC2012/ImageSets/Segmentation/train_aug.txt. VOC's own mask is used where VOC train has one
     (it is finer and marks object borders 255); SBD's otherwise. Existing PNGs are kept, so an
     interrupted run resumes. Returns the counts."""
-    _scipy_io()  # before anything is written
-    for part in ("cls/ folder", "train.txt", "val.txt"):
-        if not os.path.exists(os.path.join(sbd, part.split("/")[0])):
-            raise MissingInput(f"SBD {part} not found: {os.path.join(sbd, part.split('/')[0])}"
-                               f"\nexpected --sbd to be benchmark_RELEASE/dataset with "
-                               f"cls/*.mat, train.txt, val.txt")
-    seg_dir, lists = os.path.join(voc, "ImageSets", "Segmentation"), {}
-    for key, folder in (("voc_train", seg_dir), ("voc_val", seg_dir), ("sbd_train", sbd),
-                        ("sbd_val", sbd)):
-        p = os.path.join(folder, key[4:] + ".txt")
-        if folder == seg_dir and not os.path.isfile(p):
-            raise MissingInput(f"VOC list not found: {p}\n{VOC_TREE}")
-        lists[key] = read_list(p, repeats=True)
+    try:  # before anything is written
+        from scipy.io import loadmat
+    except ImportError:
+        raise BadInput("reading SBD .mat files needs scipy: pip install scipy "
+                       "(only `python data.py prepare-sbd` uses it)") from None
+    seg_dir = os.path.join(voc, "ImageSets", "Segmentation")
+    sbd_tree = "expected --sbd to be benchmark_RELEASE/dataset with cls/*.mat, train.txt, val.txt"
+    for where, folder, need, tree in (("SBD", sbd, ("cls", "train.txt", "val.txt"), sbd_tree),
+                                      ("VOC", seg_dir, ("train.txt", "val.txt"), VOC_TREE)):
+        for p in (os.path.join(folder, name) for name in need):
+            if not os.path.exists(p):
+                raise MissingInput(f"{where} {os.path.basename(p)} not found: {p}\n{tree}")
+    lists = {f"{who}_{part}": read_list(os.path.join(folder, part + ".txt"), repeats=True)
+             for who, folder in (("sbd", sbd), ("voc", seg_dir)) for part in ("train", "val")}
     ids = train_aug_ids(lists["sbd_train"], lists["sbd_val"], lists["voc_train"],
                         lists["voc_val"])
     counts = {k: len(set(v)) for k, v in lists.items()} | {"train_aug": len(ids)}
@@ -485,27 +448,23 @@ def prepare_sbd(sbd, voc, overwrite=False, log=print):
             out_list, "split list").splitlines() != ids:
         raise ExistingOutput(f"{out_list} exists with other contents; "
                              f"pass --overwrite to replace it")
-    written, kept, t0, voc_train = 0, 0, time.time(), set(lists["voc_train"])
+    written, t0, voc_train = 0, time.time(), set(lists["voc_train"])
     for n, i in enumerate(ids, 1):
         dst = os.path.join(voc, "SegmentationClassAug", i + ".png")
         src = os.path.join(voc, "SegmentationClass", i + ".png")
         mat = os.path.join(sbd, "cls", i + ".mat")
-        if os.path.exists(dst) and not overwrite:
-            kept += 1
-        elif i in voc_train and os.path.isfile(src):
-            save_mask(dst, read_mask(src))
-            written += 1
-        elif not os.path.isfile(mat):
-            raise MissingInput(f"{i} is in the SBD lists but {mat} does not exist")
-        else:
-            save_mask(dst, sbd_mat_to_mask(mat))
+        if overwrite or not os.path.exists(dst):  # else kept: an interrupted run resumes
+            voc_mask = i in voc_train and os.path.isfile(src)
+            if not voc_mask and not os.path.isfile(mat):
+                raise MissingInput(f"{i} is in the SBD lists but {mat} does not exist")
+            save_mask(dst, read_mask(src) if voc_mask else sbd_mat_to_mask(mat, loadmat))
             written += 1
         progress("prepare-sbd", n, len(ids), t0, log)
     atomic_save(out_list, lambda f: f.write("".join(i + "\n" for i in ids).encode()))
     missing = [i for i in ids if not os.path.isfile(os.path.join(voc, "JPEGImages", i + ".jpg"))]
     log(f"SBD train {counts['sbd_train']}, SBD val {counts['sbd_val']}, VOC train "
         f"{counts['voc_train']}, VOC val {counts['voc_val']} -> train_aug {counts['train_aug']} "
-        f"({written} masks written, {kept} kept) -> {out_list}")
+        f"({written} masks written, {len(ids) - written} kept) -> {out_list}")
     if counts["train_aug"] != 10582 or counts["voc_val"] != 1449:
         log(f"WARNING: expected train_aug 10582 and VOC val 1449 (the paper's sets), got "
             f"{counts['train_aug']} and {counts['voc_val']}: check that --sbd is the full SBD "
@@ -589,11 +548,9 @@ def _polygon_crossings(xy, h, w):
 
 
 def polygons_to_mask(polygons, h, w):
-    """Rasterise one object's COCO polygons ([x1, y1, x2, y2, ...], pixel (i, j) spanning
-    [j, j+1) x [i, i+1)) to a (h, w) uint8 mask, pixel-identical to pycocotools'
-    decode(merge(frPyObjects(polygons, h, w))), self-intersecting polygons, vertices outside the
-    image and fractional coordinates included: each polygon filled by the even-odd rule of its
-    crossings, the parts united. Tested on pycocotools' own output (a committed fixture)."""
+    """One object's COCO polygons ([x1, y1, x2, y2, ...]) as an (h, w) uint8 mask, identical
+    to pycocotools' decode(merge(frPyObjects(polygons, h, w))) (tested on its output): each
+    polygon filled by the even-odd rule of its crossings, the parts united."""
     mask = np.zeros(h * w, np.uint8)
     for poly in polygons:
         flips = np.bincount(_polygon_crossings(poly, h, w), minlength=h * w + 1)[: h * w]
@@ -611,9 +568,7 @@ def annotation_problem(ann, h, w):
         return f"category_id {shown(ann['category_id'], 20)} is not a whole number"
     seg = ann["segmentation"]
     if isinstance(seg, list):
-        if not seg:
-            return "no polygon"
-        for p in seg:
+        for p in seg or [[]]:
             if not isinstance(p, list) or len(p) < 6 or len(p) % 2:
                 return (f"a polygon of {len(p) if isinstance(p, list) else type(p).__name__} "
                         f"coordinates (needs x, y pairs, at least 3)")
@@ -663,9 +618,10 @@ def annotation_mask(ann, h, w):
 
 
 def _read_coco(annotations, images, skip):
-    """The checked COCO file, and its annotations by image id (a broken one skipped)."""
+    """The checked COCO file, the size of each usable image by id, and their annotations by image
+    id, each checked against its image's size (annotation_problem), a broken one skipped."""
     coco = read_json(annotations, "COCO annotations", 4 * 2 ** 30, strict=False)  # NaN: a
-    # record's problem (annotation_problem), not the file's
+    # record's problem, not the file's
     for key in ("images", "annotations", "categories"):
         if not isinstance(coco, dict) or not isinstance(coco.get(key), list):
             raise BadInput(f"{annotations} has no '{key}' list: not a COCO instances file")
@@ -675,13 +631,20 @@ def _read_coco(annotations, images, skip):
                            f"and a 'name'")
     if not os.path.isdir(images):
         raise MissingInput(f"COCO image folder not found: {images}")
+    sizes = {img["id"]: (img["height"], img["width"]) for img in reversed(coco["images"])
+             if image_problem(img) is None}  # reversed: an id's first image decides
     by_image = {}
     for ann in coco["annotations"]:
-        if isinstance(ann, dict) and type(ann.get("image_id")) is type(ann.get("id", 0)) is int:
-            by_image.setdefault(ann["image_id"], []).append(ann)
-        else:
+        a, i = (ann.get("id"), ann.get("image_id")) if isinstance(ann, dict) else (None, None)
+        if not (type(a) is type(i) is int):
             skip(f"annotation {shown(ann, 40)}", "no whole-number 'id' and 'image_id'")
-    return coco, by_image
+        elif i in sizes:
+            problem = annotation_problem(ann, *sizes[i])
+            if problem:
+                skip(f"annotation {a} (image {i})", problem, f"image {i}: annotation {a}")
+            else:
+                by_image.setdefault(i, []).append(ann)
+    return coco, sizes, by_image
 
 
 def prepare_coco(annotations, images, out, split=None, min_pixels=1000, log=print,
@@ -697,7 +660,7 @@ def prepare_coco(annotations, images, out, split=None, min_pixels=1000, log=prin
         if strict:
             raise BadInput(f"{annotations}: {strictly or what}: {problem}")
         skipped.append((what, problem))
-    coco, by_image = _read_coco(annotations, images, skip)
+    coco, sizes, by_image = _read_coco(annotations, images, skip)
     split = plain_name(split or os.path.splitext(os.path.basename(annotations))[0].replace(
         "instances_", ""), "--split")
     settings = {"annotations": os.path.abspath(annotations), "min_pixels": min_pixels,
@@ -717,6 +680,8 @@ def prepare_coco(annotations, images, out, split=None, min_pixels=1000, log=prin
         stem = None if problem else os.path.splitext(img["file_name"])[0]
         if stem in stems:  # a.jpg and a.png: one mask a.png, one list line a
             problem = f"its file_name has the stem of image {shown(stems[stem], 40)}'s"
+        elif stem and sizes[rid] != (img["height"], img["width"]):  # annotations were checked
+            problem = "its id is that of an earlier image of another size"
         if problem:
             skip(f"image {shown(rid, 40)}", problem, f"image record {shown(rid, 40)}")
             continue
@@ -728,13 +693,8 @@ def prepare_coco(annotations, images, out, split=None, min_pixels=1000, log=prin
         elif os.path.isfile(mask_path) and not overwrite:  # an earlier, interrupted run
             written.append(stem)
         else:
-            bad = None if strict else []
-            try:
-                mask = coco_voc_mask(by_image.get(img["id"], []), img["height"], img["width"],
-                                     cat_to_voc, min_pixels, bad)
-            except BadInput as e:
-                raise BadInput(f"{annotations}: image {img['id']}: {e}") from None
-            skipped += [(f"annotation {i} (image {img['id']})", p) for i, p in bad or []]
+            mask = coco_voc_mask(by_image.get(rid, []), img["height"], img["width"], cat_to_voc,
+                                 min_pixels)
             if mask is None:
                 no_voc += 1
                 if os.path.isfile(mask_path):  # left from other settings
@@ -768,8 +728,7 @@ def parser():
     """The command line (--help explains every flag)."""
     p = Parser(description="Dataset preparation for Vortex Pooling (paper 4.1, 4.2).")
     sub = p.add_subparsers(dest="cmd", required=True)
-    s = sub.add_parser("prepare-sbd", help="make VOC train_aug (10,582 images) from the SBD "
-                                           "release: SegmentationClassAug PNGs + train_aug.txt")
+    s = sub.add_parser("prepare-sbd", help="VOC train_aug (10,582 images) from the SBD release")
     s.add_argument("--sbd", required=True,
                    help="SBD's benchmark_RELEASE/dataset folder (cls/*.mat, train.txt, val.txt)")
     s.add_argument("--voc", required=True, help="the VOCdevkit/VOC2012 folder (written into)")
@@ -779,26 +738,20 @@ def parser():
                                             "(paper 4.2), laid out like VOC2012")
     s.add_argument("--annotations", required=True, help="e.g. annotations/instances_train2017.json")
     s.add_argument("--images", required=True, help="the matching image folder, e.g. train2017/")
-    s.add_argument("--out", required=True, help="output folder (VOC-like tree)")
-    s.add_argument("--split", help="list name to write (default: from the JSON, e.g. train2017)")
-    s.add_argument("--strict", action="store_true",
-                   help="stop at the first broken annotation or image record (default: name "
-                        "it, skip it, and count the skipped ones at the end)")
+    add_flags(s, ("out", "split"), required=("out",), out="output folder (VOC-like tree)",
+              split="list name to write (default: from the JSON, e.g. train2017)")
+    s.add_argument("--strict", action="store_true", help="stop at the first broken record "
+                   "(default: name it, skip it, and count the skipped ones at the end)")
     s.add_argument("--overwrite", action="store_true", help="rebuild a split that --out holds "
                    "from other settings (--min-pixels, another annotation file)")
-    s.add_argument("--min-pixels", type=int, default=1000,
-                   help="VOC objects smaller than this are discarded, i.e. marked 255 and "
-                        "ignored by the loss (paper 4.2: 1000); 0..10^8")
+    add_flags(s, ("min_pixels",), default=1000)
     return p
 
 
 def main(argv=None):
     args = parser().parse_args(argv)
+    check_settings(vars(args))
     if args.cmd == "prepare-coco":  # everything is checked before the folder is locked
-        if not 0 <= args.min_pixels <= 10 ** 8:
-            raise BadInput(f"--min-pixels {args.min_pixels}: must be a whole number in 0..10^8")
-        if args.split is not None:
-            plain_name(args.split, "--split")
         folder, flag = args.out, "--out"
         inputs = [("--annotations", args.annotations), ("--images", args.images)]
         outputs = [os.path.join(folder, d) for d in ("SegmentationClass", "JPEGImages",

@@ -1,13 +1,6 @@
-"""Evaluation: full-image mean IoU from a confusion matrix, multi-scale + flip inference.
-
-Part I, the paper: the metric (mean IoU over the whole dataset), and inference at the image's
-own size, single scale (4.1, ablations) or scales 0.5 ... 1.75 with left-right flipping (4.2,
-DeepLab v3's protocol). Part II: the command line, and the pictures a run writes (prediction
-panels, training curves) with the drawing primitives experiments.py's figures use too.
-
-  python eval.py --checkpoint ck.pt --dataset voc --data-root VOC2012 --ms --flip --save-dir out
-  python eval.py --checkpoint ck.pt --image photo.jpg   # or photos/ -> runs/predictions/...
-Nothing is overwritten without --force; known-bad input is one line and exit code 2.
+"""Evaluation. Part I, the paper: the metric (mean IoU over the whole dataset), and inference
+at the image's own size, single scale (4.1) or multi-scale with flipping (4.2). Part II: the
+command line (a dataset split, or images: `python eval.py --help`) and the pictures a run writes.
 """
 import math
 import os
@@ -89,27 +82,21 @@ def predict(model, image, scales=(1.0,), flip=False):
     return predict_probs(model, image, scales, flip).argmax(0)
 
 
-def _shard(n):
-    """This rank's image indices: rank, rank + world, ... Every image is seen exactly once
-    (a DistributedSampler would pad with repeats, which would be counted twice)."""
-    if dist.is_available() and dist.is_initialized():
-        return range(dist.get_rank(), n, dist.get_world_size())
-    return range(n)
-
-
-def evaluate(model, dataset, scales=(1.0,), flip=False, device=None, num_classes=None,
-             save_dir=None, log=print, palette=None, workers=0, amp=None):
+def evaluate(model, dataset, scales=(1.0,), flip=False, device=None, save_dir=None, log=print,
+             workers=0, amp=None):
     """Full-image evaluation: miou_from_confusion's dict. `workers` processes decode images while
     the model runs, under autocast with `amp` ('bf16'/'fp16'; probabilities averaged in fp32).
-    Distributed, each rank takes every world_size-th image; the matrices are all-reduced."""
+    Distributed, each rank takes every world_size-th image, so each counts once (a
+    DistributedSampler would pad with repeats), and the matrices are all-reduced."""
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    num_classes = num_classes or len(dataset.classes)
-    palette = palette if palette is not None else dataset.palette
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, None: None}[amp]
     was_training = model.training
     model.eval()
-    confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
-    indices = list(_shard(len(dataset)))
+    c = len(dataset.classes)
+    confusion = torch.zeros(c, c, dtype=torch.int64, device=device)
+    indices = range(len(dataset))
+    if dist.is_available() and dist.is_initialized():
+        indices = indices[dist.get_rank()::dist.get_world_size()]
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, indices),
                                          batch_size=None, num_workers=workers,
                                          pin_memory=device.type == "cuda")
@@ -120,7 +107,7 @@ def evaluate(model, dataset, scales=(1.0,), flip=False, device=None, num_classes
         confusion_update(confusion, pred, label.to(device, non_blocking=True))
         if save_dir:
             name = dataset.ids[i] if getattr(dataset, "ids", None) else f"{i:05d}"
-            save_prediction(os.path.join(save_dir, name), image, pred.cpu(), palette,
+            save_prediction(os.path.join(save_dir, name), image, pred.cpu(), dataset.palette,
                             list(dataset.classes), label)
         infra.progress("eval", n, len(indices), t0, log)
     if dist.is_available() and dist.is_initialized():
@@ -135,60 +122,124 @@ def evaluate(model, dataset, scales=(1.0,), flip=False, device=None, num_classes
 # PART II: ENGINEERING THE PAPER DOES NOT DESCRIBE
 # =============================================================================================
 
-# ---------------------------------------------------------------------------------------------
-# Predicting images, and the command line (checkpoints and flags: infra's gates).
-# ---------------------------------------------------------------------------------------------
+def parser():
+    """The command line: evaluate a split, or predict images (every flag passes infra's gates)."""
+    p = infra.Parser(description="Evaluate a train.py checkpoint: full-image mIoU "
+                                 "(paper 4.1/4.2), or predict images.")
+    infra.add_flags(p, ("checkpoint", "dataset", "data_root", "split", "scales"), required=(
+        "checkpoint",), split="list to evaluate (default: the checkpoint's validation split, "
+                              "else val; val2017 for coco)")
+    p.add_argument("--ms", action="store_true",
+                   help=f"the paper's 4.2 scales {PAPER_SCALES} (overrides --scales)")
+    p.add_argument("--flip", action="store_true", help="also average the mirrored image")
+    infra.add_flags(p, ("context", "depth", "save_dir", "json", "image", "out", "force",
+                        "workers", "amp", "device"),  # context, depth: the checkpoint's
+                    image=f"predict this image, or every image in this folder, instead (images "
+                          f"over {data.MAX_IMAGE_PIXELS // 10 ** 6} megapixels are refused)",
+                    out="with --image: the prediction PNG, or for a folder of images a folder "
+                        "(default: runs/predictions/<name>.png or runs/predictions/<folder>/)")
+    return p
 
-DEFAULT_SPLIT = {"coco": "val2017"}  # prepare-coco names splits after the COCO files
+
+def main(argv=None):
+    args = parser().parse_args(argv)
+    vortex.keep_freed_memory()  # large tensors reuse memory instead of page-faulting it in
+    args.scales = PAPER_SCALES if args.ms else tuple(args.scales or [1.0])
+    args.workers = 2 if args.workers is None else args.workers
+    infra.check_settings(vars(args))
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and args.image:
+        raise infra.BadInput("--image runs in one process: use torchrun only to split "
+                             "the evaluation of a dataset over GPUs")
+    device = infra.setup_distributed(args.device, fixed_sizes=False)[2]
+    try:
+        ck = infra.read_checkpoint(args.checkpoint)
+        model = infra.model_from_checkpoint(ck, args.checkpoint, context=args.context,
+                                            depth=args.depth).to(device).eval()
+        command = predict_images if args.image else evaluate_checkpoint
+        return command(model, ck, args, device)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
-def prediction_names(source, out):
-    """(image files, output stems) for --image SOURCE [--out OUT]."""
-    if not os.path.isdir(source):
-        if not os.path.isfile(source):
-            raise infra.MissingInput(f"--image {source}: no such file or folder")
-        if out and not out.lower().endswith(".png"):
-            raise infra.BadInput(f"--out {out}: the prediction is a PNG; give a name ending "
-                                 f"in .png")
-        return [source], [os.path.splitext(out)[0] if out else os.path.join(
-            "runs", "predictions", os.path.splitext(os.path.basename(source))[0])]
-    files = sorted(os.path.join(source, f) for f in os.listdir(source)
-                   if f.lower().endswith(infra.PICTURES))
-    if not files:
-        raise infra.MissingInput(f"--image {source}: no image files "
-                                 f"({', '.join(infra.PICTURES)})")
-    folder = out or os.path.join("runs", "predictions", os.path.basename(os.path.normpath(source)))
-    names = [os.path.splitext(os.path.basename(f)) for f in files]
-    clash = {s for s, _ in names if sum(t == s for t, _ in names) > 1}
-    # img.bmp and img.tif would both become img.png: such names keep their extension
-    return files, [os.path.join(folder, s + ("_" + x[1:].lower() if s in clash else ""))
-                   for s, x in names]
+def evaluate_checkpoint(model, ck, args, device):
+    """mIoU of the checkpoint on a dataset split; table on screen, numbers in a JSON file."""
+    classes, ta, scales, say = ck["classes"], ck["train_args"], args.scales, infra.rank0_print
+    name = args.dataset or ck["dataset"]
+    # the checkpoint's own split and root, else the defaults (val2017: prepare-coco's name)
+    same = name == ck["dataset"]
+    split = args.split or (ta["val_split"] if same else None) or (
+        "val2017" if name == "coco" else "val")
+    root = args.data_root or (ta["data_root"] if same else None)
+    # a file per protocol: single-scale and multi-scale + flip numbers live side by side
+    out = args.json or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)),
+                                    f"eval_{name}_{split}_s{'-'.join(f'{v:g}' for v in scales)}"
+                                    f"{'_flip' if args.flip else ''}.json")
+    with infra.Claim("eval.py", [("--json", out, (".json",))] + (
+            [("--save-dir", args.save_dir, "folder")] if args.save_dir else []),
+            [("--checkpoint", args.checkpoint), ("--data-root", root)], args.force, rank0=True):
+        if args.save_dir:
+            infra.on_rank0(infra.existing, [args.save_dir], args.force,
+                           "pass --force to write into it")
+        ds = data.get_dataset(name, split, root, train=False, **ck["data_args"])
+        if len(ds.classes) != len(classes):
+            raise infra.BadInput(f"{args.checkpoint} predicts {len(classes)} classes ("
+                                 f"{', '.join(classes[:6])}{', ...' * (len(classes) > 6)}), but "
+                                 f"{name} has {len(ds.classes)}: evaluate it on the dataset it "
+                                 f"was trained for")
+        result = evaluate(model, ds, scales, args.flip, device, save_dir=args.save_dir, log=say,
+                          workers=args.workers, amp=args.amp)
+        say(f"{name} {split} ({len(ds)} images), scales {scales}, flip {args.flip}:")
+        say(format_table(result, classes, getattr(ds, "context_classes", ())))
+        result.update(dataset=name, split=split, scales=list(scales), flip=args.flip,
+                      classes=list(classes), checkpoint=args.checkpoint)
+        infra.on_rank0(infra.write_json, out, result)
+    say("numbers written to", out + (f"; pictures in {args.save_dir}" if args.save_dir else ""))
+    return result
 
 
 def predict_images(model, ck, args, device, log=print):
     """Predict --image (one image, or every image of a folder): <out>/<stem>.png (class indices,
     palette) and <out>/<stem>_panel.png each. Returns the paths written."""
-    classes, palette, source, force = ck["classes"], np.asarray(ck["palette"]), args.image, \
-        args.force
-    files, stems = prediction_names(source, args.out)
+    classes, palette, source, out = ck["classes"], np.asarray(ck["palette"]), args.image, args.out
+    if os.path.isdir(source):
+        files = sorted(os.path.join(source, f) for f in os.listdir(source)
+                       if f.lower().endswith(infra.PICTURES))
+        if not files:
+            raise infra.MissingInput(f"--image {source}: no image files "
+                                     f"({', '.join(infra.PICTURES)})")
+        folder = out or os.path.join("runs", "predictions",
+                                     os.path.basename(os.path.normpath(source)))
+        names = [os.path.splitext(os.path.basename(f)) for f in files]
+        bare = [s for s, _ in names]
+        # img.bmp and img.tif would both become img.png: such names keep their extension
+        stems = [os.path.join(folder, s + ("_" + x[1:].lower() if bare.count(s) > 1 else ""))
+                 for s, x in names]
+    elif not os.path.isfile(source):
+        raise infra.MissingInput(f"--image {source}: no such file or folder")
+    elif out and not out.lower().endswith(".png"):
+        raise infra.BadInput(f"--out {out}: the prediction is a PNG; give a name ending in .png")
+    else:
+        files, stems = [source], [os.path.splitext(out)[0] if out else os.path.join(
+            "runs", "predictions", os.path.splitext(os.path.basename(source))[0])]
     outputs = [s + t for s in stems for t in (".png", "_panel.png")]
     twice = sorted({o for o in outputs if outputs.count(o) > 1})
     if twice:
         raise infra.BadInput(f"--image {source}: two outputs would share the name {twice[0]}; "
                              f"rename one of the images")
-    inputs, hint = [("--checkpoint", args.checkpoint), ("--image", source)], \
-        "pass --force to overwrite, or choose another --out"
-    with infra.Claim("eval.py", [("--out", os.path.dirname(stems[0]), "folder")], inputs) \
-            if os.path.isdir(source) else infra.Claim(
-                "eval.py", [("--out", o, (".png",)) for o in outputs], inputs, force, hint):
-        infra.existing(outputs, force, hint)
+    claimed = [("--out", os.path.dirname(stems[0]), "folder")] if os.path.isdir(source) else \
+        [("--out", o, (".png",)) for o in outputs]
+    hint = "pass --force to overwrite, or choose another --out"
+    with infra.Claim("eval.py", claimed, [("--checkpoint", args.checkpoint), ("--image", source)],
+                     args.force, hint):
+        infra.existing(outputs, args.force, hint)
         if ck["dataset"] == "synthetic":
             log(f"note: this checkpoint was trained on the built-in synthetic data; it knows "
                 f"only {', '.join(classes)}, so a photo comes out in those classes")
         written, t0 = [], time.time()
         for n, (f, stem) in enumerate(zip(files, stems), 1):
             image = data.normalize(data.read_image(f, orientation=True)).to(device)
-            pred = predict(model, image, tuple(args.scales), args.flip).cpu()
+            pred = predict(model, image, args.scales, args.flip).cpu()
             written += save_prediction(stem, image.cpu(), pred, palette, classes)
             if len(files) == 1:
                 log(f"{f}: classes found: {', '.join(classes[c] for c in pred.unique().tolist())}")
@@ -198,103 +249,6 @@ def predict_images(model, ck, args, device, log=print):
         f"wrote {len(written)} files in {os.path.dirname(stems[0])} "
         f"(<name>.png: class indices; <name>_panel.png: image | prediction)")
     return written
-
-
-def parser():
-    """The command line (--help explains every flag)."""
-    p = infra.Parser(description="Evaluate a train.py checkpoint: full-image mIoU "
-                                 "(paper 4.1/4.2), or predict images.")
-    infra.add_flags(p, ("checkpoint", "dataset", "data_root"))
-    p.add_argument("--split", help="list to evaluate (default: the checkpoint's "
-                   "validation split, else val; val2017 for coco)")
-    infra.add_flags(p, ("scales",))
-    p.add_argument("--ms", action="store_true",
-                   help=f"the paper's 4.2 scales {PAPER_SCALES} (overrides --scales)")
-    p.add_argument("--flip", action="store_true", help="also average the mirrored image")
-    infra.add_flags(p, ("context", "depth"))  # checked against the checkpoint
-    p.add_argument("--save-dir", help="write palette prediction PNGs and image|truth|prediction "
-                   "panels here")
-    p.add_argument("--json", default=None, help="write all numbers here (default: beside the "
-                   "checkpoint, eval_<dataset>_<split>_s<scales>[_flip].json)")
-    p.add_argument("--image", default=None,
-                   help="predict this image, or every image in this folder, instead (images "
-                        f"over {data.MAX_IMAGE_PIXELS // 10 ** 6} megapixels are refused)")
-    p.add_argument("--out", default=None, help="with --image: the prediction PNG (one image; "
-                   "default runs/predictions/<name>.png) or folder (a folder of images; default "
-                   "runs/predictions/<folder>/)")
-    infra.add_flags(p, ("force", "workers", "amp", "device"))
-    return p
-
-
-def main(argv=None):
-    p = parser()
-    args = p.parse_args(argv)
-    vortex.keep_freed_memory()  # large tensors reuse memory instead of page-faulting it in
-    args.scales = list(PAPER_SCALES) if args.ms else args.scales or [1.0]
-    args.workers = 2 if args.workers is None else args.workers
-    if not args.checkpoint:
-        p.error("--checkpoint is required")
-    infra.check_settings({k: v for k, v in vars(args).items() if k in infra.SETTINGS})
-    for flag in ("json", "save_dir", "out", "image", "split"):
-        if getattr(args, flag) is not None:
-            infra.path(getattr(args, flag), "--" + flag.replace("_", "-"))
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and args.image:
-        raise infra.BadInput("--image runs in one process: use torchrun only to split "
-                             "the evaluation of a dataset over GPUs")
-    rank, _, device = infra.setup_distributed(args.device, fixed_sizes=False)
-    try:
-        ck = infra.read_checkpoint(args.checkpoint)
-        model = infra.model_from_checkpoint(ck, args.checkpoint, context=args.context,
-                                            depth=args.depth).to(device).eval()
-        if args.image:
-            return predict_images(model, ck, args, device)
-        return evaluate_checkpoint(model, ck, args, tuple(args.scales), device, rank)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
-def evaluate_checkpoint(model, ck, args, scales, device, rank=0):
-    """mIoU of the checkpoint on a dataset split; table on screen, numbers in a JSON file."""
-    classes, palette, ta = ck["classes"], np.asarray(ck["palette"]), ck["train_args"]
-    name = args.dataset or ck["dataset"]
-    same = name == ck["dataset"]  # the checkpoint's own split and root, else the defaults
-    split = infra.plain_name(args.split or (ta.get("val_split") if same else None) or
-                             DEFAULT_SPLIT.get(name, "val"), "--split")
-    root = args.data_root or (ta.get("data_root") if same else None)
-    # a file per protocol: single-scale and multi-scale + flip numbers live side by side
-    out = args.json or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)),
-                                    f"eval_{name}_{split}_s{'-'.join(f'{v:g}' for v in scales)}"
-                                    f"{'_flip' if args.flip else ''}.json")
-    claim = infra.Claim("eval.py", [])
-
-    def take():  # rank 0 claims the outputs; a refusal reaches every rank
-        nonlocal claim
-        claim = infra.Claim("eval.py", [("--json", out, (".json",))] + (
-            [("--save-dir", args.save_dir, "folder")] if args.save_dir else []),
-            [("--checkpoint", args.checkpoint), ("--data-root", root)], args.force)
-        if args.save_dir:
-            infra.existing([args.save_dir], args.force, "pass --force to write into it")
-    infra.on_rank0(take)
-    with claim:
-        ds = data.get_dataset(name, split, root, train=False, **ck["data_args"])
-        if len(ds.classes) != len(classes):
-            raise infra.BadInput(f"{args.checkpoint} predicts {len(classes)} classes ("
-                                 f"{', '.join(classes[:6])}{', ...' * (len(classes) > 6)}), but "
-                                 f"{name} has {len(ds.classes)}: evaluate it on the dataset it "
-                                 f"was trained for")
-        say = print if rank == 0 else (lambda *a: None)
-        result = evaluate(model, ds, scales, args.flip, device, len(classes), log=say,
-                          save_dir=args.save_dir, palette=palette, workers=args.workers,
-                          amp=args.amp)
-        say(f"{name} {split} ({len(ds)} images), scales {scales}, flip {args.flip}:")
-        say(format_table(result, classes, getattr(ds, "context_classes", ())))
-        result.update(dataset=name, split=split, scales=list(scales), flip=args.flip,
-                      classes=list(classes), checkpoint=args.checkpoint)
-        if rank == 0:
-            infra.write_json(out, result)
-    say("numbers written to", out + (f"; pictures in {args.save_dir}" if args.save_dir else ""))
-    return result
 
 
 # ---------------------------------------------------------------------------------------------
@@ -315,38 +269,37 @@ def colorize(label, palette):
     return np.asarray(palette, dtype=np.uint8)[np.asarray(label, dtype=np.int64) & 255]
 
 
-def hstack(parts, gap):
-    """RGB uint8 pictures side by side, `gap` px of white apart, shorter ones padded below."""
-    height = max(p.shape[0] for p in parts)
-    parts = [np.pad(p, ((0, height - p.shape[0]), (0, 0), (0, 0)), constant_values=255)
-             for p in parts]
-    white = np.full((height, gap, 3), 255, np.uint8)
-    return np.concatenate([x for p in parts for x in (p, white)][:-1], 1)
+def hstack(parts, gap, axis=1):
+    """RGB uint8 pictures side by side, `gap` px of white apart, shorter ones padded below; with
+    axis=0 one above another, narrower ones padded on the right."""
+    size, across = max(p.shape[1 - axis] for p in parts), 1 - axis
+    parts = [np.pad(p, [(0, size - p.shape[a]) if a == across else (0, 0) for a in range(3)],
+                    constant_values=255) for p in parts]
+    white = np.full((size, gap, 3) if axis else (gap, size, 3), 255, np.uint8)
+    return np.concatenate([x for p in parts for x in (p, white)][:-1], axis)
 
 
 def legend(width, names, palette, indices):
     """A white strip `width` px wide: a swatch and the name of each class in `indices`, wrapped."""
-    lines, x = [[]], 4
+    items, x, y = [], 4, 4
     for i in indices:
         name = names[i] if i < len(names) else ("ignored" if i == data.IGNORE else str(i))
-        if x + 28 + 6 * len(name) > width and lines[-1]:
-            lines, x = lines + [[]], 4
-        lines[-1].append((x, int(i), name))
+        if x + 28 + 6 * len(name) > width and x > 4:  # wrap, unless the line is empty
+            x, y = 4, y + 16
+        items.append((x, y, int(i), name))
         x += 28 + 6 * len(name)
-    strip = Image.new("RGB", (width, 16 * len(lines) + 4), (255, 255, 255))
+    strip = Image.new("RGB", (width, y + 16), (255, 255, 255))
     draw = ImageDraw.Draw(strip)
-    for y, line in zip(range(4, 16 * len(lines), 16), lines):
-        for x, i, name in line:
-            draw.rectangle([x, y, x + 10, y + 10], fill=tuple(int(v) for v in palette[i]),
-                           outline=(0, 0, 0))
-            draw.text((x + 14, y), name, fill=(0, 0, 0))
+    for x, y, i, name in items:
+        draw.rectangle([x, y, x + 10, y + 10], fill=tuple(int(v) for v in palette[i]),
+                       outline=(0, 0, 0))
+        draw.text((x + 14, y), name, fill=(0, 0, 0))
     return np.asarray(strip)
 
 
 def prediction_panels(path, rows, classes, palette):
-    """For each (image, prediction, label or None) of `rows`, image | (ground truth |)
-    prediction, 4 px apart, under column titles and above a legend of the classes shown: a PNG
-    at `path`."""
+    """A PNG at `path`: image | (ground truth |) prediction for each (image, prediction, label or
+    None) of `rows`, under column titles and above a legend of the classes shown."""
     panels, present = [], set()
     for image, pred, label in rows:
         shown = [m for m in (label, pred) if m is not None]
@@ -359,39 +312,32 @@ def prediction_panels(path, rows, classes, palette):
     titles = ["image"] + ["ground truth"] * (rows[0][2] is not None) + ["prediction"]
     for k, title in enumerate(titles):
         ImageDraw.Draw(head).text((k * (rows[0][0].shape[-1] + 4) + 2, 2), title, fill=(0, 0, 0))
-    return infra.save_picture(path, np.concatenate(
-        [np.asarray(head)] + [np.pad(p, ((0, 4), (0, width - p.shape[1]), (0, 0)),
-                                     constant_values=255) for p in panels]
-        + [legend(width, classes, palette, sorted(present))], 0))
+    return infra.save_picture(path, np.concatenate([np.asarray(head), hstack(
+        panels + [legend(width, classes, palette, sorted(present))], 4, axis=0)], 0))
 
 
 def save_prediction(stem, image, pred, palette, classes, label=None):
-    """stem.png: the prediction as a palette PNG (values = class indices); stem_panel.png: its
-    picture (prediction_panels). Returns both paths."""
+    """stem.png (the class indices as a palette PNG) and stem_panel.png (prediction_panels)."""
     data.save_mask(stem + ".png", pred.numpy().astype(np.uint8), palette)
     return stem + ".png", prediction_panels(stem + "_panel.png", [(image, pred, label)],
                                             classes, palette)
 
 
-def pick_examples(dataset, n=4, look=64):
-    """n image indices for a picture: where the dataset names classes told apart only by context
-    (synthetic bike and fish), taken in turn from each, so that the picture shows all of them."""
-    ctx = getattr(dataset, "context_classes", ())
-    if not ctx:
-        return list(range(min(n, len(dataset))))
-    buckets = {c: [] for c in ctx}
-    for i in range(min(look, len(dataset))):
-        counts = np.bincount(dataset.load(i)[1].ravel(), minlength=256)
-        buckets[max(ctx, key=lambda c: counts[c])].append(i)
-    order = [i for group in zip(*buckets.values()) for i in group]
-    return (order + [i for i in range(len(dataset)) if i not in order])[:n]
-
-
 def prediction_picture(model, dataset, device, path, n=4):
-    """image | ground truth | prediction for n validation images (prediction_panels)."""
+    """image | ground truth | prediction for n validation images (prediction_panels). Where the
+    dataset names classes told apart only by context (synthetic bike and fish), the images are
+    taken in turn from each, so that the picture shows all of them."""
+    ctx, order = getattr(dataset, "context_classes", ()), []
+    if ctx:
+        buckets = {c: [] for c in ctx}
+        for i in range(min(64, len(dataset))):
+            counts = np.bincount(dataset.load(i)[1].ravel(), minlength=256)
+            buckets[max(ctx, key=lambda c: counts[c])].append(i)
+        order = [i for group in zip(*buckets.values()) for i in group]
+    picks = (order + [i for i in range(len(dataset)) if i not in order])[:n]
     model.eval()
     rows = [(image, predict(model, image.to(device)).cpu(), label)
-            for image, label in (dataset[i] for i in pick_examples(dataset, n))]
+            for image, label in (dataset[i] for i in picks)]
     return prediction_panels(path, rows, list(dataset.classes), dataset.palette)
 
 
@@ -404,18 +350,16 @@ def log_figure(log_path, out, size=(560, 320)):
     it = np.array([r["iter"] for r in rows], float)
     pic = Image.new("RGB", size, (255, 255, 255))
     draw, (x0, y0, x1, y1) = ImageDraw.Draw(pic), (58, 28, size[0] - 64, size[1] - 34)
-
-    def x(a):
-        return x0 + (x1 - x0) * (a - it[0]) / max(1, it[-1] - it[0])
+    span = max(1, it[-1] - it[0])
     for f in (0, 0.25, 0.5, 0.75, 1):  # grid, iteration ticks
         draw.line([x0, y1 - (y1 - y0) * f, x1, y1 - (y1 - y0) * f], fill=(232, 232, 232))
         a = it[0] + f * (it[-1] - it[0])
-        draw.text((x(a) - 12, y1 + 4), f"{a:.0f}", fill=(0, 0, 0))
+        draw.text((x0 + (x1 - x0) * (a - it[0]) / span - 12, y1 + 4), f"{a:.0f}", fill=(0, 0, 0))
     for key, colour, tx in (("loss", (31, 119, 180), 4), ("lr", (214, 39, 40), x1 + 6)):
         v = np.array([r[key] for r in rows], float)
         top = float(np.nanmax(v)) * 1.05 or 1.0
-        draw.line([(x(a), y1 - (y1 - y0) * b / top) for a, b in zip(it, v)], fill=colour,
-                  width=2)
+        draw.line(list(zip(x0 + (x1 - x0) * (it - it[0]) / span, y1 - (y1 - y0) * v / top)),
+                  fill=colour, width=2)
         for f in (0, 0.5, 1):
             draw.text((tx, y1 - (y1 - y0) * f - 6), f"{f * top:.3g}", fill=colour)
     draw.rectangle([x0, y0, x1, y1], outline=(0, 0, 0))

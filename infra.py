@@ -1,19 +1,6 @@
-"""Run infrastructure: the gates every command's input passes, once, where it enters, and what
-runs around the paper's code. Nothing here is the paper; vortex.py imports nothing of ours, and
-data, train, eval and experiments import this.
-
-  settings     SETTINGS (every option: type, range, meaning), add_flags, check_settings,
-               resume_differences: train's, eval's and experiments' flags, the checkpoint's
-               config and the resume comparison are all read from the one table
-  checkpoints  read_weights (tensors: layout, finiteness in float32, statistics >= 0) and
-               read_checkpoint (fields, config, shapes) for every command that loads one
-  outputs      Claim: refuses an output that is or lies inside an input, a folder where a file
-               is meant, a name the file system cannot hold, a format the name does not say;
-               locks it so that two commands cannot both write it; undone if the start is refused
-  records      read_text (size, encoding, byte-order mark), then read_list, read_record,
-               read_log, read_json; names: plain_name for ids and fields, path for flags
-  around       atomic writes, progress lines, device and process-group set-up, `cli`
-Known-bad input raises BadInput, which `cli` turns into one line on stderr and exit code 2.
+"""Run infrastructure, not the paper: the gates every command's input passes, once, where it
+enters (settings, checkpoints, outputs, records, names), and what runs around the paper's code:
+progress, devices, processes. Known-bad input raises BadInput: one line, exit code 2 (`cli`).
 """
 import argparse
 import errno
@@ -87,8 +74,7 @@ DATASETS = ("synthetic", "voc", "voc_aug", "coco")
 S = Setting
 SETTINGS = {
     # the data
-    "dataset": S(str, list(DATASETS), "synthetic (built in), voc (train), voc_aug (train_aug, paper "
-                 "4.1) or coco"),
+    "dataset": S(str, list(DATASETS), "synthetic (built in), voc, voc_aug (paper 4.1) or coco"),
     "data_root": S("path", None, "the VOC2012 folder, or the prepare-coco output folder"),
     "split": S("name", None, "training list under ImageSets/Segmentation"),
     "val_split": S("name", None, "list evaluated at the end"),
@@ -108,27 +94,22 @@ SETTINGS = {
     "base_channels": S(int, (1, 4096), "ResNet width (64 = standard; synthetic: 16)"),
     "context_channels": S(int, (1, 8192), "context module width (paper: 256)"),
     "dropout": S(float, (0.0, 0.99), "dropout before the classifier (DeepLab's 0.1)"),
-    "count_include_pad": S(bool, None, "average pooling windows over the zero padding too "
-                           "(nn.AvgPool2d's default; ours divides by the in-map pixels)"),
+    "count_include_pad": S(bool, None, "average over the zero padding too (AvgPool2d's default)"),
     # the optimisation (paper 4.1)
-    "batch_size": S(int, (1, 10 ** 5), "GLOBAL batch per step, split over ranks and "
-                    "--accum-steps (paper: 16)"),
+    "batch_size": S(int, (1, 10 ** 5), "GLOBAL batch, over ranks and --accum-steps (paper: 16)"),
     "accum_steps": S(int, (1, 10 ** 4), "micro-steps per step (gradient accumulation)"),
     "iters": S(int, (1, 10 ** 8), "optimizer steps (paper: 30000)", free=True),
     "lr": S(float, (1e-8, 10.0), "base learning rate of the poly policy (paper: 0.007)"),
     "power": S(float, (0.01, 10.0), "poly power (paper: 0.9)"),
-    "warmup": S(float, (0.0, 0.99), "linear warm-up over this fraction of --iters (paper: 0; "
-                "synthetic: 0.3)"),
+    "warmup": S(float, (0.0, 0.99), "warm-up fraction of --iters (paper: 0; synthetic: 0.3)"),
     "momentum": S(float, (0.0, 0.999), "SGD momentum (0.9)"),
     "weight_decay": S(float, (0.0, 1.0), "SGD weight decay (1e-4)"),
     "seed": S(int, (0, 2 ** 32 - 1), "seed of weights, data order and augmentation"),
     "freeze_bn": S(bool, None, "keep batch norm fixed (DeepLab v3's last stage, paper 4.2)"),
     # how a run goes: free to change on resume
     "workers": S(int, (0, 256), "data-loader processes per rank (0: none)", free=True),
-    "pretrained": S("path", None, "local torchvision ImageNet ResNet or deeplabv3_resnet*_coco "
-                    "checkpoint to start from", free=True),
-    "init_from": S("path", None, "our checkpoint of an earlier stage to take the weights from "
-                   "(paper 4.2)", free=True),
+    "pretrained": S("path", None, "local torchvision ResNet or deeplabv3_*_coco file", free=True),
+    "init_from": S("path", None, "our checkpoint of an earlier stage (paper 4.2)", free=True),
     "sync_bn": S(str, ["auto", "torch", "ours", "off"], "batch-norm statistics over all ranks "
                  "(paper 4.1): auto = torch's on CUDA, ours on CPU; off = per rank", free=True),
     "resume": S(str, ["yes", "auto"], "continue --out-dir's checkpoint; 'auto' resumes when "
@@ -136,8 +117,7 @@ SETTINGS = {
     "out_dir": S("path", None, "where checkpoint, log and pictures go", free=True),
     "save_every": S(int, (1, 10 ** 8), "checkpoint every N iterations", free=True),
     "log_every": S(int, (1, 10 ** 8), "progress line every N iterations", free=True),
-    "stop_after": S(int, (1, 10 ** 8), "testing aid: act as if SIGTERM came after N "
-                    "iterations", free=True),
+    "stop_after": S(int, (1, 10 ** 8), "testing aid: as if SIGTERM after N iterations", free=True),
     "amp": S(str, ["bf16", "fp16"], "mixed precision: bf16 autocast (--amp alone), or fp16 "
              "with a gradient scaler (CUDA only)", free=True, nargs="?", const="bf16"),
     "channels_last": S(bool, None, "NHWC memory format", free=True),
@@ -151,6 +131,13 @@ SETTINGS = {
     "threads": S(int, (0, 1024), "torch CPU threads (0: torch's default)"),
     "seeds": S(int, (1, 100), "seeds per module"),
     "force": S(bool, None, "overwrite outputs that exist"),
+    "save_dir": S("path", None, "write palette PNGs and image|truth|prediction panels here"),
+    "json": S("path", None, "write all numbers here (default: beside the checkpoint, "
+              "eval_<dataset>_<split>_s<scales>[_flip].json)"),
+    "image": S("path", None, "an image, or a folder of images"),
+    "out": S("path", None, "the file or folder written"),
+    "min_pixels": S(int, (0, 10 ** 8), "COCO objects of a VOC class smaller than this are "
+                    "discarded: marked 255, ignored by the loss (paper 4.2: 1000)"),
 }
 del S
 
@@ -164,66 +151,55 @@ class Parser(argparse.ArgumentParser):
 
 def allowed_text(name):
     s = SETTINGS[name]
-    if s.kind is bool:
-        return "a flag"
-    if s.kind == "path":
-        return "a file or folder name"
-    if s.kind == "name":
-        return "a plain file name (no folder part)"
     if isinstance(s.allowed, tuple):
         lo, hi = s.allowed
         return f"a whole number in {lo}..{hi}" if s.kind is int else f"a number in [{lo:g}, {hi:g}]"
     if s.allowed:
         return "one of " + ", ".join(map(str, s.allowed))
-    return "text"
+    return {bool: "a flag", "path": "a file or folder name",
+            "name": "a plain file name (no folder part)"}.get(s.kind, "text")
 
 
-def add_flags(parser, names, default=None):
-    """argparse flags for `names`, their help and limits from SETTINGS (default None: unset, so
-    that a preset or a checkpoint fills it in). Values are checked by check_settings."""
+def add_flags(parser, names, default=None, required=(), **helps):
+    """argparse flags for `names` (default None: unset, so that a preset or a checkpoint fills
+    it in), their help SETTINGS' or what `helps` says the flag means to this command;
+    check_settings checks their values."""
     for name in names:
         s, flag = SETTINGS[name], "--" + name.replace("_", "-")
-        text = f"{s.help} [{allowed_text(name)}]" if isinstance(s.allowed, tuple) else s.help
+        text = helps.get(name, s.help)
         if s.kind is bool:
             parser.add_argument(flag, action="store_const", const=True, default=default,
-                                help=s.help)
-        elif name == "multi_grid":
-            parser.add_argument(flag, nargs="+", default=default, metavar="RATE", help=text)
-        else:
-            kind = str if s.kind in ("path", "name") else s.kind
-            choices = s.allowed if isinstance(s.allowed, list) else None
-            extra = {"const": s.const} if s.const is not None else {}
-            parser.add_argument(flag, type=kind, choices=choices, nargs=s.nargs, default=default,
-                                help=s.help if choices else text, **extra)
+                                help=text)
+            continue
+        text = f"{text} [{allowed_text(name)}]" if isinstance(s.allowed, tuple) else text
+        kind = s.kind if s.kind in (int, float) and name != "multi_grid" else str  # 'none' too
+        parser.add_argument(flag, type=kind, nargs=s.nargs,
+                            choices=s.allowed if isinstance(s.allowed, list) else None,
+                            const=s.const, default=default, help=text, required=name in required,
+                            metavar="RATE" if name == "multi_grid" else None)
 
 
 def check_value(name, value):
     """None when `value` is allowed for setting `name`, else what is allowed (a phrase)."""
-    s = SETTINGS[name]
+    s, many = SETTINGS[name], SETTINGS[name].nargs not in (None, "?")
     if value is None:
         return None
-    if s.nargs not in (None, "?"):
-        if not isinstance(value, (list, tuple)) or not value or (
-                isinstance(s.nargs, int) and len(value) != s.nargs):
-            return f"{s.nargs if isinstance(s.nargs, int) else 'one or more'} values, each " \
-                   f"{allowed_text(name)}"
-        values = value
-    else:
-        values = [value]
-    for v in values:
-        if s.kind is bool:
-            ok = type(v) is bool
-        elif s.kind in ("path", "name"):
-            if s.kind == "path" and path_problem(v):
-                return f"a file or folder name ({path_problem(v)})"
-            ok = isinstance(v, str) and (s.kind == "path" or is_plain_name(v))
-        elif s.kind is int:
-            ok = type(v) is int and (v in s.allowed if isinstance(s.allowed, list) else
-                                     s.allowed[0] <= v <= s.allowed[1])
-        elif s.kind is float:
-            ok = type(v) in (int, float) and math.isfinite(v) and s.allowed[0] <= v <= s.allowed[1]
-        else:
-            ok = isinstance(v, str) and (not s.allowed or v in s.allowed) and v.strip() != ""
+    if many and (not isinstance(value, (list, tuple)) or not value or (
+            isinstance(s.nargs, int) and len(value) != s.nargs)):
+        return f"{s.nargs if isinstance(s.nargs, int) else 'one or more'} values, each " \
+               f"{allowed_text(name)}"
+    types = {float: (int, float), "path": (str,), "name": (str,)}.get(s.kind, (s.kind,))
+    for v in value if many else [value]:
+        if s.kind == "path" and path_problem(v):
+            return f"a file or folder name ({path_problem(v)})"
+        if type(v) not in types:
+            ok = False
+        elif isinstance(s.allowed, tuple):
+            ok = s.allowed[0] <= v <= s.allowed[1]  # NaN and infinities are outside too
+        elif s.kind == "name":
+            ok = is_plain_name(v)
+        else:  # one of a list of choices, or text that is not blank
+            ok = v in s.allowed if s.allowed else s.kind is not str or v.strip() != ""
         if not ok:
             return allowed_text(name)
     return None
@@ -234,16 +210,16 @@ def check_settings(cfg, where=None):
     naming the first that is wrong: '--flag value: ...', or 'FILE: config.field is ...'."""
     def refuse(name, allowed):
         value = cfg[name]
-        text = " ".join(map(str, value)) if isinstance(value, (list, tuple)) else \
-            shown(value) if isinstance(value, str) and not value.strip() else value
+        text = " ".join(map(str, value)) if isinstance(value, (list, tuple)) else value
+        if isinstance(value, str) and not (value.strip() and value.isprintable()):
+            text = shown(value)  # blank, or a control character: quoted, on one line
         if where:
             raise BadInput(f"{where}.{name} is {shown(value)}; allowed: {allowed}")
         raise BadInput(f"--{name.replace('_', '-')} {text}: must be {allowed}")
     for name in cfg:
-        if name in SETTINGS:
-            problem = check_value(name, cfg[name])
-            if problem:
-                refuse(name, problem)
+        problem = check_value(name, cfg[name]) if name in SETTINGS else None
+        if problem:
+            refuse(name, problem)
     get = cfg.get
     if get("pool_k") is not None and get("pool_k") % 2 == 0:
         refuse("pool_k", "an odd whole number in 1..99 (a centred window)")
@@ -275,26 +251,32 @@ def resume_differences(saved, cfg):
 # =============================================================================================
 
 def read_weights(path):
-    """torch.load(weights_only=True) of a weights file, with errors naming the file. Every
-    tensor must be dense, real, on no 'meta' device; floating ones finite in float32 (the
-    dtype the model runs in: 1e300 in float64 is inf there); batch norm's running_var >= 0."""
-    if not os.path.exists(path):
-        raise MissingInput(f"checkpoint not found: {path}")
-    if os.path.isdir(path) or not os.access(path, os.R_OK):
-        raise BadInput(f"cannot read {path}: " + ("it is a folder" if os.path.isdir(path) else
-                                                  "permission denied"))
+    """torch.load(weights_only=True), errors naming the file. Every tensor must be dense, real,
+    not on 'meta'; floating ones finite in float32 (the dtype the model runs in: 1e300 in
+    float64 is inf there); batch norm's running_var >= 0."""
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except PermissionError:
-        raise BadInput(f"cannot read {path}: permission denied") from None
+    except FileNotFoundError:
+        raise MissingInput(f"checkpoint not found: {path}") from None
+    except (IsADirectoryError, PermissionError) as e:
+        why = "it is a folder" if isinstance(e, IsADirectoryError) else "permission denied"
+        raise BadInput(f"cannot read {path}: {why}") from None
     except Exception as e:  # truncated file, not a torch file, pickled code objects...
         first = (str(e).strip().splitlines() or ["empty file"])[0]
         raise BadInput(f"cannot read {path} as a weights-only torch checkpoint: it is truncated, "
                        f"corrupt or not a torch file ({type(e).__name__}: {first[:200]})") from None
     for name, t in _tensors(obj):
-        problem = tensor_problem(name, t)
-        if problem:
-            raise BadInput(f"{path}: tensor {name or '(the file)'} {problem}; refused")
+        if t.layout != torch.strided or t.is_meta or t.is_complex() or t.is_quantized:
+            problem = (f"is {t.layout if t.layout != torch.strided else t.dtype} "
+                       f"{'on meta ' if t.is_meta else ''}(only dense real tensors are read)")
+        elif t.is_floating_point() and not torch.isfinite(t.float()).all():
+            problem = ("holds NaN or infinite values in float32 (a diverged run, or values "
+                       "beyond float32's range)")
+        elif t.is_floating_point() and name.endswith("running_var") and (t < 0).any():
+            problem = "holds a negative variance"
+        else:
+            continue
+        raise BadInput(f"{path}: tensor {name or '(the file)'} {problem}; refused")
     return obj
 
 
@@ -309,32 +291,14 @@ def _tensors(obj, name=""):
             yield from _tensors(v, f"{name}[{i}]")
 
 
-def tensor_problem(name, t):
-    if t.layout != torch.strided or t.is_meta or t.is_complex() or t.is_quantized:
-        return f"is {t.layout if t.layout != torch.strided else t.dtype} " \
-               f"{'on meta ' if t.is_meta else ''}(only dense real tensors are read)"
-    if t.is_floating_point():
-        if not torch.isfinite(t.float()).all():
-            return "holds NaN or infinite values in float32 (a diverged run, or values " \
-                   "beyond float32's range)"
-        if name.endswith("running_var") and (t < 0).any():
-            return "holds a negative variance"
-    return None
-
-
-def read_state_dict(path):
-    """A torchvision state dict (a dict of name -> tensor, or one under 'state_dict')."""
+def load_pretrained(model, path, verbose=True):
+    """--pretrained: a local torchvision checkpoint (a state dict, or one under 'state_dict')
+    into a ResNet or a DeepLabV3."""
     sd = read_weights(path)
     if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
         sd = sd["state_dict"]
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise BadInput(f"{path} is not a state_dict (a dict of name -> tensor)")
-    return sd
-
-
-def load_pretrained(model, path, verbose=True):
-    """--pretrained: a torchvision checkpoint (local file) into a ResNet or a DeepLabV3."""
-    sd = read_state_dict(path)
     try:
         return vortex.load_backbone_weights(model, sd, path, verbose)
     except ValueError as e:
@@ -376,10 +340,9 @@ RESUME_FIELDS = {
 
 
 def read_checkpoint(path, resume=False):
-    """A train.py checkpoint, checked as a whole before anything is built from it: its tensors
-    (read_weights), every field's type and range, config and train_args through SETTINGS (what
-    train.py accepts), config against train_args, and every weight's name and shape against
-    the model its config describes. One line naming the file and the field if not."""
+    """A train.py checkpoint, checked whole before anything is built from it: its tensors, every
+    field, config and train_args through SETTINGS and against each other, and every weight's
+    name and shape against the model its config describes."""
     ck = read_weights(path)
     if not isinstance(ck, dict):
         raise BadInput(f"{path} is not a train.py checkpoint (a dict with model, config...)")
@@ -422,8 +385,9 @@ def read_checkpoint(path, resume=False):
              [f"{k}: shape {have[k]}, the model's {want[k]}" for k in want
               if k in have and have[k] != want[k]])
     if wrong:
+        more = f"; {len(wrong) - 3} more" if len(wrong) > 3 else ""
         raise BadInput(f"{path}: its weights do not fit the model its config describes (model."
-                       f"{'; model.'.join(wrong[:3])}{f'; {len(wrong) - 3} more' * (len(wrong) > 3)})")
+                       f"{'; model.'.join(wrong[:3])}{more})")
     return ck
 
 
@@ -462,7 +426,6 @@ def path_problem(path):
 
 
 def path(value, flag):
-    """`value` when it can name a file, else one line naming the flag."""
     problem = path_problem(value)
     if problem:
         raise BadInput(f"{flag} {shown(value)}: must be a file or folder name ({problem})")
@@ -478,7 +441,6 @@ def is_plain_name(name):
 
 
 def plain_name(name, what):
-    """`name` when it is a plain name (is_plain_name), else one line naming `what`."""
     if not is_plain_name(name):
         raise BadInput(f"{what} {shown(name)} is not a plain file name inside its folder (a "
                        f"folder part, '..', white space or an absolute path); refused")
@@ -494,7 +456,7 @@ PICTURES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 
 def _lock(lock_path, what):
     """fd of an exclusive fcntl lock on `lock_path` (the system drops it with the process, even
-    after kill -9), or None when another process holds it; the holder's name is written in."""
+    after kill -9), our name written in; or the holder's name when another process holds it."""
     while True:
         fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
         try:
@@ -521,16 +483,21 @@ def _lock(lock_path, what):
 
 class Claim:
     """The outputs of one command, claimed before any work: `outputs` are (flag, path, kind),
-    kind 'folder' or the file name endings the format allows (the format follows the name).
-    Refused, with one line and nothing left behind: an output that is, holds or lies inside an
-    input ((flag, path) pairs, real paths and hard links compared), an existing folder where a
-    file is meant or a file where a folder is, a name the file system cannot hold, one another
-    command holds, an existing file without `force` (folders are checked by their owner). Each
-    output is locked (a folder by its .lock, a file by .<name>.lock beside it) until release()."""
+    kind 'folder' or the file name endings its format allows. Refused in one line, leaving
+    nothing behind: an output related to an input, a folder where a file is meant or the
+    reverse, a bad name, one another command holds, an existing file without `force`. Each is
+    locked (a folder by its .lock, a file by .<name>.lock beside it) until release(); `rank0`:
+    rank 0 alone claims (the others hold nothing), and a refusal reaches every rank."""
 
     def __init__(self, what, outputs, inputs=(), force=False,
-                 hint="pass --force to overwrite, or choose another name"):
+                 hint="pass --force to overwrite, or choose another name", rank0=False):
         self.held, self.made = [], []
+        if rank0:
+            on_rank0(self._take, what, outputs, inputs, force, hint)
+        else:
+            self._take(what, outputs, inputs, force, hint)
+
+    def _take(self, what, outputs, inputs, force, hint):
         try:
             for flag, out, kind in outputs:
                 path(out, flag)
@@ -543,7 +510,10 @@ class Claim:
                     raise BadInput(f"{flag} {out} is {'a file' if folder else 'a folder'}; "
                                    f"give {'a folder' if folder else 'a file name'}")
                 parent = out if folder else os.path.dirname(os.path.abspath(out))
-                self.made.append(first_missing(parent))
+                top, p = None, os.path.abspath(parent)  # the outermost folder we will make
+                while not os.path.exists(p):
+                    p, top = os.path.dirname(p), p
+                self.made.append(top)
                 lock = os.path.join(out, ".lock") if folder else os.path.join(
                     parent, f".{os.path.basename(out)}.lock")
                 try:
@@ -560,8 +530,8 @@ class Claim:
                     raise BadInput(f"{out} is in use by {fd}; wait for it to finish, or choose "
                                    f"another {'folder' if folder else 'name'}")
                 self.held.append((fd, lock))
-                if not folder and os.path.exists(out) and not force:
-                    raise ExistingOutput(f"{out} exists; {hint}")
+                if not folder:
+                    existing([out], force, hint)
         except BaseException:
             self.release(remove=True)
             raise
@@ -575,7 +545,9 @@ class Claim:
             os.close(fd)
         self.held = []
         for top in self.made if remove else ():
-            remove_made(top)
+            for folder, _, files in os.walk(top or "", topdown=False):
+                if not files and not os.listdir(folder):  # made by us and still empty
+                    os.rmdir(folder)
         self.made = []
 
     def __enter__(self):
@@ -608,21 +580,6 @@ def existing(paths, force, hint):
         raise ExistingOutput(f"{there[0]} exists{more}; {hint}")
 
 
-def first_missing(p):
-    """The outermost folder of `p` that does not exist yet (None if it all exists)."""
-    p, top = os.path.abspath(p), None
-    while not os.path.exists(p):
-        p, top = os.path.dirname(p), p
-    return top
-
-
-def remove_made(top):
-    """Remove the folders inside `top` (a folder a refused start made), and it, while empty."""
-    for folder, _, files in os.walk(top or "", topdown=False):
-        if not files and not os.listdir(folder):
-            os.rmdir(folder)
-
-
 def _umask():
     mask = os.umask(0)
     os.umask(mask)
@@ -630,10 +587,9 @@ def _umask():
 
 
 def atomic_save(out, write):
-    """Call write(file) on a temp file beside `out`, then rename it over `out`: a crash mid-write
-    never leaves a half-written file. Permissions as open() would give; leftovers of earlier
-    interrupted saves of the same file are removed first; a failed write (disk full, read-only
-    folder) raises BadInput naming the file and the cause, with nothing left behind."""
+    """write(file) on a temp file beside `out`, renamed over `out`: a crash never leaves a
+    half-written file. Permissions as open() gives them; a failed write (disk full, read-only
+    folder) is one line naming the file and the cause, leaving nothing behind."""
     d, base = os.path.split(os.path.abspath(out))
     try:
         os.makedirs(d, exist_ok=True)
@@ -676,23 +632,15 @@ def write_failure(error, folder, written):
 def write_json(out, obj):
     """Strict JSON, atomically: NaN and infinities (a class absent from both prediction and
     ground truth has no IoU) become null, which every JSON reader accepts."""
-    def clean(v):
-        if isinstance(v, float) and not math.isfinite(v):
-            return None
-        if isinstance(v, dict):
-            return {k: clean(x) for k, x in v.items()}
-        if isinstance(v, (list, tuple)):
-            return [clean(x) for x in v]
-        return v
-    text = json.dumps(clean(obj), indent=1, allow_nan=False)
+    nulled = json.loads(json.dumps(obj), parse_constant=lambda nan_or_infinity: None)
+    text = json.dumps(nulled, indent=1, allow_nan=False)
     atomic_save(out, lambda f: f.write(text.encode() + b"\n"))
 
 
 def save_picture(out, pixels):
     """An RGB uint8 array as a picture, in the format its name says (PICTURES), atomically."""
     from PIL import Image
-    fmt = {".jpg": "JPEG", ".jpeg": "JPEG", ".tif": "TIFF"}.get(
-        os.path.splitext(out)[1].lower(), os.path.splitext(out)[1][1:].upper())
+    fmt = Image.registered_extensions()[os.path.splitext(out)[1].lower()]
     atomic_save(out, lambda f: Image.fromarray(pixels).save(f, format=fmt))
     return out
 
@@ -725,51 +673,51 @@ def read_text(p, what, limit=64 * 2 ** 20):
                        f"{e.start}); save it as UTF-8") from None
 
 
-def _no_constant(name):
-    raise ValueError(f"{name} is not a JSON number")
+def parse_json(text, strict=True):
+    """(value, None), or (None, why `text` is not JSON: one line); `strict`: NaN and Infinity,
+    which are not JSON, are refused."""
+    def refuse(name):
+        raise ValueError(f"{name} is not a JSON number")
+    try:
+        return json.loads(text, parse_constant=refuse if strict else None), None
+    except (ValueError, RecursionError) as e:
+        return None, (str(e).splitlines() or ["empty"])[0]
 
 
 def read_json(p, what, limit=64 * 2 ** 20, strict=True):
-    """A JSON file (`strict`: no NaN or Infinity), or one line naming the file and the problem."""
-    try:
-        return json.loads(read_text(p, what, limit), parse_constant=_no_constant if strict
-                          else None)
-    except (ValueError, RecursionError) as e:
-        raise BadInput(f"{what} {p} is not JSON: {(str(e).splitlines() or ['empty'])[0]}") \
-            from None
+    """A JSON file, or one line naming the file and the problem."""
+    value, why = parse_json(read_text(p, what, limit), strict)
+    if why:
+        raise BadInput(f"{what} {p} is not JSON: {why}")
+    return value
 
 
 def read_record(p, fields=None, hint="delete it to make it again"):
     """A JSON record this project wrote: a dict whose `fields` ({name: allowed types}) are
     there, or one line naming the file and what to do."""
     try:
-        rec, why = json.loads(read_text(p, "record", 16 * 2 ** 20), parse_constant=_no_constant), \
-            "not a dict"
-    except (ValueError, RecursionError) as e:  # BadInput too: too large, not UTF-8...
-        rec, why = None, (str(e).splitlines() or ["empty"])[0]
+        rec, why = parse_json(read_text(p, "record", 16 * 2 ** 20))
+    except BadInput as e:  # too large, not UTF-8...
+        rec, why = None, str(e)
     bad = [k for k, types in (fields or {}).items() if isinstance(rec, dict)
            and (not isinstance(rec.get(k, ()), types) or type(rec.get(k)) is bool
                 and bool not in (types if isinstance(types, tuple) else (types,)))]
+    why = f"field {bad[0]!r} is missing or wrong" if bad else why or "not a dict"
     if not isinstance(rec, dict) or bad:
-        raise BadInput(f"{p} is not a record that can be read ("
-                       f"{f'field {bad[0]!r} is missing or wrong' if bad else why}); {hint}")
+        raise BadInput(f"{p} is not a record that can be read ({why}); {hint}")
     return rec
 
 
-def read_log(p, fields=("iter", "loss", "lr")):
-    """The records of an append-only JSON-lines log (train.py's log.jsonl) whose `fields` are
-    finite numbers ('iter' a whole one). A torn last line (a crash while it was written) is
-    dropped with a warning; any other bad line is one line naming the file and line."""
+def read_log(p):
+    """The records of train.py's append-only log.jsonl (a whole 'iter', finite 'loss' and 'lr');
+    a torn last line (a crash while writing it) is dropped with a warning, any other refused."""
     lines = read_text(p, "log", 256 * 2 ** 20).split("\n")
     last = max((n for n, line in enumerate(lines) if line.strip()), default=-1)
     rows = []
     for n, line in enumerate(lines):
-        try:
-            row = json.loads(line, parse_constant=_no_constant) if line.strip() else None
-            ok = isinstance(row, dict) and type(row.get("iter")) is int and all(
-                type(row.get(k)) in (int, float) and math.isfinite(row[k]) for k in fields)
-        except (ValueError, RecursionError):
-            row, ok = None, False
+        row = parse_json(line)[0]
+        ok = isinstance(row, dict) and type(row.get("iter")) is int and all(
+            type(row.get(k)) in (int, float) and math.isfinite(row[k]) for k in ("loss", "lr"))
         if ok and n < len(lines) - 1:  # a whole record, its newline written
             rows.append(row)
         elif n == last:
@@ -813,9 +761,9 @@ def file_digest(p):
 # Around the work: progress, devices and processes.
 # =============================================================================================
 
-def progress(what, done, total, t0, log=print, every=None):
-    """Print 'what: done/total, rate, ETA' about every 10% (or `every` items) and at the end."""
-    every = every or max(1, total // 10)
+def progress(what, done, total, t0, log=print):
+    """Print 'what: done/total, rate, ETA' about every 10% and at the end."""
+    every = max(1, total // 10)
     if done % every and done != total:
         return
     dt = time.time() - t0
@@ -843,8 +791,7 @@ def pick_device(device_arg, local_rank=0):
 
 def setup_distributed(device_arg, deterministic=False, fixed_sizes=True):
     """(rank, world size, device) of this process; under torchrun (WORLD_SIZE > 1) the process
-    group is started from its environment (one process per GPU, LOCAL_RANK; several nodes
-    through torchrun's own rendezvous)."""
+    group starts from its environment (one process per GPU, LOCAL_RANK)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     device = pick_device(device_arg, int(os.environ.get("LOCAL_RANK", "0")))
     if device.type == "cuda":
@@ -869,32 +816,29 @@ def rank0_print(*a, **k):
 
 def from_rank0(obj):
     """rank 0's (small, picklable) object on every rank."""
-    if not dist.is_initialized():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
+    return on_rank0(lambda: obj)
 
 
 def on_rank0(fn, *args):
     """fn(*args) on rank 0 alone; its (small) result, or its BadInput, on every rank."""
-    result = None
+    box = [None]
     if not dist.is_initialized() or dist.get_rank() == 0:
         try:
-            result = (None, fn(*args))
+            box = [(None, fn(*args))]
         except BadInput as e:
-            result = (type(e), str(e))
-    error, value = from_rank0(result)
+            box = [(type(e), str(e))]
+    if dist.is_initialized():
+        dist.broadcast_object_list(box, src=0)
+    error, value = box[0]
     if error is not None:
         raise error(value)
     return value
 
 
 def end(command):
-    """Run `command()` (a command's cli(main), giving its exit code) and end the process with
-    that code. Under torchrun the interpreter's teardown is skipped once the work is done and
-    written: gloo's threads can abort there (SIGABRT), and torchrun then waits minutes on the
-    node that aborted before it lets the others exit."""
+    """End the process with the exit code of `command()` (a command's cli(main)). Under torchrun
+    the interpreter's teardown is skipped: gloo's threads can abort there (SIGABRT), and torchrun
+    then waits minutes on the node that aborted before it lets the others exit."""
     try:
         code = command()
     except SystemExit as e:

@@ -1716,7 +1716,7 @@ def test_split_names_and_output_names_are_refused_before_anything_is_written(
     ann, imgs = one_coco_image
     refused(lambda: data.main(["prepare-coco", "--annotations", ann, "--images", imgs, "--out",
                                str(tmp_path / "c"), "--split", "../../../escaped"]),
-            r"--split '\.\./\.\./\.\./escaped' is not a plain")
+            r"--split \.\./\.\./\.\./escaped: must be a plain file name")
     for argv in (["prepare-coco", "--annotations", ann, "--images", imgs, "--out", imgs],
                  ["prepare-coco", "--annotations", ann, "--images",
                   str(tmp_path / "c2" / "JPEGImages"), "--out", str(tmp_path / "c2")]):
