@@ -88,10 +88,9 @@ def footprints_figure(path, size=65, cell=4):
         pic = np.pad(np.kron(pic, np.ones((cell, cell, 1), np.uint8)), ((1, 1), (1, 1), (0, 0)))
         names = [f"{k}x{k} pool, {n}x{n} conv" + (f", rate {d}" if n > 1 else "")
                  for k, n, d in zip(m.pools, m.kernels, m.dilations)]
-        panels.append(np.concatenate([pic, caption(pic.shape[1], f"{m.name}: r = {ratio:.4f} "
-                                                   f"of the {size}x{size} map"),
-                                      legend(pic.shape[1], names, BRANCH_COLOURS,
-                                             range(len(names)))], 0))
+        title = caption(pic.shape[1], f"{m.name}: r = {ratio:.4f} of the {size}x{size} map")
+        panels.append(np.concatenate([pic, title, legend(pic.shape[1], names, BRANCH_COLOURS,
+                                                         range(len(names)))], 0))
     return infra.save_picture(path, hstack(panels, 8))
 
 
@@ -232,7 +231,6 @@ def _steps(model, opt, batch, crop, dtype, layout, warmup, steps):
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-    x = t = None
     try:
         x = torch.randn(batch, 3, crop, crop, device=device).contiguous(memory_format=fmt)
         t = torch.randint(0, 21, (batch, crop, crop), device=device)
@@ -320,10 +318,6 @@ def ablation(cfg, seeds):
     return rows
 
 
-# Effective receptive field (paper 1, after Zhou et al. 2014: much smaller than the theoretical
-# one; as in Luo et al. 2016): per image, |d logit_c(centre) / d image| summed over RGB (c: the
-# class predicted at the centre), normalised to sum 1; maps averaged with centres aligned.
-
 def centred_mean(maps):
     """Mean of 2-D maps, their centres (h // 2, w // 2) aligned on a canvas of the largest."""
     h, w = max(m.shape[0] for m in maps), max(m.shape[1] for m in maps)
@@ -335,7 +329,9 @@ def centred_mean(maps):
 
 
 def effective_receptive_field(model, dataset, num_images=32, device=None, log=None):
-    """The mean normalised input-gradient map over `num_images` images (eval mode)."""
+    """Effective receptive field (paper 1, after Zhou et al. 2014: much smaller than the
+    theoretical one; as in Luo et al. 2016): per image (eval mode), |d logit_c(centre) / d image|
+    summed over RGB (c: the class predicted at the centre), normalised to sum 1; the mean map."""
     device = device or next(model.parameters()).device
     model.eval()
     maps, n, t0 = [], min(num_images, len(dataset)), time.time()
@@ -366,20 +362,18 @@ def mass_radius(erf, fraction=0.9):
 ERF_CIRCLES = ((0.5, (255, 255, 255)), (0.9, (0, 230, 255)))  # mass, colour
 
 
-def erf_figure(checkpoints, out, num_images=32, device="cpu", data_root=None, cell=2,
-               log=print, progress=print):
+def erf_figure(checkpoints, out, num_images=32, device="cpu", data_root=None, cell=2, log=print):
     """Effective receptive fields side by side, a module's checkpoints (seeds) averaged, on a
     square-root scale (so that the tails show); returns {module: (r50, r90)} in px."""
     groups = {}
     for path in checkpoints:
         ck = infra.read_checkpoint(path)
         model = infra.model_from_checkpoint(ck, path).to(device)
-        ta = ck.get("train_args", {})  # the checkpoint's own validation images
-        ds = data.get_dataset(ck.get("dataset", "synthetic"), ta.get("val_split", "val"),
-                              data_root or ta.get("data_root"), train=False,
-                              seed=ta.get("seed", 0), **ck.get("data_args", {}))
+        ta = ck["train_args"]  # the checkpoint's own validation images (read_checkpoint: there)
+        ds = data.get_dataset(ck["dataset"], ta["val_split"], data_root or ta["data_root"],
+                              train=False, seed=ta["seed"], **ck["data_args"])
         groups.setdefault(model.context.name, []).append(
-            effective_receptive_field(model, ds, num_images, device, progress))
+            effective_receptive_field(model, ds, num_images, device, print))
     erfs = {name: centred_mean(maps) for name, maps in groups.items()}
     h, w = next(iter(erfs.values())).shape
     r50, r90 = (mass_radius(torch.ones(h, w), mass) for mass, _ in ERF_CIRCLES)  # the yardstick
@@ -397,9 +391,8 @@ def erf_figure(checkpoints, out, num_images=32, device="cpu", data_root=None, ce
         cx, cy = (w // 2 + 0.5) * cell, (h // 2 + 0.5) * cell
         for r, (_, colour) in zip((r50 * cell, r90 * cell), ERF_CIRCLES):
             ImageDraw.Draw(pic).ellipse([cx - r, cy - r, cx + r, cy + r], outline=colour, width=2)
-        panels.append(np.concatenate([caption(pic.width, f"{name}: 50% / 90% within "
-                                                         f"{r50:.0f} / {r90:.0f} px"),
-                                      np.asarray(pic)], 0))
+        title = caption(pic.width, f"{name}: 50% / 90% within {r50:.0f} / {r90:.0f} px")
+        panels.append(np.concatenate([title, np.asarray(pic)], 0))
     grid = hstack(panels, 8)  # the colour scale and circles, said once under the maps
     notes = caption(grid.shape[1], "colour: sqrt of the share of", "the peak; circles: 50% / 90%")
     infra.save_picture(out, np.concatenate([grid, notes], 0))
@@ -408,12 +401,9 @@ def erf_figure(checkpoints, out, num_images=32, device="cpu", data_root=None, ce
 
 
 # ==== 4. TABLE 1'S QUESTION AT THE PAPER'S GEOMETRY: THE 65x65 CONTEXT EXPERIMENT =============
-# What can each context module read at each distance (paper 3.2-3.4, Fig. 3)? Feature
-# aggregation alone (3.1), at the paper's size, X made by the rule docs/experiments.md states. A
-# module's output at the query depends only on its "taps" (k x k averages of X at its
-# convolutions' offsets, zero off the map, and the image mean); X is linear in its parts
-# (background, cue, distractor, unit noise), so the taps are gathered once per part and
-# assembled for any class and sigma, and the project's own module runs at the query alone.
+# What can each context module read at each distance (paper 3.2-3.4, Fig. 3)? The rule and the
+# taps: docs/experiments.md. X is linear in its parts (background, cue, distractor, unit noise),
+# so the taps are gathered once per part and assembled for any class and sigma.
 
 CONTEXT_SIZE = 65  # h = w of X for a 513 x 513 image at output stride 8 (paper 3.2)
 CONTEXT_DISTANCES = 40  # d = 1..40: as far as Vortex Pooling's 81 x 81 footprint reaches
@@ -534,9 +524,8 @@ def twins(parts, layouts, sigma, codes):
 
 CONTEXT_CHANNELS = 8  # c1 (paper: 2048); three orthogonal codes need few channels
 PER_DISTANCE = {"train": 500, "test": 250}  # layouts per distance, each with its twin
-# (name, sigma, distractor, background code scale): sigma 1 and 0.5 (which limits are geometry,
-# which signal-to-noise), a distractor (3.4: the nearer cue decides) and the border control
-# (background code zero: a tap off the map reads what a tap on the background reads)
+# (name, sigma, distractor, background code scale): sigma 1 and 0.5 tell geometry from noise;
+# the distractor (3.4) and the border control (code 0): docs/experiments.md's rule
 SETTINGS = (("sigma 1, distractor", 1.0, True, 1.0),
             ("sigma 1, distractor, background 0", 1.0, True, 0.0),
             ("sigma 1", 1.0, False, 1.0), ("sigma 0.5", 0.5, False, 1.0))
@@ -631,13 +620,10 @@ def probe(fit, test, by="distance", image_level=True):
     return scores(correct.numpy(), test)
 
 
-# Many small heads train at once: their weights stacked, one forward runs each on its own batch
-# (vmap over functional_call of the QueryHead itself: own weights, batch norm, dropout draws);
-# Adam is elementwise, so they do not interact. Adam, not SGD: with SGD and momentum (lr
-# 0.02-0.2) training stayed at chance for 600 steps, the cue's share of a pooled feature is tiny.
-
 def vmapped(heads):
-    """(params, buffers, base whose train()/eval() sets the mode, forward of every head)."""
+    """Heads trained at once, their weights stacked: (params, buffers, base whose train()/eval()
+    sets the mode, forward: vmap over functional_call of the QueryHead, each head on its own
+    batch with its own weights, batch norm and dropout draws)."""
     p, b = torch.func.stack_module_state(heads)
     base = copy.deepcopy(heads[0]).to("meta")
 
@@ -679,8 +665,10 @@ def accuracy(head, s):
 
 
 def train_heads(cfg, iters, sets, models):
-    """Train `models` [(row, seed, band or None)] of one shape together (Adam, poly policy):
-    per model, test scores, accuracy on its training samples, {iteration: test accuracy}."""
+    """Train `models` [(row, seed, band or None)] of one shape together (Adam, elementwise, so
+    they do not interact; with SGD and momentum, lr 0.02-0.2, training stayed at chance for 600
+    steps: the cue's share of a pooled feature is tiny), poly policy: per model, test scores,
+    accuracy on its training samples, {iteration: test accuracy}."""
     heads = [QueryHead(row, seed, cfg["context_channels"]) for row, seed, _ in models]
     keys = [(row.removesuffix(NO_IMAGE), seed) for row, seed, _ in models]
     p, b, base, forward = vmapped(heads)
@@ -720,10 +708,6 @@ def train_heads(cfg, iters, sets, models):
             [accuracy(h, sets[k]["train"])[0] for h, k in zip(heads, keys)], curves)
 
 
-# The command: per setting, every row probed and trained with seeds 0..SEEDS-1 (a seed draws
-# layouts, noise and initialisation); rows that have not converged run again with twice the
-# iterations; a record per (setting, row, iterations), read back by the same command again.
-
 def setting_file(setting, row=None, iters=None):
     """The file name of a setting's figure, or of a (setting, row, iterations) record: one plain
     name (infra.plain_name; "A(5) w/o img" would make a folder "A(5) w")."""
@@ -743,7 +727,9 @@ def context_data(distractor, seed, per):
 
 
 def context_experiment(cfg, seeds):
-    """Every chosen setting x CONTEXT_ROWS until converged; the tables, a figure per setting."""
+    """Every chosen setting x CONTEXT_ROWS x seeds (a seed draws layouts, noise and weights),
+    a row that has not converged again with twice the iterations; a record per (setting, row,
+    iterations), read back when there; the tables, a figure per setting."""
     out, t0 = cfg["out_dir"], time.time()
     per = dict(PER_DISTANCE, train=cfg["train_layouts"])
     key = json.loads(json.dumps(dict(
@@ -756,10 +742,9 @@ def context_experiment(cfg, seeds):
         recs, todo, iters = {}, list(CONTEXT_ROWS), cfg["iters"]
         cols = bands(SCORED[distractor])
         while todo:
-            path = {row: os.path.join(out, setting_file(setting, row, iters))
-                    for row in todo}
-            for row in todo:
-                recs[row] = read_back(path[row], dict(key, setting=setting, iters=iters), RECORD)
+            config = dict(key, setting=setting, iters=iters)
+            path = {row: os.path.join(out, setting_file(setting, row, iters)) for row in todo}
+            recs.update({row: read_back(path[row], config, RECORD) for row in todo})
             pending = [row for row in todo if recs[row] is None]
             if pending:
                 if cache.get("for") != (distractor, seeds):  # layouts serve a condition's settings
@@ -770,7 +755,7 @@ def context_experiment(cfg, seeds):
                                  for split, (lay, parts) in cache["data"][s].items()}
                         for r in TABLE1 for s in range(seeds)}
                 for row, rec in train_rows(cfg, iters, sets, pending, seeds, cols).items():
-                    recs[row] = dict(rec, config=dict(key, setting=setting, iters=iters))
+                    recs[row] = dict(rec, config=config)
                     infra.write_json(path[row], recs[row])
                 print(f"context experiment: {setting}, {iters} iterations: "
                       f"{', '.join(pending)} done, {(time.time() - t0) / 60:.1f} min", flush=True)
@@ -783,10 +768,8 @@ def context_experiment(cfg, seeds):
     table += f"\n\n{len(chosen)} settings, {seeds} seed(s): {(time.time() - t0) / 60:.1f} min"
     print(table)
     infra.atomic_save(os.path.join(out, "table.txt"), lambda f: f.write(table.encode() + b"\n"))
-    coverage = {row: ring_coverage(table1_module(row, CONTEXT_CHANNELS)) for row in TABLE1}
     for setting, *_ in chosen:
-        context_figure(results[setting], coverage, setting,
-                       os.path.join(out, f"{setting_file(setting)}.png"))
+        context_figure(results[setting], setting, os.path.join(out, f"{setting_file(setting)}.png"))
     print(f"wrote {os.path.join(out, 'table.txt')} and one figure per setting in {out}")
     return results
 
@@ -809,10 +792,9 @@ def train_rows(cfg, iters, sets, rows, seeds, cols):
             if r == row and band is not None:
                 for to, acc in zip(told, (final[0], fit)):
                     to[s][band[0]:band[1] + 1] = acc[band[0]:band[1] + 1]
-        probes = [{by: probe(sets[row.removesuffix(NO_IMAGE), s]["train"],
-                             sets[row.removesuffix(NO_IMAGE), s]["test"], by,
-                             head_shape(QueryHead(row, 0, 1))[1]) for by in PROBES}
-                  for s in range(seeds)]
+        base, image_level = row.removesuffix(NO_IMAGE), head_shape(QueryHead(row, 0, 1))[1]
+        probes = [{by: probe(sets[base, s]["train"], sets[base, s]["test"], by, image_level)
+                   for by in PROBES} for s in range(seeds)]
         recs[row] = {
             "probe": {by: [p[by][0].tolist() for p in probes] for by in PROBES},
             "probe_conflict": {by: [p[by][1].tolist() for p in probes] for by in PROBES},
@@ -835,7 +817,6 @@ def record_arrays(rec):
 
 
 def band_mean(a, lo, hi):
-    """The mean over a band's distances."""
     return a[..., lo:hi + 1].mean(-1)
 
 
@@ -858,8 +839,8 @@ def paired(a, b):
 
 def context_table(cfg, setting, distractor, res, seeds):
     """One setting's table by band: the blocks below, curves, convergence, paired rows."""
-    top = SCORED[distractor]
-    cols = bands(top)
+    cols = bands(SCORED[distractor])
+    spans = cols + ((1, SCORED[distractor]),)  # the bands, then all distances
 
     def m(a, lo, hi):  # a band's mean over seeds
         return f"{band_mean(a, lo, hi).mean():5.1f}"
@@ -888,10 +869,10 @@ def context_table(cfg, setting, distractor, res, seeds):
              f"{cfg['train_layouts']} training / {PER_DISTANCE['test']} test layouts x 2 twins "
              f"per distance, drawn per seed; accuracy (%), chance exactly 50; {seeds} seed(s), "
              f"batches of {cfg['batch_size']}, iterations per row: see convergence",
-             f"{'module':15}" + "".join(f"{f'{lo}-{hi}':>22}" for lo, hi in cols + ((1, top),))]
+             f"{'module':15}" + "".join(f"{f'{lo}-{hi}':>22}" for lo, hi in spans)]
     for title, rows, cell in blocks:
-        lines += [title] + [f"{row:15}" + "".join(f"{cell(r, lo, hi):>22}" for lo, hi in
-                                                  cols + ((1, top),)) for row, r in rows.items()]
+        lines += [title] + [f"{row:15}" + "".join(f"{cell(r, *span):>22}" for span in spans)
+                            for row, r in rows.items()]
     lines.append("learning curve, trained (mean over seeds), bands " +
                  " / ".join(f"{lo}-{hi}" for lo, hi in cols) + " at iteration:")
     lines += [f"{row:15}" + "  ".join(f"{it}: " + "/".join(
@@ -908,17 +889,13 @@ def context_table(cfg, setting, distractor, res, seeds):
                  "points (seeds +/-, spread: the larger range over seeds of either row); "
                  "* real: every seed the same sign and |mean| > spread")
     for a, b in PAIRS:
-        cells = [(lo, hi, *paired(band_mean(res[a]["trained"], lo, hi),
-                                  band_mean(res[b]["trained"], lo, hi)))
-                 for lo, hi in cols + ((1, top),)]
+        cells = [(lo, hi, *paired(*(band_mean(res[x]["trained"], lo, hi) for x in (a, b))))
+                 for lo, hi in spans]
         lines.append(f"  {a + ' - ' + b:30} " + "  ".join(
             f"{lo}-{hi} {d:+5.1f} ({plus}+/{minus}-, {spread:3.1f}){'*' * real:1}"
             for lo, hi, d, plus, minus, spread, real in cells))
     return "\n".join(lines)
 
-
-# The context experiment's figure: accuracy (40..100 %) against distance, a panel per module of
-# Table 1 with and without its image-level branch (the learning curves are in table.txt).
 
 CONTEXT_COLOURS = ((120, 120, 120), (148, 103, 189), (31, 119, 180), (23, 190, 207),
                    (255, 127, 14), (188, 140, 60), (140, 86, 75), (214, 39, 40))  # TABLE1's order
@@ -958,9 +935,9 @@ def _context_panel(name, colour, res, coverage, size=(300, 200)):
     return np.asarray(pic)
 
 
-def context_figure(results, coverage, setting, out):
+def context_figure(results, setting, out):
     """One setting, a panel per module of Table 1; results {row: record_arrays(...)}."""
-    panels = [_context_panel(name, colour, results, coverage[name])
+    panels = [_context_panel(name, colour, results, ring_coverage(table1_module(name, 8)))
               for name, colour in zip(TABLE1, CONTEXT_COLOURS)]
     rows = [np.pad(hstack(panels[i:i + 4], 6), ((0, 6), (0, 0), (0, 0)), constant_values=255)
             for i in range(0, len(panels), 4)]
@@ -1075,8 +1052,6 @@ ARGS = (
 def _argument(parser, flag, default, text, extra=None):
     """One argument of ARGS, its help: what it means here, its default, what is allowed."""
     name = flag.lstrip("-").replace("-", "_")
-    if not flag.startswith("-"):  # positional
-        return parser.add_argument(flag, help=text, **(extra or {}))
     if name in infra.SETTINGS:
         infra.add_flags(parser, [name])
         action, allowed = parser._actions[-1], infra.allowed_text(name)
@@ -1091,23 +1066,15 @@ def _argument(parser, flag, default, text, extra=None):
         + (f" [{allowed}]" if allowed and allowed not in ("a flag", "text") else "")
 
 
-def parser():
-    """The command line: COMMANDS and ARGS (`python experiments.py COMMAND --help`)."""
-    p = infra.Parser(description="Research and measurement beside the Vortex Pooling "
-                     "reimplementation: Table 1's modules in numbers, figures, benchmarks and the "
-                     "experiments. `python experiments.py COMMAND --help` explains its flags.")
+def parse(argv=None):
+    """(args, cfg) checked before any work; cfg: train.py's for ablation, context's, or None."""
+    p = infra.Parser(description=__doc__)
     _argument(p, "--threads", 0, "torch CPU threads")
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
     subs = {name: sub.add_parser(name, help=text) for name, text in COMMANDS.items()}
     for where, *argument in ARGS:
         for name in where.split():
             _argument(subs[name], *argument)
-    return p
-
-
-def parse(argv=None):
-    """(args, cfg) checked before any work; cfg: train.py's for ablation, context's, or None."""
-    p = parser()
     args, rest = p.parse_known_args(argv)
     if rest and args.cmd != "ablation":
         p.error(f"unrecognized arguments: {' '.join(rest)}")
