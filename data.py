@@ -24,7 +24,6 @@ from infra import (BadInput, Claim, ExistingOutput, MissingInput, Parser, add_fl
 # 4.1: "We use the PASCAL VOC 2012 dataset for ablation studies." Its 20 object classes and
 # background, the colours of its masks, 255 for void pixels (ignored by the loss and the metric);
 # images normalised with the ImageNet statistics the pretrained ResNet was trained with.
-# ---------------------------------------------------------------------------------------------
 
 IGNORE = 255
 MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)  # ImageNet statistics (RGB, 0..1)
@@ -32,7 +31,6 @@ STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 VOC_CLASSES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car",
                "cat", "chair", "cow", "diningtable", "dog", "horse", "motorbike", "person",
                "pottedplant", "sheep", "sofa", "train", "tvmonitor")
-
 
 def voc_palette():
     """The PASCAL VOC colour map (256 RGB triples): bit 3 j + k of the class index goes to bit
@@ -43,7 +41,6 @@ def voc_palette():
             pal[:, k] |= (((idx >> (3 * j + k)) & 1) << (7 - j)).astype(np.uint8)
     return pal
 
-
 VOC_PALETTE = voc_palette()
 
 
@@ -51,7 +48,6 @@ VOC_PALETTE = voc_palette()
 # 4.1: "The official dataset has 1,464 training images, 1,449 validation images and 1,456 test
 # images ... [we] use the official PASCAL VOC 2012 val set for evaluation."
 # PASCAL VOC 2012 (and any tree laid out like it: train_aug, the COCO conversion).
-# ---------------------------------------------------------------------------------------------
 
 VOC_TREE = """expected layout (root = the VOC2012 folder):
   VOC2012/
@@ -59,7 +55,6 @@ VOC_TREE = """expected layout (root = the VOC2012 folder):
     SegmentationClass/<id>.png          palette PNGs, values 0..20 and 255
     SegmentationClassAug/<id>.png       only for split train_aug (python data.py prepare-sbd)
     ImageSets/Segmentation/<split>.txt  one id per line (train, val, trainval, train_aug)"""
-
 
 class Pairs(torch.utils.data.Dataset):
     """(image, label) pairs: load(index) gives the raw pair, the transform augments it with the
@@ -73,7 +68,6 @@ class Pairs(torch.utils.data.Dataset):
     def __getitem__(self, key):
         epoch, index = key if isinstance(key, tuple) else (self.epoch, key)
         return self.transform(*self.load(index), np.random.default_rng([self.seed, epoch, index]))
-
 
 class VOCSegmentation(Pairs):
     """PASCAL VOC 2012 segmentation: `root` is the VOC2012 folder, `split` a list name under
@@ -128,7 +122,6 @@ class VOCSegmentation(Pairs):
 # ---------------------------------------------------------------------------------------------
 # train_aug (paper 4.1: "Hariharan et al. augmented this dataset ... 10,582 images"); made from
 # the SBD release by `python data.py prepare-sbd` (Part II).
-# ---------------------------------------------------------------------------------------------
 
 def train_aug_ids(sbd_train, sbd_val, voc_train, voc_val):
     """train_aug = (SBD train + SBD val + VOC train) - VOC val, sorted (paper 4.1)."""
@@ -142,17 +135,14 @@ def train_aug_ids(sbd_train, sbd_val, voc_train, voc_val):
 # A transform maps (image uint8 HxWx3, label uint8 HxW, rng) to (float image, int64 label). Its
 # only randomness is `rng`, from (seed, epoch, index): a sample gets the same augmentation
 # whatever the number of loader workers, and a resumed run sees the data it would have seen.
-# ---------------------------------------------------------------------------------------------
 
 _SCALE = torch.from_numpy(1.0 / (255.0 * STD))[:, None, None]
 _SHIFT = torch.from_numpy(-MEAN / STD)[:, None, None]
-
 
 def normalize(image):
     """uint8 (H, W, 3) -> float (3, H, W): (image / 255 - mean) / std, in two in-place ops."""
     t = torch.from_numpy(np.require(image, requirements=["C", "W"])).permute(2, 0, 1).float()
     return t.mul_(_SCALE).add_(_SHIFT)
-
 
 class TrainTransform:
     """Random scale in [scale], pad to crop (image with the mean, i.e. 0 after normalisation;
@@ -178,7 +168,6 @@ class TrainTransform:
         return F.pad(normalize(img), pad), F.pad(torch.from_numpy(lab.astype(np.int64)), pad,
                                                  value=IGNORE)
 
-
 class EvalTransform:
     """The full image, normalised: no resize, no crop (a centre crop inflates mIoU)."""
 
@@ -193,14 +182,12 @@ class EvalTransform:
 # (painted as background it would teach that small cars and people are background); crowd
 # regions count as their class; objects are painted largest first, so a smaller one (in COCO
 # usually the one in front) lies on top; polygons are rasterised exactly as pycocotools does.
-# ---------------------------------------------------------------------------------------------
 
 COCO_TO_VOC = {"airplane": "aeroplane", "bicycle": "bicycle", "bird": "bird", "boat": "boat",
                "bottle": "bottle", "bus": "bus", "car": "car", "cat": "cat", "chair": "chair",
                "cow": "cow", "dining table": "diningtable", "dog": "dog", "horse": "horse",
                "motorcycle": "motorbike", "person": "person", "potted plant": "pottedplant",
                "sheep": "sheep", "couch": "sofa", "train": "train", "tv": "tvmonitor"}
-
 
 def coco_voc_mask(anns, h, w, cat_to_voc, min_pixels=1000):
     """Index mask of one image's annotations, checked (prepare_coco): VOC objects of at least
@@ -218,7 +205,6 @@ def coco_voc_mask(anns, h, w, cat_to_voc, min_pixels=1000):
     for _, cls, m in sorted(objs, key=lambda o: -o[0]):
         mask[m] = cls
     return mask
-
 
 def get_dataset(name, split, root=None, train=False, crop=513, scale=(0.5, 2.0), seed=0,
                 num_images=512, image_size=128):
@@ -243,10 +229,8 @@ def get_dataset(name, split, root=None, train=False, crop=513, scale=(0.5, 2.0),
 # ---------------------------------------------------------------------------------------------
 # Reading files, with errors that say which file and what was expected. Images over
 # MAX_IMAGE_PIXELS (~ 7300 x 5500) are refused from their header, before decoding.
-# ---------------------------------------------------------------------------------------------
 
 MAX_IMAGE_PIXELS = 40_000_000
-
 
 def _read_picture(path, what, read):
     """read(the opened picture), any failure one BadInput naming the file."""
@@ -262,7 +246,6 @@ def _read_picture(path, what, read):
             raise
         raise BadInput(f"cannot read {what} {path}: {getattr(e, 'strerror', None) or e}") \
             from None
-
 
 def read_image(path, orientation=False):
     """RGB uint8 array (H, W, 3); 16-bit images scaled to 8 bits (Pillow's convert would clip
@@ -282,7 +265,6 @@ def read_image(path, orientation=False):
         return np.asarray(im.convert("RGB"))
     return _read_picture(path, "image", read)
 
-
 def read_mask(path, num_classes=21):
     """Class-index mask (H, W) uint8 from a palette ('P') PNG (VOC's SegmentationClass: indices
     0..20, 255 = void, with a palette to draw them) or a grayscale ('L') one (SegmentationClassAug).
@@ -299,7 +281,6 @@ def read_mask(path, num_classes=21):
                        f"and {IGNORE} (ignore)")
     return arr
 
-
 def save_mask(path, mask, palette=VOC_PALETTE):
     """Write an index mask as a palette PNG, atomically (temp file + rename)."""
     im = Image.fromarray(np.asarray(mask, dtype=np.uint8), mode="P")
@@ -311,14 +292,12 @@ def save_mask(path, mask, palette=VOC_PALETTE):
 # The built-in synthetic dataset: the paper's Figure 1 (a bike seen up close looks like a fish)
 # made into data. "bike" and "fish" share one body; only the surroundings tell them apart
 # (docs/data.md; docs/history.md: why the cues near the body mislead).
-# ---------------------------------------------------------------------------------------------
 
 SYNTHETIC_CLASSES = ("background", "water", "wheel", "bike", "fish")
 SYNTHETIC_CONTEXT_CLASSES = (3, 4)  # told apart only by context
 SYNTHETIC_PALETTE = np.zeros((256, 3), dtype=np.uint8)
 SYNTHETIC_PALETTE[:5] = [(0, 0, 0), (40, 110, 220), (150, 150, 150), (220, 40, 40), (250, 170, 30)]
 SYNTHETIC_PALETTE[IGNORE] = (255, 255, 255)
-
 
 def render_synthetic(seed, index, size=128):
     """One synthetic (image uint8 HxWx3, label uint8 HxW) pair, a pure function of its inputs."""
@@ -380,7 +359,6 @@ def render_synthetic(seed, index, size=128):
     lab[m] = cls
     return np.clip(img, 0, 255).astype(np.uint8), lab
 
-
 class SyntheticContext(Pairs):
     """The built-in dataset (no files): `num_images` images of side `size` (an int, or a
     (min, max) range drawn per image), generated from (seed, index). Classes: background, water,
@@ -403,7 +381,6 @@ class SyntheticContext(Pairs):
 
 # ---------------------------------------------------------------------------------------------
 # SBD -> train_aug: the converter (train_aug_ids in Part I says which images).
-# ---------------------------------------------------------------------------------------------
 
 def sbd_mat_to_mask(path, loadmat):
     """Class-index mask (H, W) uint8 from an SBD cls/<id>.mat file (GTcls.Segmentation), read
@@ -419,7 +396,6 @@ def sbd_mat_to_mask(path, loadmat):
         raise BadInput(f"SBD mask {path}: expected a 2-D map of classes 0..20, got shape "
                        f"{seg.shape} with values {bad.tolist()}")
     return seg.astype(np.uint8)
-
 
 def prepare_sbd(sbd, voc, overwrite=False, log=print):
     """Write VOC2012/SegmentationClassAug/<id>.png for every train_aug id, and
@@ -478,7 +454,6 @@ def prepare_sbd(sbd, voc, overwrite=False, log=print):
 # ---------------------------------------------------------------------------------------------
 # COCO files: RLE, polygons rasterised exactly as pycocotools does, checks of every record, and
 # the converter (coco_voc_mask in Part I is the paper's rule).
-# ---------------------------------------------------------------------------------------------
 
 def rle_decode(rle):
     """COCO RLE (counts as a list, or the compressed string) -> (h, w) uint8 mask.
@@ -491,7 +466,6 @@ def rle_decode(rle):
     values = np.zeros(len(counts), np.uint8)
     values[1::2] = 1
     return np.repeat(values, counts).reshape(w, h).T.copy()
-
 
 def rle_counts_from_string(s):
     """COCO's compressed counts: 5-bit groups (+48 to printable), continuation bit 0x20, sign
@@ -511,7 +485,6 @@ def rle_counts_from_string(s):
             x += counts[-2]
         counts.append(x)
     return counts
-
 
 def _polygon_crossings(xy, h, w):
     """Column-major pixel positions (x * h + y) where one polygon's inside/outside flips, as
@@ -546,7 +519,6 @@ def _polygon_crossings(xy, h, w):
     yd = np.ceil(np.clip((np.minimum(va, vb) + 0.5) / 5.0 - 0.5, 0, h))
     return xd[keep].astype(np.int64) * h + yd[keep].astype(np.int64)
 
-
 def polygons_to_mask(polygons, h, w):
     """One object's COCO polygons ([x1, y1, x2, y2, ...]) as an (h, w) uint8 mask, identical
     to pycocotools' decode(merge(frPyObjects(polygons, h, w))) (tested on its output): each
@@ -556,7 +528,6 @@ def polygons_to_mask(polygons, h, w):
         flips = np.bincount(_polygon_crossings(poly, h, w), minlength=h * w + 1)[: h * w]
         mask |= (np.cumsum(flips) & 1).astype(np.uint8)
     return mask.reshape(w, h).T.copy()
-
 
 def annotation_problem(ann, h, w):
     """What is wrong with one COCO annotation for an h x w image (a short phrase), or None.
@@ -589,7 +560,6 @@ def annotation_problem(ann, h, w):
         return "RLE counts that cannot be read"
     return None
 
-
 def image_problem(img):
     """What is wrong with one COCO image record (a short phrase), or None. Its size is checked
     before a mask of that size is made."""
@@ -610,12 +580,10 @@ def image_problem(img):
                 f"{MAX_IMAGE_PIXELS // 10 ** 6} megapixels")
     return None
 
-
 def annotation_mask(ann, h, w):
     """(h, w) uint8 mask of a checked annotation (annotation_problem is None)."""
     seg = ann["segmentation"]
     return polygons_to_mask(seg, h, w) if isinstance(seg, list) else rle_decode(seg)
-
 
 def _read_coco(annotations, images, skip):
     """The checked COCO file, the size of each usable image by id, and their annotations by image
@@ -645,7 +613,6 @@ def _read_coco(annotations, images, skip):
             else:
                 by_image.setdefault(i, []).append(ann)
     return coco, sizes, by_image
-
 
 def prepare_coco(annotations, images, out, split=None, min_pixels=1000, log=print,
                  strict=False, overwrite=False):
@@ -722,7 +689,6 @@ def prepare_coco(annotations, images, out, split=None, min_pixels=1000, log=prin
 
 # ---------------------------------------------------------------------------------------------
 # Command line.
-# ---------------------------------------------------------------------------------------------
 
 def parser():
     """The command line (--help explains every flag)."""
@@ -747,7 +713,6 @@ def parser():
     add_flags(s, ("min_pixels",), default=1000)
     return p
 
-
 def main(argv=None):
     args = parser().parse_args(argv)
     check_settings(vars(args))
@@ -769,7 +734,6 @@ def main(argv=None):
         else:
             prepare_coco(args.annotations, args.images, args.out, args.split,
                          args.min_pixels, strict=args.strict, overwrite=args.overwrite)
-
 
 if __name__ == "__main__":
     cli(main)

@@ -25,7 +25,6 @@ PAPER_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
 # ---------------------------------------------------------------------------------------------
 # The metric. confusion[t, p] counts pixels of true class t predicted as p, over all pixels of
 # all images (not a mean of per-image scores). IoU_c = TP / (TP + FP + FN).
-# ---------------------------------------------------------------------------------------------
 
 def confusion_update(confusion, pred, target, ignore=data.IGNORE):
     """Add one prediction/target pair (any shape, same shape) to a (C, C) int64 matrix."""
@@ -38,7 +37,6 @@ def confusion_update(confusion, pred, target, ignore=data.IGNORE):
                              f"and {ignore}")
     confusion += torch.bincount(target * c + pred, minlength=c * c).view(c, c).to(confusion)
     return confusion
-
 
 def miou_from_confusion(confusion):
     """Per-class IoU (NaN for a class absent from both prediction and ground truth: it has no
@@ -55,7 +53,6 @@ def miou_from_confusion(confusion):
 
 # ---------------------------------------------------------------------------------------------
 # Inference at the image's own size, any size; optionally multi-scale and flipped.
-# ---------------------------------------------------------------------------------------------
 
 @torch.no_grad()
 def predict_probs(model, image, scales=(1.0,), flip=False):
@@ -76,11 +73,9 @@ def predict_probs(model, image, scales=(1.0,), flip=False):
         total = total + (probs[:1] + probs[1:].flip(-1) if flip else probs)
     return (total / (len(scales) * (2 if flip else 1)))[0]
 
-
 def predict(model, image, scales=(1.0,), flip=False):
     """Per-pixel class indices (H, W) of a normalised image (3, H, W)."""
     return predict_probs(model, image, scales, flip).argmax(0)
-
 
 def evaluate(model, dataset, scales=(1.0,), flip=False, device=None, save_dir=None, log=print,
              workers=0, amp=None):
@@ -140,7 +135,6 @@ def parser():
                         "(default: runs/predictions/<name>.png or runs/predictions/<folder>/)")
     return p
 
-
 def main(argv=None):
     args = parser().parse_args(argv)
     vortex.keep_freed_memory()  # large tensors reuse memory instead of page-faulting it in
@@ -160,7 +154,6 @@ def main(argv=None):
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-
 
 def evaluate_checkpoint(model, ck, args, device):
     """mIoU of the checkpoint on a dataset split; table on screen, numbers in a JSON file."""
@@ -196,7 +189,6 @@ def evaluate_checkpoint(model, ck, args, device):
         infra.on_rank0(infra.write_json, out, result)
     say("numbers written to", out + (f"; pictures in {args.save_dir}" if args.save_dir else ""))
     return result
-
 
 def predict_images(model, ck, args, device, log=print):
     """Predict --image (one image, or every image of a folder): <out>/<stem>.png (class indices,
@@ -253,7 +245,6 @@ def predict_images(model, ck, args, device, log=print):
 
 # ---------------------------------------------------------------------------------------------
 # Pictures a run writes (Pillow only, atomically), with primitives experiments.py's figures use.
-# ---------------------------------------------------------------------------------------------
 
 def format_table(result, classes, highlight=()):
     lines = [f"{'class':14} {'IoU':>7}"] + [
@@ -264,10 +255,8 @@ def format_table(result, classes, highlight=()):
                               f"pixel accuracy {100 * result['pixel_acc']:.2f}   "
                               f"mean class accuracy {100 * result['mean_acc']:.2f}"])
 
-
 def colorize(label, palette):
     return np.asarray(palette, dtype=np.uint8)[np.asarray(label, dtype=np.int64) & 255]
-
 
 def hstack(parts, gap, axis=1):
     """RGB uint8 pictures side by side, `gap` px of white apart, shorter ones padded below; with
@@ -277,7 +266,6 @@ def hstack(parts, gap, axis=1):
                     constant_values=255) for p in parts]
     white = np.full((size, gap, 3) if axis else (gap, size, 3), 255, np.uint8)
     return np.concatenate([x for p in parts for x in (p, white)][:-1], axis)
-
 
 def legend(width, names, palette, indices):
     """A white strip `width` px wide: a swatch and the name of each class in `indices`, wrapped."""
@@ -295,7 +283,6 @@ def legend(width, names, palette, indices):
                        outline=(0, 0, 0))
         draw.text((x + 14, y), name, fill=(0, 0, 0))
     return np.asarray(strip)
-
 
 def prediction_panels(path, rows, classes, palette):
     """A PNG at `path`: image | (ground truth |) prediction for each (image, prediction, label or
@@ -315,13 +302,11 @@ def prediction_panels(path, rows, classes, palette):
     return infra.save_picture(path, np.concatenate([np.asarray(head), hstack(
         panels + [legend(width, classes, palette, sorted(present))], 4, axis=0)], 0))
 
-
 def save_prediction(stem, image, pred, palette, classes, label=None):
     """stem.png (the class indices as a palette PNG) and stem_panel.png (prediction_panels)."""
     data.save_mask(stem + ".png", pred.numpy().astype(np.uint8), palette)
     return stem + ".png", prediction_panels(stem + "_panel.png", [(image, pred, label)],
                                             classes, palette)
-
 
 def prediction_picture(model, dataset, device, path, n=4):
     """image | ground truth | prediction for n validation images (prediction_panels). Where the
@@ -339,7 +324,6 @@ def prediction_picture(model, dataset, device, path, n=4):
     rows = [(image, predict(model, image.to(device)).cpu(), label)
             for image, label in (dataset[i] for i in picks)]
     return prediction_panels(path, rows, list(dataset.classes), dataset.palette)
-
 
 def log_figure(log_path, out, size=(560, 320)):
     """Loss and learning rate against iterations from log.jsonl, both axes from 0 with their
@@ -367,7 +351,6 @@ def log_figure(log_path, out, size=(560, 320)):
                        "both from 0", fill=(0, 0, 0))
     draw.text(((x0 + x1) // 2 - 24, y1 + 18), "iteration", fill=(0, 0, 0))
     return infra.save_picture(out, np.asarray(pic))
-
 
 if __name__ == "__main__":
     infra.end(lambda: infra.cli(main) and 0)

@@ -26,11 +26,9 @@ from train import loss_fn, poly_lr, set_lr
 from vortex import (TABLE1, DeepLabV3, box_averages, footprint, make_context,
                     measured_utilization, table1_module, utilization_ratio)
 
-
 # ==== 1. TABLE 1'S MODULES IN NUMBERS (paper 3.2, Eq. 1) AND FIG. 3 ===========================
 
 TABLE_ROWS = tuple(row for row in TABLE1 if TABLE1[row].miou) + ("none",)  # as printed
-
 
 @torch.no_grad()
 def print_table(size=65, channels=2048, reps=3):
@@ -52,7 +50,6 @@ def print_table(size=65, channels=2048, reps=3):
     print("r analytic: Eq. 1, the footprint counted on an unbounded map; r measured: autograd on "
           "the real module (8 channels) at the centre pixel, taps off the map not counted.")
 
-
 def ring_coverage(module, max_distance=40):
     """Fig. 3 as a curve: per Chebyshev distance d, the share of the offsets the footprint reads."""
     grid = footprint(module.pools, module.kernels, module.dilations)
@@ -61,7 +58,6 @@ def ring_coverage(module, max_distance=40):
     ring = np.maximum(abs(yy), abs(xx))
     return np.array([grid[ring == d].sum() / max(1, 8 * d) for d in range(max_distance + 1)])
 
-
 def caption(width, *lines):
     """A white strip `width` px wide with a line of text per 14 px: every figure's titles."""
     strip = Image.new("RGB", (width, 14 * len(lines)), (255, 255, 255))
@@ -69,9 +65,7 @@ def caption(width, *lines):
         ImageDraw.Draw(strip).text((2, 1 + 14 * i), text, fill=(0, 0, 0))
     return np.asarray(strip)
 
-
 BRANCH_COLOURS = ((200, 30, 30), (240, 150, 20), (40, 110, 200), (60, 160, 60))
-
 
 def footprints_figure(path, size=65, cell=4):
     """Fig. 3 from the real modules: what feeds the centre output (autograd), by branch."""
@@ -93,7 +87,6 @@ def footprints_figure(path, size=65, cell=4):
                                                          range(len(names)))], 0))
     return infra.save_picture(path, hstack(panels, 8))
 
-
 # ==== 2. BENCHMARKS: speed as ratios measured side by side in one run (machines are noisy) ====
 
 def best_times(fns, reps, warmup=1):
@@ -112,7 +105,6 @@ def best_times(fns, reps, warmup=1):
             sync()
             best[name] = min(best[name], time.perf_counter() - t0)
     return best
-
 
 @torch.no_grad()
 def bench_modules(reps=5, model_reps=2):
@@ -143,7 +135,6 @@ def bench_modules(reps=5, model_reps=2):
           f"ratio Vortex/ASPP = {t['vortex'] / t['aspp']:.3f}   (target <= 1.03; "
           f"paper: 10.37 vs 10.13 FPS on a GPU = 1.024)")
 
-
 def bench_inference(reps=2):
     """Seconds per 500x375 image, 1 vs 6 scales + flip, against the pixel ratio 2 sum(s^2)."""
     torch.manual_seed(0)
@@ -155,7 +146,6 @@ def bench_inference(reps=2):
     print(f"ResNet-101 OS 8 + Vortex, 500x375 image, CPU {torch.get_num_threads()} threads, "
           f"best of {reps}:\n  single scale {t['single']:.2f} s/image; 6 scales + flip "
           f"{t['multi']:.2f} s/image; ratio {t['multi'] / t['single']:.1f} (theory {theory:.1f})")
-
 
 def bench_loader(voc=None, n=300, crop=513):
     """Augmented samples per second in one process: a VOC folder or 12 VOC-sized JPEGs."""
@@ -186,7 +176,6 @@ def bench_loader(voc=None, n=300, crop=513):
           f"{n / dt:.0f} samples/s in one process (target >= 100)")
     return n / dt
 
-
 def bench_training(device_arg=None):
     """SGD steps, Vortex and ASPP one after the other per configuration; out of memory is a
     cell (peak memory after the warm-up, when cuDNN's autotuning has tried its workspaces)."""
@@ -216,7 +205,6 @@ def bench_training(device_arg=None):
                       flush=True)
                 rows.append((batch, name, layout, r))
     return rows
-
 
 def _steps(model, opt, batch, crop, dtype, layout, warmup, steps):
     """(images/s, peak GiB or NaN on the CPU) at one configuration; None: out of memory."""
@@ -250,7 +238,6 @@ def _steps(model, opt, batch, crop, dtype, layout, warmup, steps):
         if cuda:
             torch.cuda.empty_cache()
 
-
 # ==== 3. TABLE 1 IN MINIATURE AND THE EFFECTIVE RECEPTIVE FIELD ==============================
 
 ABLATION_ROWS = tuple(TABLE1)  # with the image-level control: what the others add to it
@@ -258,7 +245,6 @@ ABLATION_KEYS = ("dataset", "depth", "base_channels", "context_channels", "outpu
                  "multi_grid", "crop", "scale", "batch_size", "iters", "lr", "num_images",
                  "val_images", "image_size", "context", "pool_k", "seed", "count_include_pad",
                  "warmup")
-
 
 def read_back(path, key, fields):
     """The record at `path` if made with settings `key`, None if none; others are refused."""
@@ -271,7 +257,6 @@ def read_back(path, key, fields):
         raise BadInput(f"{path} holds a run made with other settings ({'; '.join(diff)}); "
                        f"use the same flags, or another --out-dir")
     return rec
-
 
 def ablation_run(run):
     """(mIoU, context-class mIoU, seconds) of one run, read back when finished, else resumed."""
@@ -289,7 +274,6 @@ def ablation_run(run):
         if not dist.is_initialized() or dist.get_rank() == 0:
             infra.write_json(done, rec)
     return rec["miou"], rec["context_miou"], rec["seconds"]
-
 
 def ablation(cfg, seeds):
     """Table 1 in miniature (every module, one budget and seeds), then none/ASPP/Vortex's ERF."""
@@ -317,7 +301,6 @@ def ablation(cfg, seeds):
                           lambda f: f.write("\n".join(lines).encode() + b"\n"))
     return rows
 
-
 def centred_mean(maps):
     """Mean of 2-D maps, their centres (h // 2, w // 2) aligned on a canvas of the largest."""
     h, w = max(m.shape[0] for m in maps), max(m.shape[1] for m in maps)
@@ -326,7 +309,6 @@ def centred_mean(maps):
         top, left = h // 2 - m.shape[0] // 2, w // 2 - m.shape[1] // 2
         canvas[top:top + m.shape[0], left:left + m.shape[1]] += m
     return canvas / len(maps)
-
 
 def effective_receptive_field(model, dataset, num_images=32, device=None, log=None):
     """Effective receptive field (paper 1, after Zhou et al. 2014: much smaller than the
@@ -346,7 +328,6 @@ def effective_receptive_field(model, dataset, num_images=32, device=None, log=No
             infra.progress("erf", i + 1, n, t0, log)
     return centred_mean(maps)
 
-
 def mass_radius(erf, fraction=0.9):
     """The smallest r such that the pixels within r of the centre hold `fraction` of the mass."""
     h, w = erf.shape
@@ -358,9 +339,7 @@ def mass_radius(erf, fraction=0.9):
     k = int(torch.searchsorted(cum, (fraction * cum[-1]).reshape(1)).clamp(max=len(d) - 1))
     return d[order][k].item()
 
-
 ERF_CIRCLES = ((0.5, (255, 255, 255)), (0.9, (0, 230, 255)))  # mass, colour
-
 
 def erf_figure(checkpoints, out, num_images=32, device="cpu", data_root=None, cell=2, log=print):
     """Effective receptive fields side by side, a module's checkpoints (seeds) averaged, on a
@@ -399,7 +378,6 @@ def erf_figure(checkpoints, out, num_images=32, device="cpu", data_root=None, ce
     log(f"wrote {out}")
     return radii
 
-
 # ==== 4. TABLE 1'S QUESTION AT THE PAPER'S GEOMETRY: THE 65x65 CONTEXT EXPERIMENT =============
 # What can each context module read at each distance (paper 3.2-3.4, Fig. 3)? The rule and the
 # taps: docs/experiments.md. X is linear in its parts (background, cue, distractor, unit noise),
@@ -413,7 +391,6 @@ DISTRACTOR_RATIO = 1.5  # the distractor's nearest descriptor is at >= 1.5 d
 DISTRACTOR_DISTANCES = int(REACH // DISTRACTOR_RATIO)  # 26: the last d whose distractor fits REACH
 SCORED = {False: CONTEXT_DISTANCES, True: DISTRACTOR_DISTANCES}  # by distractor: d = 1..SCORED
 
-
 def context_codes(c1, background=1.0):
     """Orthogonal +-1 codes of background (times `background`), cue P and cue Q (Hadamard)."""
     if c1 < 4 or c1 & (c1 - 1):
@@ -423,13 +400,11 @@ def context_codes(c1, background=1.0):
         h = np.block([[h, h], [h, -h]])
     return h[1:4] * np.array([[background], [1], [1]], np.float32)
 
-
 def ring(r):
     """The 8r offsets (dy, dx) at Chebyshev distance r: top, right, bottom, left."""
     side = np.arange(-r, r)
     top, right = np.stack([np.full(2 * r, -r), side], 1), np.stack([side, np.full(2 * r, r)], 1)
     return np.concatenate([top, right, -top, -right])
-
 
 def context_layouts(seed, per_distance, distractor=False, size=CONTEXT_SIZE):
     """`per_distance` layouts per scored d, a pure function of the arguments (-1000: none)."""
@@ -456,13 +431,11 @@ def context_layouts(seed, per_distance, distractor=False, size=CONTEXT_SIZE):
         out["other"] = rng.integers(0, 2, n)
     return out
 
-
 def tap_offsets(module):
     """Per branch: its pooling k and the (dy, dx) offsets its convolution reads (row by row)."""
     return [(k, [(d * a, d * b) for a in range(-(n // 2), n // 2 + 1)
                  for b in range(-(n // 2), n // 2 + 1)])
             for k, n, d in zip(module.pools, module.kernels, module.dilations)]
-
 
 def gather_taps(modules, layouts, c1, seed, batch=1000, size=CONTEXT_SIZE):
     """The parts of every module's taps at every query: inmap, the share of the tap's window
@@ -503,7 +476,6 @@ def gather_taps(modules, layouts, c1, seed, batch=1000, size=CONTEXT_SIZE):
                         area * inside
     return out
 
-
 def twins(parts, layouts, sigma, codes):
     """Every layout twice, cue P then Q: taps, mean, label, d, conflict (the distractor, which
     keeps its class, has the other one: only the nearer cue decides)."""
@@ -520,7 +492,6 @@ def twins(parts, layouts, sigma, codes):
     return (torch.from_numpy(taps), torch.from_numpy(mean), torch.from_numpy(cls),
             torch.from_numpy(np.concatenate([layouts["d"]] * 2)),
             torch.from_numpy((other >= 0) & (other != cls)))
-
 
 CONTEXT_CHANNELS = 8  # c1 (paper: 2048); three orthogonal codes need few channels
 PER_DISTANCE = {"train": 500, "test": 250}  # layouts per distance, each with its twin
@@ -543,11 +514,9 @@ PRECISE_BN = 8192  # training samples whose statistics batch norm takes before a
 RECORD = {"probe": dict, "probe_conflict": dict, "trained": list, "trained_conflict": list,
           "trained_fit": list, "trained_band": list, "trained_band_fit": list, "curve": dict}
 
-
 def bands(top):
     """BANDS clipped to the distances 1..top that a condition scores."""
     return tuple((lo, min(hi, top)) for lo, hi in BANDS if lo <= top)
-
 
 class QueryHead(nn.Module):
     """A row of CONTEXT_ROWS as the project's own ContextModule and a 1x1 classifier, run at
@@ -573,12 +542,10 @@ class QueryHead(nn.Module):
             feats.append(m.image_pool(mean.T[None, :, :, None]))
         return self.classifier(m.project(torch.cat(feats, 1)))[0, :, :, 0].T
 
-
 def head_shape(head):
     """What decides whether heads can share a stack: taps per branch, image-level branch."""
     return tuple(len(offs) for _, offs in tap_offsets(head.module)), \
         head.module.image_pool is not None
-
 
 def per_distance(correct, d):
     """Accuracy (%) at each distance 0..40 of boolean `correct` (N,); NaN where none is."""
@@ -586,19 +553,16 @@ def per_distance(correct, d):
     hits = np.bincount(d[correct], minlength=CONTEXT_DISTANCES + 1)
     return np.where(total > 0, 100 * hits / np.maximum(1, total), np.nan)
 
-
 def scores(correct, s):
     """(accuracy by distance, the same on the conflict twins only) of samples s."""
     d, conflict = s[3].numpy(), s[4].numpy()
     return per_distance(correct, d), per_distance(correct[conflict], d[conflict])
-
 
 def probe_groups(by):
     """The group each distance 0..40 is fitted in: its own, its band's, or one for all."""
     d = np.arange(CONTEXT_DISTANCES + 1)
     band = np.searchsorted([lo for lo, _ in BANDS], d, side="right")  # d = 0: 0, then 1, 2, ...
     return {"distance": d, "band": band, "pooled": np.ones_like(d)}[by]
-
 
 def probe(fit, test, by="distance", image_level=True):
     """What a footprint holds: a linear readout of the cue's class (ridge Fisher discriminant)
@@ -619,7 +583,6 @@ def probe(fit, test, by="distance", image_level=True):
         correct[sel] = ((xt[sel] - mu.mean(0)) @ w > 1e-9 * w.abs().sum()) == (yt[sel] == 1)
     return scores(correct.numpy(), test)
 
-
 def vmapped(heads):
     """Heads trained at once, their weights stacked: (params, buffers, base whose train()/eval()
     sets the mode, forward: vmap over functional_call of the QueryHead, each head on its own
@@ -630,7 +593,6 @@ def vmapped(heads):
     def one(p_, b_, taps, mean):
         return torch.func.functional_call(base, (p_, b_), (taps, mean))
     return p, b, base, torch.func.vmap(one, randomness="different")
-
 
 def precise_bn(base, forward, p, b, taps, mean):
     """Batch norm takes the statistics of each head's fixed samples ("precise BN", Wu & Johnson
@@ -644,7 +606,6 @@ def precise_bn(base, forward, p, b, taps, mean):
     for bn in bns:
         bn.momentum = 0.1
 
-
 def _stacked_data(sets, models):
     """`models`' training samples (taps flattened: 2-d rows gather faster), each one's rows."""
     srcs = list(dict.fromkeys(s for _, s, _ in models))
@@ -657,12 +618,10 @@ def _stacked_data(sets, models):
     return (torch.cat([t[0].flatten(1) for t in tr]), torch.cat([t[1] for t in tr]),
             torch.cat([t[2] for t in tr]), rows)
 
-
 def accuracy(head, s):
     """scores() of one head in eval mode on samples s."""
     with torch.no_grad():
         return scores((head.eval()(s[0], s[1]).argmax(1) == s[2]).numpy(), s)
-
 
 def train_heads(cfg, iters, sets, models):
     """Train `models` [(row, seed, band or None)] of one shape together (Adam, elementwise, so
@@ -707,7 +666,6 @@ def train_heads(cfg, iters, sets, models):
     return ([accuracy(h, sets[k]["test"]) for h, k in zip(heads, keys)],
             [accuracy(h, sets[k]["train"])[0] for h, k in zip(heads, keys)], curves)
 
-
 def setting_file(setting, row=None, iters=None):
     """The file name of a setting's figure, or of a (setting, row, iterations) record: one plain
     name (infra.plain_name; "A(5) w/o img" would make a folder "A(5) w")."""
@@ -716,7 +674,6 @@ def setting_file(setting, row=None, iters=None):
         name += f"-{row.replace(NO_IMAGE, '-without-image-level')}-{iters}.json"
     return infra.plain_name(name, "a record's name")
 
-
 def context_data(distractor, seed, per):
     """One seed's layouts of a condition and every module's taps (seed 0: rule v3's)."""
     modules, out = [table1_module(r, CONTEXT_CHANNELS) for r in TABLE1], {}
@@ -724,7 +681,6 @@ def context_data(distractor, seed, per):
         lay = context_layouts(4 * seed + 1 + i + 2 * distractor, per[split], distractor)
         out[split] = (lay, gather_taps(modules, lay, CONTEXT_CHANNELS, 7 + i + 2 * seed))
     return out
-
 
 def context_experiment(cfg, seeds):
     """Every chosen setting x CONTEXT_ROWS x seeds (a seed draws layouts, noise and weights),
@@ -773,7 +729,6 @@ def context_experiment(cfg, seeds):
     print(f"wrote {os.path.join(out, 'table.txt')} and one figure per setting in {out}")
     return results
 
-
 def train_rows(cfg, iters, sets, rows, seeds, cols):
     """Probe and train `rows` of one setting (one stack of heads per shape): their records."""
     models = [(row, s, None) for row in rows for s in range(seeds)]
@@ -807,7 +762,6 @@ def train_rows(cfg, iters, sets, rows, seeds, cols):
                       "trained": [[c[i].tolist() for i in sorted(c)] for _, _, c in mine]}}
     return recs
 
-
 def record_arrays(rec):
     """A record as arrays (null, a distance a condition does not score, -> NaN)."""
     out = {k: {by: np.array(v, float) for by, v in rec[k].items()} if RECORD[k] is dict else
@@ -815,10 +769,8 @@ def record_arrays(rec):
     return dict(out, curve_iters=rec["curve"]["iters"], iters=rec["config"]["iters"],
                 curve=np.array(rec["curve"]["trained"], float))
 
-
 def band_mean(a, lo, hi):
     return a[..., lo:hi + 1].mean(-1)
-
 
 def converged(r, cols, tolerance):
     """(held, largest change): every band moved by < `tolerance` over the run's last doubling."""
@@ -828,14 +780,12 @@ def converged(r, cols, tolerance):
                  for lo, hi in cols)
     return bool(change < tolerance), change
 
-
 def paired(a, b):
     """Per-seed a - b: (mean, seeds +, seeds -, spread, real); spread: the larger range over
     seeds of either row (what a re-run moves it by), real: one sign and |mean| > spread."""
     d, spread = a - b, max(np.ptp(a), np.ptp(b))
     real = len(d) > 1 and ((d > 0).all() or (d < 0).all()) and abs(d.mean()) > spread
     return d.mean(), int((d > 0).sum()), int((d < 0).sum()), spread, bool(real)
-
 
 def context_table(cfg, setting, distractor, res, seeds):
     """One setting's table by band: the blocks below, curves, convergence, paired rows."""
@@ -896,10 +846,8 @@ def context_table(cfg, setting, distractor, res, seeds):
             for lo, hi, d, plus, minus, spread, real in cells))
     return "\n".join(lines)
 
-
 CONTEXT_COLOURS = ((120, 120, 120), (148, 103, 189), (31, 119, 180), (23, 190, 207),
                    (255, 127, 14), (188, 140, 60), (140, 86, 75), (214, 39, 40))  # TABLE1's order
-
 
 def _context_panel(name, colour, res, coverage, size=(300, 200)):
     """One module against d = 1..40, accuracy 40..100 % (context_figure's caption says more)."""
@@ -934,7 +882,6 @@ def _context_panel(name, colour, res, coverage, size=(300, 200)):
     draw.rectangle([x0, y0, x1, y1], outline=(0, 0, 0))
     return np.asarray(pic)
 
-
 def context_figure(results, setting, out):
     """One setting, a panel per module of Table 1; results {row: record_arrays(...)}."""
     panels = [_context_panel(name, colour, results, ring_coverage(table1_module(name, 8)))
@@ -949,7 +896,6 @@ def context_figure(results, setting, out):
         "Grey bars: share of the positions at distance d that its footprint reads (Fig. 3; "
         "full = all). Title: mean over d, trained with / without the branch.")] + rows, 0))
 
-
 # ==== 5. PICTURES OF THE DATA ===============================================================
 
 def _with_legend(out, pictures, gap, names, palette):
@@ -958,18 +904,15 @@ def _with_legend(out, pictures, gap, names, palette):
     return infra.save_picture(out, np.concatenate([grid, legend(
         grid.shape[1], names, palette, range(len(names)))], 0))
 
-
 def synthetic_samples_figure(out, n=6, size=128, seed=0):
     """n synthetic samples: images on top, labels below, and a legend."""
     ds = data.SyntheticContext(n, size, seed)
     return _with_legend(out, [np.concatenate([ds.load(i)[0], colorize(ds.load(i)[1], ds.palette)],
                                              0) for i in range(n)], 4, ds.classes, ds.palette)
 
-
 CONTEXT_VIEW = ("background", "query", "cue P", "cue Q")
 CONTEXT_PALETTE = np.zeros((256, 3), dtype=np.uint8)
 CONTEXT_PALETTE[:4] = [(245, 245, 245), (0, 0, 0), (200, 0, 0), (0, 60, 200)]
-
 
 def context_samples_figure(out, cell=3, distances=(2, 12, 24), seed=0):
     """65x65 maps, the query circled, its cue at a few distances; then with a distractor."""
@@ -991,7 +934,6 @@ def context_samples_figure(out, cell=3, distances=(2, 12, 24), seed=0):
                 "distractor" if distractor else "one cue")), np.pad(
                     np.asarray(pic), ((1, 1), (1, 1), (0, 0)))], 0))  # framed: the map's border
     return _with_legend(out, maps, 6, CONTEXT_VIEW, CONTEXT_PALETTE)
-
 
 # ==== 6. THE COMMAND LINE ===================================================================
 
@@ -1048,7 +990,6 @@ ARGS = (
     ("erf", "--images", 32, "validation images per checkpoint"),
     ("erf", "--data-root", None, "the data the checkpoints were trained on, if not theirs"))
 
-
 def _argument(parser, flag, default, text, extra=None):
     """One argument of ARGS, its help: what it means here, its default, what is allowed."""
     name = flag.lstrip("-").replace("-", "_")
@@ -1065,7 +1006,6 @@ def _argument(parser, flag, default, text, extra=None):
     action.help = text + (f" (default {default})" if default not in (None, False, ...) else "") \
         + (f" [{allowed}]" if allowed and allowed not in ("a flag", "text") else "")
 
-
 def parse(argv=None):
     """(args, cfg) checked before any work; cfg: train.py's for ablation, context's, or None."""
     p = infra.Parser(description=__doc__)
@@ -1078,14 +1018,12 @@ def parse(argv=None):
     args, rest = p.parse_known_args(argv)
     if rest and args.cmd != "ablation":
         p.error(f"unrecognized arguments: {' '.join(rest)}")
-    infra.check_settings({k: v for k, v in vars(args).items() if k in infra.SETTINGS})
+    infra.check_settings(vars(args))  # --out too: a file name, as every command's
     for k, (lo, hi) in OWN.items():
         v = getattr(args, k, None)
         if v is not None and not lo <= v <= hi:  # NaN too
             raise BadInput(f"--{k.replace('_', '-')} {v}: must be "
                            f"{'a whole number' if type(v) is int else 'a number'} in {lo}..{hi}")
-    if getattr(args, "out", None) is not None:
-        infra.path(args.out, "--out")
     if args.cmd == "context":
         if args.max_iters < args.iters:
             raise BadInput(f"--max-iters {args.max_iters}: must be at least --iters {args.iters}")
@@ -1098,7 +1036,6 @@ def parse(argv=None):
             ["--out-dir", os.path.join("runs", "ablation")]
         return args, train.parse_args(rest + out, prog="experiments.py ablation")
     return args, None
-
 
 def main(argv=None):
     args, cfg = parse(argv)
@@ -1133,7 +1070,6 @@ def main(argv=None):
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-
 
 if __name__ == "__main__":
     infra.end(lambda: infra.cli(main) and 0)

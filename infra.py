@@ -22,18 +22,14 @@ import torch.distributed as dist
 
 import vortex
 
-
 class BadInput(ValueError):
     """Known-bad input the user can fix (a flag, a file): one line, exit code 2, no traceback."""
-
 
 class MissingInput(BadInput, FileNotFoundError):
     """A file or folder that should exist does not."""
 
-
 class ExistingOutput(BadInput, FileExistsError):
     """An output exists and is not overwritten without being asked (--force / --overwrite)."""
-
 
 def cli(main):
     """Run a command's main(): BadInput becomes 'error: ...' on stderr and exit code 2; Ctrl-C
@@ -51,7 +47,6 @@ def cli(main):
         print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
 
-
 def shown(value, n=60):
     """A value in a one-line message: its repr on one line, cut at n characters."""
     return " ".join(repr(value).split())[:n]
@@ -68,7 +63,6 @@ class Setting(NamedTuple):
     free: bool = False  # may change when a run is resumed (not part of the experiment)
     nargs: object = None
     const: object = None  # the value of the flag given alone (nargs '?')
-
 
 DATASETS = ("synthetic", "voc", "voc_aug", "coco")
 S = Setting
@@ -141,13 +135,11 @@ SETTINGS = {
 }
 del S
 
-
 class Parser(argparse.ArgumentParser):
     """argparse, with its errors as one line (the usage is in --help)."""
 
     def error(self, message):
         self.exit(2, f"error: {self.prog}: {message} (see --help)\n")
-
 
 def allowed_text(name):
     s = SETTINGS[name]
@@ -158,7 +150,6 @@ def allowed_text(name):
         return "one of " + ", ".join(map(str, s.allowed))
     return {bool: "a flag", "path": "a file or folder name",
             "name": "a plain file name (no folder part)"}.get(s.kind, "text")
-
 
 def add_flags(parser, names, default=None, required=(), **helps):
     """argparse flags for `names` (default None: unset, so that a preset or a checkpoint fills
@@ -177,7 +168,6 @@ def add_flags(parser, names, default=None, required=(), **helps):
                             choices=s.allowed if isinstance(s.allowed, list) else None,
                             const=s.const, default=default, help=text, required=name in required,
                             metavar="RATE" if name == "multi_grid" else None)
-
 
 def check_value(name, value):
     """None when `value` is allowed for setting `name`, else what is allowed (a phrase)."""
@@ -203,7 +193,6 @@ def check_value(name, value):
         if not ok:
             return allowed_text(name)
     return None
-
 
 def check_settings(cfg, where=None):
     """Every setting of `cfg` that SETTINGS knows, and the rules between settings; one line
@@ -234,7 +223,6 @@ def check_settings(cfg, where=None):
             refuse("multi_grid", f"{blocks} whole numbers in 1..64, one per layer4 block of "
                                  f"ResNet-{get('depth')} (paper: 1 2 4), or none")
     return cfg
-
 
 def resume_differences(saved, cfg):
     """The settings of a run's identity (not SETTINGS' free ones) whose value differs from the
@@ -279,7 +267,6 @@ def read_weights(path):
         raise BadInput(f"{path}: tensor {name or '(the file)'} {problem}; refused")
     return obj
 
-
 def _tensors(obj, name=""):
     if isinstance(obj, torch.Tensor):
         yield name, obj
@@ -289,7 +276,6 @@ def _tensors(obj, name=""):
     elif isinstance(obj, (list, tuple)):
         for i, v in enumerate(obj):
             yield from _tensors(v, f"{name}[{i}]")
-
 
 def load_pretrained(model, path, verbose=True):
     """--pretrained: a local torchvision checkpoint (a state dict, or one under 'state_dict')
@@ -304,14 +290,11 @@ def load_pretrained(model, path, verbose=True):
     except ValueError as e:
         raise BadInput(str(e)) from None
 
-
 def _whole(lo, hi):
     return (lambda v: type(v) is int and lo <= v <= hi), f"a whole number in {lo}..{hi}"
 
-
 def _is(kind, what, ok=lambda v: True):
     return (lambda v: isinstance(v, kind) and ok(v)), what
-
 
 CONFIG = ("num_classes", "depth", "context", "output_stride", "pool_k", "multi_grid",
           "base_channels", "context_channels", "dropout", "count_include_pad")
@@ -337,7 +320,6 @@ RESUME_FIELDS = {
                    lambda v: v.dtype == torch.uint8 and v.shape == torch.get_rng_state().shape),
     "rng_cuda": _is(torch.Tensor, "a 1-D uint8 tensor (empty without CUDA)", lambda v: v.dim()
                     == 1 and (v.dtype == torch.uint8 or v.numel() == 0))}
-
 
 def read_checkpoint(path, resume=False):
     """A train.py checkpoint, checked whole before anything is built from it: its tensors, every
@@ -390,7 +372,6 @@ def read_checkpoint(path, resume=False):
                        f"{'; model.'.join(wrong[:3])}{more})")
     return ck
 
-
 def model_from_checkpoint(ck, path="checkpoint", **expected):
     """The model of a checked checkpoint; a flag that contradicts its architecture is refused."""
     cfg = dict(ck["config"])
@@ -424,13 +405,11 @@ def path_problem(path):
         return "longer than the file system allows: 250 bytes a name, 4000 a path"
     return None
 
-
 def path(value, flag):
     problem = path_problem(value)
     if problem:
         raise BadInput(f"{flag} {shown(value)}: must be a file or folder name ({problem})")
     return value
-
 
 def is_plain_name(name):
     """A file name or id that stays inside its folder: no folder part, no '..', not absolute,
@@ -438,7 +417,6 @@ def is_plain_name(name):
     return (isinstance(name, str) and name not in ("", ".", "..") and path_problem(name) is None
             and os.path.basename(name) == name and "\\" not in name
             and not any(c.isspace() for c in name))
-
 
 def plain_name(name, what):
     if not is_plain_name(name):
@@ -452,7 +430,6 @@ def plain_name(name, what):
 # =============================================================================================
 
 PICTURES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
-
 
 def _lock(lock_path, what):
     """fd of an exclusive fcntl lock on `lock_path` (the system drops it with the process, even
@@ -479,7 +456,6 @@ def _lock(lock_path, what):
                 raise
             return fd
         os.close(fd)
-
 
 class Claim:
     """The outputs of one command, claimed before any work: `outputs` are (flag, path, kind),
@@ -556,7 +532,6 @@ class Claim:
     def __exit__(self, kind, *_):
         self.release(remove=kind is not None and issubclass(kind, (BadInput, KeyboardInterrupt)))
 
-
 def refuse_inputs(paths, inputs):
     """An output that is, holds or lies inside one of `inputs` ((flag, path) pairs; real paths
     compared, hard links too) is refused whatever the flags."""
@@ -570,7 +545,6 @@ def refuse_inputs(paths, inputs):
                 raise BadInput(f"output {p} {how} the input {flag} {i}: an output never replaces "
                                f"or writes into an input, even with --force; choose another")
 
-
 def existing(paths, force, hint):
     """Refuse the first of `paths` that exists (an empty folder loses nothing), unless `force`."""
     there = [p for p in paths if os.path.exists(p) and not (os.path.isdir(p) and not
@@ -579,12 +553,10 @@ def existing(paths, force, hint):
         more = f" (and {len(there) - 1} more)" if len(there) > 1 else ""
         raise ExistingOutput(f"{there[0]} exists{more}; {hint}")
 
-
 def _umask():
     mask = os.umask(0)
     os.umask(mask)
     return mask
-
 
 def atomic_save(out, write):
     """write(file) on a temp file beside `out`, renamed over `out`: a crash never leaves a
@@ -613,7 +585,6 @@ def atomic_save(out, write):
             os.unlink(tmp)
         raise
 
-
 def write_failure(error, folder, written):
     """Why a write failed, in words: no space, the file-size limit, or the system's message."""
     free = shutil.disk_usage(folder).free
@@ -628,14 +599,12 @@ def write_failure(error, folder, written):
     first = (str(getattr(error, "strerror", None) or error).strip().splitlines() or ["?"])[0]
     return f"{first} ({so_far}; {free / 2 ** 20:.0f} MB free there)"
 
-
 def write_json(out, obj):
     """Strict JSON, atomically: NaN and infinities (a class absent from both prediction and
     ground truth has no IoU) become null, which every JSON reader accepts."""
     nulled = json.loads(json.dumps(obj), parse_constant=lambda nan_or_infinity: None)
     text = json.dumps(nulled, indent=1, allow_nan=False)
     atomic_save(out, lambda f: f.write(text.encode() + b"\n"))
-
 
 def save_picture(out, pixels):
     """An RGB uint8 array as a picture, in the format its name says (PICTURES), atomically."""
@@ -672,7 +641,6 @@ def read_text(p, what, limit=64 * 2 ** 20):
         raise BadInput(f"{what} {p} is not UTF-8 text (byte {raw[e.start]:#04x} at offset "
                        f"{e.start}); save it as UTF-8") from None
 
-
 def parse_json(text, strict=True):
     """(value, None), or (None, why `text` is not JSON: one line); `strict`: NaN and Infinity,
     which are not JSON, are refused."""
@@ -683,14 +651,12 @@ def parse_json(text, strict=True):
     except (ValueError, RecursionError) as e:
         return None, (str(e).splitlines() or ["empty"])[0]
 
-
 def read_json(p, what, limit=64 * 2 ** 20, strict=True):
     """A JSON file, or one line naming the file and the problem."""
     value, why = parse_json(read_text(p, what, limit), strict)
     if why:
         raise BadInput(f"{what} {p} is not JSON: {why}")
     return value
-
 
 def read_record(p, fields=None, hint="delete it to make it again"):
     """A JSON record this project wrote: a dict whose `fields` ({name: allowed types}) are
@@ -706,7 +672,6 @@ def read_record(p, fields=None, hint="delete it to make it again"):
     if not isinstance(rec, dict) or bad:
         raise BadInput(f"{p} is not a record that can be read ({why}); {hint}")
     return rec
-
 
 def read_log(p):
     """The records of train.py's append-only log.jsonl (a whole 'iter', finite 'loss' and 'lr');
@@ -728,7 +693,6 @@ def read_log(p):
                            f"line or the file (a checkpoint does not need its log)")
     return rows
 
-
 def read_list(p, repeats=False):
     """The ids of a split list (one per line; VOC's lists may add words after it), each a plain
     name that stays inside the dataset's folders, none twice unless `repeats`."""
@@ -746,7 +710,6 @@ def read_list(p, repeats=False):
         seen[name] = n
         ids.append(name)
     return ids
-
 
 def file_digest(p):
     """sha256 of a file's bytes (what a prepared folder was made from, by content)."""
@@ -771,7 +734,6 @@ def progress(what, done, total, t0, log=print):
     eta = (total - done) / rate if rate > 0 else 0
     log(f"{what}: {done}/{total}  {rate:.1f}/s  ETA {eta / 60:.1f} min")
 
-
 def pick_device(device_arg, local_rank=0):
     """--device: None (CUDA when visible, else CPU), 'cpu', 'cuda' or 'cuda:N'."""
     if device_arg is None:
@@ -787,7 +749,6 @@ def pick_device(device_arg, local_rank=0):
     if index >= torch.cuda.device_count():
         raise BadInput(f"--device {device_arg}: only {torch.cuda.device_count()} CUDA device(s)")
     return torch.device("cuda", index)
-
 
 def setup_distributed(device_arg, deterministic=False, fixed_sizes=True):
     """(rank, world size, device) of this process; under torchrun (WORLD_SIZE > 1) the process
@@ -808,16 +769,13 @@ def setup_distributed(device_arg, deterministic=False, fixed_sizes=True):
     rank = dist.get_rank() if dist.is_initialized() else 0
     return rank, (dist.get_world_size() if dist.is_initialized() else 1), device
 
-
 def rank0_print(*a, **k):
     if not dist.is_initialized() or dist.get_rank() == 0:
         print(*a, **k, flush=True)
 
-
 def from_rank0(obj):
     """rank 0's (small, picklable) object on every rank."""
     return on_rank0(lambda: obj)
-
 
 def on_rank0(fn, *args):
     """fn(*args) on rank 0 alone; its (small) result, or its BadInput, on every rank."""
@@ -833,7 +791,6 @@ def on_rank0(fn, *args):
     if error is not None:
         raise error(value)
     return value
-
 
 def end(command):
     """End the process with the exit code of `command()` (a command's cli(main)). Under torchrun
@@ -852,7 +809,6 @@ def end(command):
         os._exit(code or 0)
     sys.exit(code or 0)
 
-
 def lost_rank(error):
     """One line when `error` is a collective that failed because another rank is gone (its
     process killed, its node down: gloo and NCCL see the connection close), else None."""
@@ -863,7 +819,6 @@ def lost_rank(error):
                 f"{text.split('] ')[-1].split('. ')[0][:80]})"
                 f"; stopped, the last checkpoint is kept: start every node again with --resume")
     return None
-
 
 def same_on_every_rank(cfg):
     """Every rank of a run must have the same settings (a different --seed on one rank would

@@ -79,7 +79,6 @@ TINY = ["--num-images", "16", "--val-images", "3", "--image-size", "48", "--crop
         "--batch-size", "4", "--workers", "0", "--depth", "18", "--base-channels", "4",
         "--context-channels", "8", "--log-every", "1"]
 
-
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory):
     """One tiny finished run (checkpoint.pt at iteration 2, log.jsonl), shared by every test
@@ -89,13 +88,11 @@ def tiny_run(tmp_path_factory):
     train.main(TINY + ["--iters", "2", "--out-dir", out, "--no-eval"])
     return out
 
-
 @pytest.fixture(scope="session")
 def voc_root(tmp_path_factory):
     """A tiny VOC 2012 folder (images a, b, c, d; split train), shared: read it only (a test
     that changes it makes its own with make_voc_tree)."""
     return make_voc_tree(tmp_path_factory.mktemp("voc"), ids="abcd")
-
 
 @pytest.fixture
 def one_coco_image(tmp_path):
@@ -104,7 +101,6 @@ def one_coco_image(tmp_path):
     return coco_file(tmp_path, [{"id": 7, "file_name": "a.jpg", "height": 40, "width": 40}],
                      [{"id": 1, "image_id": 7, "category_id": 1, "segmentation": SQUARE}])
 
-
 def refused(fn, match):
     """fn() must raise one line of BadInput matching `match`; returns the message."""
     with pytest.raises(infra.BadInput, match=match) as e:
@@ -112,14 +108,12 @@ def refused(fn, match):
     assert "\n" not in str(e.value), str(e.value)
     return str(e.value)
 
-
 def cli_run(main, argv, capsys):
     """(exit code, stderr lines) of a command run as its `python X.py` would run it."""
     with pytest.raises(SystemExit) as e:
         infra.cli(lambda: main(argv))
         raise SystemExit(0)
     return e.value.code, capsys.readouterr().err.strip().splitlines()
-
 
 def randomize_bn_stats(module, seed=0):
     g = torch.Generator().manual_seed(seed)
@@ -130,7 +124,6 @@ def randomize_bn_stats(module, seed=0):
             m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
             m.bias.data.copy_(torch.randn(m.num_features, generator=g) * 0.1)
 
-
 # Real sample files (12 VOC 2012 pairs, 2 SBD .mat files, a COCO subset): the folder named by
 # the environment variable VORTEX_SAMPLES, else ../shared/voc_samples beside this project.
 SHARED = os.environ.get("VORTEX_SAMPLES") or os.path.join(HERE, "..", "shared", "voc_samples")
@@ -139,11 +132,9 @@ needs_shared = pytest.mark.skipif(
     reason="no real VOC/SBD/COCO sample files: set VORTEX_SAMPLES to a folder laid out like "
            "voc_samples (VOC2012/, SBD/, coco/), or put ../shared/voc_samples beside this clone")
 
-
 # `python -m pytest -m gpu` on a machine with CUDA; skipped with a reason elsewhere (CI has none).
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(),
                                 reason="needs a CUDA GPU (run `python -m pytest -m gpu` on one)")
-
 
 def make_voc_tree(tmp_path, ids=("a", "b"), size=(40, 30), mask_mode="P"):
     root = tmp_path / "VOC2012"
@@ -161,7 +152,6 @@ def make_voc_tree(tmp_path, ids=("a", "b"), size=(40, 30), mask_mode="P"):
     (root / "ImageSets/Segmentation/train.txt").write_text("\n".join(ids) + "\n")
     return root
 
-
 def coco_file(tmp_path, images, annotations):
     cats = [{"id": 1, "name": "person"}, {"id": 62, "name": "chair"}, {"id": 5, "name": "kite"}]
     path = tmp_path / "instances_x.json"
@@ -175,22 +165,18 @@ def coco_file(tmp_path, images, annotations):
                 tmp_path / "imgs" / name)
     return str(path), str(tmp_path / "imgs")
 
-
 SQUARE = [[2, 2, 38, 2, 38, 38, 2, 38]]  # 36 x 36 = 1296 px
-
 
 def _spawn(fn, world, *args):
     """Run fn(rank, world, init_file, *args) in `world` gloo processes."""
     init = tempfile_path()
     mp.spawn(fn, args=(world, init) + args, nprocs=world, join=True)
 
-
 def tempfile_path():
     fd, path = tempfile.mkstemp(prefix="gloo-")
     os.close(fd)
     os.unlink(path)
     return path
-
 
 def _init(rank, world, init_file):
     torch.set_num_threads(1)
@@ -220,7 +206,6 @@ def test_backbone_stride_and_model_output_size(depth, os_, h, w):
     with torch.no_grad():
         assert model(torch.randn(2, 3, h, w)).shape == (2, 5, h, w)
 
-
 def expected_dilations(n3, n4, os_, multi_grid):
     """Per-block 3x3 rates of layer3 and layer4, written out from the rule: a stage whose stride
     is traded keeps the old rate in its first (formerly strided) block, the rest double it;
@@ -234,7 +219,6 @@ def expected_dilations(n3, n4, os_, multi_grid):
     if multi_grid is not None:
         layer4 = tuple(r4 * g for g in multi_grid[:n4])
     return layer3, layer4
-
 
 @pytest.mark.parametrize("os_", [8, 16, 32])
 @pytest.mark.parametrize("depth", [18, 50, 101])
@@ -252,7 +236,6 @@ def test_per_block_dilations_for_every_output_stride_and_multigrid(os_, depth, m
     assert net.layer4[0].downsample[0].stride[0] == (2 if os_ == 32 else 1)
     if multi_grid == (1, 2, 4) and depth == 101:  # the paper's rates (4.1)
         assert layer4 == {8: (4, 8, 16), 16: (2, 4, 8), 32: (1, 2, 4)}[os_]
-
 
 def torchvision_resnet_shapes(depth):
     """Key -> shape of torchvision's ResNet-50/101/152 state_dict, written from its naming rules."""
@@ -282,14 +265,12 @@ def torchvision_resnet_shapes(depth):
     shapes.update({"fc.weight": (1000, 2048), "fc.bias": (1000,)})
     return shapes
 
-
 @pytest.mark.parametrize("depth,entries", [(50, 320), (101, 626)])
 def test_state_dict_is_torchvision_minus_fc(depth, entries):
     expected = torchvision_resnet_shapes(depth)
     assert len(expected) == entries  # 626 for ResNet-101, fc included (torchvision's count)
     own = {k: tuple(v.shape) for k, v in ResNet(depth).state_dict().items()}
     assert own == {k: v for k, v in expected.items() if not k.startswith("fc.")}
-
 
 def reference_resnet_forward(sd, x, counts, replace=(False, False, False)):
     """torchvision's ResNet (v1.5: stride on the 3x3 conv) written out functionally from a state
@@ -320,7 +301,6 @@ def reference_resnet_forward(sd, x, counts, replace=(False, False, False)):
             x = F.relu(out + idt)
     return x
 
-
 @settings(max_examples=6)
 @given(os_=st.sampled_from([8, 16, 32]), h=st.integers(33, 80), w=st.integers(33, 80))
 def test_without_multigrid_the_backbone_is_torchvision_dilated_resnet(os_, h, w):
@@ -335,12 +315,10 @@ def test_without_multigrid_the_backbone_is_torchvision_dilated_resnet(os_, h, w)
     assert ours.shape == ref.shape == (1, 128, math.ceil(h / os_), math.ceil(w / os_))
     torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-5)
 
-
 # Outputs of the references themselves (torchvision, pycocotools), made once in a scratch
 # environment and committed under fixtures/ (see make_fixtures at the end of this file for the
 # command). The weights are not stored: both sides derive them from the tensor names.
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
-
 
 def seeded_weights(template, seed=0):
     """Deterministic stand-in weights for a state_dict template (name -> tensor): numpy's PCG64
@@ -366,18 +344,14 @@ def seeded_weights(template, seed=0):
         out[name] = torch.from_numpy(v.astype(np.float32))
     return out
 
-
 def seeded_input(h, w, seed=1):
     return torch.from_numpy(np.random.default_rng(seed).normal(size=(1, 3, h, w)).astype(
         np.float32))
 
-
 def relative_error(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
-
 BACKBONE_INPUT, ASPP_INPUT = (97, 113), (161, 185)
-
 
 @pytest.mark.parametrize("depth,os_", [(50, 8), (50, 16), (101, 8), (101, 16)])
 def test_backbone_equals_torchvision_on_the_same_weights(depth, os_):
@@ -389,14 +363,12 @@ def test_backbone_equals_torchvision_on_the_same_weights(depth, os_):
     assert ours.shape == ref.shape
     assert relative_error(ours, torch.from_numpy(ref)) < 1e-5
 
-
 # ---- utilization ratio, analytic and measured (3.2, Eq. 1)
 
 def small(constructor, *args, **kw):
     m = constructor(6, *args, out_channels=5, **kw).eval()
     randomize_bn_stats(m)
     return m
-
 
 def test_paper_utilization_numbers():
     assert math.isclose(utilization_ratio(ContextModule.aspp(4)), 25 / 65 ** 2)  # 0.0059
@@ -407,7 +379,6 @@ def test_paper_utilization_numbers():
     assert utilization_ratio(vx, 82, 82) < 1.0  # footprint is exactly 81 x 81
     assert int(footprint(vx.pools, vx.kernels, vx.dilations).sum()) == 81 * 81
 
-
 def test_measured_utilization_at_the_border_of_a_65_map():
     # Centre of 65x65: ASPP's rate-36 taps fall off the map, leaving 1 + 8 + 8 descriptors.
     assert measured_utilization(small(ContextModule.aspp)) == 17 / 65 ** 2
@@ -416,7 +387,6 @@ def test_measured_utilization_at_the_border_of_a_65_map():
     assert measured_utilization(small(ContextModule.vortex), pixel=(0, 0)) == 41 * 41 / 65 ** 2
     # on a 41x41 map Vortex's rate-27 taps fall off the map from the centre: r drops to 0.43
     assert measured_utilization(small(ContextModule.vortex), 41, 41) < 0.5
-
 
 @settings(max_examples=20)
 @given(branches=st.lists(st.tuples(st.sampled_from([1, 3, 9]), st.sampled_from([1, 3]),
@@ -428,7 +398,6 @@ def test_analytic_utilization_equals_measured_when_all_taps_fit(branches, extra)
     r = footprint(pools, kernels, dilations).shape[0] // 2
     side = 2 * r + 1 + 2 * extra
     assert measured_utilization(m, side, side) == pytest.approx(utilization_ratio(m, side, side))
-
 
 # ---- context modules: ASPP, ASPP+, Module A, Vortex (3.1, 3.3, 3.4, Table 1)
 
@@ -445,11 +414,9 @@ def test_named_constructors_are_the_rows_of_table_1(ctor, pools, kernels, dilati
     assert [b[0].dilation[0] for b in m.branches] == list(dilations)
     assert (m.image_pool is None) == (m.name == "none")
 
-
 def test_aspp_rates_follow_output_stride():
     assert ContextModule.aspp(4, output_stride=16).dilations == (1, 6, 12, 18)
     assert ContextModule.vortex(4, output_stride=16).dilations == (1, 3, 9, 27)
-
 
 @given(h=st.integers(1, 30), w=st.integers(1, 30))
 def test_module_a_with_k1_is_aspp(h, w):
@@ -460,7 +427,6 @@ def test_module_a_with_k1_is_aspp(h, w):
     x = torch.randn(2, 6, h, w)
     with torch.no_grad():
         torch.testing.assert_close(a1(x), aspp(x), rtol=0, atol=0)
-
 
 @given(h=st.integers(1, 30), w=st.integers(1, 30))
 def test_vortex_first_branch_is_plain_1x1_and_others_see_pooled_maps(h, w):
@@ -473,7 +439,6 @@ def test_vortex_first_branch_is_plain_1x1_and_others_see_pooled_maps(h, w):
         for k, branch in zip(m.pools, m.branches):
             expected = F.avg_pool2d(x, k, 1, k // 2, count_include_pad=False) if k > 1 else x
             torch.testing.assert_close(branch(pooled[k]), branch(expected))
-
 
 @pytest.mark.parametrize("block", [1, 4, 512])
 @pytest.mark.parametrize("ctor", [ContextModule.vortex, ContextModule.aspp,
@@ -499,7 +464,6 @@ def test_context_module_forward_is_its_definition(ctor, block):
     (ref * w).sum().backward()
     torch.testing.assert_close(xa.grad, xr.grad)
 
-
 def test_table1_rows_are_defined_once_and_used_everywhere():
     """One table of Table 1's rows: the modules it builds carry its names, and every list of
     rows (vortex.py's table, the ablation, the context experiment) is taken from it."""
@@ -514,7 +478,6 @@ def test_table1_rows_are_defined_once_and_used_everywhere():
     for path in ("vortex.py", "train.py", "eval.py", "data.py"):  # no second list of the rows
         text = open(os.path.join(HERE, path)).read()
         assert len(re.findall(r'"A\(9\)"', text)) <= (1 if path == "vortex.py" else 0), path
-
 
 # ---- DeepLabV3 (3.1, Fig. 4)
 
@@ -542,7 +505,6 @@ def channel_blocks(b):
     finally:
         vortex.CPU_BLOCK_CHANNELS = old
 
-
 @given(n=st.integers(1, 2), c=st.integers(1, 6), h=st.integers(1, 40), w=st.integers(1, 40),
        k=st.sampled_from([1, 3, 5, 7, 9, 13, 15, 25, 27]), cip=st.booleans(),
        block=st.sampled_from([1, 4, 256]))
@@ -554,7 +516,6 @@ def test_box_average_equals_the_definition_everywhere(n, c, h, w, k, cip, block)
     torch.testing.assert_close(ref, torch.nn.AvgPool2d(k, 1, k // 2, count_include_pad=cip)(x))
     with channel_blocks(block):
         torch.testing.assert_close(box_averages(x, (k,), cip)[k], ref, rtol=1e-12, atol=1e-12)
-
 
 @given(c=st.integers(1, 5), h=st.integers(1, 36), w=st.integers(1, 36), cip=st.booleans(),
        ks=st.sampled_from([(3, 9, 27), (3, 9), (9, 27), (5, 25), (3, 15), (27,)]),
@@ -573,7 +534,6 @@ def test_shared_cascade_forward_and_backward_equal_the_definition(c, h, w, cip, 
         torch.testing.assert_close(out[k], ref[k], rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(xa.grad, xr.grad, rtol=1e-12, atol=1e-12)
 
-
 def test_box_averages_of_channels_last_input_equal_the_definition():
     """--channels-last feeds NHWC maps: same values and gradients, layout kept (300 channels:
     two CPU channel blocks)."""
@@ -591,7 +551,6 @@ def test_box_averages_of_channels_last_input_equal_the_definition():
         assert out[k].is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(g, g_ref)
 
-
 def test_box_average_gradcheck_and_low_precision():
     x = torch.randn(1, 2, 7, 6, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda t: box_averages(t, (3, 9), False)[9], (x,))
@@ -601,14 +560,12 @@ def test_box_average_gradcheck_and_low_precision():
     ref = F.avg_pool2d(xb.float(), 27, 1, 13, count_include_pad=False)
     torch.testing.assert_close(out.float(), ref, rtol=1e-2, atol=1e-2)
 
-
 def test_box_average_rejects_even_and_non_chained_sizes():
     x = torch.randn(1, 1, 8, 8)
     with pytest.raises(ValueError, match="odd k"):
         box_averages(x, (4,))[4]
     with pytest.raises(ValueError, match="must divide one another"):
         box_averages(x, (3, 5))
-
 
 @pytest.mark.gpu
 @needs_cuda
@@ -630,7 +587,6 @@ def test_cuda_box_averages_equal_avgpool_forward_and_backward(dtype, tol):
         torch.testing.assert_close(ours[k].float(), r, rtol=tol, atol=tol)
     torch.testing.assert_close(g.float(), g_ref, rtol=tol, atol=tol * 10)
 
-
 # ---- the model on other devices, layouts and compilers
 
 @contextlib.contextmanager
@@ -645,7 +601,6 @@ def exact_cuda_math():
     finally:
         (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32,
          torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic) = old
-
 
 @pytest.mark.gpu
 @needs_cuda
@@ -662,7 +617,6 @@ def test_cuda_model_equals_cpu_and_channels_last_equals_contiguous(context):
         cl = model(x.cuda().contiguous(memory_format=torch.channels_last))
     torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(cl, gpu, rtol=1e-4, atol=1e-4)
-
 
 def test_compiled_model_matches_eager():
     """--compile: the traced model gives the eager one's output, and it really was traced (a
@@ -684,14 +638,12 @@ def test_compiled_model_matches_eager():
                 for g in graphs for node in g.graph.nodes)
     assert graphs and convs >= 20, (len(graphs), convs)  # ResNet-18's and the module's convs
 
-
 # ---- loading torchvision weights from local files; golden fixture: torchvision DeepLabV3
 
 def torchvision_format(backbone):
     sd = dict(backbone.state_dict())
     sd["fc.weight"], sd["fc.bias"] = torch.zeros(1000, backbone.out_channels), torch.zeros(1000)
     return sd
-
 
 def test_imagenet_checkpoint_round_trip(tmp_path):
     torch.manual_seed(0)
@@ -704,7 +656,6 @@ def test_imagenet_checkpoint_round_trip(tmp_path):
     assert sorted(report["skipped"]) == ["fc.bias", "fc.weight"]
     for k, v in src.state_dict().items():
         assert torch.equal(model.backbone.state_dict()[k], v), k
-
 
 def test_wrong_checkpoint_gives_a_clear_error(tmp_path):
     path = tmp_path / "resnet50.pth"
@@ -725,7 +676,6 @@ def test_wrong_checkpoint_gives_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="is not a state_dict"):
         infra.load_pretrained(ResNet(50, base_channels=8), str(tmp_path / "list.pth"))
 
-
 def torchvision_deeplab_format(model):
     """Our DeepLabV3(context='aspp') as torchvision's deeplabv3_resnet* checkpoint would name it."""
     sd = {"backbone." + k: v for k, v in model.backbone.state_dict().items()}
@@ -740,7 +690,6 @@ def torchvision_deeplab_format(model):
     sd["classifier.4.weight"], sd["classifier.4.bias"] = torch.zeros(21, c, 1, 1), torch.zeros(21)
     sd["aux_classifier.0.weight"] = torch.zeros(c, 4, 3, 3)
     return sd
-
 
 def test_torchvision_deeplabv3_checkpoint_loads_backbone_and_aspp(tmp_path, capsys):
     torch.manual_seed(0)
@@ -761,7 +710,6 @@ def test_torchvision_deeplabv3_checkpoint_loads_backbone_and_aspp(tmp_path, caps
     assert any(k.startswith("classifier.0.") for k in report["skipped"])
     assert all(torch.equal(vx.backbone.state_dict()[k], v)
                for k, v in src.backbone.state_dict().items())
-
 
 def test_aspp_equals_torchvision_deeplabv3_coco_checkpoint(tmp_path):
     """A torchvision deeplabv3_resnet101 state_dict, loaded by load_backbone_weights, gives
@@ -798,11 +746,9 @@ def test_voc_samples_load_with_valid_labels():
     label = ds[ds.ids.index("2007_000032")][1]
     assert (label == 1).sum() == 4734 and (label == 15).sum() == 866
 
-
 def test_grayscale_index_masks_are_valid(tmp_path):
     root = make_voc_tree(tmp_path, mask_mode="L")  # SegmentationClassAug style
     assert len(data.VOCSegmentation(str(root), "train")) == 2
-
 
 def test_train_aug_list_arithmetic():
     sbd_train = [f"s{i}" for i in range(10)] + ["v0", "t0"]
@@ -810,7 +756,6 @@ def test_train_aug_list_arithmetic():
     voc_train, voc_val = ["t0", "t1"], ["v0", "v1", "v2"]
     ids = data.train_aug_ids(sbd_train, sbd_val, voc_train, voc_val)
     assert len(ids) == 14 + 2 and not set(ids) & set(voc_val) and ids == sorted(ids)
-
 
 # ---- augmentation (4.1)
 
@@ -834,7 +779,6 @@ def test_train_transform_keeps_labels_and_alignment(h, w, crop, lo, seed):
     inner = ~padded & (F.max_pool2d(lab_edge, 5, 1)[0, 0] == -F.max_pool2d(-lab_edge, 5, 1)[0, 0])
     assert torch.allclose(pixel[inner], lab[inner].float(), atol=1.0)
 
-
 @given(h=st.integers(2, 30), w=st.integers(2, 30), seed=st.integers(0, 1000))
 def test_unscaled_transform_is_a_crop_of_the_original_with_coordinates_intact(h, w, seed):
     yy, xx = np.mgrid[0:h, 0:w]
@@ -850,7 +794,6 @@ def test_unscaled_transform_is_a_crop_of_the_original_with_coordinates_intact(h,
     for r in range(16):
         v = rows[r][valid[r]]
         assert (np.diff(v) == 1).all() or (np.diff(v) == -1).all()
-
 
 def test_flip_happens_about_half_the_time_and_twice_is_identity():
     """A left-right mirror of image and label together, about half the time; the transform of
@@ -869,14 +812,12 @@ def test_flip_happens_about_half_the_time_and_twice_is_identity():
         assert torch.equal(mirrored[0], img.flip(-1)) and torch.equal(mirrored[1], lab.flip(-1))
     assert 70 < flips < 130
 
-
 def test_eval_transform_keeps_the_full_image():
     image = np.random.default_rng(0).integers(0, 255, (37, 53, 3), dtype=np.uint8)
     img, lab = data.EvalTransform()(image, np.zeros((37, 53), np.uint8))
     assert img.shape == (3, 37, 53) and lab.shape == (37, 53)
     back = (img.permute(1, 2, 0).numpy() * data.STD + data.MEAN) * 255
     assert np.abs(back - image).max() < 1e-3
-
 
 # ---- COCO classes mapped to VOC, small objects ignored (4.2)
 
@@ -940,12 +881,10 @@ def test_bad_voc_inputs_give_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="cannot read image .*b.jpg"):
         ds[1]
 
-
 def test_voc_root_pointing_at_vocdevkit_suggests_its_voc2012_folder(tmp_path):
     make_voc_tree(tmp_path / "VOCdevkit")  # VOCdevkit/VOC2012/...
     with pytest.raises(infra.MissingInput, match=r"looks like VOCdevkit: use its VOC2012 folder"):
         data.VOCSegmentation(str(tmp_path / "VOCdevkit"), "train")
-
 
 @pytest.mark.parametrize("line", ["../../outside/pic", "/etc/passwd", "a/b", "..", "x\\y"])
 def test_split_list_ids_stay_inside_the_dataset(tmp_path, line):
@@ -957,7 +896,6 @@ def test_split_list_ids_stay_inside_the_dataset(tmp_path, line):
     (root / "ImageSets/Segmentation/val.txt").write_text("a\nb\na\n")
     with pytest.raises(infra.BadInput, match=r"val.txt, line 3: 'a' is listed again"):
         data.VOCSegmentation(str(root), "val")
-
 
 def test_read_image_scales_16_bit_and_applies_exif_orientation(tmp_path):
     ramp = np.linspace(0, 65535, 60 * 40).reshape(40, 60).astype(np.uint16)
@@ -971,7 +909,6 @@ def test_read_image_scales_16_bit_and_applies_exif_orientation(tmp_path):
     assert data.read_image(str(tmp_path / "phone.jpg")).shape == (30, 50, 3)  # as stored
     assert data.read_image(str(tmp_path / "phone.jpg"), orientation=True).shape == (50, 30, 3)
 
-
 def test_huge_images_are_refused_before_decoding(tmp_path, monkeypatch):
     Image.new("L", (8000, 6000)).save(tmp_path / "big.png")  # 48 megapixels in a small file
     with pytest.raises(infra.BadInput, match=r"big.png is 8000x6000 = 48 megapixels; the limit is "
@@ -982,14 +919,12 @@ def test_huge_images_are_refused_before_decoding(tmp_path, monkeypatch):
     with pytest.raises(infra.BadInput, match=r"bomb.png is too large to decode safely"):
         data.read_image(str(tmp_path / "bomb.png"))
 
-
 @pytest.mark.parametrize("mode", ["I;16", "1", "RGB"])
 def test_masks_in_other_modes_are_named_as_they_are(tmp_path, mode):
     Image.new(mode, (8, 8)).save(tmp_path / "m.png")
     why = "rendered to colours" if mode == "RGB" else "other modes are not read as class indices"
     with pytest.raises(infra.BadInput, match=rf"m.png has mode '{re.escape(mode)}'.*{why}"):
         data.read_mask(str(tmp_path / "m.png"))
-
 
 # ---- the synthetic dataset (Fig. 1 made into data)
 
@@ -1012,7 +947,6 @@ def test_synthetic_dataset_is_deterministic_varied_and_balanced():
     assert 6 <= bodies.count(3) <= 18  # bikes and fish in balance (24 images, p = 0.5)
     assert a.classes[3:] == ("bike", "fish") and a.palette.shape == (256, 3)
 
-
 def test_synthetic_bike_and_fish_bodies_come_from_one_distribution():
     """The defining property: up close (inside a body) the two classes are indistinguishable,
     so per-class body colour statistics agree."""
@@ -1028,7 +962,6 @@ def test_synthetic_bike_and_fish_bodies_come_from_one_distribution():
     # two-sample z-test per colour channel: the mean body colours agree within 4 standard errors
     se = np.sqrt(a3.var(0) / len(a3) + a4.var(0) / len(a4))
     assert (np.abs(a3.mean(0) - a4.mean(0)) < 4 * se).all()
-
 
 def test_synthetic_context_is_far_from_the_body_and_misleading_near_it():
     """What makes context matter: no cue within a margin of the body (up close there is only
@@ -1056,7 +989,6 @@ def test_synthetic_context_is_far_from_the_body_and_misleading_near_it():
     # ...while near the body, bikes have fewer wheels around them than fish do
     assert min(len(near_share[3]), len(near_share[4])) > 20
     assert np.mean(near_share[3]) + 0.1 < np.mean(near_share[4])
-
 
 # ---- SBD converter
 
@@ -1088,7 +1020,6 @@ def test_prepare_sbd_converts_real_mat_files(tmp_path):
     with pytest.raises(FileExistsError, match="train_aug.txt exists .* --overwrite"):
         data.prepare_sbd(str(sbd), str(voc), log=logs.append)
 
-
 def test_prepare_sbd_checks_for_scipy_before_writing_anything(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "scipy.io", None)  # as if scipy were not installed
     voc = make_voc_tree(tmp_path)
@@ -1096,7 +1027,6 @@ def test_prepare_sbd_checks_for_scipy_before_writing_anything(tmp_path, monkeypa
     with pytest.raises(infra.BadInput, match="needs scipy: pip install scipy"):
         data.prepare_sbd(str(tmp_path / "sbd"), str(voc), log=lambda m: None)
     assert sorted(p for p in tmp_path.rglob("*")) == before
-
 
 # ---- COCO converter; golden fixture: pycocotools
 
@@ -1125,7 +1055,6 @@ def test_prepare_coco_on_real_annotations(tmp_path):
     assert isinstance(crowd["segmentation"]["counts"], list)
     assert data.rle_decode(crowd["segmentation"]).sum() == 3386  # its `area` says 4015
 
-
 # The encoder is the tests' own (users only decode): an independent inverse of data.rle_decode,
 # checked against a string pycocotools made.
 def rle_encode(mask, compressed=True):
@@ -1140,7 +1069,6 @@ def rle_encode(mask, compressed=True):
     h, w = mask.shape
     return {"size": [h, w], "counts": rle_counts_to_string(counts) if compressed else counts}
 
-
 def rle_counts_to_string(counts):
     out = []
     for i, x in enumerate(counts):
@@ -1154,7 +1082,6 @@ def rle_counts_to_string(counts):
             out.append(chr((c | 0x20 if more else c) + 48))
     return "".join(out)
 
-
 @given(h=st.integers(1, 30), w=st.integers(1, 30), p=st.floats(0, 1), seed=st.integers(0, 99),
        compressed=st.booleans())
 def test_rle_round_trip(h, w, p, seed, compressed):
@@ -1164,7 +1091,6 @@ def test_rle_round_trip(h, w, p, seed, compressed):
     if compressed:  # the string form is the list form, re-encoded
         assert data.rle_counts_from_string(rle["counts"]) == rle_encode(mask, False)["counts"]
 
-
 def test_rle_string_matches_pycocotools():
     # mask and string produced with pycocotools 2.0.11 (mask.encode), kept here as a fixture
     mask = (np.random.default_rng(5).random((7, 9)) < 0.4).astype(np.uint8)
@@ -1172,7 +1098,6 @@ def test_rle_string_matches_pycocotools():
     assert rle_encode(mask)["counts"] == known
     assert np.array_equal(data.rle_decode({"size": [7, 9], "counts": known}), mask)
     assert data.rle_counts_from_string(rle_counts_to_string([100, 5000, 3])) == [100, 5000, 3]
-
 
 def test_polygon_masks_equal_pycocotools():
     """Every object of the fixture (real COCO val2017 polygons and random ones: self-intersecting,
@@ -1187,7 +1112,6 @@ def test_polygon_masks_equal_pycocotools():
                                                      "counts": o["rle"]}))]
     assert differ == []
 
-
 @given(seed=st.integers(0, 10 ** 6), dx=st.integers(-3, 3), dy=st.integers(-3, 3))
 def test_polygon_mask_moves_with_the_polygon_and_ignores_vertex_order(seed, dx, dy):
     rng = np.random.default_rng(seed)
@@ -1197,7 +1121,6 @@ def test_polygon_mask_moves_with_the_polygon_and_ignores_vertex_order(seed, dx, 
     assert np.array_equal(np.roll(mask, (dy, dx), axis=(0, 1)), moved)
     for other in (pts[::-1], np.roll(pts, 2, axis=0)):  # same edges: same mask
         assert np.array_equal(data.polygons_to_mask([other.ravel().tolist()], 40, 40), mask)
-
 
 @given(cx=st.floats(15, 45), cy=st.floats(15, 45), r=st.floats(4, 14), n=st.integers(3, 12),
        rot=st.floats(0, 6.3))
@@ -1209,7 +1132,6 @@ def test_polygon_area_within_a_pixel_boundary(cx, cy, r, n, rot):
     mask = data.polygons_to_mask([np.c_[xs, ys].ravel().tolist()], 60, 60)
     assert abs(int(mask.sum()) - area) <= perimeter + 4
 
-
 @pytest.mark.parametrize("name", ["../../escaped.jpg", "/tmp/abs.jpg", "sub/x.jpg", ".."])
 def test_prepare_coco_refuses_file_names_outside_its_folders(tmp_path, name):
     ann, imgs = coco_file(tmp_path, [{"id": 7, "file_name": name, "height": 40, "width": 40}],
@@ -1220,7 +1142,6 @@ def test_prepare_coco_refuses_file_names_outside_its_folders(tmp_path, name):
     with pytest.raises(infra.BadInput, match=r"image record 7: file_name .* is not a plain"):
         data.prepare_coco(ann, imgs, str(out), log=lambda m: None, strict=True)
     assert not list(tmp_path.rglob("escaped*")) and not os.path.exists("/tmp/abs.png")
-
 
 def test_prepare_coco_names_and_skips_broken_records_or_stops_with_strict(tmp_path):
     good = {"id": 1, "image_id": 7, "category_id": 1, "segmentation": SQUARE}
@@ -1256,7 +1177,6 @@ def test_prepare_coco_names_and_skips_broken_records_or_stops_with_strict(tmp_pa
                                             r"'segmentation'"):
         data.prepare_coco(ann, imgs, str(tmp_path / "strict"), strict=True, log=lambda m: None)
 
-
 def test_prepare_coco_again_with_other_settings_refuses_or_rebuilds(tmp_path):
     """Other settings, or the same annotation file name with other contents: refused, or rebuilt
     with --overwrite; the same again is fine."""
@@ -1282,7 +1202,6 @@ def test_prepare_coco_again_with_other_settings_refuses_or_rebuilds(tmp_path):
     data.prepare_coco(ann, imgs, out, min_pixels=100, overwrite=True, log=lambda m: None)
     assert 9 in data.read_mask(path) and 15 not in data.read_mask(path)
 
-
 def test_concurrent_preparation_of_one_folder_is_refused(one_coco_image, tmp_path):
     ann, imgs = one_coco_image
     out = str(tmp_path / "out")
@@ -1293,12 +1212,10 @@ def test_concurrent_preparation_of_one_folder_is_refused(one_coco_image, tmp_pat
     data.main(["prepare-coco", "--annotations", ann, "--images", imgs, "--out", out])
     assert os.path.exists(os.path.join(out, "SegmentationClass", "a.png"))
 
-
 COCO_VALUES = st.one_of(st.integers(-5, 10 ** 7), st.just(10 ** 6), st.text(max_size=3),
                         st.none(), st.lists(st.integers(), max_size=2), st.floats(),
                         st.fixed_dictionaries({"size": st.just([40, 40]), "counts": st.one_of(
                             st.text(max_size=5), st.lists(st.integers(-2, 2000), max_size=4))}))
-
 
 @given(field=st.sampled_from(["id", "height", "width", "file_name", "record", "ann.id",
                               "ann.image_id", "ann.category_id", "ann.segmentation", "ann"]),
@@ -1325,7 +1242,6 @@ def test_any_broken_coco_image_record_is_skipped_or_one_line(tmp_path_factory, f
     if not field.startswith("ann"):  # the one image is written, skipped, missing or empty
         assert len(res["skipped"] + res["written"] + res["missing"]) + res["no_voc"] == 1
 
-
 @pytest.mark.parametrize("top", ["5", "[]", '{"images": [5], "annotations": [], "categories": []}',
                                  '{"images": [], "annotations": [[1]], "categories": [{"id": 1}]}',
                                  '{"images": {}, "annotations": [], "categories": []}'])
@@ -1346,7 +1262,6 @@ def test_coco_files_of_the_wrong_shape_are_one_line(tmp_path, top):
                                       log=lambda m: None),
             r"image record 7: size 1000000 x 1000000 is not whole numbers >= 1 of at most 40 "
             r"megapixels")
-
 
 @given(names=st.lists(st.sampled_from(["a.jpg", "a.png", "b c.jpg", "ü.jpg", ".jpg", "x.y.jpg",
                                        "..jpg", "-d.jpg", "sub/e.jpg", "f"]), min_size=1,
@@ -1388,10 +1303,8 @@ def test_every_setting_is_part_of_a_runs_identity_unless_listed_as_safe(key, val
     assert bool(wrong) == (differs and not (key in infra.SETTINGS and infra.SETTINGS[key].free)), (key, wrong)
     assert not wrong or wrong[0].startswith(f"--{key.replace('_', '-')} ")
 
-
 RANGED = sorted(n for n in train.FLAGS
                 if isinstance(infra.SETTINGS[n].allowed, tuple) and infra.SETTINGS[n].nargs is None)
-
 
 @given(name=st.sampled_from(RANGED), data_=st.data())
 @settings(max_examples=60, deadline=None, suppress_health_check=[
@@ -1410,7 +1323,6 @@ def test_settings_gate_refuses_every_value_out_of_its_range_in_one_line(tmp_path
                                             "--out-dir", str(out)], capsys)
     assert code == 2 and len(err) == 1 and err[0].startswith(f"error: --{name.replace('_', '-')}")
     assert f"must be {infra.allowed_text(name)}" in err[0] and not out.exists()
-
 
 @given(rates=st.lists(st.integers(-2, 70), min_size=0, max_size=4),
        depth=st.sampled_from([18, 50]))
@@ -1439,7 +1351,6 @@ def test_a_value_train_accepts_every_reader_accepts(tiny_run, tmp_path_factory, 
         assert "\n" not in str(e) and "multi_grid" in str(e)
     assert reader_ok == train_ok, (rates, depth)
 
-
 def test_help_states_every_limit(capsys):
     with pytest.raises(SystemExit):
         train.parse_args(["--help"])
@@ -1450,7 +1361,6 @@ def test_help_states_every_limit(capsys):
         if isinstance(infra.SETTINGS[name].allowed, tuple):
             assert "".join(f"[{infra.allowed_text(name)}]".split()) in text, name
 
-
 # ---- checkpoints: read_weights and read_checkpoint
 
 def changed_checkpoint(tiny_run, path, change):
@@ -1459,7 +1369,6 @@ def changed_checkpoint(tiny_run, path, change):
     change(ck)
     torch.save(ck, path)
     return str(path)
-
 
 def setter(field, value):
     """A change that sets (or, with value 'delete', removes) field 'a' or 'a.b' of a checkpoint."""
@@ -1473,7 +1382,6 @@ def setter(field, value):
         else:
             obj[last] = value
     return change
-
 
 BAD_CHECKPOINTS = [  # (field, value, what the one line must name)
     ("config.context", "foo", "config.context is 'foo'; allowed: one of vortex, aspp"),
@@ -1499,7 +1407,6 @@ BAD_CHECKPOINTS = [  # (field, value, what the one line must name)
     ("palette", [[0, 0, 0]], "palette is"), ("dataset", "imagenet", "dataset is 'imagenet'"),
 ]
 
-
 @pytest.mark.parametrize("field,value,message", BAD_CHECKPOINTS)
 def test_a_checkpoint_is_checked_as_a_whole_before_anything_is_built(tmp_path, tiny_run, field,
                                                                       value, message):
@@ -1511,18 +1418,15 @@ def test_a_checkpoint_is_checked_as_a_whole_before_anything_is_built(tmp_path, t
         assert path + ": " in refused(use, re.escape(message))
     assert sorted(os.listdir(tmp_path)) == ["ck.pt"]  # nothing evaluated, trained or drawn
 
-
 FIELDS = ([f"config.{k}" for k in infra.CONFIG] + list(infra.CHECKPOINT_FIELDS) +
           list(infra.RESUME_FIELDS) + [f"train_args.{k}" for k in
                                             ("val_split", "data_root", "seed", "context")])
-
 
 VALUES = st.one_of(st.none(), st.booleans(), st.integers(-2 ** 70, 2 ** 70), st.floats(),
                    st.text(max_size=4), st.lists(st.integers(-3, 300), max_size=3),
                    st.dictionaries(st.sampled_from(["state", "num_images", "x"]),
                                    st.integers(-1, 3), max_size=2),
                    st.just(torch.zeros(2, 2)), st.just("delete"))
-
 
 @given(field=st.sampled_from(FIELDS), value=VALUES)
 @settings(max_examples=150)
@@ -1547,7 +1451,6 @@ def test_any_corrupted_field_is_one_line_naming_it_or_harmless(tiny_run, field, 
     assert (field in harmless and value != "delete") or json.dumps(value, default=repr) == \
         before, (field, value)
 
-
 BAD_TENSORS = [  # (tensor, what the one line says)
     (torch.full((5,), float("nan")), "holds NaN or infinite values in float32"),
     (torch.full((8,), 1e300, dtype=torch.float64), "in float32"),
@@ -1556,7 +1459,6 @@ BAD_TENSORS = [  # (tensor, what the one line says)
     (torch.zeros(4, dtype=torch.complex64), "only dense real tensors"),
     (torch.eye(3).to_sparse(), "only dense real tensors"),
 ]
-
 
 @pytest.mark.parametrize("bad,message", BAD_TENSORS + [("negative variance", "negative variance")])
 def test_checkpoint_gate_reads_tensors_as_the_model_will_run_them(tmp_path, tiny_run, capsys, bad,
@@ -1577,7 +1479,6 @@ def test_checkpoint_gate_reads_tensors_as_the_model_will_run_them(tmp_path, tiny
         assert code == 2 and len(err) == 1 and f"tensor model.{key}" in err[0] and message in \
             err[0], err
     assert sorted(os.listdir(tmp_path)) == before
-
 
 def test_an_unreadable_checkpoint_says_it_cannot_be_read(tmp_path, tiny_run, monkeypatch):
     """Truncated (a resume), empty (--pretrained), not readable, or a folder: one line that says
@@ -1604,7 +1505,6 @@ def test_an_unreadable_checkpoint_says_it_cannot_be_read(tmp_path, tiny_run, mon
     with pytest.raises(infra.BadInput, match=r"cannot read .*: it is a folder"):
         infra.read_checkpoint(str(tmp_path))
 
-
 def test_a_mixed_up_checkpoint_is_refused_on_the_command_line(tmp_path, tiny_run):
     path = changed_checkpoint(tiny_run, tmp_path / "ck.pt", setter("config.context", "aspp"))
     proc = subprocess.run([sys.executable, os.path.join(HERE, "eval.py"), "--checkpoint", path],
@@ -1615,7 +1515,6 @@ def test_a_mixed_up_checkpoint_is_refused_on_the_command_line(tmp_path, tiny_run
                                         f"or mixed-up checkpoint); refused"]
     assert sorted(os.listdir(tmp_path)) == ["ck.pt"]
 
-
 def test_an_empty_weights_flag_is_refused_not_random_initialisation(tmp_path, capsys):
     for flag in ("--pretrained", "--init-from", "--data-root"):
         code, err = cli_run(train.main, TINY + [flag, "", "--out-dir", str(tmp_path / "r")],
@@ -1623,7 +1522,6 @@ def test_an_empty_weights_flag_is_refused_not_random_initialisation(tmp_path, ca
         assert code == 2 and err == [f"error: {flag} '': must be a file or folder name (it is "
                                      f"empty)"]
     assert os.listdir(tmp_path) == []
-
 
 # ---- outputs: Claim (never onto or into an input, locked, undone when refused)
 
@@ -1660,7 +1558,6 @@ def test_an_output_never_replaces_or_writes_into_an_input_even_with_force(tmp_pa
                                "--voc", str(root)]), r"SegmentationClassAug holds the input --sbd")
     assert not os.path.exists(root / "SegmentationClassAug")
 
-
 @given(a=st.lists(st.sampled_from("xy"), min_size=1, max_size=3),
        b=st.lists(st.sampled_from("xy"), min_size=1, max_size=3), alias=st.booleans())
 @settings(max_examples=40)
@@ -1678,9 +1575,7 @@ def test_outputs_related_to_an_input_are_refused_exactly(tmp_path_factory, a, b,
     except infra.BadInput as e:
         assert related and "--in" in str(e)
 
-
 NAMES = st.text(st.characters(blacklist_categories=("Cs",)), min_size=0, max_size=12)
-
 
 @given(kind=st.sampled_from(["same", "inside", "holds", "folder-for-file", "too-long", "nul",
                              "format"]), name=NAMES.filter(lambda s: "/" not in s and s not in
@@ -1699,7 +1594,6 @@ def test_output_gate_refuses_in_one_line_and_leaves_nothing(tmp_path_factory, ki
         infra.Claim("test", [("--json", str(out), (".json",))], [("--in", str(inp))], force=True)
     assert "\n" not in str(e.value) and "--json" in str(e.value) or "input --in" in str(e.value)
     assert sorted(str(p) for p in top.rglob("*")) == before
-
 
 def test_split_names_and_output_names_are_refused_before_anything_is_written(
         tmp_path, tiny_run, voc_root, one_coco_image):
@@ -1731,13 +1625,11 @@ def test_split_names_and_output_names_are_refused_before_anything_is_written(
     assert sorted(os.listdir(tmp_path)) == ["imgs", "instances_x.json", "outside_list.txt"]
     assert sorted(os.listdir(root)) == ["ImageSets", "JPEGImages", "SegmentationClass"]
 
-
 def test_outputs_are_checked_writable_before_any_work(tmp_path, tiny_run):
     (tmp_path / "file").write_text("x")
     with pytest.raises(infra.BadInput, match=r"cannot write into .*file/sub"):
         evaluation.main(["--checkpoint", os.path.join(tiny_run, "checkpoint.pt"), "--json",
                          str(tmp_path / "file" / "sub" / "r.json")])
-
 
 def test_one_run_owns_its_folder_and_a_dead_holder_leaves_no_lock(tmp_path):
     """A second train.py on a folder in use is refused naming the holder; the lock goes with its
@@ -1759,7 +1651,6 @@ def test_one_run_owns_its_folder_and_a_dead_holder_leaves_no_lock(tmp_path):
     train.main(TINY + ["--iters", "1", "--out-dir", out, "--no-eval"])  # the lock died with it
     assert os.path.exists(os.path.join(out, "checkpoint.pt"))
 
-
 def test_two_commands_cannot_both_write_one_output(tmp_path, tiny_run):
     """The issue's case: two `eval.py --json same.json` started together. One writes it, the
     other is refused in one line (in use, or exists); the file is one whole result."""
@@ -1775,7 +1666,6 @@ def test_two_commands_cannot_both_write_one_output(tmp_path, tiny_run):
     assert json.load(open(out))["checkpoint"].endswith("checkpoint.pt")
     assert sorted(os.listdir(tmp_path)) == ["same.json"]  # no lock, no temp file left
 
-
 def test_a_lock_that_cannot_be_written_is_one_line_and_leaves_nothing(tmp_path):
     out = tmp_path / "new" / "run"
     proc = subprocess.run(
@@ -1787,7 +1677,6 @@ def test_a_lock_that_cannot_be_written_is_one_line_and_leaves_nothing(tmp_path):
                         r"file-size limit \(ulimit -f\) is 0\.0 MB.*; nothing was started\n",
                         proc.stderr), proc.stderr
     assert os.listdir(tmp_path) == []
-
 
 # ---- records and names: read_text, read_list, read_record, read_log, plain_name
 
@@ -1808,7 +1697,6 @@ def test_a_name_that_becomes_a_path_stays_inside_its_folder(name):
             infra.plain_name(name, "--split")
         assert "\n" not in str(e.value) and str(e.value).startswith("--split ")
 
-
 @given(ids=st.lists(st.text("abcxyz_-0123456789.", min_size=1, max_size=8).filter(
     lambda s: s not in (".", "..")), unique=True, max_size=6),
     codec=st.sampled_from(["utf-8", "utf-8-sig", "utf-16"]), newline=st.sampled_from(
@@ -1819,7 +1707,6 @@ def test_lists_are_read_whatever_editor_saved_them(tmp_path_factory, ids, codec,
     path = tmp_path_factory.mktemp("list") / "l.txt"
     path.write_bytes("".join(i + trailer + newline for i in ids).encode(codec))
     assert infra.read_list(str(path)) == ids
-
 
 @given(raw=st.binary(max_size=64))
 @settings(max_examples=80, deadline=None)
@@ -1833,17 +1720,14 @@ def test_records_and_lists_of_any_bytes_are_read_or_one_line(tmp_path_factory, r
         except infra.BadInput as e:
             assert "\n" not in str(e) and path in str(e)
 
-
 def test_a_record_over_its_size_limit_is_refused_before_it_is_read(tmp_path):
     path = tmp_path / "big.txt"
     path.write_bytes(b"a\n" * 100)
     with pytest.raises(infra.BadInput, match=r"split list .*big.txt is 0.0 MB; the limit is 0 MB"):
         infra.read_text(str(path), "split list", limit=10)
 
-
 LOG = "".join(json.dumps({"iter": i, "loss": 1.0 / i, "lr": 0.1, "img_per_s": 3.0,
                           "time": 0.0}) + "\n" for i in (1, 2, 3))
-
 
 @given(cut=st.integers(0, 200), junk=st.text(alphabet='{}":,0123456789 aeilnrst\x00', max_size=8))
 def test_a_torn_last_line_of_the_log_is_dropped_and_nothing_else(tmp_path_factory, cut, junk):
@@ -1855,7 +1739,6 @@ def test_a_torn_last_line_of_the_log_is_dropped_and_nothing_else(tmp_path_factor
     assert [r["iter"] for r in infra.read_log(str(path))] == [1, 2, 3]
     train.truncate_log(str(path), 2)
     assert path.read_text() == "".join(LOG.splitlines(True)[:2])
-
 
 def test_damaged_records_of_experiments_and_preparations_are_one_line(tmp_path, one_coco_image):
     first = experiments.setting_file(experiments.SETTINGS[0][0], experiments.CONTEXT_ROWS[0], 1)
@@ -1881,7 +1764,6 @@ def test_damaged_records_of_experiments_and_preparations_are_one_line(tmp_path, 
                "--overwrite"])
     assert infra.read_record(record)["min_pixels"] == 1000
 
-
 # ---- around: atomic writes, one-line errors (cli)
 
 def test_atomic_save_respects_umask_cleans_leftovers_and_names_failures(tmp_path):
@@ -1904,7 +1786,6 @@ def test_atomic_save_respects_umask_cleans_leftovers_and_names_failures(tmp_path
         infra.atomic_save(str(path), fails)
     assert path.read_bytes() == b"ok"
     assert sorted(p.name for p in tmp_path.iterdir()) == [".tmp-keepother.png", "checkpoint.pt"]
-
 
 def test_a_failed_save_says_why_in_words(tmp_path, monkeypatch):
     """torch.save reports a full disk or the file-size limit as an 'enforce fail ... unexpected
@@ -1931,7 +1812,6 @@ def test_a_failed_save_says_why_in_words(tmp_path, monkeypatch):
     assert re.fullmatch(r"error: cannot write .*checkpoint.pt: file too large: the file-size "
                         r"limit \(ulimit -f\) is 1.0 MB and it stopped after 1.0 MB\n", p.stderr)
     assert sorted(os.listdir(tmp_path)) == []
-
 
 def test_errors_in_loader_workers_are_one_line(capsys):
     class Broken(torch.utils.data.Dataset):
@@ -1965,7 +1845,6 @@ def test_presets_and_flags():
                             "--pool-k", "9"])
     assert (cfg["lr"], cfg["context"], cfg["pool_k"]) == (0.01, "module_a", 9)
 
-
 def test_poly_lr():
     """4.1: lr = base (1 - iter / max_iter) ^ 0.9, and our warmup (off in the paper's presets)."""
     base, n = 0.007, 300
@@ -1985,12 +1864,10 @@ def test_poly_lr():
     with pytest.raises(infra.BadInput, match=r"--warmup 1.5: must be a number in \[0, 0.99\]"):
         train.parse_args(["--warmup", "1.5"])
 
-
 # ---- synchronised batch norm (4.1)
 
 SYNCBN_CASES = (("normal", 0.0, torch.float64), ("large_mean", 1e4, torch.float32),
                 ("float32", 0.0, torch.float32))
-
 
 def _syncbn_cases(n):
     """(name, input, loss weights, BatchNorm2d) for each case, the same in every process."""
@@ -2003,7 +1880,6 @@ def _syncbn_cases(n):
         bn.bias.data.uniform_(-1, 1)
         yield name, x, w, bn
 
-
 def _ddp_batch(sizes):
     """4 images, labels partly ignored (255) so that the two halves hold different numbers of
     labelled pixels; with sizes (3, 5) the first half has none at all."""
@@ -2014,7 +1890,6 @@ def _ddp_batch(sizes):
     if sizes == (3, 5):
         t[:2] = 255
     return x, t
-
 
 def _syncbn_worker(rank, world, init_file, sizes, out_dir):
     _init(rank, world, init_file)
@@ -2044,7 +1919,6 @@ def _syncbn_worker(rank, world, init_file, sizes, out_dir):
     results["ddp"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.destroy_process_group()
-
 
 @pytest.mark.parametrize("sizes", [(4, 4), (3, 5)])
 def test_syncbn_and_ddp_equal_one_process_on_the_whole_batch(sizes, tmp_path):
@@ -2087,7 +1961,6 @@ def test_syncbn_and_ddp_equal_one_process_on_the_whole_batch(sizes, tmp_path):
             torch.testing.assert_close(ranks[r]["ddp"][k].double(), v.double(), rtol=1e-4,
                                        atol=1e-5, msg=k)
 
-
 def _torch_vs_ours_worker(rank, world, init_file, out_dir):
     dist.init_process_group("nccl", init_method=f"file://{init_file}", rank=rank,
                             world_size=world)
@@ -2103,7 +1976,6 @@ def _torch_vs_ours_worker(rank, world, init_file, out_dir):
     torch.save(outs, os.path.join(out_dir, f"{rank}.pt"))
     dist.destroy_process_group()
 
-
 @pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 or more CUDA GPUs")
 def test_ours_equals_torch_syncbatchnorm_on_two_gpus(tmp_path):
@@ -2112,7 +1984,6 @@ def test_ours_equals_torch_syncbatchnorm_on_two_gpus(tmp_path):
         outs = torch.load(tmp_path / f"{rank}.pt", weights_only=True)
         for a, b in zip(outs["torch"], outs["ours"]):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
-
 
 # ---- the three stages of 4.2: --init-from, --freeze-bn
 
@@ -2127,7 +1998,6 @@ def test_freeze_bn_keeps_statistics_and_parameters(tmp_path, tiny_run):
     assert bn and all(torch.equal(before[k], after[k]) for k in bn)
     assert not torch.equal(before["classifier.weight"], after["classifier.weight"])
 
-
 def test_init_from_another_context_takes_the_backbone_only(tmp_path, capsys):
     train.main(TINY + ["--iters", "1", "--out-dir", str(tmp_path / "aspp"), "--no-eval",
                        "--context", "aspp"])
@@ -2135,7 +2005,6 @@ def test_init_from_another_context_takes_the_backbone_only(tmp_path, capsys):
                        "--init-from", str(tmp_path / "aspp" / "checkpoint.pt")])
     assert "holds a aspp model, this run is vortex: only its backbone is taken" in \
         capsys.readouterr().out
-
 
 # ---- one training step: the loss is the per-pixel mean over the whole batch
 
@@ -2214,7 +2083,6 @@ def test_resume_is_exact(tmp_path, flags, stops, position, logged):
     assert same and all(spans[0][k] == spans[1][k] for k in same)
     assert len(same) == (len(log_a) if flags == [] else 1)
 
-
 def test_micro_batch_stream_is_the_epoch_shuffle_cut_into_micro_batches():
     ds = data.SyntheticContext(10, 32)
     stream = iter(train.SampleOrder(ds, rank=0, world=1, seed=3, micro=3, start=(1, 2)))
@@ -2226,7 +2094,6 @@ def test_micro_batch_stream_is_the_epoch_shuffle_cut_into_micro_batches():
     e2 = list(s)
     assert keys == [(1, i) for i in e1[6:9]] + [(2, i) for i in e2[:6]]  # 3 per epoch, 1 left
     assert train.advance((1, 2), 4, 3) == (3, 0) and train.advance((0, 0), 2, 3) == (0, 2)
-
 
 def test_resume_refuses_another_experiment_and_auto_starts_or_resumes(tmp_path, capsys):
     out = str(tmp_path / "run")
@@ -2251,7 +2118,6 @@ def test_resume_refuses_another_experiment_and_auto_starts_or_resumes(tmp_path, 
     assert iters == [1, 2, 3, 4, 5]  # the stale line for 3 is gone, nothing twice
     assert "resumed" in capsys.readouterr().out
     assert os.path.isfile(os.path.join(out, "curves.png"))
-
 
 def test_resuming_continues_the_same_experiment_or_refuses(tmp_path, tiny_run, monkeypatch,
                                                            capsys):
@@ -2285,7 +2151,6 @@ def test_resuming_continues_the_same_experiment_or_refuses(tmp_path, tiny_run, m
     assert {f: open(os.path.join(run, f), "rb").read() for f in os.listdir(run)
             if f != ".lock"} == before
 
-
 @pytest.mark.parametrize("field,value,message", [
     ("optimizer", "delete", "optimizer is missing"), ("rng_cpu", torch.zeros(3, dtype=torch.uint8),
                                                      "rng_cpu is"),
@@ -2301,7 +2166,6 @@ def test_a_resumed_checkpoint_needs_its_whole_training_state(tmp_path, tiny_run,
             re.escape(message))
     assert sorted(os.listdir(out)) == ["checkpoint.pt"] and os.path.getsize(path) > 0
 
-
 def test_count_include_pad_is_a_recorded_training_flag(tmp_path):
     out = str(tmp_path / "run")
     train.main(TINY + ["--iters", "1", "--out-dir", out, "--no-eval", "--count-include-pad"])
@@ -2310,7 +2174,6 @@ def test_count_include_pad_is_a_recorded_training_flag(tmp_path):
     assert infra.model_from_checkpoint(ck).context.count_include_pad is True
     with pytest.raises(infra.BadInput, match=r"--count-include-pad False \(checkpoint: True\)"):
         train.main(TINY + ["--iters", "2", "--out-dir", out, "--no-eval", "--resume"])
-
 
 def test_a_new_run_never_replaces_an_earlier_runs_results(tmp_path, tiny_run, voc_root):
     """Without --resume, a folder holding an earlier run's results (even only the log of a run
@@ -2340,7 +2203,6 @@ def test_a_new_run_never_replaces_an_earlier_runs_results(tmp_path, tiny_run, vo
     rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [r["iter"] for r in rows] == [1, 2] and rows[0]["loss"] != 9.9
 
-
 @pytest.mark.parametrize("line", ['{"loss": 1.0, "lr": 0.1}', "garbage", '{"iter": "2", "loss": 1, '
                                   '"lr": 0.1}', "[1, 2]", '{"iter": 2, "loss": null, "lr": 0.1}'])
 def test_a_damaged_log_line_before_the_last_is_one_line(tmp_path, tiny_run, line):
@@ -2354,7 +2216,6 @@ def test_a_damaged_log_line_before_the_last_is_one_line(tmp_path, tiny_run, line
         refused(use, r"log.jsonl, line 2: not a log record .*; delete that line or the file")
     assert not os.path.exists(tmp_path / "c.png")
 
-
 def test_a_resume_after_a_crash_mid_line_goes_on(tmp_path, tiny_run, capfd):
     run = str(tmp_path / "run")
     shutil.copytree(tiny_run, run)
@@ -2365,7 +2226,6 @@ def test_a_resume_after_a_crash_mid_line_goes_on(tmp_path, tiny_run, capfd):
     assert "log.jsonl: its last line is torn (a crash while writing it); dropped" in \
         capfd.readouterr().err
     assert [json.loads(x)["iter"] for x in open(os.path.join(run, "log.jsonl"))] == [1, 2, 3]
-
 
 @pytest.mark.gpu
 @needs_cuda
@@ -2398,7 +2258,6 @@ def test_cuda_resume_continues_the_run(tmp_path, amp, deterministic):
         assert resumed <= spread
     else:
         assert resumed < 1e-2
-
 
 # ---- the command line: every flag checked before any work
 
@@ -2446,12 +2305,10 @@ def test_bad_flags_are_refused_up_front_in_one_line(tmp_path, flags, message):
         train.main(args)
     assert "\n" not in str(e.value) and not os.path.exists(tmp_path / "r")
 
-
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message without a GPU")
 def test_device_cuda_without_a_gpu_is_refused(tmp_path):
     with pytest.raises(infra.BadInput, match="no CUDA device is visible"):
         train.main(TINY + ["--device", "cuda", "--out-dir", str(tmp_path / "r")])
-
 
 def test_command_line_refusal_is_one_line_and_exit_code_2(tmp_path):
     proc = subprocess.run([sys.executable, os.path.join(HERE, "train.py"), "--batch-size", "0"],
@@ -2459,7 +2316,6 @@ def test_command_line_refusal_is_one_line_and_exit_code_2(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         "error: --batch-size 0: must be a whole number in 1..100000"]
-
 
 def test_a_refused_start_leaves_nothing_behind(tmp_path, voc_root, monkeypatch):
     root = voc_root
@@ -2474,7 +2330,6 @@ def test_a_refused_start_leaves_nothing_behind(tmp_path, voc_root, monkeypatch):
     monkeypatch.setattr(train, "synchronise_batchnorm", refuse)
     refused(lambda: train.main(TINY + ["--iters", "1", "--out-dir", str(out)]), "needs CUDA")
     assert not os.path.exists(tmp_path / "new")
-
 
 # ---- sync points and signals
 
@@ -2509,7 +2364,6 @@ def test_one_training_step_reads_no_number_back_from_the_device(tmp_path, monkey
         made[iters] = counts["n"]
     assert made[2] == made[6] > 0, made
 
-
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     out = str(tmp_path / "run")
     calls = {"n": 0}
@@ -2527,7 +2381,6 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monk
                            "--log-every", "5"])
     ck = infra.read_checkpoint(os.path.join(out, "checkpoint.pt"))
     assert ck["iteration"] == 2
-
 
 @pytest.mark.parametrize("sig,workers", [(signal.SIGTERM, "0"), (signal.SIGINT, "2")])
 def test_signal_saves_and_exits_cleanly(tmp_path, sig, workers):
@@ -2550,7 +2403,6 @@ def test_signal_saves_and_exits_cleanly(tmp_path, sig, workers):
     ck = infra.read_checkpoint(os.path.join(out, "checkpoint.pt"))
     assert 2 <= ck["iteration"] < 100000
 
-
 def test_ctrl_c_is_answered_at_once_and_twice_stops_without_saving(tmp_path):
     out = str(tmp_path / "run")
     proc = subprocess.Popen([sys.executable, "-u", os.path.join(HERE, "train.py")] + TINY +
@@ -2570,7 +2422,6 @@ def test_ctrl_c_is_answered_at_once_and_twice_stops_without_saving(tmp_path):
         proc.stderr.read()
     assert not os.path.exists(os.path.join(out, "checkpoint.pt"))
 
-
 def interrupt_when(proc, started):
     """SIGINT to `proc` at the first line of its output for which started(line) holds; then
     (exit code, stderr)."""
@@ -2579,7 +2430,6 @@ def interrupt_when(proc, started):
             proc.send_signal(signal.SIGINT)
             break
     return proc.wait(timeout=60), proc.stderr.read()
-
 
 def test_ctrl_c_during_the_final_evaluation_keeps_the_checkpoint(tmp_path):
     out = str(tmp_path / "run")
@@ -2592,7 +2442,6 @@ def test_ctrl_c_during_the_final_evaluation_keeps_the_checkpoint(tmp_path):
                                 f"{out}/checkpoint.pt is kept"]
     assert sorted(os.listdir(out)) == ["checkpoint.pt", "log.jsonl"]  # the claim let go too
     assert infra.read_checkpoint(os.path.join(out, "checkpoint.pt"))["iteration"] == 1
-
 
 # ---- end to end, and on a GPU
 
@@ -2620,7 +2469,6 @@ def test_default_command_end_to_end_on_a_small_budget(tmp_path, capsys):
     with pytest.raises(ValueError, match="context: checkpoint has 'vortex', flags say 'aspp'"):
         evaluation.main(["--checkpoint", os.path.join(out, "checkpoint.pt"), "--context", "aspp"])
 
-
 @pytest.mark.gpu
 @needs_cuda
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])
@@ -2647,7 +2495,6 @@ def test_cuda_amp_training_steps_stay_finite_and_learn_a_repeated_batch(amp):
     assert all(math.isfinite(v) for v in losses)
     assert losses[-1] < 0.6 * losses[0], losses
 
-
 # ---- several processes (gloo) and two nodes (torchrun)
 
 def _train_worker(rank, world, init_file, out_dir, extra):
@@ -2657,7 +2504,6 @@ def _train_worker(rank, world, init_file, out_dir, extra):
         torch.save({"miou": torch.tensor(result["miou"])}, os.path.join(out_dir, f"r{rank}.pt"))
     except infra.BadInput as e:
         open(os.path.join(out_dir, f"r{rank}.txt"), "w").write(str(e))
-
 
 def test_distributed_run_with_per_rank_statistics_evaluates_what_it_saved(tmp_path):
     """2 ranks, --sync-bn off: the ranks' batch-norm statistics differ after the last step;
@@ -2672,7 +2518,6 @@ def test_distributed_run_with_per_rank_statistics_evaluates_what_it_saved(tmp_pa
     assert reported["confusion"] == checked["confusion"]
     assert "NaN" not in open(os.path.join(out, "eval.json")).read()  # strict JSON
 
-
 def test_ranks_started_with_different_settings_are_refused_on_every_rank(tmp_path):
     out = str(tmp_path / "run")
     os.makedirs(out)
@@ -2681,12 +2526,10 @@ def test_ranks_started_with_different_settings_are_refused_on_every_rank(tmp_pat
         assert "different settings (--seed)" in open(os.path.join(out, f"r{r}.txt")).read()
     assert not os.path.exists(os.path.join(out, "checkpoint.pt"))
 
-
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
 
 def torchrun(nodes, argv, cwd, rank=None, port=None, **popen):
     """`torchrun` of train.py with TINY + argv: one node of two processes, or node `rank` of
@@ -2702,12 +2545,10 @@ def torchrun(nodes, argv, cwd, rank=None, port=None, **popen):
     proc.output = lambda: [(f.seek(0), f.read())[1] for f in logs]  # (stdout, stderr)
     return proc
 
-
 def two_nodes(argv, cwd):
     port = free_port()
     procs = [torchrun(2, argv, cwd, r, port) for r in (0, 1)]
     return [(p.wait(timeout=300), *p.output()) for p in procs]
-
 
 def test_two_nodes_train_checkpoint_and_resume_as_one_node(tmp_path):
     """Two `torchrun --nnodes 2` launches on one machine (gloo over localhost) train as one
@@ -2721,7 +2562,6 @@ def test_two_nodes_train_checkpoint_and_resume_as_one_node(tmp_path):
     a, b = (infra.read_checkpoint(str(tmp_path / d / "checkpoint.pt")) for d in ("one", "two"))
     assert b["iteration"] == 4 and all(torch.equal(a["model"][k], b["model"][k])
                                        for k in a["model"])
-
 
 def test_a_lost_node_stops_the_other_in_one_line_and_resume_continues(tmp_path):
     port, argv = free_port(), ["--iters", "100000", "--save-every", "5", "--out-dir", "run"]
@@ -2757,7 +2597,6 @@ maps = st.integers(2, 6).flatmap(lambda c: st.tuples(
     st.just(c), st.lists(st.integers(0, c - 1), min_size=30, max_size=30),
     st.lists(st.sampled_from(list(range(c)) + [255]), min_size=30, max_size=30)))
 
-
 @given(maps)
 def test_confusion_metrics_agree_with_a_brute_force_loop(m):
     c, pred, gt = m
@@ -2777,7 +2616,6 @@ def test_confusion_metrics_agree_with_a_brute_force_loop(m):
             assert res["iou"][k] == pytest.approx(ious[-1])
     if ious:
         assert res["miou"] == pytest.approx(np.mean(ious)) and not math.isnan(res["miou"])
-
 
 @given(maps, st.randoms(use_true_random=False))
 def test_confusion_invariances(m, rnd):
@@ -2812,13 +2650,11 @@ def test_confusion_invariances(m, rnd):
     assert (math.isnan(res["miou"]) and math.isnan(res2["miou"])) or \
         res2["miou"] == pytest.approx(res["miou"])
 
-
 def test_absent_class_is_left_out_of_the_mean():
     conf = torch.tensor([[5, 0, 0], [0, 0, 0], [1, 0, 3]])
     res = evaluation.miou_from_confusion(conf)
     assert math.isnan(res["iou"][1]) and res["miou"] == pytest.approx((5 / 6 + 3 / 4) / 2)
     assert "—" in evaluation.format_table(res, ("a", "b", "c"))
-
 
 @given(h=st.integers(9, 41), w=st.integers(9, 41))
 def test_predict_sizes_and_single_scale_equals_plain_inference(h, w):
@@ -2844,13 +2680,11 @@ def test_predict_sizes_and_single_scale_equals_plain_inference(h, w):
     assert multi.shape == (4, h, w)
     torch.testing.assert_close(multi, ref[0] / 4)
 
-
 def test_flip_averaging_of_a_flip_equivariant_model_changes_nothing():
     model = torch.nn.Conv2d(3, 4, 1)  # per-pixel: flipping the input flips the output
     x = torch.randn(3, 17, 23)
     torch.testing.assert_close(evaluation.predict_probs(model, x, (1.0, 0.5), flip=True),
                                evaluation.predict_probs(model, x, (1.0, 0.5), flip=False))
-
 
 def _eval_worker(rank, world, init_file, out_dir):
     _init(rank, world, init_file)
@@ -2860,7 +2694,6 @@ def _eval_worker(rank, world, init_file, out_dir):
     res = evaluation.evaluate(model, ds, log=lambda *a: None)
     torch.save(torch.tensor(res["confusion"]), os.path.join(out_dir, f"conf{rank}.pt"))
     dist.destroy_process_group()
-
 
 def test_distributed_evaluation_counts_every_image_once(tmp_path):
     _spawn(_eval_worker, 2, str(tmp_path))  # 5 images on 2 ranks: 3 + 2
@@ -2919,7 +2752,6 @@ def test_eval_command_line_never_overwrites_and_names_every_file(tmp_path, tiny_
         f"p{i}{t}" for i in range(3) for t in (".png", "_panel.png"))
     assert "predict: 3/3" in capsys.readouterr().out
 
-
 @pytest.mark.parametrize("flags,message", [
     (["--scales", "0"], "--scales 0.0: must be a number in [0.05, 8]"),
     (["--scales", "1", "nan"], "--scales 1.0 nan"), (["--scales", "-1"], "--scales -1.0"),
@@ -2936,7 +2768,6 @@ def test_eval_refuses_bad_flags(flags, message):
         assert e.value.code == 2
     else:
         refused(lambda: evaluation.main(["--checkpoint", "unused.pt"] + flags), re.escape(message))
-
 
 def test_eval_refuses_a_checkpoint_of_other_classes_and_broken_weights(tmp_path, tiny_run,
                                                                       voc_root):
@@ -2957,7 +2788,6 @@ def test_eval_refuses_a_checkpoint_of_other_classes_and_broken_weights(tmp_path,
     with pytest.raises(infra.BadInput, match=r"bad.pt: its weights do not fit .*classifier.weight"):
         evaluation.main(["--checkpoint", str(bad)])
 
-
 def test_predictions_of_images_that_share_a_name_never_overwrite_each_other(tmp_path, tiny_run):
     out = tiny_run
     folder = tmp_path / "photos"
@@ -2971,7 +2801,6 @@ def test_predictions_of_images_that_share_a_name_never_overwrite_each_other(tmp_
     assert sorted(os.listdir(tmp_path / "pred"))[:2] == ["img_bmp.png", "img_bmp_panel.png"]
     assert all(os.path.exists(p) for p in written)
 
-
 def test_nothing_to_measure_is_refused_and_absent_classes_are_null(tmp_path):
     model = torch.nn.Conv2d(3, 5, 1)
     ds = data.SyntheticContext(2, 24, seed=0)
@@ -2981,7 +2810,6 @@ def test_nothing_to_measure_is_refused_and_absent_classes_are_null(tmp_path):
     infra.write_json(str(tmp_path / "r.json"), {"iou": [0.5, float("nan")], "miou": 0.5})
     text = (tmp_path / "r.json").read_text()
     assert "NaN" not in text and json.loads(text)["iou"] == [0.5, None]
-
 
 def _eval_main_worker(rank, world, init_file, ck, out_dir, port):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
@@ -2998,7 +2826,6 @@ def _eval_main_worker(rank, world, init_file, ck, out_dir, port):
     # in "terminate called without an active exception" (SIGABRT) after the work is over
     os._exit(0)
 
-
 def test_eval_under_torchrun_splits_the_images_over_the_ranks(tmp_path):
     out = str(tmp_path / "run")
     train.main(TINY + ["--iters", "1", "--out-dir", out, "--no-eval", "--val-images", "5"])
@@ -3010,7 +2837,6 @@ def test_eval_under_torchrun_splits_the_images_over_the_ranks(tmp_path):
     single = evaluation.main(["--checkpoint", os.path.join(out, "checkpoint.pt"), "--json",
                               str(tmp_path / "single.json"), "--workers", "0"])
     assert json.load(open(tmp_path / "res.json"))["confusion"] == single["confusion"]
-
 
 def test_ctrl_c_during_eval_is_one_line_and_exit_130(tmp_path, tiny_run):
     folder = tmp_path / "photos"
@@ -3029,7 +2855,6 @@ def test_ctrl_c_during_eval_is_one_line_and_exit_130(tmp_path, tiny_run):
     assert 0 < len(written) < 60 and not any(f.startswith(".tmp-") for f in written)
     for f in written:
         Image.open(tmp_path / "pred" / f).load()  # each whole
-
 
 # ---- pictures
 
@@ -3056,7 +2881,6 @@ def test_prediction_panels_show_image_truth_and_prediction_in_the_palette(tmp_pa
     legend = {tuple(c) for c in pic[40:].reshape(-1, 3)}
     assert {tuple(palette[c]) for c in (0, 1, 2, 3)} <= legend
     assert not {tuple(palette[c]) for c in (4, 5)} & legend
-
 
 def test_training_curves_have_absolute_axes_and_are_named_only_when_drawn(tmp_path, capsys):
     log = tmp_path / "log.jsonl"
@@ -3105,7 +2929,6 @@ def test_the_printed_table_reproduces_the_papers_utilization_ratios(capsys, monk
         assert measured <= analytic
     assert rows["ASPP"][-4] == f"{17 / 65 ** 2:.4f}" and rows["Vortex"][-4] == "1.0000"
 
-
 def test_fig3_footprint_picture(tmp_path):
     path = experiments.footprints_figure(str(tmp_path / "fig3.png"), size=65, cell=1)
     pic = np.asarray(Image.open(path))
@@ -3118,7 +2941,6 @@ def test_fig3_footprint_picture(tmp_path):
     vx = pic[1:66, 2 * 75 + 1:2 * 75 + 66]
     assert tuple(vx[32, 33]) == experiments.BRANCH_COLOURS[1]  # next to the centre: the 3x3 pool
     assert tuple(vx[0, 0]) == experiments.BRANCH_COLOURS[3]  # the corner: the 27x27 pool
-
 
 def test_figure_and_bench_commands(tmp_path, capsys):
     """`figure synthetic`: each of 6 samples, 4 px apart, is its image above its label in the
@@ -3147,7 +2969,6 @@ def test_figure_and_bench_commands(tmp_path, capsys):
     assert keep.read_bytes() == b"keep"
     assert experiments.bench_loader(None, n=5, crop=65) > 0
 
-
 @pytest.mark.gpu
 @needs_cuda
 def test_cuda_bench_reports_out_of_memory_and_recovers():
@@ -3163,7 +2984,6 @@ def test_cuda_bench_reports_out_of_memory_and_recovers():
         assert ok is not None and ok[0] > 0
     finally:
         torch.cuda.set_per_process_memory_fraction(1.0)
-
 
 # ---- the ablation (Table 1 in miniature)
 
@@ -3202,7 +3022,6 @@ def test_ablation_table_runs_every_module(tmp_path, capsys):
     with pytest.raises(infra.ExistingOutput, match="exists"):  # never overwrites a file
         experiments.main(["erf", *cks, "--out", erf])
 
-
 def test_the_ablation_runs_under_torchrun(tmp_path):
     """Every command written for torchrun runs under it: the experiments' ablation too (rank 0
     holds its folder, every rank trains and evaluates its share)."""
@@ -3215,7 +3034,6 @@ def test_the_ablation_runs_under_torchrun(tmp_path):
     assert p.returncode == 0, p.stderr[-2000:]
     assert "Table 1 in miniature" in p.stdout and (tmp_path / "abl" / "erf.png").exists()
     assert not (tmp_path / "abl" / ".lock").exists()
-
 
 # ---- effective receptive field
 
@@ -3239,7 +3057,6 @@ def test_effective_receptive_field_is_the_normalised_input_gradient(sizes, seed)
     assert torch.allclose(erf, expected, atol=1e-6)
     assert experiments.mass_radius(erf, 1.0) == pytest.approx(math.sqrt(2))  # window corners
 
-
 @given(h=st.integers(3, 40), w=st.integers(3, 40), dy=st.integers(-20, 20),
        dx=st.integers(-20, 20), f=st.floats(0.05, 1.0))
 def test_mass_radius(h, w, dy, dx, f):
@@ -3258,7 +3075,6 @@ def test_mass_radius(h, w, dy, dx, f):
                                                            indexing="ij"), (h // 2, w // 2))))
     assert (d <= r[1]).double().mean() >= 0.5 > (d < r[1]).double().mean()
 
-
 # ---- the context experiment (Table 1 on data where context decides)
 
 def test_ring_coverage_is_the_footprint_by_distance():
@@ -3274,7 +3090,6 @@ def test_ring_coverage_is_the_footprint_by_distance():
         assert experiments.ring_coverage(ContextModule.module_a(4, k), r)[r] == (
             grid[0].sum() + grid[-1].sum() + grid[1:-1, 0].sum() + grid[1:-1, -1].sum()) / (8 * r)
 
-
 def test_context_layouts_are_stratified_uniform_on_the_ring_and_fit_the_map():
     lay = experiments.context_layouts(3, 400)
     assert (np.bincount(lay["d"])[1:] == 400).all()  # equal counts at every distance 1..40
@@ -3286,7 +3101,6 @@ def test_context_layouts_are_stratified_uniform_on_the_ring_and_fit_the_map():
     for d in (1, 2):  # uniform on the ring: every one of its 8 (d + 1) offsets, near 1/8(d + 1)
         seen = np.unique(off[lay["d"] == d], axis=0, return_counts=True)[1]
         assert len(seen) == 8 * (d + 1) and seen.min() > 0.4 * 400 / (8 * (d + 1))
-
 
 def test_the_distractor_is_farther_within_reach_and_its_class_is_a_coin():
     """Rule v3: the distractor's nearest descriptor lies at >= 1.5 d and within the largest
@@ -3309,7 +3123,6 @@ def test_the_distractor_is_farther_within_reach_and_its_class_is_a_coin():
     k, offsets = experiments.tap_offsets(vx)[-1]
     assert max(max(abs(a), abs(b)) for a, b in offsets) + k // 2 == experiments.REACH
 
-
 def context_map(layouts, i, cls, sigma, codes, seed, batch):
     """Layout i as the whole 65 x 65 map X that the taps describe (the same unit noise)."""
     g = torch.Generator().manual_seed(seed * 100003 + i // batch)
@@ -3322,7 +3135,6 @@ def context_map(layouts, i, cls, sigma, codes, seed, batch):
             x[:, cy - 1:cy + 2, cx - 1:cx + 2] = torch.from_numpy(codes[1 + c]).double()[:, None,
                                                                                          None]
     return x + sigma * noise
-
 
 @pytest.mark.parametrize("distractor,background", [(False, 1.0), (True, 1.0), (True, 0.0)])
 def test_the_head_at_the_query_is_the_context_module_on_the_whole_map(distractor, background):
@@ -3350,7 +3162,6 @@ def test_the_head_at_the_query_is_the_context_module_on_the_whole_map(distractor
                 want = head.classifier(head.module(x))[0, :, y, xq]
                 torch.testing.assert_close(got[n], want, rtol=1e-5, atol=1e-5, msg=row)
 
-
 def test_a_predictor_that_ignores_the_cue_scores_exactly_half_at_every_distance():
     codes = experiments.context_codes(8)
     lay = experiments.context_layouts(6, 7)
@@ -3364,7 +3175,6 @@ def test_a_predictor_that_ignores_the_cue_scores_exactly_half_at_every_distance(
     blind = torch.from_numpy(np.concatenate([parts["Vortex"]["noise"][..., 0].sum(1)] * 2))
     acc = experiments.per_distance(((blind > 0).long() == cls).numpy(), d.numpy())
     assert (acc[1:] == 50).all()
-
 
 @pytest.mark.parametrize("background", [1.0, 0.0])
 def test_the_distractor_alone_scores_exactly_half(background):
@@ -3390,7 +3200,6 @@ def test_the_distractor_alone_scores_exactly_half(background):
     assert np.nanmean(experiments.probe(experiments.twins(parts[2], sets[2], 1.0, codes),
                                         with_cue, "band")[0][1:11]) > 60
 
-
 def test_the_border_control_makes_off_map_taps_read_like_background():
     """Zero padding: a tap off the map reads 0, a tap on the background its code (norm
     sqrt(c1)), a difference ~50x what a far cue makes. With the background's code zero (the
@@ -3412,7 +3221,6 @@ def test_the_border_control_makes_off_map_taps_read_like_background():
     assert names["sigma 1, distractor, background 0"] == (1.0, True, 0.0)
     assert names["sigma 1, distractor"] == (1.0, True, 1.0)
 
-
 def test_the_probe_reads_what_the_footprint_holds():
     """No noise: where some tap reads part of the cue, the twins differ and the probe tells
     them apart; where no tap does, they are the same and every probe scores exactly 50%."""
@@ -3432,7 +3240,6 @@ def test_the_probe_reads_what_the_footprint_holds():
                 if share == 1 and by == "distance":  # told d, a readout fits each ring's taps
                     assert acc[d] >= 99, (m.name, d)
     assert (parts[9]["Vortex"]["cue"].max(1) > 0).mean() > 0.9  # 81 x 81, clipped
-
 
 def test_the_three_probes_differ_only_in_what_they_are_told():
     """The probes fit one readout per distance, per band of BANDS, or one for all; on samples
@@ -3455,7 +3262,6 @@ def test_the_three_probes_differ_only_in_what_they_are_told():
     told = experiments.probe(near[1], near[2], "distance")[0]
     assert not np.array_equal(told, a, equal_nan=True)  # per distance is another readout
 
-
 def test_the_vmapped_heads_are_the_heads():
     """train_heads' one forward over stacked weights (vmap of functional_call) is each
     QueryHead's own forward, in training mode (batch statistics, running averages updated per
@@ -3476,7 +3282,6 @@ def test_the_vmapped_heads_are_the_heads():
                 for k, v in h.state_dict().items():
                     torch.testing.assert_close(b.get(k, p.get(k))[m].to(v.dtype), v, msg=k)
 
-
 def test_precise_bn_takes_the_statistics_of_the_fixed_samples():
     """After precise_bn, each head in eval mode reads its fixed samples as it does in training
     mode (batch statistics of those samples), whatever the running averages were."""
@@ -3496,9 +3301,7 @@ def test_precise_bn_takes_the_statistics_of_the_fixed_samples():
             torch.testing.assert_close(got, h.train()(taps[m], mean[m]), rtol=1e-3, atol=1e-3,
                                        msg=row)
 
-
 CONTEXT_SETS = {}
-
 
 def context_sets():
     """Small samples of the one-cue condition (sigma 1, seed 0), every Table 1 module's, as the
@@ -3511,13 +3314,11 @@ def context_sets():
                              for r in vortex.TABLE1})
     return CONTEXT_SETS
 
-
 def trained(row, iters=24, sets=None):
     """A head of `row` trained as the command trains it: (test scores, fit, curve)."""
     cfg = dict(context_channels=4, lr=0.01, batch_size=64, power=0.9)
     return [v[0] for v in experiments.train_heads(cfg, iters, sets or context_sets(),
                                                   [(row, 0, None)])]
-
 
 def test_control_none_scores_chance_exactly():
     """'none' reads the query's own descriptor, which the twins share: trained, and every
@@ -3528,7 +3329,6 @@ def test_control_none_scores_chance_exactly():
     sets = context_sets()["none", 0]
     for by in experiments.PROBES:
         assert (experiments.probe(sets["train"], sets["test"], by, False)[0][1:] == 50).all()
-
 
 def test_control_image_level_reads_the_same_at_every_distance():
     """The image-level branch alone reads the query's descriptor and the map's mean, which
@@ -3553,7 +3353,6 @@ def test_control_image_level_reads_the_same_at_every_distance():
     spatial = experiments.twins(parts["A(5)"], lay, 1.0, codes)[0].flatten(1).view(2, 40, 5, -1)
     assert not (spatial == spatial[:, :1]).all()
 
-
 @pytest.mark.parametrize("row", ["ASPP", "ASPP+", "A(5)", "A(9)"])
 def test_control_without_the_branch_scores_chance_beyond_the_footprint(row):
     """Without its image-level branch a module reads only its footprint: trained, it scores
@@ -3564,7 +3363,6 @@ def test_control_without_the_branch_scores_chance_beyond_the_footprint(row):
     assert blind
     (acc, _), fit, _ = trained(row + " w/o img")
     assert (acc[blind] == 50).all() and (fit[blind] == 50).all()
-
 
 @settings(deadline=None, max_examples=30)
 @given(st.lists(st.floats(40, 100), min_size=2, max_size=4), st.floats(-20, 20),
@@ -3583,7 +3381,6 @@ def test_paired_differences_are_real_only_beyond_the_spread(a, shift, noise):
     assert math.isclose(back[0], -mean, abs_tol=1e-9) and back[4] == real
     assert not experiments.paired(a[:1], b[:1])[4]  # one seed: no spread, nothing is real
 
-
 @settings(deadline=None, max_examples=30)
 @given(st.integers(0, 20).map(lambda x: x / 4), st.integers(0, 12).map(lambda x: x / 4 + 0.125),
        st.integers(0, 3))
@@ -3598,7 +3395,6 @@ def test_converged_is_the_last_doubling_of_every_band(change, tolerance, band):
     held, got = experiments.converged(r, experiments.BANDS, tolerance)
     assert math.isclose(got, change, abs_tol=1e-9) and held == (change < tolerance)
 
-
 def test_a_model_told_the_band_trains_on_that_bands_samples_only():
     d = torch.arange(1, 41).repeat_interleave(3)
     cell = {"train": (torch.zeros(len(d), 2, 8), torch.zeros(len(d), 8),
@@ -3609,7 +3405,6 @@ def test_a_model_told_the_band_trains_on_that_bands_samples_only():
     assert rows[0].tolist() == list(range(len(d)))
     for r, (lo, hi) in zip(rows[1:], ((11, 20), (31, 40))):
         assert len(r) == 3 * 10 and ((d[r - len(d)] >= lo) & (d[r - len(d)] <= hi)).all()
-
 
 def test_context_experiment_smoke_run(tmp_path, capsys, monkeypatch):
     """The experiment's command end to end on a tiny budget (fewer samples per distance): every
@@ -3666,7 +3461,6 @@ def test_context_experiment_smoke_run(tmp_path, capsys, monkeypatch):
     assert all(r["iters"] == 2 for r in sub["sigma 1"].values())
     assert "4 training / 3 test layouts" in open(os.path.join(one, "table.txt")).read()
 
-
 def test_context_samples_picture(tmp_path):
     out = str(tmp_path / "samples.png")
     experiments.main(["figure", "descriptors", "--out", out])
@@ -3700,7 +3494,6 @@ def definitions(path):
                     out[t.id] = (node.lineno, node.end_lineno)
     return out
 
-
 def comment_start(lines, first):
     """The first line of the comment block (the paper's words) right above line `first` (1-based),
     across one blank line; `first` itself when there is none."""
@@ -3712,13 +3505,11 @@ def comment_start(lines, first):
         top -= 1
     return top + 1 if top < i else first
 
-
 def names_used_in(path, a, b):
     """Names the code on lines a..b of a file reads (calls, `X.attr`, arguments...)."""
     tree = ast.parse(open(os.path.join(HERE, path)).read())
     return {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and
             isinstance(n.ctx, ast.Load) and a <= n.lineno <= b}
-
 
 def map_problems(readme):
     """What is wrong with README's paper -> code table (see the test below), one line each."""
@@ -3751,7 +3542,6 @@ def map_problems(readme):
                                 f"{defs[name][0]}), which is neither in {a}-{b} nor in another row")
     return problems
 
-
 def test_readme_map_points_at_the_code():
     """Every row of README's paper -> code table names a file, a line range and the identifiers
     that implement one step of the paper. The range holds the WHOLE step: every identifier the
@@ -3761,7 +3551,6 @@ def test_readme_map_points_at_the_code():
     readme = open(os.path.join(HERE, "README.md")).read()
     assert readme.index("## Paper → code") < len("\n".join(readme.split("\n")[:20]))
     assert map_problems(readme) == []
-
 
 def test_the_map_check_fails_on_a_row_that_misses_part_of_its_step():
     """The check above can fail: a SyncBN row that starts at the class (the derivation and
@@ -3781,7 +3570,6 @@ def test_the_map_check_fails_on_a_row_that_misses_part_of_its_step():
     lr = re.search(r"^\| 4.1 poly learning rate.*$", readme, re.M).group(0)
     off = re.sub(r"(\d+)–(\d+)", lambda m: f"{m.group(1)}–{int(m.group(2)) - 6}", lr, count=1)
     assert any("misses part of" in p for p in map_problems(readme.replace(lr, off)))
-
 
 def test_every_core_file_reads_paper_first_then_engineering():
     """Part I (the paper) before Part II (the engineering) in every core file; its blocks in
@@ -3823,7 +3611,6 @@ def test_every_core_file_reads_paper_first_then_engineering():
                 f"{path} imports {other}: imports point one way, data <- vortex <- " \
                 f"train/eval <- experiments"
 
-
 def test_readme_and_docs_links_exist():
     for page in ["README.md"] + [os.path.join("docs", f) for f in os.listdir(
             os.path.join(HERE, "docs"))]:
@@ -3834,7 +3621,6 @@ def test_readme_and_docs_links_exist():
             path = os.path.normpath(os.path.join(HERE, os.path.dirname(page), target))
             assert os.path.exists(path), f"{page} links {target}, which does not exist"
     assert len(open(os.path.join(HERE, "README.md")).read().split("\n")) <= 450
-
 
 def documented_commands():
     """Every `python X.py ...` / `torchrun ... X.py ...` command in the bash blocks of README and
@@ -3867,7 +3653,6 @@ def documented_commands():
                         found.append((page, script, expanded))
     return found
 
-
 def test_every_documented_command_parses():
     """The commands of README and docs/ run as written, as far as their flags go: each is
     parsed by its script's own parser and checks (no file is read, nothing runs)."""
@@ -3885,7 +3670,6 @@ def test_every_documented_command_parses():
                 {"eval.py": evaluation, "data.py": data}[script].parser().parse_args(args)
         except (SystemExit, infra.BadInput) as e:
             raise AssertionError(f"{page}: {script} {' '.join(args)} -> {e}") from None
-
 
 # Run once, in a scratch environment that has the references (they are never dependencies of
 # this project), from the project root:
@@ -3966,7 +3750,6 @@ def make_fixtures(coco_json):
 # the smallest and two runs give the same verdict. The teachers' key (fixtures/
 # exercise_answers.txt) is a reference coursework.py with the wrong answers the proof tests hand in.
 # =============================================================================================
-
 
 TIME_LIMIT = 60  # seconds for the import of a hand-in and for each exercise's calls
 JUDGE_LIMIT = 120  # seconds to judge one exercise's replies here (expected values cached first)
@@ -4231,7 +4014,6 @@ while True:  # requests and replies: 8 bytes of length, then torch.save's bytes
     reply.write(struct.pack("<Q", len(buf.getvalue())) + buf.getvalue())
 '''
 
-
 @contextlib.contextmanager
 def one_thread():
     """The expected values' tensors are tiny: one thread is faster than two on a busy 2-core box,
@@ -4243,10 +4025,8 @@ def one_thread():
     finally:
         torch.set_num_threads(n)
 
-
 class Wrong(Exception):
     """A verdict of failure, with its one line."""
-
 
 class Child:
     """One hand-in's child process. ask() sends a request and waits `limit` seconds for the
@@ -4324,13 +4104,11 @@ class Child:
             shutil.rmtree(self.tmp, ignore_errors=True)
         return code
 
-
 DATA_TAGS = {"torch.Tensor", "numpy.ndarray", "list", "tuple", "dict", "NoneType", "bool", "str",
              "int", "float"}
 REAL_DTYPES = {torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.complex64,
                torch.complex128, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64,
                torch.bool}  # complex: refused by array() with its own line
-
 
 def checked_reply(reply):
     """The child's reply if it is what the child's own code sends: the known keys, tagged plain
@@ -4409,7 +4187,6 @@ def checked_reply(reply):
                 raise ValueError("not a reply")
     return reply
 
-
 @contextlib.contextmanager
 def judging_limit(seconds):
     """Wrong after `seconds` of judging (in the main thread; elsewhere the reply's bounds only)."""
@@ -4427,11 +4204,9 @@ def judging_limit(seconds):
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, old)
 
-
 def printable(text):
     """text with every control character (escape sequences, line breaks) written as an escape."""
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
-
 
 # -- reading what the child returned: tagged plain data ---------------------------------------
 
@@ -4439,7 +4214,6 @@ def type_name(p):
     t = p["t"]
     return {"str": "a str", "NoneType": "None", "list": "a list", "tuple": "a tuple",
             "dict": "a dict", "int": "an int", "float": "a float"}.get(t, t)
-
 
 def number(p, what, integer=False):
     """A Python number from an int, float, NumPy scalar or one-element tensor."""
@@ -4451,7 +4225,6 @@ def number(p, what, integer=False):
     if integer and not (math.isfinite(v) and float(v).is_integer()):
         raise Wrong(f"{what} has a fraction part: it is a count, an int")
     return int(v) if integer else float(v)
-
 
 def array(p, what):
     """A float64 NumPy array from a tensor, an array or nested lists of numbers; a floating-point
@@ -4474,7 +4247,6 @@ def array(p, what):
         return np.array(float(v))
     raise Wrong(f"{what} is {type_name(p)}, not a float64 tensor or array")
 
-
 def items(p, what, n=None):
     """The plain elements of a list, tuple or 1-D tensor or array (of length n if given)."""
     t, v = p["t"], p.get("v")
@@ -4486,10 +4258,8 @@ def items(p, what, n=None):
         raise Wrong(f"{what} has {len(v)} elements, not {n}")
     return v
 
-
 def ints(p, what, n=None):
     return [number(x, what, integer=True) for x in items(p, what, n)]
-
 
 # -- the checks: inputs chosen here, expected values computed here ------------------------------
 
@@ -4501,21 +4271,17 @@ class Calls(NamedTuple):
     judge: Callable
     numpy: bool = False
 
-
 def seeded(seed, *shape):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed),
                        dtype=torch.float64)
-
 
 # Table 1's spatial modules at OS 8, A(3) and the fifth vortex, as (pools, kernels, dilations)
 EXERCISE_MODULES = [(m.pools, m.kernels, m.dilations) for m in (
     [vortex.table1_module(row, 1) for row in ("ASPP", "ASPP+", "A(5)", "A(9)", "A(13)", "Vortex")]
     + [ContextModule.module_a(1, 3)])] + [((1, 3, 9, 27, 81), (1, 3, 3, 3, 3), (1, 3, 9, 27, 81))]
 
-
 def footprint_size(module):
     return int(footprint(*module).sum())
-
 
 def check_exercise_1(p):
     u = number(p, "EXERCISE_1_U", integer=True)
@@ -4523,7 +4289,6 @@ def check_exercise_1(p):
         raise Wrong(f"u = {u} is not the number of distinct offsets in the union of A(13)'s 25 "
                     "windows of 13 x 13 on an unbounded map (an offset read by two overlapping "
                     "windows counts once; the borders play no part)")
-
 
 def check_exercise_2():
     sides = (1, 2, 3, 4, 5, 7, 9, 10, 13, 24)
@@ -4549,7 +4314,6 @@ def check_exercise_2():
                 f"{args[1]}")
     return Calls([(seeded(h * 100 + w, 1, 2, h, w), c) for h, w, c in cases], describe, judge)
 
-
 def check_exercise_3():
     sides = (1, 2, 3, 5, 12)
     cases = sorted(((pools, h, w, shift) for pools in [(1, 3), (5, 5, 5, 5), (1, 3, 9), (7,)]
@@ -4574,7 +4338,6 @@ def check_exercise_3():
         return f"a {args[0].shape[2]} x {args[0].shape[3]} float64 map, pools {args[1]}"
     return Calls([(seeded(h * 100 + w, 1, 2, h, w) + shift, pools)
                   for pools, h, w, shift in cases], describe, judge)
-
 
 def pooling_accuracy(task, pool, seed, steps=20, n=13, lr=0.03):
     """Test accuracy of a tiny ContextModule (5 x 5 pooling before a 1x1 and a 3x3 branch at
@@ -4609,7 +4372,6 @@ def pooling_accuracy(task, pool, seed, steps=20, n=13, lr=0.03):
     with torch.no_grad():
         return ((head(m(x))[..., 2:n - 2, 2:n - 7] > 0).float() == labels(x)).float().mean().item()
 
-
 @functools.lru_cache(maxsize=None)
 def pooling_evidence(seeds=5):
     """{task: (winner, wins, seeds, one-sided sign-test p)}: per seed, the pooling with the
@@ -4623,7 +4385,6 @@ def pooling_evidence(seeds=5):
             p = sum(math.comb(seeds, i) for i in range(best, seeds + 1)) / 2 ** seeds
             out[task] = ("avg" if wins > seeds - wins else "max", best, seeds, p)
     return out
-
 
 def check_exercise_3_winners(p):
     what = "EXERCISE_3_WINNERS"
@@ -4643,7 +4404,6 @@ def check_exercise_3_winners(p):
             raise Wrong(f"on the {task!r} cue {winners[task]['v']} pooling lost the paired sign "
                         f"test ({best} of {seeds} seeds, p = {p:.3f}): which pooled value equals "
                         "the cue?")
-
 
 def check_exercise_4():
     rng = random.Random(4)
@@ -4673,7 +4433,6 @@ def check_exercise_4():
     return Calls([([seeded(100 * i + r, n, 2, h, w) + 3 * r for r, n in enumerate(sizes)],)
                   for i, (sizes, h, w) in enumerate(cases)], describe, judge)
 
-
 @functools.lru_cache(maxsize=None)
 def theoretical_receptive_field():
     """Side of the input square that reaches one output pixel of ResNet(18, 8) in eval mode,
@@ -4694,7 +4453,6 @@ def theoretical_receptive_field():
     rows = np.nonzero(x.grad[0].abs().sum(0).amax(1).numpy())[0]
     return int(rows.max() - rows.min() + 1)
 
-
 def check_exercise_5(p):
     side = number(p, "EXERCISE_5_RF", integer=True)
     if side != theoretical_receptive_field():
@@ -4702,7 +4460,6 @@ def check_exercise_5(p):
                     "pixel of ResNet(18, 8) on 801 x 801 in eval mode (add (kernel - 1) x "
                     "dilation x the stride so far, layer by layer, max pooling included, with "
                     "each block's own rate)")
-
 
 def check_exercise_6():
     rng = random.Random(6)
@@ -4720,14 +4477,12 @@ def check_exercise_6():
                         f"worth {v}, so the offset {v} would have no single window")
     return Calls(cases, lambda a: f"v = {a[0]}, n = {a[1]}", judge)
 
-
 def check_exercise_6_side(p):
     side = number(p, "EXERCISE_6_SIDE", integer=True)
     grid = footprint(*EXERCISE_MODULES[-1])
     if not (grid.all() and side == grid.shape[0]):
         raise Wrong(f"the five-branch vortex does not tile a {side} x {side} square: its "
                     "largest windows are 81 wide, spaced 81 apart")
-
 
 def check_exercise_7():
     cases = sorted(((d, i) for i, m in enumerate(EXERCISE_MODULES)
@@ -4746,13 +4501,11 @@ def check_exercise_7():
     return Calls([(*EXERCISE_MODULES[i], d) for d, i in cases],
                  lambda a: f"the module {a[:3]} at Chebyshev distance {a[3]}", judge)
 
-
 @functools.lru_cache(maxsize=None)
 def utilization_at(module, h, w, i, j):
     with one_thread():
         m = ContextModule(1, *module, out_channels=2)
         return round(measured_utilization(m, h, w, pixel=(i, j)) * h * w)
-
 
 def check_exercise_8():
     modules = EXERCISE_MODULES[:-1] + [((1, 3), (3, 3), (2, 5)), ((1, 1, 3), (3, 3, 3), (1, 4, 7))]
@@ -4774,7 +4527,6 @@ def check_exercise_8():
         return f"pixel ({args[5]}, {args[6]}) of a {args[3]} x {args[4]} map, module {args[:3]}"
     return Calls([(*m, h, w, i, j) for m, h, w, i, j in cases], describe, judge)
 
-
 def check_exercise_9():
     def judge(args, value):
         (k,) = args
@@ -4783,11 +4535,9 @@ def check_exercise_9():
             raise Wrong(f"A({k}) does not read {got} distinct offsets on an unbounded map")
     return Calls([(k,) for k in range(1, 24, 2)], lambda a: f"k = {a[0]}", judge)
 
-
 def vortex_module_a(k):
     m = ContextModule.module_a(1, k)
     return m.pools, m.kernels, m.dilations
-
 
 @functools.lru_cache(maxsize=None)
 def smallest_full_module_a():
@@ -4795,14 +4545,12 @@ def smallest_full_module_a():
         return next(k for k in range(1, 66, 2) if measured_utilization(
             ContextModule.module_a(1, k, out_channels=2)) == 1)
 
-
 def check_exercise_9_smallest_k(p):
     k = number(p, "EXERCISE_9_SMALLEST_K", integer=True)
     if k != smallest_full_module_a():
         raise Wrong(f"A({k}) is not the first Module A that reads all 65 x 65 positions at the "
                     "centre pixel (measured_utilization == 1); think in two dimensions, not "
                     "along one axis")
-
 
 def check_exercise_10():
     def judge(args, value):
@@ -4824,7 +4572,6 @@ def check_exercise_10():
     cases = [(3, 2), (3, 3), (3, 4), (5, 2), (5, 3), (7, 2), (7, 3)]
     return Calls(cases, lambda a: f"b = {a[0]}, n = {a[1]}", judge)
 
-
 @functools.lru_cache(maxsize=None)
 def module_gradient(module, seed):
     pools, kernels, dilations = module
@@ -4839,7 +4586,6 @@ def module_gradient(module, seed):
                   for k, n, d, wt in zip(pools, kernels, dilations, weights))
         (grad,) = torch.autograd.grad(out, x)
     return weights, grad[0, 0].numpy()
-
 
 def check_exercise_10_gradient():
     cases = [(module, seed) for seed in (0, 1)
@@ -4859,7 +4605,6 @@ def check_exercise_10_gradient():
             raise Wrong(f"your gradient at offset {at}, "
                         f"{got[at[0] + side // 2, at[1] + side // 2]:.4g}, is not autograd's")
     return Calls(calls, lambda a: f"the module {a[:3]}", judge, numpy=True)
-
 
 EXERCISES = [  # (number, stub, the stub's parameters (None: a constant), check)
     (1, "EXERCISE_1_U", None, check_exercise_1),
@@ -4884,7 +4629,6 @@ for _n, _stub, _, _ in EXERCISES:
     _twins = [s for m, s, _, _ in EXERCISES if m == _n]
     SHORT[_stub] = f"{_n}{'ab'[_twins.index(_stub)] if len(_twins) > 1 else ''}"
 
-
 # -- reading the hand-in's source: which stubs are as shipped, which forbidden names it uses ----
 
 def pristine(node, params):
@@ -4904,7 +4648,6 @@ def pristine(node, params):
     exc = exc.func if isinstance(exc, ast.Call) and not exc.args else exc
     return isinstance(exc, ast.Name) and exc.id == "NotImplementedError" and not body[0].cause
 
-
 def words(node):
     """The names, attributes and imported modules of a statement, and its strings (not
     docstrings) that are a name or a dotted path ("_getframe", "os._exit"), not prose."""
@@ -4923,7 +4666,6 @@ def words(node):
               and re.fullmatch(r"\s*[\w.]+\s*", n.value)):
             out.update(n.value.strip().split("."))
     return out
-
 
 def read_handin(source):
     """({stub: "as shipped" | "edited" | "missing"}, {stub or None (the rest of the file): the
@@ -4947,7 +4689,6 @@ def read_handin(source):
             forbidden.setdefault(owner.get(id(node)), used[0])
     return states, forbidden
 
-
 # -- grading one hand-in -------------------------------------------------------------------------
 
 def clean(text, path):
@@ -4955,7 +4696,6 @@ def clean(text, path):
     text = text.replace(os.path.dirname(os.path.abspath(path)) + os.sep, "")
     text = re.sub(r"[^\s'\"]*handin-\w{8}" + re.escape(os.sep), "", text)  # the child's folder
     return re.sub(r"0x[0-9a-fA-F]+", "0x..", text)
-
 
 def verdict(n, stub, params, check, state, child, path, limit):
     """("passed" | "not attempted", the one line) of one exercise; raises Wrong if it fails."""
@@ -4982,7 +4722,6 @@ def verdict(n, stub, params, check, state, child, path, limit):
     with judging_limit(JUDGE_LIMIT):
         return judge_calls(stub, asked, calls, reply, state, todo, path)
 
-
 def judge_calls(stub, asked, calls, reply, state, todo, path):
     for args, result in zip(calls.args, reply["results"]):
         on = f"on {calls.describe(args)}"
@@ -5004,14 +4743,12 @@ def judge_calls(stub, asked, calls, reply, state, todo, path):
         raise Wrong(f"{asked} did not answer every call")
     return "passed", ""
 
-
 def grade_handin(path, limit=TIME_LIMIT):
     """{stub: (verdict, one line)} for the hand-in coursework.py at `path`. Its code runs only
     in a child process: one for the import and the exercises, a new one after a child that
     exits or hangs (that exercise fails). Deterministic: the same file, the same grades. Every
     control character of a line is shown escaped."""
     return {stub: (v, printable(reason)) for stub, (v, reason) in grades_of(path, limit).items()}
-
 
 def grades_of(path, limit):
     if not os.path.isfile(path):
@@ -5035,7 +4772,6 @@ def grades_of(path, limit):
             child[0].close()
     return every(grades["import"]) if "import" in grades else grades
 
-
 def graded(path, limit, states, forbidden, grades, holder):
     child = None
     for n, stub, params, check in EXERCISES:
@@ -5058,7 +4794,6 @@ def graded(path, limit, states, forbidden, grades, holder):
                 child.close()
                 child = holder[0] = None  # it is gone: the next exercise starts a new one
 
-
 def start_child(path, limit):
     child = Child(path)
     reply = child.ask({"load": child.path}, limit, "coursework.py's import")
@@ -5068,11 +4803,9 @@ def start_child(path, limit):
                     f"{clean(reply['message'], path)}")
     return child
 
-
 @functools.lru_cache(maxsize=None)
 def repository_grades():
     return grade_handin(os.path.join(HERE, "coursework.py"))
-
 
 @pytest.mark.exercises
 @pytest.mark.parametrize("stub", [s for _, s, _, _ in EXERCISES])
@@ -5083,7 +4816,6 @@ def test_exercise(stub):
         pytest.skip(reason)
     if verdict_ == "failed":
         pytest.fail(reason, pytrace=False)
-
 
 # -- grading a class: `python test_vortex.py grade HANDINS [--csv out.csv]` ----------------------
 
@@ -5117,7 +4849,6 @@ def grade_class(folder, csv_path=None, limit=TIME_LIMIT):
             csv.writer(f).writerows([("student", "exercise", "stub", "verdict", "reason")] + rows)
     return rows
 
-
 # -- proof: the checks pass the key, fail the wrong answers and every trick --------------------
 
 def teachers_key():
@@ -5126,7 +4857,6 @@ def teachers_key():
     blob = "".join(line for line in text.split("\n") if not line.startswith("#"))
     return zlib.decompress(base64.b64decode(blob)).decode()
 
-
 def handin(folder, name, source):
     os.makedirs(os.path.join(folder, name), exist_ok=True)
     path = os.path.join(folder, name, "coursework.py")
@@ -5134,12 +4864,10 @@ def handin(folder, name, source):
         f.write(source)
     return path
 
-
 def wrong_handin(j):
     """The key with every stub that has a j-th wrong answer (WRONG in the key) replaced by it."""
     return teachers_key() + ("\nglobals().update({s: list(w.values())[%d] for s, w in "
                              "WRONG.items() if len(w) > %d})\n" % (j, j))
-
 
 def test_coursework_is_the_stubs_and_nothing_else():
     """coursework.py as shipped: every stub, as shipped, and nothing else (no import)."""
@@ -5151,7 +4879,6 @@ def test_coursework_is_the_stubs_and_nothing_else():
     assert {n for n, _, _, _ in EXERCISES} == set(range(1, 11))
     assert len(source.splitlines()) <= 200
 
-
 def test_grading_the_untouched_coursework_says_not_attempted():
     """What `python -m pytest -m exercises` reports on a fresh clone: every exercise skipped."""
     grades = repository_grades()
@@ -5159,7 +4886,6 @@ def test_grading_the_untouched_coursework_says_not_attempted():
         todo = "set" if params is None else "write"
         assert grades[stub] == ("not attempted", f"exercise {n} not attempted: {todo} {stub} in "
                                                  "coursework.py")
-
 
 class Trusted:
     """The child's answering code (RUNNER_ANSWERS) run in this process on trusted answers, the
@@ -5177,7 +4903,6 @@ class Trusted:
             return torch.load(io.BytesIO(buf.getvalue()), weights_only=True)
         with one_thread():  # as in a child
             return checked_reply(roundtrip(self.answer(roundtrip(request), self.module)[0]))
-
 
 @pytest.mark.parametrize("kind", ["reference", "wrong-1", "wrong-2", "wrong-3", "wrong-4",
                                   "wrong-5", "variants"])
@@ -5213,7 +4938,6 @@ def test_the_checks_pass_the_key_and_fail_the_wrong_answers(kind):
             assert expect[stub] in reason and "\n" not in reason, (stub, reason)
             assert not any(re.search(rf"\b{s}\b", reason) for s in secrets), (stub, reason)
 
-
 PATH_TRICK = """
 import os
 
@@ -5236,7 +4960,6 @@ def exercise_9_module_a_u(k):
 def exercise_10_vortex(b, n):
     open(_P(os.path.join(ROOT, "PWNED.txt")), "w").write("x")
 """
-
 
 LYING_TYPES = """
 class Tensor:  # found by an attack: type tags built from a class's names
@@ -5324,7 +5047,6 @@ def exercise_10_gradient(pools, kernels, dilations, weights):
     raise RuntimeError(f"LEAK: {len(text)} bytes of the grader's environment")
 """
 
-
 TRICKS = {  # hand-in: (its code after the key's answers, the stubs it must fail, or all)
     "imports the grader": ("import test_vortex\ntest_vortex.grade = print\n", None),
     "imports the grader, hidden": ("__import__('test_' + 'vortex')\n", None),
@@ -5390,7 +5112,6 @@ def exercise_10_gradient(pools, kernels, dilations, weights):
         "exercise_9_module_a_u", "exercise_10_vortex", "exercise_10_gradient"]),
 }
 
-
 @pytest.mark.parametrize("trick", list(TRICKS))
 def test_a_handin_that_tries_a_trick_fails_every_exercise_it_touches(tmp_path, trick,
                                                                      monkeypatch):
@@ -5418,7 +5139,6 @@ def test_a_handin_that_tries_a_trick_fails_every_exercise_it_touches(tmp_path, t
     for name in ("graded.txt", "PWNED.txt"):  # what exercise_10_vortex tries to write
         leaked = os.path.join(HERE, name)
         assert not os.path.exists(leaked) or os.remove(leaked)
-
 
 FORGED_REPLIES = """
 import gc, io, os, struct, sys, time, types
@@ -5451,7 +5171,6 @@ def exercise_9_module_a_u(k):
     return int(vortex.footprint(m.pools, m.kernels, m.dilations).sum())
 """
 
-
 def test_a_forged_reply_is_refused_in_time(tmp_path):
     """A reply the child's code did not make (written to the pipe, or by a `plain` replaced
     through gc): refused in time, as not plain data, the child replaced; the rest graded."""
@@ -5468,7 +5187,6 @@ def test_a_forged_reply_is_refused_in_time(tmp_path):
             assert verdict_ == "passed", reason
         else:
             assert verdict_ == "not attempted", (stub, reason)
-
 
 def test_a_failure_line_gives_no_expected_value():
     """A wrong number is shown, and the input, never the value the check expected (exercises 4,
@@ -5499,7 +5217,6 @@ def test_a_failure_line_gives_no_expected_value():
                 shown = re.search(rf"(?<![\d.]){re.escape(text)}(?!\.?\d)", reason)
                 assert not text or not shown, (stub, text, reason)
 
-
 def test_grading_a_class_says_what_it_skips(tmp_path, capsys):
     """A file in the hand-ins' folder is named as skipped; a folder name with a line break or an
     escape sequence is shown on one line, its control characters escaped."""
@@ -5511,7 +5228,6 @@ def test_grading_a_class_says_what_it_skips(tmp_path, capsys):
     assert out.isprintable() or all(line.isprintable() for line in out.splitlines())
     assert "\x1b" not in out and len(out.splitlines()) == 4, out
     assert "notes.txt" in out and "skipped" in out, out
-
 
 def test_forbidden_names_are_names_not_words_of_prose():
     """`inspect` in an assertion's message is not a use of inspect; the name itself, or a string
@@ -5544,7 +5260,6 @@ def test_grading_a_class_prints_the_same_table_twice(tmp_path, capsys):
     assert len(table) == 5 + 14 and all(line.startswith("wrong ") for line in table[5:])
     assert len(runs[0][1].splitlines()) == 1 + 3 * 14
 
-
 def test_the_exercises_hand_out_no_answers():
     """exercises.md gives no answer and does not link the teachers' page (which has the rubric);
     every written question has a rubric entry there; the project modules know nothing of the
@@ -5562,7 +5277,6 @@ def test_the_exercises_hand_out_no_answers():
             assert re.search(rf"^\| {n} \|", rubric, re.M), f"no rubric for exercise {n}"
     for name in ("vortex", "data", "train", "eval", "infra", "experiments"):
         assert "exercise_answers" not in open(os.path.join(HERE, name + ".py")).read(), name
-
 
 # The commands of this file, run in the project's folder:
 #   python test_vortex.py grade HANDINS [--csv out.csv] [--time-limit S]   (teachers)
@@ -5584,7 +5298,6 @@ def main(argv=None):
         grade_class(args.handins, args.csv, args.time_limit)
     else:
         make_fixtures(args.coco)
-
 
 if __name__ == "__main__":
     main()

@@ -38,7 +38,6 @@ from vortex import DEPTHS, DeepLabV3
 # = 16"; 4.2: COCO "for 200,000 iterations". A flag given overrides the preset. The synthetic
 # preset is ours: a slim ResNet-18, minutes on a CPU, trained on whole images (crop = side,
 # scale <= 1): crops of enlarged images cut away the cues that decide its task.
-# ---------------------------------------------------------------------------------------------
 PAPER = dict(depth=101, base_channels=64, context_channels=256, output_stride=8, crop=513,
              scale=(0.5, 2.0), batch_size=16, iters=30000, lr=0.007, val_split="val",
              log_every=20, save_every=2000)
@@ -60,7 +59,6 @@ COMMON = dict(context="vortex", pool_k=5, multi_grid=(1, 2, 4), momentum=0.9, we
 # 0.007, and the learning rate is multiplied by (1 - iter / max_iter) ^ power at each iteration,
 # where power is set to 0.9. We train the model for 30,000 iterations." With SGD and momentum,
 # and cross-entropy ignoring 255 (void, borders, discarded objects), as in DeepLab v3.
-# ---------------------------------------------------------------------------------------------
 
 def poly_lr(base, it, max_it, power=0.9, warmup=0.0):
     """The poly policy; with `warmup` > 0 (the synthetic preset's, not the paper's: see
@@ -68,11 +66,9 @@ def poly_lr(base, it, max_it, power=0.9, warmup=0.0):
     ramp = min(1.0, (it + 1) / (warmup * max_it)) if warmup > 0 else 1.0
     return base * ramp * (1 - it / max_it) ** power
 
-
 def set_lr(optimizer, lr):
     for g in optimizer.param_groups:
         g["lr"] = lr
-
 
 def make_optimizer(model, cfg):
     """SGD with momentum; weight decay on the convolution weights only (dim > 1), as DeepLab
@@ -82,7 +78,6 @@ def make_optimizer(model, cfg):
           "weight_decay": cfg["weight_decay"]},
          {"params": [p for p in model.parameters() if p.dim() <= 1], "weight_decay": 0.0}],
         lr=cfg["lr"], momentum=cfg["momentum"])
-
 
 def loss_fn(logits, target):
     """Cross-entropy summed over the labelled pixels (255 ignored); train_step divides it."""
@@ -103,7 +98,6 @@ def loss_fn(logits, target):
 # backward: with g = dL/dxhat (L = every rank's loss) and means over all N values (one more
 # all_reduce), dL/dx = (g - mean(g) - xhat * mean(g * xhat)) / sqrt(s2 + eps). Every sum
 # carries its count, so uneven per-rank batches are fine; the running variance is unbiased.
-# ---------------------------------------------------------------------------------------------
 
 class _SyncNormalize(torch.autograd.Function):
     @staticmethod
@@ -132,7 +126,6 @@ class _SyncNormalize(torch.autograd.Function):
         dx = (g - mean_g[None, :, None, None] - xhat * mean_gx[None, :, None, None])
         return dx * invstd[None, :, None, None], None
 
-
 class SyncBatchNorm2d(nn.BatchNorm2d):
     """BatchNorm2d whose training statistics are those of the whole distributed batch (works on
     CPU/gloo and CUDA/NCCL). Not distributed, or in eval mode: exactly nn.BatchNorm2d."""
@@ -154,7 +147,6 @@ class SyncBatchNorm2d(nn.BatchNorm2d):
         return (xhat * self.weight[None, :, None, None] + self.bias[None, :, None, None]).to(
             x.dtype)
 
-
 def convert_sync_batchnorm(module):
     """Make every nn.BatchNorm2d in `module` a SyncBatchNorm2d, in place: the subclass adds no
     state, only its forward, so weights, statistics, device and mode stay. Returns the module."""
@@ -162,7 +154,6 @@ def convert_sync_batchnorm(module):
         if isinstance(m, nn.BatchNorm2d):
             m.__class__ = SyncBatchNorm2d
     return module
-
 
 def synchronise_batchnorm(model, choice, device, world):
     """--sync-bn: 'auto' = torch's fused SyncBatchNorm on CUDA, ours on CPU; 'off' = per-rank
@@ -185,7 +176,6 @@ def synchronise_batchnorm(model, choice, device, world):
 # fine-tune the model on official PASCAL VOC 2012 data." Each stage is a run that starts from the
 # last one's checkpoint (--init-from); --freeze-bn in the last stage is DeepLab v3's recipe
 # (the paper does not say): with a small batch of fine data, the statistics stay those learnt.
-# ---------------------------------------------------------------------------------------------
 
 def freeze_batchnorm(model):
     """Batch-norm statistics and affine parameters stay as they are; after every model.train()."""
@@ -197,7 +187,6 @@ def freeze_batchnorm(model):
 # ---------------------------------------------------------------------------------------------
 # One run, its state built once (torchrun: one process per GPU). What is not the paper's (the
 # output folder, a resume, the data order) is one named call into Part II.
-# ---------------------------------------------------------------------------------------------
 
 def setup(cfg):
     """Everything before the first step; a refusal on the way leaves nothing behind."""
@@ -247,7 +236,6 @@ def setup(cfg):
 # The loop (4.1): the poly learning rate set every iteration, then one step on a batch of
 # --batch-size images split over the ranks and --accum-steps micro-steps. The loop reads no
 # number back from the device: the host waits for it only at a sync point.
-# ---------------------------------------------------------------------------------------------
 
 def train(cfg):
     """Paper 4.1's training from the first step (or a checkpoint) to the final evaluation."""
@@ -264,7 +252,6 @@ def train(cfg):
                 if sync_point(run, it, losses, stop):  # Part II: progress, checkpoint, stop
                     return {"stopped_at": it, "checkpoint": run.ck_path}
         return finish(run, it)  # Part II: the final evaluation (paper 4.1: single scale)
-
 
 def train_step(run, batch):
     """One SGD step on this rank's micro-batches [(images, labels), ...] of one batch; the loss
@@ -306,11 +293,9 @@ def train_step(run, batch):
 # Starting or resuming a run. Checkpoints are plain dicts of tensors and numbers, read with
 # torch.load(weights_only=True). A resumed run must be the same experiment: every setting not
 # SETTINGS' `free` (the data too: the split list's content) equals the checkpoint's.
-# ---------------------------------------------------------------------------------------------
 
 RUN_OUTPUTS = ("checkpoint.pt", "log.jsonl", "eval.json", "predictions.png", "curves.png")
 EXIT_STOPPED = 3  # a graceful stop (signal): a checkpoint was saved, the run is not finished
-
 
 def start_or_resume(cfg, model, optimizer, scaler, train_set, device):
     """Rank 0 claims --out-dir (infra.Claim) and reads it; every rank then takes the weights
@@ -355,7 +340,6 @@ def start_or_resume(cfg, model, optimizer, scaler, train_set, device):
     infra.rank0_print(f"resumed {cfg['out_dir']} at iteration {state['iteration']}")
     return claim, state["iteration"], (state["epoch"], state["batch_in_epoch"])
 
-
 def take_weights(model, cfg):
     """--pretrained (torchvision files) or --init-from (our checkpoint of an earlier stage)."""
     if cfg["pretrained"]:
@@ -381,7 +365,6 @@ def take_weights(model, cfg):
             raise BadInput(f"--init-from {cfg['init_from']} does not fit this model: "
                            f"{str(e).splitlines()[1].strip()}") from None
         infra.rank0_print(f"initialised from {cfg['init_from']} (iteration {src['iteration']})")
-
 
 def check_out_dir(cfg, checkpoint_bytes):
     """Rank 0, --out-dir claimed: a new run or a resume (refused if it is another experiment
@@ -423,7 +406,6 @@ def check_out_dir(cfg, checkpoint_bytes):
     truncate_log(os.path.join(out, "log.jsonl"), ck["iteration"] if ck else 0)  # new run: new log
     return ck
 
-
 def save_checkpoint(run, it):
     position = advance(run.position, (it - run.iteration) * run.cfg["accum_steps"], run.per_epoch)
     ck = {"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
@@ -438,7 +420,6 @@ def save_checkpoint(run, it):
           "data_args": synthetic_args(run.cfg, "val_images")}
     infra.atomic_save(run.ck_path, lambda f: torch.save(ck, f))
     evaluation.log_figure(run.log_path, os.path.join(run.cfg["out_dir"], "curves.png"))
-
 
 def truncate_log(path, iteration):
     """Keep the log lines up to `iteration`: a killed run's tail and a torn last line go."""
@@ -455,7 +436,6 @@ def truncate_log(path, iteration):
 # The data: one stream of micro-batches, one loader for the whole run. Epoch e is a shuffle of
 # the dataset (DistributedSampler's, seeded by e) cut into this rank's micro-batches; the stream
 # starts anywhere and runs on across epochs: a resumed run sees the data it would have seen.
-# ---------------------------------------------------------------------------------------------
 
 class SampleOrder(torch.utils.data.Sampler):
     """(epoch, index) keys of this rank's samples, micro-batch after micro-batch, from `start`."""
@@ -473,17 +453,14 @@ class SampleOrder(torch.utils.data.Sampler):
                 yield epoch, i
             epoch, b = epoch + 1, 0
 
-
 def quiet_worker(_):
     """Ctrl-C (SIGINT to the whole process group) is the trainer's: it saves, then stops us."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-
 
 def advance(position, micro_batches, per_epoch):
     """(epoch, micro-batch in epoch) after `micro_batches` more."""
     n = position[0] * per_epoch + position[1] + micro_batches
     return n // per_epoch, n % per_epoch
-
 
 def data_stream(train_set, cfg, rank, world, micro, position, device):
     """This rank's micro-batches from `position` on, through one DataLoader for the run."""
@@ -498,7 +475,6 @@ def data_stream(train_set, cfg, rank, world, micro, position, device):
 
 # ---------------------------------------------------------------------------------------------
 # Around the loop: signals, sync points, progress lines, the end of a run.
-# ---------------------------------------------------------------------------------------------
 
 class guard(contextlib.AbstractContextManager):
     """The loop's surroundings: a line saying what runs; SIGINT/SIGTERM (and --stop-after) ask
@@ -547,11 +523,9 @@ class guard(contextlib.AbstractContextManager):
         self.run.batches = None  # shuts the loader workers down, before the process group goes
         self.run.claim.release()
 
-
 def sync_iteration(cfg, it):
     """The loop's sync points: a progress line, a checkpoint, the end."""
     return it % cfg["log_every"] == 0 or it % cfg["save_every"] == 0 or it == cfg["iters"]
-
 
 def sync_point(run, it, losses, stop):
     """The loop's one host synchronisation (one all_reduce, one copy): the mean loss over all
@@ -592,7 +566,6 @@ def sync_point(run, it, losses, stop):
                           f"continue with the same command plus --resume")
     return stops > 0
 
-
 def finish(run, it):
     """After the last step: the time taken, then (unless --no-eval) the final evaluation of the
     model that was saved: single scale, no flip (paper 4.1 for ablations), by eval.py."""
@@ -630,13 +603,11 @@ def finish(run, it):
 # ---------------------------------------------------------------------------------------------
 # The command line: a flag for every setting of COMMON, the presets and NO_PRESET; their help,
 # limits and checks (before any work) come from infra.SETTINGS.
-# ---------------------------------------------------------------------------------------------
 
 NO_PRESET = ("dataset", "data_root", "pretrained", "init_from", "resume", "out_dir", "amp",
              "device", "stop_after")
 FLAGS = tuple(k for k in infra.SETTINGS  # in SETTINGS' order, --help's
               if k in NO_PRESET or any(k in d for d in (COMMON, *PRESETS.values())))
-
 
 def parse_args(argv=None, prog=None):
     """train.py's configuration: COMMON, then the dataset's preset, then the flags given."""
@@ -666,7 +637,6 @@ def parse_args(argv=None, prog=None):
         cfg[k] = cfg[k] and os.path.abspath(cfg[k])
     return cfg
 
-
 def per_rank_images(cfg, world, device, n_images):
     """Images per rank and micro-step; refuses a batch that cannot train batch norm (and fp16
     without CUDA)."""
@@ -688,12 +658,10 @@ def per_rank_images(cfg, world, device, n_images):
                        f"per rank on {world} rank(s)")
     return int(per)
 
-
 def synthetic_args(cfg, count):
     """The synthetic dataset's size flags (count: 'num_images' or 'val_images'), else none."""
     return ({"num_images": cfg[count], "image_size": cfg["image_size"]}
             if cfg["dataset"] == "synthetic" else {})
-
 
 def main(argv=None):
     cfg = parse_args(argv)
@@ -709,7 +677,6 @@ def main(argv=None):
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-
 
 if __name__ == "__main__":
     infra.end(lambda: EXIT_STOPPED if "stopped_at" in (infra.cli(main) or {}) else 0)

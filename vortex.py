@@ -30,12 +30,10 @@ import torch.nn.functional as F
 # blocks in block4 of ResNet, Chen et al. [2017b] multiplied the dilation rate by (1, 2, 4)."
 # ResNet (He et al. 2016) with torchvision's module names and layout (README, departures), so
 # that its ImageNet checkpoints (e.g. resnet101-63fe2227.pth) load with no key surgery.
-# ---------------------------------------------------------------------------------------------
 
 def conv3x3(cin, cout, stride=1, dilation=1):
     # padding = dilation keeps the map size for a dilated 3x3 ("atrous") conv at stride 1.
     return nn.Conv2d(cin, cout, 3, stride=stride, padding=dilation, dilation=dilation, bias=False)
-
 
 class BasicBlock(nn.Module):
     """Two 3x3 convs (ResNet-18/34). Unlike torchvision's, it accepts dilation > 1 (both convs)."""
@@ -55,7 +53,6 @@ class BasicBlock(nn.Module):
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
         return self.relu(out + identity)
-
 
 class Bottleneck(nn.Module):
     """1x1 reduce, 3x3 (stride and dilation here, as torchvision's), 1x1 expand (ResNet-50+)."""
@@ -79,11 +76,9 @@ class Bottleneck(nn.Module):
         out = self.bn3(self.conv3(out))
         return self.relu(out + identity)
 
-
 DEPTHS = {18: (BasicBlock, (2, 2, 2, 2)), 34: (BasicBlock, (3, 4, 6, 3)),
           50: (Bottleneck, (3, 4, 6, 3)), 101: (Bottleneck, (3, 4, 23, 3)),
           152: (Bottleneck, (3, 8, 36, 3))}
-
 
 class ResNet(nn.Module):
     """ResNet feature extractor; forward returns the last feature map X of paper 3.1.
@@ -174,7 +169,6 @@ class ResNet(nn.Module):
 # repeated centres = 25 (the paper's footnote), r = 25/65^2; Module A(k): 25 k x k sub-regions,
 # r = 25 k^2/65^2 while disjoint; Vortex tiles 81 x 81, so r = 1 for h, w <= 81. Measured on a
 # real map (autograd), taps off the map read zero padding: r drops (ASPP's rate 36 at 65 x 65).
-# ---------------------------------------------------------------------------------------------
 
 def footprint(pools, kernels, dilations):
     """Boolean (2R+1) x (2R+1) array: offsets (relative to the centre) that feed one output."""
@@ -187,12 +181,10 @@ def footprint(pools, kernels, dilations):
         grid[np.ix_(idx, idx)] = True
     return grid
 
-
 def utilization_ratio(module, h=65, w=65):
     """Paper Eq. (1), analytic: r = min(u, h w) / (h w), u = |footprint| (see above)."""
     u = int(footprint(module.pools, module.kernels, module.dilations).sum())
     return min(u, h * w) / (h * w)
-
 
 def measured_utilization(module, h=65, w=65, pixel=None, return_map=False):
     """Eq. (1) measured on a real ContextModule: the fraction of the h x w input positions that
@@ -236,18 +228,15 @@ def measured_utilization(module, h=65, w=65, pixel=None, return_map=False):
 # The pooling, by definition: k x k windows at stride 1, the map's size kept; a window that
 # overhangs the map averages the pixels inside it (count_include_pad=False; README, departures).
 # The modules compute it with box_averages (Part II): tested equal, 3 to 20x faster on a CPU.
-# ---------------------------------------------------------------------------------------------
 
 def average_pool(x, k, count_include_pad=False):
     """3.3: the mean of each k x k square region of X around every descriptor (stride 1)."""
     return x if k == 1 else F.avg_pool2d(x, k, 1, k // 2, count_include_pad=count_include_pad)
 
-
 def conv_bn_relu(cin, cout, kernel=1, dilation=1):
     pad = dilation * (kernel // 2)  # keeps the map size
     return nn.Sequential(nn.Conv2d(cin, cout, kernel, padding=pad, dilation=dilation, bias=False),
                          nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
-
 
 class ContextModule(nn.Module):
     """Feature aggregation of paper 3.1-3.4: parallel (pool -> conv) branches + image pooling.
@@ -323,13 +312,11 @@ class ContextModule(nn.Module):
         """A control: the 1x1 and image-level branches (3.1) that every other module also has."""
         return cls(in_channels, (1,), (1,), (1,), name="image-level", **kw)
 
-
 # The --context names of train.py and of checkpoints -> constructors.
 CONSTRUCTORS = {"vortex": ContextModule.vortex, "aspp": ContextModule.aspp,
                 "aspp+": ContextModule.aspp_plus, "module_a": ContextModule.module_a,
                 "none": ContextModule.none, "image-level": ContextModule.image_level}
 CONTEXTS = tuple(CONSTRUCTORS)
-
 
 # Table 1, defined once (experiments.py's row lists read it; "none" and "image-level" are our
 # controls). A row: --context, Module A's k (--pool-k; 5 if no Module A), the paper's mIoU on
@@ -344,7 +331,6 @@ TABLE1 = {"none": Row("none", 5, None, None),
           "A(13)": Row("module_a", 13, 75.8, None),
           "Vortex": Row("vortex", 5, 76.6, "1 (h,w<=81)")}
 
-
 def make_context(context, in_channels, output_stride=8, pool_k=5, **kw):
     """A context module by its --context name (`pool_k` is Module A's k)."""
     if context not in CONSTRUCTORS:
@@ -352,7 +338,6 @@ def make_context(context, in_channels, output_stride=8, pool_k=5, **kw):
     if context == "module_a":
         kw["k"] = pool_k
     return CONSTRUCTORS[context](in_channels, output_stride=output_stride, **kw)
-
 
 def table1_module(row, in_channels, output_stride=8, **kw):
     """A row of TABLE1, by its name, as a ContextModule."""
@@ -366,7 +351,6 @@ def table1_module(row, in_channels, output_stride=8, **kw):
 # pooling ... Then a 1 x 1 convolution layer is applied to get the final prediction."
 # image -> ResNet (X) -> context module -> 1x1 conv classifier -> bilinear upsampling. No 3x3
 # conv + BN + ReLU before the classifier (torchvision's DeepLabHead has one, the paper does not).
-# ---------------------------------------------------------------------------------------------
 
 class DeepLabV3(nn.Module):
     """DeepLab v3 whose ASPP can be swapped for Module A or Vortex Pooling (Table 1).
@@ -415,10 +399,8 @@ class DeepLabV3(nn.Module):
 # 9: ONE cascade, on a zero-padded canvas, per channel block. Backward: a box sum is its own
 # adjoint, so the cascade's adjoint is the cascade reversed, adding the incoming gradients as it
 # goes (Horner): S3'g3 + S9'g9 + S27'g27 = T1(g3 + T3(g9 + T9(g27))).
-# ---------------------------------------------------------------------------------------------
 
 CPU_BLOCK_CHANNELS = 256  # 256 channels of a 91x91 float canvas ~ 8 MB: stays in the L3 cache
-
 
 def _step(a, taps, spacing, work):
     """One cascade level: a separable taps x taps sum ("valid" mode), along W into work[0], then
@@ -432,7 +414,6 @@ def _step(a, taps, spacing, work):
             out.add_(a.narrow(dim, j * spacing, shape[dim]))
         a = out
     return a
-
 
 def _plan(ref, ks, count_include_pad):
     """What both directions share:
@@ -469,7 +450,6 @@ def _plan(ref, ks, count_include_pad):
     canvas = ref.new_zeros((n, blocks[0][1], h + 2 * margin, w + 2 * margin), dtype=acc)
     work = (torch.empty_like(canvas).view(-1), torch.empty_like(canvas).view(-1))
     return steps, inv, blocks, canvas, work, margin
-
 
 class _BoxAverages(torch.autograd.Function):
     """The cascade for ks (> 1, a divisibility chain), per channel block, and its adjoint."""
@@ -508,7 +488,6 @@ class _BoxAverages(torch.autograd.Function):
             dx[:, c0:c1] = a  # margin is 0 here: a is exactly the map
         return dx, None, None
 
-
 def box_averages(x, ks, count_include_pad=False):
     """{k: k x k stride-1 average pooling of `x` (N, C, H, W)} for every k in `ks` (1: x itself),
     one cascade for the sizes > 1, which must divide one another (Vortex's 3, 9, 27). Equals
@@ -523,7 +502,6 @@ def box_averages(x, ks, count_include_pad=False):
         out.update(zip(big, _BoxAverages.apply(x, big, count_include_pad)))
     return out
 
-
 def keep_freed_memory():
     """Make glibc keep freed memory for reuse, as jemalloc and tcmalloc do (no mmap for large
     blocks, no heap trimming): by default it returns blocks of 32 MB or more (a 2048 x 65 x 65 map)
@@ -537,14 +515,12 @@ def keep_freed_memory():
     except (OSError, AttributeError):
         return False
 
-
 def _torchvision_aspp_name(key):
     """torchvision DeepLabHead ASPP key (after 'classifier.0.') -> our ContextModule key."""
     parts = key.split(".")
     if parts[:2] == ["convs", "4"]:  # ASPPPooling: 0 is the pool, 1 conv, 2 BN
         return ".".join(["image_pool", str(int(parts[2]) - 1)] + parts[3:])
     return key.replace("convs.", "branches.", 1)  # project.0 (conv), .1 (BN) keep their names
-
 
 def _check_and_load(target, tensors, path, what):
     """Load `tensors` into `target` strictly, or raise one error listing every problem."""
@@ -564,7 +540,6 @@ def _check_and_load(target, tensors, path, what):
                      "deeplabv3_resnet*_coco checkpoint)")
         raise ValueError("\n".join(lines))
     target.load_state_dict(tensors, strict=True)
-
 
 def load_backbone_weights(module, sd, path="the weights", verbose=True):
     """Load a torchvision state dict `sd` (read from the local file `path` by infra.load_pretrained;
