@@ -70,9 +70,8 @@ class Pairs(torch.utils.data.Dataset):
         return self.transform(*self.load(index), np.random.default_rng([self.seed, epoch, index]))
 
 class VOCSegmentation(Pairs):
-    """PASCAL VOC 2012 segmentation: `root` is the VOC2012 folder, `split` a list name under
-    ImageSets/Segmentation ('train_aug' reads SegmentationClassAug, made by prepare-sbd). Every
-    listed file is checked now, so a broken tree fails at once, not hours into training."""
+    """PASCAL VOC 2012: `root` is the VOC2012 folder, `split` a list under ImageSets/Segmentation.
+    Every listed file is checked now, so a broken tree fails at once, not hours into training."""
 
     def __init__(self, root, split, transform=None, seed=0, num_classes=21):
         self.root, self.split, self.seed, self.num_classes = root, split, seed, num_classes
@@ -178,10 +177,8 @@ class EvalTransform:
 # ---------------------------------------------------------------------------------------------
 # MS-COCO -> VOC classes (paper 4.2: "we treat the categories which are not defined in PASCAL
 # VOC 2012 as background and discard the objects which are smaller than 1000 pixels").
-# Where the paper is silent (docs/data.md): a discarded object is marked 255, ignored by the loss
-# (painted as background it would teach that small cars and people are background); crowd
-# regions count as their class; objects are painted largest first, so a smaller one (in COCO
-# usually the one in front) lies on top; polygons are rasterised exactly as pycocotools does.
+# Where the paper is silent (docs/data.md, why): a discarded object is marked 255 (ignored), crowd
+# regions count as their class, objects are painted largest first (a smaller one lies on top).
 
 COCO_TO_VOC = {"airplane": "aeroplane", "bicycle": "bicycle", "bird": "bird", "boat": "boat",
                "bottle": "bottle", "bus": "bus", "car": "car", "cat": "cat", "chair": "chair",
@@ -190,9 +187,8 @@ COCO_TO_VOC = {"airplane": "aeroplane", "bicycle": "bicycle", "bird": "bird", "b
                "sheep": "sheep", "couch": "sofa", "train": "train", "tv": "tvmonitor"}
 
 def coco_voc_mask(anns, h, w, cat_to_voc, min_pixels=1000):
-    """Index mask of one image's annotations, checked (prepare_coco): VOC objects of at least
-    min_pixels as their class, smaller ones 255; None without a VOC object that large (the
-    image teaches nothing about the 20 classes)."""
+    """Index mask of one image's checked annotations: VOC objects of at least min_pixels as their
+    class, smaller ones 255; None without a VOC object that large (nothing to learn)."""
     objs = []
     for ann in anns:
         if ann["category_id"] in cat_to_voc:
@@ -208,9 +204,8 @@ def coco_voc_mask(anns, h, w, cat_to_voc, min_pixels=1000):
 
 def get_dataset(name, split, root=None, train=False, crop=513, scale=(0.5, 2.0), seed=0,
                 num_images=512, image_size=128):
-    """A dataset by name (one of infra.DATASETS: the settings gate checked it), as train.py and
-    eval.py use them. `train` picks the augmentation. Synthetic: split 'train' and 'val' are
-    different images (different seeds)."""
+    """A dataset by name (infra.DATASETS), for train.py and eval.py; `train` picks the augmentation.
+    Synthetic: split 'train' and 'val' are different images (different seeds)."""
     transform = TrainTransform(crop, scale) if train else EvalTransform()
     if name == "synthetic":
         if split not in ("train", "val"):
@@ -244,13 +239,11 @@ def _read_picture(path, what, read):
     except (OSError, SyntaxError, ValueError) as e:  # a permission, a truncated file...
         if isinstance(e, BadInput):
             raise
-        raise BadInput(f"cannot read {what} {path}: {getattr(e, 'strerror', None) or e}") \
-            from None
+        raise BadInput(f"cannot read {what} {path}: {getattr(e, 'strerror', None) or e}") from None
 
 def read_image(path, orientation=False):
-    """RGB uint8 array (H, W, 3); 16-bit images scaled to 8 bits (Pillow's convert would clip
-    them to white). `orientation` applies the EXIF orientation, as every viewer shows a phone
-    photo (for single images; dataset images are used as stored)."""
+    """RGB uint8 (H, W, 3); 16-bit images scaled to 8 bits (Pillow's convert would clip them to
+    white). `orientation` applies the EXIF one (single images; datasets are used as stored)."""
     def read(im):
         w, h = im.size
         if w * h > MAX_IMAGE_PIXELS:
@@ -266,9 +259,8 @@ def read_image(path, orientation=False):
     return _read_picture(path, "image", read)
 
 def read_mask(path, num_classes=21):
-    """Class-index mask (H, W) uint8 from a palette ('P') PNG (VOC's SegmentationClass: indices
-    0..20, 255 = void, with a palette to draw them) or a grayscale ('L') one (SegmentationClassAug).
-    RGB colours are refused: mapping colours back to classes is how label errors creep in."""
+    """Class-index mask (H, W) uint8 from a palette ('P') or grayscale ('L') PNG. RGB colours are
+    refused: mapping colours back to classes is how label errors creep in."""
     mode, arr = _read_picture(path, "mask", lambda im: (im.mode, np.asarray(im)))
     if mode not in ("P", "L"):
         why = ("it looks rendered to colours, which cannot be trusted as labels"
@@ -360,9 +352,8 @@ def render_synthetic(seed, index, size=128):
     return np.clip(img, 0, 255).astype(np.uint8), lab
 
 class SyntheticContext(Pairs):
-    """The built-in dataset (no files): `num_images` images of side `size` (an int, or a
-    (min, max) range drawn per image), generated from (seed, index). Classes: background, water,
-    wheel, bike, fish; bike and fish look identical up close (see render_synthetic)."""
+    """The built-in dataset (no files): `num_images` images of side `size` (an int, or a (min,
+    max) range drawn per image), from (seed, index); bike and fish look alike up close."""
     classes, palette = SYNTHETIC_CLASSES, SYNTHETIC_PALETTE
     context_classes, num_classes = SYNTHETIC_CONTEXT_CLASSES, len(SYNTHETIC_CLASSES)
 
@@ -383,8 +374,7 @@ class SyntheticContext(Pairs):
 # SBD -> train_aug: the converter (train_aug_ids in Part I says which images).
 
 def sbd_mat_to_mask(path, loadmat):
-    """Class-index mask (H, W) uint8 from an SBD cls/<id>.mat file (GTcls.Segmentation), read
-    with scipy.io's loadmat."""
+    """Class-index mask (H, W) uint8 from an SBD cls/<id>.mat file (GTcls.Segmentation)."""
     try:
         gt = loadmat(path, squeeze_me=True, struct_as_record=False)["GTcls"]
         seg = np.asarray(gt.Segmentation)
@@ -398,10 +388,9 @@ def sbd_mat_to_mask(path, loadmat):
     return seg.astype(np.uint8)
 
 def prepare_sbd(sbd, voc, overwrite=False, log=print):
-    """Write VOC2012/SegmentationClassAug/<id>.png for every train_aug id, and
-    VOC2012/ImageSets/Segmentation/train_aug.txt. VOC's own mask is used where VOC train has one
-    (it is finer and marks object borders 255); SBD's otherwise. Existing PNGs are kept, so an
-    interrupted run resumes. Returns the counts."""
+    """Write SegmentationClassAug/<id>.png for every train_aug id and its list, in `voc`. VOC's own
+    mask where VOC train has one (finer, object borders 255), else SBD's. Existing PNGs are kept
+    (an interrupted run resumes). Returns the counts."""
     try:  # before anything is written
         from scipy.io import loadmat
     except ImportError:
@@ -561,8 +550,7 @@ def annotation_problem(ann, h, w):
     return None
 
 def image_problem(img):
-    """What is wrong with one COCO image record (a short phrase), or None. Its size is checked
-    before a mask of that size is made."""
+    """What is wrong with one COCO image record (a short phrase), or None."""
     if not isinstance(img, dict):
         return f"not a record: {shown(img, 40)}"
     missing = [k for k in ("id", "file_name", "height", "width") if k not in img]
@@ -616,11 +604,9 @@ def _read_coco(annotations, images, skip):
 
 def prepare_coco(annotations, images, out, split=None, min_pixels=1000, log=print,
                  strict=False, overwrite=False):
-    """Write out/SegmentationClass/<name>.png (VOC palette), out/JPEGImages/<name>.jpg (links to
-    the COCO images) and out/ImageSets/Segmentation/<split>.txt, for VOCSegmentation(out, split).
-    A broken annotation or image record is named and skipped (counted at the end), or stops
-    everything with `strict`. Masks of an interrupted run with the same settings are kept; other
-    settings need `overwrite`. Returns the counts."""
+    """Write out/SegmentationClass/<name>.png, out/JPEGImages/<name>.jpg (links) and
+    out/ImageSets/Segmentation/<split>.txt, for VOCSegmentation(out, split); a broken record is
+    skipped (or stops all with `strict`); a rerun keeps its masks (docs/data.md)."""
     skipped, written, no_voc, missing, stems = [], [], 0, [], {}
 
     def skip(what, problem, strictly=None):  # name it and go on, or stop with `strict`
@@ -691,7 +677,6 @@ def prepare_coco(annotations, images, out, split=None, min_pixels=1000, log=prin
 # Command line.
 
 def parser():
-    """The command line (--help explains every flag)."""
     p = Parser(description="Dataset preparation for Vortex Pooling (paper 4.1, 4.2).")
     sub = p.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("prepare-sbd", help="VOC train_aug (10,582 images) from the SBD release")

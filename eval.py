@@ -149,8 +149,7 @@ def main(argv=None):
         ck = infra.read_checkpoint(args.checkpoint)
         model = infra.model_from_checkpoint(ck, args.checkpoint, context=args.context,
                                             depth=args.depth).to(device).eval()
-        command = predict_images if args.image else evaluate_checkpoint
-        return command(model, ck, args, device)
+        return (predict_images if args.image else evaluate_checkpoint)(model, ck, args, device)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -32,8 +32,7 @@ class ExistingOutput(BadInput, FileExistsError):
     """An output exists and is not overwritten without being asked (--force / --overwrite)."""
 
 def cli(main):
-    """Run a command's main(): BadInput becomes 'error: ...' on stderr and exit code 2; Ctrl-C
-    one line and exit code 130 (every file is written whole, so what was written is kept)."""
+    """main(), with BadInput as 'error: ...' and exit code 2, Ctrl-C as one line and code 130."""
     try:
         return main()
     except KeyboardInterrupt:
@@ -152,15 +151,13 @@ def allowed_text(name):
             "name": "a plain file name (no folder part)"}.get(s.kind, "text")
 
 def add_flags(parser, names, default=None, required=(), **helps):
-    """argparse flags for `names` (default None: unset, so that a preset or a checkpoint fills
-    it in), their help SETTINGS' or what `helps` says the flag means to this command;
-    check_settings checks their values."""
+    """argparse flags for `names`, unset by default (a preset or a checkpoint fills them in),
+    their help SETTINGS' or `helps`' (what the flag means to this command)."""
     for name in names:
         s, flag = SETTINGS[name], "--" + name.replace("_", "-")
         text = helps.get(name, s.help)
         if s.kind is bool:
-            parser.add_argument(flag, action="store_const", const=True, default=default,
-                                help=text)
+            parser.add_argument(flag, action="store_const", const=True, default=default, help=text)
             continue
         text = f"{text} [{allowed_text(name)}]" if isinstance(s.allowed, tuple) else text
         kind = s.kind if s.kind in (int, float) and name != "multi_grid" else str  # 'none' too
@@ -239,9 +236,8 @@ def resume_differences(saved, cfg):
 # =============================================================================================
 
 def read_weights(path):
-    """torch.load(weights_only=True), errors naming the file. Every tensor must be dense, real,
-    not on 'meta'; floating ones finite in float32 (the dtype the model runs in: 1e300 in
-    float64 is inf there); batch norm's running_var >= 0."""
+    """torch.load(weights_only=True), errors naming the file; every tensor dense, real, finite in
+    float32 (the dtype the model runs in: 1e300 in float64 is inf there), running_var >= 0."""
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
@@ -459,11 +455,10 @@ def _lock(lock_path, what):
 
 class Claim:
     """The outputs of one command, claimed before any work: `outputs` are (flag, path, kind),
-    kind 'folder' or the file name endings its format allows. Refused in one line, leaving
-    nothing behind: an output related to an input, a folder where a file is meant or the
-    reverse, a bad name, one another command holds, an existing file without `force`. Each is
-    locked (a folder by its .lock, a file by .<name>.lock beside it) until release(); `rank0`:
-    rank 0 alone claims (the others hold nothing), and a refusal reaches every rank."""
+    kind 'folder' or the file name endings its format allows. Each is checked (name, inputs,
+    kind, in use, exists without `force`: one line, nothing left behind) and locked (a folder by
+    its .lock, a file by .<name>.lock beside it) until release(); `rank0`: rank 0 alone claims,
+    and a refusal reaches every rank."""
 
     def __init__(self, what, outputs, inputs=(), force=False,
                  hint="pass --force to overwrite, or choose another name", rank0=False):
@@ -513,8 +508,7 @@ class Claim:
             raise
 
     def release(self, remove=False):
-        """Let go of the outputs (lock files are removed; with `remove`, after a refused start,
-        also the folders the claim made, when empty)."""
+        """Remove the locks; with `remove` (a refused start) also the folders made, if empty."""
         for fd, lock in reversed(self.held):
             os.unlink(lock)  # only the holder removes it, before letting go
             fcntl.flock(fd, fcntl.LOCK_UN)
@@ -587,17 +581,15 @@ def atomic_save(out, write):
 
 def write_failure(error, folder, written):
     """Why a write failed, in words: no space, the file-size limit, or the system's message."""
-    free = shutil.disk_usage(folder).free
-    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
-    so_far = f"it stopped after {written / 2 ** 20:.1f} MB"
-    if getattr(error, "errno", None) == errno.EFBIG or (limit != resource.RLIM_INFINITY
-                                                          and written >= limit):
+    code, free = getattr(error, "errno", None), shutil.disk_usage(folder).free
+    limit, so_far = resource.getrlimit(resource.RLIMIT_FSIZE)[0], written / 2 ** 20
+    if code == errno.EFBIG or written >= limit != resource.RLIM_INFINITY:
         return (f"file too large: the file-size limit (ulimit -f) is {limit / 2 ** 20:.1f} MB "
-                f"and {so_far}")
-    if getattr(error, "errno", None) == errno.ENOSPC or free < 2 ** 20 + written // 100:
-        return f"no space left on the device ({so_far}; {free / 2 ** 20:.0f} MB free there)"
-    first = (str(getattr(error, "strerror", None) or error).strip().splitlines() or ["?"])[0]
-    return f"{first} ({so_far}; {free / 2 ** 20:.0f} MB free there)"
+                f"and it stopped after {so_far:.1f} MB")
+    why = (str(getattr(error, "strerror", None) or error).strip().splitlines() or ["?"])[0]
+    if code == errno.ENOSPC or free < 2 ** 20 + written // 100:
+        why = "no space left on the device"
+    return f"{why} (it stopped after {so_far:.1f} MB; {free / 2 ** 20:.0f} MB free there)"
 
 def write_json(out, obj):
     """Strict JSON, atomically: NaN and infinities (a class absent from both prediction and
@@ -642,8 +634,7 @@ def read_text(p, what, limit=64 * 2 ** 20):
                        f"{e.start}); save it as UTF-8") from None
 
 def parse_json(text, strict=True):
-    """(value, None), or (None, why `text` is not JSON: one line); `strict`: NaN and Infinity,
-    which are not JSON, are refused."""
+    """(value, None), or (None, why `text` is not JSON); `strict` refuses NaN, Infinity."""
     def refuse(name):
         raise ValueError(f"{name} is not a JSON number")
     try:
@@ -665,9 +656,8 @@ def read_record(p, fields=None, hint="delete it to make it again"):
         rec, why = parse_json(read_text(p, "record", 16 * 2 ** 20))
     except BadInput as e:  # too large, not UTF-8...
         rec, why = None, str(e)
-    bad = [k for k, types in (fields or {}).items() if isinstance(rec, dict)
-           and (not isinstance(rec.get(k, ()), types) or type(rec.get(k)) is bool
-                and bool not in (types if isinstance(types, tuple) else (types,)))]
+    bad = [k for k, types in (fields or {}).items() if isinstance(rec, dict) and  # True is no int
+           type(rec.get(k, ())) not in (types if isinstance(types, tuple) else (types,))]
     why = f"field {bad[0]!r} is missing or wrong" if bad else why or "not a dict"
     if not isinstance(rec, dict) or bad:
         raise BadInput(f"{p} is not a record that can be read ({why}); {hint}")
@@ -736,8 +726,7 @@ def progress(what, done, total, t0, log=print):
 
 def pick_device(device_arg, local_rank=0):
     """--device: None (CUDA when visible, else CPU), 'cpu', 'cuda' or 'cuda:N'."""
-    if device_arg is None:
-        device_arg = "cuda" if torch.cuda.is_available() else "cpu"
+    device_arg = device_arg or ("cuda" if torch.cuda.is_available() else "cpu")
     if device_arg == "cpu":
         return torch.device("cpu")
     if device_arg != "cuda" and not (device_arg.startswith("cuda:") and device_arg[5:].isdigit()):
@@ -772,10 +761,6 @@ def setup_distributed(device_arg, deterministic=False, fixed_sizes=True):
 def rank0_print(*a, **k):
     if not dist.is_initialized() or dist.get_rank() == 0:
         print(*a, **k, flush=True)
-
-def from_rank0(obj):
-    """rank 0's (small, picklable) object on every rank."""
-    return on_rank0(lambda: obj)
 
 def on_rank0(fn, *args):
     """fn(*args) on rank 0 alone; its (small) result, or its BadInput, on every rank."""

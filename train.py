@@ -90,14 +90,12 @@ def loss_fn(logits, target):
 # the global expectation and variance computed on the whole batch. We then determine to use the
 # synchronized batch normalization layer ... to synchronize the statistics such as mean and
 # variance across multiple GPUs."
-# Ours is the derivation from primitives and runs on CPU (gloo); on CUDA, --sync-bn auto uses
-# torch.nn.SyncBatchNorm, the same mathematics fused (docs/gpu.md). Per channel, over the N
-# values x of all ranks: mu = sum(x) / N, then s2 = sum((x - mu)^2) / N, two all_reduces (one
-# of sum x and sum x^2 would cancel catastrophically in float32 when |mean| >> std);
-# y = gamma * xhat + beta, xhat = (x - mu) / sqrt(s2 + eps). Only xhat needs a hand-written
-# backward: with g = dL/dxhat (L = every rank's loss) and means over all N values (one more
-# all_reduce), dL/dx = (g - mean(g) - xhat * mean(g * xhat)) / sqrt(s2 + eps). Every sum
-# carries its count, so uneven per-rank batches are fine; the running variance is unbiased.
+# Ours, derived from primitives, runs on CPU (gloo); on CUDA, --sync-bn auto uses torch's, fused
+# (docs/gpu.md). Per channel, over the N values x of all ranks: mu = sum(x) / N, then s2 =
+# sum((x - mu)^2) / N, two all_reduces (sum x and sum x^2 at once would cancel in float32 when
+# |mean| >> std); xhat = (x - mu) / sqrt(s2 + eps). Its backward, with g = dL/dxhat and means
+# over all N (one more all_reduce): dL/dx = (g - mean(g) - xhat * mean(g * xhat)) / sqrt(s2 +
+# eps). Every sum carries its count, so uneven per-rank batches are fine.
 
 class _SyncNormalize(torch.autograd.Function):
     @staticmethod
@@ -156,8 +154,7 @@ def convert_sync_batchnorm(module):
     return module
 
 def synchronise_batchnorm(model, choice, device, world):
-    """--sync-bn: 'auto' = torch's fused SyncBatchNorm on CUDA, ours on CPU; 'off' = per-rank
-    statistics. Returns what was done."""
+    """--sync-bn: 'auto' = torch's SyncBatchNorm on CUDA, ours on CPU. Returns what was done."""
     if world == 1 or choice == "off":
         return "off (one rank)" if world == 1 else "off"
     if choice == "auto":
@@ -185,8 +182,8 @@ def freeze_batchnorm(model):
 
 
 # ---------------------------------------------------------------------------------------------
-# One run, its state built once (torchrun: one process per GPU). What is not the paper's (the
-# output folder, a resume, the data order) is one named call into Part II.
+# One run, its state built once (torchrun: one process per GPU); what is not the paper's (the
+# output folder, a resume, the data order) is a call into Part II.
 
 def setup(cfg):
     """Everything before the first step; a refusal on the way leaves nothing behind."""
@@ -254,10 +251,9 @@ def train(cfg):
         return finish(run, it)  # Part II: the final evaluation (paper 4.1: single scale)
 
 def train_step(run, batch):
-    """One SGD step on this rank's micro-batches [(images, labels), ...] of one batch; the loss
-    is summed over the labelled pixels and divided by their count in the WHOLE batch (at least
-    1; docs/troubleshooting.md). DDP averages the ranks' gradients while the sum is wanted, hence
-    `* run.world`. Returns this rank's share of the batch's mean loss, on the device."""
+    """One SGD step on this rank's micro-batches of one batch: the loss summed over the labelled
+    pixels, divided by their count in the WHOLE batch; DDP averages the ranks' gradients while
+    the sum is wanted, hence `* run.world`. Returns this rank's share of the batch's mean loss."""
     batch = [(x.to(run.device, non_blocking=True), t.to(run.device, non_blocking=True))
              for x, t in batch]
     labelled = sum((t != data.IGNORE).sum() for _, t in batch).double()
@@ -298,9 +294,8 @@ RUN_OUTPUTS = ("checkpoint.pt", "log.jsonl", "eval.json", "predictions.png", "cu
 EXIT_STOPPED = 3  # a graceful stop (signal): a checkpoint was saved, the run is not finished
 
 def start_or_resume(cfg, model, optimizer, scaler, train_set, device):
-    """Rank 0 claims --out-dir (infra.Claim) and reads it; every rank then takes the weights
-    (--pretrained, --init-from) or rank 0's checkpoint. Returns (claim, iteration, (epoch,
-    micro-batch in epoch)); a refusal on any rank undoes the claim."""
+    """Rank 0 claims and reads --out-dir; every rank takes the weights or rank 0's checkpoint.
+    Returns (claim, iteration, (epoch, micro-batch)); a refusal on any rank undoes the claim."""
     if getattr(train_set, "split", None) is not None:  # the data is part of the run
         cfg["split_sha256"] = infra.file_digest(os.path.join(
             train_set.root, "ImageSets", "Segmentation", train_set.split + ".txt"))
@@ -367,8 +362,7 @@ def take_weights(model, cfg):
         infra.rank0_print(f"initialised from {cfg['init_from']} (iteration {src['iteration']})")
 
 def check_out_dir(cfg, checkpoint_bytes):
-    """Rank 0, --out-dir claimed: a new run or a resume (refused if it is another experiment
-    or has nothing left to do); --out-dir can take the checkpoints. Returns the checkpoint."""
+    """Rank 0, --out-dir claimed: a new run or a resume (else refused). Returns the checkpoint."""
     out = cfg["out_dir"]
     ck_path = os.path.join(out, "checkpoint.pt")
     exists = os.path.exists(ck_path)
@@ -477,9 +471,8 @@ def data_stream(train_set, cfg, rank, world, micro, position, device):
 # Around the loop: signals, sync points, progress lines, the end of a run.
 
 class guard(contextlib.AbstractContextManager):
-    """The loop's surroundings: a line saying what runs; SIGINT/SIGTERM (and --stop-after) ask
-    for a save and stop at the next sync point, a second one (or one during the final
-    evaluation) stops at once, exit code 130 (docs/troubleshooting.md). Releases the claim."""
+    """SIGINT/SIGTERM (and --stop-after) ask for a save and stop at the next sync point, a second
+    one (or one during the final evaluation) stops at once (docs/troubleshooting.md)."""
 
     def __init__(self, run):
         self.run, self.it, self.name = run, run.iteration, None
@@ -528,9 +521,8 @@ def sync_iteration(cfg, it):
     return it % cfg["log_every"] == 0 or it % cfg["save_every"] == 0 or it == cfg["iters"]
 
 def sync_point(run, it, losses, stop):
-    """The loop's one host synchronisation (one all_reduce, one copy): the mean loss over all
-    ranks, whether any rank was asked to stop, whether the weights are finite; then a progress
-    line, a line of log.jsonl, a checkpoint when one is due. Returns whether to stop."""
+    """The loop's one host synchronisation (one all_reduce, one copy): the mean loss, a stop
+    asked on any rank, finite weights; then the progress lines, a checkpoint. Returns: stop?"""
     cfg = run.cfg
     finite = torch.stack([p.detach().isfinite().all() for p in run.model.parameters()]).all()
     flags = torch.stack([losses, torch.tensor(float(stop.name is not None), device=run.device),
@@ -567,8 +559,7 @@ def sync_point(run, it, losses, stop):
     return stops > 0
 
 def finish(run, it):
-    """After the last step: the time taken, then (unless --no-eval) the final evaluation of the
-    model that was saved: single scale, no flip (paper 4.1 for ablations), by eval.py."""
+    """The time taken, then (unless --no-eval) the saved model's evaluation: single scale (4.1)."""
     run.batches = None  # shuts the loader workers down
     took = time.time() - run.t0
     infra.rank0_print(f"trained {it - run.iteration} iterations in {took / 60:.1f} min; "
@@ -601,8 +592,7 @@ def finish(run, it):
 
 
 # ---------------------------------------------------------------------------------------------
-# The command line: a flag for every setting of COMMON, the presets and NO_PRESET; their help,
-# limits and checks (before any work) come from infra.SETTINGS.
+# The command line: a flag for every setting of COMMON, the presets and NO_PRESET (infra.SETTINGS).
 
 NO_PRESET = ("dataset", "data_root", "pretrained", "init_from", "resume", "out_dir", "amp",
              "device", "stop_after")
@@ -638,8 +628,7 @@ def parse_args(argv=None, prog=None):
     return cfg
 
 def per_rank_images(cfg, world, device, n_images):
-    """Images per rank and micro-step; refuses a batch that cannot train batch norm (and fp16
-    without CUDA)."""
+    """Images per rank and micro-step; refuses a batch that cannot train batch norm."""
     if cfg["amp"] == "fp16" and device.type != "cuda":
         raise BadInput("--amp fp16 needs CUDA; use --amp bf16 on CPU")
     per, accum = cfg["batch_size"] / (world * cfg["accum_steps"]), cfg["accum_steps"]

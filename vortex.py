@@ -83,11 +83,10 @@ DEPTHS = {18: (BasicBlock, (2, 2, 2, 2)), 34: (BasicBlock, (3, 4, 6, 3)),
 class ResNet(nn.Module):
     """ResNet feature extractor; forward returns the last feature map X of paper 3.1.
 
-    Output stride (4.1): the stem, layer1 and layer2 reduce the image 8x. A stride-2 stage that
-    would pass `output_stride` runs at stride 1 and dilates its 3x3 convs instead, so every
-    filter sees the pixels it was trained on: the strided conv keeps its rate r (a stride-2 conv
-    is a stride-1 conv, then subsampling), every later conv needs 2r (TF-slim's stack_blocks_dense,
-    torchvision's replace_stride_with_dilation). Per-block rates of the 3x3 convs (ResNet-50+):
+    Output stride (4.1): a stride-2 stage that would pass `output_stride` runs at stride 1 and
+    dilates instead, so every filter sees the pixels it was trained on: the strided conv keeps its
+    rate r (a stride-2 conv is a stride-1 conv, then subsampling), every later conv needs 2r
+    (torchvision's replace_stride_with_dilation). Per-block rates of the 3x3 convs (ResNet-50+):
 
         output     layer3                 layer4, multi_grid=None   layer4, multi_grid=(1, 2, 4)
         stride     (first, rest)          (torchvision's geometry)  (paper 4.1, the default)
@@ -95,9 +94,8 @@ class ResNet(nn.Module):
         16         stride 2: 1, 1         stride 1: 1, 2, 2         2, 4, 8
          8         stride 1: 1, 2         stride 1: 2, 4, 4         4, 8, 16
 
-    Multi-grid (4.1, after DeepLab v3): block i of layer4 uses the stage's rate (4 at OS 8) x
-    multi_grid[i]: 4, 8, 16 (mmsegmentation uses the entries as the rates). `multi_grid=None` is
-    torchvision's dilated ResNet exactly (tested). `base_channels` (64 as standard) scales widths.
+    Multi-grid (4.1, after DeepLab v3): block i of layer4 uses the stage's rate x multi_grid[i]
+    (mmsegmentation uses the entries as the rates). `multi_grid=None`: torchvision's, exactly.
     """
 
     def __init__(self, depth=101, output_stride=8, multi_grid=(1, 2, 4), base_channels=64):
@@ -164,11 +162,9 @@ class ResNet(nn.Module):
 # the utilization ratio as follows: r = u / (hw) (1) where u is the number of descriptors we
 # used to aggregate each new descriptor." Counted over a module's branches (pools k, kernels n,
 # dilations d), not its image-level branch, which sees everything (the paper leaves it out too).
-# Analytic: u = the union of the branches' footprints on an unbounded map; along each axis a
-# branch reads the offsets { d t + o : |t| <= n // 2, |o| <= k // 2 }. ASPP: 1 + 3*9 taps - 3
-# repeated centres = 25 (the paper's footnote), r = 25/65^2; Module A(k): 25 k x k sub-regions,
-# r = 25 k^2/65^2 while disjoint; Vortex tiles 81 x 81, so r = 1 for h, w <= 81. Measured on a
-# real map (autograd), taps off the map read zero padding: r drops (ASPP's rate 36 at 65 x 65).
+# Analytic: u = the union of the branches' footprints on an unbounded map. ASPP: 1 + 3*9 taps - 3
+# repeated centres = 25 (the paper's footnote); Vortex tiles 81 x 81, so r = 1 for h, w <= 81.
+# Measured on a real map (autograd), taps off the map read zero padding: r drops.
 
 def footprint(pools, kernels, dilations):
     """Boolean (2R+1) x (2R+1) array: offsets (relative to the centre) that feed one output."""
@@ -187,10 +183,9 @@ def utilization_ratio(module, h=65, w=65):
     return min(u, h * w) / (h * w)
 
 def measured_utilization(module, h=65, w=65, pixel=None, return_map=False):
-    """Eq. (1) measured on a real ContextModule: the fraction of the h x w input positions that
-    change the branches' output at `pixel` (default: the centre), by autograd through the
-    module's pooling and convolutions (not BN and ReLU: per-pixel, and a ReLU that is off would
-    hide a dependency). With return_map, also that (h, w) boolean map (Fig. 3, from the module)."""
+    """Eq. (1) on a real ContextModule: the fraction of the h x w inputs that change the branches'
+    output at `pixel` (default: the centre), by autograd through pooling and convolutions (not BN
+    and ReLU: an inactive ReLU would hide a dependency). return_map: also that map (Fig. 3)."""
     i, j = pixel if pixel is not None else (h // 2, w // 2)
     x = torch.randn(1, module.branches[0][0].in_channels, h, w, dtype=torch.float64,
                     requires_grad=True)
@@ -225,9 +220,8 @@ def measured_utilization(module, h=65, w=65, pixel=None, return_map=False):
 #     Module B (Vortex)  1, 3, 9, 27       1, 3, 3, 3       1, 3, 9, 27              3.4, Fig. 3b
 # Plus DeepLab v3's image-level branch (3.1, in forward) and a 1x1 projection (Fig. 4 (ii)). Module
 # A's 25 sub-regions (3.3) are the 1x1 branch's one plus 3 x 8 off-centre taps: A(1) is ASPP.
-# The pooling, by definition: k x k windows at stride 1, the map's size kept; a window that
-# overhangs the map averages the pixels inside it (count_include_pad=False; README, departures).
-# The modules compute it with box_averages (Part II): tested equal, 3 to 20x faster on a CPU.
+# The pooling: k x k windows at stride 1, size kept, averaging only the pixels on the map
+# (count_include_pad=False; README); computed by box_averages (Part II), tested equal, faster.
 
 def average_pool(x, k, count_include_pad=False):
     """3.3: the mean of each k x k square region of X around every descriptor (stride 1)."""
@@ -241,7 +235,6 @@ def conv_bn_relu(cin, cout, kernel=1, dilation=1):
 class ContextModule(nn.Module):
     """Feature aggregation of paper 3.1-3.4: parallel (pool -> conv) branches + image pooling.
 
-    Built with the named constructors below (Table 1's rows). Output: (N, out_channels, h, w).
     State-dict names: branches.i.{0: conv, 1: bn}, image_pool.{0, 1}, project.{0, 1}.
     """
 
@@ -355,10 +348,9 @@ def table1_module(row, in_channels, output_stride=8, **kw):
 class DeepLabV3(nn.Module):
     """DeepLab v3 whose ASPP can be swapped for Module A or Vortex Pooling (Table 1).
 
-    `context` in CONTEXTS; `pool_k` is Module A's k. Forward returns logits (N, classes, H, W)
-    at the input's size, for any H, W. `DeepLabV3(21, 101, "aspp", multi_grid=None)` has the
-    geometry of torchvision's `deeplabv3_resnet101` (the same ASPP output on the same weights);
-    the paper's model (the default) adds multi-grid (1, 2, 4) in layer4 (see ResNet).
+    `context` in CONTEXTS; `pool_k` is Module A's k. Forward: logits at the input's size.
+    `DeepLabV3(21, 101, "aspp", multi_grid=None)` has torchvision's `deeplabv3_resnet101` geometry
+    (the same ASPP output on the same weights); the paper's model adds multi-grid (the default).
     """
 
     def __init__(self, num_classes, depth=101, context="vortex", output_stride=8, pool_k=5,
@@ -393,12 +385,11 @@ class DeepLabV3(nn.Module):
 
 # ---------------------------------------------------------------------------------------------
 # box_averages: average_pool (Part I) for several k at once, exact and fast (avg_pool2d's k^2
-# adds a pixel make Vortex's pooling cost 3x ASPP's four convolutions on a CPU). (a) A k x k box
-# sum is a k-tap sum along W, then along H; (b) an (a*b)-tap sum is an a-tap sum, then a b-tap
-# sum with taps a apart. So 9x9 = 3x3, then 3x3 taps dilated 3; 27x27 = 9x9, then 3x3 dilated
-# 9: ONE cascade, on a zero-padded canvas, per channel block. Backward: a box sum is its own
-# adjoint, so the cascade's adjoint is the cascade reversed, adding the incoming gradients as it
-# goes (Horner): S3'g3 + S9'g9 + S27'g27 = T1(g3 + T3(g9 + T9(g27))).
+# adds a pixel make Vortex's pooling cost 3x ASPP's convolutions on a CPU). A box sum is separable
+# (along W, then H), and an (a*b)-tap sum is an a-tap sum, then a b-tap sum with taps a apart:
+# 27x27 = 9x9, then 3x3 dilated 9; ONE cascade, on a zero-padded canvas (README). Backward: a box
+# sum is its own adjoint, so the cascade's adjoint is the cascade reversed, adding the incoming
+# gradients as it goes (Horner): S3'g3 + S9'g9 + S27'g27 = T1(g3 + T3(g9 + T9(g27))).
 
 CPU_BLOCK_CHANNELS = 256  # 256 channels of a 91x91 float canvas ~ 8 MB: stays in the L3 cache
 
@@ -416,13 +407,10 @@ def _step(a, taps, spacing, work):
     return a
 
 def _plan(ref, ks, count_include_pad):
-    """What both directions share:
-      steps (taps, spacing, reach): box sums of the sizes in `ks` (odd, increasing, each dividing
-        the next: 3 | 9 | 27) one after another, a step per prime factor of k / k_prev; after a
-        step, sums of size taps * spacing on a canvas `reach` pixels smaller on every side;
-      inv: 1 / (number of pixels averaged) for every k; blocks: of channels (cache-sized on CPU);
-      canvas, work: for one block, a zero canvas `margin` (the largest radius) wider than the
-        map on every side and two scratch buffers of its size."""
+    """What both directions share: steps (taps, spacing, reach), a step per prime factor of
+    k / k_prev (ks odd, each dividing the next), each leaving sums of size taps * spacing on a
+    canvas `reach` pixels smaller a side; inv: 1 / (pixels averaged) per k; blocks of channels;
+    a zero canvas `margin` (the largest radius) wider than the map a side, two scratch buffers."""
     steps, done = [], 1
     for k in ks:
         if k % 2 == 0 or k < 1:
@@ -503,10 +491,9 @@ def box_averages(x, ks, count_include_pad=False):
     return out
 
 def keep_freed_memory():
-    """Make glibc keep freed memory for reuse, as jemalloc and tcmalloc do (no mmap for large
-    blocks, no heap trimming): by default it returns blocks of 32 MB or more (a 2048 x 65 x 65 map)
-    to the system and page-faults each new one in again (the cost: README, "Fast, exact average
-    pooling"). Process-wide, inherited by loader workers; False (nothing done) if not glibc."""
+    """Make glibc keep freed memory for reuse (no mmap for large blocks, no heap trimming), not
+    page-fault every large map in again (README, "Fast, exact average pooling"). Process-wide,
+    inherited by loader workers; False (nothing done) if not glibc."""
     try:
         libc = ctypes.CDLL("libc.so.6")
         m_trim_threshold, m_mmap_max = -1, -4  # glibc's mallopt parameter numbers
@@ -542,11 +529,10 @@ def _check_and_load(target, tensors, path, what):
     target.load_state_dict(tensors, strict=True)
 
 def load_backbone_weights(module, sd, path="the weights", verbose=True):
-    """Load a torchvision state dict `sd` (read from the local file `path` by infra.load_pretrained;
-    docs/gpu.md) into a ResNet or a DeepLabV3: an ImageNet ResNet's (our keys plus fc.*) or a
-    deeplabv3_resnet*_coco-* checkpoint's (the paper's first stage, 4.2; its ASPP fits "aspp").
-    Returns {"loaded": [keys], "skipped": [keys]}, keys named as in the file, and prints a
-    summary when verbose; a ValueError lists every key that does not fit."""
+    """Load a torchvision state dict `sd` (read from `path` by infra.load_pretrained) into a ResNet
+    or a DeepLabV3: an ImageNet ResNet's (our keys plus fc.*) or a deeplabv3_resnet*_coco-*
+    checkpoint's (4.2's first stage; its ASPP fits "aspp"). Returns {"loaded", "skipped"} (the
+    file's keys); a ValueError lists every key that does not fit."""
     backbone = module.backbone if hasattr(module, "backbone") else module
     context = getattr(module, "context", None)
     segmentation = any(k.startswith("backbone.") for k in sd)  # else an ImageNet classifier
