@@ -137,7 +137,6 @@ def bench_modules(reps=5, model_reps=2):
 
 def bench_inference(reps=2):
     """Seconds per 500x375 image, 1 vs 6 scales + flip, against the pixel ratio 2 sum(s^2)."""
-    torch.manual_seed(0)
     model, image = DeepLabV3(21, 101, "vortex").eval(), torch.randn(3, 375, 500)
     t = best_times({"single": lambda: predict(model, image),
                     "multi": lambda: predict(model, image, evaluation.PAPER_SCALES, True)},
@@ -182,7 +181,6 @@ def bench_training(device_arg=None):
     device = infra.pick_device(device_arg)
     cuda = device.type == "cuda"
     torch.backends.cudnn.benchmark = True
-    torch.manual_seed(0)
     models = {c: DeepLabV3(21, 101, c).to(device) for c in ("vortex", "aspp")}
     opts = {c: torch.optim.SGD(m.parameters(), lr=1e-4, momentum=0.9) for c, m in models.items()}
     crop, warmup, steps = (513, 3, 10) if cuda else (321, 1, 3)
@@ -192,7 +190,6 @@ def bench_training(device_arg=None):
         f"{warmup} warm-up, torch {torch.__version__}")
     print(f"{'batch':>5} {'precision':9} {'layout':13} {'Vortex img/s':>12} {'peak GiB':>8} "
           f"{'ASPP img/s':>10} {'peak GiB':>8} {'Vortex/ASPP time':>16}")
-    rows = []
     for batch in (2, 4, 8) if cuda else (2,):
         for dtype, name in ((torch.float32, "fp32"), (torch.bfloat16, "bf16"))[:1 + cuda]:
             for layout in ("NCHW", "channels-last"):
@@ -203,8 +200,6 @@ def bench_training(device_arg=None):
                 ratio = f"{r['aspp'][0] / r['vortex'][0]:16.3f}" if all(r.values()) else "-"
                 print(f"{batch:5d} {name:9} {layout:13} {cells[0]} {cells[1]:>19} {ratio:>16}",
                       flush=True)
-                rows.append((batch, name, layout, r))
-    return rows
 
 def _steps(model, opt, batch, crop, dtype, layout, warmup, steps):
     """(images/s, peak GiB or NaN on the CPU) at one configuration; None: out of memory."""
@@ -519,10 +514,9 @@ def bands(top):
     return tuple((lo, min(hi, top)) for lo, hi in BANDS if lo <= top)
 
 class QueryHead(nn.Module):
-    """A row of CONTEXT_ROWS as the project's own ContextModule and a 1x1 classifier, run at
-    the query pixels of N maps from their taps (N, T, c1) and image means (N, c1), laid side by
-    side as one N x 1 map: every layer is the module's own (a convolution at a pixel is its
-    weight dotted with the taps it reads; batch norm over the N pixels, as over a map's)."""
+    """A row of CONTEXT_ROWS (the project's own ContextModule) and a 1x1 classifier at the query
+    pixels of N maps, from their taps (N, T, c1) and image means (N, c1), side by side as one
+    N x 1 map: a convolution at a pixel is its weight dotted with the taps it reads."""
 
     def __init__(self, row, seed=0, width=16):
         super().__init__()
@@ -584,9 +578,8 @@ def probe(fit, test, by="distance", image_level=True):
     return scores(correct.numpy(), test)
 
 def vmapped(heads):
-    """Heads trained at once, their weights stacked: (params, buffers, base whose train()/eval()
-    sets the mode, forward: vmap over functional_call of the QueryHead, each head on its own
-    batch with its own weights, batch norm and dropout draws)."""
+    """Heads trained at once: (stacked params, buffers, a base whose train()/eval() sets the mode,
+    forward: each head on its own batch, weights, batch norm and dropout draws)."""
     p, b = torch.func.stack_module_state(heads)
     base = copy.deepcopy(heads[0]).to("meta")
 
@@ -619,7 +612,6 @@ def _stacked_data(sets, models):
             torch.cat([t[2] for t in tr]), rows)
 
 def accuracy(head, s):
-    """scores() of one head in eval mode on samples s."""
     with torch.no_grad():
         return scores((head.eval()(s[0], s[1]).argmax(1) == s[2]).numpy(), s)
 
@@ -683,9 +675,8 @@ def context_data(distractor, seed, per):
     return out
 
 def context_experiment(cfg, seeds):
-    """Every chosen setting x CONTEXT_ROWS x seeds (a seed draws layouts, noise and weights),
-    a row that has not converged again with twice the iterations; a record per (setting, row,
-    iterations), read back when there; the tables, a figure per setting."""
+    """Every chosen setting x CONTEXT_ROWS x seeds, a row not converged again with twice the
+    iterations; a record per (setting, row, iterations), read back when there; tables, figures."""
     out, t0 = cfg["out_dir"], time.time()
     per = dict(PER_DISTANCE, train=cfg["train_layouts"])
     key = json.loads(json.dumps(dict(
@@ -703,9 +694,9 @@ def context_experiment(cfg, seeds):
             recs.update({row: read_back(path[row], config, RECORD) for row in todo})
             pending = [row for row in todo if recs[row] is None]
             if pending:
-                if cache.get("for") != (distractor, seeds):  # layouts serve a condition's settings
-                    cache = {"for": (distractor, seeds), "data": [
-                        context_data(distractor, s, per) for s in range(seeds)]}
+                if cache.get("for") != distractor:  # layouts serve a condition's settings
+                    cache = {"for": distractor, "data": [context_data(distractor, s, per)
+                                                         for s in range(seeds)]}
                 codes = context_codes(CONTEXT_CHANNELS, bg)
                 sets = {(r, s): {split: twins(parts[r], lay, sigma, codes)
                                  for split, (lay, parts) in cache["data"][s].items()}
@@ -872,9 +863,8 @@ def _context_panel(name, colour, res, coverage, size=(300, 200)):
         f"{np.nanmean(res[row]['trained'].mean(0)[1:]):.1f}" for row in rows) + "%",
         fill=(0, 0, 0))
     for row, width, grey in zip(rows, (2, 1), ((0, 0, 0), (150, 150, 150))):
-        lines = ((res[row]["probe"]["band"].mean(0), grey, 1), (res[row]["trained"].mean(0),
-                                                                colour, width))
-        for acc, fill, w in lines:
+        for acc, fill, w in ((res[row]["probe"]["band"].mean(0), grey, 1),
+                             (res[row]["trained"].mean(0), colour, width)):
             for d in range(1, n):  # a line from d to d + 1; NaN (not scored) leaves a gap
                 if not (math.isnan(acc[d]) or math.isnan(acc[d + 1])):
                     draw.line([centres[d - 1], y(acc[d]), centres[d], y(acc[d + 1])], fill=fill,
@@ -886,20 +876,18 @@ def context_figure(results, setting, out):
     """One setting, a panel per module of Table 1; results {row: record_arrays(...)}."""
     panels = [_context_panel(name, colour, results, ring_coverage(table1_module(name, 8)))
               for name, colour in zip(TABLE1, CONTEXT_COLOURS)]
-    rows = [np.pad(hstack(panels[i:i + 4], 6), ((0, 6), (0, 0), (0, 0)), constant_values=255)
-            for i in range(0, len(panels), 4)]
-    return infra.save_picture(out, np.concatenate([caption(
+    rows = [hstack(panels[i:i + 4], 6) for i in range(0, len(panels), 4)]
+    return infra.save_picture(out, hstack([caption(
         rows[0].shape[1], f"{setting}: accuracy (%) reading the class of a 3x3 cue at distance d "
         "(descriptors) from the query pixel of a 65x65 map; chance 50; blank: d not scored.",
         "Colour: the module trained, mean over seeds (thick); thin: the same without its "
         "image-level branch. Black / grey: the band probe, with / without the branch.",
         "Grey bars: share of the positions at distance d that its footprint reads (Fig. 3; "
-        "full = all). Title: mean over d, trained with / without the branch.")] + rows, 0))
+        "full = all). Title: mean over d, trained with / without the branch.")] + rows, 6, 0))
 
 # ==== 5. PICTURES OF THE DATA ===============================================================
 
 def _with_legend(out, pictures, gap, names, palette):
-    """Pictures side by side over a legend of the classes `names`, written to `out`."""
     grid = hstack(pictures, gap)
     return infra.save_picture(out, np.concatenate([grid, legend(
         grid.shape[1], names, palette, range(len(names)))], 0))
@@ -949,9 +937,8 @@ COMMANDS = {  # command: what it does (its line in --help)
     "context": "Table 1's question at the paper's geometry: how well each module reads a cue "
                "1..40 descriptors from a pixel of a 65x65 map (docs/experiments.md)",
     "erf": "effective receptive fields of train.py checkpoints (a module's are averaged)"}
-# Every argument: (commands, flag, default (...: required), what it means there, argparse
-# extras). A setting of the project takes its type and range from infra.SETTINGS (a value one
-# command accepts, every command accepts); this script's own numbers take theirs from OWN.
+# Every argument: (commands, flag, default (...: required), its help, argparse extras); type and
+# range from infra.SETTINGS (accepted by one command, by all) or, this script's own, from OWN.
 OWN = {"size": (1, 1024), "reps": (1, 1000), "n": (1, 10 ** 6), "erf_images": (1, 10 ** 5),
        "images": (1, 10 ** 5), "max_iters": (1, 10 ** 8), "train_layouts": (1, 10 ** 5),
        "tolerance": (0.001, 10)}
@@ -970,23 +957,18 @@ ARGS = (
     ("bench", "-n", 300, "loader: samples to time"),
     ("bench erf", "--device", None, infra.SETTINGS["device"].help + " (bench: training)"),
     ("ablation", "--erf-images", 32, "validation images averaged in --out-dir/erf.png"),
-    ("ablation context", "--seeds", ..., "seeds per row; a seed draws the data (context) and "
-                                         "the initialisation"),
+    ("ablation context", "--seeds", ..., "seeds per row; a seed draws weights (context: data too)"),
     ("context", "--iters", 9600, "iterations of a row's first run"),
-    ("context", "--max-iters", 38400, "a row that has not converged runs again with twice the "
-                                      "iterations, up to this"),
-    ("context", "--tolerance", 1.0, "converged: every band moved by less than this many points "
-                                    "over a run's last doubling of iterations"),
-    ("context", "--train-layouts", None, f"training layouts per distance, each with its twin "
-     f"(default {PER_DISTANCE['train']}; the test keeps {PER_DISTANCE['test']})"),
+    ("context", "--max-iters", 38400, "a row not converged runs again, twice as long, up to this"),
+    ("context", "--tolerance", 1.0, "converged: bands moved < this many points in a last doubling"),
+    ("context", "--train-layouts", PER_DISTANCE["train"], "layouts per distance, each with a twin"),
     ("context", "--batch-size", 512, "query pixels per batch"),
     ("context", "--lr", 0.003, "Adam's"),
     ("context", "--context-channels", 16, "the modules' width"),
-    ("context", "--settings", None, "run only these of " + ", ".join(setting_file(x[0]) for x in
-                                                                      SETTINGS) + " (default all)",
+    ("context", "--settings", None, "run only these of %(choices)s (default all)",
      dict(nargs="+", choices=[setting_file(x[0]) for x in SETTINGS], metavar="SETTING")),
-    ("context", "--out-dir", os.path.join("runs", "context-distance"), "records, table.txt and "
-                "the figures; the same command again continues there"),
+    ("context", "--out-dir", os.path.join("runs", "context-distance"),
+     "records, table.txt and the figures; the same command again continues there"),
     ("erf", "--images", 32, "validation images per checkpoint"),
     ("erf", "--data-root", None, "the data the checkpoints were trained on, if not theirs"))
 
@@ -999,7 +981,7 @@ def _argument(parser, flag, default, text, extra=None):
         action.default, action.required = default, default is ...
     else:
         lo, hi = OWN.get(name, (None, None))
-        kind = (int if default is None else type(default)) if lo is not None else str
+        kind = type(default) if name in OWN else str
         allowed = lo is not None and f"{'a whole number' if kind is int else 'a number'} in " \
             f"{lo}..{hi}"
         action = parser.add_argument(flag, type=kind, default=default, **(extra or {}))
@@ -1029,12 +1011,11 @@ def parse(argv=None):
             raise BadInput(f"--max-iters {args.max_iters}: must be at least --iters {args.iters}")
         return args, dict({k: getattr(args, k) for k in (
             "iters", "max_iters", "tolerance", "batch_size", "lr", "context_channels",
-            "out_dir")}, power=0.9, train_layouts=args.train_layouts or PER_DISTANCE["train"],
+            "out_dir", "train_layouts")}, power=0.9,
             settings=args.settings or [setting_file(x[0]) for x in SETTINGS])
-    if args.cmd == "ablation":
-        out = [] if any(a == "--out-dir" or a.startswith("--out-dir=") for a in rest) else \
-            ["--out-dir", os.path.join("runs", "ablation")]
-        return args, train.parse_args(rest + out, prog="experiments.py ablation")
+    if args.cmd == "ablation":  # its --out-dir's default first: one given later wins
+        return args, train.parse_args(["--out-dir", os.path.join("runs", "ablation")] + rest,
+                                      prog="experiments.py ablation")
     return args, None
 
 def main(argv=None):
