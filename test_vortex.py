@@ -170,7 +170,16 @@ SQUARE = [[2, 2, 38, 2, 38, 38, 2, 38]]  # 36 x 36 = 1296 px
 def _spawn(fn, world, *args):
     """Run fn(rank, world, init_file, *args) in `world` gloo processes."""
     init = tempfile_path()
-    mp.spawn(fn, args=(world, init) + args, nprocs=world, join=True)
+    mp.spawn(_spawned, args=(fn, world, init) + args, nprocs=world, join=True)
+
+def _spawned(rank, fn, *args):
+    """fn, then the process ends without the interpreter's teardown, where gloo's threads can
+    abort (SIGABRT, 'terminate called without an active exception'): as infra.end does under
+    torchrun. An exception still ends the process the usual way, so that mp.spawn reports it."""
+    fn(rank, *args)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 def tempfile_path():
     fd, path = tempfile.mkstemp(prefix="gloo-")
