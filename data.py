@@ -65,6 +65,9 @@ class Pairs(torch.utils.data.Dataset):
     def set_epoch(self, epoch):
         self.epoch = epoch
 
+    def __len__(self):
+        return len(self.ids)
+
     def __getitem__(self, key):
         epoch, index = key if isinstance(key, tuple) else (self.epoch, key)
         return self.transform(*self.load(index), np.random.default_rng([self.seed, epoch, index]))
@@ -103,9 +106,6 @@ class VOCSegmentation(Pairs):
             if missing:
                 raise MissingInput(f"{len(missing)} {kind}(s) listed in {list_file} do not "
                                    f"exist, e.g. " + ", ".join(missing[:3]))
-
-    def __len__(self):
-        return len(self.ids)
 
     def load(self, index):
         """The raw (image uint8 HxWx3, mask uint8 HxW) pair, checked."""
@@ -204,8 +204,7 @@ def coco_voc_mask(anns, h, w, cat_to_voc, min_pixels=1000):
 
 def get_dataset(name, split, root=None, train=False, crop=513, scale=(0.5, 2.0), seed=0,
                 num_images=512, image_size=128):
-    """A dataset by name (infra.DATASETS), for train.py and eval.py; `train` picks the augmentation.
-    Synthetic: split 'train' and 'val' are different images (different seeds)."""
+    """A dataset by name (infra.DATASETS); `train` picks augmentation; synthetic val: own seed."""
     transform = TrainTransform(crop, scale) if train else EvalTransform()
     if name == "synthetic":
         if split not in ("train", "val"):
@@ -352,21 +351,17 @@ def render_synthetic(seed, index, size=128):
     return np.clip(img, 0, 255).astype(np.uint8), lab
 
 class SyntheticContext(Pairs):
-    """The built-in dataset (no files): `num_images` images of side `size` (an int, or a (min,
-    max) range drawn per image), from (seed, index); bike and fish look alike up close."""
+    """The built-in dataset: `num_images` images of side `size` (int, or (min, max) per image)."""
     classes, palette = SYNTHETIC_CLASSES, SYNTHETIC_PALETTE
     context_classes, num_classes = SYNTHETIC_CONTEXT_CLASSES, len(SYNTHETIC_CLASSES)
 
     def __init__(self, num_images=512, size=128, seed=0, transform=None):
-        self.num_images, self.size, self.seed = num_images, size, seed
+        self.ids, self.size, self.seed = range(num_images), size, seed
         self.transform = transform if transform is not None else EvalTransform()
 
-    def __len__(self):
-        return self.num_images
-
     def load(self, index):
-        if not 0 <= index < self.num_images:
-            raise IndexError(f"index {index} out of range for {self.num_images} images")
+        if not 0 <= index < len(self.ids):
+            raise IndexError(f"index {index} out of range for {len(self.ids)} images")
         return render_synthetic(self.seed, index, self.size)
 
 
@@ -405,8 +400,7 @@ def prepare_sbd(sbd, voc, overwrite=False, log=print):
                 raise MissingInput(f"{where} {os.path.basename(p)} not found: {p}\n{tree}")
     lists = {f"{who}_{part}": read_list(os.path.join(folder, part + ".txt"), repeats=True)
              for who, folder in (("sbd", sbd), ("voc", seg_dir)) for part in ("train", "val")}
-    ids = train_aug_ids(lists["sbd_train"], lists["sbd_val"], lists["voc_train"],
-                        lists["voc_val"])
+    ids = train_aug_ids(lists["sbd_train"], lists["sbd_val"], lists["voc_train"], lists["voc_val"])
     counts = {k: len(set(v)) for k, v in lists.items()} | {"train_aug": len(ids)}
     out_list = os.path.join(seg_dir, "train_aug.txt")
     if os.path.exists(out_list) and not overwrite and read_text(
@@ -445,8 +439,7 @@ def prepare_sbd(sbd, voc, overwrite=False, log=print):
 # the converter (coco_voc_mask in Part I is the paper's rule).
 
 def rle_decode(rle):
-    """COCO RLE (counts as a list, or the compressed string) -> (h, w) uint8 mask.
-    Runs alternate 0s and 1s, starting with 0s, over the pixels in column-major order."""
+    """COCO RLE (list or compressed counts) -> (h, w) uint8: runs of 0s, 1s, 0s... column-major."""
     (h, w), counts = rle["size"], rle["counts"]
     counts = np.asarray(rle_counts_from_string(counts) if isinstance(counts, (str, bytes))
                         else counts, dtype=np.int64)
@@ -562,8 +555,7 @@ def image_problem(img):
     if type(img["id"]) is not int:
         return f"id {shown(img['id'], 40)} is not a whole number"
     h, w = img["height"], img["width"]
-    if not (type(h) is int and type(w) is int and h >= 1 and w >= 1
-            and h * w <= MAX_IMAGE_PIXELS):
+    if not (type(h) is int and type(w) is int and h >= 1 and w >= 1 and h * w <= MAX_IMAGE_PIXELS):
         return (f"size {shown(w, 20)} x {shown(h, 20)} is not whole numbers >= 1 of at most "
                 f"{MAX_IMAGE_PIXELS // 10 ** 6} megapixels")
     return None
@@ -574,8 +566,7 @@ def annotation_mask(ann, h, w):
     return polygons_to_mask(seg, h, w) if isinstance(seg, list) else rle_decode(seg)
 
 def _read_coco(annotations, images, skip):
-    """The checked COCO file, the size of each usable image by id, and their annotations by image
-    id, each checked against its image's size (annotation_problem), a broken one skipped."""
+    """The checked COCO file, usable images' sizes by id, their checked annotations by image id."""
     coco = read_json(annotations, "COCO annotations", 4 * 2 ** 30, strict=False)  # NaN: a
     # record's problem, not the file's
     for key in ("images", "annotations", "categories"):

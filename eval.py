@@ -101,7 +101,7 @@ def evaluate(model, dataset, scales=(1.0,), flip=False, device=None, save_dir=No
             pred = predict(model, image.to(device, non_blocking=True), scales, flip)
         confusion_update(confusion, pred, label.to(device, non_blocking=True))
         if save_dir:
-            name = dataset.ids[i] if getattr(dataset, "ids", None) else f"{i:05d}"
+            name = dataset.ids[i] if isinstance(getattr(dataset, "ids", 0), list) else f"{i:05d}"
             save_prediction(os.path.join(save_dir, name), image, pred.cpu(), dataset.palette,
                             list(dataset.classes), label)
         infra.progress("eval", n, len(indices), t0, log)
@@ -190,8 +190,7 @@ def evaluate_checkpoint(model, ck, args, device):
     return result
 
 def predict_images(model, ck, args, device, log=print):
-    """Predict --image (one image, or every image of a folder): <out>/<stem>.png (class indices,
-    palette) and <out>/<stem>_panel.png each. Returns the paths written."""
+    """--image (one image or a folder's): <out>/<stem>.png (palette PNG), <stem>_panel.png each."""
     classes, palette, source, out = ck["classes"], np.asarray(ck["palette"]), args.image, args.out
     if os.path.isdir(source):
         files = sorted(os.path.join(source, f) for f in os.listdir(source)
@@ -258,8 +257,7 @@ def colorize(label, palette):
     return np.asarray(palette, dtype=np.uint8)[np.asarray(label, dtype=np.int64) & 255]
 
 def hstack(parts, gap, axis=1):
-    """RGB uint8 pictures side by side, `gap` px of white apart, shorter ones padded below; with
-    axis=0 one above another, narrower ones padded on the right."""
+    """RGB uint8 pictures side by side (axis=0: one above another), `gap` px of white apart."""
     size, across = max(p.shape[1 - axis] for p in parts), 1 - axis
     parts = [np.pad(p, [(0, size - p.shape[a]) if a == across else (0, 0) for a in range(3)],
                     constant_values=255) for p in parts]

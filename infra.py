@@ -274,8 +274,7 @@ def _tensors(obj, name=""):
             yield from _tensors(v, f"{name}[{i}]")
 
 def load_pretrained(model, path, verbose=True):
-    """--pretrained: a local torchvision checkpoint (a state dict, or one under 'state_dict')
-    into a ResNet or a DeepLabV3."""
+    """--pretrained: a torchvision state dict (or one under 'state_dict') into ResNet/DeepLabV3."""
     sd = read_weights(path)
     if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
         sd = sd["state_dict"]
@@ -408,8 +407,7 @@ def path(value, flag):
     return value
 
 def is_plain_name(name):
-    """A file name or id that stays inside its folder: no folder part, no '..', not absolute,
-    no white space (a list line holds one id)."""
+    """A file name or id that stays in its folder: no folder part, '..', absolute path or space."""
     return (isinstance(name, str) and name not in ("", ".", "..") and path_problem(name) is None
             and os.path.basename(name) == name and "\\" not in name
             and not any(c.isspace() for c in name))
@@ -431,7 +429,7 @@ def _lock(lock_path, what):
     """fd of an exclusive fcntl lock on `lock_path` (the system drops it with the process, even
     after kill -9), our name written in; or the holder's name when another process holds it."""
     while True:
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)  # less the umask
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -527,8 +525,7 @@ class Claim:
         self.release(remove=kind is not None and issubclass(kind, (BadInput, KeyboardInterrupt)))
 
 def refuse_inputs(paths, inputs):
-    """An output that is, holds or lies inside one of `inputs` ((flag, path) pairs; real paths
-    compared, hard links too) is refused whatever the flags."""
+    """An output that is (hard links too), holds or lies inside one of `inputs` is refused."""
     for p in paths:
         for flag, i in ((f, i) for f, i in inputs if i):
             o, r = os.path.realpath(p), os.path.realpath(i)
@@ -547,11 +544,6 @@ def existing(paths, force, hint):
         more = f" (and {len(there) - 1} more)" if len(there) > 1 else ""
         raise ExistingOutput(f"{there[0]} exists{more}; {hint}")
 
-def _umask():
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
 def atomic_save(out, write):
     """write(file) on a temp file beside `out`, renamed over `out`: a crash never leaves a
     half-written file. Permissions as open() gives them; a failed write (disk full, read-only
@@ -566,7 +558,9 @@ def atomic_save(out, write):
     except OSError as e:
         raise BadInput(f"cannot write {out}: {e.strerror or e}") from None
     try:
-        os.fchmod(fd, 0o666 & ~_umask())
+        umask = os.umask(0)  # reading it means setting it: set it back
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)
         with os.fdopen(fd, "wb") as f:
             write(f)
         os.replace(tmp, out)
@@ -650,8 +644,7 @@ def read_json(p, what, limit=64 * 2 ** 20, strict=True):
     return value
 
 def read_record(p, fields=None, hint="delete it to make it again"):
-    """A JSON record this project wrote: a dict whose `fields` ({name: allowed types}) are
-    there, or one line naming the file and what to do."""
+    """A JSON record we wrote: a dict with `fields` ({name: allowed types}), or one line, `hint`."""
     try:
         rec, why = parse_json(read_text(p, "record", 16 * 2 ** 20))
     except BadInput as e:  # too large, not UTF-8...
@@ -740,8 +733,7 @@ def pick_device(device_arg, local_rank=0):
     return torch.device("cuda", index)
 
 def setup_distributed(device_arg, deterministic=False, fixed_sizes=True):
-    """(rank, world size, device) of this process; under torchrun (WORLD_SIZE > 1) the process
-    group starts from its environment (one process per GPU, LOCAL_RANK)."""
+    """(rank, world size, device) of this process; under torchrun, one process per GPU."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     device = pick_device(device_arg, int(os.environ.get("LOCAL_RANK", "0")))
     if device.type == "cuda":

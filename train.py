@@ -71,8 +71,7 @@ def set_lr(optimizer, lr):
         g["lr"] = lr
 
 def make_optimizer(model, cfg):
-    """SGD with momentum; weight decay on the convolution weights only (dim > 1), as DeepLab
-    v3's code: not on batch-norm parameters, nor on biases."""
+    """SGD with momentum; weight decay on the convolution weights only (dim > 1), as DeepLab v3."""
     return torch.optim.SGD(
         [{"params": [p for p in model.parameters() if p.dim() > 1],
           "weight_decay": cfg["weight_decay"]},
@@ -191,10 +190,10 @@ def setup(cfg):
     infra.same_on_every_rank(cfg)  # torchrun: one command line for every rank
     train_set = data.get_dataset(cfg["dataset"], cfg["split"], cfg["data_root"], train=True,
                                  crop=cfg["crop"], scale=cfg["scale"], seed=cfg["seed"],
-                                 **synthetic_args(cfg, "num_images"))
+                                 num_images=cfg["num_images"], image_size=cfg["image_size"])
     val_set = None if cfg["no_eval"] else data.get_dataset(  # checked now, not after training
         cfg["dataset"], cfg["val_split"], cfg["data_root"], seed=cfg["seed"],
-        **synthetic_args(cfg, "val_images"))
+        num_images=cfg["val_images"], image_size=cfg["image_size"])
     torch.manual_seed(cfg["seed"])
     model = DeepLabV3(len(train_set.classes), **{k: cfg[k] for k in infra.CONFIG if k in cfg})
     micro = per_rank_images(cfg, world, device, len(train_set))
@@ -240,8 +239,7 @@ def train(cfg):
     it, losses = run.iteration, torch.zeros((), device=run.device)
     with guard(run) as stop:  # Part II: Ctrl-C / SIGTERM save at the next sync point
         while it < cfg["iters"]:
-            set_lr(run.optimizer, poly_lr(cfg["lr"], it, cfg["iters"], cfg["power"],
-                                         cfg["warmup"]))
+            set_lr(run.optimizer, poly_lr(cfg["lr"], it, cfg["iters"], cfg["power"], cfg["warmup"]))
             batch = [next(run.batches) for _ in range(cfg["accum_steps"])]  # Part II: data order
             losses += train_step(run, batch)
             it += 1
@@ -305,8 +303,7 @@ def start_or_resume(cfg, model, optimizer, scaler, train_set, device):
     def decide():  # the checkpoint's training state (None: a new run), on every rank
         nonlocal claim
         claim = infra.Claim("train.py", [("--out-dir", cfg["out_dir"], "folder")], inputs=[
-            (f"--{k.replace('_', '-')}", cfg[k]) for k in ("data_root", "pretrained",
-                                                           "init_from")])
+            (f"--{k.replace('_', '-')}", cfg[k]) for k in ("data_root", "pretrained", "init_from")])
         ck = check_out_dir(cfg, size)
         return ck and {k: ck[k] for k in ("model", "iteration", *infra.RESUME_FIELDS)}
     try:
@@ -411,7 +408,8 @@ def save_checkpoint(run, it):
           "config": run.model.config, "train_args": run.cfg, "dataset": run.cfg["dataset"],
           "classes": list(run.train_set.classes),
           "palette": np.asarray(run.train_set.palette).tolist(),
-          "data_args": synthetic_args(run.cfg, "val_images")}
+          "data_args": {"num_images": run.cfg["val_images"], "image_size": run.cfg["image_size"]}
+              if run.cfg["dataset"] == "synthetic" else {}}
     infra.atomic_save(run.ck_path, lambda f: torch.save(ck, f))
     evaluation.log_figure(run.log_path, os.path.join(run.cfg["out_dir"], "curves.png"))
 
@@ -646,11 +644,6 @@ def per_rank_images(cfg, world, device, n_images):
         raise BadInput(f"{n_images} images cannot make one micro-batch of {int(per)} images "
                        f"per rank on {world} rank(s)")
     return int(per)
-
-def synthetic_args(cfg, count):
-    """The synthetic dataset's size flags (count: 'num_images' or 'val_images'), else none."""
-    return ({"num_images": cfg[count], "image_size": cfg["image_size"]}
-            if cfg["dataset"] == "synthetic" else {})
 
 def main(argv=None):
     cfg = parse_args(argv)
