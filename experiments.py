@@ -30,19 +30,18 @@ from vortex import (TABLE1, DeepLabV3, box_averages, footprint, make_context,
 
 TABLE_ROWS = tuple(row for row in TABLE1 if TABLE1[row].miou) + ("none",)  # as printed
 
-@torch.no_grad()
 def print_table(size=65, channels=2048, reps=3):
     """Paper 3.2 / Table 1 in numbers: utilization ratios, parameters, forward time."""
     x = torch.randn(1, channels, size, size)
     modules = {row: table1_module(row, channels).eval() for row in TABLE_ROWS}
-    times = best_times({row: (lambda m=m: m(x)) for row, m in modules.items()}, reps)
+    with torch.no_grad():
+        times = best_times({row: (lambda m=m: m(x)) for row, m in modules.items()}, reps)
     print(f"Context modules on X = 1x{channels}x{size}x{size} (ResNet-101 at output stride 8, "
           f"513x513 input), CPU, {torch.get_num_threads()} threads, best of {reps}")
     print(f"{'module':8} {'pooling k':12} {'dilations':12} {'r paper':>11} {'r analytic':>10} "
           f"{'r measured':>10} {'params':>10} {'forward s':>9} {'x ASPP':>7}")
     for row, m in modules.items():
-        with torch.enable_grad():
-            measured = measured_utilization(table1_module(row, 8), size, size)
+        measured = measured_utilization(table1_module(row, 8), size, size)
         print(f"{row:8} {','.join(map(str, m.pools)):12} {','.join(map(str, m.dilations)):12} "
               f"{TABLE1[row].ratio or '-':>11} {utilization_ratio(m, size, size):10.4f} "
               f"{measured:10.4f} {sum(p.numel() for p in m.parameters()):10,d} "
@@ -337,8 +336,7 @@ def mass_radius(erf, fraction=0.9):
 ERF_CIRCLES = ((0.5, (255, 255, 255)), (0.9, (0, 230, 255)))  # mass, colour
 
 def erf_figure(checkpoints, out, num_images=32, device="cpu", data_root=None, cell=2, log=print):
-    """Effective receptive fields side by side, a module's checkpoints (seeds) averaged, on a
-    square-root scale (so that the tails show); returns {module: (r50, r90)} in px."""
+    """ERFs side by side, a module's checkpoints (seeds) averaged; returns {module: (r50, r90)}."""
     groups = {}
     for path in checkpoints:
         ck = infra.read_checkpoint(path)
@@ -359,7 +357,7 @@ def erf_figure(checkpoints, out, num_images=32, device="cpu", data_root=None, ce
         radii[name] = r50, r90
         log(f"{name:8} ({len(groups[name])} model(s)): 50% of the gradient within {r50:5.1f} px, "
             f"90% within {r90:5.1f} px of the centre")
-        v = (erf / erf.max()).sqrt().numpy()[..., None]  # black-red-yellow-white
+        v = (erf / erf.max()).sqrt().numpy()[..., None]  # sqrt: tails show; black-red-yellow-white
         pic = Image.fromarray((np.clip(3 * v - np.arange(3), 0, 1) * 255).astype(np.uint8)).resize(
             (w * cell, h * cell), Image.NEAREST)
         cx, cy = (w // 2 + 0.5) * cell, (h // 2 + 0.5) * cell
@@ -433,9 +431,7 @@ def tap_offsets(module):
             for k, n, d in zip(module.pools, module.kernels, module.dilations)]
 
 def gather_taps(modules, layouts, c1, seed, batch=1000, size=CONTEXT_SIZE):
-    """The parts of every module's taps at every query: inmap, the share of the tap's window
-    that the cue and the distractor cover, the tap in unit noise (an integral image's window
-    mean; layout i's noise drawn from (seed, i // batch)) and the noise's image mean."""
+    """Every module's taps at every query, by part: inmap, cue, distractor, noise, noise_mean."""
     n = len(layouts["d"])
     specs = {m.name: [(k, off) for k, offs in tap_offsets(m) for off in offs] for m in modules}
     out = {name: dict({p: np.zeros((n, len(t)), np.float32) for p in ("inmap", "cue",
@@ -472,8 +468,7 @@ def gather_taps(modules, layouts, c1, seed, batch=1000, size=CONTEXT_SIZE):
     return out
 
 def twins(parts, layouts, sigma, codes):
-    """Every layout twice, cue P then Q: taps, mean, label, d, conflict (the distractor, which
-    keeps its class, has the other one: only the nearer cue decides)."""
+    """Every layout twice, cue P then Q: (taps, mean, label, d, conflict)."""
     n = len(layouts["d"])
     cls, other = np.repeat([0, 1], n), np.concatenate([layouts["other"]] * 2)
     parts = {k: np.concatenate([v, v]) for k, v in parts.items()}
@@ -514,9 +509,8 @@ def bands(top):
     return tuple((lo, min(hi, top)) for lo, hi in BANDS if lo <= top)
 
 class QueryHead(nn.Module):
-    """A row of CONTEXT_ROWS (the project's own ContextModule) and a 1x1 classifier at the query
-    pixels of N maps, from their taps (N, T, c1) and image means (N, c1), side by side as one
-    N x 1 map: a convolution at a pixel is its weight dotted with the taps it reads."""
+    """A row of CONTEXT_ROWS and a 1x1 classifier at N query pixels, side by side as one N x 1
+    map, from taps (N, T, c1) and means (N, c1): a convolution at a pixel dots its taps."""
 
     def __init__(self, row, seed=0, width=16):
         super().__init__()
@@ -578,8 +572,7 @@ def probe(fit, test, by="distance", image_level=True):
     return scores(correct.numpy(), test)
 
 def vmapped(heads):
-    """Heads trained at once: (stacked params, buffers, a base whose train()/eval() sets the mode,
-    forward: each head on its own batch, weights, batch norm and dropout draws)."""
+    """(stacked params, buffers, a mode-setting base, forward: each head its own batch, draws)."""
     p, b = torch.func.stack_module_state(heads)
     base = copy.deepcopy(heads[0]).to("meta")
 
@@ -616,10 +609,8 @@ def accuracy(head, s):
         return scores((head.eval()(s[0], s[1]).argmax(1) == s[2]).numpy(), s)
 
 def train_heads(cfg, iters, sets, models):
-    """Train `models` [(row, seed, band or None)] of one shape together (Adam, elementwise, so
-    they do not interact; with SGD and momentum, lr 0.02-0.2, training stayed at chance for 600
-    steps: the cue's share of a pooled feature is tiny), poly policy: per model, test scores,
-    accuracy on its training samples, {iteration: test accuracy}."""
+    """Train `models` [(row, seed, band or None)] of one shape at once: per model, test scores,
+    fit, {iteration: test accuracy}. Adam: elementwise, no interplay; SGD stayed at chance."""
     heads = [QueryHead(row, seed, cfg["context_channels"]) for row, seed, _ in models]
     keys = [(row.removesuffix(NO_IMAGE), seed) for row, seed, _ in models]
     p, b, base, forward = vmapped(heads)
@@ -675,8 +666,7 @@ def context_data(distractor, seed, per):
     return out
 
 def context_experiment(cfg, seeds):
-    """Every chosen setting x CONTEXT_ROWS x seeds, a row not converged again with twice the
-    iterations; a record per (setting, row, iterations), read back when there; tables, figures."""
+    """Every chosen setting, row and seed (docs/experiments.md): records, table, figures."""
     out, t0 = cfg["out_dir"], time.time()
     per = dict(PER_DISTANCE, train=cfg["train_layouts"])
     key = json.loads(json.dumps(dict(
@@ -772,8 +762,7 @@ def converged(r, cols, tolerance):
     return bool(change < tolerance), change
 
 def paired(a, b):
-    """Per-seed a - b: (mean, seeds +, seeds -, spread, real); spread: the larger range over
-    seeds of either row (what a re-run moves it by), real: one sign and |mean| > spread."""
+    """Per-seed a - b: (mean, seeds +, seeds -, spread, real), as context_table's legend says."""
     d, spread = a - b, max(np.ptp(a), np.ptp(b))
     real = len(d) > 1 and ((d > 0).all() or (d < 0).all()) and abs(d.mean()) > spread
     return d.mean(), int((d > 0).sum()), int((d < 0).sum()), spread, bool(real)
@@ -840,42 +829,39 @@ def context_table(cfg, setting, distractor, res, seeds):
 CONTEXT_COLOURS = ((120, 120, 120), (148, 103, 189), (31, 119, 180), (23, 190, 207),
                    (255, 127, 14), (188, 140, 60), (140, 86, 75), (214, 39, 40))  # TABLE1's order
 
-def _context_panel(name, colour, res, coverage, size=(300, 200)):
-    """One module against d = 1..40, accuracy 40..100 % (context_figure's caption says more)."""
-    pic, n = Image.new("RGB", size, (255, 255, 255)), CONTEXT_DISTANCES
-    draw, (x0, y0, x1, y1) = ImageDraw.Draw(pic), (30, 20, size[0] - 14, size[1] - 20)
+def context_figure(results, setting, out, size=(300, 200)):
+    """One setting, a panel per module of Table 1; results {row: record_arrays(...)}."""
+    n, panels, (x0, y0, x1, y1) = CONTEXT_DISTANCES, [], (30, 20, size[0] - 14, size[1] - 20)
     xs = [x0 + (x1 - x0) * (d - 0.5) / n for d in range(n + 2)]  # bar edges for d = 1..n
     centres = [(xs[d] + xs[d + 1]) / 2 for d in range(1, n + 1)]
 
     def y(v):
         return v if math.isnan(v) else y1 - (y1 - y0) * (min(max(v, 40), 100) - 40) / 60
-    for d in range(1, n + 1):
-        if coverage[d] > 0:
-            draw.rectangle([xs[d], y1 - (y1 - y0) * coverage[d], xs[d + 1] - 1, y1],
-                           fill=(222, 222, 222))
-    for v in (50, 75, 100):
-        draw.text((2, y(v) - 6), f"{v}", fill=(0, 0, 0))
-        draw.line([x0, y(v), x1, y(v)], fill=(0, 0, 0) if v == 50 else (235, 235, 235))
-    for d in (1, 10, 20, 30, 40):
-        draw.text((centres[d - 1] - 4, y1 + 3), str(d), fill=(0, 0, 0))
-    rows = [row for row in (name, name + NO_IMAGE) if row in res]
-    draw.text((x0, 4), name + ": " + " / w/o ".join(
-        f"{np.nanmean(res[row]['trained'].mean(0)[1:]):.1f}" for row in rows) + "%",
-        fill=(0, 0, 0))
-    for row, width, grey in zip(rows, (2, 1), ((0, 0, 0), (150, 150, 150))):
-        for acc, fill, w in ((res[row]["probe"]["band"].mean(0), grey, 1),
-                             (res[row]["trained"].mean(0), colour, width)):
-            for d in range(1, n):  # a line from d to d + 1; NaN (not scored) leaves a gap
-                if not (math.isnan(acc[d]) or math.isnan(acc[d + 1])):
-                    draw.line([centres[d - 1], y(acc[d]), centres[d], y(acc[d + 1])], fill=fill,
-                              width=w)
-    draw.rectangle([x0, y0, x1, y1], outline=(0, 0, 0))
-    return np.asarray(pic)
-
-def context_figure(results, setting, out):
-    """One setting, a panel per module of Table 1; results {row: record_arrays(...)}."""
-    panels = [_context_panel(name, colour, results, ring_coverage(table1_module(name, 8)))
-              for name, colour in zip(TABLE1, CONTEXT_COLOURS)]
+    for name, colour in zip(TABLE1, CONTEXT_COLOURS):
+        pic = Image.new("RGB", size, (255, 255, 255))
+        draw, coverage = ImageDraw.Draw(pic), ring_coverage(table1_module(name, 8))
+        for d in range(1, n + 1):
+            if coverage[d] > 0:
+                draw.rectangle([xs[d], y1 - (y1 - y0) * coverage[d], xs[d + 1] - 1, y1],
+                               fill=(222, 222, 222))
+        for v in (50, 75, 100):
+            draw.text((2, y(v) - 6), f"{v}", fill=(0, 0, 0))
+            draw.line([x0, y(v), x1, y(v)], fill=(0, 0, 0) if v == 50 else (235, 235, 235))
+        for d in (1, 10, 20, 30, 40):
+            draw.text((centres[d - 1] - 4, y1 + 3), str(d), fill=(0, 0, 0))
+        shown = [row for row in (name, name + NO_IMAGE) if row in results]
+        draw.text((x0, 4), name + ": " + " / w/o ".join(
+            f"{np.nanmean(results[row]['trained'].mean(0)[1:]):.1f}" for row in shown) + "%",
+            fill=(0, 0, 0))
+        for row, width, grey in zip(shown, (2, 1), ((0, 0, 0), (150, 150, 150))):
+            for acc, fill, w in ((results[row]["probe"]["band"].mean(0), grey, 1),
+                                 (results[row]["trained"].mean(0), colour, width)):
+                for d in range(1, n):  # a line from d to d + 1; NaN (not scored) leaves a gap
+                    if not (math.isnan(acc[d]) or math.isnan(acc[d + 1])):
+                        draw.line([centres[d - 1], y(acc[d]), centres[d], y(acc[d + 1])],
+                                  fill=fill, width=w)
+        draw.rectangle([x0, y0, x1, y1], outline=(0, 0, 0))
+        panels.append(np.asarray(pic))
     rows = [hstack(panels[i:i + 4], 6) for i in range(0, len(panels), 4)]
     return infra.save_picture(out, hstack([caption(
         rows[0].shape[1], f"{setting}: accuracy (%) reading the class of a 3x3 cue at distance d "
@@ -914,13 +900,12 @@ def context_samples_figure(out, cell=3, distances=(2, 12, 24), seed=0):
                 if cy > -1000:
                     view[cy - 1:cy + 2, cx - 1:cx + 2] = kind
             view[tuple(lay["query"][d - 1])] = 1
-            pic = Image.fromarray(np.kron(colorize(view, CONTEXT_PALETTE),
-                                          np.ones((cell, cell, 1), np.uint8)))
+            pic = Image.fromarray(colorize(view, CONTEXT_PALETTE).repeat(cell, 0).repeat(cell, 1))
             qy, qx = lay["query"][d - 1] * cell + cell // 2
             ImageDraw.Draw(pic).ellipse([qx - 6, qy - 6, qx + 6, qy + 6], outline=(0, 0, 0))
-            maps.append(np.concatenate([caption(pic.width + 2, f"d = {d}, " + (
-                "distractor" if distractor else "one cue")), np.pad(
-                    np.asarray(pic), ((1, 1), (1, 1), (0, 0)))], 0))  # framed: the map's border
+            title = caption(pic.width + 2, f"d = {d}, {'distractor' if distractor else 'one cue'}")
+            framed = np.pad(np.asarray(pic), ((1, 1), (1, 1), (0, 0)))  # the map's border
+            maps.append(np.concatenate([title, framed], 0))
     return _with_legend(out, maps, 6, CONTEXT_VIEW, CONTEXT_PALETTE)
 
 # ==== 6. THE COMMAND LINE ===================================================================
