@@ -609,12 +609,20 @@ def prepare_coco(annotations, images, out, split=None, min_pixels=1000, log=prin
         "instances_", ""), "--split")
     settings = {"annotations": os.path.abspath(annotations), "min_pixels": min_pixels,
                 "annotations_sha256": file_digest(annotations)}  # by content, not only by name
-    record = os.path.join(out, "ImageSets", "Segmentation", split + ".settings.json")
+    lists = os.path.join(out, "ImageSets", "Segmentation")
+    record = os.path.join(lists, split + ".settings.json")
     if os.path.exists(record) and not overwrite:
         before = read_record(record, hint="pass --overwrite to rebuild the split")
         if before != settings:
             raise ExistingOutput(f"{out} holds split {split} made with other settings ({before}); "
                                  f"pass --overwrite to rebuild it, or choose another --out")
+    others = [f for f in (os.listdir(lists) if os.path.isdir(lists) else [])
+              if f.endswith(".settings.json") and f != split + ".settings.json"]
+    for other in sorted(others):  # the splits of one --out share their masks
+        theirs = read_record(os.path.join(lists, other)).get("min_pixels")
+        if theirs != min_pixels:
+            raise ExistingOutput(f"{out} holds split {other[:-14]}, made with --min-pixels {theirs}"
+                                 f": its masks are this split's too; use that, or another --out")
     write_json(record, settings)
     cat_to_voc = {c["id"]: VOC_CLASSES.index(COCO_TO_VOC[c["name"]]) for c in coco["categories"]
                   if c["name"] in COCO_TO_VOC}

@@ -207,8 +207,8 @@ def predict_images(model, ck, args, device, log=print):
                  for s, x in names]
     elif not os.path.isfile(source):
         raise infra.MissingInput(f"--image {source}: no such file or folder")
-    elif out and not out.lower().endswith(".png"):
-        raise infra.BadInput(f"--out {out}: the prediction is a PNG; give a name ending in .png")
+    elif out and os.path.splitext(out)[1].lower() != ".png":
+        raise infra.BadInput(f"--out {out}: the prediction is a PNG; give a name like pred.png")
     else:
         files, stems = [source], [os.path.splitext(out)[0] if out else os.path.join(
             "runs", "predictions", os.path.splitext(os.path.basename(source))[0])]

@@ -148,7 +148,7 @@ def allowed_text(name):
     if s.allowed:
         return "one of " + ", ".join(map(str, s.allowed))
     return {bool: "a flag", "path": "a file or folder name",
-            "name": "a plain file name (no folder part)"}.get(s.kind, "text")
+            "name": "a plain file name (no folder part, no white space)"}.get(s.kind, "text")
 
 def add_flags(parser, names, default=None, required=(), **helps):
     """argparse flags for `names`, unset by default (a preset or a checkpoint fills them in),
@@ -197,8 +197,8 @@ def check_settings(cfg, where=None):
     def refuse(name, allowed):
         value = cfg[name]
         text = " ".join(map(str, value)) if isinstance(value, (list, tuple)) else value
-        if isinstance(value, str) and not (value.strip() and value.isprintable()):
-            text = shown(value)  # blank, or a control character: quoted, on one line
+        if isinstance(value, str) and not (value.strip() == value != "" and value.isprintable()):
+            text = shown(value)  # blank, spaces around it, a control character: quoted, one line
         if where:
             raise BadInput(f"{where}.{name} is {shown(value)}; allowed: {allowed}")
         raise BadInput(f"--{name.replace('_', '-')} {text}: must be {allowed}")
@@ -472,9 +472,9 @@ class Claim:
                 path(out, flag)
                 refuse_inputs([out], inputs)
                 folder = kind == "folder"
-                if not folder and not out.lower().endswith(tuple(kind)):
+                if not folder and os.path.splitext(out)[1].lower() not in kind:  # ".png": no name
                     raise BadInput(f"{flag} {out}: this output is written as {kind[0][1:].upper()}"
-                                   f"; give a name ending in {' or '.join(kind)}")
+                                   f"; give a name ending in {' or '.join(kind)}, e.g. a{kind[0]}")
                 if os.path.isdir(out) != folder and os.path.exists(out):
                     raise BadInput(f"{flag} {out} is {'a file' if folder else 'a folder'}; "
                                    f"give {'a folder' if folder else 'a file name'}")
@@ -534,7 +534,7 @@ def refuse_inputs(paths, inputs):
                 "lies inside" if o.startswith(r.rstrip(os.sep) + os.sep) else None
             if how:
                 raise BadInput(f"output {p} {how} the input {flag} {i}: an output never replaces "
-                               f"or writes into an input, even with --force; choose another")
+                               f"or writes into an input, whatever the flags; choose another")
 
 def existing(paths, force, hint):
     """Refuse the first of `paths` that exists (an empty folder loses nothing), unless `force`."""

@@ -1210,6 +1210,14 @@ def test_prepare_coco_again_with_other_settings_refuses_or_rebuilds(tmp_path):
         data.prepare_coco(ann, imgs, out, min_pixels=100, log=lambda m: None)
     data.prepare_coco(ann, imgs, out, min_pixels=100, overwrite=True, log=lambda m: None)
     assert 9 in data.read_mask(path) and 15 not in data.read_mask(path)
+    # another split of the same --out shares its masks: other settings refused, even overwriting
+    # (found by an attack: split b's record said 5 px while its masks were split a's)
+    for overwrite in (False, True):
+        with pytest.raises(infra.ExistingOutput, match=r"holds split x, made with "
+                                                         r"--min-pixels 100: its masks"):
+            data.prepare_coco(ann, imgs, out, "b", 5, overwrite=overwrite, log=lambda m: None)
+    assert not os.path.exists(os.path.join(out, "ImageSets", "Segmentation", "b.txt"))
+    data.prepare_coco(ann, imgs, out, "b", 100, log=lambda m: None)  # the same settings: fine
 
 def test_concurrent_preparation_of_one_folder_is_refused(one_coco_image, tmp_path):
     ann, imgs = one_coco_image
@@ -1587,7 +1595,7 @@ def test_outputs_related_to_an_input_are_refused_exactly(tmp_path_factory, a, b,
 NAMES = st.text(st.characters(blacklist_categories=("Cs",)), min_size=0, max_size=12)
 
 @given(kind=st.sampled_from(["same", "inside", "holds", "folder-for-file", "too-long", "nul",
-                             "format"]), name=NAMES.filter(lambda s: "/" not in s and s not in
+                             "format", "no-stem"]), name=NAMES.filter(lambda s: "/" not in s and s not in
                                                           ("", ".", "..") and "\0" not in s))
 @settings(max_examples=40, deadline=None)
 def test_output_gate_refuses_in_one_line_and_leaves_nothing(tmp_path_factory, kind, name):
@@ -1597,7 +1605,8 @@ def test_output_gate_refuses_in_one_line_and_leaves_nothing(tmp_path_factory, ki
     (inp / "data.txt").write_text("input")
     out = {"same": inp / "data.txt", "inside": inp / "sub" / "r.json", "holds": top,
            "folder-for-file": inp, "too-long": top / "new" / (name + "x" * 251 + ".json"),
-           "nul": top / "new" / (name + "\0.json"), "format": top / "new" / (name + ".txt")}[kind]
+           "nul": top / "new" / (name + "\0.json"), "format": top / "new" / (name + ".txt"),
+           "no-stem": top / "new" / ".json"}[kind]
     before = sorted(str(p) for p in top.rglob("*"))
     with pytest.raises(infra.BadInput) as e:
         infra.Claim("test", [("--json", str(out), (".json",))], [("--in", str(inp))], force=True)
