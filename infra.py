@@ -130,8 +130,7 @@ SETTINGS = {
     "image": S("path", None, "an image, or a folder of images"),
     "out": S("path", None, "the file or folder written"),
     "min_pixels": S(int, (0, 10 ** 8), "COCO objects of a VOC class smaller than this are "
-                    "discarded: marked 255, ignored by the loss (paper 4.2: 1000)"),
-}
+                    "discarded: marked 255, ignored by the loss (paper 4.2: 1000)")}
 del S
 
 class Parser(argparse.ArgumentParser):
@@ -586,8 +585,7 @@ def write_failure(error, folder, written):
     return f"{why} (it stopped after {so_far:.1f} MB; {free / 2 ** 20:.0f} MB free there)"
 
 def write_json(out, obj):
-    """Strict JSON, atomically: NaN and infinities (a class absent from both prediction and
-    ground truth has no IoU) become null, which every JSON reader accepts."""
+    """Strict JSON, atomically: NaN and infinities become null, which every JSON reader accepts."""
     nulled = json.loads(json.dumps(obj), parse_constant=lambda nan_or_infinity: None)
     text = json.dumps(nulled, indent=1, allow_nan=False)
     atomic_save(out, lambda f: f.write(text.encode() + b"\n"))

@@ -61,8 +61,7 @@ COMMON = dict(context="vortex", pool_k=5, multi_grid=(1, 2, 4), momentum=0.9, we
 # and cross-entropy ignoring 255 (void, borders, discarded objects), as in DeepLab v3.
 
 def poly_lr(base, it, max_it, power=0.9, warmup=0.0):
-    """The poly policy; with `warmup` > 0 (the synthetic preset's, not the paper's: see
-    docs/experiments.md) the rate first rises linearly over that fraction of the iterations."""
+    """The poly policy, after a linear rise over a `warmup` fraction (ours: docs/experiments.md)."""
     ramp = min(1.0, (it + 1) / (warmup * max_it)) if warmup > 0 else 1.0
     return base * ramp * (1 - it / max_it) ** power
 

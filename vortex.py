@@ -234,9 +234,7 @@ def conv_bn_relu(cin, cout, kernel=1, dilation=1):
 
 class ContextModule(nn.Module):
     """Feature aggregation of paper 3.1-3.4: parallel (pool -> conv) branches + image pooling.
-
-    State-dict names: branches.i.{0: conv, 1: bn}, image_pool.{0, 1}, project.{0, 1}.
-    """
+    State-dict names: branches.i.{0: conv, 1: bn}, image_pool.{0, 1}, project.{0, 1}."""
 
     def __init__(self, in_channels, pools, kernels, dilations, out_channels=256,
                  image_pool=True, dropout=0.1, count_include_pad=False, name="context"):
@@ -346,12 +344,10 @@ def table1_module(row, in_channels, output_stride=8, **kw):
 # conv + BN + ReLU before the classifier (torchvision's DeepLabHead has one, the paper does not).
 
 class DeepLabV3(nn.Module):
-    """DeepLab v3 whose ASPP can be swapped for Module A or Vortex Pooling (Table 1).
-
-    `context` in CONTEXTS; `pool_k` is Module A's k. Forward: logits at the input's size.
-    `DeepLabV3(21, 101, "aspp", multi_grid=None)` has torchvision's `deeplabv3_resnet101` geometry
-    (the same ASPP output on the same weights); the paper's model adds multi-grid (the default).
-    """
+    """DeepLab v3 whose ASPP can be swapped for Module A (k: `pool_k`) or Vortex Pooling (Table 1);
+    forward gives logits at the input's size. `DeepLabV3(21, 101, "aspp", multi_grid=None)` has
+    torchvision's `deeplabv3_resnet101` geometry (the same ASPP output on the same weights); the
+    paper's model adds multi-grid (the default)."""
 
     def __init__(self, num_classes, depth=101, context="vortex", output_stride=8, pool_k=5,
                  multi_grid=(1, 2, 4), base_channels=64, context_channels=256, dropout=0.1,
@@ -479,8 +475,7 @@ class _BoxAverages(torch.autograd.Function):
 def box_averages(x, ks, count_include_pad=False):
     """{k: k x k stride-1 average pooling of `x` (N, C, H, W)} for every k in `ks` (1: x itself),
     one cascade for the sizes > 1, which must divide one another (Vortex's 3, 9, 27). Equals
-    nn.AvgPool2d(k, 1, k // 2, count_include_pad) at every pixel, borders included; differentiable.
-    """
+    nn.AvgPool2d(k, 1, k // 2, count_include_pad) at every pixel (borders too); differentiable."""
     ks = sorted(set(int(k) for k in ks))
     out = {1: x} if 1 in ks else {}
     big = tuple(k for k in ks if k > 1)
