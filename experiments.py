@@ -93,8 +93,7 @@ def best_times(fns, reps, warmup=1):
     for fn in fns.values():
         for _ in range(warmup):
             fn()
-    sync = torch.cuda.synchronize if torch.cuda.is_available() and torch.cuda.is_initialized() \
-        else (lambda: None)
+    sync = torch.cuda.synchronize if torch.cuda.is_initialized() else (lambda: None)
     best = dict.fromkeys(fns, math.inf)
     for _ in range(reps):
         for name, fn in fns.items():
@@ -138,8 +137,7 @@ def bench_inference(reps=2):
     """Seconds per 500x375 image, 1 vs 6 scales + flip, against the pixel ratio 2 sum(s^2)."""
     model, image = DeepLabV3(21, 101, "vortex").eval(), torch.randn(3, 375, 500)
     t = best_times({"single": lambda: predict(model, image),
-                    "multi": lambda: predict(model, image, evaluation.PAPER_SCALES, True)},
-                   reps, 0)
+                    "multi": lambda: predict(model, image, evaluation.PAPER_SCALES, True)}, reps, 0)
     theory = 2 * sum(s * s for s in evaluation.PAPER_SCALES)
     print(f"ResNet-101 OS 8 + Vortex, 500x375 image, CPU {torch.get_num_threads()} threads, "
           f"best of {reps}:\n  single scale {t['single']:.2f} s/image; 6 scales + flip "
@@ -305,9 +303,8 @@ def centred_mean(maps):
     return canvas / len(maps)
 
 def effective_receptive_field(model, dataset, num_images=32, device=None, log=None):
-    """Effective receptive field (paper 1, after Zhou et al. 2014: much smaller than the
-    theoretical one; as in Luo et al. 2016): per image (eval mode), |d logit_c(centre) / d image|
-    summed over RGB (c: the class predicted at the centre), normalised to sum 1; the mean map."""
+    """Effective receptive field (paper 1, after Zhou et al. 2014; as in Luo et al. 2016): per
+    image (eval mode), |d logit_c(centre) / d image| over RGB, normalised to sum 1; their mean."""
     device = device or next(model.parameters()).device
     model.eval()
     maps, n, t0 = [], min(num_images, len(dataset)), time.time()
@@ -372,9 +369,8 @@ def erf_figure(checkpoints, out, num_images=32, device="cpu", data_root=None, ce
     return radii
 
 # ==== 4. TABLE 1'S QUESTION AT THE PAPER'S GEOMETRY: THE 65x65 CONTEXT EXPERIMENT =============
-# What can each context module read at each distance (paper 3.2-3.4, Fig. 3)? The rule and the
-# taps: docs/experiments.md. X is linear in its parts (background, cue, distractor, unit noise),
-# so the taps are gathered once per part and assembled for any class and sigma.
+# What can each module read at each distance (paper 3.2-3.4, Fig. 3; docs/experiments.md)? X is
+# linear in its parts (background, cue, distractor, noise): each tapped once, for any class, sigma.
 
 CONTEXT_SIZE = 65  # h = w of X for a 513 x 513 image at output stride 8 (paper 3.2)
 CONTEXT_DISTANCES = 40  # d = 1..40: as far as Vortex Pooling's 81 x 81 footprint reaches
@@ -413,7 +409,6 @@ def context_layouts(seed, per_distance, distractor=False, size=CONTEXT_SIZE):
             q = np.array([rng.integers(max(0, lo - o), min(size - 1, hi - o) + 1) for o in off])
             if not distractor:
                 break
-            # the distractor's nearest pixel: >= 1.5 d and within the largest footprint
             far = rng.integers(int(np.ceil(DISTRACTOR_RATIO * d)), REACH + 1)
             c2 = q + ring(far + CUE // 2)[rng.integers(8 * (far + CUE // 2))]
             if ((c2 >= lo) & (c2 <= hi)).all() and np.abs(c2 - (q + off)).max() >= CUE:
@@ -469,8 +464,7 @@ def gather_taps(modules, layouts, c1, seed, batch=1000, size=CONTEXT_SIZE):
 
 def twins(parts, layouts, sigma, codes):
     """Every layout twice, cue P then Q: (taps, mean, label, d, conflict)."""
-    n = len(layouts["d"])
-    cls, other = np.repeat([0, 1], n), np.concatenate([layouts["other"]] * 2)
+    cls, other = np.repeat([0, 1], len(layouts["d"])), np.concatenate([layouts["other"]] * 2)
     parts = {k: np.concatenate([v, v]) for k, v in parts.items()}
     bg, cue = codes[0], codes[1 + cls][:, None, :]
     oth = codes[1 + np.maximum(other, 0)][:, None, :]
@@ -485,8 +479,7 @@ def twins(parts, layouts, sigma, codes):
 
 CONTEXT_CHANNELS = 8  # c1 (paper: 2048); three orthogonal codes need few channels
 PER_DISTANCE = {"train": 500, "test": 250}  # layouts per distance, each with its twin
-# (name, sigma, distractor, background code scale): sigma 1 and 0.5 tell geometry from noise;
-# the distractor (3.4) and the border control (code 0): docs/experiments.md's rule
+# (name, sigma, distractor (3.4), background code scale; 0: the border control): docs/experiments.md
 SETTINGS = (("sigma 1, distractor", 1.0, True, 1.0),
             ("sigma 1, distractor, background 0", 1.0, True, 0.0),
             ("sigma 1", 1.0, False, 1.0), ("sigma 0.5", 0.5, False, 1.0))
@@ -553,8 +546,7 @@ def probe_groups(by):
     return {"distance": d, "band": band, "pooled": np.ones_like(d)}[by]
 
 def probe(fit, test, by="distance", image_level=True):
-    """What a footprint holds: a linear readout of the cue's class (ridge Fisher discriminant)
-    from the taps (and the image mean), fitted per probe_groups(by); its scores on `test`."""
+    """What a footprint holds: ridge Fisher discriminants per probe_groups(by); `test`'s scores."""
     def flat(s):
         return (torch.cat([s[0].flatten(1), s[1]], 1) if image_level else s[0].flatten(1)).double()
     xs, xt, ys, yt = flat(fit), flat(test), fit[2], test[2]
@@ -650,8 +642,7 @@ def train_heads(cfg, iters, sets, models):
             [accuracy(h, sets[k]["train"])[0] for h, k in zip(heads, keys)], curves)
 
 def setting_file(setting, row=None, iters=None):
-    """The file name of a setting's figure, or of a (setting, row, iterations) record: one plain
-    name (infra.plain_name; "A(5) w/o img" would make a folder "A(5) w")."""
+    """The name of a setting's figure or of a (setting, row, iters) record: plain, so no "/"."""
     name = setting.replace(" ", "").replace(",", "-")
     if row is not None:
         name += f"-{row.replace(NO_IMAGE, '-without-image-level')}-{iters}.json"
@@ -884,7 +875,6 @@ def synthetic_samples_figure(out, n=6, size=128, seed=0):
     return _with_legend(out, [np.concatenate([ds.load(i)[0], colorize(ds.load(i)[1], ds.palette)],
                                              0) for i in range(n)], 4, ds.classes, ds.palette)
 
-CONTEXT_VIEW = ("background", "query", "cue P", "cue Q")
 CONTEXT_PALETTE = np.zeros((256, 3), dtype=np.uint8)
 CONTEXT_PALETTE[:4] = [(245, 245, 245), (0, 0, 0), (200, 0, 0), (0, 60, 200)]
 
@@ -906,13 +896,12 @@ def context_samples_figure(out, cell=3, distances=(2, 12, 24), seed=0):
             title = caption(pic.width + 2, f"d = {d}, {'distractor' if distractor else 'one cue'}")
             framed = np.pad(np.asarray(pic), ((1, 1), (1, 1), (0, 0)))  # the map's border
             maps.append(np.concatenate([title, framed], 0))
-    return _with_legend(out, maps, 6, CONTEXT_VIEW, CONTEXT_PALETTE)
+    return _with_legend(out, maps, 6, ("background", "query", "cue P", "cue Q"), CONTEXT_PALETTE)
 
 # ==== 6. THE COMMAND LINE ===================================================================
 
 FIGURES = {"footprints": footprints_figure, "synthetic": synthetic_samples_figure,
            "descriptors": context_samples_figure}
-BENCHES = ("modules", "training", "inference", "loader")
 COMMANDS = {  # command: what it does (its line in --help)
     "table": "Table 1's modules on a 1x2048x65x65 map: utilization (Eq. 1), parameters, time",
     "figure": "draw a figure to a picture file",
@@ -922,8 +911,7 @@ COMMANDS = {  # command: what it does (its line in --help)
     "context": "Table 1's question at the paper's geometry: how well each module reads a cue "
                "1..40 descriptors from a pixel of a 65x65 map (docs/experiments.md)",
     "erf": "effective receptive fields of train.py checkpoints (a module's are averaged)"}
-# Every argument: (commands, flag, default (...: required), its help, argparse extras); type and
-# range from infra.SETTINGS (accepted by one command, by all) or, this script's own, from OWN.
+# (commands, flag, default (...: required), help, argparse extras); type: infra.SETTINGS or OWN
 OWN = {"size": (1, 1024), "reps": (1, 1000), "n": (1, 10 ** 6), "erf_images": (1, 10 ** 5),
        "images": (1, 10 ** 5), "max_iters": (1, 10 ** 8), "train_layouts": (1, 10 ** 5),
        "tolerance": (0.001, 10)}
@@ -931,7 +919,8 @@ ARGS = (
     ("figure", "what", None, "footprints: Fig. 3 from the real modules; synthetic: samples of "
      "the built-in data; descriptors: samples of the context experiment", dict(choices=FIGURES)),
     ("bench", "what", None, "modules: the context modules and the whole model; training: SGD "
-     "steps; inference: 1 vs 6 scales + flip; loader: augmented samples/s", dict(choices=BENCHES)),
+     "steps on --device; inference: 1 vs 6 scales + flip; loader: augmented samples/s",
+     dict(choices=("modules", "training", "inference", "loader"))),
     ("erf", "checkpoints", None, "train.py checkpoints", dict(nargs="+", metavar="CHECKPOINT")),
     ("table", "--size", 65, "feature-map side h = w (65: a 513x513 image at OS 8)"),
     ("table bench", "--reps", 3, "timing repetitions, the best kept (bench: modules, inference)"),
@@ -940,7 +929,7 @@ ARGS = (
     ("figure erf", "--force", False, "overwrite --out"),
     ("bench", "--voc", None, "loader: a VOC2012 folder (default: VOC-sized synthetic JPEGs)"),
     ("bench", "-n", 300, "loader: samples to time"),
-    ("bench erf", "--device", None, infra.SETTINGS["device"].help + " (bench: training)"),
+    ("bench erf", "--device", None, infra.SETTINGS["device"].help),
     ("ablation", "--erf-images", 32, "validation images averaged in --out-dir/erf.png"),
     ("ablation context", "--seeds", ..., "seeds per row; a seed draws weights (context: data too)"),
     ("context", "--iters", 9600, "iterations of a row's first run"),
@@ -958,7 +947,6 @@ ARGS = (
     ("erf", "--data-root", None, "the data the checkpoints were trained on, if not theirs"))
 
 def _argument(parser, flag, default, text, extra=None):
-    """One argument of ARGS, its help: what it means here, its default, what is allowed."""
     name = flag.lstrip("-").replace("-", "_")
     if name in infra.SETTINGS:
         infra.add_flags(parser, [name])
@@ -967,8 +955,7 @@ def _argument(parser, flag, default, text, extra=None):
     else:
         lo, hi = OWN.get(name, (None, None))
         kind = type(default) if name in OWN else str
-        allowed = lo is not None and f"{'a whole number' if kind is int else 'a number'} in " \
-            f"{lo}..{hi}"
+        allowed = name in OWN and f"{'a whole number' if kind is int else 'a number'} in {lo}..{hi}"
         action = parser.add_argument(flag, type=kind, default=default, **(extra or {}))
     action.help = text + (f" (default {default})" if default not in (None, False, ...) else "") \
         + (f" [{allowed}]" if allowed and allowed not in ("a flag", "text") else "")
@@ -1013,8 +1000,7 @@ def main(argv=None):
         return print_table(args.size, reps=args.reps)
     if args.cmd == "figure":
         out = args.out or f"{args.what}.png"
-        with infra.Claim("experiments.py figure", [("--out", out, infra.PICTURES)], (),
-                         args.force):
+        with infra.Claim("experiments.py figure", [("--out", out, infra.PICTURES)], (), args.force):
             return print("wrote", FIGURES[args.what](out))
     if args.cmd == "bench":
         return {"modules": lambda: bench_modules(reps=max(args.reps, 3)),
