@@ -101,7 +101,7 @@ def evaluate(model, dataset, scales=(1.0,), flip=False, device=None, save_dir=No
             pred = predict(model, image.to(device, non_blocking=True), scales, flip)
         confusion_update(confusion, pred, label.to(device, non_blocking=True))
         if save_dir:
-            name = dataset.ids[i] if isinstance(getattr(dataset, "ids", 0), list) else f"{i:05d}"
+            name = dataset.ids[i] if isinstance(dataset.ids[i], str) else f"{i:05d}"  # synthetic
             save_prediction(os.path.join(save_dir, name), image, pred.cpu(), dataset.palette,
                             list(dataset.classes), label)
         infra.progress("eval", n, len(indices), t0, log)

@@ -297,12 +297,11 @@ def start_or_resume(cfg, model, optimizer, scaler, train_set, device):
         cfg["split_sha256"] = infra.file_digest(os.path.join(
             train_set.root, "ImageSets", "Segmentation", train_set.split + ".txt"))
     size = 2.2 * sum(t.numel() * t.element_size() for t in model.state_dict().values())
-    claim = infra.Claim("train.py", [])
+    claim = infra.Claim("train.py", [("--out-dir", cfg["out_dir"], "folder")], inputs=[
+        (f"--{k.replace('_', '-')}", cfg[k]) for k in ("data_root", "pretrained", "init_from")],
+        rank0=True)  # one run a folder: rank 0 holds it, a refusal reaches every rank
 
     def decide():  # the checkpoint's training state (None: a new run), on every rank
-        nonlocal claim
-        claim = infra.Claim("train.py", [("--out-dir", cfg["out_dir"], "folder")], inputs=[
-            (f"--{k.replace('_', '-')}", cfg[k]) for k in ("data_root", "pretrained", "init_from")])
         ck = check_out_dir(cfg, size)
         return ck and {k: ck[k] for k in ("model", "iteration", *infra.RESUME_FIELDS)}
     try:
