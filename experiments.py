@@ -965,7 +965,7 @@ def parse(argv=None):
     p = infra.Parser(description=__doc__)
     _argument(p, "--threads", 0, "torch CPU threads")
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
-    subs = {name: sub.add_parser(name, help=text) for name, text in COMMANDS.items()}
+    subs = {c: sub.add_parser(c, help=t, description=t) for c, t in COMMANDS.items()}
     for where, *argument in ARGS:
         for name in where.split():
             _argument(subs[name], *argument)
